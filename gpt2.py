@@ -63,6 +63,9 @@ class GPT2Config:
             raise ValueError(f"activation_function={hf['activation_function']!r} is not supported (only gelu_new)")
         if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", cls.n_embd)):
             raise ValueError(f"n_inner={hf['n_inner']} is not supported (only 4 * n_embd)")
+        for key, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
+            if hf.get(key, supported) != supported:
+                raise ValueError(f"{key}={hf[key]!r} is not supported (only {supported})")
         return cls(**{f.name: hf[f.name] for f in fields(cls) if f.name in hf})
 
 
@@ -266,13 +269,18 @@ class GPT2(nn.Module):
             raise WeightsError(f"{weights_file}: not a readable safetensors file ({error})") from None
         state = _normalise_keys(state, weights_file)
         if config_file:
-            with open(config_file) as f:
-                config = GPT2Config.from_hf_dict(json.load(f))
+            try:
+                with open(config_file) as f:
+                    config = GPT2Config.from_hf_dict(json.load(f))
+            except ValueError as error:  # includes malformed JSON
+                raise WeightsError(f"{config_file}: {error}") from None
         else:
             config = _infer_config(state, weights_file)
-        model = cls(config)
+        with torch.device("meta"):  # shapes only: skip a random initialisation we would overwrite
+            model = cls(config)
         _check_state(model.state_dict(), state, weights_file)
-        model.load_state_dict({k: v.float() for k, v in state.items()})
+        # A copy, so the model never shares memory with the (memory-mapped) file.
+        model.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in state.items()}, assign=True)
         return model.to(device).eval()
 
     def save_pretrained(self, directory):
@@ -300,6 +308,26 @@ def patch_heads(positions, heads, values):
     return hook
 
 
+@torch.inference_mode()
+def generate_tokens(model, tokens, n, temperature=0.0, generator=None):
+    """Extend tokens [batch, pos] by n tokens: greedy at temperature 0, else sampled.
+
+    Sampling draws from softmax(logits / temperature) with `generator` (a torch.Generator on
+    the model's device), so a seed fixes the continuation. There is no key-value cache:
+    each step reruns the context (cropped to n_positions) and unembeds the last position only.
+    """
+    for _ in range(n):
+        context = tokens[:, -model.config.n_positions:]                       # [batch, pos]
+        last = torch.full((len(context),), context.shape[1] - 1, device=context.device)
+        logits = model(context, logits_at=last)                               # [batch, vocab]
+        if temperature == 0:
+            next_token = logits.argmax(-1, keepdim=True)                      # [batch, 1]
+        else:
+            next_token = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)
+        tokens = torch.cat([tokens, next_token], dim=1)
+    return tokens
+
+
 def weights_hash(model):
     """Short sha256 of the parameters: identifies the weights behind a cached artefact."""
     digest = hashlib.sha256()
@@ -323,6 +351,7 @@ def _atomic_write(path, write):
 
 
 def _checkpoint_files(path):
+    path = os.fspath(path)  # accept pathlib.Path too
     if os.path.isdir(path):
         weights_file = os.path.join(path, "model.safetensors")
         if not os.path.exists(weights_file):
@@ -359,7 +388,8 @@ def _infer_config(state, weights_file):
         if key not in state:
             raise WeightsError(f"{weights_file}: missing key {key} (cannot infer the config)")
     vocab_size, n_embd = state["wte.weight"].shape
-    n_layer = sum(1 for k in state if re.fullmatch(r"h\.\d+\.ln_1\.weight", k))
+    # The highest block index, not a count of one key, so a missing key is reported as missing.
+    n_layer = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"h\.(\d+)\.", k))), default=-1)
     # GPT-2 models use 64-dimensional heads; a config.json overrides this guess.
     return GPT2Config(vocab_size=vocab_size, n_positions=state["wpe.weight"].shape[0], n_embd=n_embd,
                       n_layer=n_layer, n_head=max(1, n_embd // 64))

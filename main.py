@@ -4,7 +4,21 @@ Follows the order of Makelov, Lange & Nanda (arXiv 2405.08366): a model solves I
 we collect activations at circuit nodes, fit supervised dictionaries and SAEs, grade
 them on approximation, control and interpretability, and write a report.
 """
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
 import click
+import numpy as np
+import torch
+
+import dictionaries
+import gpt2
+import ioi
+import metrics
 
 
 @click.group()
@@ -14,22 +28,1405 @@ def cli():
 
 # === gpt2 commands (download, generate, bench) ===
 
+GPT2_SMALL_URL = "https://huggingface.co/openai-community/gpt2/resolve/main"
+
+
+def _fetch(url, path):
+    """Stream `url` into `path` with a progress bar; returns the sha256 of what was written."""
+    import urllib.error
+    import urllib.request
+    digest, written = hashlib.sha256(), 0
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as f:
+            size = int(response.headers.get("Content-Length") or 0)
+            with click.progressbar(length=size, label=os.path.basename(url)) as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    written += len(chunk)
+                    bar.update(len(chunk))
+    except urllib.error.HTTPError as error:
+        raise click.ClickException(f"{url}: HTTP {error.code} {error.reason}") from None
+    except OSError as error:  # unreachable host, missing file:// path, timeout, disk full
+        raise click.ClickException(f"{url}: {getattr(error, 'reason', error)}") from None
+    if size and written != size:
+        raise click.ClickException(f"{url}: connection closed after {written} of {size} bytes")
+    return digest.hexdigest()
+
+
+@cli.command("download")
+@click.option("--url", default=GPT2_SMALL_URL, show_default=True,
+              help="Base URL holding model.safetensors and config.json (file:// works too).")
+@click.option("--out", default=os.path.join("models", "gpt2"), show_default=True, help="Folder to write them to.")
+@click.option("--sha256", default=None, help="Expected sha256 of model.safetensors.")
+def download_command(url, out, sha256):
+    """Fetch GPT-2 Small's weights and config (Hugging Face layout) and check that they load.
+
+    Each file is written as NAME.part and renamed only when every file is complete (and
+    the hash matches), so a failed download never leaves a file that looks usable.
+    """
+    names = ("config.json", "model.safetensors")
+    parts = {name: os.path.join(out, name + ".part") for name in names}
+    os.makedirs(out, exist_ok=True)
+    try:
+        digests = {name: _fetch(f"{url.rstrip('/')}/{name}", parts[name]) for name in names}
+        if sha256 and digests["model.safetensors"] != sha256.lower():
+            raise click.ClickException(f"{url.rstrip('/')}/model.safetensors: sha256 {digests['model.safetensors']} "
+                                       f"does not match the expected {sha256}")
+        for name in names:
+            os.replace(parts[name], os.path.join(out, name))
+    finally:
+        for part in parts.values():
+            if os.path.exists(part):
+                os.remove(part)
+    try:
+        model = gpt2.GPT2.from_pretrained(out)
+    except ValueError as error:
+        for name in names:
+            os.remove(os.path.join(out, name))
+        raise click.ClickException(f"downloaded files do not load: {error}") from None
+    n_params = sum(p.numel() for p in model.parameters())
+    click.echo(f"{out}: GPT-2 with {n_params / 1e6:.1f}M parameters, {model.config.n_layer} layers, "
+               f"loads fine (model.safetensors sha256 {digests['model.safetensors']})")
+
+
+@cli.command("generate")
+@click.option("--weights", default=None, help="GPT-2 checkpoint (dir or .safetensors); default: the embedded model.")
+@click.option("--prompt", default="When Mary and John went to the store, John gave a drink to", show_default=True)
+@click.option("--tokens", "n_tokens", default=20, show_default=True, help="Number of tokens to add.")
+@click.option("--temperature", default=0.0, show_default=True, help="0: greedy; above 0: sample softmax(logits / T).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the sampler.")
+@click.option("--device", default="cpu", show_default=True)
+def generate_command(weights, prompt, n_tokens, temperature, seed, device):
+    """Continue a prompt: a quick look at what a model has learnt."""
+    if temperature < 0:
+        raise click.BadParameter(f"must be at least 0, got {temperature}", param_hint="--temperature")
+    model = load_model(weights, device)
+    tokenizer = gpt2.load_tokenizer()
+    prompt_tokens = torch.tensor([[gpt2.BOS_TOKEN_ID, *tokenizer.encode_ordinary(prompt)]], device=device)
+    if prompt_tokens.max() >= model.config.vocab_size:
+        raise click.ClickException(f"the model's vocabulary ({model.config.vocab_size}) is smaller than GPT-2's")
+    generator = torch.Generator(device=device).manual_seed(seed)
+    tokens = gpt2.generate_tokens(model, prompt_tokens, n_tokens, temperature, generator)
+    click.echo(prompt + tokenizer.decode(tokens[0, prompt_tokens.shape[1]:].tolist()))
+
+
+def forward_flops(config, batch, n_pos, logits_at_last_only):
+    """Matmul FLOPs (2 per multiply-add) of one forward pass over [batch, n_pos] tokens.
+
+    Per token and layer: 2·3d² for q, k, v; 2·2·n_pos·d for attention scores and their
+    weighted sum of values (the full square is computed, then masked); 2·9d² for the
+    output projection (d²) and the MLP (8d²). With logits at the last position only,
+    the last layer's output projection and MLP, and the unembedding (2·d·vocab), run
+    at one position per prompt. LayerNorms, biases, GELU and softmax are not counted.
+    """
+    d, tokens = config.n_embd, batch * n_pos
+    qkv_and_attention = tokens * (2 * 3 * d * d + 2 * 2 * n_pos * d)
+    rows = batch if logits_at_last_only else tokens  # rows after the last attention
+    return (config.n_layer * qkv_and_attention + (config.n_layer - 1) * tokens * 2 * 9 * d * d
+            + rows * (2 * 9 * d * d + 2 * d * config.vocab_size))
+
+
+def _seconds(fn, device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def bench_forward(config=None, batch=100, n_pos=19, repeats=5, device="cpu", matmul_size=2048, seed=0):
+    """Time our IOI-style forward against Hugging Face's and against a plain matmul.
+
+    Ours: logits at the last position only, with hook_z of every head cached (what the
+    pipeline runs). HF: its ordinary forward, logits at every position. Both have the same
+    random weights (speed does not depend on their values) and see the same prompts, BOS
+    first. The three are timed in turn within each repeat, so a busy machine slows all of
+    them alike; we report medians, and the best matmul time as the machine's FLOP rate.
+    """
+    import statistics
+    config = config or gpt2.GPT2Config()
+    torch.manual_seed(seed)
+    ours = gpt2.GPT2(config).to(device).eval()
+    tokens = torch.randint(config.vocab_size, (batch, n_pos), generator=torch.Generator().manual_seed(seed))
+    tokens[:, 0] = gpt2.BOS_TOKEN_ID
+    tokens = tokens.to(device)
+    last = torch.full((batch,), n_pos - 1, device=device)
+    z_names = [f"blocks.{layer}.attn.hook_z" for layer in range(config.n_layer)]
+    a, b = (torch.randn(matmul_size, matmul_size, device=device) for _ in range(2))
+    runs = {"ours": lambda: ours.run_with_cache(tokens, z_names, logits_at=last)[0],
+            "matmul": lambda: a @ b}
+    try:
+        import transformers
+    except ImportError:
+        hf = None
+    else:
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config.to_hf_dict()))
+        hf.load_state_dict({f"transformer.{k}": v for k, v in ours.state_dict().items()}, strict=False)  # lm_head is tied
+        hf = hf.to(device).eval()
+        runs["hf"] = lambda: hf(tokens, use_cache=False).logits
+    times = {name: [] for name in runs}
+    for run in runs.values():
+        run()  # warm-up: allocator, thread pool, kernel choice
+    for _ in range(repeats):
+        for name, run in runs.items():
+            times[name].append(_seconds(run, device))
+    ours_s = statistics.median(times["ours"])
+    matmul_flops_per_s = 2 * matmul_size ** 3 / min(times["matmul"])
+    ours_flops_per_s = forward_flops(config, batch, n_pos, logits_at_last_only=True) / ours_s
+    result = {"batch": batch, "n_pos": n_pos, "repeats": repeats, "device": device, "matmul_size": matmul_size,
+              "ours_s": ours_s, "ours_tokens_per_s": batch * n_pos / ours_s, "ours_gflops": ours_flops_per_s / 1e9,
+              "matmul_gflops": matmul_flops_per_s / 1e9, "ours_fraction_of_matmul": ours_flops_per_s / matmul_flops_per_s,
+              "hf_s": None, "hf_tokens_per_s": None, "hf_gflops": None, "ours_over_hf": None,
+              "max_abs_logit_diff": None}
+    if hf is not None:
+        hf_s = statistics.median(times["hf"])
+        difference = (runs["ours"]() - runs["hf"]()[:, -1]).abs().max().item()
+        result.update(hf_s=hf_s, hf_tokens_per_s=batch * n_pos / hf_s, ours_over_hf=hf_s / ours_s,
+                      hf_gflops=forward_flops(config, batch, n_pos, logits_at_last_only=False) / hf_s / 1e9,
+                      max_abs_logit_diff=difference)
+    return result
+
+
+@cli.command("bench")
+@click.option("--batch", default=100, show_default=True, help="Prompts per forward pass.")
+@click.option("--repeats", default=5, show_default=True, help="Timed passes of each contender (median).")
+@click.option("--device", default="cpu", show_default=True)
+def bench_command(batch, repeats, device):
+    """Benchmarks: our GPT-2 forward vs Hugging Face and the matmul FLOP rate, then SAE training."""
+    r = bench_forward(batch=batch, repeats=repeats, device=device)
+    click.echo(f"GPT-2 Small shape, random weights, {batch} prompts x {r['n_pos']} tokens on {device}, "
+               f"median of {repeats}, {torch.get_num_threads()} threads")
+    if r["hf_s"] is None:
+        click.echo("  HF transformers:  skipped (transformers is not installed)")
+    else:
+        click.echo(f"  HF transformers, logits at every position:   {r['hf_tokens_per_s']:9,.0f} tokens/s  "
+                   f"{r['hf_gflops']:6.1f} GFLOP/s")
+    click.echo(f"  ours, logits at the last position + hook_z:  {r['ours_tokens_per_s']:9,.0f} tokens/s  "
+               f"{r['ours_gflops']:6.1f} GFLOP/s = {r['ours_fraction_of_matmul']:.0%} of the matmul rate")
+    click.echo(f"  fp32 matmul {r['matmul_size']}^3, best of {repeats}:{r['matmul_gflops']:38.1f} GFLOP/s")
+    if r["hf_s"] is not None:
+        click.echo(f"  ours / HF: {r['ours_over_hf']:.2f}x faster  (max |delta logit| {r['max_abs_logit_diff']:.1e})")
+    # Other modules' benchmarks join here: a function returning a dict of figures.
+    if hasattr(dictionaries, "bench_sae_training"):
+        click.echo("SAE training, one batched stack vs a loop over SAEs:")
+        for key, value in dictionaries.bench_sae_training().items():
+            click.echo(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
+
 # === end gpt2 commands ===
 
 
 # === ioi commands (train-toy, ioi-eval, nodes) ===
+
+WEIGHTS_HELP = "GPT-2 checkpoint (dir or .safetensors); default: the embedded small IOI model."
+
+
+@cli.command("train-toy")
+@click.option("--out", default=os.path.join("models", "ioi-toy"), show_default=True, help="Folder to save it in.")
+@click.option("--seed", default=ioi.ToyConfig.seed, show_default=True)
+@click.option("--steps", default=ioi.ToyConfig.steps, show_default=True)
+def train_toy_command(out, seed, steps):
+    """Train the small IOI model (the embedded default) and save it in Hugging Face's layout."""
+    ioi.train_and_save(ioi.ToyConfig(seed=seed, steps=steps), out)
+
+
+@cli.command("ioi-eval")
+@click.option("--weights", default=None, help=WEIGHTS_HELP)
+@click.option("--n", default=1000, show_default=True, help="Number of prompts.")
+@click.option("--seed", default=1, show_default=True, help="Seed of the prompt sampler.")
+@click.option("--held-out", is_flag=True, help="Templates, objects and places the small model never trained on.")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def ioi_eval_command(weights, n, seed, held_out, batch_size, device, as_json):
+    """How well a model does IOI: logit difference, accuracy, top-1, P(IO), per template."""
+    model = load_model(weights, device)
+    prompts = ioi.held_out_prompts(n, seed) if held_out else ioi.eval_prompts(n, seed)
+    start = time.time()
+    result = ioi.evaluate(model, prompts, batch_size)
+    result["prompts_per_s"] = n / (time.time() - start)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"{n} {'held-out' if held_out else 'evaluation'} prompts, {result['prompts_per_s']:.0f} prompts/s")
+    click.echo(f"{'template':>8} {'n':>6} {'mean LD':>8} {'accuracy':>9} {'top-1':>7} {'P(IO)':>6}")
+    rows = [(str(t), r, ioi.TEMPLATES[t] + (" (held out)" if t in ioi.HELD_OUT_TEMPLATES else ""))
+            for t, r in result["per_template"].items()] + [("all", result, "")]
+    for label, r, text in rows:
+        click.echo(f"{label:>8} {r['n']:>6} {r['mean_logit_diff']:>8.2f} {r['accuracy']:>9.1%} "
+                   f"{r['top1_accuracy']:>7.1%} {r['io_prob']:>6.2f}  {text}")
+
+
+@cli.command("nodes")
+@click.option("--weights", default=None, help=WEIGHTS_HELP)
+@click.option("--n", default=500, show_default=True, help="Prompts used to find the heads (models other than GPT-2 Small).")
+@click.option("--seed", default=1, show_default=True)
+def nodes_command(weights, n, seed):
+    """The circuit's nodes and cross-sections: known for GPT-2 Small, found for other models."""
+    model = load_model(weights)
+    sections, table = ioi.circuit_cross_sections(model, ioi.eval_prompts(n, seed))
+    if table:
+        click.echo("Mean-ablating one head's z at one position (LD drop; kept above 10% of the clean LD):")
+        for row in sorted(table, key=lambda row: -row["ld_drop"])[:20]:
+            click.echo(f"  {row['head']:>7} @{row['position']:<4} {row['ld_drop']:>7.2f} ({row['fraction']:>6.1%})  {row['role']}")
+    else:
+        click.echo("GPT-2 Small: head classes of Wang et al. (2022)")
+        for role, heads in ioi.GPT2_SMALL_HEADS.items():
+            click.echo(f"  {role:>20}: " + " ".join(f"{layer}.{head}" for layer, head in heads))
+    for section in sections:
+        click.echo(f"{section.name} (edits {', '.join(section.attributes)}): " + " ".join(map(str, section.nodes)))
 
 # === end ioi commands ===
 
 
 # === dictionaries commands (train-sae, supervised) ===
 
+def _positive(ctx, param, value):
+    """click callback: reject zero and negative numbers in one line."""
+    if value is not None and value <= 0:
+        raise click.BadParameter(f"must be positive, got {value}")
+    return value
+
+
+@cli.command("train-sae")
+@click.option("--acts", "acts_path", required=True, help="safetensors file with an `acts` tensor [N, d].")
+@click.option("--arch", type=click.Choice(["vanilla", "gated", "topk", "random_decoder"]), required=True,
+              help="random_decoder: vanilla encoder over a frozen random unit decoder (the paper's floor).")
+@click.option("--latents", default=512, show_default=True, callback=_positive, help="Dictionary size d_sae.")
+@click.option("--l1", default=1.0, show_default=True, type=float,
+              help="Sparsity coefficient λ (vanilla, gated), on inputs scaled to mean norm √d.")
+@click.option("--k", default=3, show_default=True, callback=_positive, help="Latents kept per input (topk).")
+@click.option("--epochs", type=int, callback=_positive,
+              help="Passes over the data  [default: enough for about 4000 steps, at most 2000 epochs].")
+@click.option("--lr", default=3e-4, show_default=True, callback=_positive, help="Adam learning rate.")
+@click.option("--batch-size", default=512, show_default=True, callback=_positive)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", required=True, help="Folder for the SAE (SAELens layout: cfg.json + sae_weights.safetensors).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def train_sae_command(acts_path, arch, latents, l1, k, epochs, lr, batch_size, seed, out, no_progress):
+    """Train one SAE on an activations file (METHOD 8) and save it in the SAELens layout."""
+    if l1 < 0:
+        raise click.BadParameter(f"must be non-negative, got {l1}", param_hint="--l1")
+    try:
+        acts = dictionaries.load_activations(acts_path)
+        steps_per_epoch = -(-len(acts) // batch_size)
+        config = dictionaries.TrainConfig(d_sae=latents, lr=lr, batch_size=batch_size,
+                                          epochs=epochs or min(2000, -(-4000 // steps_per_epoch)))
+        spec = dictionaries.SAESpec("vanilla" if arch == "random_decoder" else arch, l1=l1, k=k, seed=seed,
+                                    frozen_decoder=arch == "random_decoder", name=arch)
+        sae, logs = dictionaries.train_sae(acts, spec, config, progress=not no_progress)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    dictionaries.save_sae(sae, out)
+    final = logs[-1]
+    click.echo(f"{arch} SAE {acts.shape[1]}->{latents}, {config.epochs} epochs: l0 {final['l0']:.2f}  "
+               f"mse {final['mse']:.4g}  fve {final['fve']:.4f}  dead {final['dead_fraction']:.3f}  -> {out}")
+
+
+@cli.command("fit-supervised")
+@click.option("--acts", "acts_path", required=True,
+              help="safetensors file: `acts` [N, d] and one LongTensor `attribute.<name>` [N] per attribute.")
+@click.option("--method", type=click.Choice(["mean", "lstsq"]), default="mean", show_default=True)
+@click.option("--out", required=True, help="Folder for the dictionary.")
+def supervised_command(acts_path, method, out):
+    """Fit a supervised dictionary (METHOD 4) to an activations file with known attribute values."""
+    try:
+        acts, attributes = dictionaries.load_labelled_activations(acts_path)
+        dictionary = dictionaries.SupervisedDictionary.fit(acts, attributes, method=method)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    dictionary.save(out)
+    residual = acts - dictionary.reconstruct(attributes)
+    fve = 1 - residual.pow(2).sum() / (acts - acts.mean(0)).pow(2).sum()
+    sizes = ", ".join(f"{name} {len(u)}" for name, u in dictionary.features.items())
+    click.echo(f"{method} dictionary ({sizes} values): fraction of variance explained {fve:.4f} -> {out}")
+
+
 # === end dictionaries commands ===
 
 
 # === pipeline commands (evaluate, report, demo, run) ===
 
+ARCHS = ("vanilla", "gated", "topk")
+
+
+@dataclass
+class RunConfig:
+    """Every setting of one run; saved as config.json in the run folder.
+
+    Defaults are the paper's (METHOD 2 and 8, revised version); `DEMO` scales them down
+    so the whole pipeline runs on two CPU cores in minutes.
+    """
+    weights: Optional[str] = None     # a GPT-2 checkpoint; None: the embedded small IOI model
+    n_train: int = 20_000             # prompts for dictionaries and SAEs (all names)
+    n_eval: int = 5_000               # evaluation prompts (first half of the names)
+    seed: int = 0
+    d_sae: int = 512
+    epochs: int = 2000
+    vanilla_l1: tuple = (0.5, 1.0, 2.5, 5.0)
+    gated_l1: tuple = (0.5, 1.0, 2.5, 5.0)
+    topk_k: tuple = (3, 6, 12, 24)
+    edit_k: tuple = (2, 4, 8, 16)     # latents an SAE edit may change
+    corpus: Optional[str] = None      # .txt / .jsonl for full-distribution SAEs; None: pydoc prose
+    corpus_tokens: int = 250_000
+    corpus_d_sae: int = 2048
+    corpus_epochs: int = 20
+    corpus_l1: float = 1.0
+    corpus_k: int = 6
+    occlusion_alphas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
+    f1_thresholds: tuple = (0.0, 0.2, 0.4, 0.6, 0.8)
+    batch_size: int = 256
+    device: str = "cpu"
+
+    @classmethod
+    def load(cls, path):
+        with open(path) as f:
+            saved = json.load(f)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+
+
+DEMO = RunConfig(n_train=4_000, n_eval=1_000, d_sae=256, epochs=60, vanilla_l1=(1.0, 2.5), gated_l1=(1.0, 2.5),
+                 topk_k=(3, 6), corpus_tokens=40_000, corpus_d_sae=512, corpus_epochs=10)
+
+
+def _write_json(path, data):
+    gpt2._atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(data, indent=1)))
+
+
+def load_model(weights, device="cpu"):
+    """GPT-2 weights from `weights`, or the embedded small IOI model when it is None."""
+    try:
+        model = ioi.default_model() if weights is None else gpt2.GPT2.from_pretrained(weights)
+    except (ValueError, OSError) as error:
+        raise click.ClickException(str(error)) from None
+    return model.to(device).eval()
+
+
+def make_splits(config):
+    """Prompt sets (METHOD 2, revised code): train over all names; eval over the first half,
+    and one counterfactual of every eval prompt per attribute with names from the second."""
+    train = ioi.train_prompts(config.n_train, seed=config.seed)
+    evaluation = ioi.eval_prompts(config.n_eval, seed=config.seed + 1)
+    splits = {"train": train, "eval": evaluation}
+    for i, attribute in enumerate(ioi.ATTRIBUTES):
+        splits[f"cf_{attribute}"] = ioi.counterfactuals(evaluation, attribute, seed=config.seed + 2 + i)
+    return splits
+
+
+class Run:
+    """One run folder: the model, prompts, circuit and activations, built step by step.
+
+    Each step caches its result under the folder (activations, dictionaries, SAEs), keyed
+    by what produced it, so an interrupted run resumes and a changed setting recomputes.
+    """
+
+    def __init__(self, out, config):
+        self.out, self.config = out, config
+        os.makedirs(out, exist_ok=True)
+        _write_json(os.path.join(out, "config.json"), asdict(config))
+        self.model = load_model(config.weights, config.device)
+        self.splits = make_splits(config)
+        self.attributes = {split: ioi.attribute_ids(prompts) for split, prompts in self.splits.items()}
+        click.echo("Finding the circuit ...")
+        self.sections, self.discovery = ioi.circuit_cross_sections(self.model, self.splits["eval"][:500], config.batch_size)
+        if not self.sections:
+            raise click.ClickException("no cross-section found: the model does not seem to solve IOI")
+        self.nodes = list(dict.fromkeys(node for section in self.sections for node in section.nodes))
+        click.echo(f"{len(self.sections)} cross-sections, {len(self.nodes)} nodes")
+        self.acts = {split: ioi.collect_activations(self.model, prompts, self.nodes, config.batch_size,
+                                                    cache_dir=os.path.join(out, "activations"))
+                     for split, prompts in self.splits.items()}
+
+    def path(self, *parts):
+        return os.path.join(self.out, *parts)
+
+    def fit_supervised(self):
+        """Mean and least-squares supervised dictionaries at every node (METHOD 4)."""
+        n_values = {"io": len(ioi.NAMES), "s": len(ioi.NAMES), "pos": len(ioi.PATTERNS)}
+        dictionaries_by_method = {}
+        for method, name in (("mean", "supervised"), ("lstsq", "supervised_lstsq")):
+            fitted = {node: dictionaries.SupervisedDictionary.fit(self.acts["train"][node], self.attributes["train"],
+                                                                  n_values, method) for node in self.nodes}
+            for node, dictionary in fitted.items():
+                dictionary.save(self.path("dictionaries", name, str(node)))
+            dictionaries_by_method[name] = fitted
+        return dictionaries_by_method
+
+    def _train_stack(self, label, datasets, specs, train_config):
+        """Train (or load, when the same stack was saved before) SAEs one per spec."""
+        key = {"datasets": hashlib.sha256(datasets.numpy().tobytes()).hexdigest()[:16],
+               "specs": [asdict(spec) for spec in specs], "train": asdict(train_config)}
+        folder = self.path("saes", label)
+        stamp = os.path.join(folder, "stack.json")
+        if os.path.exists(stamp) and json.load(open(stamp)) == json.loads(json.dumps(key)):
+            return [dictionaries.load_sae(os.path.join(folder, spec.name)) for spec in specs], None
+        saes, logs = dictionaries.train_sae_stack(datasets, specs, train_config, progress=True)
+        for spec, sae in zip(specs, saes):
+            dictionaries.save_sae(sae, os.path.join(folder, spec.name))
+        _write_json(os.path.join(folder, "logs.json"), logs)
+        _write_json(stamp, key)
+        return saes, logs
+
+    def train_task_saes(self):
+        """{method: {setting: {node: SAE}}} for every architecture and hyper-parameter (METHOD 8),
+        plus the frozen-random-decoder floor; all nodes x settings of one architecture train
+        as one batched stack."""
+        c = self.config
+        datasets = torch.stack([self.acts["train"][node] for node in self.nodes])  # [node, N, d_head]
+        grids = {"vanilla": [("l1", v) for v in c.vanilla_l1], "gated": [("l1", v) for v in c.gated_l1],
+                 "topk": [("k", k) for k in c.topk_k],
+                 "random_decoder": [("l1", c.vanilla_l1[len(c.vanilla_l1) // 2])]}
+        saes = {}
+        for method, grid in grids.items():
+            arch = "vanilla" if method == "random_decoder" else method
+            specs = [dictionaries.SAESpec(arch, i, seed=c.seed + j, frozen_decoder=method == "random_decoder",
+                                          name=f"{name}{value}/{node}", **{name: value})
+                     for j, (name, value) in enumerate(grid) for i, node in enumerate(self.nodes)]
+            trained, _ = self._train_stack(method, datasets, specs,
+                                           dictionaries.TrainConfig(d_sae=c.d_sae, epochs=c.epochs))
+            saes[method] = {value: dict(zip(self.nodes, trained[j * len(self.nodes):(j + 1) * len(self.nodes)]))
+                            for j, (_, value) in enumerate(grid)}
+        return saes
+
+    def train_corpus_saes(self):
+        """{f"{arch}_fulldist": {node: SAE}}: SAEs trained on every token position of generic text."""
+        c = self.config
+        heads = list(dict.fromkeys((node.hook_name, node.head) for node in self.nodes))
+        click.echo(f"Collecting {c.corpus_tokens} corpus activations at {len(heads)} (hook, head) pairs ...")
+        corpus = dictionaries.collect_corpus_activations(self.model, gpt2.load_tokenizer(), heads,
+                                                         dictionaries.iter_corpus_texts(c.corpus), c.corpus_tokens,
+                                                         context=min(128, self.model.config.n_positions))
+        datasets = torch.stack([corpus[head] for head in heads]).cpu()  # [head, tokens, d_head]
+        saes = {}
+        for arch in ARCHS:
+            specs = [dictionaries.SAESpec(arch, i, l1=c.corpus_l1, k=c.corpus_k, seed=c.seed, name=f"{name}.{head}")
+                     for i, (name, head) in enumerate(heads)]
+            trained, _ = self._train_stack(f"{arch}_fulldist", datasets, specs,
+                                           dictionaries.TrainConfig(d_sae=c.corpus_d_sae, epochs=c.corpus_epochs))
+            by_head = dict(zip(heads, trained))
+            saes[f"{arch}_fulldist"] = {node: by_head[(node.hook_name, node.head)] for node in self.nodes}
+        return saes
+
+
+class Grader:
+    """Scores every method at every cross-section on the paper's three tests and records
+    the results as flat rows {test, site, method, value, ...} (METHOD 5-9)."""
+
+    def __init__(self, run):
+        self.run, self.records = run, []
+        self.prompts = run.splits["eval"]
+        self.clean_run = self.patched({})
+        self._interpretations = {}
+
+    def record(self, test, site, method, value, **params):
+        self.records.append({"test": test, "site": site, "method": method, "value": float(value), **params})
+
+    def patched(self, patches):
+        return metrics.patched_run(self.run.model, self.prompts, patches, self.run.config.batch_size)
+
+    def interpretations(self, sae, node):
+        """F1 of each latent for every candidate property, on the training prompts (where every
+        name occurs as IO and as S, unlike the evaluation prompts: METHOD 6's fix)."""
+        if id(sae) not in self._interpretations:
+            active = sae.active(self.run.acts["train"][node])
+            self._interpretations[id(sae)] = metrics.interpret_latents(active, self.run.attributes["train"], ioi.NAMES)
+        return self._interpretations[id(sae)]
+
+    # ---------------------------------------------------------------- the model itself
+
+    def grade_model(self):
+        diffs = self.clean_run.logit_diff
+        io_token = torch.tensor([ioi.name_token(p.io) for p in self.prompts])
+        self.record("logit_diff", "model", "clean", diffs.mean())
+        self.record("accuracy", "model", "clean", (diffs > 0).float().mean())
+        self.record("top1_accuracy", "model", "clean", (self.clean_run.top_token == io_token).float().mean())
+        counts, edges = np.histogram(diffs.numpy(), bins=30)
+        for count, low, high in zip(counts, edges[:-1], edges[1:]):
+            self.record("logit_diff_histogram", "model", "clean", count, low=float(low), high=float(high))
+
+    # ---------------------------------------------------------------- one cross-section
+
+    def grade_section(self, section, supervised, task_saes, corpus_saes):
+        site, nodes, acts = section.name, section.nodes, self.run.acts
+        clean = {node: acts["eval"][node] for node in nodes}
+        mean_ablated_run = self.patched({node: clean[node].mean(0).expand_as(clean[node]) for node in nodes})
+        self.counterfactual = {attribute: {node: acts[f"cf_{attribute}"][node] for node in nodes}
+                               for attribute in section.attributes}
+        self.truth = {attribute: self.patched(cf) for attribute, cf in self.counterfactual.items()}
+        for attribute in section.attributes:
+            self.record("edit_accuracy_no_intervention", site, "none",
+                        metrics.edit_accuracy(self.clean_run.top_token, self.truth[attribute].top_token), attribute=attribute)
+
+        def approximation(method, reconstruction, **params):
+            scores = metrics.approximation(self.run.model, self.prompts, clean, reconstruction, self.clean_run,
+                                           mean_ablated_run, self.run.config.batch_size)
+            for test, value in scores.items():
+                self.record(test, site, method, value, **params)
+
+        approximation("mean_ablation", {node: clean[node].mean(0).expand_as(clean[node]) for node in nodes})
+        attributes = self.run.attributes
+        for method, fitted in supervised.items():
+            approximation(method, {node: fitted[node].reconstruct(attributes["eval"]) for node in nodes})
+            for attribute in section.attributes:
+                old, new = attributes["eval"][attribute], attributes[f"cf_{attribute}"][attribute]
+                edited = {node: fitted[node].edit(clean[node], attribute, old, new) for node in nodes}
+                weights = [fitted[node].feature_weights(attributes["eval"])[attribute].mean() for node in nodes]
+                self.record_edit(site, method, attribute, edited, sum(weights) / len(weights))
+
+        for method, settings in task_saes.items():
+            setting = self.choose_setting(site, method, settings, clean)
+            self.grade_sae(section, method, settings[setting], clean, approximation, setting=setting)
+        for method, saes in corpus_saes.items():
+            self.grade_sae(section, method, saes, clean, approximation)
+
+    def record_edit(self, site, method, attribute, edited, weight_removed, **params):
+        accuracy = metrics.edit_accuracy(self.patched(edited).top_token, self.truth[attribute].top_token)
+        self.record("edit_accuracy", site, method, accuracy, attribute=attribute, **params)
+        self.record("weight_removed", site, method, weight_removed, attribute=attribute, **params)
+
+    def choose_setting(self, site, method, settings, clean):
+        """The revised paper's choice: the setting whose k=2 greedy edits land closest (L2) to
+        the counterfactual activations, averaged over nodes, attributes and prompts."""
+        distances = {}
+        for setting, saes in settings.items():
+            gaps = [(metrics.greedy_sae_edit(saes[node], clean[node], cf[node], 2)[0] - cf[node]).norm(dim=-1).mean()
+                    for cf in self.counterfactual.values() for node in clean]
+            distances[setting] = float(sum(gaps) / len(gaps))
+        chosen = min(distances, key=distances.get)
+        for setting, distance in distances.items():
+            self.record("edit_distance_k2", site, method, distance, setting=setting, chosen=setting == chosen)
+        return chosen
+
+    def grade_sae(self, section, method, saes, clean, approximation, **params):
+        site, nodes, attributes = section.name, section.nodes, self.run.attributes
+        approximation(method, {node: saes[node](clean[node])[0] for node in nodes}, **params)
+        features = {node: saes[node].encode(clean[node]) for node in nodes}
+        directions = {node: metrics.raw_decoder_directions(saes[node]) for node in nodes}
+        interpretations = {node: self.interpretations(saes[node], node) for node in nodes}
+
+        def weight_removed(changed):
+            weights = [metrics.sae_weight_removed(features[node], directions[node], changed[node]).mean() for node in nodes]
+            return sum(weights) / len(weights)
+
+        for attribute in section.attributes:
+            cf = self.counterfactual[attribute]
+            old, new = attributes["eval"][attribute], attributes[f"cf_{attribute}"][attribute]
+            rankings = {node: metrics.latents_by_f1(interpretations[node].f1, interpretations[node].labels, attribute)
+                        for node in nodes}
+            for k in self.run.config.edit_k:
+                greedy = {node: metrics.greedy_sae_edit(saes[node], clean[node], cf[node], k) for node in nodes}
+                self.record_edit(site, method, attribute, {n: e for n, (e, _) in greedy.items()},
+                                 weight_removed({n: c for n, (_, c) in greedy.items()}), k=k, edit="greedy", **params)
+                guided = {node: metrics.f1_guided_edit(saes[node], clean[node], cf[node], rankings[node][old],
+                                                       rankings[node][new], k) for node in nodes}
+                self.record_edit(site, method, attribute, {n: e for n, (e, _) in guided.items()},
+                                 weight_removed({n: c for n, (_, c) in guided.items()}), k=k, edit="f1", **params)
+
+        for node in nodes:
+            coverage = metrics.coverage(interpretations[node].f1, interpretations[node].labels, 0.8)
+            for attribute in section.attributes:
+                self.record("f1_coverage", site, method, coverage[attribute], attribute=attribute, node=str(node), **params)
+            self.record("pos_latents", site, method, metrics.pos_latents(interpretations[node].best_labels),
+                        node=str(node), **params)
+        self.causal_curves(site, method, saes, clean, features, directions, interpretations, **params)
+
+    def causal_curves(self, site, method, saes, clean, features, directions, interpretations, **params):
+        """METHOD 7: keep only latents with F1 >= t (sufficiency); mean-ablate the part the
+        latents with F1 >= t explain (necessity), for each threshold t."""
+        mean_ablated_run = self.patched({node: clean[node].mean(0).expand_as(clean[node]) for node in clean})
+        for threshold in self.run.config.f1_thresholds:
+            kept, removed = {}, {}
+            for node in clean:
+                interpretable = interpretations[node].best_f1 >= threshold  # [d_sae]
+                explained = (features[node] * interpretable) @ directions[node]  # [N, d]
+                others = (features[node] * ~interpretable) @ directions[node]
+                kept[node] = clean[node] - others
+                removed[node] = clean[node] - explained + explained.mean(0)
+            self.record("causal_keep_sufficiency", site, method,
+                        metrics.sufficiency(self.patched(kept).logit_diff, self.clean_run.logit_diff),
+                        threshold=threshold, **params)
+            self.record("causal_remove_necessity", site, method,
+                        metrics.necessity(mean_ablated_run.logit_diff, self.patched(removed).logit_diff,
+                                          self.clean_run.logit_diff), threshold=threshold, **params)
+
+    # ---------------------------------------------------------------- SAE core metrics
+
+    def grade_core(self, task_saes, corpus_saes):
+        """L0, MSE, variance explained, dead fraction on the eval activations, for every SAE;
+        LD recovered with one node patched, for every SAE of the chosen settings."""
+        everything = [(method, setting, saes) for method, settings in task_saes.items()
+                      for setting, saes in settings.items()] + [(m, None, s) for m, s in corpus_saes.items()]
+        for method, setting, saes in everything:
+            params = {} if setting is None else {"setting": setting}
+            for node, sae in saes.items():
+                x = self.run.acts["eval"][node]
+                x_hat, f = sae(x)
+                for test, value in (("l0", metrics.l0(f)), ("mse", metrics.mse(x, x_hat)),
+                                    ("fve", metrics.fraction_variance_explained(x, x_hat)),
+                                    ("dead_fraction", metrics.dead_fraction(sae.active(self.run.acts["train"][node])))):
+                    self.record(test, str(node), method, value, **params)
+        chosen = {(r["site"], r["method"]): r["setting"] for r in self.records if r["test"] == "edit_distance_k2" and r["chosen"]}
+        ablated, done = {}, set()
+        for section in self.run.sections:
+            for method, settings in [*task_saes.items(), *((m, {None: s}) for m, s in corpus_saes.items())]:
+                setting = chosen.get((section.name, method))
+                for node in section.nodes:
+                    if (node, method, setting) in done:
+                        continue
+                    done.add((node, method, setting))
+                    x = self.run.acts["eval"][node]
+                    if node not in ablated:
+                        ablated[node] = self.patched({node: x.mean(0).expand_as(x)})
+                    patched = self.patched({node: settings[setting][node](x)[0]})
+                    self.record("ld_recovered", str(node), method,
+                                metrics.ld_recovered(patched.logit_diff, ablated[node].logit_diff, self.clean_run.logit_diff),
+                                **({} if setting is None else {"setting": setting}))
+
+    # ---------------------------------------------------------------- the two phenomena (METHOD 9)
+
+    def occlusion_node(self):
+        """GPT-2 Small: q@L10H0@end. Other models: the query of the name mover that matters most."""
+        if ioi.is_gpt2_small(self.run.model.config):
+            return ioi.Node("q", 10, 0, "end")
+        queries = [n for s in self.run.sections if s.name == "(B)NM q" for n in s.nodes]
+        drop = {row["head"]: row["ld_drop"] for row in self.run.discovery if row["position"] == "end"}
+        return max(queries, key=lambda n: drop.get(f"L{n.layer}H{n.head}", 0.0)) if queries else None
+
+    def grade_occlusion(self, supervised, task_saes):
+        node = self.occlusion_node()
+        if node is None or node not in self.run.nodes:
+            return
+        site = str(node)
+        for method, settings in task_saes.items():
+            for setting, saes in settings.items():
+                interpretation = self.interpretations(saes[node], node)
+                for attribute in ("io", "s"):
+                    self.record(f"occlusion_{attribute}_names", site, method,
+                                metrics.names_with_latent(interpretation.f1, interpretation.labels, attribute, 0.5),
+                                setting=setting)
+                self.record("pos_latents", site, method, metrics.pos_latents(interpretation.best_labels),
+                            node=site, setting=setting, phenomenon="oversplitting")
+        features = supervised["supervised"][node].features
+        norms = {attribute: float(features[attribute].norm(dim=-1).mean()) for attribute in ("io", "s")}
+        for attribute, norm in norms.items():
+            self.record("supervised_feature_norm", site, "supervised", norm, attribute=attribute)
+        self.alpha_sweep(node, features["io"])
+        self.occlusion_toy(norms, node)
+
+    def alpha_sweep(self, node, io_features):
+        """Train SAEs on a - α u_IO: as the IO features shrink, S latents should appear."""
+        c, site = self.run.config, str(node)
+        acts, io_ids = self.run.acts["train"][node], self.run.attributes["train"]["io"]
+        datasets = torch.stack([acts - alpha * io_features[io_ids] for alpha in c.occlusion_alphas])
+        l1 = c.vanilla_l1[len(c.vanilla_l1) // 2]
+        specs = [dictionaries.SAESpec("vanilla", i, l1=l1, seed=c.seed, name=f"alpha{alpha}")
+                 for i, alpha in enumerate(c.occlusion_alphas)]
+        saes, _ = self.run._train_stack("occlusion_alpha_sweep", datasets, specs,
+                                        dictionaries.TrainConfig(d_sae=c.d_sae, epochs=c.epochs))
+        for alpha, sae, data in zip(c.occlusion_alphas, saes, datasets):
+            interpretation = metrics.interpret_latents(sae.active(data), self.run.attributes["train"], ioi.NAMES)
+            for attribute in ("io", "s"):
+                self.record(f"alpha_sweep_{attribute}_names", site, "vanilla",
+                            metrics.names_with_latent(interpretation.f1, interpretation.labels, attribute, 0.5),
+                            alpha=alpha, setting=l1)
+
+    def occlusion_toy(self, norms, node):
+        """a = u_i + v_j with the measured IO and S feature norms: which features do SAEs find?"""
+        c = self.run.config
+        results = metrics.occlusion_toy_experiment(
+            norms["io"], norms["s"], c.vanilla_l1, n_values=len(ioi.NAMES), d=self.run.acts["train"][node].shape[1],
+            n_samples=c.n_train, config=dictionaries.TrainConfig(d_sae=c.d_sae, epochs=c.epochs), seed=c.seed)
+        for result in results:
+            for attribute in ("io", "s"):
+                self.record("occlusion_toy_recovered", "toy", "vanilla", result[attribute], attribute=attribute,
+                            norm=norms[attribute], setting=result["l1"])
+
+    def grade_oversplitting_toy(self):
+        toy = metrics.oversplitting_toy(seed=self.run.config.seed)
+        for lam, ideal, random in zip(toy["lambdas"], toy["ideal_best_loss"], toy["random_best_loss"]):
+            self.record("oversplit_toy_loss", "toy", "ideal_2_latent", ideal, l1=float(lam))
+            self.record("oversplit_toy_loss", "toy", "random_1000_latent", random, l1=float(lam))
+        wins = np.mean(toy["random_best_loss"][toy["lambdas"] > 0] < toy["ideal_best_loss"][toy["lambdas"] > 0])
+        self.record("oversplit_toy_random_wins", "toy", "random_1000_latent", wins)
+
+
+def evaluate_run(run):
+    """Every test of the paper on one run -> flat records (and the SAEs/dictionaries on disk)."""
+    supervised = run.fit_supervised()
+    task_saes = run.train_task_saes()
+    corpus_saes = run.train_corpus_saes()
+    grader = Grader(run)
+    grader.grade_model()
+    with click.progressbar(run.sections, label="Grading cross-sections",
+                           item_show_func=lambda s: s.name if s else "") as sections:
+        for section in sections:
+            grader.grade_section(section, supervised, task_saes, corpus_saes)
+    click.echo("Core SAE metrics, occlusion and over-splitting ...")
+    grader.grade_core(task_saes, corpus_saes)
+    grader.grade_occlusion(supervised, task_saes)
+    grader.grade_oversplitting_toy()
+    return grader.records
+
+
+def write_metrics(run, records):
+    """metrics.json: the config, the circuit that was graded, and one flat row per result."""
+    circuit = {"sections": [{"name": s.name, "nodes": [str(n) for n in s.nodes], "attributes": list(s.attributes)}
+                            for s in run.sections], "discovery": run.discovery}
+    _write_json(run.path("metrics.json"), {"config": asdict(run.config), "circuit": circuit, "results": records})
+
+
+def open_run(out, weights=None, preset=None, device="cpu", **overrides):
+    """The run in folder `out`: its saved config.json when no setting is given, else a new one.
+
+    `preset` "demo" (scaled down) or "paper"; by default "demo" for the embedded model and
+    "paper" for real GPT-2 weights.
+    """
+    saved = os.path.join(out, "config.json")
+    if os.path.exists(saved) and weights is None and preset is None and not overrides:
+        return Run(out, RunConfig.load(saved))
+    preset = preset or ("demo" if weights is None else "paper")
+    base = DEMO if preset == "demo" else RunConfig()
+    return Run(out, replace(base, weights=weights, device=device, **{k: v for k, v in overrides.items() if v is not None}))
+
+
+def run_options(function):
+    """Options shared by every pipeline step: the run folder and what it runs on."""
+    options = [
+        click.option("--out", "out", default="runs/demo", show_default=True, help="Run folder (created if needed)."),
+        click.option("--weights", default=None, help="GPT-2 checkpoint (dir or .safetensors); default: the embedded model."),
+        click.option("--preset", type=click.Choice(["demo", "paper"]), default=None,
+                     help="Settings: demo (minutes on a CPU) or paper (METHOD.md). Default: demo for the embedded model."),
+        click.option("--device", default="cpu", show_default=True),
+        click.option("--n-train", type=click.IntRange(min=10), default=None, help="Training prompts."),
+        click.option("--n-eval", type=click.IntRange(min=10), default=None, help="Evaluation prompts."),
+        click.option("--epochs", type=click.IntRange(min=1), default=None, help="SAE training epochs."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _run_from_options(out, weights, preset, device, n_train, n_eval, epochs):
+    return open_run(out, weights, preset, device, n_train=n_train, n_eval=n_eval, epochs=epochs)
+
+
+@cli.command()
+@run_options
+def collect(**options):
+    """Step 1: find the circuit and cache activations at its nodes."""
+    run = _run_from_options(**options)
+    for section in run.sections:
+        click.echo(f"{section.name:12s} {', '.join(section.attributes):12s} {' '.join(str(n) for n in section.nodes)}")
+    click.echo(f"Activations cached in {run.path('activations')}")
+
+
+@cli.command()
+@run_options
+def supervised(**options):
+    """Step 2: fit mean and least-squares supervised dictionaries at every node (METHOD 4)."""
+    run = _run_from_options(**options)
+    run.fit_supervised()
+    click.echo(f"Supervised dictionaries saved in {run.path('dictionaries')}")
+
+
+@cli.command("train-saes")
+@run_options
+@click.option("--source", type=click.Choice(["ioi", "corpus", "both"]), default="both", show_default=True,
+              help="Task SAEs on IOI activations, full-distribution SAEs on corpus text, or both.")
+def train_saes(source, **options):
+    """Step 3: train every SAE of the run (all nodes x settings, one batched stack per architecture)."""
+    run = _run_from_options(**options)
+    if source in ("ioi", "both"):
+        run.train_task_saes()
+    if source in ("corpus", "both"):
+        run.train_corpus_saes()
+    click.echo(f"SAEs saved in {run.path('saes')} (SAELens layout)")
+
+
+def _evaluate_and_report(run, started):
+    records = evaluate_run(run)
+    write_metrics(run, records)
+    click.echo(write_report(run.out))
+    click.echo(f"Wrote {run.path('metrics.json')} and {run.path('report.md')} in {time.time() - started:.0f} s")
+
+
+@cli.command()
+@run_options
+def evaluate(**options):
+    """Step 4: grade dictionaries and SAEs on all tests (steps 1-3 run or load as needed)."""
+    _evaluate_and_report(_run_from_options(**options), time.time())
+
+
+@cli.command()
+@click.option("--out", default="runs/demo", show_default=True, help="Run folder.")
+def demo(out):
+    """The whole paper on the embedded small IOI model, scaled to minutes on a CPU."""
+    started = time.time()
+    _evaluate_and_report(open_run(out, preset="demo"), started)
+
+
+@cli.command("run")
+@run_options
+def run_command(**options):
+    """The whole paper with its settings (GPT-2 Small via --weights); resumes from the folder's caches."""
+    started = time.time()
+    _evaluate_and_report(_run_from_options(**options), started)
+
 # === end pipeline commands ===
+
+
+# === report (report.md, figures, terminal summary) ===
+# The report retells the paper's results section for one run. It reads only metrics.json:
+# flat records {"test", "site", "method", "value", ...params}. Any test may be missing; its
+# section then says so in one line instead of failing.
+
+PAPER_SCALE = {"n_train": 20_000, "n_eval": 5_000, "d_sae": 512, "epochs": 2000}  # METHOD 2, 8
+HEADLINE = [("io", "(B)NM out"), ("pos", "(B)NM qk"), ("pos", "(B)NM q"),
+            ("pos", "S-I out"), ("pos", "S-I v"), ("pos", "Ind+DT out")]  # (attribute, site)
+SITES = [site for _, site in HEADLINE]
+METHODS = ["mean_ablation", "supervised", "supervised_lstsq", "vanilla", "gated", "topk",
+           "random_decoder", "vanilla_fulldist", "gated_fulldist", "topk_fulldist"]
+COLORS = dict(zip(METHODS, ["#7f7f7f", "#2ca02c", "#98df8a", "#d62728", "#1f77b4", "#ff7f0e",
+                            "#8c564b", "#ff9896", "#aec7e8", "#ffbb78"]))
+MARKERS = dict(zip(METHODS, "xsPoD^v*dp"))
+# METHOD 6, revised paper, k = 2, over the headline sites: (edit accuracy, weight removed) ranges.
+PAPER_EDITS = {"supervised": ((0.80, 0.96), (0.37, 0.64)), "gated": ((0.87, 0.97), (0.57, 0.79)),
+               "topk": ((0.86, 0.95), (0.39, 0.68)), "vanilla": ((0.24, 0.61), None)}
+
+
+# --- looking records up ---
+
+def _index(records):
+    """Group the flat records by test, so each lookup scans one test only."""
+    by_test = {}
+    for r in records:
+        by_test.setdefault(r["test"], []).append(r)
+    return by_test
+
+
+def _recs(results, test, **match):
+    """The records of one test whose fields equal `match` (a missing field counts as None)."""
+    return [r for r in results.get(test, []) if all(r.get(k) == v for k, v in match.items())]
+
+
+def _avg(values):
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(values)) if values else None
+
+
+def _value(results, test, **match):
+    """Mean value of the matching records; None when there are none."""
+    return _avg([r["value"] for r in _recs(results, test, **match)])
+
+
+def _present(recs, key="method", order=METHODS):
+    """The distinct values of `key` in recs, in `order` first, then as they come."""
+    seen = list(dict.fromkeys(r.get(key) for r in recs))
+    return sorted(seen, key=lambda v: order.index(v) if v in order else len(order) + seen.index(v))
+
+
+def _at_chosen(results, test, site, method, **match):
+    """Mean value of a test at a site. Task SAEs come in several settings (λ or k): use the one
+    chosen in Test 2 (its edits land closest to the counterfactual), else the smallest there is."""
+    settings = sorted({r["setting"] for r in _recs(results, test, site=site, method=method)
+                       if r.get("setting") is not None})
+    chosen = [r["setting"] for r in _recs(results, "edit_distance_k2", site=site, method=method, chosen=True)
+              if r["setting"] in settings]
+    setting = (chosen or settings or [None])[0]
+    return _value(results, test, site=site, method=method, setting=setting, **match)
+
+
+def _edit(results, test, site, method, attribute, k=2, edit="greedy"):
+    """Edit accuracy or weight removed; supervised edits are exact and have no k."""
+    if method.startswith("supervised") or method == "none":
+        return _value(results, test, site=site, method=method, attribute=attribute)
+    return _at_chosen(results, test, site, method, attribute=attribute, k=k, edit=edit)
+
+
+def _headline(results):
+    sites = {r["site"] for t in ("edit_accuracy", "sufficiency") for r in results.get(t, [])}
+    return [(a, s) for a, s in HEADLINE if s in sites]
+
+
+# --- formatting ---
+
+def _fmt(x):
+    return "–" if x is None else f"{x:.2f}" if isinstance(x, float) else str(x)
+
+
+def _count(x):
+    return None if x is None else int(round(x))
+
+
+def _setting(method, setting):
+    return "" if setting is None else f"k={setting:g}" if method.startswith("topk") else f"λ={setting:g}"
+
+
+def _table(rows, headers):
+    """A markdown table; None cells print as a dash."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows])
+
+
+# --- figures ---
+
+def _panels(n, ncols=3, size=(4.2, 3.3)):
+    """A Figure with n panels. matplotlib.figure.Figure keeps no pyplot state, so nothing leaks."""
+    from matplotlib.figure import Figure
+    ncols = min(n, ncols)
+    nrows = -(-n // ncols)
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def _save(fig, figdir, name, alt):
+    """Write a PNG atomically and return its markdown image link."""
+    path = os.path.join(figdir, name)
+    fig.savefig(path + ".tmp", format="png", dpi=110)
+    os.replace(path + ".tmp", path)
+    return f"![{alt}](figures/{name})"
+
+
+def _bars(ax, groups, series, value, colors):
+    """Grouped bars: one group per entry of `groups`, one coloured bar per entry of `series`."""
+    width = 0.8 / len(series)
+    for i, s in enumerate(series):
+        heights = [np.nan if value(g, s) is None else value(g, s) for g in groups]
+        ax.bar(np.arange(len(groups)) + (i - (len(series) - 1) / 2) * width, heights, width,
+               label=s, color=colors.get(s))
+    ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=8)
+
+
+def _legend_right(fig, axes, **kwargs):
+    """One legend for all panels, outside on the right."""
+    handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=8, **kwargs)
+
+
+# --- 0. what was run ---
+
+def _header(config):
+    model = (f"GPT-2 weights from `{config['weights']}`" if config.get("weights") else
+             "the embedded small IOI model (a GPT-2-architecture transformer this project trains on IOI)")
+    out = ["# Supervised dictionaries vs sparse autoencoders on IOI",
+           "A reproduction of Makelov, Lange & Nanda, *Towards Principled Evaluations of Sparse Autoencoders "
+           f"for Interpretability and Control* (arXiv 2405.08366). Model: {model}; {config.get('n_train')} "
+           f"training and {config.get('n_eval')} evaluation prompts; task SAEs with {config.get('d_sae')} "
+           f"latents trained for {config.get('epochs')} epochs."]
+    if config.get("weights") is None or (config.get("epochs") or 0) < PAPER_SCALE["epochs"]:
+        changes = [] if config.get("weights") else ["a small IOI model instead of GPT-2 Small"]
+        changes += [f"{k} = {config[k]} instead of {v}" for k, v in PAPER_SCALE.items()
+                    if config.get(k) is not None and config[k] != v]
+        out.append("These settings are scaled down from the paper's so that the whole pipeline runs on a "
+                   f"CPU: {'; '.join(changes)}. Expect the paper's qualitative picture, not its digits.")
+    return out + [_table([(k, json.dumps(v)) for k, v in config.items()], ["setting", "value"])]
+
+
+# --- 1. the model ---
+
+def _model_section(results, figdir):
+    out = ["## 1. The model solves IOI"]
+    stats = {t: _value(results, t, site="model") for t in ("logit_diff", "accuracy", "top1_accuracy")}
+    if all(v is None for v in stats.values()):
+        return out + ["_No model metrics in metrics.json; section skipped._"]
+    out += [_table(stats.items(), ["metric", "value"]),
+            "For reference, GPT-2 Small reaches a mean logit difference ≈ 3.3 and top-1 ≈ 91%."]
+    hist = sorted(_recs(results, "logit_diff_histogram"), key=lambda r: r["low"])
+    if hist:
+        fig, (ax,) = _panels(1, size=(6, 3.3))
+        ax.bar([r["low"] for r in hist], [r["value"] for r in hist], [r["high"] - r["low"] for r in hist],
+               align="edge", edgecolor="white")
+        ax.axvline(0, color="k", lw=1, ls="--")
+        if stats["logit_diff"] is not None:
+            ax.axvline(stats["logit_diff"], color="#d62728", label=f"mean {stats['logit_diff']:.2f}")
+            ax.legend()
+        ax.set(title="Logit difference on evaluation prompts", ylabel="prompts",
+               xlabel="LD = logit[IO] − logit[S]")
+        out += [_save(fig, figdir, "ld_histogram.png", "LD histogram"),
+                "Look for almost all mass right of the dashed line: LD > 0 means the model prefers IO."]
+    return out
+
+
+# --- 2. the circuit ---
+
+def _circuit_section(circuit):
+    out = ["## 2. The circuit: cross-sections we patch and edit"]
+    if not circuit.get("sections"):
+        return out + ["_No cross-sections in metrics.json._"]
+    out.append(_table([(s["name"], ", ".join(f"`{n}`" for n in s["nodes"]), ", ".join(s["attributes"]))
+                       for s in circuit["sections"]], ["cross-section", "nodes", "attributes edited"]))
+    found = sorted((d for d in circuit.get("discovery") or [] if d.get("role")), key=lambda d: -d["ld_drop"])
+    if found:
+        out += ["Heads found by mean-ablating each head's output at one position (largest LD drop first):",
+                _table([(d["head"], d["position"], d["ld_drop"], d["fraction"], d["role"]) for d in found],
+                       ["head", "position", "LD drop", "fraction of LD", "role"])]
+    return out
+
+
+# --- 3. Test 1: approximation ---
+
+def _approx_section(results, figdir):
+    out = ["## 3. Test 1 — approximation: sufficiency and necessity"]
+    recs = _recs(results, "sufficiency") + _recs(results, "necessity")
+    if not recs:
+        return out + ["_No sufficiency/necessity records; section skipped._"]
+    sites, methods = _present(recs, "site", SITES), _present(recs)
+    score = {(t, s, m): _at_chosen(results, t, s, m)
+             for t in ("sufficiency", "necessity") for s in sites for m in methods}
+    fig, axes = _panels(2, ncols=2, size=(6, 3.6))
+    for ax, test in zip(axes, ("sufficiency", "necessity")):
+        _bars(ax, sites, methods, lambda s, m: score[test, s, m], COLORS)
+        ax.axhline(1, color="k", lw=0.8, ls=":")
+        ax.set(title=test, ylabel="score (1 = perfect)")
+    _legend_right(fig, axes)
+    return out + [
+        "Sufficiency: mean LD with the reconstruction patched in, over the clean mean LD. Necessity: how "
+        "much of the effect of mean-ablating the cross-section we get by removing only the reconstruction. "
+        "Each cell is *sufficiency / necessity*; 1 is best; task SAEs at their chosen setting (Test 2).",
+        _table([[s] + [f"{_fmt(score['sufficiency', s, m])} / {_fmt(score['necessity', s, m])}"
+                       for m in methods] for s in sites], ["cross-section"] + methods),
+        _save(fig, figdir, "approximation.png", "sufficiency and necessity"),
+        "Look for supervised bars near 1 and how close each SAE gets; mean ablation is the floor."]
+
+
+# --- 4. Test 2: control ---
+
+def _headline_figure(results, figdir, headline, methods):
+    fig, axes = _panels(len(headline))
+    for ax, (attr, site) in zip(axes, headline):
+        for m in methods:
+            acc, removed = (_edit(results, t, site, m, attr) for t in ("edit_accuracy", "weight_removed"))
+            if acc is not None and removed is not None:
+                ax.scatter(removed, acc, s=60, label=m, color=COLORS.get(m), marker=MARKERS.get(m, "o"))
+        base = _edit(results, "edit_accuracy_no_intervention", site, "none", attr)
+        if base is not None:
+            ax.axhline(base, color="k", ls="--", lw=1, label="no intervention")
+        ax.set(title=f"edit {attr} @ {site}", xlabel="weight removed", ylabel="edit accuracy",
+               ylim=(0, 1.05), xlim=(0, max(1.05, ax.get_xlim()[1])))
+    _legend_right(fig, axes)
+    return _save(fig, figdir, "control_headline.png", "edit accuracy vs weight removed")
+
+
+def _k_figure(results, figdir, headline, methods):
+    ks = sorted({r["k"] for r in _recs(results, "edit_accuracy") if r.get("k") is not None})
+    fig, axes = _panels(len(headline))
+    for ax, (attr, site) in zip(axes, headline):
+        for m in methods:
+            if m.startswith("supervised"):
+                acc = _edit(results, "edit_accuracy", site, m, attr)
+                if acc is not None:
+                    ax.axhline(acc, color=COLORS[m], ls=":", label=f"{m} (exact)")
+                continue
+            for edit, ls, marker in (("greedy", "-", "o"), ("f1", "--", "s")):
+                accs = [_edit(results, "edit_accuracy", site, m, attr, k, edit) for k in ks]
+                if any(a is not None for a in accs):
+                    ax.plot(ks, [np.nan if a is None else a for a in accs], ls=ls, marker=marker,
+                            mfc="white" if edit == "f1" else None, color=COLORS.get(m), label=f"{m} {edit}")
+        ax.set(title=f"edit {attr} @ {site}", xlabel="latents edited k", ylabel="edit accuracy",
+               ylim=(0, 1.05))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
+    _legend_right(fig, axes, handlelength=3)
+    return _save(fig, figdir, "control_vs_k.png", "edit accuracy vs k")
+
+
+def _control_section(results, figdir):
+    out = ["## 4. Test 2 — control: editing an attribute with a few latents"]
+    recs, headline = _recs(results, "edit_accuracy"), _headline(results)
+    if not recs:
+        return out + ["_No edit records; section skipped._"]
+    methods = _present(recs)
+    out.append("The paper's headline: change one attribute of the prompt (the IO name, or Pos = ABB↔BAB) "
+               "by swapping k = 2 SAE latents (greedy, interpretation-agnostic) or one supervised feature, "
+               "and check that the model's next-token argmax matches that of a run with the real "
+               "counterfactual activations patched in. Good edits sit top-left: high accuracy, little "
+               "weight removed.")
+    if headline:
+        out += [_headline_figure(results, figdir, headline, methods),
+                "Look for supervised and task-SAE markers far above the dashed no-intervention line, and "
+                "for how much of the activation's weight each edit has to remove to get there."]
+    rows = [[s, a, _edit(results, "edit_accuracy_no_intervention", s, "none", a)]
+            + [" / ".join(_fmt(_edit(results, t, s, m, a)) for t in ("edit_accuracy", "weight_removed"))
+               for m in methods] for s, a in dict.fromkeys((r["site"], r["attribute"]) for r in recs)]
+    out += ["Edit accuracy / weight removed at k = 2 for every site and attribute (greedy SAE edits; "
+            "`none` is the accuracy without any intervention):",
+            _table(rows, ["cross-section", "attribute", "none"] + methods)]
+    if headline:
+        out += [_k_figure(results, figdir, headline, methods),
+                "Look for how fast accuracy climbs with k: solid lines edit greedily towards the "
+                "counterfactual, dashed ones swap the latents with the best F1 for the old and new value."]
+    chosen = _recs(results, "edit_distance_k2", chosen=True)
+    if chosen:
+        saes = _present(chosen)
+        cell = {(r["site"], r["method"]): f"{_setting(r['method'], r['setting'])} ({_fmt(r['value'])})"
+                for r in chosen}
+        out += ["The SAE setting chosen per site: the one whose k = 2 edits land closest to the "
+                "counterfactual activation (L2 distance in brackets), as in the revised paper.",
+                _table([[s] + [cell.get((s, m)) for m in saes] for s in _present(chosen, "site", SITES)],
+                       ["cross-section"] + saes)]
+    return out
+
+
+# --- 5. Test 3: interpretability ---
+
+def _f1_coverage(results, figdir):
+    recs = _recs(results, "f1_coverage")
+    if not recs:
+        return []
+    sites, methods, attrs = _present(recs, "site", SITES), _present(recs), _present(recs, "attribute")
+    cov = {(s, a, m): _at_chosen(results, "f1_coverage", s, m, attribute=a)
+           for s in sites for a in attrs for m in methods}
+    fig, axes = _panels(len(attrs))
+    for ax, a in zip(axes, attrs):
+        _bars(ax, sites, methods, lambda s, m: cov[s, a, m], COLORS)
+        ax.set(title=f"F1 coverage of {a}", ylabel="mean best F1 per value", ylim=(0, 1.05))
+    _legend_right(fig, axes)
+    return ["F1 coverage: for each value of an attribute, the best F1 of any latent for "
+            "\"attribute = value\", averaged over values and over the cross-section's nodes.",
+            _table([[s, a] + [cov[s, a, m] for m in methods] for s in sites for a in attrs],
+                   ["cross-section", "attribute"] + methods),
+            _save(fig, figdir, "f1_coverage.png", "F1 coverage"),
+            "Look for attributes whose every value has a dedicated latent (bars near 1)."]
+
+
+def _causal_figure(results, figdir):
+    tests = ("causal_keep_sufficiency", "causal_remove_necessity")
+    if not any(results.get(t) for t in tests):
+        return []
+    fig, axes = _panels(2, ncols=2, size=(5, 3.5))
+    for ax, test, title in zip(axes, tests, ("keep latents with F1 ≥ t: sufficiency",
+                                             "remove latents with F1 ≥ t: necessity")):
+        recs = _recs(results, test)
+        sites, ts = _present(recs, "site", SITES), sorted({r["threshold"] for r in recs})
+        for m in _present(recs):
+            ys = [_avg([_at_chosen(results, test, s, m, threshold=t) for s in sites]) for t in ts]
+            ax.plot(ts, [np.nan if y is None else y for y in ys], marker="o", color=COLORS.get(m), label=m)
+        ax.axvline(0.6, color="k", lw=0.8, ls=":")
+        ax.set(title=title, xlabel="F1 threshold t", ylabel="score (mean over sites)")
+    _legend_right(fig, axes)
+    return [_save(fig, figdir, "causal_f1.png", "keep/remove latents by F1"),
+            "Look at t = 0.6 (dotted): if the interpretable latents carry the computation, keeping only "
+            "them preserves the logit difference and removing them destroys it."]
+
+
+# --- 6. the two phenomena ---
+
+def _occlusion(results, figdir):
+    out = ["### Feature occlusion"]
+    keys = list(dict.fromkeys((r["site"], r["method"], r.get("setting"))
+                              for r in _recs(results, "occlusion_io_names")))
+    if not keys:
+        return out + ["_No occlusion counts; skipped._"]
+    rows = [(n, m, _setting(m, st)) + tuple(_count(_value(results, t, site=n, method=m, setting=st))
+                                            for t in ("occlusion_io_names", "occlusion_s_names"))
+            for n, m, st in keys]
+    counts = {}
+    for n, m, st, io, s in rows:
+        counts[f"{n}\n{m} {st}", "IO names"], counts[f"{n}\n{m} {st}", "S names"] = io, s
+    fig, (ax,) = _panels(1, size=(7, 3.5))
+    _bars(ax, list(dict.fromkeys(g for g, _ in counts)), ["IO names", "S names"], lambda g, c: counts[g, c],
+          {"IO names": "#2ca02c", "S names": "#d62728"})
+    ax.set(title="Names with a latent of F1 ≥ 0.5", ylabel="names")
+    ax.legend()
+    out += [_table(rows, ["node", "method", "setting", "IO names", "S names"]),
+            _save(fig, figdir, "occlusion.png", "occlusion counts"),
+            "Look for many IO names but few S names: S is present and causal at this node, yet the SAE "
+            "gives it almost no latents of its own."]
+    norms = _recs(results, "supervised_feature_norm")
+    if norms:
+        out.append("Mean norm of the supervised features there: " + ", ".join(
+            f"{r['attribute'].upper()} {r['value']:.2f}" for r in norms) + " — the larger feature wins.")
+    return out
+
+
+def _alpha_figure(results, figdir):
+    io = _recs(results, "alpha_sweep_io_names")
+    if not io:
+        return []
+    fig, (ax,) = _panels(1, size=(6, 3.5))
+    for i, st in enumerate(sorted({r.get("setting") for r in io}, key=lambda v: v or 0)):
+        for name, ls in (("IO", "-"), ("S", "--")):
+            recs = _recs(results, f"alpha_sweep_{name.lower()}_names", setting=st)
+            if recs:
+                ax.plot(*zip(*sorted((r["alpha"], r["value"]) for r in recs)), ls=ls, marker="o",
+                        color=f"C{i}", label=f"{name} {_setting('vanilla', st)}")
+    ax.set(title="SAEs trained on a − α·u_IO", xlabel="α", ylabel="names with a latent (F1 ≥ 0.5)")
+    ax.legend(fontsize=8)
+    return [_save(fig, figdir, "alpha_sweep.png", "alpha sweep"),
+            "Look for the crossing: as α shrinks the IO features, IO latents (solid) vanish and S latents "
+            "(dashed) appear."]
+
+
+def _occlusion_toy(results):
+    toy = _recs(results, "occlusion_toy_recovered")
+    if not toy:
+        return []
+    return ["Toy model a = u_IO + v_S with the measured feature norms: share of features that get a latent "
+            "with F1 > 0.9. Look for the high-norm features recovered and the low-norm ones not.",
+            _table([(r["attribute"].upper(), r.get("norm"), _setting("vanilla", r.get("setting")), r["value"])
+                    for r in toy], ["feature", "norm", "setting", "share recovered"])]
+
+
+def _oversplitting(results, figdir):
+    out = ["### Feature over-splitting"]
+    pos = [r for r in _recs(results, "pos_latents") if r.get("phenomenon") == "oversplitting"]
+    if pos:
+        out += ["Latents whose best interpretation is a Pos value, at the occlusion node (the paper finds "
+                "≥ 10 for this binary attribute):",
+                _table([(r["site"], r["method"], _setting(r["method"], r.get("setting")), _count(r["value"]))
+                        for r in pos], ["node", "method", "setting", "Pos latents"])]
+    if results.get("oversplit_toy_loss"):
+        fig, (ax,) = _panels(1, size=(6, 3.5))
+        for m, color, label in (("ideal_2_latent", "#2ca02c", "ideal 2-latent SAE"),
+                                ("random_1000_latent", "#d62728", "random 1000-latent SAE")):
+            pts = sorted((r["l1"], r["value"]) for r in _recs(results, "oversplit_toy_loss", method=m))
+            if pts:
+                ax.plot(*zip(*pts), color=color, label=label)
+        ax.set(title="Toy ±µ + noise: best SAE loss", xlabel="λ", ylabel="loss")
+        ax.legend()
+        wins = _value(results, "oversplit_toy_random_wins")
+        verdict = ("" if wins is None else " Here the random SAE is lower at every λ > 0." if wins == 1 else
+                   f" Here the random SAE is lower at {wins:.0%} of the λ > 0 grid.")
+        out += [_save(fig, figdir, "oversplit_toy.png", "over-splitting toy"),
+                "Look for the red curve under the green one: 1000 meaningless latents beat the two true "
+                "features on the SAE's own loss." + verdict]
+    return out if len(out) > 1 else out + ["_No over-splitting records; skipped._"]
+
+
+# --- 7. core SAE metrics ---
+
+def _core_section(results):
+    tests = ["l0", "mse", "fve", "dead_fraction", "ld_recovered"]
+    keys = dict.fromkeys((r["method"], r.get("setting")) for t in tests for r in results.get(t, []))
+    if not keys:
+        return ["## 7. Core SAE metrics", "_No core SAE metrics; section skipped._"]
+    order = sorted(keys, key=lambda k: (METHODS.index(k[0]) if k[0] in METHODS else len(METHODS), k[1] or 0))
+    rows = [[m, _setting(m, st)] + [_value(results, t, method=m, setting=st) for t in tests]
+            for m, st in order]
+    return ["## 7. Core SAE metrics (mean over nodes)", _table(rows, ["method", "setting"] + tests)]
+
+
+# --- 8. comparison with the paper ---
+
+def _verdict(lo, hi, paper_lo, paper_hi):
+    if paper_lo <= lo and hi <= paper_hi:
+        return "within the paper's range"
+    return "higher" if lo > paper_hi else "lower" if hi < paper_lo else "overlaps the paper's range"
+
+
+def _paper_rows(results):
+    rows = []
+    for m, ranges in PAPER_EDITS.items():
+        for test, paper in zip(("edit_accuracy", "weight_removed"), ranges):
+            ours = [v for a, s in _headline(results) if (v := _edit(results, test, s, m, a)) is not None]
+            if paper and ours:
+                rows.append((f"{m}: {test.replace('_', ' ')} at k = 2", "{:.2f}–{:.2f}".format(*paper),
+                             f"{min(ours):.2f}–{max(ours):.2f}", _verdict(min(ours), max(ours), *paper)))
+    io = [r["value"] for r in _recs(results, "occlusion_io_names")]
+    s = [_value(results, "occlusion_s_names", site=r["site"], method=r["method"], setting=r.get("setting"))
+         or 0 for r in _recs(results, "occlusion_io_names")]
+    if io:
+        more_io = sum(i > j for i, j in zip(io, s))
+        rows.append(("occlusion: names with a latent", "almost every IO name, ≤ 22 S names",
+                     f"IO {min(io):g}–{max(io):g}, S ≤ {max(s):g}",
+                     "same pattern: more IO than S names in every setting" if more_io == len(io)
+                     else f"more IO than S names in only {more_io} of {len(io)} settings"))
+    pos = [r["value"] for r in _recs(results, "pos_latents") if r.get("phenomenon") == "oversplitting"]
+    if pos:
+        verdict = "as in the paper" if min(pos) >= 10 else "in some settings" if max(pos) >= 10 else "fewer"
+        rows.append(("over-splitting: Pos latents", "≥ 10", f"{min(pos):g}–{max(pos):g}", verdict))
+    wins = _value(results, "oversplit_toy_random_wins")
+    if wins is not None:
+        rows.append(("toy: share of λ > 0 where the random SAE wins", "1.00", f"{wins:.2f}",
+                     "as in the paper" if wins == 1 else "not at every λ"))
+    return rows
+
+
+def _paper_section(results):
+    rows = _paper_rows(results)
+    return ["## 8. Comparison with the paper",
+            "Ours are min–max over the headline sites (task SAEs at their chosen setting, greedy edits). "
+            "Higher edit accuracy is better; less weight removed means a more surgical edit.",
+            _table(rows, ["quantity", "paper", "this run", "verdict"]) if rows else "_Nothing to compare._"]
+
+
+# --- putting it together ---
+
+def _load_metrics(run_dir):
+    """(config, circuit, results indexed by test) from metrics.json, or a one-line ClickException."""
+    path = os.path.join(run_dir, "metrics.json")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        results = _index(data["results"])
+        bad = [r for records in results.values() for r in records if not {"site", "method", "value"} <= set(r)]
+    except FileNotFoundError:
+        raise click.ClickException(f"{path}: not found (run the pipeline first)")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise click.ClickException(f"{path}: not valid JSON ({e})")
+    except (KeyError, TypeError, AttributeError) as e:
+        raise click.ClickException(f"{path}: malformed, expected {{'results': [records with a 'test']}} "
+                                   f"({type(e).__name__}: {e})")
+    if bad:
+        raise click.ClickException(f"{path}: malformed record {bad[0]} (needs test, site, method, value)")
+    return data.get("config") or {}, data.get("circuit") or {}, results
+
+
+def summary_table(records) -> str:
+    """Compact terminal table: model LD and accuracy, then per headline site the k = 2 edit
+    accuracy and the sufficiency of the supervised dictionary and the task SAEs."""
+    results = records if isinstance(records, dict) else _index(records)
+    methods = ["supervised", "vanilla", "gated", "topk"]
+    ld, acc = (_value(results, t, site="model") for t in ("logit_diff", "accuracy"))
+    lines = [f"model: mean LD {_fmt(ld)}, accuracy {_fmt(acc)}",
+             f"{'':22}{'edit accuracy @k=2':^28}{'sufficiency':^28}",
+             f"{'site':22}" + "".join(f"{m[:6]:>7}" for m in methods) * 2]
+    for attr, site in _headline(results):
+        values = ([_edit(results, "edit_accuracy", site, m, attr) for m in methods]
+                  + [_at_chosen(results, "sufficiency", site, m) for m in methods])
+        lines.append(f"{attr + '@' + site:22}" + "".join(f"{_fmt(v):>7}" for v in values))
+    return "\n".join(lines)
+
+
+def write_report(run_dir) -> str:
+    """Write <run_dir>/report.md and <run_dir>/figures/*.png from <run_dir>/metrics.json;
+    return the terminal summary."""
+    import matplotlib
+    matplotlib.use("Agg")
+    config, circuit, results = _load_metrics(run_dir)
+    figdir = os.path.join(run_dir, "figures")
+    os.makedirs(figdir, exist_ok=True)
+    summary = summary_table(results)
+    interp = _f1_coverage(results, figdir) + _causal_figure(results, figdir)
+    blocks = (_header(config) + ["## At a glance", f"```\n{summary}\n```"]
+              + _model_section(results, figdir) + _circuit_section(circuit)
+              + _approx_section(results, figdir) + _control_section(results, figdir)
+              + ["## 5. Test 3 — interpretability"] + (interp or ["_No F1 records; section skipped._"])
+              + ["## 6. Two SAE failure modes"] + _occlusion(results, figdir) + _alpha_figure(results, figdir)
+              + _occlusion_toy(results) + _oversplitting(results, figdir)
+              + _core_section(results) + _paper_section(results))
+    path = os.path.join(run_dir, "report.md")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n\n".join(blocks) + "\n")
+    os.replace(path + ".tmp", path)
+    return summary
+
+
+@cli.command()
+@click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False),
+              help="Run folder holding metrics.json.")
+def report(run_dir):
+    """Write report.md and figures/ from RUN_DIR/metrics.json and print a summary."""
+    click.echo(write_report(run_dir))
+    click.echo(f"Wrote {os.path.join(run_dir, 'report.md')}")
+# === end report ===
 
 
 if __name__ == "__main__":

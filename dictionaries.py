@@ -1,0 +1,696 @@
+"""Feature dictionaries: supervised (the yardstick) and sparse autoencoders (the graded).
+
+Makelov, Lange & Nanda, "Towards Principled Evaluations of Sparse Autoencoders for
+Interpretability and Control" (arXiv 2405.08366); METHOD.md section 4 (supervised
+dictionaries) and section 8 (SAE training).
+
+Public API
+----------
+Supervised dictionaries (METHOD 4)
+    d = SupervisedDictionary.fit(acts[N,d], {name: LongTensor[N]}, n_values=None, method="mean"|"lstsq")
+    d.bias [d]; d.features[name] [n_values, d]; d.reconstruct(attributes) [N,d];
+    d.edit(acts, name, old_values, new_values); d.feature_weights(attributes) {name: [N]};
+    d.save(dir); SupervisedDictionary.load(dir)
+SAEs (METHOD 8): VanillaSAE, GatedSAE, TopKSAE, all on RAW activations (x_norm = x * input_scale):
+    sae.encode(x[...,d_in]) -> f [..., d_sae]; sae.decode(f) -> x_hat (raw); sae.forward(x) -> (x_hat, f);
+    sae.active(x) -> bool [..., d_sae]; sae.W_enc [d_in,d_sae], sae.W_dec [d_sae,d_in], sae.b_dec [d_in],
+    sae.input_scale; save_sae(sae, dir) / load_sae(dir) in the SAELens layout.
+Training (one batched tensor program for a stack of same-shaped SAEs)
+    saes, logs = train_sae_stack(datasets[n_datasets,N,d], [SAESpec(arch, dataset_index, l1, k, seed,
+                                 frozen_decoder, name), ...], TrainConfig(...), progress=False,
+                                 checkpoint_dir=None, on_checkpoint=None)
+    logs: one dict per SAE per checkpoint: sae, name, epoch, l0, mse, fve, dead_fraction
+    bench_sae_training(...) -> timings of the batched stack vs a per-SAE loop, and a paper-grid estimate
+    load_activations(path) -> the `acts` tensor of a safetensors file, checked;
+    load_labelled_activations(path) -> (acts, {name: LongTensor}) from `attribute.<name>` tensors
+Full-distribution SAEs
+    iter_corpus_texts(path=None); collect_corpus_activations(model, tokenizer, nodes, texts, max_tokens)
+
+The SAE math is written once, as pure functions on parameter dicts whose tensors carry a
+leading stack axis S (one SAE is a stack of one): W_enc [S,d_in,d_sae], W_dec [S,d_sae,d_in],
+b_dec [S,d_in], and b_enc [S,d_sae] (or b_gate, r_mag, b_mag for gated, SAELens's names).
+SAEs in a stack never interact: the summed loss gives each its own gradient, Adam is
+elementwise, and all randomness (init, batch order, resampling) comes from a per-SAE seed,
+so an SAE trained in a stack equals the same SAE trained alone.
+"""
+import itertools
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import click
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+# ---------------------------------------------------------------------------------------
+# Small helpers: validation and atomic files
+# ---------------------------------------------------------------------------------------
+
+
+def _check_matrix(x, what: str) -> torch.Tensor:
+    """A finite float tensor of rank 2, or a one-line ValueError."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"{what}: expected a tensor of shape [N, d], got {getattr(x, 'shape', type(x))}")
+    if not x.is_floating_point():
+        raise ValueError(f"{what}: expected floats, got dtype {x.dtype}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{what}: contains NaN or inf")
+    return x
+
+
+def _atomic(path: Path, write: Callable[[str], None]):
+    """Write via `path.tmp` then os.replace, so a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _save_tensors(tensors: dict, path: Path):
+    _atomic(path, lambda tmp: save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp))
+
+
+def _save_json(obj, path: Path):
+    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
+
+
+def load_activations(path) -> torch.Tensor:
+    """The `acts` tensor [N, d] of a safetensors file, checked (one-line ValueError otherwise)."""
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        tensors = load_file(str(path))
+    except Exception as error:  # safetensors raises several types for a corrupt file
+        raise ValueError(f"{path}: not a safetensors file ({error})") from None
+    if "acts" not in tensors:
+        raise ValueError(f"{path}: no tensor named 'acts' (found: {', '.join(sorted(tensors)) or 'none'})")
+    return _check_matrix(tensors["acts"], f"{path}: acts").float()
+
+
+def load_labelled_activations(path) -> tuple:
+    """(acts [N, d], {name: LongTensor [N]}) from a safetensors file holding `acts` and one
+    `attribute.<name>` tensor per attribute."""
+    acts, tensors = load_activations(path), load_file(str(path))
+    attributes = {key.removeprefix("attribute."): t for key, t in tensors.items() if key.startswith("attribute.")}
+    if not attributes:
+        raise ValueError(f"{path}: no `attribute.<name>` tensors (found: {', '.join(sorted(tensors))})")
+    return acts, attributes
+
+
+# ---------------------------------------------------------------------------------------
+# Supervised dictionaries (METHOD 4)
+# ---------------------------------------------------------------------------------------
+
+
+def _attribute_sizes(attributes: dict, n: int, n_values: Optional[dict]) -> dict:
+    """Number of values of each attribute, checking the id tensors."""
+    sizes = {}
+    for name, ids in attributes.items():
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.shape != (n,):
+            raise ValueError(f"attribute {name!r}: expected a LongTensor of shape [{n}]")
+        size = (n_values or {}).get(name, int(ids.max()) + 1 if n else 0)
+        if n and (ids.min() < 0 or ids.max() >= size):
+            raise ValueError(f"attribute {name!r}: ids must lie in [0, {size}), got [{ids.min()}, {ids.max()}]")
+        sizes[name] = size
+    return sizes
+
+
+def _mean_codes(acts, attributes, sizes):
+    """ā = mean(a); u_{i,v} = mean(a - ā | attribute i = v); unseen values get 0."""
+    bias = acts.mean(0)
+    centred = acts - bias  # [N, d]
+    features = {}
+    for name, ids in attributes.items():
+        sums = centred.new_zeros(sizes[name], acts.shape[1]).index_add_(0, ids, centred)
+        counts = torch.bincount(ids, minlength=sizes[name]).clamp_min(1)
+        features[name] = sums / counts[:, None]  # [n_values, d]
+    return bias, features
+
+
+def _lstsq_codes(acts, attributes, sizes):
+    """min ‖A - C U‖² with C = [1 | one-hot of each attribute] ("MSE" codes).
+
+    C is rank deficient (each attribute's one-hot columns sum to the constant column), so
+    take the minimum-norm solution (SVD-based gelsd), then move each attribute's
+    frequency-weighted mean feature into the bias. That changes no fitted value and picks
+    the same gauge as the mean codes, so both are directly comparable.
+    """
+    design = torch.cat([acts.new_ones(len(acts), 1)]
+                       + [F.one_hot(ids, sizes[name]).to(acts) for name, ids in attributes.items()], 1)
+    solution = torch.linalg.lstsq(design, acts, driver="gelsd").solution  # [1 + Σ n_values, d]
+    bias, *blocks = solution.split([1] + list(sizes.values()))
+    bias, features = bias[0], {}
+    for (name, ids), block in zip(attributes.items(), blocks):
+        frequency = torch.bincount(ids, minlength=sizes[name]).to(acts) / len(ids)  # [n_values]
+        shift = frequency @ block
+        bias = bias + shift
+        features[name] = (block - shift) * (frequency > 0)[:, None]  # unseen values stay 0
+    return bias, features
+
+
+@dataclass
+class SupervisedDictionary:
+    """a(p) ≈ ā + Σ_i u_{i, value_i(p)}: one feature per attribute value (METHOD 4)."""
+    bias: torch.Tensor  # [d]  ā
+    features: dict  # attribute name -> [n_values, d]  u_{i,v}
+    method: str = "mean"
+
+    @classmethod
+    def fit(cls, acts, attributes: dict, n_values: Optional[dict] = None, method: str = "mean"):
+        """Mean codes (method="mean") or least-squares codes (method="lstsq"), computed in float64."""
+        _check_matrix(acts, "acts")
+        sizes = _attribute_sizes(attributes, len(acts), n_values)
+        fitters = {"mean": _mean_codes, "lstsq": _lstsq_codes}
+        if method not in fitters:
+            raise ValueError(f"unknown method {method!r}; use 'mean' or 'lstsq'")
+        bias, features = fitters[method](acts.double(), attributes, sizes)
+        return cls(bias.to(acts.dtype), {k: v.to(acts.dtype) for k, v in features.items()}, method)
+
+    def _codes(self, attributes) -> dict:
+        if set(attributes) != set(self.features):
+            raise ValueError(f"expected attributes {sorted(self.features)}, got {sorted(attributes)}")
+        return {name: self.features[name][ids] for name, ids in attributes.items()}  # name -> [N, d]
+
+    def reconstruct(self, attributes: dict) -> torch.Tensor:
+        """â = ā + Σ_i u_{i, value_i}  -> [N, d]."""
+        return self.bias + sum(self._codes(attributes).values())
+
+    def edit(self, acts, name: str, old_values, new_values) -> torch.Tensor:
+        """Supervised edit of one attribute: a - u_{i,v} + u_{i,v'}  -> [N, d]."""
+        return acts - self.features[name][old_values] + self.features[name][new_values]
+
+    def feature_weights(self, attributes: dict) -> dict:
+        """w_i = u_i·r / ‖r‖² with r = â - ā; the weights of one prompt sum to 1 (METHOD 4)."""
+        codes = self._codes(attributes)
+        r = sum(codes.values())  # [N, d]
+        norm2 = r.pow(2).sum(-1).clamp_min(torch.finfo(r.dtype).tiny)
+        return {name: (u * r).sum(-1) / norm2 for name, u in codes.items()}
+
+    def save(self, directory):
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {"bias": self.bias, **{f"features.{k}": v for k, v in self.features.items()}}
+        _save_tensors(tensors, directory / "dictionary.safetensors")
+        _save_json({"method": self.method, "n_values": {k: len(v) for k, v in self.features.items()}},
+                   directory / "dictionary.json")
+
+    @classmethod
+    def load(cls, directory):
+        directory = Path(directory)
+        config = json.loads((directory / "dictionary.json").read_text())
+        tensors = load_file(str(directory / "dictionary.safetensors"))
+        return cls(tensors["bias"], {k: tensors[f"features.{k}"] for k in config["n_values"]}, config["method"])
+
+
+# ---------------------------------------------------------------------------------------
+# SAE math: pure functions on a stack of S SAEs. x is normalised input [S, B, d_in].
+# Each encoder returns (f, active), both [S, B, d_sae]; `hp` is the per-SAE k for top-k.
+# ---------------------------------------------------------------------------------------
+
+
+def _projection(p, x):
+    """(x - b_dec) W_enc  -> [S, B, d_sae], computed as x W_enc - b_dec W_enc: the same
+    numbers, but the backward pass then needs no gradient with respect to the input batch."""
+    return torch.baddbmm(-(p["b_dec"][:, None] @ p["W_enc"]), x, p["W_enc"])
+
+
+def encode_vanilla(p, x, hp=None):
+    """ReLU SAE (Bricken et al. 2023): f = ReLU((x - b_dec) W_enc + b_enc); active: f > 0."""
+    f = torch.relu(_projection(p, x) + p["b_enc"][:, None])
+    return f, f > 0
+
+
+def _gated_paths(p, x):
+    """Gated SAE (Rajamanoharan et al. 2024, arXiv 2404.16014): a gate path decides which
+    latents fire, a magnitude path (same weights, rescaled by exp r_mag) how strongly:
+        π = (x - b_dec) W_enc + b_gate;   f = 1[π > 0] ⊙ ReLU((x - b_dec)(W_enc ⊙ exp r_mag) + b_mag)
+    (the paper's original code forgot the magnitude ReLU). Returns (f, π)."""
+    projection = _projection(p, x)  # r_mag scales columns, so one matmul serves both paths
+    pi_gate = projection + p["b_gate"][:, None]
+    magnitude = torch.relu(projection * p["r_mag"].exp()[:, None] + p["b_mag"][:, None])
+    return (pi_gate > 0) * magnitude, pi_gate
+
+
+def encode_gated(p, x, hp=None):
+    """Gated SAE latents; active: the gate is open (π > 0)."""
+    f, pi_gate = _gated_paths(p, x)
+    return f, pi_gate > 0
+
+
+def encode_topk(p, x, k):
+    """Top-K SAE (Gao et al. 2024, arXiv 2406.04093): keep the k largest pre-activations
+    and ReLU them (the original code did not), the rest are 0. k: LongTensor [S], one per
+    SAE. Active: selected and > 0."""
+    pre = _projection(p, x) + p["b_enc"][:, None]  # [S, B, d_sae]
+    top = pre.topk(int(k.max()), dim=-1)  # sorted, so rank < k_s selects SAE s's own top k
+    keep = torch.arange(top.values.shape[-1], device=k.device) < k[:, None, None]  # [S, 1, k_max]
+    f = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values) * keep)
+    return f, f > 0
+
+
+def decode(p, f):
+    """x̂ = f W_dec + b_dec  -> [S, B, d_in] (normalised space)."""
+    return torch.baddbmm(p["b_dec"][:, None], f, p["W_dec"])
+
+
+def _squared_error(x_hat, x):
+    return (x_hat - x).pow(2).sum(-1)  # [S, B]
+
+
+def loss_vanilla(p, x, l1):
+    """‖x̂ - x‖² + λ‖f‖₁ per input (decoder rows are unit norm, so no norm weighting)."""
+    f, _ = encode_vanilla(p, x)
+    return _squared_error(decode(p, f), x) + l1[:, None] * f.sum(-1)  # [S, B]
+
+
+def loss_gated(p, x, l1):
+    """‖x̂ - x‖² + λ‖ReLU(π)‖₁ + ‖x - (ReLU(π) W_dec + b_dec)‖² with the decoder detached in
+    the last term, which trains the gate path to reconstruct on its own."""
+    f, pi_gate = _gated_paths(p, x)
+    gate_pre = torch.relu(pi_gate)  # [S, B, d_sae]
+    frozen_decoder = {"W_dec": p["W_dec"].detach(), "b_dec": p["b_dec"].detach()}
+    return (_squared_error(decode(p, f), x) + l1[:, None] * gate_pre.sum(-1)
+            + _squared_error(decode(frozen_decoder, gate_pre), x))
+
+
+def loss_topk(p, x, k):
+    """‖x̂ - x‖²: sparsity is enforced by construction."""
+    f, _ = encode_topk(p, x, k)
+    return _squared_error(decode(p, f), x)
+
+
+ENCODERS = {"vanilla": encode_vanilla, "gated": encode_gated, "topk": encode_topk}
+LOSSES = {"vanilla": loss_vanilla, "gated": loss_gated, "topk": loss_topk}
+ENCODER_BIASES = {"vanilla": ("b_enc",), "gated": ("b_gate", "r_mag", "b_mag"), "topk": ("b_enc",)}
+
+
+def init_params(arch: str, d_in: int, d_sae: int, generators: list, b_dec: torch.Tensor) -> dict:
+    """Random unit decoder rows (one generator per SAE), encoder = decoder transposed, zero
+    encoder biases, b_dec the data mean [S, d_in]. The encoder is scaled by 0.1 for the ReLU
+    SAEs (Anthropic's April 2024 update: otherwise hundreds of half-active latents start out
+    reconstructing several times the input), by 1 for top-k (Gao et al.: only k fire)."""
+    W_dec = torch.stack([torch.randn(d_sae, d_in, generator=g) for g in generators])  # [S, d_sae, d_in]
+    W_dec /= W_dec.norm(dim=-1, keepdim=True)
+    encoder_scale = 1.0 if arch == "topk" else 0.1
+    params = {"W_enc": encoder_scale * W_dec.transpose(1, 2), "W_dec": W_dec, "b_dec": b_dec.clone()}
+    params.update({name: torch.zeros(len(generators), d_sae) for name in ENCODER_BIASES[arch]})
+    return params
+
+
+# ---------------------------------------------------------------------------------------
+# SAE objects: thin wrappers around one SAE's parameters, on raw activations
+# ---------------------------------------------------------------------------------------
+
+
+class SAE:
+    """One SAE. Parameters live in the normalised space x_norm = x * input_scale; the public
+    methods take and return raw activations. The raw-space contribution of latent j is
+    f_j * W_dec[j] / input_scale."""
+    arch = ""
+
+    def __init__(self, params: dict, input_scale: float = 1.0, k: Optional[int] = None,
+                 frozen_decoder: bool = False, meta: Optional[dict] = None):
+        self.params = params  # SAELens names, no stack axis
+        self.input_scale = float(input_scale)
+        self.k = k
+        self.frozen_decoder = frozen_decoder
+        self.meta = meta or {}  # free-form provenance (spec, training config), saved in cfg.json
+
+    W_enc = property(lambda self: self.params["W_enc"])  # [d_in, d_sae]
+    W_dec = property(lambda self: self.params["W_dec"])  # [d_sae, d_in]
+    b_dec = property(lambda self: self.params["b_dec"])  # [d_in]
+    d_in = property(lambda self: self.W_dec.shape[1])
+    d_sae = property(lambda self: self.W_dec.shape[0])
+
+    def _encode(self, x):
+        stack = {name: t[None] for name, t in self.params.items()}
+        hp = torch.tensor([self.k or 0], device=x.device)
+        f, active = ENCODERS[self.arch](stack, (x * self.input_scale).reshape(1, -1, self.d_in), hp)
+        return f.reshape(*x.shape[:-1], -1), active.reshape(*x.shape[:-1], -1)
+
+    def encode(self, x):
+        """Latent activations f [..., d_sae] of raw activations x [..., d_in]."""
+        return self._encode(x)[0]
+
+    def active(self, x):
+        """Which latents fire [..., d_sae] (vanilla f > 0; gated π > 0; top-k selected and > 0)."""
+        return self._encode(x)[1]
+
+    def decode(self, f):
+        """Raw-space reconstruction (f W_dec + b_dec) / input_scale  -> [..., d_in]."""
+        return (f @ self.W_dec + self.b_dec) / self.input_scale
+
+    def forward(self, x):
+        f = self.encode(x)
+        return self.decode(f), f
+
+    __call__ = forward
+
+    def to(self, device):
+        return type(self)({n: t.to(device) for n, t in self.params.items()}, self.input_scale, self.k,
+                          self.frozen_decoder, self.meta)
+
+
+class VanillaSAE(SAE):
+    arch = "vanilla"
+
+
+class GatedSAE(SAE):
+    arch = "gated"
+
+
+class TopKSAE(SAE):
+    arch = "topk"
+
+
+SAE_CLASSES = {cls.arch: cls for cls in (VanillaSAE, GatedSAE, TopKSAE)}
+
+# ---------------------------------------------------------------------------------------
+# Save / load in the SAELens layout: cfg.json + sae_weights.safetensors
+# ---------------------------------------------------------------------------------------
+
+SAELENS_ARCH = {"vanilla": "standard", "gated": "gated", "topk": "topk"}
+
+
+def save_sae(sae: SAE, directory):
+    """SAELens layout. Weights are stored as trained (normalised space), so
+    `normalize_activations` is "expected_average_only_in" and the fixed input scale is
+    recorded as `input_scale` (multiply raw inputs by it)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = {"architecture": SAELENS_ARCH[sae.arch], "d_in": sae.d_in, "d_sae": sae.d_sae,
+           "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+           "normalize_activations": "expected_average_only_in", "input_scale": sae.input_scale,
+           "frozen_decoder": sae.frozen_decoder, "metadata": sae.meta}
+    if sae.arch == "topk":
+        cfg |= {"k": sae.k, "activation_fn_kwargs": {"k": sae.k}}
+    _save_tensors(sae.params, directory / "sae_weights.safetensors")
+    _save_json(cfg, directory / "cfg.json")  # written last: its presence marks a complete save
+
+
+def _arch_from_saelens(cfg: dict) -> str:
+    activation = cfg.get("activation_fn_str", cfg.get("activation_fn", "relu"))
+    arch = {"standard": "topk" if activation == "topk" else "vanilla", "gated": "gated",
+            "topk": "topk"}.get(cfg.get("architecture", "standard"))
+    if arch is None:
+        raise ValueError(f"unsupported SAE architecture {cfg['architecture']!r} (standard, gated, topk)")
+    return arch
+
+
+def load_sae(directory) -> SAE:
+    """Load an SAE saved by `save_sae` or by SAELens (standard, gated and top-k kinds)."""
+    directory = Path(directory)
+    cfg = json.loads((directory / "cfg.json").read_text())
+    weights = load_file(str(directory / "sae_weights.safetensors"))
+    arch = _arch_from_saelens(cfg)
+    names = ("W_enc", "W_dec", "b_dec") + ENCODER_BIASES[arch]
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise ValueError(f"{directory}: {arch} SAE weights lack {missing} (found: {sorted(weights)})")
+    p = {n: weights[n].float() for n in names}
+    if cfg.get("normalize_activations", "none") not in ("none", "expected_average_only_in"):
+        raise ValueError(f"{directory}: per-input normalisation {cfg['normalize_activations']!r} is not supported")
+    if not cfg.get("apply_b_dec_to_input", True):  # fold "no centring" into the encoder biases
+        shift = p["b_dec"] @ p["W_enc"]  # [d_sae]
+        for name in {"vanilla": ["b_enc"], "topk": ["b_enc"], "gated": ["b_gate", "b_mag"]}[arch]:
+            p[name] = p[name] + shift * (p["r_mag"].exp() if name == "b_mag" else 1)
+    k = cfg.get("k", cfg.get("activation_fn_kwargs", {}).get("k"))
+    return SAE_CLASSES[arch](p, cfg.get("input_scale", 1.0), None if k is None else int(k),
+                             cfg.get("frozen_decoder", False), cfg.get("metadata", {}))
+
+
+# ---------------------------------------------------------------------------------------
+# Training (METHOD 8): one batched program for a stack of same-architecture SAEs
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class SAESpec:
+    """One SAE of a stack: architecture, which dataset, its hyper-parameter and seed."""
+    arch: str  # "vanilla" | "gated" | "topk"
+    dataset_index: int = 0
+    l1: float = 1.0  # λ for vanilla / gated, on inputs normalised to mean norm √d
+    k: int = 3  # top-k
+    seed: int = 0
+    frozen_decoder: bool = False  # the paper's floor: random unit decoder rows, never trained
+    name: str = ""
+
+
+@dataclass
+class TrainConfig:
+    """Defaults from METHOD 8, except epochs (the paper trains for 2000)."""
+    d_sae: int = 512
+    lr: float = 3e-4
+    batch_size: int = 512
+    epochs: int = 2000
+    resample_at: tuple = (0.125, 0.25, 0.375, 0.5)  # fractions of training (vanilla/gated only)
+    warmup_fraction: float = 0.02  # linear LR warm-up at the start and after each resampling
+    decay_fraction: float = 0.25  # linear LR decay to 0 over the last quarter
+
+
+def checkpoint_epochs(epochs: int) -> list:
+    """Geometrically spaced checkpoints: 1, 2, 4, ... and the last epoch."""
+    return sorted({2 ** i for i in range(epochs.bit_length()) if 2 ** i <= epochs} | {epochs})
+
+
+def lr_factor(step: int, total: int, restart: int, config: TrainConfig) -> float:
+    """Warm-up after each (re)start times linear decay to 0 over the last quarter; computed
+    afresh from the step number, so it never compounds (the original code's bug)."""
+    warmup = max(1, round(config.warmup_fraction * total))
+    decay = max(1, round(config.decay_fraction * total))
+    return min(1.0, (step - restart + 1) / warmup) * min(1.0, (total - step) / decay)
+
+
+def _check_stack(datasets, specs, config):
+    if not isinstance(datasets, torch.Tensor) or datasets.dim() != 3 or not datasets.is_floating_point():
+        raise ValueError(f"datasets: expected a float tensor [n_datasets, N, d], got {getattr(datasets, 'shape', None)}")
+    if not torch.isfinite(datasets).all():
+        raise ValueError("datasets contain NaN or inf")
+    if not specs or len({s.arch for s in specs}) != 1 or specs[0].arch not in LOSSES:
+        raise ValueError(f"one architecture per stack, one of {sorted(LOSSES)}; got {sorted({s.arch for s in specs})}")
+    for name in ("d_sae", "batch_size", "epochs", "lr"):
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
+    for s in specs:
+        if not 0 <= s.dataset_index < len(datasets):
+            raise ValueError(f"dataset_index {s.dataset_index} outside [0, {len(datasets)})")
+        if s.arch == "topk" and not 1 <= s.k <= config.d_sae:
+            raise ValueError(f"k must lie in [1, d_sae={config.d_sae}], got {s.k}")
+        if s.arch != "topk" and not s.l1 >= 0:
+            raise ValueError(f"l1 must be non-negative, got {s.l1}")
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n):
+        pass
+
+
+@torch.no_grad()
+def _statistics(arch, p, hp, inputs, n, chunk=1024):
+    """One pass over every SAE's data: squared error per input [S, N] and how often each
+    latent fires [S, d_sae]."""
+    errors, fires = [], 0
+    for start in range(0, n, chunk):
+        x = inputs(torch.arange(start, min(start + chunk, n)))  # [S, chunk, d_in]
+        f, active = ENCODERS[arch](p, x, hp)
+        errors.append(_squared_error(decode(p, f), x))
+        fires = fires + active.sum(1)
+    return torch.cat(errors, 1), fires
+
+
+@torch.no_grad()
+def _resample_dead_latents(p, adam, dead, errors, inputs, generators, frozen):
+    """Re-initialise dead latents (METHOD 8, after Anthropic 2023): for SAE s, draw inputs with
+    probability ∝ loss², point each dead latent's decoder row (unless frozen) and encoder row
+    at the centred input, scale the encoder rows to 0.2 × the mean alive encoder norm, zero
+    its encoder biases and reset its Adam moments. dead [S, d_sae]; errors [S, N]."""
+    for s, generator in enumerate(generators):
+        latents = dead[s].nonzero()[:, 0]
+        if len(latents) == 0:
+            continue
+        weights = errors[s].double().pow(2) + 1e-30  # +tiny: sampling needs a positive total
+        picks = torch.multinomial(weights, len(latents), len(latents) > len(weights), generator=generator)
+        directions = F.normalize(inputs(picks)[s] - p["b_dec"][s], dim=-1)  # [n_dead, d_in]
+        alive = p["W_enc"][s][:, ~dead[s]].norm(dim=0)
+        p["W_enc"][s][:, latents] = directions.T * 0.2 * (alive.mean() if len(alive) else 1.0)
+        if not frozen[s]:
+            p["W_dec"][s][latents] = directions
+        for name, t in p.items():
+            if name not in ("W_enc", "W_dec", "b_dec"):
+                t[s, latents] = 0
+            moments = [m for m in adam.state.get(t, {}).values() if m.dim() > 1]  # not the step count
+            for moment in moments if name != "b_dec" else []:
+                if name == "W_dec":  # [S, d_sae, d_in]: latents on axis 1, elsewhere on the last axis
+                    moment[s, latents] = 0
+                else:
+                    moment[s][..., latents] = 0
+
+
+def _unstack(arch, p, specs, scales, config):
+    return [SAE_CLASSES[arch]({n: t[i].detach().clone() for n, t in p.items()}, float(scales[i]),
+                              spec.k if arch == "topk" else None, spec.frozen_decoder,
+                              {"spec": asdict(spec), "train_config": asdict(config)})
+            for i, spec in enumerate(specs)]
+
+
+def train_sae_stack(datasets: torch.Tensor, specs: list, config: Optional[TrainConfig] = None,
+                    progress: bool = False, checkpoint_dir=None, on_checkpoint=None):
+    """Train a stack of same-architecture SAEs as one tensor program (METHOD 8).
+
+    datasets [n_datasets, N, d]: raw activations; SAE s trains on datasets[specs[s].dataset_index].
+    Each dataset is scaled by one scalar so its mean norm is √d; the scale is stored in the SAE.
+    Returns (saes, logs): logs hold L0, MSE (per element, normalised space), fraction of variance
+    explained and dead fraction, on the training data, for every SAE at every checkpoint.
+    checkpoint_dir: also save each SAE at each checkpoint to <dir>/<name or saeI>/epoch<E>.
+    on_checkpoint(epoch, saes) -> list of per-SAE dicts (or None) merged into the logs.
+    """
+    config = config or TrainConfig()
+    _check_stack(datasets, specs, config)
+    arch, (_, n, d) = specs[0].arch, datasets.shape
+    batch_size = min(config.batch_size, n)
+    data_index = torch.tensor([s.dataset_index for s in specs])
+    scales = (d ** 0.5 / datasets.norm(dim=-1).mean(1))[data_index]  # [S] one input scale per SAE
+    variance = (datasets - datasets.mean(1, keepdim=True)).pow(2).sum((1, 2))[data_index] * scales ** 2
+
+    def inputs(index):  # normalised inputs [S, B, d] from per-SAE indices [S, B] (or shared [B])
+        return datasets[data_index[:, None], index] * scales[:, None, None]
+
+    hp = torch.tensor([s.k for s in specs]) if arch == "topk" else torch.tensor([s.l1 for s in specs])
+    frozen = torch.tensor([s.frozen_decoder for s in specs])
+    generators = [torch.Generator().manual_seed(s.seed) for s in specs]
+    p = init_params(arch, d, config.d_sae, generators, datasets.mean(1)[data_index] * scales[:, None])
+    for t in p.values():
+        t.requires_grad_()
+    adam = torch.optim.Adam(p.values(), lr=config.lr)
+
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = config.epochs * steps_per_epoch
+    resample = {round(f * config.epochs) for f in config.resample_at} - {0} if arch != "topk" else set()
+    checkpoints, logs, restart = checkpoint_epochs(config.epochs), [], 0
+    bar = click.progressbar(length=config.epochs, label=f"{len(specs)} {arch} SAEs") if progress else _NoBar()
+    with bar:
+        for epoch in range(config.epochs):
+            if epoch in resample:
+                errors, fires = _statistics(arch, p, hp, inputs, n)
+                _resample_dead_latents(p, adam, fires == 0, errors, inputs, generators, frozen)
+                restart = epoch * steps_per_epoch
+            order = torch.stack([torch.randperm(n, generator=g) for g in generators])  # [S, N]
+            for i, start in enumerate(range(0, n, batch_size)):
+                loss = LOSSES[arch](p, inputs(order[:, start:start + batch_size]), hp)  # [S, B]
+                adam.zero_grad(set_to_none=True)
+                loss.mean(-1).sum().backward()  # SAEs are independent: one backward serves all
+                with torch.no_grad():  # keep decoder rows on the unit sphere: drop the radial part
+                    grad, W_dec = p["W_dec"].grad, p["W_dec"]
+                    grad -= (grad * W_dec).sum(-1, keepdim=True) * W_dec
+                    grad[frozen] = 0
+                for group in adam.param_groups:
+                    group["lr"] = config.lr * lr_factor(epoch * steps_per_epoch + i, total, restart, config)
+                adam.step()
+                with torch.no_grad():
+                    W_dec /= W_dec.norm(dim=-1, keepdim=True)
+            bar.update(1)
+            if epoch + 1 in checkpoints:
+                errors, fires = _statistics(arch, p, hp, inputs, n)
+                saes = _unstack(arch, p, specs, scales, config)
+                extra = (on_checkpoint(epoch + 1, saes) if on_checkpoint else None) or [{}] * len(specs)
+                for s, spec in enumerate(specs):
+                    logs.append({"sae": s, "name": spec.name, "epoch": epoch + 1,
+                                 "l0": float(fires[s].sum() / n), "mse": float(errors[s].sum() / (n * d)),
+                                 "fve": float(1 - errors[s].sum() / variance[s]),
+                                 "dead_fraction": float((fires[s] == 0).float().mean()), **extra[s]})
+                    if checkpoint_dir is not None:
+                        save_sae(saes[s], Path(checkpoint_dir) / (spec.name or f"sae{s}") / f"epoch{epoch + 1}")
+    return saes, logs  # the last epoch is always a checkpoint
+
+
+def train_sae(acts: torch.Tensor, spec: SAESpec, config: Optional[TrainConfig] = None, **kwargs):
+    """One SAE on activations [N, d]: a stack of one. Returns (sae, logs)."""
+    saes, logs = train_sae_stack(_check_matrix(acts, "acts")[None], [spec], config, **kwargs)
+    return saes[0], logs
+
+
+def bench_sae_training(n_sae: int = 24, d_in: int = 64, d_sae: int = 512, n: int = 4096,
+                       epochs: int = 2, arch: str = "vanilla", batch_size: int = 512, seed: int = 0) -> dict:
+    """Time one stack of n_sae SAEs against a loop training them one by one (same code, stacks
+    of one), and extrapolate to the paper's grid: 55 nodes × 12 settings, 20,000 activations
+    of 64 dims, 2,000 epochs, batch 512 (from the measured time per SAE per step)."""
+    data = torch.randn(1, n, d_in, generator=torch.Generator().manual_seed(seed))
+    specs = [SAESpec(arch, l1=1.0, k=8, seed=i) for i in range(n_sae)]
+    config = TrainConfig(d_sae=d_sae, batch_size=batch_size, epochs=epochs)
+    start = time.perf_counter()
+    train_sae_stack(data, specs, config)
+    batched = time.perf_counter() - start
+    start = time.perf_counter()
+    for spec in specs:
+        train_sae_stack(data, [spec], config)
+    loop = time.perf_counter() - start
+    steps = epochs * math.ceil(n / batch_size)
+    per_sae_step = batched / (n_sae * steps)
+    paper_sae_steps = 55 * 12 * 2000 * math.ceil(20_000 / 512)
+    return {"arch": arch, "n_sae": n_sae, "d_in": d_in, "d_sae": d_sae, "steps": steps,
+            "batched_s": batched, "loop_s": loop, "speedup": loop / batched,
+            "batched_ms_per_sae_step": 1e3 * per_sae_step, "loop_ms_per_sae_step": 1e3 * loop / (n_sae * steps),
+            "paper_grid_hours": paper_sae_steps * per_sae_step / 3600}
+
+
+# ---------------------------------------------------------------------------------------
+# Full-distribution SAEs: activations at every token position of generic text
+# ---------------------------------------------------------------------------------------
+
+
+def iter_corpus_texts(path=None) -> Iterator[str]:
+    """Texts of a corpus: a .jsonl file (one {"text": ...} per line), any other file split into
+    paragraphs at blank lines, or (path None) the English prose of Python's own help topics
+    (pydoc_data, present on every Python install)."""
+    if path is None:
+        from pydoc_data.topics import topics
+        yield from (topics[key] for key in sorted(topics))
+    elif str(path).endswith(".jsonl"):
+        with open(path) as lines:
+            yield from (json.loads(line)["text"] for line in lines if line.strip())
+    else:
+        yield from (p.strip() for p in Path(path).read_text().split("\n\n") if p.strip())
+
+
+def _chunks(tokenizer, texts, length: int, bos: int) -> Iterator[list]:
+    """Token chunks of `length`, documents joined by the BOS/end-of-text token, streamed."""
+    buffer = []
+    for text in texts:
+        buffer += tokenizer.encode_ordinary(text) + [bos]
+        while len(buffer) >= length:
+            yield buffer[:length]
+            buffer = buffer[length:]
+
+
+@torch.inference_mode()
+def collect_corpus_activations(model, tokenizer, nodes: list, texts, max_tokens: int,
+                               context: int = 128, batch_size: int = 16) -> dict:
+    """Activations of each node (hook_name, head) at every token position of `texts`, up to
+    max_tokens per node -> {(hook_name, head): [n_tokens, d_head]}. Each chunk is BOS + context-1
+    tokens; the BOS position is excluded. Texts are streamed, so memory stays bounded."""
+    from gpt2 import BOS_TOKEN_ID  # imported here so the SAE code needs no model module
+    names = sorted({name for name, _ in nodes})
+    collected, n_tokens = {node: [] for node in nodes}, 0
+    chunks = _chunks(tokenizer, texts, context - 1, BOS_TOKEN_ID)
+    while n_tokens < max_tokens:
+        needed = math.ceil((max_tokens - n_tokens) / (context - 1))
+        batch = list(itertools.islice(chunks, min(batch_size, needed)))
+        if not batch:  # corpus exhausted
+            break
+        tokens = torch.tensor([[BOS_TOKEN_ID] + chunk for chunk in batch])  # [B, context]
+        _, cache = model.run_with_cache(tokens, names, logits_at=torch.zeros(len(batch), dtype=torch.long))
+        keep = min(max_tokens - n_tokens, len(batch) * (context - 1))
+        for name, head in nodes:  # cache[name]: [B, context, head, d_head]; drop the BOS position
+            collected[(name, head)].append(cache[name][:, 1:, head].reshape(-1, cache[name].shape[-1])[:keep])
+        n_tokens += keep
+    return {node: torch.cat(parts) if parts else torch.empty(0) for node, parts in collected.items()}

@@ -1,0 +1,551 @@
+"""The IOI task: prompts, attributes, counterfactuals, circuit nodes, activations, a small IOI model.
+
+Indirect object identification (Wang et al. 2022, arXiv 2211.00593) as used by Makelov,
+Lange & Nanda (arXiv 2405.08366), sections 2-3 of METHOD.md: "Then, Mary and John went
+to the store. John gave a drink to" -> " Mary". Each prompt has three attributes, IO, S
+and Pos, sampled independently; activations are read per head at a few semantic token
+positions, found per prompt. For a model whose circuit is not known (the small model
+trained here, the embedded default), `discover` finds the heads that matter.
+"""
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+
+import click
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import gpt2
+
+# ----------------------------------------------------------------------------- words and templates
+
+# Every word is one GPT-2 token *with* its leading space (" Mary"); `check_single_tokens`
+# verifies it. Names alternate female/male so that both halves of the list are alike.
+NAMES = (
+    "Mary", "John", "Sarah", "Bob", "Emma", "James", "Anna", "Michael", "Laura", "David",
+    "Kate", "Tom", "Lisa", "Paul", "Susan", "Peter", "Alice", "Jack", "Jennifer", "Daniel",
+    "Elizabeth", "Robert", "Linda", "William", "Barbara", "Richard", "Jessica", "Thomas", "Karen", "Charles",
+    "Nancy", "Chris", "Betty", "Steve", "Helen", "Kevin", "Sandra", "Brian", "Donna", "George",
+    "Carol", "Edward", "Ruth", "Jason", "Sharon", "Jeff", "Michelle", "Ryan", "Amy", "Gary",
+    "Angela", "Eric", "Emily", "Adam", "Rachel", "Frank", "Anne", "Scott", "Jane", "Ben",
+    "Julie", "Sam", "Maria", "Henry", "Diana", "Patrick", "Amanda", "Jerry", "Sophie", "Dennis",
+    "Chloe", "Walter", "Lucy", "Harry", "Ellie", "Carl", "Katie", "Arthur", "Megan", "Roger",
+    "Hannah", "Joe", "Olivia", "Jim", "Jenny", "Tim", "Claire", "Dan", "Rebecca", "Mike",
+    "Nicole", "Matt", "Heather", "Nick", "Kelly", "Tony", "Ashley", "Andrew", "Paula", "Josh",
+    "Joan", "Justin", "Judy", "Luke", "Eva", "Alex", "Nina", "Leo", "Sara", "Oscar",
+    "Tina", "Victor", "Kim", "Martin", "Jill", "Simon", "Beth", "Ian", "Ann", "Neil",
+    "Molly", "Craig", "Stella", "Sean", "Vera", "Kyle", "Rita", "Aaron", "Dana", "Tyler",
+    "Erin", "Brandon", "Fiona", "Nathan", "Lauren", "Ethan", "Natalie", "Noah", "Caroline", "Liam",
+    "Catherine", "Owen", "Marie", "Evan", "Margaret", "Ross", "Sophia", "Bruce", "Mia", "Louis",
+)
+OBJECTS = (  # all start with a consonant, so "a {object}" reads well
+    "drink", "ball", "book", "key", "ring", "pen", "bag", "box", "cake", "hat",
+    "letter", "gift", "phone", "card", "cup", "map", "coin", "knife", "basket", "bottle",
+    "toy", "plate", "bowl", "candle", "camera", "watch", "brush", "shirt", "lamp", "pencil",
+    "towel", "blanket", "ticket", "photo", "flower", "note", "sandwich", "cookie", "jacket", "radio",
+    "guitar", "wallet", "sweater", "puzzle", "chair", "clock", "glove", "doll", "shoe", "rope",
+)
+PLACES = (
+    "store", "park", "school", "office", "beach", "house", "garden", "station", "library", "hospital",
+    "restaurant", "church", "market", "museum", "hotel", "airport", "farm", "bank", "zoo", "gym",
+    "lake", "river", "forest", "mall", "bar", "cafe", "kitchen", "theater", "stadium", "club",
+    "village", "castle", "harbor", "island", "temple", "bakery", "cinema", "pool", "factory", "bridge",
+)
+# Three name slots: A and B are introduced, C (= S) repeats one of them; the prompt ends
+# right before the answer. No slot starts the text, so every name keeps its leading space.
+TEMPLATES = (
+    "Then, {A} and {B} went to the {place}. {C} gave a {object} to",
+    "When {A} and {B} got to the {place}, {C} handed the {object} to",
+    "After {A} and {B} arrived at the {place}, {C} passed a {object} to",
+    "Then, {A} and {B} were working at the {place}. {C} decided to give a {object} to",
+    "Yesterday, {A} and {B} met at the {place}, and {C} sold the {object} to",
+    "While {A} and {B} were sitting in the {place}, {C} brought a {object} to",
+    "Later, {A} had lunch with {B} at the {place}. {C} threw the {object} to",
+    "So {A} and {B} walked into the {place} together. Afterwards, {C} offered a {object} to",
+    "Then, {A} and {B} found a {object} at the {place}. {C} gave it to",
+    "On Sunday, {A} and {B} cleaned the {place}, so {C} lent a {object} to",
+    "It was getting late at the {place} when {A} and {B} showed up. {C} gave a {object} to",
+    "Before they left the {place} this morning, {A} and {B} talked for a while. {C} returned the {object} to",
+    "Then, {A} met {B} near the {place}. {C} showed a {object} to",
+    "The {place} was quiet when {A} and {B} came in. Then {C} mailed a {object} to",
+)
+HELD_OUT_TEMPLATES = (12, 13)  # never used to train the small model: checks that it generalises
+TRAIN_TEMPLATES = tuple(t for t in range(len(TEMPLATES)) if t not in HELD_OUT_TEMPLATES)
+HELD_OUT_OBJECTS, TRAIN_OBJECTS = OBJECTS[-10:], OBJECTS[:-10]
+HELD_OUT_PLACES, TRAIN_PLACES = PLACES[-8:], PLACES[:-8]
+# Paper (revised code): evaluation prompts use the first half of the names, their
+# counterfactuals the second half, so an edit always brings in a name the prompt lacks.
+EVAL_NAMES, COUNTERFACTUAL_NAMES = NAMES[:len(NAMES) // 2], NAMES[len(NAMES) // 2:]
+NAME_INDEX = {name: i for i, name in enumerate(NAMES)}
+
+ATTRIBUTES = ("io", "s", "pos")
+PATTERNS = ("ABB", "BAB")  # Pos: is the IO the first (ABB) or the second (BAB) name?
+POSITIONS = ("io", "s1", "s1+1", "s2", "end")
+
+_tokenizer = None
+
+
+def tokenizer():
+    """GPT-2's tokenizer, loaded on first use (it takes half a second)."""
+    global _tokenizer
+    if _tokenizer is None:
+        _tokenizer = gpt2.load_tokenizer()
+    return _tokenizer
+
+
+def check_single_tokens(words, tokenizer):
+    """Raise ValueError naming the first word that is not one token with its leading space."""
+    for word in words:
+        tokens = tokenizer.encode(" " + word)
+        if len(tokens) != 1:
+            raise ValueError(f"{word!r}: ' {word}' is {len(tokens)} GPT-2 tokens {tokens}, not one")
+
+
+def name_token(name):
+    return tokenizer().encode(" " + name)[0]
+
+
+# ----------------------------------------------------------------------------- prompts
+
+@dataclass
+class Prompt:
+    text: str
+    tokens: list      # token ids, BOS first
+    io: str           # indirect object: the answer
+    s: str            # subject: the name that is repeated
+    pos: str          # "ABB" (IO first) or "BAB"
+    template: int     # index into TEMPLATES
+    place: str
+    object: str
+    c: str            # the name in slot C: S itself, or a third name in an ABC prompt
+    positions: dict   # "io", "s1", "s1+1", "s2", "end" -> token index
+
+
+def make_prompt(template, io, s, pos, place, object, c=None):
+    """Fill a template; positions are found by matching name tokens, never assumed."""
+    c = s if c is None else c
+    a, b = (io, s) if pos == "ABB" else (s, io)
+    text = TEMPLATES[template].format(A=a, B=b, C=c, place=place, object=object)
+    tokens = [gpt2.BOS_TOKEN_ID] + tokenizer().encode(text)
+    return Prompt(text, tokens, io, s, pos, template, place, object, c, _find_positions(text, tokens, io, s, c))
+
+
+def _find_positions(text, tokens, io, s, c):
+    found = {name: [i for i, t in enumerate(tokens) if t == name_token(name)] for name in (io, s, c)}
+    expected = {io: 1, s: 1 + (c == s), c: 1 + (c == s)}
+    for name, count in expected.items():
+        if len(found[name]) != count:
+            raise ValueError(f"{text!r}: ' {name}' occurs {len(found[name])} times as a token, expected {count}")
+    s1 = found[s][0]
+    return {"io": found[io][0], "s1": s1, "s1+1": s1 + 1, "s2": found[c][-1], "end": len(tokens) - 1}
+
+
+def sample_prompts(n, seed, names=NAMES, templates=TRAIN_TEMPLATES, objects=OBJECTS, places=PLACES, abc=False):
+    """n prompts; IO, S (distinct, each uniform) and Pos (exactly balanced) are independent.
+
+    `seed` is an int or a numpy Generator. `abc=True` puts a third distinct name in slot C
+    (the ABC prompts used as a reference distribution for mean ablation).
+    """
+    rng = np.random.default_rng(seed)
+    n_names = len(names)
+    pos = rng.permutation(np.arange(n) % 2)                        # half ABB, half BAB
+    io = rng.integers(n_names, size=n)
+    s = (io + rng.integers(1, n_names, size=n)) % n_names          # uniform over the names != IO
+    c = rng.integers(n_names - 2, size=n)                          # uniform over the names != IO, S:
+    c = c + (c >= np.minimum(io, s))                               # skip the smaller of the two,
+    c = c + (c >= np.maximum(io, s))                               # then the larger
+    template = rng.choice(templates, size=n)
+    obj, place = rng.integers(len(objects), size=n), rng.integers(len(places), size=n)
+    return [make_prompt(int(template[i]), names[io[i]], names[s[i]], PATTERNS[pos[i]], places[place[i]],
+                        objects[obj[i]], names[c[i]] if abc else None) for i in range(n)]
+
+
+def train_prompts(n=20_000, seed=0):
+    """Dictionary/SAE training set: all names (paper, revised code)."""
+    return sample_prompts(n, seed)
+
+
+def eval_prompts(n=5_000, seed=1):
+    """Evaluation set: names from the first half; counterfactuals take the second half."""
+    return sample_prompts(n, seed, names=EVAL_NAMES)
+
+
+def held_out_prompts(n=1_000, seed=2):
+    """Templates, objects and places the small model never saw: a generalisation check."""
+    return sample_prompts(n, seed, templates=HELD_OUT_TEMPLATES, objects=HELD_OUT_OBJECTS, places=HELD_OUT_PLACES)
+
+
+def counterfactual(prompt, attribute, rng, names=COUNTERFACTUAL_NAMES):
+    """The prompt with one attribute changed, everything else kept (METHOD section 2).
+
+    io: a new IO name not in the prompt; s: both S occurrences become a new name;
+    pos: the first two names swap (ABB <-> BAB). Positions are found anew.
+    """
+    fields = dict(template=prompt.template, io=prompt.io, s=prompt.s, pos=prompt.pos,
+                  place=prompt.place, object=prompt.object, c=prompt.c)
+    if attribute == "pos":
+        fields["pos"] = PATTERNS[1 - PATTERNS.index(prompt.pos)]
+    elif attribute in ("io", "s"):
+        candidates = [name for name in names if name not in (prompt.io, prompt.s, prompt.c)]
+        new = candidates[rng.integers(len(candidates))]
+        if attribute == "s" and prompt.c == prompt.s:
+            fields["c"] = new
+        fields[attribute] = new
+    else:
+        raise ValueError(f"attribute must be one of {ATTRIBUTES}, got {attribute!r}")
+    return make_prompt(**fields)
+
+
+def counterfactuals(prompts, attribute, seed, names=COUNTERFACTUAL_NAMES):
+    rng = np.random.default_rng(seed)
+    return [counterfactual(p, attribute, rng, names) for p in prompts]
+
+
+# ----------------------------------------------------------------------------- batches
+
+@dataclass
+class PromptBatch:
+    tokens: torch.Tensor     # [batch, pos], right-padded
+    positions: dict          # "io", "s1", "s1+1", "s2", "end" -> LongTensor [batch]
+    io_token: torch.Tensor   # [batch]
+    s_token: torch.Tensor    # [batch]
+
+
+def batch_prompts(prompts, device="cpu"):
+    """Right-pad to the longest prompt; causal attention keeps padding out of real positions."""
+    tokens = torch.full((len(prompts), max(len(p.tokens) for p in prompts)), gpt2.BOS_TOKEN_ID)
+    for row, prompt in enumerate(prompts):
+        tokens[row, :len(prompt.tokens)] = torch.tensor(prompt.tokens)
+    positions = {key: torch.tensor([p.positions[key] for p in prompts], device=device) for key in POSITIONS}
+    io_token = torch.tensor([name_token(p.io) for p in prompts], device=device)
+    s_token = torch.tensor([name_token(p.s) for p in prompts], device=device)
+    return PromptBatch(tokens.to(device), positions, io_token, s_token)
+
+
+def batches(prompts, batch_size, device="cpu"):
+    for start in range(0, len(prompts), batch_size):
+        yield batch_prompts(prompts[start:start + batch_size], device)
+
+
+def attribute_ids(prompts):
+    """{"io", "s": index into NAMES, "pos": 0 = ABB, 1 = BAB}, each a LongTensor [n]."""
+    return {"io": torch.tensor([NAME_INDEX[p.io] for p in prompts]),
+            "s": torch.tensor([NAME_INDEX[p.s] for p in prompts]),
+            "pos": torch.tensor([PATTERNS.index(p.pos) for p in prompts])}
+
+
+def prompts_fingerprint(prompts):
+    """sha256 of every prompt's tokens and positions: identifies a prompt set in a cache key."""
+    data = [[p.tokens, [p.positions[key] for key in POSITIONS]] for p in prompts]
+    return hashlib.sha256(json.dumps(data).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def end_logits(model, prompts, batch_size=256, hooks_for=None):
+    """Yield (batch, logits [batch, vocab] at `end`) per batch; `hooks_for(batch)` -> hooks."""
+    with torch.inference_mode():
+        for batch in batches(prompts, batch_size, _device(model)):
+            end = batch.positions["end"]
+            if hooks_for is None:
+                yield batch, model(batch.tokens, logits_at=end)
+            else:
+                yield batch, model.run_with_hooks(batch.tokens, hooks_for(batch), logits_at=end)
+
+
+def _scores(model, prompts, batch_size, hooks_for=None):
+    """Per prompt: logit difference IO - S, whether IO is the argmax, and P(IO)."""
+    parts = []
+    for batch, logits in end_logits(model, prompts, batch_size, hooks_for):
+        io_logit = logits.gather(1, batch.io_token[:, None])[:, 0]
+        s_logit = logits.gather(1, batch.s_token[:, None])[:, 0]
+        top1 = logits.argmax(-1) == batch.io_token
+        io_prob = (io_logit - logits.logsumexp(-1)).exp()
+        parts.append(torch.stack([io_logit - s_logit, top1.float(), io_prob], 1).cpu())
+    return torch.cat(parts)                                        # [n, 3]
+
+
+def _summary(scores):
+    ld, top1, io_prob = scores.T
+    return {"mean_logit_diff": ld.mean().item(), "accuracy": (ld > 0).float().mean().item(),
+            "top1_accuracy": top1.mean().item(), "io_prob": io_prob.mean().item(), "n": len(ld)}
+
+
+def evaluate(model, prompts, batch_size=256):
+    """Mean logit difference, accuracy (LD > 0), top-1 accuracy, mean P(IO), overall and per template."""
+    scores = _scores(model, prompts, batch_size)
+    templates = torch.tensor([p.template for p in prompts])
+    per_template = {t: _summary(scores[templates == t]) for t in sorted(set(templates.tolist()))}
+    return {**_summary(scores), "per_template": per_template}
+
+
+# ----------------------------------------------------------------------------- circuit nodes
+
+@dataclass(frozen=True, order=True)
+class Node:
+    """One head's q, k, v or z (before W_O) at one semantic position; written z@L9H9@end."""
+    act: str
+    layer: int
+    head: int
+    position: str
+
+    def __post_init__(self):
+        if self.act not in ("q", "k", "v", "z") or self.position not in POSITIONS:
+            raise ValueError(f"bad node {self}: act must be q/k/v/z and position one of {POSITIONS}")
+
+    def __str__(self):
+        return f"{self.act}@L{self.layer}H{self.head}@{self.position}"
+
+    @property
+    def hook_name(self):
+        return f"blocks.{self.layer}.attn.hook_{self.act}"
+
+    @classmethod
+    def parse(cls, text):
+        match = re.fullmatch(r"([qkvz])@L(\d+)H(\d+)@(\S+)", text)
+        if not match:
+            raise ValueError(f"{text!r} is not a node like 'z@L9H9@end'")
+        act, layer, head, position = match.groups()
+        return cls(act, int(layer), int(head), position)
+
+
+@dataclass(frozen=True)
+class CrossSection:
+    """Nodes patched together in one forward pass, and the attributes edited there."""
+    name: str
+    nodes: tuple
+    attributes: tuple
+
+
+# Wang et al. (2022), figure 2 (layer, head). Backup name movers include 10.6, which the
+# paper's code left out.
+GPT2_SMALL_HEADS = {
+    "name mover": ((9, 6), (9, 9), (10, 0)),
+    "backup name mover": ((9, 0), (9, 7), (10, 1), (10, 2), (10, 6), (10, 10), (11, 2), (11, 9)),
+    "negative name mover": ((10, 7), (11, 10)),
+    "S-inhibition": ((7, 3), (7, 9), (8, 6), (8, 10)),
+    "induction": ((5, 5), (5, 8), (5, 9), (6, 9)),
+    "duplicate token": ((0, 1), (0, 10), (3, 0)),
+    "previous token": ((2, 2), (4, 11)),
+}
+
+
+def cross_sections(name_movers, s_inhibition, induction_dt):
+    """The paper's six cross-sections (METHOD section 3) for three groups of (layer, head)."""
+    def nodes(act, heads, position):
+        return tuple(Node(act, layer, head, position) for layer, head in heads)
+    sections = [
+        CrossSection("(B)NM out", nodes("z", name_movers, "end"), ("io", "s", "pos")),
+        CrossSection("(B)NM q", nodes("q", name_movers, "end"), ("pos", "s")),
+        CrossSection("(B)NM qk", nodes("q", name_movers, "end") + nodes("k", name_movers, "io")
+                     + nodes("k", name_movers, "s1"), ("pos", "s", "io")),
+        CrossSection("S-I out", nodes("z", s_inhibition, "end"), ("pos", "s")),
+        CrossSection("S-I v", nodes("v", s_inhibition, "s2"), ("pos", "s")),
+        CrossSection("Ind+DT out", nodes("z", induction_dt, "s2"), ("pos", "s")),
+    ]
+    return [section for section in sections if section.nodes]
+
+
+def is_gpt2_small(config):
+    return (config.n_layer, config.n_head, config.n_embd) == (12, 12, 768)
+
+
+def circuit_cross_sections(model, prompts, batch_size=256):
+    """(cross-sections, discover table): GPT-2 Small's known circuit, else what `discover` finds."""
+    if is_gpt2_small(model.config):
+        heads = GPT2_SMALL_HEADS
+        return cross_sections(heads["name mover"] + heads["backup name mover"], heads["S-inhibition"],
+                              heads["induction"] + heads["duplicate token"]), []
+    return discover(model, prompts, batch_size=batch_size)
+
+
+def discover(model, prompts, threshold=0.1, batch_size=256):
+    """Find the heads that matter in a model whose circuit is unknown, and group them.
+
+    Mean-ablate one head's z at `end` (then at `s2`) over the prompts and measure the drop
+    in mean LD. A (head, position) is kept when it costs at least `threshold` of the clean
+    LD. Heads kept at `end` in the last layer that has any play the name movers; kept heads
+    at `end` in earlier layers play S-inhibition (moving S from s2 to end); heads kept at
+    `s2` play induction/duplicate-token. Returns (cross-sections, table of dict rows).
+    """
+    config = model.config
+    clean = _scores(model, prompts, batch_size)[:, 0].mean().item()
+    candidates = [Node("z", layer, head, position) for position in ("end", "s2")
+                  for layer in range(config.n_layer) for head in range(config.n_head)]
+    means = {node: acts.mean(0) for node, acts in collect_activations(model, prompts, candidates, batch_size).items()}
+
+    def ablate(node):
+        def hooks_for(batch):
+            positions = batch.positions[node.position][:, None]                  # [batch, 1]
+            values = means[node].expand(len(positions), 1, -1)                   # [batch, 1, d_head]
+            return {node.hook_name: gpt2.patch_heads(positions, [node.head], values)}
+        return hooks_for
+
+    table = [{"head": f"L{node.layer}H{node.head}", "position": node.position,
+              "ld_drop": clean - _scores(model, prompts, batch_size, ablate(node))[:, 0].mean().item()}
+             for node in candidates]
+    kept = {(row["head"], row["position"]) for row in table if row["ld_drop"] >= threshold * abs(clean)}
+    at_end = [node for node in candidates if node.position == "end" and (f"L{node.layer}H{node.head}", "end") in kept]
+    at_s2 = [node for node in candidates if node.position == "s2" and (f"L{node.layer}H{node.head}", "s2") in kept]
+    last = max((node.layer for node in at_end), default=None)
+    groups = {"name mover": [n for n in at_end if n.layer == last], "S-inhibition": [n for n in at_end if n.layer != last],
+              "induction/duplicate token": at_s2}
+    for row in table:
+        row["role"] = next((role for role, nodes in groups.items()
+                            if any(f"L{n.layer}H{n.head}" == row["head"] and n.position == row["position"] for n in nodes)), "")
+        row["fraction"] = row["ld_drop"] / clean if clean else float("nan")
+    heads = {role: [(n.layer, n.head) for n in nodes] for role, nodes in groups.items()}
+    return cross_sections(heads["name mover"], heads["S-inhibition"], heads["induction/duplicate token"]), table
+
+
+# ----------------------------------------------------------------------------- activations
+
+def collect_activations(model, prompts, nodes, batch_size=256, cache_dir=None):
+    """{node: Tensor [n_prompts, d_head]}: one forward pass per batch reads every node.
+
+    With `cache_dir`, the result is kept as safetensors beside a JSON of what produced it
+    (weights hash, prompt fingerprint, nodes); the file name is a hash of that JSON, so a
+    changed setting never picks up a stale file.
+    """
+    nodes = list(nodes)
+    if cache_dir is not None:
+        config = {"weights": gpt2.weights_hash(model), "prompts": prompts_fingerprint(prompts),
+                  "nodes": [str(node) for node in nodes]}
+        key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+        stem = os.path.join(cache_dir, f"activations-{key}")
+        if os.path.exists(stem + ".json") and os.path.exists(stem + ".safetensors"):
+            with open(stem + ".json") as f:
+                if json.load(f) == config:
+                    tensors = load_file(stem + ".safetensors")
+                    return {node: tensors[str(node)] for node in nodes}
+
+    hook_names = list(dict.fromkeys(node.hook_name for node in nodes))
+    parts = {node: [] for node in nodes}
+    with torch.inference_mode():
+        for batch in batches(prompts, batch_size, _device(model)):
+            _, cache = model.run_with_cache(batch.tokens, hook_names, logits_at=batch.positions["end"])
+            rows = torch.arange(len(batch.tokens))
+            for node in nodes:
+                act = cache[node.hook_name]                              # [batch, pos, head, d_head]
+                parts[node].append(act[rows, batch.positions[node.position], node.head].cpu())  # [batch, d_head]
+    # Concatenating outside inference mode gives ordinary tensors, usable in training later.
+    activations = {node: torch.cat(chunks) for node, chunks in parts.items()}
+
+    if cache_dir is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+        tensors = {str(node): acts.contiguous() for node, acts in activations.items()}
+        gpt2._atomic_write(stem + ".safetensors", lambda tmp: save_file(tensors, tmp))
+        _write_json(stem + ".json", config)
+    return activations
+
+
+def _write_json(path, data):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+    gpt2._atomic_write(path, write)
+
+
+# ----------------------------------------------------------------------------- the small IOI model
+
+@dataclass
+class ToyConfig:
+    """A small GPT-2 (GPT-2's tokenizer and full vocabulary) trained on IOI prompts only."""
+    n_layer: int = 3
+    n_embd: int = 128
+    n_head: int = 4
+    n_positions: int = 32      # prompts are at most ~20 tokens
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    seed: int = 0
+    n_eval: int = 1000         # held-out prompts scored after training
+
+
+def train_toy_model(config, progress=True):
+    """Train with cross-entropy on the answer (IO) at `end`, from train templates/objects/places.
+
+    Deterministic for `config.seed`: torch's generator initialises the weights, numpy's
+    draws the prompts (fresh ones every step).
+    """
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    model = gpt2.GPT2(gpt2.GPT2Config(n_positions=config.n_positions, n_embd=config.n_embd,
+                                      n_layer=config.n_layer, n_head=config.n_head))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98),
+                                  weight_decay=config.weight_decay, fused=True)
+
+    def lr_factor(step):  # linear warm-up, then cosine decay to zero
+        if step < config.warmup:
+            return (step + 1) / config.warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - config.warmup) / max(1, config.steps - config.warmup)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+    model.train()
+    losses = []
+    with click.progressbar(range(config.steps), label="training the IOI model", hidden=not progress, file=_stderr(),
+                           item_show_func=lambda _: f"loss {losses[-1]:.3f}" if losses else "") as steps:
+        for _ in steps:
+            prompts = sample_prompts(config.batch_size, rng, templates=TRAIN_TEMPLATES,
+                                     objects=TRAIN_OBJECTS, places=TRAIN_PLACES)
+            batch = batch_prompts(prompts)
+            logits = model(batch.tokens, logits_at=batch.positions["end"])      # [batch, vocab]
+            loss = F.cross_entropy(logits, batch.io_token)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+    return model.eval()
+
+
+def _stderr():
+    # Progress and summaries go to stderr so that `ioi-eval --json` prints only the JSON.
+    return click.get_text_stream("stderr")
+
+
+def train_and_save(config, directory, progress=True):
+    """Train, score on held-out and in-distribution prompts, save model + config + metrics."""
+    start = time.time()
+    model = train_toy_model(config, progress)
+    seconds = time.time() - start
+    metrics = {"held_out": evaluate(model, held_out_prompts(config.n_eval)),
+               "eval": evaluate(model, eval_prompts(config.n_eval)), "train_seconds": seconds}
+    model.save_pretrained(directory)
+    _write_json(os.path.join(directory, "metrics.json"), metrics)
+    _write_json(os.path.join(directory, "toy_config.json"), asdict(config))  # last: marks a complete save
+    if progress:
+        for split, label in (("held_out", "held-out templates/objects/places"), ("eval", "training distribution")):
+            m = metrics[split]
+            click.echo(f"{label:>34}: accuracy {m['accuracy']:.1%}, top-1 {m['top1_accuracy']:.1%}, "
+                       f"mean LD {m['mean_logit_diff']:.2f}, P(IO) {m['io_prob']:.2f} (n={m['n']})", err=True)
+        click.echo(f"trained in {seconds:.0f} s; saved to {directory}", err=True)
+    return model, metrics
+
+
+def default_model(models_dir="models", progress=True):
+    """The embedded default: the small IOI model in models_dir/ioi-toy, trained on first use.
+
+    Retrained when the saved ToyConfig differs from the current default.
+    """
+    directory = os.path.join(models_dir, "ioi-toy")
+    saved = os.path.join(directory, "toy_config.json")
+    if os.path.exists(saved):
+        with open(saved) as f:
+            if json.load(f) == asdict(ToyConfig()):
+                return gpt2.GPT2.from_pretrained(directory)
+    if progress:
+        click.echo(f"No small IOI model in {directory} yet: training it (a few CPU minutes, once).", err=True)
+    return train_and_save(ToyConfig(), directory, progress)[0]

@@ -1,0 +1,600 @@
+"""Every metric of the evaluation in one module (Makelov, Lange & Nanda, arXiv 2405.08366).
+
+Sections follow the paper's tests (see METHOD.md):
+  * logit difference, the IOI task metric (section 2);
+  * approximation: sufficiency, necessity, LD recovered (section 5);
+  * control: edit accuracy, weight removed, greedy and F1-guided SAE edits (section 6);
+  * interpretability: F1 tables, candidate properties, interpretations (section 7);
+  * SAE core metrics: L0, MSE, fraction of variance explained, dead fraction (section 8);
+  * the two phenomena, occlusion and over-splitting, with their toy models (section 9).
+
+Everything here is a pure function of tensors, except `occlusion_toy_experiment`, which
+trains SAEs with dictionaries.py. SAEs enter only through the interface of
+dictionaries.py: `encode(x)` on raw activations, `active(x)`, unit-norm decoder rows
+`W_dec` in the SAE's normalised space and the scalar `input_scale` s, so the raw-space
+contribution of latent j is f_j * W_dec[j] / s.
+"""
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import dictionaries
+import gpt2
+import ioi
+
+POS_VALUES = ("ABB", "BAB")  # pos attribute ids 0 and 1, as in ioi.attribute_ids
+NAME_ATTRIBUTES = ("io", "s")
+
+
+def _mean(values) -> float:
+    """Mean of a tensor of per-prompt values (or of a number that already is a mean)."""
+    return float(torch.as_tensor(values, dtype=torch.float64).mean())
+
+
+# ---------------------------------------------------------------------------------------
+# Logit difference (METHOD 2)
+# ---------------------------------------------------------------------------------------
+
+def logit_diff(end_logits: torch.Tensor, io_token: torch.Tensor, s_token: torch.Tensor) -> torch.Tensor:
+    """LD = logit[IO] - logit[S] at the final position, one value per prompt -> [B]."""
+    if end_logits.ndim != 2 or io_token.shape != (len(end_logits),) or s_token.shape != io_token.shape:
+        raise ValueError(f"logit_diff: expected end_logits [B, V] and tokens [B], got "
+                         f"{tuple(end_logits.shape)}, {tuple(io_token.shape)}, {tuple(s_token.shape)}")
+    rows = torch.arange(len(end_logits))
+    return end_logits[rows, io_token] - end_logits[rows, s_token]  # [B]
+
+
+# ---------------------------------------------------------------------------------------
+# Test 1: approximation (METHOD 5). Arguments are per-prompt LDs [B] or their means.
+# ---------------------------------------------------------------------------------------
+
+def sufficiency(ld_patched, ld_clean) -> float:
+    """mean LD(a -> â) / mean LD(clean): 1 means the reconstruction carries the whole task."""
+    clean = _mean(ld_clean)
+    if clean == 0:
+        raise ValueError("sufficiency: the mean clean logit difference is 0")
+    return _mean(ld_patched) / clean
+
+
+def necessity(ld_mean_ablated, ld_patched, ld_clean) -> float:
+    """1 - |LD_meanabl - LD_patched| / |LD_meanabl - LD_clean| (all mean LDs).
+
+    Here "patched" means a -> ā + (a - â): the explained part is mean-ablated, the
+    residual kept. If the dictionary explains everything, this *is* mean ablation and
+    necessity = 1; if it explains nothing, the run is the clean one and necessity = 0.
+    """
+    mean_ablated = _mean(ld_mean_ablated)
+    total_effect = abs(mean_ablated - _mean(ld_clean))
+    if total_effect == 0:
+        raise ValueError("necessity: mean ablation does not change the mean logit difference")
+    return 1 - abs(mean_ablated - _mean(ld_patched)) / total_effect
+
+
+def ld_recovered(ld_sae, ld_mean_ablated, ld_clean) -> float:
+    """|LD_sae - LD_meanabl| / |LD_clean - LD_meanabl|: 1 = as good as clean, 0 = as bad as
+    mean ablation (the per-node score used to pick SAE checkpoints)."""
+    mean_ablated = _mean(ld_mean_ablated)
+    total_effect = abs(_mean(ld_clean) - mean_ablated)
+    if total_effect == 0:
+        raise ValueError("ld_recovered: mean ablation does not change the mean logit difference")
+    return abs(_mean(ld_sae) - mean_ablated) / total_effect
+
+
+# ---------------------------------------------------------------------------------------
+# Test 2: control (METHOD 6)
+# ---------------------------------------------------------------------------------------
+
+def edit_accuracy(edited_top: torch.Tensor, ground_truth_top: torch.Tensor) -> float:
+    """Fraction of prompts whose argmax next token after the edit equals the argmax of the
+    ground-truth run (counterfactual activations patched in). Token ids [B] (`PatchedRun.top_token`)."""
+    if edited_top.shape != ground_truth_top.shape or edited_top.dtype != torch.long:
+        raise ValueError(f"edit_accuracy: expected two LongTensors [B] of argmax tokens, got "
+                         f"{edited_top.dtype} {tuple(edited_top.shape)} and {tuple(ground_truth_top.shape)}")
+    return float((edited_top == ground_truth_top).float().mean())
+
+
+def raw_decoder_directions(sae) -> torch.Tensor:
+    """Decoder rows in raw activation space, d_j = W_dec[j] / input_scale -> [d_sae, d]."""
+    return sae.W_dec.detach() / sae.input_scale
+
+
+def sae_latent_weights(f: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """w_j = f_j d_j·(â - b_dec) / ‖â - b_dec‖² for every latent -> [B, d_sae].
+
+    â - b_dec = Σ_j f_j d_j, so the weights of one prompt sum to 1 (0 if nothing fires).
+    The ratio does not depend on the input scale, but we stay in raw space throughout.
+    """
+    centred_reconstruction = f @ directions  # [B, d] = â - b_dec
+    projections = (centred_reconstruction @ directions.T) * f  # [B, d_sae]
+    squared_norm = centred_reconstruction.pow(2).sum(-1, keepdim=True)  # [B, 1]
+    return torch.where(squared_norm > 0, projections / squared_norm, torch.zeros_like(projections))
+
+
+def sae_weight_removed(f: torch.Tensor, directions: torch.Tensor, changed_mask: torch.Tensor) -> torch.Tensor:
+    """Edit magnitude of an SAE edit: Σ of w_j over the changed latents, on the clean
+    activation -> [B]. (For supervised edits it is w_i from `feature_weights`.)"""
+    return (sae_latent_weights(f, directions) * changed_mask).sum(-1)  # [B]
+
+
+@torch.no_grad()
+def greedy_sae_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor, k: int):
+    """Interpretation-agnostic SAE edit: swap at most k latents from p to p'.
+
+    Target δ = a(p') - a(p); candidate moves Δ_j = (f_j(a(p')) - f_j(a(p))) d_j. Each
+    step adds, per prompt, the unused Δ_j that minimises ‖S + Δ_j - δ‖ (S the running
+    sum); a prompt stops as soon as no move brings S closer to δ. The edited activation
+    is a(p) + S, so the SAE error term of a(p) is kept.
+
+    Returns (a_edited [B, d], changed_mask [B, d_sae]). k >= d_sae means "no limit".
+    """
+    directions = raw_decoder_directions(sae)  # [d_sae, d]
+    coefficient_change = sae.encode(a_counterfactual) - sae.encode(a_clean)  # [B, d_sae]
+    direction_sq_norms = directions.pow(2).sum(-1)  # [d_sae]
+    rows = torch.arange(len(a_clean))
+    remaining = a_clean - a_counterfactual  # [B, d] = S - δ
+    changed = torch.zeros_like(coefficient_change, dtype=torch.bool)  # [B, d_sae]
+    for _ in range(min(k, directions.shape[0])):
+        # ‖S - δ + c_j d_j‖² - ‖S - δ‖² = 2 c_j d_j·(S - δ) + c_j² ‖d_j‖², without
+        # materialising the [B, d_sae, d] tensor of candidate moves.
+        distance_change = (2 * coefficient_change * (remaining @ directions.T)
+                           + coefficient_change.pow(2) * direction_sq_norms)  # [B, d_sae]
+        distance_change[changed] = float("inf")
+        best_change, best = distance_change.min(-1)  # [B]
+        helps = best_change < 0  # [B]
+        if not helps.any():
+            break
+        changed[rows[helps], best[helps]] = True
+        move = coefficient_change[rows, best, None] * directions[best]  # [B, d]
+        remaining = remaining + helps[:, None] * move
+    a_edited = a_clean + (changed * coefficient_change) @ directions  # [B, d]
+    return a_edited, changed
+
+
+def first_active_in_ranking(ranking: torch.Tensor, active: torch.Tensor, k: int) -> torch.Tensor:
+    """Per prompt, the first k latents of `ranking` [B, R] that are active [B, d_sae];
+    returned as a mask [B, d_sae] (fewer than k when fewer are active)."""
+    active_in_rank_order = active.gather(1, ranking)  # [B, R]
+    picked = active_in_rank_order & (active_in_rank_order.cumsum(1) <= k)  # [B, R]
+    return torch.zeros_like(active).scatter(1, ranking, picked)  # [B, d_sae]
+
+
+@torch.no_grad()
+def f1_guided_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor,
+                   ranking_old: torch.Tensor, ranking_new: torch.Tensor, k: int):
+    """Interpretation-aware SAE edit of one attribute from v (in p) to v' (in p').
+
+    `ranking_old` / `ranking_new` [B, R] list latents by decreasing F1 for each prompt's
+    v and v' (rows of `latents_by_f1` indexed by the attribute ids). Subtract the
+    contributions f_j(p) d_j of the first k latents ranked for v that are active on p,
+    add f_j(p') d_j for the first k ranked for v' that are active on p'.
+
+    Returns (a_edited [B, d], removed_mask [B, d_sae]); the weight removed is summed over
+    `removed_mask`.
+    """
+    directions = raw_decoder_directions(sae)  # [d_sae, d]
+    removed = first_active_in_ranking(ranking_old, sae.active(a_clean), k)  # [B, d_sae]
+    added = first_active_in_ranking(ranking_new, sae.active(a_counterfactual), k)  # [B, d_sae]
+    change = added * sae.encode(a_counterfactual) - removed * sae.encode(a_clean)  # [B, d_sae]
+    return a_clean + change @ directions, removed
+
+
+# ---------------------------------------------------------------------------------------
+# Test 3: interpretability (METHOD 7)
+# ---------------------------------------------------------------------------------------
+
+def _f1_from_counts(intersection, n_active, n_property):
+    """F1 = 2PR/(P+R) = 2|A∩F| / (|A| + |F|); 0 where the latent never fires and the
+    property never holds (both empty), which is also where P and R are undefined."""
+    denominator = n_active + n_property
+    return torch.where(denominator > 0, 2 * intersection / denominator.clamp(min=1), 0.0)
+
+
+def _counts(active: torch.Tensor, properties: torch.Tensor):
+    """|A∩F| [L, P], |F| [L, 1] and |A| [1, P] for active [N, L] and properties [N, P]."""
+    if active.ndim != 2 or properties.ndim != 2 or len(active) != len(properties):
+        raise ValueError(f"F1: expected active [N, L] and properties [N, P], got "
+                         f"{tuple(active.shape)} and {tuple(properties.shape)}")
+    active, properties = active.float(), properties.float()
+    return active.T @ properties, active.sum(0)[:, None], properties.sum(0)[None, :]
+
+
+def precision_recall(active: torch.Tensor, properties: torch.Tensor):
+    """Precision |A∩F|/|F| and recall |A∩F|/|A| of every latent (F = prompts where it is
+    active) for every property A -> two [L, P] tensors, 0 where the set divided by is
+    empty."""
+    intersection, n_active, n_property = _counts(active, properties)
+    precision = torch.where(n_active > 0, intersection / n_active.clamp(min=1), 0.0)
+    recall = torch.where(n_property > 0, intersection / n_property.clamp(min=1), 0.0)
+    return precision, recall
+
+
+def f1_scores(active: torch.Tensor, properties: torch.Tensor) -> torch.Tensor:
+    """F1 = 2PR/(P+R) of every latent for every property -> [L, P]; 0 where undefined
+    (latent never active, property never true, or no overlap)."""
+    return _f1_from_counts(*_counts(active, properties))
+
+
+def _check_attributes(attributes: dict, n_names: int):
+    """io/s/pos must be id tensors of one shape [N], each id within its attribute's range."""
+    limits = {"io": n_names, "s": n_names, "pos": len(POS_VALUES)}
+    n_prompts = len(attributes["io"])
+    for name, limit in limits.items():
+        values = attributes[name]
+        if values.shape != (n_prompts,) or values.min() < 0 or values.max() >= limit:
+            raise ValueError(f"attributes[{name!r}]: expected ids in [0, {limit}) of shape ({n_prompts},), "
+                             f"got shape {tuple(values.shape)} with ids in [{values.min()}, {values.max()}]")
+
+
+def _name_properties(attributes: dict, n_names: int, name_present=None) -> dict:
+    """One-hot single-name properties {"io": [N, n], "s": [N, n], "has": [N, n]}."""
+    io = F.one_hot(attributes["io"], n_names).bool()  # [N, n_names]
+    s = F.one_hot(attributes["s"], n_names).bool()  # [N, n_names]
+    has = io | s if name_present is None else name_present.bool()
+    if has.shape != io.shape:
+        raise ValueError(f"name_present: expected shape {tuple(io.shape)}, got {tuple(has.shape)}")
+    return {"io": io, "s": s, "has": has}
+
+
+def candidate_properties(attributes: dict, names: Sequence[str], name_present=None):
+    """The fixed candidate properties of METHOD 7 -> (bool [N, P], labels [P]).
+
+    `attributes` = {"io", "s", "pos"} ids as from ioi.attribute_ids; `name_present`
+    [N, n_names] marks names occurring in the prompt (default: IO or S). Columns, in
+    this order, with ids in attribute order inside each block:
+      io=v, s=v, has=v (name v occurs), pos=ABB/BAB, io=v&pos=p, s=v&pos=p.
+    Unions of names are per latent, so they live in `interpret_latents`.
+    """
+    _check_attributes(attributes, len(names))
+    singles = _name_properties(attributes, len(names), name_present)
+    pos = F.one_hot(attributes["pos"], len(POS_VALUES)).bool()  # [N, 2]
+    columns, labels = [], []
+    for family, matrix in singles.items():
+        columns.append(matrix)
+        labels += [f"{family}={name}" for name in names]
+    columns.append(pos)
+    labels += [f"pos={value}" for value in POS_VALUES]
+    for family in NAME_ATTRIBUTES:
+        for p, value in enumerate(POS_VALUES):
+            columns.append(singles[family] & pos[:, p:p + 1])
+            labels += [f"{family}={name}&pos={value}" for name in names]
+    return torch.cat(columns, dim=1), labels
+
+
+def name_unions(active: torch.Tensor, name_properties: torch.Tensor, max_names: int = 10):
+    """Best union of a latent's top single-name properties (e.g. "IO is Mary or John").
+
+    Names are ranked per latent by their own F1; among the unions of the top 1, 2, ...,
+    max_names names we keep the best. Returns (f1 [L], members [L, max_names]: the
+    names of the best union in rank order, padded with -1).
+    """
+    single_f1 = f1_scores(active, name_properties)  # [L, n_names]
+    ranked = single_f1.argsort(dim=1, descending=True, stable=True)  # ties: lower name id first
+    top_names = ranked[:, :max_names]  # [L, m]
+    active = active.bool()
+    union = torch.zeros_like(active)  # [N, L]
+    best_f1 = torch.zeros(active.shape[1])  # [L]
+    best_size = torch.zeros(active.shape[1], dtype=torch.long)  # [L]
+    for size in range(1, top_names.shape[1] + 1):
+        union = union | name_properties[:, top_names[:, size - 1]]  # [N, L]
+        f1 = _f1_from_counts((active & union).sum(0), active.sum(0), union.sum(0)).float()  # [L]
+        better = f1 > best_f1
+        best_f1 = torch.where(better, f1, best_f1)
+        best_size = torch.where(better, size, best_size)
+    in_union = torch.arange(top_names.shape[1]) < best_size[:, None]  # [L, m]
+    members = torch.full((active.shape[1], max_names), -1, dtype=torch.long)
+    members[:, :top_names.shape[1]] = torch.where(in_union, top_names, -1)
+    return best_f1, members
+
+
+def best_interpretations(f1: torch.Tensor):
+    """Each latent's best property in an F1 table [L, P] -> (best_f1 [L], index [L])."""
+    return f1.max(dim=1)
+
+
+@dataclass
+class LatentInterpretations:
+    f1: torch.Tensor  # [L, P] F1 of every latent for every candidate property
+    labels: list  # [P] names of the candidate properties
+    best_f1: torch.Tensor  # [L] F1 of each latent's interpretation (name unions included)
+    best_labels: list  # [L] each latent's interpretation, e.g. "io=Mary", "s=Ann|Bob"
+
+
+def interpret_latents(active: torch.Tensor, attributes: dict, names: Sequence[str],
+                      name_present=None, max_union: int = 10) -> LatentInterpretations:
+    """Interpret every latent as its best-F1 property among the candidates of METHOD 7:
+    the fixed table of `candidate_properties` plus, for io/s/has, unions of up to
+    `max_union` names. A union wins only if strictly better than every fixed property."""
+    properties, labels = candidate_properties(attributes, names, name_present)
+    f1 = f1_scores(active, properties)  # [L, P]
+    best_f1, best_index = best_interpretations(f1)
+    best_labels = [labels[i] for i in best_index.tolist()]
+    for family, family_properties in _name_properties(attributes, len(names), name_present).items():
+        union_f1, members = name_unions(active, family_properties, max_union)
+        for latent in torch.nonzero(union_f1 > best_f1).flatten().tolist():
+            chosen = [names[i] for i in members[latent].tolist() if i >= 0]
+            best_labels[latent] = f"{family}={'|'.join(chosen)}"
+            best_f1[latent] = union_f1[latent]
+    return LatentInterpretations(f1, labels, best_f1, best_labels)
+
+
+def _attribute_columns(labels: Sequence[str], attribute: str) -> torch.Tensor:
+    """Columns of the single-value properties "attribute=v", in attribute-id order."""
+    columns = [i for i, label in enumerate(labels) if label.startswith(f"{attribute}=") and "&" not in label]
+    if not columns:
+        raise ValueError(f"no property labelled {attribute}=... among the labels")
+    return torch.tensor(columns)
+
+
+def latents_by_f1(f1: torch.Tensor, labels: Sequence[str], attribute: str) -> torch.Tensor:
+    """Latents ranked by decreasing F1 for each value of an attribute -> [n_values, L];
+    row v is the ranking for "attribute=v" (v an attribute id). Index it with the ids of
+    a batch to get the rankings that `f1_guided_edit` takes."""
+    value_f1 = f1[:, _attribute_columns(labels, attribute)].T  # [n_values, L]
+    return value_f1.argsort(dim=1, descending=True, stable=True)
+
+
+def names_with_latent(f1: torch.Tensor, labels: Sequence[str], attribute: str,
+                      threshold: float = 0.5) -> int:
+    """Number of values of `attribute` (io/s names, or pos) with at least one latent of
+    F1 >= threshold for "attribute=v". The occlusion count uses io and s at 0.5."""
+    best_per_value = f1[:, _attribute_columns(labels, attribute)].max(dim=0).values  # [n_values]
+    return int((best_per_value >= threshold).sum())
+
+
+def coverage(f1: torch.Tensor, labels: Sequence[str], threshold: float = 0.8) -> dict:
+    """Fraction of the values of each attribute (io, s, pos) that some latent explains
+    with F1 >= threshold -> {"io": .., "s": .., "pos": ..}."""
+    return {attribute: names_with_latent(f1, labels, attribute, threshold)
+            / len(_attribute_columns(labels, attribute))
+            for attribute in ("io", "s", "pos")}
+
+
+# ---------------------------------------------------------------------------------------
+# SAE core metrics (METHOD 8; SAELens / SAEBench names)
+# ---------------------------------------------------------------------------------------
+
+def l0(f: torch.Tensor) -> float:
+    """Mean number of non-zero latents per input; f [N, d_sae]."""
+    return float((f != 0).sum(-1).float().mean())
+
+
+def mse(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Mean squared reconstruction error per coordinate (SAELens' `mse`)."""
+    return float((x_hat - x).pow(2).mean())
+
+
+def fraction_variance_explained(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """1 - Σ‖x - x̂‖² / Σ‖x - mean(x)‖² over the inputs x [N, d]."""
+    residual = (x - x_hat).pow(2).sum()
+    total = (x - x.mean(0)).pow(2).sum()
+    return float(1 - residual / total)
+
+
+def dead_fraction(f: torch.Tensor) -> float:
+    """Fraction of latents that never fire on the inputs; f [N, d_sae] (or a bool mask)."""
+    return float(1 - (f != 0).any(0).float().mean())
+
+
+# ---------------------------------------------------------------------------------------
+# Phenomenon 1: feature occlusion (METHOD 9)
+# ---------------------------------------------------------------------------------------
+
+def occlusion_toy_data(io_norm: float, s_norm: float, n_samples: int, n_values: int = 216,
+                       d: int = 64, seed: int = 0):
+    """Toy activations a = u_i + v_j, with i (the "IO") and j (the "S") uniform over
+    n_values and u, v ~ N(0, I_d) rescaled to norms io_norm and s_norm.
+
+    Returns (acts [n_samples, d], {"io": i [n_samples], "s": j [n_samples]}).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    u = torch.randn(n_values, d, generator=generator)
+    v = torch.randn(n_values, d, generator=generator)
+    u = io_norm * u / u.norm(dim=1, keepdim=True)  # [n_values, d]
+    v = s_norm * v / v.norm(dim=1, keepdim=True)  # [n_values, d]
+    io = torch.randint(n_values, (n_samples,), generator=generator)
+    s = torch.randint(n_values, (n_samples,), generator=generator)
+    return u[io] + v[s], {"io": io, "s": s}
+
+
+def occlusion_toy_recovery(active: torch.Tensor, values: dict, n_values: int,
+                           threshold: float = 0.9) -> dict:
+    """Share of the toy features recovered by an SAE: for "io" (the high-norm features)
+    and "s" (the low-norm ones), the fraction of values v with a latent of
+    F1 > threshold for "attribute is v". active [N, d_sae] on the toy data."""
+    shares = {}
+    for attribute, ids in values.items():
+        f1 = f1_scores(active, F.one_hot(ids, n_values))  # [d_sae, n_values]
+        shares[attribute] = float((f1.max(dim=0).values > threshold).float().mean())
+    return shares
+
+
+def occlusion_toy_experiment(io_norm: float, s_norm: float, l1s: Sequence[float] = (0.5, 1.0, 2.5, 5.0),
+                              n_values: int = 216, d: int = 64, n_samples: int = 20_000,
+                              config=None, seed: int = 0, progress: bool = False) -> list:
+    """Occlusion in the toy model: train one vanilla SAE per λ (one batched stack) on
+    a = u_i + v_j and measure, on the same data, the share of high-norm ("io") and
+    low-norm ("s") features it recovers. `config` is a dictionaries.TrainConfig
+    (default: 100 epochs). Returns one dict per λ: l1, io, s, l0.
+    """
+    acts, values = occlusion_toy_data(io_norm, s_norm, n_samples, n_values, d, seed)
+    specs = [dictionaries.SAESpec("vanilla", l1=l1, seed=seed + i, name=f"l1={l1}") for i, l1 in enumerate(l1s)]
+    saes, _ = dictionaries.train_sae_stack(acts[None], specs, config or dictionaries.TrainConfig(epochs=100),
+                                           progress=progress)
+    results = []
+    with torch.no_grad():
+        for l1, sae in zip(l1s, saes):
+            shares = occlusion_toy_recovery(sae.active(acts), values, n_values)
+            results.append({"l1": l1, **shares, "l0": l0(sae.encode(acts))})
+    return results
+
+
+# ---------------------------------------------------------------------------------------
+# Phenomenon 2: feature over-splitting (METHOD 9)
+# ---------------------------------------------------------------------------------------
+
+def pos_latents(best_labels: Sequence[str]) -> int:
+    """Number of latents whose interpretation is a Pos value (pos=ABB or pos=BAB)."""
+    pos_labels = {f"pos={value}" for value in POS_VALUES}
+    return sum(label in pos_labels for label in best_labels)
+
+
+class ReluSAEWeights(NamedTuple):
+    W_enc: torch.Tensor  # [d, n_latents]
+    b_enc: torch.Tensor  # [n_latents]
+    W_dec: torch.Tensor  # [n_latents, d]
+    b_dec: torch.Tensor  # [d]
+
+
+def sae_loss(x: torch.Tensor, W_enc, b_enc, W_dec, b_dec, l1: float) -> float:
+    """Vanilla ReLU SAE loss, mean over inputs of ‖x̂ - x‖² + λ‖f‖₁, where
+    f = ReLU((x - b_dec) W_enc + b_enc) and x̂ = f W_dec + b_dec."""
+    f = torch.relu((x - b_dec) @ W_enc + b_enc)  # [N, n_latents]
+    x_hat = f @ W_dec + b_dec  # [N, d]
+    return float((x_hat - x).pow(2).sum(-1).mean() + l1 * f.sum(-1).mean())  # f >= 0: Σf = ‖f‖₁
+
+
+def oversplitting_toy_data(n_samples: int, mu: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Samples of the uniform mixture of ±µ + N(0, I) -> [n_samples, d]."""
+    signs = torch.randint(2, (n_samples, 1), generator=generator) * 2 - 1  # [N, 1]
+    return signs * mu + torch.randn(n_samples, len(mu), generator=generator)
+
+
+def ideal_two_latent_sae(mu: torch.Tensor, k: float, gamma: float) -> ReluSAEWeights:
+    """The "ideal" SAE for ±µ: one latent per cluster, decoders ±µ/‖µ‖, encoders ±kµ,
+    biases -γ, b_dec = 0."""
+    signed = torch.stack([mu, -mu])  # [2, d]
+    return ReluSAEWeights(W_enc=k * signed.T, b_enc=torch.full((2,), -gamma, dtype=mu.dtype),
+                          W_dec=signed / mu.norm(), b_dec=torch.zeros_like(mu))
+
+
+def random_data_sae(data_sample: torch.Tensor, beta: float, gamma: float) -> ReluSAEWeights:
+    """A random SAE with one latent per data sample [n_latents, d]: encoder rows β·sample,
+    decoder rows the normalised samples, biases -γ, b_dec = 0."""
+    return ReluSAEWeights(W_enc=beta * data_sample.T,
+                          b_enc=torch.full((len(data_sample),), -gamma, dtype=data_sample.dtype),
+                          W_dec=data_sample / data_sample.norm(dim=1, keepdim=True),
+                          b_dec=torch.zeros_like(data_sample[0]))
+
+
+def scaled_family_loss_terms(x: torch.Tensor, encoder_rows: torch.Tensor, W_dec: torch.Tensor,
+                             scales: Sequence[float], gammas: Sequence[float]):
+    """Both loss terms of every SAE with W_enc = scale·encoder_rowsᵀ, biases -γ, b_dec = 0
+    and the given decoder, over a grid of scales × γs.
+
+    Returns (reconstruction [n_scales, n_gammas], l1 [n_scales, n_gammas]), the means of
+    ‖x̂ - x‖² and ‖f‖₁, so the loss for any λ is reconstruction + λ·l1. The projections
+    x·encoder_row are computed once and shared by the whole grid.
+    """
+    projections = x @ encoder_rows.T  # [N, n_latents]
+    gammas = torch.as_tensor(gammas, dtype=x.dtype)[:, None, None]  # [n_gammas, 1, 1]
+    reconstruction, l1 = [], []
+    for scale in scales:
+        f = torch.relu(scale * projections - gammas)  # [n_gammas, N, n_latents]
+        reconstruction.append((f @ W_dec - x).pow(2).sum(-1).mean(-1))  # [n_gammas]
+        l1.append(f.sum(-1).mean(-1))  # [n_gammas]
+    return torch.stack(reconstruction), torch.stack(l1)
+
+
+def _best_over_grid(reconstruction, l1, lambdas, scales, gammas):
+    """Best loss over the grid for each λ, and the (scale, γ) that attains it."""
+    losses = reconstruction.flatten()[None] + lambdas[:, None] * l1.flatten()[None]  # [n_λ, grid]
+    best_loss, best = losses.min(dim=1)
+    grid = torch.cartesian_prod(torch.as_tensor(scales, dtype=torch.float64),
+                                torch.as_tensor(gammas, dtype=torch.float64))  # [grid, 2]
+    return best_loss.numpy(), grid[best].numpy()
+
+
+def oversplitting_toy(lambdas=np.linspace(0, 20, 41), n_samples: int = 4096, d: int = 100,
+                      mu_norm: float = 2.0, n_latents: int = 1000,
+                      ideal_ks=np.geomspace(1 / 16, 2.0, 31), ideal_gammas=np.linspace(0.0, 10.0, 41),
+                      random_betas=np.geomspace(0.01, 0.3, 31),
+                      random_gammas=(1.0, 1.75, 2.35, 3.0, 4.0, 5.0, 6.0), seed: int = 0) -> dict:
+    """The over-splitting toy of METHOD 9: on ±µ + N(0, I_d) with ‖µ‖ = mu_norm, the best
+    SAE loss per λ of the ideal 2-latent SAE (grid over k, γ) and of a random
+    n_latents-latent SAE built from data samples (grid over β, γ).
+
+    All SAEs are scored on the same n_samples inputs, drawn apart from the samples
+    that make up the random SAE. Returns numpy arrays: lambdas, ideal_best_loss [n_λ],
+    random_best_loss [n_λ], ideal_best_params [n_λ, 2] (k, γ), random_best_params
+    [n_λ, 2] (β, γ), and zero_sae_loss (the loss of an SAE that never fires, E‖x‖²).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    mu = torch.randn(d, generator=generator, dtype=torch.float64)
+    mu = mu_norm * mu / mu.norm()
+    x = oversplitting_toy_data(n_samples, mu, generator)  # [N, d]
+    samples = oversplitting_toy_data(n_latents, mu, generator)  # [n_latents, d]
+    lambdas = torch.as_tensor(lambdas, dtype=torch.float64)
+
+    # Each family is swept by scaling the encoder of its unit member: k for the ideal, β
+    # for the random SAE.
+    ideal = ideal_two_latent_sae(mu, k=1.0, gamma=0.0)
+    ideal_terms = scaled_family_loss_terms(x, ideal.W_enc.T, ideal.W_dec, ideal_ks, ideal_gammas)
+    ideal_loss, ideal_params = _best_over_grid(*ideal_terms, lambdas, ideal_ks, ideal_gammas)
+
+    random = random_data_sae(samples, beta=1.0, gamma=0.0)
+    random_terms = scaled_family_loss_terms(x, random.W_enc.T, random.W_dec, random_betas, random_gammas)
+    random_loss, random_params = _best_over_grid(*random_terms, lambdas, random_betas, random_gammas)
+
+    return {"lambdas": lambdas.numpy(), "ideal_best_loss": ideal_loss, "random_best_loss": random_loss,
+            "ideal_best_params": ideal_params, "random_best_params": random_params,
+            "zero_sae_loss": float(x.pow(2).sum(-1).mean())}
+
+
+# ---------------------------------------------------------------------------------------
+# Interventions (METHOD 3): patches computed first, then applied in one forward pass
+# ---------------------------------------------------------------------------------------
+
+def run_with_patches(model, batch, patches: dict) -> torch.Tensor:
+    """End logits [B, V] with every node of `patches` ({Node: values [B, d_head]}) set at once.
+
+    The values are computed beforehand (from clean or counterfactual runs), so a patch at
+    an early node does not alter what is written at a later one: all nodes of a
+    cross-section are patched together, as in the paper.
+    """
+    hooks = []
+    for hook_name in dict.fromkeys(node.hook_name for node in patches):
+        nodes = [node for node in patches if node.hook_name == hook_name]
+        positions = torch.stack([batch.positions[node.position] for node in nodes], 1)  # [B, n]
+        values = torch.stack([patches[node] for node in nodes], 1)  # [B, n, d_head]
+        hooks.append((hook_name, gpt2.patch_heads(positions, [node.head for node in nodes], values)))
+    return model.run_with_hooks(batch.tokens, hooks, logits_at=batch.positions["end"])
+
+
+@dataclass
+class PatchedRun:
+    """What the metrics need from a (patched) forward pass over the evaluation prompts."""
+    logit_diff: torch.Tensor  # [N] logit[IO] - logit[S] at `end`
+    top_token: torch.Tensor  # [N] argmax next token at `end`
+
+
+@torch.inference_mode()
+def patched_run(model, prompts, patches: Optional[dict] = None, batch_size: int = 256) -> PatchedRun:
+    """Run every prompt with `patches` ({Node: [N, d_head]}, may be empty) applied."""
+    patches = patches or {}
+    device = next(model.parameters()).device
+    diffs, tops = [], []
+    for start in range(0, len(prompts), batch_size):
+        batch = ioi.batch_prompts(prompts[start:start + batch_size], device)
+        chunk = {node: values[start:start + batch_size].to(device) for node, values in patches.items()}
+        logits = run_with_patches(model, batch, chunk)  # [B, V]
+        diffs.append(logit_diff(logits, batch.io_token, batch.s_token).cpu())
+        tops.append(logits.argmax(-1).cpu())
+    return PatchedRun(torch.cat(diffs), torch.cat(tops))
+
+
+def approximation(model, prompts, clean: dict, reconstruction: dict, clean_run: PatchedRun,
+                  mean_ablated_run: PatchedRun, batch_size: int = 256) -> dict:
+    """Sufficiency and necessity of a reconstruction at every node of a cross-section (METHOD 5).
+
+    Sufficiency patches â; necessity patches ā + (a - â), i.e. mean-ablates the part the
+    dictionary explains and keeps its error term. ā is the mean of `clean` over the prompts.
+    """
+    patched = patched_run(model, prompts, reconstruction, batch_size)
+    residual = {node: clean[node].mean(0) + clean[node] - reconstruction[node] for node in clean}
+    explained_removed = patched_run(model, prompts, residual, batch_size)
+    return {"sufficiency": sufficiency(patched.logit_diff, clean_run.logit_diff),
+            "necessity": necessity(mean_ablated_run.logit_diff, explained_removed.logit_diff,
+                                   clean_run.logit_diff)}

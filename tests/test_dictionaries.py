@@ -1,0 +1,349 @@
+"""Specification of dictionaries.py: supervised dictionaries and SAEs (METHOD.md 4 and 8)."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+import dictionaries as D
+import main
+
+
+def planted(n=4096, d=32, n_features=48, active=3, seed=0):
+    """Sparse sums of known unit features, at an arbitrary raw scale and offset."""
+    g = torch.Generator().manual_seed(seed)
+    features = F.normalize(torch.randn(n_features, d, generator=g), dim=1)  # [n_features, d]
+    chosen = torch.rand(n, n_features, generator=g).argsort(1)[:, :active]
+    coefficients = torch.zeros(n, n_features).scatter(1, chosen, 0.5 + torch.rand(n, active, generator=g))
+    return 3.0 * coefficients @ features + 1.0, features
+
+
+def recovered(sae, features, threshold=0.9):
+    """Fraction of true features with a decoder row at cosine >= threshold."""
+    cosine = F.normalize(sae.W_dec, dim=1) @ features.T  # [d_sae, n_features]
+    return (cosine.max(0).values >= threshold).float().mean().item()
+
+
+# --- supervised dictionaries --------------------------------------------------------------
+
+def attribute_data(n=4000, d=16, sizes=(("io", 8), ("s", 8), ("pos", 2)), noise=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bias = torch.randn(d, generator=g)
+    true = {name: torch.randn(k, d, generator=g) for name, k in sizes}
+    true = {name: u - u.mean(0) for name, u in true.items()}  # centred, like mean codes
+    ids = {name: torch.randint(k, (n,), generator=g) for name, k in sizes}
+    acts = bias + sum(true[name][ids[name]] for name in true) + noise * torch.randn(n, d, generator=g)
+    return acts, ids, true
+
+
+@pytest.mark.parametrize("method", ["mean", "lstsq"])
+def test_supervised_codes_recover_features(method):
+    acts, ids, true = attribute_data()
+    dictionary = D.SupervisedDictionary.fit(acts, ids, method=method)
+    for name, u in true.items():
+        cosine = F.cosine_similarity(dictionary.features[name], u, dim=1)
+        assert cosine.min() >= 0.99, (name, cosine)
+    assert torch.allclose(dictionary.bias, acts.mean(0), atol=1e-4)
+
+
+@pytest.mark.parametrize("method, tolerance", [("lstsq", 1e-4), ("mean", 0.25)])
+def test_supervised_edit_lands_on_counterfactual_and_weights_sum_to_one(method, tolerance):
+    acts, ids, true = attribute_data(noise=0.0)
+    dictionary = D.SupervisedDictionary.fit(acts, ids, method=method)
+    new_io = (ids["io"] + 1) % 8
+    counterfactual = acts - true["io"][ids["io"]] + true["io"][new_io]
+    assert (dictionary.edit(acts, "io", ids["io"], new_io) - counterfactual).abs().max() < tolerance
+    assert (dictionary.reconstruct(ids) - acts).abs().max() < tolerance  # noiseless: (nearly) exact
+    weights = dictionary.feature_weights(ids)
+    assert torch.allclose(sum(weights.values()), torch.ones(len(acts)), atol=1e-5)
+    assert all(w.shape == (len(acts),) for w in weights.values())
+
+
+def test_lstsq_equals_mean_codes_on_balanced_data_and_unseen_values_are_zero():
+    g = torch.Generator().manual_seed(0)
+    grid = torch.cartesian_prod(torch.arange(8), torch.arange(8), torch.arange(2)).repeat(3, 1)  # balanced
+    ids = {"io": grid[:, 0], "s": grid[:, 1], "pos": grid[:, 2]}
+    acts = torch.randn(len(grid), 16, generator=g) + 3 * F.one_hot(grid[:, 0], 16)  # any data will do
+    mean = D.SupervisedDictionary.fit(acts, ids, n_values={"io": 10})
+    lstsq = D.SupervisedDictionary.fit(acts, ids, n_values={"io": 10}, method="lstsq")
+    for name in ids:
+        assert torch.allclose(mean.features[name], lstsq.features[name], atol=1e-5)
+    assert torch.allclose(mean.bias, lstsq.bias, atol=1e-5)
+    assert mean.features["io"].shape == (10, 16)
+    assert mean.features["io"][8:].abs().max() == 0 and lstsq.features["io"][8:].abs().max() == 0
+    with pytest.raises(ValueError, match="attribute 'io'"):
+        D.SupervisedDictionary.fit(acts, {**ids, "io": ids["io"][:10]})
+    with pytest.raises(ValueError, match="ids must lie in"):
+        D.SupervisedDictionary.fit(acts, ids, n_values={"pos": 1})
+
+
+def test_supervised_save_load_round_trip(tmp_path):
+    acts, ids, _ = attribute_data()
+    dictionary = D.SupervisedDictionary.fit(acts, ids, method="lstsq")
+    dictionary.save(tmp_path / "dict")
+    loaded = D.SupervisedDictionary.load(tmp_path / "dict")
+    assert loaded.method == "lstsq" and torch.equal(loaded.bias, dictionary.bias)
+    assert all(torch.equal(loaded.features[k], v) for k, v in dictionary.features.items())
+
+
+# --- SAE math ---------------------------------------------------------------------------
+
+def test_gated_math_matches_hand_computed_case():
+    p = {"W_enc": torch.tensor([[1.0, -1.0], [0.5, 2.0]]), "b_gate": torch.tensor([0.0, -5.0]),
+         "r_mag": torch.tensor([0.0, 0.0]), "b_mag": torch.tensor([-4.0, 1.0]),
+         "W_dec": torch.eye(2), "b_dec": torch.tensor([1.0, 0.0])}
+    sae = D.GatedSAE(p, input_scale=2.0)
+    x = torch.tensor([[1.5, 1.0]])  # normalised: [3, 2]; centred: [2, 2]
+    # projection [2*1 + 2*0.5, -2 + 4] = [3, 2]; gate [3 > 0, 2 - 5 > 0] = [1, 0]
+    # magnitude ReLU([3 - 4, 2 + 1]) = [0, 3]  (the ReLU matters: latent 0 has an open gate)
+    assert torch.equal(sae.encode(x), torch.tensor([[0.0, 0.0]]))
+    assert torch.equal(sae.active(x), torch.tensor([[True, False]]))
+    x = torch.tensor([[2.5, 1.0]])  # normalised [5, 2]; centred [4, 2]; projection [5, 0]
+    assert torch.equal(sae.encode(x), torch.tensor([[1.0, 0.0]]))  # gate [1, 0], magnitude [1, 1]
+    x_hat, f = sae(x)
+    assert torch.allclose(x_hat, (f @ p["W_dec"] + p["b_dec"]) / 2.0)
+
+
+def test_topk_keeps_exactly_k():
+    g = torch.Generator().manual_seed(0)
+    p = {"W_enc": torch.randn(8, 64, generator=g), "b_enc": torch.full((64,), 100.0),
+         "W_dec": F.normalize(torch.randn(64, 8, generator=g), dim=1), "b_dec": torch.zeros(8)}
+    x = torch.randn(5, 7, 8, generator=g)
+    for k in (1, 3, 10):
+        sae = D.TopKSAE(p, k=k)
+        f = sae.encode(x)
+        assert f.shape == (5, 7, 64) and (sae.active(x).sum(-1) == k).all()
+        pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+        assert torch.equal(f[f > 0], pre[f > 0]) and (f.min() >= 0)
+    p["b_enc"] = torch.full((64,), -1e4)  # nothing positive: selected but ReLU'd to zero
+    assert not D.TopKSAE(p, k=3).active(x).any()
+
+
+# --- training --------------------------------------------------------------------------
+
+SMALL = D.TrainConfig(d_sae=128, batch_size=256, epochs=12)
+
+
+@pytest.mark.parametrize("arch, l1, k", [("vanilla", 1.0, 3), ("gated", 1.0, 3), ("topk", 1.0, 3)])
+def test_each_architecture_recovers_planted_features(arch, l1, k):
+    x, features = planted()
+    sae, logs = D.train_sae(x, D.SAESpec(arch, l1=l1, k=k), SMALL)
+    assert recovered(sae, features) >= 0.9, (arch, logs[-1])
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(128), atol=1e-5)
+    assert [log["epoch"] for log in logs] == [1, 2, 4, 8, 12]
+    assert logs[-1]["fve"] > 0.7 and 0 <= logs[-1]["dead_fraction"] <= 1
+    x_hat, f = sae(x[:10])  # raw in, raw out: the SAE applies its input scale itself
+    assert x_hat.shape == (10, 32) and (x_hat - x[:10]).norm() < 0.6 * (x[:10] - x.mean(0)).norm()
+
+
+def test_frozen_random_decoder_stays_put():
+    x, _ = planted(n=1024)
+    config = D.TrainConfig(d_sae=64, batch_size=256, epochs=3)
+    frozen, _ = D.train_sae(x, D.SAESpec("vanilla", frozen_decoder=True, seed=3), config)
+    init = D.init_params("vanilla", 32, 64, [torch.Generator().manual_seed(3)], torch.zeros(1, 32))
+    assert torch.allclose(frozen.W_dec, init["W_dec"][0], atol=1e-6)
+
+
+def test_batched_stack_equals_training_alone():
+    x0, _ = planted(n=1024, seed=1)
+    x1, _ = planted(n=1024, seed=2)
+    datasets = torch.stack([x0, 2 * x1])
+    config = D.TrainConfig(d_sae=64, batch_size=128, epochs=4, resample_at=(0.5,))
+    for arch in ("vanilla", "topk"):
+        specs = [D.SAESpec(arch, dataset_index=i % 2, l1=0.5 + i, k=2 + i, seed=10 + i) for i in range(3)]
+        stack, _ = D.train_sae_stack(datasets, specs, config)
+        alone, _ = D.train_sae_stack(datasets, [specs[1]], config)
+        for name, t in alone[0].params.items():
+            assert torch.allclose(stack[1].params[name], t, atol=1e-4), (arch, name)
+        assert stack[1].input_scale == pytest.approx(alone[0].input_scale)
+
+
+def test_training_is_deterministic_for_a_seed():
+    x, _ = planted(n=512)
+    config = D.TrainConfig(d_sae=32, batch_size=128, epochs=2)
+    a, _ = D.train_sae(x, D.SAESpec("gated", seed=5), config)
+    b, _ = D.train_sae(x, D.SAESpec("gated", seed=5), config)
+    assert all(torch.equal(a.params[n], b.params[n]) for n in a.params)
+
+
+def test_resampling_revives_dead_latents():
+    x, _ = planted(n=2048)
+    datasets = x[None] * 0.1
+    inputs = lambda index: datasets[torch.tensor([0])[:, None], index]  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    p = D.init_params("vanilla", 32, 64, [g], x.mean(0, keepdim=True) * 0.1)
+    p["b_enc"][0, :20] = -1e3  # 20 dead latents
+    for t in p.values():
+        t.requires_grad_()
+    adam = torch.optim.Adam(p.values(), lr=1e-3)
+    D.loss_vanilla(p, inputs(torch.arange(256)), torch.ones(1)).sum().backward()
+    adam.step()
+    errors, fires = D._statistics("vanilla", p, None, inputs, 2048)
+    dead = fires == 0
+    assert dead[0, :20].all()
+    alive_norm = p["W_enc"][0][:, ~dead[0]].norm(dim=0).mean()
+    D._resample_dead_latents(p, adam, dead, errors, inputs, [g], torch.tensor([False]))
+    _, fires = D._statistics("vanilla", p, None, inputs, 2048)
+    assert (fires[0, :20] > 0).all()
+    assert torch.allclose(p["W_enc"][0][:, dead[0]].norm(dim=0), 0.2 * alive_norm)
+    assert torch.allclose(p["W_dec"][0][dead[0]].norm(dim=1), torch.ones(20))
+    assert (p["b_enc"][0, dead[0]] == 0).all()
+    assert (adam.state[p["W_enc"]]["exp_avg"][0][:, dead[0]] == 0).all()
+    assert (adam.state[p["W_dec"]]["exp_avg_sq"][0][dead[0]] == 0).all()
+    assert (adam.state[p["W_enc"]]["exp_avg"][0][:, ~dead[0]] != 0).any()
+
+
+def test_lr_schedule_warms_up_and_decays_linearly_to_zero():
+    config = D.TrainConfig(warmup_fraction=0.1, decay_fraction=0.25)
+    factors = [D.lr_factor(step, 100, 0, config) for step in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9:75] == [1.0] * 66
+    assert factors[99] == pytest.approx(1 / 25) and factors[87] == pytest.approx(13 / 25)
+    assert D.lr_factor(50, 100, 48, config) == pytest.approx(0.3)  # warm-up again after a resample
+    assert D.checkpoint_epochs(20) == [1, 2, 4, 8, 16, 20]
+
+
+# --- formats ----------------------------------------------------------------------------
+
+def tiny_params(arch, d_in=6, d_sae=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    names = ("W_enc", "W_dec", "b_dec") + D.ENCODER_BIASES[arch]
+    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    return {n: torch.randn(shapes.get(n, (d_sae,)), generator=g) for n in names}
+
+
+@pytest.mark.parametrize("arch", ["vanilla", "gated", "topk"])
+def test_save_load_round_trip_is_exact(tmp_path, arch):
+    sae = D.SAE_CLASSES[arch](tiny_params(arch), input_scale=1.7, k=4 if arch == "topk" else None,
+                              meta={"node": "z@L9H9@end"})
+    D.save_sae(sae, tmp_path / arch)
+    loaded = D.load_sae(tmp_path / arch)
+    assert type(loaded) is type(sae) and loaded.input_scale == 1.7 and loaded.k == sae.k
+    assert all(torch.equal(loaded.params[n], t) for n, t in sae.params.items())
+    assert loaded.meta == {"node": "z@L9H9@end"}
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def write_saelens(directory, cfg, weights):
+    directory.mkdir()
+    save_file(weights, str(directory / "sae_weights.safetensors"))
+    (directory / "cfg.json").write_text(json.dumps(cfg))
+
+
+def test_loads_saelens_standard_sae(tmp_path):
+    w = tiny_params("vanilla")
+    cfg = {"architecture": "standard", "d_in": 6, "d_sae": 10, "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": False, "normalize_activations": "none", "hook_name": "blocks.0.hook_resid_pre"}
+    write_saelens(tmp_path / "standard", cfg, w)
+    sae = D.load_sae(tmp_path / "standard")
+    x = torch.randn(4, 6)
+    f = torch.relu(x @ w["W_enc"] + w["b_enc"])  # apply_b_dec_to_input false: no centring
+    assert isinstance(sae, D.VanillaSAE)
+    assert torch.allclose(sae.encode(x), f, atol=1e-5)
+    assert torch.allclose(sae.decode(sae.encode(x)), f @ w["W_dec"] + w["b_dec"], atol=1e-5)
+
+
+def test_loads_saelens_gated_and_topk_saes(tmp_path):
+    x = torch.randn(4, 6)
+    w = tiny_params("gated")
+    write_saelens(tmp_path / "gated", {"architecture": "gated", "d_in": 6, "d_sae": 10}, w)
+    centred = x - w["b_dec"]
+    f = (centred @ w["W_enc"] + w["b_gate"] > 0) * torch.relu(centred @ (w["W_enc"] * w["r_mag"].exp()) + w["b_mag"])
+    sae = D.load_sae(tmp_path / "gated")
+    assert isinstance(sae, D.GatedSAE) and torch.allclose(sae.encode(x), f, atol=1e-5)
+    assert torch.allclose(sae(x)[0], f @ w["W_dec"] + w["b_dec"], atol=1e-5)
+
+    w = tiny_params("topk")
+    old_style = {"architecture": "standard", "d_in": 6, "d_sae": 10, "activation_fn_str": "topk",
+                 "activation_fn_kwargs": {"k": 2}, "apply_b_dec_to_input": True}
+    write_saelens(tmp_path / "topk", old_style, w)
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    top = pre.topk(2)
+    f = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+    sae = D.load_sae(tmp_path / "topk")
+    assert isinstance(sae, D.TopKSAE) and sae.k == 2 and torch.allclose(sae.encode(x), f, atol=1e-5)
+
+    write_saelens(tmp_path / "jump", {"architecture": "jumprelu", "d_in": 6, "d_sae": 10}, w)
+    with pytest.raises(ValueError, match="unsupported SAE architecture 'jumprelu'"):
+        D.load_sae(tmp_path / "jump")
+
+
+# --- CLI --------------------------------------------------------------------------------
+
+def test_train_sae_cli_trains_and_saves(tmp_path):
+    x, features = planted(n=2048)
+    save_file({"acts": x}, str(tmp_path / "acts.safetensors"))
+    result = CliRunner().invoke(main.cli, ["train-sae", "--acts", str(tmp_path / "acts.safetensors"),
+                                           "--arch", "topk", "--k", "3", "--latents", "96", "--epochs", "20",
+                                           "--no-progress", "--out", str(tmp_path / "sae")])
+    assert result.exit_code == 0, result.output
+    assert "fve" in result.output
+    sae = D.load_sae(tmp_path / "sae")
+    assert sae.d_sae == 96 and sae.k == 3 and recovered(sae, features) >= 0.9
+
+
+@pytest.mark.parametrize("make, args, message", [
+    (None, [], "no such file"),
+    ({"x": torch.zeros(4, 3)}, [], "no tensor named 'acts' (found: x)"),
+    ({"acts": torch.zeros(4, 3, 2)}, [], "expected a tensor of shape [N, d]"),
+    ({"acts": torch.tensor([[0.0, float("nan")]])}, [], "NaN"),
+    ({"acts": torch.zeros(4, 3)}, ["--arch", "topk", "--k", "20", "--latents", "8"], "k must lie in [1, d_sae=8]"),
+    ({"acts": torch.zeros(4, 3)}, ["--arch", "sparse"], "sparse"),
+    ({"acts": torch.zeros(4, 3)}, ["--epochs", "0"], "epochs"),
+    ({"acts": torch.zeros(4, 3)}, ["--lr", "-1"], "lr"),
+    ({"acts": torch.zeros(4, 3)}, ["--l1", "-1"], "l1"),
+])
+def test_train_sae_cli_rejects_bad_input(tmp_path, make, args, message):
+    path = tmp_path / "acts.safetensors"
+    if make is not None:
+        save_file(make, str(path))
+    args = ["train-sae", "--acts", str(path), "--out", str(tmp_path / "out"), "--no-progress"] + (
+        args if "--arch" in args else ["--arch", "vanilla"] + args)
+    result = CliRunner().invoke(main.cli, args)
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_supervised_cli_fits_from_a_file(tmp_path):
+    acts, ids, _ = attribute_data(noise=0.0)
+    save_file({"acts": acts, **{f"attribute.{k}": v for k, v in ids.items()}}, str(tmp_path / "a.safetensors"))
+    result = CliRunner().invoke(main.cli, ["fit-supervised", "--acts", str(tmp_path / "a.safetensors"),
+                                           "--method", "lstsq", "--out", str(tmp_path / "d")])
+    assert result.exit_code == 0, result.output
+    assert torch.allclose(D.SupervisedDictionary.load(tmp_path / "d").reconstruct(ids), acts, atol=1e-4)
+    save_file({"acts": acts}, str(tmp_path / "b.safetensors"))
+    result = CliRunner().invoke(main.cli, ["fit-supervised", "--acts", str(tmp_path / "b.safetensors"), "--out", str(tmp_path / "e")])
+    assert result.exit_code != 0 and "attribute." in result.output
+
+
+# --- full-distribution activations ------------------------------------------------------
+
+def test_corpus_texts(tmp_path):
+    default = list(D.iter_corpus_texts())
+    assert len(default) > 50 and all(isinstance(t, str) and t for t in default)
+    (tmp_path / "c.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n')
+    (tmp_path / "c.txt").write_text("first para\nstill first\n\n\nsecond\n")
+    assert list(D.iter_corpus_texts(tmp_path / "c.jsonl")) == ["one", "two"]
+    assert list(D.iter_corpus_texts(tmp_path / "c.txt")) == ["first para\nstill first", "second"]
+
+
+class ByteTokenizer:
+    def encode_ordinary(self, text):
+        return [b % 50 for b in text.encode()]
+
+
+def test_collect_corpus_activations_matches_direct_run():
+    gpt2 = pytest.importorskip("gpt2")
+    torch.manual_seed(0)
+    model = gpt2.GPT2(gpt2.GPT2Config(vocab_size=gpt2.BOS_TOKEN_ID + 1, n_layer=2, n_embd=32, n_head=2, n_positions=64))
+    model.eval()
+    nodes = [("blocks.1.attn.hook_z", 1), ("blocks.0.attn.hook_q", 0)]
+    texts = ["hello world, " * 20, "a second document " * 30]
+    acts = D.collect_corpus_activations(model, ByteTokenizer(), nodes, texts, max_tokens=100, context=16, batch_size=3)
+    assert all(a.shape == (100, 16) for a in acts.values())
+    first = [gpt2.BOS_TOKEN_ID] + ByteTokenizer().encode_ordinary(texts[0])[:15]
+    _, cache = model.run_with_cache(torch.tensor([first]), ["blocks.1.attn.hook_z"])
+    assert torch.allclose(acts[nodes[0]][:15], cache["blocks.1.attn.hook_z"][0, 1:, 1], atol=1e-5)
+    everything = D.collect_corpus_activations(model, ByteTokenizer(), nodes, texts, max_tokens=10**6, context=16)
+    assert len(everything[nodes[0]]) == 15 * ((len(texts[0]) + len(texts[1]) + 2) // 15)

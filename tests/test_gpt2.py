@@ -1,0 +1,517 @@
+"""Specification of gpt2.py: parity with Hugging Face, hooks, tokenizer, checkpoints.
+
+Hugging Face `transformers.GPT2LMHeadModel` is the independent reference. Weights are
+random (GPT-2 Small cannot be downloaded here), with LayerNorm parameters and biases
+drawn away from their trivial initial values so that a transposed or skipped one shows.
+"""
+import json
+import os
+import re
+
+import pytest
+import torch
+
+import gpt2
+from gpt2 import GPT2, GPT2Config, WeightsError
+
+transformers = pytest.importorskip("transformers")
+
+# d_head = 64 in the first two, as in every GPT-2, so their config can also be inferred
+# from the weights; "odd" has d_head = 24 and is loaded with its config.json only.
+CONFIGS = {
+    "tiny": GPT2Config(vocab_size=1000, n_positions=64, n_embd=128, n_layer=2, n_head=2),
+    "small": GPT2Config(),  # GPT-2 Small's shape: 12 layers, 768 wide, 12 heads, 50257 tokens
+    "odd": GPT2Config(vocab_size=500, n_positions=32, n_embd=96, n_layer=3, n_head=4),
+}
+LAYOUTS = ("hub", "save_pretrained", "lm_head")
+TOLERANCE = 1e-4  # max |logit difference| to Hugging Face
+
+
+def perturb_(model, seed):
+    """Biases ~ N(0, 0.1) and LayerNorm weights ~ N(1, 0.1), in place (works for both models)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+            elif re.search(r"ln_(1|2|f)\.weight$", name):
+                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def hf_model(config, seed=0):
+    torch.manual_seed(seed)
+    # No end-of-text token: generation then never stops early (and small vocabularies lack 50256).
+    hf_config = transformers.GPT2Config(**config.to_hf_dict(), bos_token_id=None, eos_token_id=None)
+    return perturb_(transformers.GPT2LMHeadModel(hf_config), seed).eval()
+
+
+def write_layout(hf, layout, directory):
+    """Write `hf`'s weights the way they are found in the wild, with config.json beside them."""
+    from safetensors.torch import save_file
+    os.makedirs(directory)
+    if layout == "save_pretrained":  # `transformer.` prefix, no buffers, no lm_head
+        hf.save_pretrained(directory)
+        return
+    state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    if layout == "hub":  # bare names plus the causal-mask buffers of the original upload
+        state = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
+        n = hf.config.n_positions
+        mask = torch.ones(n, n, dtype=torch.bool).tril().view(1, 1, n, n)
+        for i in range(hf.config.n_layer):
+            state[f"h.{i}.attn.bias"] = mask.clone() if i % 2 else mask.float()
+            state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    else:  # "lm_head": `transformer.` prefix plus a stored copy of the tied unembedding
+        state["lm_head.weight"] = state["transformer.wte.weight"].clone()
+    save_file(state, os.path.join(directory, "model.safetensors"))
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf.config.to_dict(), f)
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """reference(name) -> (hf_model, {(layout, with_config): directory}), built once per config."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            hf = hf_model(CONFIGS[name], seed=len(built))
+            layouts = LAYOUTS if name != "small" else LAYOUTS[:2]  # spare 500 MB of writing
+            root = tmp_path_factory.mktemp(name)
+            directories = {}
+            for layout in layouts:
+                with_config = str(root / layout)
+                write_layout(hf, layout, with_config)
+                without_config = str(root / f"{layout}-no-config")
+                os.makedirs(without_config)
+                os.link(os.path.join(with_config, "model.safetensors"), os.path.join(without_config, "model.safetensors"))
+                directories[layout, True], directories[layout, False] = with_config, without_config
+            built[name] = hf, directories
+        return built[name]
+    return get
+
+
+def sample_tokens(config, batch, n_pos, seed=0):
+    tokens = torch.randint(config.vocab_size, (batch, n_pos), generator=torch.Generator().manual_seed(seed))
+    if config.vocab_size > gpt2.BOS_TOKEN_ID:
+        tokens[:, 0] = gpt2.BOS_TOKEN_ID
+    return tokens
+
+
+# ----------------------------------------------------------------------------- parity with HF
+
+# Every combination for the small configs; for GPT-2 Small's shape, a pairwise cover of
+# layout x (directory | file) x (with | without config.json), to keep the tests quick.
+SMALL_CASES = [("hub", False, False), ("hub", True, True), ("save_pretrained", True, False),
+               ("save_pretrained", False, True)]
+PARITY_CASES = [(name, layout, with_config, as_file)
+                for name in ("tiny", "odd") for layout in LAYOUTS for with_config in (True, False)
+                for as_file in (False, True) if with_config or name != "odd"]
+PARITY_CASES += [("small", *case) for case in SMALL_CASES]
+
+
+@pytest.mark.parametrize("name,layout,with_config,as_file", PARITY_CASES)
+@torch.inference_mode()
+def test_logits_match_hugging_face(reference, name, layout, with_config, as_file):
+    hf, directories = reference(name)
+    path = directories[layout, with_config]
+    model = GPT2.from_pretrained(os.path.join(path, "model.safetensors") if as_file else path)
+    assert model.config == CONFIGS[name]
+    tokens = sample_tokens(model.config, batch=2, n_pos=9)
+    difference = (model(tokens) - hf(tokens).logits).abs().max().item()
+    assert difference <= TOLERANCE, f"{name}/{layout}: max |delta logit| = {difference:.2e}"
+
+
+@pytest.mark.parametrize("name", ["tiny", "odd"])  # the loop is shape-blind; Small's logits are tested above
+def test_greedy_generation_matches_hugging_face(reference, name):
+    hf, directories = reference(name)
+    model = GPT2.from_pretrained(directories["hub", True])
+    prompt = sample_tokens(model.config, batch=1, n_pos=6, seed=1)
+    with torch.inference_mode():
+        expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20,
+                               do_sample=False, pad_token_id=0)
+    assert torch.equal(gpt2.generate_tokens(model, prompt, 20), expected)
+
+
+# ----------------------------------------------------------------------------- forward and hooks
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=211, n_positions=16, n_embd=64, n_layer=3, n_head=4)
+    return perturb_(GPT2(config), seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def tokens(model):
+    return sample_tokens(model.config, batch=3, n_pos=10)
+
+
+def test_logits_at_equals_full_logits_at_those_positions(model, tokens):
+    positions = torch.tensor([9, 0, 4])
+    full = model(tokens)
+    assert full.shape == (3, 10, model.config.vocab_size)
+    torch.testing.assert_close(model(tokens, logits_at=positions), full[torch.arange(3), positions], rtol=0, atol=1e-5)
+
+
+def test_right_padding_does_not_change_real_positions(model, tokens):
+    padded = torch.cat([tokens, sample_tokens(model.config, batch=3, n_pos=5, seed=9)], dim=1)
+    torch.testing.assert_close(model(padded)[:, :10], model(tokens), rtol=0, atol=1e-5)
+    # Prompts of different lengths in one right-padded batch, read at their own last token.
+    lengths = torch.tensor([4, 10, 7])
+    alone = torch.stack([model(tokens[i:i + 1, :n])[0, -1] for i, n in enumerate(lengths)])
+    torch.testing.assert_close(model(padded, logits_at=lengths - 1), alone, rtol=0, atol=1e-5)
+
+
+def test_logits_at_keeps_full_shapes_for_hooks(model, tokens):
+    last = model.config.n_layer - 1
+    positions = torch.tensor([9, 3, 5])
+    names = [f"blocks.{last}.hook_resid_post", f"blocks.{last}.attn.hook_z", f"blocks.{last}.mlp.hook_post"]
+    logits, cache = model.run_with_cache(tokens, names, logits_at=positions)
+    d, h = model.config.n_embd, model.config.n_head
+    assert cache[names[0]].shape == (3, 10, d)
+    assert cache[names[1]].shape == (3, 10, h, d // h)
+    assert cache[names[2]].shape == (3, 10, 4 * d)
+    torch.testing.assert_close(logits, model(tokens)[torch.arange(3), positions], rtol=0, atol=1e-5)
+    # hook_z alone leaves the last block's output projection at one position; still full shape.
+    _, cache = model.run_with_cache(tokens, names[1:2], logits_at=positions)
+    assert cache[names[1]].shape == (3, 10, h, d // h)
+
+
+def test_hook_names_and_shapes(model, tokens):
+    c = model.config
+    names = model.hook_names()
+    assert len(names) == len(set(names)) == 2 + 11 * c.n_layer + 1
+    _, cache = model.run_with_cache(tokens, names)
+    assert set(cache) == set(names)
+    batch, n_pos, d, h = 3, 10, c.n_embd, c.n_head
+    for layer in range(c.n_layer):
+        block = f"blocks.{layer}"
+        for act in "qkvz":
+            assert cache[f"{block}.attn.hook_{act}"].shape == (batch, n_pos, h, d // h)
+        assert cache[f"{block}.attn.hook_pattern"].shape == (batch, h, n_pos, n_pos)
+        assert cache[f"{block}.mlp.hook_post"].shape == (batch, n_pos, 4 * d)
+        for act in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
+            assert cache[f"{block}.hook_{act}"].shape == (batch, n_pos, d)
+    assert cache["ln_final.hook_normalized"].shape == (batch, n_pos, d)
+
+
+@pytest.mark.parametrize("logits_at", [None, torch.tensor([9, 2, 6])])
+def test_patching_any_hook_with_its_clean_value_changes_nothing(model, tokens, logits_at):
+    clean_logits, cache = model.run_with_cache(tokens, model.hook_names(), logits_at=logits_at)
+    plain_logits = model(tokens, logits_at=logits_at)
+    for name in model.hook_names():
+        patched = model.run_with_hooks(tokens, {name: lambda act, clean=cache[name]: clean}, logits_at=logits_at)
+        if logits_at is None:  # the very same computation
+            assert torch.equal(patched, clean_logits), name
+        else:  # hooking after the last attention switches to the all-positions path
+            torch.testing.assert_close(patched, plain_logits, rtol=0, atol=1e-5, msg=name)
+
+
+def test_per_head_outputs_sum_to_attn_out(model, tokens):
+    c = model.config
+    for layer, block in enumerate(model.h):
+        _, cache = model.run_with_cache(tokens, [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_attn_out"])
+        z = cache[f"blocks.{layer}.attn.hook_z"]                            # [batch, pos, head, d_head]
+        W_O = block.attn.c_proj.weight.view(c.n_head, c.d_head, c.n_embd)   # [head, d_head, d_model]
+        per_head = torch.einsum("bphd,hdm->bphm", z, W_O)                   # [batch, pos, head, d_model]
+        total = per_head.sum(2) + block.attn.c_proj.bias
+        torch.testing.assert_close(total, cache[f"blocks.{layer}.hook_attn_out"], rtol=0, atol=1e-5)
+
+
+def test_resid_post_is_next_resid_pre(model, tokens):
+    _, cache = model.run_with_cache(tokens, model.hook_names())
+    for layer in range(model.config.n_layer - 1):
+        assert torch.equal(cache[f"blocks.{layer}.hook_resid_post"], cache[f"blocks.{layer + 1}.hook_resid_pre"])
+
+
+def test_attention_pattern_is_causal_and_normalised(model, tokens):
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.config.n_layer)]
+    _, cache = model.run_with_cache(tokens, names)
+    for name in names:
+        pattern = cache[name]                                               # [batch, head, q_pos, k_pos]
+        torch.testing.assert_close(pattern.sum(-1), torch.ones(pattern.shape[:-1]), rtol=0, atol=1e-6)
+        assert (pattern.triu(1) == 0).all(), name
+
+
+def test_patch_heads_changes_exactly_the_addressed_slots():
+    act = torch.randn(2, 6, 4, 5)                                           # [batch, pos, head, d_head]
+    original = act.clone()
+    positions = torch.tensor([[1, 4], [2, 2]])
+    heads = [0, 3]
+    values = torch.randn(2, 2, 5)
+    patched = gpt2.patch_heads(positions, heads, values)(act)
+    assert torch.equal(act, original)  # the hook patches a copy
+    changed = (patched != act).any(-1)                                      # [batch, pos, head]
+    expected = torch.zeros(2, 6, 4, dtype=torch.bool)
+    for b in range(2):
+        for i, head in enumerate(heads):
+            expected[b, positions[b, i], head] = True
+            assert torch.equal(patched[b, positions[b, i], head], values[b, i])
+    assert torch.equal(changed, expected)
+
+
+def test_patch_heads_in_the_model(model, tokens):
+    name = "blocks.1.attn.hook_z"
+    clean_logits, cache = model.run_with_cache(tokens, [name])
+    positions = torch.tensor([[5], [5], [7]])
+    values = torch.randn(3, 1, model.config.d_head)
+    patch = gpt2.patch_heads(positions, [2], values)
+    seen = []
+    # Several functions on one name run in order: the second sees the patched activation.
+    logits = model.run_with_hooks(tokens, [(name, patch), (name, seen.append)])
+    assert torch.equal(seen[0], patch(cache[name]))
+    for b, position in enumerate(positions[:, 0]):
+        torch.testing.assert_close(logits[b, :position], clean_logits[b, :position], rtol=0, atol=1e-6)
+        assert (logits[b, position:] - clean_logits[b, position:]).abs().max() > 1e-3
+
+
+def test_run_with_hooks_detaches_hooks_even_when_one_raises(model, tokens):
+    clean = model(tokens)
+
+    def broken(act):
+        raise RuntimeError("hook failed")
+
+    with pytest.raises(RuntimeError, match="hook failed"):
+        model.run_with_hooks(tokens, {"blocks.0.hook_resid_mid": broken})
+    assert torch.equal(model(tokens), clean)
+    logits, cache = model.run_with_cache(tokens, ["blocks.1.hook_resid_pre"])
+    assert torch.equal(logits, clean) and list(cache) == ["blocks.1.hook_resid_pre"]
+
+
+def test_unknown_hook_name_raises_key_error_naming_close_names(model, tokens):
+    with pytest.raises(KeyError, match=re.escape("blocks.0.attn.hook_z")):
+        model.run_with_hooks(tokens, {"blocks.0.attn.hook_zz": lambda act: None})
+    with pytest.raises(KeyError, match=re.escape("blocks.1.hook_resid_pre")):
+        model.run_with_cache(tokens, ["blocks.1.hook_resid_pr"])
+
+
+def test_too_long_input_raises(model):
+    with pytest.raises(ValueError, match="n_positions"):
+        model(torch.zeros(1, model.config.n_positions + 1, dtype=torch.long))
+
+
+def test_generate_tokens_crops_context_and_samples_reproducibly(model):
+    prompt = sample_tokens(model.config, batch=2, n_pos=10)
+    greedy = gpt2.generate_tokens(model, prompt, 12)  # 22 tokens > n_positions = 16
+    assert greedy.shape == (2, 22) and torch.equal(greedy[:, :10], prompt)
+    sample = lambda seed: gpt2.generate_tokens(model, prompt, 12, 1.0, torch.Generator().manual_seed(seed))  # noqa: E731
+    assert torch.equal(sample(3), sample(3))
+    assert not torch.equal(sample(3), sample(4))
+
+
+def test_weights_hash_identifies_weights(model):
+    copy = GPT2(model.config)
+    copy.load_state_dict(model.state_dict())
+    assert gpt2.weights_hash(copy) == gpt2.weights_hash(model)
+    with torch.no_grad():
+        copy.h[0].ln_1.bias[0] += 1e-3
+    assert gpt2.weights_hash(copy) != gpt2.weights_hash(model)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+TRICKY_STRINGS = [
+    "Hello world",
+    "When Mary and John went to the store, John gave a drink to Mary",
+    "don't I'll they're we've she'd it's DON'T",
+    "digits 12345 3.14 -0.5e10 1,000,000",
+    "def f(x):\n    return x**2\n",
+    "   leading and trailing spaces   ",
+    "tabs\tand\n\nnewlines\r\n  \n",
+    "unicode: café naïve Ünïcödé — “quotes” …",
+    "emoji 🤗👍🏽 and CJK 你好，世界 日本語 한국어",
+    "mixed   whitespace runs \t \u00a0 nbsp",
+    "",
+    " ",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    import shutil
+    encoder_json, vocab_bpe = gpt2._bpe_files()
+    directory = tmp_path_factory.mktemp("bpe")
+    shutil.copy(encoder_json, directory / "vocab.json")
+    shutil.copy(vocab_bpe, directory / "merges.txt")
+    # from_pretrained reads vocab.json + merges.txt in transformers 4 and 5 alike (5 ignores vocab_file=).
+    hf = transformers.GPT2TokenizerFast.from_pretrained(str(directory))
+    return gpt2.load_tokenizer(), hf
+
+
+@pytest.mark.parametrize("text", TRICKY_STRINGS)
+def test_tokenizer_matches_hugging_face_and_round_trips(tokenizers, text):
+    ours, hf = tokenizers
+    ids = ours.encode_ordinary(text)
+    assert ids == hf(text, add_special_tokens=False)["input_ids"]
+    assert ours.decode(ids) == text
+
+
+def test_endoftext_is_the_bos_token(tokenizers):
+    ours, _ = tokenizers
+    assert gpt2.BOS_TOKEN_ID == 50256 and ours.n_vocab == 50257
+    assert ours.encode("<|endoftext|>", allowed_special={"<|endoftext|>"}) == [50256]
+    assert ours.encode("<|endoftext|>Hi", allowed_special="all")[0] == gpt2.BOS_TOKEN_ID
+    assert ours.decode([50256]) == "<|endoftext|>"
+    assert len(ours.encode_ordinary("<|endoftext|>")) > 1  # without permission it is plain text
+    with pytest.raises(ValueError):
+        ours.encode("<|endoftext|>")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+@pytest.fixture()
+def saved(model, tmp_path):
+    """A directory with `model` saved in it; returns (directory, weights path, state dict)."""
+    from safetensors.torch import load_file
+    directory = tmp_path / "model"
+    model.save_pretrained(directory)
+    weights = directory / "model.safetensors"
+    return directory, weights, load_file(weights)
+
+
+def rewrite(weights, state):
+    from safetensors.torch import save_file
+    save_file(state, weights)
+
+
+def assert_load_fails(path, *fragments):
+    with pytest.raises(WeightsError) as error:
+        GPT2.from_pretrained(str(path))
+    message = str(error.value)
+    assert isinstance(error.value, ValueError) and "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_missing_key(saved):
+    directory, weights, state = saved
+    del state["h.1.ln_2.bias"]
+    rewrite(weights, state)
+    assert_load_fails(directory, str(weights), "missing", "h.1.ln_2.bias")
+
+
+def test_missing_key_without_config(saved):
+    directory, weights, state = saved
+    os.remove(directory / "config.json")
+    del state["h.0.ln_1.weight"]  # the inferred layer count must not hide it
+    rewrite(weights, state)
+    assert_load_fails(weights, str(weights), "missing", "h.0.ln_1.weight")
+
+
+def test_unexpected_key(saved):
+    directory, weights, state = saved
+    state["h.0.attn.c_v.weight"] = torch.zeros(3)
+    rewrite(weights, state)
+    assert_load_fails(directory, str(weights), "unexpected", "h.0.attn.c_v.weight")
+
+
+def test_wrong_shape(saved):
+    directory, weights, state = saved
+    state["h.2.mlp.c_fc.weight"] = state["h.2.mlp.c_fc.weight"].T.contiguous()
+    rewrite(weights, state)
+    assert_load_fails(directory, str(weights), "h.2.mlp.c_fc.weight", "(256, 64)", "(64, 256)")
+
+
+def test_truncated_file(saved):
+    directory, weights, _ = saved
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2])
+    assert_load_fails(directory, str(weights), "safetensors")
+
+
+def test_random_bytes(saved):
+    directory, weights, _ = saved
+    weights.write_bytes(os.urandom(4096))
+    assert_load_fails(weights, str(weights), "safetensors")
+
+
+def test_not_a_safetensors_path(saved, tmp_path):
+    directory, weights, _ = saved
+    pytorch_bin = tmp_path / "pytorch_model.bin"
+    pytorch_bin.write_bytes(weights.read_bytes())
+    assert_load_fails(pytorch_bin, str(pytorch_bin), ".safetensors")
+
+
+def test_directory_without_weights(saved):
+    directory, weights, _ = saved
+    os.rename(weights, directory / "pytorch_model.bin")
+    assert_load_fails(directory, str(directory), "model.safetensors")
+
+
+def test_path_that_does_not_exist(tmp_path):
+    missing = tmp_path / "nowhere" / "model.safetensors"
+    assert_load_fails(missing, str(missing), "no such file")
+
+
+def test_untied_lm_head(saved):
+    directory, weights, state = saved
+    state["lm_head.weight"] = state["wte.weight"] + 1
+    rewrite(weights, state)
+    assert_load_fails(directory, str(weights), "lm_head.weight", "wte.weight")
+
+
+def test_bad_config_json_names_the_file(saved):
+    directory, _, _ = saved
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
+    assert_load_fails(directory, str(directory / "config.json"), "relu")
+    (directory / "config.json").write_text("{not json")
+    assert_load_fails(directory, str(directory / "config.json"))
+
+
+def test_save_load_round_trip_is_exact(model, saved):
+    directory, weights, _ = saved
+    assert sorted(os.listdir(directory)) == ["config.json", "model.safetensors"]  # no .tmp left
+    for path in (directory, weights):
+        loaded = GPT2.from_pretrained(str(path))
+        assert loaded.config == model.config
+        original = model.state_dict()
+        assert loaded.state_dict().keys() == original.keys()
+        for key, tensor in loaded.state_dict().items():
+            assert torch.equal(tensor, original[key]), key
+
+
+def test_failed_save_leaves_no_partial_file(model, saved, tmp_path, monkeypatch):
+    directory, weights, _ = saved
+    before = weights.read_bytes()
+
+    def failing_save_file(state, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gpt2, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(directory)  # overwriting: the old file survives intact
+    assert weights.read_bytes() == before
+    assert sorted(os.listdir(directory)) == ["config.json", "model.safetensors"]
+    fresh = tmp_path / "fresh"
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(fresh)
+    assert os.listdir(fresh) == []
+
+
+# ----------------------------------------------------------------------------- config
+
+def test_config_from_and_to_hugging_face_dicts():
+    assert GPT2Config.from_hf_dict(transformers.GPT2Config().to_dict()) == GPT2Config()
+    config = GPT2Config(vocab_size=300, n_positions=40, n_embd=96, n_layer=5, n_head=3, layer_norm_epsilon=1e-6)
+    assert config.d_head == 32
+    assert GPT2Config.from_hf_dict(config.to_hf_dict()) == config
+    hf = transformers.GPT2Config(**config.to_hf_dict())
+    assert (hf.vocab_size, hf.n_positions, hf.n_embd, hf.n_layer, hf.n_head, hf.layer_norm_epsilon) == \
+        (300, 40, 96, 5, 3, 1e-6)
+    assert hf.activation_function == "gelu_new"
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ({"activation_function": "relu"}, "activation_function='relu'"),
+    ({"n_embd": 100, "n_head": 3}, "not divisible"),
+    ({"n_inner": 1000}, "n_inner"),
+    ({"scale_attn_weights": False}, "scale_attn_weights"),
+    ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
+])
+def test_bad_configs_raise_clearly(change, fragment):
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        GPT2Config.from_hf_dict({**GPT2Config().to_hf_dict(), **change})

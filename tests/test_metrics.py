@@ -1,0 +1,356 @@
+"""Specification of metrics.py: hand-computed cases for every metric (METHOD 5-9)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import dictionaries
+import metrics
+
+
+class ToySAE:
+    """Minimal stand-in with the dictionaries.py SAE interface: a ReLU SAE on raw inputs
+    that scales them by `input_scale` inside, with decoder rows in the scaled space."""
+
+    def __init__(self, W_enc, b_enc, W_dec, b_dec, input_scale=1.0):
+        self.W_enc, self.b_enc, self.W_dec, self.b_dec = W_enc, b_enc, W_dec, b_dec
+        self.input_scale = input_scale
+
+    def encode(self, x):
+        return torch.relu((x * self.input_scale - self.b_dec) @ self.W_enc + self.b_enc)
+
+    def decode(self, f):
+        return (f @ self.W_dec + self.b_dec) / self.input_scale
+
+    def active(self, x):
+        return self.encode(x) > 0
+
+
+def identity_sae(d):
+    return ToySAE(torch.eye(d), torch.zeros(d), torch.eye(d), torch.zeros(d))
+
+
+# --- logit difference -------------------------------------------------------------------
+
+def test_logit_diff_picks_io_minus_s_per_row():
+    logits = torch.tensor([[1.0, 5.0, 2.0], [0.0, -1.0, 3.0]])
+    ld = metrics.logit_diff(logits, io_token=torch.tensor([1, 2]), s_token=torch.tensor([0, 1]))
+    assert ld.tolist() == [4.0, 4.0]
+
+
+def test_logit_diff_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="logit_diff"):
+        metrics.logit_diff(torch.zeros(2, 3), torch.tensor([0, 1, 2]), torch.tensor([0, 1]))
+
+
+# --- approximation ----------------------------------------------------------------------
+
+def test_sufficiency_is_ratio_of_means():
+    clean = torch.tensor([2.0, 4.0])
+    assert metrics.sufficiency(clean, clean) == 1.0
+    assert metrics.sufficiency(torch.tensor([1.0, 2.0]), clean) == pytest.approx(0.5)
+
+
+def test_necessity_is_one_when_patching_equals_mean_ablation_and_zero_when_clean():
+    # Patching a -> ā + (a - â): a perfect dictionary turns this into mean ablation.
+    mean_ablated, clean = 1.0, torch.tensor([2.0, 4.0])  # mean clean LD = 3
+    assert metrics.necessity(mean_ablated, ld_patched=1.0, ld_clean=clean) == 1.0
+    assert metrics.necessity(mean_ablated, ld_patched=clean, ld_clean=clean) == 0.0
+    # 1 - |1 - 2.5| / |1 - 3| = 0.25; swapping clean and mean-ablated would give 0.75.
+    assert metrics.necessity(mean_ablated, ld_patched=2.5, ld_clean=clean) == pytest.approx(0.25)
+
+
+def test_ld_recovered_is_one_at_clean_and_zero_at_mean_ablation():
+    assert metrics.ld_recovered(3.0, ld_mean_ablated=1.0, ld_clean=3.0) == 1.0
+    assert metrics.ld_recovered(1.0, ld_mean_ablated=1.0, ld_clean=3.0) == 0.0
+    assert metrics.ld_recovered(torch.tensor([2.0, 3.0]), 1.0, 3.0) == pytest.approx(0.75)
+
+
+def test_approximation_scores_refuse_a_zero_denominator():
+    with pytest.raises(ValueError, match="necessity"):
+        metrics.necessity(2.0, 1.0, 2.0)
+    with pytest.raises(ValueError, match="sufficiency"):
+        metrics.sufficiency(1.0, torch.tensor([1.0, -1.0]))
+
+
+# --- control ----------------------------------------------------------------------------
+
+def test_edit_accuracy_counts_argmax_agreement():
+    ground_truth = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 5.0, 0]])  # argmax 0, 1, 1
+    edited = torch.tensor([[9.0, 1, 0], [0, 1, 2.0], [1, 3.0, 2]])  # argmax 0, 2, 1
+    assert metrics.edit_accuracy(ground_truth.argmax(-1), ground_truth.argmax(-1)) == 1.0
+    assert metrics.edit_accuracy(edited.argmax(-1), ground_truth.argmax(-1)) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="argmax tokens"):
+        metrics.edit_accuracy(edited, ground_truth)  # logits instead of tokens: a clear error
+
+
+def test_sae_latent_weights_hand_case_and_sum_to_one():
+    directions = torch.eye(2)
+    f = torch.tensor([[1.0, 3.0], [0.0, 0.0]])  # â - b_dec = (1, 3), ‖·‖² = 10; a silent prompt
+    weights = metrics.sae_latent_weights(f, directions)
+    assert torch.allclose(weights, torch.tensor([[0.1, 0.9], [0.0, 0.0]]))
+    removed = metrics.sae_weight_removed(f, directions, torch.tensor([[True, False], [True, True]]))
+    assert torch.allclose(removed, torch.tensor([0.1, 0.0]))
+
+
+def test_sae_weight_removed_is_one_when_every_latent_changes():
+    generator = torch.Generator().manual_seed(0)
+    directions = torch.randn(7, 4, generator=generator)  # not orthogonal, not unit norm
+    f = torch.rand(5, 7, generator=generator)
+    all_latents = torch.ones(5, 7, dtype=torch.bool)
+    assert torch.allclose(metrics.sae_weight_removed(f, directions, all_latents), torch.ones(5))
+
+
+def test_raw_decoder_directions_undo_the_input_scale():
+    sae = ToySAE(torch.eye(2), torch.zeros(2), torch.eye(2), torch.zeros(2), input_scale=4.0)
+    assert torch.allclose(metrics.raw_decoder_directions(sae), torch.eye(2) / 4)
+
+
+def test_greedy_edit_without_limit_adds_the_reconstruction_difference():
+    """Orthonormal decoder rows: every Δ_j = (δ·d_j) d_j brings S closer to δ, so with
+    k = d_sae the edit is a(p) + (x̂(a(p')) - x̂(a(p))) — and not a(p'), since the
+    2-latent SAE cannot reconstruct 3-d inputs (the error term of a(p) is kept)."""
+    generator = torch.Generator().manual_seed(0)
+    rotation, _ = torch.linalg.qr(torch.randn(3, 3, generator=generator, dtype=torch.float64))
+    W_dec = rotation[:2]  # [2, 3] orthonormal rows
+    sae = ToySAE(W_dec.T, torch.full((2,), 10.0, dtype=torch.float64), W_dec,
+                 torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64), input_scale=2.5)
+    a = torch.randn(5, 3, generator=generator, dtype=torch.float64)
+    a_cf = torch.randn(5, 3, generator=generator, dtype=torch.float64)
+    assert (sae.encode(a) > 0).all() and (sae.encode(a_cf) > 0).all()  # ReLU never clips
+
+    edited, changed = metrics.greedy_sae_edit(sae, a, a_cf, k=2)
+
+    expected = a + sae.decode(sae.encode(a_cf)) - sae.decode(sae.encode(a))
+    assert torch.allclose(edited, expected)
+    assert not torch.allclose(edited, a_cf)
+    assert changed.all()
+
+
+def test_greedy_edit_hand_case():
+    """Decoder rows e1, e2 and (e1 + e2)/√2; encoder reading the same three directions,
+    so from a(p) = 0 the moves are Δ = (x1, 0), (0, x2), ((x1 + x2)/2)(1, 1)."""
+    r = 1 / math.sqrt(2)
+    W_dec = torch.tensor([[1.0, 0.0], [0.0, 1.0], [r, r]])
+    sae = ToySAE(W_dec.T, torch.zeros(3), W_dec, torch.zeros(2), input_scale=2.0)
+    a = torch.zeros(3, 2)
+    a_cf = torch.tensor([[1.0, 1.0],    # Δ_3 = (1, 1) is exactly δ
+                         [1.0, 0.0],    # Δ_1 = (1, 0) is exactly δ
+                         [1.0, 2.0]])   # Δ_3 = (1.5, 1.5) is closest; then nothing helps
+
+    edited, changed = metrics.greedy_sae_edit(sae, a, a_cf, k=1)
+    assert changed.tolist() == [[False, False, True], [True, False, False], [False, False, True]]
+    assert torch.allclose(edited, torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.5, 1.5]]))
+
+    # With k = 2 every prompt stops early: a second move would only increase the distance
+    # (greedy misses the exact pair {1, 2} for the last prompt).
+    edited_k2, changed_k2 = metrics.greedy_sae_edit(sae, a, a_cf, k=2)
+    assert torch.equal(changed_k2, changed)
+    assert torch.allclose(edited_k2, edited)
+
+
+def test_f1_guided_edit_swaps_the_first_active_ranked_latents():
+    sae = identity_sae(3)  # f = ReLU(a), latent j active iff a_j > 0
+    a = torch.tensor([[1.0, 2.0, 0.0]])
+    a_cf = torch.tensor([[0.0, 0.5, 3.0]])
+    ranking_old = torch.tensor([[1, 0, 2]])  # latent 1 is top for v and active on p
+    ranking_new = torch.tensor([[0, 2, 1]])  # latent 0 is top for v' but silent on p'
+
+    edited, removed = metrics.f1_guided_edit(sae, a, a_cf, ranking_old, ranking_new, k=1)
+    assert torch.allclose(edited, torch.tensor([[1.0, 0.0, 3.0]]))  # -2·e2 + 3·e3
+    assert removed.tolist() == [[False, True, False]]
+
+    edited, removed = metrics.f1_guided_edit(sae, a, a_cf, ranking_old, ranking_new, k=2)
+    assert torch.allclose(edited, a_cf)
+    assert removed.tolist() == [[True, True, False]]
+
+
+# --- interpretability -------------------------------------------------------------------
+
+def test_precision_recall_and_f1_hand_table():
+    rows = torch.arange(6)[:, None]
+    active = torch.cat([rows < 3,                     # latent 0 fires on prompts 0-2
+                        torch.zeros(6, 1, dtype=torch.bool),  # latent 1 never fires
+                        (rows >= 1) & (rows <= 4)], dim=1)    # latent 2 = property 0
+    properties = torch.cat([(rows >= 1) & (rows <= 4),        # property 0 holds on 1-4
+                            torch.zeros(6, 1, dtype=torch.bool)], dim=1)  # never holds
+
+    precision, recall = metrics.precision_recall(active, properties)
+    assert precision[0, 0] == pytest.approx(2 / 3) and recall[0, 0] == pytest.approx(1 / 2)
+    f1 = metrics.f1_scores(active, properties)
+    expected = torch.tensor([[4 / 7, 0.0], [0.0, 0.0], [1.0, 0.0]])  # 2·(2/3)(1/2)/(7/6) = 4/7
+    assert torch.allclose(f1, expected)
+
+
+def test_candidate_properties_columns_and_labels():
+    names = ["Ann", "Bob", "Cat"]
+    attributes = {"io": torch.tensor([0, 1]), "s": torch.tensor([1, 2]), "pos": torch.tensor([0, 1])}
+    properties, labels = metrics.candidate_properties(attributes, names)
+
+    assert labels[:11] == ["io=Ann", "io=Bob", "io=Cat", "s=Ann", "s=Bob", "s=Cat",
+                           "has=Ann", "has=Bob", "has=Cat", "pos=ABB", "pos=BAB"]
+    assert len(labels) == properties.shape[1] == 11 + 2 * 2 * 3
+    column = {label: properties[:, i].tolist() for i, label in enumerate(labels)}
+    assert column["has=Bob"] == [True, True]
+    assert column["s=Cat"] == [False, True]
+    assert column["io=Ann&pos=ABB"] == [True, False]
+    assert column["io=Bob&pos=BAB"] == [False, True]
+    assert column["s=Cat&pos=ABB"] == [False, False]
+
+    present = torch.tensor([[True, True, True], [False, False, False]])
+    properties, labels = metrics.candidate_properties(attributes, names, name_present=present)
+    assert properties[:, labels.index("has=Cat")].tolist() == [True, False]
+
+
+def test_candidate_properties_rejects_out_of_range_ids():
+    attributes = {"io": torch.tensor([0, 3]), "s": torch.tensor([1, 2]), "pos": torch.tensor([0, 1])}
+    with pytest.raises(ValueError, match="attributes\\['io'\\]"):
+        metrics.candidate_properties(attributes, ["Ann", "Bob", "Cat"])
+
+
+def all_prompts(n_names):
+    """Every (io, s != io, pos) combination once: IO, S and Pos are independent."""
+    combos = [(io, s, pos) for io in range(n_names) for s in range(n_names) if s != io for pos in (0, 1)]
+    io, s, pos = torch.tensor(combos).T
+    return {"io": io, "s": s, "pos": pos}
+
+
+def test_interpret_latents_finds_unions_and_pos_latents():
+    names = ["Ann", "Bob", "Cat", "Dan"]
+    attributes = all_prompts(len(names))  # 24 prompts, 12 per Pos value
+    io, pos = attributes["io"], attributes["pos"]
+    bab = torch.nonzero(pos == 1).flatten()
+    most_of_bab = torch.zeros(24, dtype=torch.bool)
+    most_of_bab[bab[2:]] = True
+    active = torch.stack([(io == 0) | (io == 1),          # "IO is Ann or Bob"
+                          pos == 0,                        # "Pos is ABB"
+                          most_of_bab,                     # 10 of the 12 BAB prompts
+                          torch.zeros(24, dtype=torch.bool)], dim=1)  # dead
+
+    result = metrics.interpret_latents(active, attributes, names)
+
+    assert result.best_labels[:3] == ["io=Ann|Bob", "pos=ABB", "pos=BAB"]
+    assert torch.allclose(result.best_f1, torch.tensor([1.0, 1.0, 20 / 22, 0.0]))
+    assert result.f1.shape == (4, len(result.labels))
+    assert metrics.pos_latents(result.best_labels) == 2
+
+
+def test_name_unions_keep_the_best_prefix():
+    name_properties = torch.eye(3, dtype=torch.bool).repeat(2, 1)  # 6 prompts, names 0,1,2,0,1,2
+    active = torch.tensor([[1, 1, 0, 1, 0, 0]], dtype=torch.bool).T  # names 0 (twice) and 1 (once)
+    f1, members = metrics.name_unions(active, name_properties, max_names=3)
+    # {0}: 2·2/(3+2) = 0.8; {0, 1}: 2·3/(3+4) = 6/7; {0, 1, 2}: 2·3/(3+6) = 2/3.
+    assert f1.tolist() == pytest.approx([6 / 7])
+    assert members.tolist() == [[0, 1, -1]]
+
+
+F1_LABELS = ["io=A", "io=B", "s=A", "s=B", "pos=ABB", "pos=BAB", "io=B&pos=ABB"]
+F1_TABLE = torch.tensor([[0.9, 0.1, 0.2, 0.0, 0.0, 0.0, 0.95],
+                         [0.3, 0.6, 0.0, 0.4, 0.85, 0.0, 0.0],
+                         [0.0, 0.2, 0.55, 0.1, 0.0, 0.0, 0.0]])
+
+
+def test_names_with_latent_and_coverage_ignore_intersections():
+    assert metrics.names_with_latent(F1_TABLE, F1_LABELS, "io") == 2
+    assert metrics.names_with_latent(F1_TABLE, F1_LABELS, "s") == 1
+    assert metrics.coverage(F1_TABLE, F1_LABELS) == {"io": 0.5, "s": 0.0, "pos": 0.5}
+
+
+def test_best_interpretations_and_latents_by_f1():
+    best_f1, best_index = metrics.best_interpretations(F1_TABLE)
+    assert best_index.tolist() == [6, 4, 2]
+    assert torch.allclose(best_f1, torch.tensor([0.95, 0.85, 0.55]))
+    assert metrics.latents_by_f1(F1_TABLE, F1_LABELS, "io").tolist() == [[0, 1, 2], [1, 2, 0]]
+
+
+# --- SAE core metrics -------------------------------------------------------------------
+
+def test_core_metrics_hand_cases():
+    f = torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 3.0]])
+    assert metrics.l0(f) == 1.5
+    assert metrics.dead_fraction(f) == pytest.approx(1 / 3)
+    assert metrics.mse(torch.tensor([[1.0, 2.0]]), torch.zeros(1, 2)) == 2.5
+    x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])  # mean 0, total variance 2
+    x_hat = torch.tensor([[0.5, 0.0], [-1.0, 0.0]])  # squared error 0.25
+    assert metrics.fraction_variance_explained(x, x_hat) == pytest.approx(0.875)
+    assert metrics.fraction_variance_explained(x, x) == 1.0
+
+
+# --- occlusion --------------------------------------------------------------------------
+
+def test_occlusion_toy_data_has_the_requested_feature_norms():
+    acts, values = metrics.occlusion_toy_data(io_norm=3.0, s_norm=0.0, n_samples=50, n_values=7, d=16)
+    assert acts.shape == (50, 16) and values["io"].shape == values["s"].shape == (50,)
+    assert torch.allclose(acts.norm(dim=1), torch.full((50,), 3.0))  # s features have norm 0
+    again, _ = metrics.occlusion_toy_data(io_norm=3.0, s_norm=0.0, n_samples=50, n_values=7, d=16)
+    assert torch.equal(acts, again)
+
+
+def test_occlusion_toy_recovery_counts_values_with_a_high_f1_latent():
+    _, values = metrics.occlusion_toy_data(2.0, 1.0, n_samples=200, n_values=5, d=8, seed=1)
+    active = torch.nn.functional.one_hot(values["io"], 5).bool()  # one latent per IO value
+    assert metrics.occlusion_toy_recovery(active, values, n_values=5) == {"io": 1.0, "s": 0.0}
+
+
+# --- over-splitting ---------------------------------------------------------------------
+
+def test_ideal_sae_loss_hand_case():
+    # µ = (2, 0), k = 0.5, γ = 0.5. x1 = (3, 1): µ·x1 = 6, f = (2.5, 0), x̂ = (2.5, 0),
+    # error 1.25. x2 = (-1, 0.5): µ·x2 = -2, f = (0, 0.5), x̂ = (-0.5, 0), error 0.5.
+    # loss = mean error 0.875 + λ · mean ‖f‖₁ 1.5.
+    mu = torch.tensor([2.0, 0.0])
+    x = torch.tensor([[3.0, 1.0], [-1.0, 0.5]])
+    ideal = metrics.ideal_two_latent_sae(mu, k=0.5, gamma=0.5)
+    assert metrics.sae_loss(x, *ideal, l1=0.0) == pytest.approx(0.875)
+    assert metrics.sae_loss(x, *ideal, l1=2.0) == pytest.approx(0.875 + 2 * 1.5)
+
+
+def test_ideal_sae_without_penalty_projects_onto_mu():
+    """With k‖µ‖ = 1 and γ = 0 the two latents give x̂ = (µ̂·x) µ̂ exactly."""
+    generator = torch.Generator().manual_seed(0)
+    mu = torch.randn(10, generator=generator)
+    x = metrics.oversplitting_toy_data(100, mu, generator)
+    unit = mu / mu.norm()
+    projection_error = (x - (x @ unit)[:, None] * unit).pow(2).sum(-1).mean()
+    ideal = metrics.ideal_two_latent_sae(mu, k=1 / float(mu.norm()), gamma=0.0)
+    assert metrics.sae_loss(x, *ideal, l1=0.0) == pytest.approx(float(projection_error), rel=1e-5)
+
+
+def test_family_grid_matches_sae_loss_point_by_point():
+    generator = torch.Generator().manual_seed(0)
+    mu = torch.randn(6, generator=generator, dtype=torch.float64)
+    x = metrics.oversplitting_toy_data(64, mu, generator)
+    samples = metrics.oversplitting_toy_data(20, mu, generator)
+    betas, gammas = [0.05, 0.3], [0.5, 2.35]
+    base = metrics.random_data_sae(samples, beta=1.0, gamma=0.0)
+    reconstruction, l1 = metrics.scaled_family_loss_terms(x, base.W_enc.T, base.W_dec, betas, gammas)
+    for i, beta in enumerate(betas):
+        for j, gamma in enumerate(gammas):
+            sae = metrics.random_data_sae(samples, beta, gamma)
+            assert float(reconstruction[i, j] + 3.0 * l1[i, j]) == pytest.approx(
+                metrics.sae_loss(x, *sae, l1=3.0))
+
+
+def test_oversplitting_toy_small_run():
+    lambdas = np.array([0.0, 2.0, 20.0])
+    result = metrics.oversplitting_toy(lambdas, n_samples=512, d=20, n_latents=200,
+                                       ideal_ks=np.geomspace(0.05, 2, 8), ideal_gammas=np.linspace(0, 10, 6),
+                                       random_betas=np.geomspace(1e-3, 0.5, 8), random_gammas=(1.0, 2.35))
+    for family in ("ideal", "random"):
+        best = result[f"{family}_best_loss"]
+        assert best.shape == (3,) and result[f"{family}_best_params"].shape == (3, 2)
+        assert np.all(np.diff(best) >= 0)  # a larger penalty never lowers the best loss
+        assert np.all(best <= result["zero_sae_loss"] + 1e-9)  # both grids contain ~silent SAEs
+    assert result["random_best_loss"][0] < result["ideal_best_loss"][0]
+
+
+def test_occlusion_toy_experiment_runs_one_sae_per_l1():
+    """A few epochs only: checks the wiring, not the phenomenon. With s_norm = 0 the data
+    carries no trace of S, so no latent can pick out an S value."""
+    config = dictionaries.TrainConfig(d_sae=16, epochs=5, batch_size=64)
+    results = metrics.occlusion_toy_experiment(io_norm=1.0, s_norm=0.0, l1s=(0.5, 2.0), n_values=4, d=8,
+                                               n_samples=256, config=config)
+    assert [r["l1"] for r in results] == [0.5, 2.0]
+    for r in results:
+        assert 0.0 <= r["io"] <= 1.0 and r["s"] == 0.0 and r["l0"] >= 0.0

@@ -1,0 +1,146 @@
+"""Interventions and the end-to-end pipeline (METHOD 3, 5, 6), on a tiny random GPT-2.
+
+The intervention tests are invariances with known answers: a patch with the clean value
+changes nothing, an exact reconstruction is fully sufficient and necessary, the mean
+explains nothing (necessity 0), editing with the counterfactual itself is always right.
+The last test runs every pipeline step on a tiny model and checks metrics.json.
+"""
+import copy
+import functools
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import gpt2
+import ioi
+import main
+import metrics
+from ioi import CrossSection, Node
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    model = gpt2.GPT2(gpt2.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=40))
+    for name, p in model.named_parameters():
+        if "wte" not in name:  # non-trivial biases and LayerNorms, so patches matter
+            torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return ioi.eval_prompts(24, seed=3)
+
+
+NODES = (Node("z", 0, 1, "s2"), Node("q", 1, 0, "end"), Node("k", 1, 0, "io"), Node("z", 1, 1, "end"))
+
+
+def test_patch_with_clean_values_changes_nothing(model, prompts):
+    clean = ioi.collect_activations(model, prompts, NODES)
+    batch = ioi.batch_prompts(prompts)
+    with torch.inference_mode():
+        reference = model(batch.tokens, logits_at=batch.positions["end"])
+        patched = metrics.run_with_patches(model, batch, clean)
+    torch.testing.assert_close(patched, reference, rtol=0, atol=1e-5)
+
+
+def test_all_nodes_patched_from_precomputed_values(model, prompts):
+    """METHOD 3: every node takes the value given to it, even a late node downstream of an
+    early patch (it is not recomputed from the patched early node); nodes that do not
+    interact give the same result patched together or one hook at a time."""
+    clean = ioi.collect_activations(model, prompts, NODES)
+    batch = ioi.batch_prompts(prompts)
+    early, late = NODES[0], NODES[3]                        # z@L0H1@s2 feeds z@L1H1@end
+    zeros = torch.zeros_like(clean[early])
+    with torch.inference_mode():
+        early_only = metrics.run_with_patches(model, batch, {early: zeros})
+        both = metrics.run_with_patches(model, batch, {early: zeros, late: clean[late]})
+    assert not torch.allclose(early_only, both, atol=1e-4)  # the late node was held at its clean value
+
+    # Two heads of one layer do not interact: together == one hook per node, applied in turn.
+    a, b = Node("z", 1, 0, "end"), Node("z", 1, 1, "end")
+    values = {a: torch.randn(len(prompts), 16), b: torch.randn(len(prompts), 16)}
+    end = batch.positions["end"][:, None]
+    with torch.inference_mode():
+        together = metrics.run_with_patches(model, batch, values)
+        in_turn = model.run_with_hooks(batch.tokens, [(a.hook_name, gpt2.patch_heads(end, [0], values[a][:, None])),
+                                                      (b.hook_name, gpt2.patch_heads(end, [1], values[b][:, None]))],
+                                       logits_at=batch.positions["end"])
+    torch.testing.assert_close(together, in_turn)
+
+
+def test_approximation_known_answers(model, prompts):
+    model = copy.deepcopy(model).double()  # exact identities, not float32 round-off
+    clean = ioi.collect_activations(model, prompts, NODES)
+    clean_run = metrics.patched_run(model, prompts)
+    mean = {node: acts.mean(0).expand_as(acts) for node, acts in clean.items()}
+    ablated = metrics.patched_run(model, prompts, mean)
+    exact = metrics.approximation(model, prompts, clean, clean, clean_run, ablated)
+    assert exact["sufficiency"] == pytest.approx(1.0, abs=1e-9)
+    assert exact["necessity"] == pytest.approx(1.0, abs=1e-9)
+    nothing = metrics.approximation(model, prompts, clean, mean, clean_run, ablated)
+    assert nothing["necessity"] == pytest.approx(0.0, abs=1e-9)
+    expected = ablated.logit_diff.mean() / clean_run.logit_diff.mean()
+    assert nothing["sufficiency"] == pytest.approx(float(expected), abs=1e-9)
+
+
+def test_edit_with_the_counterfactual_itself_is_always_right(model, prompts):
+    counterfactual = ioi.counterfactuals(prompts, "io", seed=0)
+    cf = ioi.collect_activations(model, counterfactual, NODES)
+    truth = metrics.patched_run(model, prompts, cf)
+    again = metrics.patched_run(model, prompts, {node: v.clone() for node, v in cf.items()})
+    assert metrics.edit_accuracy(again.top_token, truth.top_token) == 1.0
+
+
+def test_patched_run_matches_end_logits(model, prompts):
+    run = metrics.patched_run(model, prompts, batch_size=5)  # several batches
+    batch = ioi.batch_prompts(prompts)
+    with torch.inference_mode():
+        logits = model(batch.tokens, logits_at=batch.positions["end"])
+    torch.testing.assert_close(run.logit_diff, metrics.logit_diff(logits, batch.io_token, batch.s_token))
+    assert torch.equal(run.top_token, logits.argmax(-1))
+
+
+def test_pipeline_end_to_end(tmp_path, model, monkeypatch):
+    """Every step on a tiny model with a fixed circuit: metrics.json has every test, every
+    architecture is scored at every site, and report.md is written."""
+    weights = tmp_path / "model"
+    model.save_pretrained(weights)
+    sections = [CrossSection("(B)NM out", (Node("z", 1, 0, "end"),), ("io", "pos")),
+                CrossSection("(B)NM q", (Node("q", 1, 0, "end"), Node("q", 1, 1, "end")), ("pos", "s"))]
+    discovery = [{"head": "L1H0", "position": "end", "ld_drop": 0.5, "fraction": 0.5, "role": "name mover"}]
+    monkeypatch.setattr(ioi, "circuit_cross_sections", lambda *args, **kwargs: (sections, discovery))
+    out = tmp_path / "run"
+    settings = ["--out", str(out), "--weights", str(weights), "--preset", "demo", "--n-train", "120",
+                "--n-eval", "40", "--epochs", "2"]
+    small_toy = functools.partial(metrics.oversplitting_toy, n_samples=256, n_latents=100)
+    monkeypatch.setattr(metrics, "oversplitting_toy", lambda seed: small_toy(seed=seed))
+    monkeypatch.setattr(main, "DEMO", main.replace(main.DEMO, d_sae=16, corpus_tokens=300, corpus_d_sae=16,
+                                                   corpus_epochs=1, edit_k=(2, 4)))
+    result = CliRunner().invoke(main.cli, ["evaluate", *settings], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["config"]["n_train"] == 120
+    rows = saved["results"]
+    tests = {row["test"] for row in rows}
+    for test in ("sufficiency", "necessity", "edit_accuracy", "edit_accuracy_no_intervention", "weight_removed",
+                 "f1_coverage", "occlusion_io_names", "occlusion_s_names", "pos_latents", "l0", "ld_recovered",
+                 "alpha_sweep_io_names", "occlusion_toy_recovered", "oversplit_toy_loss", "causal_keep_sufficiency"):
+        assert test in tests, test
+    for site in ("(B)NM out", "(B)NM q"):
+        scored = {row["method"] for row in rows if row["test"] == "sufficiency" and row["site"] == site}
+        assert {"supervised", "supervised_lstsq", "vanilla", "gated", "topk", "random_decoder", "mean_ablation",
+                "vanilla_fulldist", "gated_fulldist", "topk_fulldist"} <= scored
+    assert all(isinstance(row["value"], float) for row in rows)
+    assert (out / "report.md").exists()
+
+    # A second run over the same folder resumes: every SAE is loaded; only the occlusion toy
+    # model (synthetic data, never cached) trains again.
+    trained, train = [], main.dictionaries.train_sae_stack
+    monkeypatch.setattr(main.dictionaries, "train_sae_stack", lambda *a, **k: trained.append(a[0].shape) or train(*a, **k))
+    result = CliRunner().invoke(main.cli, ["evaluate", *settings], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert len(trained) == 1 and trained[0][1] == 120  # the toy: one dataset of n_train samples
