@@ -38,7 +38,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -135,13 +135,14 @@ def _lstsq_codes(acts, attributes, sizes):
     """min ‖A - C U‖² with C = [1 | one-hot of each attribute] ("MSE" codes).
 
     C is rank deficient (each attribute's one-hot columns sum to the constant column), so
-    take the minimum-norm solution (SVD-based gelsd), then move each attribute's
-    frequency-weighted mean feature into the bias. That changes no fitted value and picks
-    the same gauge as the mean codes, so both are directly comparable.
+    take the minimum-norm solution pinv(C) A = pinv(CᵀC) CᵀA (the small Gram matrix makes
+    this fast), then move each attribute's frequency-weighted mean feature into the bias.
+    That changes no fitted value and picks the same gauge as the mean codes, so both are
+    directly comparable.
     """
     design = torch.cat([acts.new_ones(len(acts), 1)]
                        + [F.one_hot(ids, sizes[name]).to(acts) for name, ids in attributes.items()], 1)
-    solution = torch.linalg.lstsq(design, acts, driver="gelsd").solution  # [1 + Σ n_values, d]
+    solution = torch.linalg.pinv(design.T @ design, hermitian=True) @ (design.T @ acts)  # [1 + Σ n_values, d]
     bias, *blocks = solution.split([1] + list(sizes.values()))
     bias, features = bias[0], {}
     for (name, ids), block in zip(attributes.items(), blocks):
@@ -208,48 +209,43 @@ class SupervisedDictionary:
 
 # ---------------------------------------------------------------------------------------
 # SAE math: pure functions on a stack of S SAEs. x is normalised input [S, B, d_in].
-# Each encoder returns (f, active), both [S, B, d_sae]; `hp` is the per-SAE k for top-k.
+# Each encoder returns (f, evidence), both [S, B, d_sae]: latent j is active where
+# evidence_j > 0 (evidence = f, or the gate pre-activation π for gated); `hp` is the
+# per-SAE k for top-k.
 # ---------------------------------------------------------------------------------------
 
 
-def _projection(p, x):
-    """(x - b_dec) W_enc  -> [S, B, d_sae], computed as x W_enc - b_dec W_enc: the same
-    numbers, but the backward pass then needs no gradient with respect to the input batch."""
-    return torch.baddbmm(-(p["b_dec"][:, None] @ p["W_enc"]), x, p["W_enc"])
+def _pre_activation(p, x, bias):
+    """(x - b_dec) W_enc + bias  -> [S, B, d_sae], computed as x W_enc + (bias - b_dec W_enc):
+    the same numbers, but one fused matmul and no gradient needed for the input batch."""
+    return torch.baddbmm(bias[:, None] - p["b_dec"][:, None] @ p["W_enc"], x, p["W_enc"])
 
 
 def encode_vanilla(p, x, hp=None):
     """ReLU SAE (Bricken et al. 2023): f = ReLU((x - b_dec) W_enc + b_enc); active: f > 0."""
-    f = torch.relu(_projection(p, x) + p["b_enc"][:, None])
-    return f, f > 0
-
-
-def _gated_paths(p, x):
-    """Gated SAE (Rajamanoharan et al. 2024, arXiv 2404.16014): a gate path decides which
-    latents fire, a magnitude path (same weights, rescaled by exp r_mag) how strongly:
-        π = (x - b_dec) W_enc + b_gate;   f = 1[π > 0] ⊙ ReLU((x - b_dec)(W_enc ⊙ exp r_mag) + b_mag)
-    (the paper's original code forgot the magnitude ReLU). Returns (f, π)."""
-    projection = _projection(p, x)  # r_mag scales columns, so one matmul serves both paths
-    pi_gate = projection + p["b_gate"][:, None]
-    magnitude = torch.relu(projection * p["r_mag"].exp()[:, None] + p["b_mag"][:, None])
-    return (pi_gate > 0) * magnitude, pi_gate
+    f = torch.relu(_pre_activation(p, x, p["b_enc"]))
+    return f, f
 
 
 def encode_gated(p, x, hp=None):
-    """Gated SAE latents; active: the gate is open (π > 0)."""
-    f, pi_gate = _gated_paths(p, x)
-    return f, pi_gate > 0
+    """Gated SAE (Rajamanoharan et al. 2024, arXiv 2404.16014): a gate path decides which
+    latents fire, a magnitude path (same weights, rescaled by exp r_mag) how strongly:
+        π = (x - b_dec) W_enc + b_gate;   f = 1[π > 0] ⊙ ReLU((x - b_dec)(W_enc ⊙ exp r_mag) + b_mag)
+    (the paper's original code forgot the magnitude ReLU). Active: the gate is open, π > 0."""
+    pi_gate = _pre_activation(p, x, p["b_gate"])  # r_mag scales columns: one matmul serves both paths
+    magnitude = torch.relu((pi_gate - p["b_gate"][:, None]) * p["r_mag"].exp()[:, None] + p["b_mag"][:, None])
+    return (pi_gate > 0) * magnitude, pi_gate
 
 
 def encode_topk(p, x, k):
     """Top-K SAE (Gao et al. 2024, arXiv 2406.04093): keep the k largest pre-activations
     and ReLU them (the original code did not), the rest are 0. k: LongTensor [S], one per
     SAE. Active: selected and > 0."""
-    pre = _projection(p, x) + p["b_enc"][:, None]  # [S, B, d_sae]
+    pre = _pre_activation(p, x, p["b_enc"])  # [S, B, d_sae]
     top = pre.topk(int(k.max()), dim=-1)  # sorted, so rank < k_s selects SAE s's own top k
     keep = torch.arange(top.values.shape[-1], device=k.device) < k[:, None, None]  # [S, 1, k_max]
     f = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values) * keep)
-    return f, f > 0
+    return f, f
 
 
 def decode(p, f):
@@ -270,7 +266,7 @@ def loss_vanilla(p, x, l1):
 def loss_gated(p, x, l1):
     """‖x̂ - x‖² + λ‖ReLU(π)‖₁ + ‖x - (ReLU(π) W_dec + b_dec)‖² with the decoder detached in
     the last term, which trains the gate path to reconstruct on its own."""
-    f, pi_gate = _gated_paths(p, x)
+    f, pi_gate = encode_gated(p, x)
     gate_pre = torch.relu(pi_gate)  # [S, B, d_sae]
     frozen_decoder = {"W_dec": p["W_dec"].detach(), "b_dec": p["b_dec"].detach()}
     return (_squared_error(decode(p, f), x) + l1[:, None] * gate_pre.sum(-1)
@@ -296,7 +292,7 @@ def init_params(arch: str, d_in: int, d_sae: int, generators: list, b_dec: torch
     W_dec = torch.stack([torch.randn(d_sae, d_in, generator=g) for g in generators])  # [S, d_sae, d_in]
     W_dec /= W_dec.norm(dim=-1, keepdim=True)
     encoder_scale = 1.0 if arch == "topk" else 0.1
-    params = {"W_enc": encoder_scale * W_dec.transpose(1, 2), "W_dec": W_dec, "b_dec": b_dec.clone()}
+    params = {"W_enc": (encoder_scale * W_dec.transpose(1, 2)).contiguous(), "W_dec": W_dec, "b_dec": b_dec.clone()}
     params.update({name: torch.zeros(len(generators), d_sae) for name in ENCODER_BIASES[arch]})
     return params
 
@@ -329,8 +325,8 @@ class SAE:
     def _encode(self, x):
         stack = {name: t[None] for name, t in self.params.items()}
         hp = torch.tensor([self.k or 0], device=x.device)
-        f, active = ENCODERS[self.arch](stack, (x * self.input_scale).reshape(1, -1, self.d_in), hp)
-        return f.reshape(*x.shape[:-1], -1), active.reshape(*x.shape[:-1], -1)
+        f, evidence = ENCODERS[self.arch](stack, (x * self.input_scale).reshape(1, -1, self.d_in), hp)
+        return f.reshape(*x.shape[:-1], -1), evidence.reshape(*x.shape[:-1], -1) > 0
 
     def encode(self, x):
         """Latent activations f [..., d_sae] of raw activations x [..., d_in]."""
@@ -450,6 +446,8 @@ class TrainConfig:
     resample_at: tuple = (0.125, 0.25, 0.375, 0.5)  # fractions of training (vanilla/gated only)
     warmup_fraction: float = 0.02  # linear LR warm-up at the start and after each resampling
     decay_fraction: float = 0.25  # linear LR decay to 0 over the last quarter
+    max_stack: Optional[int] = 8  # SAEs per tensor program; None: all at once (GPU). On 2 CPU
+    # cores a step is compute- and memory-bound beyond ~8 SAEs, so bigger stacks gain nothing
 
 
 def checkpoint_epochs(epochs: int) -> list:
@@ -502,9 +500,9 @@ def _statistics(arch, p, hp, inputs, n, chunk=1024):
     errors, fires = [], 0
     for start in range(0, n, chunk):
         x = inputs(torch.arange(start, min(start + chunk, n)))  # [S, chunk, d_in]
-        f, active = ENCODERS[arch](p, x, hp)
+        f, evidence = ENCODERS[arch](p, x, hp)
         errors.append(_squared_error(decode(p, f), x))
-        fires = fires + active.sum(1)
+        fires = fires + (evidence > 0).sum(1)
     return torch.cat(errors, 1), fires
 
 
@@ -552,10 +550,19 @@ def train_sae_stack(datasets: torch.Tensor, specs: list, config: Optional[TrainC
     Returns (saes, logs): logs hold L0, MSE (per element, normalised space), fraction of variance
     explained and dead fraction, on the training data, for every SAE at every checkpoint.
     checkpoint_dir: also save each SAE at each checkpoint to <dir>/<name or saeI>/epoch<E>.
-    on_checkpoint(epoch, saes) -> list of per-SAE dicts (or None) merged into the logs.
+    on_checkpoint(epoch, saes) -> list of per-SAE dicts (or None) merged into the logs (called
+    per group of config.max_stack SAEs).
     """
     config = config or TrainConfig()
     _check_stack(datasets, specs, config)
+    if config.max_stack and len(specs) > config.max_stack:  # train in groups, one after another
+        saes, logs = [], []
+        for offset in range(0, len(specs), config.max_stack):
+            group_saes, group_logs = train_sae_stack(datasets, specs[offset:offset + config.max_stack], config,
+                                                     progress, checkpoint_dir, on_checkpoint)
+            saes += group_saes
+            logs += [{**log, "sae": log["sae"] + offset} for log in group_logs]
+        return saes, logs
     arch, (_, n, d) = specs[0].arch, datasets.shape
     batch_size = min(config.batch_size, n)
     data_index = torch.tensor([s.dataset_index for s in specs])
@@ -619,28 +626,42 @@ def train_sae(acts: torch.Tensor, spec: SAESpec, config: Optional[TrainConfig] =
     return saes[0], logs
 
 
-def bench_sae_training(n_sae: int = 24, d_in: int = 64, d_sae: int = 512, n: int = 4096,
-                       epochs: int = 2, arch: str = "vanilla", batch_size: int = 512, seed: int = 0) -> dict:
-    """Time one stack of n_sae SAEs against a loop training them one by one (same code, stacks
-    of one), and extrapolate to the paper's grid: 55 nodes × 12 settings, 20,000 activations
-    of 64 dims, 2,000 epochs, batch 512 (from the measured time per SAE per step)."""
+MATMULS_PER_STEP = {"vanilla": 5, "gated": 7, "topk": 5}  # forward + backward, each 2·B·d_in·d_sae FLOPs
+
+
+def bench_sae_training(n_sae: int = 24, d_in: int = 64, d_sae: int = 512, n: int = 8192, epochs: int = 4,
+                       arch: str = "vanilla", batch_size: int = 512, repeats: int = 2, seed: int = 0) -> dict:
+    """Seconds to train n_sae SAEs (best of `repeats`, the machine being shared): as one
+    stack, in groups of TrainConfig.max_stack, and in a loop one by one (the same code on
+    stacks of one). Also the stack's FLOP rate next to a bare batched matmul of the same
+    shape, and the paper's grid extrapolated from the best time per SAE per step: 55 nodes
+    × 12 settings, 20,000 activations of 64 dims, 2,000 epochs, batch 512."""
     data = torch.randn(1, n, d_in, generator=torch.Generator().manual_seed(seed))
     specs = [SAESpec(arch, l1=1.0, k=8, seed=i) for i in range(n_sae)]
     config = TrainConfig(d_sae=d_sae, batch_size=batch_size, epochs=epochs)
-    start = time.perf_counter()
-    train_sae_stack(data, specs, config)
-    batched = time.perf_counter() - start
-    start = time.perf_counter()
-    for spec in specs:
-        train_sae_stack(data, [spec], config)
-    loop = time.perf_counter() - start
-    steps = epochs * math.ceil(n / batch_size)
-    per_sae_step = batched / (n_sae * steps)
-    paper_sae_steps = 55 * 12 * 2000 * math.ceil(20_000 / 512)
-    return {"arch": arch, "n_sae": n_sae, "d_in": d_in, "d_sae": d_sae, "steps": steps,
-            "batched_s": batched, "loop_s": loop, "speedup": loop / batched,
-            "batched_ms_per_sae_step": 1e3 * per_sae_step, "loop_ms_per_sae_step": 1e3 * loop / (n_sae * steps),
-            "paper_grid_hours": paper_sae_steps * per_sae_step / 3600}
+
+    def best(train):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            train()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    seconds = {"stack_s": best(lambda: train_sae_stack(data, specs, replace(config, max_stack=None))),
+               "grouped_s": best(lambda: train_sae_stack(data, specs, config)),
+               "loop_s": best(lambda: [train_sae_stack(data, [spec], config) for spec in specs])}
+    x, W = torch.randn(n_sae, batch_size, d_in), torch.randn(n_sae, d_in, d_sae)
+    matmul_s = best(lambda: [x @ W for _ in range(10)]) / 10
+    sae_steps = n_sae * epochs * math.ceil(n / batch_size)
+    per_sae_step = min(seconds["stack_s"], seconds["grouped_s"]) / sae_steps
+    flops_per_sae_step = MATMULS_PER_STEP[arch] * 2 * batch_size * d_in * d_sae
+    return {"arch": arch, "n_sae": n_sae, "d_in": d_in, "d_sae": d_sae, "max_stack": config.max_stack,
+            **seconds, "speedup": seconds["loop_s"] / min(seconds["stack_s"], seconds["grouped_s"]),
+            "ms_per_sae_step": 1e3 * per_sae_step, "loop_ms_per_sae_step": 1e3 * seconds["loop_s"] / sae_steps,
+            "gflops": flops_per_sae_step / per_sae_step / 1e9,
+            "matmul_gflops": 2 * n_sae * batch_size * d_in * d_sae / matmul_s / 1e9,
+            "paper_grid_hours": 55 * 12 * 2000 * math.ceil(20_000 / 512) * per_sae_step / 3600}
 
 
 # ---------------------------------------------------------------------------------------
@@ -679,7 +700,7 @@ def collect_corpus_activations(model, tokenizer, nodes: list, texts, max_tokens:
     max_tokens per node -> {(hook_name, head): [n_tokens, d_head]}. Each chunk is BOS + context-1
     tokens; the BOS position is excluded. Texts are streamed, so memory stays bounded."""
     from gpt2 import BOS_TOKEN_ID  # imported here so the SAE code needs no model module
-    names = sorted({name for name, _ in nodes})
+    names, device = sorted({name for name, _ in nodes}), next(model.parameters()).device
     collected, n_tokens = {node: [] for node in nodes}, 0
     chunks = _chunks(tokenizer, texts, context - 1, BOS_TOKEN_ID)
     while n_tokens < max_tokens:
@@ -687,8 +708,8 @@ def collect_corpus_activations(model, tokenizer, nodes: list, texts, max_tokens:
         batch = list(itertools.islice(chunks, min(batch_size, needed)))
         if not batch:  # corpus exhausted
             break
-        tokens = torch.tensor([[BOS_TOKEN_ID] + chunk for chunk in batch])  # [B, context]
-        _, cache = model.run_with_cache(tokens, names, logits_at=torch.zeros(len(batch), dtype=torch.long))
+        tokens = torch.tensor([[BOS_TOKEN_ID] + chunk for chunk in batch], device=device)  # [B, context]
+        _, cache = model.run_with_cache(tokens, names, logits_at=torch.zeros_like(tokens[:, 0]))
         keep = min(max_tokens - n_tokens, len(batch) * (context - 1))
         for name, head in nodes:  # cache[name]: [B, context, head, d_head]; drop the BOS position
             collected[(name, head)].append(cache[name][:, 1:, head].reshape(-1, cache[name].shape[-1])[:keep])

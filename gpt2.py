@@ -288,8 +288,7 @@ class GPT2(nn.Module):
         os.makedirs(directory, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         _atomic_write(os.path.join(directory, "model.safetensors"), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-        config_json = json.dumps(self.config.to_hf_dict(), indent=2)
-        _atomic_write(os.path.join(directory, "config.json"), lambda tmp: open(tmp, "w").write(config_json))
+        write_json(os.path.join(directory, "config.json"), self.config.to_hf_dict())
 
 
 def patch_heads(positions, heads, values):
@@ -348,6 +347,14 @@ def _atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json(path, data):
+    """Write `data` as JSON, atomically (see `_atomic_write`)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+    _atomic_write(path, write)
 
 
 def _checkpoint_files(path):

@@ -72,10 +72,13 @@ TEMPLATES = (
     "On Sunday, {A} and {B} cleaned the {place}, so {C} lent a {object} to",
     "It was getting late at the {place} when {A} and {B} showed up. {C} gave a {object} to",
     "Before they left the {place} this morning, {A} and {B} talked for a while. {C} returned the {object} to",
-    "Then, {A} met {B} near the {place}. {C} showed a {object} to",
-    "The {place} was quiet when {A} and {B} came in. Then {C} mailed a {object} to",
+    "At the {place}, {A} said hello to {B}, and {C} gave a {object} to",
+    "Near the {place}, {A} was waiting for {B}. When they met, {C} handed a {object} to",
+    "Last night, {A} and {B} cooked dinner at the {place}. After dinner, {C} passed the {object} to",
+    "Then, {A} met {B} at the {place}. {C} gave the {object} to",
+    "While {A} and {B} were working at the {place}, {C} handed a {object} to",
 )
-HELD_OUT_TEMPLATES = (12, 13)  # never used to train the small model: checks that it generalises
+HELD_OUT_TEMPLATES = (15, 16)  # never used to train the small model: checks that it generalises
 TRAIN_TEMPLATES = tuple(t for t in range(len(TEMPLATES)) if t not in HELD_OUT_TEMPLATES)
 HELD_OUT_OBJECTS, TRAIN_OBJECTS = OBJECTS[-10:], OBJECTS[:-10]
 HELD_OUT_PLACES, TRAIN_PLACES = PLACES[-8:], PLACES[:-8]
@@ -372,40 +375,72 @@ def circuit_cross_sections(model, prompts, batch_size=256):
 def discover(model, prompts, threshold=0.1, batch_size=256):
     """Find the heads that matter in a model whose circuit is unknown, and group them.
 
-    Mean-ablate one head's z at `end` (then at `s2`) over the prompts and measure the drop
-    in mean LD. A (head, position) is kept when it costs at least `threshold` of the clean
-    LD. Heads kept at `end` in the last layer that has any play the name movers; kept heads
-    at `end` in earlier layers play S-inhibition (moving S from s2 to end); heads kept at
-    `s2` play induction/duplicate-token. Returns (cross-sections, table of dict rows).
+    Two measures per head (Wang et al. 2022, sections 3.1-3.2): the drop in mean LD when
+    its z at `end` (then at `s2`) is mean-ablated over the prompts, and its direct effect,
+    the LD its output at `end` writes straight into the logits. Groups, each with a
+    threshold relative to the total:
+      name movers: direct effect >= threshold * (sum of positive direct effects);
+      S-inhibition: other heads whose ablation at `end` costs >= threshold * clean LD;
+      induction/duplicate token: heads whose ablation at `s2` costs that much.
+    Returns (cross-sections, table): one dict row per head and position, with its role.
     """
     config = model.config
     clean = _scores(model, prompts, batch_size)[:, 0].mean().item()
-    candidates = [Node("z", layer, head, position) for position in ("end", "s2")
-                  for layer in range(config.n_layer) for head in range(config.n_head)]
-    means = {node: acts.mean(0) for node, acts in collect_activations(model, prompts, candidates, batch_size).items()}
+    nodes = [Node("z", layer, head, position) for position in ("end", "s2")
+             for layer in range(config.n_layer) for head in range(config.n_head)]
+    means = {node: acts.mean(0) for node, acts in collect_activations(model, prompts, nodes, batch_size).items()}
 
-    def ablate(node):
+    def mean_ablated(node):
         def hooks_for(batch):
             positions = batch.positions[node.position][:, None]                  # [batch, 1]
             values = means[node].expand(len(positions), 1, -1)                   # [batch, 1, d_head]
             return {node.hook_name: gpt2.patch_heads(positions, [node.head], values)}
         return hooks_for
 
-    table = [{"head": f"L{node.layer}H{node.head}", "position": node.position,
-              "ld_drop": clean - _scores(model, prompts, batch_size, ablate(node))[:, 0].mean().item()}
-             for node in candidates]
-    kept = {(row["head"], row["position"]) for row in table if row["ld_drop"] >= threshold * abs(clean)}
-    at_end = [node for node in candidates if node.position == "end" and (f"L{node.layer}H{node.head}", "end") in kept]
-    at_s2 = [node for node in candidates if node.position == "s2" and (f"L{node.layer}H{node.head}", "s2") in kept]
-    last = max((node.layer for node in at_end), default=None)
-    groups = {"name mover": [n for n in at_end if n.layer == last], "S-inhibition": [n for n in at_end if n.layer != last],
-              "induction/duplicate token": at_s2}
-    for row in table:
-        row["role"] = next((role for role, nodes in groups.items()
-                            if any(f"L{n.layer}H{n.head}" == row["head"] and n.position == row["position"] for n in nodes)), "")
-        row["fraction"] = row["ld_drop"] / clean if clean else float("nan")
-    heads = {role: [(n.layer, n.head) for n in nodes] for role, nodes in groups.items()}
+    direct = direct_effects(model, prompts, batch_size)                          # [layer, head]
+    total_direct = direct.clamp(min=0).sum().item()
+    table = []
+    for node in nodes:
+        drop = clean - _scores(model, prompts, batch_size, mean_ablated(node))[:, 0].mean().item()
+        effect = direct[node.layer, node.head].item() if node.position == "end" else None
+        if effect is not None and effect >= threshold * total_direct:
+            role = "name mover"
+        elif drop >= threshold * abs(clean):
+            role = "S-inhibition" if node.position == "end" else "induction/duplicate token"
+        else:
+            role = ""
+        table.append({"head": f"L{node.layer}H{node.head}", "position": node.position, "ld_drop": drop,
+                      "fraction": drop / clean, "direct_effect": effect, "role": role})
+    heads = {role: [(n.layer, n.head) for n, row in zip(nodes, table) if row["role"] == role]
+             for role in ("name mover", "S-inhibition", "induction/duplicate token")}
     return cross_sections(heads["name mover"], heads["S-inhibition"], heads["induction/duplicate token"]), table
+
+
+def direct_effects(model, prompts, batch_size=256):
+    """Mean LD that each head's output at `end` adds to the logits directly: Tensor [layer, head].
+
+    The head's output z @ W_O goes through the final LayerNorm with the clean run's scale
+    (as in direct logit attribution) and onto the unembedding difference u_IO - u_S.
+    """
+    config, d_head = model.config, model.config.d_head
+    last_resid = f"blocks.{config.n_layer - 1}.hook_resid_post"
+    names = [f"blocks.{layer}.attn.hook_z" for layer in range(config.n_layer)] + [last_resid]
+    total = torch.zeros(config.n_layer, config.n_head)
+    with torch.inference_mode():
+        for batch in batches(prompts, batch_size, _device(model)):
+            end = batch.positions["end"]
+            _, cache = model.run_with_cache(batch.tokens, names, logits_at=end)
+            rows = torch.arange(len(end))
+            resid = cache[last_resid][rows, end]                                             # [batch, d_model]
+            scale = (resid.var(-1, unbiased=False) + config.layer_norm_epsilon).sqrt()      # [batch]
+            direction = (model.wte.weight[batch.io_token] - model.wte.weight[batch.s_token]) * model.ln_f.weight  # [batch, d_model]
+            for layer, block in enumerate(model.h):
+                z = cache[f"blocks.{layer}.attn.hook_z"][rows, end]                         # [batch, head, d_head]
+                W_O = block.attn.c_proj.weight.view(config.n_head, d_head, -1)              # [head, d_head, d_model]
+                out = torch.einsum("bhd,hde->bhe", z, W_O)                                   # [batch, head, d_model]
+                out = out - out.mean(-1, keepdim=True)                                       # LayerNorm centres
+                total[layer] += (torch.einsum("bhe,be->bh", out, direction) / scale[:, None]).sum(0).cpu()
+    return total / len(prompts)
 
 
 # ----------------------------------------------------------------------------- activations
@@ -505,6 +540,13 @@ def train_toy_model(config, progress=True):
             loss = F.cross_entropy(logits, batch.io_token)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            # Only tokens in the batch update their embedding row. Adam scales every gradient
+            # to about unit size, so the softmax's tiny push on the ~50,000 tokens never seen
+            # (held-out words among them) would otherwise drag them all far from their
+            # initialisation, and an unseen word would enter the model as a huge outlier.
+            unseen = torch.ones(len(model.wte.weight), dtype=torch.bool)
+            unseen[batch.tokens.unique()] = False
+            model.wte.weight.grad[unseen] = 0
             optimizer.step()
             schedule.step()
             losses.append(loss.item())

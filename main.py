@@ -33,6 +33,7 @@ GPT2_SMALL_URL = "https://huggingface.co/openai-community/gpt2/resolve/main"
 
 def _fetch(url, path):
     """Stream `url` into `path` with a progress bar; returns the sha256 of what was written."""
+    import http.client
     import urllib.error
     import urllib.request
     digest, written = hashlib.sha256(), 0
@@ -47,7 +48,7 @@ def _fetch(url, path):
                     bar.update(len(chunk))
     except urllib.error.HTTPError as error:
         raise click.ClickException(f"{url}: HTTP {error.code} {error.reason}") from None
-    except OSError as error:  # unreachable host, missing file:// path, timeout, disk full
+    except (OSError, http.client.HTTPException) as error:  # unreachable, no such file, timeout, cut off
         raise click.ClickException(f"{url}: {getattr(error, 'reason', error)}") from None
     if size and written != size:
         raise click.ClickException(f"{url}: connection closed after {written} of {size} bytes")
@@ -269,9 +270,13 @@ def nodes_command(weights, n, seed):
     model = load_model(weights)
     sections, table = ioi.circuit_cross_sections(model, ioi.eval_prompts(n, seed))
     if table:
-        click.echo("Mean-ablating one head's z at one position (LD drop; kept above 10% of the clean LD):")
-        for row in sorted(table, key=lambda row: -row["ld_drop"])[:20]:
-            click.echo(f"  {row['head']:>7} @{row['position']:<4} {row['ld_drop']:>7.2f} ({row['fraction']:>6.1%})  {row['role']}")
+        click.echo("Heads found (name movers: direct effect >= 10% of the total; others: mean-ablating")
+        click.echo("z at that position costs >= 10% of the clean LD):")
+        click.echo(f"  {'head':>7} {'at':<4} {'LD drop':>8} {'(share)':>8} {'direct':>7}  role")
+        for row in sorted(table, key=lambda row: -max(row["ld_drop"], row["direct_effect"] or 0))[:20]:
+            direct = "" if row["direct_effect"] is None else f"{row['direct_effect']:.2f}"
+            click.echo(f"  {row['head']:>7} {row['position']:<4} {row['ld_drop']:>8.2f} {row['fraction']:>8.1%} "
+                       f"{direct:>7}  {row['role']}")
     else:
         click.echo("GPT-2 Small: head classes of Wang et al. (2022)")
         for role, heads in ioi.GPT2_SMALL_HEADS.items():
@@ -296,25 +301,27 @@ def _positive(ctx, param, value):
 @click.option("--arch", type=click.Choice(["vanilla", "gated", "topk", "random_decoder"]), required=True,
               help="random_decoder: vanilla encoder over a frozen random unit decoder (the paper's floor).")
 @click.option("--latents", default=512, show_default=True, callback=_positive, help="Dictionary size d_sae.")
-@click.option("--l1", default=1.0, show_default=True, type=float,
-              help="Sparsity coefficient λ (vanilla, gated), on inputs scaled to mean norm √d.")
+@click.option("--l1", type=float,
+              help="Sparsity coefficient λ on inputs scaled to mean norm √d  [default: 1 vanilla, 2.5 gated].")
 @click.option("--k", default=3, show_default=True, callback=_positive, help="Latents kept per input (topk).")
 @click.option("--epochs", type=int, callback=_positive,
-              help="Passes over the data  [default: enough for about 4000 steps, at most 2000 epochs].")
-@click.option("--lr", default=3e-4, show_default=True, callback=_positive, help="Adam learning rate.")
+              help="Passes over the data  [default: enough for about 6000 steps, at most 2000 epochs].")
+@click.option("--lr", default=1e-3, show_default=True, callback=_positive,
+              help="Adam learning rate (the paper's v1 value; its revised 3e-4 needs many more steps).")
 @click.option("--batch-size", default=512, show_default=True, callback=_positive)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", required=True, help="Folder for the SAE (SAELens layout: cfg.json + sae_weights.safetensors).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def train_sae_command(acts_path, arch, latents, l1, k, epochs, lr, batch_size, seed, out, no_progress):
     """Train one SAE on an activations file (METHOD 8) and save it in the SAELens layout."""
+    l1 = {"gated": 2.5}.get(arch, 1.0) if l1 is None else l1  # gated penalises the gate, which needs more
     if l1 < 0:
         raise click.BadParameter(f"must be non-negative, got {l1}", param_hint="--l1")
     try:
         acts = dictionaries.load_activations(acts_path)
         steps_per_epoch = -(-len(acts) // batch_size)
         config = dictionaries.TrainConfig(d_sae=latents, lr=lr, batch_size=batch_size,
-                                          epochs=epochs or min(2000, -(-4000 // steps_per_epoch)))
+                                          epochs=epochs or min(2000, -(-6000 // steps_per_epoch)))
         spec = dictionaries.SAESpec("vanilla" if arch == "random_decoder" else arch, l1=l1, k=k, seed=seed,
                                     frozen_decoder=arch == "random_decoder", name=arch)
         sae, logs = dictionaries.train_sae(acts, spec, config, progress=not no_progress)
@@ -366,6 +373,7 @@ class RunConfig:
     seed: int = 0
     d_sae: int = 512
     epochs: int = 2000
+    sae_lr: float = 3e-4              # Adam learning rate (v1 of the paper: 1e-3)
     vanilla_l1: tuple = (0.5, 1.0, 2.5, 5.0)
     gated_l1: tuple = (0.5, 1.0, 2.5, 5.0)
     topk_k: tuple = (3, 6, 12, 24)
@@ -383,17 +391,17 @@ class RunConfig:
 
     @classmethod
     def load(cls, path):
-        with open(path) as f:
-            saved = json.load(f)
+        saved = _read_json(path)
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
 
 
-DEMO = RunConfig(n_train=4_000, n_eval=1_000, d_sae=256, epochs=60, vanilla_l1=(1.0, 2.5), gated_l1=(1.0, 2.5),
+DEMO = RunConfig(n_train=4_000, n_eval=1_000, d_sae=256, epochs=60, sae_lr=1e-3, vanilla_l1=(1.0, 2.5), gated_l1=(1.0, 2.5),
                  topk_k=(3, 6), corpus_tokens=40_000, corpus_d_sae=512, corpus_epochs=10)
 
 
-def _write_json(path, data):
-    gpt2._atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(data, indent=1)))
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def load_model(weights, device="cpu"):
@@ -426,7 +434,7 @@ class Run:
     def __init__(self, out, config):
         self.out, self.config = out, config
         os.makedirs(out, exist_ok=True)
-        _write_json(os.path.join(out, "config.json"), asdict(config))
+        gpt2.write_json(os.path.join(out, "config.json"), asdict(config))
         self.model = load_model(config.weights, config.device)
         self.splits = make_splits(config)
         self.attributes = {split: ioi.attribute_ids(prompts) for split, prompts in self.splits.items()}
@@ -461,13 +469,13 @@ class Run:
                "specs": [asdict(spec) for spec in specs], "train": asdict(train_config)}
         folder = self.path("saes", label)
         stamp = os.path.join(folder, "stack.json")
-        if os.path.exists(stamp) and json.load(open(stamp)) == json.loads(json.dumps(key)):
+        if os.path.exists(stamp) and _read_json(stamp) == json.loads(json.dumps(key)):  # (tuples -> lists)
             return [dictionaries.load_sae(os.path.join(folder, spec.name)) for spec in specs], None
         saes, logs = dictionaries.train_sae_stack(datasets, specs, train_config, progress=True)
         for spec, sae in zip(specs, saes):
             dictionaries.save_sae(sae, os.path.join(folder, spec.name))
-        _write_json(os.path.join(folder, "logs.json"), logs)
-        _write_json(stamp, key)
+        gpt2.write_json(os.path.join(folder, "logs.json"), logs)
+        gpt2.write_json(stamp, key)
         return saes, logs
 
     def train_task_saes(self):
@@ -486,7 +494,7 @@ class Run:
                                           name=f"{name}{value}/{node}", **{name: value})
                      for j, (name, value) in enumerate(grid) for i, node in enumerate(self.nodes)]
             trained, _ = self._train_stack(method, datasets, specs,
-                                           dictionaries.TrainConfig(d_sae=c.d_sae, epochs=c.epochs))
+                                           dictionaries.TrainConfig(d_sae=c.d_sae, epochs=c.epochs, lr=c.sae_lr))
             saes[method] = {value: dict(zip(self.nodes, trained[j * len(self.nodes):(j + 1) * len(self.nodes)]))
                             for j, (_, value) in enumerate(grid)}
         return saes
@@ -505,7 +513,7 @@ class Run:
             specs = [dictionaries.SAESpec(arch, i, l1=c.corpus_l1, k=c.corpus_k, seed=c.seed, name=f"{name}.{head}")
                      for i, (name, head) in enumerate(heads)]
             trained, _ = self._train_stack(f"{arch}_fulldist", datasets, specs,
-                                           dictionaries.TrainConfig(d_sae=c.corpus_d_sae, epochs=c.corpus_epochs))
+                                           dictionaries.TrainConfig(d_sae=c.corpus_d_sae, epochs=c.corpus_epochs, lr=c.sae_lr))
             by_head = dict(zip(heads, trained))
             saes[f"{arch}_fulldist"] = {node: by_head[(node.hook_name, node.head)] for node in self.nodes}
         return saes
@@ -552,7 +560,7 @@ class Grader:
     def grade_section(self, section, supervised, task_saes, corpus_saes):
         site, nodes, acts = section.name, section.nodes, self.run.acts
         clean = {node: acts["eval"][node] for node in nodes}
-        mean_ablated_run = self.patched({node: clean[node].mean(0).expand_as(clean[node]) for node in nodes})
+        self.mean_ablated_run = self.patched({node: clean[node].mean(0).expand_as(clean[node]) for node in nodes})
         self.counterfactual = {attribute: {node: acts[f"cf_{attribute}"][node] for node in nodes}
                                for attribute in section.attributes}
         self.truth = {attribute: self.patched(cf) for attribute, cf in self.counterfactual.items()}
@@ -562,7 +570,7 @@ class Grader:
 
         def approximation(method, reconstruction, **params):
             scores = metrics.approximation(self.run.model, self.prompts, clean, reconstruction, self.clean_run,
-                                           mean_ablated_run, self.run.config.batch_size)
+                                           self.mean_ablated_run, self.run.config.batch_size)
             for test, value in scores.items():
                 self.record(test, site, method, value, **params)
 
@@ -636,7 +644,6 @@ class Grader:
     def causal_curves(self, site, method, saes, clean, features, directions, interpretations, **params):
         """METHOD 7: keep only latents with F1 >= t (sufficiency); mean-ablate the part the
         latents with F1 >= t explain (necessity), for each threshold t."""
-        mean_ablated_run = self.patched({node: clean[node].mean(0).expand_as(clean[node]) for node in clean})
         for threshold in self.run.config.f1_thresholds:
             kept, removed = {}, {}
             for node in clean:
@@ -649,7 +656,7 @@ class Grader:
                         metrics.sufficiency(self.patched(kept).logit_diff, self.clean_run.logit_diff),
                         threshold=threshold, **params)
             self.record("causal_remove_necessity", site, method,
-                        metrics.necessity(mean_ablated_run.logit_diff, self.patched(removed).logit_diff,
+                        metrics.necessity(self.mean_ablated_run.logit_diff, self.patched(removed).logit_diff,
                                           self.clean_run.logit_diff), threshold=threshold, **params)
 
     # ---------------------------------------------------------------- SAE core metrics
@@ -725,7 +732,7 @@ class Grader:
         specs = [dictionaries.SAESpec("vanilla", i, l1=l1, seed=c.seed, name=f"alpha{alpha}")
                  for i, alpha in enumerate(c.occlusion_alphas)]
         saes, _ = self.run._train_stack("occlusion_alpha_sweep", datasets, specs,
-                                        dictionaries.TrainConfig(d_sae=c.d_sae, epochs=c.epochs))
+                                        dictionaries.TrainConfig(d_sae=c.d_sae, epochs=c.epochs, lr=c.sae_lr))
         for alpha, sae, data in zip(c.occlusion_alphas, saes, datasets):
             interpretation = metrics.interpret_latents(sae.active(data), self.run.attributes["train"], ioi.NAMES)
             for attribute in ("io", "s"):
@@ -738,7 +745,7 @@ class Grader:
         c = self.run.config
         results = metrics.occlusion_toy_experiment(
             norms["io"], norms["s"], c.vanilla_l1, n_values=len(ioi.NAMES), d=self.run.acts["train"][node].shape[1],
-            n_samples=c.n_train, config=dictionaries.TrainConfig(d_sae=c.d_sae, epochs=c.epochs), seed=c.seed)
+            n_samples=20_000, config=dictionaries.TrainConfig(d_sae=c.d_sae, epochs=c.epochs, lr=c.sae_lr), seed=c.seed)
         for result in results:
             for attribute in ("io", "s"):
                 self.record("occlusion_toy_recovered", "toy", "vanilla", result[attribute], attribute=attribute,
@@ -775,7 +782,7 @@ def write_metrics(run, records):
     """metrics.json: the config, the circuit that was graded, and one flat row per result."""
     circuit = {"sections": [{"name": s.name, "nodes": [str(n) for n in s.nodes], "attributes": list(s.attributes)}
                             for s in run.sections], "discovery": run.discovery}
-    _write_json(run.path("metrics.json"), {"config": asdict(run.config), "circuit": circuit, "results": records})
+    gpt2.write_json(run.path("metrics.json"), {"config": asdict(run.config), "circuit": circuit, "results": records})
 
 
 def open_run(out, weights=None, preset=None, device="cpu", **overrides):

@@ -1,5 +1,6 @@
 """Specification of dictionaries.py: supervised dictionaries and SAEs (METHOD.md 4 and 8)."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,17 @@ import dictionaries as D
 import main
 
 
-def planted(n=4096, d=32, n_features=48, active=3, seed=0):
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tiny SAEs gain nothing from a second thread, and on a busy machine waiting for it
+    costs up to 50x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def planted(n=4096, d=32, n_features=48, active=3, seed=1234):
     """Sparse sums of known unit features, at an arbitrary raw scale and offset."""
     g = torch.Generator().manual_seed(seed)
     features = F.normalize(torch.randn(n_features, d, generator=g), dim=1)  # [n_features, d]
@@ -104,6 +115,8 @@ def test_gated_math_matches_hand_computed_case():
     assert torch.equal(sae.encode(x), torch.tensor([[1.0, 0.0]]))  # gate [1, 0], magnitude [1, 1]
     x_hat, f = sae(x)
     assert torch.allclose(x_hat, (f @ p["W_dec"] + p["b_dec"]) / 2.0)
+    p["r_mag"] = torch.tensor([0.6931472, 0.0])  # magnitude weights of latent 0 doubled: ReLU(2*5 - 4)
+    assert torch.allclose(D.GatedSAE(p, input_scale=2.0).encode(x), torch.tensor([[6.0, 0.0]]))
 
 
 def test_topk_keeps_exactly_k():
@@ -123,16 +136,16 @@ def test_topk_keeps_exactly_k():
 
 # --- training --------------------------------------------------------------------------
 
-SMALL = D.TrainConfig(d_sae=128, batch_size=256, epochs=12)
+SMALL = D.TrainConfig(d_sae=128, batch_size=256, epochs=40, lr=3e-3)  # 640 steps: a fast schedule
 
 
-@pytest.mark.parametrize("arch, l1, k", [("vanilla", 1.0, 3), ("gated", 1.0, 3), ("topk", 1.0, 3)])
+@pytest.mark.parametrize("arch, l1, k", [("vanilla", 1.0, 3), ("gated", 2.5, 3), ("topk", 1.0, 3)])
 def test_each_architecture_recovers_planted_features(arch, l1, k):
     x, features = planted()
     sae, logs = D.train_sae(x, D.SAESpec(arch, l1=l1, k=k), SMALL)
     assert recovered(sae, features) >= 0.9, (arch, logs[-1])
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(128), atol=1e-5)
-    assert [log["epoch"] for log in logs] == [1, 2, 4, 8, 12]
+    assert [log["epoch"] for log in logs] == [1, 2, 4, 8, 16, 32, 40]
     assert logs[-1]["fve"] > 0.7 and 0 <= logs[-1]["dead_fraction"] <= 1
     x_hat, f = sae(x[:10])  # raw in, raw out: the SAE applies its input scale itself
     assert x_hat.shape == (10, 32) and (x_hat - x[:10]).norm() < 0.6 * (x[:10] - x.mean(0)).norm()
@@ -158,6 +171,9 @@ def test_batched_stack_equals_training_alone():
         for name, t in alone[0].params.items():
             assert torch.allclose(stack[1].params[name], t, atol=1e-4), (arch, name)
         assert stack[1].input_scale == pytest.approx(alone[0].input_scale)
+    grouped, logs = D.train_sae_stack(datasets, specs, replace(config, max_stack=2))
+    assert torch.allclose(grouped[2].W_dec, stack[2].W_dec, atol=1e-4)  # groups of 2: same SAEs
+    assert sorted({log["sae"] for log in logs}) == [0, 1, 2]
 
 
 def test_training_is_deterministic_for_a_seed():
@@ -272,11 +288,11 @@ def test_loads_saelens_gated_and_topk_saes(tmp_path):
 # --- CLI --------------------------------------------------------------------------------
 
 def test_train_sae_cli_trains_and_saves(tmp_path):
-    x, features = planted(n=2048)
+    x, features = planted()
     save_file({"acts": x}, str(tmp_path / "acts.safetensors"))
     result = CliRunner().invoke(main.cli, ["train-sae", "--acts", str(tmp_path / "acts.safetensors"),
-                                           "--arch", "topk", "--k", "3", "--latents", "96", "--epochs", "20",
-                                           "--no-progress", "--out", str(tmp_path / "sae")])
+                                           "--arch", "topk", "--k", "3", "--latents", "96", "--epochs", "40",
+                                           "--lr", "3e-3", "--no-progress", "--out", str(tmp_path / "sae")])
     assert result.exit_code == 0, result.output
     assert "fve" in result.output
     sae = D.load_sae(tmp_path / "sae")
@@ -347,3 +363,5 @@ def test_collect_corpus_activations_matches_direct_run():
     assert torch.allclose(acts[nodes[0]][:15], cache["blocks.1.attn.hook_z"][0, 1:, 1], atol=1e-5)
     everything = D.collect_corpus_activations(model, ByteTokenizer(), nodes, texts, max_tokens=10**6, context=16)
     assert len(everything[nodes[0]]) == 15 * ((len(texts[0]) + len(texts[1]) + 2) // 15)
+    D.train_sae_stack(torch.stack(list(acts.values())), [D.SAESpec("vanilla", i) for i in range(2)],
+                      D.TrainConfig(d_sae=8, epochs=1))  # the collected tensors are trainable data

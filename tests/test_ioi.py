@@ -37,6 +37,16 @@ def test_word_lists_are_single_tokens_with_leading_space():
         ioi.check_single_tokens(["Mary", "Bartholomew"], tokenizer)
 
 
+def test_held_out_templates_are_new_sentences_of_known_words():
+    # The small model only knows words it was trained on; held-out objects and places test
+    # unknown words, held-out templates test new sentence structures.
+    def tokens(template):
+        return set(ioi.make_prompt(template, "Mary", "John", "ABB", "park", "ball").tokens)
+    known = set().union(*map(tokens, ioi.TRAIN_TEMPLATES))
+    for template in ioi.HELD_OUT_TEMPLATES:
+        assert tokens(template) <= known and ioi.TEMPLATES[template] not in [ioi.TEMPLATES[t] for t in ioi.TRAIN_TEMPLATES]
+
+
 def test_templates_and_held_out_parts():
     assert len(ioi.TEMPLATES) >= 10 and len(ioi.HELD_OUT_TEMPLATES) >= 2
     assert set(ioi.TRAIN_TEMPLATES) | set(ioi.HELD_OUT_TEMPLATES) == set(range(len(ioi.TEMPLATES)))
@@ -229,10 +239,27 @@ def test_discover_finds_heads_with_their_reasons(trained):
     _, model, _ = trained
     sections, table = ioi.discover(model, ioi.eval_prompts(100, seed=9), batch_size=50)
     assert len(table) == 2 * model.config.n_layer * model.config.n_head
-    assert {"head", "position", "ld_drop", "fraction", "role"} <= set(table[0])
+    assert {"head", "position", "ld_drop", "fraction", "direct_effect", "role"} <= set(table[0])
     assert sections and sections[0].name == "(B)NM out"
-    kept = [row for row in table if row["role"]]
-    assert kept and all(row["fraction"] >= 0.1 for row in kept)
+    assert any(row["role"] == "name mover" for row in table)
+    assert all(row["fraction"] >= 0.1 for row in table if row["role"] in ("S-inhibition", "induction/duplicate token"))
+
+
+def test_direct_effects_add_up_to_the_attention_output():
+    """Summed over heads, the direct effects are the attention layers' share of the LD."""
+    model, prompts = tiny_model(), ioi.sample_prompts(12, seed=6)
+    effects = ioi.direct_effects(model, prompts, batch_size=5)                   # [layer, head]
+    batch, last = ioi.batch_prompts(prompts), f"blocks.{model.config.n_layer - 1}.hook_resid_post"
+    names = [f"blocks.{layer}.hook_attn_out" for layer in range(model.config.n_layer)] + [last]
+    _, cache = model.run_with_cache(batch.tokens, names)
+    rows, end = torch.arange(len(prompts)), batch.positions["end"]
+    scale = (cache[last][rows, end].var(-1, unbiased=False) + 1e-5).sqrt()
+    direction = (model.wte.weight[batch.io_token] - model.wte.weight[batch.s_token]) * model.ln_f.weight
+    for layer, block in enumerate(model.h):
+        out = cache[f"blocks.{layer}.hook_attn_out"][rows, end] - block.attn.c_proj.bias
+        out = out - out.mean(-1, keepdim=True)
+        expected = ((out * direction).sum(-1) / scale).mean()
+        torch.testing.assert_close(effects[layer].sum(), expected.detach(), atol=1e-5, rtol=1e-4)
 
 
 def test_ioi_eval_json_and_nodes_cli(trained):

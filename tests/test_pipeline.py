@@ -143,4 +143,4 @@ def test_pipeline_end_to_end(tmp_path, model, monkeypatch):
     monkeypatch.setattr(main.dictionaries, "train_sae_stack", lambda *a, **k: trained.append(a[0].shape) or train(*a, **k))
     result = CliRunner().invoke(main.cli, ["evaluate", *settings], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert len(trained) == 1 and trained[0][1] == 120  # the toy: one dataset of n_train samples
+    assert len(trained) == 1 and trained[0][1] == 20_000  # the toy: one dataset of 20,000 samples
