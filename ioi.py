@@ -498,9 +498,9 @@ class ToyConfig:
     """A small GPT-2 (GPT-2's tokenizer and full vocabulary) trained on IOI prompts only."""
     n_layer: int = 3
     n_embd: int = 128
-    n_head: int = 4
+    n_head: int = 8
     n_positions: int = 32      # prompts are at most ~20 tokens
-    steps: int = 1500
+    steps: int = 2000
     batch_size: int = 64
     lr: float = 3e-3
     warmup: int = 100

@@ -395,8 +395,8 @@ class RunConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
 
 
-DEMO = RunConfig(n_train=4_000, n_eval=1_000, d_sae=256, epochs=60, sae_lr=1e-3, vanilla_l1=(1.0, 2.5), gated_l1=(1.0, 2.5),
-                 topk_k=(3, 6), corpus_tokens=40_000, corpus_d_sae=512, corpus_epochs=10)
+DEMO = RunConfig(n_train=2_000, n_eval=400, d_sae=128, epochs=40, sae_lr=1e-3, vanilla_l1=(1.0, 2.5), gated_l1=(1.0, 2.5),
+                 topk_k=(3, 6), corpus_tokens=20_000, corpus_d_sae=256, corpus_epochs=5)
 
 
 def _read_json(path):
@@ -439,7 +439,7 @@ class Run:
         self.splits = make_splits(config)
         self.attributes = {split: ioi.attribute_ids(prompts) for split, prompts in self.splits.items()}
         click.echo("Finding the circuit ...")
-        self.sections, self.discovery = ioi.circuit_cross_sections(self.model, self.splits["eval"][:500], config.batch_size)
+        self.sections, self.discovery = ioi.circuit_cross_sections(self.model, self.splits["eval"][:200], config.batch_size)
         if not self.sections:
             raise click.ClickException("no cross-section found: the model does not seem to solve IOI")
         self.nodes = list(dict.fromkeys(node for section in self.sections for node in section.nodes))
