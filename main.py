@@ -270,9 +270,9 @@ def nodes_command(weights, n, seed):
     model = load_model(weights)
     sections, table = ioi.circuit_cross_sections(model, ioi.eval_prompts(n, seed))
     if table:
-        click.echo("Heads found (name movers: direct effect >= 10% of the total; others: mean-ablating")
-        click.echo("z at that position costs >= 10% of the clean LD):")
-        click.echo(f"  {'head':>7} {'at':<4} {'LD drop':>8} {'(share)':>8} {'direct':>7}  role")
+        click.echo("Heads found: name movers write >= 10% of all heads' direct effect on the LD; the others")
+        click.echo("cost >= 10% of all LD drops when their z at that position is mean-ablated.")
+        click.echo(f"  {'head':>7} {'at':<4} {'LD drop':>8} {'(of LD)':>8} {'direct':>7}  role")
         for row in sorted(table, key=lambda row: -max(row["ld_drop"], row["direct_effect"] or 0))[:20]:
             direct = "" if row["direct_effect"] is None else f"{row['direct_effect']:.2f}"
             click.echo(f"  {row['head']:>7} {row['position']:<4} {row['ld_drop']:>8.2f} {row['fraction']:>8.1%} "

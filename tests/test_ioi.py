@@ -211,7 +211,7 @@ def test_evaluate_reports_every_metric_per_template():
         assert np.isfinite(result[key])
 
 
-TINY_TOY = ioi.ToyConfig(n_layer=2, n_embd=64, n_head=4, steps=300, batch_size=32, lr=1e-2, warmup=30, n_eval=200)
+TINY_TOY = ioi.ToyConfig(n_layer=2, n_embd=64, n_head=8, steps=400, batch_size=32, lr=1e-2, warmup=30, n_eval=200)
 
 
 @pytest.fixture(scope="module")
@@ -223,10 +223,9 @@ def trained(tmp_path_factory):
 
 def test_short_training_learns_ioi(trained):
     directory, model, metrics = trained
-    # A few hundred steps only get through the first phase of learning: the answer is one of
-    # the names (IO probability near 1/len(NAMES), far above an untrained model's ~1/50257).
-    # Solving IOI itself takes the ~2000 steps of the default ToyConfig.
-    assert metrics["eval"]["io_prob"] > 0.5 / len(ioi.NAMES)
+    # 400 steps at a high learning rate already tell IO from S (chance: accuracy 0.5, LD 0),
+    # though not yet copying it to the top of the vocabulary: that takes the default's 2000.
+    assert metrics["eval"]["accuracy"] > 0.7 and metrics["eval"]["mean_logit_diff"] > 1
     assert json.loads((directory / "toy_config.json").read_text()) == asdict(TINY_TOY)
     reloaded = gpt2.GPT2.from_pretrained(str(directory))
     torch.testing.assert_close(reloaded.wte.weight, model.wte.weight)
@@ -245,7 +244,9 @@ def test_discover_finds_heads_with_their_reasons(trained):
     assert {"head", "position", "ld_drop", "fraction", "direct_effect", "role"} <= set(table[0])
     assert sections and sections[0].name == "(B)NM out"
     assert any(row["role"] == "name mover" for row in table)
-    assert all(row["fraction"] >= 0.1 for row in table if row["role"] in ("S-inhibition", "induction/duplicate token"))
+    total_drop = sum(max(row["ld_drop"], 0) for row in table)
+    found_by_ablation = [row for row in table if row["role"] in ("S-inhibition", "induction/duplicate token")]
+    assert all(row["ld_drop"] >= 0.1 * total_drop for row in found_by_ablation)
 
 
 def test_direct_effects_add_up_to_the_attention_output():
