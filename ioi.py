@@ -332,6 +332,18 @@ class Node:
         return cls(act, int(layer), int(head), position)
 
 
+def patch_hooks(batch, patches):
+    """Hooks [(hook name, fn)] that set every node of `patches` ({Node: values [batch, d_head]})
+    in one forward pass; nodes sharing a hook (same layer and activation) share one fn."""
+    hooks = []
+    for hook_name in dict.fromkeys(node.hook_name for node in patches):
+        nodes = [node for node in patches if node.hook_name == hook_name]
+        positions = torch.stack([batch.positions[node.position] for node in nodes], 1)  # [batch, n]
+        values = torch.stack([patches[node] for node in nodes], 1)                     # [batch, n, d_head]
+        hooks.append((hook_name, gpt2.patch_heads(positions, [node.head for node in nodes], values)))
+    return hooks
+
+
 @dataclass(frozen=True)
 class CrossSection:
     """Nodes patched together in one forward pass, and the attributes edited there."""
@@ -378,11 +390,11 @@ def circuit_cross_sections(model, prompts, batch_size=256):
     if is_gpt2_small(model.config):
         heads = GPT2_SMALL_HEADS
         return cross_sections(heads["name mover"] + heads["backup name mover"], heads["S-inhibition"],
-                              heads["induction"] + heads["duplicate token"]), []
+                              heads["induction"] + heads["duplicate token"]), {"heads": [], "sections": []}
     return discover(model, prompts, batch_size=batch_size)
 
 
-def discover(model, prompts, threshold=0.1, batch_size=256):
+def discover(model, prompts, threshold=0.1, min_section_effect=0.05, batch_size=256):
     """Find the heads that matter in a model whose circuit is unknown, and group them.
 
     Two measures per head (Wang et al. 2022, sections 3.1-3.2): the drop in mean LD when
@@ -394,7 +406,11 @@ def discover(model, prompts, threshold=0.1, batch_size=256):
       S-inhibition: other heads whose ablation at `end` costs >= threshold * (sum of
       positive LD drops over all heads and positions);
       induction/duplicate token: heads whose ablation at `s2` costs that much.
-    Returns (cross-sections, table): one dict row per head and position, with its role.
+    A cross-section is kept if mean-ablating all its nodes at once moves the mean LD by at
+    least `min_section_effect` of the clean mean LD.
+    Returns (cross-sections, table) with table = {"heads": one row per head and position
+    {head, position, ld_drop, fraction, direct_effect, role}, "sections": one row per
+    cross-section {section, ld_drop, fraction, kept}}.
     """
     config = model.config
     clean = _scores(model, prompts, batch_size)[:, 0].mean().item()
@@ -425,7 +441,21 @@ def discover(model, prompts, threshold=0.1, batch_size=256):
                       "fraction": drop / clean, "direct_effect": effect, "role": role})
     heads = {role: [(n.layer, n.head) for n, row in zip(nodes, table) if row["role"] == role]
              for role in ("name mover", "S-inhibition", "induction/duplicate token")}
-    return cross_sections(heads["name mover"], heads["S-inhibition"], heads["induction/duplicate token"]), table
+    sections = cross_sections(heads["name mover"], heads["S-inhibition"], heads["induction/duplicate token"])
+    # A cross-section is graded only if it is causal: mean-ablating all its nodes together must
+    # move the mean LD. Otherwise sufficiency is ~1 whatever is patched in, and necessity
+    # divides by ~0 (e.g. a small model whose name movers attend by key, not by query).
+    section_nodes = list(dict.fromkeys(node for section in sections for node in section.nodes))
+    means.update({node: acts.mean(0) for node, acts in collect_activations(model, prompts, section_nodes, batch_size).items()})
+    kept, section_rows = [], []
+    for section in sections:
+        def hooks_for(batch, section=section):
+            return patch_hooks(batch, {node: means[node].expand(len(batch.tokens), -1) for node in section.nodes})
+        drop = clean - _scores(model, prompts, batch_size, hooks_for)[:, 0].mean().item()
+        keep = abs(drop) >= min_section_effect * abs(clean)
+        section_rows.append({"section": section.name, "ld_drop": drop, "fraction": drop / clean, "kept": keep})
+        kept += [section] if keep else []
+    return kept, {"heads": table, "sections": section_rows}
 
 
 def direct_effects(model, prompts, batch_size=256):
@@ -495,15 +525,8 @@ def collect_activations(model, prompts, nodes, batch_size=256, cache_dir=None):
         os.makedirs(cache_dir, exist_ok=True)
         tensors = {str(node): acts.contiguous() for node, acts in activations.items()}
         gpt2._atomic_write(stem + ".safetensors", lambda tmp: save_file(tensors, tmp))
-        _write_json(stem + ".json", config)
+        gpt2.write_json(stem + ".json", config)
     return activations
-
-
-def _write_json(path, data):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
-    gpt2._atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------- the small IOI model
@@ -576,8 +599,8 @@ def train_and_save(config, directory, progress=True):
     metrics = {"held_out": evaluate(model, held_out_prompts(config.n_eval)),
                "eval": evaluate(model, eval_prompts(config.n_eval)), "train_seconds": seconds}
     model.save_pretrained(directory)
-    _write_json(os.path.join(directory, "metrics.json"), metrics)
-    _write_json(os.path.join(directory, "toy_config.json"), asdict(config))  # last: marks a complete save
+    gpt2.write_json(os.path.join(directory, "metrics.json"), metrics)
+    gpt2.write_json(os.path.join(directory, "toy_config.json"), asdict(config))  # last: marks a complete save
     if progress:
         for split, label in (("held_out", "held-out templates/objects/places"), ("eval", "training distribution")):
             m = metrics[split]

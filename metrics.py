@@ -554,13 +554,7 @@ def run_with_patches(model, batch, patches: dict) -> torch.Tensor:
     an early node does not alter what is written at a later one: all nodes of a
     cross-section are patched together, as in the paper.
     """
-    hooks = []
-    for hook_name in dict.fromkeys(node.hook_name for node in patches):
-        nodes = [node for node in patches if node.hook_name == hook_name]
-        positions = torch.stack([batch.positions[node.position] for node in nodes], 1)  # [B, n]
-        values = torch.stack([patches[node] for node in nodes], 1)  # [B, n, d_head]
-        hooks.append((hook_name, gpt2.patch_heads(positions, [node.head for node in nodes], values)))
-    return model.run_with_hooks(batch.tokens, hooks, logits_at=batch.positions["end"])
+    return model.run_with_hooks(batch.tokens, ioi.patch_hooks(batch, patches), logits_at=batch.positions["end"])
 
 
 @dataclass

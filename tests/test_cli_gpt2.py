@@ -134,13 +134,18 @@ def test_forward_flops_counts_the_work_skipped():
     assert main.forward_flops(c, 1, 19, True) == 19 * (body + attention + unembed) - skipped
 
 
-def test_bench_command_prints_its_figures_and_other_benchmarks(monkeypatch):
+def test_bench_command_prints_forward_and_sae_figures(monkeypatch):
     figures = {"n_pos": 19, "hf_s": 2.0, "hf_tokens_per_s": 950.0, "hf_gflops": 200.0, "ours_tokens_per_s": 1900.0,
                "ours_gflops": 300.0, "ours_fraction_of_matmul": 0.85, "matmul_size": 2048, "matmul_gflops": 350.0,
                "ours_over_hf": 2.0, "max_abs_logit_diff": 1e-6}
     monkeypatch.setattr(main, "bench_forward", lambda **kwargs: figures)
-    monkeypatch.setattr(dictionaries, "bench_sae_training", lambda: {"speedup": 7.25}, raising=False)
+    sae_figures = {"arch": "vanilla", "n_sae": 24, "d_in": 64, "d_sae": 512, "max_stack": 8, "stack_s": 3.0,
+                   "grouped_s": 2.0, "loop_s": 4.5, "speedup": 2.25, "ms_per_sae_step": 0.5,
+                   "loop_ms_per_sae_step": 1.125, "gflops": 300.0, "matmul_gflops": 320.0, "speedup_ceiling": 2.5,
+                   "paper_grid_hours": 14.3}
+    monkeypatch.setattr(dictionaries, "bench_sae_training", lambda: sae_figures)
     result = invoke("bench", "--repeats", 1)
     assert result.exit_code == 0, result.output
-    for text in ("1,900 tokens/s", "950 tokens/s", "85% of the matmul rate", "350.0 GFLOP/s", "2.00x", "speedup: 7.25"):
+    for text in ("1,900 tokens/s", "950 tokens/s", "85% of the matmul rate", "350.0 GFLOP/s", "2.00x",
+                 "24 vanilla SAEs 64 -> 512", "4.50 s", "2.25x faster; ceiling 2.50x", "14.3 h"):
         assert text in result.output

@@ -198,14 +198,25 @@ def test_hook_names_and_shapes(model, tokens):
 
 @pytest.mark.parametrize("logits_at", [None, torch.tensor([9, 2, 6])])
 def test_patching_any_hook_with_its_clean_value_changes_nothing(model, tokens, logits_at):
-    clean_logits, cache = model.run_with_cache(tokens, model.hook_names(), logits_at=logits_at)
     plain_logits = model(tokens, logits_at=logits_at)
     for name in model.hook_names():
+        _, cache = model.run_with_cache(tokens, [name], logits_at=logits_at)
         patched = model.run_with_hooks(tokens, {name: lambda act, clean=cache[name]: clean}, logits_at=logits_at)
-        if logits_at is None:  # the very same computation
-            assert torch.equal(patched, clean_logits), name
-        else:  # hooking after the last attention switches to the all-positions path
-            torch.testing.assert_close(patched, plain_logits, rtol=0, atol=1e-5, msg=name)
+        observed = model.run_with_hooks(tokens, {name: lambda act: None}, logits_at=logits_at)
+        assert torch.equal(patched, observed), name  # the very same computation, bit for bit
+        # hooking a pattern (explicit attention) or after the last attention (all positions)
+        # takes another, equivalent path:
+        torch.testing.assert_close(patched, plain_logits, rtol=0, atol=1e-5, msg=name)
+
+
+def test_fused_attention_equals_the_explicit_softmax(model, tokens):
+    """Without a hook on hook_pattern, attention runs fused (scaled_dot_product_attention)."""
+    explicit = model.run_with_hooks(tokens, {f"blocks.{layer}.attn.hook_pattern": lambda act: None
+                                             for layer in range(model.config.n_layer)})
+    torch.testing.assert_close(model(tokens), explicit, rtol=0, atol=1e-5)
+    _, fused = model.run_with_cache(tokens, ["blocks.1.attn.hook_z"])
+    _, unfused = model.run_with_cache(tokens, ["blocks.1.attn.hook_z", "blocks.1.attn.hook_pattern"])
+    torch.testing.assert_close(fused["blocks.1.attn.hook_z"], unfused["blocks.1.attn.hook_z"], rtol=0, atol=1e-6)
 
 
 def test_per_head_outputs_sum_to_attn_out(model, tokens):

@@ -240,10 +240,14 @@ def test_training_is_deterministic_for_a_seed():
 def test_discover_finds_heads_with_their_reasons(trained):
     _, model, _ = trained
     sections, table = ioi.discover(model, ioi.eval_prompts(100, seed=9), batch_size=50)
-    assert len(table) == 2 * model.config.n_layer * model.config.n_head
-    assert {"head", "position", "ld_drop", "fraction", "direct_effect", "role"} <= set(table[0])
+    heads = table["heads"]
+    assert len(heads) == 2 * model.config.n_layer * model.config.n_head
+    assert {"head", "position", "ld_drop", "fraction", "direct_effect", "role"} <= set(heads[0])
     assert sections and sections[0].name == "(B)NM out"
-    assert any(row["role"] == "name mover" for row in table)
+    assert [row["section"] for row in table["sections"] if row["kept"]] == [s.name for s in sections]
+    assert all((abs(row["fraction"]) >= 0.05) == row["kept"] for row in table["sections"])
+    assert any(row["role"] == "name mover" for row in heads)
+    table = heads
     total_drop = sum(max(row["ld_drop"], 0) for row in table)
     found_by_ablation = [row for row in table if row["role"] in ("S-inhibition", "induction/duplicate token")]
     assert all(row["ld_drop"] >= 0.1 * total_drop for row in found_by_ablation)

@@ -111,7 +111,9 @@ def test_pipeline_end_to_end(tmp_path, model, monkeypatch):
     model.save_pretrained(weights)
     sections = [CrossSection("(B)NM out", (Node("z", 1, 0, "end"),), ("io", "pos")),
                 CrossSection("(B)NM q", (Node("q", 1, 0, "end"), Node("q", 1, 1, "end")), ("pos", "s"))]
-    discovery = [{"head": "L1H0", "position": "end", "ld_drop": 0.5, "fraction": 0.5, "role": "name mover"}]
+    discovery = {"heads": [{"head": "L1H0", "position": "end", "ld_drop": 0.5, "fraction": 0.5, "direct_effect": 0.7,
+                            "role": "name mover"}],
+                 "sections": [{"section": "(B)NM out", "ld_drop": 0.6, "fraction": 0.6, "kept": True}]}
     monkeypatch.setattr(ioi, "circuit_cross_sections", lambda *args, **kwargs: (sections, discovery))
     out = tmp_path / "run"
     settings = ["--out", str(out), "--weights", str(weights), "--preset", "demo", "--n-train", "120",

@@ -84,8 +84,11 @@ def write_metrics(run_dir, results):
               "vanilla_l1": [0.5, 1.0], "gated_l1": 1.0, "topk_k": [3, 6], "edit_k": [2, 4, 8, 16]}
     circuit = {"sections": [{"name": s, "nodes": [f"z@L{i}H1@end", f"z@L{i}H2@end"], "attributes": ["io", "pos"]}
                             for i, s in enumerate(SITES)],
-               "discovery": [{"head": "L3H1", "position": "end", "ld_drop": 1.5, "fraction": 0.4, "role": "name mover"},
-                             {"head": "L1H0", "position": "s2", "ld_drop": 0.2, "fraction": 0.05, "role": ""}]}
+               "discovery": {"heads": [{"head": "L3H1", "position": "end", "ld_drop": 1.5, "fraction": 0.4,
+                                        "direct_effect": 1.1, "role": "name mover"},
+                                       {"head": "L1H0", "position": "s2", "ld_drop": 0.2, "fraction": 0.05,
+                                        "direct_effect": None, "role": ""}],
+                             "sections": [{"section": "(B)NM q", "ld_drop": 0.01, "fraction": 0.003, "kept": False}]}}
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump({"config": config, "circuit": circuit, "results": results}, f)
 
@@ -106,6 +109,7 @@ def test_full_report(tmp_path):
     assert "scaled down" in text
     assert re.search(r"\| S-I v \| [^\n]*0\.78 / ", text)  # the supervised sufficiency put in above
     assert "| L3H1 | end | 1.50 |" in text and "L1H0" not in text  # only heads with a role
+    assert "| (B)NM q | 0.01 | 0.00 | dropped: not causal here |" in text
     assert "within the paper's range" in text
     assert "lower at every λ > 0" in text
     figures = referenced_figures(tmp_path)
