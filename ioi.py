@@ -394,17 +394,18 @@ def circuit_cross_sections(model, prompts, batch_size=256):
     return discover(model, prompts, batch_size=batch_size)
 
 
-def discover(model, prompts, threshold=0.1, min_section_effect=0.05, batch_size=256):
+def discover(model, prompts, threshold=1 / 3, min_section_effect=0.05, batch_size=256):
     """Find the heads that matter in a model whose circuit is unknown, and group them.
 
     Two measures per head (Wang et al. 2022, sections 3.1-3.2): the drop in mean LD when
     its z at `end` (then at `s2`) is mean-ablated over the prompts, and its direct effect,
     the LD its output at `end` writes straight into the logits. Groups, each with a
-    threshold relative to the total of its measure (small models spread the work over
-    many redundant heads, so a fixed share of the clean LD would find none):
-      name movers: direct effect >= threshold * (sum of positive direct effects);
-      S-inhibition: other heads whose ablation at `end` costs >= threshold * (sum of
-      positive LD drops over all heads and positions);
+    threshold relative to the strongest head on its measure (small models spread the work
+    over many similar heads, so a fixed share of the clean LD, or of the total, would
+    split a group of equals at random):
+      name movers: direct effect >= threshold * (largest direct effect);
+      S-inhibition: other heads whose ablation at `end` costs >= threshold * (largest LD
+      drop over all heads and positions);
       induction/duplicate token: heads whose ablation at `s2` costs that much.
     A cross-section is kept if mean-ablating all its nodes at once moves the mean LD by at
     least `min_section_effect` of the clean mean LD.
@@ -427,13 +428,13 @@ def discover(model, prompts, threshold=0.1, min_section_effect=0.05, batch_size=
 
     direct = direct_effects(model, prompts, batch_size)                          # [layer, head]
     drops = [clean - _scores(model, prompts, batch_size, mean_ablated(node))[:, 0].mean().item() for node in nodes]
-    total_direct, total_drop = direct.clamp(min=0).sum().item(), sum(max(drop, 0) for drop in drops)
+    top_direct, top_drop = direct.max().item(), max(drops)
     table = []
     for node, drop in zip(nodes, drops):
         effect = direct[node.layer, node.head].item() if node.position == "end" else None
-        if effect is not None and effect >= threshold * total_direct:
+        if effect is not None and effect >= threshold * top_direct:
             role = "name mover"
-        elif drop >= threshold * total_drop:
+        elif drop >= threshold * top_drop:
             role = "S-inhibition" if node.position == "end" else "induction/duplicate token"
         else:
             role = ""

@@ -176,6 +176,17 @@ def test_batched_stack_equals_training_alone():
     assert sorted({log["sae"] for log in logs}) == [0, 1, 2]
 
 
+def test_bench_sae_training_reports_consistent_figures():
+    r = D.bench_sae_training(n_sae=3, d_in=8, d_sae=16, n=256, epochs=1, batch_size=64, repeats=1)
+    assert all(r[key] > 0 for key in ("stack_s", "grouped_s", "loop_s", "gflops", "matmul_gflops", "paper_grid_hours"))
+    assert r["speedup"] == pytest.approx(r["loop_s"] / min(r["stack_s"], r["grouped_s"]))
+    steps = 3 * 1 * (256 // 64)
+    assert r["loop_ms_per_sae_step"] == pytest.approx(1e3 * r["loop_s"] / steps)
+    # the ceiling compares the loop's step with the time of its matmuls at the bare matmul rate
+    matmul_ms = D.MATMULS_PER_STEP["vanilla"] * 2 * 64 * 8 * 16 / (r["matmul_gflops"] * 1e9) * 1e3
+    assert r["speedup_ceiling"] == pytest.approx(r["loop_ms_per_sae_step"] / matmul_ms)
+
+
 def test_training_is_deterministic_for_a_seed():
     x, _ = planted(n=512)
     config = D.TrainConfig(d_sae=32, batch_size=128, epochs=2)
