@@ -737,7 +737,7 @@ class Grader:
         for attribute, norm in norms.items():
             self.record("supervised_feature_norm", site, "supervised", norm, attribute=attribute)
         self.alpha_sweep(node, features["io"])
-        self.occlusion_toy(norms, node)
+        self.occlusion_toy(norms)
 
     def alpha_sweep(self, node, io_features):
         """Train SAEs on a - α u_IO: as the IO features shrink, S latents should appear."""
@@ -756,12 +756,14 @@ class Grader:
                             metrics.names_with_latent(interpretation.f1, interpretation.labels, attribute, 0.5),
                             alpha=alpha, setting=k)
 
-    def occlusion_toy(self, norms, node):
-        """a = u_i + v_j with the measured IO and S feature norms: which features do SAEs find?"""
+    def occlusion_toy(self, norms):
+        """a = u_i + v_j with the measured IO and S feature norms: which features do SAEs find?
+        The paper's toy sizes (216 values, 64 dimensions: nearly orthogonal features), so
+        that the norms decide what is recovered, not crowding in a small head."""
         c = self.run.config
         results = metrics.occlusion_toy_experiment(
-            norms["io"], norms["s"], c.vanilla_l1, n_values=len(ioi.NAMES), d=self.run.acts["train"][node].shape[1],
-            n_samples=20_000, config=dictionaries.TrainConfig(d_sae=c.d_sae, epochs=c.epochs, lr=c.sae_lr), seed=c.seed)
+            norms["io"], norms["s"], c.vanilla_l1, n_values=216, d=64, n_samples=20_000,
+            config=dictionaries.TrainConfig(d_sae=c.d_sae, epochs=c.epochs, lr=c.sae_lr), seed=c.seed)
         for result in results:
             for attribute in ("io", "s"):
                 self.record("occlusion_toy_recovered", "toy", "vanilla", result[attribute], attribute=attribute,
@@ -1308,8 +1310,9 @@ def _occlusion_toy(results):
     toy = _recs(results, "occlusion_toy_recovered")
     if not toy:
         return []
-    return ["Toy model a = u_IO + v_S with the measured feature norms: share of features that get a latent "
-            "with F1 > 0.9. Look for the high-norm features recovered and the low-norm ones not.",
+    return ["Toy model a = u_IO + v_S (216 values each, 64 dimensions, as in the paper) with the measured "
+            "feature norms: share of features that get a vanilla-SAE latent with F1 > 0.9. Look for the "
+            "high-norm features recovered and the low-norm ones not.",
             _table([(r["attribute"].upper(), r.get("norm"), _setting("vanilla", r.get("setting")), r["value"])
                     for r in toy], ["feature", "norm", "setting", "share recovered"])]
 
