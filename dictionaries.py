@@ -662,7 +662,8 @@ def bench_sae_training(n_sae: int = 24, d_in: int = 64, d_sae: int = 512, n: int
             **seconds, "speedup": seconds["loop_s"] / min(seconds["stack_s"], seconds["grouped_s"]),
             "ms_per_sae_step": 1e3 * per_sae_step, "loop_ms_per_sae_step": 1e3 * loop_per_sae_step,
             "gflops": flops_per_sae_step / per_sae_step / 1e9, "matmul_gflops": matmul_flops_per_s / 1e9,
-            # No batching can beat a step made of nothing but its matmuls at the bare matmul rate:
+            # the loop's step against a step that is nothing but its matmuls, at the rate a bare
+            # batched matmul of the encoder's shape reaches here (small-K matmuls run far below peak)
             "speedup_ceiling": loop_per_sae_step / (flops_per_sae_step / matmul_flops_per_s),
             "paper_grid_hours": 55 * 12 * 2000 * math.ceil(20_000 / 512) * per_sae_step / 3600}
 
