@@ -116,7 +116,7 @@ class Attention(nn.Module):
             z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
         else:
             # The same softmax(q k^T / sqrt(d_head)) v with the same causal mask, fused by
-            # PyTorch: no [batch, head, q, k] tensor and no layout copies (~6% of a forward).
+            # PyTorch: no [batch, head, q, k] tensor and no layout copies (a few % of a forward).
             z = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True).transpose(1, 2)
         z = hook(f"{name}.hook_z", z)                              # [batch, pos, head, d_head]
         if only_at is not None:

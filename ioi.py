@@ -446,8 +446,9 @@ def discover(model, prompts, threshold=1 / 3, min_section_effect=0.05, batch_siz
     # A cross-section is graded only if it is causal: mean-ablating all its nodes together must
     # move the mean LD. Otherwise sufficiency is ~1 whatever is patched in, and necessity
     # divides by ~0 (e.g. a small model whose name movers attend by key, not by query).
-    section_nodes = list(dict.fromkeys(node for section in sections for node in section.nodes))
-    means.update({node: acts.mean(0) for node, acts in collect_activations(model, prompts, section_nodes, batch_size).items()})
+    new_nodes = list(dict.fromkeys(node for section in sections for node in section.nodes if node not in means))
+    if new_nodes:
+        means.update({node: acts.mean(0) for node, acts in collect_activations(model, prompts, new_nodes, batch_size).items()})
     kept, section_rows = [], []
     for section in sections:
         def hooks_for(batch, section=section):
