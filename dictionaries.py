@@ -446,8 +446,8 @@ class TrainConfig:
     resample_at: tuple = (0.125, 0.25, 0.375, 0.5)  # fractions of training (vanilla/gated only)
     warmup_fraction: float = 0.02  # linear LR warm-up at the start and after each resampling
     decay_fraction: float = 0.25  # linear LR decay to 0 over the last quarter
-    max_stack: Optional[int] = 8  # SAEs per tensor program; None: all at once (GPU). On 2 CPU
-    # cores a step is compute- and memory-bound beyond ~8 SAEs, so bigger stacks gain nothing
+    max_stack: Optional[int] = 4  # SAEs per tensor program; None: all at once (GPU). On 2 CPU
+    # cores the [S, batch, d_sae] latent tensors leave the caches beyond ~4 SAEs (64 -> 512)
 
 
 def checkpoint_epochs(epochs: int) -> list:
