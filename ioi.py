@@ -445,7 +445,7 @@ def discover(model, prompts, threshold=1 / 3, min_section_effect=0.05, batch_siz
     sections = cross_sections(heads["name mover"], heads["S-inhibition"], heads["induction/duplicate token"])
     # A cross-section is graded only if it is causal: mean-ablating all its nodes together must
     # move the mean LD. Otherwise sufficiency is ~1 whatever is patched in, and necessity
-    # divides by ~0 (e.g. a small model whose name movers attend by key, not by query).
+    # divides by ~0 (e.g. a small model whose name-mover queries carry nothing it uses).
     new_nodes = list(dict.fromkeys(node for section in sections for node in section.nodes if node not in means))
     if new_nodes:
         means.update({node: acts.mean(0) for node, acts in collect_activations(model, prompts, new_nodes, batch_size).items()})
