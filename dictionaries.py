@@ -40,12 +40,14 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import click
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+
+import gpt2
 
 # ---------------------------------------------------------------------------------------
 # Small helpers: validation and atomic files
@@ -63,19 +65,8 @@ def _check_matrix(x, what: str) -> torch.Tensor:
     return x
 
 
-def _atomic(path: Path, write: Callable[[str], None]):
-    """Write via `path.tmp` then os.replace, so a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _save_tensors(tensors: dict, path: Path):
-    _atomic(path, lambda tmp: save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp))
-
-
-def _save_json(obj, path: Path):
-    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
+    gpt2.atomic_write(str(path), lambda tmp: save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp))
 
 
 def load_activations(path) -> torch.Tensor:
@@ -196,8 +187,8 @@ class SupervisedDictionary:
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {"bias": self.bias, **{f"features.{k}": v for k, v in self.features.items()}}
         _save_tensors(tensors, directory / "dictionary.safetensors")
-        _save_json({"method": self.method, "n_values": {k: len(v) for k, v in self.features.items()}},
-                   directory / "dictionary.json")
+        gpt2.write_json(str(directory / "dictionary.json"),
+                        {"method": self.method, "n_values": {k: len(v) for k, v in self.features.items()}})
 
     @classmethod
     def load(cls, directory):
@@ -385,7 +376,7 @@ def save_sae(sae: SAE, directory):
     if sae.arch == "topk":
         cfg |= {"k": sae.k, "activation_fn_kwargs": {"k": sae.k}}
     _save_tensors(sae.params, directory / "sae_weights.safetensors")
-    _save_json(cfg, directory / "cfg.json")  # written last: its presence marks a complete save
+    gpt2.write_json(str(directory / "cfg.json"), cfg)  # written last: its presence marks a complete save
 
 
 def _arch_from_saelens(cfg: dict) -> str:

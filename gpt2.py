@@ -299,7 +299,7 @@ class GPT2(nn.Module):
         """Write model.safetensors (hub-style bare names) and config.json, each atomically."""
         os.makedirs(directory, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(os.path.join(directory, "model.safetensors"), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        atomic_write(os.path.join(directory, "model.safetensors"), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
         write_json(os.path.join(directory, "config.json"), self.config.to_hf_dict())
 
 
@@ -350,7 +350,7 @@ def weights_hash(model):
 
 # ----------------------------------------------------------------------------- loading helpers
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """Call write(tmp_path), then rename: an interrupted save never leaves a partial file."""
     tmp = path + ".tmp"
     try:
@@ -362,11 +362,11 @@ def _atomic_write(path, write):
 
 
 def write_json(path, data):
-    """Write `data` as JSON, atomically (see `_atomic_write`)."""
+    """Write `data` as JSON, atomically (see `atomic_write`)."""
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(data, f, indent=1)
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _checkpoint_files(path):

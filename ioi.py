@@ -526,7 +526,7 @@ def collect_activations(model, prompts, nodes, batch_size=256, cache_dir=None):
     if cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)
         tensors = {str(node): acts.contiguous() for node, acts in activations.items()}
-        gpt2._atomic_write(stem + ".safetensors", lambda tmp: save_file(tensors, tmp))
+        gpt2.atomic_write(stem + ".safetensors", lambda tmp: save_file(tensors, tmp))
         gpt2.write_json(stem + ".json", config)
     return activations
 

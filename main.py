@@ -9,6 +9,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Optional
 
 import click
@@ -1020,9 +1021,7 @@ def _panels(n, ncols=3, size=(4.2, 3.3)):
 
 def _save(fig, figdir, name, alt):
     """Write a PNG atomically and return its markdown image link."""
-    path = os.path.join(figdir, name)
-    fig.savefig(path + ".tmp", format="png", dpi=110)
-    os.replace(path + ".tmp", path)
+    gpt2.atomic_write(os.path.join(figdir, name), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     return f"![{alt}](figures/{name})"
 
 
@@ -1467,10 +1466,8 @@ def write_report(run_dir) -> str:
               + ["## 6. Two SAE failure modes"] + _occlusion(results, figdir) + _alpha_figure(results, figdir)
               + _occlusion_toy(results) + _oversplitting(results, figdir)
               + _core_section(results) + _paper_section(results))
-    path = os.path.join(run_dir, "report.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n\n".join(blocks) + "\n")
-    os.replace(path + ".tmp", path)
+    report_md = "\n\n".join(blocks) + "\n"
+    gpt2.atomic_write(os.path.join(run_dir, "report.md"), lambda tmp: Path(tmp).write_text(report_md))
     return summary
 
 
