@@ -437,8 +437,8 @@ class TrainConfig:
     resample_at: tuple = (0.125, 0.25, 0.375, 0.5)  # fractions of training (vanilla/gated only)
     warmup_fraction: float = 0.02  # linear LR warm-up at the start and after each resampling
     decay_fraction: float = 0.25  # linear LR decay to 0 over the last quarter
-    max_stack: Optional[int] = 4  # SAEs per tensor program; None: all at once (GPU). On 2 CPU
-    # cores the [S, batch, d_sae] latent tensors leave the caches beyond ~4 SAEs (64 -> 512)
+    max_stack: Optional[int] = 4  # SAEs per tensor program; None: all at once (GPU). 2 to 4 was
+    # the fastest of 1..24 on 2 CPU cores (64 -> 512): bigger stacks only add memory traffic
 
 
 def checkpoint_epochs(epochs: int) -> list:
@@ -569,7 +569,9 @@ def train_sae_stack(datasets: torch.Tensor, specs: list, config: Optional[TrainC
     p = init_params(arch, d, config.d_sae, generators, datasets.mean(1)[data_index] * scales[:, None])
     for t in p.values():
         t.requires_grad_()
-    adam = torch.optim.Adam(p.values(), lr=config.lr)
+    # The fused Adam updates each tensor in one kernel (a loop over SAEs spends ~20% of its
+    # step in the unfused optimizer's small ops); on CPU it needs torch >= 2.4.
+    adam = torch.optim.Adam(p.values(), lr=config.lr, fused=torch.__version__ >= "2.4")
 
     steps_per_epoch = math.ceil(n / batch_size)
     total = config.epochs * steps_per_epoch
@@ -620,42 +622,57 @@ def train_sae(acts: torch.Tensor, spec: SAESpec, config: Optional[TrainConfig] =
 MATMULS_PER_STEP = {"vanilla": 5, "gated": 7, "topk": 5}  # forward + backward, each 2·B·d_in·d_sae FLOPs
 
 
-def bench_sae_training(n_sae: int = 24, d_in: int = 64, d_sae: int = 512, n: int = 8192, epochs: int = 4,
+def _step_matmuls(n_sae, batch_size, d_in, d_sae):
+    """The five matmuls of a vanilla step for a stack of n_sae SAEs, on random tensors:
+    encode x W_enc and decode f W_dec; backward: f^T g (W_dec), g W_dec^T (f), x^T g_pre (W_enc)."""
+    x, g = torch.randn(n_sae, batch_size, d_in), torch.randn(n_sae, batch_size, d_in)  # inputs, dL/dx̂
+    f = torch.randn(n_sae, batch_size, d_sae)  # latents (and dL/dpre: the same shape)
+    W_enc, W_dec = torch.randn(n_sae, d_in, d_sae), torch.randn(n_sae, d_sae, d_in)
+    return lambda: (x @ W_enc, f @ W_dec, f.mT @ g, g @ W_dec.mT, x.mT @ f)
+
+
+def bench_sae_training(n_sae: int = 24, d_in: int = 64, d_sae: int = 512, n: int = 8192, epochs: int = 8,
                        arch: str = "vanilla", batch_size: int = 512, repeats: int = 2, seed: int = 0) -> dict:
     """Seconds to train n_sae SAEs (best of `repeats`, the machine being shared): as one
     stack, in groups of TrainConfig.max_stack, and in a loop one by one (the same code on
-    stacks of one). Also the stack's FLOP rate next to a bare batched matmul of the same
-    shape, and the paper's grid extrapolated from the best time per SAE per step: 55 nodes
-    × 12 settings, 20,000 activations of 64 dims, 2,000 epochs, batch 512."""
+    stacks of one). No resampling: a real run resamples 4 times in 2,000 epochs, here it
+    would dominate (the statistics at checkpoints 1, 2, 4, 8 are included, so per-step
+    times are a little high).
+
+    Next to them, the time of a step's matmuls alone, for one SAE and per SAE in a stack of
+    max_stack: what batching could at best save. And the paper's grid extrapolated from the
+    best time per SAE per step: 55 nodes × 12 settings, 20,000 activations of 64 dims,
+    2,000 epochs, batch 512."""
     data = torch.randn(1, n, d_in, generator=torch.Generator().manual_seed(seed))
     specs = [SAESpec(arch, l1=1.0, k=8, seed=i) for i in range(n_sae)]
-    config = TrainConfig(d_sae=d_sae, batch_size=batch_size, epochs=epochs)
+    config = TrainConfig(d_sae=d_sae, batch_size=batch_size, epochs=epochs, resample_at=())
 
-    def best(train):
-        times = []
-        for _ in range(repeats):
+    def best(run, times=repeats):
+        seconds = []
+        for _ in range(times):
             start = time.perf_counter()
-            train()
-            times.append(time.perf_counter() - start)
-        return min(times)
+            run()
+            seconds.append(time.perf_counter() - start)
+        return min(seconds)
 
     seconds = {"stack_s": best(lambda: train_sae_stack(data, specs, replace(config, max_stack=None))),
                "grouped_s": best(lambda: train_sae_stack(data, specs, config)),
                "loop_s": best(lambda: [train_sae_stack(data, [spec], config) for spec in specs])}
-    x, W = torch.randn(n_sae, batch_size, d_in), torch.randn(n_sae, d_in, d_sae)
-    matmul_s = best(lambda: [x @ W for _ in range(10)]) / 10
+    stack = min(n_sae, config.max_stack or n_sae)
+    matmul_ms = {size: 1e3 * best(_step_matmuls(size, batch_size, d_in, d_sae), 10 * repeats) / size
+                 for size in (1, stack)}  # per SAE step
     sae_steps = n_sae * epochs * math.ceil(n / batch_size)
     per_sae_step = min(seconds["stack_s"], seconds["grouped_s"]) / sae_steps
-    flops_per_sae_step = MATMULS_PER_STEP[arch] * 2 * batch_size * d_in * d_sae
-    matmul_flops_per_s = 2 * n_sae * batch_size * d_in * d_sae / matmul_s
     loop_per_sae_step = seconds["loop_s"] / sae_steps
-    return {"arch": arch, "n_sae": n_sae, "d_in": d_in, "d_sae": d_sae, "max_stack": config.max_stack,
+    flops_per_sae_step = MATMULS_PER_STEP[arch] * 2 * batch_size * d_in * d_sae
+    return {"arch": arch, "n_sae": n_sae, "d_in": d_in, "d_sae": d_sae, "n": n, "epochs": epochs, "stack": stack,
             **seconds, "speedup": seconds["loop_s"] / min(seconds["stack_s"], seconds["grouped_s"]),
             "ms_per_sae_step": 1e3 * per_sae_step, "loop_ms_per_sae_step": 1e3 * loop_per_sae_step,
-            "gflops": flops_per_sae_step / per_sae_step / 1e9, "matmul_gflops": matmul_flops_per_s / 1e9,
-            # the loop's step against a step that is nothing but its matmuls, at the rate a bare
-            # batched matmul of the encoder's shape reaches here (small-K matmuls run far below peak)
-            "speedup_ceiling": loop_per_sae_step / (flops_per_sae_step / matmul_flops_per_s),
+            "gflops": flops_per_sae_step / per_sae_step / 1e9,
+            "matmul_ms_one": matmul_ms[1], "matmul_ms_stacked": matmul_ms[stack],
+            "matmul_gflops_stacked": 5 * 2 * batch_size * d_in * d_sae / matmul_ms[stack] / 1e6,
+            # the loop's step against a stacked step that would be nothing but its matmuls
+            "speedup_ceiling": 1e3 * loop_per_sae_step / matmul_ms[stack],
             "paper_grid_hours": 55 * 12 * 2000 * math.ceil(20_000 / 512) * per_sae_step / 3600}
 
 

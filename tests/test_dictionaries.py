@@ -178,13 +178,19 @@ def test_batched_stack_equals_training_alone():
 
 def test_bench_sae_training_reports_consistent_figures():
     r = D.bench_sae_training(n_sae=3, d_in=8, d_sae=16, n=256, epochs=1, batch_size=64, repeats=1)
-    assert all(r[key] > 0 for key in ("stack_s", "grouped_s", "loop_s", "gflops", "matmul_gflops", "paper_grid_hours"))
+    assert all(r[key] > 0 for key in ("stack_s", "grouped_s", "loop_s", "gflops", "matmul_ms_one", "paper_grid_hours"))
+    assert r["stack"] == 3  # the default stack of 4 holds all three
     assert r["speedup"] == pytest.approx(r["loop_s"] / min(r["stack_s"], r["grouped_s"]))
     steps = 3 * 1 * (256 // 64)
     assert r["loop_ms_per_sae_step"] == pytest.approx(1e3 * r["loop_s"] / steps)
-    # the ceiling compares the loop's step with the time of its matmuls at the bare matmul rate
-    matmul_ms = D.MATMULS_PER_STEP["vanilla"] * 2 * 64 * 8 * 16 / (r["matmul_gflops"] * 1e9) * 1e3
-    assert r["speedup_ceiling"] == pytest.approx(r["loop_ms_per_sae_step"] / matmul_ms)
+    # the ceiling compares the loop's step with the stacked step's five matmuls alone
+    assert r["speedup_ceiling"] == pytest.approx(r["loop_ms_per_sae_step"] / r["matmul_ms_stacked"])
+    assert r["matmul_gflops_stacked"] == pytest.approx(5 * 2 * 64 * 8 * 16 / (r["matmul_ms_stacked"] * 1e6))
+
+
+def test_step_matmuls_have_the_shapes_of_a_vanilla_step():
+    shapes = [tuple(t.shape) for t in D._step_matmuls(2, 5, 3, 7)()]
+    assert shapes == [(2, 5, 7), (2, 5, 3), (2, 7, 3), (2, 5, 7), (2, 3, 7)]  # pre, x̂, dW_dec, df, dW_enc
 
 
 def test_training_is_deterministic_for_a_seed():
