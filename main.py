@@ -217,10 +217,10 @@ def bench_command(batch, repeats, device):
                f"{s['epochs']} epochs of {s['n']} inputs, best of 2")
     click.echo(f"  loop, one SAE at a time:          {s['loop_s']:6.2f} s  ({s['loop_ms_per_sae_step']:.2f} ms per SAE step)")
     click.echo(f"  one stack of {s['n_sae']}:                {s['stack_s']:6.2f} s")
-    click.echo(f"  stacks of {s['stack']} (the default):      {s['grouped_s']:6.2f} s  ({s['ms_per_sae_step']:.2f} ms per SAE step, "
+    click.echo(f"  stacks of {s['stack_size']} (the default):      {s['grouped_s']:6.2f} s  ({s['ms_per_sae_step']:.2f} ms per SAE step, "
                f"{s['gflops']:.0f} GFLOP/s)")
     click.echo(f"  a step's 5 matmuls alone: {s['matmul_ms_one']:.2f} ms for one SAE, {s['matmul_ms_stacked']:.2f} ms per SAE "
-               f"in a stack of {s['stack']} ({s['matmul_gflops_stacked']:.0f} GFLOP/s)")
+               f"in a stack of {s['stack_size']} ({s['matmul_gflops_stacked']:.0f} GFLOP/s)")
     click.echo(f"  batched / loop: {s['speedup']:.2f}x faster; at most {s['speedup_ceiling']:.2f}x if a stacked step were "
                "nothing but its matmuls")
     click.echo(f"  the paper's grid (55 nodes x 12 settings, 20,000 x 64, 2000 epochs) here: {s['paper_grid_hours']:.1f} h")

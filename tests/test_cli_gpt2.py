@@ -139,7 +139,7 @@ def test_bench_command_prints_forward_and_sae_figures(monkeypatch):
                "ours_gflops": 300.0, "ours_fraction_of_matmul": 0.85, "matmul_size": 2048, "matmul_gflops": 350.0,
                "ours_over_hf": 2.0, "max_abs_logit_diff": 1e-6}
     monkeypatch.setattr(main, "bench_forward", lambda **kwargs: figures)
-    sae_figures = {"arch": "vanilla", "n_sae": 24, "d_in": 64, "d_sae": 512, "n": 8192, "epochs": 8, "stack": 4,
+    sae_figures = {"arch": "vanilla", "n_sae": 24, "d_in": 64, "d_sae": 512, "n": 8192, "epochs": 8, "stack_size": 4,
                    "stack_s": 3.0, "grouped_s": 2.0, "loop_s": 4.5, "speedup": 2.25, "ms_per_sae_step": 0.5,
                    "loop_ms_per_sae_step": 1.125, "gflops": 300.0, "matmul_ms_one": 0.6, "matmul_ms_stacked": 0.45,
                    "matmul_gflops_stacked": 320.0, "speedup_ceiling": 2.5, "paper_grid_hours": 14.3}

@@ -179,7 +179,7 @@ def test_batched_stack_equals_training_alone():
 def test_bench_sae_training_reports_consistent_figures():
     r = D.bench_sae_training(n_sae=3, d_in=8, d_sae=16, n=256, epochs=1, batch_size=64, repeats=1)
     assert all(r[key] > 0 for key in ("stack_s", "grouped_s", "loop_s", "gflops", "matmul_ms_one", "paper_grid_hours"))
-    assert r["stack"] == 3  # the default stack of 4 holds all three
+    assert r["stack_size"] == 3  # the default stack of 4 holds all three
     assert r["speedup"] == pytest.approx(r["loop_s"] / min(r["stack_s"], r["grouped_s"]))
     steps = 3 * 1 * (256 // 64)
     assert r["loop_ms_per_sae_step"] == pytest.approx(1e3 * r["loop_s"] / steps)
