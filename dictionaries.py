@@ -639,8 +639,8 @@ def bench_sae_training(n_sae: int = 24, d_in: int = 64, d_sae: int = 512, n: int
     would dominate (the statistics at checkpoints 1, 2, 4, 8 are included, so per-step
     times are a little high).
 
-    Next to them, the time of a step's matmuls alone, for one SAE and per SAE in a stack of
-    max_stack: what batching could at best save. And the paper's grid extrapolated from the
+    Next to them, the time of a vanilla step's five matmuls alone (whatever `arch`), for one
+    SAE and per SAE in a stack of max_stack: what batching could at best save. And the paper's grid extrapolated from the
     best time per SAE per step: 55 nodes × 12 settings, 20,000 activations of 64 dims,
     2,000 epochs, batch 512."""
     data = torch.randn(1, n, d_in, generator=torch.Generator().manual_seed(seed))
