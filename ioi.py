@@ -394,70 +394,98 @@ def circuit_cross_sections(model, prompts, batch_size=256):
     return discover(model, prompts, batch_size=batch_size)
 
 
-def discover(model, prompts, threshold=1 / 3, min_section_effect=0.05, batch_size=256):
-    """Find the heads that matter in a model whose circuit is unknown, and group them.
+def discover(model, prompts, threshold=1 / 3, min_effect=0.02, min_section_effect=0.05, batch_size=256):
+    """Find the IOI circuit's heads in a model whose circuit is unknown, and group them.
 
-    Two measures per head (Wang et al. 2022, sections 3.1-3.2): the drop in mean LD when
-    its z at `end` (then at `s2`) is mean-ablated over the prompts, and its direct effect,
-    the LD its output at `end` writes straight into the logits. Groups, each with a
-    threshold relative to the strongest head on its measure (small models spread the work
-    over many similar heads, so a fixed share of the clean LD, or of the total, would
-    split a group of equals at random):
-      name movers: direct effect >= threshold * (largest direct effect);
-      S-inhibition: other heads whose ablation at `end` costs >= threshold * (largest LD
-      drop over all heads and positions);
-      induction/duplicate token: heads whose ablation at `s2` costs that much.
+    Each class is found by the measure Wang et al. (2022, section 3) use for it, as a
+    share of the strongest head's value on that measure (small models spread work over
+    similar heads, so a fixed share of the LD would split a group of equals at random),
+    and at least `min_effect` of the clean mean LD:
+      name movers: direct effect, the LD a head's output at `end` writes straight into the
+        logits (`direct_effects`);
+      S-inhibition: among heads in earlier layers, the LD drop when the name movers' queries
+        at `end` are recomputed with the head's z at `end` mean-ablated (path patching:
+        only the effect that goes through the name movers' queries counts);
+      induction / duplicate token: the LD drop when the head's z at `s2` is mean-ablated.
     A cross-section is kept if mean-ablating all its nodes at once moves the mean LD by at
-    least `min_section_effect` of the clean mean LD.
-    Returns (cross-sections, table) with table = {"heads": one row per head and position
-    {head, position, ld_drop, fraction, direct_effect, role}, "sections": one row per
-    cross-section {section, ld_drop, fraction, kept}}.
+    least `min_section_effect` of the clean mean LD (otherwise sufficiency is ~1 whatever is
+    patched in, and necessity divides by ~0).
+    Returns (cross-sections, table): table["heads"] has one row per head and position
+    {head, position, direct_effect, query_effect, ld_drop, fraction, role} (measures not
+    taken at a position are None); table["sections"] one row per cross-section
+    {section, ld_drop, fraction, kept}.
     """
     config = model.config
     clean = _scores(model, prompts, batch_size)[:, 0].mean().item()
-    nodes = [Node("z", layer, head, position) for position in ("end", "s2")
-             for layer in range(config.n_layer) for head in range(config.n_head)]
-    means = {node: acts.mean(0) for node, acts in collect_activations(model, prompts, nodes, batch_size).items()}
+    floor = min_effect * abs(clean)
+    heads = [(layer, head) for layer in range(config.n_layer) for head in range(config.n_head)]
+    means = _mean_activations(model, prompts, [Node("z", l, h, p) for p in ("end", "s2") for l, h in heads],
+                              batch_size)
 
-    def mean_ablated(node):
+    def ablation_drop(nodes, through_queries_of=None):
         def hooks_for(batch):
-            positions = batch.positions[node.position][:, None]                  # [batch, 1]
-            values = means[node].expand(len(positions), 1, -1)                   # [batch, 1, d_head]
-            return {node.hook_name: gpt2.patch_heads(positions, [node.head], values)}
-        return hooks_for
+            ablated = mean_ablation_hooks(batch, nodes, means)
+            if through_queries_of is None:
+                return ablated
+            return patch_hooks(batch, _queries_with(model, batch, ablated, through_queries_of))
+        return clean - _scores(model, prompts, batch_size, hooks_for)[:, 0].mean().item()
 
     direct = direct_effects(model, prompts, batch_size)                          # [layer, head]
-    drops = [clean - _scores(model, prompts, batch_size, mean_ablated(node))[:, 0].mean().item() for node in nodes]
-    top_direct, top_drop = direct.max().item(), max(drops)
+    name_movers = [(l, h) for l, h in heads if direct[l, h] >= max(threshold * direct.max().item(), floor)]
+    first_mover_layer = min((l for l, _ in name_movers), default=0)
+    query_effect = {(l, h): ablation_drop([Node("z", l, h, "end")], name_movers)
+                    for l, h in heads if l < first_mover_layer}
+    s2_drop = {(l, h): ablation_drop([Node("z", l, h, "s2")]) for l, h in heads}
+
+    def strong(effects):
+        top = max(effects.values(), default=0.0)
+        return [head for head, effect in effects.items() if effect >= max(threshold * top, floor)]
+    s_inhibition, induction_dt = strong(query_effect), strong(s2_drop)
+
     table = []
-    for node, drop in zip(nodes, drops):
-        effect = direct[node.layer, node.head].item() if node.position == "end" else None
-        if effect is not None and effect >= threshold * top_direct:
-            role = "name mover"
-        elif drop >= threshold * top_drop:
-            role = "S-inhibition" if node.position == "end" else "induction/duplicate token"
-        else:
-            role = ""
-        table.append({"head": f"L{node.layer}H{node.head}", "position": node.position, "ld_drop": drop,
-                      "fraction": drop / clean, "direct_effect": effect, "role": role})
-    heads = {role: [(n.layer, n.head) for n, row in zip(nodes, table) if row["role"] == role]
-             for role in ("name mover", "S-inhibition", "induction/duplicate token")}
-    sections = cross_sections(heads["name mover"], heads["S-inhibition"], heads["induction/duplicate token"])
-    # A cross-section is graded only if it is causal: mean-ablating all its nodes together must
-    # move the mean LD. Otherwise sufficiency is ~1 whatever is patched in, and necessity
-    # divides by ~0 (e.g. a small model whose name-mover queries carry nothing it uses).
-    new_nodes = list(dict.fromkeys(node for section in sections for node in section.nodes if node not in means))
-    if new_nodes:
-        means.update({node: acts.mean(0) for node, acts in collect_activations(model, prompts, new_nodes, batch_size).items()})
+    for l, h in heads:
+        role = "name mover" if (l, h) in name_movers else "S-inhibition" if (l, h) in s_inhibition else ""
+        drop = ablation_drop([Node("z", l, h, "end")]) if role else None
+        table.append({"head": f"L{l}H{h}", "position": "end", "direct_effect": direct[l, h].item(),
+                      "query_effect": query_effect.get((l, h)), "ld_drop": drop,
+                      "fraction": None if drop is None else drop / clean, "role": role})
+        table.append({"head": f"L{l}H{h}", "position": "s2", "direct_effect": None, "query_effect": None,
+                      "ld_drop": s2_drop[l, h], "fraction": s2_drop[l, h] / clean,
+                      "role": "induction/duplicate token" if (l, h) in induction_dt else ""})
+    sections = cross_sections(name_movers, s_inhibition, induction_dt)
+    new_nodes = [node for section in sections for node in section.nodes if node not in means]
+    means.update(_mean_activations(model, prompts, list(dict.fromkeys(new_nodes)), batch_size))
     kept, section_rows = [], []
     for section in sections:
-        def hooks_for(batch, section=section):
-            return patch_hooks(batch, {node: means[node].expand(len(batch.tokens), -1) for node in section.nodes})
-        drop = clean - _scores(model, prompts, batch_size, hooks_for)[:, 0].mean().item()
+        drop = ablation_drop(section.nodes)
         keep = abs(drop) >= min_section_effect * abs(clean)
         section_rows.append({"section": section.name, "ld_drop": drop, "fraction": drop / clean, "kept": keep})
         kept += [section] if keep else []
     return kept, {"heads": table, "sections": section_rows}
+
+
+def _mean_activations(model, prompts, nodes, batch_size):
+    return {node: acts.mean(0) for node, acts in collect_activations(model, prompts, nodes, batch_size).items()}
+
+
+def mean_ablation_hooks(batch, nodes, means):
+    """Hooks that set every node of `nodes` to its mean ({Node: [d_head]}) in one forward pass."""
+    return patch_hooks(batch, {node: means[node].expand(len(batch.tokens), -1) for node in nodes})
+
+
+def _queries_with(model, batch, hooks, heads):
+    """{q@head@end: [batch, d_head]}: the queries of `heads` at `end` in a run with `hooks`."""
+    captured = {}
+
+    def capture(name):
+        def fn(act):
+            captured[name] = act
+        return fn
+    names = list(dict.fromkeys(f"blocks.{layer}.attn.hook_q" for layer, _ in heads))
+    model.run_with_hooks(batch.tokens, hooks + [(name, capture(name)) for name in names],
+                         logits_at=batch.positions["end"])
+    rows, end = torch.arange(len(batch.tokens)), batch.positions["end"]
+    return {Node("q", l, h, "end"): captured[f"blocks.{l}.attn.hook_q"][rows, end, h] for l, h in heads}
 
 
 def direct_effects(model, prompts, batch_size=256):
@@ -497,7 +525,7 @@ def collect_activations(model, prompts, nodes, batch_size=256, cache_dir=None):
     (weights hash, prompt fingerprint, nodes); the file name is a hash of that JSON, so a
     changed setting never picks up a stale file.
     """
-    nodes = list(nodes)
+    nodes = list(dict.fromkeys(nodes))  # each node once, even if asked for twice
     if cache_dir is not None:
         config = {"weights": gpt2.weights_hash(model), "prompts": prompts_fingerprint(prompts),
                   "nodes": [str(node) for node in nodes]}
@@ -531,98 +559,204 @@ def collect_activations(model, prompts, nodes, batch_size=256, cache_dir=None):
     return activations
 
 
-# ----------------------------------------------------------------------------- the small IOI model
+# ----------------------------------------------------------------------------- the embedded IOI model
+#
+# GPT-2 Small's IOI circuit (Wang et al. 2022, figure 2) written by hand into the weights of
+# a 4-layer GPT-2, one head class per layer. Nothing here is trained: every weight says what
+# the head reads and writes, so the features a supervised dictionary should find are known.
+#
+#   layer 0  previous-token head   at each token, copy the previous token's name
+#            duplicate-token head  at a name seen before (s2), copy where and which it was (s1)
+#   layer 1  induction head        at s2, attend to the token after the earlier copy (s1+1), copy the same
+#   layer 2  S-inhibition heads    at `end`, attend to the duplicate (s2), copy "S is this name, at that position"
+#   layer 3  name movers           at `end`, attend to the names the S-inhibition signal does not rule out,
+#                                  copy that name to the logits
+#
+# The name movers' query is where the signals meet: attention score of a name token =
+#   name_bonus + duplicate_bonus * [it is s2] - inhibit_position * [at S's first position]
+#   - inhibit_token * [it is the S token]
+# so the IO wins. Editing Pos upstream moves the position inhibition onto the IO; editing S
+# lifts the token inhibition, and the repeated name s2 (duplicate bonus) wins: both change
+# the answer, as in GPT-2, where the paper edits them (arXiv 2405.08366, section 4).
+
+# The residual stream holds named blocks of features (sizes in dimensions). Each block is a
+# set of orthonormal directions of the residual, all orthogonal to the all-ones vector, so
+# LayerNorm's mean subtraction changes nothing; `bias` is a large constant direction at every
+# position, so LayerNorm's division by the norm is nearly the same everywhere.
+FEATURES = (
+    ("bias", 1),        # constant: queries that do not depend on the token read it
+    ("bos", 1),         # 1 at <|endoftext|>: where a head attends when nothing matches
+    ("is_name", 1),     # 1 at a name token
+    ("name_key", 30),   # which name: the part heads match on ...
+    ("name_rest", 26),  # ... and the rest of its (unit-norm, random) code, for the logits
+    ("other", 6),       # a small random code for every other token
+    ("pos", 31),        # the position, one-hot (positions 1..31; 0 is always BOS)
+    ("prev_name", 30),  # written by the previous-token head: name_key of the token before
+    ("dup", 1),         # written at s2: "this name occurred before"
+    ("s1_pos", 31),     # written at s2: the position of the earlier occurrence, s1
+    ("dup_name", 30),   # written at s2: which name occurred before (name_key of S)
+    ("si_name", 30),    # written at `end` by S-inhibition: which name is S
+    ("si_pos", 31),     # written at `end` by S-inhibition: where S first occurred
+)
+
 
 @dataclass
-class ToyConfig:
-    """A small GPT-2 (GPT-2's tokenizer and full vocabulary) trained on IOI prompts only."""
-    n_layer: int = 3
-    n_embd: int = 128
-    n_head: int = 8
-    n_positions: int = 32      # prompts are at most ~20 tokens
-    steps: int = 2000
-    batch_size: int = 64
-    lr: float = 3e-3
-    warmup: int = 100
-    weight_decay: float = 0.01
-    seed: int = 0
-    n_eval: int = 1000         # held-out prompts scored after training
+class CircuitConfig:
+    """The embedded IOI model: sizes, the seed of its random codes, and its attention scores."""
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4             # d_head 64, as in GPT-2 Small
+    n_positions: int = 32       # prompts are at most ~23 tokens
+    seed: int = 0               # draws the name codes and the residual basis
+    bias_norm: float = 15.5     # with ~8 unit features, |x| ~ 16 = sqrt(n_embd): LayerNorm ~ identity
+    # attention scores (logits of the softmax) of the heads' wanted matches
+    match: float = 30.0         # previous token, duplicate, induction, S-inhibition to s2
+    sink: float = 15.0          # BOS, the fallback when nothing matches
+    name_bonus: float = 10.0    # name movers: any name
+    duplicate_bonus: float = 4.0
+    inhibit_position: float = 16.0
+    inhibit_token: float = 14.0
+    name_logit: float = 5.0     # name movers also raise every name's logit (copying "a name")
+    logit_scale: float = 2.0    # ln_f weight: sets the logit difference (mean ~4, GPT-2 Small ~3.5)
 
 
-def train_toy_model(config, progress=True):
-    """Train with cross-entropy on the answer (IO) at `end`, from train templates/objects/places.
+def _feature_slices():
+    slices, start = {}, 0
+    for name, size in FEATURES:
+        slices[name] = slice(start, start + size)
+        start += size
+    return slices, start
 
-    Deterministic for `config.seed` on a given machine and thread count: torch's generator
-    initialises the weights, numpy's draws the prompts (fresh ones every step).
+
+def _unit_rows(n, d, generator):
+    rows = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    return rows / rows.norm(dim=1, keepdim=True)
+
+
+class CircuitWriter:
+    """Writes heads into a GPT-2 state dict, in terms of the named feature blocks.
+
+    An attention score term (query block, key block, M) adds x_q^T M x_k to the score, in
+    units of the softmax's logits; an output term (source block, target block, M) adds
+    x_source^T M to the target block of the residual. Each term takes its own coordinates of
+    the head's 64, so terms never interfere.
     """
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
+
+    def __init__(self, config):
+        self.config, self.d_head = config, config.n_embd // config.n_head
+        self.slices, n_features = _feature_slices()
+        generator = torch.Generator().manual_seed(config.seed)
+        # An orthonormal basis of the zero-mean subspace: QR of [ones, random] drops the ones.
+        seed_matrix = torch.cat([torch.ones(config.n_embd, 1, dtype=torch.float64),
+                                 torch.randn(config.n_embd, n_features, generator=generator, dtype=torch.float64)], 1)
+        self.basis = torch.linalg.qr(seed_matrix)[0][:, 1:].T                 # [feature, d_model]
+        self.generator = generator
+        model = gpt2.GPT2(gpt2.GPT2Config(n_positions=config.n_positions, n_embd=config.n_embd,
+                                          n_layer=config.n_layer, n_head=config.n_head))
+        # Everything not written below stays 0: idle heads, MLPs and biases; LayerNorms are identities.
+        self.state = {key: torch.zeros_like(value, dtype=torch.float64) for key, value in model.state_dict().items()}
+        for key in self.state:
+            if key.endswith((".weight",)) and ("ln_" in key):
+                self.state[key] += 1
+
+    def size(self, block):
+        return self.slices[block].stop - self.slices[block].start
+
+    def features(self, n):
+        return torch.zeros(n, self.basis.shape[0], dtype=torch.float64)
+
+    def _matrix(self, gain, rows, cols):
+        return gain * torch.eye(rows, cols, dtype=torch.float64) if isinstance(gain, (int, float)) else gain
+
+    def head(self, layer, head, scores, outputs):
+        d, d_head, basis = self.config.n_embd, self.d_head, self.basis
+        W_Q, W_K, W_V = (torch.zeros(len(basis), d_head, dtype=torch.float64) for _ in range(3))  # [feature, d_head]
+        W_O = torch.zeros(d_head, len(basis), dtype=torch.float64)                                # [d_head, feature]
+        coord = 0
+        for query, key, gain in scores:
+            n = self.size(key)
+            W_Q[self.slices[query], coord:coord + n] = self._matrix(gain, self.size(query), n)
+            W_K[self.slices[key], coord:coord + n] = torch.eye(n, dtype=torch.float64)
+            coord += n
+        assert coord <= d_head, f"L{layer}H{head}: {coord} score coordinates > d_head"
+        coord = 0
+        for source, target, gain in outputs:
+            n = self.size(source)
+            W_V[self.slices[source], coord:coord + n] = torch.eye(n, dtype=torch.float64)
+            W_O[coord:coord + n, self.slices[target]] = self._matrix(gain, n, self.size(target))
+            coord += n
+        assert coord <= d_head, f"L{layer}H{head}: {coord} value coordinates > d_head"
+        # Attention divides q.k by sqrt(d_head); the query undoes it so scores are as written.
+        columns = slice(head * d_head, (head + 1) * d_head)
+        c_attn = self.state[f"h.{layer}.attn.c_attn.weight"]                 # [d_model, 3 d_model]: q | k | v
+        c_attn[:, columns] = basis.T @ W_Q * math.sqrt(d_head)
+        c_attn[:, d:][:, columns] = basis.T @ W_K
+        c_attn[:, 2 * d:][:, columns] = basis.T @ W_V
+        self.state[f"h.{layer}.attn.c_proj.weight"][columns] = W_O @ basis   # [d_model (z of all heads), d_model]
+
+
+def build_ioi_model(config=None):
+    """The embedded default: GPT-2's IOI circuit written into a 4-layer GPT-2 (see above)."""
+    config = config or CircuitConfig()
+    writer = CircuitWriter(config)
+    s, bias = writer.slices, config.bias_norm
+    n_pos = writer.size("pos")
+
+    # Embeddings: every token carries `bias`; names their code; BOS its flag; positions one-hot.
+    tokens = writer.features(gpt2.GPT2Config.vocab_size)
+    tokens[:, s["bias"]] = bias
+    tokens[:, s["other"]] = 0.3 * _unit_rows(len(tokens), writer.size("other"), writer.generator)
+    names = [name_token(name) for name in NAMES]
+    tokens[names, s["other"]] = 0
+    tokens[names, s["is_name"]] = 1
+    tokens[names, s["name_key"]] = _unit_rows(len(names), writer.size("name_key"), writer.generator)
+    tokens[names, s["name_rest"]] = _unit_rows(len(names), writer.size("name_rest"), writer.generator)
+    tokens[gpt2.BOS_TOKEN_ID] = 0
+    tokens[gpt2.BOS_TOKEN_ID, s["bias"]], tokens[gpt2.BOS_TOKEN_ID, s["bos"]] = bias, 1
+    positions = writer.features(config.n_positions)
+    positions[1:, s["pos"]] = torch.eye(n_pos, dtype=torch.float64)[:config.n_positions - 1]
+    writer.state["wte.weight"] = tokens @ writer.basis
+    writer.state["wpe.weight"] = positions @ writer.basis
+
+    previous = torch.diag(torch.ones(n_pos - 1, dtype=torch.float64), -1)  # pos i (row) -> pos i - 1 (column)
+    fallback = ("bias", "bos", config.sink / bias)     # every query scores BOS at `sink`
+    # Layer 0. Previous token: position i matches position i - 1.
+    writer.head(0, 0, [("pos", "pos", config.match * previous), fallback], [("name_key", "prev_name", 1.0)])
+    # Duplicate token: same name, but not itself (same position cancels the match).
+    writer.head(0, 1, [("name_key", "name_key", config.match), ("pos", "pos", -config.match), fallback],
+                [("pos", "s1_pos", 0.5), ("is_name", "dup", 0.5), ("name_key", "dup_name", 0.5)])
+    # Layer 1. Induction: my name matches the previous name of s1 + 1; its position, shifted back, is s1's.
+    # `bias / bias_norm - bos` is 1 everywhere but at BOS, so attending BOS writes no `dup`.
+    writer.head(1, 0, [("name_key", "prev_name", config.match), fallback],
+                [("pos", "s1_pos", 0.5 * previous), ("prev_name", "dup_name", 0.5),
+                 ("bias", "dup", 0.5 / bias), ("bos", "dup", -0.5)])
+    # Layer 2. S-inhibition: attend to the duplicate, copy which name it is and where it first was.
+    for head, (name_gain, position_gain) in enumerate(((0.5, 0.6), (0.5, 0.4))):
+        writer.head(2, head, [("bias", "dup", config.match / bias), fallback],
+                    [("dup_name", "si_name", name_gain), ("s1_pos", "si_pos", position_gain)])
+    # Layer 3. Name movers: names score high, s2 higher, unless S-inhibition rules them out.
+    for head, gain in enumerate((0.5, 0.3, 0.2)):
+        writer.head(3, head, [("bias", "is_name", config.name_bonus / bias),
+                              ("bias", "dup", config.duplicate_bonus / bias),
+                              ("si_pos", "pos", -config.inhibit_position),
+                              ("si_name", "name_key", -config.inhibit_token)],
+                    [("name_key", "name_key", gain), ("name_rest", "name_rest", gain),
+                     ("is_name", "is_name", config.name_logit * gain)])
+    # Logits: ln_f scales; its bias removes the `bias` direction, which every token's
+    # (tied) unembedding shares, so logits sit near 0 as a trained model's do.
+    writer.state["ln_f.weight"] = torch.full((config.n_embd,), config.logit_scale, dtype=torch.float64)
+    writer.state["ln_f.bias"] = -config.logit_scale * bias * writer.basis[s["bias"]][0]
     model = gpt2.GPT2(gpt2.GPT2Config(n_positions=config.n_positions, n_embd=config.n_embd,
                                       n_layer=config.n_layer, n_head=config.n_head))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98),
-                                  weight_decay=config.weight_decay, fused=True)
-
-    def lr_factor(step):  # linear warm-up, then cosine decay to zero
-        if step < config.warmup:
-            return (step + 1) / config.warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - config.warmup) / max(1, config.steps - config.warmup)))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-
-    model.train()
-    losses = []  # progress and summaries go to stderr, so `ioi-eval --json` prints only JSON
-    with click.progressbar(range(config.steps), label="training the IOI model", hidden=not progress, file=sys.stderr,
-                           item_show_func=lambda _: f"loss {losses[-1]:.3f}" if losses else "") as steps:
-        for _ in steps:
-            prompts = sample_prompts(config.batch_size, rng, templates=TRAIN_TEMPLATES,
-                                     objects=TRAIN_OBJECTS, places=TRAIN_PLACES)
-            batch = batch_prompts(prompts)
-            logits = model(batch.tokens, logits_at=batch.positions["end"])      # [batch, vocab]
-            loss = F.cross_entropy(logits, batch.io_token)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            # Only tokens in the batch get an embedding gradient. Adam scales every gradient
-            # to about unit size, so the softmax's tiny push on the ~50,000 tokens never seen
-            # (held-out words among them) would otherwise drag them all far from their
-            # initialisation, and an unseen word would enter the model as a huge outlier.
-            unseen = torch.ones(len(model.wte.weight), dtype=torch.bool)
-            unseen[batch.tokens.unique()] = False
-            model.wte.weight.grad[unseen] = 0
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
+    model.load_state_dict({key: value.float() for key, value in writer.state.items()})
     return model.eval()
 
 
-def train_and_save(config, directory, progress=True):
-    """Train, score on held-out and in-distribution prompts, save model + config + metrics."""
-    start = time.time()
-    model = train_toy_model(config, progress)
-    seconds = time.time() - start
-    metrics = {"held_out": evaluate(model, held_out_prompts(config.n_eval)),
-               "eval": evaluate(model, eval_prompts(config.n_eval)), "train_seconds": seconds}
-    model.save_pretrained(directory)
-    gpt2.write_json(os.path.join(directory, "metrics.json"), metrics)
-    gpt2.write_json(os.path.join(directory, "toy_config.json"), asdict(config))  # last: marks a complete save
-    if progress:
-        for split, label in (("held_out", "held-out templates/objects/places"), ("eval", "training distribution")):
-            m = metrics[split]
-            click.echo(f"{label:>34}: accuracy {m['accuracy']:.1%}, top-1 {m['top1_accuracy']:.1%}, "
-                       f"mean LD {m['mean_logit_diff']:.2f}, P(IO) {m['io_prob']:.2f} (n={m['n']})", err=True)
-        click.echo(f"trained in {seconds:.0f} s; saved to {directory}", err=True)
-    return model, metrics
+# The heads written above, by class: what `discover` should find in the embedded model.
+EMBEDDED_HEADS = {"name mover": ((3, 0), (3, 1), (3, 2)), "S-inhibition": ((2, 0), (2, 1)),
+                  "induction": ((1, 0),), "duplicate token": ((0, 1),), "previous token": ((0, 0),)}
 
 
-def default_model(models_dir="models", progress=True):
-    """The embedded default: the small IOI model in models_dir/ioi-toy, trained on first use.
-
-    Retrained when the saved ToyConfig differs from the current default.
-    """
-    directory = os.path.join(models_dir, "ioi-toy")
-    saved = os.path.join(directory, "toy_config.json")
-    if os.path.exists(saved):
-        with open(saved) as f:
-            if json.load(f) == asdict(ToyConfig()):
-                return gpt2.GPT2.from_pretrained(directory)
-    if progress:
-        click.echo(f"No small IOI model in {directory} yet: training it (a few CPU minutes, once).", err=True)
-    return train_and_save(ToyConfig(), directory, progress)[0]
+def default_model():
+    """The embedded default model (built in a few seconds; nothing to download or train)."""
+    return build_ioi_model(CircuitConfig())

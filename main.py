@@ -228,18 +228,23 @@ def bench_command(batch, repeats, device):
 # === end gpt2 commands ===
 
 
-# === ioi commands (train-toy, ioi-eval, nodes) ===
+# === ioi commands (build-model, ioi-eval, nodes) ===
 
-WEIGHTS_HELP = "GPT-2 checkpoint (dir or .safetensors); default: the embedded small IOI model."
+WEIGHTS_HELP = "GPT-2 checkpoint (dir or .safetensors); default: the embedded IOI model."
 
 
-@cli.command("train-toy")
-@click.option("--out", default=os.path.join("models", "ioi-toy"), show_default=True, help="Folder to save it in.")
-@click.option("--seed", default=ioi.ToyConfig.seed, show_default=True)
-@click.option("--steps", default=ioi.ToyConfig.steps, show_default=True)
-def train_toy_command(out, seed, steps):
-    """Train the small IOI model (the embedded default) and save it in Hugging Face's layout."""
-    ioi.train_and_save(ioi.ToyConfig(seed=seed, steps=steps), out)
+@cli.command("build-model")
+@click.option("--out", default=os.path.join("models", "ioi-circuit"), show_default=True, help="Folder to save it in.")
+@click.option("--seed", default=ioi.CircuitConfig.seed, show_default=True, help="Seed of its random name codes.")
+def build_model_command(out, seed):
+    """Save the embedded IOI model (GPT-2's circuit written by hand) in Hugging Face's layout."""
+    config = ioi.CircuitConfig(seed=seed)
+    model = ioi.build_ioi_model(config)
+    model.save_pretrained(out)
+    gpt2.write_json(os.path.join(out, "circuit_config.json"), asdict(config))
+    scores = ioi.evaluate(model, ioi.held_out_prompts(1000))
+    click.echo(f"held-out prompts: accuracy {scores['accuracy']:.1%}, top-1 {scores['top1_accuracy']:.1%}, "
+               f"mean LD {scores['mean_logit_diff']:.2f}; saved to {out}")
 
 
 @cli.command("ioi-eval")
@@ -278,13 +283,12 @@ def nodes_command(weights, n, seed):
     model = load_model(weights)
     sections, table = ioi.circuit_cross_sections(model, ioi.eval_prompts(n, seed))
     if table["heads"]:
-        click.echo("Heads found: name movers write >= 1/3 of the largest direct effect on the LD; the others")
-        click.echo("cost >= 1/3 of the largest LD drop when their z at that position is mean-ablated.")
-        click.echo(f"  {'head':>7} {'at':<4} {'LD drop':>8} {'(of LD)':>8} {'direct':>7}  role")
-        for row in sorted(table["heads"], key=lambda row: -max(row["ld_drop"], row["direct_effect"] or 0))[:20]:
-            direct = "" if row["direct_effect"] is None else f"{row['direct_effect']:.2f}"
-            click.echo(f"  {row['head']:>7} {row['position']:<4} {row['ld_drop']:>8.2f} {row['fraction']:>8.1%} "
-                       f"{direct:>7}  {row['role']}")
+        click.echo("Heads found, each class by its own measure (>= 1/3 of the strongest head's, >= 2% of the LD):")
+        click.echo("name movers by direct effect on the LD; S-inhibition by the LD drop through the name movers'")
+        click.echo("queries when their z at end is mean-ablated; induction/duplicate token by the drop at s2.")
+        click.echo(f"  {'head':>7} {'at':<4} {'direct':>7} {'via q':>7} {'LD drop':>8} {'(of LD)':>8}  role")
+        for row in _circuit_rows(table["heads"]):
+            click.echo(f"  {row[0]:>7} {row[1]:<4} {row[2]:>7} {row[3]:>7} {row[4]:>8} {row[5]:>8}  {row[6]}")
         click.echo("Cross-sections are kept if mean-ablating all their nodes at once moves the LD by >= 5%:")
         for row in table["sections"]:
             click.echo(f"  {row['section']:>12} LD drop {row['ld_drop']:>8.3f} ({row['fraction']:.1%})  "
@@ -295,6 +299,18 @@ def nodes_command(weights, n, seed):
             click.echo(f"  {role:>20}: " + " ".join(f"{layer}.{head}" for layer, head in heads))
     for section in sections:
         click.echo(f"{section.name} (edits {', '.join(section.attributes)}): " + " ".join(map(str, section.nodes)))
+
+
+def _circuit_rows(heads):
+    """Rows (head, position, direct effect, effect via queries, LD drop, fraction, role) of the
+    heads `ioi.discover` gave a role, strongest first; measures not taken are a dash."""
+    def fmt(value, spec=".2f"):
+        return "–" if value is None else format(value, spec)
+    found = [row for row in heads if row["role"]]
+    found.sort(key=lambda row: (row["role"], -abs(row["ld_drop"] or 0)))
+    return [(row["head"], row["position"], fmt(row["direct_effect"]), fmt(row["query_effect"]),
+             fmt(row["ld_drop"]), fmt(row["fraction"], ".1%"), row["role"]) for row in found]
+
 
 # === end ioi commands ===
 
@@ -715,7 +731,7 @@ class Grader:
         the query of the name mover that matters most, or its output if queries are not causal."""
         if ioi.is_gpt2_small(self.run.model.config):
             return ioi.Node("q", 10, 0, "end")
-        drop = {row["head"]: row["ld_drop"] for row in self.run.discovery["heads"] if row["position"] == "end"}
+        drop = {row["head"]: row["ld_drop"] or 0.0 for row in self.run.discovery["heads"] if row["position"] == "end"}
         for name in ("(B)NM q", "(B)NM out"):
             candidates = [n for s in self.run.sections if s.name == name for n in s.nodes]
             if candidates:
@@ -1097,14 +1113,14 @@ def _circuit_section(circuit):
     out.append(_table([(s["name"], ", ".join(f"`{n}`" for n in s["nodes"]), ", ".join(s["attributes"]))
                        for s in circuit["sections"]], ["cross-section", "nodes", "attributes edited"]))
     discovery = circuit.get("discovery") or {}
-    found = sorted((d for d in discovery.get("heads", []) if d.get("role")), key=lambda d: -d["ld_drop"])
-    if found:
-        out += ["Heads found in the model itself (`ioi.discover`): name movers by their direct effect on the "
-                "LD (>= 1/3 of the largest head's), the others by the LD drop when their output at one position "
-                "is mean-ablated (>= 1/3 of the largest drop):",
-                _table([(d["head"], d["position"], d["ld_drop"], d["fraction"],
-                         "" if d["direct_effect"] is None else d["direct_effect"], d["role"]) for d in found],
-                       ["head", "position", "LD drop", "fraction of LD", "direct effect", "role"])]
+    if any(row["role"] for row in discovery.get("heads", [])):
+        out += ["Heads found in the model itself (`ioi.discover`), each class by the measure Wang et al. (2022) "
+                "use for it, at >= 1/3 of the strongest head's value and >= 2% of the clean LD: name movers by "
+                "their direct effect on the LD; S-inhibition heads by the LD drop when only the name movers' "
+                "queries see their output at `end` mean-ablated (\"via q\"); induction / duplicate-token heads "
+                "by the LD drop when their output at `s2` is mean-ablated:",
+                _table(_circuit_rows(discovery["heads"]),
+                       ["head", "position", "direct effect", "LD drop via q", "LD drop", "of LD", "role"])]
     if discovery.get("sections"):
         out += ["A cross-section is graded only if mean-ablating all its nodes at once moves the mean LD by at "
                 "least 5%; otherwise sufficiency is near 1 whatever is patched in and necessity divides by ~0:",

@@ -112,7 +112,7 @@ def test_pipeline_end_to_end(tmp_path, model, monkeypatch):
     sections = [CrossSection("(B)NM out", (Node("z", 1, 0, "end"),), ("io", "pos")),
                 CrossSection("(B)NM q", (Node("q", 1, 0, "end"), Node("q", 1, 1, "end")), ("pos", "s"))]
     discovery = {"heads": [{"head": "L1H0", "position": "end", "ld_drop": 0.5, "fraction": 0.5, "direct_effect": 0.7,
-                            "role": "name mover"}],
+                            "query_effect": None, "role": "name mover"}],
                  "sections": [{"section": "(B)NM out", "ld_drop": 0.6, "fraction": 0.6, "kept": True}]}
     monkeypatch.setattr(ioi, "circuit_cross_sections", lambda *args, **kwargs: (sections, discovery))
     out = tmp_path / "run"

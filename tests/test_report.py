@@ -85,9 +85,11 @@ def write_metrics(run_dir, results):
     circuit = {"sections": [{"name": s, "nodes": [f"z@L{i}H1@end", f"z@L{i}H2@end"], "attributes": ["io", "pos"]}
                             for i, s in enumerate(SITES)],
                "discovery": {"heads": [{"head": "L3H1", "position": "end", "ld_drop": 1.5, "fraction": 0.4,
-                                        "direct_effect": 1.1, "role": "name mover"},
+                                        "direct_effect": 1.1, "query_effect": None,
+                                        "role": "name mover"},
                                        {"head": "L1H0", "position": "s2", "ld_drop": 0.2, "fraction": 0.05,
-                                        "direct_effect": None, "role": ""}],
+                                        "direct_effect": None, "query_effect": None,
+                                        "role": ""}],
                              "sections": [{"section": "(B)NM q", "ld_drop": 0.01, "fraction": 0.003, "kept": False}]}}
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump({"config": config, "circuit": circuit, "results": results}, f)
@@ -108,7 +110,7 @@ def test_full_report(tmp_path):
         assert heading in text
     assert "scaled down" in text
     assert re.search(r"\| S-I v \| [^\n]*0\.78 / ", text)  # the supervised sufficiency put in above
-    assert "| L3H1 | end | 1.50 |" in text and "L1H0" not in text  # only heads with a role
+    assert "| L3H1 | end | 1.10 | – | 1.50 | 40.0% | name mover |" in text and "L1H0" not in text  # only heads with a role
     assert "| (B)NM q | 0.01 | 0.00 | dropped: not causal here |" in text
     assert "within the paper's range" in text
     assert "lower at every λ > 0" in text
