@@ -171,14 +171,14 @@ def f1_guided_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor,
     contributions f_j(p) d_j of the first k latents ranked for v that are active on p,
     add f_j(p') d_j for the first k ranked for v' that are active on p'.
 
-    Returns (a_edited [B, d], removed_mask [B, d_sae]); the weight removed is summed over
-    `removed_mask`.
+    Returns (a_edited [B, d], changed_mask [B, d_sae]: the latents removed or added), like
+    `greedy_sae_edit`; k = 1 is the paper's headline edit, 1 latent out and 1 in.
     """
     directions = raw_decoder_directions(sae)  # [d_sae, d]
     removed = first_active_in_ranking(ranking_old, sae.active(a_clean), k)  # [B, d_sae]
     added = first_active_in_ranking(ranking_new, sae.active(a_counterfactual), k)  # [B, d_sae]
     change = added * sae.encode(a_counterfactual) - removed * sae.encode(a_clean)  # [B, d_sae]
-    return a_clean + change @ directions, removed
+    return a_clean + change @ directions, removed | added
 
 
 # ---------------------------------------------------------------------------------------
@@ -482,29 +482,31 @@ def random_data_sae(data_sample: torch.Tensor, beta: float, gamma: float) -> Rel
 def scaled_family_loss_terms(x: torch.Tensor, encoder_rows: torch.Tensor, W_dec: torch.Tensor,
                              scales: Sequence[float], gammas: Sequence[float]):
     """Both loss terms of every SAE with W_enc = scale·encoder_rowsᵀ, biases -γ, b_dec = 0
-    and the given decoder, over a grid of scales × γs.
+    and the given decoder, over a grid of scales × γs, and how often each SAE fires.
 
-    Returns (reconstruction [n_scales, n_gammas], l1 [n_scales, n_gammas]), the means of
-    ‖x̂ - x‖² and ‖f‖₁, so the loss for any λ is reconstruction + λ·l1. The projections
-    x·encoder_row are computed once and shared by the whole grid.
+    Returns (reconstruction, l1, firing), each [n_scales, n_gammas]: the means of ‖x̂ - x‖²
+    and ‖f‖₁ (so the loss for any λ is reconstruction + λ·l1) and the share of inputs on
+    which some latent is active. The projections x·encoder_row are computed once.
     """
     projections = x @ encoder_rows.T  # [N, n_latents]
     gammas = torch.as_tensor(gammas, dtype=x.dtype)[:, None, None]  # [n_gammas, 1, 1]
-    reconstruction, l1 = [], []
+    reconstruction, l1, firing = [], [], []
     for scale in scales:
         f = torch.relu(scale * projections - gammas)  # [n_gammas, N, n_latents]
         reconstruction.append((f @ W_dec - x).pow(2).sum(-1).mean(-1))  # [n_gammas]
         l1.append(f.sum(-1).mean(-1))  # [n_gammas]
-    return torch.stack(reconstruction), torch.stack(l1)
+        firing.append((f > 0).any(-1).to(x.dtype).mean(-1))  # [n_gammas]
+    return torch.stack(reconstruction), torch.stack(l1), torch.stack(firing)
 
 
-def _best_over_grid(reconstruction, l1, lambdas, scales, gammas):
-    """Best loss over the grid for each λ, and the (scale, γ) that attains it."""
+def _best_over_grid(reconstruction, l1, firing, lambdas, scales, gammas):
+    """Best loss over the grid for each λ, the (scale, γ) that attains it, and how often that
+    best SAE fires."""
     losses = reconstruction.flatten()[None] + lambdas[:, None] * l1.flatten()[None]  # [n_λ, grid]
     best_loss, best = losses.min(dim=1)
     grid = torch.cartesian_prod(torch.as_tensor(scales, dtype=torch.float64),
                                 torch.as_tensor(gammas, dtype=torch.float64))  # [grid, 2]
-    return best_loss.numpy(), grid[best].numpy()
+    return best_loss.numpy(), grid[best].numpy(), firing.flatten()[best].numpy()
 
 
 def oversplitting_toy(lambdas=np.linspace(0, 20, 41), n_samples: int = 4096, d: int = 100,
@@ -519,7 +521,8 @@ def oversplitting_toy(lambdas=np.linspace(0, 20, 41), n_samples: int = 4096, d: 
     All SAEs are scored on the same n_samples inputs, drawn apart from the samples
     that make up the random SAE. Returns numpy arrays: lambdas, ideal_best_loss [n_λ],
     random_best_loss [n_λ], ideal_best_params [n_λ, 2] (k, γ), random_best_params
-    [n_λ, 2] (β, γ), and zero_sae_loss (the loss of an SAE that never fires, E‖x‖²).
+    [n_λ, 2] (β, γ), ideal_firing / random_firing [n_λ] (share of inputs on which the best
+    SAE fires), and zero_sae_loss (the loss of an SAE that never fires, E‖x‖²).
     """
     generator = torch.Generator().manual_seed(seed)
     mu = torch.randn(d, generator=generator, dtype=torch.float64)
@@ -532,15 +535,42 @@ def oversplitting_toy(lambdas=np.linspace(0, 20, 41), n_samples: int = 4096, d: 
     # for the random SAE.
     ideal = ideal_two_latent_sae(mu, k=1.0, gamma=0.0)
     ideal_terms = scaled_family_loss_terms(x, ideal.W_enc.T, ideal.W_dec, ideal_ks, ideal_gammas)
-    ideal_loss, ideal_params = _best_over_grid(*ideal_terms, lambdas, ideal_ks, ideal_gammas)
+    ideal_loss, ideal_params, ideal_firing = _best_over_grid(*ideal_terms, lambdas, ideal_ks, ideal_gammas)
 
     random = random_data_sae(samples, beta=1.0, gamma=0.0)
     random_terms = scaled_family_loss_terms(x, random.W_enc.T, random.W_dec, random_betas, random_gammas)
-    random_loss, random_params = _best_over_grid(*random_terms, lambdas, random_betas, random_gammas)
+    random_loss, random_params, random_firing = _best_over_grid(*random_terms, lambdas, random_betas,
+                                                                 random_gammas)
 
     return {"lambdas": lambdas.numpy(), "ideal_best_loss": ideal_loss, "random_best_loss": random_loss,
             "ideal_best_params": ideal_params, "random_best_params": random_params,
+            "ideal_firing": ideal_firing, "random_firing": random_firing,
             "zero_sae_loss": float(x.pow(2).sum(-1).mean())}
+
+
+# The paper's own grid (arXiv 2405.08366, section 5.2): γ = 2.35 for the random SAE,
+# β over (0, 0.1], 100 values of λ in [0, 20].
+PAPER_OVERSPLITTING_GRID = {"lambdas": np.linspace(0, 20, 100), "random_betas": np.linspace(0.001, 0.1, 100),
+                            "random_gammas": (2.35,)}
+
+
+def oversplitting_verdict(toy: dict, min_firing: float = 0.02, tolerance: float = 1e-9) -> dict:
+    """Who wins the over-splitting toy, counted only where the comparison means something.
+
+    For large λ both SAEs stop firing and tie exactly at E‖x‖²; "the random SAE beats the
+    ideal one for every λ" is a claim about the λ where the ideal SAE still fires. So a λ
+    is counted if the ideal SAE's best setting fires on >= `min_firing` of the inputs, and
+    a difference within `tolerance` (relative) is a tie. Returns counts of counted λ,
+    random wins, ideal wins, ties among them, λ not counted, and the share of random wins.
+    """
+    ideal, random = np.asarray(toy["ideal_best_loss"]), np.asarray(toy["random_best_loss"])
+    counted = np.asarray(toy["ideal_firing"]) >= min_firing
+    tie = np.abs(random - ideal) <= tolerance * np.maximum(1.0, np.abs(ideal))
+    random_wins, ideal_wins = counted & ~tie & (random < ideal), counted & ~tie & (random > ideal)
+    n_counted = int(counted.sum())
+    return {"counted": n_counted, "random_wins": int(random_wins.sum()), "ideal_wins": int(ideal_wins.sum()),
+            "ties": int((counted & tie).sum()), "not_counted": int((~counted).sum()),
+            "share_random_wins": float(random_wins.sum() / n_counted) if n_counted else float("nan")}
 
 
 # ---------------------------------------------------------------------------------------

@@ -157,13 +157,15 @@ def test_f1_guided_edit_swaps_the_first_active_ranked_latents():
     ranking_old = torch.tensor([[1, 0, 2]])  # latent 1 is top for v and active on p
     ranking_new = torch.tensor([[0, 2, 1]])  # latent 0 is top for v' but silent on p'
 
-    edited, removed = metrics.f1_guided_edit(sae, a, a_cf, ranking_old, ranking_new, k=1)
+    # 1 out + 1 in (the paper's headline aware edit): out goes latent 1, in comes latent 2
+    # (latent 0 ranks first for v' but is silent on p'), so two latents change.
+    edited, changed = metrics.f1_guided_edit(sae, a, a_cf, ranking_old, ranking_new, k=1)
     assert torch.allclose(edited, torch.tensor([[1.0, 0.0, 3.0]]))  # -2·e2 + 3·e3
-    assert removed.tolist() == [[False, True, False]]
+    assert changed.tolist() == [[False, True, True]]
 
-    edited, removed = metrics.f1_guided_edit(sae, a, a_cf, ranking_old, ranking_new, k=2)
-    assert torch.allclose(edited, a_cf)
-    assert removed.tolist() == [[True, True, False]]
+    edited, changed = metrics.f1_guided_edit(sae, a, a_cf, ranking_old, ranking_new, k=2)
+    assert torch.allclose(edited, a_cf)                               # out: 1, 0; in: 2, 1
+    assert changed.tolist() == [[True, True, True]]
 
 
 # --- interpretability -------------------------------------------------------------------
@@ -324,12 +326,25 @@ def test_family_grid_matches_sae_loss_point_by_point():
     samples = metrics.oversplitting_toy_data(20, mu, generator)
     betas, gammas = [0.05, 0.3], [0.5, 2.35]
     base = metrics.random_data_sae(samples, beta=1.0, gamma=0.0)
-    reconstruction, l1 = metrics.scaled_family_loss_terms(x, base.W_enc.T, base.W_dec, betas, gammas)
+    reconstruction, l1, firing = metrics.scaled_family_loss_terms(x, base.W_enc.T, base.W_dec, betas, gammas)
     for i, beta in enumerate(betas):
         for j, gamma in enumerate(gammas):
             sae = metrics.random_data_sae(samples, beta, gamma)
             assert float(reconstruction[i, j] + 3.0 * l1[i, j]) == pytest.approx(
                 metrics.sae_loss(x, *sae, l1=3.0))
+            fires = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc).gt(0).any(-1)
+            assert float(firing[i, j]) == pytest.approx(fires.double().mean().item())
+
+
+def test_oversplitting_verdict_counts_only_where_the_ideal_fires():
+    """A hand-checked λ grid: λ where the ideal SAE fires on < 2% of inputs are not counted,
+    and equal losses are ties, not wins."""
+    toy = {"ideal_best_loss": np.array([90.0, 95.0, 100.0, 104.0, 104.0]),
+           "random_best_loss": np.array([80.0, 96.0, 100.0, 104.0, 103.0]),
+           "ideal_firing": np.array([0.9, 0.5, 0.3, 0.019, 0.0])}
+    verdict = metrics.oversplitting_verdict(toy)
+    assert verdict == {"counted": 3, "random_wins": 1, "ideal_wins": 1, "ties": 1, "not_counted": 2,
+                       "share_random_wins": pytest.approx(1 / 3)}
 
 
 def test_oversplitting_toy_small_run():
@@ -340,6 +355,7 @@ def test_oversplitting_toy_small_run():
     for family in ("ideal", "random"):
         best = result[f"{family}_best_loss"]
         assert best.shape == (3,) and result[f"{family}_best_params"].shape == (3, 2)
+        assert result[f"{family}_firing"].shape == (3,) and result[f"{family}_firing"][-1] <= result[f"{family}_firing"][0]
         assert np.all(np.diff(best) >= 0)  # a larger penalty never lowers the best loss
         assert np.all(best <= result["zero_sae_loss"] + 1e-9)  # both grids contain ~silent SAEs
     assert result["random_best_loss"][0] < result["ideal_best_loss"][0]

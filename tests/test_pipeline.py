@@ -119,7 +119,7 @@ def test_pipeline_end_to_end(tmp_path, model, monkeypatch):
     settings = ["--out", str(out), "--weights", str(weights), "--preset", "demo", "--n-train", "120",
                 "--n-eval", "40", "--epochs", "2"]
     small_toy = functools.partial(metrics.oversplitting_toy, n_samples=256, n_latents=100)
-    monkeypatch.setattr(metrics, "oversplitting_toy", lambda seed: small_toy(seed=seed))
+    monkeypatch.setattr(metrics, "oversplitting_toy", lambda seed, **grid: small_toy(seed=seed))
     monkeypatch.setattr(main, "DEMO", main.replace(main.DEMO, d_sae=16, corpus_tokens=300, corpus_d_sae=16,
                                                    corpus_epochs=1, edit_k=(2, 4)))
     result = CliRunner().invoke(main.cli, ["evaluate", *settings], catch_exceptions=False)

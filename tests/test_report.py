@@ -72,10 +72,13 @@ def fake_results():
             add("occlusion_toy_recovered", "toy", "vanilla", share, attribute=attr, norm=norm, setting=s)
     add("supervised_feature_norm", NODE, "supervised", 1.3, attribute="io")
     add("supervised_feature_norm", NODE, "supervised", 1.0, attribute="s")
-    for lam in (0.0, 5.0, 10.0, 20.0):
-        add("oversplit_toy_loss", "toy", "ideal_2_latent", 100 + lam, l1=lam)
-        add("oversplit_toy_loss", "toy", "random_1000_latent", 100 + lam / 2, l1=lam)
-    add("oversplit_toy_random_wins", "toy", "compare", 1.0)
+    for grid in ("paper", "ours"):
+        for lam in (0.0, 5.0, 10.0, 20.0):
+            add("oversplit_toy_loss", "toy", "ideal_2_latent", 100 + lam, l1=lam, grid=grid, firing=1 - lam / 10)
+            add("oversplit_toy_loss", "toy", "random_1000_latent", 100 + lam / 2, l1=lam, grid=grid)
+        for count, value in (("counted", 2), ("random_wins", 2), ("ideal_wins", 0), ("ties", 0), ("not_counted", 2),
+                             ("share_random_wins", 1.0)):
+            add(f"oversplit_toy_{count}", "toy", "random_1000_latent", value, grid=grid)
     return r
 
 
@@ -113,7 +116,8 @@ def test_full_report(tmp_path):
     assert "| L3H1 | end | 1.10 | – | 1.50 | 40.0% | name mover |" in text and "L1H0" not in text  # only heads with a role
     assert "| (B)NM q | 0.01 | 0.00 | dropped: not causal here |" in text
     assert "within the paper's range" in text
-    assert "lower at every λ > 0" in text
+    assert "| paper | 2 | 2 | 0 | 0 | 2 | 1.00 |" in text
+    assert "reproduced (criterion ≥ 0.95)" in text
     figures = referenced_figures(tmp_path)
     assert len(figures) == 9
     for fig in figures:
