@@ -229,13 +229,15 @@ def _check_attributes(attributes: dict, n_names: int):
 
 
 def _name_properties(attributes: dict, n_names: int, name_present=None) -> dict:
-    """One-hot single-name properties {"io": [N, n], "s": [N, n], "has": [N, n]}."""
+    """One-hot single-name properties, each [N, n_names]: "io", "s", "has" (the name occurs),
+    and "first" / "second" (the name in the first / second name slot: IO first in ABB)."""
     io = F.one_hot(attributes["io"], n_names).bool()  # [N, n_names]
     s = F.one_hot(attributes["s"], n_names).bool()  # [N, n_names]
     has = io | s if name_present is None else name_present.bool()
     if has.shape != io.shape:
         raise ValueError(f"name_present: expected shape {tuple(io.shape)}, got {tuple(has.shape)}")
-    return {"io": io, "s": s, "has": has}
+    io_first = (attributes["pos"] == POS_VALUES.index("ABB"))[:, None]  # [N, 1]
+    return {"io": io, "s": s, "has": has, "first": torch.where(io_first, io, s), "second": torch.where(io_first, s, io)}
 
 
 def candidate_properties(attributes: dict, names: Sequence[str], name_present=None):
@@ -244,7 +246,8 @@ def candidate_properties(attributes: dict, names: Sequence[str], name_present=No
     `attributes` = {"io", "s", "pos"} ids as from ioi.attribute_ids; `name_present`
     [N, n_names] marks names occurring in the prompt (default: IO or S). Columns, in
     this order, with ids in attribute order inside each block:
-      io=v, s=v, has=v (name v occurs), pos=ABB/BAB, io=v&pos=p, s=v&pos=p.
+      io=v, s=v, has=v (name v occurs), first=v, second=v (v is the first / second name),
+      pos=ABB/BAB, io=v&pos=p, s=v&pos=p.
     Unions of names are per latent, so they live in `interpret_latents`.
     """
     _check_attributes(attributes, len(names))
@@ -439,6 +442,30 @@ def pos_latents(best_labels: Sequence[str]) -> int:
     """Number of latents whose interpretation is a Pos value (pos=ABB or pos=BAB)."""
     pos_labels = {f"pos={value}" for value in POS_VALUES}
     return sum(label in pos_labels for label in best_labels)
+
+
+PRESENT, CAUSAL = 0.1, 0.1  # the phenomenon gates' thresholds (see phenomenon_node)
+
+
+def phenomenon_node(evidence: dict, attributes: Sequence[str], present: float = PRESENT, causal: float = CAUSAL):
+    """Where a phenomenon can be tested (arXiv 2405.08366, section 5): a node at which every
+    attribute in `attributes` is present and causal. Occlusion needs IO and S (an SAE that
+    hides the weaker one must have had something to hide); over-splitting needs Pos.
+
+    evidence: {(node, attribute): {"norm", "answers_changed", "ld_moved"}} -- the supervised
+    feature's norm relative to the activations' spread, and the share of answers changed /
+    relative move of the mean LD when the node alone takes the counterfactual activation.
+    Present: norm >= `present`; causal: answers_changed or ld_moved >= `causal`. Among the
+    nodes that pass, the one whose weakest attribute (by norm) is most causal; None if none.
+    """
+    def effect(row):
+        return max(row["answers_changed"], row["ld_moved"])
+    nodes = list(dict.fromkeys(node for node, _ in evidence))
+    passing = [node for node in nodes if all(evidence[node, a]["norm"] >= present and effect(evidence[node, a]) >= causal
+                                             for a in attributes)]
+    def weakest_effect(node):
+        return effect(evidence[node, min(attributes, key=lambda a: evidence[node, a]["norm"])])
+    return max(passing, key=weakest_effect) if passing else None
 
 
 class ReluSAEWeights(NamedTuple):

@@ -190,11 +190,15 @@ def test_candidate_properties_columns_and_labels():
     attributes = {"io": torch.tensor([0, 1]), "s": torch.tensor([1, 2]), "pos": torch.tensor([0, 1])}
     properties, labels = metrics.candidate_properties(attributes, names)
 
-    assert labels[:11] == ["io=Ann", "io=Bob", "io=Cat", "s=Ann", "s=Bob", "s=Cat",
-                           "has=Ann", "has=Bob", "has=Cat", "pos=ABB", "pos=BAB"]
-    assert len(labels) == properties.shape[1] == 11 + 2 * 2 * 3
+    assert labels[:17] == ["io=Ann", "io=Bob", "io=Cat", "s=Ann", "s=Bob", "s=Cat",
+                           "has=Ann", "has=Bob", "has=Cat", "first=Ann", "first=Bob", "first=Cat",
+                           "second=Ann", "second=Bob", "second=Cat", "pos=ABB", "pos=BAB"]
+    assert len(labels) == properties.shape[1] == 17 + 2 * 2 * 3
     column = {label: properties[:, i].tolist() for i, label in enumerate(labels)}
     assert column["has=Bob"] == [True, True]
+    # prompt 0 is ABB (IO Ann first, S Bob second), prompt 1 BAB (S Cat first, IO Bob second)
+    assert column["first=Ann"] == [True, False] and column["first=Cat"] == [False, True]
+    assert column["second=Bob"] == [True, True]
     assert column["s=Cat"] == [False, True]
     assert column["io=Ann&pos=ABB"] == [True, False]
     assert column["io=Bob&pos=BAB"] == [False, True]
@@ -370,3 +374,17 @@ def test_occlusion_toy_experiment_runs_one_sae_per_l1():
     assert [r["l1"] for r in results] == [0.5, 2.0]
     for r in results:
         assert 0.0 <= r["io"] <= 1.0 and r["s"] == 0.0 and r["l0"] >= 0.0
+
+
+def test_phenomenon_gate_needs_every_attribute_present_and_causal():
+    def row(norm, changed, moved=0.0):
+        return {"norm": norm, "answers_changed": changed, "ld_moved": moved}
+    evidence = {("q", "io"): row(0.8, 0.0, 0.3), ("q", "s"): row(0.5, 0.0, 0.0),   # S present but inert
+                ("k", "io"): row(0.9, 0.5), ("k", "s"): row(0.05, 0.9),            # S causal but absent
+                ("z", "io"): row(0.7, 0.2), ("z", "s"): row(0.3, 0.15),
+                ("v", "io"): row(0.6, 0.9), ("v", "s"): row(0.2, 0.4)}
+    # q fails (S not causal), k fails (S below 0.1); of z and v, v's weaker attribute is more causal
+    assert metrics.phenomenon_node(evidence, ("io", "s")) == "v"
+    del evidence["v", "io"], evidence["v", "s"], evidence["z", "io"], evidence["z", "s"]
+    assert metrics.phenomenon_node(evidence, ("io", "s")) is None            # "not testable here"
+    assert metrics.phenomenon_node(evidence, ("io",)) == "k"

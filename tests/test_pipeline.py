@@ -129,9 +129,11 @@ def test_pipeline_end_to_end(tmp_path, model, monkeypatch):
     rows = saved["results"]
     tests = {row["test"] for row in rows}
     for test in ("sufficiency", "necessity", "edit_accuracy", "edit_accuracy_no_intervention", "weight_removed",
-                 "f1_coverage", "occlusion_io_names", "occlusion_s_names", "pos_latents", "l0", "ld_recovered",
-                 "alpha_sweep_io_names", "occlusion_toy_recovered", "oversplit_toy_loss", "causal_keep_sufficiency"):
+                 "latents_changed", "f1_coverage", "pos_latents", "l0", "ld_recovered", "phenomenon_testable",
+                 "evidence_norm", "occlusion_toy_recovered", "oversplit_toy_loss", "causal_keep_sufficiency"):
         assert test in tests, test
+    occlusion = [row for row in rows if row["test"] == "phenomenon_testable" and row["phenomenon"] == "occlusion"]
+    assert ("occlusion_io_names" in tests and "alpha_sweep_io_names" in tests) == bool(occlusion[0]["value"])
     for site in ("(B)NM out", "(B)NM q"):
         scored = {row["method"] for row in rows if row["test"] == "sufficiency" and row["site"] == site}
         assert {"supervised", "supervised_lstsq", "vanilla", "gated", "topk", "random_decoder", "mean_ablation",

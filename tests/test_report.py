@@ -70,6 +70,13 @@ def fake_results():
             add("alpha_sweep_s_names", NODE, "vanilla", 40 * alpha, alpha=alpha, setting=s)
         for attr, norm, share in (("io", 1.3, 0.95), ("s", 1.0, 0.1)):
             add("occlusion_toy_recovered", "toy", "vanilla", share, attribute=attr, norm=norm, setting=s)
+    add("phenomenon_testable", NODE, "supervised", 1.0, phenomenon="occlusion")
+    add("phenomenon_testable", "None", "supervised", 0.0, phenomenon="oversplitting")
+    for node, (norm, changed) in ((NODE, (0.5, 0.4)), ("q@L2H2@end", (0.05, 0.0))):
+        for attr in ("io", "s", "pos"):
+            add("evidence_norm", node, "supervised", norm, attribute=attr)
+            add("evidence_answers_changed", node, "supervised", changed, attribute=attr)
+            add("evidence_ld_moved", node, "supervised", changed / 2, attribute=attr)
     add("supervised_feature_norm", NODE, "supervised", 1.3, attribute="io")
     add("supervised_feature_norm", NODE, "supervised", 1.0, attribute="s")
     for grid in ("paper", "ours"):
@@ -118,6 +125,8 @@ def test_full_report(tmp_path):
     assert "within the paper's range" in text
     assert "| paper | 2 | 2 | 0 | 0 | 2 | 1.00 |" in text
     assert "reproduced (criterion ≥ 0.95)" in text
+    assert f"it runs at `{NODE}`" in text and f"| {NODE} | 0.50 / 40% / 20% | 0.50 / 40% / 20% |" in text
+    assert "**Not testable here.**" in text  # over-splitting, in this fake run
     figures = referenced_figures(tmp_path)
     assert len(figures) == 9
     for fig in figures:
