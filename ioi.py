@@ -600,9 +600,12 @@ def train_and_save(config, directory, progress=True):
     seconds = time.time() - start
     metrics = {"held_out": evaluate(model, held_out_prompts(config.n_eval)),
                "eval": evaluate(model, eval_prompts(config.n_eval)), "train_seconds": seconds}
-    model.save_pretrained(directory)
-    gpt2.write_json(os.path.join(directory, "metrics.json"), metrics)
-    gpt2.write_json(os.path.join(directory, "toy_config.json"), asdict(config))  # last: marks a complete save
+
+    def write(folder):  # into a temporary folder, renamed to `directory` once complete
+        model.save_pretrained(folder)
+        gpt2.write_json(os.path.join(folder, "metrics.json"), metrics)
+        gpt2.write_json(os.path.join(folder, "toy_config.json"), asdict(config))  # last: marks it complete
+    gpt2.atomic_folder(directory, write)
     if progress:
         for split, label in (("held_out", "held-out templates/objects/places"), ("eval", "training distribution")):
             m = metrics[split]
@@ -618,6 +621,7 @@ def default_model(models_dir="models", progress=True):
     Retrained when the saved ToyConfig differs from the current default.
     """
     directory = os.path.join(models_dir, "ioi-toy")
+    gpt2.recover_interrupted_save(directory)  # a save killed last time leaves a temporary folder
     saved = os.path.join(directory, "toy_config.json")
     if os.path.exists(saved):
         with open(saved) as f:
