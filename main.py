@@ -6,9 +6,11 @@ them on approximation, control and interpretability, and write a report.
 """
 import hashlib
 import json
+import math
 import os
+import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -22,9 +24,97 @@ import ioi
 import metrics
 
 
-@click.group()
+class OneLineErrors(click.Group):
+    """The command group. Every failure a user can cause ends as one line `Error: ...` and a
+    non-zero exit, never a traceback: a bad option without click's usage block (exit 2), a
+    path that cannot be read or written with its name (OSError, caught here once for all)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as error:
+            one_line = click.ClickException(error.format_message())
+            one_line.exit_code = error.exit_code
+            raise one_line from None
+        except OSError as error:
+            names = " -> ".join(name for name in (error.filename, error.filename2) if name is not None)
+            raise click.ClickException(f"{names}: {error.strerror}" if names else str(error)) from None
+
+
+@click.group(cls=OneLineErrors)
 def cli():
     """Grade sparse autoencoders against supervised dictionaries on IOI (arXiv 2405.08366)."""
+
+
+# === option types: every option is checked before any work or write ===
+
+class FiniteFloat(click.FloatRange):
+    """A float range that also refuses nan and inf (click's FloatRange lets nan through:
+    every comparison with nan is false)."""
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+def device_problem(name):
+    """Why torch cannot compute on device `name` here (None if it can)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        return f"{name!r} is not a device (cpu, cuda, cuda:N or mps)"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"{name}: CUDA is not available on this machine"
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        return f"{name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return f"{name}: MPS is not available on this machine"
+    if device.type not in ("cpu", "cuda", "mps"):
+        return f"{name}: unsupported device type (cpu, cuda, cuda:N or mps)"
+    return None
+
+
+class Device(click.ParamType):
+    """A device torch can compute on, on this machine."""
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        problem = device_problem(value)
+        if problem:
+            self.fail(problem, param, ctx)
+        return value
+
+
+SEED = click.IntRange(0, 2**32 - 1)  # numpy refuses negative seeds
+DEVICE_OPTION = click.option("--device", type=Device(), default="cpu", show_default=True,
+                             help="cpu, cuda, cuda:N or mps.")
+
+
+def output_folder(marker=None):
+    """click callback for --out: a folder that can be created or written, checked before any
+    work. A save replaces the whole folder (gpt2.atomic_folder), so an existing non-empty one
+    is accepted only if it holds `marker`, the completion file of an artefact of the same
+    kind: a user's own files are never swept away."""
+    def check(ctx, param, value):
+        path = os.path.abspath(value)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise click.BadParameter(f"{value} is a file, not a folder", ctx, param)
+        parent = path
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise click.BadParameter(f"{value} cannot be created: {parent} is a file", ctx, param)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise click.BadParameter(f"{parent} is not writable", ctx, param)
+        others = marker and os.path.isdir(path) and os.listdir(path)
+        if others and not os.path.isfile(os.path.join(path, marker)):
+            raise click.BadParameter(f"{value} holds other files (no {marker}): choose a new or empty folder",
+                                     ctx, param)
+        return value
+    return check
 
 
 # === gpt2 commands (download, generate, bench) ===
@@ -41,7 +131,9 @@ def _fetch(url, path):
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as f:
             size = int(response.headers.get("Content-Length") or 0)
-            with click.progressbar(length=size, label=os.path.basename(url)) as bar:
+            # Outside a terminal a bar is only its label: a log keeps just the summary or the error.
+            hidden = not sys.stdout.isatty()
+            with click.progressbar(length=size, label=os.path.basename(url), hidden=hidden) as bar:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
                     digest.update(chunk)
@@ -51,58 +143,61 @@ def _fetch(url, path):
         raise click.ClickException(f"{url}: HTTP {error.code} {error.reason}") from None
     except (OSError, http.client.HTTPException) as error:  # unreachable, no such file, timeout, cut off
         raise click.ClickException(f"{url}: {getattr(error, 'reason', error)}") from None
+    except ValueError as error:  # not a URL at all
+        raise click.ClickException(f"{url}: {error}") from None
     if size and written != size:
         raise click.ClickException(f"{url}: connection closed after {written} of {size} bytes")
     return digest.hexdigest()
 
 
+def _sha256_option(ctx, param, value):
+    if value is not None and not (len(value) == 64 and all(c in "0123456789abcdef" for c in value.lower())):
+        raise click.BadParameter(f"{value!r} is not a sha256 (64 hexadecimal digits)", ctx, param)
+    return value
+
+
 @cli.command("download")
 @click.option("--url", default=GPT2_SMALL_URL, show_default=True,
               help="Base URL holding model.safetensors and config.json (file:// works too).")
-@click.option("--out", default=os.path.join("models", "gpt2"), show_default=True, help="Folder to write them to.")
-@click.option("--sha256", default=None, help="Expected sha256 of model.safetensors.")
+@click.option("--out", default=os.path.join("models", "gpt2"), show_default=True,
+              callback=output_folder("config.json"), help="Folder to write them to.")
+@click.option("--sha256", default=None, callback=_sha256_option, help="Expected sha256 of model.safetensors.")
 def download_command(url, out, sha256):
     """Fetch GPT-2 Small's weights and config (Hugging Face layout) and check that they load.
 
-    Each file is written as NAME.part and renamed only when every file is complete (and
-    the hash matches), so a failed download never leaves a file that looks usable.
+    Both files go to a temporary folder that replaces --out only once they load (and the
+    hash matches), so a failed download never leaves a file that looks usable, and never
+    costs the model already in --out.
     """
-    names = ("config.json", "model.safetensors")
-    parts = {name: os.path.join(out, name + ".part") for name in names}
-    os.makedirs(out, exist_ok=True)
-    try:
-        digests = {name: _fetch(f"{url.rstrip('/')}/{name}", parts[name]) for name in names}
+    def fetch_and_check(folder):
+        digests = {name: _fetch(f"{url.rstrip('/')}/{name}", os.path.join(folder, name))
+                   for name in ("config.json", "model.safetensors")}
         if sha256 and digests["model.safetensors"] != sha256.lower():
             raise click.ClickException(f"{url.rstrip('/')}/model.safetensors: sha256 {digests['model.safetensors']} "
                                        f"does not match the expected {sha256}")
-        for name in names:
-            os.replace(parts[name], os.path.join(out, name))
-    finally:
-        for part in parts.values():
-            if os.path.exists(part):
-                os.remove(part)
-    try:
-        model = gpt2.GPT2.from_pretrained(out)
-    except ValueError as error:
-        for name in names:
-            os.remove(os.path.join(out, name))
-        raise click.ClickException(f"downloaded files do not load: {error}") from None
+        try:
+            return gpt2.GPT2.from_pretrained(folder), digests["model.safetensors"]
+        except ValueError as error:  # named by where they came from, not by the temporary folder
+            message = str(error).replace(os.path.join(folder, ""), url.rstrip("/") + "/")
+            raise click.ClickException(f"downloaded files do not load: {message}") from None
+
+    model, digest = gpt2.atomic_folder(out, fetch_and_check)
     n_params = sum(p.numel() for p in model.parameters())
     click.echo(f"{out}: GPT-2 with {n_params / 1e6:.1f}M parameters, {model.config.n_layer} layers, "
-               f"loads fine (model.safetensors sha256 {digests['model.safetensors']})")
+               f"loads fine (model.safetensors sha256 {digest})")
 
 
 @cli.command("generate")
 @click.option("--weights", default=None, help="GPT-2 checkpoint (dir or .safetensors); default: the embedded model.")
 @click.option("--prompt", default="When Mary and John went to the store, John gave a drink to", show_default=True)
-@click.option("--tokens", "n_tokens", default=20, show_default=True, help="Number of tokens to add.")
-@click.option("--temperature", default=0.0, show_default=True, help="0: greedy; above 0: sample softmax(logits / T).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the sampler.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--tokens", "n_tokens", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Number of tokens to add.")
+@click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True,
+              help="0: greedy; above 0: sample softmax(logits / T).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the sampler.")
+@DEVICE_OPTION
 def generate_command(weights, prompt, n_tokens, temperature, seed, device):
     """Continue a prompt: a quick look at what a model has learnt."""
-    if temperature < 0:
-        raise click.BadParameter(f"must be at least 0, got {temperature}", param_hint="--temperature")
     model = load_model(weights, device)
     tokenizer = gpt2.load_tokenizer()
     prompt_tokens = torch.tensor([[gpt2.BOS_TOKEN_ID, *tokenizer.encode_ordinary(prompt)]], device=device)
@@ -194,9 +289,11 @@ def bench_forward(config=None, batch=100, n_pos=19, repeats=5, device="cpu", mat
 
 
 @cli.command("bench")
-@click.option("--batch", default=100, show_default=True, help="Prompts per forward pass.")
-@click.option("--repeats", default=5, show_default=True, help="Timed passes of each contender (median).")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Prompts per forward pass.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timed passes of each contender (median).")
+@DEVICE_OPTION
 def bench_command(batch, repeats, device):
     """Benchmarks: our GPT-2 forward vs Hugging Face and the matmul FLOP rate, then SAE training."""
     r = bench_forward(batch=batch, repeats=repeats, device=device)
@@ -244,16 +341,17 @@ def train_toy_command(out, seed, steps):
 
 @cli.command("ioi-eval")
 @click.option("--weights", default=None, help=WEIGHTS_HELP)
-@click.option("--n", default=1000, show_default=True, help="Number of prompts.")
-@click.option("--seed", default=1, show_default=True, help="Seed of the prompt sampler.")
+@click.option("--n", type=click.IntRange(min=1), default=1000, show_default=True, help="Number of prompts.")
+@click.option("--seed", type=SEED, default=1, show_default=True, help="Seed of the prompt sampler.")
 @click.option("--held-out", is_flag=True, help="Templates, objects and places the small model never trained on.")
-@click.option("--batch-size", default=256, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@DEVICE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def ioi_eval_command(weights, n, seed, held_out, batch_size, device, as_json):
     """How well a model does IOI: logit difference, accuracy, top-1, P(IO), per template."""
     model = load_model(weights, device)
     prompts = ioi.held_out_prompts(n, seed) if held_out else ioi.eval_prompts(n, seed)
+    check_reads_prompts(model, prompts)
     start = time.time()
     result = ioi.evaluate(model, prompts, batch_size)
     result["prompts_per_s"] = n / (time.time() - start)
@@ -301,34 +399,28 @@ def nodes_command(weights, n, seed):
 
 # === dictionaries commands (train-sae, supervised) ===
 
-def _positive(ctx, param, value):
-    """click callback: reject zero and negative numbers in one line."""
-    if value is not None and value <= 0:
-        raise click.BadParameter(f"must be positive, got {value}")
-    return value
-
-
 @cli.command("train-sae")
 @click.option("--acts", "acts_path", required=True, help="safetensors file with an `acts` tensor [N, d].")
 @click.option("--arch", type=click.Choice(["vanilla", "gated", "topk", "random_decoder"]), required=True,
               help="random_decoder: vanilla encoder over a frozen random unit decoder (the paper's floor).")
-@click.option("--latents", default=512, show_default=True, callback=_positive, help="Dictionary size d_sae.")
-@click.option("--l1", type=float,
+@click.option("--latents", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Dictionary size d_sae.")
+@click.option("--l1", type=FiniteFloat(min=0),
               help="Sparsity coefficient λ on inputs scaled to mean norm √d  [default: 1 vanilla, 2.5 gated].")
-@click.option("--k", default=3, show_default=True, callback=_positive, help="Latents kept per input (topk).")
-@click.option("--epochs", type=int, callback=_positive,
+@click.option("--k", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Latents kept per input (topk).")
+@click.option("--epochs", type=click.IntRange(min=1),
               help="Passes over the data  [default: enough for about 6000 steps, at most 2000 epochs].")
-@click.option("--lr", default=1e-3, show_default=True, callback=_positive,
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-3, show_default=True,
               help="Adam learning rate (the paper's v1 value; its revised 3e-4 needs many more steps).")
-@click.option("--batch-size", default=512, show_default=True, callback=_positive)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--out", required=True, help="Folder for the SAE (SAELens layout: cfg.json + sae_weights.safetensors).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--out", required=True, callback=output_folder("cfg.json"),
+              help="Folder for the SAE (SAELens layout: cfg.json + sae_weights.safetensors).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def train_sae_command(acts_path, arch, latents, l1, k, epochs, lr, batch_size, seed, out, no_progress):
-    """Train one SAE on an activations file (METHOD 8) and save it in the SAELens layout."""
+    """Train one SAE on an activations file and save it in the SAELens layout."""
     l1 = {"gated": 2.5}.get(arch, 1.0) if l1 is None else l1  # gated penalises the gate, which needs more
-    if l1 < 0:
-        raise click.BadParameter(f"must be non-negative, got {l1}", param_hint="--l1")
     try:
         acts = dictionaries.load_activations(acts_path)
         steps_per_epoch = -(-len(acts) // batch_size)
@@ -339,7 +431,7 @@ def train_sae_command(acts_path, arch, latents, l1, k, epochs, lr, batch_size, s
         sae, logs = dictionaries.train_sae(acts, spec, config, progress=not no_progress)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
-    dictionaries.save_sae(sae, out)
+    gpt2.atomic_folder(out, lambda folder: dictionaries.save_sae(sae, folder))
     final = logs[-1]
     click.echo(f"{arch} SAE {acts.shape[1]}->{latents}, {config.epochs} epochs: l0 {final['l0']:.2f}  "
                f"mse {final['mse']:.4g}  fve {final['fve']:.4f}  dead {final['dead_fraction']:.3f}  -> {out}")
@@ -349,15 +441,16 @@ def train_sae_command(acts_path, arch, latents, l1, k, epochs, lr, batch_size, s
 @click.option("--acts", "acts_path", required=True,
               help="safetensors file: `acts` [N, d] and one LongTensor `attribute.<name>` [N] per attribute.")
 @click.option("--method", type=click.Choice(["mean", "lstsq"]), default="mean", show_default=True)
-@click.option("--out", required=True, help="Folder for the dictionary.")
+@click.option("--out", required=True, callback=output_folder("dictionary.json"),
+              help="Folder for the dictionary.")
 def supervised_command(acts_path, method, out):
-    """Fit a supervised dictionary (METHOD 4) to an activations file with known attribute values."""
+    """Fit a supervised dictionary (arXiv 2405.08366) to an activations file with known attribute values."""
     try:
         acts, attributes = dictionaries.load_labelled_activations(acts_path)
         dictionary = dictionaries.SupervisedDictionary.fit(acts, attributes, method=method)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
-    dictionary.save(out)
+    gpt2.atomic_folder(out, dictionary.save)
     residual = acts - dictionary.reconstruct(attributes)
     fve = 1 - residual.pow(2).sum() / (acts - acts.mean(0)).pow(2).sum()
     sizes = ", ".join(f"{name} {len(u)}" for name, u in dictionary.features.items())
@@ -423,6 +516,18 @@ def load_model(weights, device="cpu"):
     except (ValueError, OSError) as error:
         raise click.ClickException(str(error)) from None
     return model.to(device).eval()
+
+
+def check_reads_prompts(model, prompts):
+    """A one-line error unless `model` can read every prompt: GPT-2's whole vocabulary (IOI
+    prompts and corpus text are GPT-2 tokens) and positions up to the longest prompt."""
+    if model.config.vocab_size <= gpt2.BOS_TOKEN_ID:
+        raise click.ClickException(f"the model's vocabulary ({model.config.vocab_size} tokens) is smaller "
+                                   f"than GPT-2's ({gpt2.BOS_TOKEN_ID + 1}), whose tokens make the prompts")
+    longest = max(len(prompt.tokens) for prompt in prompts)
+    if longest > model.config.n_positions:
+        raise click.ClickException(f"the model reads at most {model.config.n_positions} tokens "
+                                   f"(n_positions), but a prompt has {longest}")
 
 
 def make_splits(config):
