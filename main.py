@@ -328,12 +328,22 @@ def bench_command(batch, repeats, device):
 # === ioi commands (train-toy, ioi-eval, nodes) ===
 
 WEIGHTS_HELP = "GPT-2 checkpoint (dir or .safetensors); default: the embedded small IOI model."
+# The circuit of a model other than GPT-2 Small is found on prompts of its own: a fixed set,
+# apart from the training and evaluation prompts, so the graded circuit never depends on
+# --n-eval or --seed (README, "What the demo shows, and how it is scaled down").
+DISCOVERY_N, DISCOVERY_SEED = 200, 1000
+
+
+def discovery_prompts(n=DISCOVERY_N, seed=DISCOVERY_SEED):
+    """Evaluation-style prompts (the first half of the names) that `ioi.discover` finds heads with."""
+    return ioi.eval_prompts(n, seed=seed)
 
 
 @cli.command("train-toy")
-@click.option("--out", default=os.path.join("models", "ioi-toy"), show_default=True, help="Folder to save it in.")
-@click.option("--seed", default=ioi.ToyConfig.seed, show_default=True)
-@click.option("--steps", default=ioi.ToyConfig.steps, show_default=True)
+@click.option("--out", default=os.path.join("models", "ioi-toy"), show_default=True,
+              callback=output_folder("config.json"), help="Folder to save it in.")
+@click.option("--seed", type=SEED, default=ioi.ToyConfig.seed, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=ioi.ToyConfig.steps, show_default=True)
 def train_toy_command(out, seed, steps):
     """Train the small IOI model (the embedded default) and save it in Hugging Face's layout."""
     ioi.train_and_save(ioi.ToyConfig(seed=seed, steps=steps), out)
@@ -369,12 +379,15 @@ def ioi_eval_command(weights, n, seed, held_out, batch_size, device, as_json):
 
 @cli.command("nodes")
 @click.option("--weights", default=None, help=WEIGHTS_HELP)
-@click.option("--n", default=500, show_default=True, help="Prompts used to find the heads (models other than GPT-2 Small).")
-@click.option("--seed", default=1, show_default=True)
+@click.option("--n", type=click.IntRange(min=1), default=DISCOVERY_N, show_default=True,
+              help="Prompts used to find the heads (models other than GPT-2 Small).")
+@click.option("--seed", type=SEED, default=DISCOVERY_SEED, show_default=True)
 def nodes_command(weights, n, seed):
-    """The circuit's nodes and cross-sections: known for GPT-2 Small, found for other models."""
-    model = load_model(weights)
-    sections, table = ioi.circuit_cross_sections(model, ioi.eval_prompts(n, seed))
+    """The circuit's nodes and cross-sections: known for GPT-2 Small, found for other models
+    (by default on the prompts the pipeline finds its circuit with)."""
+    model, prompts = load_model(weights), discovery_prompts(n, seed)
+    check_reads_prompts(model, prompts)
+    sections, table = ioi.circuit_cross_sections(model, prompts)
     if table["heads"]:
         click.echo("Heads found: name movers write >= 1/3 of the largest direct effect on the LD; the others")
         click.echo("cost >= 1/3 of the largest LD drop when their z at that position is mean-ablated.")
@@ -496,8 +509,60 @@ class RunConfig:
 
     @classmethod
     def load(cls, path):
-        saved = _read_json(path)
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+        """The settings in a run folder's config.json, each checked by its option type: a
+        corrupt file is a one-line error, and is never overwritten."""
+        try:
+            saved = _read_json(path)
+        except ValueError as error:  # malformed JSON, or not text
+            raise click.ClickException(f"{path}: not valid JSON ({error})") from None
+        names = {f.name for f in fields(cls)}
+        if not isinstance(saved, dict):
+            raise click.ClickException(f"{path}: expected a JSON object of settings, "
+                                       f"got {type(saved).__name__}")
+        if set(saved) != names:
+            problems = [f"{label} {', '.join(sorted(keys))}" for label, keys in
+                        (("unknown settings", set(saved) - names), ("missing settings", names - set(saved)))
+                        if keys]
+            raise click.ClickException(f"{path}: {'; '.join(problems)}")
+        try:
+            config = cls(**{f.name: _checked_setting(f, saved[f.name]) for f in fields(cls)})
+        except click.BadParameter as error:
+            raise click.ClickException(f"{path}: {error.message}") from None
+        if max(config.topk_k) > config.d_sae or config.corpus_k > config.corpus_d_sae:
+            raise click.ClickException(f"{path}: a top-k SAE's k exceeds its number of latents")
+        return config
+
+
+# How config.json's numeric settings are checked, where not as positive integers.
+SETTING_TYPES = {"n_train": click.IntRange(min=10), "n_eval": click.IntRange(min=10), "seed": SEED,
+                 "sae_lr": FiniteFloat(min=0, min_open=True), "occlusion_alphas": FiniteFloat(),
+                 "f1_thresholds": FiniteFloat(),
+                 **dict.fromkeys(("vanilla_l1", "gated_l1", "corpus_l1"), FiniteFloat(min=0))}
+
+
+def _checked_setting(field, value):
+    """`value` as the RunConfig setting `field`, or a click.BadParameter naming it: a path or
+    null (weights, corpus), a string (device), else numbers of the type in SETTING_TYPES."""
+    if field.name in ("weights", "corpus", "device"):
+        if isinstance(value, str) or value is None and field.name != "device":
+            return value
+        expected = "a string" if field.name == "device" else "a path or null"
+        raise click.BadParameter(f"{field.name}: {value!r} is not {expected}")
+    kind = SETTING_TYPES.get(field.name, click.IntRange(min=1))
+    number = int if isinstance(kind, click.IntRange) else (int, float)
+
+    def convert(item):  # JSON has types: click alone would also take "12", 12.7 or true for an integer
+        if isinstance(item, bool) or not isinstance(item, number):
+            raise click.BadParameter(f"{item!r} is not {'an integer' if number is int else 'a number'}")
+        return kind.convert(item, None, None)
+    try:
+        if isinstance(field.default, tuple):
+            if not isinstance(value, list) or not value:
+                raise click.BadParameter(f"{value!r} is not a non-empty list")
+            return tuple(convert(item) for item in value)
+        return convert(value)
+    except click.BadParameter as error:
+        raise click.BadParameter(f"{field.name}: {error.message}") from None
 
 
 DEMO = RunConfig(n_train=5_000, n_eval=500, epochs=160, sae_lr=1e-3, vanilla_l1=(1.0, 5.0), gated_l1=(1.0, 2.5),
@@ -550,13 +615,13 @@ class Run:
 
     def __init__(self, out, config):
         self.out, self.config = out, config
-        os.makedirs(out, exist_ok=True)
-        gpt2.write_json(os.path.join(out, "config.json"), asdict(config))
         self.model = load_model(config.weights, config.device)
         self.splits = make_splits(config)
+        found_with = discovery_prompts()  # not the evaluation prompts: see DISCOVERY_N
+        check_reads_prompts(self.model, [p for split in [found_with, *self.splits.values()] for p in split])
         self.attributes = {split: ioi.attribute_ids(prompts) for split, prompts in self.splits.items()}
         click.echo("Finding the circuit ...")
-        self.sections, self.discovery = ioi.circuit_cross_sections(self.model, self.splits["eval"][:200], config.batch_size)
+        self.sections, self.discovery = ioi.circuit_cross_sections(self.model, found_with, config.batch_size)
         if not self.sections:
             raise click.ClickException("no cross-section found: the model does not seem to solve IOI")
         self.nodes = list(dict.fromkeys(node for section in self.sections for node in section.nodes))
@@ -564,6 +629,10 @@ class Run:
         self.acts = {split: ioi.collect_activations(self.model, prompts, self.nodes, config.batch_size,
                                                     cache_dir=os.path.join(out, "activations"))
                      for split, prompts in self.splits.items()}
+        # Last: the folder is bound to these settings only once they have produced its
+        # activations, so a run that fails to start neither leaves nor changes config.json.
+        os.makedirs(out, exist_ok=True)
+        gpt2.write_json(os.path.join(out, "config.json"), asdict(config))
 
     def path(self, *parts):
         return os.path.join(self.out, *parts)
@@ -575,8 +644,11 @@ class Run:
         for method, name in (("mean", "supervised"), ("lstsq", "supervised_lstsq")):
             fitted = {node: dictionaries.SupervisedDictionary.fit(self.acts["train"][node], self.attributes["train"],
                                                                   n_values, method) for node in self.nodes}
-            for node, dictionary in fitted.items():
-                dictionary.save(self.path("dictionaries", name, str(node)))
+
+            def write(folder, fitted=fitted):
+                for node, dictionary in fitted.items():
+                    dictionary.save(os.path.join(folder, str(node)))
+            gpt2.atomic_folder(self.path("dictionaries", name), write)
             dictionaries_by_method[name] = fitted
         return dictionaries_by_method
 
@@ -589,10 +661,13 @@ class Run:
         if os.path.exists(stamp) and _read_json(stamp) == json.loads(json.dumps(key)):  # (tuples -> lists)
             return [dictionaries.load_sae(os.path.join(folder, spec.name)) for spec in specs], None
         saes, logs = dictionaries.train_sae_stack(datasets, specs, train_config, progress=True)
-        for spec, sae in zip(specs, saes):
-            dictionaries.save_sae(sae, os.path.join(folder, spec.name))
-        gpt2.write_json(os.path.join(folder, "logs.json"), logs)
-        gpt2.write_json(stamp, key)
+
+        def write(tmp):  # the whole stack in one rename: a killed save never mixes old and new SAEs
+            for spec, sae in zip(specs, saes):
+                dictionaries.save_sae(sae, os.path.join(tmp, spec.name))
+            gpt2.write_json(os.path.join(tmp, "logs.json"), logs)
+            gpt2.write_json(os.path.join(tmp, "stack.json"), key)  # last: marks a complete stack
+        gpt2.atomic_folder(folder, write)
         return saes, logs
 
     def train_task_saes(self):
@@ -920,39 +995,76 @@ def write_metrics(run, records):
     gpt2.write_json(run.path("metrics.json"), {"config": asdict(run.config), "circuit": circuit, "results": records})
 
 
-def open_run(out, weights=None, preset=None, device="cpu", **overrides):
-    """The run in folder `out`: its saved config.json when no setting is given, else a new one.
+def recover_interrupted_saves(out):
+    """Undo every save a killed run left unfinished in its folder `out`: gpt2.atomic_write and
+    gpt2.atomic_folder leave NAME.tmp (and NAME.old) behind only when killed midway. Only what
+    a run writes is looked at, since `out` may hold other files too."""
+    saved = [os.path.join(out, name) for name in ("config.json", "metrics.json", "report.md")]
+    for folder in ("activations", "dictionaries", "saes", "figures"):
+        for root, dirs, files in os.walk(os.path.join(out, folder)):
+            saved += [os.path.join(root, os.path.splitext(name)[0]) for name in dirs + files
+                      if name.endswith((".tmp", ".old"))]
+    for path in saved:  # parents first: a leftover inside a removed one is gone already
+        gpt2.recover_interrupted_save(path)
 
-    `preset` "demo" (scaled down) or "paper"; by default "demo" for the embedded model and
-    "paper" for real GPT-2 weights.
+
+def open_run(out, weights=None, preset=None, device="cpu", force=False, **overrides):
+    """The run in folder `out`, bound to the settings in its config.json.
+
+    Without settings given, the saved ones; with settings that differ from them, a one-line
+    error unless `force`. A new folder, or `preset`, starts from a preset: "demo" (scaled
+    down) for the embedded model, "paper" for real GPT-2 weights; the settings given
+    override it. The device only decides where the run computes, so it is not bound.
     """
-    saved = os.path.join(out, "config.json")
-    if os.path.exists(saved) and weights is None and preset is None and not overrides:
-        return Run(out, RunConfig.load(saved))
-    preset = preset or ("demo" if weights is None else "paper")
-    base = DEMO if preset == "demo" else RunConfig()
-    return Run(out, replace(base, weights=weights, device=device, **{k: v for k, v in overrides.items() if v is not None}))
+    recover_interrupted_saves(out)
+    path, saved = os.path.join(out, "config.json"), None
+    try:
+        saved = RunConfig.load(path) if os.path.exists(path) else None
+    except click.ClickException as error:
+        if not force:
+            raise click.ClickException(f"{error.message} (--force replaces it)") from None
+    given = {name: value for name, value in dict(overrides, weights=weights).items() if value is not None}
+    if saved is not None and preset is None:
+        base = saved
+    else:
+        base = DEMO if (preset or ("demo" if weights is None else "paper")) == "demo" else RunConfig()
+    config = replace(base, **given, device=device)
+    changed = [] if saved is None else [
+        f"{f.name} {getattr(saved, f.name)!r} -> {getattr(config, f.name)!r}" for f in fields(RunConfig)
+        if f.name != "device" and getattr(saved, f.name) != getattr(config, f.name)]
+    if changed and not force:
+        more = f"; {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise click.ClickException(f"{path} holds other settings ({'; '.join(changed[:3])}{more}): "
+                                   "add --force to rebind the folder to these, or choose a new --out")
+    return Run(out, config)
+
+
+FORCE_OPTION = click.option("--force", is_flag=True,
+                            help="Rebind a run folder made with other settings to these (caches are kept).")
 
 
 def run_options(function):
     """Options shared by every pipeline step: the run folder and what it runs on."""
     options = [
-        click.option("--out", "out", default="runs/demo", show_default=True, help="Run folder (created if needed)."),
+        click.option("--out", "out", default="runs/demo", show_default=True, callback=output_folder(),
+                     help="Run folder (created if needed)."),
         click.option("--weights", default=None, help="GPT-2 checkpoint (dir or .safetensors); default: the embedded model."),
         click.option("--preset", type=click.Choice(["demo", "paper"]), default=None,
-                     help="Settings: demo (minutes on a CPU) or paper (METHOD.md). Default: demo for the embedded model."),
-        click.option("--device", default="cpu", show_default=True),
+                     help="Settings: demo (minutes on a CPU) or the paper's. "
+                          "Default: demo for the embedded model."),
+        DEVICE_OPTION,
         click.option("--n-train", type=click.IntRange(min=10), default=None, help="Training prompts."),
         click.option("--n-eval", type=click.IntRange(min=10), default=None, help="Evaluation prompts."),
         click.option("--epochs", type=click.IntRange(min=1), default=None, help="SAE training epochs."),
+        FORCE_OPTION,
     ]
     for option in reversed(options):
         function = option(function)
     return function
 
 
-def _run_from_options(out, weights, preset, device, n_train, n_eval, epochs):
-    return open_run(out, weights, preset, device, n_train=n_train, n_eval=n_eval, epochs=epochs)
+def _run_from_options(out, weights, preset, device, n_train, n_eval, epochs, force):
+    return open_run(out, weights, preset, device, force, n_train=n_train, n_eval=n_eval, epochs=epochs)
 
 
 @cli.command()
@@ -1003,11 +1115,12 @@ def evaluate(**options):
 
 
 @cli.command()
-@click.option("--out", default="runs/demo", show_default=True, help="Run folder.")
-def demo(out):
+@click.option("--out", default="runs/demo", show_default=True, callback=output_folder(), help="Run folder.")
+@FORCE_OPTION
+def demo(out, force):
     """The whole paper on the embedded small IOI model, scaled to minutes on a CPU."""
     started = time.time()
-    _evaluate_and_report(open_run(out, preset="demo"), started)
+    _evaluate_and_report(open_run(out, preset="demo", force=force), started)
 
 
 @cli.command("run")
