@@ -60,6 +60,8 @@ def _check_matrix(x, what: str) -> torch.Tensor:
         raise ValueError(f"{what}: expected a tensor of shape [N, d], got {getattr(x, 'shape', type(x))}")
     if not x.is_floating_point():
         raise ValueError(f"{what}: expected floats, got dtype {x.dtype}")
+    if 0 in x.shape:  # nothing to fit (no rows) or to reconstruct (no columns)
+        raise ValueError(f"{what}: expected at least one row and one column, got shape {tuple(x.shape)}")
     if not torch.isfinite(x).all():
         raise ValueError(f"{what}: contains NaN or inf")
     return x
@@ -457,20 +459,22 @@ def lr_factor(step: int, total: int, restart: int, config: TrainConfig) -> float
 def _check_stack(datasets, specs, config):
     if not isinstance(datasets, torch.Tensor) or datasets.dim() != 3 or not datasets.is_floating_point():
         raise ValueError(f"datasets: expected a float tensor [n_datasets, N, d], got {getattr(datasets, 'shape', None)}")
+    if 0 in datasets.shape:
+        raise ValueError(f"datasets: expected at least one row and one column, got {tuple(datasets.shape)}")
     if not torch.isfinite(datasets).all():
         raise ValueError("datasets contain NaN or inf")
     if not specs or len({s.arch for s in specs}) != 1 or specs[0].arch not in LOSSES:
         raise ValueError(f"one architecture per stack, one of {sorted(LOSSES)}; got {sorted({s.arch for s in specs})}")
     for name in ("d_sae", "batch_size", "epochs", "lr"):
-        if not getattr(config, name) > 0:
-            raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
+        if not 0 < getattr(config, name) < math.inf:
+            raise ValueError(f"{name} must be positive and finite, got {getattr(config, name)}")
     for s in specs:
         if not 0 <= s.dataset_index < len(datasets):
             raise ValueError(f"dataset_index {s.dataset_index} outside [0, {len(datasets)})")
         if s.arch == "topk" and not 1 <= s.k <= config.d_sae:
             raise ValueError(f"k must lie in [1, d_sae={config.d_sae}], got {s.k}")
-        if s.arch != "topk" and not s.l1 >= 0:
-            raise ValueError(f"l1 must be non-negative, got {s.l1}")
+        if s.arch != "topk" and not 0 <= s.l1 < math.inf:
+            raise ValueError(f"l1 must be non-negative and finite, got {s.l1}")
 
 
 class _NoBar:
@@ -495,6 +499,15 @@ def _statistics(arch, p, hp, inputs, n, chunk=1024):
         errors.append(_squared_error(decode(p, f), x))
         fires = fires + (evidence > 0).sum(1)
     return torch.cat(errors, 1), fires
+
+
+def _check_not_diverged(errors, specs):
+    """Stop, naming the SAEs, once a learning rate too high for the data has sent weights to
+    inf or NaN: saved, such an SAE would be graded as if it were a real one."""
+    diverged = [spec.name or f"sae{s}" for s, spec in enumerate(specs) if not torch.isfinite(errors[s]).all()]
+    if diverged:
+        raise ValueError(f"training diverged (NaN or inf) in {', '.join(diverged[:3])}: "
+                         "lower the learning rate")
 
 
 @torch.no_grad()
@@ -582,6 +595,7 @@ def train_sae_stack(datasets: torch.Tensor, specs: list, config: Optional[TrainC
         for epoch in range(config.epochs):
             if epoch in resample:
                 errors, fires = _statistics(arch, p, hp, inputs, n)
+                _check_not_diverged(errors, specs)
                 _resample_dead_latents(p, adam, fires == 0, errors, inputs, generators, frozen)
                 restart = epoch * steps_per_epoch
             order = torch.stack([torch.randperm(n, generator=g) for g in generators])  # [S, N]
@@ -601,6 +615,7 @@ def train_sae_stack(datasets: torch.Tensor, specs: list, config: Optional[TrainC
             bar.update(1)
             if epoch + 1 in checkpoints:
                 errors, fires = _statistics(arch, p, hp, inputs, n)
+                _check_not_diverged(errors, specs)
                 saes = _unstack(arch, p, specs, scales, config)
                 extra = (on_checkpoint(epoch + 1, saes) if on_checkpoint else None) or [{}] * len(specs)
                 for s, spec in enumerate(specs):

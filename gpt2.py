@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import shutil
 from dataclasses import asdict, dataclass, fields
 
 import tiktoken
@@ -45,6 +46,15 @@ class GPT2Config:
     layer_norm_epsilon: float = 1e-5
 
     def __post_init__(self):
+        # A config.json may hold anything: check types and ranges here, so that a bad value
+        # is one clear ValueError instead of a ZeroDivisionError or TypeError deep in a layer.
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is not a positive integer")
+        epsilon = self.layer_norm_epsilon
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 < epsilon < math.inf:
+            raise ValueError(f"layer_norm_epsilon={epsilon!r} is not a positive finite number")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
 
@@ -59,6 +69,8 @@ class GPT2Config:
     @classmethod
     def from_hf_dict(cls, hf):
         """Read a Hugging Face config.json dict, refusing settings this model does not implement."""
+        if not isinstance(hf, dict):
+            raise ValueError(f"expected a JSON object of settings, got {type(hf).__name__}")
         if hf.get("activation_function", "gelu_new") != "gelu_new":
             raise ValueError(f"activation_function={hf['activation_function']!r} is not supported (only gelu_new)")
         if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", cls.n_embd)):
@@ -273,21 +285,22 @@ class GPT2(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device="cpu"):
-        """Load a checkpoint in Hugging Face's layout (a directory or a .safetensors file)."""
+        """Load a checkpoint in Hugging Face's layout (a directory or a .safetensors file) with the
+        config.json beside it: the number of heads is not in the weights' shapes, so it is required."""
         weights_file, config_file = _checkpoint_files(path)
+        if config_file is None:
+            raise WeightsError(f"{weights_file}: no config.json beside it; the number of heads cannot be "
+                               "read from the weights, so put the model's Hugging Face config.json there")
+        try:
+            with open(config_file) as f:
+                config = GPT2Config.from_hf_dict(json.load(f))
+        except ValueError as error:  # includes malformed JSON and bad values
+            raise WeightsError(f"{config_file}: {error}") from None
         try:
             state = load_file(weights_file)
         except (SafetensorError, OSError, ValueError) as error:
             raise WeightsError(f"{weights_file}: not a readable safetensors file ({error})") from None
         state = _normalise_keys(state, weights_file)
-        if config_file:
-            try:
-                with open(config_file) as f:
-                    config = GPT2Config.from_hf_dict(json.load(f))
-            except ValueError as error:  # includes malformed JSON
-                raise WeightsError(f"{config_file}: {error}") from None
-        else:
-            config = _infer_config(state, weights_file)
         with torch.device("meta"):  # shapes only: skip a random initialisation we would overwrite
             model = cls(config)
         _check_state(model.state_dict(), state, weights_file)
@@ -369,6 +382,43 @@ def write_json(path, data):
     atomic_write(path, write)
 
 
+def atomic_folder(path, write):
+    """Call write(tmp_folder) to fill a fresh sibling folder, then rename it to `path`; return
+    what `write` returns.
+
+    A multi-file artefact (a saved model, an SAE stack) is then either wholly the old version
+    or wholly the new one: readers look only at `path`, and its completion marker (written
+    last by `write`) arrives with the rest in one rename. A folder cannot be renamed over
+    another, so an old version is first moved to PATH.old, and deleted once the new one is
+    in place. A save killed midway leaves PATH.tmp (and perhaps PATH.old) behind:
+    `recover_interrupted_save`, called here and by readers, puts things back.
+    """
+    path = os.path.normpath(path)
+    recover_interrupted_save(path)
+    os.makedirs(path + ".tmp")
+    try:
+        result = write(path + ".tmp")
+        if os.path.exists(path):
+            os.rename(path, path + ".old")
+        os.rename(path + ".tmp", path)
+    finally:
+        recover_interrupted_save(path)
+    return result
+
+
+def recover_interrupted_save(path):
+    """Undo what an interrupted `atomic_write` or `atomic_folder` left beside `path`: the old
+    version comes back if the new one never replaced it, and the temporary copies go."""
+    path = os.path.normpath(path)
+    if os.path.exists(path + ".old") and not os.path.exists(path):
+        os.rename(path + ".old", path)
+    for leftover in (path + ".tmp", path + ".old"):
+        if os.path.isdir(leftover) and not os.path.islink(leftover):
+            shutil.rmtree(leftover)
+        elif os.path.lexists(leftover):
+            os.remove(leftover)
+
+
 def _checkpoint_files(path):
     path = os.fspath(path)  # accept pathlib.Path too
     if os.path.isdir(path):
@@ -402,26 +452,16 @@ def _normalise_keys(state, weights_file):
     return {k: v for k, v in state.items() if not _MASK_BUFFER.search(k)}
 
 
-def _infer_config(state, weights_file):
-    for key in ("wte.weight", "wpe.weight"):
-        if key not in state:
-            raise WeightsError(f"{weights_file}: missing key {key} (cannot infer the config)")
-    vocab_size, n_embd = state["wte.weight"].shape
-    # The highest block index, not a count of one key, so a missing key is reported as missing.
-    n_layer = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"h\.(\d+)\.", k))), default=-1)
-    # GPT-2 models use 64-dimensional heads; a config.json overrides this guess.
-    return GPT2Config(vocab_size=vocab_size, n_positions=state["wpe.weight"].shape[0], n_embd=n_embd,
-                      n_layer=n_layer, n_head=max(1, n_embd // 64))
-
-
 def _check_state(expected, state, weights_file):
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
                    for k in sorted(set(expected) & set(state)) if state[k].shape != expected[k].shape]
+    not_finite = [k for k in sorted(state) if not torch.isfinite(state[k]).all()]  # would run, silently
     problems = [f"{label}: {', '.join(items[:5])}" + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
                 for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                     ("wrong shapes", wrong_shape)) if items]
+                                     ("wrong shapes", wrong_shape), ("NaN or inf values", not_finite))
+                if items]
     if problems:
         raise WeightsError(f"{weights_file}: " + "; ".join(problems))
 

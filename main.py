@@ -6,10 +6,12 @@ them on approximation, control and interpretability, and write a report.
 """
 import hashlib
 import json
+import math
 import os
+import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -23,9 +25,97 @@ import ioi
 import metrics
 
 
-@click.group()
+class OneLineErrors(click.Group):
+    """The command group. Every failure a user can cause ends as one line `Error: ...` and a
+    non-zero exit, never a traceback: a bad option without click's usage block (exit 2), a
+    path that cannot be read or written with its name (OSError, caught here once for all)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as error:
+            one_line = click.ClickException(error.format_message())
+            one_line.exit_code = error.exit_code
+            raise one_line from None
+        except OSError as error:
+            names = " -> ".join(name for name in (error.filename, error.filename2) if name is not None)
+            raise click.ClickException(f"{names}: {error.strerror}" if names else str(error)) from None
+
+
+@click.group(cls=OneLineErrors)
 def cli():
     """Grade sparse autoencoders against supervised dictionaries on IOI (arXiv 2405.08366)."""
+
+
+# === option types: every option is checked before any work or write ===
+
+class FiniteFloat(click.FloatRange):
+    """A float range that also refuses nan and inf (click's FloatRange lets nan through:
+    every comparison with nan is false)."""
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+def device_problem(name):
+    """Why torch cannot compute on device `name` here (None if it can)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        return f"{name!r} is not a device (cpu, cuda, cuda:N or mps)"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"{name}: CUDA is not available on this machine"
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        return f"{name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return f"{name}: MPS is not available on this machine"
+    if device.type not in ("cpu", "cuda", "mps"):
+        return f"{name}: unsupported device type (cpu, cuda, cuda:N or mps)"
+    return None
+
+
+class Device(click.ParamType):
+    """A device torch can compute on, on this machine."""
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        problem = device_problem(value)
+        if problem:
+            self.fail(problem, param, ctx)
+        return value
+
+
+SEED = click.IntRange(0, 2**32 - 1)  # numpy refuses negative seeds
+DEVICE_OPTION = click.option("--device", type=Device(), default="cpu", show_default=True,
+                             help="cpu, cuda, cuda:N or mps.")
+
+
+def output_folder(marker=None):
+    """click callback for --out: a folder that can be created or written, checked before any
+    work. A save replaces the whole folder (gpt2.atomic_folder), so an existing non-empty one
+    is accepted only if it holds `marker`, the completion file of an artefact of the same
+    kind: a user's own files are never swept away."""
+    def check(ctx, param, value):
+        path = os.path.abspath(value)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise click.BadParameter(f"{value} is a file, not a folder", ctx, param)
+        parent = path
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise click.BadParameter(f"{value} cannot be created: {parent} is a file", ctx, param)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise click.BadParameter(f"{parent} is not writable", ctx, param)
+        others = marker and os.path.isdir(path) and os.listdir(path)
+        if others and not os.path.isfile(os.path.join(path, marker)):
+            raise click.BadParameter(f"{value} holds other files (no {marker}): choose a new or empty folder",
+                                     ctx, param)
+        return value
+    return check
 
 
 # === gpt2 commands (download, generate, bench) ===
@@ -42,7 +132,9 @@ def _fetch(url, path):
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as f:
             size = int(response.headers.get("Content-Length") or 0)
-            with click.progressbar(length=size, label=os.path.basename(url)) as bar:
+            # Outside a terminal a bar is only its label: a log keeps just the summary or the error.
+            hidden = not sys.stdout.isatty()
+            with click.progressbar(length=size, label=os.path.basename(url), hidden=hidden) as bar:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
                     digest.update(chunk)
@@ -52,58 +144,61 @@ def _fetch(url, path):
         raise click.ClickException(f"{url}: HTTP {error.code} {error.reason}") from None
     except (OSError, http.client.HTTPException) as error:  # unreachable, no such file, timeout, cut off
         raise click.ClickException(f"{url}: {getattr(error, 'reason', error)}") from None
+    except ValueError as error:  # not a URL at all
+        raise click.ClickException(f"{url}: {error}") from None
     if size and written != size:
         raise click.ClickException(f"{url}: connection closed after {written} of {size} bytes")
     return digest.hexdigest()
 
 
+def _sha256_option(ctx, param, value):
+    if value is not None and not (len(value) == 64 and all(c in "0123456789abcdef" for c in value.lower())):
+        raise click.BadParameter(f"{value!r} is not a sha256 (64 hexadecimal digits)", ctx, param)
+    return value
+
+
 @cli.command("download")
 @click.option("--url", default=GPT2_SMALL_URL, show_default=True,
               help="Base URL holding model.safetensors and config.json (file:// works too).")
-@click.option("--out", default=os.path.join("models", "gpt2"), show_default=True, help="Folder to write them to.")
-@click.option("--sha256", default=None, help="Expected sha256 of model.safetensors.")
+@click.option("--out", default=os.path.join("models", "gpt2"), show_default=True,
+              callback=output_folder("config.json"), help="Folder to write them to.")
+@click.option("--sha256", default=None, callback=_sha256_option, help="Expected sha256 of model.safetensors.")
 def download_command(url, out, sha256):
     """Fetch GPT-2 Small's weights and config (Hugging Face layout) and check that they load.
 
-    Each file is written as NAME.part and renamed only when every file is complete (and
-    the hash matches), so a failed download never leaves a file that looks usable.
+    Both files go to a temporary folder that replaces --out only once they load (and the
+    hash matches), so a failed download never leaves a file that looks usable, and never
+    costs the model already in --out.
     """
-    names = ("config.json", "model.safetensors")
-    parts = {name: os.path.join(out, name + ".part") for name in names}
-    os.makedirs(out, exist_ok=True)
-    try:
-        digests = {name: _fetch(f"{url.rstrip('/')}/{name}", parts[name]) for name in names}
+    def fetch_and_check(folder):
+        digests = {name: _fetch(f"{url.rstrip('/')}/{name}", os.path.join(folder, name))
+                   for name in ("config.json", "model.safetensors")}
         if sha256 and digests["model.safetensors"] != sha256.lower():
             raise click.ClickException(f"{url.rstrip('/')}/model.safetensors: sha256 {digests['model.safetensors']} "
                                        f"does not match the expected {sha256}")
-        for name in names:
-            os.replace(parts[name], os.path.join(out, name))
-    finally:
-        for part in parts.values():
-            if os.path.exists(part):
-                os.remove(part)
-    try:
-        model = gpt2.GPT2.from_pretrained(out)
-    except ValueError as error:
-        for name in names:
-            os.remove(os.path.join(out, name))
-        raise click.ClickException(f"downloaded files do not load: {error}") from None
+        try:
+            return gpt2.GPT2.from_pretrained(folder), digests["model.safetensors"]
+        except ValueError as error:  # named by where they came from, not by the temporary folder
+            message = str(error).replace(os.path.join(folder, ""), url.rstrip("/") + "/")
+            raise click.ClickException(f"downloaded files do not load: {message}") from None
+
+    model, digest = gpt2.atomic_folder(out, fetch_and_check)
     n_params = sum(p.numel() for p in model.parameters())
     click.echo(f"{out}: GPT-2 with {n_params / 1e6:.1f}M parameters, {model.config.n_layer} layers, "
-               f"loads fine (model.safetensors sha256 {digests['model.safetensors']})")
+               f"loads fine (model.safetensors sha256 {digest})")
 
 
 @cli.command("generate")
 @click.option("--weights", default=None, help="GPT-2 checkpoint (dir or .safetensors); default: the embedded model.")
 @click.option("--prompt", default="When Mary and John went to the store, John gave a drink to", show_default=True)
-@click.option("--tokens", "n_tokens", default=20, show_default=True, help="Number of tokens to add.")
-@click.option("--temperature", default=0.0, show_default=True, help="0: greedy; above 0: sample softmax(logits / T).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the sampler.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--tokens", "n_tokens", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Number of tokens to add.")
+@click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True,
+              help="0: greedy; above 0: sample softmax(logits / T).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the sampler.")
+@DEVICE_OPTION
 def generate_command(weights, prompt, n_tokens, temperature, seed, device):
     """Continue a prompt: a quick look at what a model has learnt."""
-    if temperature < 0:
-        raise click.BadParameter(f"must be at least 0, got {temperature}", param_hint="--temperature")
     model = load_model(weights, device)
     tokenizer = gpt2.load_tokenizer()
     prompt_tokens = torch.tensor([[gpt2.BOS_TOKEN_ID, *tokenizer.encode_ordinary(prompt)]], device=device)
@@ -195,9 +290,11 @@ def bench_forward(config=None, batch=100, n_pos=19, repeats=5, device="cpu", mat
 
 
 @cli.command("bench")
-@click.option("--batch", default=100, show_default=True, help="Prompts per forward pass.")
-@click.option("--repeats", default=5, show_default=True, help="Timed passes of each contender (median).")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Prompts per forward pass.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timed passes of each contender (median).")
+@DEVICE_OPTION
 def bench_command(batch, repeats, device):
     """Benchmarks: our GPT-2 forward vs Hugging Face and the matmul FLOP rate, then SAE training."""
     r = bench_forward(batch=batch, repeats=repeats, device=device)
@@ -232,17 +329,31 @@ def bench_command(batch, repeats, device):
 # === ioi commands (build-model, ioi-eval, nodes) ===
 
 WEIGHTS_HELP = "GPT-2 checkpoint (dir or .safetensors); default: the embedded IOI model."
+# The circuit of a model other than GPT-2 Small is found on prompts of its own: a fixed set,
+# apart from the training and evaluation prompts, so the graded circuit never depends on
+# --n-eval or --seed (README, "What the demo shows, and how it is scaled down").
+DISCOVERY_N, DISCOVERY_SEED = 200, 1000
+
+
+def discovery_prompts(n=DISCOVERY_N, seed=DISCOVERY_SEED):
+    """Evaluation-style prompts (the first half of the names) that `ioi.discover` finds heads with."""
+    return ioi.eval_prompts(n, seed=seed)
 
 
 @cli.command("build-model")
-@click.option("--out", default=os.path.join("models", "ioi-circuit"), show_default=True, help="Folder to save it in.")
-@click.option("--seed", default=ioi.CircuitConfig.seed, show_default=True, help="Seed of its random name codes.")
+@click.option("--out", default=os.path.join("models", "ioi-circuit"), show_default=True,
+              callback=output_folder("circuit_config.json"), help="Folder to save it in.")
+@click.option("--seed", type=SEED, default=ioi.CircuitConfig.seed, show_default=True,
+              help="Seed of its random name codes and residual basis.")
 def build_model_command(out, seed):
     """Save the embedded IOI model (GPT-2's circuit written by hand) in Hugging Face's layout."""
     config = ioi.CircuitConfig(seed=seed)
     model = ioi.build_ioi_model(config)
-    model.save_pretrained(out)
-    gpt2.write_json(os.path.join(out, "circuit_config.json"), asdict(config))
+
+    def write(folder):  # into a temporary folder, renamed to `out` once complete
+        model.save_pretrained(folder)
+        gpt2.write_json(os.path.join(folder, "circuit_config.json"), asdict(config))  # last: marks it complete
+    gpt2.atomic_folder(out, write)
     scores = ioi.evaluate(model, ioi.held_out_prompts(1000))
     click.echo(f"held-out prompts: accuracy {scores['accuracy']:.1%}, top-1 {scores['top1_accuracy']:.1%}, "
                f"mean LD {scores['mean_logit_diff']:.2f}; saved to {out}")
@@ -250,16 +361,17 @@ def build_model_command(out, seed):
 
 @cli.command("ioi-eval")
 @click.option("--weights", default=None, help=WEIGHTS_HELP)
-@click.option("--n", default=1000, show_default=True, help="Number of prompts.")
-@click.option("--seed", default=1, show_default=True, help="Seed of the prompt sampler.")
+@click.option("--n", type=click.IntRange(min=1), default=1000, show_default=True, help="Number of prompts.")
+@click.option("--seed", type=SEED, default=1, show_default=True, help="Seed of the prompt sampler.")
 @click.option("--held-out", is_flag=True, help="Templates, objects and places the small model never trained on.")
-@click.option("--batch-size", default=256, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@DEVICE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def ioi_eval_command(weights, n, seed, held_out, batch_size, device, as_json):
     """How well a model does IOI: logit difference, accuracy, top-1, P(IO), per template."""
     model = load_model(weights, device)
     prompts = ioi.held_out_prompts(n, seed) if held_out else ioi.eval_prompts(n, seed)
+    check_reads_prompts(model, prompts)
     start = time.time()
     result = ioi.evaluate(model, prompts, batch_size)
     result["prompts_per_s"] = n / (time.time() - start)
@@ -277,12 +389,15 @@ def ioi_eval_command(weights, n, seed, held_out, batch_size, device, as_json):
 
 @cli.command("nodes")
 @click.option("--weights", default=None, help=WEIGHTS_HELP)
-@click.option("--n", default=500, show_default=True, help="Prompts used to find the heads (models other than GPT-2 Small).")
-@click.option("--seed", default=1, show_default=True)
+@click.option("--n", type=click.IntRange(min=1), default=DISCOVERY_N, show_default=True,
+              help="Prompts used to find the heads (models other than GPT-2 Small).")
+@click.option("--seed", type=SEED, default=DISCOVERY_SEED, show_default=True)
 def nodes_command(weights, n, seed):
-    """The circuit's nodes and cross-sections: known for GPT-2 Small, found for other models."""
-    model = load_model(weights)
-    sections, table = ioi.circuit_cross_sections(model, ioi.eval_prompts(n, seed))
+    """The circuit's nodes and cross-sections: known for GPT-2 Small, found for other models
+    (by default on the prompts the pipeline finds its circuit with)."""
+    model, prompts = load_model(weights), discovery_prompts(n, seed)
+    check_reads_prompts(model, prompts)
+    sections, table = ioi.circuit_cross_sections(model, prompts)
     if table["heads"]:
         click.echo("Heads found, each class by its own measure (>= 1/3 of the strongest head's, >= 2% of the LD):")
         click.echo("name movers by direct effect on the LD; S-inhibition by the LD drop through the name movers'")
@@ -318,34 +433,28 @@ def _circuit_rows(heads):
 
 # === dictionaries commands (train-sae, supervised) ===
 
-def _positive(ctx, param, value):
-    """click callback: reject zero and negative numbers in one line."""
-    if value is not None and value <= 0:
-        raise click.BadParameter(f"must be positive, got {value}")
-    return value
-
-
 @cli.command("train-sae")
 @click.option("--acts", "acts_path", required=True, help="safetensors file with an `acts` tensor [N, d].")
 @click.option("--arch", type=click.Choice(["vanilla", "gated", "topk", "random_decoder"]), required=True,
               help="random_decoder: vanilla encoder over a frozen random unit decoder (the paper's floor).")
-@click.option("--latents", default=512, show_default=True, callback=_positive, help="Dictionary size d_sae.")
-@click.option("--l1", type=float,
+@click.option("--latents", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Dictionary size d_sae.")
+@click.option("--l1", type=FiniteFloat(min=0),
               help="Sparsity coefficient λ on inputs scaled to mean norm √d  [default: 1 vanilla, 2.5 gated].")
-@click.option("--k", default=3, show_default=True, callback=_positive, help="Latents kept per input (topk).")
-@click.option("--epochs", type=int, callback=_positive,
+@click.option("--k", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Latents kept per input (topk).")
+@click.option("--epochs", type=click.IntRange(min=1),
               help="Passes over the data  [default: enough for about 6000 steps, at most 2000 epochs].")
-@click.option("--lr", default=1e-3, show_default=True, callback=_positive,
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-3, show_default=True,
               help="Adam learning rate (the paper's v1 value; its revised 3e-4 needs many more steps).")
-@click.option("--batch-size", default=512, show_default=True, callback=_positive)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--out", required=True, help="Folder for the SAE (SAELens layout: cfg.json + sae_weights.safetensors).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--out", required=True, callback=output_folder("cfg.json"),
+              help="Folder for the SAE (SAELens layout: cfg.json + sae_weights.safetensors).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def train_sae_command(acts_path, arch, latents, l1, k, epochs, lr, batch_size, seed, out, no_progress):
-    """Train one SAE on an activations file (METHOD 8) and save it in the SAELens layout."""
+    """Train one SAE on an activations file and save it in the SAELens layout."""
     l1 = {"gated": 2.5}.get(arch, 1.0) if l1 is None else l1  # gated penalises the gate, which needs more
-    if l1 < 0:
-        raise click.BadParameter(f"must be non-negative, got {l1}", param_hint="--l1")
     try:
         acts = dictionaries.load_activations(acts_path)
         steps_per_epoch = -(-len(acts) // batch_size)
@@ -356,7 +465,7 @@ def train_sae_command(acts_path, arch, latents, l1, k, epochs, lr, batch_size, s
         sae, logs = dictionaries.train_sae(acts, spec, config, progress=not no_progress)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
-    dictionaries.save_sae(sae, out)
+    gpt2.atomic_folder(out, lambda folder: dictionaries.save_sae(sae, folder))
     final = logs[-1]
     click.echo(f"{arch} SAE {acts.shape[1]}->{latents}, {config.epochs} epochs: l0 {final['l0']:.2f}  "
                f"mse {final['mse']:.4g}  fve {final['fve']:.4f}  dead {final['dead_fraction']:.3f}  -> {out}")
@@ -366,15 +475,16 @@ def train_sae_command(acts_path, arch, latents, l1, k, epochs, lr, batch_size, s
 @click.option("--acts", "acts_path", required=True,
               help="safetensors file: `acts` [N, d] and one LongTensor `attribute.<name>` [N] per attribute.")
 @click.option("--method", type=click.Choice(["mean", "lstsq"]), default="mean", show_default=True)
-@click.option("--out", required=True, help="Folder for the dictionary.")
+@click.option("--out", required=True, callback=output_folder("dictionary.json"),
+              help="Folder for the dictionary.")
 def supervised_command(acts_path, method, out):
-    """Fit a supervised dictionary (METHOD 4) to an activations file with known attribute values."""
+    """Fit a supervised dictionary (arXiv 2405.08366) to an activations file with known attribute values."""
     try:
         acts, attributes = dictionaries.load_labelled_activations(acts_path)
         dictionary = dictionaries.SupervisedDictionary.fit(acts, attributes, method=method)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
-    dictionary.save(out)
+    gpt2.atomic_folder(out, dictionary.save)
     residual = acts - dictionary.reconstruct(attributes)
     fve = 1 - residual.pow(2).sum() / (acts - acts.mean(0)).pow(2).sum()
     sizes = ", ".join(f"{name} {len(u)}" for name, u in dictionary.features.items())
@@ -420,8 +530,60 @@ class RunConfig:
 
     @classmethod
     def load(cls, path):
-        saved = _read_json(path)
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+        """The settings in a run folder's config.json, each checked by its option type: a
+        corrupt file is a one-line error, and is never overwritten."""
+        try:
+            saved = _read_json(path)
+        except ValueError as error:  # malformed JSON, or not text
+            raise click.ClickException(f"{path}: not valid JSON ({error})") from None
+        names = {f.name for f in fields(cls)}
+        if not isinstance(saved, dict):
+            raise click.ClickException(f"{path}: expected a JSON object of settings, "
+                                       f"got {type(saved).__name__}")
+        if set(saved) != names:
+            problems = [f"{label} {', '.join(sorted(keys))}" for label, keys in
+                        (("unknown settings", set(saved) - names), ("missing settings", names - set(saved)))
+                        if keys]
+            raise click.ClickException(f"{path}: {'; '.join(problems)}")
+        try:
+            config = cls(**{f.name: _checked_setting(f, saved[f.name]) for f in fields(cls)})
+        except click.BadParameter as error:
+            raise click.ClickException(f"{path}: {error.message}") from None
+        if max(config.topk_k) > config.d_sae or config.corpus_k > config.corpus_d_sae:
+            raise click.ClickException(f"{path}: a top-k SAE's k exceeds its number of latents")
+        return config
+
+
+# How config.json's numeric settings are checked, where not as positive integers.
+SETTING_TYPES = {"n_train": click.IntRange(min=10), "n_eval": click.IntRange(min=10), "seed": SEED,
+                 "sae_lr": FiniteFloat(min=0, min_open=True), "occlusion_alphas": FiniteFloat(),
+                 "f1_thresholds": FiniteFloat(),
+                 **dict.fromkeys(("vanilla_l1", "gated_l1", "corpus_l1"), FiniteFloat(min=0))}
+
+
+def _checked_setting(field, value):
+    """`value` as the RunConfig setting `field`, or a click.BadParameter naming it: a path or
+    null (weights, corpus), a string (device), else numbers of the type in SETTING_TYPES."""
+    if field.name in ("weights", "corpus", "device"):
+        if isinstance(value, str) or value is None and field.name != "device":
+            return value
+        expected = "a string" if field.name == "device" else "a path or null"
+        raise click.BadParameter(f"{field.name}: {value!r} is not {expected}")
+    kind = SETTING_TYPES.get(field.name, click.IntRange(min=1))
+    number = int if isinstance(kind, click.IntRange) else (int, float)
+
+    def convert(item):  # JSON has types: click alone would also take "12", 12.7 or true for an integer
+        if isinstance(item, bool) or not isinstance(item, number):
+            raise click.BadParameter(f"{item!r} is not {'an integer' if number is int else 'a number'}")
+        return kind.convert(item, None, None)
+    try:
+        if isinstance(field.default, tuple):
+            if not isinstance(value, list) or not value:
+                raise click.BadParameter(f"{value!r} is not a non-empty list")
+            return tuple(convert(item) for item in value)
+        return convert(value)
+    except click.BadParameter as error:
+        raise click.BadParameter(f"{field.name}: {error.message}") from None
 
 
 DEMO = RunConfig(n_train=5_000, n_eval=500, epochs=160, sae_lr=1e-3, vanilla_l1=(1.0, 5.0), gated_l1=(1.0, 2.5),
@@ -440,6 +602,18 @@ def load_model(weights, device="cpu"):
     except (ValueError, OSError) as error:
         raise click.ClickException(str(error)) from None
     return model.to(device).eval()
+
+
+def check_reads_prompts(model, prompts):
+    """A one-line error unless `model` can read every prompt: GPT-2's whole vocabulary (IOI
+    prompts and corpus text are GPT-2 tokens) and positions up to the longest prompt."""
+    if model.config.vocab_size <= gpt2.BOS_TOKEN_ID:
+        raise click.ClickException(f"the model's vocabulary ({model.config.vocab_size} tokens) is smaller "
+                                   f"than GPT-2's ({gpt2.BOS_TOKEN_ID + 1}), whose tokens make the prompts")
+    longest = max(len(prompt.tokens) for prompt in prompts)
+    if longest > model.config.n_positions:
+        raise click.ClickException(f"the model reads at most {model.config.n_positions} tokens "
+                                   f"(n_positions), but a prompt has {longest}")
 
 
 def make_splits(config):
@@ -462,13 +636,13 @@ class Run:
 
     def __init__(self, out, config):
         self.out, self.config = out, config
-        os.makedirs(out, exist_ok=True)
-        gpt2.write_json(os.path.join(out, "config.json"), asdict(config))
         self.model = load_model(config.weights, config.device)
         self.splits = make_splits(config)
+        found_with = discovery_prompts()  # not the evaluation prompts: see DISCOVERY_N
+        check_reads_prompts(self.model, [p for split in [found_with, *self.splits.values()] for p in split])
         self.attributes = {split: ioi.attribute_ids(prompts) for split, prompts in self.splits.items()}
         click.echo("Finding the circuit ...")
-        self.sections, self.discovery = ioi.circuit_cross_sections(self.model, self.splits["eval"][:200], config.batch_size)
+        self.sections, self.discovery = ioi.circuit_cross_sections(self.model, found_with, config.batch_size)
         if not self.sections:
             raise click.ClickException("no cross-section found: the model does not seem to solve IOI")
         self.nodes = list(dict.fromkeys(node for section in self.sections for node in section.nodes))
@@ -476,6 +650,10 @@ class Run:
         self.acts = {split: ioi.collect_activations(self.model, prompts, self.nodes, config.batch_size,
                                                     cache_dir=os.path.join(out, "activations"))
                      for split, prompts in self.splits.items()}
+        # Last: the folder is bound to these settings only once they have produced its
+        # activations, so a run that fails to start neither leaves nor changes config.json.
+        os.makedirs(out, exist_ok=True)
+        gpt2.write_json(os.path.join(out, "config.json"), asdict(config))
 
     def path(self, *parts):
         return os.path.join(self.out, *parts)
@@ -487,8 +665,11 @@ class Run:
         for method, name in (("mean", "supervised"), ("lstsq", "supervised_lstsq")):
             fitted = {node: dictionaries.SupervisedDictionary.fit(self.acts["train"][node], self.attributes["train"],
                                                                   n_values, method) for node in self.nodes}
-            for node, dictionary in fitted.items():
-                dictionary.save(self.path("dictionaries", name, str(node)))
+
+            def write(folder, fitted=fitted):
+                for node, dictionary in fitted.items():
+                    dictionary.save(os.path.join(folder, str(node)))
+            gpt2.atomic_folder(self.path("dictionaries", name), write)
             dictionaries_by_method[name] = fitted
         return dictionaries_by_method
 
@@ -501,10 +682,13 @@ class Run:
         if os.path.exists(stamp) and _read_json(stamp) == json.loads(json.dumps(key)):  # (tuples -> lists)
             return [dictionaries.load_sae(os.path.join(folder, spec.name)) for spec in specs], None
         saes, logs = dictionaries.train_sae_stack(datasets, specs, train_config, progress=True)
-        for spec, sae in zip(specs, saes):
-            dictionaries.save_sae(sae, os.path.join(folder, spec.name))
-        gpt2.write_json(os.path.join(folder, "logs.json"), logs)
-        gpt2.write_json(stamp, key)
+
+        def write(tmp):  # the whole stack in one rename: a killed save never mixes old and new SAEs
+            for spec, sae in zip(specs, saes):
+                dictionaries.save_sae(sae, os.path.join(tmp, spec.name))
+            gpt2.write_json(os.path.join(tmp, "logs.json"), logs)
+            gpt2.write_json(os.path.join(tmp, "stack.json"), key)  # last: marks a complete stack
+        gpt2.atomic_folder(folder, write)
         return saes, logs
 
     def train_task_saes(self):
@@ -880,39 +1064,76 @@ def write_metrics(run, records):
     gpt2.write_json(run.path("metrics.json"), {"config": asdict(run.config), "circuit": circuit, "results": records})
 
 
-def open_run(out, weights=None, preset=None, device="cpu", **overrides):
-    """The run in folder `out`: its saved config.json when no setting is given, else a new one.
+def recover_interrupted_saves(out):
+    """Undo every save a killed run left unfinished in its folder `out`: gpt2.atomic_write and
+    gpt2.atomic_folder leave NAME.tmp (and NAME.old) behind only when killed midway. Only what
+    a run writes is looked at, since `out` may hold other files too."""
+    saved = [os.path.join(out, name) for name in ("config.json", "metrics.json", "report.md")]
+    for folder in ("activations", "dictionaries", "saes", "figures"):
+        for root, dirs, files in os.walk(os.path.join(out, folder)):
+            saved += [os.path.join(root, os.path.splitext(name)[0]) for name in dirs + files
+                      if name.endswith((".tmp", ".old"))]
+    for path in saved:  # parents first: a leftover inside a removed one is gone already
+        gpt2.recover_interrupted_save(path)
 
-    `preset` "demo" (scaled down) or "paper"; by default "demo" for the embedded model and
-    "paper" for real GPT-2 weights.
+
+def open_run(out, weights=None, preset=None, device="cpu", force=False, **overrides):
+    """The run in folder `out`, bound to the settings in its config.json.
+
+    Without settings given, the saved ones; with settings that differ from them, a one-line
+    error unless `force`. A new folder, or `preset`, starts from a preset: "demo" (scaled
+    down) for the embedded model, "paper" for real GPT-2 weights; the settings given
+    override it. The device only decides where the run computes, so it is not bound.
     """
-    saved = os.path.join(out, "config.json")
-    if os.path.exists(saved) and weights is None and preset is None and not overrides:
-        return Run(out, RunConfig.load(saved))
-    preset = preset or ("demo" if weights is None else "paper")
-    base = DEMO if preset == "demo" else RunConfig()
-    return Run(out, replace(base, weights=weights, device=device, **{k: v for k, v in overrides.items() if v is not None}))
+    recover_interrupted_saves(out)
+    path, saved = os.path.join(out, "config.json"), None
+    try:
+        saved = RunConfig.load(path) if os.path.exists(path) else None
+    except click.ClickException as error:
+        if not force:
+            raise click.ClickException(f"{error.message} (--force replaces it)") from None
+    given = {name: value for name, value in dict(overrides, weights=weights).items() if value is not None}
+    if saved is not None and preset is None:
+        base = saved
+    else:
+        base = DEMO if (preset or ("demo" if weights is None else "paper")) == "demo" else RunConfig()
+    config = replace(base, **given, device=device)
+    changed = [] if saved is None else [
+        f"{f.name} {getattr(saved, f.name)!r} -> {getattr(config, f.name)!r}" for f in fields(RunConfig)
+        if f.name != "device" and getattr(saved, f.name) != getattr(config, f.name)]
+    if changed and not force:
+        more = f"; {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise click.ClickException(f"{path} holds other settings ({'; '.join(changed[:3])}{more}): "
+                                   "add --force to rebind the folder to these, or choose a new --out")
+    return Run(out, config)
+
+
+FORCE_OPTION = click.option("--force", is_flag=True,
+                            help="Rebind a run folder made with other settings to these (caches are kept).")
 
 
 def run_options(function):
     """Options shared by every pipeline step: the run folder and what it runs on."""
     options = [
-        click.option("--out", "out", default="runs/demo", show_default=True, help="Run folder (created if needed)."),
+        click.option("--out", "out", default="runs/demo", show_default=True, callback=output_folder(),
+                     help="Run folder (created if needed)."),
         click.option("--weights", default=None, help="GPT-2 checkpoint (dir or .safetensors); default: the embedded model."),
         click.option("--preset", type=click.Choice(["demo", "paper"]), default=None,
-                     help="Settings: demo (minutes on a CPU) or paper (METHOD.md). Default: demo for the embedded model."),
-        click.option("--device", default="cpu", show_default=True),
+                     help="Settings: demo (minutes on a CPU) or the paper's. "
+                          "Default: demo for the embedded model."),
+        DEVICE_OPTION,
         click.option("--n-train", type=click.IntRange(min=10), default=None, help="Training prompts."),
         click.option("--n-eval", type=click.IntRange(min=10), default=None, help="Evaluation prompts."),
         click.option("--epochs", type=click.IntRange(min=1), default=None, help="SAE training epochs."),
+        FORCE_OPTION,
     ]
     for option in reversed(options):
         function = option(function)
     return function
 
 
-def _run_from_options(out, weights, preset, device, n_train, n_eval, epochs):
-    return open_run(out, weights, preset, device, n_train=n_train, n_eval=n_eval, epochs=epochs)
+def _run_from_options(out, weights, preset, device, n_train, n_eval, epochs, force):
+    return open_run(out, weights, preset, device, force, n_train=n_train, n_eval=n_eval, epochs=epochs)
 
 
 @cli.command()
@@ -963,11 +1184,12 @@ def evaluate(**options):
 
 
 @cli.command()
-@click.option("--out", default="runs/demo", show_default=True, help="Run folder.")
-def demo(out):
+@click.option("--out", default="runs/demo", show_default=True, callback=output_folder(), help="Run folder.")
+@FORCE_OPTION
+def demo(out, force):
     """The whole paper on the embedded small IOI model, scaled to minutes on a CPU."""
     started = time.time()
-    _evaluate_and_report(open_run(out, preset="demo"), started)
+    _evaluate_and_report(open_run(out, preset="demo", force=force), started)
 
 
 @cli.command("run")

@@ -36,6 +36,11 @@ def sha256(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def assert_nothing_at(out):
+    """A failed download writes nothing: no --out folder, no temporary folder beside it."""
+    assert not out.exists() and not list(out.parent.glob(out.name + ".*"))
+
+
 def test_download_from_a_file_url(source, tmp_path):
     out = tmp_path / "gpt2"
     result = invoke("download", "--url", source.as_uri(), "--out", out, "--sha256", sha256(source / "model.safetensors"))
@@ -51,7 +56,7 @@ def test_download_with_a_wrong_hash_leaves_nothing(source, tmp_path):
     result = invoke("download", "--url", source.as_uri(), "--out", out, "--sha256", "0" * 64)
     assert result.exit_code == 1
     assert "sha256" in result.output and "0" * 64 in result.output
-    assert os.listdir(out) == []
+    assert_nothing_at(out)
 
 
 def test_download_of_a_missing_file_leaves_nothing(source, tmp_path):
@@ -62,7 +67,7 @@ def test_download_of_a_missing_file_leaves_nothing(source, tmp_path):
     result = invoke("download", "--url", partial.as_uri(), "--out", out)
     assert result.exit_code == 1
     assert "model.safetensors" in result.output and len(result.output.strip().splitlines()) <= 3
-    assert os.listdir(out) == []
+    assert_nothing_at(out)
 
 
 def test_download_http_404(source, tmp_path):
@@ -78,7 +83,7 @@ def test_download_http_404(source, tmp_path):
         server.server_close()
     assert result.exit_code == 1
     assert "HTTP 404" in result.output
-    assert os.listdir(out) == []
+    assert_nothing_at(out)
 
 
 def test_download_of_files_that_do_not_load_leaves_nothing(source, tmp_path):
@@ -90,7 +95,7 @@ def test_download_of_files_that_do_not_load_leaves_nothing(source, tmp_path):
     result = invoke("download", "--url", broken.as_uri(), "--out", out)
     assert result.exit_code == 1
     assert "do not load" in result.output
-    assert os.listdir(out) == []
+    assert_nothing_at(out)
 
 
 def test_generate_greedy_is_generate_tokens(source):
