@@ -400,6 +400,22 @@ def patch_heads(positions, heads, values):
     return hook
 
 
+def patch_positions(positions, values):
+    """Hook fn that writes values[b, i] over the whole slot at positions[b, i] of an activation:
+    every head of [batch, pos, head, d_head] (values flattened head-major, as TransformerLens
+    and SAELens concatenate heads), or the vector of [batch, pos, d_model].
+
+    positions: LongTensor [batch, n]; values: [batch, n, d] with d the slot's size.
+    """
+    def hook(act):
+        act = act.clone()
+        rows = torch.arange(act.shape[0], device=act.device)[:, None]
+        slot = act.shape[2:]                                      # (head, d_head) or (d_model,)
+        act[rows, positions.to(act.device)] = values.to(act).view(*values.shape[:2], *slot)
+        return act
+    return hook
+
+
 @torch.inference_mode()
 def generate_tokens(model, tokens, n, temperature=0.0, generator=None):
     """Extend tokens [batch, pos] by n tokens: greedy at temperature 0, else sampled.
