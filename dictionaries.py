@@ -382,6 +382,10 @@ SAELENS_ARCH = {"vanilla": "standard", "gated": "gated", "topk": "topk", "jumpre
 # metadata.sae_lens_version tells SAELens (>= 6) that cfg.json has its version-6 layout (hook_name
 # and hook_head_index in `metadata`); without it SAELens reads the file as an older layout.
 SAELENS_LAYOUT_VERSION = "6.0.0"
+# How SAELens should load a model for our SAEs: they read the plain GPT-2 of gpt2.py, which is
+# TransformerLens's HookedTransformer with none of its weight processing.
+PLAIN_MODEL = {"fold_ln": False, "center_writing_weights": False, "center_unembed": False,
+               "fold_value_biases": False}
 
 
 def fold_input_scale(params: dict, scale: float) -> dict:
@@ -404,6 +408,28 @@ def fold_decoder_norm(params: dict) -> dict:
             "W_dec": params["W_dec"] / norms[:, None]}
 
 
+def fold_input_shift(params: dict, shift: torch.Tensor) -> dict:
+    """The SAE that reads x where this one reads x - shift, and answers in x's space: it subtracts
+    b_dec before encoding and adds it after decoding, so b_dec -> b_dec + shift."""
+    return {**params, "b_dec": params["b_dec"] + shift}
+
+
+def fold_input_centring(params: dict) -> dict:
+    """The SAE that reads x where this one reads its centred copy Px = x - mean(x) (the mean over
+    the d_in values): (Px - b_dec) W = (x - b_dec)(PW) - mean(b_dec) 1ᵀW for every encoder path W
+    (the gated magnitude path W ⊙ exp r_mag included), so W_enc -> W_enc minus its column means and
+    each encoder bias shifts by -mean(b_dec) times its path's column sums. The reconstruction stays
+    centred: the input's mean is left to the error term."""
+    W, offset = params["W_enc"], params["b_dec"].mean()
+    folded = {**params, "W_enc": W - W.mean(0, keepdim=True)}
+    for name in ("b_enc", "b_gate"):
+        if name in params:
+            folded[name] = params[name] - offset * W.sum(0)
+    if "b_mag" in params:
+        folded["b_mag"] = params["b_mag"] - offset * W.sum(0) * params["r_mag"].exp()
+    return folded
+
+
 def save_sae(sae: SAE, directory):
     """SAELens layout (cfg.json + sae_weights.safetensors), readable by SAELens's
     `SAE.load_from_disk` as it is: the input scale is folded into the weights, so the saved SAE
@@ -411,7 +437,8 @@ def save_sae(sae: SAE, directory):
     `metadata` (SAELens keeps `hook_name` and `hook_head_index` there)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    meta = {**sae.meta, "sae_lens_version": SAELENS_LAYOUT_VERSION}
+    meta = {"model_from_pretrained_kwargs": PLAIN_MODEL, **sae.meta,
+            "sae_lens_version": SAELENS_LAYOUT_VERSION}
     # SAELens flattens [.., head, d_head] for an SAE over all heads' hook_z concatenated
     layer_z = str(meta.get("hook_name", "")).endswith("hook_z") and meta.get("hook_head_index") is None
     cfg = {"architecture": SAELENS_ARCH[sae.arch], "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32",

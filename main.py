@@ -955,6 +955,30 @@ def sae_reads(meta, d_in, config):
     return act, layer, head
 
 
+def as_plain_model_sae(sae, model, act, layer, head):
+    """The SAE on this model's plain activations. SAELens trains on TransformerLens's processed
+    model: `HookedTransformer.from_pretrained`'s defaults, unless cfg.json's
+    metadata.model_from_pretrained_kwargs says otherwise (ours say: no processing). Two of its
+    settings change what an SAE reads: fold_value_biases (hook_v and hook_z lack the value bias
+    b_V, and ln1's bias times W_V when fold_ln is on) and center_writing_weights (the residual
+    stream has mean 0 over d_model). Both fold into the SAE (dictionaries.fold_input_shift,
+    fold_input_centring)."""
+    settings, params = sae.meta.get("model_from_pretrained_kwargs") or {}, sae.params
+    if act in ("v", "z") and settings.get("fold_value_biases", True):
+        config, block = model.config, model.h[layer]
+        values = slice(2 * config.n_embd, None)  # c_attn computes q, k, v
+        b_V = block.attn.c_attn.bias[values]                                       # [d_model]
+        if settings.get("fold_ln", True):  # folded in first, ln1's bias joins the value bias
+            b_V = b_V + block.ln_1.bias @ block.attn.c_attn.weight[:, values]
+        b_V = b_V.detach().view(config.n_head, config.d_head)
+        params = dictionaries.fold_input_shift(params, b_V.flatten() if head is None else b_V[head])
+        click.echo(f"{sae.meta.get('hook_name')}: read without the value bias (fold_value_biases)")
+    if act in ioi.RESIDUAL_ACTS and settings.get("center_writing_weights", True):
+        params = dictionaries.fold_input_centring(params)
+        click.echo(f"{sae.meta.get('hook_name')}: read centred (center_writing_weights)")
+    return type(sae)(params, sae.input_scale, sae.k, sae.frozen_decoder, sae.meta)
+
+
 def sae_sections(sections, act, layer, head):
     """The run's cross-sections as the SAE sees them. Each node maps to the SAE's node that reads
     it: the same head; every head of its layer; or the residual stream at its position, upstream
@@ -1039,6 +1063,7 @@ def grade_sae_command(sae_dir, name, **options):
     label = name or f"sae:{Path(sae_dir).resolve().name}"
     run = _run_from_options(**options)
     act, layer, head = sae_reads(sae.meta, sae.d_in, run.model.config)
+    sae = as_plain_model_sae(sae, run.model, act, layer, head)
     sections = sae_sections(run.sections, act, layer, head)
     if not sections:
         raise click.ClickException(f"{sae.meta['hook_name']} reads none of the circuit's cross-sections "

@@ -301,6 +301,7 @@ def test_saved_folder_is_read_exactly_by_saelens_math_on_raw_activations(tmp_pat
     cfg = json.loads((tmp_path / arch / "cfg.json").read_text())
     assert cfg["architecture"] == D.SAELENS_ARCH[arch] and cfg["normalize_activations"] == "none"
     assert cfg["metadata"]["node"] == "z@L9H9@end" and cfg["metadata"]["sae_lens_version"].startswith("6.")
+    assert cfg["metadata"]["model_from_pretrained_kwargs"] == D.PLAIN_MODEL  # it read the unprocessed model
     weights = load_file(str(tmp_path / arch / "sae_weights.safetensors"))
     x = 5 * torch.randn(20, 6, generator=torch.Generator().manual_seed(1))
     f, x_hat = saelens_forward(cfg, weights, x)
@@ -313,6 +314,24 @@ def test_saved_folder_is_read_exactly_by_saelens_math_on_raw_activations(tmp_pat
     torch.testing.assert_close(loaded(x)[0], ours_hat, rtol=1e-5, atol=1e-5)
     assert torch.equal(loaded.active(x), sae.active(x))
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_input_shift_and_centring_fold_into_the_sae(arch):
+    """An SAE trained on shifted or centred inputs (TransformerLens's processed model), made to
+    read the inputs as they are: same latents; reconstruction in the inputs' own space."""
+    p, k = tiny_params(arch, seed=5), 3 if arch == "topk" else None
+    sae = D.SAE_CLASSES[arch](p, k=k)
+    x = 2 * torch.randn(30, 6, generator=torch.Generator().manual_seed(6)) + 3.0  # far from mean 0
+    centred = D.SAE_CLASSES[arch](D.fold_input_centring(p), k=k)
+    expected_hat, expected_f = sae(x - x.mean(-1, keepdim=True))
+    torch.testing.assert_close(centred(x)[1], expected_f, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(centred(x)[0], expected_hat, rtol=1e-5, atol=1e-5)
+    shift = torch.randn(6)
+    shifted = D.SAE_CLASSES[arch](D.fold_input_shift(p, shift), k=k)
+    expected_hat, expected_f = sae(x - shift)
+    torch.testing.assert_close(shifted(x)[1], expected_f, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shifted(x)[0], expected_hat + shift, rtol=1e-5, atol=1e-5)
 
 
 def test_layer_level_hook_z_sae_is_saved_with_saelens_reshaping(tmp_path):

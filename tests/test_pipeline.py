@@ -216,6 +216,27 @@ def test_grade_sae_grades_each_layout_beside_the_supervised_dictionaries(tmp_pat
     assert len(again) == len(rows)
 
 
+def test_saes_of_transformer_lens_processed_models_read_plain_activations(model):
+    """SAELens SAEs read TransformerLens's processed GPT-2 unless cfg.json says otherwise: hook_z
+    without the value bias b_V; the residual stream centred. Ours say they read the plain model."""
+    g = torch.Generator().manual_seed(0)
+    params = {"W_enc": torch.randn(32, 8, generator=g), "W_dec": torch.randn(8, 32, generator=g),
+              "b_enc": torch.randn(8, generator=g), "b_dec": torch.randn(32, generator=g)}
+    z = torch.randn(5, 32, generator=g)                                   # layer 1's two heads, concatenated
+    # with fold_ln (the default) ln1's bias is folded into the value bias before it is removed
+    attn = model.h[1].attn
+    b_V = (attn.c_attn.bias[64:] + model.h[1].ln_1.bias @ attn.c_attn.weight[:, 64:]).detach()  # [32]
+    tl_sae = main.dictionaries.VanillaSAE(params, meta={"hook_name": "blocks.1.attn.hook_z"})
+    plain = main.as_plain_model_sae(tl_sae, model, "z", 1, None)
+    torch.testing.assert_close(plain.encode(z), tl_sae.encode(z - b_V))
+    torch.testing.assert_close(plain(z)[0], tl_sae(z - b_V)[0] + b_V)
+    resid = main.as_plain_model_sae(tl_sae, model, "resid_pre", 1, None)
+    torch.testing.assert_close(resid.encode(z), tl_sae.encode(z - z.mean(-1, keepdim=True)))
+    plain_model = {"model_from_pretrained_kwargs": main.dictionaries.PLAIN_MODEL}
+    ours = main.dictionaries.VanillaSAE(params, meta=plain_model)
+    assert torch.equal(main.as_plain_model_sae(ours, model, "z", 1, None).encode(z), ours.encode(z))
+
+
 @pytest.mark.parametrize("hook_name,head,d_in,message", [
     ("blocks.5.attn.hook_z", None, 32, "hook_name='blocks.5.attn.hook_z': the model has 2 layers"),
     ("blocks.1.attn.hook_z", 0, 32, "d_in=32: blocks.1.attn.hook_z head 0 of this model has 16 values"),
