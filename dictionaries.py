@@ -11,10 +11,12 @@ Supervised dictionaries (METHOD 4)
     d.bias [d]; d.features[name] [n_values, d]; d.reconstruct(attributes) [N,d];
     d.edit(acts, name, old_values, new_values); d.feature_weights(attributes) {name: [N]};
     d.save(dir); SupervisedDictionary.load(dir)
-SAEs (METHOD 8): VanillaSAE, GatedSAE, TopKSAE, all on RAW activations (x_norm = x * input_scale):
+SAEs (METHOD 8): VanillaSAE, GatedSAE, TopKSAE, all on RAW activations (x_norm = x * input_scale);
+JumpReLUSAE only as read from SAELens:
     sae.encode(x[...,d_in]) -> f [..., d_sae]; sae.decode(f) -> x_hat (raw); sae.forward(x) -> (x_hat, f);
     sae.active(x) -> bool [..., d_sae]; sae.W_enc [d_in,d_sae], sae.W_dec [d_sae,d_in], sae.b_dec [d_in],
-    sae.input_scale; save_sae(sae, dir) / load_sae(dir) in the SAELens layout.
+    sae.input_scale; save_sae(sae, dir) / load_sae(dir) in SAELens's layout, both ways (README, "Use with
+    TransformerLens / SAELens"): saved SAEs have the scale folded in (input_scale 1 once loaded).
 Training (one batched tensor program for a stack of same-shaped SAEs)
     saes, logs = train_sae_stack(datasets[n_datasets,N,d], [SAESpec(arch, dataset_index, l1, k, seed,
                                  frozen_decoder, name), ...], TrainConfig(...), progress=False,
@@ -241,6 +243,16 @@ def encode_topk(p, x, k):
     return f, f
 
 
+def encode_jumprelu(p, x, hp=None):
+    """JumpReLU SAE (Rajamanoharan et al. 2024, arXiv 2407.14435), as SAELens computes it: each
+    latent has its own threshold θ_j and fires only above it,
+        f = ReLU(pre) ⊙ 1[pre > θ],   pre = (x - b_dec) W_enc + b_enc.
+    Read from SAELens folders for grading; not trained here. Active: f > 0."""
+    pre = _pre_activation(p, x, p["b_enc"])  # [S, B, d_sae]
+    f = torch.relu(pre) * (pre > p["threshold"][:, None])
+    return f, f
+
+
 def decode(p, f):
     """x̂ = f W_dec + b_dec  -> [S, B, d_in] (normalised space)."""
     return torch.baddbmm(p["b_dec"][:, None], f, p["W_dec"])
@@ -272,9 +284,11 @@ def loss_topk(p, x, k):
     return _squared_error(decode(p, f), x)
 
 
-ENCODERS = {"vanilla": encode_vanilla, "gated": encode_gated, "topk": encode_topk}
+ENCODERS = {"vanilla": encode_vanilla, "gated": encode_gated, "topk": encode_topk,
+            "jumprelu": encode_jumprelu}
 LOSSES = {"vanilla": loss_vanilla, "gated": loss_gated, "topk": loss_topk}
-ENCODER_BIASES = {"vanilla": ("b_enc",), "gated": ("b_gate", "r_mag", "b_mag"), "topk": ("b_enc",)}
+ENCODER_BIASES = {"vanilla": ("b_enc",), "gated": ("b_gate", "r_mag", "b_mag"), "topk": ("b_enc",),
+                  "jumprelu": ("b_enc", "threshold")}
 
 
 def init_params(arch: str, d_in: int, d_sae: int, generators: list, b_dec: torch.Tensor) -> dict:
@@ -356,60 +370,173 @@ class TopKSAE(SAE):
     arch = "topk"
 
 
-SAE_CLASSES = {cls.arch: cls for cls in (VanillaSAE, GatedSAE, TopKSAE)}
+class JumpReLUSAE(SAE):
+    arch = "jumprelu"
+
+
+SAE_CLASSES = {cls.arch: cls for cls in (VanillaSAE, GatedSAE, TopKSAE, JumpReLUSAE)}
 
 # ---------------------------------------------------------------------------------------
 # Save / load in the SAELens layout: cfg.json + sae_weights.safetensors
 # ---------------------------------------------------------------------------------------
 
-SAELENS_ARCH = {"vanilla": "standard", "gated": "gated", "topk": "topk"}
+SAELENS_ARCH = {"vanilla": "standard", "gated": "gated", "topk": "topk", "jumprelu": "jumprelu"}
+# metadata.sae_lens_version tells SAELens (>= 6) that cfg.json has its version-6 layout (hook_name
+# and hook_head_index in `metadata`); without it SAELens reads the file as an older layout.
+SAELENS_LAYOUT_VERSION = "6.0.0"
+# How SAELens should load a model for our SAEs: they read the plain GPT-2 of gpt2.py, which is
+# TransformerLens's HookedTransformer with none of its weight processing.
+PLAIN_MODEL = {"fold_ln": False, "center_writing_weights": False, "center_unembed": False,
+               "fold_value_biases": False}
+
+
+def fold_input_scale(params: dict, scale: float) -> dict:
+    """The same SAE on raw activations x instead of x_norm = x * s: the input enters only through
+    (x s - b_dec) W_enc = (x - b_dec / s)(s W_enc) and the output is divided by s, so W_enc -> s W_enc,
+    W_dec -> W_dec / s, b_dec -> b_dec / s. Latents, encoder biases and thresholds are unchanged
+    (the gated magnitude path W_enc ⊙ exp r_mag is scaled with W_enc). SAELens's own trainer
+    folds its input scaling the same way before saving."""
+    return {**params, "W_enc": params["W_enc"] * scale, "W_dec": params["W_dec"] / scale,
+            "b_dec": params["b_dec"] / scale}
+
+
+def fold_decoder_norm(params: dict) -> dict:
+    """SAELens's `rescale_acts_by_decoder_norm` (top-k): pre-activations are multiplied by
+    n_j = ‖W_dec[j]‖ before the top-k, and latents divided by n_j before decoding. Scaling
+    W_enc[:, j] and b_enc[j] by n_j and W_dec[j] by 1/n_j gives the same latents and outputs
+    with a plain top-k (and unit decoder rows)."""
+    norms = params["W_dec"].norm(dim=-1).clamp_min(1e-8)  # [d_sae]; SAELens's floor for empty rows
+    return {**params, "W_enc": params["W_enc"] * norms, "b_enc": params["b_enc"] * norms,
+            "W_dec": params["W_dec"] / norms[:, None]}
+
+
+def fold_input_shift(params: dict, shift: torch.Tensor) -> dict:
+    """The SAE that reads x where this one reads x - shift, and answers in x's space: it subtracts
+    b_dec before encoding and adds it after decoding, so b_dec -> b_dec + shift."""
+    return {**params, "b_dec": params["b_dec"] + shift}
+
+
+def fold_input_centring(params: dict) -> dict:
+    """The SAE that reads x where this one reads its centred copy Px = x - mean(x) (the mean over
+    the d_in values): (Px - b_dec) W = (x - b_dec)(PW) - mean(b_dec) 1ᵀW for every encoder path W
+    (the gated magnitude path W ⊙ exp r_mag included), so W_enc -> W_enc minus its column means and
+    each encoder bias shifts by -mean(b_dec) times its path's column sums. The reconstruction stays
+    centred: the input's mean is left to the error term."""
+    W, offset = params["W_enc"], params["b_dec"].mean()
+    folded = {**params, "W_enc": W - W.mean(0, keepdim=True)}
+    for name in ("b_enc", "b_gate"):
+        if name in params:
+            folded[name] = params[name] - offset * W.sum(0)
+    if "b_mag" in params:
+        folded["b_mag"] = params["b_mag"] - offset * W.sum(0) * params["r_mag"].exp()
+    return folded
 
 
 def save_sae(sae: SAE, directory):
-    """SAELens layout. Weights are stored as trained (normalised space), so
-    `normalize_activations` is "expected_average_only_in" and the fixed input scale is
-    recorded as `input_scale` (multiply raw inputs by it)."""
+    """SAELens layout (cfg.json + sae_weights.safetensors), readable by SAELens's
+    `SAE.load_from_disk` as it is: the input scale is folded into the weights, so the saved SAE
+    works on raw activations (`normalize_activations: "none"`). `sae.meta` goes into cfg.json's
+    `metadata` (SAELens keeps `hook_name` and `hook_head_index` there)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    cfg = {"architecture": SAELENS_ARCH[sae.arch], "d_in": sae.d_in, "d_sae": sae.d_sae,
-           "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
-           "normalize_activations": "expected_average_only_in", "input_scale": sae.input_scale,
-           "frozen_decoder": sae.frozen_decoder, "metadata": sae.meta}
+    meta = {"model_from_pretrained_kwargs": PLAIN_MODEL, **sae.meta,
+            "sae_lens_version": SAELENS_LAYOUT_VERSION}
+    # SAELens flattens [.., head, d_head] for an SAE over all heads' hook_z concatenated
+    layer_z = str(meta.get("hook_name", "")).endswith("hook_z") and meta.get("hook_head_index") is None
+    cfg = {"architecture": SAELENS_ARCH[sae.arch], "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32",
+           "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+           "reshape_activations": "hook_z" if layer_z else "none", "frozen_decoder": sae.frozen_decoder,
+           "metadata": meta}
     if sae.arch == "topk":
-        cfg |= {"k": sae.k, "activation_fn_kwargs": {"k": sae.k}}
-    _save_tensors(sae.params, directory / "sae_weights.safetensors")
+        cfg |= {"k": sae.k, "rescale_acts_by_decoder_norm": False}
+    params = fold_input_scale(sae.params, sae.input_scale)
+    _save_tensors({name: t.float() for name, t in params.items()}, directory / "sae_weights.safetensors")
     gpt2.write_json(str(directory / "cfg.json"), cfg)  # written last: its presence marks a complete save
 
 
-def _arch_from_saelens(cfg: dict) -> str:
-    activation = cfg.get("activation_fn_str", cfg.get("activation_fn", "relu"))
-    arch = {"standard": "topk" if activation == "topk" else "vanilla", "gated": "gated",
-            "topk": "topk"}.get(cfg.get("architecture", "standard"))
+def _refuse(path, field, value, supported):
+    raise ValueError(f"{path}: {field}={value!r} is not supported ({supported})")
+
+
+def read_sae_config(directory) -> dict:
+    """cfg.json of an SAE folder in SAELens 6's layout: SAELens < 6 kept hook_name (once
+    hook_point), hook_head_index and the top-k's k at the top level, and called
+    activation_fn `activation_fn_str`; those are moved to where SAELens 6 has them."""
+    path = Path(directory) / "cfg.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable JSON file ({error})") from None
+    metadata = dict(cfg.get("metadata") or {})
+    for new, old in (("hook_name", "hook_point"), ("hook_head_index", "hook_point_head_index")):
+        if new not in metadata and (new in cfg or old in cfg):
+            metadata[new] = cfg.get(new, cfg.get(old))
+    activation = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
+    k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+    return {**cfg, "metadata": metadata, "activation_fn": activation, "k": k}
+
+
+def _arch_from_saelens(cfg: dict, path) -> str:
+    architecture, activation = cfg.get("architecture", "standard"), cfg["activation_fn"]
+    if architecture == "standard" and activation not in ("relu", "topk"):
+        _refuse(path, "activation_fn", activation, "relu or topk")
+    arch = {"standard": "topk" if activation == "topk" else "vanilla", "gated": "gated", "topk": "topk",
+            "jumprelu": "jumprelu"}.get(architecture)
     if arch is None:
-        raise ValueError(f"unsupported SAE architecture {cfg['architecture']!r} (standard, gated, topk)")
+        _refuse(path, "architecture", architecture, "standard, gated, topk, jumprelu")
     return arch
 
 
+def _check_saelens_settings(cfg: dict, weights: dict, path):
+    """Refuse, in one line, a setting whose computation `load_sae` does not reproduce."""
+    normalize = cfg.get("normalize_activations") or "none"  # SAELens < 6 wrote false for none
+    if normalize != "none" and not (normalize == "expected_average_only_in" and "input_scale" in cfg):
+        _refuse(path, "normalize_activations", normalize, "only 'none': fold input scaling into the weights")
+    if cfg.get("reshape_activations", "none") not in ("none", "hook_z"):
+        _refuse(path, "reshape_activations", cfg["reshape_activations"], "none or hook_z")
+    if cfg.get("finetuning_scaling_factor"):
+        _refuse(path, "finetuning_scaling_factor", cfg["finetuning_scaling_factor"], "only false")
+    for name in ("scaling_factor", "finetuning_scaling_factor"):
+        if name in weights and not torch.all(weights[name] == 1):
+            _refuse(path, f"weight {name}", "not all ones", "only ones")
+    d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
+    for name, shape in (("W_enc", (d_in, d_sae)), ("W_dec", (d_sae, d_in)), ("b_dec", (d_in,))):
+        if tuple(weights[name].shape) != shape:
+            _refuse(path, f"{name} shape", tuple(weights[name].shape),
+                    f"cfg.json has d_in={d_in}, d_sae={d_sae}")
+
+
 def load_sae(directory) -> SAE:
-    """Load an SAE saved by `save_sae` or by SAELens (standard, gated and top-k kinds)."""
+    """Load an SAE folder in SAELens's layout, written by `save_sae` or by SAELens: standard (ReLU),
+    gated, top-k (with or without `rescale_acts_by_decoder_norm`) and JumpReLU, in SAELens 6's
+    cfg.json layout or an older one. Every setting is folded into the weights, so the SAE takes raw
+    activations and computes what SAELens computes; any other setting is a one-line ValueError
+    naming the field and its value. `sae.meta` is cfg.json's metadata (hook_name, ...)."""
     directory = Path(directory)
-    cfg = json.loads((directory / "cfg.json").read_text())
-    weights = load_file(str(directory / "sae_weights.safetensors"))
-    arch = _arch_from_saelens(cfg)
+    cfg = read_sae_config(directory)
+    arch = _arch_from_saelens(cfg, directory)
+    try:
+        weights = load_file(str(directory / "sae_weights.safetensors"))
+    except Exception as error:  # safetensors raises several types for a missing or corrupt file
+        raise ValueError(f"{directory}: no readable sae_weights.safetensors ({error})") from None
     names = ("W_enc", "W_dec", "b_dec") + ENCODER_BIASES[arch]
     missing = [n for n in names if n not in weights]
     if missing:
         raise ValueError(f"{directory}: {arch} SAE weights lack {missing} (found: {sorted(weights)})")
+    _check_saelens_settings(cfg, weights, directory)
     p = {n: weights[n].float() for n in names}
-    if cfg.get("normalize_activations", "none") not in ("none", "expected_average_only_in"):
-        raise ValueError(f"{directory}: per-input normalisation {cfg['normalize_activations']!r} is not supported")
     if not cfg.get("apply_b_dec_to_input", True):  # fold "no centring" into the encoder biases
         shift = p["b_dec"] @ p["W_enc"]  # [d_sae]
-        for name in {"vanilla": ["b_enc"], "topk": ["b_enc"], "gated": ["b_gate", "b_mag"]}[arch]:
+        for name in {"gated": ["b_gate", "b_mag"]}.get(arch, ["b_enc"]):
             p[name] = p[name] + shift * (p["r_mag"].exp() if name == "b_mag" else 1)
-    k = cfg.get("k", cfg.get("activation_fn_kwargs", {}).get("k"))
-    return SAE_CLASSES[arch](p, cfg.get("input_scale", 1.0), None if k is None else int(k),
-                             cfg.get("frozen_decoder", False), cfg.get("metadata", {}))
+    if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
+        p = fold_decoder_norm(p)
+    if arch == "topk" and cfg["k"] is None:
+        _refuse(directory, "k", None, "a top-k SAE needs k")
+    # this project's SAE folders before the scale was folded into the weights
+    p = fold_input_scale(p, float(cfg.get("input_scale", 1.0)))
+    return SAE_CLASSES[arch](p, 1.0, None if cfg["k"] is None else int(cfg["k"]),
+                             bool(cfg.get("frozen_decoder", False)), cfg["metadata"])
 
 
 # ---------------------------------------------------------------------------------------

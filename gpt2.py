@@ -11,9 +11,14 @@ A hook is an identity point: with no hook function attached it returns its input
 Makelov, Lange & Nanda (arXiv 2405.08366) read and patch per-head activations
 (q, k, v, z) at a few token positions, and need the logits at one position only;
 `run_with_cache`, `run_with_hooks`, `patch_heads` and `logits_at` serve exactly that.
+Every hook point that TransformerLens's GPT-2 fires by default is here, with its name, shape
+and value, and both methods take TransformerLens's arguments (`names_filter`, `fwd_hooks`
+with `fn(activation, hook)`); see the README, "Use with TransformerLens / SAELens".
 """
 import difflib
+import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -120,10 +125,11 @@ class Attention(nn.Module):
         q = hook(f"{name}.hook_q", q.view(heads))                  # [batch, pos, head, d_head]
         k = hook(f"{name}.hook_k", k.view(heads))                  # [batch, pos, head, d_head]
         v = hook(f"{name}.hook_v", v.view(heads))                  # [batch, pos, head, d_head]
-        if hook.wants(f"{name}.hook_pattern"):
+        if hook.wants(f"{name}.hook_attn_scores") or hook.wants(f"{name}.hook_pattern"):
             scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.d_head)
             future = torch.ones(n_pos, n_pos, dtype=torch.bool, device=x.device).triu(1)
             scores = scores.masked_fill(future, float("-inf"))     # causal: no peeking ahead
+            scores = hook(f"{name}.hook_attn_scores", scores)      # [batch, head, q_pos, k_pos]
             pattern = hook(f"{name}.hook_pattern", scores.softmax(-1))  # [batch, head, q_pos, k_pos]
             z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
         else:
@@ -143,7 +149,20 @@ class MLP(nn.Module):
         self.c_proj = Conv1D(4 * config.n_embd, config.n_embd)
 
     def forward(self, x, hook, name):
-        return self.c_proj(hook(f"{name}.hook_post", gelu(self.c_fc(x))))  # hidden: [batch, pos, 4 * d_model]
+        pre = hook(f"{name}.hook_pre", self.c_fc(x))              # [batch, pos, 4 * d_model]
+        return self.c_proj(hook(f"{name}.hook_post", gelu(pre)))  # [batch, pos, d_model]
+
+
+def layer_norm(x, ln, hook, name):
+    """`ln(x)` with TransformerLens's two hook points: `{name}.hook_scale`, the root mean square
+    of the centred input plus eps, and `{name}.hook_normalized`, the centred input over that
+    scale (before the learnt weight and bias). One fused kernel unless either is hooked."""
+    if not (hook.wants(f"{name}.hook_scale") or hook.wants(f"{name}.hook_normalized")):
+        return F.layer_norm(x, x.shape[-1:], ln.weight, ln.bias, ln.eps)
+    centred = x - x.mean(-1, keepdim=True)
+    scale = (centred.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt()           # [batch, pos, 1]
+    scale = hook(f"{name}.hook_scale", scale)
+    return hook(f"{name}.hook_normalized", centred / scale) * ln.weight + ln.bias  # [batch, pos, d_model]
 
 
 class Block(nn.Module):
@@ -161,16 +180,48 @@ class Block(nn.Module):
         """`only_at` (LongTensor [batch]): compute the output at that position only (see GPT2)."""
         name = self.name
         x = hook(f"{name}.hook_resid_pre", x)
-        attn_out = self.attn(self.ln_1(x), hook, f"{name}.attn", only_at)
+        attn_out = self.attn(layer_norm(x, self.ln_1, hook, f"{name}.ln1"), hook, f"{name}.attn", only_at)
         if only_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), only_at, None]  # [batch, 1, d_model]
         x = hook(f"{name}.hook_resid_mid", x + hook(f"{name}.hook_attn_out", attn_out))
-        return hook(f"{name}.hook_resid_post", x + hook(f"{name}.hook_mlp_out", self.mlp(self.ln_2(x), hook, f"{name}.mlp")))
+        mlp_out = self.mlp(layer_norm(x, self.ln_2, hook, f"{name}.ln2"), hook, f"{name}.mlp")
+        return hook(f"{name}.hook_resid_post", x + hook(f"{name}.hook_mlp_out", mlp_out))
+
+    def hook_names(self):
+        """This block's hook points, in the order a forward pass reaches them (TransformerLens's names)."""
+        name = self.name
+        return [f"{name}.hook_resid_pre", f"{name}.ln1.hook_scale", f"{name}.ln1.hook_normalized",
+                *(f"{name}.attn.hook_{a}" for a in ("q", "k", "v", "attn_scores", "pattern", "z")),
+                *self.hook_names_after_attention()]
 
     def hook_names_after_attention(self):
         name = self.name
-        return {f"{name}.hook_attn_out", f"{name}.hook_resid_mid", f"{name}.mlp.hook_post",
-                f"{name}.hook_mlp_out", f"{name}.hook_resid_post"}
+        return [f"{name}.hook_attn_out", f"{name}.hook_resid_mid", f"{name}.ln2.hook_scale",
+                f"{name}.ln2.hook_normalized", f"{name}.mlp.hook_pre", f"{name}.mlp.hook_post",
+                f"{name}.hook_mlp_out", f"{name}.hook_resid_post"]
+
+
+class HookPoint:
+    """What a TransformerLens-style hook function gets as its `hook` argument: `hook.name` is the
+    name of the hook point it runs at, so one function can serve many hooks."""
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return f"HookPoint({self.name!r})"
+
+
+def _takes_hook_argument(fn):
+    """TransformerLens calls a hook function as fn(activation, hook=hook_point). A function with
+    no `hook` parameter (nor **kwargs), such as `lambda act: ...`, is called as fn(activation)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # some built-ins have no signature
+        return False
+    return any((p.name == "hook" and p.kind != p.POSITIONAL_ONLY) or p.kind == p.VAR_KEYWORD
+               for p in parameters)
 
 
 class Hooks:
@@ -189,6 +240,10 @@ class Hooks:
 
     def wants(self, name):
         return name in self.by_name
+
+
+FINAL_HOOKS = ["ln_final.hook_scale", "ln_final.hook_normalized"]
+UNEMBED_HOOKS = ["unembed.hook_in", "unembed.hook_out"]  # the final residual, normalised; the logits
 
 
 class GPT2(nn.Module):
@@ -213,26 +268,39 @@ class GPT2(nn.Module):
         if n_pos > self.config.n_positions:
             raise ValueError(f"sequence length {n_pos} exceeds n_positions={self.config.n_positions}")
         positions = torch.arange(n_pos, device=tokens.device)
-        x = hook("hook_embed", self.wte(tokens)) + hook("hook_pos_embed", self.wpe(positions))  # [batch, pos, d_model]
+        # The position embedding is expanded over the batch, as in TransformerLens: a view, no
+        # copy, unless it is hooked (a hook may then write into it).
+        embed = hook("hook_embed", self.wte(tokens))                                   # [batch, pos, d_model]
+        pos_embed = self.wpe(positions).expand(batch, -1, -1)                          # [batch, pos, d_model]
+        if hook.wants("hook_pos_embed"):
+            pos_embed = hook("hook_pos_embed", pos_embed.contiguous())
+        x = embed + pos_embed                                                          # [batch, pos, d_model]
         for block in self.h[:-1]:
             x = block(x, hook)
-        # Compute only what the caller needs. With `logits_at`, the last block's attention
-        # still runs at every position (its keys and values are needed, and hook_q|k|v|z
-        # keep their full shape), but its output projection, MLP and the unembedding run
-        # at one position per prompt -- unless a hook wants those activations everywhere.
-        # The unembedding is GPT-2 Small's largest matmul, so this is the main saving.
-        # Right padding is harmless: attention is causal, so padding never reaches the
-        # real positions before it.
-        last = self.h[-1]
-        if logits_at is None or any(map(hook.wants, last.hook_names_after_attention())):
-            x = last(x, hook)
-            if logits_at is not None:
-                x = x[torch.arange(batch, device=x.device), logits_at]  # [batch, d_model]
+        return self._last_block_and_unembed(x, logits_at, hook)
+
+    def _last_block_and_unembed(self, x, logits_at, hook):
+        """Compute only what the caller needs. With `logits_at`, the last block's attention
+        still runs at every position (its keys and values are needed, and hook_q|k|v|z keep
+        their full shape), but its output projection, MLP, the final LayerNorm and the
+        unembedding run at one position per prompt -- unless a hook wants those activations
+        everywhere, so that every hook has the same shape with or without `logits_at`. The
+        unembedding is GPT-2 Small's largest matmul, so this is the main saving. Right padding
+        is harmless: attention is causal, so padding never reaches the real positions before it."""
+        last, rows = self.h[-1], torch.arange(len(x), device=x.device)
+        wants_unembed = any(map(hook.wants, UNEMBED_HOOKS))
+        everywhere = last.hook_names_after_attention() + FINAL_HOOKS
+        if logits_at is None or wants_unembed or any(map(hook.wants, everywhere)):
+            x = last(x, hook)                                                  # [batch, pos, d_model]
         else:
-            x = last(x, hook, only_at=logits_at)[:, 0]                  # [batch, d_model]
-        normalized = hook("ln_final.hook_normalized", F.layer_norm(x, x.shape[-1:], eps=self.config.layer_norm_epsilon))
-        x = normalized * self.ln_f.weight + self.ln_f.bias
-        return x @ self.wte.weight.T                                  # [batch, (pos,) vocab]
+            x = last(x, hook, only_at=logits_at)                               # [batch, 1, d_model]
+        x = layer_norm(x, self.ln_f, hook, "ln_final")
+        if logits_at is not None and x.shape[1] > 1 and not wants_unembed:
+            x = x[rows, logits_at, None]                                       # [batch, 1, d_model]
+        logits = hook("unembed.hook_out", hook("unembed.hook_in", x) @ self.wte.weight.T)  # [batch, pos, V]
+        if logits_at is None:
+            return logits
+        return logits[rows, logits_at] if logits.shape[1] > 1 else logits[:, 0]  # [batch, vocab]
 
     def forward(self, tokens, logits_at=None):
         """Logits [batch, pos, vocab], or [batch, vocab] at `logits_at` (LongTensor [batch])."""
@@ -241,44 +309,57 @@ class GPT2(nn.Module):
     # ------------------------------------------------------------------------- hooks
 
     def hook_names(self):
+        """Every hook point, in the order a forward pass reaches them: TransformerLens's GPT-2 hooks."""
         names = ["hook_embed", "hook_pos_embed"]
-        for layer in range(self.config.n_layer):
-            block = f"blocks.{layer}"
-            names += [f"{block}.hook_resid_pre", *(f"{block}.attn.hook_{a}" for a in ("q", "k", "v", "pattern", "z")),
-                      f"{block}.hook_attn_out", f"{block}.hook_resid_mid", f"{block}.mlp.hook_post",
-                      f"{block}.hook_mlp_out", f"{block}.hook_resid_post"]
-        return names + ["ln_final.hook_normalized"]
+        for block in self.h:
+            names += block.hook_names()
+        return names + FINAL_HOOKS + UNEMBED_HOOKS
 
-    def _check_hook_names(self, names):
-        known = set(self.hook_names())
+    def _resolve_names(self, names_filter):
+        """Hook names selected by a TransformerLens `names_filter`: None (every hook), a name, a
+        list of names, or a callable name -> bool. Unknown names raise a KeyError."""
+        known = self.hook_names()
+        if names_filter is None:
+            return known
+        if callable(names_filter):
+            return [name for name in known if names_filter(name)]
+        names = [names_filter] if isinstance(names_filter, str) else list(names_filter)
         for name in names:
             if name not in known:
                 close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
                 raise KeyError(f"unknown hook name {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        return names
 
-    def run_with_hooks(self, tokens, hooks, logits_at=None):
+    def run_with_hooks(self, tokens, fwd_hooks=(), logits_at=None):
         """Forward pass with hook functions attached for this call only.
 
-        `hooks` is a dict name -> fn or a list of (name, fn) pairs (several per name run
-        in order). `fn(activation)` returns a replacement tensor, or None to keep it.
+        `fwd_hooks` is a list of (name, fn) pairs, as in TransformerLens, or a dict name -> fn;
+        a name may also be a filter (a callable name -> bool: fn runs at every hook it accepts).
+        Several functions at one hook run in order. `fn(activation, hook)` returns a replacement
+        tensor, or None to keep the activation; `hook.name` is the hook's name. A function of the
+        activation alone, `fn(activation)`, works too.
         """
-        pairs = list(hooks.items()) if isinstance(hooks, dict) else list(hooks)
-        self._check_hook_names(name for name, _ in pairs)
+        pairs = list(fwd_hooks.items()) if isinstance(fwd_hooks, dict) else list(fwd_hooks)
         by_name = {}
-        for name, fn in pairs:
-            by_name.setdefault(name, []).append(fn)
+        for name_or_filter, fn in pairs:
+            takes_hook = _takes_hook_argument(fn)
+            for name in self._resolve_names(name_or_filter):
+                hook_fn = functools.partial(fn, hook=HookPoint(name)) if takes_hook else fn
+                by_name.setdefault(name, []).append(hook_fn)
         return self._forward(tokens, logits_at, Hooks(by_name))
 
-    def run_with_cache(self, tokens, names, logits_at=None):
-        """Forward pass that also returns {name: activation} for the requested hooks only."""
+    def run_with_cache(self, tokens, names_filter=None, logits_at=None):
+        """Forward pass that also returns {name: activation} for the hooks `names_filter` selects
+        (TransformerLens's argument: None for all, a name, a list of names, or a callable).
+        Cache only what you need: every cached hook is a tensor kept, and some (the attention
+        pattern, anything after the last attention with `logits_at`) take a slower path."""
         cache = {}
 
-        def store(name):
-            def fn(x):
-                cache[name] = x.detach()
-            return fn
+        def store(activation, hook):
+            cache[hook.name] = activation.detach()
 
-        logits = self.run_with_hooks(tokens, [(name, store(name)) for name in names], logits_at)
+        names = self._resolve_names(names_filter)
+        logits = self.run_with_hooks(tokens, [(name, store) for name in names], logits_at)
         return logits, cache
 
     # ------------------------------------------------------------------------- checkpoints
@@ -328,6 +409,22 @@ def patch_heads(positions, heads, values):
         act = act.clone()
         rows = torch.arange(act.shape[0], device=act.device)[:, None]
         act[rows, positions.to(act.device), heads.to(act.device)] = values.to(act)
+        return act
+    return hook
+
+
+def patch_positions(positions, values):
+    """Hook fn that writes values[b, i] over the whole slot at positions[b, i] of an activation:
+    every head of [batch, pos, head, d_head] (values flattened head-major, as TransformerLens
+    and SAELens concatenate heads), or the vector of [batch, pos, d_model].
+
+    positions: LongTensor [batch, n]; values: [batch, n, d] with d the slot's size.
+    """
+    def hook(act):
+        act = act.clone()
+        rows = torch.arange(act.shape[0], device=act.device)[:, None]
+        slot = act.shape[2:]                                      # (head, d_head) or (d_model,)
+        act[rows, positions.to(act.device)] = values.to(act).view(*values.shape[:2], *slot)
         return act
     return hook
 

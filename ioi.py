@@ -15,6 +15,7 @@ import re
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import click
 import numpy as np
@@ -304,32 +305,53 @@ def evaluate(model, prompts, batch_size=256):
 
 # ----------------------------------------------------------------------------- circuit nodes
 
+HEAD_ACTS = ("q", "k", "v", "z")
+RESIDUAL_ACTS = ("resid_pre", "resid_mid", "resid_post")
+
+
 @dataclass(frozen=True, order=True)
 class Node:
-    """One head's q, k, v or z (before W_O) at one semantic position; written z@L9H9@end."""
+    """One head's q, k, v or z (before W_O) at one semantic position; written z@L9H9@end.
+
+    For SAEs that read more than one head (README, "Use with TransformerLens / SAELens"), head
+    None is every head of the layer concatenated (z@L9@end, n_head * d_head values), and a
+    residual-stream node has no head (resid_pre@L9@end)."""
     act: str
     layer: int
-    head: int
+    head: Optional[int]
     position: str
 
     def __post_init__(self):
-        if self.act not in ("q", "k", "v", "z") or self.position not in POSITIONS:
-            raise ValueError(f"bad node {self}: act must be q/k/v/z and position one of {POSITIONS}")
+        if self.act not in HEAD_ACTS + RESIDUAL_ACTS or self.position not in POSITIONS:
+            raise ValueError(f"bad node {self}: act must be one of {HEAD_ACTS + RESIDUAL_ACTS} "
+                             f"and position one of {POSITIONS}")
+        if self.act in RESIDUAL_ACTS and self.head is not None:
+            raise ValueError(f"bad node {self}: the residual stream has no heads")
 
     def __str__(self):
-        return f"{self.act}@L{self.layer}H{self.head}@{self.position}"
+        head = "" if self.head is None else f"H{self.head}"
+        return f"{self.act}@L{self.layer}{head}@{self.position}"
 
     @property
     def hook_name(self):
+        if self.act in RESIDUAL_ACTS:
+            return f"blocks.{self.layer}.hook_{self.act}"
         return f"blocks.{self.layer}.attn.hook_{self.act}"
+
+    def read(self, act, positions):
+        """This node's activations [batch, d] from its hook's activation (per head
+        [batch, pos, head, d_head], or [batch, pos, d_model]) at positions [batch]."""
+        rows = torch.arange(len(act), device=act.device)
+        at_positions = act[rows, positions.to(act.device)]            # [batch, (head,) d]
+        return at_positions.flatten(1) if self.head is None else at_positions[:, self.head]
 
     @classmethod
     def parse(cls, text):
-        match = re.fullmatch(r"([qkvz])@L(\d+)H(\d+)@(\S+)", text)
+        match = re.fullmatch(r"([qkvz]|resid_pre|resid_mid|resid_post)@L(\d+)(?:H(\d+))?@(\S+)", text)
         if not match:
             raise ValueError(f"{text!r} is not a node like 'z@L9H9@end'")
         act, layer, head, position = match.groups()
-        return cls(act, int(layer), int(head), position)
+        return cls(act, int(layer), None if head is None else int(head), position)
 
 
 def patch_hooks(batch, patches):
@@ -337,10 +359,16 @@ def patch_hooks(batch, patches):
     in one forward pass; nodes sharing a hook (same layer and activation) share one fn."""
     hooks = []
     for hook_name in dict.fromkeys(node.hook_name for node in patches):
-        nodes = [node for node in patches if node.hook_name == hook_name]
-        positions = torch.stack([batch.positions[node.position] for node in nodes], 1)  # [batch, n]
-        values = torch.stack([patches[node] for node in nodes], 1)                     # [batch, n, d_head]
-        hooks.append((hook_name, gpt2.patch_heads(positions, [node.head for node in nodes], values)))
+        for per_head in (True, False):  # one head's slot, or every head / the whole stream
+            nodes = [node for node in patches
+                     if node.hook_name == hook_name and (node.head is not None) == per_head]
+            if not nodes:
+                continue
+            positions = torch.stack([batch.positions[node.position] for node in nodes], 1)  # [batch, n]
+            values = torch.stack([patches[node] for node in nodes], 1)                     # [batch, n, d]
+            patch = (gpt2.patch_heads(positions, [node.head for node in nodes], values) if per_head
+                     else gpt2.patch_positions(positions, values))
+            hooks.append((hook_name, patch))
     return hooks
 
 
@@ -542,10 +570,9 @@ def collect_activations(model, prompts, nodes, batch_size=256, cache_dir=None):
     with torch.inference_mode():
         for batch in batches([prompts[i] for i in order], batch_size, _device(model)):
             _, cache = model.run_with_cache(batch.tokens, hook_names, logits_at=batch.positions["end"])
-            rows = torch.arange(len(batch.tokens))
             for node in nodes:
-                act = cache[node.hook_name]                              # [batch, pos, head, d_head]
-                parts[node].append(act[rows, batch.positions[node.position], node.head].cpu())  # [batch, d_head]
+                act = node.read(cache[node.hook_name], batch.positions[node.position])  # [batch, d]
+                parts[node].append(act.cpu())
     # Built outside inference mode, these are ordinary tensors, usable in training later.
     activations = {node: chunks[0].new_empty(len(prompts), chunks[0].shape[-1]) for node, chunks in parts.items()}
     for node, chunks in parts.items():

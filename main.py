@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -658,18 +659,28 @@ class Run:
     def path(self, *parts):
         return os.path.join(self.out, *parts)
 
-    def fit_supervised(self):
-        """Mean and least-squares supervised dictionaries at every node (METHOD 4)."""
+    def add_nodes(self, nodes):
+        """Collect (or load from the cache) activations at more nodes, in every split: the nodes
+        an SAE from elsewhere reads (`grade-sae`)."""
+        new = [node for node in nodes if node not in self.acts["train"]]
+        for split, prompts in self.splits.items() if new else ():
+            self.acts[split].update(ioi.collect_activations(self.model, prompts, new, self.config.batch_size,
+                                                            cache_dir=self.path("activations")))
+
+    def fit_supervised(self, nodes=None):
+        """Mean and least-squares supervised dictionaries at every node (METHOD 4), or at `nodes`."""
         n_values = {"io": len(ioi.NAMES), "s": len(ioi.NAMES), "pos": len(ioi.PATTERNS)}
         dictionaries_by_method = {}
         for method, name in (("mean", "supervised"), ("lstsq", "supervised_lstsq")):
             fitted = {node: dictionaries.SupervisedDictionary.fit(self.acts["train"][node], self.attributes["train"],
-                                                                  n_values, method) for node in self.nodes}
+                                                                  n_values, method)
+                      for node in nodes or self.nodes}
 
             def write(folder, fitted=fitted):
                 for node, dictionary in fitted.items():
                     dictionary.save(os.path.join(folder, str(node)))
-            gpt2.atomic_folder(self.path("dictionaries", name), write)
+            if nodes is None:  # the run's own dictionaries; ones fitted for another SAE's nodes are not kept
+                gpt2.atomic_folder(self.path("dictionaries", name), write)
             dictionaries_by_method[name] = fitted
         return dictionaries_by_method
 
@@ -736,6 +747,7 @@ class Grader:
     """Scores every method at every cross-section on the paper's three tests and records
     the results as flat rows {test, site, method, value, ...} (METHOD 5-9)."""
     MIN_NODE_EFFECT = 0.005  # per-node LD recovered only where ablating the node alone moves the LD by >= 0.5%
+    MIN_SECTION_EFFECT = 0.05  # as ioi.discover: grade a site if mean-ablating it moves the mean LD by >= 5%
 
     def __init__(self, run):
         self.run, self.records = run, []
@@ -752,10 +764,12 @@ class Grader:
     def interpretations(self, sae, node):
         """F1 of each latent for every candidate property, on the training prompts (where every
         name occurs as IO and as S, unlike the evaluation prompts: METHOD 6's fix)."""
-        if id(sae) not in self._interpretations:
+        key = (id(sae), node)  # one SAE may read several nodes (a head at several positions)
+        if key not in self._interpretations:
             active = sae.active(self.run.acts["train"][node])
-            self._interpretations[id(sae)] = metrics.interpret_latents(active, self.run.attributes["train"], ioi.NAMES)
-        return self._interpretations[id(sae)]
+            self._interpretations[key] = metrics.interpret_latents(active, self.run.attributes["train"],
+                                                                   ioi.NAMES)
+        return self._interpretations[key]
 
     # ---------------------------------------------------------------- the model itself
 
@@ -888,9 +902,10 @@ class Grader:
 
     # ---------------------------------------------------------------- SAE core metrics
 
-    def grade_core(self, task_saes, corpus_saes):
+    def grade_core(self, task_saes, corpus_saes, sections=None):
         """L0, MSE, variance explained, dead fraction on the eval activations, for every SAE;
-        LD recovered with one node patched, for every SAE of the chosen settings."""
+        LD recovered with one node patched, for every SAE of the chosen settings, at the nodes
+        of `sections` (default: the run's cross-sections)."""
         everything = [(method, setting, saes) for method, settings in task_saes.items()
                       for setting, saes in settings.items()] + [(m, None, s) for m, s in corpus_saes.items()]
         for method, setting, saes in everything:
@@ -907,7 +922,7 @@ class Grader:
             if r["test"] == "edit_distance_k2" and r["chosen"]:
                 chosen.setdefault((r["site"], r["method"]), []).append(r["setting"])
         ablated, done = {}, set()
-        for section in self.run.sections:
+        for section in sections or self.run.sections:
             for method, settings in [*task_saes.items(), *((m, {None: s}) for m, s in corpus_saes.items())]:
                 for node, setting in ((n, s) for s in dict.fromkeys(chosen.get((section.name, method), [None]))
                                       for n in section.nodes):
@@ -1198,6 +1213,153 @@ def run_command(**options):
     """The whole paper with its settings (GPT-2 Small via --weights); resumes from the folder's caches."""
     started = time.time()
     _evaluate_and_report(_run_from_options(**options), started)
+
+
+# --- grade-sae: any SAE in SAELens's layout, graded like ours (README, "Use with TransformerLens / SAELens")
+
+SAE_HOOK = re.compile(r"blocks\.(\d+)\.(?:attn\.hook_([qkvz])|hook_(resid_pre|resid_mid|resid_post))")
+FIRST_LAYER_READ = {"resid_pre": 0, "resid_mid": 1, "resid_post": 1}  # resid_pre@L feeds layer L's heads on
+
+
+def sae_reads(meta, d_in, config):
+    """(act, layer, head) that an SAE reads, from cfg.json's hook_name and hook_head_index, checked
+    against the model: one head's q|k|v|z (d_head values), all heads concatenated (head None,
+    n_head * d_head values), or the residual stream (d_model values). One-line error otherwise."""
+    hook_name, head = meta.get("hook_name"), meta.get("hook_head_index")
+    match = SAE_HOOK.fullmatch(str(hook_name))
+    if match is None:
+        raise click.ClickException(f"hook_name={hook_name!r}: grade-sae reads blocks.L.attn.hook_q|k|v|z "
+                                   "(hook_head_index: one head, or none for all) or blocks.L.hook_resid_*")
+    layer, act = int(match[1]), match[2] or match[3]
+    if layer >= config.n_layer:
+        raise click.ClickException(f"hook_name={hook_name!r}: the model has {config.n_layer} layers")
+    if head is not None and (act in ioi.RESIDUAL_ACTS or not 0 <= head < config.n_head):
+        raise click.ClickException(f"hook_head_index={head!r} with {hook_name}: the model has "
+                                   f"{config.n_head} heads, the residual stream none")
+    expected = config.d_head if head is not None else config.n_embd
+    if d_in != expected:
+        where = hook_name + ("" if head is None else f" head {head}")
+        raise click.ClickException(f"d_in={d_in}: {where} of this model has {expected} values")
+    return act, layer, head
+
+
+def as_plain_model_sae(sae, model, act, layer, head):
+    """The SAE on this model's plain activations. SAELens trains on TransformerLens's processed
+    model: `HookedTransformer.from_pretrained`'s defaults, unless cfg.json's
+    metadata.model_from_pretrained_kwargs says otherwise (ours say: no processing). Two of its
+    settings change what an SAE reads: fold_value_biases (hook_v and hook_z lack the value bias
+    b_V, and ln1's bias times W_V when fold_ln is on) and center_writing_weights (the residual
+    stream has mean 0 over d_model). Both fold into the SAE (dictionaries.fold_input_shift,
+    fold_input_centring)."""
+    settings, params = sae.meta.get("model_from_pretrained_kwargs") or {}, sae.params
+    if act in ("v", "z") and settings.get("fold_value_biases", True):
+        config, block = model.config, model.h[layer]
+        values = slice(2 * config.n_embd, None)  # c_attn computes q, k, v
+        b_V = block.attn.c_attn.bias[values]                                       # [d_model]
+        if settings.get("fold_ln", True):  # folded in first, ln1's bias joins the value bias
+            b_V = b_V + block.ln_1.bias @ block.attn.c_attn.weight[:, values]
+        b_V = b_V.detach().view(config.n_head, config.d_head)
+        params = dictionaries.fold_input_shift(params, b_V.flatten() if head is None else b_V[head])
+        click.echo(f"{sae.meta.get('hook_name')}: read without the value bias (fold_value_biases)")
+    if act in ioi.RESIDUAL_ACTS and settings.get("center_writing_weights", True):
+        params = dictionaries.fold_input_centring(params)
+        click.echo(f"{sae.meta.get('hook_name')}: read centred (center_writing_weights)")
+    return type(sae)(params, sae.input_scale, sae.k, sae.frozen_decoder, sae.meta)
+
+
+def sae_sections(sections, act, layer, head):
+    """The run's cross-sections as the SAE sees them. Each node maps to the SAE's node that reads
+    it: the same head; every head of its layer; or the residual stream at its position, upstream
+    of its layer. Sections with no such node are left out; sections that map to the same nodes
+    are graded once, for all their attributes."""
+    def covering(node):
+        if act in ioi.HEAD_ACTS and (node.act, node.layer) == (act, layer) and head in (None, node.head):
+            return ioi.Node(act, layer, head, node.position)
+        if act in ioi.RESIDUAL_ACTS and node.layer >= layer + FIRST_LAYER_READ[act]:
+            return ioi.Node(act, layer, None, node.position)
+        return None
+
+    merged = {}
+    for section in sections:
+        nodes = tuple(dict.fromkeys(n for n in map(covering, section.nodes) if n is not None))
+        if nodes:
+            names, attributes = merged.get(nodes, ([], []))
+            merged[nodes] = (names + [section.name], attributes + list(section.attributes))
+    reads = f"{act}@L{layer}" + ("" if head is None else f"H{head}")
+    return [ioi.CrossSection(f"{' + '.join(names)} [{reads}]", nodes,
+                             tuple(a for a in ioi.ATTRIBUTES if a in attrs))
+            for nodes, (names, attrs) in merged.items()]
+
+
+def grade_other_sae(run, label, sae, sections):
+    """The paper's three tests (and the core SAE metrics) for one SAE from elsewhere at the sites
+    it reads, beside the supervised dictionaries fitted at the same nodes (and our task SAEs,
+    where it reads single heads, as ours do). Sites whose mean ablation barely moves the LD are
+    skipped (sufficiency and necessity would divide by ~0). Returns the Grader's records."""
+    grader = Grader(run)
+    clean_ld = grader.clean_run.logit_diff.mean()
+    graded = []
+    for section in sections:
+        clean = {node: run.acts["eval"][node] for node in section.nodes}
+        mean_ablated = grader.patched({node: a.mean(0).expand_as(a) for node, a in clean.items()})
+        ablated_ld = mean_ablated.logit_diff.mean()
+        if abs(ablated_ld - clean_ld) >= Grader.MIN_SECTION_EFFECT * abs(clean_ld):
+            graded.append(section)
+        else:
+            click.echo(f"{section.name}: skipped, mean-ablating it moves the mean LD by less than "
+                       f"{Grader.MIN_SECTION_EFFECT:.0%}")
+    nodes = list(dict.fromkeys(node for section in graded for node in section.nodes))
+    if not graded:
+        raise click.ClickException(f"{label}: none of the sites it reads is causal for IOI in this model")
+    supervised = run.fit_supervised(nodes)
+    ours = run.train_task_saes() if all(node in run.nodes for node in nodes) else {}
+    sae = sae.to(run.config.device)
+    theirs = {label: {node: sae for node in nodes}}
+    for section in graded:
+        click.echo(f"Grading {label} at {section.name} ...")
+        grader.grade_section(section, supervised, ours, theirs)
+        grader.record("graded_sae", section.name, label, len(section.nodes), reads=sae.meta.get("hook_name"),
+                      head=sae.meta.get("hook_head_index"))
+    grader.grade_core(ours, theirs, graded)
+    grader.grade_model()
+    return grader.records
+
+
+def add_records(run, label, records):
+    """metrics.json with the records of SAE `label` replaced by `records` (created if needed); the
+    model's own records are added only where the file has none yet."""
+    path = run.path("metrics.json")
+    previous = _read_json(path)["results"] if os.path.exists(path) else []
+    kept = [r for r in previous if r.get("graded_sae") != label]
+    has_model = any(r["site"] == "model" for r in kept)
+    new = [{**r, "graded_sae": label} for r in records if not (has_model and r["site"] == "model")]
+    write_metrics(run, kept + new)
+
+
+@cli.command("grade-sae")
+@click.option("--sae", "sae_dir", required=True,
+              help="SAE folder in SAELens's layout (cfg.json + sae_weights.safetensors).")
+@click.option("--name", default=None, help="Its name in the report  [default: sae:FOLDER].")
+@run_options
+def grade_sae_command(sae_dir, name, **options):
+    """Grade any SAE on IOI, beside the supervised dictionaries at the nodes it reads (cfg.json's
+    hook_name): one head's q|k|v|z, all heads' hook_z, or the residual stream at the paper's positions."""
+    try:
+        sae = dictionaries.load_sae(sae_dir)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    label = name or f"sae:{Path(sae_dir).resolve().name}"
+    run = _run_from_options(**options)
+    act, layer, head = sae_reads(sae.meta, sae.d_in, run.model.config)
+    sae = as_plain_model_sae(sae, run.model, act, layer, head)
+    sections = sae_sections(run.sections, act, layer, head)
+    if not sections:
+        raise click.ClickException(f"{sae.meta['hook_name']} reads none of the circuit's cross-sections "
+                                   f"({', '.join(s.name for s in run.sections)})")
+    run.add_nodes([node for section in sections for node in section.nodes])
+    add_records(run, label, grade_other_sae(run, label, sae, sections))
+    click.echo(write_report(run.out))
+    click.echo(f"Wrote {run.path('metrics.json')} and {run.path('report.md')}")
 
 # === end pipeline commands ===
 
@@ -1764,6 +1926,36 @@ def _paper_section(results):
             _table(rows, ["quantity", "paper", "this run", "verdict"]) if rows else "_Nothing to compare._"]
 
 
+# --- 9. SAEs from elsewhere ---
+
+def _other_saes_section(results):
+    """Each SAE graded by `grade-sae`, at the sites it reads, beside the yardstick at the same nodes."""
+    graded = _recs(results, "graded_sae")
+    if not graded:
+        return []
+    rows = []
+    for r in graded:
+        site = r["site"]
+        reads = r.get("reads", "") + ("" if r.get("head") is None else f" head {r['head']}")
+        attrs = list(dict.fromkeys(e["attribute"] for e in _recs(results, "edit_accuracy", site=site)))
+        for m in _present(_recs(results, "sufficiency", site=site)):
+            if m == "mean_ablation":
+                continue
+            approximation = " / ".join(_fmt(_at_chosen(results, test, site, m))
+                                       for test in ("sufficiency", "necessity"))
+            edits = ", ".join(f"{a} {_fmt(_edit(results, 'edit_accuracy', site, m, a))}" for a in attrs)
+            coverage = ", ".join(f"{a} {_fmt(_at_chosen(results, 'f1_coverage', site, m, attribute=a))}"
+                                 for a in attrs) if not m.startswith("supervised") else ""
+            rows.append([r["method"], reads, site, m, approximation, edits, coverage])
+    return ["## 9. SAEs from elsewhere (`grade-sae`)",
+            "Each SAE at the cross-sections it reads (in brackets: what it reads), next to the supervised "
+            "dictionaries fitted at the very same nodes and, where it reads single heads, our task SAEs. "
+            "Sufficiency / necessity (1 is best); edit accuracy at k = 2 (greedy for SAEs) per attribute; "
+            "F1 coverage: the share of each attribute's values with a latent of F1 ≥ 0.8.",
+            _table(rows, ["SAE", "reads", "cross-section", "method", "sufficiency / necessity",
+                          "edit accuracy", "F1 coverage"])]
+
+
 # --- putting it together ---
 
 def _load_metrics(run_dir):
@@ -1818,7 +2010,7 @@ def write_report(run_dir) -> str:
               + ["## 5. Test 3 — interpretability"] + (interp or ["_No F1 records; section skipped._"])
               + ["## 6. Two SAE failure modes"] + _occlusion(results, figdir) + _alpha_figure(results, figdir)
               + _occlusion_toy(results) + _oversplitting(results, figdir)
-              + _core_section(results) + _paper_section(results))
+              + _core_section(results) + _paper_section(results) + _other_saes_section(results))
     report_md = "\n\n".join(blocks) + "\n"
     gpt2.atomic_write(os.path.join(run_dir, "report.md"), lambda tmp: Path(tmp).write_text(report_md))
     return summary

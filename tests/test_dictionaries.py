@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import dictionaries as D
 import main
@@ -237,25 +237,41 @@ def test_lr_schedule_warms_up_and_decays_linearly_to_zero():
     assert D.checkpoint_epochs(20) == [1, 2, 4, 8, 16, 20]
 
 
-# --- formats ----------------------------------------------------------------------------
+# --- formats: SAELens's layout, both ways ---------------------------------------------------
 
 def tiny_params(arch, d_in=6, d_sae=10, seed=0):
     g = torch.Generator().manual_seed(seed)
     names = ("W_enc", "W_dec", "b_dec") + D.ENCODER_BIASES[arch]
     shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-    return {n: torch.randn(shapes.get(n, (d_sae,)), generator=g) for n in names}
+    params = {n: torch.randn(shapes.get(n, (d_sae,)), generator=g) for n in names}
+    if arch == "jumprelu":
+        params["threshold"] = params["threshold"].abs()  # thresholds are positive in practice
+    return params
 
 
-@pytest.mark.parametrize("arch", ["vanilla", "gated", "topk"])
-def test_save_load_round_trip_is_exact(tmp_path, arch):
-    sae = D.SAE_CLASSES[arch](tiny_params(arch), input_scale=1.7, k=4 if arch == "topk" else None,
-                              meta={"node": "z@L9H9@end"})
-    D.save_sae(sae, tmp_path / arch)
-    loaded = D.load_sae(tmp_path / arch)
-    assert type(loaded) is type(sae) and loaded.input_scale == 1.7 and loaded.k == sae.k
-    assert all(torch.equal(loaded.params[n], t) for n, t in sae.params.items())
-    assert loaded.meta == {"node": "z@L9H9@end"}
-    assert not list(tmp_path.rglob("*.tmp"))
+def saelens_forward(cfg, w, x):
+    """SAELens 6's inference SAEs, written out from its documented math, for reference:
+    sae_in = x - b_dec (if apply_b_dec_to_input); standard: ReLU(sae_in W_enc + b_enc); gated:
+    1[sae_in W_enc + b_gate > 0] ReLU(sae_in (W_enc exp r_mag) + b_mag); topk: pre (times ‖W_dec[j]‖
+    with rescale_acts_by_decoder_norm), top k, ReLU; jumprelu: ReLU(pre) 1[pre > threshold].
+    Output f W_dec + b_dec (f / ‖W_dec[j]‖ with the rescale). Returns (latents, reconstruction)."""
+    sae_in = x - w["b_dec"] * cfg.get("apply_b_dec_to_input", True)
+    arch, norms = cfg["architecture"], w["W_dec"].norm(dim=-1)
+    if arch == "gated":
+        magnitude = torch.relu(sae_in @ (w["W_enc"] * w["r_mag"].exp()) + w["b_mag"])
+        f = (sae_in @ w["W_enc"] + w["b_gate"] > 0) * magnitude
+        return f, f @ w["W_dec"] + w["b_dec"]
+    pre = sae_in @ w["W_enc"] + w["b_enc"]
+    rescale = arch == "topk" and cfg.get("rescale_acts_by_decoder_norm", False)
+    if arch == "topk":
+        pre = pre * norms if rescale else pre
+        top = pre.topk(cfg["k"], dim=-1)
+        f = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+    elif arch == "jumprelu":
+        f = torch.relu(pre) * (pre > w["threshold"])
+    else:
+        f = torch.relu(pre)
+    return f, (f / norms if rescale else f) @ w["W_dec"] + w["b_dec"]
 
 
 def write_saelens(directory, cfg, weights):
@@ -264,42 +280,174 @@ def write_saelens(directory, cfg, weights):
     (directory / "cfg.json").write_text(json.dumps(cfg))
 
 
-def test_loads_saelens_standard_sae(tmp_path):
-    w = tiny_params("vanilla")
-    cfg = {"architecture": "standard", "d_in": 6, "d_sae": 10, "dtype": "float32", "device": "cpu",
-           "apply_b_dec_to_input": False, "normalize_activations": "none", "hook_name": "blocks.0.hook_resid_pre"}
-    write_saelens(tmp_path / "standard", cfg, w)
-    sae = D.load_sae(tmp_path / "standard")
-    x = torch.randn(4, 6)
-    f = torch.relu(x @ w["W_enc"] + w["b_enc"])  # apply_b_dec_to_input false: no centring
-    assert isinstance(sae, D.VanillaSAE)
-    assert torch.allclose(sae.encode(x), f, atol=1e-5)
-    assert torch.allclose(sae.decode(sae.encode(x)), f @ w["W_dec"] + w["b_dec"], atol=1e-5)
+def saelens6_cfg(architecture, **settings):
+    return {"architecture": architecture, "d_in": 6, "d_sae": 10, "dtype": "float32", "device": "cpu",
+            "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+            "metadata": {"sae_lens_version": "6.54.12", "hook_name": "blocks.1.attn.hook_z",
+                         "hook_head_index": 3},
+            **settings}
 
 
-def test_loads_saelens_gated_and_topk_saes(tmp_path):
-    x = torch.randn(4, 6)
-    w = tiny_params("gated")
-    write_saelens(tmp_path / "gated", {"architecture": "gated", "d_in": 6, "d_sae": 10}, w)
-    centred = x - w["b_dec"]
-    f = (centred @ w["W_enc"] + w["b_gate"] > 0) * torch.relu(centred @ (w["W_enc"] * w["r_mag"].exp()) + w["b_mag"])
-    sae = D.load_sae(tmp_path / "gated")
-    assert isinstance(sae, D.GatedSAE) and torch.allclose(sae.encode(x), f, atol=1e-5)
-    assert torch.allclose(sae(x)[0], f @ w["W_dec"] + w["b_dec"], atol=1e-5)
+ARCHS = ["vanilla", "gated", "topk", "jumprelu"]
 
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_saved_folder_is_read_exactly_by_saelens_math_on_raw_activations(tmp_path, arch):
+    """save_sae folds the input scale into the weights: SAELens's formulas on the saved folder,
+    with raw activations, give our SAE's latents and reconstruction; load_sae gives the SAE back."""
+    sae = D.SAE_CLASSES[arch](tiny_params(arch), input_scale=1.7, k=4 if arch == "topk" else None,
+                              meta={"node": "z@L9H9@end"})
+    D.save_sae(sae, tmp_path / arch)
+    cfg = json.loads((tmp_path / arch / "cfg.json").read_text())
+    assert cfg["architecture"] == D.SAELENS_ARCH[arch] and cfg["normalize_activations"] == "none"
+    assert cfg["metadata"]["node"] == "z@L9H9@end" and cfg["metadata"]["sae_lens_version"].startswith("6.")
+    assert cfg["metadata"]["model_from_pretrained_kwargs"] == D.PLAIN_MODEL  # it read the unprocessed model
+    weights = load_file(str(tmp_path / arch / "sae_weights.safetensors"))
+    x = 5 * torch.randn(20, 6, generator=torch.Generator().manual_seed(1))
+    f, x_hat = saelens_forward(cfg, weights, x)
+    ours_hat, ours_f = sae(x)
+    torch.testing.assert_close(f, ours_f, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_hat, ours_hat, rtol=1e-5, atol=1e-5)
+    loaded = D.load_sae(tmp_path / arch)
+    assert type(loaded) is type(sae) and loaded.input_scale == 1.0 and loaded.k == sae.k
+    assert loaded.meta["node"] == "z@L9H9@end"
+    torch.testing.assert_close(loaded(x)[0], ours_hat, rtol=1e-5, atol=1e-5)
+    assert torch.equal(loaded.active(x), sae.active(x))
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_input_shift_and_centring_fold_into_the_sae(arch):
+    """An SAE trained on shifted or centred inputs (TransformerLens's processed model), made to
+    read the inputs as they are: same latents; reconstruction in the inputs' own space."""
+    p, k = tiny_params(arch, seed=5), 3 if arch == "topk" else None
+    sae = D.SAE_CLASSES[arch](p, k=k)
+    x = 2 * torch.randn(30, 6, generator=torch.Generator().manual_seed(6)) + 3.0  # far from mean 0
+    centred = D.SAE_CLASSES[arch](D.fold_input_centring(p), k=k)
+    expected_hat, expected_f = sae(x - x.mean(-1, keepdim=True))
+    torch.testing.assert_close(centred(x)[1], expected_f, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(centred(x)[0], expected_hat, rtol=1e-5, atol=1e-5)
+    shift = torch.randn(6)
+    shifted = D.SAE_CLASSES[arch](D.fold_input_shift(p, shift), k=k)
+    expected_hat, expected_f = sae(x - shift)
+    torch.testing.assert_close(shifted(x)[1], expected_f, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shifted(x)[0], expected_hat + shift, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_level_hook_z_sae_is_saved_with_saelens_reshaping(tmp_path):
+    meta = {"hook_name": "blocks.2.attn.hook_z", "hook_head_index": None}  # all heads concatenated
+    sae = D.VanillaSAE(tiny_params("vanilla"), meta=meta)
+    D.save_sae(sae, tmp_path / "z")
+    assert json.loads((tmp_path / "z" / "cfg.json").read_text())["reshape_activations"] == "hook_z"
+
+
+@pytest.mark.parametrize("arch,settings", [
+    ("standard", {}), ("standard", {"apply_b_dec_to_input": False}), ("gated", {}),
+    ("gated", {"apply_b_dec_to_input": False}), ("topk", {"k": 3}),
+    ("topk", {"k": 3, "rescale_acts_by_decoder_norm": True}),
+    ("jumprelu", {}), ("jumprelu", {"apply_b_dec_to_input": False})])
+def test_loads_saelens_6_folders_exactly(tmp_path, arch, settings):
+    ours = {"standard": "vanilla"}.get(arch, arch)
+    w = tiny_params(ours, seed=3)
+    w["W_dec"] = w["W_dec"] * torch.linspace(0.2, 3.0, 10)[:, None]  # decoder rows of unequal norms
+    cfg = saelens6_cfg(arch, **settings)
+    write_saelens(tmp_path / "sae", cfg, w)
+    sae = D.load_sae(tmp_path / "sae")
+    assert sae.arch == ours and sae.meta["hook_name"] == "blocks.1.attn.hook_z"
+    assert sae.meta["hook_head_index"] == 3
+    x = 3 * torch.randn(50, 6, generator=torch.Generator().manual_seed(2))
+    f, x_hat = saelens_forward(cfg, w, x)
+    assert (f > 0).any() and (f == 0).any()
+    torch.testing.assert_close(sae.encode(x), f, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae(x)[0], x_hat, rtol=1e-5, atol=1e-5)
+
+
+def test_loads_pre_6_saelens_folders(tmp_path):
+    """SAELens < 6: hook_point and the top-k's k at the top level, activation_fn_str."""
     w = tiny_params("topk")
-    old_style = {"architecture": "standard", "d_in": 6, "d_sae": 10, "activation_fn_str": "topk",
-                 "activation_fn_kwargs": {"k": 2}, "apply_b_dec_to_input": True}
-    write_saelens(tmp_path / "topk", old_style, w)
-    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
-    top = pre.topk(2)
-    f = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+    old = {"architecture": "standard", "d_in": 6, "d_sae": 10, "activation_fn_str": "topk",
+           "activation_fn_kwargs": {"k": 2}, "apply_b_dec_to_input": True, "normalize_activations": False,
+           "hook_point": "blocks.4.hook_resid_pre", "hook_point_head_index": None}
+    write_saelens(tmp_path / "topk", old, w)
     sae = D.load_sae(tmp_path / "topk")
-    assert isinstance(sae, D.TopKSAE) and sae.k == 2 and torch.allclose(sae.encode(x), f, atol=1e-5)
+    assert isinstance(sae, D.TopKSAE) and sae.k == 2 and sae.meta["hook_name"] == "blocks.4.hook_resid_pre"
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(sae.encode(x), saelens_forward({"architecture": "topk", "k": 2}, w, x)[0])
 
-    write_saelens(tmp_path / "jump", {"architecture": "jumprelu", "d_in": 6, "d_sae": 10}, w)
-    with pytest.raises(ValueError, match="unsupported SAE architecture 'jumprelu'"):
-        D.load_sae(tmp_path / "jump")
+
+def test_fold_decoder_norm_by_hand():
+    """Rows of norm 5 and 2: W_enc columns and b_enc scaled by them, W_dec rows divided."""
+    p = {"W_enc": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b_enc": torch.tensor([0.5, -1.0]),
+         "W_dec": torch.tensor([[3.0, 4.0], [0.0, 2.0]]), "b_dec": torch.tensor([1.0, 1.0])}
+    folded = D.fold_decoder_norm(p)
+    assert torch.equal(folded["W_enc"], torch.tensor([[5.0, 4.0], [15.0, 8.0]]))
+    assert torch.equal(folded["b_enc"], torch.tensor([2.5, -2.0]))
+    assert torch.equal(folded["W_dec"], torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
+    assert torch.equal(folded["b_dec"], p["b_dec"])
+    # x = (2, 1): centred (1, 0); pre (1.5, 1.0) x norms (5, 2) = (7.5, 2.0); top-1 keeps 7.5,
+    # which decodes as 7.5 / 5 * (3, 4) + (1, 1) = (5.5, 7.0)
+    sae = D.TopKSAE(folded, k=1)
+    assert torch.equal(sae.encode(torch.tensor([[2.0, 1.0]])), torch.tensor([[7.5, 0.0]]))
+    torch.testing.assert_close(sae(torch.tensor([[2.0, 1.0]]))[0], torch.tensor([[5.5, 7.0]]))
+
+
+def test_fold_input_scale_by_hand():
+    p = {"W_enc": torch.tensor([[1.0], [2.0]]), "b_enc": torch.tensor([0.5]),
+         "W_dec": torch.tensor([[4.0, 2.0]]), "b_dec": torch.tensor([2.0, -2.0])}
+    folded = D.fold_input_scale(p, 2.0)
+    assert torch.equal(folded["W_enc"], torch.tensor([[2.0], [4.0]]))
+    assert torch.equal(folded["b_enc"], p["b_enc"])
+    assert torch.equal(folded["W_dec"], torch.tensor([[2.0, 1.0]]))
+    assert torch.equal(folded["b_dec"], torch.tensor([1.0, -1.0]))
+    # raw x = (3, 1): normalised (6, 2), centred (4, 4), f = ReLU(4 + 8 + 0.5) = 12.5,
+    # x̂ = (12.5 (4, 2) + (2, -2)) / 2 = (26, 11.5)
+    x = torch.tensor([[3.0, 1.0]])
+    for sae in (D.VanillaSAE(p, input_scale=2.0), D.VanillaSAE(folded)):
+        assert torch.equal(sae.encode(x), torch.tensor([[12.5]]))
+        torch.testing.assert_close(sae(x)[0], torch.tensor([[26.0, 11.5]]))
+
+
+def test_jumprelu_encode_by_hand():
+    """A latent fires only above its threshold, with its full pre-activation (no shift by θ)."""
+    p = {"W_enc": torch.eye(3), "b_enc": torch.tensor([0.0, 0.0, -1.0]), "W_dec": torch.eye(3),
+         "b_dec": torch.zeros(3), "threshold": torch.tensor([1.5, 1.5, -2.0])}
+    sae = D.JumpReLUSAE(p)
+    x = torch.tensor([[1.0, 2.0, 0.5]])  # pre = (1, 2, -0.5): below, above, above a negative θ but < 0
+    assert torch.equal(sae.encode(x), torch.tensor([[0.0, 2.0, 0.0]]))
+    assert torch.equal(sae.active(x), torch.tensor([[False, True, False]]))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"architecture": "matching_pursuit"}, "architecture='matching_pursuit' is not supported"),
+    ({"normalize_activations": "layer_norm"}, "normalize_activations='layer_norm' is not supported"),
+    ({"normalize_activations": "expected_average_only_in"},
+     "normalize_activations='expected_average_only_in' is not supported"),
+    ({"reshape_activations": "hook_q"}, "reshape_activations='hook_q' is not supported"),
+    ({"activation_fn": "tanh-relu"}, "activation_fn='tanh-relu' is not supported"),
+    ({"finetuning_scaling_factor": True}, "finetuning_scaling_factor=True is not supported"),
+    ({"d_in": 7}, "W_enc shape=(6, 10) is not supported (cfg.json has d_in=7, d_sae=10)"),
+])
+def test_refuses_what_it_cannot_compute_in_one_line(tmp_path, change, message):
+    write_saelens(tmp_path / "sae", saelens6_cfg("standard") | change, tiny_params("vanilla"))
+    with pytest.raises(ValueError) as error:
+        D.load_sae(tmp_path / "sae")
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_refuses_top_k_without_k(tmp_path):
+    write_saelens(tmp_path / "sae", saelens6_cfg("topk"), tiny_params("topk"))
+    with pytest.raises(ValueError, match="k=None is not supported"):
+        D.load_sae(tmp_path / "sae")
+
+
+def test_reads_folders_saved_before_the_scale_was_folded(tmp_path):
+    """Earlier save_sae wrote normalised-space weights with `input_scale` beside them."""
+    w = tiny_params("gated")
+    legacy = {"architecture": "gated", "d_in": 6, "d_sae": 10, "apply_b_dec_to_input": True,
+              "normalize_activations": "expected_average_only_in", "input_scale": 1.7, "metadata": {}}
+    write_saelens(tmp_path / "old", legacy, w)
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(D.load_sae(tmp_path / "old")(x)[0], D.GatedSAE(w, input_scale=1.7)(x)[0])
 
 
 # --- CLI --------------------------------------------------------------------------------

@@ -173,22 +173,64 @@ def test_logits_at_keeps_full_shapes_for_hooks(model, tokens):
     assert cache[names[1]].shape == (3, 10, h, d // h)
 
 
-def test_hook_names_and_shapes(model, tokens):
-    c = model.config
-    names = model.hook_names()
-    assert len(names) == len(set(names)) == 2 + 11 * c.n_layer + 1
+# The hook points TransformerLens's HookedTransformer fires by default for GPT-2 (fold_ln off,
+# no optional hooks such as attn.hook_result): name -> shape, from its components' comments
+# (b batch, p pos, h head, d d_model, e d_head, m d_mlp = 4 d, v vocab). Per block, in forward order:
+TRANSFORMER_LENS_BLOCK_HOOKS = {
+    "hook_resid_pre": "bpd", "ln1.hook_scale": "bp1", "ln1.hook_normalized": "bpd",
+    "attn.hook_q": "bphe", "attn.hook_k": "bphe", "attn.hook_v": "bphe",
+    "attn.hook_attn_scores": "bhpp", "attn.hook_pattern": "bhpp", "attn.hook_z": "bphe",
+    "hook_attn_out": "bpd", "hook_resid_mid": "bpd", "ln2.hook_scale": "bp1", "ln2.hook_normalized": "bpd",
+    "mlp.hook_pre": "bpm", "mlp.hook_post": "bpm", "hook_mlp_out": "bpd", "hook_resid_post": "bpd",
+}
+TRANSFORMER_LENS_OUTER_HOOKS = {"hook_embed": "bpd", "hook_pos_embed": "bpd",
+                                "ln_final.hook_scale": "bp1", "ln_final.hook_normalized": "bpd",
+                                "unembed.hook_in": "bpd", "unembed.hook_out": "bpv"}
+
+
+def transformer_lens_hooks(config, batch, n_pos):
+    """{name: shape} of every default TransformerLens hook, in forward order."""
+    sizes = {"b": batch, "p": n_pos, "h": config.n_head, "d": config.n_embd, "e": config.d_head,
+             "m": 4 * config.n_embd, "v": config.vocab_size, "1": 1}
+    shape = lambda letters: tuple(sizes[c] for c in letters)  # noqa: E731
+    outer = list(TRANSFORMER_LENS_OUTER_HOOKS.items())
+    hooks = {name: shape(letters) for name, letters in outer[:2]}
+    for layer in range(config.n_layer):
+        hooks.update({f"blocks.{layer}.{name}": shape(letters)
+                      for name, letters in TRANSFORMER_LENS_BLOCK_HOOKS.items()})
+    return hooks | {name: shape(letters) for name, letters in outer[2:]}
+
+
+@pytest.mark.parametrize("logits_at", [None, torch.tensor([9, 2, 6])])
+def test_hook_names_and_shapes_are_transformer_lens(model, tokens, logits_at):
+    """Every default TransformerLens hook, in forward order, with its shape, with or without logits_at."""
+    expected = transformer_lens_hooks(model.config, batch=3, n_pos=10)
+    assert model.hook_names() == list(expected)
+    _, cache = model.run_with_cache(tokens, logits_at=logits_at)  # names_filter=None: every hook
+    assert list(cache) == list(expected)  # stored in the order the forward pass reaches them
+    assert {name: tuple(t.shape) for name, t in cache.items()} == expected
+
+
+def test_layer_norm_hooks_are_transformer_lens_definitions(model, tokens):
+    """hook_scale = sqrt(mean((x - mean x)^2) + eps), hook_normalized = (x - mean x) / scale, before
+    the LayerNorm's weight and bias; hook_attn_scores = q.k / sqrt(d_head), -inf above the diagonal."""
+    names = ["blocks.1.hook_resid_pre", "blocks.1.ln1.hook_scale", "blocks.1.ln1.hook_normalized",
+             "blocks.1.attn.hook_q", "blocks.1.attn.hook_k", "blocks.1.attn.hook_attn_scores",
+             "blocks.1.attn.hook_pattern", "blocks.1.mlp.hook_pre", "blocks.1.mlp.hook_post"]
     _, cache = model.run_with_cache(tokens, names)
-    assert set(cache) == set(names)
-    batch, n_pos, d, h = 3, 10, c.n_embd, c.n_head
-    for layer in range(c.n_layer):
-        block = f"blocks.{layer}"
-        for act in "qkvz":
-            assert cache[f"{block}.attn.hook_{act}"].shape == (batch, n_pos, h, d // h)
-        assert cache[f"{block}.attn.hook_pattern"].shape == (batch, h, n_pos, n_pos)
-        assert cache[f"{block}.mlp.hook_post"].shape == (batch, n_pos, 4 * d)
-        for act in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
-            assert cache[f"{block}.hook_{act}"].shape == (batch, n_pos, d)
-    assert cache["ln_final.hook_normalized"].shape == (batch, n_pos, d)
+    x = cache["blocks.1.hook_resid_pre"].double()
+    centred = x - x.mean(-1, keepdim=True)
+    scale = (centred.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+    torch.testing.assert_close(cache["blocks.1.ln1.hook_scale"].double(), scale)
+    torch.testing.assert_close(cache["blocks.1.ln1.hook_normalized"].double(), centred / scale)
+    q, k = cache["blocks.1.attn.hook_q"], cache["blocks.1.attn.hook_k"]
+    scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / model.config.d_head ** 0.5
+    future = torch.ones(10, 10, dtype=torch.bool).triu(1)
+    attn_scores = cache["blocks.1.attn.hook_attn_scores"]
+    assert torch.equal(attn_scores[..., future], torch.full_like(scores[..., future], -torch.inf))
+    torch.testing.assert_close(attn_scores[..., ~future], scores[..., ~future])
+    torch.testing.assert_close(cache["blocks.1.attn.hook_pattern"], attn_scores.softmax(-1))
+    torch.testing.assert_close(cache["blocks.1.mlp.hook_post"], gpt2.gelu(cache["blocks.1.mlp.hook_pre"]))
 
 
 @pytest.mark.parametrize("logits_at", [None, torch.tensor([9, 2, 6])])
@@ -202,6 +244,47 @@ def test_patching_any_hook_with_its_clean_value_changes_nothing(model, tokens, l
         # hooking a pattern (explicit attention) or after the last attention (all positions)
         # takes another, equivalent path:
         torch.testing.assert_close(patched, plain_logits, rtol=0, atol=1e-5, msg=name)
+
+
+def test_names_filter_selects_hooks_as_in_transformer_lens(model, tokens):
+    """names_filter: None (every hook), one name, a list of names, or a callable name -> bool."""
+    logits, cache = model.run_with_cache(tokens, "blocks.2.attn.hook_z")
+    assert list(cache) == ["blocks.2.attn.hook_z"] and torch.equal(logits, model(tokens))
+    _, cache = model.run_with_cache(tokens, ["blocks.2.hook_resid_pre", "blocks.0.ln2.hook_scale"])
+    assert set(cache) == {"blocks.2.hook_resid_pre", "blocks.0.ln2.hook_scale"}
+    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
+    assert list(cache) == [f"blocks.{layer}.attn.hook_pattern" for layer in range(3)]
+    _, everything = model.run_with_cache(tokens)
+    assert list(everything) == model.hook_names()
+
+
+def test_fwd_hooks_take_transformer_lens_functions(model, tokens):
+    """fwd_hooks=[(name or filter, fn)]; fn(activation, hook) sees hook.name and returns a
+    replacement or None; functions of the activation alone still work, in the same list."""
+    seen = []
+
+    def zero_head_1(z, hook):
+        seen.append(hook.name)
+        z[:, :, 1] = 0  # in place, as TransformerLens users often write it
+        return z
+
+    def observe(activation, hook):
+        seen.append((hook.name, tuple(activation.shape)))  # returns None: the activation is kept
+
+    every_z = lambda name: name.endswith("attn.hook_z")  # noqa: E731
+    ablated = model.run_with_hooks(tokens, fwd_hooks=[(every_z, zero_head_1), ("hook_pos_embed", observe)])
+    assert seen == [("hook_pos_embed", (3, 10, 64)), "blocks.0.attn.hook_z", "blocks.1.attn.hook_z",
+                    "blocks.2.attn.hook_z"]
+
+    def zero(z):
+        return z.index_fill(2, torch.tensor([1]), 0.0)
+    expected = model.run_with_hooks(tokens, [(f"blocks.{layer}.attn.hook_z", zero) for layer in range(3)])
+    assert torch.equal(ablated, expected)
+    assert not torch.allclose(ablated, model(tokens), atol=1e-3)
+    kept = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.ln1.hook_normalized", observe)])
+    torch.testing.assert_close(kept, model(tokens), rtol=0, atol=1e-5)
+    with pytest.raises(KeyError, match="blocks.1.attn.hook_z"):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn.hook_zz", observe)])
 
 
 def test_fused_attention_equals_the_explicit_softmax(model, tokens):
@@ -255,6 +338,19 @@ def test_patch_heads_changes_exactly_the_addressed_slots():
             expected[b, positions[b, i], head] = True
             assert torch.equal(patched[b, positions[b, i], head], values[b, i])
     assert torch.equal(changed, expected)
+
+
+def test_patch_positions_writes_whole_slots_head_major():
+    act = torch.randn(2, 6, 4, 5)                                           # [batch, pos, head, d_head]
+    positions = torch.tensor([[1], [4]])
+    values = torch.randn(2, 1, 20)                                          # every head, concatenated
+    patched = gpt2.patch_positions(positions, values)(act)
+    assert torch.equal(patched[0, 1], values[0, 0].view(4, 5))
+    assert torch.equal(patched[1, 4], values[1, 0].view(4, 5))
+    changed = (patched != act).any(-1).any(-1)                              # [batch, pos]
+    assert changed.nonzero().tolist() == [[0, 1], [1, 4]]
+    stream = torch.randn(2, 6, 8)                                           # [batch, pos, d_model]
+    assert torch.equal(gpt2.patch_positions(positions, values[..., :8])(stream)[1, 4], values[1, 0, :8])
 
 
 def test_patch_heads_in_the_model(model, tokens):

@@ -154,6 +154,22 @@ def test_node_string_parse_and_hook_name():
             ioi.Node.parse(bad)
 
 
+def test_nodes_over_all_heads_and_the_residual_stream():
+    """What SAEs from elsewhere read: every head of a layer concatenated, or the residual stream."""
+    heads, resid = ioi.Node.parse("z@L1@end"), ioi.Node.parse("resid_pre@L2@s2")
+    assert heads == ioi.Node("z", 1, None, "end") and str(heads) == "z@L1@end"
+    assert heads.hook_name == "blocks.1.attn.hook_z" and resid.hook_name == "blocks.2.hook_resid_pre"
+    act = torch.randn(2, 5, 3, 4)                                         # [batch, pos, head, d_head]
+    positions = torch.tensor([4, 1])
+    assert torch.equal(heads.read(act, positions), torch.stack([act[0, 4].flatten(), act[1, 1].flatten()]))
+    one_head = ioi.Node("z", 1, 2, "end").read(act, positions)
+    assert torch.equal(one_head, torch.stack([act[0, 4, 2], act[1, 1, 2]]))
+    stream = torch.randn(2, 5, 12)                                        # [batch, pos, d_model]
+    assert torch.equal(resid.read(stream, positions), stream[[0, 1], [4, 1]])
+    with pytest.raises(ValueError, match="no heads"):
+        ioi.Node("resid_pre", 1, 0, "end")
+
+
 def test_gpt2_small_cross_sections_follow_the_paper():
     sections, table = ioi.circuit_cross_sections(SimpleNamespace(config=gpt2.GPT2Config()), prompts=[])
     by_name = {s.name: s for s in sections}

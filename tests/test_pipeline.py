@@ -148,3 +148,105 @@ def test_pipeline_end_to_end(tmp_path, model, monkeypatch):
     result = CliRunner().invoke(main.cli, ["evaluate", *settings], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert len(trained) == 1 and trained[0][1] == 20_000  # the toy: one dataset of 20,000 samples
+
+
+# --- grade-sae: an SAE from elsewhere, in SAELens's layout -----------------------------------
+
+def write_identity_sae(directory, d_in, hook_name, head):
+    """A SAELens 6 folder of a standard SAE that reconstructs exactly: latents ReLU(x) and
+    ReLU(-x), decoded by [I; -I]. Patched at the right slots it leaves the model unchanged."""
+    from safetensors.torch import save_file
+    eye = torch.eye(d_in)
+    weights = {"W_enc": torch.cat([eye, -eye], 1), "W_dec": torch.cat([eye, -eye]),
+               "b_enc": torch.zeros(2 * d_in), "b_dec": torch.zeros(d_in)}
+    cfg = {"architecture": "standard", "d_in": d_in, "d_sae": 2 * d_in, "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+           "metadata": {"sae_lens_version": "6.54.12", "hook_name": hook_name, "hook_head_index": head}}
+    directory.mkdir()
+    save_file(weights, str(directory / "sae_weights.safetensors"))
+    (directory / "cfg.json").write_text(json.dumps(cfg))
+    return directory
+
+
+@pytest.fixture
+def small_run(tmp_path, model, monkeypatch):
+    """CLI settings of a tiny run with the fixed circuit of test_pipeline_end_to_end."""
+    weights = tmp_path / "model"
+    model.save_pretrained(weights)
+    sections = [CrossSection("(B)NM out", (Node("z", 1, 0, "end"),), ("io", "pos")),
+                CrossSection("(B)NM q", (Node("q", 1, 0, "end"), Node("q", 1, 1, "end")), ("pos", "s"))]
+    no_discovery = {"heads": [], "sections": []}
+    monkeypatch.setattr(ioi, "circuit_cross_sections", lambda *args, **kwargs: (sections, no_discovery))
+    tiny = main.replace(main.DEMO, d_sae=16, edit_k=(2,), f1_thresholds=(0.0, 0.6))
+    monkeypatch.setattr(main, "DEMO", tiny)
+    monkeypatch.setattr(main.Grader, "MIN_SECTION_EFFECT", 0.0)  # random weights: any effect will do
+    return ["--out", str(tmp_path / "run"), "--weights", str(weights), "--preset", "demo",
+            "--n-train", "120", "--n-eval", "40", "--epochs", "2"]
+
+
+# (hook_name, hook_head_index, d_in, the site graded): one head (like ours), every head's z
+# concatenated (public attention-output SAEs), the residual stream (public residual SAEs).
+LAYOUTS = [("blocks.1.attn.hook_z", 0, 16, "(B)NM out [z@L1H0]"),
+           ("blocks.1.attn.hook_z", None, 32, "(B)NM out [z@L1]"),
+           ("blocks.1.hook_resid_pre", None, 32, "(B)NM out + (B)NM q [resid_pre@L1]")]
+
+
+@pytest.mark.parametrize("hook_name,head,d_in,site", LAYOUTS)
+def test_grade_sae_grades_each_layout_beside_the_supervised_dictionaries(tmp_path, small_run, hook_name,
+                                                                         head, d_in, site):
+    folder = write_identity_sae(tmp_path / "public-sae", d_in, hook_name, head)
+    grade = ["grade-sae", "--sae", str(folder), *small_run]
+    result = CliRunner().invoke(main.cli, grade, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "run" / "metrics.json").read_text())["results"]
+    at_site = {(r["test"], r["method"]) for r in rows if r["site"] == site}
+    for test in ("sufficiency", "necessity", "edit_accuracy", "weight_removed", "f1_coverage",
+                 "causal_keep_sufficiency"):
+        assert (test, "sae:public-sae") in at_site, test
+    assert ("sufficiency", "supervised") in at_site and ("edit_accuracy", "supervised") in at_site
+    assert (("sufficiency", "topk") in at_site) == (head is not None)  # ours, where it reads single heads
+    approximation = {r["test"]: r["value"] for r in rows if r["site"] == site
+                     and r["method"] == "sae:public-sae" and r["test"] in ("sufficiency", "necessity")}
+    # it reconstructs exactly: patched at the right slots, the model's LD is untouched
+    assert approximation == pytest.approx({"sufficiency": 1.0, "necessity": 1.0}, abs=1e-4)
+    assert {r["test"] for r in rows if r["method"] == "sae:public-sae"} >= {"l0", "fve", "graded_sae"}
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## 9. SAEs from elsewhere" in report and site in report
+    # grading it again replaces its records instead of adding to them
+    CliRunner().invoke(main.cli, grade, catch_exceptions=False)
+    again = json.loads((tmp_path / "run" / "metrics.json").read_text())["results"]
+    assert len(again) == len(rows)
+
+
+def test_saes_of_transformer_lens_processed_models_read_plain_activations(model):
+    """SAELens SAEs read TransformerLens's processed GPT-2 unless cfg.json says otherwise: hook_z
+    without the value bias b_V; the residual stream centred. Ours say they read the plain model."""
+    g = torch.Generator().manual_seed(0)
+    params = {"W_enc": torch.randn(32, 8, generator=g), "W_dec": torch.randn(8, 32, generator=g),
+              "b_enc": torch.randn(8, generator=g), "b_dec": torch.randn(32, generator=g)}
+    z = torch.randn(5, 32, generator=g)                                   # layer 1's two heads, concatenated
+    # with fold_ln (the default) ln1's bias is folded into the value bias before it is removed
+    attn = model.h[1].attn
+    b_V = (attn.c_attn.bias[64:] + model.h[1].ln_1.bias @ attn.c_attn.weight[:, 64:]).detach()  # [32]
+    tl_sae = main.dictionaries.VanillaSAE(params, meta={"hook_name": "blocks.1.attn.hook_z"})
+    plain = main.as_plain_model_sae(tl_sae, model, "z", 1, None)
+    torch.testing.assert_close(plain.encode(z), tl_sae.encode(z - b_V))
+    torch.testing.assert_close(plain(z)[0], tl_sae(z - b_V)[0] + b_V)
+    resid = main.as_plain_model_sae(tl_sae, model, "resid_pre", 1, None)
+    torch.testing.assert_close(resid.encode(z), tl_sae.encode(z - z.mean(-1, keepdim=True)))
+    plain_model = {"model_from_pretrained_kwargs": main.dictionaries.PLAIN_MODEL}
+    ours = main.dictionaries.VanillaSAE(params, meta=plain_model)
+    assert torch.equal(main.as_plain_model_sae(ours, model, "z", 1, None).encode(z), ours.encode(z))
+
+
+@pytest.mark.parametrize("hook_name,head,d_in,message", [
+    ("blocks.5.attn.hook_z", None, 32, "hook_name='blocks.5.attn.hook_z': the model has 2 layers"),
+    ("blocks.1.attn.hook_z", 0, 32, "d_in=32: blocks.1.attn.hook_z head 0 of this model has 16 values"),
+    ("blocks.1.hook_resid_pre", 1, 32, "hook_head_index=1 with blocks.1.hook_resid_pre"),
+    ("blocks.0.hook_mlp_out", None, 32, "hook_name='blocks.0.hook_mlp_out': grade-sae reads"),
+])
+def test_grade_sae_mismatch_is_a_one_line_error(tmp_path, small_run, hook_name, head, d_in, message):
+    folder = write_identity_sae(tmp_path / "sae", d_in, hook_name, head)
+    result = CliRunner().invoke(main.cli, ["grade-sae", "--sae", str(folder), *small_run])
+    assert result.exit_code == 1 and message in result.output
+    assert len(result.output.strip().splitlines()[-1]) > 20 and "Traceback" not in result.output
