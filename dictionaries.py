@@ -558,14 +558,18 @@ class SAESpec:
 
 @dataclass
 class TrainConfig:
-    """Defaults from METHOD 8, except epochs (the paper trains for 2000)."""
+    """Defaults from the paper (arXiv 2405.08366, appendix on SAE training), except the length:
+    `epochs` is a fixed length without `plateau`, and a cap with it (the paper trains 2000)."""
     d_sae: int = 512
     lr: float = 3e-4
     batch_size: int = 512
     epochs: int = 2000
-    resample_at: tuple = (0.125, 0.25, 0.375, 0.5)  # fractions of training (vanilla/gated only)
+    resample_at: tuple = (0.125, 0.25, 0.375, 0.5)  # fixed: fractions of training; converging: at
+    # most this many resamplings (vanilla/gated only)
     warmup_fraction: float = 0.02  # linear LR warm-up at the start and after each resampling
     decay_fraction: float = 0.25  # linear LR decay to 0 over the last quarter
+    plateau: Optional[float] = None  # converge: stop once the loss improves by less than this
+    # fraction over the last 10% of the epochs run (see Schedule); None: train `epochs` epochs
     max_stack: Optional[int] = 4  # SAEs per tensor program; None: all at once (GPU). 2 to 4 was
     # the fastest of 1..24 on 2 CPU cores (64 -> 512): bigger stacks only add memory traffic
 
@@ -575,12 +579,64 @@ def checkpoint_epochs(epochs: int) -> list:
     return sorted({2 ** i for i in range(epochs.bit_length()) if 2 ** i <= epochs} | {epochs})
 
 
-def lr_factor(step: int, total: int, restart: int, config: TrainConfig) -> float:
-    """Warm-up after each (re)start times linear decay to 0 over the last quarter; computed
-    afresh from the step number, so it never compounds (the original code's bug)."""
-    warmup = max(1, round(config.warmup_fraction * total))
-    decay = max(1, round(config.decay_fraction * total))
-    return min(1.0, (step - restart + 1) / warmup) * min(1.0, (total - step) / decay)
+class Schedule:
+    """When a stack of SAEs resamples, which learning rate it uses, and when it stops.
+
+    Fixed (`plateau` None): `epochs` epochs; resampling at the `resample_at` fractions of
+    them; warm-up after every (re)start; linear decay to 0 over the last quarter.
+    Converging (`plateau` = tol): train until, for every SAE of the stack, the mean training
+    loss of the last epoch is less than tol below that of 10% of the epochs run earlier (at
+    least 5 epochs back, and not before the last restart's warm-up is over). At such a plateau,
+    resample dead latents and go on (vanilla/gated, at most len(resample_at) times), or, once no
+    resampling is due, decay the learning rate linearly to 0 over a third as many steps again
+    (so the decay is the last quarter of training, as in the fixed schedule) and stop. `epochs`
+    is a cap: a stack that reaches it first is not converged. The whole stack shares one
+    schedule, so an SAE trains until the slowest SAE of its stack has converged.
+    """
+
+    def __init__(self, config: TrainConfig, steps_per_epoch: int, can_resample: bool):
+        self.config, self.steps_per_epoch = config, steps_per_epoch
+        self.cap = config.epochs * steps_per_epoch
+        self.warmup = max(1, round(config.warmup_fraction * self.cap))
+        self.restart, self.losses = 0, []  # losses: one [S] tensor per epoch since the last restart
+        self.resamples_left = len(config.resample_at) if can_resample else 0
+        fixed = config.plateau is None
+        self.resample_epochs = {round(f * config.epochs) for f in config.resample_at} - {0} if fixed else set()
+        self.end = self.cap if fixed else None  # the step training stops at, once it is known
+        self.converged = None if fixed else False  # a fixed schedule makes no claim
+
+    def lr_factor(self, step: int) -> float:
+        warm = min(1.0, (step - self.restart + 1) / self.warmup)
+        if self.end is None:
+            return warm
+        decay = max(1, round(self.config.decay_fraction * self.end))
+        return warm * max(0.0, min(1.0, (self.end - step) / decay))
+
+    def plateaued(self, epochs_run: int) -> bool:
+        window = max(5, round(0.1 * epochs_run))
+        warmup_epochs = math.ceil(self.warmup / self.steps_per_epoch)
+        if len(self.losses) <= window + warmup_epochs:
+            return False
+        before, now = self.losses[-1 - window], self.losses[-1]
+        return bool(((before - now) < self.config.plateau * before).all())
+
+    def after_epoch(self, epochs_run: int, epoch_loss: torch.Tensor, has_dead) -> Optional[str]:
+        """"resample", "stop" or None after `epochs_run` epochs; has_dead() -> bool is asked
+        only at a plateau."""
+        steps = epochs_run * self.steps_per_epoch
+        if self.config.plateau is None:
+            return "stop" if steps >= self.end else "resample" if epochs_run in self.resample_epochs else None
+        self.losses.append(epoch_loss)
+        if self.end is None and self.plateaued(epochs_run):
+            if self.resamples_left and has_dead():
+                self.resamples_left -= 1
+                return "resample"
+            self.end = min(self.cap, round(steps / (1 - self.config.decay_fraction)))
+            self.converged = self.end < self.cap or steps == self.cap
+        return "stop" if steps >= (self.end or self.cap) else None
+
+    def restarted(self, epochs_run: int):
+        self.restart, self.losses = epochs_run * self.steps_per_epoch, []
 
 
 def _check_stack(datasets, specs, config):
@@ -714,44 +770,57 @@ def train_sae_stack(datasets: torch.Tensor, specs: list, config: Optional[TrainC
     adam = torch.optim.Adam(p.values(), lr=config.lr, fused=torch.__version__ >= "2.4")
 
     steps_per_epoch = math.ceil(n / batch_size)
-    total = config.epochs * steps_per_epoch
-    resample = {round(f * config.epochs) for f in config.resample_at} - {0} if arch != "topk" else set()
-    checkpoints, logs, restart = checkpoint_epochs(config.epochs), [], 0
+    schedule = Schedule(config, steps_per_epoch, can_resample=arch != "topk")
+    checkpoints, logs = checkpoint_epochs(config.epochs), []
     bar = click.progressbar(length=config.epochs, label=f"{len(specs)} {arch} SAEs") if progress else _NoBar()
     with bar:
         for epoch in range(config.epochs):
-            if epoch in resample:
-                errors, fires = _statistics(arch, p, hp, inputs, n)
-                _check_not_diverged(errors, specs)
-                _resample_dead_latents(p, adam, fires == 0, errors, inputs, generators, frozen)
-                restart = epoch * steps_per_epoch
             order = torch.stack([torch.randperm(n, generator=g) for g in generators])  # [S, N]
+            epoch_loss = torch.zeros(len(specs))
             for i, start in enumerate(range(0, n, batch_size)):
-                loss = LOSSES[arch](p, inputs(order[:, start:start + batch_size]), hp)  # [S, B]
+                loss = LOSSES[arch](p, inputs(order[:, start:start + batch_size]), hp).mean(-1)  # [S]
                 adam.zero_grad(set_to_none=True)
-                loss.mean(-1).sum().backward()  # SAEs are independent: one backward serves all
+                loss.sum().backward()  # SAEs are independent: one backward serves all
                 with torch.no_grad():  # keep decoder rows on the unit sphere: drop the radial part
                     grad, W_dec = p["W_dec"].grad, p["W_dec"]
                     grad -= (grad * W_dec).sum(-1, keepdim=True) * W_dec
                     grad[frozen] = 0
+                    epoch_loss += loss.detach().cpu() / steps_per_epoch
                 for group in adam.param_groups:
-                    group["lr"] = config.lr * lr_factor(epoch * steps_per_epoch + i, total, restart, config)
+                    group["lr"] = config.lr * schedule.lr_factor(epoch * steps_per_epoch + i)
                 adam.step()
                 with torch.no_grad():
                     W_dec /= W_dec.norm(dim=-1, keepdim=True)
             bar.update(1)
-            if epoch + 1 in checkpoints:
+            statistics = {}
+
+            def has_dead():
+                statistics["errors"], statistics["fires"] = _statistics(arch, p, hp, inputs, n)
+                return bool((statistics["fires"] == 0).any())
+            action = schedule.after_epoch(epoch + 1, epoch_loss, has_dead)
+            if epoch + 1 in checkpoints or action == "stop":
                 errors, fires = _statistics(arch, p, hp, inputs, n)
                 _check_not_diverged(errors, specs)
                 saes = _unstack(arch, p, specs, scales, config)
                 extra = (on_checkpoint(epoch + 1, saes) if on_checkpoint else None) or [{}] * len(specs)
                 for s, spec in enumerate(specs):
                     logs.append({"sae": s, "name": spec.name, "epoch": epoch + 1,
+                                 "steps": (epoch + 1) * steps_per_epoch, "loss": float(epoch_loss[s]),
                                  "l0": float(fires[s].sum() / n), "mse": float(errors[s].sum() / (n * d)),
                                  "fve": float(1 - errors[s].sum() / variance[s]),
-                                 "dead_fraction": float((fires[s] == 0).float().mean()), **extra[s]})
+                                 "dead_fraction": float((fires[s] == 0).float().mean()),
+                                 "converged": schedule.converged if action == "stop" else None, **extra[s]})
                     if checkpoint_dir is not None:
                         save_sae(saes[s], Path(checkpoint_dir) / (spec.name or f"sae{s}") / f"epoch{epoch + 1}")
+            if action == "stop":
+                break
+            if action == "resample":
+                if "fires" not in statistics:
+                    has_dead()
+                _check_not_diverged(statistics["errors"], specs)
+                _resample_dead_latents(p, adam, statistics["fires"] == 0, statistics["errors"], inputs, generators,
+                                       frozen)
+                schedule.restarted(epoch + 1)
     return saes, logs  # the last epoch is always a checkpoint
 
 

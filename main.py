@@ -512,7 +512,8 @@ class RunConfig:
     n_eval: int = 5_000               # evaluation prompts (first half of the names)
     seed: int = 0
     d_sae: int = 512
-    epochs: int = 2000
+    epochs: int = 2000                # the paper's length; here a cap: SAEs train until they converge
+    sae_plateau: float = 0.01         # converged: loss improves < 1% over the last 10% of epochs (0: no stop)
     sae_lr: float = 3e-4              # Adam learning rate (v1 of the paper: 1e-3)
     vanilla_l1: tuple = (0.5, 1.0, 2.5, 5.0)
     gated_l1: tuple = (0.5, 1.0, 2.5, 5.0)
@@ -557,7 +558,8 @@ class RunConfig:
 
 # How config.json's numeric settings are checked, where not as positive integers.
 SETTING_TYPES = {"n_train": click.IntRange(min=10), "n_eval": click.IntRange(min=10), "seed": SEED,
-                 "sae_lr": FiniteFloat(min=0, min_open=True), "occlusion_alphas": FiniteFloat(),
+                 "sae_lr": FiniteFloat(min=0, min_open=True), "sae_plateau": FiniteFloat(min=0, max=1),
+                 "occlusion_alphas": FiniteFloat(),
                  "f1_thresholds": FiniteFloat(),
                  **dict.fromkeys(("vanilla_l1", "gated_l1", "corpus_l1"), FiniteFloat(min=0))}
 
@@ -587,7 +589,7 @@ def _checked_setting(field, value):
         raise click.BadParameter(f"{field.name}: {error.message}") from None
 
 
-DEMO = RunConfig(n_train=5_000, n_eval=500, epochs=160, sae_lr=1e-3, vanilla_l1=(1.0, 5.0), gated_l1=(1.0, 2.5),
+DEMO = RunConfig(n_train=5_000, n_eval=500, epochs=1000, sae_lr=1e-3, vanilla_l1=(1.0,), gated_l1=(1.0,),
                  topk_k=(3, 6), corpus_tokens=20_000, corpus_d_sae=512, corpus_epochs=10)
 
 
@@ -647,6 +649,7 @@ class Run:
         if not self.sections:
             raise click.ClickException("no cross-section found: the model does not seem to solve IOI")
         self.nodes = list(dict.fromkeys(node for section in self.sections for node in section.nodes))
+        self.training = {}  # (method, setting, node) -> how its SAE's training ended (steps, loss, converged)
         click.echo(f"{len(self.sections)} cross-sections, {len(self.nodes)} nodes")
         self.acts = {split: ioi.collect_activations(self.model, prompts, self.nodes, config.batch_size,
                                                     cache_dir=os.path.join(out, "activations"))
@@ -691,7 +694,8 @@ class Run:
         folder = self.path("saes", label)
         stamp = os.path.join(folder, "stack.json")
         if os.path.exists(stamp) and _read_json(stamp) == json.loads(json.dumps(key)):  # (tuples -> lists)
-            return [dictionaries.load_sae(os.path.join(folder, spec.name)) for spec in specs], None
+            return ([dictionaries.load_sae(os.path.join(folder, spec.name)) for spec in specs],
+                    _read_json(os.path.join(folder, "logs.json")))
         saes, logs = dictionaries.train_sae_stack(datasets, specs, train_config, progress=True)
 
         def write(tmp):  # the whole stack in one rename: a killed save never mixes old and new SAEs
@@ -717,11 +721,19 @@ class Run:
             specs = [dictionaries.SAESpec(arch, i, seed=c.seed + j, frozen_decoder=method == "random_decoder",
                                           name=f"{name}{value}/{node}", **{name: value})
                      for j, (name, value) in enumerate(grid) for i, node in enumerate(self.nodes)]
-            trained, _ = self._train_stack(method, datasets, specs,
-                                           dictionaries.TrainConfig(d_sae=c.d_sae, epochs=c.epochs, lr=c.sae_lr))
+            trained, logs = self._train_stack(method, datasets, specs, self.sae_train_config())
             saes[method] = {value: dict(zip(self.nodes, trained[j * len(self.nodes):(j + 1) * len(self.nodes)]))
                             for j, (_, value) in enumerate(grid)}
+            final = {log["sae"]: log for log in logs}  # the last log of each SAE: how its training ended
+            for j, (_, value) in enumerate(grid):
+                for i, node in enumerate(self.nodes):
+                    self.training[method, value, node] = final[j * len(self.nodes) + i]
         return saes
+
+    def sae_train_config(self):
+        """Task SAEs (and the phenomena's SAEs) train until they converge, capped at `epochs`."""
+        c = self.config
+        return dictionaries.TrainConfig(d_sae=c.d_sae, epochs=c.epochs, lr=c.sae_lr, plateau=c.sae_plateau or None)
 
     def train_corpus_saes(self):
         """{f"{arch}_fulldist": {node: SAE}}: SAEs trained on every token position of generic text."""
@@ -917,6 +929,11 @@ class Grader:
                                     ("fve", metrics.fraction_variance_explained(x, x_hat)),
                                     ("dead_fraction", metrics.dead_fraction(sae.active(self.run.acts["train"][node])))):
                     self.record(test, str(node), method, value, **params)
+                trained = self.run.training.get((method, setting, node))
+                if trained:  # how training ended: steps run, final loss, whether it converged before the cap
+                    for key in ("steps", "loss", "converged"):
+                        if trained.get(key) is not None:
+                            self.record(f"train_{key}", str(node), method, float(trained[key]), **params)
         chosen = {}  # (site, method) -> the settings chosen there (one per attribute, often the same)
         for r in self.records:
             if r["test"] == "edit_distance_k2" and r["chosen"]:
@@ -1010,8 +1027,7 @@ class Grader:
         k = c.topk_k[0]  # top-k: the architecture that learns name latents most readily
         specs = [dictionaries.SAESpec("topk", i, k=k, seed=c.seed, name=f"alpha{alpha}")
                  for i, alpha in enumerate(c.occlusion_alphas)]
-        saes, _ = self.run._train_stack("occlusion_alpha_sweep", datasets, specs,
-                                        dictionaries.TrainConfig(d_sae=c.d_sae, epochs=c.epochs, lr=c.sae_lr))
+        saes, _ = self.run._train_stack("occlusion_alpha_sweep", datasets, specs, self.run.sae_train_config())
         for alpha, sae, data in zip(c.occlusion_alphas, saes, datasets):
             interpretation = metrics.interpret_latents(sae.active(data), self.run.attributes["train"], ioi.NAMES)
             for attribute in ("io", "s"):
@@ -1026,7 +1042,7 @@ class Grader:
         c = self.run.config
         results = metrics.occlusion_toy_experiment(
             norms["io"], norms["s"], c.vanilla_l1, n_values=216, d=64, n_samples=20_000,
-            config=dictionaries.TrainConfig(d_sae=c.d_sae, epochs=c.epochs, lr=c.sae_lr), seed=c.seed)
+            config=self.run.sae_train_config(), seed=c.seed)
         for result in results:
             for attribute in ("io", "s"):
                 self.record("occlusion_toy_recovered", "toy", "vanilla", result[attribute], attribute=attribute,
@@ -1847,7 +1863,7 @@ def _oversplitting(results, figdir):
 # --- 7. core SAE metrics ---
 
 def _core_section(results):
-    tests = ["l0", "mse", "fve", "dead_fraction", "ld_recovered"]
+    tests = ["l0", "mse", "fve", "dead_fraction", "ld_recovered", "train_steps", "train_converged"]
     keys = dict.fromkeys((r["method"], r.get("setting")) for t in tests for r in results.get(t, []))
     if not keys:
         return ["## 7. Core SAE metrics", "_No core SAE metrics; section skipped._"]
@@ -1855,7 +1871,9 @@ def _core_section(results):
     rows = [[m, _setting(m, st)] + [_value(results, t, method=m, setting=st) for t in tests]
             for m, st in order]
     return ["## 7. Core SAE metrics (mean over nodes)", _table(rows, ["method", "setting"] + tests),
-            "L0, MSE, FVE and dead fraction on the evaluation activations (dead: on the training ones). "
+            "L0, MSE, FVE and dead fraction on the evaluation activations (dead: on the training ones); "
+            "train_steps is the Adam steps run and train_converged the share of SAEs that met the plateau "
+            "criterion (loss improving < 1% over the last 10% of epochs) before the cap. "
             "LD recovered patches one node at a time, so it skips nodes whose mean ablation alone moves "
             f"the LD by less than {Grader.MIN_NODE_EFFECT:.1%} (it would divide by that effect)."]
 

@@ -2,6 +2,8 @@
 import json
 from dataclasses import replace
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -229,12 +231,50 @@ def test_resampling_revives_dead_latents():
 
 
 def test_lr_schedule_warms_up_and_decays_linearly_to_zero():
-    config = D.TrainConfig(warmup_fraction=0.1, decay_fraction=0.25)
-    factors = [D.lr_factor(step, 100, 0, config) for step in range(100)]
+    config = D.TrainConfig(epochs=10, warmup_fraction=0.1, decay_fraction=0.25)
+    schedule = D.Schedule(config, steps_per_epoch=10, can_resample=True)  # fixed: 100 steps
+    factors = [schedule.lr_factor(step) for step in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9:75] == [1.0] * 66
     assert factors[99] == pytest.approx(1 / 25) and factors[87] == pytest.approx(13 / 25)
-    assert D.lr_factor(50, 100, 48, config) == pytest.approx(0.3)  # warm-up again after a resample
+    assert schedule.after_epoch(5, None, None) == "resample"  # at the fractions of resample_at
+    schedule.restarted(5)
+    assert schedule.lr_factor(52) == pytest.approx(0.3)  # warm-up again after a resample (at step 50)
+    assert schedule.after_epoch(10, None, None) == "stop"
     assert D.checkpoint_epochs(20) == [1, 2, 4, 8, 16, 20]
+
+
+def test_converging_schedule_stops_on_a_synthetic_plateau():
+    """Loss 1/epoch falls fast, then flattens: improved by < 1% over the last 10% (at least 5
+    epochs) of the run first at epoch 100+; with no dead latents it decays for a third as many
+    steps again, then stops: the decay is the last quarter of training."""
+    config = D.TrainConfig(epochs=1000, plateau=0.01, warmup_fraction=0.001)
+    schedule = D.Schedule(config, steps_per_epoch=2, can_resample=True)
+    actions = {}
+    for epoch in range(1, 1001):
+        loss = torch.tensor([1.0 + 1 / epoch, 2.0])  # two SAEs: the first one sets the pace
+        actions[epoch] = schedule.after_epoch(epoch, loss, has_dead=lambda: False)
+        if actions[epoch] == "stop":
+            break
+    # 1/e drops by < 1% of ~1 over max(5, e/10) epochs once 1/(e - w) - 1/e < 0.01
+    def improvement(e, w):  # relative drop of 1 + 1/e over the last w epochs
+        return (1 / (e - w) - 1 / e) / (1 + 1 / (e - w))
+    plateau = next(e for e in range(7, 1000) if improvement(e, max(5, round(0.1 * e))) < 0.01)
+    assert schedule.end == round(plateau * 2 / 0.75) and schedule.converged
+    assert epoch == math.ceil(schedule.end / 2) and actions[epoch] == "stop"
+    assert schedule.lr_factor(plateau * 2) == 1.0  # the decay starts at the plateau ...
+    assert schedule.lr_factor(schedule.end - 1) == pytest.approx(1 / round(0.25 * schedule.end))  # ... ends at 0
+    # With dead latents, a plateau resamples first (at most len(resample_at) times) and restarts.
+    schedule = D.Schedule(config, steps_per_epoch=2, can_resample=True)
+    resampled = [e for e in range(1, 400) if schedule.after_epoch(e, torch.tensor([1.0]), lambda: True) == "resample"
+                 and schedule.restarted(e) is None]
+    assert len(resampled) == len(config.resample_at) and schedule.end is not None
+
+
+def test_converging_schedule_that_hits_the_cap_is_not_converged():
+    config = D.TrainConfig(epochs=20, plateau=0.01)
+    schedule = D.Schedule(config, steps_per_epoch=1, can_resample=False)
+    actions = [schedule.after_epoch(e, torch.tensor([1.0 / e]), lambda: False) for e in range(1, 21)]
+    assert actions[-1] == "stop" and actions[:-1] == [None] * 19 and not schedule.converged
 
 
 # --- formats: SAELens's layout, both ways ---------------------------------------------------
