@@ -1,17 +1,17 @@
 """Feature dictionaries: supervised (the yardstick) and sparse autoencoders (the graded).
 
 Makelov, Lange & Nanda, "Towards Principled Evaluations of Sparse Autoencoders for
-Interpretability and Control" (arXiv 2405.08366); METHOD.md section 4 (supervised
-dictionaries) and section 8 (SAE training).
+Interpretability and Control" (arXiv 2405.08366); README §4 (supervised
+dictionaries) and §8 (SAE training).
 
 Public API
 ----------
-Supervised dictionaries (METHOD 4)
+Supervised dictionaries (README §4)
     d = SupervisedDictionary.fit(acts[N,d], {name: LongTensor[N]}, n_values=None, method="mean"|"lstsq")
     d.bias [d]; d.features[name] [n_values, d]; d.reconstruct(attributes) [N,d];
     d.edit(acts, name, old_values, new_values); d.feature_weights(attributes) {name: [N]};
     d.save(dir); SupervisedDictionary.load(dir)
-SAEs (METHOD 8): VanillaSAE, GatedSAE, TopKSAE, all on RAW activations (x_norm = x * input_scale);
+SAEs (README §8): VanillaSAE, GatedSAE, TopKSAE, all on RAW activations (x_norm = x * input_scale);
 JumpReLUSAE only as read from SAELens:
     sae.encode(x[...,d_in]) -> f [..., d_sae]; sae.decode(f) -> x_hat (raw); sae.forward(x) -> (x_hat, f);
     sae.active(x) -> bool [..., d_sae]; sae.W_enc [d_in,d_sae], sae.W_dec [d_sae,d_in], sae.b_dec [d_in],
@@ -97,7 +97,7 @@ def load_labelled_activations(path) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------
-# Supervised dictionaries (METHOD 4)
+# Supervised dictionaries (README §4)
 # ---------------------------------------------------------------------------------------
 
 
@@ -150,7 +150,7 @@ def _lstsq_codes(acts, attributes, sizes):
 
 @dataclass
 class SupervisedDictionary:
-    """a(p) ≈ ā + Σ_i u_{i, value_i(p)}: one feature per attribute value (METHOD 4)."""
+    """a(p) ≈ ā + Σ_i u_{i, value_i(p)}: one feature per attribute value (README §4)."""
     bias: torch.Tensor  # [d]  ā
     features: dict  # attribute name -> [n_values, d]  u_{i,v}
     method: str = "mean"
@@ -180,7 +180,7 @@ class SupervisedDictionary:
         return acts - self.features[name][old_values] + self.features[name][new_values]
 
     def feature_weights(self, attributes: dict) -> dict:
-        """w_i = u_i·r / ‖r‖² with r = â - ā; the weights of one prompt sum to 1 (METHOD 4)."""
+        """w_i = u_i·r / ‖r‖² with r = â - ā; the weights of one prompt sum to 1 (README §4)."""
         codes = self._codes(attributes)
         r = sum(codes.values())  # [N, d]
         norm2 = r.pow(2).sum(-1).clamp_min(torch.finfo(r.dtype).tiny)
@@ -540,7 +540,7 @@ def load_sae(directory) -> SAE:
 
 
 # ---------------------------------------------------------------------------------------
-# Training (METHOD 8): one batched program for a stack of same-architecture SAEs
+# Training (README §8): one batched program for a stack of same-architecture SAEs
 # ---------------------------------------------------------------------------------------
 
 
@@ -601,7 +601,8 @@ class Schedule:
         self.restart, self.losses = 0, []  # losses: one [S] tensor per epoch since the last restart
         self.resamples_left = len(config.resample_at) if can_resample else 0
         fixed = config.plateau is None
-        self.resample_epochs = {round(f * config.epochs) for f in config.resample_at} - {0} if fixed else set()
+        fractions = config.resample_at if fixed and can_resample else ()
+        self.resample_epochs = {round(f * config.epochs) for f in fractions} - {0}
         self.end = self.cap if fixed else None  # the step training stops at, once it is known
         self.converged = None if fixed else False  # a fixed schedule makes no claim
 
@@ -695,7 +696,7 @@ def _check_not_diverged(errors, specs):
 
 @torch.no_grad()
 def _resample_dead_latents(p, adam, dead, errors, inputs, generators, frozen):
-    """Re-initialise dead latents (METHOD 8, after Anthropic 2023): for SAE s, draw inputs with
+    """Re-initialise dead latents (README §8, after Anthropic 2023): for SAE s, draw inputs with
     probability ∝ loss², point each dead latent's decoder row (unless frozen) and encoder row
     at the centred input, scale the encoder rows to 0.2 × the mean alive encoder norm, zero
     its encoder biases and reset its Adam moments. dead [S, d_sae]; errors [S, N]."""
@@ -730,7 +731,7 @@ def _unstack(arch, p, specs, scales, config):
 
 def train_sae_stack(datasets: torch.Tensor, specs: list, config: Optional[TrainConfig] = None,
                     progress: bool = False, checkpoint_dir=None, on_checkpoint=None):
-    """Train a stack of same-architecture SAEs as one tensor program (METHOD 8).
+    """Train a stack of same-architecture SAEs as one tensor program (README §8).
 
     datasets [n_datasets, N, d]: raw activations; SAE s trains on datasets[specs[s].dataset_index].
     Each dataset is scaled by one scalar so its mean norm is √d; the scale is stored in the SAE.
@@ -818,8 +819,8 @@ def train_sae_stack(datasets: torch.Tensor, specs: list, config: Optional[TrainC
                 if "fires" not in statistics:
                     has_dead()
                 _check_not_diverged(statistics["errors"], specs)
-                _resample_dead_latents(p, adam, statistics["fires"] == 0, statistics["errors"], inputs, generators,
-                                       frozen)
+                dead = statistics["fires"] == 0
+                _resample_dead_latents(p, adam, dead, statistics["errors"], inputs, generators, frozen)
                 schedule.restarted(epoch + 1)
     return saes, logs  # the last epoch is always a checkpoint
 

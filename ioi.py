@@ -1,7 +1,7 @@
 """The IOI task: prompts, attributes, counterfactuals, circuit nodes, activations, a small IOI model.
 
 Indirect object identification (Wang et al. 2022, arXiv 2211.00593) as used by Makelov,
-Lange & Nanda (arXiv 2405.08366), sections 2-3 of METHOD.md: "Then, Mary and John went
+Lange & Nanda (arXiv 2405.08366), README §2-3: "Then, Mary and John went
 to the store. John gave a drink to" -> " Mary". Each prompt has three attributes, IO, S
 and Pos, sampled independently; activations are read per head at a few semantic token
 positions, found per prompt. For a model whose circuit is not known (the small model
@@ -189,7 +189,7 @@ def held_out_prompts(n=1_000, seed=2):
 
 
 def counterfactual(prompt, attribute, rng, names=COUNTERFACTUAL_NAMES):
-    """The prompt with one attribute changed, everything else kept (METHOD section 2).
+    """The prompt with one attribute changed, everything else kept (README §2).
 
     io: a new IO name not in the prompt; s: both S occurrences become a new name;
     pos: the first two names swap (ABB <-> BAB). Positions are found anew.
@@ -394,7 +394,7 @@ GPT2_SMALL_HEADS = {
 
 
 def cross_sections(name_movers, s_inhibition, induction_dt):
-    """The paper's six cross-sections (METHOD section 3) for three groups of (layer, head)."""
+    """The paper's six cross-sections (README §3) for three groups of (layer, head)."""
     def nodes(act, heads, position):
         return tuple(Node(act, layer, head, position) for layer, head in heads)
     sections = [
@@ -487,13 +487,15 @@ def discover(model, prompts, threshold=1 / 3, min_effect=0.02, min_section_effec
     for section in sections:
         drop = ablation_drop(section.nodes)
         keep = abs(drop) >= min_section_effect * abs(clean)
-        section_rows.append({"section": section.name, "ld_drop": drop, "fraction": drop / clean, "kept": keep})
+        section_rows.append({"section": section.name, "ld_drop": drop, "fraction": drop / clean,
+                             "kept": keep})
         kept += [section] if keep else []
     return kept, {"heads": table, "sections": section_rows}
 
 
 def _mean_activations(model, prompts, nodes, batch_size):
-    return {node: acts.mean(0) for node, acts in collect_activations(model, prompts, nodes, batch_size).items()}
+    activations = collect_activations(model, prompts, nodes, batch_size)
+    return {node: acts.mean(0) for node, acts in activations.items()}
 
 
 def mean_ablation_hooks(batch, nodes, means):
@@ -595,7 +597,8 @@ def collect_activations(model, prompts, nodes, batch_size=256, cache_dir=None):
 #   layer 0  previous-token head   at each token, copy the previous token's name
 #            duplicate-token head  at a name seen before (s2), copy where and which it was (s1)
 #   layer 1  induction head        at s2, attend to the token after the earlier copy (s1+1), copy the same
-#   layer 2  S-inhibition heads    at `end`, attend to the duplicate (s2), copy "S is this name, at that position"
+#   layer 2  S-inhibition heads    at `end`, attend to the duplicate (s2), copy "S is this name, first
+#                                  at that position"
 #   layer 3  name movers           at `end`, attend to the names the S-inhibition signal does not rule out,
 #                                  copy that name to the logits
 #
@@ -674,14 +677,15 @@ class CircuitWriter:
         self.slices, n_features = _feature_slices()
         generator = torch.Generator().manual_seed(config.seed)
         # An orthonormal basis of the zero-mean subspace: QR of [ones, random] drops the ones.
-        seed_matrix = torch.cat([torch.ones(config.n_embd, 1, dtype=torch.float64),
-                                 torch.randn(config.n_embd, n_features, generator=generator, dtype=torch.float64)], 1)
+        random = torch.randn(config.n_embd, n_features, generator=generator, dtype=torch.float64)
+        seed_matrix = torch.cat([torch.ones(config.n_embd, 1, dtype=torch.float64), random], 1)
         self.basis = torch.linalg.qr(seed_matrix)[0][:, 1:].T                 # [feature, d_model]
         self.generator = generator
         model = gpt2.GPT2(gpt2.GPT2Config(n_positions=config.n_positions, n_embd=config.n_embd,
                                           n_layer=config.n_layer, n_head=config.n_head))
         # Everything not written below stays 0: idle heads, MLPs and biases; LayerNorms are identities.
-        self.state = {key: torch.zeros_like(value, dtype=torch.float64) for key, value in model.state_dict().items()}
+        self.state = {key: torch.zeros_like(value, dtype=torch.float64)
+                      for key, value in model.state_dict().items()}
         for key in self.state:
             if key.endswith((".weight",)) and ("ln_" in key):
                 self.state[key] += 1
@@ -697,8 +701,8 @@ class CircuitWriter:
 
     def head(self, layer, head, scores, outputs):
         d, d_head, basis = self.config.n_embd, self.d_head, self.basis
-        W_Q, W_K, W_V = (torch.zeros(len(basis), d_head, dtype=torch.float64) for _ in range(3))  # [feature, d_head]
-        W_O = torch.zeros(d_head, len(basis), dtype=torch.float64)                                # [d_head, feature]
+        W_Q, W_K, W_V = (torch.zeros(len(basis), d_head, dtype=torch.float64) for _ in range(3))  # [feat, d_head]
+        W_O = torch.zeros(d_head, len(basis), dtype=torch.float64)                                # [d_head, feat]
         coord = 0
         for query, key, gain in scores:
             n = self.size(key)
@@ -719,7 +723,7 @@ class CircuitWriter:
         c_attn[:, columns] = basis.T @ W_Q * math.sqrt(d_head)
         c_attn[:, d:][:, columns] = basis.T @ W_K
         c_attn[:, 2 * d:][:, columns] = basis.T @ W_V
-        self.state[f"h.{layer}.attn.c_proj.weight"][columns] = W_O @ basis   # [d_model (z of all heads), d_model]
+        self.state[f"h.{layer}.attn.c_proj.weight"][columns] = W_O @ basis   # rows: this head's z
 
 
 def build_ioi_model(config=None):

@@ -504,7 +504,7 @@ ARCHS = ("vanilla", "gated", "topk")
 class RunConfig:
     """Every setting of one run; saved as config.json in the run folder.
 
-    Defaults are the paper's (METHOD 2 and 8, revised version); `DEMO` scales them down
+    Defaults are the paper's (README §2 and §8, revised version); `DEMO` scales them down
     so the whole pipeline runs on two CPU cores in minutes.
     """
     weights: Optional[str] = None     # a GPT-2 checkpoint; None: the embedded small IOI model
@@ -620,7 +620,7 @@ def check_reads_prompts(model, prompts):
 
 
 def make_splits(config):
-    """Prompt sets (METHOD 2, revised code): train over all names; eval over the first half,
+    """Prompt sets (README §2, revised code): train over all names; eval over the first half,
     and one counterfactual of every eval prompt per attribute with names from the second."""
     train = ioi.train_prompts(config.n_train, seed=config.seed)
     evaluation = ioi.eval_prompts(config.n_eval, seed=config.seed + 1)
@@ -671,7 +671,7 @@ class Run:
                                                             cache_dir=self.path("activations")))
 
     def fit_supervised(self, nodes=None):
-        """Mean and least-squares supervised dictionaries at every node (METHOD 4), or at `nodes`."""
+        """Mean and least-squares supervised dictionaries at every node (README §4), or at `nodes`."""
         n_values = {"io": len(ioi.NAMES), "s": len(ioi.NAMES), "pos": len(ioi.PATTERNS)}
         dictionaries_by_method = {}
         for method, name in (("mean", "supervised"), ("lstsq", "supervised_lstsq")):
@@ -707,7 +707,7 @@ class Run:
         return saes, logs
 
     def train_task_saes(self):
-        """{method: {setting: {node: SAE}}} for every architecture and hyper-parameter (METHOD 8),
+        """{method: {setting: {node: SAE}}} for every architecture and hyper-parameter (README §8),
         plus the frozen-random-decoder floor; all nodes x settings of one architecture train
         as one batched stack."""
         c = self.config
@@ -757,7 +757,7 @@ class Run:
 
 class Grader:
     """Scores every method at every cross-section on the paper's three tests and records
-    the results as flat rows {test, site, method, value, ...} (METHOD 5-9)."""
+    the results as flat rows {test, site, method, value, ...} (README §5-9)."""
     MIN_NODE_EFFECT = 0.005  # per-node LD recovered only where ablating the node alone moves the LD by >= 0.5%
     MIN_SECTION_EFFECT = 0.05  # as ioi.discover: grade a site if mean-ablating it moves the mean LD by >= 5%
 
@@ -775,7 +775,7 @@ class Grader:
 
     def interpretations(self, sae, node):
         """F1 of each latent for every candidate property, on the training prompts (where every
-        name occurs as IO and as S, unlike the evaluation prompts: METHOD 6's fix)."""
+        name occurs as IO and as S, unlike the evaluation prompts: README §6's fix)."""
         key = (id(sae), node)  # one SAE may read several nodes (a head at several positions)
         if key not in self._interpretations:
             active = sae.active(self.run.acts["train"][node])
@@ -895,7 +895,7 @@ class Grader:
         self.causal_curves(site, method, saes, clean, features, directions, interpretations, **params)
 
     def causal_curves(self, site, method, saes, clean, features, directions, interpretations, **params):
-        """METHOD 7: keep only latents with F1 >= t (sufficiency); mean-ablate the part the
+        """README §7: keep only latents with F1 >= t (sufficiency); mean-ablate the part the
         latents with F1 >= t explain (necessity), for each threshold t."""
         for threshold in self.run.config.f1_thresholds:
             kept, removed = {}, {}
@@ -957,7 +957,7 @@ class Grader:
                                 metrics.ld_recovered(patched.logit_diff, ablated[node].logit_diff, self.clean_run.logit_diff),
                                 **({} if setting is None else {"setting": setting}))
 
-    # ---------------------------------------------------------------- the two phenomena (METHOD 9)
+    # ---------------------------------------------------------------- the two phenomena (README §9)
 
     def attribute_evidence(self, supervised):
         """Per node and attribute: the supervised feature's mean norm relative to the spread of
@@ -1180,7 +1180,7 @@ def collect(**options):
 @cli.command()
 @run_options
 def supervised(**options):
-    """Step 2: fit mean and least-squares supervised dictionaries at every node (METHOD 4)."""
+    """Step 2: fit mean and least-squares supervised dictionaries at every node (README §4)."""
     run = _run_from_options(**options)
     run.fit_supervised()
     click.echo(f"Supervised dictionaries saved in {run.path('dictionaries')}")
@@ -1385,7 +1385,7 @@ def grade_sae_command(sae_dir, name, **options):
 # flat records {"test", "site", "method", "value", ...params}. Any test may be missing; its
 # section then says so in one line instead of failing.
 
-PAPER_SCALE = {"n_train": 20_000, "n_eval": 5_000, "d_sae": 512, "epochs": 2000}  # METHOD 2, 8
+PAPER_SCALE = {"n_train": 20_000, "n_eval": 5_000, "d_sae": 512, "epochs": 2000}  # README §2, §8
 HEADLINE = [("io", "(B)NM out"), ("pos", "(B)NM qk"), ("pos", "(B)NM q"),
             ("pos", "S-I out"), ("pos", "S-I v"), ("pos", "Ind+DT out")]  # (attribute, site)
 SITES = [site for _, site in HEADLINE]
@@ -1394,7 +1394,7 @@ METHODS = ["mean_ablation", "supervised", "supervised_lstsq", "vanilla", "gated"
 COLORS = dict(zip(METHODS, ["#7f7f7f", "#2ca02c", "#98df8a", "#d62728", "#1f77b4", "#ff7f0e",
                             "#8c564b", "#ff9896", "#aec7e8", "#ffbb78"]))
 MARKERS = dict(zip(METHODS, "xsPoD^v*dp"))
-# METHOD 6, revised paper, k = 2, over the headline sites: (edit accuracy, weight removed) ranges.
+# README §6, revised paper, k = 2, over the headline sites: (edit accuracy, weight removed) ranges.
 PAPER_EDITS = {"supervised": ((0.80, 0.96), (0.37, 0.64)), "gated": ((0.87, 0.97), (0.57, 0.79)),
                "topk": ((0.86, 0.95), (0.39, 0.68)), "vanilla": ((0.24, 0.61), None)}
 

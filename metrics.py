@@ -1,6 +1,6 @@
 """Every metric of the evaluation in one module (Makelov, Lange & Nanda, arXiv 2405.08366).
 
-Sections follow the paper's tests (see METHOD.md):
+Sections follow the paper's tests (README, 'The method in one page'):
   * logit difference, the IOI task metric (section 2);
   * approximation: sufficiency, necessity, LD recovered (section 5);
   * control: edit accuracy, weight removed, greedy and F1-guided SAE edits (section 6);
@@ -35,7 +35,7 @@ def _mean(values) -> float:
 
 
 # ---------------------------------------------------------------------------------------
-# Logit difference (METHOD 2)
+# Logit difference (README §2)
 # ---------------------------------------------------------------------------------------
 
 def logit_diff(end_logits: torch.Tensor, io_token: torch.Tensor, s_token: torch.Tensor) -> torch.Tensor:
@@ -48,7 +48,7 @@ def logit_diff(end_logits: torch.Tensor, io_token: torch.Tensor, s_token: torch.
 
 
 # ---------------------------------------------------------------------------------------
-# Test 1: approximation (METHOD 5). Arguments are per-prompt LDs [B] or their means.
+# Test 1: approximation (README §5). Arguments are per-prompt LDs [B] or their means.
 # ---------------------------------------------------------------------------------------
 
 def sufficiency(ld_patched, ld_clean) -> float:
@@ -84,7 +84,7 @@ def ld_recovered(ld_sae, ld_mean_ablated, ld_clean) -> float:
 
 
 # ---------------------------------------------------------------------------------------
-# Test 2: control (METHOD 6)
+# Test 2: control (README §6)
 # ---------------------------------------------------------------------------------------
 
 def edit_accuracy(edited_top: torch.Tensor, ground_truth_top: torch.Tensor) -> float:
@@ -182,7 +182,7 @@ def f1_guided_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------
-# Test 3: interpretability (METHOD 7)
+# Test 3: interpretability (README §7)
 # ---------------------------------------------------------------------------------------
 
 def _f1_from_counts(intersection, n_active, n_property):
@@ -237,11 +237,12 @@ def _name_properties(attributes: dict, n_names: int, name_present=None) -> dict:
     if has.shape != io.shape:
         raise ValueError(f"name_present: expected shape {tuple(io.shape)}, got {tuple(has.shape)}")
     io_first = (attributes["pos"] == POS_VALUES.index("ABB"))[:, None]  # [N, 1]
-    return {"io": io, "s": s, "has": has, "first": torch.where(io_first, io, s), "second": torch.where(io_first, s, io)}
+    return {"io": io, "s": s, "has": has,
+            "first": torch.where(io_first, io, s), "second": torch.where(io_first, s, io)}
 
 
 def candidate_properties(attributes: dict, names: Sequence[str], name_present=None):
-    """The fixed candidate properties of METHOD 7 -> (bool [N, P], labels [P]).
+    """The fixed candidate properties of README §7 -> (bool [N, P], labels [P]).
 
     `attributes` = {"io", "s", "pos"} ids as from ioi.attribute_ids; `name_present`
     [N, n_names] marks names occurring in the prompt (default: IO or S). Columns, in
@@ -307,7 +308,7 @@ class LatentInterpretations:
 
 def interpret_latents(active: torch.Tensor, attributes: dict, names: Sequence[str],
                       name_present=None, max_union: int = 10) -> LatentInterpretations:
-    """Interpret every latent as its best-F1 property among the candidates of METHOD 7:
+    """Interpret every latent as its best-F1 property among the candidates of README §7:
     the fixed table of `candidate_properties` plus, for io/s/has, unions of up to
     `max_union` names. A union wins only if strictly better than every fixed property."""
     properties, labels = candidate_properties(attributes, names, name_present)
@@ -356,7 +357,7 @@ def coverage(f1: torch.Tensor, labels: Sequence[str], threshold: float = 0.8) ->
 
 
 # ---------------------------------------------------------------------------------------
-# SAE core metrics (METHOD 8; SAELens / SAEBench names)
+# SAE core metrics (README §8; SAELens / SAEBench names)
 # ---------------------------------------------------------------------------------------
 
 def l0(f: torch.Tensor) -> float:
@@ -382,7 +383,7 @@ def dead_fraction(f: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------
-# Phenomenon 1: feature occlusion (METHOD 9)
+# Phenomenon 1: feature occlusion (README §9)
 # ---------------------------------------------------------------------------------------
 
 def occlusion_toy_data(io_norm: float, s_norm: float, n_samples: int, n_values: int = 216,
@@ -435,7 +436,7 @@ def occlusion_toy_experiment(io_norm: float, s_norm: float, l1s: Sequence[float]
 
 
 # ---------------------------------------------------------------------------------------
-# Phenomenon 2: feature over-splitting (METHOD 9)
+# Phenomenon 2: feature over-splitting (README §9)
 # ---------------------------------------------------------------------------------------
 
 def pos_latents(best_labels: Sequence[str]) -> int:
@@ -447,7 +448,8 @@ def pos_latents(best_labels: Sequence[str]) -> int:
 PRESENT, CAUSAL = 0.1, 0.1  # the phenomenon gates' thresholds (see phenomenon_node)
 
 
-def phenomenon_node(evidence: dict, attributes: Sequence[str], present: float = PRESENT, causal: float = CAUSAL):
+def phenomenon_node(evidence: dict, attributes: Sequence[str], present: float = PRESENT,
+                    causal: float = CAUSAL):
     """Where a phenomenon can be tested (arXiv 2405.08366, section 5): a node at which every
     attribute in `attributes` is present and causal. Occlusion needs IO and S (an SAE that
     hides the weaker one must have had something to hide); over-splitting needs Pos.
@@ -461,8 +463,9 @@ def phenomenon_node(evidence: dict, attributes: Sequence[str], present: float = 
     def effect(row):
         return max(row["answers_changed"], row["ld_moved"])
     nodes = list(dict.fromkeys(node for node, _ in evidence))
-    passing = [node for node in nodes if all(evidence[node, a]["norm"] >= present and effect(evidence[node, a]) >= causal
-                                             for a in attributes)]
+    passing = [node for node in nodes
+               if all(evidence[node, a]["norm"] >= present and effect(evidence[node, a]) >= causal
+                      for a in attributes)]
     def weakest_effect(node):
         return effect(evidence[node, min(attributes, key=lambda a: evidence[node, a]["norm"])])
     return max(passing, key=weakest_effect) if passing else None
@@ -541,7 +544,7 @@ def oversplitting_toy(lambdas=np.linspace(0, 20, 41), n_samples: int = 4096, d: 
                       ideal_ks=np.geomspace(1 / 16, 2.0, 31), ideal_gammas=np.linspace(0.0, 10.0, 41),
                       random_betas=np.geomspace(0.01, 0.3, 31),
                       random_gammas=(1.0, 1.75, 2.35, 3.0, 4.0, 5.0, 6.0), seed: int = 0) -> dict:
-    """The over-splitting toy of METHOD 9: on ±µ + N(0, I_d) with ‖µ‖ = mu_norm, the best
+    """The over-splitting toy of README §9: on ±µ + N(0, I_d) with ‖µ‖ = mu_norm, the best
     SAE loss per λ of the ideal 2-latent SAE (grid over k, γ) and of a random
     n_latents-latent SAE built from data samples (grid over β, γ).
 
@@ -601,7 +604,7 @@ def oversplitting_verdict(toy: dict, min_firing: float = 0.02, tolerance: float 
 
 
 # ---------------------------------------------------------------------------------------
-# Interventions (METHOD 3): patches computed first, then applied in one forward pass
+# Interventions (README §3): patches computed first, then applied in one forward pass
 # ---------------------------------------------------------------------------------------
 
 def run_with_patches(model, batch, patches: dict) -> torch.Tensor:
@@ -638,7 +641,7 @@ def patched_run(model, prompts, patches: Optional[dict] = None, batch_size: int 
 
 def approximation(model, prompts, clean: dict, reconstruction: dict, clean_run: PatchedRun,
                   mean_ablated_run: PatchedRun, batch_size: int = 256) -> dict:
-    """Sufficiency and necessity of a reconstruction at every node of a cross-section (METHOD 5).
+    """Sufficiency and necessity of a reconstruction at every node of a cross-section (README §5).
 
     Sufficiency patches â; necessity patches ā + (a - â), i.e. mean-ablates the part the
     dictionary explains and keeps its error term. ā is the mean of `clean` over the prompts.

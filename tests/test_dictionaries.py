@@ -1,4 +1,4 @@
-"""Specification of dictionaries.py: supervised dictionaries and SAEs (METHOD.md 4 and 8)."""
+"""Specification of dictionaries.py: supervised dictionaries and SAEs (README §4 and §8)."""
 import json
 from dataclasses import replace
 
@@ -241,6 +241,8 @@ def test_lr_schedule_warms_up_and_decays_linearly_to_zero():
     assert schedule.lr_factor(52) == pytest.approx(0.3)  # warm-up again after a resample (at step 50)
     assert schedule.after_epoch(10, None, None) == "stop"
     assert D.checkpoint_epochs(20) == [1, 2, 4, 8, 16, 20]
+    topk = D.Schedule(config, steps_per_epoch=10, can_resample=False)  # top-k never resamples
+    assert [topk.after_epoch(e, None, None) for e in range(1, 11)] == [None] * 9 + ["stop"]
 
 
 def test_converging_schedule_stops_on_a_synthetic_plateau():

@@ -1,4 +1,4 @@
-"""Specification of metrics.py: hand-computed cases for every metric (METHOD 5-9)."""
+"""Specification of metrics.py: hand-computed cases for every metric (README §5-9)."""
 import math
 
 import numpy as np

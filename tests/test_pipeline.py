@@ -1,4 +1,4 @@
-"""Interventions and the end-to-end pipeline (METHOD 3, 5, 6), on a tiny random GPT-2.
+"""Interventions and the end-to-end pipeline (README §3, §5, §6), on a tiny random GPT-2.
 
 The intervention tests are invariances with known answers: a patch with the clean value
 changes nothing, an exact reconstruction is fully sufficient and necessary, the mean
@@ -48,7 +48,7 @@ def test_patch_with_clean_values_changes_nothing(model, prompts):
 
 
 def test_all_nodes_patched_from_precomputed_values(model, prompts):
-    """METHOD 3: every node takes the value given to it, even a late node downstream of an
+    """README §3: every node takes the value given to it, even a late node downstream of an
     early patch (it is not recomputed from the patched early node); nodes that do not
     interact give the same result patched together or one hook at a time."""
     clean = ioi.collect_activations(model, prompts, NODES)
