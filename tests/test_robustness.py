@@ -160,10 +160,9 @@ def test_bench_refuses_bad_input(workspace, monkeypatch, args, fragment):
     assert_refused(workspace, monkeypatch, "bench", args, fragment)
 
 
-@pytest.mark.parametrize("args,fragment", BAD_OUT + [
-    ("--out mine", "holds other files"), ("--steps 0", "--steps"), ("--seed -1", "--seed")])
-def test_train_toy_refuses_bad_input(workspace, monkeypatch, args, fragment):
-    assert_refused(workspace, monkeypatch, "train-toy", args, fragment)
+@pytest.mark.parametrize("args,fragment", BAD_OUT + [("--out mine", "holds other files"), ("--seed -1", "--seed")])
+def test_build_model_refuses_bad_input(workspace, monkeypatch, args, fragment):
+    assert_refused(workspace, monkeypatch, "build-model", args, fragment)
 
 
 @pytest.mark.parametrize("args,fragment", BAD_IOI_WEIGHTS + [
@@ -297,49 +296,32 @@ def test_killed_between_the_two_renames_keeps_the_old_version(tmp_path):
     assert sorted(os.listdir(tmp_path / "run")) == ["saes"] and os.listdir(folder.parent) == ["vanilla"]
 
 
-def fake_training(config, progress=True):
-    return tiny_model(seed=config.seed)
-
-
-def saved_toy(folder):
-    """A saved small model's files, less the training time (the only thing a rerun changes)."""
-    files = contents(folder)
-    metrics = json.loads(files.pop("metrics.json"))
-    metrics.pop("train_seconds")
-    return files, metrics
+def build_model(out, seed):
+    """`main.py build-model` with a tiny stand-in for the embedded model (saving is what is tested);
+    a Killed raised inside propagates, as a kill would end the process."""
+    result = CliRunner().invoke(main.cli, ["build-model", "--out", out, "--seed", str(seed)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
 
 
 @pytest.mark.parametrize("hard", [False, True])
 def test_killed_model_save_leaves_the_old_model(tmp_path, monkeypatch, hard):
-    monkeypatch.setattr(ioi, "train_toy_model", fake_training)
+    monkeypatch.setattr(ioi, "build_ioi_model", lambda config: tiny_model(seed=config.seed))
+    monkeypatch.setattr(ioi, "held_out_prompts", lambda n: ioi.eval_prompts(8, seed=2))  # scored on 8 prompts
     monkeypatch.chdir(tmp_path)
-    first, second = ioi.ToyConfig(seed=1, n_eval=8), ioi.ToyConfig(seed=2, n_eval=8)  # scored on 8 prompts
-    ioi.train_and_save(second, "uninterrupted", progress=False)
-    ioi.train_and_save(first, "model", progress=False)
+    build_model("uninterrupted", seed=2)
+    build_model("model", seed=1)
     before = contents(tmp_path / "model")
     with monkeypatch.context() as patch:
         kill_on_call(patch, gpt2, "write_json", call=2)     # after the weights and config.json
         if hard:
             hard_kill(patch)
         with pytest.raises(Killed):
-            ioi.train_and_save(second, "model", progress=False)
+            build_model("model", seed=2)
     assert contents(tmp_path / "model") == before          # the old completion marker beside the old weights
     assert os.path.exists("model.tmp") == hard
-    ioi.train_and_save(second, "model", progress=False)
+    build_model("model", seed=2)
     assert sorted(os.listdir(tmp_path)) == ["model", "uninterrupted"]
-    assert saved_toy(tmp_path / "model") == saved_toy(tmp_path / "uninterrupted")
-
-
-def test_default_model_removes_a_killed_save(tmp_path, monkeypatch):
-    complete = tmp_path / "ioi-toy"
-    tiny_model(seed=ioi.ToyConfig.seed).save_pretrained(complete)
-    (complete / "toy_config.json").write_text(json.dumps(asdict(ioi.ToyConfig())))
-    os.makedirs(tmp_path / "ioi-toy.tmp")
-    (tmp_path / "ioi-toy.tmp" / "model.safetensors.tmp").write_bytes(b"28 MB, cut short")
-    monkeypatch.setattr(ioi, "train_toy_model", lambda *args: pytest.fail("retrained a complete model"))
-    model = ioi.default_model(tmp_path, progress=False)
-    assert gpt2.weights_hash(model) == gpt2.weights_hash(tiny_model(seed=ioi.ToyConfig.seed))
-    assert os.listdir(tmp_path) == ["ioi-toy"]
+    assert contents(tmp_path / "model") == contents(tmp_path / "uninterrupted")
 
 
 @pytest.fixture(scope="module")
