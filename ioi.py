@@ -173,14 +173,22 @@ def sample_prompts(n, seed, names=NAMES, templates=TRAIN_TEMPLATES, objects=OBJE
                         objects[obj[i]], names[c[i]] if abc else None) for i in range(n)]
 
 
-def train_prompts(n=20_000, seed=0):
+# Training templates whose first two names sit at the same token positions (3 and 5, after BOS).
+# The paper's prompts share one length and layout, so a Pos edit moves the names between the same
+# two positions in every prompt; a model that locates S by its absolute position (the embedded
+# one does) then carries Pos as one feature. Mixing layouts makes Pos one feature per layout,
+# which no dictionary of IO, S and Pos features can express: mean-code Pos edits then fail.
+ALIGNED_TEMPLATES = (0, 3, 4, 8)
+
+
+def train_prompts(n=20_000, seed=0, templates=ALIGNED_TEMPLATES):
     """Dictionary/SAE training set: all names (paper, revised code)."""
-    return sample_prompts(n, seed)
+    return sample_prompts(n, seed, templates=templates)
 
 
-def eval_prompts(n=5_000, seed=1):
+def eval_prompts(n=5_000, seed=1, templates=ALIGNED_TEMPLATES):
     """Evaluation set: names from the first half; counterfactuals take the second half."""
-    return sample_prompts(n, seed, names=EVAL_NAMES)
+    return sample_prompts(n, seed, names=EVAL_NAMES, templates=templates)
 
 
 def held_out_prompts(n=1_000, seed=2):

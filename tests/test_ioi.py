@@ -361,3 +361,13 @@ def test_bad_weights_path_is_a_one_line_error(tmp_path):
     result = CliRunner().invoke(cli, ["ioi-eval", "--weights", str(tmp_path / "missing"), "--json"])
     assert result.exit_code == 1
     assert len(result.output.strip().splitlines()) == 1 and "missing" in result.output
+
+
+def test_aligned_templates_put_the_first_two_names_at_the_same_positions():
+    """The pipeline's prompts: a Pos edit always swaps the names at positions 3 and 5."""
+    for template in ioi.ALIGNED_TEMPLATES:
+        for pos in ioi.PATTERNS:
+            prompt = ioi.make_prompt(template, "Mary", "John", pos, "park", "ball")
+            assert sorted((prompt.positions["io"], prompt.positions["s1"])) == [3, 5]
+    assert set(ioi.ALIGNED_TEMPLATES) <= set(ioi.TRAIN_TEMPLATES)
+    assert {p.template for p in ioi.eval_prompts(50)} == set(ioi.ALIGNED_TEMPLATES)
