@@ -129,9 +129,11 @@ def test_pipeline_end_to_end(tmp_path, model, monkeypatch):
     rows = saved["results"]
     tests = {row["test"] for row in rows}
     for test in ("sufficiency", "necessity", "edit_accuracy", "edit_accuracy_no_intervention", "weight_removed",
-                 "latents_changed", "f1_coverage", "pos_latents", "l0", "ld_recovered", "phenomenon_testable",
+                 "latents_changed", "f1_coverage", "pos_latents", "l0", "phenomenon_testable",
                  "evidence_norm", "occlusion_toy_recovered", "oversplit_toy_loss", "causal_keep_sufficiency"):
         assert test in tests, test
+    # (ld_recovered is recorded only where one node alone moves the LD by >= 0.5%; this random
+    # model's nodes move its near-zero LD by less, so it may rightly have none.)
     occlusion = [row for row in rows if row["test"] == "phenomenon_testable" and row["phenomenon"] == "occlusion"]
     assert ("occlusion_io_names" in tests and "alpha_sweep_io_names" in tests) == bool(occlusion[0]["value"])
     for site in ("(B)NM out", "(B)NM q"):

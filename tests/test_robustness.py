@@ -278,8 +278,9 @@ def test_killed_stack_save_never_mixes_old_and_new_saes(tmp_path, monkeypatch, h
     assert (old_stack / "saes" / "vanilla.tmp").exists() == hard
     main.recover_interrupted_saves(old_stack)             # what the next run does first
     assert sorted(os.listdir(old_stack / "saes")) == ["vanilla"]
-    _, logs = train_stack(old_stack, l1=1.0)               # the old settings still load the old stack
-    assert logs is None
+    with monkeypatch.context() as patch:                  # the old settings still load the old stack
+        patch.setattr(dictionaries, "train_sae_stack", lambda *args, **kwargs: pytest.fail("retrained"))
+        train_stack(old_stack, l1=1.0)
     train_stack(old_stack, l1=5.0)
     assert contents(old_stack / stack) == contents(new_stack / stack)
 
