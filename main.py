@@ -424,7 +424,9 @@ def _circuit_rows(heads):
     def fmt(value, spec=".2f"):
         return "–" if value is None else format(value, spec)
     found = [row for row in heads if row["role"]]
-    found.sort(key=lambda row: (row["role"], -abs(row["ld_drop"] or 0)))
+    roles = ["name mover", "S-inhibition", "induction/duplicate token"]  # the circuit, from the logits back
+    found.sort(key=lambda row: (roles.index(row["role"]) if row["role"] in roles else len(roles),
+                                -abs(row["ld_drop"] or 0)))
     return [(row["head"], row["position"], fmt(row["direct_effect"]), fmt(row["query_effect"]),
              fmt(row["ld_drop"]), fmt(row["fraction"], ".1%"), row["role"]) for row in found]
 
