@@ -709,8 +709,9 @@ class CircuitWriter:
 
     def head(self, layer, head, scores, outputs):
         d, d_head, basis = self.config.n_embd, self.d_head, self.basis
-        W_Q, W_K, W_V = (torch.zeros(len(basis), d_head, dtype=torch.float64) for _ in range(3))  # [feat, d_head]
-        W_O = torch.zeros(d_head, len(basis), dtype=torch.float64)                                # [d_head, feat]
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+        W_Q, W_K, W_V = zeros(len(basis), d_head), zeros(len(basis), d_head), zeros(len(basis), d_head)
+        W_O = zeros(d_head, len(basis))                                     # Q, K, V: [feature, d_head]
         coord = 0
         for query, key, gain in scores:
             n = self.size(key)

@@ -353,7 +353,8 @@ def build_model_command(out, seed):
 
     def write(folder):  # into a temporary folder, renamed to `out` once complete
         model.save_pretrained(folder)
-        gpt2.write_json(os.path.join(folder, "circuit_config.json"), asdict(config))  # last: marks it complete
+        # last: its presence marks a complete save
+        gpt2.write_json(os.path.join(folder, "circuit_config.json"), asdict(config))
     gpt2.atomic_folder(out, write)
     scores = ioi.evaluate(model, ioi.held_out_prompts(1000))
     click.echo(f"held-out prompts: accuracy {scores['accuracy']:.1%}, top-1 {scores['top1_accuracy']:.1%}, "
@@ -737,7 +738,8 @@ class Run:
     def sae_train_config(self):
         """Task SAEs (and the phenomena's SAEs) train until they converge, capped at `epochs`."""
         c = self.config
-        return dictionaries.TrainConfig(d_sae=c.d_sae, epochs=c.epochs, lr=c.sae_lr, plateau=c.sae_plateau or None)
+        return dictionaries.TrainConfig(d_sae=c.d_sae, epochs=c.epochs, lr=c.sae_lr,
+                                        plateau=c.sae_plateau or None)
 
     def train_corpus_saes(self):
         """{f"{arch}_fulldist": {node: SAE}}: SAEs trained on every token position of generic text."""
@@ -832,7 +834,8 @@ class Grader:
             chosen = self.choose_settings(site, method, settings, clean)
             for setting in dict.fromkeys(chosen.values()):
                 edited = [attribute for attribute, s in chosen.items() if s == setting]
-                self.grade_sae(section, method, settings[setting], clean, approximation, edited, setting=setting)
+                self.grade_sae(section, method, settings[setting], clean, approximation, edited,
+                               setting=setting)
         for method, saes in corpus_saes.items():
             self.grade_sae(section, method, saes, clean, approximation, section.attributes)
 
@@ -889,7 +892,8 @@ class Grader:
                                                                          rankings[node][old], rankings[node][new],
                                                                          k // 2) for node in nodes}, k=k, edit="f1")
 
-        self.record("l0_at_site", site, method, sum(metrics.l0(f) for f in features.values()) / len(nodes), **params)
+        mean_l0 = sum(metrics.l0(f) for f in features.values()) / len(nodes)
+        self.record("l0_at_site", site, method, mean_l0, **params)
         for node in nodes:
             coverage = metrics.coverage(interpretations[node].f1, interpretations[node].labels, 0.8)
             for attribute in section.attributes:
@@ -1011,13 +1015,15 @@ class Grader:
                                                               0.5), setting=setting)
                 if split_node is not None:
                     interpretation = self.interpretations(saes[split_node], split_node)
-                    self.record("pos_latents", str(split_node), method, metrics.pos_latents(interpretation.best_labels),
+                    self.record("pos_latents", str(split_node), method,
+                                metrics.pos_latents(interpretation.best_labels),
                                 node=str(split_node), setting=setting, phenomenon="oversplitting")
         if occlusion_node is not None:
             features = supervised["supervised"][occlusion_node].features
             norms = {attribute: float(features[attribute].norm(dim=-1).mean()) for attribute in ("io", "s")}
             for attribute, norm in norms.items():
-                self.record("supervised_feature_norm", str(occlusion_node), "supervised", norm, attribute=attribute)
+                self.record("supervised_feature_norm", str(occlusion_node), "supervised", norm,
+                            attribute=attribute)
             self.alpha_sweep(occlusion_node, features["io"])
         else:
             norms = {"io": 1.0, "s": 0.5}  # the toy still shows the mechanism, at a stated 2:1 ratio
@@ -1061,7 +1067,8 @@ class Grader:
                                                   toy["ideal_firing"]):
                 self.record("oversplit_toy_loss", "toy", "ideal_2_latent", ideal, l1=float(lam), grid=grid,
                             firing=float(firing))
-                self.record("oversplit_toy_loss", "toy", "random_1000_latent", random, l1=float(lam), grid=grid)
+                self.record("oversplit_toy_loss", "toy", "random_1000_latent", random, l1=float(lam),
+                            grid=grid)
             for count, value in metrics.oversplitting_verdict(toy).items():
                 self.record(f"oversplit_toy_{count}", "toy", "random_1000_latent", value, grid=grid)
 
@@ -1683,7 +1690,8 @@ def _control_section(results, figdir):
             "one feature, SAE edits change at most 2 latents greedily (in brackets: latents actually "
             "changed, of the SAE's mean L0 there); `none` is the accuracy without any intervention:",
             _table([[s, a, _edit(results, "edit_accuracy_no_intervention", s, "none", a)]
-                    + [cell(s, a, m) for m in methods] for s, a in pairs], ["cross-section", "attribute", "none"] + methods),
+                    + [cell(s, a, m) for m in methods] for s, a in pairs],
+                   ["cross-section", "attribute", "none"] + methods),
             "The paper's headline interpretation-aware edit, 1 latent out (the best F1 for the old value) "
             "and 1 in (the best F1 for the new value), with the same columns:",
             _table([[s, a] + [cell(s, a, m, "f1") for m in saes] for s, a in pairs],
@@ -1765,11 +1773,14 @@ def _evidence(results, phenomenon, attributes):
     criterion = (f"needs {need} present (supervised feature norm ≥ {metrics.PRESENT} of the activations' spread) "
                  f"and causal (patching its counterfactual into the node alone changes ≥ {metrics.CAUSAL:.0%} of "
                  "the answers or moves the mean LD by as much)")
-    headers = ["node"] + [f"{a.upper() if a != 'pos' else 'Pos'}: norm / answers changed / LD moved" for a in attributes]
+    headers = ["node"] + [f"{a.upper() if a != 'pos' else 'Pos'}: norm / answers changed / LD moved"
+                          for a in attributes]
     if testable[0]["value"]:
         node = testable[0]["site"]
         return [f"The test {criterion}; it runs at `{node}`:", _table([row(node)], headers)]
-    ranked = sorted(nodes, key=lambda n: -min(_value(results, "evidence_norm", site=n, attribute=a) for a in attributes))
+    def weakest_norm(node):
+        return min(_value(results, "evidence_norm", site=node, attribute=a) for a in attributes)
+    ranked = sorted(nodes, key=lambda node: -weakest_norm(node))
     return [f"**Not testable here.** The test {criterion}, and no node has that. The nodes closest to it:",
             _table([row(n) for n in ranked[:4]], headers)]
 
@@ -1844,7 +1855,8 @@ def _oversplitting(results, figdir):
         fig, (ax,) = _panels(1, size=(6, 3.5))
         for m, color, label in (("ideal_2_latent", "#2ca02c", "ideal 2-latent SAE"),
                                 ("random_1000_latent", "#d62728", "random 1000-latent SAE")):
-            pts = sorted((r["l1"], r["value"]) for r in _recs(results, "oversplit_toy_loss", method=m, grid="paper"))
+            pts = sorted((r["l1"], r["value"])
+                         for r in _recs(results, "oversplit_toy_loss", method=m, grid="paper"))
             if pts:
                 ax.plot(*zip(*pts), color=color, label=label)
         fired = [r["l1"] for r in _recs(results, "oversplit_toy_loss", method="ideal_2_latent", grid="paper")
@@ -1911,8 +1923,10 @@ def _paper_rows(results):
          or 0 for r in _recs(results, "occlusion_io_names")]
     if io:
         more_io = sum(i > j for i, j in zip(io, s))
-        sweep = {a: sorted((r["alpha"], r["value"]) for r in _recs(results, f"alpha_sweep_{a}_names")) for a in ("io", "s")}
-        appear = bool(sweep["s"]) and sweep["s"][-1][1] > sweep["s"][0][1] and sweep["io"][-1][1] < sweep["io"][0][1]
+        sweep = {a: [value for _, value in sorted((r["alpha"], r["value"])
+                                                  for r in _recs(results, f"alpha_sweep_{a}_names"))]
+                 for a in ("io", "s")}  # names with a latent, by increasing α
+        appear = bool(sweep["s"]) and sweep["s"][-1] > sweep["s"][0] and sweep["io"][-1] < sweep["io"][0]
         rows.append(("occlusion: names with a latent (F1 ≥ 0.5)", "almost every IO name, ≤ 22 S names; S latents "
                      "appear as α removes the IO features", f"IO {min(io):g}–{max(io):g}, S ≤ {max(s):g}; α sweep: "
                      + ("S latents appear, IO latents vanish" if appear else "no such crossing"),
@@ -1929,7 +1943,8 @@ def _paper_rows(results):
     if pos:
         verdict = ("reproduced (criterion: ≥ 10 in every setting)" if min(pos) >= 10 else
                    "in some settings (criterion: ≥ 10)" if max(pos) >= 10 else "not reproduced (criterion: ≥ 10)")
-        rows.append(("over-splitting: latents interpreted as a Pos value", "≥ 10", f"{min(pos):g}–{max(pos):g}", verdict))
+        rows.append(("over-splitting: latents interpreted as a Pos value", "≥ 10", f"{min(pos):g}–{max(pos):g}",
+                     verdict))
     wins = _value(results, "oversplit_toy_share_random_wins", grid="paper")
     if wins is not None:
         counted = _count(_value(results, "oversplit_toy_counted", grid="paper"))
