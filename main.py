@@ -1410,65 +1410,12 @@ PAPER_EDITS = {"supervised": ((0.80, 0.96), (0.37, 0.64)), "gated": ((0.87, 0.97
                "topk": ((0.86, 0.95), (0.39, 0.68)), "vanilla": ((0.24, 0.61), None)}
 
 
-# --- looking records up ---
+# --- formatting: the one table helper, and figure panels as data ---
 
-def _index(records):
-    """Group the flat records by test, so each lookup scans one test only."""
-    by_test = {}
-    for r in records:
-        by_test.setdefault(r["test"], []).append(r)
-    return by_test
-
-
-def _recs(results, test, **match):
-    """The records of one test whose fields equal `match` (a missing field counts as None)."""
-    return [r for r in results.get(test, []) if all(r.get(k) == v for k, v in match.items())]
-
-
-def _avg(values):
+def _mean(values):
     values = [v for v in values if v is not None and np.isfinite(v)]
     return float(np.mean(values)) if values else None
 
-
-def _value(results, test, **match):
-    """Mean value of the matching records; None when there are none."""
-    return _avg([r["value"] for r in _recs(results, test, **match)])
-
-
-def _present(recs, key="method", order=METHODS):
-    """The distinct values of `key` in recs, in `order` first, then as they come."""
-    seen = list(dict.fromkeys(r.get(key) for r in recs))
-    return sorted(seen, key=lambda v: order.index(v) if v in order else len(order) + seen.index(v))
-
-
-def _at_chosen(results, test, site, method, choose_for=None, **match):
-    """Mean value of a test at a site. Task SAEs come in several settings (λ or k): use the one
-    chosen in Test 2 for the attribute `choose_for` (default: the record's own attribute; its
-    edits land closest to the counterfactual), else the one chosen most often, else the first."""
-    settings = sorted({r["setting"] for r in _recs(results, test, site=site, method=method)
-                       if r.get("setting") is not None})
-    chosen = [r for r in _recs(results, "edit_distance_k2", site=site, method=method, chosen=True)
-              if r["setting"] in settings]
-    attribute = choose_for or match.get("attribute")
-    for_attribute = [r["setting"] for r in chosen if r.get("attribute") == attribute]
-    counts = Counter(for_attribute or [r["setting"] for r in chosen])
-    setting = counts.most_common(1)[0][0] if counts else (settings or [None])[0]
-    return _value(results, test, site=site, method=method, setting=setting, **match)
-
-
-def _edit(results, test, site, method, attribute, k=2, edit="greedy"):
-    """Edit accuracy or weight removed; supervised edits are exact and have no k."""
-    if method.startswith("supervised") or method == "none":
-        return _value(results, test, site=site, method=method, attribute=attribute)
-    return _at_chosen(results, test, site, method, attribute=attribute, k=k, edit=edit)
-
-
-def _headline(results):
-    sites = {r["site"] for t in ("edit_accuracy", "sufficiency") for r in results.get(t, [])}
-    return [(a, s) for a, s in HEADLINE if s in sites]
-
-
-# --- formatting ---
 
 def _fmt(x):
     return "–" if x is None else f"{x:.2f}" if isinstance(x, float) else str(x)
@@ -1482,575 +1429,562 @@ def _setting(method, setting):
     return "" if setting is None else f"k={setting:g}" if method.startswith("topk") else f"λ={setting:g}"
 
 
+def _distinct(records, key="method", order=METHODS):
+    """The distinct values of `key` in records: those in `order` first, the others as they come."""
+    seen = list(dict.fromkeys(r.get(key) for r in records))
+    return sorted(seen, key=lambda v: order.index(v) if v in order else len(order) + seen.index(v))
+
+
 def _table(rows, headers):
-    """A markdown table; None cells print as a dash."""
+    """A markdown table; floats print with two decimals, None as a dash."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    return "\n".join(lines + ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows])
+    return "\n".join(lines + ["| " + " | ".join(_fmt(cell) for cell in row) + " |" for row in rows])
 
 
-# --- figures ---
-
-def _panels(n, ncols=3, size=(4.2, 3.3)):
-    """A Figure with n panels. matplotlib.figure.Figure keeps no pyplot state, so nothing leaks."""
-    from matplotlib.figure import Figure
-    ncols = min(n, ncols)
-    nrows = -(-n // ncols)
-    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    return fig, axes[:n]
+def _line(label, points, **style):
+    """A panel series: the line through those (x, y) points that have both coordinates."""
+    points = [(x, y) for x, y in points if x is not None and y is not None]
+    return ("plot", label, tuple(zip(*points)), style)
 
 
-def _save(fig, figdir, name, alt):
-    """Write a PNG atomically and return its markdown image link."""
-    gpt2.atomic_write(os.path.join(figdir, name), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    return f"![{alt}](figures/{name})"
+def _mark(label, axis, at, **style):
+    """A line across a panel, horizontal (axis "h") or vertical ("v"), as a list: empty if at is None."""
+    return [] if at is None else [(f"ax{axis}line", label, (at,), style)]
 
 
-def _bars(ax, groups, series, value, colors):
-    """Grouped bars: one group per entry of `groups`, one coloured bar per entry of `series`."""
-    width = 0.8 / len(series)
-    for i, s in enumerate(series):
-        heights = [np.nan if value(g, s) is None else value(g, s) for g in groups]
-        ax.bar(np.arange(len(groups)) + (i - (len(series) - 1) / 2) * width, heights, width,
-               label=s, color=colors.get(s))
-    ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=8)
+def _bars(groups, heights, marks=(), **settings):
+    """A panel of grouped bars: per group, one bar for each label of `heights` {label: heights}."""
+    width = 0.8 / len(heights)
+    bars = [("bar", label, (np.arange(len(groups)) + (i - (len(heights) - 1) / 2) * width,
+                            [np.nan if v is None else v for v in values]),
+             {"width": width, "color": BAR_COLORS.get(label)})
+            for i, (label, values) in enumerate(heights.items())]
+    return {"series": bars + list(marks), "xticks": range(len(groups)), "xticklabels": groups, **settings}
 
 
-def _legend_right(fig, axes, **kwargs):
-    """One legend for all panels, outside on the right."""
-    handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
-    fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=8, **kwargs)
+DASHED, DOTTED = {"color": "k", "ls": "--", "lw": 1}, {"color": "k", "ls": ":", "lw": 0.8}
+BAR_COLORS = {**COLORS, "IO names": "#2ca02c", "S names": "#d62728"}
 
 
-# --- 0. what was run ---
+class Report:
+    """One run's metrics.json as markdown, section by section (README §1-§9). Records are flat
+    {test, site, method, value, ...params} and any test may be missing: each section method returns
+    its markdown blocks, or none when metrics.json holds nothing for it."""
 
-def _header(config):
-    model = (f"GPT-2 weights from `{config['weights']}`" if config.get("weights") else
-             "the embedded small IOI model (a GPT-2-architecture transformer this project trains on IOI)")
-    out = ["# Supervised dictionaries vs sparse autoencoders on IOI",
-           "A reproduction of Makelov, Lange & Nanda, *Towards Principled Evaluations of Sparse Autoencoders "
-           f"for Interpretability and Control* (arXiv 2405.08366). Model: {model}; {config.get('n_train')} "
-           f"training and {config.get('n_eval')} evaluation prompts; task SAEs with {config.get('d_sae')} "
-           f"latents trained for {config.get('epochs')} epochs."]
-    if config.get("weights") is None or (config.get("epochs") or 0) < PAPER_SCALE["epochs"]:
-        changes = [] if config.get("weights") else ["a small IOI model instead of GPT-2 Small"]
-        changes += [f"{k} = {config[k]} instead of {v}" for k, v in PAPER_SCALE.items()
-                    if config.get(k) is not None and config[k] != v]
-        out.append("These settings are scaled down from the paper's so that the whole pipeline runs on a "
-                   f"CPU: {'; '.join(changes)}. Expect the paper's qualitative picture, not its digits.")
-    return out + [_table([(k, json.dumps(v)) for k, v in config.items()], ["setting", "value"])]
+    def __init__(self, data, figdir):
+        self.config, self.circuit_found = data.get("config") or {}, data.get("circuit") or {}
+        self.figdir, self.by_test = figdir, {}  # records by test: each query scans one test only
+        for record in data["results"]:
+            self.by_test.setdefault(record["test"], []).append(record)
 
+    @classmethod
+    def load(cls, run_dir):
+        """The report of <run_dir>/metrics.json, or a one-line ClickException saying what is wrong."""
+        path = os.path.join(run_dir, "metrics.json")
+        try:
+            with open(path) as f:
+                report = cls(json.load(f), os.path.join(run_dir, "figures"))
+        except FileNotFoundError:
+            raise click.ClickException(f"{path}: not found (run the pipeline first)")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise click.ClickException(f"{path}: not valid JSON ({e})")
+        except (KeyError, TypeError, AttributeError) as e:
+            raise click.ClickException(f"{path}: malformed, expected {{'results': [records with a 'test']}} "
+                                       f"({type(e).__name__}: {e})")
+        bad = [r for records in report.by_test.values() for r in records
+               if not {"site", "method", "value"} <= set(r)]
+        if bad:
+            raise click.ClickException(f"{path}: malformed record {bad[0]} (needs test, site, method, value)")
+        return report
 
-# --- 1. the model ---
+    # --- looking records up ---
 
-def _model_section(results, figdir):
-    out = ["## 1. The model solves IOI"]
-    stats = {t: _value(results, t, site="model") for t in ("logit_diff", "accuracy", "top1_accuracy")}
-    if all(v is None for v in stats.values()):
-        return out + ["_No model metrics in metrics.json; section skipped._"]
-    out += [_table(stats.items(), ["metric", "value"]),
-            "For reference, GPT-2 Small reaches a mean logit difference ≈ 3.3 and top-1 ≈ 91%."]
-    hist = sorted(_recs(results, "logit_diff_histogram"), key=lambda r: r["low"])
-    if hist:
-        fig, (ax,) = _panels(1, size=(6, 3.3))
-        ax.bar([r["low"] for r in hist], [r["value"] for r in hist], [r["high"] - r["low"] for r in hist],
-               align="edge", edgecolor="white")
-        ax.axvline(0, color="k", lw=1, ls="--")
-        if stats["logit_diff"] is not None:
-            ax.axvline(stats["logit_diff"], color="#d62728", label=f"mean {stats['logit_diff']:.2f}")
-            ax.legend()
-        ax.set(title="Logit difference on evaluation prompts", ylabel="prompts",
-               xlabel="LD = logit[IO] − logit[S]")
-        out += [_save(fig, figdir, "ld_histogram.png", "LD histogram"),
-                "Look for almost all mass right of the dashed line: LD > 0 means the model prefers IO."]
-    return out
+    def find(self, test, **match):
+        """The records of one test whose fields equal `match` (a missing field counts as None)."""
+        return [r for r in self.by_test.get(test, []) if all(r.get(k) == v for k, v in match.items())]
 
+    def mean(self, test, **match):
+        return _mean([r["value"] for r in self.find(test, **match)])
 
-# --- 2. the circuit ---
+    def at(self, test, site, method, choose_for=None, **match):
+        """Mean value of a test at a site. Task SAEs come in several settings (λ or k): take the one
+        chosen in Test 2 for the attribute `choose_for` (default: the record's own attribute), else
+        the one chosen most often, else the first. Supervised and "none" edits have no k or kind."""
+        if method.startswith("supervised") or method == "none":
+            match = {key: value for key, value in match.items() if key not in ("k", "edit")}
+        settings = sorted({r["setting"] for r in self.find(test, site=site, method=method)
+                           if r.get("setting") is not None})
+        chosen = [r for r in self.find("edit_distance_k2", site=site, method=method, chosen=True)
+                  if r["setting"] in settings]
+        attribute = choose_for or match.get("attribute")
+        counts = Counter([r["setting"] for r in chosen if r.get("attribute") == attribute]
+                         or [r["setting"] for r in chosen])
+        setting = counts.most_common(1)[0][0] if counts else (settings or [None])[0]
+        return self.mean(test, site=site, method=method, setting=setting, **match)
 
-def _circuit_section(circuit):
-    out = ["## 2. The circuit: cross-sections we patch and edit"]
-    if not circuit.get("sections"):
-        return out + ["_No cross-sections in metrics.json._"]
-    out.append(_table([(s["name"], ", ".join(f"`{n}`" for n in s["nodes"]), ", ".join(s["attributes"]))
-                       for s in circuit["sections"]], ["cross-section", "nodes", "attributes edited"]))
-    discovery = circuit.get("discovery") or {}
-    if any(row["role"] for row in discovery.get("heads", [])):
-        out += ["Heads found in the model itself (`ioi.discover`), each class by the measure Wang et al. (2022) "
-                "use for it, at >= 1/3 of the strongest head's value and >= 2% of the clean LD: name movers by "
-                "their direct effect on the LD; S-inhibition heads by the LD drop when only the name movers' "
-                "queries see their output at `end` mean-ablated (\"via q\"); induction / duplicate-token heads "
-                "by the LD drop when their output at `s2` is mean-ablated:",
-                _table(_circuit_rows(discovery["heads"]),
-                       ["head", "position", "direct effect", "LD drop via q", "LD drop", "of LD", "role"])]
-    if discovery.get("sections"):
-        out += ["A cross-section is graded only if mean-ablating all its nodes at once moves the mean LD by at "
-                "least 5%; otherwise sufficiency is near 1 whatever is patched in and necessity divides by ~0:",
-                _table([(d["section"], d["ld_drop"], d["fraction"], "graded" if d["kept"] else "dropped: not causal here")
-                        for d in discovery["sections"]], ["cross-section", "LD drop", "fraction of LD", "verdict"])]
-    return out
+    def edit(self, test, site, method, attribute, k=2, kind="greedy"):
+        """Edit accuracy, weight removed or latents changed (README §6); greedy at k = 2 by default."""
+        return self.at(test, site, method, attribute=attribute, k=k, edit=kind)
 
+    def headline(self):
+        """The paper's headline (attribute, site) pairs that this run graded."""
+        sites = {r["site"] for test in ("edit_accuracy", "sufficiency") for r in self.by_test.get(test, [])}
+        return [(attribute, site) for attribute, site in HEADLINE if site in sites]
 
-# --- 3. Test 1: approximation ---
+    # --- the one figure helper ---
 
-def _approx_section(results, figdir):
-    out = ["## 3. Test 1 — approximation: sufficiency and necessity"]
-    recs = _recs(results, "sufficiency") + _recs(results, "necessity")
-    if not recs:
-        return out + ["_No sufficiency/necessity records; section skipped._"]
-    sites, methods = _present(recs, "site", SITES), _present(recs)
-    score = {(t, s, m): _at_chosen(results, t, s, m)
-             for t in ("sufficiency", "necessity") for s in sites for m in methods}
-    fig, axes = _panels(2, ncols=2, size=(6, 3.6))
-    for ax, test in zip(axes, ("sufficiency", "necessity")):
-        _bars(ax, sites, methods, lambda s, m: score[test, s, m], COLORS)
-        ax.axhline(1, color="k", lw=0.8, ls=":")
-        ax.set(title=test, ylabel="score (1 = perfect)")
-    _legend_right(fig, axes)
-    return out + [
-        "Sufficiency: mean LD with the reconstruction patched in, over the clean mean LD. Necessity: how "
-        "much of the effect of mean-ablating the cross-section we get by removing only the reconstruction. "
-        "Each cell is *sufficiency / necessity*; 1 is best; task SAEs at their chosen setting (Test 2).",
-        _table([[s] + [f"{_fmt(score['sufficiency', s, m])} / {_fmt(score['necessity', s, m])}"
-                       for m in methods] for s in sites], ["cross-section"] + methods),
-        _save(fig, figdir, "approximation.png", "sufficiency and necessity"),
-        "Look for supervised bars near 1 and how close each SAE gets; mean ablation is the floor."]
+    def figure(self, name, panels, ncols=3, size=(4.2, 3.3)):
+        """Draw `panels` into figures/<name>, written atomically; return its markdown link. A panel is
+        a dict of Axes settings (title, xlabel, ...) and "series": (Axes method, label, arguments,
+        style) tuples. A bare matplotlib Figure keeps no pyplot state, so nothing leaks."""
+        from matplotlib.figure import Figure
+        ncols, nrows = min(len(panels), ncols), -(-len(panels) // ncols)
+        fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+        for ax in axes[len(panels):]:
+            ax.set_visible(False)
+        for ax, panel in zip(axes, panels):
+            for method, label, args, style in panel["series"]:
+                getattr(ax, method)(*args, label=label, **style)
+            ax.set(**{key: value for key, value in panel.items() if key != "series"})
+            ax.minorticks_off()
+            names = [label for label in panel.get("xticklabels", []) if not label.isdigit()]
+            ax.tick_params(axis="x", labelsize=8, labelrotation=20 if names else 0)  # so names do not overlap
+        handles = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
+        if handles and len(panels) == 1:
+            axes[0].legend(handles.values(), handles.keys(), fontsize=8)
+        elif handles:  # one legend for all panels, outside on the right
+            fig.legend(handles.values(), handles.keys(), fontsize=8, loc="outside right upper",
+                       handlelength=3)
+        path = os.path.join(self.figdir, name)
+        gpt2.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+        return f"![{name[:-4].replace('_', ' ')}](figures/{name})"
 
+    # --- the sections ---
 
-# --- 4. Test 2: control ---
+    def header(self):
+        config = self.config
+        model = (f"GPT-2 weights from `{config['weights']}`" if config.get("weights") else
+                 "the embedded IOI model (GPT-2's IOI circuit written by hand into a small GPT-2)")
+        out = ["# Supervised dictionaries vs sparse autoencoders on IOI",
+               "A reproduction of Makelov, Lange & Nanda, *Towards Principled Evaluations of Sparse "
+               f"Autoencoders for Interpretability and Control* (arXiv 2405.08366). Model: {model}; "
+               f"{config.get('n_train')} training and {config.get('n_eval')} evaluation prompts; task SAEs "
+               f"with {config.get('d_sae')} latents trained for {config.get('epochs')} epochs. The README's "
+               "§1-§9 define every quantity below."]
+        if config.get("weights") is None or (config.get("epochs") or 0) < PAPER_SCALE["epochs"]:
+            changes = [] if config.get("weights") else ["a small IOI model instead of GPT-2 Small"]
+            changes += [f"{key} = {config[key]} instead of {paper}" for key, paper in PAPER_SCALE.items()
+                        if config.get(key) is not None and config[key] != paper]
+            out.append(f"Scaled down from the paper's settings to run on a CPU: {'; '.join(changes)}. "
+                       "Expect the paper's qualitative picture, not its digits.")
+        return out + [_table([(key, json.dumps(value)) for key, value in config.items()],
+                             ["setting", "value"])]
 
-def _headline_figure(results, figdir, headline, methods):
-    fig, axes = _panels(len(headline))
-    for ax, (attr, site) in zip(axes, headline):
+    def summary(self):
+        """The terminal summary (also "At a glance"): the model's LD and accuracy, then per headline
+        site the k = 2 edit accuracy and the sufficiency of the supervised dictionary and task SAEs."""
+        methods = ["supervised", "vanilla", "gated", "topk"]
+        lines = [f"model: mean LD {_fmt(self.mean('logit_diff', site='model'))}, "
+                 f"accuracy {_fmt(self.mean('accuracy', site='model'))}",
+                 f"{'':22}{'edit accuracy @k=2':^28}{'sufficiency':^28}",
+                 f"{'site':22}" + "".join(f"{m[:6]:>7}" for m in methods) * 2]
+        for attribute, site in self.headline():
+            values = ([self.edit("edit_accuracy", site, m, attribute) for m in methods]
+                      + [self.at("sufficiency", site, m) for m in methods])
+            lines.append(f"{attribute + '@' + site:22}" + "".join(f"{_fmt(v):>7}" for v in values))
+        return "\n".join(lines)
+
+    def model(self):
+        stats = {test: self.mean(test, site="model") for test in ("logit_diff", "accuracy", "top1_accuracy")}
+        if all(value is None for value in stats.values()):
+            return []
+        out = [_table(stats.items(), ["metric", "value"]),
+               "For reference, GPT-2 Small reaches a mean logit difference ≈ 3.3 and top-1 ≈ 91%."]
+        bins = sorted(self.find("logit_diff_histogram"), key=lambda r: r["low"])
+        if bins:
+            mean = stats["logit_diff"]
+            histogram = ("bar", None, ([r["low"] for r in bins], [r["value"] for r in bins]),
+                         {"width": [r["high"] - r["low"] for r in bins], "align": "edge", "edgecolor": "w"})
+            marks = _mark(None, "v", 0, **DASHED) + _mark(f"mean {_fmt(mean)}", "v", mean, color="#d62728")
+            panel = {"series": [histogram] + marks, "title": "Logit difference on evaluation prompts",
+                     "xlabel": "LD = logit[IO] − logit[S]", "ylabel": "prompts"}
+            out += [self.figure("ld_histogram.png", [panel], size=(6, 3.3)),
+                    "Look for almost all mass right of the dashed line: LD > 0 means the model prefers IO."]
+        return out
+
+    def circuit(self):
+        sections, discovery = self.circuit_found.get("sections"), self.circuit_found.get("discovery") or {}
+        if not sections:
+            return []
+        out = [_table([(s["name"], ", ".join(f"`{node}`" for node in s["nodes"]), ", ".join(s["attributes"]))
+                       for s in sections], ["cross-section", "nodes", "attributes edited"])]
+        if any(head["role"] for head in discovery.get("heads", [])):
+            headers = ["head", "position", "direct effect", "LD drop via q", "LD drop", "of LD", "role"]
+            out += ["Heads found in the model itself (`ioi.discover`), each class by its own measure "
+                    "(README, \"The embedded model\"), at ≥ 1/3 of the strongest head's value and ≥ 2% of "
+                    "the LD:", _table(_circuit_rows(discovery["heads"]), headers)]
+        if discovery.get("sections"):
+            verdicts = [(d["section"], d["ld_drop"], d["fraction"], "graded" if d["kept"] else
+                         "dropped: not causal here") for d in discovery["sections"]]
+            out += ["A cross-section is graded only if mean-ablating all its nodes at once moves the mean LD "
+                    "by ≥ 5% (else sufficiency is near 1 whatever is patched in; necessity divides by ~0):",
+                    _table(verdicts, ["cross-section", "LD drop", "fraction of LD", "verdict"])]
+        return out
+
+    def approximation(self):
+        records = self.find("sufficiency") + self.find("necessity")
+        if not records:
+            return []
+        sites, methods = _distinct(records, "site", SITES), _distinct(records)
+        score = {(test, m): [self.at(test, site, m) for site in sites]
+                 for test in ("sufficiency", "necessity") for m in methods}
+        panels = [_bars(sites, {m: score[test, m] for m in methods}, _mark(None, "h", 1, **DOTTED),
+                        title=test, ylabel="score (1 = perfect)") for test in ("sufficiency", "necessity")]
+        cells = [[site] + [f"{_fmt(score['sufficiency', m][i])} / {_fmt(score['necessity', m][i])}"
+                           for m in methods] for i, site in enumerate(sites)]
+        return ["Each cell: *sufficiency / necessity* (README §5), 1 is best; task SAEs at their chosen "
+                "setting.",
+                _table(cells, ["cross-section"] + methods),
+                self.figure("approximation.png", panels, ncols=2, size=(6, 3.6)),
+                "Look for supervised bars near 1 and how close each SAE gets; mean ablation is the floor."]
+
+    def edit_panels(self, methods, attribute, site):
+        """Two panels for one headline site: edit accuracy against the weight removed at k = 2, and
+        against the latents the edit changes (greedy solid, F1-guided dashed; supervised: exact)."""
+        ks = sorted({r["k"] for r in self.find("edit_accuracy") if r.get("k") is not None})
+        score = {m: [self.edit(test, site, m, attribute) for test in ("weight_removed", "edit_accuracy")]
+                 for m in methods}
+        baseline = self.edit("edit_accuracy_no_intervention", site, "none", attribute)
+        by_weight = [("scatter", m, score[m], {"s": 60, "color": COLORS.get(m), "marker": MARKERS.get(m)})
+                     for m in methods if None not in score[m]]
+        by_weight += _mark("no intervention", "h", baseline, **DASHED)
+        by_k = []
         for m in methods:
-            acc, removed = (_edit(results, t, site, m, attr) for t in ("edit_accuracy", "weight_removed"))
-            if acc is not None and removed is not None:
-                ax.scatter(removed, acc, s=60, label=m, color=COLORS.get(m), marker=MARKERS.get(m, "o"))
-        base = _edit(results, "edit_accuracy_no_intervention", site, "none", attr)
-        if base is not None:
-            ax.axhline(base, color="k", ls="--", lw=1, label="no intervention")
-        ax.set(title=f"edit {attr} @ {site}", xlabel="weight removed", ylabel="edit accuracy",
-               ylim=(0, 1.05), xlim=(0, max(1.05, ax.get_xlim()[1])))
-    _legend_right(fig, axes)
-    return _save(fig, figdir, "control_headline.png", "edit accuracy vs weight removed")
-
-
-def _k_figure(results, figdir, headline, methods):
-    ks = sorted({r["k"] for r in _recs(results, "edit_accuracy") if r.get("k") is not None})
-    fig, axes = _panels(len(headline))
-    for ax, (attr, site) in zip(axes, headline):
-        for m in methods:
-            if m.startswith("supervised"):
-                acc = _edit(results, "edit_accuracy", site, m, attr)
-                if acc is not None:
-                    ax.axhline(acc, color=COLORS[m], ls=":", label=f"{m} (exact)")
+            if m.startswith("supervised"):  # one feature swapped whatever k: its accuracy, drawn across
+                by_k += _mark(f"{m} (exact)", "h", score[m][1], color=COLORS[m], ls=":")
                 continue
-            for edit, ls, marker in (("greedy", "-", "o"), ("f1", "--", "s")):
-                points = [(_edit(results, "latents_changed", site, m, attr, k, edit),
-                           _edit(results, "edit_accuracy", site, m, attr, k, edit)) for k in ks]
-                points = [(x, y) for x, y in points if x is not None and y is not None]
-                if points:
-                    ax.plot(*zip(*points), ls=ls, marker=marker, mfc="white" if edit == "f1" else None,
-                            color=COLORS.get(m), label=f"{m} {edit}")
-        ax.set(title=f"edit {attr} @ {site}", xlabel="latents the edit changes", ylabel="edit accuracy",
-               ylim=(0, 1.05))
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ks, [str(k) for k in ks])
-        ax.minorticks_off()
-    _legend_right(fig, axes, handlelength=3)
-    return _save(fig, figdir, "control_vs_k.png", "edit accuracy vs latents changed")
+            for kind, style in (("greedy", {"marker": "o"}), ("f1", {"ls": "--", "marker": "s", "mfc": "w"})):
+                points = [(self.edit("latents_changed", site, m, attribute, k, kind),
+                           self.edit("edit_accuracy", site, m, attribute, k, kind)) for k in ks]
+                by_k.append(_line(f"{m} {kind}", points, color=COLORS.get(m), **style))
+        axes = {"title": f"edit {attribute} @ {site}", "ylabel": "edit accuracy", "ylim": (0, 1.05)}
+        widest = max([1.05] + [1.05 * removed for removed, _ in score.values() if removed is not None])
+        return ({**axes, "series": by_weight, "xlabel": "weight removed", "xlim": (0, widest)},
+                {**axes, "series": by_k, "xlabel": "latents the edit changes", "xscale": "log", "xticks": ks,
+                 "xticklabels": [str(k) for k in ks]})
 
-
-def _control_section(results, figdir):
-    out = ["## 4. Test 2 — control: editing an attribute with a few latents"]
-    recs, headline = _recs(results, "edit_accuracy"), _headline(results)
-    if not recs:
-        return out + ["_No edit records; section skipped._"]
-    methods = _present(recs)
-    out.append("The paper's headline: change one attribute of the prompt (the IO name, or Pos = ABB↔BAB) "
-               "by swapping k = 2 SAE latents (greedy, interpretation-agnostic) or one supervised feature, "
-               "and check that the model's next-token argmax matches that of a run with the real "
-               "counterfactual activations patched in. Good edits sit top-left: high accuracy, little "
-               "weight removed.")
-    if headline:
-        out += [_headline_figure(results, figdir, headline, methods),
-                "Look for supervised and task-SAE markers far above the dashed no-intervention line, and "
-                "for how much of the activation's weight each edit has to remove to get there."]
-    def cell(site, attribute, method, edit="greedy"):
-        text = " / ".join(_fmt(_edit(results, t, site, method, attribute, edit=edit))
-                          for t in ("edit_accuracy", "weight_removed"))
-        changed = _edit(results, "latents_changed", site, method, attribute, edit=edit)
-        l0 = _at_chosen(results, "l0_at_site", site, method, choose_for=attribute)
+    def edit_cell(self, site, attribute, method, kind="greedy"):
+        """'edit accuracy / weight removed', and for SAEs '(latents changed of L0 there)'."""
+        text = " / ".join(_fmt(self.edit(test, site, method, attribute, kind=kind))
+                          for test in ("edit_accuracy", "weight_removed"))
+        changed = self.edit("latents_changed", site, method, attribute, kind=kind)
+        l0 = self.at("l0_at_site", site, method, choose_for=attribute)
         return text if changed is None else f"{text} ({changed:.1f} of L0 {_fmt(l0)})"
-    pairs = list(dict.fromkeys((r["site"], r["attribute"]) for r in recs))
-    saes = [m for m in methods if not m.startswith("supervised")]
-    out += ["Edit accuracy / weight removed at k = 2 for every site and attribute: supervised edits swap "
-            "one feature, SAE edits change at most 2 latents greedily (in brackets: latents actually "
-            "changed, of the SAE's mean L0 there); `none` is the accuracy without any intervention:",
-            _table([[s, a, _edit(results, "edit_accuracy_no_intervention", s, "none", a)]
-                    + [cell(s, a, m) for m in methods] for s, a in pairs],
-                   ["cross-section", "attribute", "none"] + methods),
-            "The paper's headline interpretation-aware edit, 1 latent out (the best F1 for the old value) "
-            "and 1 in (the best F1 for the new value), with the same columns:",
-            _table([[s, a] + [cell(s, a, m, "f1") for m in saes] for s, a in pairs],
-                   ["cross-section", "attribute"] + saes)]
-    if headline:
-        out += [_k_figure(results, figdir, headline, methods),
-                "Look for how fast accuracy climbs with the number of latents an edit changes: solid lines "
-                "edit greedily towards the counterfactual, dashed ones swap k/2 latents with the best F1 for "
-                "the old value for k/2 with the best F1 for the new one."]
-    chosen = _recs(results, "edit_distance_k2", chosen=True)
-    if chosen:
-        saes = _present(chosen)
-        by_cell = {(r["site"], r.get("attribute"), r["method"]):
-                   f"{_setting(r['method'], r['setting'])} ({_fmt(r['value'])})" for r in chosen}
-        rows = list(dict.fromkeys((r["site"], r.get("attribute")) for r in chosen))
-        out += ["The SAE setting chosen per site and attribute, as in the revised paper: the one whose k = 2 "
-                "edits of that attribute land closest to the counterfactual activation (L2 distance in brackets).",
-                _table([[s, a] + [by_cell.get((s, a, m)) for m in saes] for s, a in rows],
+
+    def control(self):
+        records, chosen = self.find("edit_accuracy"), self.find("edit_distance_k2", chosen=True)
+        if not records:
+            return []
+        methods, pairs = _distinct(records), dict.fromkeys((r["site"], r["attribute"]) for r in records)
+        saes = [m for m in methods if not m.startswith("supervised")]
+        panels = [self.edit_panels(methods, attribute, site) for attribute, site in self.headline()]
+        out = [self.figure("control_headline.png", [by_weight for by_weight, _ in panels]),
+               "Headline edits (README §6): k = 2 SAE latents changed greedily, or one supervised feature "
+               "swapped. Look for markers high above the dashed no-intervention line, with little weight "
+               "removed."] if panels else []
+        out += ["Each cell: edit accuracy / weight removed at k = 2 (SAEs: latents actually changed, of "
+                "their mean L0 there); `none`: accuracy without intervention (an edit informs only if low).",
+                _table([[site, a, self.edit("edit_accuracy_no_intervention", site, "none", a)]
+                        + [self.edit_cell(site, a, m) for m in methods] for site, a in pairs],
+                       ["cross-section", "attribute", "none"] + methods),
+                "The interpretation-aware edit: 1 latent out (best F1 for the old value), 1 in (the new):",
+                _table([[site, a] + [self.edit_cell(site, a, m, "f1") for m in saes] for site, a in pairs],
                        ["cross-section", "attribute"] + saes)]
-    return out
+        if panels:
+            out += [self.figure("control_vs_k.png", [by_k for _, by_k in panels]),
+                    "Look for how fast accuracy climbs with the latents an edit changes: greedily towards "
+                    "the counterfactual (solid), or swapping k/2 latents of the old value for k/2 of the new "
+                    "(dashed)."]
+        if chosen:
+            setting = {(r["site"], r.get("attribute"), r["method"]):
+                       f"{_setting(r['method'], r['setting'])} ({_fmt(r['value'])})" for r in chosen}
+            rows = dict.fromkeys((r["site"], r.get("attribute")) for r in chosen)
+            out += ["The SAE setting chosen per site and attribute: the one whose k = 2 edits land closest "
+                    "to the counterfactual activation (L2 distance in brackets).",
+                    _table([[site, a] + [setting.get((site, a, m)) for m in _distinct(chosen)]
+                            for site, a in rows], ["cross-section", "attribute"] + _distinct(chosen))]
+        return out
 
+    def interpretability(self):
+        out, records = [], self.find("f1_coverage")
+        if records:
+            sites, methods = _distinct(records, "site", SITES), _distinct(records)
+            attributes = _distinct(records, "attribute", ())
+            coverage = {(site, a, m): self.at("f1_coverage", site, m, attribute=a)
+                        for site in sites for a in attributes for m in methods}
+            panels = [_bars(sites, {m: [coverage[site, a, m] for site in sites] for m in methods},
+                            title=f"F1 coverage of {a}", ylabel="values with F1 ≥ 0.8", ylim=(0, 1.05))
+                      for a in attributes]
+            out += ["F1 coverage (README §7): the share of an attribute's values that some latent detects "
+                    "with F1 ≥ 0.8, over the cross-section's nodes. Look for bars near 1: a latent each.",
+                    _table([[site, a] + [coverage[site, a, m] for m in methods] for site in sites
+                            for a in attributes], ["cross-section", "attribute"] + methods),
+                    self.figure("f1_coverage.png", panels)]
+        tests = {"causal_keep_sufficiency": "keep latents with F1 ≥ t: sufficiency",
+                 "causal_remove_necessity": "remove latents with F1 ≥ t: necessity"}
+        if any(self.find(test) for test in tests):
+            panels = [self.causal_panel(test, title) for test, title in tests.items()]
+            out += [self.figure("causal_f1.png", panels, ncols=2, size=(5, 3.5)),
+                    "Look at t = 0.6 (dotted): if the interpretable latents carry the computation, keeping "
+                    "only them preserves the logit difference and removing them destroys it."]
+        return out
 
-# --- 5. Test 3: interpretability ---
+    def causal_panel(self, test, title):
+        """Keep or remove the latents of F1 ≥ t (README §7): the score, averaged over sites, against t."""
+        records = self.find(test)
+        sites, thresholds = _distinct(records, "site", SITES), sorted({r["threshold"] for r in records})
+        lines = [_line(m, [(t, _mean([self.at(test, site, m, threshold=t) for site in sites]))
+                           for t in thresholds], marker="o", color=COLORS.get(m)) for m in _distinct(records)]
+        return {"series": lines + _mark(None, "v", 0.6, **DOTTED), "title": title,
+                "xlabel": "F1 threshold t", "ylabel": "score (mean over sites)"}
 
-def _f1_coverage(results, figdir):
-    recs = _recs(results, "f1_coverage")
-    if not recs:
-        return []
-    sites, methods, attrs = _present(recs, "site", SITES), _present(recs), _present(recs, "attribute")
-    cov = {(s, a, m): _at_chosen(results, "f1_coverage", s, m, attribute=a)
-           for s in sites for a in attrs for m in methods}
-    fig, axes = _panels(len(attrs))
-    for ax, a in zip(axes, attrs):
-        _bars(ax, sites, methods, lambda s, m: cov[s, a, m], COLORS)
-        ax.set(title=f"F1 coverage of {a}", ylabel="mean best F1 per value", ylim=(0, 1.05))
-    _legend_right(fig, axes)
-    return ["F1 coverage: for each value of an attribute, the best F1 of any latent for "
-            "\"attribute = value\", averaged over values and over the cross-section's nodes.",
-            _table([[s, a] + [cov[s, a, m] for m in methods] for s in sites for a in attrs],
-                   ["cross-section", "attribute"] + methods),
-            _save(fig, figdir, "f1_coverage.png", "F1 coverage"),
-            "Look for attributes whose every value has a dedicated latent (bars near 1)."]
+    def evidence(self, phenomenon, attributes):
+        """The gate of a phenomenon (README §9): where it is tested and why, or why it is not testable."""
+        gate = self.find("phenomenon_testable", phenomenon=phenomenon)
+        if not gate:
+            return []
+        names = [a.upper() if a != "pos" else "Pos" for a in attributes]
+        criterion = (f"needs {' and '.join(names)} present (supervised feature norm ≥ {metrics.PRESENT} of "
+                     "the activations' spread) and causal (patching its counterfactual into the node alone "
+                     f"changes ≥ {metrics.CAUSAL:.0%} of the answers or moves the mean LD by as much)")
+        headers = ["node"] + [f"{name}: norm / answers changed / LD moved" for name in names]
 
+        def row(node):
+            return [node] + [f"{_fmt(self.mean('evidence_norm', site=node, attribute=a))} / "
+                             f"{self.mean('evidence_answers_changed', site=node, attribute=a):.0%} / "
+                             f"{self.mean('evidence_ld_moved', site=node, attribute=a):.0%}"
+                             for a in attributes]
+        if gate[0]["value"]:
+            node = gate[0]["site"]
+            return [f"The test {criterion}; it runs at `{node}`:", _table([row(node)], headers)]
+        nodes = dict.fromkeys(r["site"] for r in self.find("evidence_norm"))
+        closest = sorted(nodes, key=lambda node: -min(self.mean("evidence_norm", site=node, attribute=a)
+                                                      for a in attributes))
+        return [f"**Not testable here.** The test {criterion}, and no node has that. The closest nodes:",
+                _table([row(node) for node in closest[:4]], headers)]
 
-def _causal_figure(results, figdir):
-    tests = ("causal_keep_sufficiency", "causal_remove_necessity")
-    if not any(results.get(t) for t in tests):
-        return []
-    fig, axes = _panels(2, ncols=2, size=(5, 3.5))
-    for ax, test, title in zip(axes, tests, ("keep latents with F1 ≥ t: sufficiency",
-                                             "remove latents with F1 ≥ t: necessity")):
-        recs = _recs(results, test)
-        sites, ts = _present(recs, "site", SITES), sorted({r["threshold"] for r in recs})
-        for m in _present(recs):
-            ys = [_avg([_at_chosen(results, test, s, m, threshold=t) for s in sites]) for t in ts]
-            ax.plot(ts, [np.nan if y is None else y for y in ys], marker="o", color=COLORS.get(m), label=m)
-        ax.axvline(0.6, color="k", lw=0.8, ls=":")
-        ax.set(title=title, xlabel="F1 threshold t", ylabel="score (mean over sites)")
-    _legend_right(fig, axes)
-    return [_save(fig, figdir, "causal_f1.png", "keep/remove latents by F1"),
-            "Look at t = 0.6 (dotted): if the interpretable latents carry the computation, keeping only "
-            "them preserves the logit difference and removing them destroys it."]
+    def occlusion(self):
+        out = self.evidence("occlusion", ("io", "s"))
+        keys = dict.fromkeys((r["site"], r["method"], r.get("setting"))
+                             for r in self.find("occlusion_io_names"))
+        rows = [(node, m, _setting(m, s), *(_count(self.mean(test, site=node, method=m, setting=s))
+                                            for test in ("occlusion_io_names", "occlusion_s_names")))
+                for node, m, s in keys]
+        if rows:
+            bars = _bars([f"{node}\n{m} {setting}" for node, m, setting, _, _ in rows],
+                         {"IO names": [row[3] for row in rows], "S names": [row[4] for row in rows]},
+                         title="Names with a latent of F1 ≥ 0.5", ylabel="names")
+            out += [_table(rows, ["node", "method", "setting", "IO names", "S names"]),
+                    self.figure("occlusion.png", [bars], size=(7, 3.5)),
+                    "Look for many IO names but few S names: S is present and causal at this node, yet the "
+                    "SAE gives it almost no latents of its own."]
+        norms = self.find("supervised_feature_norm")
+        if rows and norms:
+            out.append("Mean norm of the supervised features there: " + ", ".join(
+                f"{r['attribute'].upper()} {r['value']:.2f}" for r in norms) + " — the larger feature wins.")
+        return out + self.alpha_sweep() + self.occlusion_toy()
 
+    def alpha_sweep(self):
+        lines = []
+        settings = sorted({r.get("setting") for r in self.find("alpha_sweep_io_names")}, key=lambda v: v or 0)
+        for i, setting in enumerate(settings):
+            for name, ls in (("IO", "-"), ("S", "--")):
+                records = self.find(f"alpha_sweep_{name.lower()}_names", setting=setting)
+                label = f"{name} {_setting(records[0]['method'], setting)}" if records else None
+                points = sorted((r["alpha"], r["value"]) for r in records)
+                lines.append(_line(label, points, ls=ls, marker="o", color=f"C{i}"))
+        panel = {"series": lines, "title": "SAEs trained on a − α·u_IO", "xlabel": "α",
+                 "ylabel": "names with a latent (F1 ≥ 0.5)"}
+        return [self.figure("alpha_sweep.png", [panel], size=(6, 3.5)),
+                "Look for the crossing: as α shrinks the IO features, IO latents (solid) vanish and S "
+                "latents (dashed) appear."] if lines else []
 
-# --- 6. the two phenomena ---
-
-def _evidence(results, phenomenon, attributes):
-    """The gate of a phenomenon: where it was tested and why, or why it is not testable here."""
-    testable = _recs(results, "phenomenon_testable", phenomenon=phenomenon)
-    if not testable:
-        return []
-    nodes = list(dict.fromkeys(r["site"] for r in _recs(results, "evidence_norm")))
-
-    def row(node):
-        return [node] + [f"{_fmt(_value(results, 'evidence_norm', site=node, attribute=a))} / "
-                         f"{_value(results, 'evidence_answers_changed', site=node, attribute=a):.0%} / "
-                         f"{_value(results, 'evidence_ld_moved', site=node, attribute=a):.0%}" for a in attributes]
-    need = " and ".join(a.upper() if a != "pos" else "Pos" for a in attributes)
-    criterion = (f"needs {need} present (supervised feature norm ≥ {metrics.PRESENT} of the activations' spread) "
-                 f"and causal (patching its counterfactual into the node alone changes ≥ {metrics.CAUSAL:.0%} of "
-                 "the answers or moves the mean LD by as much)")
-    headers = ["node"] + [f"{a.upper() if a != 'pos' else 'Pos'}: norm / answers changed / LD moved"
-                          for a in attributes]
-    if testable[0]["value"]:
-        node = testable[0]["site"]
-        return [f"The test {criterion}; it runs at `{node}`:", _table([row(node)], headers)]
-    def weakest_norm(node):
-        return min(_value(results, "evidence_norm", site=node, attribute=a) for a in attributes)
-    ranked = sorted(nodes, key=lambda node: -weakest_norm(node))
-    return [f"**Not testable here.** The test {criterion}, and no node has that. The nodes closest to it:",
-            _table([row(n) for n in ranked[:4]], headers)]
-
-
-def _occlusion(results, figdir):
-    out = ["### Feature occlusion"] + _evidence(results, "occlusion", ("io", "s"))
-    keys = list(dict.fromkeys((r["site"], r["method"], r.get("setting"))
-                              for r in _recs(results, "occlusion_io_names")))
-    if not keys:
-        return out if len(out) > 1 else out + ["_No occlusion counts; skipped._"]
-    rows = [(n, m, _setting(m, st)) + tuple(_count(_value(results, t, site=n, method=m, setting=st))
-                                            for t in ("occlusion_io_names", "occlusion_s_names"))
-            for n, m, st in keys]
-    counts = {}
-    for n, m, st, io, s in rows:
-        counts[f"{n}\n{m} {st}", "IO names"], counts[f"{n}\n{m} {st}", "S names"] = io, s
-    fig, (ax,) = _panels(1, size=(7, 3.5))
-    _bars(ax, list(dict.fromkeys(g for g, _ in counts)), ["IO names", "S names"], lambda g, c: counts[g, c],
-          {"IO names": "#2ca02c", "S names": "#d62728"})
-    ax.set(title="Names with a latent of F1 ≥ 0.5", ylabel="names")
-    ax.legend()
-    out += [_table(rows, ["node", "method", "setting", "IO names", "S names"]),
-            _save(fig, figdir, "occlusion.png", "occlusion counts"),
-            "Look for many IO names but few S names: S is present and causal at this node, yet the SAE "
-            "gives it almost no latents of its own."]
-    norms = _recs(results, "supervised_feature_norm")
-    if norms:
-        out.append("Mean norm of the supervised features there: " + ", ".join(
-            f"{r['attribute'].upper()} {r['value']:.2f}" for r in norms) + " — the larger feature wins.")
-    return out
-
-
-def _alpha_figure(results, figdir):
-    io = _recs(results, "alpha_sweep_io_names")
-    if not io:
-        return []
-    fig, (ax,) = _panels(1, size=(6, 3.5))
-    for i, st in enumerate(sorted({r.get("setting") for r in io}, key=lambda v: v or 0)):
-        for name, ls in (("IO", "-"), ("S", "--")):
-            recs = _recs(results, f"alpha_sweep_{name.lower()}_names", setting=st)
-            if recs:
-                ax.plot(*zip(*sorted((r["alpha"], r["value"]) for r in recs)), ls=ls, marker="o",
-                        color=f"C{i}", label=f"{name} {_setting(recs[0]['method'], st)}")
-    ax.set(title="SAEs trained on a − α·u_IO", xlabel="α", ylabel="names with a latent (F1 ≥ 0.5)")
-    ax.legend(fontsize=8)
-    return [_save(fig, figdir, "alpha_sweep.png", "alpha sweep"),
-            "Look for the crossing: as α shrinks the IO features, IO latents (solid) vanish and S latents "
-            "(dashed) appear."]
-
-
-def _occlusion_toy(results):
-    toy = _recs(results, "occlusion_toy_recovered")
-    if not toy:
-        return []
-    return ["Toy model a = u_IO + v_S (216 values each, 64 dimensions, as in the paper) with the feature norms "
-            "measured at the occlusion node (where occlusion is not testable, at a stated 2:1 ratio): share of "
-            "features that get a vanilla-SAE latent with F1 > 0.9. Look for the high-norm features recovered and "
-            "the low-norm ones not.",
+    def occlusion_toy(self):
+        toy = self.find("occlusion_toy_recovered")
+        return [] if not toy else [
+            "Toy model a = u_IO + v_S (216 values each, 64 dimensions, as in the paper) with the feature "
+            "norms measured at the occlusion node (where not testable, a stated 2:1 ratio): the share of "
+            "features with a vanilla-SAE latent of F1 > 0.9. Look for high-norm ones found, low-norm not.",
             _table([(r["attribute"].upper(), r.get("norm"), _setting("vanilla", r.get("setting")), r["value"])
                     for r in toy], ["feature", "norm", "setting", "share recovered"])]
 
+    def oversplitting(self):
+        out = self.evidence("oversplitting", ("pos",))
+        rows = [(r["site"], r["method"], _setting(r["method"], r.get("setting")), _count(r["value"]))
+                for r in self.find("pos_latents", phenomenon="oversplitting")]
+        if rows:
+            out += ["Latents whose best interpretation is a Pos value there (the paper: ≥ 10 for this binary "
+                    "attribute in GPT-2 Small's name-mover queries):",
+                    _table(rows, ["node", "method", "setting", "Pos latents"])]
+        return out + self.oversplitting_toy()
 
-def _oversplitting(results, figdir):
-    out = ["### Feature over-splitting"] + _evidence(results, "oversplitting", ("pos",))
-    pos = [r for r in _recs(results, "pos_latents") if r.get("phenomenon") == "oversplitting"]
-    if pos:
-        out += ["Latents whose best interpretation is a Pos value there (the paper finds ≥ 10 for this binary "
-                "attribute in GPT-2 Small's name-mover queries):",
-                _table([(r["site"], r["method"], _setting(r["method"], r.get("setting")), _count(r["value"]))
-                        for r in pos], ["node", "method", "setting", "Pos latents"])]
-    if results.get("oversplit_toy_loss"):
-        fig, (ax,) = _panels(1, size=(6, 3.5))
-        for m, color, label in (("ideal_2_latent", "#2ca02c", "ideal 2-latent SAE"),
-                                ("random_1000_latent", "#d62728", "random 1000-latent SAE")):
-            pts = sorted((r["l1"], r["value"])
-                         for r in _recs(results, "oversplit_toy_loss", method=m, grid="paper"))
-            if pts:
-                ax.plot(*zip(*pts), color=color, label=label)
-        fired = [r["l1"] for r in _recs(results, "oversplit_toy_loss", method="ideal_2_latent", grid="paper")
-                 if r["firing"] >= 0.02]
-        if fired:
-            ax.axvline(max(fired), color="k", ls=":", lw=1, label="ideal SAE fires on < 2% beyond")
-        ax.set(title="Toy ±µ + noise: best SAE loss (the paper's grid)", xlabel="λ", ylabel="loss")
-        ax.legend()
-        out += [_save(fig, figdir, "oversplit_toy.png", "over-splitting toy"),
+    def oversplitting_toy(self):
+        if not self.find("oversplit_toy_loss"):
+            return []
+        paper_grid = {m: self.find("oversplit_toy_loss", method=m, grid="paper")
+                      for m in ("ideal_2_latent", "random_1000_latent")}
+        fired = [r["l1"] for r in paper_grid["ideal_2_latent"] if r["firing"] >= 0.02]
+        panel = {"title": "Toy ±µ + noise: best SAE loss (the paper's grid)", "xlabel": "λ", "ylabel": "loss",
+                 "series": [_line(label, sorted((r["l1"], r["value"]) for r in paper_grid[m]), color=color)
+                            for m, label, color in (("ideal_2_latent", "ideal 2-latent SAE", "#2ca02c"), (
+                                "random_1000_latent", "random 1000-latent SAE", "#d62728"))]
+                 + _mark("ideal SAE fires on < 2% beyond", "v", max(fired, default=None), **DOTTED)}
+        counts = ("counted", "random_wins", "ideal_wins", "ties", "not_counted")
+        return [self.figure("oversplit_toy.png", [panel], size=(6, 3.5)),
                 "Look for the red curve under the green one: 1000 meaningless latents beat the two true "
-                "features on the SAE's own loss. Past the dotted line the ideal SAE (almost) never fires and both "
-                "losses tend to E‖x‖², so wins are counted only where it fires on at least 2% of inputs:",
-                _table([(grid, *(_count(_value(results, f"oversplit_toy_{c}", grid=grid))
-                                 for c in ("counted", "random_wins", "ideal_wins", "ties", "not_counted")),
-                         _value(results, "oversplit_toy_share_random_wins", grid=grid)) for grid in ("paper", "ours")],
-                       ["grid", "λ counted", "random wins", "ideal wins", "ties", "λ not counted", "share random"])]
-    return out if len(out) > 1 else out + ["_No over-splitting records; skipped._"]
+                "features on the SAE's own loss. Past the dotted line the ideal SAE (almost) never fires and "
+                "both losses tend to E‖x‖², so wins count only where it fires on at least 2% of inputs:",
+                _table([(grid, *(_count(self.mean(f"oversplit_toy_{c}", grid=grid)) for c in counts),
+                         self.mean("oversplit_toy_share_random_wins", grid=grid))
+                        for grid in ("paper", "ours")],
+                       ["grid", "λ counted", "random wins", "ideal wins", "ties", "λ not counted",
+                        "share random"])]
 
+    def core(self):
+        tests = ["l0", "mse", "fve", "dead_fraction", "ld_recovered", "train_steps", "train_converged"]
+        keys = dict.fromkeys((r["method"], r.get("setting"))
+                             for test in tests for r in self.by_test.get(test, []))
+        order = sorted(keys, key=lambda key: (METHODS.index(key[0]) if key[0] in METHODS else len(METHODS),
+                                              key[1] or 0))
+        return [] if not keys else [
+            _table([[m, _setting(m, setting)] + [self.mean(test, method=m, setting=setting) for test in tests]
+                    for m, setting in order], ["method", "setting"] + tests),
+            "README §8; dead fraction on the training activations, the rest on the evaluation ones; "
+            "train_steps: Adam steps run; train_converged: the share of SAEs that met the plateau criterion "
+            "(loss improving < 1% over the last 10% of epochs) before the cap. LD recovered skips nodes "
+            f"whose mean ablation alone moves the LD by < {Grader.MIN_NODE_EFFECT:.1%} (it divides by that)."]
 
-# --- 7. core SAE metrics ---
+    def paper(self):
+        """Our numbers beside the paper's, each with its verdict and the criterion behind it."""
+        rows = self.paper_edit_rows() + self.occlusion_verdict()
+        for phenomenon in ("occlusion", "oversplitting"):
+            gate = self.find("phenomenon_testable", phenomenon=phenomenon)
+            if gate and not gate[0]["value"]:
+                rows.append((f"{phenomenon}: in the model", "seen in GPT-2 Small", "—",
+                             "not testable here (section 6 shows the measurement)"))
+        pos = [r["value"] for r in self.find("pos_latents", phenomenon="oversplitting")]
+        if pos:
+            verdict = ("reproduced (criterion: ≥ 10 in every setting)" if min(pos) >= 10 else
+                       "in some settings (criterion: ≥ 10)" if max(pos) >= 10 else
+                       "not reproduced (criterion: ≥ 10)")
+            rows.append(("over-splitting: latents interpreted as a Pos value", "≥ 10",
+                         f"{min(pos):g}–{max(pos):g}", verdict))
+        wins, counted = (self.mean(f"oversplit_toy_{c}", grid="paper")
+                         for c in ("share_random_wins", "counted"))
+        if wins is not None:
+            rows.append((f"toy (paper's grid): share of the {_count(counted)} λ where the ideal SAE fires on "
+                         "≥ 2% of inputs that the random SAE wins", "1.00", f"{wins:.2f}",
+                         ("reproduced" if wins >= 0.95 else "not reproduced") + " (criterion ≥ 0.95)"))
+        return [] if not rows else [
+            "Ours: min–max over the headline sites (task SAEs at their chosen setting, greedy edits) where "
+            "an edit must change the model's answer (no-intervention edit accuracy below 0.5). Higher edit "
+            "accuracy is better; less weight removed means a more surgical edit.",
+            _table(rows, ["quantity", "paper", "this run", "verdict"])]
 
-def _core_section(results):
-    tests = ["l0", "mse", "fve", "dead_fraction", "ld_recovered", "train_steps", "train_converged"]
-    keys = dict.fromkeys((r["method"], r.get("setting")) for t in tests for r in results.get(t, []))
-    if not keys:
-        return ["## 7. Core SAE metrics", "_No core SAE metrics; section skipped._"]
-    order = sorted(keys, key=lambda k: (METHODS.index(k[0]) if k[0] in METHODS else len(METHODS), k[1] or 0))
-    rows = [[m, _setting(m, st)] + [_value(results, t, method=m, setting=st) for t in tests]
-            for m, st in order]
-    return ["## 7. Core SAE metrics (mean over nodes)", _table(rows, ["method", "setting"] + tests),
-            "L0, MSE, FVE and dead fraction on the evaluation activations (dead: on the training ones); "
-            "train_steps is the Adam steps run and train_converged the share of SAEs that met the plateau "
-            "criterion (loss improving < 1% over the last 10% of epochs) before the cap. "
-            "LD recovered patches one node at a time, so it skips nodes whose mean ablation alone moves "
-            f"the LD by less than {Grader.MIN_NODE_EFFECT:.1%} (it would divide by that effect)."]
-
-
-# --- 8. comparison with the paper ---
-
-def _verdict(lo, hi, paper_lo, paper_hi):
-    if paper_lo <= lo and hi <= paper_hi:
-        return "within the paper's range"
-    return "higher" if lo > paper_hi else "lower" if hi < paper_lo else "overlaps the paper's range"
-
-
-def _informative(results, site, attribute):
-    """An edit tells us something only if it must change the model's answer: without any
-    intervention, the argmax must mostly differ from the counterfactual run's."""
-    baseline = _edit(results, "edit_accuracy_no_intervention", site, "none", attribute)
-    return baseline is None or baseline < 0.5
-
-
-def _paper_rows(results):
-    rows = []
-    sites = [(a, s) for a, s in _headline(results) if _informative(results, s, a)]
-    for m, ranges in PAPER_EDITS.items():
-        for test, paper in zip(("edit_accuracy", "weight_removed"), ranges):
-            ours = [v for a, s in sites if (v := _edit(results, test, s, m, a)) is not None]
-            if paper and ours:
+    def paper_edit_rows(self):
+        """k = 2 edits against the paper's ranges (README §6), over the headline sites where an edit is
+        informative: without any intervention the model's answer mostly differs from the counterfactual's."""
+        baseline = {(a, s): self.edit("edit_accuracy_no_intervention", s, "none", a)
+                    for a, s in self.headline()}
+        sites = [(a, s) for (a, s), accuracy in baseline.items() if accuracy is None or accuracy < 0.5]
+        rows = []
+        for m, ranges in PAPER_EDITS.items():
+            for test, paper in zip(("edit_accuracy", "weight_removed"), ranges):
+                ours = [value for a, s in sites if (value := self.edit(test, s, m, a)) is not None]
+                if not (paper and ours):
+                    continue
+                low, high = min(ours), max(ours)
+                verdict = ("within the paper's range" if paper[0] <= low and high <= paper[1] else
+                           "higher" if low > paper[1] else "lower" if high < paper[0] else
+                           "overlaps the paper's range")
                 rows.append((f"{m}: {test.replace('_', ' ')} at k = 2", "{:.2f}–{:.2f}".format(*paper),
-                             f"{min(ours):.2f}–{max(ours):.2f}", _verdict(min(ours), max(ours), *paper)))
-    io = [r["value"] for r in _recs(results, "occlusion_io_names")]
-    s = [_value(results, "occlusion_s_names", site=r["site"], method=r["method"], setting=r.get("setting"))
-         or 0 for r in _recs(results, "occlusion_io_names")]
-    if io:
+                             f"{low:.2f}–{high:.2f}", verdict))
+        return rows
+
+    def occlusion_verdict(self):
+        """Occlusion is reproduced if every setting has more IO than S names, and the α sweep crosses."""
+        io_records = self.find("occlusion_io_names")
+        if not io_records:
+            return []
+        io = [r["value"] for r in io_records]
+        s = [self.mean("occlusion_s_names", site=r["site"], method=r["method"], setting=r.get("setting")) or 0
+             for r in io_records]
         more_io = sum(i > j for i, j in zip(io, s))
-        sweep = {a: [value for _, value in sorted((r["alpha"], r["value"])
-                                                  for r in _recs(results, f"alpha_sweep_{a}_names"))]
-                 for a in ("io", "s")}  # names with a latent, by increasing α
-        appear = bool(sweep["s"]) and sweep["s"][-1] > sweep["s"][0] and sweep["io"][-1] < sweep["io"][0]
-        rows.append(("occlusion: names with a latent (F1 ≥ 0.5)", "almost every IO name, ≤ 22 S names; S latents "
-                     "appear as α removes the IO features", f"IO {min(io):g}–{max(io):g}, S ≤ {max(s):g}; α sweep: "
-                     + ("S latents appear, IO latents vanish" if appear else "no such crossing"),
-                     "reproduced (criterion: more IO than S names in every setting, and the crossing)"
-                     if more_io == len(io) and appear else
-                     f"not reproduced (more IO than S names in {more_io} of {len(io)} settings; "
-                     f"crossing {'seen' if appear else 'not seen'})"))
-    for phenomenon in ("occlusion", "oversplitting"):
-        gate = _recs(results, "phenomenon_testable", phenomenon=phenomenon)
-        if gate and not gate[0]["value"]:
-            rows.append((f"{phenomenon}: in the model", "seen in GPT-2 Small", "—",
-                         "not testable here (section 6 shows the measurement)"))
-    pos = [r["value"] for r in _recs(results, "pos_latents") if r.get("phenomenon") == "oversplitting"]
-    if pos:
-        verdict = ("reproduced (criterion: ≥ 10 in every setting)" if min(pos) >= 10 else
-                   "in some settings (criterion: ≥ 10)" if max(pos) >= 10 else "not reproduced (criterion: ≥ 10)")
-        rows.append(("over-splitting: latents interpreted as a Pos value", "≥ 10", f"{min(pos):g}–{max(pos):g}",
-                     verdict))
-    wins = _value(results, "oversplit_toy_share_random_wins", grid="paper")
-    if wins is not None:
-        counted = _count(_value(results, "oversplit_toy_counted", grid="paper"))
-        rows.append((f"toy (paper's grid): share of the {counted} λ where the ideal SAE fires on ≥ 2% of inputs "
-                     "that the random SAE wins", "1.00", f"{wins:.2f}",
-                     "reproduced (criterion ≥ 0.95)" if wins >= 0.95 else "not reproduced (criterion ≥ 0.95)"))
-    return rows
+        sweep = {a: [value for _, value in sorted((r["alpha"], r["value"])  # names with a latent, by α
+                                                  for r in self.find(f"alpha_sweep_{a}_names"))]
+                 for a in ("io", "s")}
+        crossing = bool(sweep["s"]) and sweep["s"][-1] > sweep["s"][0] and sweep["io"][-1] < sweep["io"][0]
+        verdict = ("reproduced (criterion: more IO than S names in every setting, and the crossing)"
+                   if more_io == len(io) and crossing else f"not reproduced (more IO than S names in "
+                   f"{more_io} of {len(io)} settings; crossing {'seen' if crossing else 'not seen'})")
+        ours = (f"IO {min(io):g}–{max(io):g}, S ≤ {max(s):g}; α sweep: "
+                + ("S latents appear, IO latents vanish" if crossing else "no such crossing"))
+        return [("occlusion: names with a latent (F1 ≥ 0.5)", "almost every IO name, ≤ 22 S names; S "
+                 "latents appear as α removes the IO features", ours, verdict)]
 
-
-def _paper_section(results):
-    rows = _paper_rows(results)
-    return ["## 8. Comparison with the paper",
-            "Ours are min–max over the headline sites (task SAEs at their chosen setting, greedy edits) "
-            "where an edit must change the model's answer (no-intervention edit accuracy below 0.5). "
-            "Higher edit accuracy is better; less weight removed means a more surgical edit.",
-            _table(rows, ["quantity", "paper", "this run", "verdict"]) if rows else "_Nothing to compare._"]
-
-
-# --- 9. SAEs from elsewhere ---
-
-def _other_saes_section(results):
-    """Each SAE graded by `grade-sae`, at the sites it reads, beside the yardstick at the same nodes."""
-    graded = _recs(results, "graded_sae")
-    if not graded:
-        return []
-    rows = []
-    for r in graded:
-        site = r["site"]
-        reads = r.get("reads", "") + ("" if r.get("head") is None else f" head {r['head']}")
-        attrs = list(dict.fromkeys(e["attribute"] for e in _recs(results, "edit_accuracy", site=site)))
-        for m in _present(_recs(results, "sufficiency", site=site)):
-            if m == "mean_ablation":
-                continue
-            approximation = " / ".join(_fmt(_at_chosen(results, test, site, m))
-                                       for test in ("sufficiency", "necessity"))
-            edits = ", ".join(f"{a} {_fmt(_edit(results, 'edit_accuracy', site, m, a))}" for a in attrs)
-            coverage = ", ".join(f"{a} {_fmt(_at_chosen(results, 'f1_coverage', site, m, attribute=a))}"
-                                 for a in attrs) if not m.startswith("supervised") else ""
-            rows.append([r["method"], reads, site, m, approximation, edits, coverage])
-    return ["## 9. SAEs from elsewhere (`grade-sae`)",
-            "Each SAE at the cross-sections it reads (in brackets: what it reads), next to the supervised "
-            "dictionaries fitted at the very same nodes and, where it reads single heads, our task SAEs. "
-            "Sufficiency / necessity (1 is best); edit accuracy at k = 2 (greedy for SAEs) per attribute; "
-            "F1 coverage: the share of each attribute's values with a latent of F1 ≥ 0.8.",
+    def other_saes(self):
+        """Each SAE graded by `grade-sae`, at the sites it reads, beside the yardstick at the same nodes."""
+        rows = []
+        for graded in self.find("graded_sae"):
+            site = graded["site"]
+            head = "" if graded.get("head") is None else f" head {graded['head']}"
+            reads = graded.get("reads", "") + head
+            attributes = list(dict.fromkeys(r["attribute"] for r in self.find("edit_accuracy", site=site)))
+            for m in _distinct(self.find("sufficiency", site=site)):
+                if m == "mean_ablation":
+                    continue
+                approximation = " / ".join(_fmt(self.at(test, site, m))
+                                           for test in ("sufficiency", "necessity"))
+                edits = ", ".join(f"{a} {_fmt(self.edit('edit_accuracy', site, m, a))}" for a in attributes)
+                coverage = "" if m.startswith("supervised") else ", ".join(
+                    f"{a} {_fmt(self.at('f1_coverage', site, m, attribute=a))}" for a in attributes)
+                rows.append([graded["method"], reads, site, m, approximation, edits, coverage])
+        return [] if not rows else [
+            "Each SAE at the cross-sections it reads, beside the supervised dictionaries fitted at the very "
+            "same nodes and, where it reads single heads, our task SAEs: sufficiency / necessity (1 is "
+            "best), edit accuracy at k = 2 (SAEs: greedy), F1 coverage (values with a latent of F1 ≥ 0.8).",
             _table(rows, ["SAE", "reads", "cross-section", "method", "sufficiency / necessity",
                           "edit accuracy", "F1 coverage"])]
 
-
-# --- putting it together ---
-
-def _load_metrics(run_dir):
-    """(config, circuit, results indexed by test) from metrics.json, or a one-line ClickException."""
-    path = os.path.join(run_dir, "metrics.json")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        results = _index(data["results"])
-        bad = [r for records in results.values() for r in records if not {"site", "method", "value"} <= set(r)]
-    except FileNotFoundError:
-        raise click.ClickException(f"{path}: not found (run the pipeline first)")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise click.ClickException(f"{path}: not valid JSON ({e})")
-    except (KeyError, TypeError, AttributeError) as e:
-        raise click.ClickException(f"{path}: malformed, expected {{'results': [records with a 'test']}} "
-                                   f"({type(e).__name__}: {e})")
-    if bad:
-        raise click.ClickException(f"{path}: malformed record {bad[0]} (needs test, site, method, value)")
-    return data.get("config") or {}, data.get("circuit") or {}, results
-
-
-def summary_table(records) -> str:
-    """Compact terminal table: model LD and accuracy, then per headline site the k = 2 edit
-    accuracy and the sufficiency of the supervised dictionary and the task SAEs."""
-    results = records if isinstance(records, dict) else _index(records)
-    methods = ["supervised", "vanilla", "gated", "topk"]
-    ld, acc = (_value(results, t, site="model") for t in ("logit_diff", "accuracy"))
-    lines = [f"model: mean LD {_fmt(ld)}, accuracy {_fmt(acc)}",
-             f"{'':22}{'edit accuracy @k=2':^28}{'sufficiency':^28}",
-             f"{'site':22}" + "".join(f"{m[:6]:>7}" for m in methods) * 2]
-    for attr, site in _headline(results):
-        values = ([_edit(results, "edit_accuracy", site, m, attr) for m in methods]
-                  + [_at_chosen(results, "sufficiency", site, m) for m in methods])
-        lines.append(f"{attr + '@' + site:22}" + "".join(f"{_fmt(v):>7}" for v in values))
-    return "\n".join(lines)
+    def markdown(self):
+        sections = {"## 1. The model solves IOI": self.model(),
+                    "## 2. The circuit: cross-sections we patch and edit": self.circuit(),
+                    "## 3. Test 1 — approximation: sufficiency and necessity": self.approximation(),
+                    "## 4. Test 2 — control: editing an attribute with a few latents": self.control(),
+                    "## 5. Test 3 — interpretability": self.interpretability(),
+                    "## 6. Two SAE failure modes": ["Where SAEs fail even though they approximate well "
+                                                    "(README §9)."],
+                    "### Feature occlusion": self.occlusion(),
+                    "### Feature over-splitting": self.oversplitting(),
+                    "## 7. Core SAE metrics (mean over nodes)": self.core(),
+                    "## 8. Comparison with the paper": self.paper()}
+        if self.find("graded_sae"):  # only a run that graded an SAE from elsewhere has this section
+            sections["## 9. SAEs from elsewhere (`grade-sae`)"] = self.other_saes()
+        blocks = self.header() + ["## At a glance", f"```\n{self.summary()}\n```"]
+        for heading, body in sections.items():
+            blocks += [heading] + (body or ["_Nothing in metrics.json for this section; section skipped._"])
+        return "\n\n".join(blocks) + "\n"
 
 
 def write_report(run_dir) -> str:
-    """Write <run_dir>/report.md and <run_dir>/figures/*.png from <run_dir>/metrics.json;
-    return the terminal summary."""
-    import matplotlib
-    matplotlib.use("Agg")
-    config, circuit, results = _load_metrics(run_dir)
-    figdir = os.path.join(run_dir, "figures")
-    os.makedirs(figdir, exist_ok=True)
-    summary = summary_table(results)
-    interp = _f1_coverage(results, figdir) + _causal_figure(results, figdir)
-    blocks = (_header(config) + ["## At a glance", f"```\n{summary}\n```"]
-              + _model_section(results, figdir) + _circuit_section(circuit)
-              + _approx_section(results, figdir) + _control_section(results, figdir)
-              + ["## 5. Test 3 — interpretability"] + (interp or ["_No F1 records; section skipped._"])
-              + ["## 6. Two SAE failure modes"] + _occlusion(results, figdir) + _alpha_figure(results, figdir)
-              + _occlusion_toy(results) + _oversplitting(results, figdir)
-              + _core_section(results) + _paper_section(results) + _other_saes_section(results))
-    report_md = "\n\n".join(blocks) + "\n"
-    gpt2.atomic_write(os.path.join(run_dir, "report.md"), lambda tmp: Path(tmp).write_text(report_md))
-    return summary
+    """Write <run_dir>/report.md and <run_dir>/figures/*.png from <run_dir>/metrics.json; return the
+    terminal summary."""
+    report = Report.load(run_dir)
+    os.makedirs(report.figdir, exist_ok=True)
+    markdown = report.markdown()
+    gpt2.atomic_write(os.path.join(run_dir, "report.md"), lambda tmp: Path(tmp).write_text(markdown))
+    return report.summary()
 
 
 @cli.command()

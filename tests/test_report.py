@@ -2,6 +2,7 @@
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -29,7 +30,8 @@ def fake_results():
     for site in SITES:
         for test in ("sufficiency", "necessity"):
             for method in ("mean_ablation", "supervised", "supervised_lstsq", "vanilla_fulldist"):
-                add(test, site, method, 0.777 if (test, site, method) == ("sufficiency", "S-I v", "supervised") else 0.6)
+                planted = (test, site, method) == ("sufficiency", "S-I v", "supervised")
+                add(test, site, method, 0.777 if planted else 0.6)
             for method, settings in SAES.items():
                 for s in settings:
                     add(test, site, method, 0.7 + SHIFT[method] + 0.1 * s / max(settings), setting=s)
@@ -55,11 +57,13 @@ def fake_results():
             for s in settings:
                 add("edit_distance_k2", site, method, 0.4 * s, setting=s, chosen=s == settings[-1])
                 for t in (0.2, 0.4, 0.6, 0.8):
-                    add("causal_keep_sufficiency", site, method, 1 - t * t + SHIFT[method], threshold=t, setting=s)
+                    add("causal_keep_sufficiency", site, method, 1 - t * t + SHIFT[method], threshold=t,
+                        setting=s)
                     add("causal_remove_necessity", site, method, t + SHIFT[method], threshold=t, setting=s)
     for method, settings in SAES.items():
         for s in settings:
-            for test, v in (("l0", 7.0), ("mse", 0.1), ("fve", 0.9), ("dead_fraction", 0.2), ("ld_recovered", 0.8)):
+            for test, v in (("l0", 7.0), ("mse", 0.1), ("fve", 0.9), ("dead_fraction", 0.2),
+                            ("ld_recovered", 0.8)):
                 add(test, NODE, method, v, setting=s)
             add("pos_latents", NODE, method, 12, setting=s, phenomenon="oversplitting")
     for s in SAES["vanilla"]:
@@ -81,10 +85,11 @@ def fake_results():
     add("supervised_feature_norm", NODE, "supervised", 1.0, attribute="s")
     for grid in ("paper", "ours"):
         for lam in (0.0, 5.0, 10.0, 20.0):
-            add("oversplit_toy_loss", "toy", "ideal_2_latent", 100 + lam, l1=lam, grid=grid, firing=1 - lam / 10)
+            add("oversplit_toy_loss", "toy", "ideal_2_latent", 100 + lam, l1=lam, grid=grid,
+                firing=1 - lam / 10)
             add("oversplit_toy_loss", "toy", "random_1000_latent", 100 + lam / 2, l1=lam, grid=grid)
-        for count, value in (("counted", 2), ("random_wins", 2), ("ideal_wins", 0), ("ties", 0), ("not_counted", 2),
-                             ("share_random_wins", 1.0)):
+        for count, value in (("counted", 2), ("random_wins", 2), ("ideal_wins", 0), ("ties", 0),
+                             ("not_counted", 2), ("share_random_wins", 1.0)):
             add(f"oversplit_toy_{count}", "toy", "random_1000_latent", value, grid=grid)
     return r
 
@@ -92,64 +97,202 @@ def fake_results():
 def write_metrics(run_dir, results):
     config = {"weights": None, "n_train": 2000, "n_eval": 500, "seed": 0, "d_sae": 256, "epochs": 100,
               "vanilla_l1": [0.5, 1.0], "gated_l1": 1.0, "topk_k": [3, 6], "edit_k": [2, 4, 8, 16]}
-    circuit = {"sections": [{"name": s, "nodes": [f"z@L{i}H1@end", f"z@L{i}H2@end"], "attributes": ["io", "pos"]}
-                            for i, s in enumerate(SITES)],
+    circuit = {"sections": [{"name": s, "nodes": [f"z@L{i}H1@end", f"z@L{i}H2@end"],
+                             "attributes": ["io", "pos"]} for i, s in enumerate(SITES)],
                "discovery": {"heads": [{"head": "L3H1", "position": "end", "ld_drop": 1.5, "fraction": 0.4,
                                         "direct_effect": 1.1, "query_effect": None,
                                         "role": "name mover"},
                                        {"head": "L1H0", "position": "s2", "ld_drop": 0.2, "fraction": 0.05,
                                         "direct_effect": None, "query_effect": None,
                                         "role": ""}],
-                             "sections": [{"section": "(B)NM q", "ld_drop": 0.01, "fraction": 0.003, "kept": False}]}}
+                             "sections": [{"section": "(B)NM q", "ld_drop": 0.01, "fraction": 0.003,
+                                           "kept": False}]}}
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump({"config": config, "circuit": circuit, "results": results}, f)
 
 
 def referenced_figures(run_dir):
-    text = open(os.path.join(run_dir, "report.md")).read()
-    return re.findall(r"!\[[^\]]*\]\((figures/[^)]+)\)", text)
+    text = (run_dir / "report.md").read_text()
+    return re.findall(r"!\[[^\]]*\]\(figures/([^)]+)\)", text)
 
 
-def test_full_report(tmp_path):
+def section(text, heading):
+    """The report's text from `heading` to the next heading of the same or a higher level."""
+    level = heading.split(" ")[0]
+    start = text.index(heading)
+    ends = [text.find("\n" + h + " ", start + 1) for h in ("#", "##", "###")[:len(level)]]
+    return text[start:min([end for end in ends if end != -1], default=len(text))]
+
+
+def tables(text):
+    """Every markdown table in `text`, each as a list of {column header: cell} rows."""
+    found = []
+    for block in text.split("\n\n"):
+        lines = block.strip().splitlines()
+        if lines and lines[0].startswith("|"):
+            def cells(line):
+                return [cell.strip() for cell in line.strip().strip("|").split("|")]
+            found.append([dict(zip(cells(lines[0]), cells(line))) for line in lines[2:]])
+    return found
+
+
+def row(table, **match):
+    """The one row of `table` whose cells equal `match` (in column names, "-" and " " are written "_")."""
+    def named(r):
+        return {re.sub(r"[- ]", "_", column): cell for column, cell in r.items()}
+    rows = [r for r in table if all(named(r).get(column) == cell for column, cell in match.items())]
+    assert len(rows) == 1, (match, table)
+    return rows[0]
+
+
+@pytest.fixture
+def full_report(tmp_path):
     write_metrics(tmp_path, fake_results())
     summary = main.write_report(str(tmp_path))
+    return tmp_path, (tmp_path / "report.md").read_text(), summary
+
+
+HEADINGS = ["# Supervised dictionaries", "## At a glance", "## 1. The model", "## 2. The circuit",
+            "## 3. Test 1", "## 4. Test 2", "## 5. Test 3", "## 6. Two SAE failure modes",
+            "### Feature occlusion", "### Feature over-splitting", "## 7. Core SAE metrics",
+            "## 8. Comparison with the paper"]
+
+
+def test_every_section_in_order_and_every_figure_a_png(full_report):
+    run_dir, text, _ = full_report
+    positions = [text.index(heading) for heading in HEADINGS]
+    assert positions == sorted(positions)
+    assert "## 9." not in text  # no SAE from elsewhere was graded in this run
+    figures = referenced_figures(run_dir)
+    assert sorted(figures) == sorted(["ld_histogram.png", "approximation.png", "control_headline.png",
+                                      "control_vs_k.png", "f1_coverage.png", "causal_f1.png", "occlusion.png",
+                                      "alpha_sweep.png", "oversplit_toy.png"])
+    for name in figures:
+        png = (run_dir / "figures" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    assert sorted(p.name for p in (run_dir / "figures").iterdir()) == sorted(figures)  # nothing else written
+
+
+def test_known_records_appear_in_their_tables(full_report):
+    _, text, summary = full_report
+    assert "scaled down" in text.lower() and "n_train = 2000 instead of 20000" in text
+    assert row(tables(section(text, "## 1."))[0], metric="logit_diff")["value"] == "3.21"
+    heads, verdicts = tables(section(text, "## 2."))[1:]
+    assert row(heads, head="L3H1")["direct effect"] == "1.10" and "L1H0" not in text  # only heads with a role
+    assert row(verdicts, cross_section="(B)NM q")["verdict"] == "dropped: not causal here"
+    # the supervised sufficiency put in above for S-I v; the task SAEs at their chosen setting
+    approximation = tables(section(text, "## 3."))[0]
+    assert row(approximation, cross_section="S-I v")["supervised"] == "0.78 / 0.60"
+    assert row(approximation, cross_section="S-I v")["topk"] == "0.85 / 0.85"  # k = 6 (chosen), not k = 3
+    k2, f1_edits, chosen = tables(section(text, "## 4."))
+    edit = row(k2, cross_section="S-I v", attribute="pos")
+    assert (edit["none"], edit["supervised"], edit["topk"]) == ("0.10", "0.90 / 0.50", "0.69 / 0.39")
+    assert row(f1_edits, cross_section="S-I v", attribute="pos")["topk"] == "0.65 / 0.39"
+    assert row(chosen, cross_section="S-I v")["topk"] == "k=6 (2.40)"
+    coverage = tables(section(text, "## 5."))[0]
+    assert row(coverage, cross_section="(B)NM out", attribute="io")["vanilla"] == "0.50"
+    occlusion = tables(section(text, "### Feature occlusion"))[1]
+    assert row(occlusion, setting="λ=0.5")["IO names"] == "40"
+    assert row(occlusion, setting="λ=1")["S names"] == "3"
+    assert row(tables(section(text, "## 7."))[0], method="topk", setting="k=6")["l0"] == "7.00"
+    assert re.search(r"pos@S-I v +0\.90 .* 0\.78 ", summary) and "3.21" in summary  # terminal summary
+
+
+def test_verdicts_state_their_criterion_and_number(full_report):
+    _, text, _ = full_report
+    occlusion = section(text, "### Feature occlusion")
+    assert "IO and S present (supervised feature norm ≥ 0.1 of" in occlusion
+    assert "changes ≥ 10% of the answers" in occlusion
+    assert row(tables(occlusion)[0], node=NODE)["S: norm / answers changed / LD moved"] == "0.50 / 40% / 20%"
+    oversplitting = section(text, "### Feature over-splitting")
+    assert "**Not testable here.** The test needs Pos present (supervised feature norm ≥ 0.1" in oversplitting
+    closest = tables(oversplitting)[0]  # the nodes closest to testable, the strongest first
+    assert [r["node"] for r in closest] == [NODE, "q@L2H2@end"]
+    assert closest[1]["Pos: norm / answers changed / LD moved"] == "0.05 / 0% / 0%"
+    assert row(tables(oversplitting)[2], grid="paper")["share random"] == "1.00"
+    paper = tables(section(text, "## 8."))[0]
+    assert row(paper, quantity="supervised: edit accuracy at k = 2")["verdict"] == "within the paper's range"
+    assert row(paper, quantity="gated: edit accuracy at k = 2")["verdict"] == "lower"
+    assert row(paper, quantity="oversplitting: in the model")["verdict"].startswith("not testable here")
+    assert row(paper, quantity="over-splitting: latents interpreted as a Pos value")["this run"] == "12–12"
+    toy = [r for r in paper if r["quantity"].startswith("toy (paper's grid): share of the 2 λ")]
+    assert toy[0]["verdict"] == "reproduced (criterion ≥ 0.95)"
+    occlusion_row = row(paper, quantity="occlusion: names with a latent (F1 ≥ 0.5)")
+    assert occlusion_row["this run"] == "IO 40–40, S ≤ 3; α sweep: S latents appear, IO latents vanish"
+    assert occlusion_row["verdict"] == (
+        "reproduced (criterion: more IO than S names in every setting, and the crossing)")
+
+
+def test_a_verdict_turns_when_the_numbers_do(tmp_path):
+    """Occlusion with more S than IO names, and a toy the random SAE mostly loses, are not reproduced."""
+    records = fake_results()
+    for r in records:
+        if r["test"] == "occlusion_s_names":
+            r["value"] = 50
+        if r["test"] == "oversplit_toy_share_random_wins":
+            r["value"] = 0.5
+    write_metrics(tmp_path, records)
+    main.write_report(str(tmp_path))
+    paper = tables(section((tmp_path / "report.md").read_text(), "## 8."))[0]
+    assert row(paper, quantity="occlusion: names with a latent (F1 ≥ 0.5)")["verdict"] == (
+        "not reproduced (more IO than S names in 0 of 2 settings; crossing seen)")
+    toy = [r for r in paper if r["quantity"].startswith("toy (paper's grid)")]
+    assert (toy[0]["this run"], toy[0]["verdict"]) == ("0.50", "not reproduced (criterion ≥ 0.95)")
+
+
+def test_task_saes_are_shown_at_the_setting_chosen_for_each_attribute(tmp_path):
+    """Test 2 chooses an SAE setting per site and attribute (README §8): here k=3 for IO, k=6 for Pos;
+    each row of the edit table takes its own attribute's setting, and the approximation table (no
+    attribute) the one chosen most often."""
+    topk = {"site": "S-I v", "method": "topk"}
+    records = []
+    for k in (3, 6):
+        for attribute, chosen_k in (("io", 3), ("pos", 6), ("s", 6)):
+            records += [{"test": "edit_distance_k2", **topk, "value": 0.1, "setting": k,
+                         "attribute": attribute, "chosen": k == chosen_k},
+                        {"test": "edit_accuracy", **topk, "value": k / 10, "setting": k,
+                         "attribute": attribute, "k": 2, "edit": "greedy"}]
+        records.append({"test": "sufficiency", **topk, "value": k / 100, "setting": k})
+    write_metrics(tmp_path, records)
+    main.write_report(str(tmp_path))
     text = (tmp_path / "report.md").read_text()
-    for heading in ("# Supervised dictionaries", "## 1. The model", "## 2. The circuit", "## 3. Test 1",
-                    "## 4. Test 2", "## 5. Test 3", "## 6. Two SAE failure modes", "## 7. Core SAE metrics",
-                    "## 8. Comparison with the paper"):
-        assert heading in text
-    assert "scaled down" in text
-    assert re.search(r"\| S-I v \| [^\n]*0\.78 / ", text)  # the supervised sufficiency put in above
-    assert "| L3H1 | end | 1.10 | – | 1.50 | 40.0% | name mover |" in text and "L1H0" not in text  # only heads with a role
-    assert "| (B)NM q | 0.01 | 0.00 | dropped: not causal here |" in text
-    assert "within the paper's range" in text
-    assert "| paper | 2 | 2 | 0 | 0 | 2 | 1.00 |" in text
-    assert "reproduced (criterion ≥ 0.95)" in text
-    assert f"it runs at `{NODE}`" in text and f"| {NODE} | 0.50 / 40% / 20% | 0.50 / 40% / 20% |" in text
-    assert "**Not testable here.**" in text  # over-splitting, in this fake run
-    figures = referenced_figures(tmp_path)
-    assert len(figures) == 9
-    for fig in figures:
-        path = tmp_path / fig
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
-    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
-    assert "pos@S-I v" in summary and "3.21" in summary
+    edits = tables(section(text, "## 4."))[0]
+    assert [row(edits, attribute=a)["topk"] for a in ("io", "pos")] == ["0.30 / –", "0.60 / –"]
+    assert row(tables(section(text, "## 3."))[0], cross_section="S-I v")["topk"] == "0.06 / –"
 
 
-def test_report_with_most_tests_missing(tmp_path):
+def test_sections_without_records_say_so_and_draw_nothing(tmp_path):
     write_metrics(tmp_path, [r for r in fake_results() if r["test"] in ("logit_diff", "sufficiency")])
-    summary = main.write_report(str(tmp_path))
+    main.write_report(tmp_path)
     text = (tmp_path / "report.md").read_text()
-    assert "## 8. Comparison with the paper" in text and "section skipped" in text
-    for fig in referenced_figures(tmp_path):
-        assert (tmp_path / fig).stat().st_size > 0
-    assert "3.21" in summary
+    for heading in ("## 4.", "## 5.", "## 7.", "## 8."):
+        assert "section skipped" in section(text, heading)
+    assert "section skipped" not in section(text, "## 3.")
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["approximation.png"]
 
 
-def test_cli_report_prints_summary(tmp_path):
+def test_a_failed_render_leaves_the_previous_report_whole(tmp_path, monkeypatch):
+    write_metrics(tmp_path, fake_results())
+    main.write_report(str(tmp_path))
+    before = (tmp_path / "report.md").read_text()
+
+    def half_written(figure, path, **kwargs):
+        Path(path).write_bytes(b"\x89PNG")  # a partial file, then the disk fills up
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("matplotlib.figure.Figure.savefig", half_written)
+    with pytest.raises(OSError):
+        main.write_report(str(tmp_path))
+    assert (tmp_path / "report.md").read_text() == before
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    for name in referenced_figures(tmp_path):
+        assert (tmp_path / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_report_writes_the_report_and_prints_the_summary(tmp_path):
     write_metrics(tmp_path, [r for r in fake_results() if r["test"] in ("logit_diff", "edit_accuracy")])
     result = CliRunner().invoke(main.cli, ["report", "--out", str(tmp_path)])
-    assert result.exit_code == 0 and "edit accuracy" in result.output and "report.md" in result.output
+    assert result.exit_code == 0 and "mean LD 3.21" in result.output
+    assert (tmp_path / "report.md").exists() and str(tmp_path / "report.md") in result.output
 
 
 @pytest.mark.parametrize("content, problem", [("{not json", "not valid JSON"),
