@@ -1727,7 +1727,7 @@ class Report:
                             title=f"F1 coverage of {a}", ylabel="values with F1 ≥ 0.8", ylim=(0, 1.05))
                       for a in attributes]
             out += ["F1 coverage (README §7): the share of an attribute's values that some latent detects "
-                    "with F1 ≥ 0.8, over the cross-section's nodes. Look for bars near 1: a latent each.",
+                    "with F1 ≥ 0.8, averaged over its nodes. Look for bars near 1: a latent for every value.",
                     _table([[site, a] + [coverage[site, a, m] for m in methods] for site in sites
                             for a in attributes], ["cross-section", "attribute"] + methods),
                     self.figure("f1_coverage.png", panels)]
@@ -1815,7 +1815,8 @@ class Report:
         return [] if not toy else [
             "Toy model a = u_IO + v_S (216 values each, 64 dimensions, as in the paper) with the feature "
             "norms measured at the occlusion node (where not testable, a stated 2:1 ratio): the share of "
-            "features with a vanilla-SAE latent of F1 > 0.9. Look for high-norm ones found, low-norm not.",
+            "features with a vanilla-SAE latent of F1 > 0.9. Look for the high-norm features found and the "
+            "low-norm ones missed.",
             _table([(r["attribute"].upper(), r.get("norm"), _setting("vanilla", r.get("setting")), r["value"])
                     for r in toy], ["feature", "norm", "setting", "share recovered"])]
 
