@@ -685,11 +685,10 @@ def stopwatch(label):
     click.echo(f"{label}: {time.time() - started:.0f} s")
 
 
-def evaluate_run(run, oversplitting_grids=metrics.OVERSPLITTING_GRIDS,
-                 min_node_effect=metrics.MIN_NODE_EFFECT):
+def evaluate_run(run, oversplitting_grids=metrics.OVERSPLITTING_GRIDS):
     """Every test of the paper on one run -> records (README §5-§9); the dictionaries and SAEs are
-    fitted and trained, or loaded from the run folder, on the way. `oversplitting_grids` and
-    `min_node_effect`: see metrics.oversplitting_toy_records and metrics.ld_recovered_records."""
+    fitted and trained, or loaded from the run folder, on the way. `oversplitting_grids`: the
+    over-splitting toy's grids (metrics.oversplitting_toy_records)."""
     with stopwatch("Supervised dictionaries"):
         supervised = run.fit_supervised()
     with stopwatch("Task SAEs"):
@@ -706,7 +705,7 @@ def evaluate_run(run, oversplitting_grids=metrics.OVERSPLITTING_GRIDS,
         saes = metrics.every_setting(task_saes, corpus_saes)
         records += metrics.core_records(saes, run.acts["eval"], training)
         records += metrics.ld_recovered_records(task, clean_run, run.acts["eval"], run.sections, saes,
-                                                metrics.chosen_settings(records), min_node_effect)
+                                                metrics.chosen_settings(records))
     with stopwatch("Feature occlusion and over-splitting"):
         records += grade_phenomena(run, task, clean_run, supervised["supervised"], task_saes)
     with stopwatch("Over-splitting toy"):

@@ -6,17 +6,19 @@ Sections follow the paper's tests (README, 'The method in one page'):
   * control: edit accuracy, weight removed, greedy and F1-guided SAE edits (section 6);
   * interpretability: F1 tables, candidate properties, interpretations (section 7);
   * SAE core metrics: L0, MSE, fraction of variance explained, dead fraction (section 8);
-  * the two phenomena, occlusion and over-splitting, with their toy models (section 9).
+  * the two phenomena, occlusion and over-splitting, with their toy models (section 9);
+  * grading a run: every test at every cross-section as flat records (sections 5-9).
 
-Everything here is a pure function of tensors, except `occlusion_toy_experiment`, which
-trains SAEs with dictionaries.py. SAEs enter only through the interface of
-dictionaries.py: `encode(x)` on raw activations, `active(x)`, unit-norm decoder rows
+Everything here is a pure function of tensors, except the interventions and graders, which
+run the model with patches, and `occlusion_toy_experiment`, which trains SAEs with
+dictionaries.py. SAEs enter only through the interface of
+dictionaries.py: `encode(x)` on raw activations, `sae(x)` -> (x̂, f), `active(x)`, unit-norm decoder rows
 `W_dec` in the SAE's normalised space and the scalar `input_scale` s, so the raw-space
 contribution of latent j is f_j * W_dec[j] / s.
 """
 import functools
 from dataclasses import asdict, dataclass
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -659,9 +661,8 @@ def approximation(model, prompts, clean: dict, reconstruction: dict, clean_run: 
 # ---------------------------------------------------------------------------------------
 # Each grader takes what it needs as arguments and returns a list of `Record`s: the model on
 # the evaluation prompts (`Task`), one cross-section's activations and reference runs
-# (`SectionInputs`), and dictionaries at its nodes behind one interface, supervised
-# (`SupervisedAtNode`) or SAE (`SAEAtNode`): `reconstruct(acts, values)` and
-# `edit(acts, change, how) -> Edit`.
+# (`SectionInputs`), and dictionaries at its nodes behind one interface (`DictionaryAtNode`),
+# supervised (`SupervisedAtNode`) or SAE (`SAEAtNode`).
 
 MIN_NODE_EFFECT = 0.005  # LD recovered at a node only if mean-ablating it alone moves the mean LD by >= 0.5%
 MIN_SECTION_EFFECT = 0.05  # as ioi.discover: a site is graded if mean-ablating it moves the mean LD by >= 5%
@@ -744,6 +745,16 @@ class Edit(NamedTuple):
     activations: torch.Tensor  # [N, d] patched in place of the clean activations
     weight_removed: torch.Tensor  # [N] the weight of the features (latents) it changes
     latents_changed: Optional[torch.Tensor] = None  # [N] how many latents it changes (SAEs only)
+
+
+class DictionaryAtNode(Protocol):
+    """What the graders need of a dictionary at one node, supervised or SAE (README §5, §6)."""
+
+    def reconstruct(self, acts: torch.Tensor, values: dict) -> torch.Tensor:
+        """â [N, d] for activations `acts` [N, d] of prompts with attribute ids `values`."""
+
+    def edit(self, acts: torch.Tensor, change: AttributeChange, how: Optional[SAEEdit]) -> Edit:
+        """`acts` with one attribute edited as `change` says (`how`: SAEs only)."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -388,3 +388,34 @@ def test_phenomenon_gate_needs_every_attribute_present_and_causal():
     del evidence["v", "io"], evidence["v", "s"], evidence["z", "io"], evidence["z", "s"]
     assert metrics.phenomenon_node(evidence, ("io", "s")) is None            # "not testable here"
     assert metrics.phenomenon_node(evidence, ("io",)) == "k"
+
+
+# --- records of the graders -----------------------------------------------------------------
+
+def test_a_record_writes_only_the_fields_it_sets():
+    record = metrics.Record("edit_distance_k2", "(B)NM out", "topk", torch.tensor(0.25), attribute="io",
+                            setting=3, chosen=False)
+    assert record.to_json() == {"test": "edit_distance_k2", "site": "(B)NM out", "method": "topk",
+                                "value": 0.25, "attribute": "io", "setting": 3, "chosen": False}
+    assert type(record.value) is float and type(metrics.Record("n", "s", "m", 7).value) is float
+    zero = metrics.Record("alpha_sweep_s_names", "q@L1H0@end", "topk", True, alpha=0.0)
+    assert zero.to_json() == {"test": "alpha_sweep_s_names", "site": "q@L1H0@end", "method": "topk",
+                              "value": 1.0, "alpha": 0.0}
+
+
+def test_every_setting_puts_full_distribution_saes_under_setting_none():
+    task_saes = {"topk": {3: {"node": "sae3"}, 6: {"node": "sae6"}}}
+    corpus_saes = {"topk_fulldist": {"node": "corpus"}}
+    assert metrics.every_setting(task_saes, corpus_saes) == {
+        "topk": {3: {"node": "sae3"}, 6: {"node": "sae6"}}, "topk_fulldist": {None: {"node": "corpus"}}}
+
+
+def test_chosen_settings_lists_the_settings_chosen_per_site_and_method():
+    def distance(site, setting, attribute, chosen):
+        return metrics.Record("edit_distance_k2", site, "gated", 1.0, attribute=attribute, setting=setting,
+                              chosen=chosen)
+    records = [distance("S-I v", 0.5, "pos", False), distance("S-I v", 1.0, "pos", True),
+               distance("S-I v", 0.5, "s", True), distance("S-I v", 1.0, "s", False),
+               distance("S-I out", 1.0, "pos", True),
+               metrics.Record("l0", "S-I v", "gated", 2.0, setting=0.5)]
+    assert metrics.chosen_settings(records) == {("S-I v", "gated"): [1.0, 0.5], ("S-I out", "gated"): [1.0]}

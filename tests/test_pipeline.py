@@ -232,7 +232,8 @@ def test_ld_recovered_is_one_for_an_exact_sae_and_skips_nodes_that_do_nothing_al
     task, inputs = section
     saes = {"exact": {None: at_nodes(ExactSAE, inputs)}}
     acts = inputs.clean
-    graded = metrics.ld_recovered_records(task, inputs.clean_run, acts, [SECTION], saes, {}, min_node_effect=0)
+    graded = metrics.ld_recovered_records(task, inputs.clean_run, acts, [SECTION], saes, {},
+                                          min_node_effect=0)
     assert [r.site for r in graded] == [str(node) for node in SECTION.nodes]
     assert all(r.value == pytest.approx(1.0, abs=1e-9) and r.setting is None for r in graded)
     inert = metrics.ld_recovered_records(task, inputs.clean_run, acts, [SECTION], saes, {},
@@ -256,15 +257,16 @@ def test_grade_section_scores_every_method(section):
                          for method, setting in (("topk", 3), ("topk_fulldist", None))
                          for attribute in ("io", "pos") for edit in ("greedy", "f1")}
     keep = [r for r in records if r.test == "causal_keep_sufficiency"]
-    assert len(keep) == 2 and all(r.value == pytest.approx(1.0, abs=1e-9) for r in keep)  # F1 >= 0: every latent
+    # at F1 >= 0 every latent is kept: the exact reconstruction
+    assert len(keep) == 2 and all(r.value == pytest.approx(1.0, abs=1e-9) for r in keep)
 
 
 # --- the whole pipeline on a tiny model with a fixed circuit --------------------------------
 
 SECTIONS = [CrossSection("(B)NM out", (Node("z", 1, 0, "end"),), ("io", "pos")),
             CrossSection("(B)NM q", (Node("q", 1, 0, "end"), Node("q", 1, 1, "end")), ("pos", "s"))]
-DISCOVERY = {"heads": [{"head": "L1H0", "position": "end", "ld_drop": 0.5, "fraction": 0.5, "direct_effect": 0.7,
-                        "query_effect": None, "role": "name mover"}],
+DISCOVERY = {"heads": [{"head": "L1H0", "position": "end", "ld_drop": 0.5, "fraction": 0.5,
+                        "direct_effect": 0.7, "query_effect": None, "role": "name mover"}],
              "sections": [{"section": "(B)NM out", "ld_drop": 0.6, "fraction": 0.6, "kept": True}]}
 SMALL_TOY = {"n_samples": 256, "n_latents": 100}
 SMALL_TOYS = {"ours": SMALL_TOY, "paper": {**metrics.PAPER_OVERSPLITTING_GRID, **SMALL_TOY}}
@@ -281,7 +283,8 @@ def open_tiny_run(tmp_path, model, circuit, **settings):
 
 def files_in(folder):
     """{path: (inode, modification time)} of every file under `folder`: a rewritten file changes."""
-    return {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in folder.rglob("*") if path.is_file()}
+    return {path: (path.stat().st_ino, path.stat().st_mtime_ns)
+            for path in folder.rglob("*") if path.is_file()}
 
 
 def test_pipeline_end_to_end(tmp_path, model):
@@ -294,19 +297,21 @@ def test_pipeline_end_to_end(tmp_path, model):
     assert saved["config"]["n_train"] == 120
     rows = saved["results"]
     tests = {row["test"] for row in rows}
-    for test in ("sufficiency", "necessity", "edit_accuracy", "edit_accuracy_no_intervention", "weight_removed",
-                 "latents_changed", "f1_coverage", "pos_latents", "l0", "phenomenon_testable",
-                 "evidence_norm", "occlusion_toy_recovered", "oversplit_toy_loss", "causal_keep_sufficiency"):
+    for test in ("sufficiency", "necessity", "edit_accuracy", "edit_accuracy_no_intervention",
+                 "weight_removed", "latents_changed", "f1_coverage", "pos_latents", "l0",
+                 "phenomenon_testable", "evidence_norm", "occlusion_toy_recovered", "oversplit_toy_loss",
+                 "causal_keep_sufficiency"):
         assert test in tests, test
     assert {row["grid"] for row in rows if row["test"] == "oversplit_toy_loss"} == {"ours", "paper"}
     # (ld_recovered is recorded only where one node alone moves the LD by >= 0.5%; this random
     # model's nodes move its near-zero LD by less, so it may rightly have none.)
-    occlusion = [row for row in rows if row["test"] == "phenomenon_testable" and row["phenomenon"] == "occlusion"]
+    occlusion = [row for row in rows
+                 if row["test"] == "phenomenon_testable" and row["phenomenon"] == "occlusion"]
     assert ("occlusion_io_names" in tests and "alpha_sweep_io_names" in tests) == bool(occlusion[0]["value"])
     for site in ("(B)NM out", "(B)NM q"):
         scored = {row["method"] for row in rows if row["test"] == "sufficiency" and row["site"] == site}
-        assert {"supervised", "supervised_lstsq", "vanilla", "gated", "topk", "random_decoder", "mean_ablation",
-                "vanilla_fulldist", "gated_fulldist", "topk_fulldist"} <= scored
+        assert {"supervised", "supervised_lstsq", "vanilla", "gated", "topk", "random_decoder",
+                "mean_ablation", "vanilla_fulldist", "gated_fulldist", "topk_fulldist"} <= scored
     assert all(isinstance(row["value"], float) and None not in row.values() for row in rows)
     assert (tmp_path / "run" / "report.md").exists()
 
@@ -348,7 +353,8 @@ NO_DISCOVERY = {"heads": [], "sections": []}
 def test_grade_sae_grades_each_layout_beside_the_supervised_dictionaries(tmp_path, model, hook_name,
                                                                          head, d_in, site):
     folder = write_identity_sae(tmp_path / "public-sae", d_in, hook_name, head)
-    run = open_tiny_run(tmp_path, model, (SECTIONS, NO_DISCOVERY), d_sae=16, edit_k=(2,), f1_thresholds=(0.0, 0.6))
+    run = open_tiny_run(tmp_path, model, (SECTIONS, NO_DISCOVERY), d_sae=16, edit_k=(2,),
+                        f1_thresholds=(0.0, 0.6))
     # random weights: any effect of a site on the LD will do
     main.grade_sae_in_run(run, dictionaries.load_sae(folder), "sae:public-sae", min_section_effect=0.0)
     main.write_report(run.out)
