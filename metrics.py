@@ -6,23 +6,25 @@ Sections follow the paper's tests (README, 'The method in one page'):
   * control: edit accuracy, weight removed, greedy and F1-guided SAE edits (section 6);
   * interpretability: F1 tables, candidate properties, interpretations (section 7);
   * SAE core metrics: L0, MSE, fraction of variance explained, dead fraction (section 8);
-  * the two phenomena, occlusion and over-splitting, with their toy models (section 9).
+  * the two phenomena, occlusion and over-splitting, with their toy models (section 9);
+  * grading a run: every test at every cross-section as flat records (sections 5-9).
 
-Everything here is a pure function of tensors, except `occlusion_toy_experiment`, which
-trains SAEs with dictionaries.py. SAEs enter only through the interface of
-dictionaries.py: `encode(x)` on raw activations, `active(x)`, unit-norm decoder rows
+Everything here is a pure function of tensors, except the interventions and graders, which
+run the model with patches, and `occlusion_toy_experiment`, which trains SAEs with
+dictionaries.py. SAEs enter only through the interface of
+dictionaries.py: `encode(x)` on raw activations, `sae(x)` -> (x̂, f), `active(x)`, unit-norm decoder rows
 `W_dec` in the SAE's normalised space and the scalar `input_scale` s, so the raw-space
 contribution of latent j is f_j * W_dec[j] / s.
 """
-from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence
+import functools
+from dataclasses import asdict, dataclass
+from typing import NamedTuple, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import dictionaries
-import gpt2
 import ioi
 
 POS_VALUES = ("ABB", "BAB")  # pos attribute ids 0 and 1, as in ioi.attribute_ids
@@ -652,3 +654,540 @@ def approximation(model, prompts, clean: dict, reconstruction: dict, clean_run: 
     return {"sufficiency": sufficiency(patched.logit_diff, clean_run.logit_diff),
             "necessity": necessity(mean_ablated_run.logit_diff, explained_removed.logit_diff,
                                    clean_run.logit_diff)}
+
+
+# ---------------------------------------------------------------------------------------
+# Grading a run (README §5-§9): every test as records, by plain functions
+# ---------------------------------------------------------------------------------------
+# Each grader takes what it needs as arguments and returns a list of `Record`s: the model on
+# the evaluation prompts (`Task`), one cross-section's activations and reference runs
+# (`SectionInputs`), and dictionaries at its nodes behind one interface (`DictionaryAtNode`),
+# supervised (`SupervisedAtNode`) or SAE (`SAEAtNode`).
+
+MIN_NODE_EFFECT = 0.005  # LD recovered at a node only if mean-ablating it alone moves the mean LD by >= 0.5%
+MIN_SECTION_EFFECT = 0.05  # as ioi.discover: a site is graded if mean-ablating it moves the mean LD by >= 5%
+
+
+@dataclass(frozen=True)
+class Record:
+    """One result, a row of metrics.json: the value of a test at a site (a cross-section, a node,
+    "model" or "toy") for a method, and the fields that tell its variants apart. Fields left
+    None are not written, so each test's rows carry only the fields it sets."""
+    test: str
+    site: str
+    method: str
+    value: float
+    attribute: Optional[str] = None   # the attribute edited or measured (io, s, pos)
+    k: Optional[int] = None           # latents an SAE edit may change
+    edit: Optional[str] = None        # how an SAE edit picks them: "greedy" or "f1"
+    node: Optional[str] = None        # a node of the site, e.g. "z@L3H0@end"
+    threshold: Optional[float] = None  # F1 threshold of a causal curve (README §7)
+    low: Optional[float] = None       # a histogram bin [low, high)
+    high: Optional[float] = None
+    alpha: Optional[float] = None     # occlusion sweep: SAEs trained on a - α u_IO (README §9)
+    norm: Optional[float] = None      # feature norm in the occlusion toy
+    l1: Optional[float] = None        # λ of the over-splitting toy
+    grid: Optional[str] = None        # which grid of the over-splitting toy
+    firing: Optional[float] = None    # share of inputs on which the toy's ideal SAE fires
+    setting: Optional[float] = None   # an SAE's hyper-parameter: λ, or k for top-k
+    chosen: Optional[bool] = None     # whether this setting was chosen for the site and attribute
+    phenomenon: Optional[str] = None  # "occlusion" or "oversplitting"
+    reads: Optional[str] = None       # an SAE from elsewhere: the hook it reads,
+    head: Optional[int] = None        # and the head
+    graded_sae: Optional[str] = None  # an SAE from elsewhere: the name of every row of its grading
+
+    def __post_init__(self):
+        object.__setattr__(self, "value", float(self.value))  # tensors, counts and flags alike
+
+    def to_json(self) -> dict:
+        return {name: value for name, value in asdict(self).items() if value is not None}
+
+
+@dataclass(frozen=True)
+class Task:
+    """IOI on the evaluation prompts: the model every test runs, patched or not (README §2)."""
+    model: torch.nn.Module
+    prompts: Sequence
+    batch_size: int = 256
+
+    def patched(self, patches: Optional[dict] = None) -> PatchedRun:
+        return patched_run(self.model, self.prompts, patches, self.batch_size)
+
+
+def mean_ablated(acts: torch.Tensor) -> torch.Tensor:
+    """Every prompt's activation replaced by their mean ā -> [N, d]."""
+    return acts.mean(0).expand_as(acts)
+
+
+@dataclass(frozen=True)
+class AttributeChange:
+    """An edit of one attribute of the evaluation prompts p into their counterfactuals p′, at one node."""
+    attribute: str
+    values: dict  # {attribute: ids [N]} of p
+    new_values: torch.Tensor  # [N] ids of `attribute` in p′
+    counterfactual: torch.Tensor  # [N, d] the activations of p′ at this node
+
+    @property
+    def old_values(self) -> torch.Tensor:
+        return self.values[self.attribute]
+
+
+@dataclass(frozen=True)
+class SAEEdit:
+    """How an SAE edit picks the latents it changes (README §6): greedy picks k; F1-guided takes
+    k/2 out and k/2 in, so both change at most k (k = 2: the paper's headline 1 out + 1 in)."""
+    kind: str  # "greedy" or "f1"
+    k: int
+
+
+class Edit(NamedTuple):
+    """One edit at one node (README §6)."""
+    activations: torch.Tensor  # [N, d] patched in place of the clean activations
+    weight_removed: torch.Tensor  # [N] the weight of the features (latents) it changes
+    latents_changed: Optional[torch.Tensor] = None  # [N] how many latents it changes (SAEs only)
+
+
+class DictionaryAtNode(Protocol):
+    """What the graders need of a dictionary at one node, supervised or SAE (README §5, §6)."""
+
+    def reconstruct(self, acts: torch.Tensor, values: dict) -> torch.Tensor:
+        """â [N, d] for activations `acts` [N, d] of prompts with attribute ids `values`."""
+
+    def edit(self, acts: torch.Tensor, change: AttributeChange, how: Optional[SAEEdit]) -> Edit:
+        """`acts` with one attribute edited as `change` says (`how`: SAEs only)."""
+
+
+@dataclass(frozen=True, eq=False)
+class SupervisedAtNode:
+    """A supervised dictionary at one node (README §4): it reconstructs from the prompts' attribute
+    values, and edits by swapping one attribute's feature."""
+    dictionary: dictionaries.SupervisedDictionary
+
+    def reconstruct(self, acts: torch.Tensor, values: dict) -> torch.Tensor:
+        return self.dictionary.reconstruct(values)
+
+    def edit(self, acts: torch.Tensor, change: AttributeChange, how: None = None) -> Edit:
+        edited = self.dictionary.edit(acts, change.attribute, change.old_values, change.new_values)
+        return Edit(edited, self.dictionary.feature_weights(change.values)[change.attribute])
+
+
+@dataclass(frozen=True, eq=False)
+class SAEAtNode:
+    """An SAE at one node: it reconstructs from the activations, and edits by changing latents.
+    Its latents are interpreted (README §7) on the training activations at this node, where every
+    name occurs as IO and as S (unlike the evaluation prompts: README §6's fix); once, when first
+    needed (one SAE may read several nodes: a head at several positions)."""
+    sae: object
+    train_acts: torch.Tensor  # [N_train, d] at this node
+    train_values: dict  # {attribute: ids [N_train]}
+
+    @functools.cached_property
+    def interpretations(self) -> LatentInterpretations:
+        return interpret_latents(self.sae.active(self.train_acts), self.train_values, ioi.NAMES)
+
+    def reconstruct(self, acts: torch.Tensor, values: Optional[dict] = None) -> torch.Tensor:
+        return self.sae(acts)[0]
+
+    def edit(self, acts: torch.Tensor, change: AttributeChange, how: SAEEdit) -> Edit:
+        if how.kind == "greedy":
+            edited, changed = greedy_sae_edit(self.sae, acts, change.counterfactual, how.k)
+        else:
+            table = self.interpretations
+            ranking = latents_by_f1(table.f1, table.labels, change.attribute)  # [n_values, d_sae]
+            old, new = ranking[change.old_values], ranking[change.new_values]  # [N, d_sae] each
+            edited, changed = f1_guided_edit(self.sae, acts, change.counterfactual, old, new, how.k // 2)
+        weights = sae_weight_removed(self.sae.encode(acts), raw_decoder_directions(self.sae), changed)
+        return Edit(edited, weights, changed.sum(-1).float())
+
+
+def saes_at_nodes(saes: dict, train_acts: dict, train_values: dict) -> dict:
+    """{node: SAE} -> {node: SAEAtNode}, with the training activations at each node."""
+    return {node: SAEAtNode(sae, train_acts[node], train_values) for node, sae in saes.items()}
+
+
+@dataclass(frozen=True)
+class SectionInputs:
+    """What every test at one cross-section reads (README §3): the activations at its nodes for
+    the evaluation prompts and for each attribute's counterfactuals, and the reference runs."""
+    section: ioi.CrossSection
+    clean: dict  # {node: [N, d]}
+    values: dict  # {attribute: ids [N]} of the evaluation prompts
+    counterfactual: dict  # {attribute: {node: [N, d]}}: the activations of p′
+    new_values: dict  # {attribute: ids [N]} of each attribute in its counterfactual prompts p′
+    clean_run: PatchedRun
+    mean_ablated_run: PatchedRun  # every node of the section at its mean
+    truth: dict  # {attribute: PatchedRun}: the counterfactual activations patched in (README §6)
+
+    @property
+    def site(self) -> str:
+        return self.section.name
+
+    def change(self, attribute: str, node) -> AttributeChange:
+        return AttributeChange(attribute, self.values, self.new_values[attribute],
+                               self.counterfactual[attribute][node])
+
+
+def section_inputs(task: Task, section, acts: dict, values: dict, clean_run: PatchedRun) -> SectionInputs:
+    """The inputs of one cross-section, from activations {split: {node: [N, d]}} and attribute ids
+    {split: {attribute: [N]}} of the splits "eval" and "cf_<attribute>" (README §2)."""
+    clean = {node: acts["eval"][node] for node in section.nodes}
+    counterfactual = {attribute: {node: acts[f"cf_{attribute}"][node] for node in section.nodes}
+                      for attribute in section.attributes}
+    new_values = {attribute: values[f"cf_{attribute}"][attribute] for attribute in section.attributes}
+    return SectionInputs(section, clean, values["eval"], counterfactual, new_values, clean_run,
+                         task.patched({node: mean_ablated(a) for node, a in clean.items()}),
+                         {attribute: task.patched(cf) for attribute, cf in counterfactual.items()})
+
+
+def moves_the_task(inputs: SectionInputs, min_effect: float = MIN_SECTION_EFFECT) -> bool:
+    """Whether mean-ablating the section moves the mean LD by >= `min_effect` of it: sufficiency and
+    necessity divide by that move, so a site that barely moves the LD cannot be graded."""
+    clean = inputs.clean_run.logit_diff.mean()
+    return bool(abs(inputs.mean_ablated_run.logit_diff.mean() - clean) >= min_effect * abs(clean))
+
+
+def grade_model(prompts: Sequence, clean_run: PatchedRun) -> list:
+    """The task itself (README §2): mean LD, accuracy, top-1 accuracy and the LD histogram."""
+    diffs = clean_run.logit_diff
+    io_token = torch.tensor([ioi.name_token(prompt.io) for prompt in prompts])
+    records = [Record("logit_diff", "model", "clean", diffs.mean()),
+               Record("accuracy", "model", "clean", (diffs > 0).float().mean()),
+               Record("top1_accuracy", "model", "clean", (clean_run.top_token == io_token).float().mean())]
+    counts, edges = np.histogram(diffs.numpy(), bins=30)
+    return records + [Record("logit_diff_histogram", "model", "clean", count, low=float(low),
+                             high=float(high)) for count, low, high in zip(counts, edges[:-1], edges[1:])]
+
+
+def approximation_records(task: Task, inputs: SectionInputs, method: str, reconstruction: dict,
+                          setting=None) -> list:
+    """Test 1 (README §5): sufficiency and necessity of a reconstruction {node: [N, d]}."""
+    scores = approximation(task.model, task.prompts, inputs.clean, reconstruction, inputs.clean_run,
+                           inputs.mean_ablated_run, task.batch_size)
+    return [Record(test, inputs.site, method, value, setting=setting) for test, value in scores.items()]
+
+
+def _mean_over_nodes(per_prompt) -> torch.Tensor:
+    """The mean over a section's nodes of each node's mean over the prompts."""
+    means = [values.mean() for values in per_prompt]
+    return sum(means) / len(means)
+
+
+def edit_records(task: Task, inputs: SectionInputs, method: str, attribute: str, edits: dict,
+                 how: Optional[SAEEdit] = None, setting=None) -> list:
+    """Test 2 (README §6) of one edit of `attribute`, {node: Edit} patched together: edit accuracy
+    against the ground truth, the weight removed and (SAEs) the latents changed."""
+    accuracy = edit_accuracy(task.patched({node: edit.activations for node, edit in edits.items()}).top_token,
+                             inputs.truth[attribute].top_token)
+    variant = dict(attribute=attribute, setting=setting,
+                   k=None if how is None else how.k, edit=None if how is None else how.kind)
+    records = [Record("edit_accuracy", inputs.site, method, accuracy, **variant),
+               Record("weight_removed", inputs.site, method,
+                      _mean_over_nodes(edit.weight_removed for edit in edits.values()), **variant)]
+    if all(edit.latents_changed is not None for edit in edits.values()):
+        records.append(Record("latents_changed", inputs.site, method,
+                              _mean_over_nodes(edit.latents_changed for edit in edits.values()), **variant))
+    return records
+
+
+def grade_dictionary(task: Task, inputs: SectionInputs, method: str, at_nodes: dict,
+                     attributes: Sequence[str], hows: Sequence = (None,), setting=None) -> list:
+    """Tests 1 and 2 for one dictionary {node: SupervisedAtNode or SAEAtNode} at a section: its
+    reconstruction, then every edit in `hows` of each of `attributes`."""
+    reconstruction = {node: at_nodes[node].reconstruct(acts, inputs.values)
+                      for node, acts in inputs.clean.items()}
+    records = approximation_records(task, inputs, method, reconstruction, setting)
+    for attribute in attributes:
+        for how in hows:
+            edits = {node: at_nodes[node].edit(acts, inputs.change(attribute, node), how)
+                     for node, acts in inputs.clean.items()}
+            records += edit_records(task, inputs, method, attribute, edits, how, setting)
+    return records
+
+
+def split_by_interpretability(at_node: SAEAtNode, acts: torch.Tensor, threshold: float):
+    """README §7's causal checks at one node: (kept, removed), the activations with only the
+    latents of F1 >= `threshold` kept (the others' part subtracted), and with the part those
+    latents explain mean-ablated -> two [N, d]."""
+    features, directions = at_node.sae.encode(acts), raw_decoder_directions(at_node.sae)
+    interpretable = at_node.interpretations.best_f1 >= threshold  # [d_sae]
+    explained = (features * interpretable) @ directions  # [N, d]
+    others = (features * ~interpretable) @ directions  # [N, d]
+    return acts - others, acts - explained + explained.mean(0)
+
+
+def causal_curve_records(task: Task, inputs: SectionInputs, method: str, at_nodes: dict,
+                         thresholds: Sequence[float], setting=None) -> list:
+    """Keeping only the interpretable latents, scored like sufficiency; removing them, scored
+    like necessity; at each F1 threshold (README §7)."""
+    records = []
+    for threshold in thresholds:
+        split = {node: split_by_interpretability(at_nodes[node], acts, threshold)
+                 for node, acts in inputs.clean.items()}
+        kept = task.patched({node: kept for node, (kept, _) in split.items()})
+        removed = task.patched({node: removed for node, (_, removed) in split.items()})
+        records += [Record("causal_keep_sufficiency", inputs.site, method,
+                           sufficiency(kept.logit_diff, inputs.clean_run.logit_diff),
+                           threshold=threshold, setting=setting),
+                    Record("causal_remove_necessity", inputs.site, method,
+                           necessity(inputs.mean_ablated_run.logit_diff, removed.logit_diff,
+                                     inputs.clean_run.logit_diff), threshold=threshold, setting=setting)]
+    return records
+
+
+def interpretability_records(task: Task, inputs: SectionInputs, method: str, at_nodes: dict,
+                             thresholds: Sequence[float], setting=None) -> list:
+    """Test 3 (README §7) of an SAE at a section: its mean L0, then at each node the share of each
+    attribute's values that some latent explains (F1 >= 0.8) and its Pos latents, then the
+    causal curves."""
+    l0s = [l0(at_nodes[node].sae.encode(acts)) for node, acts in inputs.clean.items()]
+    records = [Record("l0_at_site", inputs.site, method, sum(l0s) / len(l0s), setting=setting)]
+    for node in inputs.clean:
+        table = at_nodes[node].interpretations
+        shares = coverage(table.f1, table.labels, 0.8)
+        records += [Record("f1_coverage", inputs.site, method, shares[attribute], attribute=attribute,
+                           node=str(node), setting=setting) for attribute in inputs.section.attributes]
+        records.append(Record("pos_latents", inputs.site, method, pos_latents(table.best_labels),
+                              node=str(node), setting=setting))
+    return records + causal_curve_records(task, inputs, method, at_nodes, thresholds, setting)
+
+
+def sae_edits(edit_ks: Sequence[int]) -> list:
+    """Every SAE edit graded: greedy and F1-guided, for each number of latents k."""
+    return [SAEEdit(kind, k) for k in edit_ks for kind in ("greedy", "f1")]
+
+
+def grade_sae(task: Task, inputs: SectionInputs, method: str, at_nodes: dict, attributes: Sequence[str],
+              edit_ks: Sequence[int], thresholds: Sequence[float], setting=None) -> list:
+    """Tests 1-3 of one SAE {node: SAEAtNode} at a section, editing `attributes`."""
+    return (grade_dictionary(task, inputs, method, at_nodes, attributes, sae_edits(edit_ks), setting)
+            + interpretability_records(task, inputs, method, at_nodes, thresholds, setting))
+
+
+def _distance_after_greedy_edit(at_nodes: dict, clean: dict, counterfactual: dict, k: int = 2) -> float:
+    """Mean over nodes and prompts of ‖edited - a(p′)‖ after a greedy edit of k latents."""
+    gaps = [(greedy_sae_edit(at_nodes[node].sae, acts, counterfactual[node], k)[0] - counterfactual[node])
+            .norm(dim=-1).mean() for node, acts in clean.items()]
+    return float(sum(gaps) / len(gaps))
+
+
+def choose_settings(inputs: SectionInputs, method: str, settings: dict):
+    """The revised paper's choice of an SAE setting per site and attribute (README §8): the one
+    whose k = 2 greedy edits land closest (L2) to the counterfactual activations, mean over nodes
+    and prompts. settings: {setting: {node: SAEAtNode}}. Returns ({attribute: setting}, records)."""
+    chosen, records = {}, []
+    for attribute, counterfactual in inputs.counterfactual.items():
+        distances = {setting: _distance_after_greedy_edit(at_nodes, inputs.clean, counterfactual)
+                     for setting, at_nodes in settings.items()}
+        chosen[attribute] = min(distances, key=distances.get)
+        records += [Record("edit_distance_k2", inputs.site, method, distance, attribute=attribute,
+                           setting=setting, chosen=setting == chosen[attribute])
+                    for setting, distance in distances.items()]
+    return chosen, records
+
+
+def grade_section(task: Task, inputs: SectionInputs, supervised: dict, task_saes: dict, corpus_saes: dict,
+                  edit_ks: Sequence[int], thresholds: Sequence[float]) -> list:
+    """Tests 1-3 at one cross-section (README §5-§7) for every method: mean ablation; supervised
+    dictionaries {method: {node: SupervisedAtNode}}; task SAEs {method: {setting: {node: SAEAtNode}}},
+    each attribute edited at the setting chosen for it; full-distribution SAEs {method: {node: SAEAtNode}}."""
+    site, attributes = inputs.site, inputs.section.attributes
+    records = [Record("edit_accuracy_no_intervention", site, "none",
+                      edit_accuracy(inputs.clean_run.top_token, inputs.truth[attribute].top_token),
+                      attribute=attribute) for attribute in attributes]
+    records += approximation_records(task, inputs, "mean_ablation",
+                                     {node: mean_ablated(acts) for node, acts in inputs.clean.items()})
+    for method, at_nodes in supervised.items():
+        records += grade_dictionary(task, inputs, method, at_nodes, attributes)
+    for method, settings in task_saes.items():
+        chosen, choice = choose_settings(inputs, method, settings)
+        records += choice
+        for setting in dict.fromkeys(chosen.values()):
+            edited = [attribute for attribute, best in chosen.items() if best == setting]
+            records += grade_sae(task, inputs, method, settings[setting], edited, edit_ks, thresholds,
+                                 setting)
+    for method, at_nodes in corpus_saes.items():
+        records += grade_sae(task, inputs, method, at_nodes, attributes, edit_ks, thresholds)
+    return records
+
+
+def chosen_settings(records: Sequence[Record]) -> dict:
+    """{(site, method): [setting chosen for some attribute there]}, from `choose_settings`' records."""
+    chosen = {}
+    for record in records:
+        if record.test == "edit_distance_k2" and record.chosen:
+            chosen.setdefault((record.site, record.method), []).append(record.setting)
+    return chosen
+
+
+# --- SAE core metrics (README §8) ---
+
+def every_setting(task_saes: dict, corpus_saes: dict) -> dict:
+    """Task SAEs {method: {setting: {node: SAE}}} and full-distribution SAEs {method: {node: SAE}}
+    in the first form, the latter under the setting None."""
+    return {**task_saes, **{method: {None: at_nodes} for method, at_nodes in corpus_saes.items()}}
+
+
+def core_records(saes: dict, eval_acts: dict, training: dict) -> list:
+    """L0, MSE, variance explained and dead fraction of every SAE {method: {setting: {node: SAEAtNode}}}
+    (dead: on the training activations) and how its training ended: training {(method, setting, node):
+    {"steps", "loss", "converged"}}, the last log of each task SAE."""
+    records = []
+    for method, settings in saes.items():
+        for setting, at_nodes in settings.items():
+            for node, at_node in at_nodes.items():
+                x = eval_acts[node]
+                x_hat, f = at_node.sae(x)
+                scores = {"l0": l0(f), "mse": mse(x, x_hat), "fve": fraction_variance_explained(x, x_hat),
+                          "dead_fraction": dead_fraction(at_node.sae.active(at_node.train_acts))}
+                records += [Record(test, str(node), method, value, setting=setting)
+                            for test, value in scores.items()]
+                ended = training.get((method, setting, node)) or {}
+                records += [Record(f"train_{key}", str(node), method, float(ended[key]), setting=setting)
+                            for key in ("steps", "loss", "converged") if ended.get(key) is not None]
+    return records
+
+
+def ld_recovered_records(task: Task, clean_run: PatchedRun, eval_acts: dict, sections: Sequence, saes: dict,
+                         chosen: dict, min_node_effect: float = MIN_NODE_EFFECT) -> list:
+    """LD recovered (README §5) with one node patched at a time, at every node of `sections`, for
+    every SAE {method: {setting: {node: SAEAtNode}}} at the settings `chosen` there (setting None:
+    full-distribution SAEs). A node whose mean ablation alone moves the mean LD by less than
+    `min_node_effect` of it is skipped: LD recovered divides by that move."""
+    clean_ld, ablated, records = clean_run.logit_diff.mean(), {}, []
+    graded = dict.fromkeys((node, method, setting) for section in sections for method in saes
+                           for setting in dict.fromkeys(chosen.get((section.name, method), [None]))
+                           for node in section.nodes)
+    for node, method, setting in graded:
+        x = eval_acts[node]
+        if node not in ablated:
+            ablated[node] = task.patched({node: mean_ablated(x)})
+        if abs(ablated[node].logit_diff.mean() - clean_ld) < min_node_effect * abs(clean_ld):
+            continue
+        patched = task.patched({node: saes[method][setting][node].reconstruct(x)})
+        recovered = ld_recovered(patched.logit_diff, ablated[node].logit_diff, clean_run.logit_diff)
+        records.append(Record("ld_recovered", str(node), method, recovered, setting=setting))
+    return records
+
+
+# --- the two phenomena (README §9) ---
+
+def attribute_evidence(task: Task, clean_run: PatchedRun, nodes: Sequence, acts: dict, supervised: dict):
+    """Per node and attribute: the supervised feature's mean norm relative to the spread of the
+    activations (mean ‖a - ā‖), and its causal effect alone -- the share of answers that change,
+    and how far the mean LD moves, when only this node takes the counterfactual activation.
+    supervised: {node: SupervisedAtNode} (mean codes). Returns ({(node, attribute): row}, records)."""
+    evidence, records, ld_clean = {}, [], clean_run.logit_diff.mean()
+    for node in nodes:
+        x = acts["eval"][node]
+        spread = (x - x.mean(0)).norm(dim=-1).mean()
+        features = supervised[node].dictionary.features
+        for attribute in ioi.ATTRIBUTES:
+            patched = task.patched({node: acts[f"cf_{attribute}"][node]})
+            evidence[node, attribute] = row = {
+                "norm": float(features[attribute].norm(dim=-1).mean() / spread),
+                "answers_changed": 1 - edit_accuracy(clean_run.top_token, patched.top_token),
+                "ld_moved": float(abs(patched.logit_diff.mean() - ld_clean) / abs(ld_clean))}
+            records += [Record(f"evidence_{key}", str(node), "supervised", value, attribute=attribute)
+                        for key, value in row.items()]
+    return evidence, records
+
+
+def phenomenon_node_of(model, evidence: dict, attributes: Sequence[str]):
+    """`phenomenon_node`; for GPT-2 Small only the paper's node, q@L10H0@end, is a candidate."""
+    paper_node = ioi.Node("q", 10, 0, "end")
+    if ioi.is_gpt2_small(model.config) and any(node == paper_node for node, _ in evidence):
+        evidence = {key: row for key, row in evidence.items() if key[0] == paper_node}
+    return phenomenon_node(evidence, attributes)
+
+
+def feature_norms(dictionary) -> dict:
+    """Mean norm of the IO and S features of a supervised dictionary."""
+    return {attribute: float(dictionary.features[attribute].norm(dim=-1).mean())
+            for attribute in NAME_ATTRIBUTES}
+
+
+class Phenomena(NamedTuple):
+    records: list
+    occlusion_node: object  # where IO and S are both present and causal, or None
+    toy_norms: dict  # the IO and S feature norms the occlusion toy takes
+
+
+def grade_phenomena(task: Task, clean_run: PatchedRun, nodes: Sequence, acts: dict, supervised: dict,
+                    task_saes: dict) -> Phenomena:
+    """Occlusion needs IO and S both present and causal at a node; over-splitting needs Pos present
+    and causal (README §9). At those nodes: the names with a latent, and the Pos latents, of every
+    task SAE {method: {setting: {node: SAEAtNode}}}. Where no node qualifies, the records say "not
+    testable" and the evidence records say why."""
+    evidence, records = attribute_evidence(task, clean_run, nodes, acts, supervised)
+    occlusion_node = phenomenon_node_of(task.model, evidence, NAME_ATTRIBUTES)
+    split_node = phenomenon_node_of(task.model, evidence, ("pos",))
+    records += [Record("phenomenon_testable", str(node), "supervised", node is not None,
+                       phenomenon=phenomenon)
+                for node, phenomenon in ((occlusion_node, "occlusion"), (split_node, "oversplitting"))]
+    for method, settings in task_saes.items():
+        for setting, at_nodes in settings.items():
+            if occlusion_node is not None:
+                table = at_nodes[occlusion_node].interpretations
+                records += [Record(f"occlusion_{attribute}_names", str(occlusion_node), method,
+                                   names_with_latent(table.f1, table.labels, attribute, 0.5), setting=setting)
+                            for attribute in NAME_ATTRIBUTES]
+            if split_node is not None:
+                records.append(Record("pos_latents", str(split_node), method,
+                                      pos_latents(at_nodes[split_node].interpretations.best_labels),
+                                      node=str(split_node), setting=setting, phenomenon="oversplitting"))
+    if occlusion_node is None:
+        return Phenomena(records, None, {"io": 1.0, "s": 0.5})  # the toy still shows the mechanism, at 2:1
+    norms = feature_norms(supervised[occlusion_node].dictionary)
+    records += [Record("supervised_feature_norm", str(occlusion_node), "supervised", norm,
+                       attribute=attribute) for attribute, norm in norms.items()]
+    return Phenomena(records, occlusion_node, norms)
+
+
+def io_shrunk_activations(acts: torch.Tensor, io_features: torch.Tensor, io_ids: torch.Tensor,
+                          alphas: Sequence[float]) -> torch.Tensor:
+    """a - α u_IO for each α (README §9): as the IO features shrink, S latents should appear
+    -> [n_alphas, N, d]."""
+    return torch.stack([acts - alpha * io_features[io_ids] for alpha in alphas])
+
+
+def alpha_sweep_records(node, saes: Sequence, datasets: torch.Tensor, alphas: Sequence[float],
+                        train_values: dict, k: int) -> list:
+    """The IO and S names with a latent (F1 >= 0.5) of top-k SAEs trained on each of `datasets`."""
+    records = []
+    for alpha, sae, data in zip(alphas, saes, datasets):
+        table = interpret_latents(sae.active(data), train_values, ioi.NAMES)
+        records += [Record(f"alpha_sweep_{attribute}_names", str(node), "topk",
+                           names_with_latent(table.f1, table.labels, attribute, 0.5), alpha=alpha, setting=k)
+                    for attribute in NAME_ATTRIBUTES]
+    return records
+
+
+def occlusion_toy_records(norms: dict, l1s: Sequence[float], config, seed: int = 0) -> list:
+    """a = u_i + v_j with the measured IO and S feature norms: which features do SAEs find? The
+    paper's toy sizes (216 values, 64 dimensions: nearly orthogonal features), so that the norms
+    decide what is recovered, not crowding in a small head."""
+    results = occlusion_toy_experiment(norms["io"], norms["s"], l1s, n_values=216, d=64, n_samples=20_000,
+                                       config=config, seed=seed)
+    return [Record("occlusion_toy_recovered", "toy", "vanilla", result[attribute], attribute=attribute,
+                   norm=norms[attribute], setting=result["l1"])
+            for result in results for attribute in NAME_ATTRIBUTES]
+
+
+OVERSPLITTING_GRIDS = {"ours": {}, "paper": PAPER_OVERSPLITTING_GRID}  # ours: `oversplitting_toy`'s defaults
+
+
+def oversplitting_toy_records(grids: dict = OVERSPLITTING_GRIDS, seed: int = 0) -> list:
+    """The over-splitting toy on each grid {name: oversplitting_toy's settings}: losses per λ, and
+    who wins over the λ where the ideal SAE still fires (`oversplitting_verdict`)."""
+    records = []
+    for grid, settings in grids.items():
+        toy = oversplitting_toy(seed=seed, **settings)
+        for lam, ideal, random, firing in zip(toy["lambdas"], toy["ideal_best_loss"], toy["random_best_loss"],
+                                              toy["ideal_firing"]):
+            records += [Record("oversplit_toy_loss", "toy", "ideal_2_latent", ideal, l1=float(lam),
+                               grid=grid, firing=float(firing)),
+                        Record("oversplit_toy_loss", "toy", "random_1000_latent", random, l1=float(lam),
+                               grid=grid)]
+        records += [Record(f"oversplit_toy_{count}", "toy", "random_1000_latent", value, grid=grid)
+                    for count, value in oversplitting_verdict(toy).items()]
+    return records

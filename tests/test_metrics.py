@@ -388,3 +388,53 @@ def test_phenomenon_gate_needs_every_attribute_present_and_causal():
     del evidence["v", "io"], evidence["v", "s"], evidence["z", "io"], evidence["z", "s"]
     assert metrics.phenomenon_node(evidence, ("io", "s")) is None            # "not testable here"
     assert metrics.phenomenon_node(evidence, ("io",)) == "k"
+
+
+# --- records of the graders -----------------------------------------------------------------
+
+def test_a_record_writes_only_the_fields_it_sets():
+    record = metrics.Record("edit_distance_k2", "(B)NM out", "topk", torch.tensor(0.25), attribute="io",
+                            setting=3, chosen=False)
+    assert record.to_json() == {"test": "edit_distance_k2", "site": "(B)NM out", "method": "topk",
+                                "value": 0.25, "attribute": "io", "setting": 3, "chosen": False}
+    assert type(record.value) is float and type(metrics.Record("n", "s", "m", 7).value) is float
+    zero = metrics.Record("alpha_sweep_s_names", "q@L1H0@end", "topk", True, alpha=0.0)
+    assert zero.to_json() == {"test": "alpha_sweep_s_names", "site": "q@L1H0@end", "method": "topk",
+                              "value": 1.0, "alpha": 0.0}
+
+
+def test_every_setting_puts_full_distribution_saes_under_setting_none():
+    task_saes = {"topk": {3: {"node": "sae3"}, 6: {"node": "sae6"}}}
+    corpus_saes = {"topk_fulldist": {"node": "corpus"}}
+    assert metrics.every_setting(task_saes, corpus_saes) == {
+        "topk": {3: {"node": "sae3"}, 6: {"node": "sae6"}}, "topk_fulldist": {None: {"node": "corpus"}}}
+
+
+def test_chosen_settings_lists_the_settings_chosen_per_site_and_method():
+    def distance(site, setting, attribute, chosen):
+        return metrics.Record("edit_distance_k2", site, "gated", 1.0, attribute=attribute, setting=setting,
+                              chosen=chosen)
+    records = [distance("S-I v", 0.5, "pos", False), distance("S-I v", 1.0, "pos", True),
+               distance("S-I v", 0.5, "s", True), distance("S-I v", 1.0, "s", False),
+               distance("S-I out", 1.0, "pos", True),
+               metrics.Record("l0", "S-I v", "gated", 2.0, setting=0.5)]
+    assert metrics.chosen_settings(records) == {("S-I v", "gated"): [1.0, 0.5], ("S-I out", "gated"): [1.0]}
+
+
+def test_a_supervised_dictionary_at_a_node_reconstructs_and_edits_by_its_features():
+    """README §4 through the graders' interface: on activations that are exactly a bias plus one
+    feature per attribute value (every combination once), the reconstruction is exact and an IO
+    edit swaps the IO feature; the weight removed is the IO feature's w_i."""
+    g = torch.Generator().manual_seed(0)
+    grid = torch.cartesian_prod(torch.arange(3), torch.arange(3), torch.arange(2))  # (io, s, pos)
+    values = {"io": grid[:, 0], "s": grid[:, 1], "pos": grid[:, 2]}
+    features = {name: torch.randn(n, 4, generator=g) for name, n in (("io", 3), ("s", 3), ("pos", 2))}
+    acts = 1.0 + sum(features[name][ids] for name, ids in values.items())  # [18, 4]
+    dictionary = dictionaries.SupervisedDictionary.fit(acts, values)
+    at_node = metrics.SupervisedAtNode(dictionary)
+    torch.testing.assert_close(at_node.reconstruct(acts, values), acts)
+    new_io = (values["io"] + 1) % 3
+    edit = at_node.edit(acts, metrics.AttributeChange("io", values, new_io, counterfactual=acts))
+    torch.testing.assert_close(edit.activations, acts - features["io"][values["io"]] + features["io"][new_io])
+    torch.testing.assert_close(edit.weight_removed, dictionary.feature_weights(values)["io"])
+    assert edit.latents_changed is None

@@ -1,18 +1,20 @@
-"""Interventions and the end-to-end pipeline (README §3, §5, §6), on a tiny random GPT-2.
+"""Interventions, the graders and the end-to-end pipeline (README §3, §5-§9), on a tiny random GPT-2.
 
-The intervention tests are invariances with known answers: a patch with the clean value
-changes nothing, an exact reconstruction is fully sufficient and necessary, the mean
+The intervention and grader tests are invariances with known answers: a patch with the clean
+value changes nothing, an exact reconstruction is fully sufficient and necessary, the mean
 explains nothing (necessity 0), editing with the counterfactual itself is always right.
-The last test runs every pipeline step on a tiny model and checks metrics.json.
+The last tests run every pipeline step on a tiny model and check metrics.json, and grade an
+SAE from elsewhere.
 """
 import copy
-import functools
 import json
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
 
+import dictionaries
 import gpt2
 import ioi
 import main
@@ -104,52 +106,221 @@ def test_patched_run_matches_end_logits(model, prompts):
     assert torch.equal(run.top_token, logits.argmax(-1))
 
 
-def test_pipeline_end_to_end(tmp_path, model, monkeypatch):
+# --- the graders (README §5-§7), on one cross-section of the tiny model ---------------------
+
+SECTION = CrossSection("test", (Node("z", 1, 0, "end"), Node("q", 1, 1, "end")), ("io", "pos"))
+
+
+class ExactSAE:
+    """A stand-in with the SAE interface of dictionaries.py that reconstructs exactly: latents
+    ReLU(x) and ReLU(-x), decoded by [I; -I] (no bias, input scale 1)."""
+    input_scale = 1.0
+
+    def __init__(self, d):
+        eye = torch.eye(d, dtype=torch.float64)
+        self.W_dec = torch.cat([eye, -eye])  # [2d, d]
+
+    def encode(self, x):
+        return torch.relu(torch.cat([x, -x], -1))
+
+    def active(self, x):
+        return self.encode(x) > 0
+
+    def __call__(self, x):
+        f = self.encode(x)
+        return f @ self.W_dec, f
+
+
+class SilentSAE(ExactSAE):
+    """An SAE none of whose latents ever fires: it reconstructs 0 and no edit changes anything."""
+
+    def encode(self, x):
+        return torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+
+
+class Replace:
+    """A dictionary stand-in whose edit puts the counterfactual activations in (or, with
+    `to_counterfactual` False, leaves the clean ones), removing no weight."""
+
+    def __init__(self, to_counterfactual):
+        self.to_counterfactual = to_counterfactual
+
+    def reconstruct(self, acts, values):
+        return acts
+
+    def edit(self, acts, change, how=None):
+        edited = change.counterfactual if self.to_counterfactual else acts
+        return metrics.Edit(edited, torch.zeros(len(acts)))
+
+
+@pytest.fixture(scope="module")
+def section(model, prompts):
+    """(task, inputs): the tiny model in float64 on `prompts`, and SECTION's inputs."""
+    model = copy.deepcopy(model).double()  # exact identities, not float32 round-off
+    splits = {"eval": prompts, **{f"cf_{attribute}": ioi.counterfactuals(prompts, attribute, seed=i)
+                                  for i, attribute in enumerate(SECTION.attributes)}}
+    acts = {split: ioi.collect_activations(model, split_prompts, SECTION.nodes)
+            for split, split_prompts in splits.items()}
+    values = {split: ioi.attribute_ids(split_prompts) for split, split_prompts in splits.items()}
+    task = metrics.Task(model, prompts)
+    return task, metrics.section_inputs(task, SECTION, acts, values, task.patched())
+
+
+def at_nodes(sae_class, inputs):
+    """{node: SAEAtNode} of one stand-in SAE at every node of the section."""
+    return {node: metrics.SAEAtNode(sae_class(acts.shape[1]), acts, inputs.values)
+            for node, acts in inputs.clean.items()}
+
+
+def values_of(records):
+    return {(r.test, r.attribute): r.value for r in records}
+
+
+def test_section_inputs_hold_the_reference_runs(section):
+    task, inputs = section
+    assert torch.equal(inputs.clean_run.top_token, task.patched().top_token)
+    mean = {node: acts.mean(0).expand_as(acts) for node, acts in inputs.clean.items()}
+    torch.testing.assert_close(inputs.mean_ablated_run.logit_diff, task.patched(mean).logit_diff)
+    for attribute in SECTION.attributes:
+        truth = task.patched(inputs.counterfactual[attribute])
+        assert torch.equal(inputs.truth[attribute].top_token, truth.top_token)
+    assert not torch.equal(inputs.values["io"], inputs.new_values["io"])  # a new IO name in p′
+
+
+def test_an_exact_dictionary_is_sufficient_necessary_and_edits_exactly(section):
+    """README §5-§6: patching an exact reconstruction changes nothing (sufficiency 1), removing
+    what it explains is mean ablation (necessity 1), and an edit free to change every latent
+    lands on the counterfactual activation (edit accuracy 1)."""
+    task, inputs = section
+    d = next(iter(inputs.clean.values())).shape[1]
+    records = metrics.grade_dictionary(task, inputs, "exact", at_nodes(ExactSAE, inputs), ["io"],
+                                       [metrics.SAEEdit("greedy", 2 * d)], setting=1.0)
+    scores = values_of(records)
+    assert scores[("sufficiency", None)] == pytest.approx(1.0, abs=1e-9)
+    assert scores[("necessity", None)] == pytest.approx(1.0, abs=1e-9)
+    assert scores[("edit_accuracy", "io")] == 1.0
+    assert 0 < scores[("latents_changed", "io")] <= 2 * d
+    assert {(r.k, r.edit, r.setting) for r in records if r.attribute} == {(2 * d, "greedy", 1.0)}
+
+
+@pytest.mark.parametrize("to_counterfactual", [True, False])
+def test_edit_accuracy_of_an_edit_to_the_counterfactual_and_of_none(section, to_counterfactual):
+    """The counterfactual activations themselves edit right every time; leaving the clean ones is
+    the no-intervention baseline (README §6). A supervised-style edit has no latents to count."""
+    task, inputs = section
+    dictionary = {node: Replace(to_counterfactual) for node in SECTION.nodes}
+    records = metrics.grade_dictionary(task, inputs, "stand-in", dictionary, SECTION.attributes)
+    for attribute in SECTION.attributes:
+        unchanged = metrics.edit_accuracy(inputs.clean_run.top_token, inputs.truth[attribute].top_token)
+        assert values_of(records)[("edit_accuracy", attribute)] == (1.0 if to_counterfactual else unchanged)
+        assert values_of(records)[("weight_removed", attribute)] == 0.0
+    assert "latents_changed" not in {r.test for r in records}
+
+
+def test_settings_are_chosen_by_where_their_edits_land(section):
+    """README §8: per attribute, the setting whose k = 2 greedy edits land closest to a(p′)."""
+    _, inputs = section
+    settings = {1.0: at_nodes(SilentSAE, inputs), 2.0: at_nodes(ExactSAE, inputs)}
+    chosen, records = metrics.choose_settings(inputs, "topk", settings)
+    assert chosen == {"io": 2.0, "pos": 2.0}
+    assert {(r.attribute, r.setting): r.chosen for r in records} == {
+        ("io", 1.0): False, ("io", 2.0): True, ("pos", 1.0): False, ("pos", 2.0): True}
+    assert metrics.chosen_settings(records) == {("test", "topk"): [2.0, 2.0]}
+
+
+def test_ld_recovered_is_one_for_an_exact_sae_and_skips_nodes_that_do_nothing_alone(section):
+    task, inputs = section
+    saes = {"exact": {None: at_nodes(ExactSAE, inputs)}}
+    acts = inputs.clean
+    graded = metrics.ld_recovered_records(task, inputs.clean_run, acts, [SECTION], saes, {},
+                                          min_node_effect=0)
+    assert [r.site for r in graded] == [str(node) for node in SECTION.nodes]
+    assert all(r.value == pytest.approx(1.0, abs=1e-9) and r.setting is None for r in graded)
+    inert = metrics.ld_recovered_records(task, inputs.clean_run, acts, [SECTION], saes, {},
+                                         min_node_effect=float("inf"))
+    assert inert == []
+
+
+def test_grade_section_scores_every_method(section):
+    task, inputs = section
+    supervised = {"stand-in": {node: Replace(True) for node in SECTION.nodes}}
+    task_saes = {"topk": {3: at_nodes(ExactSAE, inputs)}}
+    corpus_saes = {"topk_fulldist": at_nodes(ExactSAE, inputs)}
+    records = metrics.grade_section(task, inputs, supervised, task_saes, corpus_saes, edit_ks=(2,),
+                                    thresholds=(0.0,))
+    methods = {r.method for r in records if r.test == "sufficiency"}
+    assert methods == {"mean_ablation", "stand-in", "topk", "topk_fulldist"}
+    assert {r.attribute for r in records if r.test == "edit_accuracy_no_intervention"} == {"io", "pos"}
+    sae_edits = {(r.method, r.setting, r.attribute, r.edit) for r in records
+                 if r.test == "edit_accuracy" and r.method != "stand-in"}
+    assert sae_edits == {(method, setting, attribute, edit)
+                         for method, setting in (("topk", 3), ("topk_fulldist", None))
+                         for attribute in ("io", "pos") for edit in ("greedy", "f1")}
+    keep = [r for r in records if r.test == "causal_keep_sufficiency"]
+    # at F1 >= 0 every latent is kept: the exact reconstruction
+    assert len(keep) == 2 and all(r.value == pytest.approx(1.0, abs=1e-9) for r in keep)
+
+
+# --- the whole pipeline on a tiny model with a fixed circuit --------------------------------
+
+SECTIONS = [CrossSection("(B)NM out", (Node("z", 1, 0, "end"),), ("io", "pos")),
+            CrossSection("(B)NM q", (Node("q", 1, 0, "end"), Node("q", 1, 1, "end")), ("pos", "s"))]
+DISCOVERY = {"heads": [{"head": "L1H0", "position": "end", "ld_drop": 0.5, "fraction": 0.5,
+                        "direct_effect": 0.7, "query_effect": None, "role": "name mover"}],
+             "sections": [{"section": "(B)NM out", "ld_drop": 0.6, "fraction": 0.6, "kept": True}]}
+SMALL_TOY = {"n_samples": 256, "n_latents": 100}
+SMALL_TOYS = {"ours": SMALL_TOY, "paper": {**metrics.PAPER_OVERSPLITTING_GRID, **SMALL_TOY}}
+
+
+def open_tiny_run(tmp_path, model, circuit, **settings):
+    """A run of the demo preset on the tiny model, few prompts and the given circuit."""
+    weights = tmp_path / "model"
+    if not weights.exists():
+        model.save_pretrained(weights)
+    return main.open_run(str(tmp_path / "run"), str(weights), preset="demo", circuit=circuit, n_train=120,
+                         n_eval=40, epochs=2, **settings)
+
+
+def files_in(folder):
+    """{path: (inode, modification time)} of every file under `folder`: a rewritten file changes."""
+    return {path: (path.stat().st_ino, path.stat().st_mtime_ns)
+            for path in folder.rglob("*") if path.is_file()}
+
+
+def test_pipeline_end_to_end(tmp_path, model):
     """Every step on a tiny model with a fixed circuit: metrics.json has every test, every
     architecture is scored at every site, and report.md is written."""
-    weights = tmp_path / "model"
-    model.save_pretrained(weights)
-    sections = [CrossSection("(B)NM out", (Node("z", 1, 0, "end"),), ("io", "pos")),
-                CrossSection("(B)NM q", (Node("q", 1, 0, "end"), Node("q", 1, 1, "end")), ("pos", "s"))]
-    discovery = {"heads": [{"head": "L1H0", "position": "end", "ld_drop": 0.5, "fraction": 0.5, "direct_effect": 0.7,
-                            "query_effect": None, "role": "name mover"}],
-                 "sections": [{"section": "(B)NM out", "ld_drop": 0.6, "fraction": 0.6, "kept": True}]}
-    monkeypatch.setattr(ioi, "circuit_cross_sections", lambda *args, **kwargs: (sections, discovery))
-    out = tmp_path / "run"
-    settings = ["--out", str(out), "--weights", str(weights), "--preset", "demo", "--n-train", "120",
-                "--n-eval", "40", "--epochs", "2"]
-    small_toy = functools.partial(metrics.oversplitting_toy, n_samples=256, n_latents=100)
-    monkeypatch.setattr(metrics, "oversplitting_toy", lambda seed, **grid: small_toy(seed=seed))
-    monkeypatch.setattr(main, "DEMO", main.replace(main.DEMO, d_sae=16, corpus_tokens=300, corpus_d_sae=16,
-                                                   corpus_epochs=1, edit_k=(2, 4)))
-    result = CliRunner().invoke(main.cli, ["evaluate", *settings], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    saved = json.loads((out / "metrics.json").read_text())
+    settings = dict(d_sae=16, corpus_tokens=300, corpus_d_sae=16, corpus_epochs=1, edit_k=(2, 4))
+    run = open_tiny_run(tmp_path, model, (SECTIONS, DISCOVERY), **settings)
+    main.evaluate_and_report(run, oversplitting_grids=SMALL_TOYS)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["config"]["n_train"] == 120
     rows = saved["results"]
     tests = {row["test"] for row in rows}
-    for test in ("sufficiency", "necessity", "edit_accuracy", "edit_accuracy_no_intervention", "weight_removed",
-                 "latents_changed", "f1_coverage", "pos_latents", "l0", "phenomenon_testable",
-                 "evidence_norm", "occlusion_toy_recovered", "oversplit_toy_loss", "causal_keep_sufficiency"):
+    for test in ("sufficiency", "necessity", "edit_accuracy", "edit_accuracy_no_intervention",
+                 "weight_removed", "latents_changed", "f1_coverage", "pos_latents", "l0",
+                 "phenomenon_testable", "evidence_norm", "occlusion_toy_recovered", "oversplit_toy_loss",
+                 "causal_keep_sufficiency"):
         assert test in tests, test
+    assert {row["grid"] for row in rows if row["test"] == "oversplit_toy_loss"} == {"ours", "paper"}
     # (ld_recovered is recorded only where one node alone moves the LD by >= 0.5%; this random
     # model's nodes move its near-zero LD by less, so it may rightly have none.)
-    occlusion = [row for row in rows if row["test"] == "phenomenon_testable" and row["phenomenon"] == "occlusion"]
+    occlusion = [row for row in rows
+                 if row["test"] == "phenomenon_testable" and row["phenomenon"] == "occlusion"]
     assert ("occlusion_io_names" in tests and "alpha_sweep_io_names" in tests) == bool(occlusion[0]["value"])
     for site in ("(B)NM out", "(B)NM q"):
         scored = {row["method"] for row in rows if row["test"] == "sufficiency" and row["site"] == site}
-        assert {"supervised", "supervised_lstsq", "vanilla", "gated", "topk", "random_decoder", "mean_ablation",
-                "vanilla_fulldist", "gated_fulldist", "topk_fulldist"} <= scored
-    assert all(isinstance(row["value"], float) for row in rows)
-    assert (out / "report.md").exists()
+        assert {"supervised", "supervised_lstsq", "vanilla", "gated", "topk", "random_decoder",
+                "mean_ablation", "vanilla_fulldist", "gated_fulldist", "topk_fulldist"} <= scored
+    assert all(isinstance(row["value"], float) and None not in row.values() for row in rows)
+    assert (tmp_path / "run" / "report.md").exists()
 
-    # A second run over the same folder resumes: every SAE is loaded; only the occlusion toy
-    # model (synthetic data, never cached) trains again.
-    trained, train = [], main.dictionaries.train_sae_stack
-    monkeypatch.setattr(main.dictionaries, "train_sae_stack", lambda *a, **k: trained.append(a[0].shape) or train(*a, **k))
-    result = CliRunner().invoke(main.cli, ["evaluate", *settings], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    assert len(trained) == 1 and trained[0][1] == 20_000  # the toy: one dataset of 20,000 samples
+    # A second run over the same folder resumes: every SAE stack is loaded, none is trained and saved again.
+    saes = files_in(tmp_path / "run" / "saes")
+    again = main.evaluate_run(open_tiny_run(tmp_path, model, (SECTIONS, DISCOVERY), **settings),
+                              oversplitting_grids=SMALL_TOYS)
+    assert files_in(tmp_path / "run" / "saes") == saes
+    assert len(again) == len(rows)
 
 
 # --- grade-sae: an SAE from elsewhere, in SAELens's layout -----------------------------------
@@ -170,36 +341,23 @@ def write_identity_sae(directory, d_in, hook_name, head):
     return directory
 
 
-@pytest.fixture
-def small_run(tmp_path, model, monkeypatch):
-    """CLI settings of a tiny run with the fixed circuit of test_pipeline_end_to_end."""
-    weights = tmp_path / "model"
-    model.save_pretrained(weights)
-    sections = [CrossSection("(B)NM out", (Node("z", 1, 0, "end"),), ("io", "pos")),
-                CrossSection("(B)NM q", (Node("q", 1, 0, "end"), Node("q", 1, 1, "end")), ("pos", "s"))]
-    no_discovery = {"heads": [], "sections": []}
-    monkeypatch.setattr(ioi, "circuit_cross_sections", lambda *args, **kwargs: (sections, no_discovery))
-    tiny = main.replace(main.DEMO, d_sae=16, edit_k=(2,), f1_thresholds=(0.0, 0.6))
-    monkeypatch.setattr(main, "DEMO", tiny)
-    monkeypatch.setattr(main.Grader, "MIN_SECTION_EFFECT", 0.0)  # random weights: any effect will do
-    return ["--out", str(tmp_path / "run"), "--weights", str(weights), "--preset", "demo",
-            "--n-train", "120", "--n-eval", "40", "--epochs", "2"]
-
-
 # (hook_name, hook_head_index, d_in, the site graded): one head (like ours), every head's z
 # concatenated (public attention-output SAEs), the residual stream (public residual SAEs).
 LAYOUTS = [("blocks.1.attn.hook_z", 0, 16, "(B)NM out [z@L1H0]"),
            ("blocks.1.attn.hook_z", None, 32, "(B)NM out [z@L1]"),
            ("blocks.1.hook_resid_pre", None, 32, "(B)NM out + (B)NM q [resid_pre@L1]")]
+NO_DISCOVERY = {"heads": [], "sections": []}
 
 
 @pytest.mark.parametrize("hook_name,head,d_in,site", LAYOUTS)
-def test_grade_sae_grades_each_layout_beside_the_supervised_dictionaries(tmp_path, small_run, hook_name,
+def test_grade_sae_grades_each_layout_beside_the_supervised_dictionaries(tmp_path, model, hook_name,
                                                                          head, d_in, site):
     folder = write_identity_sae(tmp_path / "public-sae", d_in, hook_name, head)
-    grade = ["grade-sae", "--sae", str(folder), *small_run]
-    result = CliRunner().invoke(main.cli, grade, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+    run = open_tiny_run(tmp_path, model, (SECTIONS, NO_DISCOVERY), d_sae=16, edit_k=(2,),
+                        f1_thresholds=(0.0, 0.6))
+    # random weights: any effect of a site on the LD will do
+    main.grade_sae_in_run(run, dictionaries.load_sae(folder), "sae:public-sae", min_section_effect=0.0)
+    main.write_report(run.out)
     rows = json.loads((tmp_path / "run" / "metrics.json").read_text())["results"]
     at_site = {(r["test"], r["method"]) for r in rows if r["site"] == site}
     for test in ("sufficiency", "necessity", "edit_accuracy", "weight_removed", "f1_coverage",
@@ -212,12 +370,20 @@ def test_grade_sae_grades_each_layout_beside_the_supervised_dictionaries(tmp_pat
     # it reconstructs exactly: patched at the right slots, the model's LD is untouched
     assert approximation == pytest.approx({"sufficiency": 1.0, "necessity": 1.0}, abs=1e-4)
     assert {r["test"] for r in rows if r["method"] == "sae:public-sae"} >= {"l0", "fve", "graded_sae"}
+    assert all(r["graded_sae"] == "sae:public-sae" for r in rows)
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## 9. SAEs from elsewhere" in report and site in report
     # grading it again replaces its records instead of adding to them
-    CliRunner().invoke(main.cli, grade, catch_exceptions=False)
+    main.grade_sae_in_run(run, dictionaries.load_sae(folder), "sae:public-sae", min_section_effect=0.0)
     again = json.loads((tmp_path / "run" / "metrics.json").read_text())["results"]
     assert len(again) == len(rows)
+
+
+def test_grade_sae_skips_sites_that_barely_move_the_task(tmp_path, model):
+    folder = write_identity_sae(tmp_path / "public-sae", 16, "blocks.1.attn.hook_z", 0)
+    run = open_tiny_run(tmp_path, model, (SECTIONS, NO_DISCOVERY), d_sae=16, edit_k=(2,))
+    with pytest.raises(click.ClickException, match="none of the sites it reads is causal"):
+        main.grade_sae_in_run(run, dictionaries.load_sae(folder), "sae:x", min_section_effect=float("inf"))
 
 
 def test_saes_of_transformer_lens_processed_models_read_plain_activations(model):
@@ -241,14 +407,24 @@ def test_saes_of_transformer_lens_processed_models_read_plain_activations(model)
     assert torch.equal(main.as_plain_model_sae(ours, model, "z", 1, None).encode(z), ours.encode(z))
 
 
+@pytest.fixture
+def cli_run(tmp_path, model, monkeypatch):
+    """CLI settings of a tiny run. The CLI finds its circuit itself: here it is given SECTIONS."""
+    weights = tmp_path / "model"
+    model.save_pretrained(weights)
+    monkeypatch.setattr(ioi, "circuit_cross_sections", lambda *args, **kwargs: (SECTIONS, NO_DISCOVERY))
+    return ["--out", str(tmp_path / "run"), "--weights", str(weights), "--preset", "demo",
+            "--n-train", "120", "--n-eval", "40", "--epochs", "2"]
+
+
 @pytest.mark.parametrize("hook_name,head,d_in,message", [
     ("blocks.5.attn.hook_z", None, 32, "hook_name='blocks.5.attn.hook_z': the model has 2 layers"),
     ("blocks.1.attn.hook_z", 0, 32, "d_in=32: blocks.1.attn.hook_z head 0 of this model has 16 values"),
     ("blocks.1.hook_resid_pre", 1, 32, "hook_head_index=1 with blocks.1.hook_resid_pre"),
     ("blocks.0.hook_mlp_out", None, 32, "hook_name='blocks.0.hook_mlp_out': grade-sae reads"),
 ])
-def test_grade_sae_mismatch_is_a_one_line_error(tmp_path, small_run, hook_name, head, d_in, message):
+def test_grade_sae_mismatch_is_a_one_line_error(tmp_path, cli_run, hook_name, head, d_in, message):
     folder = write_identity_sae(tmp_path / "sae", d_in, hook_name, head)
-    result = CliRunner().invoke(main.cli, ["grade-sae", "--sae", str(folder), *small_run])
+    result = CliRunner().invoke(main.cli, ["grade-sae", "--sae", str(folder), *cli_run])
     assert result.exit_code == 1 and message in result.output
     assert len(result.output.strip().splitlines()[-1]) > 20 and "Traceback" not in result.output

@@ -11,7 +11,6 @@ import json
 import os
 from dataclasses import asdict, replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -203,7 +202,7 @@ def test_fit_supervised_refuses_bad_input(workspace, monkeypatch, args, fragment
     assert_refused(workspace, monkeypatch, "fit-supervised", args, fragment)
 
 
-@pytest.mark.parametrize("command", ["collect", "supervised", "train-saes", "evaluate", "run"])
+@pytest.mark.parametrize("command", ["collect", "supervised", "train-saes", "run"])
 @pytest.mark.parametrize("args,fragment", BAD_RUN)
 def test_pipeline_steps_refuse_bad_input(workspace, monkeypatch, command, args, fragment):
     args = args if "--out" in args else f"--out new --n-train 10 --n-eval 10 {args}"  # few prompts: quick
@@ -254,12 +253,11 @@ def hard_kill(monkeypatch):
 
 
 def train_stack(run_folder, l1):
-    """Run._train_stack of a tiny stack (two nodes) in `run_folder`; what it needs of a Run is `path`."""
-    run = SimpleNamespace(path=lambda *parts: os.path.join(run_folder, *parts))
+    """main.train_or_load_stack of a tiny stack (two nodes), where a run in `run_folder` keeps it."""
     datasets = torch.randn(2, 64, 8, generator=torch.Generator().manual_seed(0))
     specs = [dictionaries.SAESpec("vanilla", i, l1=l1, seed=i, name=f"l1{l1}/node{i}") for i in range(2)]
     config = dictionaries.TrainConfig(d_sae=16, epochs=2)
-    return main.Run._train_stack(run, "vanilla", datasets, specs, config)
+    return main.train_or_load_stack(os.path.join(run_folder, "saes", "vanilla"), datasets, specs, config)
 
 
 @pytest.mark.parametrize("hard", [False, True])
