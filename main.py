@@ -1036,11 +1036,6 @@ def grade_sae_command(sae_dir, name, **options):
     click.echo(f"Wrote {run.path('metrics.json')} and {run.path('report.md')}")
 
 
-class Grader:
-    """Kept for the report below, which reads the LD-recovered threshold from here; the grading
-    itself is in metrics.py. (Once the report reads metrics.MIN_NODE_EFFECT, this goes.)"""
-    MIN_NODE_EFFECT = metrics.MIN_NODE_EFFECT
-
 # === end pipeline commands ===
 
 
@@ -1636,7 +1631,7 @@ class Report:
             "README §8; dead fraction on the training activations, the rest on the evaluation ones; "
             "train_steps: Adam steps run; train_converged: the share of SAEs that met the plateau criterion "
             "(loss improving < 1% over the last 10% of epochs) before the cap. LD recovered skips nodes "
-            f"whose mean ablation alone moves the LD by < {Grader.MIN_NODE_EFFECT:.1%} (it divides by that)."]
+            f"whose mean ablation alone moves the LD by < {metrics.MIN_NODE_EFFECT:.1%} (it divides by that)."]
 
     def paper(self):
         """Our numbers beside the paper's, each with its verdict and the criterion behind it."""
