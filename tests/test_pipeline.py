@@ -323,6 +323,16 @@ def test_pipeline_end_to_end(tmp_path, model):
     assert len(again) == len(rows)
 
 
+def test_skipped_sections_are_neither_trained_on_nor_graded_and_are_reported(tmp_path, model):
+    run = open_tiny_run(tmp_path, model, (SECTIONS, DISCOVERY), skip_sections=("(B)NM q",))
+    assert [s.name for s in run.sections] == ["(B)NM out"] and run.skipped == ["(B)NM q"]
+    assert run.nodes == [Node("z", 1, 0, "end")]  # the q nodes are not collected, so no SAE trains there
+    assert main.RunConfig.load(run.path("config.json")).skip_sections == ("(B)NM q",)
+    with pytest.raises(click.ClickException, match="every cross-section found is in skip_sections"):
+        open_tiny_run(tmp_path, model, (SECTIONS, DISCOVERY), skip_sections=("(B)NM q", "(B)NM out"),
+                      force=True)
+
+
 # --- grade-sae: an SAE from elsewhere, in SAELens's layout -----------------------------------
 
 def write_identity_sae(directory, d_in, hook_name, head):
