@@ -142,8 +142,9 @@ class Attention(nn.Module):
             pattern = hook(f"{name}.hook_pattern", scores.softmax(-1))  # [batch, head, q_pos, k_pos]
             z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
         else:
-            # The same softmax(q k^T / sqrt(d_head)) v with the same causal mask, fused by
-            # PyTorch: no [batch, head, q, k] tensor is written out.
+            # The same softmax(q k^T / sqrt(d_head)) v with the same causal mask, fused by PyTorch:
+            # one multi-threaded kernel instead of five. On 2 shared cores, where every kernel
+            # waits for both, the explicit path made the IOI forward ~20% slower (`main.py bench`).
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))        # [batch, head, pos, d_head]
             z = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
         z = hook(f"{name}.hook_z", z)                              # [batch, pos, head, d_head]
@@ -164,7 +165,8 @@ class MLP(nn.Module):
 def layer_norm(x, ln, hook, name):
     """`ln(x)` with TransformerLens's two hook points: `{name}.hook_scale`, the root mean square
     of the centred input plus eps, and `{name}.hook_normalized`, the centred input over that
-    scale (before the learnt weight and bias). One fused kernel unless either is hooked."""
+    scale (before the learnt weight and bias). One fused kernel unless either is hooked: the
+    explicit path's nine kernels made the IOI forward ~25% slower on 2 shared cores (as above)."""
     if not (hook.wants(f"{name}.hook_scale") or hook.wants(f"{name}.hook_normalized")):
         return F.layer_norm(x, x.shape[-1:], ln.weight, ln.bias, ln.eps)
     centred = x - x.mean(-1, keepdim=True)
