@@ -14,6 +14,8 @@ Makelov, Lange & Nanda (arXiv 2405.08366) read and patch per-head activations
 Every hook point that TransformerLens's GPT-2 fires by default is here, with its name, shape
 and value, and both methods take TransformerLens's arguments (`names_filter`, `fwd_hooks`
 with `fn(activation, hook)`); see the README, "Use with TransformerLens / SAELens".
+
+Where to start: `GPT2._forward` (embeddings, blocks, unembedding), then `Block.forward`.
 """
 import difflib
 import functools
@@ -25,6 +27,7 @@ import os
 import re
 import shutil
 from dataclasses import asdict, dataclass, fields
+from typing import Optional
 
 import tiktoken
 import torch
@@ -49,11 +52,13 @@ class GPT2Config:
     n_layer: int = 12
     n_head: int = 12
     layer_norm_epsilon: float = 1e-5
+    n_inner: Optional[int] = None  # MLP width (d_mlp); None means 4 * n_embd, as in Hugging Face
 
     def __post_init__(self):
         # A config.json may hold anything: check types and ranges here, so that a bad value
         # is one clear ValueError instead of a ZeroDivisionError or TypeError deep in a layer.
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+        sizes = ["vocab_size", "n_positions", "n_embd", "n_layer", "n_head"]
+        for name in sizes + (["n_inner"] if self.n_inner is not None else []):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is not a positive integer")
@@ -67,6 +72,10 @@ class GPT2Config:
     def d_head(self):
         return self.n_embd // self.n_head
 
+    @property
+    def d_mlp(self):
+        return self.n_inner or 4 * self.n_embd
+
     def to_hf_dict(self):
         return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
                 "activation_function": "gelu_new", "n_ctx": self.n_positions, **asdict(self)}
@@ -76,10 +85,9 @@ class GPT2Config:
         """Read a Hugging Face config.json dict, refusing settings this model does not implement."""
         if not isinstance(hf, dict):
             raise ValueError(f"expected a JSON object of settings, got {type(hf).__name__}")
-        if hf.get("activation_function", "gelu_new") != "gelu_new":
-            raise ValueError(f"activation_function={hf['activation_function']!r} is not supported (only gelu_new)")
-        if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", cls.n_embd)):
-            raise ValueError(f"n_inner={hf['n_inner']} is not supported (only 4 * n_embd)")
+        activation = hf.get("activation_function", "gelu_new")
+        if activation != "gelu_new":
+            raise ValueError(f"activation_function={activation!r} is not supported (only gelu_new)")
         for key, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
             if hf.get(key, supported) != supported:
                 raise ValueError(f"{key}={hf[key]!r} is not supported (only {supported})")
@@ -107,8 +115,9 @@ class Conv1D(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_in, n_out))  # [in, out]
         self.bias = nn.Parameter(torch.zeros(n_out))          # [out]
 
-    def forward(self, x):
-        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+    def forward(self, x):                                     # x: [..., in]
+        out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)  # [rows, out]
+        return out.view(*x.shape[:-1], -1)                    # [..., out]
 
 
 class Attention(nn.Module):
@@ -118,7 +127,7 @@ class Attention(nn.Module):
         self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)  # q, k, v of all heads at once
         self.c_proj = Conv1D(config.n_embd, config.n_embd)      # W_O of all heads at once
 
-    def forward(self, x, hook, name, only_at=None):              # x: [batch, pos, d_model]
+    def forward(self, x, hook, name):                              # x: [batch, pos, d_model]
         batch, n_pos, d_model = x.shape
         q, k, v = self.c_attn(x).split(d_model, dim=-1)
         heads = (batch, n_pos, self.n_head, self.d_head)
@@ -133,30 +142,31 @@ class Attention(nn.Module):
             pattern = hook(f"{name}.hook_pattern", scores.softmax(-1))  # [batch, head, q_pos, k_pos]
             z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
         else:
-            # The same softmax(q k^T / sqrt(d_head)) v with the same causal mask, fused by
-            # PyTorch: no [batch, head, q, k] tensor and no layout copies (a few % of a forward).
-            z = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True).transpose(1, 2)
+            # The same softmax(q k^T / sqrt(d_head)) v with the same causal mask, fused by PyTorch:
+            # one multi-threaded kernel instead of five. On 2 shared cores, where every kernel
+            # waits for both, the explicit path made the IOI forward ~20% slower (`main.py bench`).
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))        # [batch, head, pos, d_head]
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
         z = hook(f"{name}.hook_z", z)                              # [batch, pos, head, d_head]
-        if only_at is not None:
-            z = z[torch.arange(batch, device=z.device), only_at, None]  # [batch, 1, head, d_head]
-        return self.c_proj(z.reshape(batch, z.shape[1], d_model))    # [batch, pos, d_model]
+        return self.c_proj(z.reshape(batch, n_pos, d_model))       # [batch, pos, d_model]
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = Conv1D(config.n_embd, 4 * config.n_embd)
-        self.c_proj = Conv1D(4 * config.n_embd, config.n_embd)
+        self.c_fc = Conv1D(config.n_embd, config.d_mlp)
+        self.c_proj = Conv1D(config.d_mlp, config.n_embd)
 
     def forward(self, x, hook, name):
-        pre = hook(f"{name}.hook_pre", self.c_fc(x))              # [batch, pos, 4 * d_model]
+        pre = hook(f"{name}.hook_pre", self.c_fc(x))              # [batch, pos, d_mlp]
         return self.c_proj(hook(f"{name}.hook_post", gelu(pre)))  # [batch, pos, d_model]
 
 
 def layer_norm(x, ln, hook, name):
     """`ln(x)` with TransformerLens's two hook points: `{name}.hook_scale`, the root mean square
     of the centred input plus eps, and `{name}.hook_normalized`, the centred input over that
-    scale (before the learnt weight and bias). One fused kernel unless either is hooked."""
+    scale (before the learnt weight and bias). One fused kernel unless either is hooked: the
+    explicit path's nine kernels made the IOI forward ~25% slower on 2 shared cores (as above)."""
     if not (hook.wants(f"{name}.hook_scale") or hook.wants(f"{name}.hook_normalized")):
         return F.layer_norm(x, x.shape[-1:], ln.weight, ln.bias, ln.eps)
     centred = x - x.mean(-1, keepdim=True)
@@ -176,13 +186,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, hook, only_at=None):
-        """`only_at` (LongTensor [batch]): compute the output at that position only (see GPT2)."""
+    def forward(self, x, hook):                                    # x: [batch, pos, d_model]
         name = self.name
         x = hook(f"{name}.hook_resid_pre", x)
-        attn_out = self.attn(layer_norm(x, self.ln_1, hook, f"{name}.ln1"), hook, f"{name}.attn", only_at)
-        if only_at is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), only_at, None]  # [batch, 1, d_model]
+        attn_out = self.attn(layer_norm(x, self.ln_1, hook, f"{name}.ln1"), hook, f"{name}.attn")
         x = hook(f"{name}.hook_resid_mid", x + hook(f"{name}.hook_attn_out", attn_out))
         mlp_out = self.mlp(layer_norm(x, self.ln_2, hook, f"{name}.ln2"), hook, f"{name}.mlp")
         return hook(f"{name}.hook_resid_post", x + hook(f"{name}.hook_mlp_out", mlp_out))
@@ -192,11 +199,7 @@ class Block(nn.Module):
         name = self.name
         return [f"{name}.hook_resid_pre", f"{name}.ln1.hook_scale", f"{name}.ln1.hook_normalized",
                 *(f"{name}.attn.hook_{a}" for a in ("q", "k", "v", "attn_scores", "pattern", "z")),
-                *self.hook_names_after_attention()]
-
-    def hook_names_after_attention(self):
-        name = self.name
-        return [f"{name}.hook_attn_out", f"{name}.hook_resid_mid", f"{name}.ln2.hook_scale",
+                f"{name}.hook_attn_out", f"{name}.hook_resid_mid", f"{name}.ln2.hook_scale",
                 f"{name}.ln2.hook_normalized", f"{name}.mlp.hook_pre", f"{name}.mlp.hook_post",
                 f"{name}.hook_mlp_out", f"{name}.hook_resid_post"]
 
@@ -242,10 +245,6 @@ class Hooks:
         return name in self.by_name
 
 
-FINAL_HOOKS = ["ln_final.hook_scale", "ln_final.hook_normalized"]
-UNEMBED_HOOKS = ["unembed.hook_in", "unembed.hook_out"]  # the final residual, normalised; the logits
-
-
 class GPT2(nn.Module):
     def __init__(self, config=None):
         super().__init__()
@@ -267,40 +266,18 @@ class GPT2(nn.Module):
         batch, n_pos = tokens.shape                                   # tokens: [batch, pos]
         if n_pos > self.config.n_positions:
             raise ValueError(f"sequence length {n_pos} exceeds n_positions={self.config.n_positions}")
-        positions = torch.arange(n_pos, device=tokens.device)
-        # The position embedding is expanded over the batch, as in TransformerLens: a view, no
-        # copy, unless it is hooked (a hook may then write into it).
-        embed = hook("hook_embed", self.wte(tokens))                                   # [batch, pos, d_model]
-        pos_embed = self.wpe(positions).expand(batch, -1, -1)                          # [batch, pos, d_model]
-        if hook.wants("hook_pos_embed"):
-            pos_embed = hook("hook_pos_embed", pos_embed.contiguous())
-        x = embed + pos_embed                                                          # [batch, pos, d_model]
-        for block in self.h[:-1]:
-            x = block(x, hook)
-        return self._last_block_and_unembed(x, logits_at, hook)
-
-    def _last_block_and_unembed(self, x, logits_at, hook):
-        """Compute only what the caller needs. With `logits_at`, the last block's attention
-        still runs at every position (its keys and values are needed, and hook_q|k|v|z keep
-        their full shape), but its output projection, MLP, the final LayerNorm and the
-        unembedding run at one position per prompt -- unless a hook wants those activations
-        everywhere, so that every hook has the same shape with or without `logits_at`. The
-        unembedding is GPT-2 Small's largest matmul, so this is the main saving. Right padding
-        is harmless: attention is causal, so padding never reaches the real positions before it."""
-        last, rows = self.h[-1], torch.arange(len(x), device=x.device)
-        wants_unembed = any(map(hook.wants, UNEMBED_HOOKS))
-        everywhere = last.hook_names_after_attention() + FINAL_HOOKS
-        if logits_at is None or wants_unembed or any(map(hook.wants, everywhere)):
-            x = last(x, hook)                                                  # [batch, pos, d_model]
-        else:
-            x = last(x, hook, only_at=logits_at)                               # [batch, 1, d_model]
-        x = layer_norm(x, self.ln_f, hook, "ln_final")
-        if logits_at is not None and x.shape[1] > 1 and not wants_unembed:
-            x = x[rows, logits_at, None]                                       # [batch, 1, d_model]
+        positions = torch.arange(n_pos, device=tokens.device).expand(batch, n_pos)   # [batch, pos]
+        x = hook("hook_embed", self.wte(tokens)) + hook("hook_pos_embed", self.wpe(positions))
+        for block in self.h:
+            x = block(x, hook)                                        # [batch, pos, d_model]
+        x = layer_norm(x, self.ln_f, hook, "ln_final")                # [batch, pos, d_model]
+        rows = torch.arange(batch, device=x.device)
+        if logits_at is not None and not (hook.wants("unembed.hook_in") or hook.wants("unembed.hook_out")):
+            # nanoGPT's x[:, [-1], :] at inference, with one position per prompt: the unembedding
+            # is GPT-2 Small's largest matmul. Right padding is harmless: attention is causal.
+            return x[rows, logits_at] @ self.wte.weight.T             # [batch, vocab]
         logits = hook("unembed.hook_out", hook("unembed.hook_in", x) @ self.wte.weight.T)  # [batch, pos, V]
-        if logits_at is None:
-            return logits
-        return logits[rows, logits_at] if logits.shape[1] > 1 else logits[:, 0]  # [batch, vocab]
+        return logits if logits_at is None else logits[rows, logits_at]
 
     def forward(self, tokens, logits_at=None):
         """Logits [batch, pos, vocab], or [batch, vocab] at `logits_at` (LongTensor [batch])."""
@@ -313,7 +290,8 @@ class GPT2(nn.Module):
         names = ["hook_embed", "hook_pos_embed"]
         for block in self.h:
             names += block.hook_names()
-        return names + FINAL_HOOKS + UNEMBED_HOOKS
+        final = ["ln_final.hook_scale", "ln_final.hook_normalized"]
+        return names + final + ["unembed.hook_in", "unembed.hook_out"]  # normalised residual; logits
 
     def _resolve_names(self, names_filter):
         """Hook names selected by a TransformerLens `names_filter`: None (every hook), a name, a
@@ -327,7 +305,8 @@ class GPT2(nn.Module):
         for name in names:
             if name not in known:
                 close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-                raise KeyError(f"unknown hook name {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise KeyError(f"unknown hook name {name!r}{hint}")
         return names
 
     def run_with_hooks(self, tokens, fwd_hooks=(), logits_at=None):
@@ -351,8 +330,8 @@ class GPT2(nn.Module):
     def run_with_cache(self, tokens, names_filter=None, logits_at=None):
         """Forward pass that also returns {name: activation} for the hooks `names_filter` selects
         (TransformerLens's argument: None for all, a name, a list of names, or a callable).
-        Cache only what you need: every cached hook is a tensor kept, and some (the attention
-        pattern, anything after the last attention with `logits_at`) take a slower path."""
+        Cache only what you need: every cached hook is a tensor kept, and some take a slower
+        path (the attention scores and pattern, LayerNorm's scale, the logits with `logits_at`)."""
         cache = {}
 
         def store(activation, hook):
@@ -393,7 +372,8 @@ class GPT2(nn.Module):
         """Write model.safetensors (hub-style bare names) and config.json, each atomically."""
         os.makedirs(directory, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(os.path.join(directory, "model.safetensors"), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        atomic_write(os.path.join(directory, "model.safetensors"),
+                     lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
         write_json(os.path.join(directory, "config.json"), self.config.to_hf_dict())
 
 
@@ -545,7 +525,8 @@ def _normalise_keys(state, weights_file):
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
     lm_head = state.pop("lm_head.weight", None)
     if lm_head is not None and ("wte.weight" not in state or not torch.equal(lm_head, state["wte.weight"])):
-        raise WeightsError(f"{weights_file}: lm_head.weight differs from wte.weight (only a tied unembedding is supported)")
+        raise WeightsError(f"{weights_file}: lm_head.weight differs from wte.weight "
+                           "(only a tied unembedding is supported)")
     return {k: v for k, v in state.items() if not _MASK_BUFFER.search(k)}
 
 
@@ -609,7 +590,8 @@ def load_tokenizer():
         if line:
             first, second = line.split()
             ranks[decode(first) + decode(second)] = len(ranks)
-    encoder = {decode(token): i for token, i in json.loads(contents[encoder_path]).items() if token != "<|endoftext|>"}
+    encoder = {decode(token): i for token, i in json.loads(contents[encoder_path]).items()
+               if token != "<|endoftext|>"}
     if ranks != encoder:
         raise ValueError(f"{encoder_path}: ids disagree with the merge order of {merges_path}")
     return tiktoken.Encoding("gpt2", pat_str=_GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,

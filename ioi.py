@@ -645,6 +645,10 @@ class CircuitConfig:
     n_embd: int = 256
     n_head: int = 4             # d_head 64, as in GPT-2 Small
     n_positions: int = 32       # prompts are at most ~23 tokens
+    # MLP width. The circuit is attention only: every MLP weight and bias is 0, so an MLP adds
+    # exactly 0 at any width. At GPT-2's 4 * n_embd (1024) the MLPs were 2/3 of the blocks'
+    # multiplies, all by zeros; at 16, 3%. Not 0: Hugging Face and TransformerLens expect a layer.
+    n_inner: int = 16
     seed: int = 0               # draws the name codes and the residual basis
     bias_norm: float = 15.5     # with ~8 unit features, |x| ~ 16 = sqrt(n_embd): LayerNorm ~ identity
     # attention scores (logits of the softmax) of the heads' wanted matches
@@ -690,7 +694,8 @@ class CircuitWriter:
         self.basis = torch.linalg.qr(seed_matrix)[0][:, 1:].T                 # [feature, d_model]
         self.generator = generator
         model = gpt2.GPT2(gpt2.GPT2Config(n_positions=config.n_positions, n_embd=config.n_embd,
-                                          n_layer=config.n_layer, n_head=config.n_head))
+                                          n_layer=config.n_layer, n_head=config.n_head,
+                                          n_inner=config.n_inner))
         # Everything not written below stays 0: idle heads, MLPs and biases; LayerNorms are identities.
         self.state = {key: torch.zeros_like(value, dtype=torch.float64)
                       for key, value in model.state_dict().items()}
@@ -787,7 +792,8 @@ def build_ioi_model(config=None):
     writer.state["ln_f.weight"] = torch.full((config.n_embd,), config.logit_scale, dtype=torch.float64)
     writer.state["ln_f.bias"] = -config.logit_scale * bias * writer.basis[s["bias"]][0]
     model = gpt2.GPT2(gpt2.GPT2Config(n_positions=config.n_positions, n_embd=config.n_embd,
-                                      n_layer=config.n_layer, n_head=config.n_head))
+                                      n_layer=config.n_layer, n_head=config.n_head,
+                                      n_inner=config.n_inner))
     model.load_state_dict({key: value.float() for key, value in writer.state.items()})
     return model.eval()
 

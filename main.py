@@ -1062,17 +1062,16 @@ def grade_sae_command(sae_dir, name, **options):
 def forward_flops(config, batch, n_pos, logits_at_last_only):
     """Matmul FLOPs (2 per multiply-add) of one forward pass over [batch, n_pos] tokens.
 
-    Per token and layer: 2·3d² for q, k, v; 2·2·n_pos·d for attention scores and their
-    weighted sum of values (the full square is computed, then masked); 2·9d² for the
-    output projection (d²) and the MLP (8d²). With logits at the last position only,
-    the last layer's output projection and MLP, and the unembedding (2·d·vocab), run
-    at one position per prompt. LayerNorms, biases, GELU and softmax are not counted.
+    Per token and layer: 2·4d² for q, k, v and the output projection, 2·2·d·d_mlp for the
+    MLP, 2·2·n_pos·d for attention scores and their weighted sum of values (the full square
+    is computed, then masked). The unembedding (2·d·vocab) runs at every position, or at
+    one per prompt with logits at the last position only (as nanoGPT slices before it).
+    LayerNorms, biases, GELU and softmax are not counted.
     """
     d, tokens = config.n_embd, batch * n_pos
-    qkv_and_attention = tokens * (2 * 3 * d * d + 2 * 2 * n_pos * d)
-    rows = batch if logits_at_last_only else tokens  # rows after the last attention
-    return (config.n_layer * qkv_and_attention + (config.n_layer - 1) * tokens * 2 * 9 * d * d
-            + rows * (2 * 9 * d * d + 2 * d * config.vocab_size))
+    per_layer = tokens * (2 * 4 * d * d + 2 * 2 * d * config.d_mlp + 2 * 2 * n_pos * d)
+    unembedded = batch if logits_at_last_only else tokens
+    return config.n_layer * per_layer + unembedded * 2 * d * config.vocab_size
 
 
 def _seconds(fn, device):
@@ -1172,6 +1171,7 @@ def bench_command(batch, repeats, device):
     click.echo(f"  batched / loop: {s['speedup']:.2f}x faster; at most {s['speedup_ceiling']:.2f}x if a stacked step were "
                "nothing but its matmuls")
     click.echo(f"  the paper's grid (55 nodes x 12 settings, 20,000 x 64, 2000 epochs) here: {s['paper_grid_hours']:.1f} h")
+
 
 # === end benchmarks ===
 

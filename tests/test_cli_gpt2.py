@@ -1,22 +1,26 @@
 """Specification of the gpt2 subcommands of main.py: download, generate, bench.
 
+The benchmark's timings depend on the machine, so what is tested is what must hold anywhere:
+HF and ours compute the same logits, and HF is optional (bad options: test_robustness.py).
+
 No test touches the network: downloads come from file:// URLs or a local HTTP server.
 """
 import functools
 import hashlib
 import http.server
 import os
+import sys
 import threading
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-import dictionaries
 import gpt2
 import main
 
-TINY = gpt2.GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=2)  # GPT-2's vocabulary, so its tokenizer fits
+# GPT-2's vocabulary, so its tokenizer fits
+TINY = gpt2.GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=2)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +47,8 @@ def assert_nothing_at(out):
 
 def test_download_from_a_file_url(source, tmp_path):
     out = tmp_path / "gpt2"
-    result = invoke("download", "--url", source.as_uri(), "--out", out, "--sha256", sha256(source / "model.safetensors"))
+    digest = sha256(source / "model.safetensors")
+    result = invoke("download", "--url", source.as_uri(), "--out", out, "--sha256", digest)
     assert result.exit_code == 0, result.output
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     for name in os.listdir(out):
@@ -108,7 +113,8 @@ def test_generate_greedy_is_generate_tokens(source):
 
 
 def test_generate_sampling_is_seeded(source):
-    run = lambda seed: invoke("generate", "--weights", source, "--temperature", 1.0, "--seed", seed, "--tokens", 8)  # noqa: E731
+    def run(seed):
+        return invoke("generate", "--weights", source, "--temperature", 1.0, "--seed", seed, "--tokens", 8)
     first, again, other = run(1), run(1), run(2)
     assert first.exit_code == 0, first.output
     assert first.output == again.output != other.output
@@ -121,36 +127,14 @@ def test_generate_with_bad_weights_is_a_one_line_error(tmp_path):
     assert str(missing) in result.output and len(result.output.strip().splitlines()) == 1
 
 
-def test_bench_forward_reports_every_figure():
+def test_bench_forward_runs_ours_and_hugging_face_on_the_same_weights():
+    pytest.importorskip("transformers")
     result = main.bench_forward(TINY, batch=2, n_pos=5, repeats=1, matmul_size=64)
-    for key in ("ours_tokens_per_s", "hf_tokens_per_s", "ours_over_hf", "matmul_gflops", "ours_gflops",
-                "ours_fraction_of_matmul", "hf_gflops"):
-        assert result[key] > 0, key
-    assert result["max_abs_logit_diff"] < 1e-4  # HF really ran with the same weights
+    assert (result["batch"], result["n_pos"], result["repeats"]) == (2, 5, 1)
+    assert result["max_abs_logit_diff"] < 1e-4  # HF really ran the same model on the same prompts
 
 
-def test_forward_flops_counts_the_work_skipped():
-    c = gpt2.GPT2Config()
-    body = 2 * 12 * 12 * c.n_embd ** 2  # 2 FLOPs per weight per token, 12·d² matmul weights per layer
-    attention = 12 * 2 * 2 * 19 * c.n_embd
-    unembed = 2 * c.n_embd * c.vocab_size
-    assert main.forward_flops(c, 1, 19, False) == 19 * (body + attention + unembed)
-    skipped = 18 * (2 * 9 * c.n_embd ** 2 + unembed)  # last layer's c_proj + MLP, and the unembedding
-    assert main.forward_flops(c, 1, 19, True) == 19 * (body + attention + unembed) - skipped
-
-
-def test_bench_command_prints_forward_and_sae_figures(monkeypatch):
-    figures = {"n_pos": 19, "hf_s": 2.0, "hf_tokens_per_s": 950.0, "hf_gflops": 200.0, "ours_tokens_per_s": 1900.0,
-               "ours_gflops": 300.0, "ours_fraction_of_matmul": 0.85, "matmul_size": 2048, "matmul_gflops": 350.0,
-               "ours_over_hf": 2.0, "max_abs_logit_diff": 1e-6}
-    monkeypatch.setattr(main, "bench_forward", lambda **kwargs: figures)
-    sae_figures = {"arch": "vanilla", "n_sae": 24, "d_in": 64, "d_sae": 512, "n": 8192, "epochs": 8, "stack_size": 4,
-                   "stack_s": 3.0, "grouped_s": 2.0, "loop_s": 4.5, "speedup": 2.25, "ms_per_sae_step": 0.5,
-                   "loop_ms_per_sae_step": 1.125, "gflops": 300.0, "matmul_ms_one": 0.6, "matmul_ms_stacked": 0.45,
-                   "matmul_gflops_stacked": 320.0, "speedup_ceiling": 2.5, "paper_grid_hours": 14.3}
-    monkeypatch.setattr(dictionaries, "bench_sae_training", lambda: sae_figures)
-    result = invoke("bench", "--repeats", 1)
-    assert result.exit_code == 0, result.output
-    for text in ("1,900 tokens/s", "950 tokens/s", "85% of the matmul rate", "350.0 GFLOP/s", "2.00x",
-                 "24 vanilla SAEs 64 -> 512", "8 epochs of 8192 inputs", "4.50 s", "0.60 ms for one SAE, 0.45 ms per SAE in a stack of 4", "2.25x faster; at most 2.50x", "14.3 h"):
-        assert text in result.output
+def test_bench_forward_without_transformers_times_ours_alone(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
+    result = main.bench_forward(TINY, batch=2, n_pos=5, repeats=1, matmul_size=64)
+    assert [result[key] for key in ("hf_s", "ours_over_hf", "max_abs_logit_diff")] == [None, None, None]

@@ -1,8 +1,10 @@
 """Specification of gpt2.py: parity with Hugging Face, hooks, tokenizer, checkpoints.
 
-Hugging Face `transformers.GPT2LMHeadModel` is the independent reference. Weights are
-random (GPT-2 Small cannot be downloaded here), with LayerNorm parameters and biases
-drawn away from their trivial initial values so that a transposed or skipped one shows.
+Hugging Face `transformers.GPT2LMHeadModel` is the independent reference; the tests that
+compare with it are skipped when it is not installed, the rest need nothing but torch.
+Weights are random (GPT-2 Small cannot be downloaded here), with LayerNorm parameters and
+biases drawn away from their trivial initial values so that a transposed or skipped one
+shows; one model has hand-set weights whose logits are worked out in the test.
 """
 import json
 import os
@@ -14,13 +16,19 @@ import torch
 import gpt2
 from gpt2 import GPT2, GPT2Config, WeightsError
 
-transformers = pytest.importorskip("transformers")
 
-# d_head = 64 in the first two, as in every GPT-2; "odd" has d_head = 24.
+
+def import_transformers():
+    """The reference implementation: a test (or fixture) that calls this is skipped without it."""
+    return pytest.importorskip("transformers")
+
+
+# d_head = 64 in the first two, as in every GPT-2; "odd" has d_head = 24 and an MLP 40 wide
+# (Hugging Face's n_inner) instead of 4 * n_embd.
 CONFIGS = {
     "tiny": GPT2Config(vocab_size=1000, n_positions=64, n_embd=128, n_layer=2, n_head=2),
     "small": GPT2Config(),  # GPT-2 Small's shape: 12 layers, 768 wide, 12 heads, 50257 tokens
-    "odd": GPT2Config(vocab_size=500, n_positions=32, n_embd=96, n_layer=3, n_head=4),
+    "odd": GPT2Config(vocab_size=500, n_positions=32, n_embd=96, n_layer=3, n_head=4, n_inner=40),
 }
 LAYOUTS = ("hub", "save_pretrained", "lm_head")
 TOLERANCE = 1e-4  # max |logit difference| to Hugging Face
@@ -39,6 +47,7 @@ def perturb_(model, seed):
 
 
 def hf_model(config, seed=0):
+    transformers = import_transformers()
     torch.manual_seed(seed)
     # No end-of-text token: generation then never stops early (and small vocabularies lack 50256).
     hf_config = transformers.GPT2Config(**config.to_hf_dict(), bos_token_id=None, eos_token_id=None)
@@ -69,7 +78,8 @@ def write_layout(hf, layout, directory):
 
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory):
-    """reference(name) -> (hf_model, {(layout, with_config): directory}), built once per config."""
+    """reference(name) -> (hf_model, {layout: directory}), built once per config."""
+    import_transformers()
     built = {}
 
     def get(name):
@@ -77,15 +87,9 @@ def reference(tmp_path_factory):
             hf = hf_model(CONFIGS[name], seed=len(built))
             layouts = LAYOUTS if name != "small" else LAYOUTS[:2]  # spare 500 MB of writing
             root = tmp_path_factory.mktemp(name)
-            directories = {}
-            for layout in layouts:
-                with_config = str(root / layout)
-                write_layout(hf, layout, with_config)
-                without_config = str(root / f"{layout}-no-config")
-                os.makedirs(without_config)
-                os.link(os.path.join(with_config, "model.safetensors"), os.path.join(without_config, "model.safetensors"))
-                directories[layout, True], directories[layout, False] = with_config, without_config
-            built[name] = hf, directories
+            built[name] = hf, {layout: str(root / layout) for layout in layouts}
+            for layout, directory in built[name][1].items():
+                write_layout(hf, layout, directory)
         return built[name]
     return get
 
@@ -109,7 +113,7 @@ PARITY_CASES = [(name, layout, as_file) for name in ("tiny", "odd", "small") for
 @torch.inference_mode()
 def test_logits_match_hugging_face(reference, name, layout, as_file):
     hf, directories = reference(name)
-    path = directories[layout, True]
+    path = directories[layout]
     model = GPT2.from_pretrained(os.path.join(path, "model.safetensors") if as_file else path)
     assert model.config == CONFIGS[name]
     tokens = sample_tokens(model.config, batch=2, n_pos=9)
@@ -120,12 +124,31 @@ def test_logits_match_hugging_face(reference, name, layout, as_file):
 @pytest.mark.parametrize("name", ["tiny", "odd"])  # the loop is shape-blind; Small's logits are tested above
 def test_greedy_generation_matches_hugging_face(reference, name):
     hf, directories = reference(name)
-    model = GPT2.from_pretrained(directories["hub", True])
+    model = GPT2.from_pretrained(directories["hub"])
     prompt = sample_tokens(model.config, batch=1, n_pos=6, seed=1)
     with torch.inference_mode():
         expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20,
                                do_sample=False, pad_token_id=0)
     assert torch.equal(gpt2.generate_tokens(model, prompt, 20), expected)
+
+
+def test_hugging_face_loads_the_saved_embedded_ioi_model(tmp_path):
+    """`main.py build-model` saves the embedded IOI model, whose MLPs are n_inner wide
+    (ioi.CircuitConfig), in Hugging Face's layout: GPT2LMHeadModel loads it, same logits."""
+    transformers = import_transformers()
+    from click.testing import CliRunner
+
+    import ioi
+    import main
+    result = CliRunner().invoke(main.cli, ["build-model", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "m").eval()
+    ours = GPT2.from_pretrained(tmp_path / "m")
+    assert hf.config.n_inner == ours.config.d_mlp == ioi.CircuitConfig().n_inner
+    tokens = ioi.batch_prompts(ioi.eval_prompts(20)).tokens
+    with torch.inference_mode():
+        difference = (ours(tokens) - hf(tokens).logits).abs().max().item()
+    assert difference <= TOLERANCE
 
 
 # ----------------------------------------------------------------------------- forward and hooks
@@ -146,7 +169,8 @@ def test_logits_at_equals_full_logits_at_those_positions(model, tokens):
     positions = torch.tensor([9, 0, 4])
     full = model(tokens)
     assert full.shape == (3, 10, model.config.vocab_size)
-    torch.testing.assert_close(model(tokens, logits_at=positions), full[torch.arange(3), positions], rtol=0, atol=1e-5)
+    at_positions = full[torch.arange(3), positions]                        # [batch, vocab]
+    torch.testing.assert_close(model(tokens, logits_at=positions), at_positions, rtol=0, atol=1e-5)
 
 
 def test_right_padding_does_not_change_real_positions(model, tokens):
@@ -159,23 +183,72 @@ def test_right_padding_does_not_change_real_positions(model, tokens):
 
 
 def test_logits_at_keeps_full_shapes_for_hooks(model, tokens):
-    last = model.config.n_layer - 1
+    """Only the unembedding runs at one position per prompt; hooked, it runs everywhere."""
     positions = torch.tensor([9, 3, 5])
-    names = [f"blocks.{last}.hook_resid_post", f"blocks.{last}.attn.hook_z", f"blocks.{last}.mlp.hook_post"]
+    names = ["blocks.2.hook_resid_post", "ln_final.hook_normalized", "unembed.hook_in", "unembed.hook_out"]
     logits, cache = model.run_with_cache(tokens, names, logits_at=positions)
-    d, h = model.config.n_embd, model.config.n_head
-    assert cache[names[0]].shape == (3, 10, d)
-    assert cache[names[1]].shape == (3, 10, h, d // h)
-    assert cache[names[2]].shape == (3, 10, 4 * d)
-    torch.testing.assert_close(logits, model(tokens)[torch.arange(3), positions], rtol=0, atol=1e-5)
-    # hook_z alone leaves the last block's output projection at one position; still full shape.
-    _, cache = model.run_with_cache(tokens, names[1:2], logits_at=positions)
-    assert cache[names[1]].shape == (3, 10, h, d // h)
+    assert [tuple(cache[name].shape) for name in names] == [(3, 10, 64)] * 3 + [(3, 10, 211)]
+    full = model(tokens)
+    torch.testing.assert_close(cache["unembed.hook_out"], full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits, full[torch.arange(3), positions], rtol=0, atol=1e-5)
+
+
+def uniform_attention_model():
+    """One block with hand-set weights: three orthogonal token embeddings of mean 0 and variance
+    1 (LayerNorm leaves them as they are), no position embedding, zero queries and keys (every
+    head attends uniformly to the positions so far), values and output projection the identity,
+    no MLP. So resid_post at p = x_p + mean(x_0..x_p), and the logits are its LayerNorm times
+    the (tied) embeddings."""
+    config = GPT2Config(vocab_size=3, n_positions=4, n_embd=4, n_layer=1, n_head=2, layer_norm_epsilon=1e-12)
+    model = GPT2(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+        for ln in (model.h[0].ln_1, model.h[0].ln_2, model.ln_f):
+            ln.weight.fill_(1.0)
+        model.wte.weight.copy_(torch.tensor([[1.0, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]]))
+        model.h[0].attn.c_attn.weight[:, 8:] = torch.eye(4)                 # W_V; W_Q = W_K = 0
+        model.h[0].attn.c_proj.weight.copy_(torch.eye(4))                   # W_O
+    return model.eval()
+
+
+def test_hand_set_weights_give_the_worked_out_logits():
+    """Tokens 0, 1, 2 (x_i . x_j = 4 [i = j]). resid_post: 2 x_0, then 1.5 x_1 + 0.5 x_0 (variance
+    10/4), then 4/3 x_2 + 1/3 (x_0 + x_1) (variance 8/4); logits = resid . x_j / sqrt(variance)."""
+    model = uniform_attention_model()
+    logits, cache = model.run_with_cache(torch.tensor([[0, 1, 2]]), "blocks.0.attn.hook_pattern")
+    expected = torch.tensor([[4.0, 0, 0],
+                             [2 / 2.5 ** 0.5, 6 / 2.5 ** 0.5, 0],
+                             [(4 / 3) / 2 ** 0.5, (4 / 3) / 2 ** 0.5, (16 / 3) / 2 ** 0.5]])
+    torch.testing.assert_close(logits[0], expected)
+    uniform = torch.tensor([[1.0, 0, 0], [1 / 2, 1 / 2, 0], [1 / 3, 1 / 3, 1 / 3]])
+    torch.testing.assert_close(cache["blocks.0.attn.hook_pattern"][0], torch.stack([uniform, uniform]))
+
+
+def test_gelu_is_the_tanh_approximation():
+    """GPT-2's gelu_new: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); at 1 it is 0.841192,
+    where the exact (erf) GELU is 0.841345."""
+    values = gpt2.gelu(torch.tensor([1.0, -1.0, 0.0, 3.0], dtype=torch.float64))
+    expected = torch.tensor([0.8411920, -0.1588080, 0.0, 2.9963627], dtype=torch.float64)
+    torch.testing.assert_close(values, expected, rtol=0, atol=1e-7)
+
+
+def test_n_inner_sets_the_mlp_width(tmp_path):
+    """Hugging Face's n_inner is the MLP width; None means 4 * n_embd. It is saved and loaded."""
+    assert GPT2Config(n_embd=64, n_head=4).d_mlp == 256
+    config = GPT2Config(vocab_size=50, n_positions=8, n_embd=64, n_layer=1, n_head=4, n_inner=24)
+    model = GPT2(config).eval()
+    assert model.h[0].mlp.c_fc.weight.shape == (64, 24) and model.h[0].mlp.c_proj.weight.shape == (24, 64)
+    _, cache = model.run_with_cache(torch.zeros(2, 5, dtype=torch.long), "blocks.0.mlp.hook_post")
+    assert cache["blocks.0.mlp.hook_post"].shape == (2, 5, 24)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["n_inner"] == 24
+    assert GPT2.from_pretrained(tmp_path).config == config
 
 
 # The hook points TransformerLens's HookedTransformer fires by default for GPT-2 (fold_ln off,
 # no optional hooks such as attn.hook_result): name -> shape, from its components' comments
-# (b batch, p pos, h head, d d_model, e d_head, m d_mlp = 4 d, v vocab). Per block, in forward order:
+# (b batch, p pos, h head, d d_model, e d_head, m d_mlp, v vocab). Per block, in forward order:
 TRANSFORMER_LENS_BLOCK_HOOKS = {
     "hook_resid_pre": "bpd", "ln1.hook_scale": "bp1", "ln1.hook_normalized": "bpd",
     "attn.hook_q": "bphe", "attn.hook_k": "bphe", "attn.hook_v": "bphe",
@@ -191,7 +264,7 @@ TRANSFORMER_LENS_OUTER_HOOKS = {"hook_embed": "bpd", "hook_pos_embed": "bpd",
 def transformer_lens_hooks(config, batch, n_pos):
     """{name: shape} of every default TransformerLens hook, in forward order."""
     sizes = {"b": batch, "p": n_pos, "h": config.n_head, "d": config.n_embd, "e": config.d_head,
-             "m": 4 * config.n_embd, "v": config.vocab_size, "1": 1}
+             "m": config.d_mlp, "v": config.vocab_size, "1": 1}
     shape = lambda letters: tuple(sizes[c] for c in letters)  # noqa: E731
     outer = list(TRANSFORMER_LENS_OUTER_HOOKS.items())
     hooks = {name: shape(letters) for name, letters in outer[:2]}
@@ -238,11 +311,12 @@ def test_patching_any_hook_with_its_clean_value_changes_nothing(model, tokens, l
     plain_logits = model(tokens, logits_at=logits_at)
     for name in model.hook_names():
         _, cache = model.run_with_cache(tokens, [name], logits_at=logits_at)
-        patched = model.run_with_hooks(tokens, {name: lambda act, clean=cache[name]: clean}, logits_at=logits_at)
+        patch_in_clean = {name: lambda act, clean=cache[name]: clean}
+        patched = model.run_with_hooks(tokens, patch_in_clean, logits_at=logits_at)
         observed = model.run_with_hooks(tokens, {name: lambda act: None}, logits_at=logits_at)
         assert torch.equal(patched, observed), name  # the very same computation, bit for bit
-        # hooking a pattern (explicit attention) or after the last attention (all positions)
-        # takes another, equivalent path:
+        # hooking the attention pattern or a LayerNorm's scale (explicit, not fused) or the
+        # unembedding with logits_at (every position) takes another, equivalent path:
         torch.testing.assert_close(patched, plain_logits, rtol=0, atol=1e-5, msg=name)
 
 
@@ -294,13 +368,15 @@ def test_fused_attention_equals_the_explicit_softmax(model, tokens):
     torch.testing.assert_close(model(tokens), explicit, rtol=0, atol=1e-5)
     _, fused = model.run_with_cache(tokens, ["blocks.1.attn.hook_z"])
     _, unfused = model.run_with_cache(tokens, ["blocks.1.attn.hook_z", "blocks.1.attn.hook_pattern"])
-    torch.testing.assert_close(fused["blocks.1.attn.hook_z"], unfused["blocks.1.attn.hook_z"], rtol=0, atol=1e-6)
+    name = "blocks.1.attn.hook_z"
+    torch.testing.assert_close(fused[name], unfused[name], rtol=0, atol=1e-6)
 
 
 def test_per_head_outputs_sum_to_attn_out(model, tokens):
     c = model.config
     for layer, block in enumerate(model.h):
-        _, cache = model.run_with_cache(tokens, [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_attn_out"])
+        names = [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_attn_out"]
+        _, cache = model.run_with_cache(tokens, names)
         z = cache[f"blocks.{layer}.attn.hook_z"]                            # [batch, pos, head, d_head]
         W_O = block.attn.c_proj.weight.view(c.n_head, c.d_head, c.n_embd)   # [head, d_head, d_model]
         per_head = torch.einsum("bphd,hdm->bphm", z, W_O)                   # [batch, pos, head, d_model]
@@ -311,7 +387,8 @@ def test_per_head_outputs_sum_to_attn_out(model, tokens):
 def test_resid_post_is_next_resid_pre(model, tokens):
     _, cache = model.run_with_cache(tokens, model.hook_names())
     for layer in range(model.config.n_layer - 1):
-        assert torch.equal(cache[f"blocks.{layer}.hook_resid_post"], cache[f"blocks.{layer + 1}.hook_resid_pre"])
+        post, next_pre = f"blocks.{layer}.hook_resid_post", f"blocks.{layer + 1}.hook_resid_pre"
+        assert torch.equal(cache[post], cache[next_pre])
 
 
 def test_attention_pattern_is_causal_and_normalised(model, tokens):
@@ -397,7 +474,8 @@ def test_generate_tokens_crops_context_and_samples_reproducibly(model):
     prompt = sample_tokens(model.config, batch=2, n_pos=10)
     greedy = gpt2.generate_tokens(model, prompt, 12)  # 22 tokens > n_positions = 16
     assert greedy.shape == (2, 22) and torch.equal(greedy[:, :10], prompt)
-    sample = lambda seed: gpt2.generate_tokens(model, prompt, 12, 1.0, torch.Generator().manual_seed(seed))  # noqa: E731
+    def sample(seed):
+        return gpt2.generate_tokens(model, prompt, 12, 1.0, torch.Generator().manual_seed(seed))
     assert torch.equal(sample(3), sample(3))
     assert not torch.equal(sample(3), sample(4))
 
@@ -430,27 +508,39 @@ TRICKY_STRINGS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
+def ours():
+    return gpt2.load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory):
     import shutil
+    transformers = import_transformers()
     encoder_json, vocab_bpe = gpt2._bpe_files()
     directory = tmp_path_factory.mktemp("bpe")
     shutil.copy(encoder_json, directory / "vocab.json")
     shutil.copy(vocab_bpe, directory / "merges.txt")
     # from_pretrained reads vocab.json + merges.txt in transformers 4 and 5 alike (5 ignores vocab_file=).
-    hf = transformers.GPT2TokenizerFast.from_pretrained(str(directory))
-    return gpt2.load_tokenizer(), hf
+    return transformers.GPT2TokenizerFast.from_pretrained(str(directory))
 
 
 @pytest.mark.parametrize("text", TRICKY_STRINGS)
-def test_tokenizer_matches_hugging_face_and_round_trips(tokenizers, text):
-    ours, hf = tokenizers
-    ids = ours.encode_ordinary(text)
-    assert ids == hf(text, add_special_tokens=False)["input_ids"]
-    assert ours.decode(ids) == text
+def test_tokenizer_matches_hugging_face(ours, hf_tokenizer, text):
+    assert ours.encode_ordinary(text) == hf_tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def test_endoftext_is_the_bos_token(tokenizers):
-    ours, _ = tokenizers
+@pytest.mark.parametrize("text", TRICKY_STRINGS)
+def test_tokenizer_round_trips(ours, text):
+    assert ours.decode(ours.encode_ordinary(text)) == text
+
+
+def test_tokenizer_knows_gpt2_ids(ours):
+    """Ids from GPT-2's encoder.json: "Hello" 15496, " world" 995; a leading space is part of a token."""
+    assert ours.encode_ordinary("Hello world") == [15496, 995]
+    assert ours.encode_ordinary(" Hello") != ours.encode_ordinary("Hello")
+
+
+def test_endoftext_is_the_bos_token(ours):
     assert gpt2.BOS_TOKEN_ID == 50256 and ours.n_vocab == 50257
     assert ours.encode("<|endoftext|>", allowed_special={"<|endoftext|>"}) == [50256]
     assert ours.encode("<|endoftext|>Hi", allowed_special="all")[0] == gpt2.BOS_TOKEN_ID
@@ -493,13 +583,15 @@ def test_missing_key(saved):
     assert_load_fails(directory, str(weights), "missing", "h.1.ln_2.bias")
 
 
-def test_weights_without_config_json_are_refused(reference):
+def test_weights_without_config_json_are_refused(tmp_path):
     """The number of heads is not in the weights' shapes: a guess (n_embd // 64 fits "tiny",
     not "odd") would load a model that runs and computes something else."""
     for name in ("tiny", "odd"):
-        _, directories = reference(name)
-        path = directories["hub", False]
-        assert_load_fails(path, os.path.join(path, "model.safetensors"), "config.json", "heads")
+        directory = tmp_path / name
+        GPT2(CONFIGS[name]).save_pretrained(directory)
+        os.remove(directory / "config.json")
+        for path in (directory, directory / "model.safetensors"):
+            assert_load_fails(path, str(directory / "model.safetensors"), "config.json", "heads")
 
 
 def test_unexpected_key(saved):
@@ -597,21 +689,31 @@ def test_failed_save_leaves_no_partial_file(model, saved, tmp_path, monkeypatch)
 
 # ----------------------------------------------------------------------------- config
 
-def test_config_from_and_to_hugging_face_dicts():
+CUSTOM = GPT2Config(vocab_size=300, n_positions=40, n_embd=96, n_layer=5, n_head=3, layer_norm_epsilon=1e-6,
+                    n_inner=50)
+
+
+def test_config_round_trips_through_its_hugging_face_dict():
+    assert (CUSTOM.d_head, CUSTOM.d_mlp, GPT2Config().d_mlp) == (32, 50, 3072)
+    assert GPT2Config.from_hf_dict(CUSTOM.to_hf_dict()) == CUSTOM
+    assert GPT2Config.from_hf_dict(json.loads(json.dumps(GPT2Config().to_hf_dict()))) == GPT2Config()
+
+
+def test_config_reads_and_writes_hugging_face_configs():
+    transformers = import_transformers()
     assert GPT2Config.from_hf_dict(transformers.GPT2Config().to_dict()) == GPT2Config()
-    config = GPT2Config(vocab_size=300, n_positions=40, n_embd=96, n_layer=5, n_head=3, layer_norm_epsilon=1e-6)
-    assert config.d_head == 32
-    assert GPT2Config.from_hf_dict(config.to_hf_dict()) == config
-    hf = transformers.GPT2Config(**config.to_hf_dict())
-    assert (hf.vocab_size, hf.n_positions, hf.n_embd, hf.n_layer, hf.n_head, hf.layer_norm_epsilon) == \
-        (300, 40, 96, 5, 3, 1e-6)
+    assert GPT2Config.from_hf_dict(transformers.GPT2Config(n_inner=50).to_dict()).d_mlp == 50
+    hf = transformers.GPT2Config(**CUSTOM.to_hf_dict())
+    names = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "layer_norm_epsilon", "n_inner")
+    assert [getattr(hf, name) for name in names] == [300, 40, 96, 5, 3, 1e-6, 50]
     assert hf.activation_function == "gelu_new"
 
 
 @pytest.mark.parametrize("change,fragment", [
     ({"activation_function": "relu"}, "activation_function='relu'"),
     ({"n_embd": 100, "n_head": 3}, "not divisible"),
-    ({"n_inner": 1000}, "n_inner"),
+    ({"n_inner": 0}, "n_inner=0 is not a positive integer"),
+    ({"n_inner": 3072.0}, "n_inner=3072.0 is not a positive integer"),
     ({"scale_attn_weights": False}, "scale_attn_weights"),
     ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
 ])
