@@ -4,6 +4,7 @@ Follows the order of Makelov, Lange & Nanda (arXiv 2405.08366): a model solves I
 we collect activations at circuit nodes, fit supervised dictionaries and SAEs, grade
 them on approximation, control and interpretability, and write a report.
 """
+import glob
 import hashlib
 import json
 import math
@@ -592,6 +593,13 @@ class Run:
     def path(self, *parts):
         return os.path.join(self.out, *parts)
 
+    def grading_key(self):
+        """What graded records depend on: the settings (bar the device) and every SAE stack's stamp."""
+        settings = {name: value for name, value in asdict(self.config).items() if name != "device"}
+        stamps = {os.path.basename(os.path.dirname(path)): _read_json(path)
+                  for path in sorted(glob.glob(self.path("saes", "*", "stack.json")))}
+        return json.loads(json.dumps({"settings": settings, "saes": stamps}))  # as read back from JSON
+
     def task(self):
         """The model on the evaluation prompts, as every test runs it."""
         return metrics.Task(self.model, self.splits["eval"], self.config.batch_size)
@@ -731,14 +739,24 @@ def evaluate_run(run, oversplitting_grids=metrics.OVERSPLITTING_GRIDS):
 
 
 def grade_sections(run, task, clean_run, supervised, task_saes, corpus_saes):
-    """`metrics.grade_section` at every cross-section of the run, with a progress bar."""
-    records = []
+    """`metrics.grade_section` at every cross-section of the run, with a progress bar. Each
+    section's records are saved in grades/ as soon as it is graded, so a killed run resumes at
+    the next section; saved records are reused only under the same settings and SAEs."""
+    records, key = [], run.grading_key()
     with click.progressbar(run.sections, label="Grading cross-sections",
                            item_show_func=lambda section: section.name if section else "") as sections:
         for section in sections:
+            path = run.path("grades", re.sub(r"[^A-Za-z0-9]+", "_", section.name).strip("_") + ".json")
+            saved = _read_json(path) if os.path.exists(path) else {}
+            if saved.get("key") == key:
+                records += [metrics.Record(**row) for row in saved["records"]]
+                continue
             inputs = metrics.section_inputs(task, section, run.acts, run.attributes, clean_run)
-            records += metrics.grade_section(task, inputs, supervised, task_saes, corpus_saes,
-                                             run.config.edit_k, run.config.f1_thresholds)
+            graded = metrics.grade_section(task, inputs, supervised, task_saes, corpus_saes,
+                                           run.config.edit_k, run.config.f1_thresholds)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            gpt2.write_json(path, {"key": key, "records": [row.to_json() for row in graded]})
+            records += graded
     return records
 
 
@@ -780,7 +798,7 @@ def recover_interrupted_saves(out):
     gpt2.atomic_folder leave NAME.tmp (and NAME.old) behind only when killed midway. Only what
     a run writes is looked at, since `out` may hold other files too."""
     saved = [os.path.join(out, name) for name in ("config.json", "metrics.json", "report.md")]
-    for folder in ("activations", "dictionaries", "saes", "figures"):
+    for folder in ("activations", "dictionaries", "saes", "grades", "figures"):
         for root, dirs, files in os.walk(os.path.join(out, folder)):
             saved += [os.path.join(root, os.path.splitext(name)[0]) for name in dirs + files
                       if name.endswith((".tmp", ".old"))]

@@ -323,6 +323,34 @@ def test_pipeline_end_to_end(tmp_path, model):
     assert len(again) == len(rows)
 
 
+def test_grading_resumes_at_the_section_a_killed_run_had_not_finished(tmp_path, model, monkeypatch):
+    run = open_tiny_run(tmp_path, model, (SECTIONS, DISCOVERY), d_sae=16, edit_k=(2,))
+    supervised, (task_saes, _), corpus_saes = run.fit_supervised(), run.train_task_saes(), {}
+    dictionaries_at_nodes = run.at_nodes(supervised, task_saes, corpus_saes)
+    task = run.task()
+
+    def grade():
+        return main.grade_sections(run, task, task.patched(), *dictionaries_at_nodes)
+    uninterrupted = grade()
+    for path in (tmp_path / "run" / "grades").iterdir():
+        path.unlink()
+    graded, grade_section = [], metrics.grade_section
+
+    def killed_at_the_second_section(*args, **kwargs):
+        if graded:
+            raise KeyboardInterrupt
+        graded.append(args[1].section.name)
+        return grade_section(*args, **kwargs)
+    monkeypatch.setattr(metrics, "grade_section", killed_at_the_second_section)
+    with pytest.raises(KeyboardInterrupt):
+        grade()
+    assert graded == ["(B)NM out"]
+    graded.clear()
+    monkeypatch.setattr(metrics, "grade_section", lambda *args, **kwargs: graded.append(args[1].section.name)
+                        or grade_section(*args, **kwargs))
+    assert grade() == uninterrupted and graded == ["(B)NM q"]  # the finished section was not graded again
+
+
 def test_skipped_sections_are_neither_trained_on_nor_graded_and_are_reported(tmp_path, model):
     run = open_tiny_run(tmp_path, model, (SECTIONS, DISCOVERY), skip_sections=("(B)NM q",))
     assert [s.name for s in run.sections] == ["(B)NM out"] and run.skipped == ["(B)NM q"]
