@@ -147,10 +147,12 @@ def test_bench_command_prints_forward_and_sae_figures(monkeypatch):
     sae_figures = {"arch": "vanilla", "n_sae": 24, "d_in": 64, "d_sae": 512, "n": 8192, "epochs": 8, "stack_size": 4,
                    "stack_s": 3.0, "grouped_s": 2.0, "loop_s": 4.5, "speedup": 2.25, "ms_per_sae_step": 0.5,
                    "loop_ms_per_sae_step": 1.125, "gflops": 300.0, "matmul_ms_one": 0.6, "matmul_ms_stacked": 0.45,
-                   "matmul_gflops_stacked": 320.0, "speedup_ceiling": 2.5, "paper_grid_hours": 14.3}
+                   "matmul_gflops_stacked": 320.0, "speedup_ceiling": 2.5, "paper_grid_hours": 14.3,
+                   "paper_grid_converged_hours": 5.4, "converged_epochs": 750}
     monkeypatch.setattr(dictionaries, "bench_sae_training", lambda: sae_figures)
     result = invoke("bench", "--repeats", 1)
     assert result.exit_code == 0, result.output
     for text in ("1,900 tokens/s", "950 tokens/s", "85% of the matmul rate", "350.0 GFLOP/s", "2.00x",
-                 "24 vanilla SAEs 64 -> 512", "8 epochs of 8192 inputs", "4.50 s", "0.60 ms for one SAE, 0.45 ms per SAE in a stack of 4", "2.25x faster; at most 2.50x", "14.3 h"):
+                 "24 vanilla SAEs 64 -> 512", "8 epochs of 8192 inputs", "4.50 s", "0.60 ms for one SAE, 0.45 ms per SAE in a stack of 4", "2.25x faster; at most 2.50x",
+                 "300 GFLOP/s", "14.3 h at its 2,000 epochs", "5.4 h stopped at convergence, assuming 750 epochs"):
         assert text in result.output

@@ -257,7 +257,7 @@ def train_stack(run_folder, l1):
     """Run._train_stack of a tiny stack (two nodes) in `run_folder`; what it needs of a Run is `path`."""
     run = SimpleNamespace(path=lambda *parts: os.path.join(run_folder, *parts))
     datasets = torch.randn(2, 64, 8, generator=torch.Generator().manual_seed(0))
-    specs = [dictionaries.SAESpec("vanilla", i, l1=l1, seed=i, name=f"l1{l1}/node{i}") for i in range(2)]
+    specs = [dictionaries.SAESpec("vanilla", i, l1_coefficient=l1, seed=i, name=f"l1{l1}/node{i}") for i in range(2)]
     config = dictionaries.TrainConfig(d_sae=16, epochs=2)
     return main.Run._train_stack(run, "vanilla", datasets, specs, config)
 
