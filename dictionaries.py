@@ -17,7 +17,7 @@ SAEs (README §8): SAE(arch, W_enc=, W_dec=, b_dec=, b_enc= | b_gate=, r_mag=, b
     arch "vanilla", "gated", "topk" (trained here) or "jumprelu" (read from SAELens). On raw x:
     sae.encode(x[..., d_in]) -> f [..., d_sae]; sae.decode(f) -> x̂ [..., d_in]; sae(x) -> (x̂, f);
     sae.active(x) -> bool [..., d_sae]. In the normalised space: sae.latents, sae.reconstruct,
-    sae.fires, sae.loss. sae.params (SAELens names), sae.d_in, sae.d_sae, sae.to(device).
+    sae.latents_and_fires, sae.loss. sae.params (SAELens names), sae.d_in, sae.d_sae, sae.to(device).
     stack_saes([sae, ...]) -> one SAE with a leading stack axis; stack.unstack() -> [sae, ...].
     save_sae(sae, dir) / load_sae(dir) in SAELens's layout, both ways (README, "Use with
     TransformerLens / SAELens"): saved SAEs have the input scale folded in (input_scale 1 once
@@ -234,7 +234,7 @@ class SAE:
     The parameters live in the normalised space x = x_raw * input_scale (README §8: the
     training data scaled to mean norm √d_in); `encode`, `decode`, `forward` and `active` take
     and return raw activations, so latent j adds f_j * W_dec[j] / input_scale to a raw
-    reconstruction. `latents`, `reconstruct`, `fires` and `loss` are the paper's formulas on
+    reconstruction. `latents`, `reconstruct`, `latents_and_fires` and `loss` are the paper's formulas on
     normalised inputs.
 
     A stack (`stack_saes`) is the same object with a leading axis S on every tensor and a
@@ -278,10 +278,14 @@ class SAE:
         """x̂ = f W_dec + b_dec  [..., d_in]."""
         return f @ self.W_dec + self.b_dec
 
-    def fires(self, x):
-        """Which latents are active [..., d_sae]: f > 0, except that a gated latent is active
-        wherever its gate is open, π_gate > 0, even if its magnitude is 0."""
-        return gated_paths(self, x)[0] > 0 if self.arch == "gated" else self.latents(x) > 0
+    def latents_and_fires(self, x):
+        """(f, which latents are active) [..., d_sae], in one pass: active means f > 0, except that
+        a gated latent is active wherever its gate is open, π_gate > 0, even if its magnitude is 0."""
+        if self.arch == "gated":
+            pi_gate, magnitude = gated_paths(self, x)
+            return (pi_gate > 0) * magnitude, pi_gate > 0
+        f = self.latents(x)
+        return f, f > 0
 
     def loss(self, x):
         """The training loss of each input [...] (README §8)."""
@@ -306,7 +310,7 @@ class SAE:
 
     def active(self, x):
         """Which latents fire on raw activations x  -> bool [..., d_sae]."""
-        return self.fires(x * self.input_scale)
+        return self.latents_and_fires(x * self.input_scale)[1]
 
     def to(self, device) -> "SAE":
         tensors = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -749,8 +753,9 @@ def _statistics(stack: SAE, data: _StackData, specs: list, chunk: int = 1024):
     errors, fires = [], 0
     for start in range(0, data.n, chunk):
         x = data.inputs(torch.arange(start, min(start + chunk, data.n)))  # [S, chunk, d_in]
-        errors.append(_squared_norm(x - stack.reconstruct(stack.latents(x))))
-        fires = fires + stack.fires(x).sum(1)
+        f, active = stack.latents_and_fires(x)
+        errors.append(_squared_norm(x - stack.reconstruct(f)))
+        fires = fires + active.sum(1)
     errors = torch.cat(errors, 1)
     diverged = [spec.name or f"sae{s}" for s, spec in enumerate(specs) if not torch.isfinite(errors[s]).all()]
     if diverged:

@@ -127,8 +127,9 @@ def test_gated_loss_by_hand():
                    b_mag=torch.tensor([-1.0, 0.0, -5.0]))
     # π_gate = (2, 1, 3) + b_gate = (2, -0.5, 1): gates (1, 0, 1), ReLU(π_gate) = (2, 0, 1)
     # magnitude = ReLU((2, 1, 3) ⊙ (1, 1, 2) + b_mag) = (1, 1, 1); f = (1, 0, 1)
-    assert torch.allclose(sae.latents(X), torch.tensor([[1.0, 0.0, 1.0]]))
-    assert torch.equal(sae.fires(X), torch.tensor([[True, False, True]]))
+    f, fires = sae.latents_and_fires(X)
+    assert torch.allclose(f, torch.tensor([[1.0, 0.0, 1.0]])) and torch.equal(sae.latents(X), f)
+    assert torch.equal(fires, torch.tensor([[True, False, True]]))
     # x̂ = e1 + (0.6, 0.8) + b_dec = (2.6, 0.8): 0.4² + 0.2² = 0.2; λ‖ReLU(π_gate)‖₁ = 0.5 · 3;
     # x̂_frozen = 2 e1 + (0.6, 0.8) + b_dec = (3.6, 0.8): 0.6² + 0.2² = 0.4
     torch.testing.assert_close(sae.loss(X), torch.tensor([0.2 + 1.5 + 0.4]))
