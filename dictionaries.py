@@ -60,10 +60,11 @@ import gpt2
 # ---------------------------------------------------------------------------------------
 
 
-def _check_matrix(x, what: str) -> torch.Tensor:
-    """A finite float tensor of rank 2, or a one-line ValueError."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"{what}: expected a tensor of shape [N, d], got {getattr(x, 'shape', type(x))}")
+def _check_activations(x, what: str, shape: str = "[N, d]") -> torch.Tensor:
+    """A finite float tensor of the given shape ([N, d], or [n_datasets, N, d]), or a one-line
+    ValueError."""
+    if not isinstance(x, torch.Tensor) or x.dim() != shape.count(",") + 1:
+        raise ValueError(f"{what}: expected a tensor of shape {shape}, got {getattr(x, 'shape', type(x))}")
     if not x.is_floating_point():
         raise ValueError(f"{what}: expected floats, got dtype {x.dtype}")
     if 0 in x.shape:  # nothing to fit (no rows) or to reconstruct (no columns)
@@ -88,7 +89,7 @@ def load_activations(path) -> torch.Tensor:
         raise ValueError(f"{path}: not a safetensors file ({error})") from None
     if "acts" not in tensors:
         raise ValueError(f"{path}: no tensor named 'acts' (found: {', '.join(sorted(tensors)) or 'none'})")
-    return _check_matrix(tensors["acts"], f"{path}: acts").float()
+    return _check_activations(tensors["acts"], f"{path}: acts").float()
 
 
 def load_labelled_activations(path) -> tuple:
@@ -165,7 +166,7 @@ class SupervisedDictionary:
     @classmethod
     def fit(cls, acts, attributes: dict, n_values: Optional[dict] = None, method: str = "mean"):
         """Mean codes (method="mean") or least-squares codes (method="lstsq"), computed in float64."""
-        _check_matrix(acts, "acts")
+        _check_activations(acts, "acts")
         sizes = _attribute_sizes(attributes, len(acts), n_values)
         fitters = {"mean": _mean_codes, "lstsq": _lstsq_codes}
         if method not in fitters:
@@ -596,6 +597,8 @@ class SAESpec:
     seed: int = 0
     frozen_decoder: bool = False  # the paper's floor: random unit decoder rows, never trained
     name: str = ""
+
+
 @dataclass
 class TrainConfig:
     """Defaults from the paper (arXiv 2405.08366, appendix on SAE training), except the length:
@@ -681,13 +684,7 @@ class Schedule:
 
 
 def _check_stack(datasets, specs, config):
-    if not isinstance(datasets, torch.Tensor) or datasets.dim() != 3 or not datasets.is_floating_point():
-        raise ValueError("datasets: expected a float tensor [n_datasets, N, d], "
-                         f"got {getattr(datasets, 'shape', None)}")
-    if 0 in datasets.shape:
-        raise ValueError(f"datasets: expected at least one row and one column, got {tuple(datasets.shape)}")
-    if not torch.isfinite(datasets).all():
-        raise ValueError("datasets contain NaN or inf")
+    _check_activations(datasets, "datasets", "[n_datasets, N, d]")
     if not specs or len({s.arch for s in specs}) != 1 or specs[0].arch not in LOSSES:
         raise ValueError(f"one architecture per stack, one of {sorted(LOSSES)}; "
                          f"got {sorted({s.arch for s in specs})}")
@@ -711,7 +708,7 @@ def init_sae(spec: SAESpec, d_in: int, d_sae: int, generator: torch.Generator, b
     input), by 1 for top-k (Gao et al.: only k fire)."""
     W_dec = F.normalize(torch.randn(d_sae, d_in, generator=generator), dim=-1)
     W_enc = (1.0 if spec.arch == "topk" else 0.1) * W_dec.T.contiguous()
-    biases = {name: torch.zeros(d_sae) for name in PARAMETERS[spec.arch] if name not in ("W_enc", "W_dec", "b_dec")}
+    biases = {name: torch.zeros(d_sae) for name in PARAMETERS[spec.arch] if name not in (*MATRICES, "b_dec")}
     return SAE(spec.arch, W_enc=W_enc, W_dec=W_dec, b_dec=b_dec.clone(), **biases,
                k=spec.k if spec.arch == "topk" else None, l1_coefficient=spec.l1_coefficient,
                input_scale=float(input_scale), frozen_decoder=spec.frozen_decoder)
@@ -814,9 +811,11 @@ def _resample_dead_latents(stack: SAE, adam, dead, errors, data: _StackData, gen
         if not stack.frozen_decoder[s]:
             stack.W_dec[s][latents] = directions
         for name, t in stack.params.items():
-            if name not in ("W_enc", "W_dec", "b_dec"):
+            if name not in LATENT_AXIS:  # b_dec
+                continue
+            if name not in MATRICES:  # the encoder biases (r_mag too: exp 0 = 1)
                 t[s].index_fill_(LATENT_AXIS[name], latents, 0)
-            for moment in adam.state[t].values() if name in LATENT_AXIS else ():
+            for moment in adam.state[t].values():
                 if moment.dim():  # not the step count
                     moment[s].index_fill_(LATENT_AXIS[name], latents, 0)
 
@@ -898,7 +897,7 @@ def _train_group(datasets, specs, config, progress, checkpoint_dir, on_checkpoin
 
 def train_sae(acts: torch.Tensor, spec: SAESpec, config: Optional[TrainConfig] = None, **kwargs):
     """One SAE on activations [N, d]: a stack of one. Returns (sae, logs)."""
-    saes, logs = train_sae_stack(_check_matrix(acts, "acts")[None], [spec], config, **kwargs)
+    saes, logs = train_sae_stack(_check_activations(acts, "acts")[None], [spec], config, **kwargs)
     return saes[0], logs
 
 

@@ -327,8 +327,8 @@ def bench_sae_command():
     click.echo(f"  a step's 5 matmuls alone: {s['matmul_ms_one']:.2f} ms for one SAE, "
                f"{s['matmul_ms_stacked']:.2f} ms per SAE in a stack of {s['stack_size']} "
                f"({s['matmul_gflops_stacked']:.0f} GFLOP/s)")
-    click.echo(f"  batched / loop: {s['speedup']:.2f}x faster; at most {s['speedup_ceiling']:.2f}x if a stacked "
-               "step were nothing but its matmuls")
+    click.echo(f"  batched / loop: {s['speedup']:.2f}x faster; at most {s['speedup_ceiling']:.2f}x if a "
+               "stacked step were nothing but its matmuls")
     click.echo("  the paper's grid (55 nodes x 12 settings, 20,000 x 64, batch 512) here: "
                f"{s['paper_grid_hours']:.1f} h at its 2,000 epochs; {s['paper_grid_converged_hours']:.1f} h "
                f"stopped at convergence, assuming {s['converged_epochs']} epochs (our slowest measured "

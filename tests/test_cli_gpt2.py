@@ -153,6 +153,7 @@ def test_bench_command_prints_forward_and_sae_figures(monkeypatch):
     result = invoke("bench", "--repeats", 1)
     assert result.exit_code == 0, result.output
     for text in ("1,900 tokens/s", "950 tokens/s", "85% of the matmul rate", "350.0 GFLOP/s", "2.00x",
-                 "24 vanilla SAEs 64 -> 512", "8 epochs of 8192 inputs", "4.50 s", "0.60 ms for one SAE, 0.45 ms per SAE in a stack of 4", "2.25x faster; at most 2.50x",
+                 "24 vanilla SAEs 64 -> 512", "8 epochs of 8192 inputs", "4.50 s",
+                 "0.60 ms for one SAE, 0.45 ms per SAE in a stack of 4", "2.25x faster; at most 2.50x",
                  "300 GFLOP/s", "14.3 h at its 2,000 epochs", "5.4 h stopped at convergence, assuming 750 epochs"):
         assert text in result.output

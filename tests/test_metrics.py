@@ -12,7 +12,8 @@ import metrics
 def toy_sae(W_enc, b_enc, W_dec, b_dec, input_scale=1.0):
     """A ReLU SAE (dictionaries.SAE) on raw inputs that it scales by `input_scale` inside, with
     decoder rows in the scaled space."""
-    return dictionaries.SAE("vanilla", W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, input_scale=input_scale)
+    return dictionaries.SAE("vanilla", W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec,
+                            input_scale=input_scale)
 
 
 def identity_sae(d):
