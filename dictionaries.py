@@ -743,10 +743,12 @@ class _StackData:
 
 
 @torch.no_grad()
-def _statistics(stack: SAE, data: _StackData, specs: list, chunk: int = 1024):
+def _statistics(stack: SAE, data: _StackData, specs: list, chunk: int):
     """One pass over every SAE's data: squared error per input [S, N] and how often each latent
-    fires [S, d_sae]. Stops, naming the SAEs, once a learning rate too high for the data has sent
-    weights to inf or NaN: saved, such an SAE would be graded as if it were a real one."""
+    fires [S, d_sae]. In chunks of the training batch: temporaries of the training step's size are
+    reused by the allocator, where larger ones are mapped afresh (page-faulted) every time. Stops,
+    naming the SAEs, once a learning rate too high for the data has sent weights to inf or NaN:
+    saved, such an SAE would be graded as if it were a real one."""
     errors, fires = [], 0
     for start in range(0, data.n, chunk):
         x = data.inputs(torch.arange(start, min(start + chunk, data.n)))  # [S, chunk, d_in]
@@ -875,7 +877,8 @@ def _train_group(datasets, specs, config, progress, checkpoint_dir, on_checkpoin
             epoch_loss = _train_epoch(stack, adam, data, generators, batch_size,
                                       lambda i: config.lr * schedule.lr_factor(epoch * steps_per_epoch + i))
             bar.update(1)
-            statistics = functools.cache(lambda: _statistics(stack, data, specs))  # at most once an epoch
+            # computed at most once an epoch, and only if a checkpoint or the schedule asks for them
+            statistics = functools.cache(lambda: _statistics(stack, data, specs, batch_size))
             action = schedule.after_epoch(epoch + 1, epoch_loss, lambda: bool((statistics()[1] == 0).any()))
             if epoch + 1 in checkpoints or action == "stop":
                 saes = [replace(sae, meta={"spec": asdict(spec), "train_config": asdict(config)})
