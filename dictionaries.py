@@ -1,8 +1,9 @@
 """Feature dictionaries: supervised (the yardstick) and sparse autoencoders (the graded).
 
 Makelov, Lange & Nanda, "Towards Principled Evaluations of Sparse Autoencoders for
-Interpretability and Control" (arXiv 2405.08366); README §4 (supervised
-dictionaries) and §8 (SAE training).
+Interpretability and Control" (arXiv 2405.08366); README §4 (supervised dictionaries) and
+§8 (SAE training). Start reading at `SupervisedDictionary`, then `SAE` and the functions after
+it (one or two lines per formula of the paper), then `train_sae_stack`.
 
 Public API
 ----------
@@ -11,36 +12,39 @@ Supervised dictionaries (README §4)
     d.bias [d]; d.features[name] [n_values, d]; d.reconstruct(attributes) [N,d];
     d.edit(acts, name, old_values, new_values); d.feature_weights(attributes) {name: [N]};
     d.save(dir); SupervisedDictionary.load(dir)
-SAEs (README §8): VanillaSAE, GatedSAE, TopKSAE, all on RAW activations (x_norm = x * input_scale);
-JumpReLUSAE only as read from SAELens:
-    sae.encode(x[...,d_in]) -> f [..., d_sae]; sae.decode(f) -> x_hat (raw); sae.forward(x) -> (x_hat, f);
-    sae.active(x) -> bool [..., d_sae]; sae.W_enc [d_in,d_sae], sae.W_dec [d_sae,d_in], sae.b_dec [d_in],
-    sae.input_scale; save_sae(sae, dir) / load_sae(dir) in SAELens's layout, both ways (README, "Use with
-    TransformerLens / SAELens"): saved SAEs have the scale folded in (input_scale 1 once loaded).
+SAEs (README §8): SAE(arch, W_enc=, W_dec=, b_dec=, b_enc= | b_gate=, r_mag=, b_mag= | threshold=,
+                      k=, l1_coefficient=, input_scale=1, frozen_decoder=False, meta={})
+    arch "vanilla", "gated", "topk" (trained here) or "jumprelu" (read from SAELens). On raw x:
+    sae.encode(x[..., d_in]) -> f [..., d_sae]; sae.decode(f) -> x̂ [..., d_in]; sae(x) -> (x̂, f);
+    sae.active(x) -> bool [..., d_sae]. In the normalised space: sae.latents, sae.reconstruct,
+    sae.latents_and_fires, sae.loss. sae.params (SAELens names), sae.d_in, sae.d_sae, sae.to(device).
+    stack_saes([sae, ...]) -> one SAE with a leading stack axis; stack.unstack() -> [sae, ...].
+    save_sae(sae, dir) / load_sae(dir) in SAELens's layout, both ways (README, "Use with
+    TransformerLens / SAELens"): saved SAEs have the input scale folded in (input_scale 1 once
+    loaded); fold_input_scale, fold_decoder_norm, fold_input_shift, fold_input_centring.
 Training (one batched tensor program for a stack of same-shaped SAEs)
-    saes, logs = train_sae_stack(datasets[n_datasets,N,d], [SAESpec(arch, dataset_index, l1, k, seed,
-                                 frozen_decoder, name), ...], TrainConfig(...), progress=False,
-                                 checkpoint_dir=None, on_checkpoint=None)
-    logs: one dict per SAE per checkpoint: sae, name, epoch, l0, mse, fve, dead_fraction
-    bench_sae_training(...) -> timings of the batched stack vs a per-SAE loop, and a paper-grid estimate
+    saes, logs = train_sae_stack(datasets[n_datasets,N,d], [SAESpec(arch, dataset_index, l1_coefficient,
+                                 k, seed, frozen_decoder, name), ...], TrainConfig(...), progress=False,
+                                 checkpoint_dir=None, on_checkpoint=None);  train_sae(acts, spec, config)
+    logs: one dict per SAE per checkpoint: sae, name, epoch, steps, converged, loss, l0, mse, fve,
+    dead_fraction. bench_sae_training(...) -> timings of the batched stack vs a per-SAE loop, and
+    the paper's grid projected.
     load_activations(path) -> the `acts` tensor of a safetensors file, checked;
     load_labelled_activations(path) -> (acts, {name: LongTensor}) from `attribute.<name>` tensors
 Full-distribution SAEs
     iter_corpus_texts(path=None); collect_corpus_activations(model, tokenizer, nodes, texts, max_tokens)
 
-The SAE math is written once, as pure functions on parameter dicts whose tensors carry a
-leading stack axis S (one SAE is a stack of one): W_enc [S,d_in,d_sae], W_dec [S,d_sae,d_in],
-b_dec [S,d_in], and b_enc [S,d_sae] (or b_gate, r_mag, b_mag for gated, SAELens's names).
-SAEs in a stack never interact: the summed loss gives each its own gradient, Adam is
-elementwise, and all randomness (init, batch order, resampling) comes from a per-SAE seed,
-so an SAE trained in a stack equals the same SAE trained alone.
+Training a single SAE is training a stack of one: the same code. SAEs in a stack never
+interact: the summed loss gives each its own gradient, Adam is elementwise, and all randomness
+(init, batch order, resampling) comes from a per-SAE seed, so an SAE trained in a stack equals
+the same SAE trained alone.
 """
+import functools
 import itertools
 import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -56,10 +60,11 @@ import gpt2
 # ---------------------------------------------------------------------------------------
 
 
-def _check_matrix(x, what: str) -> torch.Tensor:
-    """A finite float tensor of rank 2, or a one-line ValueError."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"{what}: expected a tensor of shape [N, d], got {getattr(x, 'shape', type(x))}")
+def _check_activations(x, what: str, shape: str = "[N, d]") -> torch.Tensor:
+    """A finite float tensor of the given shape ([N, d], or [n_datasets, N, d]), or a one-line
+    ValueError."""
+    if not isinstance(x, torch.Tensor) or x.dim() != shape.count(",") + 1:
+        raise ValueError(f"{what}: expected a tensor of shape {shape}, got {getattr(x, 'shape', type(x))}")
     if not x.is_floating_point():
         raise ValueError(f"{what}: expected floats, got dtype {x.dtype}")
     if 0 in x.shape:  # nothing to fit (no rows) or to reconstruct (no columns)
@@ -70,7 +75,8 @@ def _check_matrix(x, what: str) -> torch.Tensor:
 
 
 def _save_tensors(tensors: dict, path: Path):
-    gpt2.atomic_write(str(path), lambda tmp: save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp))
+    contiguous = {name: t.detach().contiguous() for name, t in tensors.items()}
+    gpt2.atomic_write(str(path), lambda tmp: save_file(contiguous, tmp))
 
 
 def load_activations(path) -> torch.Tensor:
@@ -83,14 +89,15 @@ def load_activations(path) -> torch.Tensor:
         raise ValueError(f"{path}: not a safetensors file ({error})") from None
     if "acts" not in tensors:
         raise ValueError(f"{path}: no tensor named 'acts' (found: {', '.join(sorted(tensors)) or 'none'})")
-    return _check_matrix(tensors["acts"], f"{path}: acts").float()
+    return _check_activations(tensors["acts"], f"{path}: acts").float()
 
 
 def load_labelled_activations(path) -> tuple:
     """(acts [N, d], {name: LongTensor [N]}) from a safetensors file holding `acts` and one
     `attribute.<name>` tensor per attribute."""
     acts, tensors = load_activations(path), load_file(str(path))
-    attributes = {key.removeprefix("attribute."): t for key, t in tensors.items() if key.startswith("attribute.")}
+    attributes = {key.removeprefix("attribute."): t for key, t in tensors.items()
+                  if key.startswith("attribute.")}
     if not attributes:
         raise ValueError(f"{path}: no `attribute.<name>` tensors (found: {', '.join(sorted(tensors))})")
     return acts, attributes
@@ -109,7 +116,8 @@ def _attribute_sizes(attributes: dict, n: int, n_values: Optional[dict]) -> dict
             raise ValueError(f"attribute {name!r}: expected a LongTensor of shape [{n}]")
         size = (n_values or {}).get(name, int(ids.max()) + 1 if n else 0)
         if n and (ids.min() < 0 or ids.max() >= size):
-            raise ValueError(f"attribute {name!r}: ids must lie in [0, {size}), got [{ids.min()}, {ids.max()}]")
+            raise ValueError(f"attribute {name!r}: ids must lie in [0, {size}), "
+                             f"got [{ids.min()}, {ids.max()}]")
         sizes[name] = size
     return sizes
 
@@ -158,7 +166,7 @@ class SupervisedDictionary:
     @classmethod
     def fit(cls, acts, attributes: dict, n_values: Optional[dict] = None, method: str = "mean"):
         """Mean codes (method="mean") or least-squares codes (method="lstsq"), computed in float64."""
-        _check_matrix(acts, "acts")
+        _check_activations(acts, "acts")
         sizes = _attribute_sizes(attributes, len(acts), n_values)
         fitters = {"mean": _mean_codes, "lstsq": _lstsq_codes}
         if method not in fitters:
@@ -199,182 +207,218 @@ class SupervisedDictionary:
         directory = Path(directory)
         config = json.loads((directory / "dictionary.json").read_text())
         tensors = load_file(str(directory / "dictionary.safetensors"))
-        return cls(tensors["bias"], {k: tensors[f"features.{k}"] for k in config["n_values"]}, config["method"])
+        features = {name: tensors[f"features.{name}"] for name in config["n_values"]}
+        return cls(tensors["bias"], features, config["method"])
 
 
 # ---------------------------------------------------------------------------------------
-# SAE math: pure functions on a stack of S SAEs. x is normalised input [S, B, d_in].
-# Each encoder returns (f, evidence), both [S, B, d_sae]: latent j is active where
-# evidence_j > 0 (evidence = f, or the gate pre-activation π for gated); `hp` is the
-# per-SAE k for top-k.
+# SAEs (README §8): one representation, for one SAE and for a stack of S of them
 # ---------------------------------------------------------------------------------------
 
-
-def _pre_activation(p, x, bias):
-    """(x - b_dec) W_enc + bias  -> [S, B, d_sae], computed as x W_enc + (bias - b_dec W_enc):
-    the same numbers, but one fused matmul and no gradient needed for the input batch."""
-    return torch.baddbmm(bias[:, None] - p["b_dec"][:, None] @ p["W_enc"], x, p["W_enc"])
-
-
-def encode_vanilla(p, x, hp=None):
-    """ReLU SAE (Bricken et al. 2023): f = ReLU((x - b_dec) W_enc + b_enc); active: f > 0."""
-    f = torch.relu(_pre_activation(p, x, p["b_enc"]))
-    return f, f
-
-
-def encode_gated(p, x, hp=None):
-    """Gated SAE (Rajamanoharan et al. 2024, arXiv 2404.16014): a gate path decides which
-    latents fire, a magnitude path (same weights, rescaled by exp r_mag) how strongly:
-        π = (x - b_dec) W_enc + b_gate;   f = 1[π > 0] ⊙ ReLU((x - b_dec)(W_enc ⊙ exp r_mag) + b_mag)
-    (the paper's original code forgot the magnitude ReLU). Active: the gate is open, π > 0."""
-    pi_gate = _pre_activation(p, x, p["b_gate"])  # r_mag scales columns: one matmul serves both paths
-    magnitude = torch.relu((pi_gate - p["b_gate"][:, None]) * p["r_mag"].exp()[:, None] + p["b_mag"][:, None])
-    return (pi_gate > 0) * magnitude, pi_gate
+# The parameters of each architecture, with SAELens's names.
+PARAMETERS = {"vanilla": ("W_enc", "b_enc", "W_dec", "b_dec"),
+              "gated": ("W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"),
+              "topk": ("W_enc", "b_enc", "W_dec", "b_dec"),
+              "jumprelu": ("W_enc", "b_enc", "threshold", "W_dec", "b_dec")}
+MATRICES = ("W_enc", "W_dec")  # every other parameter is a vector
+# The axis of each parameter that indexes the latents, counted from the end so that it is the
+# same with or without a stack axis. Resampling a dead latent resets these slices (and their
+# Adam moments); b_dec has no latent axis.
+LATENT_AXIS = {"W_enc": -1, "W_dec": -2, "b_enc": -1, "b_gate": -1, "r_mag": -1, "b_mag": -1,
+               "threshold": -1}
 
 
-def encode_topk(p, x, k):
-    """Top-K SAE (Gao et al. 2024, arXiv 2406.04093): keep the k largest pre-activations
-    and ReLU them (the original code did not), the rest are 0. k: LongTensor [S], one per
-    SAE. Active: selected and > 0."""
-    pre = _pre_activation(p, x, p["b_enc"])  # [S, B, d_sae]
-    top = pre.topk(int(k.max()), dim=-1)  # sorted, so rank < k_s selects SAE s's own top k
-    keep = torch.arange(top.values.shape[-1], device=k.device) < k[:, None, None]  # [S, 1, k_max]
-    f = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values) * keep)
-    return f, f
-
-
-def encode_jumprelu(p, x, hp=None):
-    """JumpReLU SAE (Rajamanoharan et al. 2024, arXiv 2407.14435), as SAELens computes it: each
-    latent has its own threshold θ_j and fires only above it,
-        f = ReLU(pre) ⊙ 1[pre > θ],   pre = (x - b_dec) W_enc + b_enc.
-    Read from SAELens folders for grading; not trained here. Active: f > 0."""
-    pre = _pre_activation(p, x, p["b_enc"])  # [S, B, d_sae]
-    f = torch.relu(pre) * (pre > p["threshold"][:, None])
-    return f, f
-
-
-def decode(p, f):
-    """x̂ = f W_dec + b_dec  -> [S, B, d_in] (normalised space)."""
-    return torch.baddbmm(p["b_dec"][:, None], f, p["W_dec"])
-
-
-def _squared_error(x_hat, x):
-    return (x_hat - x).pow(2).sum(-1)  # [S, B]
-
-
-def loss_vanilla(p, x, l1):
-    """‖x̂ - x‖² + λ‖f‖₁ per input (decoder rows are unit norm, so no norm weighting)."""
-    f, _ = encode_vanilla(p, x)
-    return _squared_error(decode(p, f), x) + l1[:, None] * f.sum(-1)  # [S, B]
-
-
-def loss_gated(p, x, l1):
-    """‖x̂ - x‖² + λ‖ReLU(π)‖₁ + ‖x - (ReLU(π) W_dec + b_dec)‖² with the decoder detached in
-    the last term, which trains the gate path to reconstruct on its own."""
-    f, pi_gate = encode_gated(p, x)
-    gate_pre = torch.relu(pi_gate)  # [S, B, d_sae]
-    frozen_decoder = {"W_dec": p["W_dec"].detach(), "b_dec": p["b_dec"].detach()}
-    return (_squared_error(decode(p, f), x) + l1[:, None] * gate_pre.sum(-1)
-            + _squared_error(decode(frozen_decoder, gate_pre), x))
-
-
-def loss_topk(p, x, k):
-    """‖x̂ - x‖²: sparsity is enforced by construction."""
-    f, _ = encode_topk(p, x, k)
-    return _squared_error(decode(p, f), x)
-
-
-ENCODERS = {"vanilla": encode_vanilla, "gated": encode_gated, "topk": encode_topk,
-            "jumprelu": encode_jumprelu}
-LOSSES = {"vanilla": loss_vanilla, "gated": loss_gated, "topk": loss_topk}
-ENCODER_BIASES = {"vanilla": ("b_enc",), "gated": ("b_gate", "r_mag", "b_mag"), "topk": ("b_enc",),
-                  "jumprelu": ("b_enc", "threshold")}
-
-
-def init_params(arch: str, d_in: int, d_sae: int, generators: list, b_dec: torch.Tensor) -> dict:
-    """Random unit decoder rows (one generator per SAE), encoder = decoder transposed, zero
-    encoder biases, b_dec the data mean [S, d_in]. The encoder is scaled by 0.1 for the ReLU
-    SAEs (Anthropic's April 2024 update: otherwise hundreds of half-active latents start out
-    reconstructing several times the input), by 1 for top-k (Gao et al.: only k fire)."""
-    W_dec = torch.stack([torch.randn(d_sae, d_in, generator=g) for g in generators])  # [S, d_sae, d_in]
-    W_dec /= W_dec.norm(dim=-1, keepdim=True)
-    encoder_scale = 1.0 if arch == "topk" else 0.1
-    params = {"W_enc": (encoder_scale * W_dec.transpose(1, 2)).contiguous(), "W_dec": W_dec, "b_dec": b_dec.clone()}
-    params.update({name: torch.zeros(len(generators), d_sae) for name in ENCODER_BIASES[arch]})
-    return params
-
-
-# ---------------------------------------------------------------------------------------
-# SAE objects: thin wrappers around one SAE's parameters, on raw activations
-# ---------------------------------------------------------------------------------------
-
-
+@dataclass
 class SAE:
-    """One SAE. Parameters live in the normalised space x_norm = x * input_scale; the public
-    methods take and return raw activations. The raw-space contribution of latent j is
-    f_j * W_dec[j] / input_scale."""
-    arch = ""
+    """A sparse autoencoder, or a stack of S of them (same architecture and shape).
 
-    def __init__(self, params: dict, input_scale: float = 1.0, k: Optional[int] = None,
-                 frozen_decoder: bool = False, meta: Optional[dict] = None):
-        self.params = params  # SAELens names, no stack axis
-        self.input_scale = float(input_scale)
-        self.k = k
-        self.frozen_decoder = frozen_decoder
-        self.meta = meta or {}  # free-form provenance (spec, training config), saved in cfg.json
+    The parameters live in the normalised space x = x_raw * input_scale (README §8: the
+    training data scaled to mean norm √d_in); `encode`, `decode`, `forward` and `active` take
+    and return raw activations, so latent j adds f_j * W_dec[j] / input_scale to a raw
+    reconstruction. `latents`, `reconstruct`, `latents_and_fires` and `loss` are the paper's formulas on
+    normalised inputs.
 
-    W_enc = property(lambda self: self.params["W_enc"])  # [d_in, d_sae]
-    W_dec = property(lambda self: self.params["W_dec"])  # [d_sae, d_in]
-    b_dec = property(lambda self: self.params["b_dec"])  # [d_in]
-    d_in = property(lambda self: self.W_dec.shape[1])
-    d_sae = property(lambda self: self.W_dec.shape[0])
+    A stack (`stack_saes`) is the same object with a leading axis S on every tensor and a
+    length-1 batch axis after it on the vectors (b_enc [S, 1, d_sae]), and its per-SAE numbers
+    as tensors that broadcast the same way (k [S, 1, 1], l1_coefficient [S, 1]): the formulas
+    then apply unchanged to inputs [S, B, d_in], each SAE to its own batch.
+    """
+    arch: str  # "vanilla" | "gated" | "topk" | "jumprelu" (JumpReLU only as read from SAELens)
+    W_enc: torch.Tensor  # [..., d_in, d_sae]
+    W_dec: torch.Tensor  # [..., d_sae, d_in]  unit rows when trained here
+    b_dec: torch.Tensor  # [..., d_in]
+    b_enc: Optional[torch.Tensor] = None  # [..., d_sae]  vanilla, top-k, JumpReLU
+    b_gate: Optional[torch.Tensor] = None  # [..., d_sae]  gated: the gate path's bias
+    r_mag: Optional[torch.Tensor] = None  # [..., d_sae]  gated: log-scale of W_enc's columns ...
+    b_mag: Optional[torch.Tensor] = None  # [..., d_sae]  ... and the bias of the magnitude path
+    threshold: Optional[torch.Tensor] = None  # [..., d_sae]  JumpReLU
+    k: Optional[int] = None  # top-k: latents kept per input  (stack: [S, 1, 1])
+    l1_coefficient: float = 0.0  # λ of the vanilla and gated losses  (stack: [S, 1])
+    input_scale: float = 1.0  # (stack: [S, 1, 1])
+    frozen_decoder: bool = False  # the paper's floor: a random decoder, never trained  (stack: [S, 1, 1])
+    meta: dict = field(default_factory=dict)  # provenance (spec, training config), saved in cfg.json
 
-    def _encode(self, x):
-        stack = {name: t[None] for name, t in self.params.items()}
-        hp = torch.tensor([self.k or 0], device=x.device)
-        f, evidence = ENCODERS[self.arch](stack, (x * self.input_scale).reshape(1, -1, self.d_in), hp)
-        return f.reshape(*x.shape[:-1], -1), evidence.reshape(*x.shape[:-1], -1) > 0
+    def __post_init__(self):
+        if self.arch not in PARAMETERS:
+            raise ValueError(f"unknown SAE architecture {self.arch!r}; use one of {sorted(PARAMETERS)}")
+        missing = [name for name in PARAMETERS[self.arch] if getattr(self, name) is None]
+        if missing or (self.arch == "topk" and self.k is None):
+            raise ValueError(f"a {self.arch} SAE needs {', '.join(missing or ['k'])}")
+
+    params = property(lambda self: {name: getattr(self, name) for name in PARAMETERS[self.arch]})
+    d_in = property(lambda self: self.W_dec.shape[-1])
+    d_sae = property(lambda self: self.W_dec.shape[-2])
+
+    # --- the paper's formulas, on normalised inputs x [..., d_in] -------------------------
+
+    def latents(self, x):
+        """f [..., d_sae]."""
+        return ENCODERS[self.arch](self, x)
+
+    def reconstruct(self, f):
+        """x̂ = f W_dec + b_dec  [..., d_in]."""
+        return f @ self.W_dec + self.b_dec
+
+    def latents_and_fires(self, x):
+        """(f, which latents are active) [..., d_sae], in one pass: active means f > 0, except that
+        a gated latent is active wherever its gate is open, π_gate > 0, even if its magnitude is 0."""
+        if self.arch == "gated":
+            pi_gate, magnitude = gated_paths(self, x)
+            return (pi_gate > 0) * magnitude, pi_gate > 0
+        f = self.latents(x)
+        return f, f > 0
+
+    def loss(self, x):
+        """The training loss of each input [...] (README §8)."""
+        return LOSSES[self.arch](self, x)
+
+    # --- raw activations ------------------------------------------------------------------
 
     def encode(self, x):
-        """Latent activations f [..., d_sae] of raw activations x [..., d_in]."""
-        return self._encode(x)[0]
-
-    def active(self, x):
-        """Which latents fire [..., d_sae] (vanilla f > 0; gated π > 0; top-k selected and > 0)."""
-        return self._encode(x)[1]
+        """Latents f [..., d_sae] of raw activations x [..., d_in]."""
+        return self.latents(x * self.input_scale)
 
     def decode(self, f):
-        """Raw-space reconstruction (f W_dec + b_dec) / input_scale  -> [..., d_in]."""
-        return (f @ self.W_dec + self.b_dec) / self.input_scale
+        """The raw reconstruction x̂ / input_scale  [..., d_in]."""
+        return self.reconstruct(f) / self.input_scale
 
     def forward(self, x):
+        """(raw reconstruction, latents) of raw activations x."""
         f = self.encode(x)
         return self.decode(f), f
 
     __call__ = forward
 
-    def to(self, device):
-        return type(self)({n: t.to(device) for n, t in self.params.items()}, self.input_scale, self.k,
-                          self.frozen_decoder, self.meta)
+    def active(self, x):
+        """Which latents fire on raw activations x  -> bool [..., d_sae]."""
+        return self.latents_and_fires(x * self.input_scale)[1]
+
+    def to(self, device) -> "SAE":
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{name: t.to(device) for name, t in tensors.items() if torch.is_tensor(t)})
+
+    def unstack(self) -> list:
+        """The S SAEs of a stack, one by one: detached copies."""
+        def one(name, s):
+            t = getattr(self, name)[s]
+            return (t if name in MATRICES else t[0]).detach().clone()
+        return [SAE(self.arch, **{name: one(name, s) for name in PARAMETERS[self.arch]},
+                    k=None if self.k is None else int(self.k[s]),
+                    l1_coefficient=float(self.l1_coefficient[s]), input_scale=float(self.input_scale[s]),
+                    frozen_decoder=bool(self.frozen_decoder[s]))
+                for s in range(len(self.W_enc))]
 
 
-class VanillaSAE(SAE):
-    arch = "vanilla"
+def stack_saes(saes: list) -> SAE:
+    """S SAEs of one architecture and shape as one SAE with a leading stack axis (see SAE)."""
+    def stacked(name):
+        t = torch.stack([getattr(sae, name) for sae in saes])
+        return t if name in MATRICES else t[:, None]  # vectors [S, 1, d]: they broadcast over the batch
+
+    def per_sae(name, *shape):
+        return torch.tensor([getattr(sae, name) for sae in saes]).view(-1, *shape)
+    arch = saes[0].arch
+    return SAE(arch, **{name: stacked(name) for name in PARAMETERS[arch]},
+               k=per_sae("k", 1, 1) if arch == "topk" else None, l1_coefficient=per_sae("l1_coefficient", 1),
+               input_scale=per_sae("input_scale", 1, 1), frozen_decoder=per_sae("frozen_decoder", 1, 1))
 
 
-class GatedSAE(SAE):
-    arch = "gated"
+def centred_projection(sae, x):
+    """(x − b_dec) W_enc  [..., d_sae]: what every encoder reads. Computed as x W_enc − b_dec W_enc,
+    the same numbers, because b_dec's gradient is then one row times W_encᵀ instead of the whole
+    batch's [B, d_sae] gradient times W_encᵀ (a training step ~25% slower)."""
+    return x @ sae.W_enc - sae.b_dec @ sae.W_enc
 
 
-class TopKSAE(SAE):
-    arch = "topk"
+def encode_vanilla(sae, x):
+    """ReLU SAE (Bricken et al. 2023): f = ReLU((x − b_dec) W_enc + b_enc)."""
+    return torch.relu(centred_projection(sae, x) + sae.b_enc)
 
 
-class JumpReLUSAE(SAE):
-    arch = "jumprelu"
+def gated_paths(sae, x):
+    """Gated SAE (Rajamanoharan et al. 2024, arXiv 2404.16014): a gate path decides which latents
+    fire, a magnitude path (the same weights, rescaled by exp r_mag) how strongly:
+        π_gate = (x − b_dec) W_enc + b_gate,   magnitude = ReLU((x − b_dec)(W_enc ⊙ exp r_mag) + b_mag)
+    (the paper's original code forgot the magnitude's ReLU). Returns (π_gate, magnitude)."""
+    projection = centred_projection(sae, x)  # [..., d_sae]
+    # exp r_mag rescales W_enc's columns, so (x − b_dec)(W_enc ⊙ exp r_mag) is this projection rescaled
+    return projection + sae.b_gate, torch.relu(projection * sae.r_mag.exp() + sae.b_mag)
 
 
-SAE_CLASSES = {cls.arch: cls for cls in (VanillaSAE, GatedSAE, TopKSAE, JumpReLUSAE)}
+def encode_gated(sae, x):
+    """f = 1[π_gate > 0] ⊙ magnitude."""
+    pi_gate, magnitude = gated_paths(sae, x)
+    return (pi_gate > 0) * magnitude
+
+
+def encode_topk(sae, x):
+    """Top-k SAE (Gao et al. 2024, arXiv 2406.04093): f = ReLU(TopK((x − b_dec) W_enc + b_enc)), the
+    k largest pre-activations ReLU'd (the original code did not), the others 0. In a stack each
+    SAE has its own k ([S, 1, 1])."""
+    pre = centred_projection(sae, x) + sae.b_enc  # [..., d_sae]
+    top = pre.topk(int(torch.as_tensor(sae.k).max()), dim=-1)  # sorted: each SAE's top k come first
+    kept = torch.arange(top.values.shape[-1], device=pre.device) < sae.k  # [k_max] or [S, 1, k_max]
+    return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values) * kept)
+
+
+def encode_jumprelu(sae, x):
+    """JumpReLU SAE (Rajamanoharan et al. 2024, arXiv 2407.14435), as SAELens computes it: a latent
+    fires only above its own threshold θ_j, f = ReLU(pre) ⊙ 1[pre > θ], pre = (x − b_dec) W_enc + b_enc.
+    Read from SAELens folders for grading; not trained here."""
+    pre = centred_projection(sae, x) + sae.b_enc  # [..., d_sae]
+    return torch.relu(pre) * (pre > sae.threshold)
+
+
+def _squared_norm(v):
+    return v.pow(2).sum(-1)
+
+
+def loss_vanilla(sae, x):
+    """‖x − x̂‖² + λ‖f‖₁ (the decoder rows have unit norm, so no norm weighting)."""
+    f = encode_vanilla(sae, x)
+    return _squared_norm(x - sae.reconstruct(f)) + sae.l1_coefficient * f.sum(-1)  # f ≥ 0: Σf = ‖f‖₁
+
+
+def loss_gated(sae, x):
+    """‖x − x̂‖² + λ‖ReLU(π_gate)‖₁ + ‖x − x̂_frozen(ReLU(π_gate))‖², where x̂_frozen decodes with a
+    copy of the decoder that gets no gradient: the last term trains the gate path to
+    reconstruct on its own."""
+    pi_gate, magnitude = gated_paths(sae, x)
+    gate = torch.relu(pi_gate)  # [..., d_sae]
+    x_hat_frozen = gate @ sae.W_dec.detach() + sae.b_dec.detach()
+    return (_squared_norm(x - sae.reconstruct((pi_gate > 0) * magnitude)) + sae.l1_coefficient * gate.sum(-1)
+            + _squared_norm(x - x_hat_frozen))
+
+
+def loss_topk(sae, x):
+    """‖x − x̂‖²: the top-k makes f sparse by construction."""
+    return _squared_norm(x - sae.reconstruct(encode_topk(sae, x)))
+
+
+ENCODERS = {"vanilla": encode_vanilla, "gated": encode_gated, "topk": encode_topk,
+            "jumprelu": encode_jumprelu}
+LOSSES = {"vanilla": loss_vanilla, "gated": loss_gated, "topk": loss_topk}
+
 
 # ---------------------------------------------------------------------------------------
 # Save / load in the SAELens layout: cfg.json + sae_weights.safetensors
@@ -519,12 +563,11 @@ def load_sae(directory) -> SAE:
         weights = load_file(str(directory / "sae_weights.safetensors"))
     except Exception as error:  # safetensors raises several types for a missing or corrupt file
         raise ValueError(f"{directory}: no readable sae_weights.safetensors ({error})") from None
-    names = ("W_enc", "W_dec", "b_dec") + ENCODER_BIASES[arch]
-    missing = [n for n in names if n not in weights]
+    missing = [name for name in PARAMETERS[arch] if name not in weights]
     if missing:
         raise ValueError(f"{directory}: {arch} SAE weights lack {missing} (found: {sorted(weights)})")
     _check_saelens_settings(cfg, weights, directory)
-    p = {n: weights[n].float() for n in names}
+    p = {name: weights[name].float() for name in PARAMETERS[arch]}
     if not cfg.get("apply_b_dec_to_input", True):  # fold "no centring" into the encoder biases
         shift = p["b_dec"] @ p["W_enc"]  # [d_sae]
         for name in {"gated": ["b_gate", "b_mag"]}.get(arch, ["b_enc"]):
@@ -535,8 +578,8 @@ def load_sae(directory) -> SAE:
         _refuse(directory, "k", None, "a top-k SAE needs k")
     # this project's SAE folders before the scale was folded into the weights
     p = fold_input_scale(p, float(cfg.get("input_scale", 1.0)))
-    return SAE_CLASSES[arch](p, 1.0, None if cfg["k"] is None else int(cfg["k"]),
-                             bool(cfg.get("frozen_decoder", False)), cfg["metadata"])
+    return SAE(arch, **p, k=None if cfg["k"] is None else int(cfg["k"]),
+               frozen_decoder=bool(cfg.get("frozen_decoder", False)), meta=cfg["metadata"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -549,7 +592,7 @@ class SAESpec:
     """One SAE of a stack: architecture, which dataset, its hyper-parameter and seed."""
     arch: str  # "vanilla" | "gated" | "topk"
     dataset_index: int = 0
-    l1: float = 1.0  # λ for vanilla / gated, on inputs normalised to mean norm √d
+    l1_coefficient: float = 1.0  # λ for vanilla / gated, on inputs normalised to mean norm √d
     k: int = 3  # top-k
     seed: int = 0
     frozen_decoder: bool = False  # the paper's floor: random unit decoder rows, never trained
@@ -641,14 +684,10 @@ class Schedule:
 
 
 def _check_stack(datasets, specs, config):
-    if not isinstance(datasets, torch.Tensor) or datasets.dim() != 3 or not datasets.is_floating_point():
-        raise ValueError(f"datasets: expected a float tensor [n_datasets, N, d], got {getattr(datasets, 'shape', None)}")
-    if 0 in datasets.shape:
-        raise ValueError(f"datasets: expected at least one row and one column, got {tuple(datasets.shape)}")
-    if not torch.isfinite(datasets).all():
-        raise ValueError("datasets contain NaN or inf")
+    _check_activations(datasets, "datasets", "[n_datasets, N, d]")
     if not specs or len({s.arch for s in specs}) != 1 or specs[0].arch not in LOSSES:
-        raise ValueError(f"one architecture per stack, one of {sorted(LOSSES)}; got {sorted({s.arch for s in specs})}")
+        raise ValueError(f"one architecture per stack, one of {sorted(LOSSES)}; "
+                         f"got {sorted({s.arch for s in specs})}")
     for name in ("d_sae", "batch_size", "epochs", "lr"):
         if not 0 < getattr(config, name) < math.inf:
             raise ValueError(f"{name} must be positive and finite, got {getattr(config, name)}")
@@ -657,76 +696,141 @@ def _check_stack(datasets, specs, config):
             raise ValueError(f"dataset_index {s.dataset_index} outside [0, {len(datasets)})")
         if s.arch == "topk" and not 1 <= s.k <= config.d_sae:
             raise ValueError(f"k must lie in [1, d_sae={config.d_sae}], got {s.k}")
-        if s.arch != "topk" and not 0 <= s.l1 < math.inf:
-            raise ValueError(f"l1 must be non-negative and finite, got {s.l1}")
+        if s.arch != "topk" and not 0 <= s.l1_coefficient < math.inf:
+            raise ValueError(f"l1_coefficient must be non-negative and finite, got {s.l1_coefficient}")
 
 
-class _NoBar:
-    def __enter__(self):
-        return self
+def init_sae(spec: SAESpec, d_in: int, d_sae: int, generator: torch.Generator, b_dec: torch.Tensor,
+             input_scale: float) -> SAE:
+    """Random unit decoder rows, the encoder their transpose, zero encoder biases, b_dec the data
+    mean (normalised). The encoder is scaled by 0.1 for the ReLU SAEs (Anthropic's April 2024
+    update: otherwise hundreds of half-active latents start out reconstructing several times the
+    input), by 1 for top-k (Gao et al.: only k fire)."""
+    W_dec = F.normalize(torch.randn(d_sae, d_in, generator=generator), dim=-1)
+    W_enc = (1.0 if spec.arch == "topk" else 0.1) * W_dec.T.contiguous()
+    biases = {name: torch.zeros(d_sae) for name in PARAMETERS[spec.arch] if name not in (*MATRICES, "b_dec")}
+    return SAE(spec.arch, W_enc=W_enc, W_dec=W_dec, b_dec=b_dec.clone(), **biases,
+               k=spec.k if spec.arch == "topk" else None, l1_coefficient=spec.l1_coefficient,
+               input_scale=float(input_scale), frozen_decoder=spec.frozen_decoder)
 
-    def __exit__(self, *exc):
-        return False
 
-    def update(self, n):
-        pass
+@dataclass
+class _StackData:
+    """What a stack trains on: SAE s reads datasets[index[s]] * scales[s], its dataset scaled by
+    one scalar so that its mean norm is √d_in (README §8)."""
+    datasets: torch.Tensor  # [n_datasets, N, d_in]  raw activations
+    index: torch.Tensor  # [S]
+    scales: torch.Tensor  # [S]
+
+    @classmethod
+    def of(cls, datasets, specs):
+        index = torch.tensor([spec.dataset_index for spec in specs])
+        return cls(datasets, index, (datasets.shape[-1] ** 0.5 / datasets.norm(dim=-1).mean(1))[index])
+
+    n = property(lambda self: self.datasets.shape[1])
+
+    def inputs(self, rows):
+        """Normalised inputs [S, B, d_in] at rows [S, B] (one batch per SAE) or [B] (shared)."""
+        return self.datasets[self.index[:, None], rows] * self.scales[:, None, None]
+
+    def means(self):
+        return self.datasets.mean(1)[self.index] * self.scales[:, None]  # [S, d_in]
+
+    def variances(self):
+        """Σ ‖x − mean‖² over each SAE's normalised data  [S]."""
+        centred = self.datasets - self.datasets.mean(1, keepdim=True)
+        return centred.pow(2).sum((1, 2))[self.index] * self.scales ** 2
 
 
 @torch.no_grad()
-def _statistics(arch, p, hp, inputs, n, chunk=1024):
-    """One pass over every SAE's data: squared error per input [S, N] and how often each
-    latent fires [S, d_sae]."""
+def _statistics(stack: SAE, data: _StackData, specs: list, chunk: int):
+    """One pass over every SAE's data: squared error per input [S, N] and how often each latent
+    fires [S, d_sae]. In chunks of the training batch: temporaries of the training step's size are
+    reused by the allocator, where larger ones are mapped afresh (page-faulted) every time. Stops,
+    naming the SAEs, once a learning rate too high for the data has sent weights to inf or NaN:
+    saved, such an SAE would be graded as if it were a real one."""
     errors, fires = [], 0
-    for start in range(0, n, chunk):
-        x = inputs(torch.arange(start, min(start + chunk, n)))  # [S, chunk, d_in]
-        f, evidence = ENCODERS[arch](p, x, hp)
-        errors.append(_squared_error(decode(p, f), x))
-        fires = fires + (evidence > 0).sum(1)
-    return torch.cat(errors, 1), fires
-
-
-def _check_not_diverged(errors, specs):
-    """Stop, naming the SAEs, once a learning rate too high for the data has sent weights to
-    inf or NaN: saved, such an SAE would be graded as if it were a real one."""
+    for start in range(0, data.n, chunk):
+        x = data.inputs(torch.arange(start, min(start + chunk, data.n)))  # [S, chunk, d_in]
+        f, active = stack.latents_and_fires(x)
+        errors.append(_squared_norm(x - stack.reconstruct(f)))
+        fires = fires + active.sum(1)
+    errors = torch.cat(errors, 1)
     diverged = [spec.name or f"sae{s}" for s, spec in enumerate(specs) if not torch.isfinite(errors[s]).all()]
     if diverged:
         raise ValueError(f"training diverged (NaN or inf) in {', '.join(diverged[:3])}: "
                          "lower the learning rate")
+    return errors, fires
+
+
+def _adam_step(stack: SAE, adam, x: torch.Tensor, lr: float) -> torch.Tensor:
+    """One Adam step on the summed loss of the stack -> each SAE's mean loss [S]. The SAEs never
+    interact: each loss depends on its own SAE only, so the sum gives each its own gradient, and
+    Adam is elementwise. Decoder rows stay on the unit sphere: the gradient's radial part is
+    removed before the step (none at all for a frozen decoder), rows renormalised after it."""
+    loss = stack.loss(x).mean(-1)  # [S]
+    adam.zero_grad(set_to_none=True)
+    loss.sum().backward()
+    with torch.no_grad():
+        grad, W_dec = stack.W_dec.grad, stack.W_dec  # [S, d_sae, d_in]
+        grad -= (grad * W_dec).sum(-1, keepdim=True) * W_dec
+        grad.masked_fill_(stack.frozen_decoder, 0)
+    for group in adam.param_groups:
+        group["lr"] = lr
+    adam.step()
+    with torch.no_grad():
+        W_dec /= W_dec.norm(dim=-1, keepdim=True)
+    return loss.detach()
+
+
+def _train_epoch(stack, adam, data, generators, batch_size, lr_at) -> torch.Tensor:
+    """One pass over the data, each SAE in its own random order -> mean loss per SAE [S] (on the
+    CPU). lr_at(i): the learning rate of the epoch's i-th step."""
+    order = torch.stack([torch.randperm(data.n, generator=g) for g in generators])  # [S, N]
+    starts = range(0, data.n, batch_size)
+    epoch_loss = 0
+    for i, start in enumerate(starts):
+        x = data.inputs(order[:, start:start + batch_size])  # [S, B, d_in]
+        epoch_loss += _adam_step(stack, adam, x, lr_at(i)) / len(starts)
+    return epoch_loss.cpu()
 
 
 @torch.no_grad()
-def _resample_dead_latents(p, adam, dead, errors, inputs, generators, frozen):
+def _resample_dead_latents(stack: SAE, adam, dead, errors, data: _StackData, generators: list):
     """Re-initialise dead latents (README §8, after Anthropic 2023): for SAE s, draw inputs with
-    probability ∝ loss², point each dead latent's decoder row (unless frozen) and encoder row
-    at the centred input, scale the encoder rows to 0.2 × the mean alive encoder norm, zero
-    its encoder biases and reset its Adam moments. dead [S, d_sae]; errors [S, N]."""
+    probability ∝ loss², point each dead latent's decoder row (unless frozen) and encoder column
+    at the centred input, scale those encoder columns to 0.2 × the mean alive one, zero the
+    latent's encoder biases and reset its Adam moments. dead [S, d_sae]; errors [S, N]."""
     for s, generator in enumerate(generators):
         latents = dead[s].nonzero()[:, 0]
         if len(latents) == 0:
             continue
-        weights = errors[s].double().pow(2) + 1e-30  # +tiny: sampling needs a positive total
+        weights = errors[s].double().pow(2).cpu() + 1e-30  # +tiny: sampling needs a positive total
         picks = torch.multinomial(weights, len(latents), len(latents) > len(weights), generator=generator)
-        directions = F.normalize(inputs(picks)[s] - p["b_dec"][s], dim=-1)  # [n_dead, d_in]
-        alive = p["W_enc"][s][:, ~dead[s]].norm(dim=0)
-        p["W_enc"][s][:, latents] = directions.T * 0.2 * (alive.mean() if len(alive) else 1.0)
-        if not frozen[s]:
-            p["W_dec"][s][latents] = directions
-        for name, t in p.items():
-            if name not in ("W_enc", "W_dec", "b_dec"):
-                t[s, latents] = 0
-            moments = [m for m in adam.state.get(t, {}).values() if m.dim() > 1]  # not the step count
-            for moment in moments if name != "b_dec" else []:
-                if name == "W_dec":  # [S, d_sae, d_in]: latents on axis 1, elsewhere on the last axis
-                    moment[s, latents] = 0
-                else:
-                    moment[s][..., latents] = 0
+        directions = F.normalize(data.inputs(picks)[s] - stack.b_dec[s], dim=-1)  # [n_dead, d_in]
+        alive = stack.W_enc[s][:, ~dead[s]].norm(dim=0)
+        stack.W_enc[s][:, latents] = directions.T * 0.2 * (alive.mean() if len(alive) else 1.0)
+        if not stack.frozen_decoder[s]:
+            stack.W_dec[s][latents] = directions
+        for name, t in stack.params.items():
+            if name not in LATENT_AXIS:  # b_dec
+                continue
+            if name not in MATRICES:  # the encoder biases (r_mag too: exp 0 = 1)
+                t[s].index_fill_(LATENT_AXIS[name], latents, 0)
+            for moment in adam.state[t].values():
+                if moment.dim():  # not the step count
+                    moment[s].index_fill_(LATENT_AXIS[name], latents, 0)
 
 
-def _unstack(arch, p, specs, scales, config):
-    return [SAE_CLASSES[arch]({n: t[i].detach().clone() for n, t in p.items()}, float(scales[i]),
-                              spec.k if arch == "topk" else None, spec.frozen_decoder,
-                              {"spec": asdict(spec), "train_config": asdict(config)})
-            for i, spec in enumerate(specs)]
+def _checkpoint_logs(specs, data, errors, fires, epoch_loss, extra, **common) -> list:
+    """One log per SAE: `common` (epoch, steps, converged), its loss, and on the training data
+    L0, MSE per element, fraction of variance explained and dead fraction."""
+    n, d, variances = data.n, data.datasets.shape[-1], data.variances()
+    return [{"sae": s, "name": spec.name, **common, "loss": float(epoch_loss[s]),
+             "l0": float(fires[s].sum() / n), "mse": float(errors[s].sum() / (n * d)),
+             "fve": float(1 - errors[s].sum() / variances[s]),
+             "dead_fraction": float((fires[s] == 0).float().mean()), **extra[s]}
+            for s, spec in enumerate(specs)]
 
 
 def train_sae_stack(datasets: torch.Tensor, specs: list, config: Optional[TrainConfig] = None,
@@ -734,104 +838,79 @@ def train_sae_stack(datasets: torch.Tensor, specs: list, config: Optional[TrainC
     """Train a stack of same-architecture SAEs as one tensor program (README §8).
 
     datasets [n_datasets, N, d]: raw activations; SAE s trains on datasets[specs[s].dataset_index].
-    Each dataset is scaled by one scalar so its mean norm is √d; the scale is stored in the SAE.
-    Returns (saes, logs): logs hold L0, MSE (per element, normalised space), fraction of variance
-    explained and dead fraction, on the training data, for every SAE at every checkpoint.
+    Returns (saes, logs): logs hold the loss, L0, MSE (per element, normalised space), fraction of
+    variance explained and dead fraction, on the training data, for every SAE at every checkpoint.
     checkpoint_dir: also save each SAE at each checkpoint to <dir>/<name or saeI>/epoch<E>.
     on_checkpoint(epoch, saes) -> list of per-SAE dicts (or None) merged into the logs (called
     per group of config.max_stack SAEs).
     """
     config = config or TrainConfig()
     _check_stack(datasets, specs, config)
-    if config.max_stack and len(specs) > config.max_stack:  # train in groups, one after another
-        saes, logs = [], []
-        for offset in range(0, len(specs), config.max_stack):
-            group_saes, group_logs = train_sae_stack(datasets, specs[offset:offset + config.max_stack], config,
-                                                     progress, checkpoint_dir, on_checkpoint)
-            saes += group_saes
-            logs += [{**log, "sae": log["sae"] + offset} for log in group_logs]
-        return saes, logs
-    arch, (_, n, d) = specs[0].arch, datasets.shape
-    batch_size = min(config.batch_size, n)
-    data_index = torch.tensor([s.dataset_index for s in specs])
-    scales = (d ** 0.5 / datasets.norm(dim=-1).mean(1))[data_index]  # [S] one input scale per SAE
-    variance = (datasets - datasets.mean(1, keepdim=True)).pow(2).sum((1, 2))[data_index] * scales ** 2
+    group = config.max_stack or len(specs)  # SAEs per tensor program
+    saes, logs = [], []
+    for offset in range(0, len(specs), group):
+        group_saes, group_logs = _train_group(datasets, specs[offset:offset + group], config, progress,
+                                              checkpoint_dir, on_checkpoint)
+        saes += group_saes
+        logs += [{**log, "sae": log["sae"] + offset} for log in group_logs]
+    return saes, logs
 
-    def inputs(index):  # normalised inputs [S, B, d] from per-SAE indices [S, B] (or shared [B])
-        return datasets[data_index[:, None], index] * scales[:, None, None]
 
-    hp = torch.tensor([s.k for s in specs]) if arch == "topk" else torch.tensor([s.l1 for s in specs])
-    frozen = torch.tensor([s.frozen_decoder for s in specs])
-    generators = [torch.Generator().manual_seed(s.seed) for s in specs]
-    p = init_params(arch, d, config.d_sae, generators, datasets.mean(1)[data_index] * scales[:, None])
-    for t in p.values():
-        t.requires_grad_()
+def _train_group(datasets, specs, config, progress, checkpoint_dir, on_checkpoint):
+    """train_sae_stack for one stack."""
+    data, arch = _StackData.of(datasets, specs), specs[0].arch
+    generators = [torch.Generator().manual_seed(spec.seed) for spec in specs]  # init, batch order, resampling
+    initial = [init_sae(spec, datasets.shape[-1], config.d_sae, generator, b_dec, scale)
+               for spec, generator, b_dec, scale in zip(specs, generators, data.means(), data.scales)]
+    stack = stack_saes(initial).to(datasets.device)
     # The fused Adam updates each tensor in one kernel (a loop over SAEs spends ~17% of its
     # step in the unfused optimizer's small ops); on CPU it needs torch >= 2.4.
-    adam = torch.optim.Adam(p.values(), lr=config.lr, fused=torch.__version__ >= "2.4")
-
-    steps_per_epoch = math.ceil(n / batch_size)
+    adam = torch.optim.Adam([t.requires_grad_() for t in stack.params.values()], lr=config.lr,
+                            fused=torch.__version__ >= "2.4")
+    batch_size = min(config.batch_size, data.n)
+    steps_per_epoch = math.ceil(data.n / batch_size)
     schedule = Schedule(config, steps_per_epoch, can_resample=arch != "topk")
     checkpoints, logs = checkpoint_epochs(config.epochs), []
-    bar = click.progressbar(length=config.epochs, label=f"{len(specs)} {arch} SAEs") if progress else _NoBar()
+    bar = click.progressbar(length=config.epochs, label=f"{len(specs)} {arch} SAEs", hidden=not progress)
     with bar:
         for epoch in range(config.epochs):
-            order = torch.stack([torch.randperm(n, generator=g) for g in generators])  # [S, N]
-            epoch_loss = torch.zeros(len(specs))
-            for i, start in enumerate(range(0, n, batch_size)):
-                loss = LOSSES[arch](p, inputs(order[:, start:start + batch_size]), hp).mean(-1)  # [S]
-                adam.zero_grad(set_to_none=True)
-                loss.sum().backward()  # SAEs are independent: one backward serves all
-                with torch.no_grad():  # keep decoder rows on the unit sphere: drop the radial part
-                    grad, W_dec = p["W_dec"].grad, p["W_dec"]
-                    grad -= (grad * W_dec).sum(-1, keepdim=True) * W_dec
-                    grad[frozen] = 0
-                    epoch_loss += loss.detach().cpu() / steps_per_epoch
-                for group in adam.param_groups:
-                    group["lr"] = config.lr * schedule.lr_factor(epoch * steps_per_epoch + i)
-                adam.step()
-                with torch.no_grad():
-                    W_dec /= W_dec.norm(dim=-1, keepdim=True)
+            epoch_loss = _train_epoch(stack, adam, data, generators, batch_size,
+                                      lambda i: config.lr * schedule.lr_factor(epoch * steps_per_epoch + i))
             bar.update(1)
-            statistics = {}
-
-            def has_dead():
-                statistics["errors"], statistics["fires"] = _statistics(arch, p, hp, inputs, n)
-                return bool((statistics["fires"] == 0).any())
-            action = schedule.after_epoch(epoch + 1, epoch_loss, has_dead)
+            # computed at most once an epoch, and only if a checkpoint or the schedule asks for them
+            statistics = functools.cache(lambda: _statistics(stack, data, specs, batch_size))
+            action = schedule.after_epoch(epoch + 1, epoch_loss, lambda: bool((statistics()[1] == 0).any()))
             if epoch + 1 in checkpoints or action == "stop":
-                errors, fires = _statistics(arch, p, hp, inputs, n)
-                _check_not_diverged(errors, specs)
-                saes = _unstack(arch, p, specs, scales, config)
+                saes = [replace(sae, meta={"spec": asdict(spec), "train_config": asdict(config)})
+                        for sae, spec in zip(stack.unstack(), specs)]
                 extra = (on_checkpoint(epoch + 1, saes) if on_checkpoint else None) or [{}] * len(specs)
-                for s, spec in enumerate(specs):
-                    logs.append({"sae": s, "name": spec.name, "epoch": epoch + 1,
-                                 "steps": (epoch + 1) * steps_per_epoch, "loss": float(epoch_loss[s]),
-                                 "l0": float(fires[s].sum() / n), "mse": float(errors[s].sum() / (n * d)),
-                                 "fve": float(1 - errors[s].sum() / variance[s]),
-                                 "dead_fraction": float((fires[s] == 0).float().mean()),
-                                 "converged": schedule.converged if action == "stop" else None, **extra[s]})
-                    if checkpoint_dir is not None:
-                        save_sae(saes[s], Path(checkpoint_dir) / (spec.name or f"sae{s}") / f"epoch{epoch + 1}")
+                logs += _checkpoint_logs(specs, data, *statistics(), epoch_loss, extra, epoch=epoch + 1,
+                                         steps=(epoch + 1) * steps_per_epoch,
+                                         converged=schedule.converged if action == "stop" else None)
+                for s, sae in enumerate(saes if checkpoint_dir is not None else []):
+                    save_sae(sae, Path(checkpoint_dir) / (specs[s].name or f"sae{s}") / f"epoch{epoch + 1}")
             if action == "stop":
                 break
             if action == "resample":
-                if "fires" not in statistics:
-                    has_dead()
-                _check_not_diverged(statistics["errors"], specs)
-                dead = statistics["fires"] == 0
-                _resample_dead_latents(p, adam, dead, statistics["errors"], inputs, generators, frozen)
+                errors, fires = statistics()
+                _resample_dead_latents(stack, adam, fires == 0, errors, data, generators)
                 schedule.restarted(epoch + 1)
     return saes, logs  # the last epoch is always a checkpoint
 
 
 def train_sae(acts: torch.Tensor, spec: SAESpec, config: Optional[TrainConfig] = None, **kwargs):
     """One SAE on activations [N, d]: a stack of one. Returns (sae, logs)."""
-    saes, logs = train_sae_stack(_check_matrix(acts, "acts")[None], [spec], config, **kwargs)
+    saes, logs = train_sae_stack(_check_activations(acts, "acts")[None], [spec], config, **kwargs)
     return saes[0], logs
 
 
 MATMULS_PER_STEP = {"vanilla": 5, "gated": 7, "topk": 5}  # forward + backward, each 2·B·d_in·d_sae FLOPs
+# The paper's SAE grid (arXiv 2405.08366, appendix on SAE training): 55 nodes × 12 settings,
+# 20,000 training prompts in batches of 512, 2,000 epochs.
+PAPER_GRID_SAES, PAPER_GRID_STEPS_PER_EPOCH, PAPER_EPOCHS = 55 * 12, math.ceil(20_000 / 512), 2000
+# A convergence-stopped run is shorter (TrainConfig.plateau): the slowest convergence we measured
+# took 747 epochs (README, "Status", SAE convergence: a stack of 4 gated SAEs, four resamplings).
+CONVERGED_EPOCHS = 750
 
 
 def _step_matmuls(n_sae, batch_size, d_in, d_sae):
@@ -843,51 +922,54 @@ def _step_matmuls(n_sae, batch_size, d_in, d_sae):
     return lambda: (x @ W_enc, f @ W_dec, f.mT @ g, g @ W_dec.mT, x.mT @ f)
 
 
+def _best_seconds(run, times: int) -> float:
+    """The fastest of `times` runs: the machine is shared, so the minimum is the least noisy."""
+    durations = []
+    for _ in range(times):
+        start = time.perf_counter()
+        run()
+        durations.append(time.perf_counter() - start)
+    return min(durations)
+
+
 def bench_sae_training(n_sae: int = 24, d_in: int = 64, d_sae: int = 512, n: int = 8192, epochs: int = 8,
                        arch: str = "vanilla", batch_size: int = 512, repeats: int = 2, seed: int = 0) -> dict:
-    """Seconds to train n_sae SAEs (best of `repeats`, the machine being shared): as one
-    stack, in groups of TrainConfig.max_stack, and in a loop one by one (the same code on
-    stacks of one). No resampling: a real run resamples 4 times in 2,000 epochs, here it
-    would dominate (the statistics at checkpoints 1, 2, 4, 8 are included, so per-step
-    times are a little high).
+    """Seconds to train n_sae SAEs (best of `repeats`): as one stack, in groups of
+    TrainConfig.max_stack, and in a loop one by one (the same code on stacks of one). No
+    resampling: a real run resamples 4 times in 2,000 epochs, here it would dominate (the
+    statistics at checkpoints 1, 2, 4, 8 are included, so per-step times are a little high).
 
-    Next to them, the time of a vanilla step's five matmuls alone (whatever `arch`), for one
-    SAE and per SAE in a stack of max_stack: what batching could at best save. And the paper's grid extrapolated from the
-    best time per SAE per step: 55 nodes × 12 settings, 20,000 activations of 64 dims,
-    2,000 epochs, batch 512."""
+    Next to them, the time of a vanilla step's five matmuls alone (whatever `arch`), for one SAE
+    and per SAE in a stack of max_stack: what batching could at best save. And the paper's grid
+    projected from the best time per SAE step, at its 2,000 epochs and at CONVERGED_EPOCHS."""
     data = torch.randn(1, n, d_in, generator=torch.Generator().manual_seed(seed))
-    specs = [SAESpec(arch, l1=1.0, k=8, seed=i) for i in range(n_sae)]
+    specs = [SAESpec(arch, l1_coefficient=1.0, k=8, seed=i) for i in range(n_sae)]
     config = TrainConfig(d_sae=d_sae, batch_size=batch_size, epochs=epochs, resample_at=())
-
-    def best(run, times=repeats):
-        durations = []
-        for _ in range(times):
-            start = time.perf_counter()
-            run()
-            durations.append(time.perf_counter() - start)
-        return min(durations)
-
-    seconds = {"stack_s": best(lambda: train_sae_stack(data, specs, replace(config, max_stack=None))),
-               "grouped_s": best(lambda: train_sae_stack(data, specs, config)),
-               "loop_s": best(lambda: [train_sae_stack(data, [spec], config) for spec in specs])}
+    runs = {"stack_s": lambda: train_sae_stack(data, specs, replace(config, max_stack=None)),
+            "grouped_s": lambda: train_sae_stack(data, specs, config),
+            "loop_s": lambda: [train_sae_stack(data, [spec], config) for spec in specs]}
+    seconds = {name: _best_seconds(run, repeats) for name, run in runs.items()}
     stack_size = min(n_sae, config.max_stack or n_sae)
-    matmul_ms = {size: 1e3 * best(_step_matmuls(size, batch_size, d_in, d_sae), 10 * repeats) / size
+    matmul_ms = {size: 1e3 * _best_seconds(_step_matmuls(size, batch_size, d_in, d_sae), 10 * repeats) / size
                  for size in (1, stack_size)}  # per SAE step
     sae_steps = n_sae * epochs * math.ceil(n / batch_size)
     per_sae_step = min(seconds["stack_s"], seconds["grouped_s"]) / sae_steps
     loop_per_sae_step = seconds["loop_s"] / sae_steps
-    flops_per_sae_step = MATMULS_PER_STEP[arch] * 2 * batch_size * d_in * d_sae
+
+    def paper_grid_hours(epochs):
+        return PAPER_GRID_SAES * epochs * PAPER_GRID_STEPS_PER_EPOCH * per_sae_step / 3600
+    flops = 2 * batch_size * d_in * d_sae  # one matmul of a step
     return {"arch": arch, "n_sae": n_sae, "d_in": d_in, "d_sae": d_sae, "n": n, "epochs": epochs,
-            "stack_size": stack_size,
-            **seconds, "speedup": seconds["loop_s"] / min(seconds["stack_s"], seconds["grouped_s"]),
+            "stack_size": stack_size, **seconds,
+            "speedup": seconds["loop_s"] / min(seconds["stack_s"], seconds["grouped_s"]),
             "ms_per_sae_step": 1e3 * per_sae_step, "loop_ms_per_sae_step": 1e3 * loop_per_sae_step,
-            "gflops": flops_per_sae_step / per_sae_step / 1e9,
+            "gflops": MATMULS_PER_STEP[arch] * flops / per_sae_step / 1e9,
             "matmul_ms_one": matmul_ms[1], "matmul_ms_stacked": matmul_ms[stack_size],
-            "matmul_gflops_stacked": MATMULS_PER_STEP["vanilla"] * 2 * batch_size * d_in * d_sae
-                                     / matmul_ms[stack_size] / 1e6,
+            "matmul_gflops_stacked": MATMULS_PER_STEP["vanilla"] * flops / matmul_ms[stack_size] / 1e6,
             # the loop's step against a stacked step that would be nothing but its matmuls
             "speedup_ceiling": 1e3 * loop_per_sae_step / matmul_ms[stack_size],
-            "paper_grid_hours": 55 * 12 * 2000 * math.ceil(20_000 / 512) * per_sae_step / 3600}
+            "paper_grid_hours": paper_grid_hours(PAPER_EPOCHS), "converged_epochs": CONVERGED_EPOCHS,
+            "paper_grid_converged_hours": paper_grid_hours(CONVERGED_EPOCHS)}
 
 
 # ---------------------------------------------------------------------------------------

@@ -12,15 +12,11 @@ import json
 import math
 import os
 import re
-import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
-import click
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import gpt2

@@ -352,8 +352,8 @@ def train_sae_command(acts_path, arch, latents, l1, k, epochs, lr, batch_size, s
         steps_per_epoch = -(-len(acts) // batch_size)
         config = dictionaries.TrainConfig(d_sae=latents, lr=lr, batch_size=batch_size,
                                           epochs=epochs or min(2000, -(-6000 // steps_per_epoch)))
-        spec = dictionaries.SAESpec("vanilla" if arch == "random_decoder" else arch, l1=l1, k=k, seed=seed,
-                                    frozen_decoder=arch == "random_decoder", name=arch)
+        spec = dictionaries.SAESpec("vanilla" if arch == "random_decoder" else arch, l1_coefficient=l1, k=k,
+                                    seed=seed, frozen_decoder=arch == "random_decoder", name=arch)
         sae, logs = dictionaries.train_sae(acts, spec, config, progress=not no_progress)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
@@ -635,14 +635,16 @@ class Run:
         all nodes x settings of one architecture train as one batched stack."""
         c = self.config
         datasets = torch.stack([self.acts["train"][node] for node in self.nodes])  # [node, N, d_head]
-        grids = {"vanilla": [("l1", v) for v in c.vanilla_l1], "gated": [("l1", v) for v in c.gated_l1],
+        l1 = "l1_coefficient"  # (SAESpec field, value); folders: l1<value>/<node>, k<value>/<node>
+        grids = {"vanilla": [(l1, v) for v in c.vanilla_l1], "gated": [(l1, v) for v in c.gated_l1],
                  "topk": [("k", k) for k in c.topk_k],
-                 "random_decoder": [("l1", c.vanilla_l1[len(c.vanilla_l1) // 2])]}
+                 "random_decoder": [(l1, c.vanilla_l1[len(c.vanilla_l1) // 2])]}
         saes, training = {}, {}
         for method, grid in grids.items():
             arch = "vanilla" if method == "random_decoder" else method
             specs = [dictionaries.SAESpec(arch, i, seed=c.seed + j, frozen_decoder=method == "random_decoder",
-                                          name=f"{name}{value}/{node}", **{name: value})
+                                          name=f"{name.removesuffix('_coefficient')}{value}/{node}",
+                                          **{name: value})
                      for j, (name, value) in enumerate(grid) for i, node in enumerate(self.nodes)]
             trained, logs = train_or_load_stack(self.path("saes", method), datasets, specs,
                                                 self.sae_train_config())
@@ -672,8 +674,8 @@ class Run:
         datasets = torch.stack([corpus[head] for head in heads]).cpu()  # [head, tokens, d_head]
         saes = {}
         for arch in ARCHS:
-            specs = [dictionaries.SAESpec(arch, i, l1=c.corpus_l1, k=c.corpus_k, seed=c.seed, name=f"{name}.{head}")
-                     for i, (name, head) in enumerate(heads)]
+            specs = [dictionaries.SAESpec(arch, i, l1_coefficient=c.corpus_l1, k=c.corpus_k, seed=c.seed,
+                                          name=f"{name}.{head}") for i, (name, head) in enumerate(heads)]
             config = dictionaries.TrainConfig(d_sae=c.corpus_d_sae, epochs=c.corpus_epochs, lr=c.sae_lr)
             trained, _ = train_or_load_stack(self.path("saes", f"{arch}_fulldist"), datasets, specs, config)
             by_head = dict(zip(heads, trained))
@@ -967,7 +969,7 @@ def as_plain_model_sae(sae, model, act, layer, head):
     if act in ioi.RESIDUAL_ACTS and settings.get("center_writing_weights", True):
         params = dictionaries.fold_input_centring(params)
         click.echo(f"{sae.meta.get('hook_name')}: read centred (center_writing_weights)")
-    return type(sae)(params, sae.input_scale, sae.k, sae.frozen_decoder, sae.meta)
+    return replace(sae, **params)
 
 
 def sae_sections(sections, act, layer, head):
@@ -1177,18 +1179,28 @@ def bench_command(batch, repeats, device):
     click.echo(f"  fp32 matmul {r['matmul_size']}^3, best of {repeats}:{r['matmul_gflops']:38.1f} GFLOP/s")
     if r["hf_s"] is not None:
         click.echo(f"  ours / HF: {r['ours_over_hf']:.2f}x faster  (max |delta logit| {r['max_abs_logit_diff']:.1e})")
+    bench_sae_command()
+
+
+def bench_sae_command():
+    """The SAE half of `bench`: batched stack vs per-SAE loop, FLOP rate, the paper's grid projected."""
     s = dictionaries.bench_sae_training()
     click.echo(f"SAE training: {s['n_sae']} {s['arch']} SAEs {s['d_in']} -> {s['d_sae']}, batch 512, "
                f"{s['epochs']} epochs of {s['n']} inputs, best of 2")
-    click.echo(f"  loop, one SAE at a time:          {s['loop_s']:6.2f} s  ({s['loop_ms_per_sae_step']:.2f} ms per SAE step)")
+    click.echo(f"  loop, one SAE at a time:          {s['loop_s']:6.2f} s  "
+               f"({s['loop_ms_per_sae_step']:.2f} ms per SAE step)")
     click.echo(f"  one stack of {s['n_sae']}:                {s['stack_s']:6.2f} s")
-    click.echo(f"  stacks of {s['stack_size']} (the default):      {s['grouped_s']:6.2f} s  ({s['ms_per_sae_step']:.2f} ms per SAE step, "
-               f"{s['gflops']:.0f} GFLOP/s)")
-    click.echo(f"  a step's 5 matmuls alone: {s['matmul_ms_one']:.2f} ms for one SAE, {s['matmul_ms_stacked']:.2f} ms per SAE "
-               f"in a stack of {s['stack_size']} ({s['matmul_gflops_stacked']:.0f} GFLOP/s)")
-    click.echo(f"  batched / loop: {s['speedup']:.2f}x faster; at most {s['speedup_ceiling']:.2f}x if a stacked step were "
-               "nothing but its matmuls")
-    click.echo(f"  the paper's grid (55 nodes x 12 settings, 20,000 x 64, 2000 epochs) here: {s['paper_grid_hours']:.1f} h")
+    click.echo(f"  stacks of {s['stack_size']} (the default):      {s['grouped_s']:6.2f} s  "
+               f"({s['ms_per_sae_step']:.2f} ms per SAE step, {s['gflops']:.0f} GFLOP/s)")
+    click.echo(f"  a step's 5 matmuls alone: {s['matmul_ms_one']:.2f} ms for one SAE, "
+               f"{s['matmul_ms_stacked']:.2f} ms per SAE in a stack of {s['stack_size']} "
+               f"({s['matmul_gflops_stacked']:.0f} GFLOP/s)")
+    click.echo(f"  batched / loop: {s['speedup']:.2f}x faster; at most {s['speedup_ceiling']:.2f}x if a "
+               "stacked step were nothing but its matmuls")
+    click.echo("  the paper's grid (55 nodes x 12 settings, 20,000 x 64, batch 512) here: "
+               f"{s['paper_grid_hours']:.1f} h at its 2,000 epochs;")
+    click.echo(f"    {s['paper_grid_converged_hours']:.1f} h stopped at convergence, assuming "
+               f"{s['converged_epochs']} epochs (our slowest measured convergence: README, Status)")
 
 
 # === end benchmarks ===

@@ -17,7 +17,7 @@ dictionaries.py: `encode(x)` on raw activations, `sae(x)` -> (x̂, f), `active(x
 contribution of latent j is f_j * W_dec[j] / s.
 """
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple, Optional, Protocol, Sequence
 
 import numpy as np
@@ -426,7 +426,8 @@ def occlusion_toy_experiment(io_norm: float, s_norm: float, l1s: Sequence[float]
     (default: 100 epochs). Returns one dict per λ: l1, io, s, l0.
     """
     acts, values = occlusion_toy_data(io_norm, s_norm, n_samples, n_values, d, seed)
-    specs = [dictionaries.SAESpec("vanilla", l1=l1, seed=seed + i, name=f"l1={l1}") for i, l1 in enumerate(l1s)]
+    specs = [dictionaries.SAESpec("vanilla", l1_coefficient=l1, seed=seed + i, name=f"l1={l1}")
+             for i, l1 in enumerate(l1s)]
     saes, _ = dictionaries.train_sae_stack(acts[None], specs, config or dictionaries.TrainConfig(epochs=100),
                                            progress=progress)
     results = []
@@ -473,19 +474,10 @@ def phenomenon_node(evidence: dict, attributes: Sequence[str], present: float = 
     return max(passing, key=weakest_effect) if passing else None
 
 
-class ReluSAEWeights(NamedTuple):
-    W_enc: torch.Tensor  # [d, n_latents]
-    b_enc: torch.Tensor  # [n_latents]
-    W_dec: torch.Tensor  # [n_latents, d]
-    b_dec: torch.Tensor  # [d]
-
-
-def sae_loss(x: torch.Tensor, W_enc, b_enc, W_dec, b_dec, l1: float) -> float:
+def sae_loss(x: torch.Tensor, sae: dictionaries.SAE, l1: float) -> float:
     """Vanilla ReLU SAE loss, mean over inputs of ‖x̂ - x‖² + λ‖f‖₁, where
-    f = ReLU((x - b_dec) W_enc + b_enc) and x̂ = f W_dec + b_dec."""
-    f = torch.relu((x - b_dec) @ W_enc + b_enc)  # [N, n_latents]
-    x_hat = f @ W_dec + b_dec  # [N, d]
-    return float((x_hat - x).pow(2).sum(-1).mean() + l1 * f.sum(-1).mean())  # f >= 0: Σf = ‖f‖₁
+    f = ReLU((x - b_dec) W_enc + b_enc) and x̂ = f W_dec + b_dec (x in the SAE's own space)."""
+    return float(dictionaries.loss_vanilla(replace(sae, l1_coefficient=l1), x).mean())
 
 
 def oversplitting_toy_data(n_samples: int, mu: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -494,21 +486,21 @@ def oversplitting_toy_data(n_samples: int, mu: torch.Tensor, generator: torch.Ge
     return signs * mu + torch.randn(n_samples, len(mu), generator=generator)
 
 
-def ideal_two_latent_sae(mu: torch.Tensor, k: float, gamma: float) -> ReluSAEWeights:
-    """The "ideal" SAE for ±µ: one latent per cluster, decoders ±µ/‖µ‖, encoders ±kµ,
+def ideal_two_latent_sae(mu: torch.Tensor, k: float, gamma: float) -> dictionaries.SAE:
+    """The "ideal" vanilla SAE for ±µ: one latent per cluster, decoders ±µ/‖µ‖, encoders ±kµ,
     biases -γ, b_dec = 0."""
     signed = torch.stack([mu, -mu])  # [2, d]
-    return ReluSAEWeights(W_enc=k * signed.T, b_enc=torch.full((2,), -gamma, dtype=mu.dtype),
-                          W_dec=signed / mu.norm(), b_dec=torch.zeros_like(mu))
+    return dictionaries.SAE("vanilla", W_enc=k * signed.T, b_enc=torch.full((2,), -gamma, dtype=mu.dtype),
+                            W_dec=signed / mu.norm(), b_dec=torch.zeros_like(mu))
 
 
-def random_data_sae(data_sample: torch.Tensor, beta: float, gamma: float) -> ReluSAEWeights:
-    """A random SAE with one latent per data sample [n_latents, d]: encoder rows β·sample,
-    decoder rows the normalised samples, biases -γ, b_dec = 0."""
-    return ReluSAEWeights(W_enc=beta * data_sample.T,
-                          b_enc=torch.full((len(data_sample),), -gamma, dtype=data_sample.dtype),
-                          W_dec=data_sample / data_sample.norm(dim=1, keepdim=True),
-                          b_dec=torch.zeros_like(data_sample[0]))
+def random_data_sae(data_sample: torch.Tensor, beta: float, gamma: float) -> dictionaries.SAE:
+    """A random vanilla SAE with one latent per data sample [n_latents, d]: encoder rows
+    β·sample, decoder rows the normalised samples, biases -γ, b_dec = 0."""
+    return dictionaries.SAE("vanilla", W_enc=beta * data_sample.T,
+                            b_enc=torch.full((len(data_sample),), -gamma, dtype=data_sample.dtype),
+                            W_dec=data_sample / data_sample.norm(dim=1, keepdim=True),
+                            b_dec=torch.zeros_like(data_sample[0]))
 
 
 def scaled_family_loss_terms(x: torch.Tensor, encoder_rows: torch.Tensor, W_dec: torch.Tensor,

@@ -103,11 +103,83 @@ def test_supervised_save_load_round_trip(tmp_path):
 
 # --- SAE math ---------------------------------------------------------------------------
 
+def hand_sae(arch, **fields):
+    """d_in 2, d_sae 3: encoder columns e1, e2, e1 + e2; decoder rows e1, e2, (0.6, 0.8); b_dec
+    (1, 0); λ 0.5. On x = (3, 1): x − b_dec = (2, 1), so (x − b_dec) W_enc = (2, 1, 3)."""
+    return D.SAE(arch, W_enc=torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]),
+                 W_dec=torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]), b_dec=torch.tensor([1.0, 0.0]),
+                 l1_coefficient=0.5, **fields)
+
+
+X = torch.tensor([[3.0, 1.0]])
+
+
+def test_vanilla_loss_by_hand():
+    sae = hand_sae("vanilla", b_enc=torch.tensor([0.0, -1.0, -1.0]))
+    # f = ReLU((2, 1, 3) + (0, -1, -1)) = (2, 0, 2); x̂ = 2 e1 + 2 (0.6, 0.8) + b_dec = (4.2, 1.6)
+    assert torch.equal(sae.latents(X), torch.tensor([[2.0, 0.0, 2.0]]))
+    # ‖x − x̂‖² = 1.2² + 0.6² = 1.8; λ‖f‖₁ = 0.5 · 4
+    torch.testing.assert_close(sae.loss(X), torch.tensor([1.8 + 2.0]))
+
+
+def test_gated_loss_by_hand():
+    sae = hand_sae("gated", b_gate=torch.tensor([0.0, -1.5, -2.0]), b_mag=torch.tensor([-1.0, 0.0, -5.0]),
+                   r_mag=torch.tensor([0.0, 0.0, math.log(2)]))
+    # π_gate = (2, 1, 3) + b_gate = (2, -0.5, 1): gates (1, 0, 1), ReLU(π_gate) = (2, 0, 1)
+    # magnitude = ReLU((2, 1, 3) ⊙ (1, 1, 2) + b_mag) = (1, 1, 1); f = (1, 0, 1)
+    f, fires = sae.latents_and_fires(X)
+    assert torch.allclose(f, torch.tensor([[1.0, 0.0, 1.0]])) and torch.equal(sae.latents(X), f)
+    assert torch.equal(fires, torch.tensor([[True, False, True]]))
+    # x̂ = e1 + (0.6, 0.8) + b_dec = (2.6, 0.8): 0.4² + 0.2² = 0.2; λ‖ReLU(π_gate)‖₁ = 0.5 · 3;
+    # x̂_frozen = 2 e1 + (0.6, 0.8) + b_dec = (3.6, 0.8): 0.6² + 0.2² = 0.4
+    torch.testing.assert_close(sae.loss(X), torch.tensor([0.2 + 1.5 + 0.4]))
+    # the auxiliary term's decoder is frozen: W_dec's gradient is that of the first term alone
+    sae.W_dec.requires_grad_()
+    sae.loss(X).sum().backward()
+    W_dec_grad = sae.W_dec.grad.clone()
+    sae.W_dec.grad = None
+    (X - sae.reconstruct(sae.latents(X))).pow(2).sum().backward()
+    torch.testing.assert_close(W_dec_grad, sae.W_dec.grad)
+
+
+@pytest.mark.parametrize("k, f, loss", [(1, [0.0, 0.0, 2.5], 0.5 ** 2 + 1.0),
+                                        (2, [2.0, 0.0, 2.5], 1.5 ** 2 + 1.0)])
+def test_topk_loss_by_hand(k, f, loss):
+    """pre = (2, 1, 3) + (0, -1, -0.5) = (2, 0, 2.5); x̂ = (2.5, 2.0) for k = 1, (4.5, 2.0) for k = 2;
+    no penalty, whatever λ."""
+    sae = hand_sae("topk", b_enc=torch.tensor([0.0, -1.0, -0.5]), k=k)
+    assert torch.equal(sae.latents(X), torch.tensor([f]))
+    torch.testing.assert_close(sae.loss(X), torch.tensor([loss]))
+
+
+def test_a_stack_computes_what_its_saes_compute_alone():
+    g = torch.Generator().manual_seed(0)
+    saes = [D.SAE("topk", **tiny_params("topk", seed=s), k=k, l1_coefficient=0.1 * s, input_scale=1.0 + s)
+            for s, k in enumerate((1, 3, 10))]
+    stack = D.stack_saes(saes)
+    assert stack.b_enc.shape == (3, 1, 10) and stack.k.shape == (3, 1, 1)
+    x = torch.randn(3, 5, 6, generator=g)  # one batch per SAE
+    for s, sae in enumerate(saes):
+        assert torch.equal(stack.encode(x)[s], sae.encode(x[s]))
+        assert torch.equal(stack.loss(x)[s], sae.loss(x[s]))
+        again = stack.unstack()[s]
+        assert all(torch.equal(again.params[n], t) for n, t in sae.params.items())
+        assert (again.k, again.input_scale) == (sae.k, sae.input_scale)
+        assert again.l1_coefficient == pytest.approx(sae.l1_coefficient)
+
+
+def test_an_sae_lacking_a_parameter_is_refused_in_one_line():
+    with pytest.raises(ValueError, match="a gated SAE needs b_gate, r_mag, b_mag"):
+        D.SAE("gated", **tiny_params("vanilla"))
+    with pytest.raises(ValueError, match="a topk SAE needs k"):
+        D.SAE("topk", **tiny_params("topk"))
+
+
 def test_gated_math_matches_hand_computed_case():
     p = {"W_enc": torch.tensor([[1.0, -1.0], [0.5, 2.0]]), "b_gate": torch.tensor([0.0, -5.0]),
          "r_mag": torch.tensor([0.0, 0.0]), "b_mag": torch.tensor([-4.0, 1.0]),
          "W_dec": torch.eye(2), "b_dec": torch.tensor([1.0, 0.0])}
-    sae = D.GatedSAE(p, input_scale=2.0)
+    sae = D.SAE("gated", **p, input_scale=2.0)
     x = torch.tensor([[1.5, 1.0]])  # normalised: [3, 2]; centred: [2, 2]
     # projection [2*1 + 2*0.5, -2 + 4] = [3, 2]; gate [3 > 0, 2 - 5 > 0] = [1, 0]
     # magnitude ReLU([3 - 4, 2 + 1]) = [0, 3]  (the ReLU matters: latent 0 has an open gate)
@@ -118,7 +190,7 @@ def test_gated_math_matches_hand_computed_case():
     x_hat, f = sae(x)
     assert torch.allclose(x_hat, (f @ p["W_dec"] + p["b_dec"]) / 2.0)
     p["r_mag"] = torch.tensor([0.6931472, 0.0])  # magnitude weights of latent 0 doubled: ReLU(2*5 - 4)
-    assert torch.allclose(D.GatedSAE(p, input_scale=2.0).encode(x), torch.tensor([[6.0, 0.0]]))
+    assert torch.allclose(D.SAE("gated", **p, input_scale=2.0).encode(x), torch.tensor([[6.0, 0.0]]))
 
 
 def test_topk_keeps_exactly_k():
@@ -127,13 +199,13 @@ def test_topk_keeps_exactly_k():
          "W_dec": F.normalize(torch.randn(64, 8, generator=g), dim=1), "b_dec": torch.zeros(8)}
     x = torch.randn(5, 7, 8, generator=g)
     for k in (1, 3, 10):
-        sae = D.TopKSAE(p, k=k)
+        sae = D.SAE("topk", **p, k=k)
         f = sae.encode(x)
         assert f.shape == (5, 7, 64) and (sae.active(x).sum(-1) == k).all()
         pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
         assert torch.equal(f[f > 0], pre[f > 0]) and (f.min() >= 0)
     p["b_enc"] = torch.full((64,), -1e4)  # nothing positive: selected but ReLU'd to zero
-    assert not D.TopKSAE(p, k=3).active(x).any()
+    assert not D.SAE("topk", **p, k=3).active(x).any()
 
 
 # --- training --------------------------------------------------------------------------
@@ -144,7 +216,7 @@ SMALL = D.TrainConfig(d_sae=128, batch_size=256, epochs=40, lr=3e-3)  # 640 step
 @pytest.mark.parametrize("arch, l1, k", [("vanilla", 1.0, 3), ("gated", 2.5, 3), ("topk", 1.0, 3)])
 def test_each_architecture_recovers_planted_features(arch, l1, k):
     x, features = planted()
-    sae, logs = D.train_sae(x, D.SAESpec(arch, l1=l1, k=k), SMALL)
+    sae, logs = D.train_sae(x, D.SAESpec(arch, l1_coefficient=l1, k=k), SMALL)
     assert recovered(sae, features) >= 0.9, (arch, logs[-1])
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(128), atol=1e-5)
     assert [log["epoch"] for log in logs] == [1, 2, 4, 8, 16, 32, 40]
@@ -156,31 +228,37 @@ def test_each_architecture_recovers_planted_features(arch, l1, k):
 def test_frozen_random_decoder_stays_put():
     x, _ = planted(n=1024)
     config = D.TrainConfig(d_sae=64, batch_size=256, epochs=3)
-    frozen, _ = D.train_sae(x, D.SAESpec("vanilla", frozen_decoder=True, seed=3), config)
-    init = D.init_params("vanilla", 32, 64, [torch.Generator().manual_seed(3)], torch.zeros(1, 32))
-    assert torch.allclose(frozen.W_dec, init["W_dec"][0], atol=1e-6)
+    spec = D.SAESpec("vanilla", frozen_decoder=True, seed=3)
+    frozen, _ = D.train_sae(x, spec, config)
+    init = D.init_sae(spec, 32, 64, torch.Generator().manual_seed(3), torch.zeros(32), 1.0)
+    assert torch.allclose(frozen.W_dec, init.W_dec, atol=1e-6)
 
 
-def test_batched_stack_equals_training_alone():
-    x0, _ = planted(n=1024, seed=1)
-    x1, _ = planted(n=1024, seed=2)
+@pytest.mark.parametrize("arch", ["vanilla", "gated", "topk"])
+def test_batched_stack_trains_bit_for_bit_like_separate_runs(arch):
+    """Each SAE of a stack (its own dataset, λ or k, and seed; resampling half-way) ends exactly
+    where it ends trained alone, and so do groups of max_stack."""
+    x0, _ = planted(n=512, seed=1)
+    x1, _ = planted(n=512, seed=2)
     datasets = torch.stack([x0, 2 * x1])
-    config = D.TrainConfig(d_sae=64, batch_size=128, epochs=4, resample_at=(0.5,))
-    for arch in ("vanilla", "topk"):
-        specs = [D.SAESpec(arch, dataset_index=i % 2, l1=0.5 + i, k=2 + i, seed=10 + i) for i in range(3)]
-        stack, _ = D.train_sae_stack(datasets, specs, config)
-        alone, _ = D.train_sae_stack(datasets, [specs[1]], config)
-        for name, t in alone[0].params.items():
-            assert torch.allclose(stack[1].params[name], t, atol=1e-4), (arch, name)
-        assert stack[1].input_scale == pytest.approx(alone[0].input_scale)
+    config = D.TrainConfig(d_sae=64, batch_size=128, epochs=4, resample_at=(0.5,), max_stack=None)
+    specs = [D.SAESpec(arch, dataset_index=i % 2, l1_coefficient=0.5 + i, k=2 + i, seed=10 + i)
+             for i in range(3)]
+    stack, stack_logs = D.train_sae_stack(datasets, specs, config)
     grouped, logs = D.train_sae_stack(datasets, specs, replace(config, max_stack=2))
-    assert torch.allclose(grouped[2].W_dec, stack[2].W_dec, atol=1e-4)  # groups of 2: same SAEs
     assert sorted({log["sae"] for log in logs}) == [0, 1, 2]
+    for s, spec in enumerate(specs):
+        alone, alone_logs = D.train_sae_stack(datasets, [spec], config)
+        for name, t in alone[0].params.items():
+            assert torch.equal(stack[s].params[name], t), (s, name)
+            assert torch.equal(grouped[s].params[name], t), (s, name)
+        assert stack[s].input_scale == alone[0].input_scale
+        assert [log["loss"] for log in stack_logs if log["sae"] == s] == [log["loss"] for log in alone_logs]
 
 
 def test_bench_sae_training_reports_consistent_figures():
     r = D.bench_sae_training(n_sae=3, d_in=8, d_sae=16, n=256, epochs=1, batch_size=64, repeats=1)
-    assert all(r[key] > 0 for key in ("stack_s", "grouped_s", "loop_s", "gflops", "matmul_ms_one", "paper_grid_hours"))
+    assert all(r[key] > 0 for key in ("stack_s", "grouped_s", "loop_s", "gflops", "matmul_ms_one"))
     assert r["stack_size"] == 3  # the default stack of 4 holds all three
     assert r["speedup"] == pytest.approx(r["loop_s"] / min(r["stack_s"], r["grouped_s"]))
     steps = 3 * 1 * (256 // 64)
@@ -188,6 +266,11 @@ def test_bench_sae_training_reports_consistent_figures():
     # the ceiling compares the loop's step with the stacked step's five matmuls alone
     assert r["speedup_ceiling"] == pytest.approx(r["loop_ms_per_sae_step"] / r["matmul_ms_stacked"])
     assert r["matmul_gflops_stacked"] == pytest.approx(5 * 2 * 64 * 8 * 16 / (r["matmul_ms_stacked"] * 1e6))
+    # the paper's grid: 660 SAEs x 40 steps an epoch, 2,000 epochs or a converged length
+    ms = min(r["stack_s"], r["grouped_s"]) * 1e3 / steps
+    assert r["paper_grid_hours"] == pytest.approx(660 * 40 * 2000 * ms / 3.6e6)
+    converged = r["paper_grid_hours"] * r["converged_epochs"] / 2000
+    assert r["paper_grid_converged_hours"] == pytest.approx(converged)
 
 
 def test_step_matmuls_have_the_shapes_of_a_vanilla_step():
@@ -205,29 +288,28 @@ def test_training_is_deterministic_for_a_seed():
 
 def test_resampling_revives_dead_latents():
     x, _ = planted(n=2048)
-    datasets = x[None] * 0.1
-    inputs = lambda index: datasets[torch.tensor([0])[:, None], index]  # noqa: E731
-    g = torch.Generator().manual_seed(0)
-    p = D.init_params("vanilla", 32, 64, [g], x.mean(0, keepdim=True) * 0.1)
-    p["b_enc"][0, :20] = -1e3  # 20 dead latents
-    for t in p.values():
-        t.requires_grad_()
-    adam = torch.optim.Adam(p.values(), lr=1e-3)
-    D.loss_vanilla(p, inputs(torch.arange(256)), torch.ones(1)).sum().backward()
+    spec, g = D.SAESpec("vanilla", l1_coefficient=1.0), torch.Generator().manual_seed(0)
+    data = D._StackData(x[None], torch.tensor([0]), torch.tensor([0.1]))
+    stack = D.stack_saes([D.init_sae(spec, 32, 64, g, data.means()[0], 0.1)])
+    stack.b_enc[0, 0, :20] = -1e3  # 20 dead latents
+    adam = torch.optim.Adam([t.requires_grad_() for t in stack.params.values()], lr=1e-3)
+    stack.loss(data.inputs(torch.arange(256))).sum().backward()
     adam.step()
-    errors, fires = D._statistics("vanilla", p, None, inputs, 2048)
+    errors, fires = D._statistics(stack, data, [spec], 256)
     dead = fires == 0
     assert dead[0, :20].all()
-    alive_norm = p["W_enc"][0][:, ~dead[0]].norm(dim=0).mean()
-    D._resample_dead_latents(p, adam, dead, errors, inputs, [g], torch.tensor([False]))
-    _, fires = D._statistics("vanilla", p, None, inputs, 2048)
+    alive_norm = stack.W_enc[0][:, ~dead[0]].norm(dim=0).mean()
+    D._resample_dead_latents(stack, adam, dead, errors, data, [g])
+    _, fires = D._statistics(stack, data, [spec], 256)
     assert (fires[0, :20] > 0).all()
-    assert torch.allclose(p["W_enc"][0][:, dead[0]].norm(dim=0), 0.2 * alive_norm)
-    assert torch.allclose(p["W_dec"][0][dead[0]].norm(dim=1), torch.ones(20))
-    assert (p["b_enc"][0, dead[0]] == 0).all()
-    assert (adam.state[p["W_enc"]]["exp_avg"][0][:, dead[0]] == 0).all()
-    assert (adam.state[p["W_dec"]]["exp_avg_sq"][0][dead[0]] == 0).all()
-    assert (adam.state[p["W_enc"]]["exp_avg"][0][:, ~dead[0]] != 0).any()
+    assert torch.allclose(stack.W_enc[0][:, dead[0]].norm(dim=0), 0.2 * alive_norm)
+    assert torch.allclose(stack.W_dec[0][dead[0]].norm(dim=1), torch.ones(20))
+    assert (stack.b_enc[0, 0, dead[0]] == 0).all()
+    # Adam forgets the dead latents (each parameter along its own latent axis), and only them
+    moments = {name: adam.state[t]["exp_avg"][0] for name, t in stack.params.items()}
+    assert (moments["W_enc"][:, dead[0]] == 0).all() and (moments["W_enc"][:, ~dead[0]] != 0).any()
+    assert (moments["W_dec"][dead[0]] == 0).all() and (moments["W_dec"][~dead[0]] != 0).any()
+    assert (moments["b_enc"][0, dead[0]] == 0).all() and (moments["b_dec"] != 0).any()
 
 
 def test_lr_schedule_warms_up_and_decays_linearly_to_zero():
@@ -283,9 +365,8 @@ def test_converging_schedule_that_hits_the_cap_is_not_converged():
 
 def tiny_params(arch, d_in=6, d_sae=10, seed=0):
     g = torch.Generator().manual_seed(seed)
-    names = ("W_enc", "W_dec", "b_dec") + D.ENCODER_BIASES[arch]
     shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-    params = {n: torch.randn(shapes.get(n, (d_sae,)), generator=g) for n in names}
+    params = {n: torch.randn(shapes.get(n, (d_sae,)), generator=g) for n in D.PARAMETERS[arch]}
     if arch == "jumprelu":
         params["threshold"] = params["threshold"].abs()  # thresholds are positive in practice
     return params
@@ -337,8 +418,8 @@ ARCHS = ["vanilla", "gated", "topk", "jumprelu"]
 def test_saved_folder_is_read_exactly_by_saelens_math_on_raw_activations(tmp_path, arch):
     """save_sae folds the input scale into the weights: SAELens's formulas on the saved folder,
     with raw activations, give our SAE's latents and reconstruction; load_sae gives the SAE back."""
-    sae = D.SAE_CLASSES[arch](tiny_params(arch), input_scale=1.7, k=4 if arch == "topk" else None,
-                              meta={"node": "z@L9H9@end"})
+    sae = D.SAE(arch, **tiny_params(arch), input_scale=1.7, k=4 if arch == "topk" else None,
+                meta={"node": "z@L9H9@end"})
     D.save_sae(sae, tmp_path / arch)
     cfg = json.loads((tmp_path / arch / "cfg.json").read_text())
     assert cfg["architecture"] == D.SAELENS_ARCH[arch] and cfg["normalize_activations"] == "none"
@@ -351,7 +432,7 @@ def test_saved_folder_is_read_exactly_by_saelens_math_on_raw_activations(tmp_pat
     torch.testing.assert_close(f, ours_f, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x_hat, ours_hat, rtol=1e-5, atol=1e-5)
     loaded = D.load_sae(tmp_path / arch)
-    assert type(loaded) is type(sae) and loaded.input_scale == 1.0 and loaded.k == sae.k
+    assert loaded.arch == arch and loaded.input_scale == 1.0 and loaded.k == sae.k
     assert loaded.meta["node"] == "z@L9H9@end"
     torch.testing.assert_close(loaded(x)[0], ours_hat, rtol=1e-5, atol=1e-5)
     assert torch.equal(loaded.active(x), sae.active(x))
@@ -363,14 +444,14 @@ def test_input_shift_and_centring_fold_into_the_sae(arch):
     """An SAE trained on shifted or centred inputs (TransformerLens's processed model), made to
     read the inputs as they are: same latents; reconstruction in the inputs' own space."""
     p, k = tiny_params(arch, seed=5), 3 if arch == "topk" else None
-    sae = D.SAE_CLASSES[arch](p, k=k)
+    sae = D.SAE(arch, **p, k=k)
     x = 2 * torch.randn(30, 6, generator=torch.Generator().manual_seed(6)) + 3.0  # far from mean 0
-    centred = D.SAE_CLASSES[arch](D.fold_input_centring(p), k=k)
+    centred = D.SAE(arch, **D.fold_input_centring(p), k=k)
     expected_hat, expected_f = sae(x - x.mean(-1, keepdim=True))
     torch.testing.assert_close(centred(x)[1], expected_f, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(centred(x)[0], expected_hat, rtol=1e-5, atol=1e-5)
     shift = torch.randn(6)
-    shifted = D.SAE_CLASSES[arch](D.fold_input_shift(p, shift), k=k)
+    shifted = D.SAE(arch, **D.fold_input_shift(p, shift), k=k)
     expected_hat, expected_f = sae(x - shift)
     torch.testing.assert_close(shifted(x)[1], expected_f, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(shifted(x)[0], expected_hat + shift, rtol=1e-5, atol=1e-5)
@@ -378,7 +459,7 @@ def test_input_shift_and_centring_fold_into_the_sae(arch):
 
 def test_layer_level_hook_z_sae_is_saved_with_saelens_reshaping(tmp_path):
     meta = {"hook_name": "blocks.2.attn.hook_z", "hook_head_index": None}  # all heads concatenated
-    sae = D.VanillaSAE(tiny_params("vanilla"), meta=meta)
+    sae = D.SAE("vanilla", **tiny_params("vanilla"), meta=meta)
     D.save_sae(sae, tmp_path / "z")
     assert json.loads((tmp_path / "z" / "cfg.json").read_text())["reshape_activations"] == "hook_z"
 
@@ -412,7 +493,7 @@ def test_loads_pre_6_saelens_folders(tmp_path):
            "hook_point": "blocks.4.hook_resid_pre", "hook_point_head_index": None}
     write_saelens(tmp_path / "topk", old, w)
     sae = D.load_sae(tmp_path / "topk")
-    assert isinstance(sae, D.TopKSAE) and sae.k == 2 and sae.meta["hook_name"] == "blocks.4.hook_resid_pre"
+    assert sae.arch == "topk" and sae.k == 2 and sae.meta["hook_name"] == "blocks.4.hook_resid_pre"
     x = torch.randn(4, 6)
     torch.testing.assert_close(sae.encode(x), saelens_forward({"architecture": "topk", "k": 2}, w, x)[0])
 
@@ -428,7 +509,7 @@ def test_fold_decoder_norm_by_hand():
     assert torch.equal(folded["b_dec"], p["b_dec"])
     # x = (2, 1): centred (1, 0); pre (1.5, 1.0) x norms (5, 2) = (7.5, 2.0); top-1 keeps 7.5,
     # which decodes as 7.5 / 5 * (3, 4) + (1, 1) = (5.5, 7.0)
-    sae = D.TopKSAE(folded, k=1)
+    sae = D.SAE("topk", **folded, k=1)
     assert torch.equal(sae.encode(torch.tensor([[2.0, 1.0]])), torch.tensor([[7.5, 0.0]]))
     torch.testing.assert_close(sae(torch.tensor([[2.0, 1.0]]))[0], torch.tensor([[5.5, 7.0]]))
 
@@ -444,7 +525,7 @@ def test_fold_input_scale_by_hand():
     # raw x = (3, 1): normalised (6, 2), centred (4, 4), f = ReLU(4 + 8 + 0.5) = 12.5,
     # x̂ = (12.5 (4, 2) + (2, -2)) / 2 = (26, 11.5)
     x = torch.tensor([[3.0, 1.0]])
-    for sae in (D.VanillaSAE(p, input_scale=2.0), D.VanillaSAE(folded)):
+    for sae in (D.SAE("vanilla", **p, input_scale=2.0), D.SAE("vanilla", **folded)):
         assert torch.equal(sae.encode(x), torch.tensor([[12.5]]))
         torch.testing.assert_close(sae(x)[0], torch.tensor([[26.0, 11.5]]))
 
@@ -453,7 +534,7 @@ def test_jumprelu_encode_by_hand():
     """A latent fires only above its threshold, with its full pre-activation (no shift by θ)."""
     p = {"W_enc": torch.eye(3), "b_enc": torch.tensor([0.0, 0.0, -1.0]), "W_dec": torch.eye(3),
          "b_dec": torch.zeros(3), "threshold": torch.tensor([1.5, 1.5, -2.0])}
-    sae = D.JumpReLUSAE(p)
+    sae = D.SAE("jumprelu", **p)
     x = torch.tensor([[1.0, 2.0, 0.5]])  # pre = (1, 2, -0.5): below, above, above a negative θ but < 0
     assert torch.equal(sae.encode(x), torch.tensor([[0.0, 2.0, 0.0]]))
     assert torch.equal(sae.active(x), torch.tensor([[False, True, False]]))
@@ -489,7 +570,7 @@ def test_reads_folders_saved_before_the_scale_was_folded(tmp_path):
               "normalize_activations": "expected_average_only_in", "input_scale": 1.7, "metadata": {}}
     write_saelens(tmp_path / "old", legacy, w)
     x = torch.randn(5, 6)
-    torch.testing.assert_close(D.load_sae(tmp_path / "old")(x)[0], D.GatedSAE(w, input_scale=1.7)(x)[0])
+    torch.testing.assert_close(D.load_sae(tmp_path / "old")(x)[0], D.SAE("gated", **w, input_scale=1.7)(x)[0])
 
 
 # --- CLI --------------------------------------------------------------------------------

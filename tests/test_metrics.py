@@ -9,26 +9,15 @@ import dictionaries
 import metrics
 
 
-class ToySAE:
-    """Minimal stand-in with the dictionaries.py SAE interface: a ReLU SAE on raw inputs
-    that scales them by `input_scale` inside, with decoder rows in the scaled space."""
-
-    def __init__(self, W_enc, b_enc, W_dec, b_dec, input_scale=1.0):
-        self.W_enc, self.b_enc, self.W_dec, self.b_dec = W_enc, b_enc, W_dec, b_dec
-        self.input_scale = input_scale
-
-    def encode(self, x):
-        return torch.relu((x * self.input_scale - self.b_dec) @ self.W_enc + self.b_enc)
-
-    def decode(self, f):
-        return (f @ self.W_dec + self.b_dec) / self.input_scale
-
-    def active(self, x):
-        return self.encode(x) > 0
+def toy_sae(W_enc, b_enc, W_dec, b_dec, input_scale=1.0):
+    """A ReLU SAE (dictionaries.SAE) on raw inputs that it scales by `input_scale` inside, with
+    decoder rows in the scaled space."""
+    return dictionaries.SAE("vanilla", W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec,
+                            input_scale=input_scale)
 
 
 def identity_sae(d):
-    return ToySAE(torch.eye(d), torch.zeros(d), torch.eye(d), torch.zeros(d))
+    return toy_sae(torch.eye(d), torch.zeros(d), torch.eye(d), torch.zeros(d))
 
 
 # --- logit difference -------------------------------------------------------------------
@@ -103,7 +92,7 @@ def test_sae_weight_removed_is_one_when_every_latent_changes():
 
 
 def test_raw_decoder_directions_undo_the_input_scale():
-    sae = ToySAE(torch.eye(2), torch.zeros(2), torch.eye(2), torch.zeros(2), input_scale=4.0)
+    sae = toy_sae(torch.eye(2), torch.zeros(2), torch.eye(2), torch.zeros(2), input_scale=4.0)
     assert torch.allclose(metrics.raw_decoder_directions(sae), torch.eye(2) / 4)
 
 
@@ -114,7 +103,7 @@ def test_greedy_edit_without_limit_adds_the_reconstruction_difference():
     generator = torch.Generator().manual_seed(0)
     rotation, _ = torch.linalg.qr(torch.randn(3, 3, generator=generator, dtype=torch.float64))
     W_dec = rotation[:2]  # [2, 3] orthonormal rows
-    sae = ToySAE(W_dec.T, torch.full((2,), 10.0, dtype=torch.float64), W_dec,
+    sae = toy_sae(W_dec.T, torch.full((2,), 10.0, dtype=torch.float64), W_dec,
                  torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64), input_scale=2.5)
     a = torch.randn(5, 3, generator=generator, dtype=torch.float64)
     a_cf = torch.randn(5, 3, generator=generator, dtype=torch.float64)
@@ -133,7 +122,7 @@ def test_greedy_edit_hand_case():
     so from a(p) = 0 the moves are Δ = (x1, 0), (0, x2), ((x1 + x2)/2)(1, 1)."""
     r = 1 / math.sqrt(2)
     W_dec = torch.tensor([[1.0, 0.0], [0.0, 1.0], [r, r]])
-    sae = ToySAE(W_dec.T, torch.zeros(3), W_dec, torch.zeros(2), input_scale=2.0)
+    sae = toy_sae(W_dec.T, torch.zeros(3), W_dec, torch.zeros(2), input_scale=2.0)
     a = torch.zeros(3, 2)
     a_cf = torch.tensor([[1.0, 1.0],    # Δ_3 = (1, 1) is exactly δ
                          [1.0, 0.0],    # Δ_1 = (1, 0) is exactly δ
@@ -308,8 +297,8 @@ def test_ideal_sae_loss_hand_case():
     mu = torch.tensor([2.0, 0.0])
     x = torch.tensor([[3.0, 1.0], [-1.0, 0.5]])
     ideal = metrics.ideal_two_latent_sae(mu, k=0.5, gamma=0.5)
-    assert metrics.sae_loss(x, *ideal, l1=0.0) == pytest.approx(0.875)
-    assert metrics.sae_loss(x, *ideal, l1=2.0) == pytest.approx(0.875 + 2 * 1.5)
+    assert metrics.sae_loss(x, ideal, l1=0.0) == pytest.approx(0.875)
+    assert metrics.sae_loss(x, ideal, l1=2.0) == pytest.approx(0.875 + 2 * 1.5)
 
 
 def test_ideal_sae_without_penalty_projects_onto_mu():
@@ -320,7 +309,7 @@ def test_ideal_sae_without_penalty_projects_onto_mu():
     unit = mu / mu.norm()
     projection_error = (x - (x @ unit)[:, None] * unit).pow(2).sum(-1).mean()
     ideal = metrics.ideal_two_latent_sae(mu, k=1 / float(mu.norm()), gamma=0.0)
-    assert metrics.sae_loss(x, *ideal, l1=0.0) == pytest.approx(float(projection_error), rel=1e-5)
+    assert metrics.sae_loss(x, ideal, l1=0.0) == pytest.approx(float(projection_error), rel=1e-5)
 
 
 def test_family_grid_matches_sae_loss_point_by_point():
@@ -335,7 +324,7 @@ def test_family_grid_matches_sae_loss_point_by_point():
         for j, gamma in enumerate(gammas):
             sae = metrics.random_data_sae(samples, beta, gamma)
             assert float(reconstruction[i, j] + 3.0 * l1[i, j]) == pytest.approx(
-                metrics.sae_loss(x, *sae, l1=3.0))
+                metrics.sae_loss(x, sae, l1=3.0))
             fires = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc).gt(0).any(-1)
             assert float(firing[i, j]) == pytest.approx(fires.double().mean().item())
 

@@ -434,14 +434,14 @@ def test_saes_of_transformer_lens_processed_models_read_plain_activations(model)
     # with fold_ln (the default) ln1's bias is folded into the value bias before it is removed
     attn = model.h[1].attn
     b_V = (attn.c_attn.bias[64:] + model.h[1].ln_1.bias @ attn.c_attn.weight[:, 64:]).detach()  # [32]
-    tl_sae = main.dictionaries.VanillaSAE(params, meta={"hook_name": "blocks.1.attn.hook_z"})
+    tl_sae = main.dictionaries.SAE("vanilla", **params, meta={"hook_name": "blocks.1.attn.hook_z"})
     plain = main.as_plain_model_sae(tl_sae, model, "z", 1, None)
     torch.testing.assert_close(plain.encode(z), tl_sae.encode(z - b_V))
     torch.testing.assert_close(plain(z)[0], tl_sae(z - b_V)[0] + b_V)
     resid = main.as_plain_model_sae(tl_sae, model, "resid_pre", 1, None)
     torch.testing.assert_close(resid.encode(z), tl_sae.encode(z - z.mean(-1, keepdim=True)))
     plain_model = {"model_from_pretrained_kwargs": main.dictionaries.PLAIN_MODEL}
-    ours = main.dictionaries.VanillaSAE(params, meta=plain_model)
+    ours = main.dictionaries.SAE("vanilla", **params, meta=plain_model)
     assert torch.equal(main.as_plain_model_sae(ours, model, "z", 1, None).encode(z), ours.encode(z))
 
 

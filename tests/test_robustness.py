@@ -255,7 +255,7 @@ def hard_kill(monkeypatch):
 def train_stack(run_folder, l1):
     """main.train_or_load_stack of a tiny stack (two nodes), where a run in `run_folder` keeps it."""
     datasets = torch.randn(2, 64, 8, generator=torch.Generator().manual_seed(0))
-    specs = [dictionaries.SAESpec("vanilla", i, l1=l1, seed=i, name=f"l1{l1}/node{i}") for i in range(2)]
+    specs = [dictionaries.SAESpec("vanilla", i, l1_coefficient=l1, seed=i, name=f"l1{l1}/node{i}") for i in range(2)]
     config = dictionaries.TrainConfig(d_sae=16, epochs=2)
     return main.train_or_load_stack(os.path.join(run_folder, "saes", "vanilla"), datasets, specs, config)
 
