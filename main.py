@@ -415,6 +415,7 @@ class RunConfig:
     corpus_tokens: int = 250_000
     corpus_d_sae: int = 2048
     corpus_epochs: int = 20
+    corpus_lr: float = 3e-4           # a fixed number of epochs: no convergence check, so the paper's rate
     corpus_l1: float = 1.0
     corpus_k: int = 6
     occlusion_alphas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -451,8 +452,8 @@ class RunConfig:
 
 # How config.json's numeric settings are checked, where not as positive integers.
 SETTING_TYPES = {"n_train": click.IntRange(min=10), "n_eval": click.IntRange(min=10), "seed": SEED,
-                 "sae_lr": FiniteFloat(min=0, min_open=True), "sae_plateau": FiniteFloat(min=0, max=1),
-                 "occlusion_alphas": FiniteFloat(),
+                 **dict.fromkeys(("sae_lr", "corpus_lr"), FiniteFloat(min=0, min_open=True)),
+                 "sae_plateau": FiniteFloat(min=0, max=1), "occlusion_alphas": FiniteFloat(),
                  "f1_thresholds": FiniteFloat(), "sae_resamples": click.IntRange(min=0),
                  **dict.fromkeys(("vanilla_l1", "gated_l1", "corpus_l1"), FiniteFloat(min=0))}
 
@@ -494,7 +495,7 @@ def _checked_setting(field, value):
 # patch, so no-intervention edit accuracy is 1.00) and holds half the nodes.
 DEMO = RunConfig(n_train=5_000, n_eval=500, epochs=1000, sae_lr=1e-2, sae_resamples=1, vanilla_l1=(1.0,),
                  gated_l1=(1.0,), topk_k=(3,), edit_k=(2, 4, 8), corpus_tokens=20_000, corpus_d_sae=512,
-                 corpus_epochs=10, skip_sections=("(B)NM qk",))
+                 corpus_epochs=10, corpus_lr=3e-3, skip_sections=("(B)NM qk",))
 
 
 def _read_json(path):
@@ -571,7 +572,8 @@ class Run:
         self.attributes = {split: ioi.attribute_ids(prompts) for split, prompts in self.splits.items()}
         if circuit is None:
             click.echo("Finding the circuit ...")
-        found, self.discovery = circuit or ioi.circuit_cross_sections(self.model, found_with, config.batch_size)
+        found, self.discovery = circuit or ioi.circuit_cross_sections(self.model, found_with,
+                                                                       config.batch_size)
         if not found:
             raise click.ClickException("no cross-section found: the model does not seem to solve IOI")
         self.sections = [s for s in found if s.name not in config.skip_sections]
@@ -579,7 +581,8 @@ class Run:
         if self.skipped:
             click.echo(f"Not graded (skip_sections): {', '.join(self.skipped)}")
         if not self.sections:
-            raise click.ClickException(f"every cross-section found is in skip_sections {config.skip_sections}")
+            raise click.ClickException(f"every cross-section found is in skip_sections "
+                                       f"{config.skip_sections}")
         self.nodes = list(dict.fromkeys(node for section in self.sections for node in section.nodes))
         click.echo(f"{len(self.sections)} cross-sections, {len(self.nodes)} nodes")
         self.acts = {split: ioi.collect_activations(self.model, prompts, self.nodes, config.batch_size,
@@ -648,7 +651,8 @@ class Run:
                      for j, (name, value) in enumerate(grid) for i, node in enumerate(self.nodes)]
             trained, logs = train_or_load_stack(self.path("saes", method), datasets, specs,
                                                 self.sae_train_config())
-            saes[method] = {value: dict(zip(self.nodes, trained[j * len(self.nodes):(j + 1) * len(self.nodes)]))
+            n = len(self.nodes)
+            saes[method] = {value: dict(zip(self.nodes, trained[j * n:(j + 1) * n]))
                             for j, (_, value) in enumerate(grid)}
             final = {log["sae"]: log for log in logs}  # the last log of each SAE: how its training ended
             for j, (_, value) in enumerate(grid):
@@ -676,7 +680,7 @@ class Run:
         for arch in ARCHS:
             specs = [dictionaries.SAESpec(arch, i, l1_coefficient=c.corpus_l1, k=c.corpus_k, seed=c.seed,
                                           name=f"{name}.{head}") for i, (name, head) in enumerate(heads)]
-            config = dictionaries.TrainConfig(d_sae=c.corpus_d_sae, epochs=c.corpus_epochs, lr=c.sae_lr)
+            config = dictionaries.TrainConfig(d_sae=c.corpus_d_sae, epochs=c.corpus_epochs, lr=c.corpus_lr)
             trained, _ = train_or_load_stack(self.path("saes", f"{arch}_fulldist"), datasets, specs, config)
             by_head = dict(zip(heads, trained))
             saes[f"{arch}_fulldist"] = {node: by_head[(node.hook_name, node.head)] for node in self.nodes}
@@ -1132,7 +1136,8 @@ def bench_forward(config=None, batch=100, n_pos=19, repeats=5, device="cpu", mat
         hf = None
     else:
         hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config.to_hf_dict()))
-        hf.load_state_dict({f"transformer.{k}": v for k, v in ours.state_dict().items()}, strict=False)  # lm_head is tied
+        # strict=False: lm_head is tied to the token embedding
+        hf.load_state_dict({f"transformer.{k}": v for k, v in ours.state_dict().items()}, strict=False)
         hf = hf.to(device).eval()
         runs["hf"] = lambda: hf(tokens, use_cache=False).logits
     times = {name: [] for name in runs}
