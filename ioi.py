@@ -439,18 +439,16 @@ def discover(model, prompts, threshold=1 / 3, min_effect=0.02, min_section_effec
         at `end` are recomputed with the head's z at `end` mean-ablated (path patching:
         only the effect that goes through the name movers' queries counts);
       induction / duplicate token: the LD drop when the head's z at `s2` is mean-ablated.
-    A cross-section is kept if mean-ablating all its nodes at once moves the mean LD by at
-    least `min_section_effect` of the clean mean LD (otherwise sufficiency is ~1 whatever is
-    patched in, and necessity divides by ~0).
+    A cross-section is kept if mean-ablating all its nodes at once moves the mean LD by at least
+    `min_section_effect` of it (else sufficiency is ~1 whatever is patched in; necessity divides by ~0).
     Returns (cross-sections, table): table["heads"] has one row per head and position
     {head, position, direct_effect, query_effect, ld_drop, fraction, role} (measures not
     taken at a position are None); table["sections"] one row per cross-section
     {section, ld_drop, fraction, kept}.
     """
-    config = model.config
     clean = _scores(model, prompts, batch_size)[:, 0].mean().item()
     floor = min_effect * abs(clean)
-    heads = [(layer, head) for layer in range(config.n_layer) for head in range(config.n_head)]
+    heads = [(layer, head) for layer in range(model.config.n_layer) for head in range(model.config.n_head)]
     means = _mean_activations(model, prompts, [Node("z", l, h, p) for p in ("end", "s2") for l, h in heads],
                               batch_size)
 
@@ -464,15 +462,11 @@ def discover(model, prompts, threshold=1 / 3, min_effect=0.02, min_section_effec
 
     direct = direct_effects(model, prompts, batch_size)                          # [layer, head]
     name_movers = [(l, h) for l, h in heads if direct[l, h] >= max(threshold * direct.max().item(), floor)]
-    first_mover_layer = min((l for l, _ in name_movers), default=0)
-    query_effect = {(l, h): ablation_drop([Node("z", l, h, "end")], name_movers)
-                    for l, h in heads if l < first_mover_layer}
+    query_effect = {(l, h): ablation_drop([Node("z", l, h, "end")], name_movers)  # heads before the movers
+                    for l, h in heads if l < min((layer for layer, _ in name_movers), default=0)}
     s2_drop = {(l, h): ablation_drop([Node("z", l, h, "s2")]) for l, h in heads}
 
-    def strong(effects):
-        top = max(effects.values(), default=0.0)
-        return [head for head, effect in effects.items() if effect >= max(threshold * top, floor)]
-    s_inhibition, induction_dt = strong(query_effect), strong(s2_drop)
+    s_inhibition, induction_dt = _strongest(query_effect, threshold, floor), _strongest(s2_drop, threshold, floor)
 
     table = []
     for l, h in heads:
@@ -487,14 +481,17 @@ def discover(model, prompts, threshold=1 / 3, min_effect=0.02, min_section_effec
     sections = cross_sections(name_movers, s_inhibition, induction_dt)
     new_nodes = [node for section in sections for node in section.nodes if node not in means]
     means.update(_mean_activations(model, prompts, list(dict.fromkeys(new_nodes)), batch_size))
-    kept, section_rows = [], []
-    for section in sections:
-        drop = ablation_drop(section.nodes)
-        keep = abs(drop) >= min_section_effect * abs(clean)
-        section_rows.append({"section": section.name, "ld_drop": drop, "fraction": drop / clean,
-                             "kept": keep})
-        kept += [section] if keep else []
+    drops = {section.name: ablation_drop(section.nodes) for section in sections}
+    section_rows = [{"section": name, "ld_drop": drop, "fraction": drop / clean,
+                     "kept": abs(drop) >= min_section_effect * abs(clean)} for name, drop in drops.items()]
+    kept = [section for section, row in zip(sections, section_rows) if row["kept"]]
     return kept, {"heads": table, "sections": section_rows}
+
+
+def _strongest(effects: dict, threshold: float, floor: float) -> list:
+    """The heads whose effect is at least `threshold` of the strongest one's, and at least `floor`."""
+    top = max(effects.values(), default=0.0)
+    return [head for head, effect in effects.items() if effect >= max(threshold * top, floor)]
 
 
 def _mean_activations(model, prompts, nodes, batch_size):
