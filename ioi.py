@@ -136,7 +136,8 @@ def make_prompt(template, io, s, pos, place, object, c=None):
     a, b = (io, s) if pos == "ABB" else (s, io)
     text = TEMPLATES[template].format(A=a, B=b, C=c, place=place, object=object)
     tokens = [gpt2.BOS_TOKEN_ID] + tokenizer().encode(text)
-    return Prompt(text, tokens, io, s, pos, template, place, object, c, _find_positions(text, tokens, io, s, c))
+    positions = _find_positions(text, tokens, io, s, c)
+    return Prompt(text, tokens, io, s, pos, template, place, object, c, positions)
 
 
 def _find_positions(text, tokens, io, s, c):
@@ -144,12 +145,14 @@ def _find_positions(text, tokens, io, s, c):
     expected = {io: 1, s: 1 + (c == s), c: 1 + (c == s)}
     for name, count in expected.items():
         if len(found[name]) != count:
-            raise ValueError(f"{text!r}: ' {name}' occurs {len(found[name])} times as a token, expected {count}")
+            raise ValueError(f"{text!r}: ' {name}' occurs {len(found[name])} times as a token, "
+                             f"expected {count}")
     s1 = found[s][0]
     return {"io": found[io][0], "s1": s1, "s1+1": s1 + 1, "s2": found[c][-1], "end": len(tokens) - 1}
 
 
-def sample_prompts(n, seed, names=NAMES, templates=TRAIN_TEMPLATES, objects=OBJECTS, places=PLACES, abc=False):
+def sample_prompts(n, seed, names=NAMES, templates=TRAIN_TEMPLATES, objects=OBJECTS, places=PLACES,
+                   abc=False):
     """n prompts; IO, S (distinct, each uniform) and Pos (exactly balanced) are independent.
 
     `seed` is an int or a numpy Generator. `abc=True` puts a third distinct name in slot C
@@ -189,7 +192,8 @@ def eval_prompts(n=5_000, seed=1, templates=ALIGNED_TEMPLATES):
 
 def held_out_prompts(n=1_000, seed=2):
     """Templates, objects and places the small model never saw: a generalisation check."""
-    return sample_prompts(n, seed, templates=HELD_OUT_TEMPLATES, objects=HELD_OUT_OBJECTS, places=HELD_OUT_PLACES)
+    return sample_prompts(n, seed, templates=HELD_OUT_TEMPLATES, objects=HELD_OUT_OBJECTS,
+                          places=HELD_OUT_PLACES)
 
 
 def counterfactual(prompt, attribute, rng, names=COUNTERFACTUAL_NAMES):
@@ -466,8 +470,8 @@ def discover(model, prompts, threshold=1 / 3, min_effect=0.02, min_section_effec
                     for l, h in heads if l < min((layer for layer, _ in name_movers), default=0)}
     s2_drop = {(l, h): ablation_drop([Node("z", l, h, "s2")]) for l, h in heads}
 
-    s_inhibition, induction_dt = _strongest(query_effect, threshold, floor), _strongest(s2_drop, threshold, floor)
-
+    s_inhibition = _strongest(query_effect, threshold, floor)
+    induction_dt = _strongest(s2_drop, threshold, floor)
     table = []
     for l, h in heads:
         role = "name mover" if (l, h) in name_movers else "S-inhibition" if (l, h) in s_inhibition else ""
@@ -479,8 +483,8 @@ def discover(model, prompts, threshold=1 / 3, min_effect=0.02, min_section_effec
                       "ld_drop": s2_drop[l, h], "fraction": s2_drop[l, h] / clean,
                       "role": "induction/duplicate token" if (l, h) in induction_dt else ""})
     sections = cross_sections(name_movers, s_inhibition, induction_dt)
-    new_nodes = [node for section in sections for node in section.nodes if node not in means]
-    means.update(_mean_activations(model, prompts, list(dict.fromkeys(new_nodes)), batch_size))
+    new_nodes = dict.fromkeys(node for section in sections for node in section.nodes if node not in means)
+    means.update(_mean_activations(model, prompts, list(new_nodes), batch_size))
     drops = {section.name: ablation_drop(section.nodes) for section in sections}
     section_rows = [{"section": name, "ld_drop": drop, "fraction": drop / clean,
                      "kept": abs(drop) >= min_section_effect * abs(clean)} for name, drop in drops.items()]
@@ -534,15 +538,16 @@ def direct_effects(model, prompts, batch_size=256):
             end = batch.positions["end"]
             _, cache = model.run_with_cache(batch.tokens, names, logits_at=end)
             rows = torch.arange(len(end))
-            resid = cache[last_resid][rows, end]                                             # [batch, d_model]
+            resid = cache[last_resid][rows, end]  # [batch, d_model]
             scale = (resid.var(-1, unbiased=False) + config.layer_norm_epsilon).sqrt()      # [batch]
-            unembed = model.wte.weight                                                       # tied: [vocab, d_model]
-            direction = (unembed[batch.io_token] - unembed[batch.s_token]) * model.ln_f.weight  # [batch, d_model]
+            unembed = model.wte.weight  # tied: [vocab, d_model]
+            # [batch, d_model]: the LD's direction in the final LayerNorm's input, scale applied
+            direction = (unembed[batch.io_token] - unembed[batch.s_token]) * model.ln_f.weight
             for layer, block in enumerate(model.h):
-                z = cache[f"blocks.{layer}.attn.hook_z"][rows, end]                         # [batch, head, d_head]
-                W_O = block.attn.c_proj.weight.view(config.n_head, d_head, -1)              # [head, d_head, d_model]
-                out = torch.einsum("bhd,hde->bhe", z, W_O)                                   # [batch, head, d_model]
-                out = out - out.mean(-1, keepdim=True)                                       # LayerNorm centres
+                z = cache[f"blocks.{layer}.attn.hook_z"][rows, end]  # [batch, head, d_head]
+                W_O = block.attn.c_proj.weight.view(config.n_head, d_head, -1)  # [head, d_head, d_model]
+                out = torch.einsum("bhd,hde->bhe", z, W_O)  # [batch, head, d_model]
+                out = out - out.mean(-1, keepdim=True)  # LayerNorm centres
                 total[layer] += (torch.einsum("bhe,be->bh", out, direction) / scale[:, None]).sum(0).cpu()
     return total / len(prompts)
 
@@ -577,7 +582,8 @@ def collect_activations(model, prompts, nodes, batch_size=256, cache_dir=None):
                 act = node.read(cache[node.hook_name], batch.positions[node.position])  # [batch, d]
                 parts[node].append(act.cpu())
     # Built outside inference mode, these are ordinary tensors, usable in training later.
-    activations = {node: chunks[0].new_empty(len(prompts), chunks[0].shape[-1]) for node, chunks in parts.items()}
+    activations = {node: chunks[0].new_empty(len(prompts), chunks[0].shape[-1])
+                   for node, chunks in parts.items()}
     for node, chunks in parts.items():
         activations[node][order] = torch.cat(chunks)                   # back in prompt order
 
