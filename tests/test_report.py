@@ -240,6 +240,18 @@ def test_a_verdict_turns_when_the_numbers_do(tmp_path):
     assert (toy[0]["this run"], toy[0]["verdict"]) == ("0.50", "not reproduced (criterion ≥ 0.95)")
 
 
+def test_the_oversplitting_verdict_counts_trained_saes_not_the_random_floor(tmp_path):
+    records = fake_results()
+    for r in records:
+        if r["test"] == "pos_latents" and r.get("phenomenon") == "oversplitting":
+            r["value"] = 53 if r["method"] == "random_decoder" else 2
+    write_metrics(tmp_path, records)
+    main.write_report(str(tmp_path))
+    paper = tables(section((tmp_path / "report.md").read_text(), "## 8."))[0]
+    verdict = row(paper, quantity="over-splitting: latents interpreted as a Pos value")
+    assert (verdict["this run"], verdict["verdict"]) == ("2–2", "not reproduced (criterion: ≥ 10)")
+
+
 def test_task_saes_are_shown_at_the_setting_chosen_for_each_attribute(tmp_path):
     """Test 2 chooses an SAE setting per site and attribute (README §8): here k=3 for IO, k=6 for Pos;
     each row of the edit table takes its own attribute's setting, and the approximation table (no
