@@ -177,8 +177,8 @@ def download_command(url, out, sha256):
         digests = {name: _fetch(f"{url.rstrip('/')}/{name}", os.path.join(folder, name))
                    for name in ("config.json", "model.safetensors")}
         if sha256 and digests["model.safetensors"] != sha256.lower():
-            raise click.ClickException(f"{url.rstrip('/')}/model.safetensors: sha256 {digests['model.safetensors']} "
-                                       f"does not match the expected {sha256}")
+            raise click.ClickException(f"{url.rstrip('/')}/model.safetensors: sha256 "
+                                       f"{digests['model.safetensors']} does not match the expected {sha256}")
         try:
             return gpt2.GPT2.from_pretrained(folder), digests["model.safetensors"]
         except ValueError as error:  # named by where they came from, not by the temporary folder
@@ -192,8 +192,10 @@ def download_command(url, out, sha256):
 
 
 @cli.command("generate")
-@click.option("--weights", default=None, help="GPT-2 checkpoint (dir or .safetensors); default: the embedded model.")
-@click.option("--prompt", default="When Mary and John went to the store, John gave a drink to", show_default=True)
+@click.option("--weights", default=None,
+              help="GPT-2 checkpoint (dir or .safetensors); default: the embedded model.")
+@click.option("--prompt", default="When Mary and John went to the store, John gave a drink to",
+              show_default=True)
 @click.option("--tokens", "n_tokens", type=click.IntRange(min=0), default=20, show_default=True,
               help="Number of tokens to add.")
 @click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True,
@@ -206,7 +208,8 @@ def generate_command(weights, prompt, n_tokens, temperature, seed, device):
     tokenizer = gpt2.load_tokenizer()
     prompt_tokens = torch.tensor([[gpt2.BOS_TOKEN_ID, *tokenizer.encode_ordinary(prompt)]], device=device)
     if prompt_tokens.max() >= model.config.vocab_size:
-        raise click.ClickException(f"the model's vocabulary ({model.config.vocab_size}) is smaller than GPT-2's")
+        raise click.ClickException(f"the model's vocabulary ({model.config.vocab_size}) "
+                                   "is smaller than GPT-2's")
     generator = torch.Generator(device=device).manual_seed(seed)
     tokens = gpt2.generate_tokens(model, prompt_tokens, n_tokens, temperature, generator)
     click.echo(prompt + tokenizer.decode(tokens[0, prompt_tokens.shape[1]:].tolist()))
@@ -253,7 +256,8 @@ def build_model_command(out, seed):
 @click.option("--weights", default=None, help=WEIGHTS_HELP)
 @click.option("--n", type=click.IntRange(min=1), default=1000, show_default=True, help="Number of prompts.")
 @click.option("--seed", type=SEED, default=1, show_default=True, help="Seed of the prompt sampler.")
-@click.option("--held-out", is_flag=True, help="Templates, objects and places the small model never trained on.")
+@click.option("--held-out", is_flag=True,
+              help="Templates, objects and places kept out of the training prompts.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @DEVICE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
@@ -268,7 +272,8 @@ def ioi_eval_command(weights, n, seed, held_out, batch_size, device, as_json):
     if as_json:
         click.echo(json.dumps(result))
         return
-    click.echo(f"{n} {'held-out' if held_out else 'evaluation'} prompts, {result['prompts_per_s']:.0f} prompts/s")
+    kind = "held-out" if held_out else "evaluation"
+    click.echo(f"{n} {kind} prompts, {result['prompts_per_s']:.0f} prompts/s")
     click.echo(f"{'template':>8} {'n':>6} {'mean LD':>8} {'accuracy':>9} {'top-1':>7} {'P(IO)':>6}")
     rows = [(str(t), r, ioi.TEMPLATES[t] + (" (held out)" if t in ioi.HELD_OUT_TEMPLATES else ""))
             for t, r in result["per_template"].items()] + [("all", result, "")]
@@ -289,9 +294,10 @@ def nodes_command(weights, n, seed):
     check_reads_prompts(model, prompts)
     sections, table = ioi.circuit_cross_sections(model, prompts)
     if table["heads"]:
-        click.echo("Heads found, each class by its own measure (>= 1/3 of the strongest head's, >= 2% of the LD):")
-        click.echo("name movers by direct effect on the LD; S-inhibition by the LD drop through the name movers'")
-        click.echo("queries when their z at end is mean-ablated; induction/duplicate token by the drop at s2.")
+        click.echo("Heads found, each class by its own measure (>= 1/3 of the strongest head's, "
+                   ">= 2% of the LD):\nname movers by direct effect on the LD; S-inhibition by the LD drop "
+                   "through the name movers'\nqueries when their z at end is mean-ablated; induction/"
+                   "duplicate token by the drop at s2.")
         click.echo(f"  {'head':>7} {'at':<4} {'direct':>7} {'via q':>7} {'LD drop':>8} {'(of LD)':>8}  role")
         for row in _circuit_rows(table["heads"]):
             click.echo(f"  {row[0]:>7} {row[1]:<4} {row[2]:>7} {row[3]:>7} {row[4]:>8} {row[5]:>8}  {row[6]}")
@@ -304,7 +310,8 @@ def nodes_command(weights, n, seed):
         for role, heads in ioi.GPT2_SMALL_HEADS.items():
             click.echo(f"  {role:>20}: " + " ".join(f"{layer}.{head}" for layer, head in heads))
     for section in sections:
-        click.echo(f"{section.name} (edits {', '.join(section.attributes)}): " + " ".join(map(str, section.nodes)))
+        nodes = " ".join(map(str, section.nodes))
+        click.echo(f"{section.name} (edits {', '.join(section.attributes)}): {nodes}")
 
 
 def _circuit_rows(heads):
@@ -332,7 +339,8 @@ def _circuit_rows(heads):
 @click.option("--latents", type=click.IntRange(min=1), default=512, show_default=True,
               help="Dictionary size d_sae.")
 @click.option("--l1", type=FiniteFloat(min=0),
-              help="Sparsity coefficient λ on inputs scaled to mean norm √d  [default: 1 vanilla, 2.5 gated].")
+              help="Sparsity coefficient λ on inputs scaled to mean norm √d  "
+                   "[default: 1 vanilla, 2.5 gated].")
 @click.option("--k", type=click.IntRange(min=1), default=3, show_default=True,
               help="Latents kept per input (topk).")
 @click.option("--epochs", type=click.IntRange(min=1),
@@ -620,8 +628,8 @@ class Run:
         n_values = {"io": len(ioi.NAMES), "s": len(ioi.NAMES), "pos": len(ioi.PATTERNS)}
         dictionaries_by_method = {}
         for method, name in (("mean", "supervised"), ("lstsq", "supervised_lstsq")):
-            fitted = {node: dictionaries.SupervisedDictionary.fit(self.acts["train"][node], self.attributes["train"],
-                                                                  n_values, method)
+            fit = dictionaries.SupervisedDictionary.fit
+            fitted = {node: fit(self.acts["train"][node], self.attributes["train"], n_values, method)
                       for node in nodes or self.nodes}
 
             def write(folder, fitted=fitted):
@@ -672,8 +680,9 @@ class Run:
         c = self.config
         heads = list(dict.fromkeys((node.hook_name, node.head) for node in self.nodes))
         click.echo(f"Collecting {c.corpus_tokens} corpus activations at {len(heads)} (hook, head) pairs ...")
-        corpus = dictionaries.collect_corpus_activations(self.model, gpt2.load_tokenizer(), heads,
-                                                         dictionaries.iter_corpus_texts(c.corpus), c.corpus_tokens,
+        texts = dictionaries.iter_corpus_texts(c.corpus)
+        corpus = dictionaries.collect_corpus_activations(self.model, gpt2.load_tokenizer(), heads, texts,
+                                                         c.corpus_tokens,
                                                          context=min(128, self.model.config.n_positions))
         datasets = torch.stack([corpus[head] for head in heads]).cpu()  # [head, tokens, d_head]
         saes = {}
@@ -1149,9 +1158,10 @@ def bench_forward(config=None, batch=100, n_pos=19, repeats=5, device="cpu", mat
     ours_s = statistics.median(times["ours"])
     matmul_flops_per_s = 2 * matmul_size ** 3 / min(times["matmul"])
     ours_flops_per_s = forward_flops(config, batch, n_pos, logits_at_last_only=True) / ours_s
-    result = {"batch": batch, "n_pos": n_pos, "repeats": repeats, "device": device, "matmul_size": matmul_size,
-              "ours_s": ours_s, "ours_tokens_per_s": batch * n_pos / ours_s, "ours_gflops": ours_flops_per_s / 1e9,
-              "matmul_gflops": matmul_flops_per_s / 1e9, "ours_fraction_of_matmul": ours_flops_per_s / matmul_flops_per_s,
+    result = {"batch": batch, "n_pos": n_pos, "repeats": repeats, "device": device,
+              "matmul_size": matmul_size, "ours_s": ours_s, "ours_tokens_per_s": batch * n_pos / ours_s,
+              "ours_gflops": ours_flops_per_s / 1e9, "matmul_gflops": matmul_flops_per_s / 1e9,
+              "ours_fraction_of_matmul": ours_flops_per_s / matmul_flops_per_s,
               "hf_s": None, "hf_tokens_per_s": None, "hf_gflops": None, "ours_over_hf": None,
               "max_abs_logit_diff": None}
     if hf is not None:
@@ -1183,7 +1193,8 @@ def bench_command(batch, repeats, device):
                f"{r['ours_gflops']:6.1f} GFLOP/s = {r['ours_fraction_of_matmul']:.0%} of the matmul rate")
     click.echo(f"  fp32 matmul {r['matmul_size']}^3, best of {repeats}:{r['matmul_gflops']:38.1f} GFLOP/s")
     if r["hf_s"] is not None:
-        click.echo(f"  ours / HF: {r['ours_over_hf']:.2f}x faster  (max |delta logit| {r['max_abs_logit_diff']:.1e})")
+        click.echo(f"  ours / HF: {r['ours_over_hf']:.2f}x faster  "
+                   f"(max |delta logit| {r['max_abs_logit_diff']:.1e})")
     bench_sae_command()
 
 
@@ -1448,7 +1459,8 @@ class Report:
             skipped = self.circuit_found.get("skipped") or []
             verdicts = [(d["section"], d["ld_drop"], d["fraction"],
                          "not graded: in the run's skip_sections" if d["section"] in skipped else
-                         "graded" if d["kept"] else "dropped: not causal here") for d in discovery["sections"]]
+                         "graded" if d["kept"] else "dropped: not causal here")
+                        for d in discovery["sections"]]
             out += ["A cross-section is graded only if mean-ablating all its nodes at once moves the mean LD "
                     "by ≥ 5% (else sufficiency is near 1 whatever is patched in; necessity divides by ~0):",
                     _table(verdicts, ["cross-section", "LD drop", "fraction of LD", "verdict"])]
@@ -1686,7 +1698,8 @@ class Report:
             "README §8; dead fraction on the training activations, the rest on the evaluation ones; "
             "train_steps: Adam steps run; train_converged: the share of SAEs that met the plateau criterion "
             "(loss improving < 1% over the last 10% of epochs) before the cap. LD recovered skips nodes "
-            f"whose mean ablation alone moves the LD by < {metrics.MIN_NODE_EFFECT:.1%} (it divides by that)."]
+            f"whose mean ablation alone moves the LD by < {metrics.MIN_NODE_EFFECT:.1%} "
+            "(it divides by that)."]
 
     def paper(self):
         """Our numbers beside the paper's, each with its verdict and the criterion behind it."""
@@ -1697,7 +1710,8 @@ class Report:
                 rows.append((f"{phenomenon}: in the model", "seen in GPT-2 Small", "—",
                              "not testable here (section 6 shows the measurement)"))
         # the trained SAEs only: the frozen random decoder is a floor, its latents are not learned
-        pos = [r["value"] for r in self.find("pos_latents", phenomenon="oversplitting") if r["method"] in ARCHS]
+        pos = [r["value"] for r in self.find("pos_latents", phenomenon="oversplitting")
+               if r["method"] in ARCHS]
         if pos:
             verdict = ("reproduced (criterion: ≥ 10 in every setting)" if min(pos) >= 10 else
                        "in some settings (criterion: ≥ 10)" if max(pos) >= 10 else

@@ -608,7 +608,8 @@ def run_with_patches(model, batch, patches: dict) -> torch.Tensor:
     an early node does not alter what is written at a later one: all nodes of a
     cross-section are patched together, as in the paper.
     """
-    return model.run_with_hooks(batch.tokens, ioi.patch_hooks(batch, patches), logits_at=batch.positions["end"])
+    hooks = ioi.patch_hooks(batch, patches)
+    return model.run_with_hooks(batch.tokens, hooks, logits_at=batch.positions["end"])
 
 
 @dataclass
