@@ -145,7 +145,8 @@ def _lstsq_codes(acts, attributes, sizes):
     """
     design = torch.cat([acts.new_ones(len(acts), 1)]
                        + [F.one_hot(ids, sizes[name]).to(acts) for name, ids in attributes.items()], 1)
-    solution = torch.linalg.pinv(design.T @ design, hermitian=True) @ (design.T @ acts)  # [1 + Σ n_values, d]
+    # [1 + Σ n_values, d]
+    solution = torch.linalg.pinv(design.T @ design, hermitian=True) @ (design.T @ acts)
     bias, *blocks = solution.split([1] + list(sizes.values()))
     bias, features = bias[0], {}
     for (name, ids), block in zip(attributes.items(), blocks):
@@ -400,9 +401,9 @@ def loss_vanilla(sae, x):
 
 
 def loss_gated(sae, x):
-    """‖x − x̂‖² + λ‖ReLU(π_gate)‖₁ + ‖x − x̂_frozen(ReLU(π_gate))‖², where x̂_frozen decodes with a
-    copy of the decoder that gets no gradient: the last term trains the gate path to
-    reconstruct on its own."""
+    """‖x − x̂‖² + λ‖ReLU(π_gate)‖₁ + ‖x − x̂_frozen(ReLU(π_gate))‖²,
+    where x̂_frozen decodes with a copy of the decoder that gets no gradient: the last term
+    trains the gate path to reconstruct on its own."""
     pi_gate, magnitude = gated_paths(sae, x)
     gate = torch.relu(pi_gate)  # [..., d_sae]
     x_hat_frozen = gate @ sae.W_dec.detach() + sae.b_dec.detach()

@@ -1453,8 +1453,8 @@ class Report:
         if any(head["role"] for head in discovery.get("heads", [])):
             headers = ["head", "position", "direct effect", "LD drop via q", "LD drop", "of LD", "role"]
             out += ["Heads found in the model itself (`ioi.discover`), each class by its own measure "
-                    "(README, \"The embedded model\"), at ≥ 1/3 of the strongest head's value and ≥ 2% of "
-                    "the LD:", _table(_circuit_rows(discovery["heads"]), headers)]
+                    "(README, \"The embedded model\"), at ≥ 1/3 of the strongest head's value "
+                    "and ≥ 2% of the LD:", _table(_circuit_rows(discovery["heads"]), headers)]
         if discovery.get("sections"):
             skipped = self.circuit_found.get("skipped") or []
             verdicts = [(d["section"], d["ld_drop"], d["fraction"],
@@ -1561,7 +1561,8 @@ class Report:
                             title=f"F1 coverage of {a}", ylabel="values with F1 ≥ 0.8", ylim=(0, 1.05))
                       for a in attributes]
             out += ["F1 coverage (README §7): the share of an attribute's values that some latent detects "
-                    "with F1 ≥ 0.8, averaged over its nodes. Look for bars near 1: a latent for every value.",
+                    "with F1 ≥ 0.8, averaged over its nodes. Look for bars near 1: a latent for every "
+                    "value.",
                     _table([[site, a] + [coverage[site, a, m] for m in methods] for site in sites
                             for a in attributes], ["cross-section", "attribute"] + methods),
                     self.figure("f1_coverage.png", panels)]
@@ -1626,7 +1627,8 @@ class Report:
         norms = self.find("supervised_feature_norm")
         if rows and norms:
             out.append("Mean norm of the supervised features there: " + ", ".join(
-                f"{r['attribute'].upper()} {r['value']:.2f}" for r in norms) + " — the larger feature wins.")
+                f"{r['attribute'].upper()} {r['value']:.2f}" for r in norms)
+                + " — the larger feature wins.")
         return out + self.alpha_sweep() + self.occlusion_toy()
 
     def alpha_sweep(self):
@@ -1659,8 +1661,8 @@ class Report:
         rows = [(r["site"], r["method"], _setting(r["method"], r.get("setting")), _count(r["value"]))
                 for r in self.find("pos_latents", phenomenon="oversplitting")]
         if rows:
-            out += ["Latents whose best interpretation is a Pos value there (the paper: ≥ 10 for this binary "
-                    "attribute in GPT-2 Small's name-mover queries):",
+            out += ["Latents whose best interpretation is a Pos value there (the paper: ≥ 10 for this "
+                    "binary attribute in GPT-2 Small's name-mover queries):",
                     _table(rows, ["node", "method", "setting", "Pos latents"])]
         return out + self.oversplitting_toy()
 
@@ -1670,7 +1672,8 @@ class Report:
         paper_grid = {m: self.find("oversplit_toy_loss", method=m, grid="paper")
                       for m in ("ideal_2_latent", "random_1000_latent")}
         fired = [r["l1"] for r in paper_grid["ideal_2_latent"] if r["firing"] >= 0.02]
-        panel = {"title": "Toy ±µ + noise: best SAE loss (the paper's grid)", "xlabel": "λ", "ylabel": "loss",
+        panel = {"title": "Toy ±µ + noise: best SAE loss (the paper's grid)", "xlabel": "λ",
+                 "ylabel": "loss",
                  "series": [_line(label, sorted((r["l1"], r["value"]) for r in paper_grid[m]), color=color)
                             for m, label, color in (("ideal_2_latent", "ideal 2-latent SAE", "#2ca02c"), (
                                 "random_1000_latent", "random 1000-latent SAE", "#d62728"))]
@@ -1721,8 +1724,8 @@ class Report:
         wins, counted = (self.mean(f"oversplit_toy_{c}", grid="paper")
                          for c in ("share_random_wins", "counted"))
         if wins is not None:
-            rows.append((f"toy (paper's grid): share of the {_count(counted)} λ where the ideal SAE fires on "
-                         "≥ 2% of inputs that the random SAE wins", "1.00", f"{wins:.2f}",
+            rows.append((f"toy (paper's grid): share of the {_count(counted)} λ where the ideal SAE "
+                         "fires on ≥ 2% of inputs that the random SAE wins", "1.00", f"{wins:.2f}",
                          ("reproduced" if wins >= 0.95 else "not reproduced") + " (criterion ≥ 0.95)"))
         return [] if not rows else [
             "Ours: min–max over the headline sites (task SAEs at their chosen setting, greedy edits) where "
