@@ -568,10 +568,11 @@ class Run:
 
     Each step caches its result under the folder (activations, dictionaries, SAEs), keyed
     by what produced it, so an interrupted run resumes and a changed setting recomputes.
-    `circuit` = (cross-sections, discovery table) grades a given circuit instead of finding one.
+    `circuit` = (cross-sections, discovery table) grades a given circuit instead of finding one;
+    `eta`: print how long the whole run will take (`estimate_seconds`) before the work starts.
     """
 
-    def __init__(self, out, config, circuit=None):
+    def __init__(self, out, config, circuit=None, eta=False):
         self.out, self.config = out, config
         self.model = load_model(config.weights, config.device)
         self.splits = make_splits(config)
@@ -593,6 +594,8 @@ class Run:
                                        f"{config.skip_sections}")
         self.nodes = list(dict.fromkeys(node for section in self.sections for node in section.nodes))
         click.echo(f"{len(self.sections)} cross-sections, {len(self.nodes)} nodes")
+        if eta:
+            click.echo(eta_text(estimate_seconds(self)))
         self.acts = {split: ioi.collect_activations(self.model, prompts, self.nodes, config.batch_size,
                                                     cache_dir=os.path.join(out, "activations"))
                      for split, prompts in self.splits.items()}
@@ -646,12 +649,8 @@ class Run:
         all nodes x settings of one architecture train as one batched stack."""
         c = self.config
         datasets = torch.stack([self.acts["train"][node] for node in self.nodes])  # [node, N, d_head]
-        l1 = "l1_coefficient"  # (SAESpec field, value); folders: l1<value>/<node>, k<value>/<node>
-        grids = {"vanilla": [(l1, v) for v in c.vanilla_l1], "gated": [(l1, v) for v in c.gated_l1],
-                 "topk": [("k", k) for k in c.topk_k],
-                 "random_decoder": [(l1, c.vanilla_l1[len(c.vanilla_l1) // 2])]}
         saes, training = {}, {}
-        for method, grid in grids.items():
+        for method, grid in self.sae_grids().items():
             arch = "vanilla" if method == "random_decoder" else method
             specs = [dictionaries.SAESpec(arch, i, seed=c.seed + j, frozen_decoder=method == "random_decoder",
                                           name=f"{name.removesuffix('_coefficient')}{value}/{node}",
@@ -667,6 +666,12 @@ class Run:
                 for i, node in enumerate(self.nodes):
                     training[method, value, node] = final[j * len(self.nodes) + i]
         return saes, training
+
+    def sae_grids(self):
+        """{method: [(SAESpec field, value)]}: the task SAEs' settings; folders l1<value>/, k<value>/."""
+        c, l1 = self.config, "l1_coefficient"
+        return {"vanilla": [(l1, v) for v in c.vanilla_l1], "gated": [(l1, v) for v in c.gated_l1],
+                "topk": [("k", k) for k in c.topk_k], "random_decoder": [(l1, c.vanilla_l1[len(c.vanilla_l1) // 2])]}
 
     def sae_train_config(self):
         """Task SAEs (and the phenomena's SAEs) train until they converge, capped at `epochs`."""
@@ -716,6 +721,78 @@ class Run:
                 {method: {setting: wrap(saes) for setting, saes in settings.items()}
                  for method, settings in task_saes.items()},
                 {method: wrap(saes) for method, saes in corpus_saes.items()})
+
+
+# --- how long a run will take: counted work times a short calibration on this machine
+
+def planned_patched_runs(run):
+    """{phase: forward passes over the evaluation prompts}, as `evaluate_run` will make them. An upper
+    bound where Test 2 may choose one SAE setting for several attributes (then it grades it once)."""
+    c, n_edits = run.config, 2 * len(run.config.edit_k)  # greedy and F1-guided, at each k
+    sae_grading = 2 + 2 * len(c.f1_thresholds)  # sufficiency, necessity; the causal curves
+    sections = ld_recovered = 0
+    for section in run.sections:
+        n_attributes = len(section.attributes)
+        chosen = [min(len(grid), n_attributes) for grid in run.sae_grids().values()] + [1] * len(ARCHS)
+        sections += (1 + n_attributes + 2  # reference runs: mean-ablated, each counterfactual; mean ablation
+                     + 2 * (2 + n_attributes)  # the two supervised dictionaries
+                     + sum(chosen) * sae_grading + len(chosen) * n_attributes * n_edits)  # SAEs
+        ld_recovered += len(section.nodes) * sum(chosen)
+    return {"grading": sections + 1, "ld_recovered": ld_recovered + len(run.nodes),
+            "phenomena": len(run.nodes) * len(ioi.ATTRIBUTES)}
+
+
+def seconds_per_sae_step(arch, n_sae, d_in, d_sae, batch_size):
+    """One training step of a stack of `n_sae` SAEs, on random data: 16 epochs of one batch less 8,
+    so set-up and all but one of the statistics at checkpoints (1, 2, 4, 8, 16) cancel."""
+    data, specs = torch.randn(1, batch_size, d_in), [dictionaries.SAESpec(arch, seed=i) for i in range(n_sae)]
+
+    def seconds(epochs):
+        config = dictionaries.TrainConfig(d_sae=d_sae, batch_size=batch_size, epochs=epochs, resample_at=(),
+                                          max_stack=None)
+        started = time.perf_counter()
+        dictionaries.train_sae_stack(data, specs, config)
+        return time.perf_counter() - started
+    return max(0.0, seconds(16) - seconds(8)) / 8
+
+
+def estimate_seconds(run):
+    """{phase: seconds} for the whole run from scratch (work cached in the folder is skipped): the
+    work counted, times a forward pass and SAE steps timed here. SAE training is counted to the epoch
+    cap (`epochs`): converging SAEs stop sooner, so that phase is an upper bound. Not counted: the
+    supervised fits, the core metrics and the toy models (under a minute together in the demo)."""
+    c = run.config
+    prompts = run.splits["eval"][:c.batch_size]
+    forward_times = []
+    for _ in range(2):  # the second is the one that counts: the first pays one-time costs
+        started = time.perf_counter()
+        metrics.patched_run(run.model, prompts, batch_size=c.batch_size)
+        forward_times.append((time.perf_counter() - started) / len(prompts))
+    per_prompt, n_prompts = forward_times[-1], sum(len(split) for split in run.splits.values())
+    d_head, group = run.model.config.n_embd // run.model.config.n_head, dictionaries.TrainConfig.max_stack
+
+    def training(arch, n_sae, d_sae, epochs, n):  # groups of max_stack SAEs, one after another
+        batch_size = min(dictionaries.TrainConfig.batch_size, n)
+        steps = epochs * math.ceil(n / batch_size) * math.ceil(n_sae / group)
+        return steps * seconds_per_sae_step(arch, min(n_sae, group), d_head, c.d_sae if d_sae is None else d_sae,
+                                            batch_size)
+    task_saes = sum(training("vanilla" if method == "random_decoder" else method, len(run.nodes) * len(grid),
+                             None, c.epochs, c.n_train) for method, grid in run.sae_grids().items())
+    heads = len({(node.hook_name, node.head) for node in run.nodes})
+    corpus_forward = c.corpus_tokens / len(prompts[0].tokens) * per_prompt  # (a prompt's cost per token)
+    corpus_saes = sum(training(arch, heads, c.corpus_d_sae, c.corpus_epochs, c.corpus_tokens) for arch in ARCHS)
+    return {"activations": n_prompts * per_prompt, "task SAEs, at the epoch cap": task_saes,
+            "full-distribution SAEs": corpus_forward + corpus_saes,
+            **{f"{phase}: {count} runs": count * c.n_eval * per_prompt
+               for phase, count in planned_patched_runs(run).items()}}
+
+
+def eta_text(seconds):
+    """The estimate as lines: the total, then each phase."""
+    def clock(s):
+        return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min" if s >= 60 else f"{s:.0f} s"
+    return "\n".join([f"Estimated time for the whole run: at most {clock(sum(seconds.values()))}"]
+                     + [f"  {phase}: {clock(s)}" for phase, s in seconds.items()])
 
 
 @contextmanager
@@ -821,14 +898,15 @@ def recover_interrupted_saves(out):
         gpt2.recover_interrupted_save(path)
 
 
-def open_run(out, weights=None, preset=None, device="cpu", force=False, circuit=None, **overrides):
+def open_run(out, weights=None, preset=None, device="cpu", force=False, circuit=None, eta=False,
+             **overrides):
     """The run in folder `out`, bound to the settings in its config.json.
 
     Without settings given, the saved ones; with settings that differ from them, a one-line
     error unless `force`. A new folder, or `preset`, starts from a preset: "demo" (scaled
     down) for the embedded model, "paper" for real GPT-2 weights; the settings given
     override it. The device only decides where the run computes, so it is not bound.
-    `circuit`: see `Run`.
+    `circuit`, `eta`: see `Run`.
     """
     recover_interrupted_saves(out)
     path, saved = os.path.join(out, "config.json"), None
@@ -850,7 +928,7 @@ def open_run(out, weights=None, preset=None, device="cpu", force=False, circuit=
         more = f"; {len(changed) - 3} more" if len(changed) > 3 else ""
         raise click.ClickException(f"{path} holds other settings ({'; '.join(changed[:3])}{more}): "
                                    "add --force to rebind the folder to these, or choose a new --out")
-    return Run(out, config, circuit)
+    return Run(out, config, circuit, eta)
 
 
 FORCE_OPTION = click.option("--force", is_flag=True,
@@ -877,8 +955,9 @@ def run_options(function):
     return function
 
 
-def _run_from_options(out, weights, preset, device, n_train, n_eval, epochs, force):
-    return open_run(out, weights, preset, device, force, n_train=n_train, n_eval=n_eval, epochs=epochs)
+def _run_from_options(out, weights, preset, device, n_train, n_eval, epochs, force, eta=False):
+    return open_run(out, weights, preset, device, force, eta=eta, n_train=n_train, n_eval=n_eval,
+                    epochs=epochs)
 
 
 @cli.command()
@@ -921,7 +1000,7 @@ def run_command(**options):
     """Step 4, the whole paper: grade dictionaries and SAEs on every test -> metrics.json and
     report.md (steps 1-3 run, or load from the folder's caches, as needed). GPT-2 Small via --weights."""
     started = time.time()
-    evaluate_and_report(_run_from_options(**options), started)
+    evaluate_and_report(_run_from_options(**options, eta=True), started)
 
 
 @cli.command()
@@ -930,7 +1009,7 @@ def run_command(**options):
 def demo(out, force):
     """The whole paper on the embedded small IOI model, scaled to minutes on a CPU."""
     started = time.time()
-    evaluate_and_report(open_run(out, preset="demo", force=force), started)
+    evaluate_and_report(open_run(out, preset="demo", force=force, eta=True), started)
 
 
 # --- grade-sae: any SAE in SAELens's layout, graded like ours (README, "Use with TransformerLens / SAELens")

@@ -287,13 +287,25 @@ def files_in(folder):
             for path in folder.rglob("*") if path.is_file()}
 
 
-def test_pipeline_end_to_end(tmp_path, model):
+def test_pipeline_end_to_end(tmp_path, model, monkeypatch, capsys):
     """Every step on a tiny model with a fixed circuit: metrics.json has every test, every
     architecture is scored at every site, and report.md is written."""
     settings = dict(d_sae=16, corpus_tokens=300, corpus_d_sae=16, corpus_epochs=1, edit_k=(2, 4))
-    run = open_tiny_run(tmp_path, model, (SECTIONS, DISCOVERY), **settings)
+    run = open_tiny_run(tmp_path, model, (SECTIONS, DISCOVERY), eta=True, **settings)
+    estimate = capsys.readouterr().out
+    assert "Estimated time for the whole run: at most" in estimate
+    assert all(f"{phase}: {count} runs" in estimate for phase, count in main.planned_patched_runs(run).items())
+    forward_passes, patched_run = [], metrics.patched_run
+    monkeypatch.setattr(metrics, "patched_run", lambda *args, **kwargs: forward_passes.append(1)
+                        or patched_run(*args, **kwargs))
     main.evaluate_and_report(run, oversplitting_grids=SMALL_TOYS)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # The ETA's count of forward passes (one setting per architecture: exact but for LD recovered,
+    # which patches every node at its mean, then reconstructions only where that moves the LD).
+    planned = main.planned_patched_runs(run)
+    ld_recovered = sum(row["test"] == "ld_recovered" for row in saved["results"]) + len(run.nodes)
+    assert len(forward_passes) == planned["grading"] + ld_recovered + planned["phenomena"]
+    assert ld_recovered <= planned["ld_recovered"]
     assert saved["config"]["n_train"] == 120
     rows = saved["results"]
     tests = {row["test"] for row in rows}
