@@ -671,7 +671,8 @@ class Run:
         """{method: [(SAESpec field, value)]}: the task SAEs' settings; folders l1<value>/, k<value>/."""
         c, l1 = self.config, "l1_coefficient"
         return {"vanilla": [(l1, v) for v in c.vanilla_l1], "gated": [(l1, v) for v in c.gated_l1],
-                "topk": [("k", k) for k in c.topk_k], "random_decoder": [(l1, c.vanilla_l1[len(c.vanilla_l1) // 2])]}
+                "topk": [("k", k) for k in c.topk_k],
+                "random_decoder": [(l1, c.vanilla_l1[len(c.vanilla_l1) // 2])]}
 
     def sae_train_config(self):
         """Task SAEs (and the phenomena's SAEs) train until they converge, capped at `epochs`."""
@@ -774,13 +775,13 @@ def estimate_seconds(run):
     def training(arch, n_sae, d_sae, epochs, n):  # groups of max_stack SAEs, one after another
         batch_size = min(dictionaries.TrainConfig.batch_size, n)
         steps = epochs * math.ceil(n / batch_size) * math.ceil(n_sae / group)
-        return steps * seconds_per_sae_step(arch, min(n_sae, group), d_head, c.d_sae if d_sae is None else d_sae,
-                                            batch_size)
+        return steps * seconds_per_sae_step(arch, min(n_sae, group), d_head, d_sae, batch_size)
     task_saes = sum(training("vanilla" if method == "random_decoder" else method, len(run.nodes) * len(grid),
-                             None, c.epochs, c.n_train) for method, grid in run.sae_grids().items())
+                             c.d_sae, c.epochs, c.n_train) for method, grid in run.sae_grids().items())
     heads = len({(node.hook_name, node.head) for node in run.nodes})
     corpus_forward = c.corpus_tokens / len(prompts[0].tokens) * per_prompt  # (a prompt's cost per token)
-    corpus_saes = sum(training(arch, heads, c.corpus_d_sae, c.corpus_epochs, c.corpus_tokens) for arch in ARCHS)
+    corpus_saes = sum(training(arch, heads, c.corpus_d_sae, c.corpus_epochs, c.corpus_tokens)
+                      for arch in ARCHS)
     return {"activations": n_prompts * per_prompt, "task SAEs, at the epoch cap": task_saes,
             "full-distribution SAEs": corpus_forward + corpus_saes,
             **{f"{phase}: {count} runs": count * c.n_eval * per_prompt
