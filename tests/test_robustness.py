@@ -283,6 +283,27 @@ def test_killed_stack_save_never_mixes_old_and_new_saes(tmp_path, monkeypatch, h
     assert contents(old_stack / stack) == contents(new_stack / stack)
 
 
+def test_a_stack_killed_after_its_first_group_resumes_with_the_second(tmp_path, monkeypatch):
+    """A stack of two SAEs trained one at a time (max_stack 1): a run killed while training the
+    second keeps the first, and the resumed run trains only the second, to the same SAEs."""
+    datasets = torch.randn(2, 64, 8, generator=torch.Generator().manual_seed(0))
+    specs = [dictionaries.SAESpec("vanilla", i, seed=i, name=f"node{i}") for i in range(2)]
+    config = dictionaries.TrainConfig(d_sae=16, epochs=2, max_stack=1)
+    main.train_or_load_stack(str(tmp_path / "whole"), datasets, specs, config)
+    folder, trained = str(tmp_path / "run" / "vanilla"), []
+    with monkeypatch.context() as patch:
+        kill_on_call(patch, dictionaries, "train_sae_stack", call=2)
+        with pytest.raises(Killed):
+            main.train_or_load_stack(folder, datasets, specs, config)
+    assert not os.path.exists(folder) and os.listdir(f"{folder}.parts") == ["0"]
+    train = dictionaries.train_sae_stack
+    monkeypatch.setattr(dictionaries, "train_sae_stack", lambda data, group, *args, **kwargs:
+                        trained.append(group) or train(data, group, *args, **kwargs))
+    _, logs = main.train_or_load_stack(folder, datasets, specs, config)
+    assert trained == [specs[1:]] and [log["sae"] for log in logs if log["epoch"] == 2] == [0, 1]
+    assert contents(folder) == contents(tmp_path / "whole") and not os.path.exists(f"{folder}.parts")
+
+
 def test_killed_between_the_two_renames_keeps_the_old_version(tmp_path):
     folder = tmp_path / "run" / "saes" / "vanilla"
     train_stack(tmp_path / "run", l1=1.0)
