@@ -1088,9 +1088,9 @@ def _seconds(fn, device):
 def bench_forward(config=None, batch=100, n_pos=19, repeats=5, device="cpu", matmul_size=2048, seed=0):
     """Time our IOI-style forward (logits at the last position only, hook_z of every head cached: what
     the pipeline runs) against Hugging Face's ordinary one (logits at every position) on the same
-    random weights and prompts, and against a plain matmul. The three are timed in turn within each
-    repeat, so a busy machine slows all of them alike; we report medians, and the best matmul time as
-    the machine's FLOP rate."""
+    random weights (speed does not depend on their values) and prompts, and against a plain matmul.
+    The three are timed in turn within each repeat, so a busy machine slows all of them alike; we
+    report medians, and the best matmul time as the machine's FLOP rate."""
     import statistics
     config = config or gpt2.GPT2Config()
     torch.manual_seed(seed)
