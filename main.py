@@ -65,31 +65,23 @@ class FiniteFloat(click.FloatRange):
         return super().convert(number, param, ctx)
 
 
-def device_problem(name):
-    """Why torch cannot compute on device `name` here (None if it can)."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        return f"{name!r} is not a device (cpu, cuda, cuda:N or mps)"
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return f"{name}: CUDA is not available on this machine"
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        return f"{name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        return f"{name}: MPS is not available on this machine"
-    if device.type not in ("cpu", "cuda", "mps"):
-        return f"{name}: unsupported device type (cpu, cuda, cuda:N or mps)"
-    return None
-
-
 class Device(click.ParamType):
     """A device torch can compute on, on this machine."""
     name = "device"
 
     def convert(self, value, param, ctx):
-        problem = device_problem(value)
-        if problem:
-            self.fail(problem, param, ctx)
+        try:
+            device = torch.device(value)
+        except (RuntimeError, TypeError):
+            self.fail(f"{value!r} is not a device (cpu, cuda, cuda:N or mps)", param, ctx)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            self.fail(f"{value}: CUDA is not available on this machine", param, ctx)
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            self.fail(f"{value}: this machine has {torch.cuda.device_count()} CUDA device(s)", param, ctx)
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            self.fail(f"{value}: MPS is not available on this machine", param, ctx)
+        if device.type not in ("cpu", "cuda", "mps"):
+            self.fail(f"{value}: unsupported device type (cpu, cuda, cuda:N or mps)", param, ctx)
         return value
 
 
@@ -137,8 +129,8 @@ def _fetch(url, path):
         with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as f:
             size = int(response.headers.get("Content-Length") or 0)
             # Outside a terminal a bar is only its label: a log keeps just the summary or the error.
-            hidden = not sys.stdout.isatty()
-            with click.progressbar(length=size, label=os.path.basename(url), hidden=hidden) as bar:
+            with click.progressbar(length=size, label=os.path.basename(url),
+                                   hidden=not sys.stdout.isatty()) as bar:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
                     digest.update(chunk)
@@ -146,17 +138,16 @@ def _fetch(url, path):
                     bar.update(len(chunk))
     except urllib.error.HTTPError as error:
         raise click.ClickException(f"{url}: HTTP {error.code} {error.reason}") from None
-    except (OSError, http.client.HTTPException) as error:  # unreachable, no such file, timeout, cut off
+    # unreachable, no such file, timeout, cut off (OSError, HTTPException); not a URL at all (ValueError)
+    except (OSError, http.client.HTTPException, ValueError) as error:
         raise click.ClickException(f"{url}: {getattr(error, 'reason', error)}") from None
-    except ValueError as error:  # not a URL at all
-        raise click.ClickException(f"{url}: {error}") from None
     if size and written != size:
         raise click.ClickException(f"{url}: connection closed after {written} of {size} bytes")
     return digest.hexdigest()
 
 
 def _sha256_option(ctx, param, value):
-    if value is not None and not (len(value) == 64 and all(c in "0123456789abcdef" for c in value.lower())):
+    if value is not None and not re.fullmatch("[0-9a-fA-F]{64}", value):
         raise click.BadParameter(f"{value!r} is not a sha256 (64 hexadecimal digits)", ctx, param)
     return value
 
@@ -214,9 +205,6 @@ def generate_command(weights, prompt, n_tokens, temperature, seed, device):
     generator = torch.Generator(device=device).manual_seed(seed)
     tokens = gpt2.generate_tokens(model, prompt_tokens, n_tokens, temperature, generator)
     click.echo(prompt + tokenizer.decode(tokens[0, prompt_tokens.shape[1]:].tolist()))
-
-
-# === end gpt2 commands ===
 
 
 # === ioi commands (build-model, ioi-eval, nodes) ===
@@ -299,9 +287,9 @@ def nodes_command(weights, n, seed):
                    ">= 2% of the LD):\nname movers by direct effect on the LD; S-inhibition by the LD drop "
                    "through the name movers'\nqueries when their z at end is mean-ablated; induction/"
                    "duplicate token by the drop at s2.")
-        click.echo(f"  {'head':>7} {'at':<4} {'direct':>7} {'via q':>7} {'LD drop':>8} {'(of LD)':>8}  role")
-        for row in _circuit_rows(table["heads"]):
-            click.echo(f"  {row[0]:>7} {row[1]:<4} {row[2]:>7} {row[3]:>7} {row[4]:>8} {row[5]:>8}  {row[6]}")
+        header = ("head", "at", "direct", "via q", "LD drop", "(of LD)", "role")
+        for row in [header, *_circuit_rows(table["heads"])]:
+            click.echo("  {:>7} {:<4} {:>7} {:>7} {:>8} {:>8}  {}".format(*row))
         click.echo("Cross-sections are kept if mean-ablating all their nodes at once moves the LD by >= 5%:")
         for row in table["sections"]:
             click.echo(f"  {row['section']:>12} LD drop {row['ld_drop']:>8.3f} ({row['fraction']:.1%})  "
@@ -320,15 +308,11 @@ def _circuit_rows(heads):
     heads `ioi.discover` gave a role, strongest first; measures not taken are a dash."""
     def fmt(value, spec=".2f"):
         return "–" if value is None else format(value, spec)
-    found = [row for row in heads if row["role"]]
     roles = ["name mover", "S-inhibition", "induction/duplicate token"]  # the circuit, from the logits back
-    found.sort(key=lambda row: (roles.index(row["role"]) if row["role"] in roles else len(roles),
-                                -abs(row["ld_drop"] or 0)))
+    found = sorted((row for row in heads if row["role"]), key=lambda row: (
+        roles.index(row["role"]) if row["role"] in roles else len(roles), -abs(row["ld_drop"] or 0)))
     return [(row["head"], row["position"], fmt(row["direct_effect"]), fmt(row["query_effect"]),
              fmt(row["ld_drop"]), fmt(row["fraction"], ".1%"), row["role"]) for row in found]
-
-
-# === end ioi commands ===
 
 
 # === dictionaries commands (train-sae, supervised) ===
@@ -390,9 +374,6 @@ def supervised_command(acts_path, method, out):
     fve = 1 - residual.pow(2).sum() / (acts - acts.mean(0)).pow(2).sum()
     sizes = ", ".join(f"{name} {len(u)}" for name, u in dictionary.features.items())
     click.echo(f"{method} dictionary ({sizes} values): fraction of variance explained {fve:.4f} -> {out}")
-
-
-# === end dictionaries commands ===
 
 
 # === pipeline commands (collect, supervised, train-saes, run, demo, grade-sae) ===
@@ -1057,12 +1038,9 @@ def sae_reads(meta, d_in, config):
 
 def as_plain_model_sae(sae, model, act, layer, head):
     """The SAE on this model's plain activations. SAELens trains on TransformerLens's processed
-    model: `HookedTransformer.from_pretrained`'s defaults, unless cfg.json's
-    metadata.model_from_pretrained_kwargs says otherwise (ours say: no processing). Two of its
-    settings change what an SAE reads: fold_value_biases (hook_v and hook_z lack the value bias
-    b_V, and ln1's bias times W_V when fold_ln is on) and center_writing_weights (the residual
-    stream has mean 0 over d_model). Both fold into the SAE (dictionaries.fold_input_shift,
-    fold_input_centring)."""
+    model unless cfg.json's metadata.model_from_pretrained_kwargs says otherwise (ours do), where
+    fold_value_biases drops the value bias b_V (plus ln1's bias times W_V under fold_ln) from hook_v
+    and hook_z, and center_writing_weights centres the residual stream: both fold into the SAE."""
     settings, params = sae.meta.get("model_from_pretrained_kwargs") or {}, sae.params
     if act in ("v", "z") and settings.get("fold_value_biases", True):
         config, block = model.config, model.h[layer]
@@ -1139,20 +1117,9 @@ def grade_other_sae(run, label, sae, sections, min_section_effect=metrics.MIN_SE
     return records + metrics.grade_model(task.prompts, clean_run)
 
 
-def add_records(run, label, records):
-    """metrics.json with the records of SAE `label` replaced by `records` (created if needed); the
-    model's own records are added only where the file has none yet."""
-    path = run.path("metrics.json")
-    previous = _read_json(path)["results"] if os.path.exists(path) else []
-    kept = [row for row in previous if row.get("graded_sae") != label]
-    has_model = any(row["site"] == "model" for row in kept)
-    new = [replace(r, graded_sae=label).to_json() for r in records if not (has_model and r.site == "model")]
-    write_metrics(run, kept + new)
-
-
 def grade_sae_in_run(run, sae, label, min_section_effect=metrics.MIN_SECTION_EFFECT):
     """`grade-sae` once its run is open: grade `sae` at the sections it reads and put its records,
-    named `label`, in metrics.json (replacing those of an earlier grading)."""
+    named `label`, in metrics.json (created if needed; replacing those of an earlier grading)."""
     act, layer, head = sae_reads(sae.meta, sae.d_in, run.model.config)
     sae = as_plain_model_sae(sae, run.model, act, layer, head)
     sections = sae_sections(run.sections, act, layer, head)
@@ -1160,7 +1127,13 @@ def grade_sae_in_run(run, sae, label, min_section_effect=metrics.MIN_SECTION_EFF
         raise click.ClickException(f"{sae.meta['hook_name']} reads none of the circuit's cross-sections "
                                    f"({', '.join(s.name for s in run.sections)})")
     run.add_nodes([node for section in sections for node in section.nodes])
-    add_records(run, label, grade_other_sae(run, label, sae, sections, min_section_effect))
+    records = grade_other_sae(run, label, sae, sections, min_section_effect)
+    path = run.path("metrics.json")
+    kept = [row for row in (_read_json(path)["results"] if os.path.exists(path) else [])
+            if row.get("graded_sae") != label]
+    has_model = any(row["site"] == "model" for row in kept)  # the model's own records are written once
+    write_metrics(run, kept + [replace(r, graded_sae=label).to_json()
+                               for r in records if not (has_model and r.site == "model")])
 
 
 @cli.command("grade-sae")
@@ -1181,20 +1154,14 @@ def grade_sae_command(sae_dir, name, **options):
     click.echo(f"Wrote {run.path('metrics.json')} and {run.path('report.md')}")
 
 
-# === end pipeline commands ===
-
-
 # === benchmarks (bench): our GPT-2 forward and batched SAE training, timed ===
 
 def forward_flops(config, batch, n_pos, logits_at_last_only):
-    """Matmul FLOPs (2 per multiply-add) of one forward pass over [batch, n_pos] tokens.
-
-    Per token and layer: 2·4d² for q, k, v and the output projection, 2·2·d·d_mlp for the
-    MLP, 2·2·n_pos·d for attention scores and their weighted sum of values (the full square
-    is computed, then masked). The unembedding (2·d·vocab) runs at every position, or at
-    one per prompt with logits at the last position only (as nanoGPT slices before it).
-    LayerNorms, biases, GELU and softmax are not counted.
-    """
+    """Matmul FLOPs (2 per multiply-add) of one forward pass over [batch, n_pos] tokens. Per token and
+    layer: 2·4d² for q, k, v and the output projection, 2·2·d·d_mlp for the MLP, 2·2·n_pos·d for
+    attention scores and their weighted sum of values (the full square is computed, then masked). The
+    unembedding (2·d·vocab) runs at every position, or at one per prompt with logits at the last
+    position only (as nanoGPT slices before it). LayerNorms, biases, GELU and softmax are not counted."""
     d, tokens = config.n_embd, batch * n_pos
     per_layer = tokens * (2 * 4 * d * d + 2 * 2 * d * config.d_mlp + 2 * 2 * n_pos * d)
     unembedded = batch if logits_at_last_only else tokens
@@ -1213,14 +1180,11 @@ def _seconds(fn, device):
 
 @torch.inference_mode()
 def bench_forward(config=None, batch=100, n_pos=19, repeats=5, device="cpu", matmul_size=2048, seed=0):
-    """Time our IOI-style forward against Hugging Face's and against a plain matmul.
-
-    Ours: logits at the last position only, with hook_z of every head cached (what the
-    pipeline runs). HF: its ordinary forward, logits at every position. Both have the same
-    random weights (speed does not depend on their values) and see the same prompts, BOS
-    first. The three are timed in turn within each repeat, so a busy machine slows all of
-    them alike; we report medians, and the best matmul time as the machine's FLOP rate.
-    """
+    """Time our IOI-style forward (logits at the last position only, hook_z of every head cached: what
+    the pipeline runs) against Hugging Face's ordinary one (logits at every position) on the same
+    random weights (speed does not depend on their values) and prompts, and against a plain matmul.
+    The three are timed in turn within each repeat, so a busy machine slows all of them alike; we
+    report medians, and the best matmul time as the machine's FLOP rate."""
     import statistics
     config = config or gpt2.GPT2Config()
     torch.manual_seed(seed)
@@ -1236,7 +1200,7 @@ def bench_forward(config=None, batch=100, n_pos=19, repeats=5, device="cpu", mat
     try:
         import transformers
     except ImportError:
-        hf = None
+        pass
     else:
         hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config.to_hf_dict()))
         # strict=False: lm_head is tied to the token embedding
@@ -1250,20 +1214,17 @@ def bench_forward(config=None, batch=100, n_pos=19, repeats=5, device="cpu", mat
         for name, run in runs.items():
             times[name].append(_seconds(run, device))
     ours_s = statistics.median(times["ours"])
-    matmul_flops_per_s = 2 * matmul_size ** 3 / min(times["matmul"])
-    ours_flops_per_s = forward_flops(config, batch, n_pos, logits_at_last_only=True) / ours_s
-    result = {"batch": batch, "n_pos": n_pos, "repeats": repeats, "device": device,
-              "matmul_size": matmul_size, "ours_s": ours_s, "ours_tokens_per_s": batch * n_pos / ours_s,
-              "ours_gflops": ours_flops_per_s / 1e9, "matmul_gflops": matmul_flops_per_s / 1e9,
-              "ours_fraction_of_matmul": ours_flops_per_s / matmul_flops_per_s,
-              "hf_s": None, "hf_tokens_per_s": None, "hf_gflops": None, "ours_over_hf": None,
-              "max_abs_logit_diff": None}
-    if hf is not None:
+    matmul_gflops = 2 * matmul_size ** 3 / min(times["matmul"]) / 1e9
+    ours_gflops = forward_flops(config, batch, n_pos, logits_at_last_only=True) / ours_s / 1e9
+    result = {"batch": batch, "n_pos": n_pos, "repeats": repeats, "matmul_size": matmul_size,
+              "ours_tokens_per_s": batch * n_pos / ours_s, "ours_gflops": ours_gflops,
+              "matmul_gflops": matmul_gflops, "ours_fraction_of_matmul": ours_gflops / matmul_gflops,
+              "hf_s": None, "ours_over_hf": None, "max_abs_logit_diff": None}
+    if "hf" in runs:
         hf_s = statistics.median(times["hf"])
-        difference = (runs["ours"]() - runs["hf"]()[:, -1]).abs().max().item()
         result.update(hf_s=hf_s, hf_tokens_per_s=batch * n_pos / hf_s, ours_over_hf=hf_s / ours_s,
                       hf_gflops=forward_flops(config, batch, n_pos, logits_at_last_only=False) / hf_s / 1e9,
-                      max_abs_logit_diff=difference)
+                      max_abs_logit_diff=(runs["ours"]() - runs["hf"]()[:, -1]).abs().max().item())
     return result
 
 
@@ -1289,11 +1250,7 @@ def bench_command(batch, repeats, device):
     if r["hf_s"] is not None:
         click.echo(f"  ours / HF: {r['ours_over_hf']:.2f}x faster  "
                    f"(max |delta logit| {r['max_abs_logit_diff']:.1e})")
-    bench_sae_command()
-
-
-def bench_sae_command():
-    """The SAE half of `bench`: batched stack vs per-SAE loop, FLOP rate, the paper's grid projected."""
+    # The SAE half: batched stack vs per-SAE loop, FLOP rate, the paper's grid projected.
     s = dictionaries.bench_sae_training()
     click.echo(f"SAE training: {s['n_sae']} {s['arch']} SAEs {s['d_in']} -> {s['d_sae']}, batch 512, "
                f"{s['epochs']} epochs of {s['n']} inputs, best of 2")
@@ -1311,9 +1268,6 @@ def bench_sae_command():
                f"{s['paper_grid_hours']:.1f} h at its 2,000 epochs;")
     click.echo(f"    {s['paper_grid_converged_hours']:.1f} h stopped at convergence, assuming "
                f"{s['converged_epochs']} epochs (our slowest measured convergence: README, Status)")
-
-
-# === end benchmarks ===
 
 
 # === report (report.md, figures, terminal summary) ===
