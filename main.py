@@ -1243,7 +1243,6 @@ DASHED, DOTTED = {"color": "k", "ls": "--", "lw": 1}, {"color": "k", "ls": ":", 
 BAR_COLORS = {**COLORS, "IO names": "#2ca02c", "S names": "#d62728"}
 APPROXIMATION = ("sufficiency", "necessity")
 EDIT = ("edit_accuracy", "weight_removed")
-OCCLUSION = ("occlusion_io_names", "occlusion_s_names")
 
 
 # --- formatting: the one table helper, and figure panels as data ---
@@ -1432,8 +1431,9 @@ class Report:
         histogram = [("bar", None, ([r["low"] for r in bins], [r["value"] for r in bins]),
                       {"width": [r["high"] - r["low"] for r in bins], "align": "edge", "edgecolor": "w"})]
         panel = {"title": "Logit difference on evaluation prompts", "xlabel": "LD = logit[IO] − logit[S]",
-                 "ylabel": "prompts", "series": histogram + _mark(None, "v", 0, **DASHED)
-                 + _mark(f"mean {_fmt(mean)}", "v", mean, color="#d62728") if bins else []}
+                 "ylabel": "prompts", "series": (histogram + _mark(None, "v", 0, **DASHED)
+                                                 + _mark(f"mean {_fmt(mean)}", "v", mean, color="#d62728"))
+                 if bins else []}  # no bins: no figure
         return [] if all(value is None for value in stats.values()) else [
             _table(stats.items(), ["metric", "value"]),
             "For reference, GPT-2 Small reaches a mean logit difference ≈ 3.3 and top-1 ≈ 91%.",
@@ -1521,27 +1521,30 @@ class Report:
         panels = [self.edit_panels(methods, attribute, site) for attribute, site in self.headline()]
         setting = {(r["site"], r.get("attribute"), r["method"]):
                    f"{_setting(r['method'], r['setting'])} ({_fmt(r['value'])})" for r in chosen}
-        return [*([self.figure("control_headline.png", [by_weight for by_weight, _ in panels]),
-                   "Headline edits (README §6): k = 2 SAE latents changed greedily, or one supervised "
-                   "feature swapped. Look for markers high above the dashed no-intervention line, with "
-                   "little weight removed."] if panels else []),
-                "Each cell: edit accuracy / weight removed at k = 2 (SAEs: latents actually changed, of "
+        out = [self.figure("control_headline.png", [by_weight for by_weight, _ in panels]),
+               "Headline edits (README §6): k = 2 SAE latents changed greedily, or one supervised feature "
+               "swapped. Look for markers high above the dashed no-intervention line, with little weight "
+               "removed."] if panels else []
+        out += ["Each cell: edit accuracy / weight removed at k = 2 (SAEs: latents actually changed, of "
                 "their mean L0 there); `none`: accuracy without intervention (an edit informs only if low).",
                 _table([[site, a, self.edit("edit_accuracy_no_intervention", site, "none", a)]
                         + [self.edit_cell(site, a, m) for m in methods] for site, a in pairs],
                        ["cross-section", "attribute", "none"] + methods),
                 "The interpretation-aware edit: 1 latent out (best F1 for the old value), 1 in (the new):",
                 _table([[site, a] + [self.edit_cell(site, a, m, "f1") for m in saes] for site, a in pairs],
-                       ["cross-section", "attribute"] + saes),
-                *([self.figure("control_vs_k.png", [by_k for _, by_k in panels]),
-                   "Look for how fast accuracy climbs with the latents an edit changes: greedily towards "
-                   "the counterfactual (solid), or swapping k/2 latents of the old value for k/2 of the new "
-                   "(dashed)."] if panels else []),
-                *(["The SAE setting chosen per site and attribute: the one whose k = 2 edits land closest "
-                   "to the counterfactual activation (L2 distance in brackets).",
-                   _table([[site, a] + [setting.get((site, a, m)) for m in chosen_methods]
-                           for site, a in dict.fromkeys((r["site"], r.get("attribute")) for r in chosen)],
-                          ["cross-section", "attribute"] + chosen_methods)] if chosen else [])]
+                       ["cross-section", "attribute"] + saes)]
+        if panels:
+            out += [self.figure("control_vs_k.png", [by_k for _, by_k in panels]),
+                    "Look for how fast accuracy climbs with the latents an edit changes: greedily towards "
+                    "the counterfactual (solid), or swapping k/2 latents of the old value for k/2 of the new "
+                    "(dashed)."]
+        if chosen:
+            out += ["The SAE setting chosen per site and attribute: the one whose k = 2 edits land closest "
+                    "to the counterfactual activation (L2 distance in brackets).",
+                    _table([[site, a] + [setting.get((site, a, m)) for m in chosen_methods]
+                            for site, a in dict.fromkeys((r["site"], r.get("attribute")) for r in chosen)],
+                           ["cross-section", "attribute"] + chosen_methods)]
+        return out
 
     def interpretability(self):
         records = self.find("f1_coverage")
@@ -1603,9 +1606,11 @@ class Report:
     def occlusion(self):
         """README §9: names with a latent of their own, the α sweep, and the toy model."""
         out = self.evidence("occlusion", ("io", "s"))
-        keys = dict.fromkeys((r["site"], r["method"], r.get("setting")) for r in self.find(OCCLUSION[0]))
+        keys = dict.fromkeys((r["site"], r["method"], r.get("setting"))
+                             for r in self.find("occlusion_io_names"))
         rows = [(node, m, _setting(m, s), *(_count(self.mean(test, site=node, method=m, setting=s))
-                                            for test in OCCLUSION)) for node, m, s in keys]
+                                            for test in ("occlusion_io_names", "occlusion_s_names")))
+                for node, m, s in keys]
         if rows:
             bars = _bars([f"{node}\n{m} {setting}" for node, m, setting, _, _ in rows],
                          {"IO names": [row[3] for row in rows], "S names": [row[4] for row in rows]},
@@ -1614,11 +1619,11 @@ class Report:
             out += [_table(rows, ["node", "method", "setting", "IO names", "S names"]),
                     self.figure("occlusion.png", [bars], size=(7, 3.5)),
                     "Look for many IO names but few S names: S is present and causal at this node, yet the "
-                    "SAE gives it almost no latents of its own."] + ([
-                "Mean norm of the supervised features there: " + ", ".join(
+                    "SAE gives it almost no latents of its own."]
+            if norms:
+                out.append("Mean norm of the supervised features there: " + ", ".join(
                     f"{r['attribute'].upper()} {r['value']:.2f}" for r in norms)
-                + " — the larger feature wins."]
-                if norms else [])
+                    + " — the larger feature wins.")
         settings = sorted({r.get("setting") for r in self.find("alpha_sweep_io_names")}, key=lambda v: v or 0)
         lines = []
         for i, setting in enumerate(settings):
@@ -1629,15 +1634,16 @@ class Report:
                 lines.append(_line(label, points, ls=ls, marker="o", color=f"C{i}"))
         sweep = {"series": lines, "title": "SAEs trained on a − α·u_IO", "xlabel": "α",
                  "ylabel": "names with a latent (F1 ≥ 0.5)"}
+        out += self.figured("alpha_sweep.png", sweep, "Look for the crossing: as α shrinks the IO features, "
+                            "IO latents (solid) vanish and S latents (dashed) appear.")
         toy = self.find("occlusion_toy_recovered")
-        return out + self.figured("alpha_sweep.png", sweep, "Look for the crossing: as α shrinks the IO "
-                                  "features, IO latents (solid) vanish and S latents (dashed) appear.") + ([
+        return out if not toy else out + [
             "Toy model a = u_IO + v_S (216 values each, 64 dimensions, as in the paper) with the feature "
             "norms measured at the occlusion node (where not testable, a stated 2:1 ratio): the share of "
             "features with a vanilla-SAE latent of F1 > 0.9. Look for the high-norm features found and the "
             "low-norm ones missed.",
             _table([(r["attribute"].upper(), r.get("norm"), _setting("vanilla", r.get("setting")), r["value"])
-                    for r in toy], ["feature", "norm", "setting", "share recovered"])] if toy else [])
+                    for r in toy], ["feature", "norm", "setting", "share recovered"])]
 
     def oversplitting(self):
         """README §9: latents per Pos value in the model, and the toy where 1000 random latents win."""
