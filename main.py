@@ -1287,6 +1287,10 @@ MARKERS = dict(zip(METHODS, "xsPoD^v*dp"))
 # README §6, revised paper, k = 2, over the headline sites: (edit accuracy, weight removed) ranges.
 PAPER_EDITS = {"supervised": ((0.80, 0.96), (0.37, 0.64)), "gated": ((0.87, 0.97), (0.57, 0.79)),
                "topk": ((0.86, 0.95), (0.39, 0.68)), "vanilla": ((0.24, 0.61), None)}
+DASHED, DOTTED = {"color": "k", "ls": "--", "lw": 1}, {"color": "k", "ls": ":", "lw": 0.8}
+BAR_COLORS = {**COLORS, "IO names": "#2ca02c", "S names": "#d62728"}
+APPROXIMATION = ("sufficiency", "necessity")
+EDIT = ("edit_accuracy", "weight_removed")
 
 
 # --- formatting: the one table helper, and figure panels as data ---
@@ -1316,8 +1320,8 @@ def _distinct(records, key="method", order=METHODS):
 
 def _table(rows, headers):
     """A markdown table; floats print with two decimals, None as a dash."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    return "\n".join(lines + ["| " + " | ".join(_fmt(cell) for cell in row) + " |" for row in rows])
+    lines = ["| " + " | ".join(map(_fmt, row)) + " |" for row in [headers, *rows]]
+    return "\n".join(lines[:1] + ["|" + "---|" * len(headers)] + lines[1:])
 
 
 def _line(label, points, **style):
@@ -1341,14 +1345,9 @@ def _bars(groups, heights, marks=(), **settings):
     return {"series": bars + list(marks), "xticks": range(len(groups)), "xticklabels": groups, **settings}
 
 
-DASHED, DOTTED = {"color": "k", "ls": "--", "lw": 1}, {"color": "k", "ls": ":", "lw": 0.8}
-BAR_COLORS = {**COLORS, "IO names": "#2ca02c", "S names": "#d62728"}
-
-
 class Report:
-    """One run's metrics.json as markdown, section by section (README §1-§9). Records are flat
-    {test, site, method, value, ...params} and any test may be missing: each section method returns
-    its markdown blocks, or none when metrics.json holds nothing for it."""
+    """One run's metrics.json as markdown, section by section (README §1-§9). Any test may be missing:
+    each section method returns its markdown blocks, or none when metrics.json holds nothing for it."""
 
     def __init__(self, data, figdir):
         self.config, self.circuit_found = data.get("config") or {}, data.get("circuit") or {}
@@ -1370,10 +1369,9 @@ class Report:
         except (KeyError, TypeError, AttributeError) as e:
             raise click.ClickException(f"{path}: malformed, expected {{'results': [records with a 'test']}} "
                                        f"({type(e).__name__}: {e})")
-        bad = [r for records in report.by_test.values() for r in records
-               if not {"site", "method", "value"} <= set(r)]
-        if bad:
-            raise click.ClickException(f"{path}: malformed record {bad[0]} (needs test, site, method, value)")
+        for r in (r for records in report.by_test.values() for r in records):
+            if not {"site", "method", "value"} <= set(r):
+                raise click.ClickException(f"{path}: malformed record {r} (needs test, site, method, value)")
         return report
 
     # --- looking records up ---
@@ -1410,13 +1408,10 @@ class Report:
         sites = {r["site"] for test in ("edit_accuracy", "sufficiency") for r in self.by_test.get(test, [])}
         return [(attribute, site) for attribute, site in HEADLINE if site in sites]
 
-    # --- the one figure helper ---
-
     def figure(self, name, panels, ncols=3, size=(4.2, 3.3)):
-        """Draw `panels` into figures/<name>, written atomically; return its markdown link. A panel is
-        a dict of Axes settings (title, xlabel, ...) and "series": (Axes method, label, arguments,
-        style) tuples. A bare matplotlib Figure keeps no pyplot state, so nothing leaks."""
-        from matplotlib.figure import Figure
+        """Draw `panels` into figures/<name> (written atomically); return its markdown link. A panel is a
+        dict of Axes settings (title, xlabel, ...) and "series": (Axes method, label, arguments, style)."""
+        from matplotlib.figure import Figure  # a bare Figure keeps no pyplot state, so nothing leaks
         ncols, nrows = min(len(panels), ncols), -(-len(panels) // ncols)
         fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
         axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
@@ -1427,7 +1422,7 @@ class Report:
                 getattr(ax, method)(*args, label=label, **style)
             ax.set(**{key: value for key, value in panel.items() if key != "series"})
             ax.minorticks_off()
-            names = [label for label in panel.get("xticklabels", []) if not label.isdigit()]
+            names = any(not label.isdigit() for label in panel.get("xticklabels", []))
             ax.tick_params(axis="x", labelsize=8, labelrotation=20 if names else 0)  # so names do not overlap
         handles = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
         if handles and len(panels) == 1:
@@ -1435,9 +1430,13 @@ class Report:
         elif handles:  # one legend for all panels, outside on the right
             fig.legend(handles.values(), handles.keys(), fontsize=8, loc="outside right upper",
                        handlelength=3)
-        path = os.path.join(self.figdir, name)
-        gpt2.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+        gpt2.atomic_write(os.path.join(self.figdir, name),
+                          lambda tmp: fig.savefig(tmp, format="png", dpi=110))
         return f"![{name[:-4].replace('_', ' ')}](figures/{name})"
+
+    def figured(self, name, panel, caption, size=(6, 3.5)):
+        """A one-panel figure and the caption under it, or nothing if the panel has no series."""
+        return [self.figure(name, [panel], size=size), caption] if panel["series"] else []
 
     # --- the sections ---
 
@@ -1461,8 +1460,8 @@ class Report:
                              ["setting", "value"])]
 
     def summary(self):
-        """The terminal summary (also "At a glance"): the model's LD and accuracy, then per headline
-        site the k = 2 edit accuracy and the sufficiency of the supervised dictionary and task SAEs."""
+        """The terminal summary (also "At a glance"): the model's LD and accuracy, then per headline site
+        the k = 2 edit accuracy and sufficiency of the supervised dictionary and the task SAEs."""
         methods = ["supervised", "vanilla", "gated", "topk"]
         lines = [f"model: mean LD {_fmt(self.mean('logit_diff', site='model'))}, "
                  f"accuracy {_fmt(self.mean('accuracy', site='model'))}",
@@ -1476,21 +1475,18 @@ class Report:
 
     def model(self):
         stats = {test: self.mean(test, site="model") for test in ("logit_diff", "accuracy", "top1_accuracy")}
-        if all(value is None for value in stats.values()):
-            return []
-        out = [_table(stats.items(), ["metric", "value"]),
-               "For reference, GPT-2 Small reaches a mean logit difference ≈ 3.3 and top-1 ≈ 91%."]
-        bins = sorted(self.find("logit_diff_histogram"), key=lambda r: r["low"])
-        if bins:
-            mean = stats["logit_diff"]
-            histogram = ("bar", None, ([r["low"] for r in bins], [r["value"] for r in bins]),
-                         {"width": [r["high"] - r["low"] for r in bins], "align": "edge", "edgecolor": "w"})
-            marks = _mark(None, "v", 0, **DASHED) + _mark(f"mean {_fmt(mean)}", "v", mean, color="#d62728")
-            panel = {"series": [histogram] + marks, "title": "Logit difference on evaluation prompts",
-                     "xlabel": "LD = logit[IO] − logit[S]", "ylabel": "prompts"}
-            out += [self.figure("ld_histogram.png", [panel], size=(6, 3.3)),
-                    "Look for almost all mass right of the dashed line: LD > 0 means the model prefers IO."]
-        return out
+        bins, mean = sorted(self.find("logit_diff_histogram"), key=lambda r: r["low"]), stats["logit_diff"]
+        histogram = [("bar", None, ([r["low"] for r in bins], [r["value"] for r in bins]),
+                      {"width": [r["high"] - r["low"] for r in bins], "align": "edge", "edgecolor": "w"})]
+        panel = {"title": "Logit difference on evaluation prompts", "xlabel": "LD = logit[IO] − logit[S]",
+                 "ylabel": "prompts", "series": (histogram + _mark(None, "v", 0, **DASHED)
+                                                 + _mark(f"mean {_fmt(mean)}", "v", mean, color="#d62728"))
+                 if bins else []}  # no bins: no figure
+        return [] if all(value is None for value in stats.values()) else [
+            _table(stats.items(), ["metric", "value"]),
+            "For reference, GPT-2 Small reaches a mean logit difference ≈ 3.3 and top-1 ≈ 91%.",
+            *self.figured("ld_histogram.png", panel, "Look for almost all mass right of the dashed line: "
+                          "LD > 0 means the model prefers IO.", size=(6, 3.3))]
 
     def circuit(self):
         sections, discovery = self.circuit_found.get("sections"), self.circuit_found.get("discovery") or {}
@@ -1499,10 +1495,11 @@ class Report:
         out = [_table([(s["name"], ", ".join(f"`{node}`" for node in s["nodes"]), ", ".join(s["attributes"]))
                        for s in sections], ["cross-section", "nodes", "attributes edited"])]
         if any(head["role"] for head in discovery.get("heads", [])):
-            headers = ["head", "position", "direct effect", "LD drop via q", "LD drop", "of LD", "role"]
             out += ["Heads found in the model itself (`ioi.discover`), each class by its own measure "
                     "(README, \"The embedded model\"), at ≥ 1/3 of the strongest head's value "
-                    "and ≥ 2% of the LD:", _table(_circuit_rows(discovery["heads"]), headers)]
+                    "and ≥ 2% of the LD:",
+                    _table(_circuit_rows(discovery["heads"]), ["head", "position", "direct effect",
+                                                               "LD drop via q", "LD drop", "of LD", "role"])]
         if discovery.get("sections"):
             skipped = self.circuit_found.get("skipped") or []
             verdicts = [(d["section"], d["ld_drop"], d["fraction"],
@@ -1520,11 +1517,11 @@ class Report:
             return []
         sites, methods = _distinct(records, "site", SITES), _distinct(records)
         score = {(test, m): [self.at(test, site, m) for site in sites]
-                 for test in ("sufficiency", "necessity") for m in methods}
+                 for test in APPROXIMATION for m in methods}
         panels = [_bars(sites, {m: score[test, m] for m in methods}, _mark(None, "h", 1, **DOTTED),
-                        title=test, ylabel="score (1 = perfect)") for test in ("sufficiency", "necessity")]
-        cells = [[site] + [f"{_fmt(score['sufficiency', m][i])} / {_fmt(score['necessity', m][i])}"
-                           for m in methods] for i, site in enumerate(sites)]
+                        title=test, ylabel="score (1 = perfect)") for test in APPROXIMATION]
+        cells = [[site] + [" / ".join(_fmt(score[test, m][i]) for test in APPROXIMATION) for m in methods]
+                 for i, site in enumerate(sites)]
         return ["Each cell: *sufficiency / necessity* (README §5), 1 is best; task SAEs at their chosen "
                 "setting.",
                 _table(cells, ["cross-section"] + methods),
@@ -1536,7 +1533,7 @@ class Report:
         against the latents the edit changes (greedy solid, F1-guided dashed; supervised: exact)."""
         ks = sorted({r["k"] for r in self.find("edit_accuracy") if r.get("k") is not None})
         score = {m: [self.edit(test, site, m, attribute) for test in ("weight_removed", "edit_accuracy")]
-                 for m in methods}
+                 for m in methods}  # (x, y) of the scatter
         baseline = self.edit("edit_accuracy_no_intervention", site, "none", attribute)
         by_weight = [("scatter", m, score[m], {"s": 60, "color": COLORS.get(m), "marker": MARKERS.get(m)})
                      for m in methods if None not in score[m]]
@@ -1558,8 +1555,7 @@ class Report:
 
     def edit_cell(self, site, attribute, method, kind="greedy"):
         """'edit accuracy / weight removed', and for SAEs '(latents changed of L0 there)'."""
-        text = " / ".join(_fmt(self.edit(test, site, method, attribute, kind=kind))
-                          for test in ("edit_accuracy", "weight_removed"))
+        text = " / ".join(_fmt(self.edit(test, site, method, attribute, kind=kind)) for test in EDIT)
         changed = self.edit("latents_changed", site, method, attribute, kind=kind)
         l0 = self.at("l0_at_site", site, method, choose_for=attribute)
         return text if changed is None else f"{text} ({changed:.1f} of L0 {_fmt(l0)})"
@@ -1569,8 +1565,10 @@ class Report:
         if not records:
             return []
         methods, pairs = _distinct(records), dict.fromkeys((r["site"], r["attribute"]) for r in records)
-        saes = [m for m in methods if not m.startswith("supervised")]
+        saes, chosen_methods = [m for m in methods if not m.startswith("supervised")], _distinct(chosen)
         panels = [self.edit_panels(methods, attribute, site) for attribute, site in self.headline()]
+        setting = {(r["site"], r.get("attribute"), r["method"]):
+                   f"{_setting(r['method'], r['setting'])} ({_fmt(r['value'])})" for r in chosen}
         out = [self.figure("control_headline.png", [by_weight for by_weight, _ in panels]),
                "Headline edits (README §6): k = 2 SAE latents changed greedily, or one supervised feature "
                "swapped. Look for markers high above the dashed no-intervention line, with little weight "
@@ -1589,31 +1587,27 @@ class Report:
                     "the counterfactual (solid), or swapping k/2 latents of the old value for k/2 of the new "
                     "(dashed)."]
         if chosen:
-            setting = {(r["site"], r.get("attribute"), r["method"]):
-                       f"{_setting(r['method'], r['setting'])} ({_fmt(r['value'])})" for r in chosen}
-            rows = dict.fromkeys((r["site"], r.get("attribute")) for r in chosen)
             out += ["The SAE setting chosen per site and attribute: the one whose k = 2 edits land closest "
                     "to the counterfactual activation (L2 distance in brackets).",
-                    _table([[site, a] + [setting.get((site, a, m)) for m in _distinct(chosen)]
-                            for site, a in rows], ["cross-section", "attribute"] + _distinct(chosen))]
+                    _table([[site, a] + [setting.get((site, a, m)) for m in chosen_methods]
+                            for site, a in dict.fromkeys((r["site"], r.get("attribute")) for r in chosen)],
+                           ["cross-section", "attribute"] + chosen_methods)]
         return out
 
     def interpretability(self):
-        out, records = [], self.find("f1_coverage")
-        if records:
-            sites, methods = _distinct(records, "site", SITES), _distinct(records)
-            attributes = _distinct(records, "attribute", ())
-            coverage = {(site, a, m): self.at("f1_coverage", site, m, attribute=a)
-                        for site in sites for a in attributes for m in methods}
-            panels = [_bars(sites, {m: [coverage[site, a, m] for site in sites] for m in methods},
-                            title=f"F1 coverage of {a}", ylabel="values with F1 ≥ 0.8", ylim=(0, 1.05))
-                      for a in attributes]
-            out += ["F1 coverage (README §7): the share of an attribute's values that some latent detects "
-                    "with F1 ≥ 0.8, averaged over its nodes. Look for bars near 1: a latent for every "
-                    "value.",
-                    _table([[site, a] + [coverage[site, a, m] for m in methods] for site in sites
-                            for a in attributes], ["cross-section", "attribute"] + methods),
-                    self.figure("f1_coverage.png", panels)]
+        records = self.find("f1_coverage")
+        sites, methods = _distinct(records, "site", SITES), _distinct(records)
+        attributes = _distinct(records, "attribute", ())
+        coverage = {(site, a, m): self.at("f1_coverage", site, m, attribute=a)
+                    for site in sites for a in attributes for m in methods}
+        panels = [_bars(sites, {m: [coverage[site, a, m] for site in sites] for m in methods},
+                        title=f"F1 coverage of {a}", ylabel="values with F1 ≥ 0.8", ylim=(0, 1.05))
+                  for a in attributes]
+        out = ["F1 coverage (README §7): the share of an attribute's values that some latent detects "
+               "with F1 ≥ 0.8, averaged over its nodes. Look for bars near 1: a latent for every value.",
+               _table([[site, a] + [coverage[site, a, m] for m in methods] for site in sites
+                       for a in attributes], ["cross-section", "attribute"] + methods),
+               self.figure("f1_coverage.png", panels)] if records else []
         tests = {"causal_keep_sufficiency": "keep latents with F1 ≥ t: sufficiency",
                  "causal_remove_necessity": "remove latents with F1 ≥ t: necessity"}
         if any(self.find(test) for test in tests):
@@ -1658,6 +1652,7 @@ class Report:
                 _table([row(node) for node in closest[:4]], headers)]
 
     def occlusion(self):
+        """README §9: names with a latent of their own, the α sweep, and the toy model."""
         out = self.evidence("occlusion", ("io", "s"))
         keys = dict.fromkeys((r["site"], r["method"], r.get("setting"))
                              for r in self.find("occlusion_io_names"))
@@ -1668,35 +1663,29 @@ class Report:
             bars = _bars([f"{node}\n{m} {setting}" for node, m, setting, _, _ in rows],
                          {"IO names": [row[3] for row in rows], "S names": [row[4] for row in rows]},
                          title="Names with a latent of F1 ≥ 0.5", ylabel="names")
+            norms = self.find("supervised_feature_norm")
             out += [_table(rows, ["node", "method", "setting", "IO names", "S names"]),
                     self.figure("occlusion.png", [bars], size=(7, 3.5)),
                     "Look for many IO names but few S names: S is present and causal at this node, yet the "
                     "SAE gives it almost no latents of its own."]
-        norms = self.find("supervised_feature_norm")
-        if rows and norms:
-            out.append("Mean norm of the supervised features there: " + ", ".join(
-                f"{r['attribute'].upper()} {r['value']:.2f}" for r in norms)
-                + " — the larger feature wins.")
-        return out + self.alpha_sweep() + self.occlusion_toy()
-
-    def alpha_sweep(self):
-        lines = []
+            if norms:
+                out.append("Mean norm of the supervised features there: " + ", ".join(
+                    f"{r['attribute'].upper()} {r['value']:.2f}" for r in norms)
+                    + " — the larger feature wins.")
         settings = sorted({r.get("setting") for r in self.find("alpha_sweep_io_names")}, key=lambda v: v or 0)
+        lines = []
         for i, setting in enumerate(settings):
             for name, ls in (("IO", "-"), ("S", "--")):
                 records = self.find(f"alpha_sweep_{name.lower()}_names", setting=setting)
                 label = f"{name} {_setting(records[0]['method'], setting)}" if records else None
                 points = sorted((r["alpha"], r["value"]) for r in records)
                 lines.append(_line(label, points, ls=ls, marker="o", color=f"C{i}"))
-        panel = {"series": lines, "title": "SAEs trained on a − α·u_IO", "xlabel": "α",
+        sweep = {"series": lines, "title": "SAEs trained on a − α·u_IO", "xlabel": "α",
                  "ylabel": "names with a latent (F1 ≥ 0.5)"}
-        return [self.figure("alpha_sweep.png", [panel], size=(6, 3.5)),
-                "Look for the crossing: as α shrinks the IO features, IO latents (solid) vanish and S "
-                "latents (dashed) appear."] if lines else []
-
-    def occlusion_toy(self):
+        out += self.figured("alpha_sweep.png", sweep, "Look for the crossing: as α shrinks the IO features, "
+                            "IO latents (solid) vanish and S latents (dashed) appear.")
         toy = self.find("occlusion_toy_recovered")
-        return [] if not toy else [
+        return out if not toy else out + [
             "Toy model a = u_IO + v_S (216 values each, 64 dimensions, as in the paper) with the feature "
             "norms measured at the occlusion node (where not testable, a stated 2:1 ratio): the share of "
             "features with a vanilla-SAE latent of F1 > 0.9. Look for the high-norm features found and the "
@@ -1705,18 +1694,15 @@ class Report:
                     for r in toy], ["feature", "norm", "setting", "share recovered"])]
 
     def oversplitting(self):
-        out = self.evidence("oversplitting", ("pos",))
+        """README §9: latents per Pos value in the model, and the toy where 1000 random latents win."""
         rows = [(r["site"], r["method"], _setting(r["method"], r.get("setting")), _count(r["value"]))
                 for r in self.find("pos_latents", phenomenon="oversplitting")]
-        if rows:
-            out += ["Latents whose best interpretation is a Pos value there (the paper: ≥ 10 for this "
-                    "binary attribute in GPT-2 Small's name-mover queries):",
-                    _table(rows, ["node", "method", "setting", "Pos latents"])]
-        return out + self.oversplitting_toy()
-
-    def oversplitting_toy(self):
+        out = self.evidence("oversplitting", ("pos",)) + ([
+            "Latents whose best interpretation is a Pos value there (the paper: ≥ 10 for this binary "
+            "attribute in GPT-2 Small's name-mover queries):",
+            _table(rows, ["node", "method", "setting", "Pos latents"])] if rows else [])
         if not self.find("oversplit_toy_loss"):
-            return []
+            return out
         paper_grid = {m: self.find("oversplit_toy_loss", method=m, grid="paper")
                       for m in ("ideal_2_latent", "random_1000_latent")}
         fired = [r["l1"] for r in paper_grid["ideal_2_latent"] if r["firing"] >= 0.02]
@@ -1727,15 +1713,15 @@ class Report:
                                 "random_1000_latent", "random 1000-latent SAE", "#d62728"))]
                  + _mark("ideal SAE fires on < 2% beyond", "v", max(fired, default=None), **DOTTED)}
         counts = ("counted", "random_wins", "ideal_wins", "ties", "not_counted")
-        return [self.figure("oversplit_toy.png", [panel], size=(6, 3.5)),
-                "Look for the red curve under the green one: 1000 meaningless latents beat the two true "
-                "features on the SAE's own loss. Past the dotted line the ideal SAE (almost) never fires and "
-                "both losses tend to E‖x‖², so wins count only where it fires on at least 2% of inputs:",
-                _table([(grid, *(_count(self.mean(f"oversplit_toy_{c}", grid=grid)) for c in counts),
-                         self.mean("oversplit_toy_share_random_wins", grid=grid))
-                        for grid in ("paper", "ours")],
-                       ["grid", "λ counted", "random wins", "ideal wins", "ties", "λ not counted",
-                        "share random"])]
+        return out + [
+            self.figure("oversplit_toy.png", [panel], size=(6, 3.5)),
+            "Look for the red curve under the green one: 1000 meaningless latents beat the two true "
+            "features on the SAE's own loss. Past the dotted line the ideal SAE (almost) never fires and "
+            "both losses tend to E‖x‖², so wins count only where it fires on at least 2% of inputs:",
+            _table([(grid, *(_count(self.mean(f"oversplit_toy_{c}", grid=grid)) for c in counts),
+                     self.mean("oversplit_toy_share_random_wins", grid=grid)) for grid in ("paper", "ours")],
+                   ["grid", "λ counted", "random wins", "ideal wins", "ties", "λ not counted",
+                    "share random"])]
 
     def core(self):
         tests = ["l0", "mse", "fve", "dead_fraction", "ld_recovered", "train_steps", "train_converged"]
@@ -1764,11 +1750,11 @@ class Report:
         pos = [r["value"] for r in self.find("pos_latents", phenomenon="oversplitting")
                if r["method"] in ARCHS]
         if pos:
-            verdict = ("reproduced (criterion: ≥ 10 in every setting)" if min(pos) >= 10 else
-                       "in some settings (criterion: ≥ 10)" if max(pos) >= 10 else
-                       "not reproduced (criterion: ≥ 10)")
             rows.append(("over-splitting: latents interpreted as a Pos value", "≥ 10",
-                         f"{min(pos):g}–{max(pos):g}", verdict))
+                         f"{min(pos):g}–{max(pos):g}",
+                         "reproduced (criterion: ≥ 10 in every setting)" if min(pos) >= 10 else
+                         "in some settings (criterion: ≥ 10)" if max(pos) >= 10 else
+                         "not reproduced (criterion: ≥ 10)"))
         wins, counted = (self.mean(f"oversplit_toy_{c}", grid="paper")
                          for c in ("share_random_wins", "counted"))
         if wins is not None:
@@ -1782,23 +1768,21 @@ class Report:
             _table(rows, ["quantity", "paper", "this run", "verdict"])]
 
     def paper_edit_rows(self):
-        """k = 2 edits against the paper's ranges (README §6), over the headline sites where an edit is
-        informative: without any intervention the model's answer mostly differs from the counterfactual's."""
-        baseline = {(a, s): self.edit("edit_accuracy_no_intervention", s, "none", a)
-                    for a, s in self.headline()}
-        sites = [(a, s) for (a, s), accuracy in baseline.items() if accuracy is None or accuracy < 0.5]
+        """k = 2 edits against the paper's ranges (README §6), at the headline sites where an edit informs:
+        without any intervention the model's answer mostly differs from the counterfactual's."""
+        sites = [(a, s) for a, s in self.headline()
+                 if (self.edit("edit_accuracy_no_intervention", s, "none", a) or 0) < 0.5]
         rows = []
         for m, ranges in PAPER_EDITS.items():
-            for test, paper in zip(("edit_accuracy", "weight_removed"), ranges):
+            for test, paper in zip(EDIT, ranges):
                 ours = [value for a, s in sites if (value := self.edit(test, s, m, a)) is not None]
-                if not (paper and ours):
-                    continue
-                low, high = min(ours), max(ours)
-                verdict = ("within the paper's range" if paper[0] <= low and high <= paper[1] else
-                           "higher" if low > paper[1] else "lower" if high < paper[0] else
-                           "overlaps the paper's range")
-                rows.append((f"{m}: {test.replace('_', ' ')} at k = 2", "{:.2f}–{:.2f}".format(*paper),
-                             f"{low:.2f}–{high:.2f}", verdict))
+                if paper and ours:
+                    low, high = min(ours), max(ours)
+                    rows.append((f"{m}: {test.replace('_', ' ')} at k = 2", "{:.2f}–{:.2f}".format(*paper),
+                                 f"{low:.2f}–{high:.2f}",
+                                 "within the paper's range" if paper[0] <= low and high <= paper[1] else
+                                 "higher" if low > paper[1] else "lower" if high < paper[0] else
+                                 "overlaps the paper's range"))
         return rows
 
     def occlusion_verdict(self):
@@ -1826,19 +1810,17 @@ class Report:
         """Each SAE graded by `grade-sae`, at the sites it reads, beside the yardstick at the same nodes."""
         rows = []
         for graded in self.find("graded_sae"):
-            site = graded["site"]
-            head = "" if graded.get("head") is None else f" head {graded['head']}"
-            reads = graded.get("reads", "") + head
+            site, head = graded["site"], "" if graded.get("head") is None else f" head {graded['head']}"
             attributes = list(dict.fromkeys(r["attribute"] for r in self.find("edit_accuracy", site=site)))
             for m in _distinct(self.find("sufficiency", site=site)):
-                if m == "mean_ablation":
-                    continue
-                approximation = " / ".join(_fmt(self.at(test, site, m))
-                                           for test in ("sufficiency", "necessity"))
-                edits = ", ".join(f"{a} {_fmt(self.edit('edit_accuracy', site, m, a))}" for a in attributes)
-                coverage = "" if m.startswith("supervised") else ", ".join(
-                    f"{a} {_fmt(self.at('f1_coverage', site, m, attribute=a))}" for a in attributes)
-                rows.append([graded["method"], reads, site, m, approximation, edits, coverage])
+                if m != "mean_ablation":
+                    edits = ", ".join(f"{a} {_fmt(self.edit('edit_accuracy', site, m, a))}"
+                                      for a in attributes)
+                    coverage = "" if m.startswith("supervised") else ", ".join(
+                        f"{a} {_fmt(self.at('f1_coverage', site, m, attribute=a))}" for a in attributes)
+                    rows.append([graded["method"], graded.get("reads", "") + head, site, m,
+                                 " / ".join(_fmt(self.at(test, site, m)) for test in APPROXIMATION),
+                                 edits, coverage])
         return [] if not rows else [
             "Each SAE at the cross-sections it reads, beside the supervised dictionaries fitted at the very "
             "same nodes and, where it reads single heads, our task SAEs: sufficiency / necessity (1 is "
@@ -1867,8 +1849,7 @@ class Report:
 
 
 def write_report(run_dir) -> str:
-    """Write <run_dir>/report.md and <run_dir>/figures/*.png from <run_dir>/metrics.json; return the
-    terminal summary."""
+    """Write <run_dir>/report.md and figures/*.png from its metrics.json; return the terminal summary."""
     report = Report.load(run_dir)
     os.makedirs(report.figdir, exist_ok=True)
     markdown = report.markdown()

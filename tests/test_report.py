@@ -205,7 +205,8 @@ def test_verdicts_state_their_criterion_and_number(full_report):
     assert "changes ≥ 10% of the answers" in occlusion
     assert row(tables(occlusion)[0], node=NODE)["S: norm / answers changed / LD moved"] == "0.50 / 40% / 20%"
     oversplitting = section(text, "### Feature over-splitting")
-    assert "**Not testable here.** The test needs Pos present (supervised feature norm ≥ 0.1" in oversplitting
+    assert ("**Not testable here.** The test needs Pos present (supervised feature norm ≥ 0.1"
+            in oversplitting)
     closest = tables(oversplitting)[0]  # the nodes closest to testable, the strongest first
     assert [r["node"] for r in closest] == [NODE, "q@L2H2@end"]
     assert closest[1]["Pos: norm / answers changed / LD moved"] == "0.05 / 0% / 0%"
