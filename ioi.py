@@ -8,6 +8,7 @@ positions, found per prompt. For a model whose circuit is not known (the small m
 trained here, the embedded default), `discover` finds the heads that matter.
 """
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -492,28 +493,25 @@ def discover(model, prompts, threshold=1 / 3, min_effect=0.02, min_section_effec
       induction / duplicate token: the LD drop when the head's z at `s2` is mean-ablated.
     A cross-section is kept if mean-ablating all its nodes at once moves the mean LD by at least
     `min_section_effect` of it (else sufficiency is ~1 whatever is patched in; necessity divides by ~0).
-    Returns (cross-sections, table): table["heads"] has one row per head and position
-    {head, position, direct_effect, query_effect, ld_drop, fraction, role} (measures not
-    taken at a position are None); table["sections"] one row per cross-section
-    {section, ld_drop, fraction, kept}.
+    Returns (cross-sections, table): table["heads"] has one row per head and position {head, position,
+    direct_effect, query_effect, ld_drop, fraction, role} (measures not taken at a position are None);
+    table["sections"] one row per cross-section {section, ld_drop, fraction, kept}.
     """
     clean = patched_run(model, prompts, batch_size=batch_size).logit_diff.mean().item()
     floor = min_effect * abs(clean)
     heads = [(layer, head) for layer in range(model.config.n_layer) for head in range(model.config.n_head)]
-    means = {}
 
-    def add_means(nodes):
-        activations = collect_activations(model, prompts, nodes, batch_size)
-        means.update({node: acts.mean(0) for node, acts in activations.items()})
+    def mean_of(nodes):
+        return {node: a.mean(0) for node, a in collect_activations(model, prompts, nodes, batch_size).items()}
 
     def ablation_drop(nodes, through_queries_of=()):
         patches = {node: means[node].expand(len(prompts), -1) for node in nodes}
-        if through_queries_of:  # path patching: patch in only these heads' queries at `end`, as `nodes` make them
+        if through_queries_of:  # path patching: patch these heads' queries at `end` as `nodes` make them
             queries = [Node("q", layer, head, "end") for layer, head in through_queries_of]
             patches = collect_activations(model, prompts, queries, batch_size, patches=patches)
         return clean - patched_run(model, prompts, patches, batch_size).logit_diff.mean().item()
 
-    add_means([Node("z", layer, head, position) for position in ("end", "s2") for layer, head in heads])
+    means = mean_of([Node("z", layer, head, position) for position in ("end", "s2") for layer, head in heads])
     direct = direct_effects(model, prompts, batch_size)                          # [layer, head]
     name_movers = [(l, h) for l, h in heads if direct[l, h] >= max(threshold * direct.max().item(), floor)]
     query_effect = {(l, h): ablation_drop([Node("z", l, h, "end")], name_movers)  # heads before the movers
@@ -533,7 +531,7 @@ def discover(model, prompts, threshold=1 / 3, min_effect=0.02, min_section_effec
                       "ld_drop": s2_drop[l, h], "fraction": s2_drop[l, h] / clean,
                       "role": "induction/duplicate token" if (l, h) in induction_dt else ""})
     sections = cross_sections(name_movers, s_inhibition, induction_dt)
-    add_means(dict.fromkeys(node for section in sections for node in section.nodes if node not in means))
+    means.update(mean_of([node for section in sections for node in section.nodes if node not in means]))
     drops = {section.name: ablation_drop(section.nodes) for section in sections}
     section_rows = [{"section": name, "ld_drop": drop, "fraction": drop / clean,
                      "kept": abs(drop) >= min_section_effect * abs(clean)} for name, drop in drops.items()]
@@ -561,14 +559,14 @@ def direct_effects(model, prompts, batch_size=256):
         rows, end = torch.arange(len(batch.tokens)), batch.positions["end"]
         resid = cache[last_resid][rows, end]                                           # [batch, d_model]
         scale = (resid.var(-1, unbiased=False) + config.layer_norm_epsilon).sqrt()      # [batch]
-        unembed = model.wte.weight                                                      # tied: [vocab, d_model]
+        unembed = model.wte.weight                                                 # tied: [vocab, d_model]
         # [batch, d_model]: the LD's direction in the final LayerNorm's input, scale applied
         direction = (unembed[batch.io_token] - unembed[batch.s_token]) * model.ln_f.weight
         for layer, block in enumerate(model.h):
-            z = cache[f"blocks.{layer}.attn.hook_z"][rows, end]                        # [batch, head, d_head]
-            W_O = block.attn.c_proj.weight.view(config.n_head, d_head, -1)             # [head, d_head, d_model]
-            out = torch.einsum("bhd,hde->bhe", z, W_O)                                 # [batch, head, d_model]
-            out = out - out.mean(-1, keepdim=True)                                     # LayerNorm centres
+            z = cache[f"blocks.{layer}.attn.hook_z"][rows, end]                 # [batch, head, d_head]
+            W_O = block.attn.c_proj.weight.view(config.n_head, d_head, -1)      # [head, d_head, d_model]
+            out = torch.einsum("bhd,hde->bhe", z, W_O)                          # [batch, head, d_model]
+            out = out - out.mean(-1, keepdim=True)                              # LayerNorm centres
             total[layer] += (torch.einsum("bhe,be->bh", out, direction) / scale[:, None]).sum(0).cpu()
     return total / len(prompts)
 
@@ -640,11 +638,8 @@ class CircuitConfig:
 
 
 def _feature_slices():
-    slices, start = {}, 0
-    for name, size in FEATURES:
-        slices[name] = slice(start, start + size)
-        start += size
-    return slices, start
+    ends = list(itertools.accumulate(size for _, size in FEATURES))
+    return {name: slice(end - size, end) for (name, size), end in zip(FEATURES, ends)}, ends[-1]
 
 
 def _unit_rows(n, d, generator):
@@ -664,21 +659,18 @@ class CircuitWriter:
     def __init__(self, config):
         self.config, self.d_head = config, config.n_embd // config.n_head
         self.slices, n_features = _feature_slices()
-        generator = torch.Generator().manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
         # An orthonormal basis of the zero-mean subspace: QR of [ones, random] drops the ones.
-        random = torch.randn(config.n_embd, n_features, generator=generator, dtype=torch.float64)
+        random = torch.randn(config.n_embd, n_features, generator=self.generator, dtype=torch.float64)
         seed_matrix = torch.cat([torch.ones(config.n_embd, 1, dtype=torch.float64), random], 1)
         self.basis = torch.linalg.qr(seed_matrix)[0][:, 1:].T                 # [feature, d_model]
-        self.generator = generator
-        model = gpt2.GPT2(gpt2.GPT2Config(n_positions=config.n_positions, n_embd=config.n_embd,
-                                          n_layer=config.n_layer, n_head=config.n_head,
-                                          n_inner=config.n_inner))
+        self.gpt2_config = gpt2.GPT2Config(n_positions=config.n_positions, n_embd=config.n_embd,
+                                           n_layer=config.n_layer, n_head=config.n_head,
+                                           n_inner=config.n_inner)
         # Everything not written below stays 0: idle heads, MLPs and biases; LayerNorms are identities.
-        self.state = {key: torch.zeros_like(value, dtype=torch.float64)
-                      for key, value in model.state_dict().items()}
-        for key in self.state:
-            if key.endswith((".weight",)) and ("ln_" in key):
-                self.state[key] += 1
+        self.state = {key: torch.full_like(value, float("ln_" in key and key.endswith(".weight")),
+                                           dtype=torch.float64)
+                      for key, value in gpt2.GPT2(self.gpt2_config).state_dict().items()}
 
     def size(self, block):
         return self.slices[block].stop - self.slices[block].start
@@ -768,9 +760,7 @@ def build_ioi_model(config=None):
     # (tied) unembedding shares, so logits sit near 0 as a trained model's do.
     writer.state["ln_f.weight"] = torch.full((config.n_embd,), config.logit_scale, dtype=torch.float64)
     writer.state["ln_f.bias"] = -config.logit_scale * bias * writer.basis[s["bias"]][0]
-    model = gpt2.GPT2(gpt2.GPT2Config(n_positions=config.n_positions, n_embd=config.n_embd,
-                                      n_layer=config.n_layer, n_head=config.n_head,
-                                      n_inner=config.n_inner))
+    model = gpt2.GPT2(writer.gpt2_config)
     model.load_state_dict({key: value.float() for key, value in writer.state.items()})
     return model.eval()
 
