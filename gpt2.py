@@ -483,19 +483,17 @@ def recover_interrupted_save(path):
 
 
 def _checkpoint_files(path):
-    path = os.fspath(path)  # accept pathlib.Path too
+    weights_file = path = os.fspath(path)  # accept pathlib.Path too
     if os.path.isdir(path):
         weights_file = os.path.join(path, "model.safetensors")
         if not os.path.exists(weights_file):
             raise WeightsError(f"{path}: directory has no model.safetensors")
-        config_file = os.path.join(path, "config.json")
-        return weights_file, config_file if os.path.exists(config_file) else None
-    if not os.path.exists(path):
+    elif not os.path.exists(path):
         raise WeightsError(f"{path}: no such file or directory")
-    if not path.endswith(".safetensors"):
+    elif not path.endswith(".safetensors"):
         raise WeightsError(f"{path}: expected a directory or a .safetensors file")
-    config_file = os.path.join(os.path.dirname(path), "config.json")
-    return path, config_file if os.path.exists(config_file) else None
+    config_file = os.path.join(os.path.dirname(weights_file), "config.json")
+    return weights_file, config_file if os.path.exists(config_file) else None
 
 
 _MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
