@@ -103,12 +103,8 @@ def gelu(x):
 
 
 class Conv1D(nn.Module):
-    """A linear layer stored as OpenAI's TensorFlow code stored it: weight is [in, out].
-
-    The original GPT-2 implemented dense layers as 1x1 convolutions, so checkpoints keep
-    the weight transposed relative to nn.Linear ([out, in]). Keeping their layout makes
-    loading a plain copy; `x @ weight + bias` is the same map.
-    """
+    """A linear layer with weight [in, out], transposed from nn.Linear's: the original GPT-2 wrote dense
+    layers as 1x1 convolutions, and keeping their layout makes loading a checkpoint a plain copy."""
 
     def __init__(self, n_in, n_out):
         super().__init__()
@@ -287,11 +283,9 @@ class GPT2(nn.Module):
 
     def hook_names(self):
         """Every hook point, in the order a forward pass reaches them: TransformerLens's GPT-2 hooks."""
-        names = ["hook_embed", "hook_pos_embed"]
-        for block in self.h:
-            names += block.hook_names()
-        final = ["ln_final.hook_scale", "ln_final.hook_normalized"]
-        return names + final + ["unembed.hook_in", "unembed.hook_out"]  # normalised residual; logits
+        blocks = [name for block in self.h for name in block.hook_names()]
+        return ["hook_embed", "hook_pos_embed", *blocks, "ln_final.hook_scale", "ln_final.hook_normalized",
+                "unembed.hook_in", "unembed.hook_out"]  # the last two: normalised residual; logits
 
     def _resolve_names(self, names_filter):
         """Hook names selected by a TransformerLens `names_filter`: None (every hook), a name, a
@@ -378,31 +372,23 @@ class GPT2(nn.Module):
 
 
 def patch_heads(positions, heads, values):
-    """Hook fn that writes values[b, i] at (positions[b, i], heads[i]) of a per-head activation.
-
-    positions: LongTensor [batch, n]; heads: n head indices; values: [batch, n, d_head].
-    Used for `hook_q|k|v|z`; several nodes of one layer are patched by one hook.
-    """
+    """Hook fn that writes values[b, i] at (positions[b, i], heads[i]) of a per-head activation
+    (`hook_q|k|v|z`). positions: LongTensor [batch, n]; heads: n head indices; values: [batch, n, d_head]."""
     heads = torch.as_tensor(heads, dtype=torch.long)
 
     def hook(act):                                                # [batch, pos, head, d_head]
-        act = act.clone()
-        rows = torch.arange(act.shape[0], device=act.device)[:, None]
+        act, rows = act.clone(), torch.arange(act.shape[0], device=act.device)[:, None]
         act[rows, positions.to(act.device), heads.to(act.device)] = values.to(act)
         return act
     return hook
 
 
 def patch_positions(positions, values):
-    """Hook fn that writes values[b, i] over the whole slot at positions[b, i] of an activation:
+    """Hook fn that writes values[b, i] ([batch, n, d]) over the whole slot at positions[b, i] ([batch, n]):
     every head of [batch, pos, head, d_head] (values flattened head-major, as TransformerLens
-    and SAELens concatenate heads), or the vector of [batch, pos, d_model].
-
-    positions: LongTensor [batch, n]; values: [batch, n, d] with d the slot's size.
-    """
+    and SAELens concatenate heads), or the vector of [batch, pos, d_model]."""
     def hook(act):
-        act = act.clone()
-        rows = torch.arange(act.shape[0], device=act.device)[:, None]
+        act, rows = act.clone(), torch.arange(act.shape[0], device=act.device)[:, None]
         slot = act.shape[2:]                                      # (head, d_head) or (d_model,)
         act[rows, positions.to(act.device)] = values.to(act).view(*values.shape[:2], *slot)
         return act
@@ -452,7 +438,7 @@ def atomic_write(path, write):
 
 
 def write_json(path, data):
-    """Write `data` as JSON, atomically (see `atomic_write`)."""
+    """Write `data` as JSON, atomically."""
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(data, f, indent=1)
@@ -497,19 +483,17 @@ def recover_interrupted_save(path):
 
 
 def _checkpoint_files(path):
-    path = os.fspath(path)  # accept pathlib.Path too
+    weights_file = path = os.fspath(path)  # accept pathlib.Path too
     if os.path.isdir(path):
         weights_file = os.path.join(path, "model.safetensors")
         if not os.path.exists(weights_file):
             raise WeightsError(f"{path}: directory has no model.safetensors")
-        config_file = os.path.join(path, "config.json")
-        return weights_file, config_file if os.path.exists(config_file) else None
-    if not os.path.exists(path):
+    elif not os.path.exists(path):
         raise WeightsError(f"{path}: no such file or directory")
-    if not path.endswith(".safetensors"):
+    elif not path.endswith(".safetensors"):
         raise WeightsError(f"{path}: expected a directory or a .safetensors file")
-    config_file = os.path.join(os.path.dirname(path), "config.json")
-    return path, config_file if os.path.exists(config_file) else None
+    config_file = os.path.join(os.path.dirname(weights_file), "config.json")
+    return weights_file, config_file if os.path.exists(config_file) else None
 
 
 _MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")

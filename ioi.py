@@ -8,6 +8,7 @@ positions, found per prompt. For a model whose circuit is not known (the small m
 trained here, the embedded default), `discover` finds the heads that matter.
 """
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -243,9 +244,6 @@ def batch_prompts(prompts, device="cpu"):
     return PromptBatch(tokens.to(device), positions, io_token, s_token)
 
 
-def batches(prompts, batch_size, device="cpu"):
-    for start in range(0, len(prompts), batch_size):
-        yield batch_prompts(prompts[start:start + batch_size], device)
 
 
 def attribute_ids(prompts):
@@ -259,56 +257,6 @@ def prompts_fingerprint(prompts):
     """sha256 of every prompt's tokens and positions: identifies a prompt set in a cache key."""
     data = [[p.tokens, [p.positions[key] for key in POSITIONS]] for p in prompts]
     return hashlib.sha256(json.dumps(data).encode()).hexdigest()
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-def _device(model):
-    return next(model.parameters()).device
-
-
-def end_logits(model, prompts, batch_size=256, hooks_for=None):
-    """Yield (batch, logits [batch, vocab] at `end`) per batch; `hooks_for(batch)` -> hooks."""
-    with torch.inference_mode():
-        for batch in batches(prompts, batch_size, _device(model)):
-            end = batch.positions["end"]
-            if hooks_for is None:
-                yield batch, model(batch.tokens, logits_at=end)
-            else:
-                yield batch, model.run_with_hooks(batch.tokens, hooks_for(batch), logits_at=end)
-
-
-def shortest_first(prompts):
-    """Prompt indices by length: batches of similar lengths need little padding (~20% faster)."""
-    return sorted(range(len(prompts)), key=lambda i: len(prompts[i].tokens))
-
-
-def _scores(model, prompts, batch_size, hooks_for=None):
-    """Per prompt: logit difference IO - S, whether IO is the argmax, and P(IO)."""
-    order, parts = shortest_first(prompts), []
-    for batch, logits in end_logits(model, [prompts[i] for i in order], batch_size, hooks_for):
-        io_logit = logits.gather(1, batch.io_token[:, None])[:, 0]
-        s_logit = logits.gather(1, batch.s_token[:, None])[:, 0]
-        top1 = logits.argmax(-1) == batch.io_token
-        io_prob = (io_logit - logits.logsumexp(-1)).exp()
-        parts.append(torch.stack([io_logit - s_logit, top1.float(), io_prob], 1).cpu())
-    scores = torch.empty(len(prompts), 3)                          # [n, 3], back in prompt order
-    scores[order] = torch.cat(parts)
-    return scores
-
-
-def _summary(scores):
-    ld, top1, io_prob = scores.T
-    return {"mean_logit_diff": ld.mean().item(), "accuracy": (ld > 0).float().mean().item(),
-            "top1_accuracy": top1.mean().item(), "io_prob": io_prob.mean().item(), "n": len(ld)}
-
-
-def evaluate(model, prompts, batch_size=256):
-    """Mean logit difference, accuracy (LD > 0), top-1 accuracy, mean P(IO), overall and per template."""
-    scores = _scores(model, prompts, batch_size)
-    templates = torch.tensor([p.template for p in prompts])
-    per_template = {t: _summary(scores[templates == t]) for t in sorted(set(templates.tolist()))}
-    return {**_summary(scores), "per_template": per_template}
 
 
 # ----------------------------------------------------------------------------- circuit nodes
@@ -362,10 +310,17 @@ class Node:
         return cls(act, int(layer), None if head is None else int(head), position)
 
 
-def patch_hooks(batch, patches):
-    """Hooks [(hook name, fn)] that set every node of `patches` ({Node: values [batch, d_head]})
-    in one forward pass; nodes sharing a hook (same layer and activation) share one fn."""
-    hooks = []
+# ----------------------------------------------------------------------------- running the model
+
+def run_with_patches(model, batch, patches, hooks=()):
+    """End logits [batch, vocab] with every node of `patches` ({Node: values [batch, d]}) set at
+    once; `hooks` ([(hook name, fn)]) run after the patches.
+
+    The values are computed beforehand (from clean or counterfactual runs), so a patch at an early
+    node does not alter what is written at a later one: all nodes of a cross-section are patched
+    together, as in the paper (README §3). Nodes sharing a hook (layer and activation) share one fn.
+    """
+    patch_hooks = []
     for hook_name in dict.fromkeys(node.hook_name for node in patches):
         for per_head in (True, False):  # one head's slot, or every head / the whole stream
             nodes = [node for node in patches
@@ -376,9 +331,102 @@ def patch_hooks(batch, patches):
             values = torch.stack([patches[node] for node in nodes], 1)                     # [batch, n, d]
             patch = (gpt2.patch_heads(positions, [node.head for node in nodes], values) if per_head
                      else gpt2.patch_positions(positions, values))
-            hooks.append((hook_name, patch))
-    return hooks
+            patch_hooks.append((hook_name, patch))
+    return model.run_with_hooks(batch.tokens, patch_hooks + list(hooks), logits_at=batch.positions["end"])
 
+
+def run_batches(model, prompts, batch_size=256, patches=None, read=()):
+    """Yield (batch, logits [batch, vocab] at `end`, {hook name: activation}) for each batch of
+    `prompts` in turn: the loop behind every evaluation. A batch gets its prompts' rows of
+    `patches` ({Node: values [n_prompts, d]}), and the hooks named in `read` are stored."""
+    patches, device, stored = patches or {}, next(model.parameters()).device, {}
+
+    def store(activation, hook):
+        stored[hook.name] = activation
+    with torch.inference_mode():
+        for start in range(0, len(prompts), batch_size):
+            rows = slice(start, start + batch_size)
+            batch = batch_prompts(prompts[rows], device)
+            batch_patches = {node: values[rows].to(device) for node, values in patches.items()}
+            logits = run_with_patches(model, batch, batch_patches, [(name, store) for name in read])
+            yield batch, logits, stored.copy()
+
+
+@dataclass
+class PatchedRun:
+    """What the metrics need from a (patched) forward pass, per prompt, at `end`."""
+    logit_diff: torch.Tensor  # [n] logit[IO] - logit[S]
+    top_token: torch.Tensor   # [n] argmax next token
+    io_prob: torch.Tensor     # [n] P(IO)
+
+
+def patched_run(model, prompts, patches=None, batch_size=256):
+    """Run every prompt with `patches` ({Node: values [n_prompts, d]}, may be empty) set."""
+    columns = []
+    for batch, logits, _ in run_batches(model, prompts, batch_size, patches):
+        io_logit = logits.gather(1, batch.io_token[:, None])[:, 0]   # [batch]
+        s_logit = logits.gather(1, batch.s_token[:, None])[:, 0]     # [batch]
+        columns.append((io_logit - s_logit, logits.argmax(-1), (io_logit - logits.logsumexp(-1)).exp()))
+    return PatchedRun(*(torch.cat(column).cpu() for column in zip(*columns)))
+
+
+def evaluate(model, prompts, batch_size=256):
+    """Mean logit difference, accuracy (LD > 0), top-1 accuracy, mean P(IO), overall and per template."""
+    run = patched_run(model, prompts, batch_size=batch_size)
+    top1 = (run.top_token == torch.tensor([name_token(p.io) for p in prompts])).float()
+
+    def summary(where):
+        ld = run.logit_diff[where]
+        return {"mean_logit_diff": ld.mean().item(), "accuracy": (ld > 0).float().mean().item(),
+                "top1_accuracy": top1[where].mean().item(), "io_prob": run.io_prob[where].mean().item(),
+                "n": len(ld)}
+    templates = torch.tensor([p.template for p in prompts])
+    per_template = {t: summary(templates == t) for t in sorted(set(templates.tolist()))}
+    return {**summary(slice(None)), "per_template": per_template}
+
+
+def collect_activations(model, prompts, nodes, batch_size=256, cache_dir=None, patches=None):
+    """{node: Tensor [n_prompts, d]}: one forward pass per batch, with `patches` set, reads every node.
+
+    With `cache_dir` (and no patches), the result is kept as safetensors beside a JSON of what
+    produced it (weights hash, prompt fingerprint, nodes); the file name is a hash of that JSON,
+    so a changed setting never picks up a stale file.
+    """
+    nodes = list(dict.fromkeys(nodes))  # each node once, even if asked for twice
+    if cache_dir is not None and not patches:
+        config = {"weights": gpt2.weights_hash(model), "prompts": prompts_fingerprint(prompts),
+                  "nodes": [str(node) for node in nodes]}
+        key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+        stem = os.path.join(cache_dir, f"activations-{key}")
+        if os.path.exists(stem + ".json") and os.path.exists(stem + ".safetensors"):
+            with open(stem + ".json") as f:
+                if json.load(f) == config:
+                    tensors = load_file(stem + ".safetensors")
+                    return {node: tensors[str(node)] for node in nodes}
+
+    # Shortest prompts first: batches of similar lengths need little padding (~20% faster).
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].tokens))
+    patches = {node: values[order] for node, values in (patches or {}).items()}
+    hook_names = list(dict.fromkeys(node.hook_name for node in nodes))
+    parts = {node: [] for node in nodes}
+    for batch, _, cache in run_batches(model, [prompts[i] for i in order], batch_size, patches, hook_names):
+        for node in nodes:
+            parts[node].append(node.read(cache[node.hook_name], batch.positions[node.position]).cpu())
+    # Built outside inference mode, these are ordinary tensors, usable in training later.
+    activations = {node: chunks[0].new_empty(len(prompts), chunks[0].shape[-1])
+                   for node, chunks in parts.items()}
+    for node, chunks in parts.items():
+        activations[node][order] = torch.cat(chunks)                   # back in prompt order
+
+    if cache_dir is not None and not patches:
+        os.makedirs(cache_dir, exist_ok=True)
+        tensors = {str(node): acts.contiguous() for node, acts in activations.items()}
+        gpt2.atomic_write(stem + ".safetensors", lambda tmp: save_file(tensors, tmp))
+        gpt2.write_json(stem + ".json", config)
+    return activations
+
+
+# ----------------------------------------------------------------------------- the circuit
 
 @dataclass(frozen=True)
 class CrossSection:
@@ -445,25 +493,25 @@ def discover(model, prompts, threshold=1 / 3, min_effect=0.02, min_section_effec
       induction / duplicate token: the LD drop when the head's z at `s2` is mean-ablated.
     A cross-section is kept if mean-ablating all its nodes at once moves the mean LD by at least
     `min_section_effect` of it (else sufficiency is ~1 whatever is patched in; necessity divides by ~0).
-    Returns (cross-sections, table): table["heads"] has one row per head and position
-    {head, position, direct_effect, query_effect, ld_drop, fraction, role} (measures not
-    taken at a position are None); table["sections"] one row per cross-section
-    {section, ld_drop, fraction, kept}.
+    Returns (cross-sections, table): table["heads"] has one row per head and position {head, position,
+    direct_effect, query_effect, ld_drop, fraction, role} (measures not taken at a position are None);
+    table["sections"] one row per cross-section {section, ld_drop, fraction, kept}.
     """
-    clean = _scores(model, prompts, batch_size)[:, 0].mean().item()
+    clean = patched_run(model, prompts, batch_size=batch_size).logit_diff.mean().item()
     floor = min_effect * abs(clean)
     heads = [(layer, head) for layer in range(model.config.n_layer) for head in range(model.config.n_head)]
-    means = _mean_activations(model, prompts, [Node("z", l, h, p) for p in ("end", "s2") for l, h in heads],
-                              batch_size)
 
-    def ablation_drop(nodes, through_queries_of=None):
-        def hooks_for(batch):
-            ablated = mean_ablation_hooks(batch, nodes, means)
-            if through_queries_of is None:
-                return ablated
-            return patch_hooks(batch, _queries_with(model, batch, ablated, through_queries_of))
-        return clean - _scores(model, prompts, batch_size, hooks_for)[:, 0].mean().item()
+    def mean_of(nodes):
+        return {node: a.mean(0) for node, a in collect_activations(model, prompts, nodes, batch_size).items()}
 
+    def ablation_drop(nodes, through_queries_of=()):
+        patches = {node: means[node].expand(len(prompts), -1) for node in nodes}
+        if through_queries_of:  # path patching: patch these heads' queries at `end` as `nodes` make them
+            queries = [Node("q", layer, head, "end") for layer, head in through_queries_of]
+            patches = collect_activations(model, prompts, queries, batch_size, patches=patches)
+        return clean - patched_run(model, prompts, patches, batch_size).logit_diff.mean().item()
+
+    means = mean_of([Node("z", layer, head, position) for position in ("end", "s2") for layer, head in heads])
     direct = direct_effects(model, prompts, batch_size)                          # [layer, head]
     name_movers = [(l, h) for l, h in heads if direct[l, h] >= max(threshold * direct.max().item(), floor)]
     query_effect = {(l, h): ablation_drop([Node("z", l, h, "end")], name_movers)  # heads before the movers
@@ -483,8 +531,7 @@ def discover(model, prompts, threshold=1 / 3, min_effect=0.02, min_section_effec
                       "ld_drop": s2_drop[l, h], "fraction": s2_drop[l, h] / clean,
                       "role": "induction/duplicate token" if (l, h) in induction_dt else ""})
     sections = cross_sections(name_movers, s_inhibition, induction_dt)
-    new_nodes = dict.fromkeys(node for section in sections for node in section.nodes if node not in means)
-    means.update(_mean_activations(model, prompts, list(new_nodes), batch_size))
+    means.update(mean_of([node for section in sections for node in section.nodes if node not in means]))
     drops = {section.name: ablation_drop(section.nodes) for section in sections}
     section_rows = [{"section": name, "ld_drop": drop, "fraction": drop / clean,
                      "kept": abs(drop) >= min_section_effect * abs(clean)} for name, drop in drops.items()]
@@ -498,31 +545,6 @@ def _strongest(effects: dict, threshold: float, floor: float) -> list:
     return [head for head, effect in effects.items() if effect >= max(threshold * top, floor)]
 
 
-def _mean_activations(model, prompts, nodes, batch_size):
-    activations = collect_activations(model, prompts, nodes, batch_size)
-    return {node: acts.mean(0) for node, acts in activations.items()}
-
-
-def mean_ablation_hooks(batch, nodes, means):
-    """Hooks that set every node of `nodes` to its mean ({Node: [d_head]}) in one forward pass."""
-    return patch_hooks(batch, {node: means[node].expand(len(batch.tokens), -1) for node in nodes})
-
-
-def _queries_with(model, batch, hooks, heads):
-    """{q@head@end: [batch, d_head]}: the queries of `heads` at `end` in a run with `hooks`."""
-    captured = {}
-
-    def capture(name):
-        def fn(act):
-            captured[name] = act
-        return fn
-    names = list(dict.fromkeys(f"blocks.{layer}.attn.hook_q" for layer, _ in heads))
-    model.run_with_hooks(batch.tokens, hooks + [(name, capture(name)) for name in names],
-                         logits_at=batch.positions["end"])
-    rows, end = torch.arange(len(batch.tokens)), batch.positions["end"]
-    return {Node("q", l, h, "end"): captured[f"blocks.{l}.attn.hook_q"][rows, end, h] for l, h in heads}
-
-
 def direct_effects(model, prompts, batch_size=256):
     """Mean LD that each head's output at `end` adds to the logits directly: Tensor [layer, head].
 
@@ -533,66 +555,20 @@ def direct_effects(model, prompts, batch_size=256):
     last_resid = f"blocks.{config.n_layer - 1}.hook_resid_post"
     names = [f"blocks.{layer}.attn.hook_z" for layer in range(config.n_layer)] + [last_resid]
     total = torch.zeros(config.n_layer, config.n_head)
-    with torch.inference_mode():
-        for batch in batches(prompts, batch_size, _device(model)):
-            end = batch.positions["end"]
-            _, cache = model.run_with_cache(batch.tokens, names, logits_at=end)
-            rows = torch.arange(len(end))
-            resid = cache[last_resid][rows, end]  # [batch, d_model]
-            scale = (resid.var(-1, unbiased=False) + config.layer_norm_epsilon).sqrt()      # [batch]
-            unembed = model.wte.weight  # tied: [vocab, d_model]
-            # [batch, d_model]: the LD's direction in the final LayerNorm's input, scale applied
-            direction = (unembed[batch.io_token] - unembed[batch.s_token]) * model.ln_f.weight
-            for layer, block in enumerate(model.h):
-                z = cache[f"blocks.{layer}.attn.hook_z"][rows, end]  # [batch, head, d_head]
-                W_O = block.attn.c_proj.weight.view(config.n_head, d_head, -1)  # [head, d_head, d_model]
-                out = torch.einsum("bhd,hde->bhe", z, W_O)  # [batch, head, d_model]
-                out = out - out.mean(-1, keepdim=True)  # LayerNorm centres
-                total[layer] += (torch.einsum("bhe,be->bh", out, direction) / scale[:, None]).sum(0).cpu()
+    for batch, _, cache in run_batches(model, prompts, batch_size, read=names):
+        rows, end = torch.arange(len(batch.tokens)), batch.positions["end"]
+        resid = cache[last_resid][rows, end]                                           # [batch, d_model]
+        scale = (resid.var(-1, unbiased=False) + config.layer_norm_epsilon).sqrt()      # [batch]
+        unembed = model.wte.weight                                                 # tied: [vocab, d_model]
+        # [batch, d_model]: the LD's direction in the final LayerNorm's input, scale applied
+        direction = (unembed[batch.io_token] - unembed[batch.s_token]) * model.ln_f.weight
+        for layer, block in enumerate(model.h):
+            z = cache[f"blocks.{layer}.attn.hook_z"][rows, end]                 # [batch, head, d_head]
+            W_O = block.attn.c_proj.weight.view(config.n_head, d_head, -1)      # [head, d_head, d_model]
+            out = torch.einsum("bhd,hde->bhe", z, W_O)                          # [batch, head, d_model]
+            out = out - out.mean(-1, keepdim=True)                              # LayerNorm centres
+            total[layer] += (torch.einsum("bhe,be->bh", out, direction) / scale[:, None]).sum(0).cpu()
     return total / len(prompts)
-
-
-# ----------------------------------------------------------------------------- activations
-
-def collect_activations(model, prompts, nodes, batch_size=256, cache_dir=None):
-    """{node: Tensor [n_prompts, d_head]}: one forward pass per batch reads every node.
-
-    With `cache_dir`, the result is kept as safetensors beside a JSON of what produced it
-    (weights hash, prompt fingerprint, nodes); the file name is a hash of that JSON, so a
-    changed setting never picks up a stale file.
-    """
-    nodes = list(dict.fromkeys(nodes))  # each node once, even if asked for twice
-    if cache_dir is not None:
-        config = {"weights": gpt2.weights_hash(model), "prompts": prompts_fingerprint(prompts),
-                  "nodes": [str(node) for node in nodes]}
-        key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-        stem = os.path.join(cache_dir, f"activations-{key}")
-        if os.path.exists(stem + ".json") and os.path.exists(stem + ".safetensors"):
-            with open(stem + ".json") as f:
-                if json.load(f) == config:
-                    tensors = load_file(stem + ".safetensors")
-                    return {node: tensors[str(node)] for node in nodes}
-
-    hook_names = list(dict.fromkeys(node.hook_name for node in nodes))
-    order, parts = shortest_first(prompts), {node: [] for node in nodes}
-    with torch.inference_mode():
-        for batch in batches([prompts[i] for i in order], batch_size, _device(model)):
-            _, cache = model.run_with_cache(batch.tokens, hook_names, logits_at=batch.positions["end"])
-            for node in nodes:
-                act = node.read(cache[node.hook_name], batch.positions[node.position])  # [batch, d]
-                parts[node].append(act.cpu())
-    # Built outside inference mode, these are ordinary tensors, usable in training later.
-    activations = {node: chunks[0].new_empty(len(prompts), chunks[0].shape[-1])
-                   for node, chunks in parts.items()}
-    for node, chunks in parts.items():
-        activations[node][order] = torch.cat(chunks)                   # back in prompt order
-
-    if cache_dir is not None:
-        os.makedirs(cache_dir, exist_ok=True)
-        tensors = {str(node): acts.contiguous() for node, acts in activations.items()}
-        gpt2.atomic_write(stem + ".safetensors", lambda tmp: save_file(tensors, tmp))
-        gpt2.write_json(stem + ".json", config)
-    return activations
 
 
 # ----------------------------------------------------------------------------- the embedded IOI model
@@ -662,11 +638,8 @@ class CircuitConfig:
 
 
 def _feature_slices():
-    slices, start = {}, 0
-    for name, size in FEATURES:
-        slices[name] = slice(start, start + size)
-        start += size
-    return slices, start
+    ends = list(itertools.accumulate(size for _, size in FEATURES))
+    return {name: slice(end - size, end) for (name, size), end in zip(FEATURES, ends)}, ends[-1]
 
 
 def _unit_rows(n, d, generator):
@@ -686,21 +659,18 @@ class CircuitWriter:
     def __init__(self, config):
         self.config, self.d_head = config, config.n_embd // config.n_head
         self.slices, n_features = _feature_slices()
-        generator = torch.Generator().manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
         # An orthonormal basis of the zero-mean subspace: QR of [ones, random] drops the ones.
-        random = torch.randn(config.n_embd, n_features, generator=generator, dtype=torch.float64)
+        random = torch.randn(config.n_embd, n_features, generator=self.generator, dtype=torch.float64)
         seed_matrix = torch.cat([torch.ones(config.n_embd, 1, dtype=torch.float64), random], 1)
         self.basis = torch.linalg.qr(seed_matrix)[0][:, 1:].T                 # [feature, d_model]
-        self.generator = generator
-        model = gpt2.GPT2(gpt2.GPT2Config(n_positions=config.n_positions, n_embd=config.n_embd,
-                                          n_layer=config.n_layer, n_head=config.n_head,
-                                          n_inner=config.n_inner))
+        self.gpt2_config = gpt2.GPT2Config(n_positions=config.n_positions, n_embd=config.n_embd,
+                                           n_layer=config.n_layer, n_head=config.n_head,
+                                           n_inner=config.n_inner)
         # Everything not written below stays 0: idle heads, MLPs and biases; LayerNorms are identities.
-        self.state = {key: torch.zeros_like(value, dtype=torch.float64)
-                      for key, value in model.state_dict().items()}
-        for key in self.state:
-            if key.endswith((".weight",)) and ("ln_" in key):
-                self.state[key] += 1
+        self.state = {key: torch.full_like(value, float("ln_" in key and key.endswith(".weight")),
+                                           dtype=torch.float64)
+                      for key, value in gpt2.GPT2(self.gpt2_config).state_dict().items()}
 
     def size(self, block):
         return self.slices[block].stop - self.slices[block].start
@@ -790,9 +760,7 @@ def build_ioi_model(config=None):
     # (tied) unembedding shares, so logits sit near 0 as a trained model's do.
     writer.state["ln_f.weight"] = torch.full((config.n_embd,), config.logit_scale, dtype=torch.float64)
     writer.state["ln_f.bias"] = -config.logit_scale * bias * writer.basis[s["bias"]][0]
-    model = gpt2.GPT2(gpt2.GPT2Config(n_positions=config.n_positions, n_embd=config.n_embd,
-                                      n_layer=config.n_layer, n_head=config.n_head,
-                                      n_inner=config.n_inner))
+    model = gpt2.GPT2(writer.gpt2_config)
     model.load_state_dict({key: value.float() for key, value in writer.state.items()})
     return model.eval()
 

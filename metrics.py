@@ -601,37 +601,9 @@ def oversplitting_verdict(toy: dict, min_firing: float = 0.02, tolerance: float 
 # Interventions (README §3): patches computed first, then applied in one forward pass
 # ---------------------------------------------------------------------------------------
 
-def run_with_patches(model, batch, patches: dict) -> torch.Tensor:
-    """End logits [B, V] with every node of `patches` ({Node: values [B, d_head]}) set at once.
-
-    The values are computed beforehand (from clean or counterfactual runs), so a patch at
-    an early node does not alter what is written at a later one: all nodes of a
-    cross-section are patched together, as in the paper.
-    """
-    hooks = ioi.patch_hooks(batch, patches)
-    return model.run_with_hooks(batch.tokens, hooks, logits_at=batch.positions["end"])
-
-
-@dataclass
-class PatchedRun:
-    """What the metrics need from a (patched) forward pass over the evaluation prompts."""
-    logit_diff: torch.Tensor  # [N] logit[IO] - logit[S] at `end`
-    top_token: torch.Tensor  # [N] argmax next token at `end`
-
-
-@torch.inference_mode()
-def patched_run(model, prompts, patches: Optional[dict] = None, batch_size: int = 256) -> PatchedRun:
-    """Run every prompt with `patches` ({Node: [N, d_head]}, may be empty) applied."""
-    patches = patches or {}
-    device = next(model.parameters()).device
-    diffs, tops = [], []
-    for start in range(0, len(prompts), batch_size):
-        batch = ioi.batch_prompts(prompts[start:start + batch_size], device)
-        chunk = {node: values[start:start + batch_size].to(device) for node, values in patches.items()}
-        logits = run_with_patches(model, batch, chunk)  # [B, V]
-        diffs.append(logit_diff(logits, batch.io_token, batch.s_token).cpu())
-        tops.append(logits.argmax(-1).cpu())
-    return PatchedRun(torch.cat(diffs), torch.cat(tops))
+# A forward pass over the evaluation prompts with patches set is `ioi.patched_run`: the one loop
+# that `ioi.evaluate` and `ioi.discover` run too. Patches are computed first, then all applied at once.
+PatchedRun, patched_run = ioi.PatchedRun, ioi.patched_run
 
 
 def approximation(model, prompts, clean: dict, reconstruction: dict, clean_run: PatchedRun,

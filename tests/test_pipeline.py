@@ -45,7 +45,7 @@ def test_patch_with_clean_values_changes_nothing(model, prompts):
     batch = ioi.batch_prompts(prompts)
     with torch.inference_mode():
         reference = model(batch.tokens, logits_at=batch.positions["end"])
-        patched = metrics.run_with_patches(model, batch, clean)
+        patched = ioi.run_with_patches(model, batch, clean)
     torch.testing.assert_close(patched, reference, rtol=0, atol=1e-5)
 
 
@@ -58,8 +58,8 @@ def test_all_nodes_patched_from_precomputed_values(model, prompts):
     early, late = NODES[0], NODES[3]                        # z@L0H1@s2 feeds z@L1H1@end
     zeros = torch.zeros_like(clean[early])
     with torch.inference_mode():
-        early_only = metrics.run_with_patches(model, batch, {early: zeros})
-        both = metrics.run_with_patches(model, batch, {early: zeros, late: clean[late]})
+        early_only = ioi.run_with_patches(model, batch, {early: zeros})
+        both = ioi.run_with_patches(model, batch, {early: zeros, late: clean[late]})
     assert not torch.allclose(early_only, both, atol=1e-4)  # the late node was held at its clean value
 
     # Two heads of one layer do not interact: together == one hook per node, applied in turn.
@@ -67,7 +67,7 @@ def test_all_nodes_patched_from_precomputed_values(model, prompts):
     values = {a: torch.randn(len(prompts), 16), b: torch.randn(len(prompts), 16)}
     end = batch.positions["end"][:, None]
     with torch.inference_mode():
-        together = metrics.run_with_patches(model, batch, values)
+        together = ioi.run_with_patches(model, batch, values)
         in_turn = model.run_with_hooks(batch.tokens, [(a.hook_name, gpt2.patch_heads(end, [0], values[a][:, None])),
                                                       (b.hook_name, gpt2.patch_heads(end, [1], values[b][:, None]))],
                                        logits_at=batch.positions["end"])
