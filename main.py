@@ -568,7 +568,7 @@ class Run:
     """
 
     def __init__(self, out, config, circuit=None, eta=False):
-        self.out, self.config = out, config
+        self.out, self.config, self.started = out, config, time.time()
         self.model = load_model(config.weights, config.device)
         self.splits = make_splits(config)
         found_with = discovery_prompts()  # not the evaluation prompts: see DISCOVERY_N
@@ -853,19 +853,17 @@ def write_metrics(run, rows):
     """metrics.json: the config, the circuit that was graded, and one flat row per result."""
     sections = [{"name": s.name, "nodes": [str(n) for n in s.nodes], "attributes": list(s.attributes)}
                 for s in run.sections]
-    gpt2.write_json(run.path("metrics.json"), {"config": asdict(run.config),
-                                               "circuit": {"sections": sections, "skipped": run.skipped,
-                                                           "discovery": run.discovery},
+    circuit = {"sections": sections, "skipped": run.skipped, "discovery": run.discovery}
+    gpt2.write_json(run.path("metrics.json"), {"config": asdict(run.config), "circuit": circuit,
                                                "results": rows})
 
 
-def evaluate_and_report(run, started=None, oversplitting_grids=metrics.OVERSPLITTING_GRIDS):
+def evaluate_and_report(run, oversplitting_grids=metrics.OVERSPLITTING_GRIDS):
     """Every test (`evaluate_run`) -> metrics.json and report.md, and the report's summary."""
-    started = started or time.time()
     write_metrics(run, [record.to_json() for record in evaluate_run(run, oversplitting_grids)])
     click.echo(write_report(run.out))
     click.echo(f"Wrote {run.path('metrics.json')} and {run.path('report.md')} "
-               f"in {time.time() - started:.0f} s")
+               f"in {time.time() - run.started:.0f} s")
 
 
 def recover_interrupted_saves(out):
@@ -883,14 +881,11 @@ def recover_interrupted_saves(out):
 
 def open_run(out, weights=None, preset=None, device="cpu", force=False, circuit=None, eta=False,
              **overrides):
-    """The run in folder `out`, bound to the settings in its config.json.
-
-    Without settings given, the saved ones; with settings that differ from them, a one-line
-    error unless `force`. A new folder, or `preset`, starts from a preset: "demo" (scaled
-    down) for the embedded model, "paper" for real GPT-2 weights; the settings given
-    override it. The device only decides where the run computes, so it is not bound.
-    `circuit`, `eta`: see `Run`.
-    """
+    """The run in folder `out`, bound to the settings in its config.json: the saved ones; or with
+    `preset`, or in a new folder, a preset ("demo", scaled down, for the embedded model; "paper" for
+    real GPT-2 weights); either overridden by the settings given. Other settings than the saved ones
+    are a one-line error unless `force`. The device only decides where the run computes, so it is
+    not bound. `circuit`, `eta`: see `Run`."""
     recover_interrupted_saves(out)
     path, saved = os.path.join(out, "config.json"), None
     try:
@@ -976,8 +971,7 @@ def train_saes(source, **options):
 def run_command(**options):
     """Step 4, the whole paper: grade dictionaries and SAEs on every test -> metrics.json and
     report.md (steps 1-3 run, or load from the folder's caches, as needed). GPT-2 Small via --weights."""
-    started = time.time()
-    evaluate_and_report(open_run(**options, eta=True), started)
+    evaluate_and_report(open_run(**options, eta=True))
 
 
 @cli.command()
@@ -985,8 +979,7 @@ def run_command(**options):
 @FORCE_OPTION
 def demo(out, force):
     """The whole paper on the embedded small IOI model, scaled to minutes on a CPU."""
-    started = time.time()
-    evaluate_and_report(open_run(out, preset="demo", force=force, eta=True), started)
+    evaluate_and_report(open_run(out, preset="demo", force=force, eta=True))
 
 
 # --- grade-sae: any SAE in SAELens's layout, graded like ours (README, "Use with TransformerLens / SAELens")
