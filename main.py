@@ -299,7 +299,7 @@ def nodes_command(weights, n, seed):
         for role, heads in ioi.GPT2_SMALL_HEADS.items():
             click.echo(f"  {role:>20}: " + " ".join(f"{layer}.{head}" for layer, head in heads))
     for section in sections:
-        nodes = " ".join(map(str, section.nodes))
+        nodes = " ".join(str(node) for node in section.nodes)
         click.echo(f"{section.name} (edits {', '.join(section.attributes)}): {nodes}")
 
 
@@ -609,13 +609,6 @@ class Run:
             self.acts[split].update(ioi.collect_activations(self.model, prompts, new, self.config.batch_size,
                                                             cache_dir=self.path("activations")))
 
-    def grading_key(self):
-        """What graded records depend on: the settings (bar the device) and every SAE stack's stamp."""
-        settings = {name: value for name, value in asdict(self.config).items() if name != "device"}
-        stamps = {os.path.basename(os.path.dirname(path)): _read_json(path)
-                  for path in sorted(glob.glob(self.path("saes", "*", "stack.json")))}
-        return json.loads(json.dumps({"settings": settings, "saes": stamps}))  # as read back from JSON
-
     def task(self):
         """The model on the evaluation prompts, as every test runs it."""
         return metrics.Task(self.model, self.splits["eval"], self.config.batch_size)
@@ -811,7 +804,12 @@ def grade_sections(run, task, clean_run, supervised, task_saes, corpus_saes):
     """`metrics.grade_section` at every cross-section of the run, with a progress bar. Each
     section's records are saved in grades/ as soon as it is graded, so a killed run resumes at
     the next section; saved records are reused only under the same settings and SAEs."""
-    records, key = [], run.grading_key()
+    # What graded records depend on: the settings (bar the device) and every SAE stack's stamp,
+    # as JSON reads them back (tuples become lists).
+    settings = {name: value for name, value in asdict(run.config).items() if name != "device"}
+    stamps = {os.path.basename(os.path.dirname(path)): _read_json(path)
+              for path in sorted(glob.glob(run.path("saes", "*", "stack.json")))}
+    key, records = json.loads(json.dumps({"settings": settings, "saes": stamps})), []
     with click.progressbar(run.sections, label="Grading cross-sections",
                            item_show_func=lambda section: section.name if section else "") as sections:
         for section in sections:
