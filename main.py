@@ -299,7 +299,7 @@ def nodes_command(weights, n, seed):
         for role, heads in ioi.GPT2_SMALL_HEADS.items():
             click.echo(f"  {role:>20}: " + " ".join(f"{layer}.{head}" for layer, head in heads))
     for section in sections:
-        nodes = " ".join(map(str, section.nodes))
+        nodes = " ".join(str(node) for node in section.nodes)
         click.echo(f"{section.name} (edits {', '.join(section.attributes)}): {nodes}")
 
 
@@ -418,25 +418,26 @@ class RunConfig:
     def load(cls, path):
         """The settings in a run folder's config.json, each checked by its option type: a
         corrupt file is a one-line error, and is never overwritten."""
+        def refused(problem):
+            return click.ClickException(f"{path}: {problem}")
         try:
             saved = _read_json(path)
         except ValueError as error:  # malformed JSON, or not text
-            raise click.ClickException(f"{path}: not valid JSON ({error})") from None
-        names = {f.name for f in fields(cls)}
+            raise refused(f"not valid JSON ({error})") from None
         if not isinstance(saved, dict):
-            raise click.ClickException(f"{path}: expected a JSON object of settings, "
-                                       f"got {type(saved).__name__}")
-        if set(saved) != names:
-            problems = [f"{label} {', '.join(sorted(keys))}" for label, keys in
-                        (("unknown settings", set(saved) - names), ("missing settings", names - set(saved)))
-                        if keys]
-            raise click.ClickException(f"{path}: {'; '.join(problems)}")
+            raise refused(f"expected a JSON object of settings, got {type(saved).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown, missing = set(saved) - names, names - set(saved)
+        problems = [f"{label} settings {', '.join(sorted(keys))}"
+                    for label, keys in (("unknown", unknown), ("missing", missing)) if keys]
+        if problems:
+            raise refused("; ".join(problems))
         try:
             config = cls(**{f.name: _checked_setting(f, saved[f.name]) for f in fields(cls)})
         except click.BadParameter as error:
-            raise click.ClickException(f"{path}: {error.message}") from None
+            raise refused(error.message) from None
         if max(config.topk_k) > config.d_sae or config.corpus_k > config.corpus_d_sae:
-            raise click.ClickException(f"{path}: a top-k SAE's k exceeds its number of latents")
+            raise refused("a top-k SAE's k exceeds its number of latents")
         return config
 
 
@@ -519,10 +520,9 @@ def make_splits(config):
     and one counterfactual of every eval prompt per attribute with names from the second."""
     train = ioi.train_prompts(config.n_train, seed=config.seed)
     evaluation = ioi.eval_prompts(config.n_eval, seed=config.seed + 1)
-    splits = {"train": train, "eval": evaluation}
-    for i, attribute in enumerate(ioi.ATTRIBUTES):
-        splits[f"cf_{attribute}"] = ioi.counterfactuals(evaluation, attribute, seed=config.seed + 2 + i)
-    return splits
+    return {"train": train, "eval": evaluation,
+            **{f"cf_{attribute}": ioi.counterfactuals(evaluation, attribute, seed=config.seed + 2 + i)
+               for i, attribute in enumerate(ioi.ATTRIBUTES)}}
 
 
 def train_or_load_stack(folder, datasets, specs, train_config):
@@ -568,7 +568,7 @@ class Run:
     """
 
     def __init__(self, out, config, circuit=None, eta=False):
-        self.out, self.config = out, config
+        self.out, self.config, self.started = out, config, time.time()
         self.model = load_model(config.weights, config.device)
         self.splits = make_splits(config)
         found_with = discovery_prompts()  # not the evaluation prompts: see DISCOVERY_N
@@ -591,9 +591,8 @@ class Run:
         click.echo(f"{len(self.sections)} cross-sections, {len(self.nodes)} nodes")
         if eta:
             click.echo(eta_text(estimate_seconds(self)))
-        self.acts = {split: ioi.collect_activations(self.model, prompts, self.nodes, config.batch_size,
-                                                    cache_dir=os.path.join(out, "activations"))
-                     for split, prompts in self.splits.items()}
+        self.acts = {split: {} for split in self.splits}
+        self.add_nodes(self.nodes)
         # Last: the folder is bound to these settings only once they have produced its
         # activations, so a run that fails to start neither leaves nor changes config.json.
         os.makedirs(out, exist_ok=True)
@@ -602,49 +601,40 @@ class Run:
     def path(self, *parts):
         return os.path.join(self.out, *parts)
 
-    def grading_key(self):
-        """What graded records depend on: the settings (bar the device) and every SAE stack's stamp."""
-        settings = {name: value for name, value in asdict(self.config).items() if name != "device"}
-        stamps = {os.path.basename(os.path.dirname(path)): _read_json(path)
-                  for path in sorted(glob.glob(self.path("saes", "*", "stack.json")))}
-        return json.loads(json.dumps({"settings": settings, "saes": stamps}))  # as read back from JSON
-
-    def task(self):
-        """The model on the evaluation prompts, as every test runs it."""
-        return metrics.Task(self.model, self.splits["eval"], self.config.batch_size)
-
     def add_nodes(self, nodes):
-        """Collect (or load from the cache) activations at more nodes, in every split: the nodes
-        an SAE from elsewhere reads (`grade-sae`)."""
+        """Collect (or load from the cache) activations at more nodes, in every split: the run's
+        own, then those an SAE from elsewhere reads (`grade-sae`)."""
         new = [node for node in nodes if node not in self.acts["train"]]
         for split, prompts in self.splits.items() if new else ():
             self.acts[split].update(ioi.collect_activations(self.model, prompts, new, self.config.batch_size,
                                                             cache_dir=self.path("activations")))
 
+    def task(self):
+        """The model on the evaluation prompts, as every test runs it."""
+        return metrics.Task(self.model, self.splits["eval"], self.config.batch_size)
+
     def fit_supervised(self, nodes=None):
         """Mean and least-squares supervised dictionaries at every node (README §4), or at `nodes`."""
         n_values = {"io": len(ioi.NAMES), "s": len(ioi.NAMES), "pos": len(ioi.PATTERNS)}
-        dictionaries_by_method = {}
-        for method, name in (("mean", "supervised"), ("lstsq", "supervised_lstsq")):
-            fit = dictionaries.SupervisedDictionary.fit
-            fitted = {node: fit(self.acts["train"][node], self.attributes["train"], n_values, method)
-                      for node in nodes or self.nodes}
+        fit = dictionaries.SupervisedDictionary.fit
+        fitted = {name: {node: fit(self.acts["train"][node], self.attributes["train"], n_values, method)
+                         for node in nodes or self.nodes}
+                  for method, name in (("mean", "supervised"), ("lstsq", "supervised_lstsq"))}
 
-            def write(folder, fitted=fitted):
-                for node, dictionary in fitted.items():
-                    dictionary.save(os.path.join(folder, str(node)))
-            if nodes is None:  # the run's own dictionaries; ones fitted for another SAE's nodes are not kept
-                gpt2.atomic_folder(self.path("dictionaries", name), write)
-            dictionaries_by_method[name] = fitted
-        return dictionaries_by_method
+        def save(by_node, folder):
+            for node, dictionary in by_node.items():
+                dictionary.save(os.path.join(folder, str(node)))
+        # the run's own dictionaries are kept; ones fitted for another SAE's nodes are not
+        for name, by_node in fitted.items() if nodes is None else ():
+            gpt2.atomic_folder(self.path("dictionaries", name), lambda folder: save(by_node, folder))
+        return fitted
 
     def train_task_saes(self):
         """({method: {setting: {node: SAE}}}, {(method, setting, node): its last training log}) for
         every architecture and hyper-parameter (README §8), plus the frozen-random-decoder floor;
         all nodes x settings of one architecture train as one batched stack."""
-        c = self.config
+        c, n, saes, training = self.config, len(self.nodes), {}, {}
         datasets = torch.stack([self.acts["train"][node] for node in self.nodes])  # [node, N, d_head]
-        saes, training = {}, {}
         for method, grid in self.sae_grids().items():
             arch = "vanilla" if method == "random_decoder" else method
             specs = [dictionaries.SAESpec(arch, i, seed=c.seed + j, frozen_decoder=method == "random_decoder",
@@ -653,13 +643,11 @@ class Run:
                      for j, (name, value) in enumerate(grid) for i, node in enumerate(self.nodes)]
             trained, logs = train_or_load_stack(self.path("saes", method), datasets, specs,
                                                 self.sae_train_config())
-            n = len(self.nodes)
+            final = {log["sae"]: log for log in logs}  # the last log of each SAE: how its training ended
             saes[method] = {value: dict(zip(self.nodes, trained[j * n:(j + 1) * n]))
                             for j, (_, value) in enumerate(grid)}
-            final = {log["sae"]: log for log in logs}  # the last log of each SAE: how its training ended
-            for j, (_, value) in enumerate(grid):
-                for i, node in enumerate(self.nodes):
-                    training[method, value, node] = final[j * len(self.nodes) + i]
+            training.update({(method, value, node): final[j * n + i]
+                             for j, (_, value) in enumerate(grid) for i, node in enumerate(self.nodes)})
         return saes, training
 
     def sae_grids(self):
@@ -686,26 +674,15 @@ class Run:
                                                          c.corpus_tokens,
                                                          context=min(128, self.model.config.n_positions))
         datasets = torch.stack([corpus[head] for head in heads]).cpu()  # [head, tokens, d_head]
+        config = dictionaries.TrainConfig(d_sae=c.corpus_d_sae, epochs=c.corpus_epochs, lr=c.corpus_lr)
         saes = {}
         for arch in ARCHS:
             specs = [dictionaries.SAESpec(arch, i, l1_coefficient=c.corpus_l1, k=c.corpus_k, seed=c.seed,
                                           name=f"{name}.{head}") for i, (name, head) in enumerate(heads)]
-            config = dictionaries.TrainConfig(d_sae=c.corpus_d_sae, epochs=c.corpus_epochs, lr=c.corpus_lr)
             trained, _ = train_or_load_stack(self.path("saes", f"{arch}_fulldist"), datasets, specs, config)
             by_head = dict(zip(heads, trained))
             saes[f"{arch}_fulldist"] = {node: by_head[(node.hook_name, node.head)] for node in self.nodes}
         return saes
-
-    def train_alpha_sweep(self, node, io_features):
-        """(top-k SAEs, their datasets) trained on a - α u_IO at `node`, one per α (README §9)."""
-        c = self.config
-        datasets = metrics.io_shrunk_activations(self.acts["train"][node], io_features,
-                                                 self.attributes["train"]["io"], c.occlusion_alphas)
-        specs = [dictionaries.SAESpec("topk", i, k=c.topk_k[0], seed=c.seed, name=f"alpha{alpha}")
-                 for i, alpha in enumerate(c.occlusion_alphas)]
-        saes, _ = train_or_load_stack(self.path("saes", "occlusion_alpha_sweep"), datasets, specs,
-                                      self.sae_train_config())
-        return saes, datasets
 
     def at_nodes(self, supervised, task_saes, corpus_saes):
         """The dictionaries behind metrics' grading interface: supervised {method: {node: ..}},
@@ -724,17 +701,18 @@ class Run:
 def planned_patched_runs(run):
     """{phase: forward passes over the evaluation prompts}, as `evaluate_run` will make them. An upper
     bound where Test 2 may choose one SAE setting for several attributes (then it grades it once)."""
-    c, n_edits = run.config, 2 * len(run.config.edit_k)  # greedy and F1-guided, at each k
+    c = run.config
+    n_edits = 2 * len(c.edit_k)  # greedy and F1-guided, at each k
     sae_grading = 2 + 2 * len(c.f1_thresholds)  # sufficiency, necessity; the causal curves
-    sections = ld_recovered = 0
+    grading, ld_recovered = 1, len(run.nodes)  # the clean run; every node patched at its mean
     for section in run.sections:
         n_attributes = len(section.attributes)
         chosen = [min(len(grid), n_attributes) for grid in run.sae_grids().values()] + [1] * len(ARCHS)
-        sections += (1 + n_attributes + 2  # reference runs: mean-ablated, each counterfactual; mean ablation
-                     + 2 * (2 + n_attributes)  # the two supervised dictionaries
-                     + sum(chosen) * sae_grading + len(chosen) * n_attributes * n_edits)  # SAEs
+        grading += (1 + n_attributes + 2  # reference runs: mean-ablated, each counterfactual; mean ablation
+                    + 2 * (2 + n_attributes)  # the two supervised dictionaries
+                    + sum(chosen) * sae_grading + len(chosen) * n_attributes * n_edits)  # SAEs
         ld_recovered += len(section.nodes) * sum(chosen)
-    return {"grading": sections + 1, "ld_recovered": ld_recovered + len(run.nodes),
+    return {"grading": grading, "ld_recovered": ld_recovered,
             "phenomena": len(run.nodes) * len(ioi.ATTRIBUTES)}
 
 
@@ -746,9 +724,7 @@ def seconds_per_sae_step(arch, n_sae, d_in, d_sae, batch_size):
     def seconds(epochs):
         config = dictionaries.TrainConfig(d_sae=d_sae, batch_size=batch_size, epochs=epochs, resample_at=(),
                                           max_stack=None)
-        started = time.perf_counter()
-        dictionaries.train_sae_stack(data, specs, config)
-        return time.perf_counter() - started
+        return _seconds(lambda: dictionaries.train_sae_stack(data, specs, config), "cpu")
     return max(0.0, seconds(16) - seconds(8)) / 8
 
 
@@ -757,15 +733,13 @@ def estimate_seconds(run):
     work counted, times a forward pass and SAE steps timed here. SAE training is counted to the epoch
     cap (`epochs`): converging SAEs stop sooner, so that phase is an upper bound. Not counted: the
     supervised fits, the core metrics and the toy models (under a minute together in the demo)."""
-    c = run.config
-    prompts = run.splits["eval"][:c.batch_size]
-    forward_times = []
-    for _ in range(2):  # the second is the one that counts: the first pays one-time costs
-        started = time.perf_counter()
+    c, group = run.config, dictionaries.TrainConfig.max_stack
+    prompts, d_head = run.splits["eval"][:c.batch_size], run.model.config.n_embd // run.model.config.n_head
+
+    def forward():
         metrics.patched_run(run.model, prompts, batch_size=c.batch_size)
-        forward_times.append((time.perf_counter() - started) / len(prompts))
-    per_prompt, n_prompts = forward_times[-1], sum(len(split) for split in run.splits.values())
-    d_head, group = run.model.config.n_embd // run.model.config.n_head, dictionaries.TrainConfig.max_stack
+    forward()  # not timed: the first pass pays one-time costs
+    per_prompt, n_prompts = _seconds(forward, c.device) / len(prompts), sum(map(len, run.splits.values()))
 
     def training(arch, n_sae, d_sae, epochs, n):  # groups of max_stack SAEs, one after another
         batch_size = min(dictionaries.TrainConfig.batch_size, n)
@@ -830,7 +804,12 @@ def grade_sections(run, task, clean_run, supervised, task_saes, corpus_saes):
     """`metrics.grade_section` at every cross-section of the run, with a progress bar. Each
     section's records are saved in grades/ as soon as it is graded, so a killed run resumes at
     the next section; saved records are reused only under the same settings and SAEs."""
-    records, key = [], run.grading_key()
+    # What graded records depend on: the settings (bar the device) and every SAE stack's stamp,
+    # as JSON reads them back (tuples become lists).
+    settings = {name: value for name, value in asdict(run.config).items() if name != "device"}
+    stamps = {os.path.basename(os.path.dirname(path)): _read_json(path)
+              for path in sorted(glob.glob(run.path("saes", "*", "stack.json")))}
+    key, records = json.loads(json.dumps({"settings": settings, "saes": stamps})), []
     with click.progressbar(run.sections, label="Grading cross-sections",
                            item_show_func=lambda section: section.name if section else "") as sections:
         for section in sections:
@@ -849,13 +828,19 @@ def grade_sections(run, task, clean_run, supervised, task_saes, corpus_saes):
 
 
 def grade_phenomena(run, task, clean_run, supervised, task_saes):
-    """README §9 (`metrics.grade_phenomena`), then where occlusion is testable the α sweep, and the
-    occlusion toy at the measured norms."""
+    """README §9 (`metrics.grade_phenomena`); where occlusion is testable, the α sweep: top-k SAEs
+    trained on a - α u_IO at its node, one per α; and the occlusion toy at the measured norms."""
     c = run.config
     phenomena = metrics.grade_phenomena(task, clean_run, run.nodes, run.acts, supervised, task_saes)
     records, node = phenomena.records, phenomena.occlusion_node
     if node is not None:
-        saes, datasets = run.train_alpha_sweep(node, supervised[node].dictionary.features["io"])
+        io_features = supervised[node].dictionary.features["io"]
+        datasets = metrics.io_shrunk_activations(run.acts["train"][node], io_features,
+                                                 run.attributes["train"]["io"], c.occlusion_alphas)
+        specs = [dictionaries.SAESpec("topk", i, k=c.topk_k[0], seed=c.seed, name=f"alpha{alpha}")
+                 for i, alpha in enumerate(c.occlusion_alphas)]
+        saes, _ = train_or_load_stack(run.path("saes", "occlusion_alpha_sweep"), datasets, specs,
+                                      run.sae_train_config())
         records += metrics.alpha_sweep_records(node, saes, datasets, c.occlusion_alphas,
                                                run.attributes["train"], c.topk_k[0])
     return records + metrics.occlusion_toy_records(phenomena.toy_norms, c.vanilla_l1, run.sae_train_config(),
@@ -866,19 +851,17 @@ def write_metrics(run, rows):
     """metrics.json: the config, the circuit that was graded, and one flat row per result."""
     sections = [{"name": s.name, "nodes": [str(n) for n in s.nodes], "attributes": list(s.attributes)}
                 for s in run.sections]
-    gpt2.write_json(run.path("metrics.json"), {"config": asdict(run.config),
-                                               "circuit": {"sections": sections, "skipped": run.skipped,
-                                                           "discovery": run.discovery},
+    circuit = {"sections": sections, "skipped": run.skipped, "discovery": run.discovery}
+    gpt2.write_json(run.path("metrics.json"), {"config": asdict(run.config), "circuit": circuit,
                                                "results": rows})
 
 
-def evaluate_and_report(run, started=None, oversplitting_grids=metrics.OVERSPLITTING_GRIDS):
+def evaluate_and_report(run, oversplitting_grids=metrics.OVERSPLITTING_GRIDS):
     """Every test (`evaluate_run`) -> metrics.json and report.md, and the report's summary."""
-    started = started or time.time()
     write_metrics(run, [record.to_json() for record in evaluate_run(run, oversplitting_grids)])
     click.echo(write_report(run.out))
     click.echo(f"Wrote {run.path('metrics.json')} and {run.path('report.md')} "
-               f"in {time.time() - started:.0f} s")
+               f"in {time.time() - run.started:.0f} s")
 
 
 def recover_interrupted_saves(out):
@@ -896,14 +879,11 @@ def recover_interrupted_saves(out):
 
 def open_run(out, weights=None, preset=None, device="cpu", force=False, circuit=None, eta=False,
              **overrides):
-    """The run in folder `out`, bound to the settings in its config.json.
-
-    Without settings given, the saved ones; with settings that differ from them, a one-line
-    error unless `force`. A new folder, or `preset`, starts from a preset: "demo" (scaled
-    down) for the embedded model, "paper" for real GPT-2 weights; the settings given
-    override it. The device only decides where the run computes, so it is not bound.
-    `circuit`, `eta`: see `Run`.
-    """
+    """The run in folder `out`, bound to the settings in its config.json: the saved ones; or with
+    `preset`, or in a new folder, a preset ("demo", scaled down, for the embedded model; "paper" for
+    real GPT-2 weights); either overridden by the settings given. Other settings than the saved ones
+    are a one-line error unless `force`. The device only decides where the run computes, so it is
+    not bound. `circuit`, `eta`: see `Run`."""
     recover_interrupted_saves(out)
     path, saved = os.path.join(out, "config.json"), None
     try:
@@ -912,10 +892,8 @@ def open_run(out, weights=None, preset=None, device="cpu", force=False, circuit=
         if not force:
             raise click.ClickException(f"{error.message} (--force replaces it)") from None
     given = {name: value for name, value in dict(overrides, weights=weights).items() if value is not None}
-    if saved is not None and preset is None:
-        base = saved
-    else:
-        base = DEMO if (preset or ("demo" if weights is None else "paper")) == "demo" else RunConfig()
+    presets = {"demo": DEMO, "paper": RunConfig()}
+    base = saved if saved and not preset else presets[preset or ("demo" if weights is None else "paper")]
     config = replace(base, **given, device=device)
     changed = [] if saved is None else [
         f"{f.name} {getattr(saved, f.name)!r} -> {getattr(config, f.name)!r}" for f in fields(RunConfig)
@@ -932,7 +910,8 @@ FORCE_OPTION = click.option("--force", is_flag=True,
 
 
 def run_options(function):
-    """Options shared by every pipeline step: the run folder and what it runs on."""
+    """Options shared by every pipeline step, the keyword arguments of `open_run`: the run folder
+    and what it runs on."""
     options = [
         click.option("--out", "out", default="runs/demo", show_default=True, callback=output_folder(),
                      help="Run folder (created if needed)."),
@@ -951,16 +930,11 @@ def run_options(function):
     return function
 
 
-def _run_from_options(out, weights, preset, device, n_train, n_eval, epochs, force, eta=False):
-    return open_run(out, weights, preset, device, force, eta=eta, n_train=n_train, n_eval=n_eval,
-                    epochs=epochs)
-
-
 @cli.command()
 @run_options
 def collect(**options):
     """Step 1: find the circuit and cache activations at its nodes."""
-    run = _run_from_options(**options)
+    run = open_run(**options)
     for section in run.sections:
         nodes = " ".join(str(node) for node in section.nodes)
         click.echo(f"{section.name:12s} {', '.join(section.attributes):12s} {nodes}")
@@ -971,7 +945,7 @@ def collect(**options):
 @run_options
 def supervised(**options):
     """Step 2: fit mean and least-squares supervised dictionaries at every node (README §4)."""
-    run = _run_from_options(**options)
+    run = open_run(**options)
     run.fit_supervised()
     click.echo(f"Supervised dictionaries saved in {run.path('dictionaries')}")
 
@@ -982,7 +956,7 @@ def supervised(**options):
               help="Task SAEs on IOI activations, full-distribution SAEs on corpus text, or both.")
 def train_saes(source, **options):
     """Step 3: train every SAE of the run (all nodes x settings, one batched stack per architecture)."""
-    run = _run_from_options(**options)
+    run = open_run(**options)
     if source in ("ioi", "both"):
         run.train_task_saes()
     if source in ("corpus", "both"):
@@ -995,8 +969,7 @@ def train_saes(source, **options):
 def run_command(**options):
     """Step 4, the whole paper: grade dictionaries and SAEs on every test -> metrics.json and
     report.md (steps 1-3 run, or load from the folder's caches, as needed). GPT-2 Small via --weights."""
-    started = time.time()
-    evaluate_and_report(_run_from_options(**options, eta=True), started)
+    evaluate_and_report(open_run(**options, eta=True))
 
 
 @cli.command()
@@ -1004,8 +977,7 @@ def run_command(**options):
 @FORCE_OPTION
 def demo(out, force):
     """The whole paper on the embedded small IOI model, scaled to minutes on a CPU."""
-    started = time.time()
-    evaluate_and_report(open_run(out, preset="demo", force=force, eta=True), started)
+    evaluate_and_report(open_run(out, preset="demo", force=force, eta=True))
 
 
 # --- grade-sae: any SAE in SAELens's layout, graded like ours (README, "Use with TransformerLens / SAELens")
@@ -1148,7 +1120,7 @@ def grade_sae_command(sae_dir, name, **options):
         sae = dictionaries.load_sae(sae_dir)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
-    run = _run_from_options(**options)
+    run = open_run(**options)
     grade_sae_in_run(run, sae, name or f"sae:{Path(sae_dir).resolve().name}")
     click.echo(write_report(run.out))
     click.echo(f"Wrote {run.path('metrics.json')} and {run.path('report.md')}")
