@@ -9,28 +9,20 @@ Public API
 ----------
 Supervised dictionaries (README §4)
     d = SupervisedDictionary.fit(acts[N,d], {name: LongTensor[N]}, n_values=None, method="mean"|"lstsq")
-    d.bias [d]; d.features[name] [n_values, d]; d.reconstruct(attributes) [N,d];
-    d.edit(acts, name, old_values, new_values); d.feature_weights(attributes) {name: [N]};
-    d.save(dir); SupervisedDictionary.load(dir)
-SAEs (README §8): SAE(arch, W_enc=, W_dec=, b_dec=, b_enc= | b_gate=, r_mag=, b_mag= | threshold=,
-                      k=, l1_coefficient=, input_scale=1, frozen_decoder=False, meta={})
+    d.bias [d]; d.features[name] [n_values, d]; d.reconstruct, d.edit, d.feature_weights, d.save, .load
+SAEs (README §8): SAE(arch, W_enc=, W_dec=, b_dec=, b_enc= | b_gate=, r_mag=, b_mag= | threshold=, k=, ...)
     arch "vanilla", "gated", "topk" (trained here) or "jumprelu" (read from SAELens). On raw x:
-    sae.encode(x[..., d_in]) -> f [..., d_sae]; sae.decode(f) -> x̂ [..., d_in]; sae(x) -> (x̂, f);
-    sae.active(x) -> bool [..., d_sae]. In the normalised space: sae.latents, sae.reconstruct,
-    sae.latents_and_fires, sae.loss. sae.params (SAELens names), sae.d_in, sae.d_sae, sae.to(device).
+    sae.encode(x[..., d_in]) -> f [..., d_sae]; sae.decode(f); sae(x) -> (x̂, f); sae.active(x) -> bool.
+    In the normalised space: sae.latents, sae.reconstruct, sae.latents_and_fires, sae.loss.
     stack_saes([sae, ...]) -> one SAE with a leading stack axis; stack.unstack() -> [sae, ...].
+    core_metrics(x, x̂, fires): L0, MSE, fraction of variance explained, dead fraction.
     save_sae(sae, dir) / load_sae(dir) in SAELens's layout, both ways (README, "Use with
-    TransformerLens / SAELens"): saved SAEs have the input scale folded in (input_scale 1 once
-    loaded); fold_input_scale, fold_decoder_norm, fold_input_shift, fold_input_centring.
+    TransformerLens / SAELens"), with every setting folded into the weights (fold_*).
 Training (one batched tensor program for a stack of same-shaped SAEs)
-    saes, logs = train_sae_stack(datasets[n_datasets,N,d], [SAESpec(arch, dataset_index, l1_coefficient,
-                                 k, seed, frozen_decoder, name), ...], TrainConfig(...), progress=False,
-                                 checkpoint_dir=None, on_checkpoint=None);  train_sae(acts, spec, config)
-    logs: one dict per SAE per checkpoint: sae, name, epoch, steps, converged, loss, l0, mse, fve,
-    dead_fraction. bench_sae_training(...) -> timings of the batched stack vs a per-SAE loop, and
-    the paper's grid projected.
-    load_activations(path) -> the `acts` tensor of a safetensors file, checked;
-    load_labelled_activations(path) -> (acts, {name: LongTensor}) from `attribute.<name>` tensors
+    saes, logs = train_sae_stack(datasets[n_datasets,N,d], [SAESpec(...), ...], TrainConfig(...));
+    train_sae(acts, spec, config); logs: one dict per SAE per checkpoint (loss and core metrics).
+    bench_sae_training(...): the batched stack against a per-SAE loop, and the paper's grid projected.
+    load_activations(path) / load_labelled_activations(path): `acts` (and `attribute.<name>`) tensors
 Full-distribution SAEs
     iter_corpus_texts(path=None); collect_corpus_activations(model, tokenizer, nodes, texts, max_tokens)
 
@@ -43,7 +35,7 @@ import functools
 import itertools
 import json
 import math
-import time
+import timeit
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterator, Optional
@@ -61,8 +53,7 @@ import gpt2
 
 
 def _check_activations(x, what: str, shape: str = "[N, d]") -> torch.Tensor:
-    """A finite float tensor of the given shape ([N, d], or [n_datasets, N, d]), or a one-line
-    ValueError."""
+    """x if a finite float tensor of `shape` ([N, d] or [n_datasets, N, d]); else a one-line ValueError."""
     if not isinstance(x, torch.Tensor) or x.dim() != shape.count(",") + 1:
         raise ValueError(f"{what}: expected a tensor of shape {shape}, got {getattr(x, 'shape', type(x))}")
     if not x.is_floating_point():
@@ -93,8 +84,7 @@ def load_activations(path) -> torch.Tensor:
 
 
 def load_labelled_activations(path) -> tuple:
-    """(acts [N, d], {name: LongTensor [N]}) from a safetensors file holding `acts` and one
-    `attribute.<name>` tensor per attribute."""
+    """(acts [N, d], {name: LongTensor [N]}) from the `acts` and `attribute.<name>` tensors of a file."""
     acts, tensors = load_activations(path), load_file(str(path))
     attributes = {key.removeprefix("attribute."): t for key, t in tensors.items()
                   if key.startswith("attribute.")}
@@ -114,8 +104,8 @@ def _attribute_sizes(attributes: dict, n: int, n_values: Optional[dict]) -> dict
     for name, ids in attributes.items():
         if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.shape != (n,):
             raise ValueError(f"attribute {name!r}: expected a LongTensor of shape [{n}]")
-        size = (n_values or {}).get(name, int(ids.max()) + 1 if n else 0)
-        if n and (ids.min() < 0 or ids.max() >= size):
+        size = (n_values or {}).get(name, int(ids.max()) + 1)
+        if ids.min() < 0 or ids.max() >= size:
             raise ValueError(f"attribute {name!r}: ids must lie in [0, {size}), "
                              f"got [{ids.min()}, {ids.max()}]")
         sizes[name] = size
@@ -135,14 +125,11 @@ def _mean_codes(acts, attributes, sizes):
 
 
 def _lstsq_codes(acts, attributes, sizes):
-    """min ‖A - C U‖² with C = [1 | one-hot of each attribute] ("MSE" codes).
-
-    C is rank deficient (each attribute's one-hot columns sum to the constant column), so
-    take the minimum-norm solution pinv(C) A = pinv(CᵀC) CᵀA (the small Gram matrix makes
-    this fast), then move each attribute's frequency-weighted mean feature into the bias.
-    That changes no fitted value and picks the same gauge as the mean codes, so both are
-    directly comparable.
-    """
+    """min ‖A - C U‖² with C = [1 | one-hot of each attribute] ("MSE" codes). C is rank deficient
+    (each attribute's one-hot columns sum to the constant column), so take the minimum-norm solution
+    pinv(C) A = pinv(CᵀC) CᵀA (the small Gram matrix makes this fast), then move each attribute's
+    frequency-weighted mean feature into the bias: that changes no fitted value and picks the same
+    gauge as the mean codes, so both are directly comparable."""
     design = torch.cat([acts.new_ones(len(acts), 1)]
                        + [F.one_hot(ids, sizes[name]).to(acts) for name, ids in attributes.items()], 1)
     # [1 + Σ n_values, d]
@@ -231,19 +218,15 @@ LATENT_AXIS = {"W_enc": -1, "W_dec": -2, "b_enc": -1, "b_gate": -1, "r_mag": -1,
 
 @dataclass
 class SAE:
-    """A sparse autoencoder, or a stack of S of them (same architecture and shape).
-
-    The parameters live in the normalised space x = x_raw * input_scale (README §8: the
-    training data scaled to mean norm √d_in); `encode`, `decode`, `forward` and `active` take
-    and return raw activations, so latent j adds f_j * W_dec[j] / input_scale to a raw
-    reconstruction. `latents`, `reconstruct`, `latents_and_fires` and `loss` are the paper's formulas on
-    normalised inputs.
-
-    A stack (`stack_saes`) is the same object with a leading axis S on every tensor and a
-    length-1 batch axis after it on the vectors (b_enc [S, 1, d_sae]), and its per-SAE numbers
-    as tensors that broadcast the same way (k [S, 1, 1], l1_coefficient [S, 1]): the formulas
-    then apply unchanged to inputs [S, B, d_in], each SAE to its own batch.
-    """
+    """A sparse autoencoder, or a stack of S of them (same architecture and shape). The parameters
+    live in the normalised space x = x_raw * input_scale (README §8: the training data scaled to
+    mean norm √d_in); `encode`, `decode`, `sae(x)` and `active` take and return raw activations, so
+    latent j adds f_j * W_dec[j] / input_scale to a raw reconstruction. `latents`,
+    `reconstruct`, `latents_and_fires` and `loss` are the paper's formulas on normalised inputs.
+    A stack (`stack_saes`) is the same object with a leading axis S on every tensor and a length-1
+    batch axis after it on the vectors (b_enc [S, 1, d_sae]), and its per-SAE numbers as tensors
+    that broadcast the same way (k [S, 1, 1], l1_coefficient [S, 1]): the formulas then apply
+    unchanged to inputs [S, B, d_in], each SAE to its own batch."""
     arch: str  # "vanilla" | "gated" | "topk" | "jumprelu" (JumpReLU only as read from SAELens)
     W_enc: torch.Tensor  # [..., d_in, d_sae]
     W_dec: torch.Tensor  # [..., d_sae, d_in]  unit rows when trained here
@@ -303,12 +286,10 @@ class SAE:
         """The raw reconstruction x̂ / input_scale  [..., d_in]."""
         return self.reconstruct(f) / self.input_scale
 
-    def forward(self, x):
+    def __call__(self, x):
         """(raw reconstruction, latents) of raw activations x."""
         f = self.encode(x)
         return self.decode(f), f
-
-    __call__ = forward
 
     def active(self, x):
         """Which latents fire on raw activations x  -> bool [..., d_sae]."""
@@ -421,6 +402,19 @@ ENCODERS = {"vanilla": encode_vanilla, "gated": encode_gated, "topk": encode_top
 LOSSES = {"vanilla": loss_vanilla, "gated": loss_gated, "topk": loss_topk}
 
 
+def core_metrics(x, x_hat, fires, dead_fires=None) -> dict:
+    """The SAE core metrics (README §8; SAELens / SAEBench names), computed here only, of N inputs x
+    and their reconstructions x̂ [N, d]: L0 (latents active per input), MSE (per coordinate), FVE
+    (fraction of variance explained, 1 - Σ‖x - x̂‖² / Σ‖x - mean(x)‖²) and dead fraction (latents
+    never active). fires [d_sae]: on how many inputs each latent is active; dead_fires: the same
+    counts on other inputs, to count the dead fraction there (grading: on the training data)."""
+    squared_error = (x - x_hat).pow(2)  # [N, d]
+    ever_active = (fires if dead_fires is None else dead_fires) > 0  # [d_sae]
+    return {"l0": float(fires.sum() / len(x)), "mse": float(squared_error.mean()),
+            "fve": float(1 - squared_error.sum() / (x - x.mean(0)).pow(2).sum()),
+            "dead_fraction": float(1 - ever_active.float().mean())}
+
+
 # ---------------------------------------------------------------------------------------
 # Save / load in the SAELens layout: cfg.json + sae_weights.safetensors
 # ---------------------------------------------------------------------------------------
@@ -467,14 +461,18 @@ def fold_input_centring(params: dict) -> dict:
     (the gated magnitude path W ⊙ exp r_mag included), so W_enc -> W_enc minus its column means and
     each encoder bias shifts by -mean(b_dec) times its path's column sums. The reconstruction stays
     centred: the input's mean is left to the error term."""
-    W, offset = params["W_enc"], params["b_dec"].mean()
-    folded = {**params, "W_enc": W - W.mean(0, keepdim=True)}
-    for name in ("b_enc", "b_gate"):
-        if name in params:
-            folded[name] = params[name] - offset * W.sum(0)
+    W = params["W_enc"]
+    return _shift_encoder_biases({**params, "W_enc": W - W.mean(0, keepdim=True)},
+                                 -params["b_dec"].mean() * W.sum(0))
+
+
+def _shift_encoder_biases(params: dict, shift: torch.Tensor) -> dict:
+    """Add shift [d_sae] to the pre-activations of every encoder path: to b_enc or b_gate, and to
+    b_mag scaled by exp r_mag, as that path's weights are."""
+    shifted = {name: params[name] + shift for name in ("b_enc", "b_gate") if name in params}
     if "b_mag" in params:
-        folded["b_mag"] = params["b_mag"] - offset * W.sum(0) * params["r_mag"].exp()
-    return folded
+        shifted["b_mag"] = params["b_mag"] + shift * params["r_mag"].exp()
+    return {**params, **shifted}
 
 
 def save_sae(sae: SAE, directory):
@@ -570,9 +568,7 @@ def load_sae(directory) -> SAE:
     _check_saelens_settings(cfg, weights, directory)
     p = {name: weights[name].float() for name in PARAMETERS[arch]}
     if not cfg.get("apply_b_dec_to_input", True):  # fold "no centring" into the encoder biases
-        shift = p["b_dec"] @ p["W_enc"]  # [d_sae]
-        for name in {"gated": ["b_gate", "b_mag"]}.get(arch, ["b_enc"]):
-            p[name] = p[name] + shift * (p["r_mag"].exp() if name == "b_mag" else 1)
+        p = _shift_encoder_biases(p, p["b_dec"] @ p["W_enc"])
     if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
         p = fold_decoder_norm(p)
     if arch == "topk" and cfg["k"] is None:
@@ -620,23 +616,21 @@ class TrainConfig:
 
 def checkpoint_epochs(epochs: int) -> list:
     """Geometrically spaced checkpoints: 1, 2, 4, ... and the last epoch."""
-    return sorted({2 ** i for i in range(epochs.bit_length()) if 2 ** i <= epochs} | {epochs})
+    return sorted({2 ** i for i in range(epochs.bit_length())} | {epochs})
 
 
 class Schedule:
     """When a stack of SAEs resamples, which learning rate it uses, and when it stops.
-
-    Fixed (`plateau` None): `epochs` epochs; resampling at the `resample_at` fractions of
-    them; warm-up after every (re)start; linear decay to 0 over the last quarter.
-    Converging (`plateau` = tol): train until, for every SAE of the stack, the mean training
-    loss of the last epoch is less than tol below that of 10% of the epochs run earlier (at
-    least 5 epochs back, and not before the last restart's warm-up is over). At such a plateau,
-    resample dead latents and go on (vanilla/gated, at most len(resample_at) times), or, once no
-    resampling is due, decay the learning rate linearly to 0 over a third as many steps again
-    (so the decay is the last quarter of training, as in the fixed schedule) and stop. `epochs`
-    is a cap: a stack that reaches it first is not converged. The whole stack shares one
-    schedule, so an SAE trains until the slowest SAE of its stack has converged.
-    """
+    Fixed (`plateau` None): `epochs` epochs; resampling at the `resample_at` fractions of them;
+    warm-up after every (re)start; linear decay to 0 over the last quarter. Converging (`plateau` =
+    tol): train until, for every SAE of the stack, the mean training loss of the last epoch is less
+    than tol below that of 10% of the epochs run earlier (at least 5 epochs back, and not before the
+    last restart's warm-up is over). At such a plateau, resample dead latents and go on
+    (vanilla/gated, at most len(resample_at) times), or, once no resampling is due, decay the
+    learning rate linearly to 0 over a third as many steps again (so the decay is the last quarter
+    of training, as in the fixed schedule) and stop. `epochs` is a cap: a stack that reaches it
+    first is not converged. The whole stack shares one schedule, so an SAE trains until the slowest
+    SAE of its stack has converged."""
 
     def __init__(self, config: TrainConfig, steps_per_epoch: int, can_resample: bool):
         self.config, self.steps_per_epoch = config, steps_per_epoch
@@ -737,31 +731,26 @@ class _StackData:
     def means(self):
         return self.datasets.mean(1)[self.index] * self.scales[:, None]  # [S, d_in]
 
-    def variances(self):
-        """Σ ‖x − mean‖² over each SAE's normalised data  [S]."""
-        centred = self.datasets - self.datasets.mean(1, keepdim=True)
-        return centred.pow(2).sum((1, 2))[self.index] * self.scales ** 2
-
 
 @torch.no_grad()
 def _statistics(stack: SAE, data: _StackData, specs: list, chunk: int):
-    """One pass over every SAE's data: squared error per input [S, N] and how often each latent
-    fires [S, d_sae]. In chunks of the training batch: temporaries of the training step's size are
-    reused by the allocator, where larger ones are mapped afresh (page-faulted) every time. Stops,
-    naming the SAEs, once a learning rate too high for the data has sent weights to inf or NaN:
-    saved, such an SAE would be graded as if it were a real one."""
-    errors, fires = [], 0
+    """One pass over every SAE's data: its normalised inputs and their reconstructions [S, N, d_in],
+    and how often each latent fires [S, d_sae]. In chunks of the training batch: temporaries of the
+    training step's size are reused by the allocator, where larger ones are mapped afresh
+    (page-faulted) every time. Stops, naming the SAEs, once a learning rate too high for the data
+    has sent weights to inf or NaN: saved, such an SAE would be graded as if it were a real one."""
+    x_hat, fires = [], 0
     for start in range(0, data.n, chunk):
-        x = data.inputs(torch.arange(start, min(start + chunk, data.n)))  # [S, chunk, d_in]
-        f, active = stack.latents_and_fires(x)
-        errors.append(_squared_norm(x - stack.reconstruct(f)))
+        f, active = stack.latents_and_fires(data.inputs(torch.arange(start, min(start + chunk, data.n))))
+        x_hat.append(stack.reconstruct(f))  # [S, chunk, d_in]
         fires = fires + active.sum(1)
-    errors = torch.cat(errors, 1)
-    diverged = [spec.name or f"sae{s}" for s, spec in enumerate(specs) if not torch.isfinite(errors[s]).all()]
+    x, x_hat = data.inputs(torch.arange(data.n)), torch.cat(x_hat, 1)
+    diverged = [spec.name or f"sae{s}" for s, spec in enumerate(specs)
+                if not torch.isfinite(_squared_norm(x[s] - x_hat[s])).all()]
     if diverged:
         raise ValueError(f"training diverged (NaN or inf) in {', '.join(diverged[:3])}: "
                          "lower the learning rate")
-    return errors, fires
+    return x, x_hat, fires
 
 
 def _adam_step(stack: SAE, adam, x: torch.Tensor, lr: float) -> torch.Tensor:
@@ -823,28 +812,21 @@ def _resample_dead_latents(stack: SAE, adam, dead, errors, data: _StackData, gen
                     moment[s].index_fill_(LATENT_AXIS[name], latents, 0)
 
 
-def _checkpoint_logs(specs, data, errors, fires, epoch_loss, extra, **common) -> list:
-    """One log per SAE: `common` (epoch, steps, converged), its loss, and on the training data
-    L0, MSE per element, fraction of variance explained and dead fraction."""
-    n, d, variances = data.n, data.datasets.shape[-1], data.variances()
+def _checkpoint_logs(specs, x, x_hat, fires, epoch_loss, extra, **common) -> list:
+    """One log per SAE: `common` (epoch, steps, converged), its loss, and its core metrics on its
+    normalised training data."""
     return [{"sae": s, "name": spec.name, **common, "loss": float(epoch_loss[s]),
-             "l0": float(fires[s].sum() / n), "mse": float(errors[s].sum() / (n * d)),
-             "fve": float(1 - errors[s].sum() / variances[s]),
-             "dead_fraction": float((fires[s] == 0).float().mean()), **extra[s]}
-            for s, spec in enumerate(specs)]
+             **core_metrics(x[s], x_hat[s], fires[s]), **extra[s]} for s, spec in enumerate(specs)]
 
 
 def train_sae_stack(datasets: torch.Tensor, specs: list, config: Optional[TrainConfig] = None,
                     progress: bool = False, checkpoint_dir=None, on_checkpoint=None):
-    """Train a stack of same-architecture SAEs as one tensor program (README §8).
-
-    datasets [n_datasets, N, d]: raw activations; SAE s trains on datasets[specs[s].dataset_index].
-    Returns (saes, logs): logs hold the loss, L0, MSE (per element, normalised space), fraction of
-    variance explained and dead fraction, on the training data, for every SAE at every checkpoint.
-    checkpoint_dir: also save each SAE at each checkpoint to <dir>/<name or saeI>/epoch<E>.
-    on_checkpoint(epoch, saes) -> list of per-SAE dicts (or None) merged into the logs (called
-    per group of config.max_stack SAEs).
-    """
+    """Train a stack of same-architecture SAEs as one tensor program (README §8). datasets
+    [n_datasets, N, d]: raw activations; SAE s trains on datasets[specs[s].dataset_index]. Returns
+    (saes, logs): logs hold the loss and the core metrics (`core_metrics`, in the normalised space)
+    on the training data, for every SAE at every checkpoint. checkpoint_dir: also save each SAE at
+    each checkpoint to <dir>/<name or saeI>/epoch<E>. on_checkpoint(epoch, saes) -> list of per-SAE
+    dicts (or None) merged into the logs (called per group of config.max_stack SAEs)."""
     config = config or TrainConfig()
     _check_stack(datasets, specs, config)
     group = config.max_stack or len(specs)  # SAEs per tensor program
@@ -880,12 +862,12 @@ def _train_group(datasets, specs, config, progress, checkpoint_dir, on_checkpoin
             bar.update(1)
             # computed at most once an epoch, and only if a checkpoint or the schedule asks for them
             statistics = functools.cache(lambda: _statistics(stack, data, specs, batch_size))
-            action = schedule.after_epoch(epoch + 1, epoch_loss, lambda: bool((statistics()[1] == 0).any()))
+            action = schedule.after_epoch(epoch + 1, epoch_loss, lambda: bool((statistics()[2] == 0).any()))
             if epoch + 1 in checkpoints or action == "stop":
                 saes = [replace(sae, meta={"spec": asdict(spec), "train_config": asdict(config)})
                         for sae, spec in zip(stack.unstack(), specs)]
                 extra = (on_checkpoint(epoch + 1, saes) if on_checkpoint else None) or [{}] * len(specs)
-                logs += _checkpoint_logs(specs, data, *statistics(), epoch_loss, extra, epoch=epoch + 1,
+                logs += _checkpoint_logs(specs, *statistics(), epoch_loss, extra, epoch=epoch + 1,
                                          steps=(epoch + 1) * steps_per_epoch,
                                          converged=schedule.converged if action == "stop" else None)
                 for s, sae in enumerate(saes if checkpoint_dir is not None else []):
@@ -893,8 +875,8 @@ def _train_group(datasets, specs, config, progress, checkpoint_dir, on_checkpoin
             if action == "stop":
                 break
             if action == "resample":
-                errors, fires = statistics()
-                _resample_dead_latents(stack, adam, fires == 0, errors, data, generators)
+                x, x_hat, fires = statistics()
+                _resample_dead_latents(stack, adam, fires == 0, _squared_norm(x - x_hat), data, generators)
                 schedule.restarted(epoch + 1)
     return saes, logs  # the last epoch is always a checkpoint
 
@@ -925,24 +907,18 @@ def _step_matmuls(n_sae, batch_size, d_in, d_sae):
 
 def _best_seconds(run, times: int) -> float:
     """The fastest of `times` runs: the machine is shared, so the minimum is the least noisy."""
-    durations = []
-    for _ in range(times):
-        start = time.perf_counter()
-        run()
-        durations.append(time.perf_counter() - start)
-    return min(durations)
+    return min(timeit.repeat(run, repeat=times, number=1))
 
 
 def bench_sae_training(n_sae: int = 24, d_in: int = 64, d_sae: int = 512, n: int = 8192, epochs: int = 8,
                        arch: str = "vanilla", batch_size: int = 512, repeats: int = 2, seed: int = 0) -> dict:
-    """Seconds to train n_sae SAEs (best of `repeats`): as one stack, in groups of
-    TrainConfig.max_stack, and in a loop one by one (the same code on stacks of one). No
-    resampling: a real run resamples 4 times in 2,000 epochs, here it would dominate (the
-    statistics at checkpoints 1, 2, 4, 8 are included, so per-step times are a little high).
-
-    Next to them, the time of a vanilla step's five matmuls alone (whatever `arch`), for one SAE
-    and per SAE in a stack of max_stack: what batching could at best save. And the paper's grid
-    projected from the best time per SAE step, at its 2,000 epochs and at CONVERGED_EPOCHS."""
+    """Seconds to train n_sae SAEs (best of `repeats`): as one stack, in groups of TrainConfig.max_stack,
+    and in a loop one by one (the same code on stacks of one). No resampling: a real run resamples 4
+    times in 2,000 epochs, here it would dominate (the statistics at checkpoints 1, 2, 4, 8 are
+    included, so per-step times are a little high). Next to them, the time of a vanilla step's five
+    matmuls alone (whatever `arch`), for one SAE and per SAE in a stack of max_stack: what batching
+    could at best save. And the paper's grid projected from the best time per SAE step, at its 2,000
+    epochs and at CONVERGED_EPOCHS."""
     data = torch.randn(1, n, d_in, generator=torch.Generator().manual_seed(seed))
     specs = [SAESpec(arch, l1_coefficient=1.0, k=8, seed=i) for i in range(n_sae)]
     config = TrainConfig(d_sae=d_sae, batch_size=batch_size, epochs=epochs, resample_at=())

@@ -10,15 +10,14 @@ Sections follow the paper's tests (README, 'The method in one page'):
   * grading a run: every test at every cross-section as flat records (sections 5-9).
 
 Everything here is a pure function of tensors, except the interventions and graders, which
-run the model with patches, and `occlusion_toy_experiment`, which trains SAEs with
-dictionaries.py. SAEs enter only through the interface of
-dictionaries.py: `encode(x)` on raw activations, `sae(x)` -> (x̂, f), `active(x)`, unit-norm decoder rows
-`W_dec` in the SAE's normalised space and the scalar `input_scale` s, so the raw-space
-contribution of latent j is f_j * W_dec[j] / s.
+run the model with patches, and `occlusion_toy_experiment`, which trains SAEs. SAEs enter only
+through dictionaries.py's interface: `encode(x)` on raw activations, `sae(x)` -> (x̂, f),
+`active(x)`, unit-norm decoder rows `W_dec` in the SAE's normalised space and the scalar
+`input_scale` s, so the raw-space contribution of latent j is f_j * W_dec[j] / s.
 """
 import functools
 from dataclasses import asdict, dataclass, replace
-from typing import NamedTuple, Optional, Protocol, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -62,12 +61,9 @@ def sufficiency(ld_patched, ld_clean) -> float:
 
 
 def necessity(ld_mean_ablated, ld_patched, ld_clean) -> float:
-    """1 - |LD_meanabl - LD_patched| / |LD_meanabl - LD_clean| (all mean LDs).
-
-    Here "patched" means a -> ā + (a - â): the explained part is mean-ablated, the
-    residual kept. If the dictionary explains everything, this *is* mean ablation and
-    necessity = 1; if it explains nothing, the run is the clean one and necessity = 0.
-    """
+    """1 - |LD_meanabl - LD_patched| / |LD_meanabl - LD_clean| (all mean LDs), where "patched" means
+    a -> ā + (a - â): the explained part is mean-ablated, the residual kept. If the dictionary explains
+    everything, this *is* mean ablation and necessity = 1; if nothing, it is the clean run: 0."""
     mean_ablated = _mean(ld_mean_ablated)
     total_effect = abs(mean_ablated - _mean(ld_clean))
     if total_effect == 0:
@@ -104,11 +100,8 @@ def raw_decoder_directions(sae) -> torch.Tensor:
 
 
 def sae_latent_weights(f: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """w_j = f_j d_j·(â - b_dec) / ‖â - b_dec‖² for every latent -> [B, d_sae].
-
-    â - b_dec = Σ_j f_j d_j, so the weights of one prompt sum to 1 (0 if nothing fires).
-    The ratio does not depend on the input scale, but we stay in raw space throughout.
-    """
+    """w_j = f_j d_j·(â - b_dec) / ‖â - b_dec‖² for every latent -> [B, d_sae]: â - b_dec is
+    Σ_j f_j d_j, so the weights of one prompt sum to 1 (0 if nothing fires)."""
     centred_reconstruction = f @ directions  # [B, d] = â - b_dec
     projections = (centred_reconstruction @ directions.T) * f  # [B, d_sae]
     squared_norm = centred_reconstruction.pow(2).sum(-1, keepdim=True)  # [B, 1]
@@ -123,15 +116,11 @@ def sae_weight_removed(f: torch.Tensor, directions: torch.Tensor, changed_mask: 
 
 @torch.no_grad()
 def greedy_sae_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor, k: int):
-    """Interpretation-agnostic SAE edit: swap at most k latents from p to p'.
-
-    Target δ = a(p') - a(p); candidate moves Δ_j = (f_j(a(p')) - f_j(a(p))) d_j. Each
-    step adds, per prompt, the unused Δ_j that minimises ‖S + Δ_j - δ‖ (S the running
-    sum); a prompt stops as soon as no move brings S closer to δ. The edited activation
-    is a(p) + S, so the SAE error term of a(p) is kept.
-
-    Returns (a_edited [B, d], changed_mask [B, d_sae]). k >= d_sae means "no limit".
-    """
+    """Interpretation-agnostic SAE edit: swap at most k latents from p to p' (k >= d_sae: no limit).
+    Target δ = a(p') - a(p); candidate moves Δ_j = (f_j(a(p')) - f_j(a(p))) d_j. Each step adds, per
+    prompt, the unused Δ_j that minimises ‖S + Δ_j - δ‖ (S the running sum); a prompt stops once no
+    move brings S closer to δ. Returns (a(p) + S [B, d], which keeps the SAE error term of a(p), and
+    changed_mask [B, d_sae])."""
     directions = raw_decoder_directions(sae)  # [d_sae, d]
     coefficient_change = sae.encode(a_counterfactual) - sae.encode(a_clean)  # [B, d_sae]
     direction_sq_norms = directions.pow(2).sum(-1)  # [d_sae]
@@ -166,16 +155,12 @@ def first_active_in_ranking(ranking: torch.Tensor, active: torch.Tensor, k: int)
 @torch.no_grad()
 def f1_guided_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor,
                    ranking_old: torch.Tensor, ranking_new: torch.Tensor, k: int):
-    """Interpretation-aware SAE edit of one attribute from v (in p) to v' (in p').
-
-    `ranking_old` / `ranking_new` [B, R] list latents by decreasing F1 for each prompt's
-    v and v' (rows of `latents_by_f1` indexed by the attribute ids). Subtract the
-    contributions f_j(p) d_j of the first k latents ranked for v that are active on p,
-    add f_j(p') d_j for the first k ranked for v' that are active on p'.
-
-    Returns (a_edited [B, d], changed_mask [B, d_sae]: the latents removed or added), like
-    `greedy_sae_edit`; k = 1 is the paper's headline edit, 1 latent out and 1 in.
-    """
+    """Interpretation-aware SAE edit of one attribute from v (in p) to v' (in p'). `ranking_old` /
+    `ranking_new` [B, R] list latents by decreasing F1 for each prompt's v and v' (rows of
+    `latents_by_f1` indexed by the attribute ids). Subtract the contributions f_j(p) d_j of the first
+    k latents ranked for v that are active on p, add f_j(p') d_j for the first k ranked for v' that
+    are active on p'. Returns (a_edited [B, d], changed_mask [B, d_sae]: the latents removed or
+    added), like `greedy_sae_edit`; k = 1 is the paper's headline edit, 1 latent out and 1 in."""
     directions = raw_decoder_directions(sae)  # [d_sae, d]
     removed = first_active_in_ranking(ranking_old, sae.active(a_clean), k)  # [B, d_sae]
     added = first_active_in_ranking(ranking_new, sae.active(a_counterfactual), k)  # [B, d_sae]
@@ -204,9 +189,8 @@ def _counts(active: torch.Tensor, properties: torch.Tensor):
 
 
 def precision_recall(active: torch.Tensor, properties: torch.Tensor):
-    """Precision |A∩F|/|F| and recall |A∩F|/|A| of every latent (F = prompts where it is
-    active) for every property A -> two [L, P] tensors, 0 where the set divided by is
-    empty."""
+    """Precision |A∩F|/|F| and recall |A∩F|/|A| of every latent (F: the prompts where it is active)
+    for every property A -> two [L, P] tensors, 0 where the set divided by is empty."""
     intersection, n_active, n_property = _counts(active, properties)
     precision = torch.where(n_active > 0, intersection / n_active.clamp(min=1), 0.0)
     recall = torch.where(n_property > 0, intersection / n_property.clamp(min=1), 0.0)
@@ -244,15 +228,11 @@ def _name_properties(attributes: dict, n_names: int, name_present=None) -> dict:
 
 
 def candidate_properties(attributes: dict, names: Sequence[str], name_present=None):
-    """The fixed candidate properties of README §7 -> (bool [N, P], labels [P]).
-
-    `attributes` = {"io", "s", "pos"} ids as from ioi.attribute_ids; `name_present`
-    [N, n_names] marks names occurring in the prompt (default: IO or S). Columns, in
-    this order, with ids in attribute order inside each block:
-      io=v, s=v, has=v (name v occurs), first=v, second=v (v is the first / second name),
-      pos=ABB/BAB, io=v&pos=p, s=v&pos=p.
-    Unions of names are per latent, so they live in `interpret_latents`.
-    """
+    """The fixed candidate properties of README §7 -> (bool [N, P], labels [P]). `attributes` =
+    {"io", "s", "pos"} ids as from ioi.attribute_ids; `name_present` [N, n_names] marks names
+    occurring in the prompt (default: IO or S). Columns, in this order, with ids in attribute order
+    inside each block: io=v, s=v, has=v (name v occurs), first=v, second=v (v is the first / second
+    name), pos=ABB/BAB, io=v&pos=p, s=v&pos=p. Unions of names are per latent: `interpret_latents`."""
     _check_attributes(attributes, len(names))
     singles = _name_properties(attributes, len(names), name_present)
     pos = F.one_hot(attributes["pos"], len(POS_VALUES)).bool()  # [N, 2]
@@ -270,12 +250,9 @@ def candidate_properties(attributes: dict, names: Sequence[str], name_present=No
 
 
 def name_unions(active: torch.Tensor, name_properties: torch.Tensor, max_names: int = 10):
-    """Best union of a latent's top single-name properties (e.g. "IO is Mary or John").
-
-    Names are ranked per latent by their own F1; among the unions of the top 1, 2, ...,
-    max_names names we keep the best. Returns (f1 [L], members [L, max_names]: the
-    names of the best union in rank order, padded with -1).
-    """
+    """Best union of a latent's top single-name properties (e.g. "IO is Mary or John"): names are
+    ranked per latent by their own F1, and the best of the unions of the top 1, 2, ..., max_names is
+    kept. Returns (f1 [L], members [L, max_names]: its names in rank order, padded with -1)."""
     single_f1 = f1_scores(active, name_properties)  # [L, n_names]
     ranked = single_f1.argsort(dim=1, descending=True, stable=True)  # ties: lower name id first
     top_names = ranked[:, :max_names]  # [L, m]
@@ -359,29 +336,14 @@ def coverage(f1: torch.Tensor, labels: Sequence[str], threshold: float = 0.8) ->
 
 
 # ---------------------------------------------------------------------------------------
-# SAE core metrics (README §8; SAELens / SAEBench names)
+# SAE core metrics (README §8): `dictionaries.core_metrics`, on raw activations
 # ---------------------------------------------------------------------------------------
 
-def l0(f: torch.Tensor) -> float:
-    """Mean number of non-zero latents per input; f [N, d_sae]."""
-    return float((f != 0).sum(-1).float().mean())
-
-
-def mse(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """Mean squared reconstruction error per coordinate (SAELens' `mse`)."""
-    return float((x_hat - x).pow(2).mean())
-
-
-def fraction_variance_explained(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """1 - Σ‖x - x̂‖² / Σ‖x - mean(x)‖² over the inputs x [N, d]."""
-    residual = (x - x_hat).pow(2).sum()
-    total = (x - x.mean(0)).pow(2).sum()
-    return float(1 - residual / total)
-
-
-def dead_fraction(f: torch.Tensor) -> float:
-    """Fraction of latents that never fire on the inputs; f [N, d_sae] (or a bool mask)."""
-    return float(1 - (f != 0).any(0).float().mean())
+def sae_core_metrics(sae, x: torch.Tensor, train_x: torch.Tensor) -> dict:
+    """L0, MSE, fraction of variance explained and dead fraction of an SAE on raw activations x [N, d]:
+    L0 counts the non-zero latents, the dead fraction the latents never active on train_x."""
+    x_hat, f = sae(x)
+    return dictionaries.core_metrics(x, x_hat, (f != 0).sum(0), sae.active(train_x).sum(0))
 
 
 # ---------------------------------------------------------------------------------------
@@ -390,11 +352,8 @@ def dead_fraction(f: torch.Tensor) -> float:
 
 def occlusion_toy_data(io_norm: float, s_norm: float, n_samples: int, n_values: int = 216,
                        d: int = 64, seed: int = 0):
-    """Toy activations a = u_i + v_j, with i (the "IO") and j (the "S") uniform over
-    n_values and u, v ~ N(0, I_d) rescaled to norms io_norm and s_norm.
-
-    Returns (acts [n_samples, d], {"io": i [n_samples], "s": j [n_samples]}).
-    """
+    """Toy activations a = u_i + v_j, with i (the "IO") and j (the "S") uniform over n_values and
+    u, v ~ N(0, I_d) rescaled to norms io_norm and s_norm -> (acts [N, d], {"io": i [N], "s": j [N]})."""
     generator = torch.Generator().manual_seed(seed)
     u = torch.randn(n_values, d, generator=generator)
     v = torch.randn(n_values, d, generator=generator)
@@ -420,11 +379,9 @@ def occlusion_toy_recovery(active: torch.Tensor, values: dict, n_values: int,
 def occlusion_toy_experiment(io_norm: float, s_norm: float, l1s: Sequence[float] = (0.5, 1.0, 2.5, 5.0),
                               n_values: int = 216, d: int = 64, n_samples: int = 20_000,
                               config=None, seed: int = 0, progress: bool = False) -> list:
-    """Occlusion in the toy model: train one vanilla SAE per λ (one batched stack) on
-    a = u_i + v_j and measure, on the same data, the share of high-norm ("io") and
-    low-norm ("s") features it recovers. `config` is a dictionaries.TrainConfig
-    (default: 100 epochs). Returns one dict per λ: l1, io, s, l0.
-    """
+    """Occlusion in the toy model: train one vanilla SAE per λ (one batched stack) on a = u_i + v_j
+    and measure, on the same data, the share of high-norm ("io") and low-norm ("s") features it
+    recovers. `config`: a dictionaries.TrainConfig (default: 100 epochs). -> [{l1, io, s, l0}] per λ."""
     acts, values = occlusion_toy_data(io_norm, s_norm, n_samples, n_values, d, seed)
     specs = [dictionaries.SAESpec("vanilla", l1_coefficient=l1, seed=seed + i, name=f"l1={l1}")
              for i, l1 in enumerate(l1s)]
@@ -434,7 +391,7 @@ def occlusion_toy_experiment(io_norm: float, s_norm: float, l1s: Sequence[float]
     with torch.no_grad():
         for l1, sae in zip(l1s, saes):
             shares = occlusion_toy_recovery(sae.active(acts), values, n_values)
-            results.append({"l1": l1, **shares, "l0": l0(sae.encode(acts))})
+            results.append({"l1": l1, **shares, "l0": sae_core_metrics(sae, acts, acts)["l0"]})
     return results
 
 
@@ -453,16 +410,14 @@ PRESENT, CAUSAL = 0.1, 0.1  # the phenomenon gates' thresholds (see phenomenon_n
 
 def phenomenon_node(evidence: dict, attributes: Sequence[str], present: float = PRESENT,
                     causal: float = CAUSAL):
-    """Where a phenomenon can be tested (arXiv 2405.08366, section 5): a node at which every
-    attribute in `attributes` is present and causal. Occlusion needs IO and S (an SAE that
-    hides the weaker one must have had something to hide); over-splitting needs Pos.
-
-    evidence: {(node, attribute): {"norm", "answers_changed", "ld_moved"}} -- the supervised
-    feature's norm relative to the activations' spread, and the share of answers changed /
-    relative move of the mean LD when the node alone takes the counterfactual activation.
-    Present: norm >= `present`; causal: answers_changed or ld_moved >= `causal`. Among the
-    nodes that pass, the one whose weakest attribute (by norm) is most causal; None if none.
-    """
+    """Where a phenomenon can be tested (arXiv 2405.08366, section 5): a node at which every attribute
+    in `attributes` is present and causal. Occlusion needs IO and S (an SAE that hides the weaker one
+    must have had something to hide); over-splitting needs Pos. evidence: {(node, attribute): {"norm",
+    "answers_changed", "ld_moved"}}: the supervised feature's norm relative to the activations'
+    spread, and the share of answers changed / relative move of the mean LD when the node alone takes
+    the counterfactual activation. Present: norm >= `present`; causal: answers_changed or ld_moved >=
+    `causal`. Among the nodes that pass, the one whose weakest attribute (by norm) is most causal;
+    None if none."""
     def effect(row):
         return max(row["answers_changed"], row["ld_moved"])
     nodes = list(dict.fromkeys(node for node, _ in evidence))
@@ -475,8 +430,7 @@ def phenomenon_node(evidence: dict, attributes: Sequence[str], present: float = 
 
 
 def sae_loss(x: torch.Tensor, sae: dictionaries.SAE, l1: float) -> float:
-    """Vanilla ReLU SAE loss, mean over inputs of ‖x̂ - x‖² + λ‖f‖₁, where
-    f = ReLU((x - b_dec) W_enc + b_enc) and x̂ = f W_dec + b_dec (x in the SAE's own space)."""
+    """The vanilla SAE loss ‖x̂ - x‖² + λ‖f‖₁, mean over inputs x (in the SAE's own space)."""
     return float(dictionaries.loss_vanilla(replace(sae, l1_coefficient=l1), x).mean())
 
 
@@ -505,13 +459,10 @@ def random_data_sae(data_sample: torch.Tensor, beta: float, gamma: float) -> dic
 
 def scaled_family_loss_terms(x: torch.Tensor, encoder_rows: torch.Tensor, W_dec: torch.Tensor,
                              scales: Sequence[float], gammas: Sequence[float]):
-    """Both loss terms of every SAE with W_enc = scale·encoder_rowsᵀ, biases -γ, b_dec = 0
-    and the given decoder, over a grid of scales × γs, and how often each SAE fires.
-
-    Returns (reconstruction, l1, firing), each [n_scales, n_gammas]: the means of ‖x̂ - x‖²
-    and ‖f‖₁ (so the loss for any λ is reconstruction + λ·l1) and the share of inputs on
-    which some latent is active. The projections x·encoder_row are computed once.
-    """
+    """Both loss terms of every SAE with W_enc = scale·encoder_rowsᵀ, biases -γ, b_dec = 0 and the
+    given decoder, over a grid of scales × γs, and how often each SAE fires -> (reconstruction, l1,
+    firing), each [n_scales, n_gammas]: the means of ‖x̂ - x‖² and ‖f‖₁ (the loss for any λ is
+    reconstruction + λ·l1) and the share of inputs on which some latent is active."""
     projections = x @ encoder_rows.T  # [N, n_latents]
     gammas = torch.as_tensor(gammas, dtype=x.dtype)[:, None, None]  # [n_gammas, 1, 1]
     reconstruction, l1, firing = [], [], []
@@ -538,16 +489,13 @@ def oversplitting_toy(lambdas=np.linspace(0, 20, 41), n_samples: int = 4096, d: 
                       ideal_ks=np.geomspace(1 / 16, 2.0, 31), ideal_gammas=np.linspace(0.0, 10.0, 41),
                       random_betas=np.geomspace(0.01, 0.3, 31),
                       random_gammas=(1.0, 1.75, 2.35, 3.0, 4.0, 5.0, 6.0), seed: int = 0) -> dict:
-    """The over-splitting toy of README §9: on ±µ + N(0, I_d) with ‖µ‖ = mu_norm, the best
-    SAE loss per λ of the ideal 2-latent SAE (grid over k, γ) and of a random
-    n_latents-latent SAE built from data samples (grid over β, γ).
-
-    All SAEs are scored on the same n_samples inputs, drawn apart from the samples
-    that make up the random SAE. Returns numpy arrays: lambdas, ideal_best_loss [n_λ],
-    random_best_loss [n_λ], ideal_best_params [n_λ, 2] (k, γ), random_best_params
-    [n_λ, 2] (β, γ), ideal_firing / random_firing [n_λ] (share of inputs on which the best
-    SAE fires), and zero_sae_loss (the loss of an SAE that never fires, E‖x‖²).
-    """
+    """The over-splitting toy of README §9: on ±µ + N(0, I_d) with ‖µ‖ = mu_norm, the best SAE loss
+    per λ of the ideal 2-latent SAE (grid over k, γ) and of a random n_latents-latent SAE built from
+    data samples (grid over β, γ), all scored on the same n_samples inputs, drawn apart from those
+    samples. Returns numpy arrays: lambdas, ideal_best_loss / random_best_loss [n_λ],
+    ideal_best_params [n_λ, 2] (k, γ), random_best_params [n_λ, 2] (β, γ), ideal_firing /
+    random_firing [n_λ] (share of inputs on which the best SAE fires), and zero_sae_loss (the loss
+    of an SAE that never fires, E‖x‖²)."""
     generator = torch.Generator().manual_seed(seed)
     mu = torch.randn(d, generator=generator, dtype=torch.float64)
     mu = mu_norm * mu / mu.norm()
@@ -555,21 +503,15 @@ def oversplitting_toy(lambdas=np.linspace(0, 20, 41), n_samples: int = 4096, d: 
     samples = oversplitting_toy_data(n_latents, mu, generator)  # [n_latents, d]
     lambdas = torch.as_tensor(lambdas, dtype=torch.float64)
 
-    # Each family is swept by scaling the encoder of its unit member: k for the ideal, β
-    # for the random SAE.
-    ideal = ideal_two_latent_sae(mu, k=1.0, gamma=0.0)
-    ideal_terms = scaled_family_loss_terms(x, ideal.W_enc.T, ideal.W_dec, ideal_ks, ideal_gammas)
-    ideal_loss, ideal_params, ideal_firing = _best_over_grid(*ideal_terms, lambdas, ideal_ks, ideal_gammas)
-
-    random = random_data_sae(samples, beta=1.0, gamma=0.0)
-    random_terms = scaled_family_loss_terms(x, random.W_enc.T, random.W_dec, random_betas, random_gammas)
-    random_loss, random_params, random_firing = _best_over_grid(*random_terms, lambdas, random_betas,
-                                                                 random_gammas)
-
-    return {"lambdas": lambdas.numpy(), "ideal_best_loss": ideal_loss, "random_best_loss": random_loss,
-            "ideal_best_params": ideal_params, "random_best_params": random_params,
-            "ideal_firing": ideal_firing, "random_firing": random_firing,
-            "zero_sae_loss": float(x.pow(2).sum(-1).mean())}
+    # Each family is swept by scaling the encoder of its unit member: k for the ideal, β for the random SAE.
+    families = {"ideal": (ideal_two_latent_sae(mu, k=1.0, gamma=0.0), ideal_ks, ideal_gammas),
+                "random": (random_data_sae(samples, beta=1.0, gamma=0.0), random_betas, random_gammas)}
+    toy = {"lambdas": lambdas.numpy(), "zero_sae_loss": float(x.pow(2).sum(-1).mean())}
+    for family, (unit, scales, gammas) in families.items():
+        terms = scaled_family_loss_terms(x, unit.W_enc.T, unit.W_dec, scales, gammas)
+        toy[f"{family}_best_loss"], toy[f"{family}_best_params"], toy[f"{family}_firing"] = _best_over_grid(
+            *terms, lambdas, scales, gammas)
+    return toy
 
 
 # The paper's own grid (arXiv 2405.08366, section 5.2): γ = 2.35 for the random SAE,
@@ -579,14 +521,12 @@ PAPER_OVERSPLITTING_GRID = {"lambdas": np.linspace(0, 20, 100), "random_betas": 
 
 
 def oversplitting_verdict(toy: dict, min_firing: float = 0.02, tolerance: float = 1e-9) -> dict:
-    """Who wins the over-splitting toy, counted only where the comparison means something.
-
-    For large λ both SAEs stop firing and tie exactly at E‖x‖²; "the random SAE beats the
-    ideal one for every λ" is a claim about the λ where the ideal SAE still fires. So a λ
-    is counted if the ideal SAE's best setting fires on >= `min_firing` of the inputs, and
-    a difference within `tolerance` (relative) is a tie. Returns counts of counted λ,
-    random wins, ideal wins, ties among them, λ not counted, and the share of random wins.
-    """
+    """Who wins the over-splitting toy, counted only where the comparison means something: for large λ
+    both SAEs stop firing and tie exactly at E‖x‖², and "the random SAE beats the ideal one for every
+    λ" is a claim about the λ where the ideal SAE still fires. So a λ is counted if the ideal SAE's
+    best setting fires on >= `min_firing` of the inputs, and a difference within `tolerance`
+    (relative) is a tie. Returns counts of counted λ, random wins, ideal wins, ties among them, λ not
+    counted, and the share of random wins."""
     ideal, random = np.asarray(toy["ideal_best_loss"]), np.asarray(toy["random_best_loss"])
     counted = np.asarray(toy["ideal_firing"]) >= min_firing
     tie = np.abs(random - ideal) <= tolerance * np.maximum(1.0, np.abs(ideal))
@@ -626,8 +566,9 @@ def approximation(model, prompts, clean: dict, reconstruction: dict, clean_run: 
 # ---------------------------------------------------------------------------------------
 # Each grader takes what it needs as arguments and returns a list of `Record`s: the model on
 # the evaluation prompts (`Task`), one cross-section's activations and reference runs
-# (`SectionInputs`), and dictionaries at its nodes behind one interface (`DictionaryAtNode`),
-# supervised (`SupervisedAtNode`) or SAE (`SAEAtNode`).
+# (`SectionInputs`), and dictionaries at its nodes, supervised (`SupervisedAtNode`) or SAE
+# (`SAEAtNode`), behind one interface: reconstruct(acts [N, d], values {attribute: ids [N]}) -> â
+# [N, d], and edit(acts, AttributeChange, SAEEdit or None) -> Edit.
 
 MIN_NODE_EFFECT = 0.005  # LD recovered at a node only if mean-ablating it alone moves the mean LD by >= 0.5%
 MIN_SECTION_EFFECT = 0.05  # as ioi.discover: a site is graded if mean-ablating it moves the mean LD by >= 5%
@@ -710,16 +651,6 @@ class Edit(NamedTuple):
     activations: torch.Tensor  # [N, d] patched in place of the clean activations
     weight_removed: torch.Tensor  # [N] the weight of the features (latents) it changes
     latents_changed: Optional[torch.Tensor] = None  # [N] how many latents it changes (SAEs only)
-
-
-class DictionaryAtNode(Protocol):
-    """What the graders need of a dictionary at one node, supervised or SAE (README §5, §6)."""
-
-    def reconstruct(self, acts: torch.Tensor, values: dict) -> torch.Tensor:
-        """â [N, d] for activations `acts` [N, d] of prompts with attribute ids `values`."""
-
-    def edit(self, acts: torch.Tensor, change: AttributeChange, how: Optional[SAEEdit]) -> Edit:
-        """`acts` with one attribute edited as `change` says (`how`: SAEs only)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -904,7 +835,7 @@ def interpretability_records(task: Task, inputs: SectionInputs, method: str, at_
     """Test 3 (README §7) of an SAE at a section: its mean L0, then at each node the share of each
     attribute's values that some latent explains (F1 >= 0.8) and its Pos latents, then the
     causal curves."""
-    l0s = [l0(at_nodes[node].sae.encode(acts)) for node, acts in inputs.clean.items()]
+    l0s = [sae_core_metrics(at_nodes[node].sae, acts, acts)["l0"] for node, acts in inputs.clean.items()]
     records = [Record("l0_at_site", inputs.site, method, sum(l0s) / len(l0s), setting=setting)]
     for node in inputs.clean:
         table = at_nodes[node].interpretations
@@ -1000,10 +931,7 @@ def core_records(saes: dict, eval_acts: dict, training: dict) -> list:
     for method, settings in saes.items():
         for setting, at_nodes in settings.items():
             for node, at_node in at_nodes.items():
-                x = eval_acts[node]
-                x_hat, f = at_node.sae(x)
-                scores = {"l0": l0(f), "mse": mse(x, x_hat), "fve": fraction_variance_explained(x, x_hat),
-                          "dead_fraction": dead_fraction(at_node.sae.active(at_node.train_acts))}
+                scores = sae_core_metrics(at_node.sae, eval_acts[node], at_node.train_acts)
                 records += [Record(test, str(node), method, value, setting=setting)
                             for test, value in scores.items()]
                 ended = training.get((method, setting, node)) or {}
@@ -1065,12 +993,6 @@ def phenomenon_node_of(model, evidence: dict, attributes: Sequence[str]):
     return phenomenon_node(evidence, attributes)
 
 
-def feature_norms(dictionary) -> dict:
-    """Mean norm of the IO and S features of a supervised dictionary."""
-    return {attribute: float(dictionary.features[attribute].norm(dim=-1).mean())
-            for attribute in NAME_ATTRIBUTES}
-
-
 class Phenomena(NamedTuple):
     records: list
     occlusion_node: object  # where IO and S are both present and causal, or None
@@ -1102,7 +1024,8 @@ def grade_phenomena(task: Task, clean_run: PatchedRun, nodes: Sequence, acts: di
                                       node=str(split_node), setting=setting, phenomenon="oversplitting"))
     if occlusion_node is None:
         return Phenomena(records, None, {"io": 1.0, "s": 0.5})  # the toy still shows the mechanism, at 2:1
-    norms = feature_norms(supervised[occlusion_node].dictionary)
+    features = supervised[occlusion_node].dictionary.features  # the toy takes their mean norms
+    norms = {attribute: float(features[attribute].norm(dim=-1).mean()) for attribute in NAME_ATTRIBUTES}
     records += [Record("supervised_feature_norm", str(occlusion_node), "supervised", norm,
                        attribute=attribute) for attribute, norm in norms.items()]
     return Phenomena(records, occlusion_node, norms)

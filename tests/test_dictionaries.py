@@ -295,12 +295,12 @@ def test_resampling_revives_dead_latents():
     adam = torch.optim.Adam([t.requires_grad_() for t in stack.params.values()], lr=1e-3)
     stack.loss(data.inputs(torch.arange(256))).sum().backward()
     adam.step()
-    errors, fires = D._statistics(stack, data, [spec], 256)
-    dead = fires == 0
+    inputs, reconstructions, fires = D._statistics(stack, data, [spec], 256)
+    errors, dead = (inputs - reconstructions).pow(2).sum(-1), fires == 0
     assert dead[0, :20].all()
     alive_norm = stack.W_enc[0][:, ~dead[0]].norm(dim=0).mean()
     D._resample_dead_latents(stack, adam, dead, errors, data, [g])
-    _, fires = D._statistics(stack, data, [spec], 256)
+    *_, fires = D._statistics(stack, data, [spec], 256)
     assert (fires[0, :20] > 0).all()
     assert torch.allclose(stack.W_enc[0][:, dead[0]].norm(dim=0), 0.2 * alive_norm)
     assert torch.allclose(stack.W_dec[0][dead[0]].norm(dim=1), torch.ones(20))

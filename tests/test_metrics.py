@@ -262,14 +262,15 @@ def test_best_interpretations_and_latents_by_f1():
 # --- SAE core metrics -------------------------------------------------------------------
 
 def test_core_metrics_hand_cases():
-    f = torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 3.0]])
-    assert metrics.l0(f) == 1.5
-    assert metrics.dead_fraction(f) == pytest.approx(1 / 3)
-    assert metrics.mse(torch.tensor([[1.0, 2.0]]), torch.zeros(1, 2)) == 2.5
+    fires = (torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 3.0]]) != 0).sum(0)  # latents [3] over 2 inputs
     x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])  # mean 0, total variance 2
     x_hat = torch.tensor([[0.5, 0.0], [-1.0, 0.0]])  # squared error 0.25
-    assert metrics.fraction_variance_explained(x, x_hat) == pytest.approx(0.875)
-    assert metrics.fraction_variance_explained(x, x) == 1.0
+    core = dictionaries.core_metrics(x, x_hat, fires)
+    assert core["l0"] == 1.5 and core["dead_fraction"] == pytest.approx(1 / 3)
+    assert core["mse"] == 0.0625 and core["fve"] == pytest.approx(0.875)
+    assert dictionaries.core_metrics(x, x, fires)["fve"] == 1.0
+    assert dictionaries.core_metrics(torch.tensor([[1.0, 2.0]]), torch.zeros(1, 2), fires)["mse"] == 2.5
+    assert dictionaries.core_metrics(x, x, fires, dead_fires=torch.tensor([1, 1, 1]))["dead_fraction"] == 0
 
 
 # --- occlusion --------------------------------------------------------------------------
