@@ -529,33 +529,33 @@ def train_or_load_stack(folder, datasets, specs, train_config):
     """SAEs one per spec trained on `datasets` as one batched stack, or loaded from `folder` when
     the same stack (same data, specs and training) was saved there before. Returns (saes, logs).
     A stack trains in groups of `max_stack` SAEs, one after another; until the whole stack is
-    saved, each finished group is kept in <folder>.parts, so a killed run redoes one group at most."""
+    saved, each finished group is kept in <folder>.parts, so a killed run redoes one group at most.
+    The SAEs returned are always the saved ones (input scale folded into the weights, README §8),
+    so a run that resumes grades exactly the SAEs an uninterrupted run grades."""
     key = {"datasets": hashlib.sha256(datasets.numpy().tobytes()).hexdigest()[:16],
            "specs": [asdict(spec) for spec in specs], "train": asdict(train_config)}
     stamp, parts = os.path.join(folder, "stack.json"), f"{folder}.parts"
-    if os.path.exists(stamp) and _read_json(stamp) == json.loads(json.dumps(key)):  # (tuples -> lists)
-        shutil.rmtree(parts, ignore_errors=True)  # left only if a run was killed right after saving
-        return ([dictionaries.load_sae(os.path.join(folder, spec.name)) for spec in specs],
-                _read_json(os.path.join(folder, "logs.json")))
-    group = train_config.max_stack or len(specs)
-    if len(specs) <= group:
-        saes, logs = dictionaries.train_sae_stack(datasets, specs, train_config, progress=True)
-    else:  # the same SAEs as one call (the groups train independently), resumable group by group
-        saes, logs = [], []
-        for offset in range(0, len(specs), group):
-            trained, group_logs = train_or_load_stack(os.path.join(parts, str(offset)), datasets,
-                                                      specs[offset:offset + group], train_config)
-            saes += trained
-            logs += [{**log, "sae": log["sae"] + offset} for log in group_logs]
+    if not (os.path.exists(stamp) and _read_json(stamp) == json.loads(json.dumps(key))):  # (tuples -> lists)
+        group = train_config.max_stack or len(specs)
+        if len(specs) <= group:
+            saes, logs = dictionaries.train_sae_stack(datasets, specs, train_config, progress=True)
+        else:  # the same SAEs as one call (the groups train independently), resumable group by group
+            saes, logs = [], []
+            for offset in range(0, len(specs), group):
+                trained, group_logs = train_or_load_stack(os.path.join(parts, str(offset)), datasets,
+                                                          specs[offset:offset + group], train_config)
+                saes += trained
+                logs += [{**log, "sae": log["sae"] + offset} for log in group_logs]
 
-    def write(tmp):  # the whole stack in one rename: a killed save never mixes old and new SAEs
-        for spec, sae in zip(specs, saes):
-            dictionaries.save_sae(sae, os.path.join(tmp, spec.name))
-        gpt2.write_json(os.path.join(tmp, "logs.json"), logs)
-        gpt2.write_json(os.path.join(tmp, "stack.json"), key)  # last: marks a complete stack
-    gpt2.atomic_folder(folder, write)
-    shutil.rmtree(parts, ignore_errors=True)
-    return saes, logs
+        def write(tmp):  # the whole stack in one rename: a killed save never mixes old and new SAEs
+            for spec, sae in zip(specs, saes):
+                dictionaries.save_sae(sae, os.path.join(tmp, spec.name))
+            gpt2.write_json(os.path.join(tmp, "logs.json"), logs)
+            gpt2.write_json(os.path.join(tmp, "stack.json"), key)  # last: marks a complete stack
+        gpt2.atomic_folder(folder, write)
+    shutil.rmtree(parts, ignore_errors=True)  # (left behind if a run was killed right after saving)
+    return ([dictionaries.load_sae(os.path.join(folder, spec.name)) for spec in specs],
+            _read_json(os.path.join(folder, "logs.json")))
 
 
 class Run:
