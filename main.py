@@ -525,7 +525,7 @@ def make_splits(config):
                for i, attribute in enumerate(ioi.ATTRIBUTES)}}
 
 
-def train_or_load_stack(folder, datasets, specs, train_config):
+def train_or_load_stack(folder, datasets, specs, train_config, progress=True):
     """SAEs one per spec trained on `datasets` as one batched stack, or loaded from `folder` when
     the same stack (same data, specs and training) was saved there before. Returns (saes, logs).
     A stack trains in groups of `max_stack` SAEs, one after another; until the whole stack is
@@ -538,14 +538,17 @@ def train_or_load_stack(folder, datasets, specs, train_config):
     if not (os.path.exists(stamp) and _read_json(stamp) == json.loads(json.dumps(key))):  # (tuples -> lists)
         group = train_config.max_stack or len(specs)
         if len(specs) <= group:
-            saes, logs = dictionaries.train_sae_stack(datasets, specs, train_config, progress=True)
+            saes, logs = dictionaries.train_sae_stack(datasets, specs, train_config, progress=progress)
         else:  # the same SAEs as one call (the groups train independently), resumable group by group
             saes, logs = [], []
-            for offset in range(0, len(specs), group):
-                trained, group_logs = train_or_load_stack(os.path.join(parts, str(offset)), datasets,
-                                                          specs[offset:offset + group], train_config)
-                saes += trained
-                logs += [{**log, "sae": log["sae"] + offset} for log in group_logs]
+            with click.progressbar(range(0, len(specs), group), show_eta=True, hidden=not progress,
+                                   label=f"{len(specs)} {specs[0].arch} SAEs, {group} at a time") as offsets:
+                for offset in offsets:
+                    trained, group_logs = train_or_load_stack(os.path.join(parts, str(offset)), datasets,
+                                                              specs[offset:offset + group], train_config,
+                                                              progress=False)
+                    saes += trained
+                    logs += [{**log, "sae": log["sae"] + offset} for log in group_logs]
 
         def write(tmp):  # the whole stack in one rename: a killed save never mixes old and new SAEs
             for spec, sae in zip(specs, saes):
