@@ -293,7 +293,7 @@ def test_pipeline_end_to_end(tmp_path, model, monkeypatch, capsys):
     settings = dict(d_sae=16, corpus_tokens=300, corpus_d_sae=16, corpus_epochs=1, edit_k=(2, 4))
     run = open_tiny_run(tmp_path, model, (SECTIONS, DISCOVERY), eta=True, **settings)
     estimate = capsys.readouterr().out
-    assert "Estimated time for the whole run: at most" in estimate
+    assert "Estimated time for the whole run: " in estimate and "to train the task SAEs" in estimate
     assert all(f"{phase}: {count} runs" in estimate for phase, count in main.planned_patched_runs(run).items())
     forward_passes, patched_run = [], metrics.patched_run
     monkeypatch.setattr(metrics, "patched_run", lambda *args, **kwargs: forward_passes.append(1)
