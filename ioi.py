@@ -352,6 +352,15 @@ def run_batches(model, prompts, batch_size=256, patches=None, read=()):
             yield batch, logits, stored.copy()
 
 
+def logit_diff(end_logits: torch.Tensor, io_token: torch.Tensor, s_token: torch.Tensor) -> torch.Tensor:
+    """LD = logit[IO] - logit[S] at the final position, one value per prompt -> [B]."""
+    if end_logits.ndim != 2 or io_token.shape != (len(end_logits),) or s_token.shape != io_token.shape:
+        raise ValueError(f"logit_diff: expected end_logits [B, V] and tokens [B], got "
+                         f"{tuple(end_logits.shape)}, {tuple(io_token.shape)}, {tuple(s_token.shape)}")
+    rows = torch.arange(len(end_logits))
+    return end_logits[rows, io_token] - end_logits[rows, s_token]  # [B]
+
+
 @dataclass
 class PatchedRun:
     """What the metrics need from a (patched) forward pass, per prompt, at `end`."""
@@ -365,10 +374,9 @@ def patched_run(model, prompts, patches=None, batch_size=256, io_prob=False):
     if `io_prob`: its softmax over the vocabulary costs a fifth of a small model's patched run."""
     columns = []
     for batch, logits, _ in run_batches(model, prompts, batch_size, patches):
-        io_logit = logits.gather(1, batch.io_token[:, None])[:, 0]   # [batch]
-        s_logit = logits.gather(1, batch.s_token[:, None])[:, 0]     # [batch]
+        io_logit = logits.gather(1, batch.io_token[:, None])[:, 0]  # [batch]
         probability = [(io_logit - logits.logsumexp(-1)).exp()] if io_prob else []
-        columns.append([io_logit - s_logit, logits.argmax(-1), *probability])
+        columns.append([logit_diff(logits, batch.io_token, batch.s_token), logits.argmax(-1), *probability])
     return PatchedRun(*(torch.cat(column).cpu() for column in zip(*columns)))
 
 

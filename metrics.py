@@ -39,13 +39,8 @@ def _mean(values) -> float:
 # Logit difference (README §2)
 # ---------------------------------------------------------------------------------------
 
-def logit_diff(end_logits: torch.Tensor, io_token: torch.Tensor, s_token: torch.Tensor) -> torch.Tensor:
-    """LD = logit[IO] - logit[S] at the final position, one value per prompt -> [B]."""
-    if end_logits.ndim != 2 or io_token.shape != (len(end_logits),) or s_token.shape != io_token.shape:
-        raise ValueError(f"logit_diff: expected end_logits [B, V] and tokens [B], got "
-                         f"{tuple(end_logits.shape)}, {tuple(io_token.shape)}, {tuple(s_token.shape)}")
-    rows = torch.arange(len(end_logits))
-    return end_logits[rows, io_token] - end_logits[rows, s_token]  # [B]
+# Defined in ioi.py beside the one loop over prompt batches, which computes it for every run.
+logit_diff = ioi.logit_diff
 
 
 # ---------------------------------------------------------------------------------------
