@@ -4,8 +4,9 @@ Indirect object identification (Wang et al. 2022, arXiv 2211.00593) as used by M
 Lange & Nanda (arXiv 2405.08366), README §2-3: "Then, Mary and John went
 to the store. John gave a drink to" -> " Mary". Each prompt has three attributes, IO, S
 and Pos, sampled independently; activations are read per head at a few semantic token
-positions, found per prompt. For a model whose circuit is not known (the small model
-trained here, the embedded default), `discover` finds the heads that matter.
+positions, found per prompt. For a model whose circuit is not known (any model other than
+GPT-2 Small, the embedded one included), `discover` finds the heads that matter.
+Where to start: `sample_prompts`, `counterfactual`, `Node`, then `run_batches` and `patched_run`.
 """
 import hashlib
 import itertools

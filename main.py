@@ -3,6 +3,7 @@
 Follows the order of Makelov, Lange & Nanda (arXiv 2405.08366): a model solves IOI,
 we collect activations at circuit nodes, fit supervised dictionaries and SAEs, grade
 them on approximation, control and interpretability, and write a report.
+Where to start: `demo`, then `open_run`, `Run` and `evaluate_run`; the report is `Report`.
 """
 import glob
 import hashlib

@@ -14,6 +14,7 @@ run the model with patches, and `occlusion_toy_experiment`, which trains SAEs. S
 through dictionaries.py's interface: `encode(x)` on raw activations, `sae(x)` -> (x̂, f),
 `active(x)`, unit-norm decoder rows `W_dec` in the SAE's normalised space and the scalar
 `input_scale` s, so the raw-space contribution of latent j is f_j * W_dec[j] / s.
+Where to start: `sufficiency`, `necessity`, `edit_accuracy`, then `grade_section`.
 """
 import functools
 from dataclasses import asdict, dataclass, replace
