@@ -526,20 +526,22 @@ def make_splits(config):
                for i, attribute in enumerate(ioi.ATTRIBUTES)}}
 
 
-def train_or_load_stack(folder, datasets, specs, train_config, progress=True):
+def train_or_load_stack(folder, datasets, specs, train_config, device="cpu", progress=True):
     """SAEs one per spec trained on `datasets` as one batched stack, or loaded from `folder` when
     the same stack (same data, specs and training) was saved there before. Returns (saes, logs).
     A stack trains in groups of `max_stack` SAEs, one after another; until the whole stack is
     saved, each finished group is kept in <folder>.parts, so a killed run redoes one group at most.
     The SAEs returned are always the saved ones (input scale folded into the weights, README §8),
-    so a run that resumes grades exactly the SAEs an uninterrupted run grades."""
+    so a run that resumes grades exactly the SAEs an uninterrupted run grades. `device`: where the
+    stack trains (datasets stay on the CPU; the SAEs come back there)."""
     key = {"datasets": hashlib.sha256(datasets.numpy().tobytes()).hexdigest()[:16],
            "specs": [asdict(spec) for spec in specs], "train": asdict(train_config)}
     stamp, parts = os.path.join(folder, "stack.json"), f"{folder}.parts"
     if not (os.path.exists(stamp) and _read_json(stamp) == json.loads(json.dumps(key))):  # (tuples -> lists)
         group = train_config.max_stack or len(specs)
         if len(specs) <= group:
-            saes, logs = dictionaries.train_sae_stack(datasets, specs, train_config, progress=progress)
+            saes, logs = dictionaries.train_sae_stack(datasets.to(device), specs, train_config,
+                                                      progress=progress)
         else:  # the same SAEs as one call (the groups train independently), resumable group by group
             saes, logs = [], []
             with click.progressbar(range(0, len(specs), group), show_eta=True, hidden=not progress,
@@ -547,13 +549,13 @@ def train_or_load_stack(folder, datasets, specs, train_config, progress=True):
                 for offset in offsets:
                     trained, group_logs = train_or_load_stack(os.path.join(parts, str(offset)), datasets,
                                                               specs[offset:offset + group], train_config,
-                                                              progress=False)
+                                                              device, progress=False)
                     saes += trained
                     logs += [{**log, "sae": log["sae"] + offset} for log in group_logs]
 
         def write(tmp):  # the whole stack in one rename: a killed save never mixes old and new SAEs
             for spec, sae in zip(specs, saes):
-                dictionaries.save_sae(sae, os.path.join(tmp, spec.name))
+                dictionaries.save_sae(sae.to("cpu"), os.path.join(tmp, spec.name))
             gpt2.write_json(os.path.join(tmp, "logs.json"), logs)
             gpt2.write_json(os.path.join(tmp, "stack.json"), key)  # last: marks a complete stack
         gpt2.atomic_folder(folder, write)
@@ -646,7 +648,7 @@ class Run:
                                           **{name: value})
                      for j, (name, value) in enumerate(grid) for i, node in enumerate(self.nodes)]
             trained, logs = train_or_load_stack(self.path("saes", method), datasets, specs,
-                                                self.sae_train_config())
+                                                self.sae_train_config(), c.device)
             final = {log["sae"]: log for log in logs}  # the last log of each SAE: how its training ended
             saes[method] = {value: dict(zip(self.nodes, trained[j * n:(j + 1) * n]))
                             for j, (_, value) in enumerate(grid)}
@@ -683,7 +685,8 @@ class Run:
         for arch in ARCHS:
             specs = [dictionaries.SAESpec(arch, i, l1_coefficient=c.corpus_l1, k=c.corpus_k, seed=c.seed,
                                           name=f"{name}.{head}") for i, (name, head) in enumerate(heads)]
-            trained, _ = train_or_load_stack(self.path("saes", f"{arch}_fulldist"), datasets, specs, config)
+            trained, _ = train_or_load_stack(self.path("saes", f"{arch}_fulldist"), datasets, specs, config,
+                                             c.device)
             by_head = dict(zip(heads, trained))
             saes[f"{arch}_fulldist"] = {node: by_head[(node.hook_name, node.head)] for node in self.nodes}
         return saes
@@ -720,15 +723,16 @@ def planned_patched_runs(run):
             "phenomena": len(run.nodes) * len(ioi.ATTRIBUTES)}
 
 
-def seconds_per_sae_step(arch, n_sae, d_in, d_sae, batch_size):
+def seconds_per_sae_step(arch, n_sae, d_in, d_sae, batch_size, device="cpu"):
     """One training step of a stack of `n_sae` SAEs, on random data: 16 epochs of one batch less 8,
     so set-up and all but one of the statistics at checkpoints (1, 2, 4, 8, 16) cancel."""
-    data, specs = torch.randn(1, batch_size, d_in), [dictionaries.SAESpec(arch, seed=i) for i in range(n_sae)]
+    data = torch.randn(1, batch_size, d_in, device=device)
+    specs = [dictionaries.SAESpec(arch, seed=i) for i in range(n_sae)]
 
     def seconds(epochs):  # the faster of two: the first pays one-time costs
         config = dictionaries.TrainConfig(d_sae=d_sae, batch_size=batch_size, epochs=epochs, resample_at=(),
                                           max_stack=None)
-        return min(_seconds(lambda: dictionaries.train_sae_stack(data, specs, config), "cpu")
+        return min(_seconds(lambda: dictionaries.train_sae_stack(data, specs, config), device)
                    for _ in range(2))
     return max(0.0, seconds(16) - seconds(8)) / 8
 
@@ -749,7 +753,7 @@ def estimate_seconds(run):
     def training(arch, n_sae, d_sae, epochs, n):  # groups of max_stack SAEs, one after another
         batch_size = min(dictionaries.TrainConfig.batch_size, n)
         steps = epochs * math.ceil(n / batch_size) * math.ceil(n_sae / group)
-        return steps * seconds_per_sae_step(arch, min(n_sae, group), d_head, d_sae, batch_size)
+        return steps * seconds_per_sae_step(arch, min(n_sae, group), d_head, d_sae, batch_size, c.device)
     task_saes = sum(training("vanilla" if method == "random_decoder" else method, len(run.nodes) * len(grid),
                              c.d_sae, c.epochs, c.n_train) for method, grid in run.sae_grids().items())
     heads = len({(node.hook_name, node.head) for node in run.nodes})
@@ -851,7 +855,7 @@ def grade_phenomena(run, task, clean_run, supervised, task_saes):
         specs = [dictionaries.SAESpec("topk", i, k=c.topk_k[0], seed=c.seed, name=f"alpha{alpha}")
                  for i, alpha in enumerate(c.occlusion_alphas)]
         saes, _ = train_or_load_stack(run.path("saes", "occlusion_alpha_sweep"), datasets, specs,
-                                      run.sae_train_config())
+                                      run.sae_train_config(), c.device)
         records += metrics.alpha_sweep_records(node, saes, datasets, c.occlusion_alphas,
                                                run.attributes["train"], c.topk_k[0])
     return records + metrics.occlusion_toy_records(phenomena.toy_norms, c.vanilla_l1, run.sae_train_config(),
