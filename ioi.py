@@ -245,8 +245,6 @@ def batch_prompts(prompts, device="cpu"):
     return PromptBatch(tokens.to(device), positions, io_token, s_token)
 
 
-
-
 def attribute_ids(prompts):
     """{"io", "s": index into NAMES, "pos": 0 = ABB, 1 = BAB}, each a LongTensor [n]."""
     return {"io": torch.tensor([NAME_INDEX[p.io] for p in prompts]),
@@ -375,9 +373,9 @@ def patched_run(model, prompts, patches=None, batch_size=256, io_prob=False):
     if `io_prob`: its softmax over the vocabulary costs a fifth of a small model's patched run."""
     columns = []
     for batch, logits, _ in run_batches(model, prompts, batch_size, patches):
-        io_logit = logits.gather(1, batch.io_token[:, None])[:, 0]  # [batch]
-        probability = [(io_logit - logits.logsumexp(-1)).exp()] if io_prob else []
-        columns.append([logit_diff(logits, batch.io_token, batch.s_token), logits.argmax(-1), *probability])
+        columns.append([logit_diff(logits, batch.io_token, batch.s_token), logits.argmax(-1)])
+        if io_prob:  # softmax at the IO token: log P(IO) = logit[IO] - logsumexp(logits)
+            columns[-1].append((logits.gather(1, batch.io_token[:, None])[:, 0] - logits.logsumexp(-1)).exp())
     return PatchedRun(*(torch.cat(column).cpu() for column in zip(*columns)))
 
 

@@ -564,6 +564,11 @@ def train_or_load_stack(folder, datasets, specs, train_config, device="cpu", pro
             _read_json(os.path.join(folder, "logs.json")))
 
 
+def architecture(method):
+    """The SAE architecture behind a task-SAE method: the random-decoder floor is a vanilla SAE."""
+    return "vanilla" if method == "random_decoder" else method
+
+
 class Run:
     """One run folder: the model, prompts, circuit and activations, built step by step.
 
@@ -642,7 +647,7 @@ class Run:
         c, n, saes, training = self.config, len(self.nodes), {}, {}
         datasets = torch.stack([self.acts["train"][node] for node in self.nodes])  # [node, N, d_head]
         for method, grid in self.sae_grids().items():
-            arch = "vanilla" if method == "random_decoder" else method
+            arch = architecture(method)
             specs = [dictionaries.SAESpec(arch, i, seed=c.seed + j, frozen_decoder=method == "random_decoder",
                                           name=f"{name.removesuffix('_coefficient')}{value}/{node}",
                                           **{name: value})
@@ -705,6 +710,9 @@ class Run:
 
 # --- how long a run will take: counted work times a short calibration on this machine
 
+CAPPED_PHASE = "task SAEs, at the epoch cap"  # the one phase whose length is not known in advance
+
+
 def planned_patched_runs(run):
     """{phase: forward passes over the evaluation prompts}, as `evaluate_run` will make them. An upper
     bound where Test 2 may choose one SAE setting for several attributes (then it grades it once)."""
@@ -754,7 +762,7 @@ def estimate_seconds(run):
         batch_size = min(dictionaries.TrainConfig.batch_size, n)
         steps = epochs * math.ceil(n / batch_size) * math.ceil(n_sae / group)
         return steps * seconds_per_sae_step(arch, min(n_sae, group), d_head, d_sae, batch_size, c.device)
-    task_saes = sum(training("vanilla" if method == "random_decoder" else method, len(run.nodes) * len(grid),
+    task_saes = sum(training(architecture(method), len(run.nodes) * len(grid),
                              c.d_sae, c.epochs, c.n_train) for method, grid in run.sae_grids().items())
     heads = len({(node.hook_name, node.head) for node in run.nodes})
     corpus_forward = c.corpus_tokens / len(prompts[0].tokens) * per_prompt  # (a prompt's cost per token)
@@ -764,9 +772,6 @@ def estimate_seconds(run):
             "full-distribution SAEs": corpus_forward + corpus_saes,
             **{f"{phase}: {count} runs": count * c.n_eval * per_prompt
                for phase, count in planned_patched_runs(run).items()}}
-
-
-CAPPED_PHASE = "task SAEs, at the epoch cap"  # the one phase whose length is not known in advance
 
 
 def eta_text(seconds):
