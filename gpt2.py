@@ -445,6 +445,11 @@ def write_json(path, data):
     atomic_write(path, write)
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def atomic_folder(path, write):
     """Call write(tmp_folder) to fill a fresh sibling folder, then rename it to `path`; return
     what `write` returns.
@@ -467,6 +472,24 @@ def atomic_folder(path, write):
     finally:
         recover_interrupted_save(path)
     return result
+
+
+def cached(folder, key, build, load):
+    """The project's one cache (activations, SAE stacks, grades): load(folder) if `folder` was built
+    from `key`, a JSON description of everything the result depends on; else build(tmp) fills a
+    fresh folder, key.json is written last to mark it complete, and it replaces `folder` in one
+    rename (`atomic_folder`) before being loaded. A changed setting changes the key, so a stale
+    result is rebuilt, never reused; loading what was saved makes a fresh run and a resumed one
+    continue from the very same values."""
+    key = json.loads(json.dumps(key))  # as key.json reads back: tuples become lists
+    stamp = os.path.join(folder, "key.json")
+    recover_interrupted_save(folder)
+    if not (os.path.exists(stamp) and read_json(stamp) == key):
+        def write(tmp):
+            build(tmp)
+            write_json(os.path.join(tmp, "key.json"), key)
+        atomic_folder(folder, write)
+    return load(folder)
 
 
 def recover_interrupted_save(path):

@@ -397,22 +397,29 @@ def evaluate(model, prompts, batch_size=256):
 def collect_activations(model, prompts, nodes, batch_size=256, cache_dir=None, patches=None):
     """{node: Tensor [n_prompts, d]}: one forward pass per batch, with `patches` set, reads every node.
 
-    With `cache_dir` (and no patches), the result is kept as safetensors beside a JSON of what
-    produced it (weights hash, prompt fingerprint, nodes); the file name is a hash of that JSON,
-    so a changed setting never picks up a stale file.
+    With `cache_dir` (and no patches) the result is cached (`gpt2.cached`) in a folder named by a
+    hash of what produced it: the weights, the prompts and the nodes.
     """
     nodes = list(dict.fromkeys(nodes))  # each node once, even if asked for twice
-    if cache_dir is not None and not patches:
-        config = {"weights": gpt2.weights_hash(model), "prompts": prompts_fingerprint(prompts),
-                  "nodes": [str(node) for node in nodes]}
-        key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-        stem = os.path.join(cache_dir, f"activations-{key}")
-        if os.path.exists(stem + ".json") and os.path.exists(stem + ".safetensors"):
-            with open(stem + ".json") as f:
-                if json.load(f) == config:
-                    tensors = load_file(stem + ".safetensors")
-                    return {node: tensors[str(node)] for node in nodes}
+    if cache_dir is None or patches:
+        return _read_nodes(model, prompts, nodes, batch_size, patches)
+    key = {"weights": gpt2.weights_hash(model), "prompts": prompts_fingerprint(prompts),
+           "nodes": [str(node) for node in nodes]}
+    folder = os.path.join(cache_dir, hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16])
 
+    def build(tmp):
+        activations = _read_nodes(model, prompts, nodes, batch_size)
+        save_file({str(node): acts.contiguous() for node, acts in activations.items()},
+                  os.path.join(tmp, "activations.safetensors"))
+
+    def load(saved):
+        return load_file(os.path.join(saved, "activations.safetensors"))
+    tensors = gpt2.cached(folder, key, build, load)
+    return {node: tensors[str(node)] for node in nodes}
+
+
+def _read_nodes(model, prompts, nodes, batch_size, patches=None):
+    """`collect_activations` without the cache."""
     # Shortest prompts first: batches of similar lengths need little padding (~20% faster).
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].tokens))
     patches = {node: values[order] for node, values in (patches or {}).items()}
@@ -426,12 +433,6 @@ def collect_activations(model, prompts, nodes, batch_size=256, cache_dir=None, p
                    for node, chunks in parts.items()}
     for node, chunks in parts.items():
         activations[node][order] = torch.cat(chunks)                   # back in prompt order
-
-    if cache_dir is not None and not patches:
-        os.makedirs(cache_dir, exist_ok=True)
-        tensors = {str(node): acts.contiguous() for node, acts in activations.items()}
-        gpt2.atomic_write(stem + ".safetensors", lambda tmp: save_file(tensors, tmp))
-        gpt2.write_json(stem + ".json", config)
     return activations
 
 

@@ -422,7 +422,7 @@ class RunConfig:
         def refused(problem):
             return click.ClickException(f"{path}: {problem}")
         try:
-            saved = _read_json(path)
+            saved = gpt2.read_json(path)
         except ValueError as error:  # malformed JSON, or not text
             raise refused(f"not valid JSON ({error})") from None
         if not isinstance(saved, dict):
@@ -490,11 +490,6 @@ DEMO = RunConfig(n_train=5_000, n_eval=500, epochs=1000, sae_lr=1e-2, sae_resamp
                  corpus_epochs=10, corpus_lr=3e-3, skip_sections=("(B)NM qk",))
 
 
-def _read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
 def load_model(weights, device="cpu"):
     """GPT-2 weights from `weights`, or the embedded small IOI model when it is None."""
     try:
@@ -527,18 +522,18 @@ def make_splits(config):
 
 
 def train_or_load_stack(folder, datasets, specs, train_config, device="cpu", progress=True):
-    """SAEs one per spec trained on `datasets` as one batched stack, or loaded from `folder` when
-    the same stack (same data, specs and training) was saved there before. Returns (saes, logs).
+    """SAEs one per spec trained on `datasets` as one batched stack, cached in `folder`
+    (`gpt2.cached`, keyed by the data, specs and training). Returns (saes, logs).
     A stack trains in groups of `max_stack` SAEs, one after another; until the whole stack is
-    saved, each finished group is kept in <folder>.parts, so a killed run redoes one group at most.
+    saved, each finished group is cached in <folder>.parts, so a killed run redoes one group at most.
     The SAEs returned are always the saved ones (input scale folded into the weights, README §8),
     so a run that resumes grades exactly the SAEs an uninterrupted run grades. `device`: where the
     stack trains (datasets stay on the CPU; the SAEs come back there)."""
     key = {"datasets": hashlib.sha256(datasets.numpy().tobytes()).hexdigest()[:16],
            "specs": [asdict(spec) for spec in specs], "train": asdict(train_config)}
-    stamp, parts = os.path.join(folder, "stack.json"), f"{folder}.parts"
-    if not (os.path.exists(stamp) and _read_json(stamp) == json.loads(json.dumps(key))):  # (tuples -> lists)
-        group = train_config.max_stack or len(specs)
+    parts, group = f"{folder}.parts", train_config.max_stack or len(specs)
+
+    def train(tmp):
         if len(specs) <= group:
             saes, logs = dictionaries.train_sae_stack(datasets.to(device), specs, train_config,
                                                       progress=progress)
@@ -552,16 +547,16 @@ def train_or_load_stack(folder, datasets, specs, train_config, device="cpu", pro
                                                               device, progress=False)
                     saes += trained
                     logs += [{**log, "sae": log["sae"] + offset} for log in group_logs]
+        for spec, sae in zip(specs, saes):
+            dictionaries.save_sae(sae.to("cpu"), os.path.join(tmp, spec.name))
+        gpt2.write_json(os.path.join(tmp, "logs.json"), logs)
 
-        def write(tmp):  # the whole stack in one rename: a killed save never mixes old and new SAEs
-            for spec, sae in zip(specs, saes):
-                dictionaries.save_sae(sae.to("cpu"), os.path.join(tmp, spec.name))
-            gpt2.write_json(os.path.join(tmp, "logs.json"), logs)
-            gpt2.write_json(os.path.join(tmp, "stack.json"), key)  # last: marks a complete stack
-        gpt2.atomic_folder(folder, write)
-    shutil.rmtree(parts, ignore_errors=True)  # (left behind if a run was killed right after saving)
-    return ([dictionaries.load_sae(os.path.join(folder, spec.name)) for spec in specs],
-            _read_json(os.path.join(folder, "logs.json")))
+    def load(saved):
+        return ([dictionaries.load_sae(os.path.join(saved, spec.name)) for spec in specs],
+                gpt2.read_json(os.path.join(saved, "logs.json")))
+    saes_and_logs = gpt2.cached(folder, key, train, load)
+    shutil.rmtree(parts, ignore_errors=True)  # the whole stack is saved: its groups are not needed
+    return saes_and_logs
 
 
 def architecture(method):
@@ -822,28 +817,26 @@ def evaluate_run(run, oversplitting_grids=metrics.OVERSPLITTING_GRIDS):
 
 def grade_sections(run, task, clean_run, supervised, task_saes, corpus_saes):
     """`metrics.grade_section` at every cross-section of the run, with a progress bar. Each
-    section's records are saved in grades/ as soon as it is graded, so a killed run resumes at
-    the next section; saved records are reused only under the same settings and SAEs."""
-    # What graded records depend on: the settings (bar the device) and every SAE stack's stamp,
-    # as JSON reads them back (tuples become lists).
+    section's records are cached in grades/ (`gpt2.cached`) as soon as it is graded, so a killed
+    run resumes at the next section; they are reused only under the same settings and SAEs."""
+    # What graded records depend on: the settings (bar the device) and every SAE stack's key.
     settings = {name: value for name, value in asdict(run.config).items() if name != "device"}
-    stamps = {os.path.basename(os.path.dirname(path)): _read_json(path)
-              for path in sorted(glob.glob(run.path("saes", "*", "stack.json")))}
-    key, records = json.loads(json.dumps({"settings": settings, "saes": stamps})), []
+    stamps = {os.path.basename(os.path.dirname(path)): gpt2.read_json(path)
+              for path in sorted(glob.glob(run.path("saes", "*", "key.json")))}
+    records = []
     with click.progressbar(run.sections, label="Grading cross-sections",
                            item_show_func=lambda section: section.name if section else "") as sections:
         for section in sections:
-            path = run.path("grades", re.sub(r"[^A-Za-z0-9]+", "_", section.name).strip("_") + ".json")
-            saved = _read_json(path) if os.path.exists(path) else {}
-            if saved.get("key") == key:
-                records += [metrics.Record(**row) for row in saved["records"]]
-                continue
-            inputs = metrics.section_inputs(task, section, run.acts, run.attributes, clean_run)
-            graded = metrics.grade_section(task, inputs, supervised, task_saes, corpus_saes,
-                                           run.config.edit_k, run.config.f1_thresholds)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            gpt2.write_json(path, {"key": key, "records": [row.to_json() for row in graded]})
-            records += graded
+            def grade(tmp):
+                inputs = metrics.section_inputs(task, section, run.acts, run.attributes, clean_run)
+                graded = metrics.grade_section(task, inputs, supervised, task_saes, corpus_saes,
+                                               run.config.edit_k, run.config.f1_thresholds)
+                gpt2.write_json(os.path.join(tmp, "records.json"), [row.to_json() for row in graded])
+
+            def load(saved):
+                return [metrics.Record(**row) for row in gpt2.read_json(os.path.join(saved, "records.json"))]
+            folder = run.path("grades", re.sub(r"[^A-Za-z0-9]+", "_", section.name).strip("_"))
+            records += gpt2.cached(folder, {"settings": settings, "saes": stamps}, grade, load)
     return records
 
 
@@ -1121,7 +1114,7 @@ def grade_sae_in_run(run, sae, label, min_section_effect=metrics.MIN_SECTION_EFF
     run.add_nodes([node for section in sections for node in section.nodes])
     records = grade_other_sae(run, label, sae, sections, min_section_effect)
     path = run.path("metrics.json")
-    kept = [row for row in (_read_json(path)["results"] if os.path.exists(path) else [])
+    kept = [row for row in (gpt2.read_json(path)["results"] if os.path.exists(path) else [])
             if row.get("graded_sae") != label]
     has_model = any(row["site"] == "model" for row in kept)  # the model's own records are written once
     write_metrics(run, kept + [replace(r, graded_sae=label).to_json()

@@ -687,6 +687,30 @@ def test_failed_save_leaves_no_partial_file(model, saved, tmp_path, monkeypatch)
     assert os.listdir(fresh) == []
 
 
+def test_cached_builds_once_per_key_and_a_failed_build_leaves_the_old_result(tmp_path):
+    folder, built = str(tmp_path / "cache"), []
+
+    def build(value):
+        def write(tmp):
+            built.append(value)
+            if value == "fails":
+                raise OSError("disk full")
+            with open(os.path.join(tmp, "value.txt"), "w") as f:
+                f.write(value)
+        return write
+
+    def load(saved):
+        return open(os.path.join(saved, "value.txt")).read()
+    key = {"setting": (1, 2)}  # a tuple: key.json reads it back as a list, and still matches
+    assert gpt2.cached(folder, key, build("a"), load) == "a"
+    assert gpt2.cached(folder, {"setting": [1, 2]}, build("b"), load) == "a" and built == ["a"]
+    assert gpt2.cached(folder, {"setting": 3}, build("c"), load) == "c" and built == ["a", "c"]
+    with pytest.raises(OSError, match="disk full"):
+        gpt2.cached(folder, {"setting": 4}, build("fails"), load)
+    assert sorted(os.listdir(tmp_path)) == ["cache"] and load(folder) == "c"
+    assert gpt2.read_json(os.path.join(folder, "key.json")) == {"setting": 3}
+
+
 # ----------------------------------------------------------------------------- config
 
 CUSTOM = GPT2Config(vocab_size=300, n_positions=40, n_embd=96, n_layer=5, n_head=3, layer_norm_epsilon=1e-6,

@@ -200,7 +200,7 @@ def test_collect_activations_matches_run_with_cache():
 def test_activation_cache_is_reused_only_for_the_same_setting(tmp_path, monkeypatch):
     model, prompts = tiny_model(), ioi.sample_prompts(6, seed=2)
     first = ioi.collect_activations(model, prompts, NODES, cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("*.safetensors"))) == 1 and not list(tmp_path.glob("*.tmp"))
+    assert len(list(tmp_path.glob("*/activations.safetensors"))) == 1 and not list(tmp_path.glob("*.tmp"))
 
     def no_forward(*args, **kwargs):
         raise AssertionError("recomputed although cached")
@@ -212,7 +212,7 @@ def test_activation_cache_is_reused_only_for_the_same_setting(tmp_path, monkeypa
     other_prompts = ioi.collect_activations(model, ioi.sample_prompts(6, seed=3), NODES, cache_dir=tmp_path)
     other_model = ioi.collect_activations(tiny_model(seed=1), prompts, NODES, cache_dir=tmp_path)
     fewer_nodes = ioi.collect_activations(model, prompts, NODES[:2], cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("*.safetensors"))) == 4
+    assert len(list(tmp_path.glob("*/activations.safetensors"))) == 4
     assert not torch.equal(other_prompts[NODES[0]], first[NODES[0]])
     assert not torch.equal(other_model[NODES[0]], first[NODES[0]])
     assert torch.equal(fewer_nodes[NODES[1]], first[NODES[1]])
