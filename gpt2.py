@@ -258,13 +258,15 @@ class GPT2(nn.Module):
         if isinstance(module, (Conv1D, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
 
-    def _forward(self, tokens, logits_at, hook):
+    def _forward(self, tokens, logits_at, hook, resume_from=None):
         batch, n_pos = tokens.shape                                   # tokens: [batch, pos]
         if n_pos > self.config.n_positions:
             raise ValueError(f"sequence length {n_pos} exceeds n_positions={self.config.n_positions}")
         positions = torch.arange(n_pos, device=tokens.device).expand(batch, n_pos)   # [batch, pos]
-        x = hook("hook_embed", self.wte(tokens)) + hook("hook_pos_embed", self.wpe(positions))
-        for block in self.h:
+        first, x = resume_from or (0, None)
+        if x is None:
+            x = hook("hook_embed", self.wte(tokens)) + hook("hook_pos_embed", self.wpe(positions))
+        for block in self.h[first:]:
             x = block(x, hook)                                        # [batch, pos, d_model]
         x = layer_norm(x, self.ln_f, hook, "ln_final")                # [batch, pos, d_model]
         rows = torch.arange(batch, device=x.device)
@@ -303,7 +305,7 @@ class GPT2(nn.Module):
                 raise KeyError(f"unknown hook name {name!r}{hint}")
         return names
 
-    def run_with_hooks(self, tokens, fwd_hooks=(), logits_at=None):
+    def run_with_hooks(self, tokens, fwd_hooks=(), logits_at=None, resume_from=None):
         """Forward pass with hook functions attached for this call only.
 
         `fwd_hooks` is a list of (name, fn) pairs, as in TransformerLens, or a dict name -> fn;
@@ -311,6 +313,10 @@ class GPT2(nn.Module):
         Several functions at one hook run in order. `fn(activation, hook)` returns a replacement
         tensor, or None to keep the activation; `hook.name` is the hook's name. A function of the
         activation alone, `fn(activation)`, works too.
+        `resume_from` = (layer, resid_pre [batch, pos, d_model]), the residual stream entering that
+        block in an earlier pass over the same tokens: the blocks before it, which would compute it
+        again, are skipped (TransformerLens's `start_at_layer`). A patch at layer 9 of 12 then costs
+        a quarter of a pass; hooks before that layer do not run.
         """
         pairs = list(fwd_hooks.items()) if isinstance(fwd_hooks, dict) else list(fwd_hooks)
         by_name = {}
@@ -319,7 +325,7 @@ class GPT2(nn.Module):
             for name in self._resolve_names(name_or_filter):
                 hook_fn = functools.partial(fn, hook=HookPoint(name)) if takes_hook else fn
                 by_name.setdefault(name, []).append(hook_fn)
-        return self._forward(tokens, logits_at, Hooks(by_name))
+        return self._forward(tokens, logits_at, Hooks(by_name), resume_from)
 
     def run_with_cache(self, tokens, names_filter=None, logits_at=None):
         """Forward pass that also returns {name: activation} for the hooks `names_filter` selects

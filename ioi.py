@@ -311,9 +311,10 @@ class Node:
 
 # ----------------------------------------------------------------------------- running the model
 
-def run_with_patches(model, batch, patches, hooks=()):
+def run_with_patches(model, batch, patches, hooks=(), resume_from=None):
     """End logits [batch, vocab] with every node of `patches` ({Node: values [batch, d]}) set at
-    once; `hooks` ([(hook name, fn)]) run after the patches.
+    once; `hooks` ([(hook name, fn)]) run after the patches; `resume_from`: see
+    `gpt2.GPT2.run_with_hooks`.
 
     The values are computed beforehand (from clean or counterfactual runs), so a patch at an early
     node does not alter what is written at a later one: all nodes of a cross-section are patched
@@ -331,24 +332,35 @@ def run_with_patches(model, batch, patches, hooks=()):
             patch = (gpt2.patch_heads(positions, [node.head for node in nodes], values) if per_head
                      else gpt2.patch_positions(positions, values))
             patch_hooks.append((hook_name, patch))
-    return model.run_with_hooks(batch.tokens, patch_hooks + list(hooks), logits_at=batch.positions["end"])
+    return model.run_with_hooks(batch.tokens, patch_hooks + list(hooks), logits_at=batch.positions["end"],
+                                resume_from=resume_from)
 
 
-def run_batches(model, prompts, batch_size=256, patches=None, read=()):
+def run_batches(model, prompts, batch_size=256, patches=None, read=(), resume=None):
     """Yield (batch, logits [batch, vocab] at `end`, {hook name: activation}) for each batch of
     `prompts` in turn: the loop behind every evaluation. A batch gets its prompts' rows of
-    `patches` ({Node: values [n_prompts, d]}), and the hooks named in `read` are stored."""
+    `patches` ({Node: values [n_prompts, d]}), and the hooks named in `read` are stored.
+    `resume` = (layer, `residual_streams` of the same prompts): each batch skips the blocks before it."""
     patches, device, stored = patches or {}, next(model.parameters()).device, {}
 
     def store(activation, hook):
         stored[hook.name] = activation
     with torch.inference_mode():
-        for start in range(0, len(prompts), batch_size):
+        for i, start in enumerate(range(0, len(prompts), batch_size)):
             rows = slice(start, start + batch_size)
             batch = batch_prompts(prompts[rows], device)
             batch_patches = {node: values[rows].to(device) for node, values in patches.items()}
-            logits = run_with_patches(model, batch, batch_patches, [(name, store) for name in read])
+            resume_from = resume and (resume[0], resume[1][i])
+            hooks = [(name, store) for name in read]
+            logits = run_with_patches(model, batch, batch_patches, hooks, resume_from)
             yield batch, logits, stored.copy()
+
+
+def residual_streams(model, prompts, layer, batch_size=256):
+    """[resid_pre [batch, pos, d_model] at `layer`, for each batch of `prompts`]: where an unpatched
+    pass stands as it enters that block, so that a run patched from there on can resume from it."""
+    name = f"blocks.{layer}.hook_resid_pre"
+    return [cache[name] for _, _, cache in run_batches(model, prompts, batch_size, read=[name])]
 
 
 def logit_diff(end_logits: torch.Tensor, io_token: torch.Tensor, s_token: torch.Tensor) -> torch.Tensor:
@@ -368,11 +380,12 @@ class PatchedRun:
     io_prob: Optional[torch.Tensor] = None  # [n] P(IO), if asked for
 
 
-def patched_run(model, prompts, patches=None, batch_size=256, io_prob=False):
+def patched_run(model, prompts, patches=None, batch_size=256, io_prob=False, resume=None):
     """Run every prompt with `patches` ({Node: values [n_prompts, d]}, may be empty) set. P(IO) only
-    if `io_prob`: its softmax over the vocabulary costs a fifth of a small model's patched run."""
+    if `io_prob`: its softmax over the vocabulary costs a fifth of a small model's patched run.
+    `resume`: see `run_batches`."""
     columns = []
-    for batch, logits, _ in run_batches(model, prompts, batch_size, patches):
+    for batch, logits, _ in run_batches(model, prompts, batch_size, patches, resume=resume):
         columns.append([logit_diff(logits, batch.io_token, batch.s_token), logits.argmax(-1)])
         if io_prob:  # softmax at the IO token: log P(IO) = logit[IO] - logsumexp(logits)
             columns[-1].append((logits.gather(1, batch.io_token[:, None])[:, 0] - logits.logsumexp(-1)).exp())

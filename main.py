@@ -5,6 +5,7 @@ we collect activations at circuit nodes, fit supervised dictionaries and SAEs, g
 them on approximation, control and interpretability, and write a report.
 Where to start: `demo`, then `open_run`, `Run` and `evaluate_run`; the report is `Report`.
 """
+import functools
 import glob
 import hashlib
 import json
@@ -709,21 +710,24 @@ CAPPED_PHASE = "task SAEs, at the epoch cap"  # the one phase whose length is no
 
 
 def planned_patched_runs(run):
-    """{phase: forward passes over the evaluation prompts}, as `evaluate_run` will make them. An upper
-    bound where Test 2 may choose one SAE setting for several attributes (then it grades it once)."""
+    """{phase: Counter {layer: forward passes over the evaluation prompts that patch from that layer
+    on}}, as `evaluate_run` will make them. An upper bound where Test 2 may choose one SAE setting
+    for several attributes (then it grades it once)."""
     c = run.config
     n_edits = 2 * len(c.edit_k)  # greedy and F1-guided, at each k
     sae_grading = 2 + 2 * len(c.f1_thresholds)  # sufficiency, necessity; the causal curves
-    grading, ld_recovered = 1, len(run.nodes)  # the clean run; every node patched at its mean
+    grading = Counter({0: 1})  # the clean run
+    ld_recovered = Counter(node.layer for node in run.nodes)  # every node patched at its mean
     for section in run.sections:
         n_attributes = len(section.attributes)
         chosen = [min(len(grid), n_attributes) for grid in run.sae_grids().values()] + [1] * len(ARCHS)
-        grading += (1 + n_attributes + 2  # reference runs: mean-ablated, each counterfactual; mean ablation
-                    + 2 * (2 + n_attributes)  # the two supervised dictionaries
-                    + sum(chosen) * sae_grading + len(chosen) * n_attributes * n_edits)  # SAEs
-        ld_recovered += len(section.nodes) * sum(chosen)
+        grading[min(node.layer for node in section.nodes)] += (
+            1 + n_attributes + 2  # reference runs: mean-ablated, each counterfactual; mean ablation
+            + 2 * (2 + n_attributes)  # the two supervised dictionaries
+            + sum(chosen) * sae_grading + len(chosen) * n_attributes * n_edits)  # SAEs
+        ld_recovered.update(node.layer for node in section.nodes for _ in range(sum(chosen)))
     return {"grading": grading, "ld_recovered": ld_recovered,
-            "phenomena": len(run.nodes) * len(ioi.ATTRIBUTES)}
+            "phenomena": Counter(node.layer for node in run.nodes for _ in ioi.ATTRIBUTES)}
 
 
 def seconds_per_sae_step(arch, n_sae, d_in, d_sae, batch_size, device="cpu"):
@@ -748,10 +752,15 @@ def estimate_seconds(run):
     c, group = run.config, dictionaries.TrainConfig.max_stack
     prompts, d_head = run.splits["eval"][:c.batch_size], run.model.config.n_embd // run.model.config.n_head
 
-    def forward():
-        metrics.patched_run(run.model, prompts, batch_size=c.batch_size)
-    forward()  # not timed: the first pass pays one-time costs
-    per_prompt, n_prompts = _seconds(forward, c.device) / len(prompts), sum(map(len, run.splits.values()))
+    @functools.cache
+    def per_prompt(layer=0):  # a pass that patches from `layer` on (`metrics.Task.patched`), per prompt
+        resume = (layer, ioi.residual_streams(run.model, prompts, layer, c.batch_size)) if layer else None
+
+        def forward():
+            metrics.patched_run(run.model, prompts, batch_size=c.batch_size, resume=resume)
+        forward()  # not timed: the first pass pays one-time costs
+        return _seconds(forward, c.device) / len(prompts)
+    n_prompts = sum(map(len, run.splits.values()))
 
     def training(arch, n_sae, d_sae, epochs, n):  # groups of max_stack SAEs, one after another
         batch_size = min(dictionaries.TrainConfig.batch_size, n)
@@ -760,13 +769,14 @@ def estimate_seconds(run):
     task_saes = sum(training(architecture(method), len(run.nodes) * len(grid),
                              c.d_sae, c.epochs, c.n_train) for method, grid in run.sae_grids().items())
     heads = len({(node.hook_name, node.head) for node in run.nodes})
-    corpus_forward = c.corpus_tokens / len(prompts[0].tokens) * per_prompt  # (a prompt's cost per token)
+    corpus_forward = c.corpus_tokens / len(prompts[0].tokens) * per_prompt()  # (a prompt's cost per token)
     corpus_saes = sum(training(arch, heads, c.corpus_d_sae, c.corpus_epochs, c.corpus_tokens)
                       for arch in ARCHS)
-    return {"activations": n_prompts * per_prompt, CAPPED_PHASE: task_saes,
+    return {"activations": n_prompts * per_prompt(), CAPPED_PHASE: task_saes,
             "full-distribution SAEs": corpus_forward + corpus_saes,
-            **{f"{phase}: {count} runs": count * c.n_eval * per_prompt
-               for phase, count in planned_patched_runs(run).items()}}
+            **{f"{phase}: {sum(counts.values())} runs": c.n_eval * sum(n * per_prompt(layer)
+                                                                 for layer, n in counts.items())
+               for phase, counts in planned_patched_runs(run).items()}}
 
 
 def eta_text(seconds):

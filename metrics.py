@@ -17,7 +17,7 @@ through dictionaries.py's interface: `encode(x)` on raw activations, `sae(x)` ->
 Where to start: `sufficiency`, `necessity`, `edit_accuracy`, then `grade_section`.
 """
 import functools
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -611,9 +611,17 @@ class Task:
     model: torch.nn.Module
     prompts: Sequence
     batch_size: int = 256
+    residuals: dict = field(default_factory=dict, repr=False)  # {layer: ioi.residual_streams}, unpatched
 
     def patched(self, patches: Optional[dict] = None) -> PatchedRun:
-        return patched_run(self.model, self.prompts, patches, self.batch_size)
+        """The pass with `patches` set. It resumes from the unpatched residual stream at the first layer
+        it patches, since the blocks before compute that stream whatever is patched later: the same
+        numbers, for the cost of the blocks from there on."""
+        layer = min((node.layer for node in patches or {}), default=0)
+        if layer and layer not in self.residuals:
+            self.residuals[layer] = ioi.residual_streams(self.model, self.prompts, layer, self.batch_size)
+        resume = (layer, self.residuals[layer]) if layer else None
+        return patched_run(self.model, self.prompts, patches, self.batch_size, resume=resume)
 
 
 def mean_ablated(acts: torch.Tensor) -> torch.Tensor:

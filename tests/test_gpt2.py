@@ -320,6 +320,19 @@ def test_patching_any_hook_with_its_clean_value_changes_nothing(model, tokens, l
         torch.testing.assert_close(patched, plain_logits, rtol=0, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("logits_at", [None, torch.tensor([9, 2, 6])])
+def test_a_pass_resumed_at_a_layer_is_the_full_pass(model, tokens, logits_at):
+    """resume_from: the residual stream entering block L, from a pass over the same tokens; the blocks
+    before it are skipped, hooks from it on run as in the full pass, and the result is the same."""
+    _, cache = model.run_with_cache(tokens, "blocks.1.hook_resid_pre")
+    ran, patch_z = [], {"blocks.2.attn.hook_z": lambda z: z * 0.5}
+    full = model.run_with_hooks(tokens, patch_z, logits_at=logits_at)
+    resumed = model.run_with_hooks(tokens, {**patch_z, "blocks.0.hook_resid_post": lambda x: ran.append(x)},
+                                   logits_at=logits_at, resume_from=(1, cache["blocks.1.hook_resid_pre"]))
+    assert torch.equal(resumed, full) and ran == []  # bit for bit; block 0 did not run
+    assert not torch.equal(full, model(tokens, logits_at=logits_at))  # (the patch matters)
+
+
 def test_names_filter_selects_hooks_as_in_transformer_lens(model, tokens):
     """names_filter: None (every hook), one name, a list of names, or a callable name -> bool."""
     logits, cache = model.run_with_cache(tokens, "blocks.2.attn.hook_z")

@@ -107,6 +107,19 @@ def test_patched_run_matches_end_logits(model, prompts):
     assert torch.equal(run.top_token, logits.argmax(-1))
 
 
+def test_a_task_resumes_each_patched_run_at_its_first_patched_layer(model, prompts, monkeypatch):
+    """Task.patched skips the blocks before the first patched layer, starting from the unpatched
+    residual stream there (computed once per layer): the numbers are those of the full pass."""
+    task, cf = metrics.Task(model, prompts, batch_size=5), ioi.collect_activations(model, prompts, NODES)
+    late = NODES[1]  # q@L1: layer 0 is skipped
+    streams, residual_streams = [], ioi.residual_streams
+    monkeypatch.setattr(ioi, "residual_streams", lambda *args: streams.append(args[2]) or residual_streams(*args))
+    for patches in ({}, {late: cf[late]}, {node: cf[node] for node in NODES}, {late: cf[late] * 2}):
+        resumed, full = task.patched(patches), metrics.patched_run(model, prompts, patches, batch_size=5)
+        assert torch.equal(resumed.logit_diff, full.logit_diff) and torch.equal(resumed.top_token, full.top_token)
+    assert streams == [1]  # one residual stream, at layer 1, kept for the second patch there
+
+
 # --- the graders (README §5-§7), on one cross-section of the tiny model ---------------------
 
 SECTION = CrossSection("test", (Node("z", 1, 0, "end"), Node("q", 1, 1, "end")), ("io", "pos"))
@@ -295,7 +308,8 @@ def test_pipeline_end_to_end(tmp_path, model, monkeypatch, capsys):
     run = open_tiny_run(tmp_path, model, (SECTIONS, DISCOVERY), eta=True, **settings)
     estimate = capsys.readouterr().out
     assert "Estimated time for the whole run: " in estimate and "to train the task SAEs" in estimate
-    assert all(f"{phase}: {count} runs" in estimate for phase, count in main.planned_patched_runs(run).items())
+    planned = {phase: sum(counts.values()) for phase, counts in main.planned_patched_runs(run).items()}
+    assert all(f"{phase}: {count} runs" in estimate for phase, count in planned.items())
     forward_passes, patched_run = [], metrics.patched_run
     monkeypatch.setattr(metrics, "patched_run", lambda *args, **kwargs: forward_passes.append(1)
                         or patched_run(*args, **kwargs))
@@ -303,7 +317,6 @@ def test_pipeline_end_to_end(tmp_path, model, monkeypatch, capsys):
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # The ETA's count of forward passes (one setting per architecture: exact but for LD recovered,
     # which patches every node at its mean, then reconstructions only where that moves the LD).
-    planned = main.planned_patched_runs(run)
     ld_recovered = sum(row["test"] == "ld_recovered" for row in saved["results"]) + len(run.nodes)
     assert len(forward_passes) == planned["grading"] + ld_recovered + planned["phenomena"]
     assert ld_recovered <= planned["ld_recovered"]
