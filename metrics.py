@@ -542,16 +542,35 @@ def oversplitting_verdict(toy: dict, min_firing: float = 0.02, tolerance: float 
 PatchedRun, patched_run = ioi.PatchedRun, ioi.patched_run
 
 
-def approximation(model, prompts, clean: dict, reconstruction: dict, clean_run: PatchedRun,
-                  mean_ablated_run: PatchedRun, batch_size: int = 256) -> dict:
+@dataclass(frozen=True)
+class Task:
+    """IOI on the evaluation prompts: the model every test runs, patched or not (README §2)."""
+    model: torch.nn.Module
+    prompts: Sequence
+    batch_size: int = 256
+    residuals: dict = field(default_factory=dict, repr=False, compare=False)  # {layer: ioi.residual_streams}
+
+    def patched(self, patches: Optional[dict] = None) -> PatchedRun:
+        """The pass with `patches` set. It resumes from the unpatched residual stream at the first layer
+        it patches, since the blocks before compute that stream whatever is patched later: the same
+        numbers, for the cost of the blocks from there on."""
+        layer = min((node.layer for node in patches or {}), default=0)
+        if layer and layer not in self.residuals:
+            self.residuals[layer] = ioi.residual_streams(self.model, self.prompts, layer, self.batch_size)
+        resume = (layer, self.residuals[layer]) if layer else None
+        return patched_run(self.model, self.prompts, patches, self.batch_size, resume=resume)
+
+
+def approximation(task: Task, clean: dict, reconstruction: dict, clean_run: PatchedRun,
+                  mean_ablated_run: PatchedRun) -> dict:
     """Sufficiency and necessity of a reconstruction at every node of a cross-section (README §5).
 
     Sufficiency patches â; necessity patches ā + (a - â), i.e. mean-ablates the part the
     dictionary explains and keeps its error term. ā is the mean of `clean` over the prompts.
     """
-    patched = patched_run(model, prompts, reconstruction, batch_size)
+    patched = task.patched(reconstruction)
     residual = {node: clean[node].mean(0) + clean[node] - reconstruction[node] for node in clean}
-    explained_removed = patched_run(model, prompts, residual, batch_size)
+    explained_removed = task.patched(residual)
     return {"sufficiency": sufficiency(patched.logit_diff, clean_run.logit_diff),
             "necessity": necessity(mean_ablated_run.logit_diff, explained_removed.logit_diff,
                                    clean_run.logit_diff)}
@@ -603,25 +622,6 @@ class Record:
 
     def to_json(self) -> dict:
         return {name: value for name, value in asdict(self).items() if value is not None}
-
-
-@dataclass(frozen=True)
-class Task:
-    """IOI on the evaluation prompts: the model every test runs, patched or not (README §2)."""
-    model: torch.nn.Module
-    prompts: Sequence
-    batch_size: int = 256
-    residuals: dict = field(default_factory=dict, repr=False)  # {layer: ioi.residual_streams}, unpatched
-
-    def patched(self, patches: Optional[dict] = None) -> PatchedRun:
-        """The pass with `patches` set. It resumes from the unpatched residual stream at the first layer
-        it patches, since the blocks before compute that stream whatever is patched later: the same
-        numbers, for the cost of the blocks from there on."""
-        layer = min((node.layer for node in patches or {}), default=0)
-        if layer and layer not in self.residuals:
-            self.residuals[layer] = ioi.residual_streams(self.model, self.prompts, layer, self.batch_size)
-        resume = (layer, self.residuals[layer]) if layer else None
-        return patched_run(self.model, self.prompts, patches, self.batch_size, resume=resume)
 
 
 def mean_ablated(acts: torch.Tensor) -> torch.Tensor:
@@ -761,8 +761,7 @@ def grade_model(prompts: Sequence, clean_run: PatchedRun) -> list:
 def approximation_records(task: Task, inputs: SectionInputs, method: str, reconstruction: dict,
                           setting=None) -> list:
     """Test 1 (README §5): sufficiency and necessity of a reconstruction {node: [N, d]}."""
-    scores = approximation(task.model, task.prompts, inputs.clean, reconstruction, inputs.clean_run,
-                           inputs.mean_ablated_run, task.batch_size)
+    scores = approximation(task, inputs.clean, reconstruction, inputs.clean_run, inputs.mean_ablated_run)
     return [Record(test, inputs.site, method, value, setting=setting) for test, value in scores.items()]
 
 

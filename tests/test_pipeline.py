@@ -81,10 +81,11 @@ def test_approximation_known_answers(model, prompts):
     clean_run = metrics.patched_run(model, prompts)
     mean = {node: acts.mean(0).expand_as(acts) for node, acts in clean.items()}
     ablated = metrics.patched_run(model, prompts, mean)
-    exact = metrics.approximation(model, prompts, clean, clean, clean_run, ablated)
+    task = metrics.Task(model, prompts)
+    exact = metrics.approximation(task, clean, clean, clean_run, ablated)
     assert exact["sufficiency"] == pytest.approx(1.0, abs=1e-9)
     assert exact["necessity"] == pytest.approx(1.0, abs=1e-9)
-    nothing = metrics.approximation(model, prompts, clean, mean, clean_run, ablated)
+    nothing = metrics.approximation(task, clean, mean, clean_run, ablated)
     assert nothing["necessity"] == pytest.approx(0.0, abs=1e-9)
     expected = ablated.logit_diff.mean() / clean_run.logit_diff.mean()
     assert nothing["sufficiency"] == pytest.approx(float(expected), abs=1e-9)
