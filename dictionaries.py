@@ -13,7 +13,7 @@ Supervised dictionaries (README §4)
 SAEs (README §8): SAE(arch, W_enc=, W_dec=, b_dec=, b_enc= | b_gate=, r_mag=, b_mag= | threshold=, k=, ...)
     arch "vanilla", "gated", "topk" (trained here) or "jumprelu" (read from SAELens). On raw x:
     sae.encode(x[..., d_in]) -> f [..., d_sae]; sae.decode(f); sae(x) -> (x̂, f); sae.active(x) -> bool.
-    In the normalised space: sae.latents, sae.reconstruct, sae.latents_and_fires, sae.loss.
+    In the normalised space: sae.latents, sae.reconstruct, sae.loss.
     stack_saes([sae, ...]) -> one SAE with a leading stack axis; stack.unstack() -> [sae, ...].
     core_metrics(x, x̂, fires): L0, MSE, fraction of variance explained, dead fraction.
     save_sae(sae, dir) / load_sae(dir) in SAELens's layout, both ways (README, "Use with
@@ -222,7 +222,7 @@ class SAE:
     live in the normalised space x = x_raw * input_scale (README §8: the training data scaled to
     mean norm √d_in); `encode`, `decode`, `sae(x)` and `active` take and return raw activations, so
     latent j adds f_j * W_dec[j] / input_scale to a raw reconstruction. `latents`,
-    `reconstruct`, `latents_and_fires` and `loss` are the paper's formulas on normalised inputs.
+    `reconstruct` and `loss` are the paper's formulas on normalised inputs.
     A stack (`stack_saes`) is the same object with a leading axis S on every tensor and a length-1
     batch axis after it on the vectors (b_enc [S, 1, d_sae]), and its per-SAE numbers as tensors
     that broadcast the same way (k [S, 1, 1], l1_coefficient [S, 1]): the formulas then apply
@@ -263,15 +263,6 @@ class SAE:
         """x̂ = f W_dec + b_dec  [..., d_in]."""
         return f @ self.W_dec + self.b_dec
 
-    def latents_and_fires(self, x):
-        """(f, which latents are active) [..., d_sae], in one pass: active means f > 0, except that
-        a gated latent is active wherever its gate is open, π_gate > 0, even if its magnitude is 0."""
-        if self.arch == "gated":
-            pi_gate, magnitude = gated_paths(self, x)
-            return (pi_gate > 0) * magnitude, pi_gate > 0
-        f = self.latents(x)
-        return f, f > 0
-
     def loss(self, x):
         """The training loss of each input [...] (README §8)."""
         return LOSSES[self.arch](self, x)
@@ -292,8 +283,9 @@ class SAE:
         return self.decode(f), f
 
     def active(self, x):
-        """Which latents fire on raw activations x  -> bool [..., d_sae]."""
-        return self.latents_and_fires(x * self.input_scale)[1]
+        """Which latents fire on raw activations x: those with f ≠ 0, as SAELens and SAEBench count L0
+        (a gated latent whose gate is open but whose magnitude is 0 adds nothing)  -> bool [..., d_sae]."""
+        return self.encode(x) != 0
 
     def to(self, device) -> "SAE":
         tensors = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -741,9 +733,9 @@ def _statistics(stack: SAE, data: _StackData, specs: list, chunk: int):
     has sent weights to inf or NaN: saved, such an SAE would be graded as if it were a real one."""
     x_hat, fires = [], 0
     for start in range(0, data.n, chunk):
-        f, active = stack.latents_and_fires(data.inputs(torch.arange(start, min(start + chunk, data.n))))
+        f = stack.latents(data.inputs(torch.arange(start, min(start + chunk, data.n))))
         x_hat.append(stack.reconstruct(f))  # [S, chunk, d_in]
-        fires = fires + active.sum(1)
+        fires = fires + (f != 0).sum(1)  # active: f ≠ 0, as `SAE.active` and the grading count it
     x, x_hat = data.inputs(torch.arange(data.n)), torch.cat(x_hat, 1)
     diverged = [spec.name or f"sae{s}" for s, spec in enumerate(specs)
                 if not torch.isfinite(_squared_norm(x[s] - x_hat[s])).all()]

@@ -1300,7 +1300,11 @@ def _fmt(x):
 
 
 def _count(x):
-    return None if x is None else int(round(x))
+    return None if x is None or not np.isfinite(x) else int(round(x))
+
+
+def _percent(x):
+    return "–" if x is None else f"{x:.0%}"
 
 
 def _setting(method, setting):
@@ -1334,10 +1338,82 @@ def _bars(groups, heights, marks=(), **settings):
     """A panel of grouped bars: per group, one bar for each label of `heights` {label: heights}."""
     width = 0.8 / len(heights)
     bars = [("bar", label, (np.arange(len(groups)) + (i - (len(heights) - 1) / 2) * width,
-                            [np.nan if v is None else v for v in values]),
+                            [np.nan if v is None else float(v) for v in values]),
              {"width": width, "color": BAR_COLORS.get(label)})
             for i, (label, values) in enumerate(heights.items())]
     return {"series": bars + list(marks), "xticks": range(len(groups)), "xticklabels": groups, **settings}
+
+
+# --- checking metrics.json once, so that no section meets a key it cannot read ---
+
+NUMBER, TEXT, NUMBER_OR_NULL = (int, float), str, (int, float, type(None))
+# Every key a record may carry, and its type (metrics.Record; a value may be NaN: an undefined share).
+RECORD_TYPES = {"test": TEXT, "site": TEXT, "method": TEXT, "value": NUMBER, "attribute": TEXT, "edit": TEXT,
+                "node": TEXT, "grid": TEXT, "phenomenon": TEXT, "reads": TEXT, "graded_sae": TEXT,
+                **dict.fromkeys(["k", "threshold", "low", "high", "alpha", "norm", "l1", "firing", "setting",
+                                 "head"], NUMBER)}
+# The keys beyond test, site, method and value that the report reads from every record of a test
+# (or of a test and method); metrics.py always writes them.
+RECORD_NEEDS = {"logit_diff_histogram": ("low", "high"), "edit_accuracy": ("attribute",),
+                "weight_removed": ("attribute",), "latents_changed": ("attribute", "k", "edit"),
+                "edit_accuracy_no_intervention": ("attribute",), "edit_distance_k2": ("setting",),
+                "f1_coverage": ("attribute",), "causal_keep_sufficiency": ("threshold",),
+                "causal_remove_necessity": ("threshold",), "evidence_norm": ("attribute",),
+                "evidence_answers_changed": ("attribute",), "evidence_ld_moved": ("attribute",),
+                "phenomenon_testable": ("phenomenon",), "supervised_feature_norm": ("attribute",),
+                "alpha_sweep_io_names": ("alpha",), "alpha_sweep_s_names": ("alpha",),
+                "occlusion_toy_recovered": ("attribute",), "oversplit_toy_loss": ("l1", "grid"),
+                ("oversplit_toy_loss", "ideal_2_latent"): ("firing",)}
+# The circuit block (the sections graded, and what `ioi.discover` found): its keys and their types.
+OR_NULL = {list: (list, type(None)), dict: (dict, type(None))}
+CIRCUIT_TYPES = {"sections": OR_NULL[list], "skipped": OR_NULL[list], "discovery": OR_NULL[dict]}
+SECTION_TYPES = {"name": TEXT, "nodes": list, "attributes": list}
+HEAD_TYPES = {"head": TEXT, "position": TEXT, "role": TEXT, "direct_effect": NUMBER_OR_NULL,
+              "query_effect": NUMBER_OR_NULL, "ld_drop": NUMBER_OR_NULL, "fraction": NUMBER_OR_NULL}
+VERDICT_TYPES = {"section": TEXT, "ld_drop": NUMBER_OR_NULL, "fraction": NUMBER_OR_NULL, "kept": object}
+KINDS = {NUMBER: "a number", TEXT: "text", NUMBER_OR_NULL: "a number or null", list: "a list",
+         OR_NULL[list]: "a list or null", OR_NULL[dict]: "an object or null"}
+
+
+def _bad_key(obj, types, needs=()):
+    """What is wrong with `obj`, which must be an object holding `needs` and whose keys have the `types`
+    {key: type} where present; None if nothing."""
+    if not isinstance(obj, dict):
+        return f"{json.dumps(obj)[:60]} is not an object"
+    missing = [key for key in needs if key not in obj]
+    if missing:
+        return f"lacks '{missing[0]}'"
+    wrong = next((key for key, kind in types.items() if key in obj and not isinstance(obj[key], kind)), None)
+    return wrong and f"'{wrong}' is {json.dumps(obj[wrong])[:60]}, not {KINDS[types[wrong]]}"
+
+
+def _metrics_problem(data):
+    """What the report could not read in metrics.json, in one line, or None: {"results": [records]}, each
+    record with its test's keys; "config" and "circuit" objects if present."""
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+        return "malformed, expected {'results': [records with a 'test']}"
+    for i, record in enumerate(data["results"]):
+        keys = record if isinstance(record, dict) else {}
+        # str(): a test or method of any JSON type can be looked up; _bad_key then says what is wrong with it
+        test, method = str(keys.get("test")), str(keys.get("method"))
+        needs = ("test", "site", "method", "value", *RECORD_NEEDS.get(test, ()),
+                 *RECORD_NEEDS.get((test, method), ()))
+        problem = _bad_key(record, RECORD_TYPES, needs)
+        if problem:
+            return f"malformed record {i} (test {test}): {problem}"
+    config, circuit = data.get("config") or {}, data.get("circuit") or {}
+
+    def parts():  # (name, object, types, needed keys); each part is reached only if the one above is sound
+        yield "config", config, {key: NUMBER_OR_NULL for key in PAPER_SCALE}, ()
+        yield "circuit", circuit, CIRCUIT_TYPES, ()
+        discovery = circuit.get("discovery") or {}
+        yield "circuit.discovery", discovery, {"heads": list, "sections": list}, ()
+        for name, items, types in (("sections", circuit.get("sections") or [], SECTION_TYPES),
+                                   ("discovery.heads", discovery.get("heads", []), HEAD_TYPES),
+                                   ("discovery.sections", discovery.get("sections", []), VERDICT_TYPES)):
+            yield from ((f"circuit.{name}[{i}]", item, types, tuple(types)) for i, item in enumerate(items))
+    return next((f"malformed {name}: {problem}" for name, obj, types, needs in parts()
+                 if (problem := _bad_key(obj, types, needs))), None)
 
 
 class Report:
@@ -1356,18 +1432,15 @@ class Report:
         path = os.path.join(run_dir, "metrics.json")
         try:
             with open(path) as f:
-                report = cls(json.load(f), os.path.join(run_dir, "figures"))
+                data = json.load(f)
         except FileNotFoundError:
             raise click.ClickException(f"{path}: not found (run the pipeline first)")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise click.ClickException(f"{path}: not valid JSON ({e})")
-        except (KeyError, TypeError, AttributeError) as e:
-            raise click.ClickException(f"{path}: malformed, expected {{'results': [records with a 'test']}} "
-                                       f"({type(e).__name__}: {e})")
-        for r in (r for records in report.by_test.values() for r in records):
-            if not {"site", "method", "value"} <= set(r):
-                raise click.ClickException(f"{path}: malformed record {r} (needs test, site, method, value)")
-        return report
+        problem = _metrics_problem(data)
+        if problem:
+            raise click.ClickException(f"{path}: {problem}")
+        return cls(data, os.path.join(run_dir, "figures"))
 
     # --- looking records up ---
 
@@ -1487,8 +1560,9 @@ class Report:
         sections, discovery = self.circuit_found.get("sections"), self.circuit_found.get("discovery") or {}
         if not sections:
             return []
-        out = [_table([(s["name"], ", ".join(f"`{node}`" for node in s["nodes"]), ", ".join(s["attributes"]))
-                       for s in sections], ["cross-section", "nodes", "attributes edited"])]
+        out = [_table([(s["name"], ", ".join(f"`{node}`" for node in s["nodes"]),
+                        ", ".join(map(str, s["attributes"]))) for s in sections],
+                      ["cross-section", "nodes", "attributes edited"])]
         if any(head["role"] for head in discovery.get("heads", [])):
             out += ["Heads found in the model itself (`ioi.discover`), each class by its own measure "
                     "(README, \"The embedded model\"), at ≥ 1/3 of the strongest head's value "
@@ -1634,14 +1708,14 @@ class Report:
 
         def row(node):
             return [node] + [f"{_fmt(self.mean('evidence_norm', site=node, attribute=a))} / "
-                             f"{self.mean('evidence_answers_changed', site=node, attribute=a):.0%} / "
-                             f"{self.mean('evidence_ld_moved', site=node, attribute=a):.0%}"
+                             f"{_percent(self.mean('evidence_answers_changed', site=node, attribute=a))} / "
+                             f"{_percent(self.mean('evidence_ld_moved', site=node, attribute=a))}"
                              for a in attributes]
         if gate[0]["value"]:
             node = gate[0]["site"]
             return [f"The test {criterion}; it runs at `{node}`:", _table([row(node)], headers)]
         nodes = dict.fromkeys(r["site"] for r in self.find("evidence_norm"))
-        closest = sorted(nodes, key=lambda node: -min(self.mean("evidence_norm", site=node, attribute=a)
+        closest = sorted(nodes, key=lambda node: -min(self.mean("evidence_norm", site=node, attribute=a) or 0
                                                       for a in attributes))
         return [f"**Not testable here.** The test {criterion}, and no node has that. The closest nodes:",
                 _table([row(node) for node in closest[:4]], headers)]
@@ -1792,7 +1866,7 @@ class Report:
         sweep = {a: [value for _, value in sorted((r["alpha"], r["value"])  # names with a latent, by α
                                                   for r in self.find(f"alpha_sweep_{a}_names"))]
                  for a in ("io", "s")}
-        crossing = bool(sweep["s"]) and sweep["s"][-1] > sweep["s"][0] and sweep["io"][-1] < sweep["io"][0]
+        crossing = all(sweep.values()) and sweep["s"][-1] > sweep["s"][0] and sweep["io"][-1] < sweep["io"][0]
         verdict = ("reproduced (criterion: more IO than S names in every setting, and the crossing)"
                    if more_io == len(io) and crossing else f"not reproduced (more IO than S names in "
                    f"{more_io} of {len(io)} settings; crossing {'seen' if crossing else 'not seen'})")

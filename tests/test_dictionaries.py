@@ -127,9 +127,9 @@ def test_gated_loss_by_hand():
                    r_mag=torch.tensor([0.0, 0.0, math.log(2)]))
     # π_gate = (2, 1, 3) + b_gate = (2, -0.5, 1): gates (1, 0, 1), ReLU(π_gate) = (2, 0, 1)
     # magnitude = ReLU((2, 1, 3) ⊙ (1, 1, 2) + b_mag) = (1, 1, 1); f = (1, 0, 1)
-    f, fires = sae.latents_and_fires(X)
-    assert torch.allclose(f, torch.tensor([[1.0, 0.0, 1.0]])) and torch.equal(sae.latents(X), f)
-    assert torch.equal(fires, torch.tensor([[True, False, True]]))
+    f = sae.latents(X)
+    assert torch.allclose(f, torch.tensor([[1.0, 0.0, 1.0]]))
+    assert torch.equal(sae.active(X), torch.tensor([[True, False, True]]))
     # x̂ = e1 + (0.6, 0.8) + b_dec = (2.6, 0.8): 0.4² + 0.2² = 0.2; λ‖ReLU(π_gate)‖₁ = 0.5 · 3;
     # x̂_frozen = 2 e1 + (0.6, 0.8) + b_dec = (3.6, 0.8): 0.6² + 0.2² = 0.4
     torch.testing.assert_close(sae.loss(X), torch.tensor([0.2 + 1.5 + 0.4]))
@@ -184,13 +184,27 @@ def test_gated_math_matches_hand_computed_case():
     # projection [2*1 + 2*0.5, -2 + 4] = [3, 2]; gate [3 > 0, 2 - 5 > 0] = [1, 0]
     # magnitude ReLU([3 - 4, 2 + 1]) = [0, 3]  (the ReLU matters: latent 0 has an open gate)
     assert torch.equal(sae.encode(x), torch.tensor([[0.0, 0.0]]))
-    assert torch.equal(sae.active(x), torch.tensor([[True, False]]))
+    assert not sae.active(x).any()  # active means f ≠ 0: latent 0's open gate adds nothing
     x = torch.tensor([[2.5, 1.0]])  # normalised [5, 2]; centred [4, 2]; projection [5, 0]
     assert torch.equal(sae.encode(x), torch.tensor([[1.0, 0.0]]))  # gate [1, 0], magnitude [1, 1]
     x_hat, f = sae(x)
     assert torch.allclose(x_hat, (f @ p["W_dec"] + p["b_dec"]) / 2.0)
     p["r_mag"] = torch.tensor([0.6931472, 0.0])  # magnitude weights of latent 0 doubled: ReLU(2*5 - 4)
     assert torch.allclose(D.SAE("gated", **p, input_scale=2.0).encode(x), torch.tensor([[6.0, 0.0]]))
+
+
+def test_training_logs_count_a_gated_latent_active_only_where_it_is_non_zero(monkeypatch):
+    """L0 and the dead fraction count latents with f ≠ 0 (SAELens / SAEBench), in the training logs as
+    in the grading: latent 1's gate is open on every input, but its magnitude is 0, so f_1 = 0."""
+    hand = D.SAE("gated", W_enc=torch.eye(2), W_dec=torch.eye(2), b_dec=torch.zeros(2),
+                 b_gate=torch.zeros(2), r_mag=torch.zeros(2), b_mag=torch.tensor([0.0, -5.0]))
+    x = torch.tensor([[1.0, 1.0], [1.0, -1.0]])  # norms √2 = √d_in: normalised as they are
+    # π_gate = x: gates open where x > 0 (both, then latent 0); magnitude = ReLU(x + b_mag) = (1, 0)
+    assert torch.equal(hand.encode(x), torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+    monkeypatch.setattr(D, "init_sae", lambda *args: hand)  # train from the hand-set weights ...
+    monkeypatch.setattr(D, "_train_epoch", lambda stack, *args: torch.zeros(1))  # ... without a step
+    _, logs = D.train_sae(x, D.SAESpec("gated"), D.TrainConfig(d_sae=2, epochs=1, resample_at=()))
+    assert (logs[-1]["l0"], logs[-1]["dead_fraction"]) == (1.0, 0.5)  # the gate alone: 1.5 and 0
 
 
 def test_topk_keeps_exactly_k():

@@ -323,3 +323,57 @@ def test_cli_malformed_metrics(tmp_path, content, problem):
 def test_cli_missing_metrics(tmp_path):
     result = CliRunner().invoke(main.cli, ["report", "--out", str(tmp_path)])
     assert result.exit_code == 1 and "metrics.json: not found" in result.output
+
+
+def drop(test, key):
+    """A change to metrics.json: `key` removed from every record of `test`."""
+    return lambda data: [r.pop(key, None) for r in data["results"] if r["test"] == test]
+
+
+def put(test, key, value):
+    """A change to metrics.json: `key` set to `value` in every record of `test`."""
+    return lambda data: [r.update({key: value}) for r in data["results"] if r["test"] == test]
+
+
+# Hand-edited metrics.json files a run never writes: each once ended the report in a traceback.
+BROKEN = {"edit accuracy without its attribute": (drop("edit_accuracy", "attribute"), "'attribute'"),
+          "alpha sweep without alpha": (drop("alpha_sweep_io_names", "alpha"), "'alpha'"),
+          "histogram bin without its lower edge": (drop("logit_diff_histogram", "low"), "'low'"),
+          "causal curve without its threshold": (drop("causal_keep_sufficiency", "threshold"), "'threshold'"),
+          "toy loss without the ideal SAE's firing": (drop("oversplit_toy_loss", "firing"), "'firing'"),
+          "a value as text": (put("l0", "value", "high"), "'value'"),
+          "a value as null": (put("supervised_feature_norm", "value", None), "'value'"),
+          "a setting as text": (put("occlusion_io_names", "setting", "λ=1"), "'setting'"),
+          "config as a list": (lambda data: data.update(config=[1, 2]), "config"),
+          "a cross-section without nodes": (lambda data: data["circuit"]["sections"][0].pop("nodes"),
+                                            "'nodes'"),
+          "a head's LD drop as text": (lambda data: data["circuit"]["discovery"]["heads"][0].update(
+              ld_drop="big"), "'ld_drop'")}
+
+
+@pytest.mark.parametrize("change, key", BROKEN.values(), ids=BROKEN)
+def test_cli_names_the_key_a_hand_edited_metrics_file_lacks(tmp_path, change, key):
+    write_metrics(tmp_path, fake_results())
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    change(data)
+    (tmp_path / "metrics.json").write_text(json.dumps(data))
+    result = CliRunner().invoke(main.cli, ["report", "--out", str(tmp_path)])
+    message = result.output.strip()
+    assert result.exit_code == 1 and "Traceback" not in message and len(message.splitlines()) == 1
+    assert message.startswith("Error:") and "metrics.json" in message and key in message
+
+
+# Valid records whose companions are missing or undefined: each section still renders.
+PARTIAL = {"S names of the α sweep but no IO names": lambda records: [
+               r for r in records if r["test"] != "alpha_sweep_io_names"],
+           "evidence norms without answers changed": lambda records: [
+               r for r in records if r["test"] != "evidence_answers_changed"],
+           "a count that is NaN": lambda records: [
+               {**r, "value": float("nan")} if r["test"] == "pos_latents" else r for r in records]}
+
+
+@pytest.mark.parametrize("change", PARTIAL.values(), ids=PARTIAL)
+def test_cli_renders_valid_records_whatever_is_missing_beside_them(tmp_path, change):
+    write_metrics(tmp_path, change(fake_results()))
+    result = CliRunner().invoke(main.cli, ["report", "--out", str(tmp_path)])
+    assert result.exit_code == 0 and (tmp_path / "report.md").exists(), result.output
