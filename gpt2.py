@@ -262,10 +262,11 @@ class GPT2(nn.Module):
         batch, n_pos = tokens.shape                                   # tokens: [batch, pos]
         if n_pos > self.config.n_positions:
             raise ValueError(f"sequence length {n_pos} exceeds n_positions={self.config.n_positions}")
-        positions = torch.arange(n_pos, device=tokens.device).expand(batch, n_pos)   # [batch, pos]
-        first, x = resume_from or (0, None)
-        if x is None:
-            x = hook("hook_embed", self.wte(tokens)) + hook("hook_pos_embed", self.wpe(positions))
+        if resume_from is None:
+            positions = torch.arange(n_pos, device=tokens.device).expand(batch, n_pos)   # [batch, pos]
+            first, x = 0, hook("hook_embed", self.wte(tokens)) + hook("hook_pos_embed", self.wpe(positions))
+        else:
+            first, x = resume_from                                    # x: what enters block `first`
         for block in self.h[first:]:
             x = block(x, hook)                                        # [batch, pos, d_model]
         x = layer_norm(x, self.ln_f, hook, "ln_final")                # [batch, pos, d_model]
