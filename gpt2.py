@@ -317,7 +317,7 @@ class GPT2(nn.Module):
         `resume_from` = (layer, resid_pre [batch, pos, d_model]), the residual stream entering that
         block in an earlier pass over the same tokens: the blocks before it, which would compute it
         again, are skipped (TransformerLens's `start_at_layer`). A patch at layer 9 of 12 then costs
-        a quarter of a pass; hooks before that layer do not run.
+        a quarter of a pass; a hook before that layer is an error, since it would never run.
         """
         pairs = list(fwd_hooks.items()) if isinstance(fwd_hooks, dict) else list(fwd_hooks)
         by_name = {}
@@ -326,6 +326,13 @@ class GPT2(nn.Module):
             for name in self._resolve_names(name_or_filter):
                 hook_fn = functools.partial(fn, hook=HookPoint(name)) if takes_hook else fn
                 by_name.setdefault(name, []).append(hook_fn)
+        if resume_from is not None:
+            names = self.hook_names()
+            skipped = [name for name in names[:names.index(f"blocks.{resume_from[0]}.hook_resid_pre")]
+                       if name in by_name]
+            if skipped:
+                raise ValueError(f"hook {skipped[0]} comes before block {resume_from[0]}, "
+                                 "where this pass resumes")
         return self._forward(tokens, logits_at, Hooks(by_name), resume_from)
 
     def run_with_cache(self, tokens, names_filter=None, logits_at=None):

@@ -325,12 +325,13 @@ def test_a_pass_resumed_at_a_layer_is_the_full_pass(model, tokens, logits_at):
     """resume_from: the residual stream entering block L, from a pass over the same tokens; the blocks
     before it are skipped, hooks from it on run as in the full pass, and the result is the same."""
     _, cache = model.run_with_cache(tokens, "blocks.1.hook_resid_pre")
-    ran, patch_z = [], {"blocks.2.attn.hook_z": lambda z: z * 0.5}
+    resume_from, patch_z = (1, cache["blocks.1.hook_resid_pre"]), {"blocks.2.attn.hook_z": lambda z: z * 0.5}
     full = model.run_with_hooks(tokens, patch_z, logits_at=logits_at)
-    resumed = model.run_with_hooks(tokens, {**patch_z, "blocks.0.hook_resid_post": lambda x: ran.append(x)},
-                                   logits_at=logits_at, resume_from=(1, cache["blocks.1.hook_resid_pre"]))
-    assert torch.equal(resumed, full) and ran == []  # bit for bit; block 0 did not run
+    resumed = model.run_with_hooks(tokens, patch_z, logits_at=logits_at, resume_from=resume_from)
+    assert torch.equal(resumed, full)  # bit for bit
     assert not torch.equal(full, model(tokens, logits_at=logits_at))  # (the patch matters)
+    with pytest.raises(ValueError, match="hook blocks.0.hook_resid_post comes before block 1"):
+        model.run_with_hooks(tokens, {"blocks.0.hook_resid_post": lambda x: None}, resume_from=resume_from)
 
 
 def test_names_filter_selects_hooks_as_in_transformer_lens(model, tokens):
