@@ -430,7 +430,7 @@ def test_a_corrupt_config_json_is_reported_and_kept(run_folder):
 
 def test_a_run_removes_what_killed_saves_left(run_folder):
     collect("--weights", "tiny", "--n-train", 20, "--n-eval", 20)
-    leftovers = [Path("run", "activations", "activations-0123.safetensors.tmp"),
+    leftovers = [Path("run", "activations", "0123abcd.tmp"),
                  Path("run", "saes", "topk.tmp"), Path("run", "metrics.json.tmp")]
     for leftover in leftovers:
         leftover.parent.mkdir(parents=True, exist_ok=True)
