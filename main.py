@@ -833,7 +833,10 @@ def grade_sections(run, task, clean_run, supervised, task_saes, corpus_saes):
     settings = {name: value for name, value in asdict(run.config).items() if name != "device"}
     stamps = {os.path.basename(os.path.dirname(path)): gpt2.read_json(path)
               for path in sorted(glob.glob(run.path("saes", "*", "key.json")))}
-    records = []
+    key, records = {"settings": settings, "saes": stamps}, []
+
+    def load(saved):
+        return [metrics.Record(**row) for row in gpt2.read_json(os.path.join(saved, "records.json"))]
     with click.progressbar(run.sections, label="Grading cross-sections",
                            item_show_func=lambda section: section.name if section else "") as sections:
         for section in sections:
@@ -842,11 +845,8 @@ def grade_sections(run, task, clean_run, supervised, task_saes, corpus_saes):
                 graded = metrics.grade_section(task, inputs, supervised, task_saes, corpus_saes,
                                                run.config.edit_k, run.config.f1_thresholds)
                 gpt2.write_json(os.path.join(tmp, "records.json"), [row.to_json() for row in graded])
-
-            def load(saved):
-                return [metrics.Record(**row) for row in gpt2.read_json(os.path.join(saved, "records.json"))]
             folder = run.path("grades", re.sub(r"[^A-Za-z0-9]+", "_", section.name).strip("_"))
-            records += gpt2.cached(folder, {"settings": settings, "saes": stamps}, grade, load)
+            records += gpt2.cached(folder, key, grade, load)
     return records
 
 
