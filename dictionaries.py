@@ -467,11 +467,20 @@ def _shift_encoder_biases(params: dict, shift: torch.Tensor) -> dict:
     return {**params, **shifted}
 
 
+def _finite(params: dict, where) -> dict:
+    """params if every value is finite; else a one-line ValueError naming the tensors that are not."""
+    broken = [name for name, t in params.items() if not torch.isfinite(t).all()]
+    if broken:
+        raise ValueError(f"{where}: {', '.join(broken)} hold{'s' * (len(broken) == 1)} NaN or inf")
+    return params
+
+
 def save_sae(sae: SAE, directory):
     """SAELens layout (cfg.json + sae_weights.safetensors), readable by SAELens's
     `SAE.load_from_disk` as it is: the input scale is folded into the weights, so the saved SAE
     works on raw activations (`normalize_activations: "none"`). `sae.meta` goes into cfg.json's
-    `metadata` (SAELens keeps `hook_name` and `hook_head_index` there)."""
+    `metadata` (SAELens keeps `hook_name` and `hook_head_index` there). A NaN or inf is never saved."""
+    params = _finite(fold_input_scale(sae.params, sae.input_scale), "SAE not saved")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = {"model_from_pretrained_kwargs": PLAIN_MODEL, **sae.meta,
@@ -484,91 +493,100 @@ def save_sae(sae: SAE, directory):
            "metadata": meta}
     if sae.arch == "topk":
         cfg |= {"k": sae.k, "rescale_acts_by_decoder_norm": False}
-    params = fold_input_scale(sae.params, sae.input_scale)
     _save_tensors({name: t.float() for name, t in params.items()}, directory / "sae_weights.safetensors")
     gpt2.write_json(str(directory / "cfg.json"), cfg)  # written last: its presence marks a complete save
 
 
-def _refuse(path, field, value, supported):
-    raise ValueError(f"{path}: {field}={value!r} is not supported ({supported})")
+def _field(path, table: dict, name: str, types: tuple, default, valid=lambda value: True, supported=""):
+    """table[name] (or default) if its JSON type is one of `types` (true is no integer, "3" no
+    number, "no" no bool: nothing is coerced) and it is `valid`; else a one-line ValueError."""
+    value = table.get(name, default)
+    if type(value) not in types or not valid(value):
+        raise ValueError(f"{path}: {name}={value!r} is not supported ({supported})")
+    return value
+
+
+NULL = type(None)  # JSON null
+# cfg.json's true/false settings that load_sae folds into the weights, with SAELens's defaults
+SAELENS_FLAGS = {"apply_b_dec_to_input": True, "rescale_acts_by_decoder_norm": False, "frozen_decoder": False}
 
 
 def read_sae_config(directory) -> dict:
-    """cfg.json of an SAE folder in SAELens 6's layout: SAELens < 6 kept hook_name (once
-    hook_point), hook_head_index and the top-k's k at the top level, and called
-    activation_fn `activation_fn_str`; those are moved to where SAELens 6 has them."""
+    """The settings of an SAE folder's cfg.json that `load_sae` uses, each of its JSON type and in
+    its range -> {arch (ours), d_in, d_sae, k, input_scale, metadata, *SAELENS_FLAGS}. SAELens < 6
+    kept hook_name (once hook_point), hook_head_index and the top-k's k at the top level, and called
+    activation_fn `activation_fn_str`: metadata comes in SAELens 6's layout."""
     path = Path(directory) / "cfg.json"
     try:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise ValueError(f"{path}: not a readable JSON file ({error})") from None
-    metadata = dict(cfg.get("metadata") or {})
+    if type(cfg) is not dict:
+        raise ValueError(f"{path}: expected a JSON object of settings, got {type(cfg).__name__}")
+    field = functools.partial(_field, path, cfg)
+    metadata = dict(field("metadata", (dict, NULL), None, supported="a JSON object") or {})
     for new, old in (("hook_name", "hook_point"), ("hook_head_index", "hook_point_head_index")):
         if new not in metadata and (new in cfg or old in cfg):
             metadata[new] = cfg.get(new, cfg.get(old))
-    activation = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
-    k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
-    return {**cfg, "metadata": metadata, "activation_fn": activation, "k": k}
-
-
-def _arch_from_saelens(cfg: dict, path) -> str:
-    architecture, activation = cfg.get("architecture", "standard"), cfg["activation_fn"]
-    if architecture == "standard" and activation not in ("relu", "topk"):
-        _refuse(path, "activation_fn", activation, "relu or topk")
-    arch = {"standard": "topk" if activation == "topk" else "vanilla", "gated": "gated", "topk": "topk",
-            "jumprelu": "jumprelu"}.get(architecture)
-    if arch is None:
-        _refuse(path, "architecture", architecture, "standard, gated, topk, jumprelu")
-    return arch
-
-
-def _check_saelens_settings(cfg: dict, weights: dict, path):
-    """Refuse, in one line, a setting whose computation `load_sae` does not reproduce."""
-    normalize = cfg.get("normalize_activations") or "none"  # SAELens < 6 wrote false for none
-    if normalize != "none" and not (normalize == "expected_average_only_in" and "input_scale" in cfg):
-        _refuse(path, "normalize_activations", normalize, "only 'none': fold input scaling into the weights")
-    if cfg.get("reshape_activations", "none") not in ("none", "hook_z"):
-        _refuse(path, "reshape_activations", cfg["reshape_activations"], "none or hook_z")
-    if cfg.get("finetuning_scaling_factor"):
-        _refuse(path, "finetuning_scaling_factor", cfg["finetuning_scaling_factor"], "only false")
-    for name in ("scaling_factor", "finetuning_scaling_factor"):
-        if name in weights and not torch.all(weights[name] == 1):
-            _refuse(path, f"weight {name}", "not all ones", "only ones")
-    d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
-    for name, shape in (("W_enc", (d_in, d_sae)), ("W_dec", (d_sae, d_in)), ("b_dec", (d_in,))):
-        if tuple(weights[name].shape) != shape:
-            _refuse(path, f"{name} shape", tuple(weights[name].shape),
-                    f"cfg.json has d_in={d_in}, d_sae={d_sae}")
+    _field(path, metadata, "hook_name", (str, NULL), None, supported="a hook name, e.g. blocks.9.attn.hook_z")
+    _field(path, metadata, "hook_head_index", (int, NULL), None, lambda h: h is None or h >= 0,
+           "null or an integer >= 0")
+    model = _field(path, metadata, "model_from_pretrained_kwargs", (dict, NULL), None, supported="an object")
+    for name in PLAIN_MODEL:  # how the model the SAE read was processed (main.as_plain_model_sae)
+        _field(path, model or {}, name, (bool,), True, supported="true or false")
+    d_in, d_sae = (field(name, (int,), None, lambda n: n > 0, "an integer > 0") for name in ("d_in", "d_sae"))
+    architecture = field("architecture", (str,), "standard", lambda a: a in SAELENS_ARCH.values(),
+                         ", ".join(SAELENS_ARCH.values()))
+    activation = field("activation_fn", (str,), cfg.get("activation_fn_str", "relu"),
+                       lambda a: architecture != "standard" or a in ("relu", "topk"), "relu or topk")
+    arch = {"standard": "topk" if activation == "topk" else "vanilla"}.get(architecture, architecture)
+    kwargs = field("activation_fn_kwargs", (dict, NULL), None, supported="a JSON object") or {}
+    k = field("k", (int, NULL), kwargs.get("k"), lambda k: arch != "topk" if k is None else 1 <= k <= d_sae,
+              f"an integer in [1, d_sae={d_sae}]")
+    # input_scale beside normalised-space weights: this project's SAE folders before it was folded in
+    field("normalize_activations", (str, bool, NULL), "none", lambda n: n in ("none", False, None)
+          or (n == "expected_average_only_in" and "input_scale" in cfg),  # SAELens < 6: false for none
+          "only 'none': fold input scaling into the weights")
+    field("reshape_activations", (str,), "none", lambda r: r in ("none", "hook_z"), "none or hook_z")
+    field("finetuning_scaling_factor", (bool,), False, lambda f: not f, "only false")
+    scale = field("input_scale", (int, float), 1.0, lambda s: 0 < s < math.inf, "a finite number > 0")
+    return {"arch": arch, "d_in": d_in, "d_sae": d_sae, "k": k, "metadata": metadata, "input_scale": scale,
+            **{name: field(name, (bool,), default, supported="true or false")
+               for name, default in SAELENS_FLAGS.items()}}
 
 
 def load_sae(directory) -> SAE:
     """Load an SAE folder in SAELens's layout, written by `save_sae` or by SAELens: standard (ReLU),
     gated, top-k (with or without `rescale_acts_by_decoder_norm`) and JumpReLU, in SAELens 6's
     cfg.json layout or an older one. Every setting is folded into the weights, so the SAE takes raw
-    activations and computes what SAELens computes; any other setting is a one-line ValueError
-    naming the field and its value. `sae.meta` is cfg.json's metadata (hook_name, ...)."""
+    activations and computes what SAELens computes; any other setting, type or range, a tensor of
+    another shape, a NaN or inf, is a one-line ValueError naming the file, the field and its value.
+    `sae.meta` is cfg.json's metadata (hook_name, ...)."""
     directory = Path(directory)
-    cfg = read_sae_config(directory)
-    arch = _arch_from_saelens(cfg, directory)
+    cfg, path = read_sae_config(directory), directory / "sae_weights.safetensors"
+    arch, d_in, d_sae = cfg["arch"], cfg["d_in"], cfg["d_sae"]
     try:
-        weights = load_file(str(directory / "sae_weights.safetensors"))
+        weights = load_file(str(path))
     except Exception as error:  # safetensors raises several types for a missing or corrupt file
-        raise ValueError(f"{directory}: no readable sae_weights.safetensors ({error})") from None
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
     missing = [name for name in PARAMETERS[arch] if name not in weights]
     if missing:
-        raise ValueError(f"{directory}: {arch} SAE weights lack {missing} (found: {sorted(weights)})")
-    _check_saelens_settings(cfg, weights, directory)
-    p = {name: weights[name].float() for name in PARAMETERS[arch]}
-    if not cfg.get("apply_b_dec_to_input", True):  # fold "no centring" into the encoder biases
+        raise ValueError(f"{path}: {arch} SAE weights lack {missing} (found: {sorted(weights)})")
+    for name in ("scaling_factor", "finetuning_scaling_factor"):
+        if name in weights and not torch.all(weights[name] == 1):
+            raise ValueError(f"{path}: weight {name} is not all ones (only ones are supported)")
+    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}  # the others: (d_sae,)
+    for name, shape in ((name, shapes.get(name, (d_sae,))) for name in PARAMETERS[arch]):
+        if tuple(weights[name].shape) != shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(weights[name].shape)}, not {shape} "
+                             f"(cfg.json has d_in={d_in}, d_sae={d_sae})")
+    p = _finite({name: weights[name].float() for name in PARAMETERS[arch]}, path)
+    if not cfg["apply_b_dec_to_input"]:  # fold "no centring" into the encoder biases
         p = _shift_encoder_biases(p, p["b_dec"] @ p["W_enc"])
-    if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
+    if arch == "topk" and cfg["rescale_acts_by_decoder_norm"]:
         p = fold_decoder_norm(p)
-    if arch == "topk" and cfg["k"] is None:
-        _refuse(directory, "k", None, "a top-k SAE needs k")
-    # this project's SAE folders before the scale was folded into the weights
-    p = fold_input_scale(p, float(cfg.get("input_scale", 1.0)))
-    return SAE(arch, **p, k=None if cfg["k"] is None else int(cfg["k"]),
-               frozen_decoder=bool(cfg.get("frozen_decoder", False)), meta=cfg["metadata"])
+    p = _finite(fold_input_scale(p, cfg["input_scale"]), f"{directory}: with its settings folded in")
+    return SAE(arch, **p, k=cfg["k"], frozen_decoder=cfg["frozen_decoder"], meta=cfg["metadata"])
 
 
 # ---------------------------------------------------------------------------------------

@@ -562,7 +562,7 @@ def test_jumprelu_encode_by_hand():
     ({"reshape_activations": "hook_q"}, "reshape_activations='hook_q' is not supported"),
     ({"activation_fn": "tanh-relu"}, "activation_fn='tanh-relu' is not supported"),
     ({"finetuning_scaling_factor": True}, "finetuning_scaling_factor=True is not supported"),
-    ({"d_in": 7}, "W_enc shape=(6, 10) is not supported (cfg.json has d_in=7, d_sae=10)"),
+    ({"d_in": 7}, "W_enc has shape (6, 10), not (7, 10) (cfg.json has d_in=7, d_sae=10)"),
 ])
 def test_refuses_what_it_cannot_compute_in_one_line(tmp_path, change, message):
     write_saelens(tmp_path / "sae", saelens6_cfg("standard") | change, tiny_params("vanilla"))
