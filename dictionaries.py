@@ -73,14 +73,15 @@ def _save_tensors(tensors: dict, path: Path):
 def load_activations(path) -> torch.Tensor:
     """The `acts` tensor [N, d] of a safetensors file, checked (one-line ValueError otherwise)."""
     if not Path(path).is_file():
-        raise ValueError(f"{path}: no such file")
+        raise ValueError(f"{path}: {'a folder, not a file' if Path(path).is_dir() else 'no such file'}")
     try:
         tensors = load_file(str(path))
     except Exception as error:  # safetensors raises several types for a corrupt file
         raise ValueError(f"{path}: not a safetensors file ({error})") from None
     if "acts" not in tensors:
         raise ValueError(f"{path}: no tensor named 'acts' (found: {', '.join(sorted(tensors)) or 'none'})")
-    return _check_activations(tensors["acts"], f"{path}: acts").float()
+    acts = _check_activations(tensors["acts"], f"{path}: acts").float()
+    return _check_activations(acts, f"{path}: acts, as float32")  # float64 values beyond float32's range
 
 
 def load_labelled_activations(path) -> tuple:
@@ -703,6 +704,10 @@ def _check_stack(datasets, specs, config):
             raise ValueError(f"k must lie in [1, d_sae={config.d_sae}], got {s.k}")
         if s.arch != "topk" and not 0 <= s.l1_coefficient < math.inf:
             raise ValueError(f"l1_coefficient must be non-negative and finite, got {s.l1_coefficient}")
+    for i, norm in enumerate(datasets.norm(dim=-1).mean(1).tolist()):  # each is scaled to mean norm √d
+        if not 0 < norm < math.inf:  # its scale would be 1/0, or 1/inf
+            raise ValueError(f"dataset {i}: " + ("every activation is 0, nothing to learn" if norm == 0 else
+                             f"values up to {datasets[i].abs().max():.3g} overflow float32: rescale them"))
 
 
 def init_sae(spec: SAESpec, d_in: int, d_sae: int, generator: torch.Generator, b_dec: torch.Tensor,
@@ -743,24 +748,31 @@ class _StackData:
 
 
 @torch.no_grad()
-def _statistics(stack: SAE, data: _StackData, specs: list, chunk: int):
+def _statistics(stack: SAE, data: _StackData, specs: list, chunk: int, epoch: int):
     """One pass over every SAE's data: its normalised inputs and their reconstructions [S, N, d_in],
     and how often each latent fires [S, d_sae]. In chunks of the training batch: temporaries of the
     training step's size are reused by the allocator, where larger ones are mapped afresh
-    (page-faulted) every time. Stops, naming the SAEs, once a learning rate too high for the data
-    has sent weights to inf or NaN: saved, such an SAE would be graded as if it were a real one."""
+    (page-faulted) every time. Stops if a weight or a reconstruction is NaN or inf."""
     x_hat, fires = [], 0
     for start in range(0, data.n, chunk):
         f = stack.latents(data.inputs(torch.arange(start, min(start + chunk, data.n))))
         x_hat.append(stack.reconstruct(f))  # [S, chunk, d_in]
         fires = fires + (f != 0).sum(1)  # active: f ≠ 0, as `SAE.active` and the grading count it
     x, x_hat = data.inputs(torch.arange(data.n)), torch.cat(x_hat, 1)
-    diverged = [spec.name or f"sae{s}" for s, spec in enumerate(specs)
-                if not torch.isfinite(_squared_norm(x[s] - x_hat[s])).all()]
-    if diverged:
-        raise ValueError(f"training diverged (NaN or inf) in {', '.join(diverged[:3])}: "
-                         "lower the learning rate")
+    errors = _squared_norm(x - x_hat)  # [S, N]
+    _stop_if_diverged(specs, torch.stack([torch.isfinite(t).flatten(1).all(1)  # [S]
+                                          for t in [errors, *stack.params.values()]]).all(0), epoch)
     return x, x_hat, fires
+
+
+def _stop_if_diverged(specs: list, finite: torch.Tensor, epoch: int):
+    """Stop, naming the first SAE whose loss, weights or reconstructions are not all finite (finite[s]
+    False) and the epoch: a learning rate too high for the data has sent them to NaN or inf, and
+    saved, such an SAE would be graded as if it were a real one."""
+    diverged = (~finite.cpu()).nonzero()[:, 0].tolist()
+    if diverged:
+        raise ValueError(f"training diverged (NaN or inf) at epoch {epoch} in {specs[diverged[0]]}: "
+                         "lower the learning rate")
 
 
 def _adam_step(stack: SAE, adam, x: torch.Tensor, lr: float) -> torch.Tensor:
@@ -869,9 +881,10 @@ def _train_group(datasets, specs, config, progress, checkpoint_dir, on_checkpoin
         for epoch in range(config.epochs):
             epoch_loss = _train_epoch(stack, adam, data, generators, batch_size,
                                       lambda i: config.lr * schedule.lr_factor(epoch * steps_per_epoch + i))
+            _stop_if_diverged(specs, torch.isfinite(epoch_loss), epoch + 1)
             bar.update(1)
             # computed at most once an epoch, and only if a checkpoint or the schedule asks for them
-            statistics = functools.cache(lambda: _statistics(stack, data, specs, batch_size))
+            statistics = functools.cache(lambda: _statistics(stack, data, specs, batch_size, epoch + 1))
             action = schedule.after_epoch(epoch + 1, epoch_loss, lambda: bool((statistics()[2] == 0).any()))
             if epoch + 1 in checkpoints or action == "stop":
                 saes = [replace(sae, meta={"spec": asdict(spec), "train_config": asdict(config)})
