@@ -398,13 +398,14 @@ LOSSES = {"vanilla": loss_vanilla, "gated": loss_gated, "topk": loss_topk}
 def core_metrics(x, x_hat, fires, dead_fires=None) -> dict:
     """The SAE core metrics (README §8; SAELens / SAEBench names), computed here only, of N inputs x
     and their reconstructions x̂ [N, d]: L0 (latents active per input), MSE (per coordinate), FVE
-    (fraction of variance explained, 1 - Σ‖x - x̂‖² / Σ‖x - mean(x)‖²) and dead fraction (latents
-    never active). fires [d_sae]: on how many inputs each latent is active; dead_fires: the same
-    counts on other inputs, to count the dead fraction there (grading: on the training data)."""
-    squared_error = (x - x_hat).pow(2)  # [N, d]
+    (fraction of variance explained, 1 - Σ‖x - x̂‖² / Σ‖x - mean(x)‖²; None if x never varies) and
+    dead fraction (latents never active). fires [d_sae]: on how many inputs each latent is active;
+    dead_fires: the same counts on other inputs, to count the dead fraction there (grading: on the
+    training data)."""
+    squared_error, variance = (x - x_hat).pow(2), (x - x.mean(0)).pow(2).sum()  # [N, d], []
     ever_active = (fires if dead_fires is None else dead_fires) > 0  # [d_sae]
     return {"l0": float(fires.sum() / len(x)), "mse": float(squared_error.mean()),
-            "fve": float(1 - squared_error.sum() / (x - x.mean(0)).pow(2).sum()),
+            "fve": float(1 - squared_error.sum() / variance) if variance > 0 else None,
             "dead_fraction": float(1 - ever_active.float().mean())}
 
 
@@ -704,10 +705,12 @@ def _check_stack(datasets, specs, config):
             raise ValueError(f"k must lie in [1, d_sae={config.d_sae}], got {s.k}")
         if s.arch != "topk" and not 0 <= s.l1_coefficient < math.inf:
             raise ValueError(f"l1_coefficient must be non-negative and finite, got {s.l1_coefficient}")
+    constant = (datasets == datasets[:, :1]).flatten(1).all(1).tolist()  # all 0: scaled by 1/0
     for i, norm in enumerate(datasets.norm(dim=-1).mean(1).tolist()):  # each is scaled to mean norm √d
-        if not 0 < norm < math.inf:  # its scale would be 1/0, or 1/inf
-            raise ValueError(f"dataset {i}: " + ("every activation is 0, nothing to learn" if norm == 0 else
-                             f"values up to {datasets[i].abs().max():.3g} overflow float32: rescale them"))
+        if constant[i] or norm == math.inf:
+            same = "0" if norm == 0 else "the same"
+            raise ValueError(f"dataset {i}: every row is {same}, nothing to learn" if constant[i] else
+                             f"dataset {i}: values up to {datasets[i].abs().max():.3g} overflow float32")
 
 
 def init_sae(spec: SAESpec, d_in: int, d_sae: int, generator: torch.Generator, b_dec: torch.Tensor,

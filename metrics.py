@@ -17,6 +17,7 @@ through dictionaries.py's interface: `encode(x)` on raw activations, `sae(x)` ->
 Where to start: `sufficiency`, `necessity`, `edit_accuracy`, then `grade_section`.
 """
 import functools
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import NamedTuple, Optional, Sequence
 
@@ -618,7 +619,10 @@ class Record:
     graded_sae: Optional[str] = None  # an SAE from elsewhere: the name of every row of its grading
 
     def __post_init__(self):
-        object.__setattr__(self, "value", float(self.value))  # tensors, counts and flags alike
+        value = float(self.value)  # tensors, counts and flags alike
+        if not math.isfinite(value):  # no test of the paper gives one, and a bare NaN is not JSON
+            raise ValueError(f"{self.test} at {self.site} ({self.method}): the value {value} is not finite")
+        object.__setattr__(self, "value", value)
 
     def to_json(self) -> dict:
         return {name: value for name, value in asdict(self).items() if value is not None}
@@ -936,7 +940,7 @@ def core_records(saes: dict, eval_acts: dict, training: dict) -> list:
             for node, at_node in at_nodes.items():
                 scores = sae_core_metrics(at_node.sae, eval_acts[node], at_node.train_acts)
                 records += [Record(test, str(node), method, value, setting=setting)
-                            for test, value in scores.items()]
+                            for test, value in scores.items() if value is not None]  # fve of a constant x
                 ended = training.get((method, setting, node)) or {}
                 records += [Record(f"train_{key}", str(node), method, float(ended[key]), setting=setting)
                             for key in ("steps", "loss", "converged") if ended.get(key) is not None]
@@ -980,7 +984,7 @@ def attribute_evidence(task: Task, clean_run: PatchedRun, nodes: Sequence, acts:
         for attribute in ioi.ATTRIBUTES:
             patched = task.patched({node: acts[f"cf_{attribute}"][node]})
             evidence[node, attribute] = row = {
-                "norm": float(features[attribute].norm(dim=-1).mean() / spread),
+                "norm": float(features[attribute].norm(dim=-1).mean() / spread) if spread > 0 else 0.0,  # 0/0
                 "answers_changed": 1 - edit_accuracy(clean_run.top_token, patched.top_token),
                 "ld_moved": float(abs(patched.logit_diff.mean() - ld_clean) / abs(ld_clean))}
             records += [Record(f"evidence_{key}", str(node), "supervised", value, attribute=attribute)
