@@ -587,7 +587,8 @@ def load_sae(directory) -> SAE:
         p = _shift_encoder_biases(p, p["b_dec"] @ p["W_enc"])
     if arch == "topk" and cfg["rescale_acts_by_decoder_norm"]:
         p = fold_decoder_norm(p)
-    p = _finite(fold_input_scale(p, cfg["input_scale"]), f"{directory}: with its settings folded in")
+    scale = cfg["input_scale"]
+    p = _finite(fold_input_scale(p, scale), f"{path.parent / 'cfg.json'}: input_scale={scale} folded into the weights")
     return SAE(arch, **p, k=cfg["k"], frozen_decoder=cfg["frozen_decoder"], meta=cfg["metadata"])
 
 

@@ -21,6 +21,7 @@ import dictionaries
 import gpt2
 import ioi
 import main
+import metrics
 from ioi import CrossSection, Node
 
 TINY = gpt2.GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=2)  # GPT-2's vocabulary
@@ -457,3 +458,153 @@ def test_the_circuit_does_not_depend_on_n_eval(tmp_path, monkeypatch):
     assert outputs[0] == outputs[1]
     metrics = [json.loads(Path(f"run{n}", "config.json").read_text())["n_eval"] for n in (20, 30)]
     assert metrics == [20, 30]
+
+
+# ------------------------------------------------------------------------ SAEs from elsewhere, non-finite values
+
+D_IN, D_SAE = 16, 8  # one head of TINY reads 16 values
+
+
+def sae_folder(directory, arch="standard", change=None, text=None, weights=None):
+    """A SAELens 6 folder (an SAE over z@L1H0 of TINY), one thing changed in cfg.json or its weights."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"W_enc": torch.randn(D_IN, D_SAE, generator=g), "b_enc": torch.zeros(D_SAE),
+               "W_dec": torch.randn(D_SAE, D_IN, generator=g), "b_dec": torch.zeros(D_IN)}
+    if arch == "jumprelu":
+        tensors["threshold"] = torch.ones(D_SAE)
+    cfg = {"architecture": arch, "d_in": D_IN, "d_sae": D_SAE, "apply_b_dec_to_input": True,
+           "normalize_activations": "none", "k": 3 if arch == "topk" else None,
+           "metadata": {"hook_name": "blocks.1.attn.hook_z", "hook_head_index": 0}}
+    for key, value in (change or {}).items():  # "metadata.x" changes cfg["metadata"]["x"]
+        table, _, name = key.rpartition(".")
+        (cfg["metadata"] if table else cfg)[name] = value
+    (weights or (lambda t: None))(tensors)
+    directory.mkdir(parents=True)
+    save_file(tensors, directory / "sae_weights.safetensors")
+    (directory / "cfg.json").write_text(text if text is not None else json.dumps(cfg))
+    return directory
+
+
+def nan_at(name, index=0):
+    return lambda tensors: tensors[name].view(-1)[index].fill_(float("nan"))
+
+
+# (folder, how it is made, what the one line says): the file, the field and the value
+BAD_SAES = [
+    ("cfg-list", dict(text="[1, 2]"), "cfg.json: expected a JSON object of settings, got list"),
+    ("cfg-string", dict(text='"sae"'), "cfg.json: expected a JSON object of settings, got str"),
+    ("head-string", dict(change={"metadata.hook_head_index": "0"}), "cfg.json: hook_head_index='0'"),
+    ("head-bool", dict(change={"metadata.hook_head_index": True}), "cfg.json: hook_head_index=True"),
+    ("k-above-d_sae", dict(arch="topk", change={"k": 9}),
+     "cfg.json: k=9 is not supported (an integer in [1, d_sae=8])"),
+    ("k-negative", dict(arch="topk", change={"k": -1}), "cfg.json: k=-1"),
+    ("k-zero", dict(arch="topk", change={"k": 0}), "cfg.json: k=0"),
+    ("k-fraction", dict(arch="topk", change={"k": 2.7}), "cfg.json: k=2.7"),
+    ("k-text", dict(arch="topk", change={"k": "3"}), "cfg.json: k='3'"),
+    ("b_enc-shape", dict(weights=lambda t: t.update(b_enc=torch.zeros(D_SAE + 1))),
+     "sae_weights.safetensors: b_enc has shape (9,), not (8,)"),
+    ("threshold-shape", dict(arch="jumprelu", weights=lambda t: t.update(threshold=torch.ones(3))),
+     "sae_weights.safetensors: threshold has shape (3,), not (8,)"),
+    ("nan-W_dec", dict(weights=nan_at("W_dec")), "sae_weights.safetensors: W_dec holds NaN or inf"),
+    ("nan-threshold", dict(arch="jumprelu", weights=nan_at("threshold", 3)), "threshold holds NaN or inf"),
+    ("scale-0", dict(change={"input_scale": 0}), "cfg.json: input_scale=0 is not supported"),
+    ("scale-negative", dict(change={"input_scale": -1}), "cfg.json: input_scale=-1"),
+    ("scale-text", dict(change={"input_scale": "abc"}), "cfg.json: input_scale='abc'"),
+    ("scale-overflows", dict(change={"input_scale": 1e38}, weights=lambda t: t["W_enc"].mul_(100)),
+     "cfg.json: input_scale=1e+38 folded into the weights: W_enc holds NaN or inf"),
+    ("flag-no", dict(change={"apply_b_dec_to_input": "no"}), "cfg.json: apply_b_dec_to_input='no'"),
+    ("flag-false-text", dict(change={"frozen_decoder": "false"}), "cfg.json: frozen_decoder='false'"),
+    ("model-flag-text", dict(change={"metadata.model_from_pretrained_kwargs": {"fold_ln": "false"}}),
+     "cfg.json: fold_ln='false'"),
+    ("d_in-text", dict(change={"d_in": "16"}), "cfg.json: d_in='16' is not supported (an integer > 0)"),
+    ("metadata-text", dict(change={"metadata": "x"}), "cfg.json: metadata='x' is not supported (a JSON object"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_saes(workspace):
+    for name, how, _ in BAD_SAES:
+        sae_folder(workspace / "saes" / name, **how)
+    save_file({"acts": 1e30 * torch.randn(64, 8)}, workspace / "huge.safetensors")
+    save_file({"acts": torch.zeros(64, 8)}, workspace / "zeros.safetensors")
+    return workspace
+
+
+@pytest.mark.parametrize("name,how,fragment", BAD_SAES, ids=[case[0] for case in BAD_SAES])
+def test_grade_sae_refuses_each_bad_sae_folder_in_one_line(bad_saes, monkeypatch, name, how, fragment):
+    assert_refused(bad_saes, monkeypatch, "grade-sae", f"--sae saes/{name} --out run", f"saes/{name}/")
+    with pytest.raises(ValueError) as error:
+        dictionaries.load_sae(bad_saes / "saes" / name)
+    assert fragment in str(error.value), str(error.value)
+
+
+def test_a_good_folder_of_the_same_making_loads(tmp_path):
+    """The bad folders differ from this one by their defect only."""
+    for arch in ("standard", "topk", "jumprelu"):
+        sae = dictionaries.load_sae(sae_folder(tmp_path / arch, arch))
+        assert sae.meta["hook_head_index"] == 0 and sae.d_in == D_IN
+        assert sae.k == (3 if arch == "topk" else None)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    ("--acts huge.safetensors", "dataset 0: values up to"), ("--acts zeros.safetensors", "every row is 0"),
+    ("--acts mine", "mine: a folder, not a file")])
+def test_train_sae_names_the_real_cause(bad_saes, monkeypatch, args, fragment):
+    """Huge activations once gave an SAE with an inf decoder; all-zero ones blamed the learning rate."""
+    assert_refused(bad_saes, monkeypatch, "train-sae", f"{args} --arch vanilla --epochs 3 --out sae "
+                   "--no-progress", fragment)
+
+
+def test_save_sae_refuses_non_finite_weights_and_writes_nothing(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    params = {"W_enc": torch.randn(4, 6, generator=g), "W_dec": torch.randn(6, 4, generator=g),
+              "b_enc": torch.zeros(6), "b_dec": torch.ones(4)}
+    with pytest.raises(ValueError, match="SAE not saved: W_dec, b_dec hold NaN or inf"):
+        dictionaries.save_sae(dictionaries.SAE("vanilla", **params, input_scale=0.0), tmp_path / "zero-scale")
+    params["b_enc"][2] = float("inf")
+    with pytest.raises(ValueError, match="SAE not saved: b_enc holds NaN or inf"):
+        dictionaries.save_sae(dictionaries.SAE("vanilla", **params), tmp_path / "inf-bias")
+    assert list(tmp_path.iterdir()) == []
+
+
+def poisoned(monkeypatch, epoch, sae, where):
+    """Make SAE `sae`'s loss (where="loss") or a weight (where="weight") NaN at the end of `epoch`."""
+    train_epoch, calls = dictionaries._train_epoch, []
+
+    def wrapper(stack, *args):
+        loss = train_epoch(stack, *args)
+        calls.append(None)
+        if len(calls) == epoch and where == "loss":
+            loss[sae] = float("nan")
+        if len(calls) == epoch and where == "weight":
+            with torch.no_grad():
+                stack.b_enc[sae, 0, 5] = float("nan")
+        return loss
+    monkeypatch.setattr(dictionaries, "_train_epoch", wrapper)
+
+
+@pytest.mark.parametrize("where", ["loss", "weight"])
+def test_training_that_goes_non_finite_stops_naming_the_sae_and_the_epoch(monkeypatch, where):
+    specs = [dictionaries.SAESpec("vanilla", seed=s, name=f"sae{s}") for s in range(3)]
+    poisoned(monkeypatch, epoch=3, sae=1, where=where)
+    with pytest.raises(ValueError) as error:  # epoch 3: the last epoch, so a statistics pass sees the weight
+        dictionaries.train_sae_stack(torch.randn(1, 64, 8), specs, dictionaries.TrainConfig(16, epochs=3))
+    message = str(error.value)
+    assert f"diverged (NaN or inf) at epoch 3 in {specs[1]}" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), torch.tensor(float("nan"))])
+def test_a_record_of_a_non_finite_value_is_refused_where_it_is_made(value):
+    with pytest.raises(ValueError, match=r"^sufficiency at \(B\)NM out \(sae:x\): the value (nan|-?inf) is"):
+        metrics.Record("sufficiency", "(B)NM out", "sae:x", value)
+
+
+def test_variance_explained_of_activations_that_never_vary_is_not_recorded():
+    x = torch.ones(5, 3)  # Σ‖x - mean(x)‖² = 0: FVE is 0/0
+    scores = dictionaries.core_metrics(x, x + 1, torch.ones(4))
+    assert scores["fve"] is None and scores["mse"] == 1.0
+    sae = dictionaries.SAE("vanilla", W_enc=torch.eye(3), W_dec=torch.eye(3), b_enc=torch.zeros(3),
+                           b_dec=torch.zeros(3))
+    at_node = metrics.SAEAtNode(sae, x, {})
+    records = metrics.core_records({"vanilla": {None: {"z@L0H0@end": at_node}}}, {"z@L0H0@end": x}, {})
+    assert {r.test for r in records} == {"l0", "mse", "dead_fraction"}
