@@ -587,8 +587,8 @@ def load_sae(directory) -> SAE:
         p = _shift_encoder_biases(p, p["b_dec"] @ p["W_enc"])
     if arch == "topk" and cfg["rescale_acts_by_decoder_norm"]:
         p = fold_decoder_norm(p)
-    scale = cfg["input_scale"]
-    p = _finite(fold_input_scale(p, scale), f"{path.parent / 'cfg.json'}: input_scale={scale} folded into the weights")
+    where = f"{directory / 'cfg.json'}: input_scale={cfg['input_scale']} folded into the weights"
+    p = _finite(fold_input_scale(p, cfg["input_scale"]), where)
     return SAE(arch, **p, k=cfg["k"], frozen_decoder=cfg["frozen_decoder"], meta=cfg["metadata"])
 
 

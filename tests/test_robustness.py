@@ -460,7 +460,7 @@ def test_the_circuit_does_not_depend_on_n_eval(tmp_path, monkeypatch):
     assert metrics == [20, 30]
 
 
-# ------------------------------------------------------------------------ SAEs from elsewhere, non-finite values
+# ------------------------------------------------------------ SAEs from elsewhere, non-finite values
 
 D_IN, D_SAE = 16, 8  # one head of TINY reads 16 values
 
@@ -588,7 +588,8 @@ def test_training_that_goes_non_finite_stops_naming_the_sae_and_the_epoch(monkey
     specs = [dictionaries.SAESpec("vanilla", seed=s, name=f"sae{s}") for s in range(3)]
     poisoned(monkeypatch, epoch=3, sae=1, where=where)
     with pytest.raises(ValueError) as error:  # epoch 3: the last epoch, so a statistics pass sees the weight
-        dictionaries.train_sae_stack(torch.randn(1, 64, 8), specs, dictionaries.TrainConfig(16, epochs=3))
+        dictionaries.train_sae_stack(torch.randn(1, 64, 8), specs,
+                                     dictionaries.TrainConfig(d_sae=16, epochs=3))
     message = str(error.value)
     assert f"diverged (NaN or inf) at epoch 3 in {specs[1]}" in message and "\n" not in message
 
