@@ -517,7 +517,7 @@ BAD_SAES = [
     ("model-flag-text", dict(change={"metadata.model_from_pretrained_kwargs": {"fold_ln": "false"}}),
      "cfg.json: fold_ln='false'"),
     ("d_in-text", dict(change={"d_in": "16"}), "cfg.json: d_in='16' is not supported (an integer > 0)"),
-    ("metadata-text", dict(change={"metadata": "x"}), "cfg.json: metadata='x' is not supported (a JSON object"),
+    ("metadata-text", dict(change={"metadata": "x"}), "cfg.json: metadata='x' is not supported"),
 ]
 
 
