@@ -21,7 +21,6 @@ SAEs (README §8): SAE(arch, W_enc=, W_dec=, b_dec=, b_enc= | b_gate=, r_mag=, b
 Training (one batched tensor program for a stack of same-shaped SAEs)
     saes, logs = train_sae_stack(datasets[n_datasets,N,d], [SAESpec(...), ...], TrainConfig(...));
     train_sae(acts, spec, config); logs: one dict per SAE per checkpoint (loss and core metrics).
-    bench_sae_training(...): the batched stack against a per-SAE loop, and the paper's grid projected.
     load_activations(path) / load_labelled_activations(path): `acts` (and `attribute.<name>`) tensors
 Full-distribution SAEs
     iter_corpus_texts(path=None); collect_corpus_activations(model, tokenizer, nodes, texts, max_tokens)
@@ -35,20 +34,16 @@ import functools
 import itertools
 import json
 import math
-import timeit
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
-import click
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import gpt2
-
 # ---------------------------------------------------------------------------------------
-# Small helpers: validation and atomic files
+# Small helpers: validation and files
 # ---------------------------------------------------------------------------------------
 
 
@@ -66,8 +61,7 @@ def _check_activations(x, what: str, shape: str = "[N, d]") -> torch.Tensor:
 
 
 def _save_tensors(tensors: dict, path: Path):
-    contiguous = {name: t.detach().contiguous() for name, t in tensors.items()}
-    gpt2.atomic_write(str(path), lambda tmp: save_file(contiguous, tmp))
+    save_file({name: t.detach().contiguous() for name, t in tensors.items()}, str(path))
 
 
 def load_activations(path) -> torch.Tensor:
@@ -188,8 +182,8 @@ class SupervisedDictionary:
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {"bias": self.bias, **{f"features.{k}": v for k, v in self.features.items()}}
         _save_tensors(tensors, directory / "dictionary.safetensors")
-        gpt2.write_json(str(directory / "dictionary.json"),
-                        {"method": self.method, "n_values": {k: len(v) for k, v in self.features.items()}})
+        (directory / "dictionary.json").write_text(json.dumps(
+            {"method": self.method, "n_values": {k: len(v) for k, v in self.features.items()}}, indent=1))
 
     @classmethod
     def load(cls, directory):
@@ -496,7 +490,7 @@ def save_sae(sae: SAE, directory):
     if sae.arch == "topk":
         cfg |= {"k": sae.k, "rescale_acts_by_decoder_norm": False}
     _save_tensors({name: t.float() for name, t in params.items()}, directory / "sae_weights.safetensors")
-    gpt2.write_json(str(directory / "cfg.json"), cfg)  # written last: its presence marks a complete save
+    (directory / "cfg.json").write_text(json.dumps(cfg, indent=1))  # last: its presence marks a complete save
 
 
 def _field(path, table: dict, name: str, types: tuple, default, valid=lambda value: True, supported=""):
@@ -623,8 +617,6 @@ class TrainConfig:
     decay_fraction: float = 0.25  # linear LR decay to 0 over the last quarter
     plateau: Optional[float] = None  # converge: stop once the loss improves by less than this
     # fraction over the last 10% of the epochs run (see Schedule); None: train `epochs` epochs
-    max_stack: Optional[int] = 4  # SAEs per tensor program; None: all at once (GPU). 2 to 4 was
-    # the fastest of 1..24 on 2 CPU cores (64 -> 512): bigger stacks only add memory traffic
 
 
 def checkpoint_epochs(epochs: int) -> list:
@@ -838,35 +830,13 @@ def _resample_dead_latents(stack: SAE, adam, dead, errors, data: _StackData, gen
                     moment[s].index_fill_(LATENT_AXIS[name], latents, 0)
 
 
-def _checkpoint_logs(specs, x, x_hat, fires, epoch_loss, extra, **common) -> list:
-    """One log per SAE: `common` (epoch, steps, converged), its loss, and its core metrics on its
-    normalised training data."""
-    return [{"sae": s, "name": spec.name, **common, "loss": float(epoch_loss[s]),
-             **core_metrics(x[s], x_hat[s], fires[s]), **extra[s]} for s, spec in enumerate(specs)]
-
-
-def train_sae_stack(datasets: torch.Tensor, specs: list, config: Optional[TrainConfig] = None,
-                    progress: bool = False, checkpoint_dir=None, on_checkpoint=None):
+def train_sae_stack(datasets: torch.Tensor, specs: list, config: Optional[TrainConfig] = None, progress=None):
     """Train a stack of same-architecture SAEs as one tensor program (README §8). datasets
     [n_datasets, N, d]: raw activations; SAE s trains on datasets[specs[s].dataset_index]. Returns
-    (saes, logs): logs hold the loss and the core metrics (`core_metrics`, in the normalised space)
-    on the training data, for every SAE at every checkpoint. checkpoint_dir: also save each SAE at
-    each checkpoint to <dir>/<name or saeI>/epoch<E>. on_checkpoint(epoch, saes) -> list of per-SAE
-    dicts (or None) merged into the logs (called per group of config.max_stack SAEs)."""
+    (saes, logs): the loss and core metrics of every SAE at every checkpoint. `progress`: None, or
+    called with 1 after every epoch (a progress bar's update)."""
     config = config or TrainConfig()
     _check_stack(datasets, specs, config)
-    group = config.max_stack or len(specs)  # SAEs per tensor program
-    saes, logs = [], []
-    for offset in range(0, len(specs), group):
-        group_saes, group_logs = _train_group(datasets, specs[offset:offset + group], config, progress,
-                                              checkpoint_dir, on_checkpoint)
-        saes += group_saes
-        logs += [{**log, "sae": log["sae"] + offset} for log in group_logs]
-    return saes, logs
-
-
-def _train_group(datasets, specs, config, progress, checkpoint_dir, on_checkpoint):
-    """train_sae_stack for one stack."""
     data, arch = _StackData.of(datasets, specs), specs[0].arch
     generators = [torch.Generator().manual_seed(spec.seed) for spec in specs]  # init, batch order, resampling
     initial = [init_sae(spec, datasets.shape[-1], config.d_sae, generator, b_dec, scale)
@@ -880,31 +850,29 @@ def _train_group(datasets, specs, config, progress, checkpoint_dir, on_checkpoin
     steps_per_epoch = math.ceil(data.n / batch_size)
     schedule = Schedule(config, steps_per_epoch, can_resample=arch != "topk")
     checkpoints, logs = checkpoint_epochs(config.epochs), []
-    bar = click.progressbar(length=config.epochs, label=f"{len(specs)} {arch} SAEs", hidden=not progress)
-    with bar:
-        for epoch in range(config.epochs):
-            epoch_loss = _train_epoch(stack, adam, data, generators, batch_size,
-                                      lambda i: config.lr * schedule.lr_factor(epoch * steps_per_epoch + i))
-            _stop_if_diverged(specs, torch.isfinite(epoch_loss), epoch + 1)
-            bar.update(1)
-            # computed at most once an epoch, and only if a checkpoint or the schedule asks for them
-            statistics = functools.cache(lambda: _statistics(stack, data, specs, batch_size, epoch + 1))
-            action = schedule.after_epoch(epoch + 1, epoch_loss, lambda: bool((statistics()[2] == 0).any()))
-            if epoch + 1 in checkpoints or action == "stop":
-                saes = [replace(sae, meta={"spec": asdict(spec), "train_config": asdict(config)})
-                        for sae, spec in zip(stack.unstack(), specs)]
-                extra = (on_checkpoint(epoch + 1, saes) if on_checkpoint else None) or [{}] * len(specs)
-                logs += _checkpoint_logs(specs, *statistics(), epoch_loss, extra, epoch=epoch + 1,
-                                         steps=(epoch + 1) * steps_per_epoch,
-                                         converged=schedule.converged if action == "stop" else None)
-                for s, sae in enumerate(saes if checkpoint_dir is not None else []):
-                    save_sae(sae, Path(checkpoint_dir) / (specs[s].name or f"sae{s}") / f"epoch{epoch + 1}")
-            if action == "stop":
-                break
-            if action == "resample":
-                x, x_hat, fires = statistics()
-                _resample_dead_latents(stack, adam, fires == 0, _squared_norm(x - x_hat), data, generators)
-                schedule.restarted(epoch + 1)
+    for epoch in range(config.epochs):
+        epoch_loss = _train_epoch(stack, adam, data, generators, batch_size,
+                                  lambda i: config.lr * schedule.lr_factor(epoch * steps_per_epoch + i))
+        _stop_if_diverged(specs, torch.isfinite(epoch_loss), epoch + 1)
+        if progress:
+            progress(1)
+        # computed at most once an epoch, and only if a checkpoint or the schedule asks for them
+        statistics = functools.cache(lambda: _statistics(stack, data, specs, batch_size, epoch + 1))
+        action = schedule.after_epoch(epoch + 1, epoch_loss, lambda: bool((statistics()[2] == 0).any()))
+        if epoch + 1 in checkpoints or action == "stop":
+            saes = [replace(sae, meta={"spec": asdict(spec), "train_config": asdict(config)})
+                    for sae, spec in zip(stack.unstack(), specs)]
+            x, x_hat, fires = statistics()  # core metrics in each SAE's normalised space
+            logs += [{"sae": s, "name": spec.name, "epoch": epoch + 1, "steps": (epoch + 1) * steps_per_epoch,
+                      "converged": schedule.converged if action == "stop" else None,
+                      "loss": float(epoch_loss[s]), **core_metrics(x[s], x_hat[s], fires[s])}
+                     for s, spec in enumerate(specs)]
+        if action == "stop":
+            break
+        if action == "resample":
+            x, x_hat, fires = statistics()
+            _resample_dead_latents(stack, adam, fires == 0, _squared_norm(x - x_hat), data, generators)
+            schedule.restarted(epoch + 1)
     return saes, logs  # the last epoch is always a checkpoint
 
 
@@ -912,68 +880,6 @@ def train_sae(acts: torch.Tensor, spec: SAESpec, config: Optional[TrainConfig] =
     """One SAE on activations [N, d]: a stack of one. Returns (sae, logs)."""
     saes, logs = train_sae_stack(_check_activations(acts, "acts")[None], [spec], config, **kwargs)
     return saes[0], logs
-
-
-MATMULS_PER_STEP = {"vanilla": 5, "gated": 7, "topk": 5}  # forward + backward, each 2·B·d_in·d_sae FLOPs
-# The paper's SAE grid (arXiv 2405.08366, appendix on SAE training): 55 nodes × 12 settings,
-# 20,000 training prompts in batches of 512, 2,000 epochs.
-PAPER_GRID_SAES, PAPER_GRID_STEPS_PER_EPOCH, PAPER_EPOCHS = 55 * 12, math.ceil(20_000 / 512), 2000
-# A convergence-stopped run is shorter (TrainConfig.plateau): the slowest convergence we measured
-# took 747 epochs (README, "Status", SAE convergence: a stack of 4 gated SAEs, four resamplings).
-CONVERGED_EPOCHS = 750
-
-
-def _step_matmuls(n_sae, batch_size, d_in, d_sae):
-    """The five matmuls of a vanilla step for a stack of n_sae SAEs, on random tensors:
-    encode x W_enc and decode f W_dec; backward: f^T g (W_dec), g W_dec^T (f), x^T g_pre (W_enc)."""
-    x, g = torch.randn(n_sae, batch_size, d_in), torch.randn(n_sae, batch_size, d_in)  # inputs, dL/dx̂
-    f = torch.randn(n_sae, batch_size, d_sae)  # latents (and dL/dpre: the same shape)
-    W_enc, W_dec = torch.randn(n_sae, d_in, d_sae), torch.randn(n_sae, d_sae, d_in)
-    return lambda: (x @ W_enc, f @ W_dec, f.mT @ g, g @ W_dec.mT, x.mT @ f)
-
-
-def _best_seconds(run, times: int) -> float:
-    """The fastest of `times` runs: the machine is shared, so the minimum is the least noisy."""
-    return min(timeit.repeat(run, repeat=times, number=1))
-
-
-def bench_sae_training(n_sae: int = 24, d_in: int = 64, d_sae: int = 512, n: int = 8192, epochs: int = 8,
-                       arch: str = "vanilla", batch_size: int = 512, repeats: int = 2, seed: int = 0) -> dict:
-    """Seconds to train n_sae SAEs (best of `repeats`): as one stack, in groups of TrainConfig.max_stack,
-    and in a loop one by one (the same code on stacks of one). No resampling: a real run resamples 4
-    times in 2,000 epochs, here it would dominate (the statistics at checkpoints 1, 2, 4, 8 are
-    included, so per-step times are a little high). Next to them, the time of a vanilla step's five
-    matmuls alone (whatever `arch`), for one SAE and per SAE in a stack of max_stack: what batching
-    could at best save. And the paper's grid projected from the best time per SAE step, at its 2,000
-    epochs and at CONVERGED_EPOCHS."""
-    data = torch.randn(1, n, d_in, generator=torch.Generator().manual_seed(seed))
-    specs = [SAESpec(arch, l1_coefficient=1.0, k=8, seed=i) for i in range(n_sae)]
-    config = TrainConfig(d_sae=d_sae, batch_size=batch_size, epochs=epochs, resample_at=())
-    runs = {"stack_s": lambda: train_sae_stack(data, specs, replace(config, max_stack=None)),
-            "grouped_s": lambda: train_sae_stack(data, specs, config),
-            "loop_s": lambda: [train_sae_stack(data, [spec], config) for spec in specs]}
-    seconds = {name: _best_seconds(run, repeats) for name, run in runs.items()}
-    stack_size = min(n_sae, config.max_stack or n_sae)
-    matmul_ms = {size: 1e3 * _best_seconds(_step_matmuls(size, batch_size, d_in, d_sae), 10 * repeats) / size
-                 for size in (1, stack_size)}  # per SAE step
-    sae_steps = n_sae * epochs * math.ceil(n / batch_size)
-    per_sae_step = min(seconds["stack_s"], seconds["grouped_s"]) / sae_steps
-    loop_per_sae_step = seconds["loop_s"] / sae_steps
-
-    def paper_grid_hours(epochs):
-        return PAPER_GRID_SAES * epochs * PAPER_GRID_STEPS_PER_EPOCH * per_sae_step / 3600
-    flops = 2 * batch_size * d_in * d_sae  # one matmul of a step
-    return {"arch": arch, "n_sae": n_sae, "d_in": d_in, "d_sae": d_sae, "n": n, "epochs": epochs,
-            "stack_size": stack_size, **seconds,
-            "speedup": seconds["loop_s"] / min(seconds["stack_s"], seconds["grouped_s"]),
-            "ms_per_sae_step": 1e3 * per_sae_step, "loop_ms_per_sae_step": 1e3 * loop_per_sae_step,
-            "gflops": MATMULS_PER_STEP[arch] * flops / per_sae_step / 1e9,
-            "matmul_ms_one": matmul_ms[1], "matmul_ms_stacked": matmul_ms[stack_size],
-            "matmul_gflops_stacked": MATMULS_PER_STEP["vanilla"] * flops / matmul_ms[stack_size] / 1e6,
-            # the loop's step against a stacked step that would be nothing but its matmuls
-            "speedup_ceiling": 1e3 * loop_per_sae_step / matmul_ms[stack_size],
-            "paper_grid_hours": paper_grid_hours(PAPER_EPOCHS), "converged_epochs": CONVERGED_EPOCHS,
-            "paper_grid_converged_hours": paper_grid_hours(CONVERGED_EPOCHS)}
 
 
 # ---------------------------------------------------------------------------------------

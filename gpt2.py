@@ -25,7 +25,6 @@ import json
 import math
 import os
 import re
-import shutil
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -377,12 +376,12 @@ class GPT2(nn.Module):
         return model.to(device).eval()
 
     def save_pretrained(self, directory):
-        """Write model.safetensors (hub-style bare names) and config.json, each atomically."""
+        """Write model.safetensors (hub-style bare names), then config.json, into `directory`."""
         os.makedirs(directory, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(os.path.join(directory, "model.safetensors"),
-                     lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-        write_json(os.path.join(directory, "config.json"), self.config.to_hf_dict())
+        save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(self.config.to_hf_dict(), f, indent=1)
 
 
 def patch_heads(positions, heads, values):
@@ -439,85 +438,6 @@ def weights_hash(model):
 
 
 # ----------------------------------------------------------------------------- loading helpers
-
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename: an interrupted save never leaves a partial file."""
-    tmp = path + ".tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(path, data):
-    """Write `data` as JSON, atomically."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
-    atomic_write(path, write)
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def atomic_folder(path, write):
-    """Call write(tmp_folder) to fill a fresh sibling folder, then rename it to `path`; return
-    what `write` returns.
-
-    A multi-file artefact (a saved model, an SAE stack) is then either wholly the old version
-    or wholly the new one: readers look only at `path`, and its completion marker (written
-    last by `write`) arrives with the rest in one rename. A folder cannot be renamed over
-    another, so an old version is first moved to PATH.old, and deleted once the new one is
-    in place. A save killed midway leaves PATH.tmp (and perhaps PATH.old) behind:
-    `recover_interrupted_save`, called here and by readers, puts things back.
-    """
-    path = os.path.normpath(path)
-    recover_interrupted_save(path)
-    os.makedirs(path + ".tmp")
-    try:
-        result = write(path + ".tmp")
-        if os.path.exists(path):
-            os.rename(path, path + ".old")
-        os.rename(path + ".tmp", path)
-    finally:
-        recover_interrupted_save(path)
-    return result
-
-
-def cached(folder, key, build, load):
-    """The project's one cache (activations, SAE stacks, grades): load(folder) if `folder` was built
-    from `key`, a JSON description of everything the result depends on; else build(tmp) fills a
-    fresh folder, key.json is written last to mark it complete, and it replaces `folder` in one
-    rename (`atomic_folder`) before being loaded. A changed setting changes the key, so a stale
-    result is rebuilt, never reused; loading what was saved makes a fresh run and a resumed one
-    continue from the very same values."""
-    key = json.loads(json.dumps(key))  # as key.json reads back: tuples become lists
-    stamp = os.path.join(folder, "key.json")
-    recover_interrupted_save(folder)
-    if not (os.path.exists(stamp) and read_json(stamp) == key):
-        def write(tmp):
-            build(tmp)
-            write_json(os.path.join(tmp, "key.json"), key)
-        atomic_folder(folder, write)
-    return load(folder)
-
-
-def recover_interrupted_save(path):
-    """Undo what an interrupted `atomic_write` or `atomic_folder` left beside `path`: the old
-    version comes back if the new one never replaced it, and the temporary copies go."""
-    path = os.path.normpath(path)
-    if os.path.exists(path + ".old") and not os.path.exists(path):
-        os.rename(path + ".old", path)
-    for leftover in (path + ".tmp", path + ".old"):
-        if os.path.isdir(leftover) and not os.path.islink(leftover):
-            shutil.rmtree(leftover)
-        elif os.path.lexists(leftover):
-            os.remove(leftover)
-
 
 def _checkpoint_files(path):
     weights_file = path = os.fspath(path)  # accept pathlib.Path too

@@ -12,14 +12,12 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 import gpt2
 
@@ -407,32 +405,9 @@ def evaluate(model, prompts, batch_size=256):
     return {**summary(slice(None)), "per_template": per_template}
 
 
-def collect_activations(model, prompts, nodes, batch_size=256, cache_dir=None, patches=None):
-    """{node: Tensor [n_prompts, d]}: one forward pass per batch, with `patches` set, reads every node.
-
-    With `cache_dir` (and no patches) the result is cached (`gpt2.cached`) in a folder named by a
-    hash of what produced it: the weights, the prompts and the nodes.
-    """
+def collect_activations(model, prompts, nodes, batch_size=256, patches=None):
+    """{node: Tensor [n_prompts, d]}: one forward pass per batch, with `patches` set, reads every node."""
     nodes = list(dict.fromkeys(nodes))  # each node once, even if asked for twice
-    if cache_dir is None or patches:
-        return _read_nodes(model, prompts, nodes, batch_size, patches)
-    key = {"weights": gpt2.weights_hash(model), "prompts": prompts_fingerprint(prompts),
-           "nodes": [str(node) for node in nodes]}
-    folder = os.path.join(cache_dir, hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16])
-
-    def build(tmp):
-        activations = _read_nodes(model, prompts, nodes, batch_size)
-        save_file({str(node): acts.contiguous() for node, acts in activations.items()},
-                  os.path.join(tmp, "activations.safetensors"))
-
-    def load(saved):
-        return load_file(os.path.join(saved, "activations.safetensors"))
-    tensors = gpt2.cached(folder, key, build, load)
-    return {node: tensors[str(node)] for node in nodes}
-
-
-def _read_nodes(model, prompts, nodes, batch_size, patches=None):
-    """`collect_activations` without the cache."""
     # Shortest prompts first: batches of similar lengths need little padding (~20% faster).
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].tokens))
     patches = {node: values[order] for node, values in (patches or {}).items()}

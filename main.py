@@ -1,9 +1,10 @@
-"""Command-line interface: one subcommand per step of the pipeline, plus `demo` and `run`.
+"""Command-line interface: the whole paper (`demo`, `run`), its steps, and single tools.
 
-Follows the order of Makelov, Lange & Nanda (arXiv 2405.08366): a model solves IOI,
-we collect activations at circuit nodes, fit supervised dictionaries and SAEs, grade
-them on approximation, control and interpretability, and write a report.
-Where to start: `demo`, then `open_run`, `Run` and `evaluate_run`; the report is `Report`.
+Follows Makelov, Lange & Nanda (arXiv 2405.08366): a model solves IOI, we collect activations at
+circuit nodes, fit supervised dictionaries and SAEs, grade them on approximation, control and
+interpretability, and write a report. Read top to bottom: `demo` and `run`; the pipeline they call
+(`open_run`, `Run`, one method per step, `evaluate_run`); the step commands; the single tools; the
+report (`Report`); and last the plumbing that makes every step resumable (`cached`, `atomic_folder`).
 """
 import functools
 import glob
@@ -24,6 +25,7 @@ from typing import Optional
 import click
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 import dictionaries
 import gpt2
@@ -53,11 +55,8 @@ def cli():
     """Grade sparse autoencoders against supervised dictionaries on IOI (arXiv 2405.08366)."""
 
 
-# === option types: every option is checked before any work or write ===
-
 class FiniteFloat(click.FloatRange):
-    """A float range that also refuses nan and inf (click's FloatRange lets nan through:
-    every comparison with nan is false)."""
+    """A float range that also refuses nan and inf (click's FloatRange lets nan through)."""
     name = "finite float"
 
     def convert(self, value, param, ctx):
@@ -90,13 +89,13 @@ class Device(click.ParamType):
 SEED = click.IntRange(0, 2**32 - 1)  # numpy refuses negative seeds
 DEVICE_OPTION = click.option("--device", type=Device(), default="cpu", show_default=True,
                              help="cpu, cuda, cuda:N or mps.")
+WEIGHTS_HELP = "GPT-2 checkpoint (dir or .safetensors); default: the embedded IOI model."
 
 
 def output_folder(marker=None):
-    """click callback for --out: a folder that can be created or written, checked before any
-    work. A save replaces the whole folder (gpt2.atomic_folder), so an existing non-empty one
-    is accepted only if it holds `marker`, the completion file of an artefact of the same
-    kind: a user's own files are never swept away."""
+    """click callback for --out: a folder that can be created or written, checked before any work.
+    A save replaces the whole folder (`atomic_folder`), so an existing non-empty one is accepted only
+    if it holds `marker`, the completion file of the same kind of artefact: a user's files stay."""
     def check(ctx, param, value):
         path = os.path.abspath(value)
         if os.path.exists(path) and not os.path.isdir(path):
@@ -116,7 +115,634 @@ def output_folder(marker=None):
     return check
 
 
-# === gpt2 commands (download, generate; bench is at the end) ===
+# The one table of how a run's numeric settings are checked (else: positive integers), read by the
+# command-line options and by `RunConfig.load` alike.
+SETTINGS = {"n_train": click.IntRange(min=10), "n_eval": click.IntRange(min=10), "seed": SEED,
+            **dict.fromkeys(("sae_lr", "corpus_lr"), FiniteFloat(min=0, min_open=True)),
+            "sae_plateau": FiniteFloat(min=0, max=1), "occlusion_alphas": FiniteFloat(),
+            "f1_thresholds": FiniteFloat(), "sae_resamples": click.IntRange(min=0),
+            **dict.fromkeys(("vanilla_l1", "gated_l1", "corpus_l1"), FiniteFloat(min=0))}
+FORCE_OPTION = click.option("--force", is_flag=True,
+                            help="Rebind a run folder made with other settings to these (caches are kept).")
+
+
+def run_options(function):
+    """Options shared by every pipeline step, the keyword arguments of `open_run`."""
+    def setting(flag, help):
+        return click.option(flag, type=SETTINGS.get(flag[2:].replace("-", "_"), click.IntRange(min=1)),
+                            default=None, help=help)
+    options = [click.option("--out", default="runs/demo", show_default=True, callback=output_folder(),
+                            help="Run folder (created if needed)."),
+               click.option("--weights", default=None, help=WEIGHTS_HELP),
+               click.option("--preset", type=click.Choice(["demo", "paper"]), default=None,
+                            help="Settings: demo (minutes on a CPU) or the paper's. "
+                                 "Default: demo for the embedded model."),
+               DEVICE_OPTION, setting("--n-train", "Training prompts."),
+               setting("--n-eval", "Evaluation prompts."), setting("--epochs", "SAE training epochs."),
+               FORCE_OPTION]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+# === the whole paper: demo and run ===
+
+@cli.command()
+@click.option("--out", default="runs/demo", show_default=True, callback=output_folder(), help="Run folder.")
+@FORCE_OPTION
+def demo(out, force):
+    """The whole paper on the embedded small IOI model, scaled to minutes on a CPU."""
+    evaluate_and_report(open_run(out, preset="demo", force=force, eta=True))
+
+
+@cli.command("run")
+@run_options
+def run_command(**options):
+    """Step 4, the whole paper: grade dictionaries and SAEs on every test -> metrics.json and
+    report.md (steps 1-3 run, or load from the folder's caches, as needed). GPT-2 Small via --weights."""
+    evaluate_and_report(open_run(**options, eta=True))
+
+
+# === the pipeline: a run folder, its settings, its steps ===
+
+ARCHS = ("vanilla", "gated", "topk")
+# The circuit of a model other than GPT-2 Small is found on prompts of its own, apart from the
+# training and evaluation prompts, so it never depends on --n-eval or --seed (README, "What the demo
+# shows, and how it is scaled down").
+DISCOVERY_N, DISCOVERY_SEED = 200, 1000
+SAES_PER_PROGRAM = 4  # SAEs trained as one tensor program: 2 to 4 was the fastest of 1..24 on 2 CPU cores
+
+
+@dataclass
+class RunConfig:
+    """Every setting of one run; saved as config.json in the run folder.
+
+    Defaults are the paper's (README §2 and §8, revised version); `DEMO` scales them down
+    so the whole pipeline runs on two CPU cores in minutes.
+    """
+    weights: Optional[str] = None     # a GPT-2 checkpoint; None: the embedded small IOI model
+    n_train: int = 20_000             # prompts for dictionaries and SAEs (all names)
+    n_eval: int = 5_000               # evaluation prompts (first half of the names)
+    seed: int = 0
+    d_sae: int = 512
+    epochs: int = 2000                # the paper's length; here a cap: SAEs train until they converge
+    sae_plateau: float = 0.01         # converged: loss improves < 1% over the last 10% of epochs (0: no stop)
+    sae_lr: float = 3e-4              # Adam learning rate (v1 of the paper: 1e-3)
+    sae_resamples: int = 4            # dead-latent resamplings (vanilla, gated), at the first plateaus
+    vanilla_l1: tuple = (0.5, 1.0, 2.5, 5.0)
+    gated_l1: tuple = (0.5, 1.0, 2.5, 5.0)
+    topk_k: tuple = (3, 6, 12, 24)
+    edit_k: tuple = (2, 4, 8, 16)     # latents an SAE edit may change
+    corpus: Optional[str] = None      # .txt / .jsonl for full-distribution SAEs; None: pydoc prose
+    corpus_tokens: int = 250_000
+    corpus_d_sae: int = 2048
+    corpus_epochs: int = 20
+    corpus_lr: float = 3e-4           # a fixed number of epochs: no convergence check, so the paper's rate
+    corpus_l1: float = 1.0
+    corpus_k: int = 6
+    occlusion_alphas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
+    f1_thresholds: tuple = (0.0, 0.2, 0.4, 0.6, 0.8)
+    skip_sections: tuple = ()         # cross-sections found but not graded (and not trained on), by name
+    batch_size: int = 256
+    device: str = "cpu"
+
+    @classmethod
+    def load(cls, path):
+        """The settings in a run folder's config.json, each checked as its option is (`SETTINGS`):
+        a corrupt file is a one-line error, and is never overwritten."""
+        try:
+            saved = read_json(path)
+        except ValueError as error:  # malformed JSON, or not text
+            raise click.ClickException(f"{path}: not valid JSON ({error})") from None
+        try:
+            if not isinstance(saved, dict):
+                raise click.BadParameter(f"expected a JSON object of settings, got {type(saved).__name__}")
+            names = {f.name for f in fields(cls)}
+            problems = [f"{label} settings {', '.join(sorted(keys))}" for label, keys
+                        in (("unknown", set(saved) - names), ("missing", names - set(saved))) if keys]
+            if problems:
+                raise click.BadParameter("; ".join(problems))
+            config = cls(**{f.name: _checked_setting(f, saved[f.name]) for f in fields(cls)})
+            if max(config.topk_k) > config.d_sae or config.corpus_k > config.corpus_d_sae:
+                raise click.BadParameter("a top-k SAE's k exceeds its number of latents")
+        except click.BadParameter as error:
+            raise click.ClickException(f"{path}: {error.message}") from None
+        return config
+
+
+def _checked_setting(field, value):
+    """`value` as the RunConfig setting `field`, or a click.BadParameter naming it: a path or
+    null (weights, corpus), a string (device), else numbers checked by SETTINGS."""
+    if field.name == "skip_sections":
+        if isinstance(value, list) and all(isinstance(name, str) for name in value):
+            return tuple(value)
+        raise click.BadParameter(f"{field.name}: {value!r} is not a list of cross-section names")
+    if field.name in ("weights", "corpus", "device"):
+        if isinstance(value, str) or value is None and field.name != "device":
+            return value
+        raise click.BadParameter(f"{field.name}: {value!r} is not "
+                                 f"{'a string' if field.name == 'device' else 'a path or null'}")
+    kind = SETTINGS.get(field.name, click.IntRange(min=1))
+    number = int if isinstance(kind, click.IntRange) else (int, float)
+
+    def convert(item):  # JSON has types: click alone would also take "12", 12.7 or true for an integer
+        if isinstance(item, bool) or not isinstance(item, number):
+            raise click.BadParameter(f"{item!r} is not {'an integer' if number is int else 'a number'}")
+        return kind.convert(item, None, None)
+    try:
+        if isinstance(field.default, tuple):
+            if not isinstance(value, list) or not value:
+                raise click.BadParameter(f"{value!r} is not a non-empty list")
+            return tuple(convert(item) for item in value)
+        return convert(value)
+    except click.BadParameter as error:
+        raise click.BadParameter(f"{field.name}: {error.message}") from None
+
+
+# The demo: one setting per architecture, SAEs trained to convergence (README, "What the demo shows").
+# At lr 1e-2 with one resampling, SAEs of the embedded model converge 3-4x sooner than at 3e-3 with
+# four, and to a lower loss. (B)NM qk is skipped: on this model it is uninformative (the keys'
+# positions move with the patch, so no-intervention edit accuracy is 1.00) and holds half the nodes.
+DEMO = RunConfig(n_train=5_000, n_eval=500, epochs=1000, sae_lr=1e-2, sae_resamples=1, vanilla_l1=(1.0,),
+                 gated_l1=(1.0,), topk_k=(3,), edit_k=(2, 4, 8), corpus_tokens=20_000, corpus_d_sae=512,
+                 corpus_epochs=10, corpus_lr=3e-3, skip_sections=("(B)NM qk",))
+
+
+def open_run(out, weights=None, preset=None, device="cpu", force=False, circuit=None, eta=False,
+             **overrides):
+    """The run in folder `out`, bound to the settings in its config.json: the saved ones; or with
+    `preset`, or in a new folder, a preset ("demo", scaled down, for the embedded model; "paper" for
+    real GPT-2 weights); either overridden by the settings given. Other settings than the saved ones
+    are a one-line error unless `force`. The device only decides where the run computes, so it is
+    not bound. `circuit`, `eta`: see `Run`."""
+    recover_interrupted_saves(out)
+    path, saved = os.path.join(out, "config.json"), None
+    try:
+        saved = RunConfig.load(path) if os.path.exists(path) else None
+    except click.ClickException as error:
+        if not force:
+            raise click.ClickException(f"{error.message} (--force replaces it)") from None
+    given = {name: value for name, value in dict(overrides, weights=weights).items() if value is not None}
+    presets = {"demo": DEMO, "paper": RunConfig()}
+    base = saved if saved and not preset else presets[preset or ("demo" if weights is None else "paper")]
+    config = replace(base, **given, device=device)
+    changed = [] if saved is None else [
+        f"{f.name} {getattr(saved, f.name)!r} -> {getattr(config, f.name)!r}" for f in fields(RunConfig)
+        if f.name != "device" and getattr(saved, f.name) != getattr(config, f.name)]
+    if changed and not force:
+        more = f"; {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise click.ClickException(f"{path} holds other settings ({'; '.join(changed[:3])}{more}): "
+                                   "add --force to rebind the folder to these, or choose a new --out")
+    return Run(out, config, circuit, eta)
+
+
+class Run:
+    """One run folder, built step by step: the model, the prompts, the circuit, the activations;
+    then (`evaluate_run`) the dictionaries, the SAEs and the grades. Each step caches its result
+    under the folder (`cached`), keyed by what produced it, so an interrupted run resumes and a
+    changed setting recomputes. `circuit` = (cross-sections, discovery table) grades a given circuit
+    instead of finding one; `eta`: print how long the whole run will take before the work starts."""
+
+    def __init__(self, out, config, circuit=None, eta=False):
+        self.out, self.config, self.started = out, config, time.time()
+        self.model = load_model(config.weights, config.device)
+        self.make_prompts()
+        self.find_circuit(circuit)
+        if eta:
+            click.echo(eta_text(estimateseconds(self)))
+        self.acts = {split: {} for split in self.splits}
+        self.add_nodes(self.nodes)
+        # Last: the folder is bound to these settings only once they have produced its
+        # activations, so a run that fails to start neither leaves nor changes config.json.
+        os.makedirs(out, exist_ok=True)
+        write_json(os.path.join(out, "config.json"), asdict(config))
+
+    def path(self, *parts):
+        return os.path.join(self.out, *parts)
+
+    def make_prompts(self):
+        """Prompt sets (README §2, revised code): train over all names; eval over the first half, and
+        one counterfactual of every eval prompt per attribute with names from the second."""
+        c = self.config
+        train, evaluation = ioi.train_prompts(c.n_train, c.seed), ioi.eval_prompts(c.n_eval, c.seed + 1)
+        self.splits = {"train": train, "eval": evaluation,
+                       **{f"cf_{attribute}": ioi.counterfactuals(evaluation, attribute, seed=c.seed + 2 + i)
+                          for i, attribute in enumerate(ioi.ATTRIBUTES)}}
+        self.found_with = discovery_prompts()  # not the evaluation prompts: see DISCOVERY_N
+        every_split = [self.found_with, *self.splits.values()]
+        check_reads_prompts(self.model, [prompt for prompts in every_split for prompt in prompts])
+        self.attributes = {split: ioi.attribute_ids(prompts) for split, prompts in self.splits.items()}
+
+    def find_circuit(self, circuit=None):
+        """The cross-sections graded: found in the model (`ioi.circuit_cross_sections`), or given."""
+        if circuit is None:
+            click.echo("Finding the circuit ...")
+        found, self.discovery = circuit or ioi.circuit_cross_sections(self.model, self.found_with,
+                                                                       self.config.batch_size)
+        if not found:
+            raise click.ClickException("no cross-section found: the model does not seem to solve IOI")
+        skip = self.config.skip_sections
+        self.sections = [s for s in found if s.name not in skip]
+        self.skipped = [s.name for s in found if s.name in skip]
+        if self.skipped:
+            click.echo(f"Not graded (skip_sections): {', '.join(self.skipped)}")
+        if not self.sections:
+            raise click.ClickException(f"every cross-section found is in skip_sections {skip}")
+        self.nodes = list(dict.fromkeys(node for section in self.sections for node in section.nodes))
+        click.echo(f"{len(self.sections)} cross-sections, {len(self.nodes)} nodes")
+
+    def add_nodes(self, nodes):
+        """Collect (or load from the cache) activations at more nodes, in every split: the run's
+        own, then those an SAE from elsewhere reads (`grade-sae`)."""
+        new = [node for node in nodes if node not in self.acts["train"]]
+        for split, prompts in self.splits.items() if new else ():
+            self.acts[split].update(collect_activations(self.path("activations"), self.model, prompts, new,
+                                                        self.config.batch_size))
+
+    def task(self):
+        """The model on the evaluation prompts, as every test runs it."""
+        return metrics.Task(self.model, self.splits["eval"], self.config.batch_size)
+
+    def fit_supervised(self, nodes=None):
+        """Mean and least-squares supervised dictionaries at every node (README §4), or at `nodes`."""
+        n_values = {"io": len(ioi.NAMES), "s": len(ioi.NAMES), "pos": len(ioi.PATTERNS)}
+        fit = dictionaries.SupervisedDictionary.fit
+        fitted = {name: {node: fit(self.acts["train"][node], self.attributes["train"], n_values, method)
+                         for node in nodes or self.nodes}
+                  for method, name in (("mean", "supervised"), ("lstsq", "supervised_lstsq"))}
+
+        def save(by_node, folder):
+            for node, dictionary in by_node.items():
+                dictionary.save(os.path.join(folder, str(node)))
+        # the run's own dictionaries are kept; ones fitted for another SAE's nodes are not
+        for name, by_node in fitted.items() if nodes is None else ():
+            atomic_folder(self.path("dictionaries", name), lambda folder: save(by_node, folder))
+        return fitted
+
+    def sae_grids(self):
+        """{method: [(SAESpec field, value)]}: the task SAEs' settings; folders l1<value>/, k<value>/."""
+        c, l1 = self.config, "l1_coefficient"
+        return {"vanilla": [(l1, v) for v in c.vanilla_l1], "gated": [(l1, v) for v in c.gated_l1],
+                "topk": [("k", k) for k in c.topk_k],
+                "random_decoder": [(l1, c.vanilla_l1[len(c.vanilla_l1) // 2])]}
+
+    def sae_train_config(self):
+        """Task SAEs (and the phenomena's SAEs) train until they converge, capped at `epochs`."""
+        c = self.config
+        resample_at = dictionaries.TrainConfig.resample_at[:c.sae_resamples]  # (fixed schedule: when)
+        return dictionaries.TrainConfig(d_sae=c.d_sae, epochs=c.epochs, lr=c.sae_lr, resample_at=resample_at,
+                                        plateau=c.sae_plateau or None)
+
+    def train_task_saes(self):
+        """({method: {setting: {node: SAE}}}, {(method, setting, node): its last training log}) for
+        every architecture and hyper-parameter (README §8), plus the frozen-random-decoder floor;
+        all nodes x settings of one architecture train as one stack (`train_or_load_stack`)."""
+        c, n, saes, training = self.config, len(self.nodes), {}, {}
+        datasets = torch.stack([self.acts["train"][node] for node in self.nodes])  # [node, N, d_head]
+        for method, grid in self.sae_grids().items():
+            arch = "vanilla" if method == "random_decoder" else method  # the floor: a vanilla SAE
+            specs = [dictionaries.SAESpec(arch, i, seed=c.seed + j, frozen_decoder=method == "random_decoder",
+                                          name=f"{name.removesuffix('_coefficient')}{value}/{node}",
+                                          **{name: value})
+                     for j, (name, value) in enumerate(grid) for i, node in enumerate(self.nodes)]
+            trained, logs = train_or_load_stack(self.path("saes", method), datasets, specs,
+                                                self.sae_train_config(), c.device)
+            final = {log["sae"]: log for log in logs}  # the last log of each SAE: how its training ended
+            for j, (_, value) in enumerate(grid):
+                saes.setdefault(method, {})[value] = dict(zip(self.nodes, trained[j * n:(j + 1) * n]))
+                training.update({(method, value, node): final[j * n + i]
+                                 for i, node in enumerate(self.nodes)})
+        return saes, training
+
+    def train_corpus_saes(self):
+        """{f"{arch}_fulldist": {node: SAE}}: SAEs trained on every token position of generic text."""
+        c = self.config
+        heads = list(dict.fromkeys((node.hook_name, node.head) for node in self.nodes))
+        click.echo(f"Collecting {c.corpus_tokens} corpus activations at {len(heads)} (hook, head) pairs ...")
+        texts = dictionaries.iter_corpus_texts(c.corpus)
+        corpus = dictionaries.collect_corpus_activations(self.model, gpt2.load_tokenizer(), heads, texts,
+                                                         c.corpus_tokens,
+                                                         context=min(128, self.model.config.n_positions))
+        datasets = torch.stack([corpus[head] for head in heads]).cpu()  # [head, tokens, d_head]
+        config = dictionaries.TrainConfig(d_sae=c.corpus_d_sae, epochs=c.corpus_epochs, lr=c.corpus_lr)
+        saes = {}
+        for arch in ARCHS:
+            specs = [dictionaries.SAESpec(arch, i, l1_coefficient=c.corpus_l1, k=c.corpus_k, seed=c.seed,
+                                          name=f"{name}.{head}") for i, (name, head) in enumerate(heads)]
+            trained, _ = train_or_load_stack(self.path("saes", f"{arch}_fulldist"), datasets, specs, config,
+                                             c.device)
+            by_head = dict(zip(heads, trained))
+            saes[f"{arch}_fulldist"] = {node: by_head[(node.hook_name, node.head)] for node in self.nodes}
+        return saes
+
+    def at_nodes(self, supervised, task_saes, corpus_saes):
+        """The dictionaries behind metrics' grading interface: supervised {method: {node: ..}},
+        task SAEs {method: {setting: {node: ..}}} and full-distribution SAEs {method: {node: ..}}."""
+        def wrap(saes):
+            return metrics.saes_at_nodes(saes, self.acts["train"], self.attributes["train"])
+        return ({method: {node: metrics.SupervisedAtNode(d) for node, d in fitted.items()}
+                 for method, fitted in supervised.items()},
+                {method: {setting: wrap(saes) for setting, saes in settings.items()}
+                 for method, settings in task_saes.items()},
+                {method: wrap(saes) for method, saes in corpus_saes.items()})
+
+
+def discovery_prompts(n=DISCOVERY_N, seed=DISCOVERY_SEED):
+    """Evaluation-style prompts (the first half of the names) that `ioi.discover` finds heads with."""
+    return ioi.eval_prompts(n, seed=seed)
+
+
+def load_model(weights, device="cpu"):
+    """GPT-2 weights from `weights`, or the embedded small IOI model when it is None."""
+    try:
+        model = ioi.default_model() if weights is None else gpt2.GPT2.from_pretrained(weights)
+    except (ValueError, OSError) as error:
+        raise click.ClickException(str(error)) from None
+    return model.to(device).eval()
+
+
+def check_reads_prompts(model, prompts):
+    """A one-line error unless `model` can read every prompt: GPT-2's whole vocabulary (IOI
+    prompts and corpus text are GPT-2 tokens) and positions up to the longest prompt."""
+    if model.config.vocab_size <= gpt2.BOS_TOKEN_ID:
+        raise click.ClickException(f"the model's vocabulary ({model.config.vocab_size} tokens) is smaller "
+                                   f"than GPT-2's ({gpt2.BOS_TOKEN_ID + 1}), whose tokens make the prompts")
+    longest = max(len(prompt.tokens) for prompt in prompts)
+    if longest > model.config.n_positions:
+        raise click.ClickException(f"the model reads at most {model.config.n_positions} tokens "
+                                   f"(n_positions), but a prompt has {longest}")
+
+
+def train_or_load_stack(folder, datasets, specs, train_config, device="cpu", progress=True,
+                        group=SAES_PER_PROGRAM):
+    """SAEs one per spec trained on `datasets`, cached in `folder` (`cached`, keyed by the data, specs
+    and training). Returns (saes, logs). They train `group` at a time; until the whole stack is saved,
+    each finished group is cached in <folder>.parts, so a killed run redoes one group at most. The
+    SAEs returned are always the saved ones (input scale folded into the weights, README §8), so a
+    resumed run grades exactly what an uninterrupted one grades. `device`: where the stack trains."""
+    key = {"datasets": hashlib.sha256(datasets.numpy().tobytes()).hexdigest()[:16],
+           "specs": [asdict(spec) for spec in specs], "train": asdict(train_config)}
+    parts = f"{folder}.parts"
+
+    def train(tmp):
+        if len(specs) <= group:
+            with click.progressbar(length=train_config.epochs, label=f"{len(specs)} {specs[0].arch} SAEs",
+                                   hidden=not progress) as bar:
+                saes, logs = dictionaries.train_sae_stack(datasets.to(device), specs, train_config,
+                                                          progress=bar.update)
+        else:  # the same SAEs, resumable group by group
+            saes, logs = [], []
+            with click.progressbar(range(0, len(specs), group), show_eta=True, hidden=not progress,
+                                   label=f"{len(specs)} {specs[0].arch} SAEs, {group} at a time") as offsets:
+                for offset in offsets:
+                    trained, group_logs = train_or_load_stack(os.path.join(parts, str(offset)), datasets,
+                                                              specs[offset:offset + group], train_config,
+                                                              device, False, group)
+                    saes += trained
+                    logs += [{**log, "sae": log["sae"] + offset} for log in group_logs]
+        for spec, sae in zip(specs, saes):
+            dictionaries.save_sae(sae.to("cpu"), os.path.join(tmp, spec.name))
+        write_json(os.path.join(tmp, "logs.json"), logs)
+
+    def load(saved):
+        return ([dictionaries.load_sae(os.path.join(saved, spec.name)) for spec in specs],
+                read_json(os.path.join(saved, "logs.json")))
+    saes_and_logs = cached(folder, key, train, load)
+    shutil.rmtree(parts, ignore_errors=True)  # the whole stack is saved: its groups are not needed
+    return saes_and_logs
+
+
+# --- how long a run will take: counted work times a short calibration on this machine
+
+CAPPED_PHASE = "task SAEs, at the epoch cap"  # the one phase whose length is not known in advance
+
+
+def planned_patched_runs(run):
+    """{phase: Counter {layer: forward passes over the evaluation prompts that patch from that layer
+    on}}, as `evaluate_run` will make them. An upper bound where Test 2 may choose one SAE setting
+    for several attributes (then it grades it once)."""
+    c = run.config
+    n_edits = 2 * len(c.edit_k)  # greedy and F1-guided, at each k
+    sae_grading = 2 + 2 * len(c.f1_thresholds)  # sufficiency, necessity; the causal curves
+    grading = Counter({0: 1})  # the clean run
+    ld_recovered = Counter(node.layer for node in run.nodes)  # every node patched at its mean
+    for section in run.sections:
+        n_attributes = len(section.attributes)
+        chosen = [min(len(grid), n_attributes) for grid in run.sae_grids().values()] + [1] * len(ARCHS)
+        grading[min(node.layer for node in section.nodes)] += (
+            1 + n_attributes + 2  # reference runs: mean-ablated, each counterfactual; mean ablation
+            + 2 * (2 + n_attributes)  # the two supervised dictionaries
+            + sum(chosen) * sae_grading + len(chosen) * n_attributes * n_edits)  # SAEs
+        ld_recovered.update(node.layer for node in section.nodes for _ in range(sum(chosen)))
+    return {"grading": grading, "ld_recovered": ld_recovered,
+            "phenomena": Counter(node.layer for node in run.nodes for _ in ioi.ATTRIBUTES)}
+
+
+def seconds(fn, device="cpu"):
+    """Wall-clock seconds of fn(), waiting for the GPU where there is one (the project's one timer)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def seconds_per_sae_step(arch, n_sae, d_in, d_sae, batch_size, device="cpu"):
+    """One training step of a stack of `n_sae` SAEs, on random data: 16 epochs of one batch less 8,
+    so set-up and all but one of the statistics at checkpoints (1, 2, 4, 8, 16) cancel."""
+    data = torch.randn(1, batch_size, d_in, device=device)
+    specs = [dictionaries.SAESpec(arch, seed=i) for i in range(n_sae)]
+
+    def best(epochs):  # the fastest of five: the first pays one-time costs, and a shared machine is noisy
+        config = dictionaries.TrainConfig(d_sae=d_sae, batch_size=batch_size, epochs=epochs, resample_at=())
+        return min(seconds(lambda: dictionaries.train_sae_stack(data, specs, config), device)
+                   for _ in range(5))
+    return max(0.0, best(16) - best(8)) / 8
+
+
+def estimateseconds(run):
+    """{phase: seconds} for the whole run from scratch (work cached in the folder is skipped): the
+    work counted, times a forward pass and SAE steps timed here. SAE training is counted to the epoch
+    cap (`epochs`): converging SAEs stop sooner, so that phase is an upper bound. Not counted: the
+    supervised fits, the core metrics and the toy models (under a minute together in the demo)."""
+    c, group = run.config, SAES_PER_PROGRAM
+    prompts, d_head = run.splits["eval"][:c.batch_size], run.model.config.n_embd // run.model.config.n_head
+
+    @functools.cache
+    def per_prompt(layer=0):  # a pass that patches from `layer` on (`metrics.Task.patched`), per prompt
+        resume = (layer, ioi.residual_streams(run.model, prompts, layer, c.batch_size)) if layer else None
+
+        def forward():
+            ioi.patched_run(run.model, prompts, batch_size=c.batch_size, resume=resume)
+        forward()  # not timed: the first pass pays one-time costs
+        return seconds(forward, c.device) / len(prompts)
+    n_prompts = sum(map(len, run.splits.values()))
+
+    def training(arch, n_sae, d_sae, epochs, n):  # groups of SAES_PER_PROGRAM, one after another
+        batch_size = min(dictionaries.TrainConfig.batch_size, n)
+        steps = epochs * math.ceil(n / batch_size) * math.ceil(n_sae / group)
+        return steps * seconds_per_sae_step(arch, min(n_sae, group), d_head, d_sae, batch_size, c.device)
+    task_saes = sum(training("vanilla" if method == "random_decoder" else method, len(run.nodes) * len(grid),
+                             c.d_sae, c.epochs, c.n_train) for method, grid in run.sae_grids().items())
+    heads = len({(node.hook_name, node.head) for node in run.nodes})
+    corpus_forward = c.corpus_tokens / len(prompts[0].tokens) * per_prompt()  # (a prompt's cost per token)
+    corpus_saes = sum(training(arch, heads, c.corpus_d_sae, c.corpus_epochs, c.corpus_tokens)
+                      for arch in ARCHS)
+    return {"activations": n_prompts * per_prompt(), CAPPED_PHASE: task_saes,
+            "full-distribution SAEs": corpus_forward + corpus_saes,
+            **{f"{phase}: {sum(counts.values())} runs": c.n_eval * sum(n * per_prompt(layer)
+                                                                 for layer, n in counts.items())
+               for phase, counts in planned_patched_runs(run).items()}}
+
+
+def eta_text(seconds):
+    """The estimate as lines: the total, then each phase. The task SAEs stop when they converge, often
+    far below the cap (the demo's: at 10-45% of it), so their bound is not added into the total."""
+    def clock(s):
+        return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min" if s >= 60 else f"{s:.0f} s"
+    known = sum(s for phase, s in seconds.items() if phase != CAPPED_PHASE)
+    return "\n".join([f"Estimated time for the whole run: {clock(known)}, plus at most "
+                      f"{clock(seconds[CAPPED_PHASE])} to train the task SAEs (less if they converge)"]
+                     + [f"  {phase}: {clock(s)}" for phase, s in seconds.items()])
+
+
+@contextmanager
+def stopwatch(label):
+    started = time.time()
+    yield
+    click.echo(f"{label}: {time.time() - started:.0f} s")
+
+
+def evaluate_run(run, oversplitting_grids=metrics.OVERSPLITTING_GRIDS):
+    """Every test of the paper on one run -> records (README §5-§9); the dictionaries and SAEs are
+    fitted and trained, or loaded from the run folder, on the way. `oversplitting_grids`: the
+    over-splitting toy's grids (metrics.oversplitting_toy_records)."""
+    with stopwatch("Supervised dictionaries"):
+        supervised = run.fit_supervised()
+    with stopwatch("Task SAEs"):
+        task_saes, training = run.train_task_saes()
+    with stopwatch("Full-distribution SAEs"):
+        corpus_saes = run.train_corpus_saes()
+    supervised, task_saes, corpus_saes = run.at_nodes(supervised, task_saes, corpus_saes)
+    task = run.task()
+    clean_run = task.patched()
+    records = metrics.grade_model(task.prompts, clean_run)
+    with stopwatch("Tests 1-3 at every cross-section"):
+        records += grade_sections(run, task, clean_run, supervised, task_saes, corpus_saes)
+    with stopwatch("Core SAE metrics"):
+        saes = metrics.every_setting(task_saes, corpus_saes)
+        records += metrics.core_records(saes, run.acts["eval"], training)
+        records += metrics.ld_recovered_records(task, clean_run, run.acts["eval"], run.sections, saes,
+                                                metrics.chosen_settings(records))
+    with stopwatch("Feature occlusion and over-splitting"):
+        records += grade_phenomena(run, task, clean_run, supervised["supervised"], task_saes)
+    with stopwatch("Over-splitting toy"):
+        records += metrics.oversplitting_toy_records(oversplitting_grids, run.config.seed)
+    return records
+
+
+def grade_sections(run, task, clean_run, supervised, task_saes, corpus_saes):
+    """`metrics.grade_section` at every cross-section of the run, with a progress bar. Each
+    section's records are cached in grades/ (`cached`) as soon as it is graded, so a killed
+    run resumes at the next section; they are reused only under the same settings and SAEs."""
+    # What graded records depend on: the settings (bar the device) and every SAE stack's key.
+    settings = {name: value for name, value in asdict(run.config).items() if name != "device"}
+    stamps = {os.path.basename(os.path.dirname(path)): read_json(path)
+              for path in sorted(glob.glob(run.path("saes", "*", "key.json")))}
+    key, records = {"settings": settings, "saes": stamps}, []
+
+    def load(saved):
+        return [metrics.Record(**row) for row in read_json(os.path.join(saved, "records.json"))]
+    with click.progressbar(run.sections, label="Grading cross-sections",
+                           item_show_func=lambda section: section.name if section else "") as sections:
+        for section in sections:
+            def grade(tmp):
+                inputs = metrics.section_inputs(task, section, run.acts, run.attributes, clean_run)
+                graded = metrics.grade_section(task, inputs, supervised, task_saes, corpus_saes,
+                                               run.config.edit_k, run.config.f1_thresholds)
+                write_json(os.path.join(tmp, "records.json"), [row.to_json() for row in graded])
+            folder = run.path("grades", re.sub(r"[^A-Za-z0-9]+", "_", section.name).strip("_"))
+            records += cached(folder, key, grade, load)
+    return records
+
+
+def grade_phenomena(run, task, clean_run, supervised, task_saes):
+    """README §9 (`metrics.grade_phenomena`); where occlusion is testable, the α sweep: top-k SAEs
+    trained on a - α u_IO at its node, one per α; and the occlusion toy at the measured norms."""
+    c = run.config
+    phenomena = metrics.grade_phenomena(task, clean_run, run.nodes, run.acts, supervised, task_saes)
+    records, node = phenomena.records, phenomena.occlusion_node
+    if node is not None:
+        io_features = supervised[node].dictionary.features["io"]
+        datasets = metrics.io_shrunk_activations(run.acts["train"][node], io_features,
+                                                 run.attributes["train"]["io"], c.occlusion_alphas)
+        specs = [dictionaries.SAESpec("topk", i, k=c.topk_k[0], seed=c.seed, name=f"alpha{alpha}")
+                 for i, alpha in enumerate(c.occlusion_alphas)]
+        saes, _ = train_or_load_stack(run.path("saes", "occlusion_alpha_sweep"), datasets, specs,
+                                      run.sae_train_config(), c.device)
+        records += metrics.alpha_sweep_records(node, saes, datasets, c.occlusion_alphas,
+                                               run.attributes["train"], c.topk_k[0])
+    return records + metrics.occlusion_toy_records(phenomena.toy_norms, c.vanilla_l1, run.sae_train_config(),
+                                                   c.seed)
+
+
+def write_metrics(run, rows):
+    """metrics.json: the config, the circuit that was graded, and one flat row per result."""
+    sections = [{"name": s.name, "nodes": [str(n) for n in s.nodes], "attributes": list(s.attributes)}
+                for s in run.sections]
+    circuit = {"sections": sections, "skipped": run.skipped, "discovery": run.discovery}
+    write_json(run.path("metrics.json"), {"config": asdict(run.config), "circuit": circuit,
+                                               "results": rows})
+
+
+def evaluate_and_report(run, oversplitting_grids=metrics.OVERSPLITTING_GRIDS):
+    """Every test (`evaluate_run`) -> metrics.json and report.md, and the report's summary."""
+    write_metrics(run, [record.to_json() for record in evaluate_run(run, oversplitting_grids)])
+    click.echo(write_report(run.out))
+    click.echo(f"Wrote {run.path('metrics.json')} and {run.path('report.md')} "
+               f"in {time.time() - run.started:.0f} s")
+
+
+
+# === step commands: the pipeline one step at a time ===
+
+@cli.command()
+@run_options
+def collect(**options):
+    """Step 1: find the circuit and cache activations at its nodes."""
+    run = open_run(**options)
+    for section in run.sections:
+        nodes = " ".join(str(node) for node in section.nodes)
+        click.echo(f"{section.name:12s} {', '.join(section.attributes):12s} {nodes}")
+    click.echo(f"Activations cached in {run.path('activations')}")
+
+
+@cli.command()
+@run_options
+def supervised(**options):
+    """Step 2: fit mean and least-squares supervised dictionaries at every node (README §4)."""
+    run = open_run(**options)
+    run.fit_supervised()
+    click.echo(f"Supervised dictionaries saved in {run.path('dictionaries')}")
+
+
+@cli.command("train-saes")
+@run_options
+@click.option("--source", type=click.Choice(["ioi", "corpus", "both"]), default="both", show_default=True,
+              help="Task SAEs on IOI activations, full-distribution SAEs on corpus text, or both.")
+def train_saes(source, **options):
+    """Step 3: train every SAE of the run (all nodes x settings, one batched stack per architecture)."""
+    run = open_run(**options)
+    if source in ("ioi", "both"):
+        run.train_task_saes()
+    if source in ("corpus", "both"):
+        run.train_corpus_saes()
+    click.echo(f"SAEs saved in {run.path('saes')} (SAELens layout)")
+
+
+# === single tools: a model, prompts, one SAE, an SAE from elsewhere ===
 
 GPT2_SMALL_URL = "https://huggingface.co/openai-community/gpt2/resolve/main"
 
@@ -179,7 +805,7 @@ def download_command(url, out, sha256):
             message = str(error).replace(os.path.join(folder, ""), url.rstrip("/") + "/")
             raise click.ClickException(f"downloaded files do not load: {message}") from None
 
-    model, digest = gpt2.atomic_folder(out, fetch_and_check)
+    model, digest = atomic_folder(out, fetch_and_check)
     n_params = sum(p.numel() for p in model.parameters())
     click.echo(f"{out}: GPT-2 with {n_params / 1e6:.1f}M parameters, {model.config.n_layer} layers, "
                f"loads fine (model.safetensors sha256 {digest})")
@@ -209,20 +835,6 @@ def generate_command(weights, prompt, n_tokens, temperature, seed, device):
     click.echo(prompt + tokenizer.decode(tokens[0, prompt_tokens.shape[1]:].tolist()))
 
 
-# === ioi commands (build-model, ioi-eval, nodes) ===
-
-WEIGHTS_HELP = "GPT-2 checkpoint (dir or .safetensors); default: the embedded IOI model."
-# The circuit of a model other than GPT-2 Small is found on prompts of its own: a fixed set,
-# apart from the training and evaluation prompts, so the graded circuit never depends on
-# --n-eval or --seed (README, "What the demo shows, and how it is scaled down").
-DISCOVERY_N, DISCOVERY_SEED = 200, 1000
-
-
-def discovery_prompts(n=DISCOVERY_N, seed=DISCOVERY_SEED):
-    """Evaluation-style prompts (the first half of the names) that `ioi.discover` finds heads with."""
-    return ioi.eval_prompts(n, seed=seed)
-
-
 @cli.command("build-model")
 @click.option("--out", default=os.path.join("models", "ioi-circuit"), show_default=True,
               callback=output_folder("circuit_config.json"), help="Folder to save it in.")
@@ -236,8 +848,8 @@ def build_model_command(out, seed):
     def write(folder):  # into a temporary folder, renamed to `out` once complete
         model.save_pretrained(folder)
         # last: its presence marks a complete save
-        gpt2.write_json(os.path.join(folder, "circuit_config.json"), asdict(config))
-    gpt2.atomic_folder(out, write)
+        write_json(os.path.join(folder, "circuit_config.json"), asdict(config))
+    atomic_folder(out, write)
     scores = ioi.evaluate(model, ioi.held_out_prompts(1000))
     click.echo(f"held-out prompts: accuracy {scores['accuracy']:.1%}, top-1 {scores['top1_accuracy']:.1%}, "
                f"mean LD {scores['mean_logit_diff']:.2f}; saved to {out}")
@@ -317,8 +929,6 @@ def _circuit_rows(heads):
              fmt(row["ld_drop"]), fmt(row["fraction"], ".1%"), row["role"]) for row in found]
 
 
-# === dictionaries commands (train-sae, supervised) ===
-
 @cli.command("train-sae")
 @click.option("--acts", "acts_path", required=True, help="safetensors file with an `acts` tensor [N, d].")
 @click.option("--arch", type=click.Choice(["vanilla", "gated", "topk", "random_decoder"]), required=True,
@@ -349,658 +959,14 @@ def train_sae_command(acts_path, arch, latents, l1, k, epochs, lr, batch_size, s
                                           epochs=epochs or min(2000, -(-6000 // steps_per_epoch)))
         spec = dictionaries.SAESpec("vanilla" if arch == "random_decoder" else arch, l1_coefficient=l1, k=k,
                                     seed=seed, frozen_decoder=arch == "random_decoder", name=arch)
-        sae, logs = dictionaries.train_sae(acts, spec, config, progress=not no_progress)
+        with click.progressbar(length=config.epochs, label=f"1 {spec.arch} SAEs", hidden=no_progress) as bar:
+            sae, logs = dictionaries.train_sae(acts, spec, config, progress=bar.update)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
-    gpt2.atomic_folder(out, lambda folder: dictionaries.save_sae(sae, folder))
+    atomic_folder(out, lambda folder: dictionaries.save_sae(sae, folder))
     final = logs[-1]
     click.echo(f"{arch} SAE {acts.shape[1]}->{latents}, {config.epochs} epochs: l0 {final['l0']:.2f}  "
                f"mse {final['mse']:.4g}  fve {final['fve']:.4f}  dead {final['dead_fraction']:.3f}  -> {out}")
-
-
-@cli.command("fit-supervised")
-@click.option("--acts", "acts_path", required=True,
-              help="safetensors file: `acts` [N, d] and one LongTensor `attribute.<name>` [N] per attribute.")
-@click.option("--method", type=click.Choice(["mean", "lstsq"]), default="mean", show_default=True)
-@click.option("--out", required=True, callback=output_folder("dictionary.json"),
-              help="Folder for the dictionary.")
-def supervised_command(acts_path, method, out):
-    """Fit a supervised dictionary (arXiv 2405.08366) to an activations file with known attribute values."""
-    try:
-        acts, attributes = dictionaries.load_labelled_activations(acts_path)
-        dictionary = dictionaries.SupervisedDictionary.fit(acts, attributes, method=method)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from None
-    gpt2.atomic_folder(out, dictionary.save)
-    residual = acts - dictionary.reconstruct(attributes)
-    fve = 1 - residual.pow(2).sum() / (acts - acts.mean(0)).pow(2).sum()
-    sizes = ", ".join(f"{name} {len(u)}" for name, u in dictionary.features.items())
-    click.echo(f"{method} dictionary ({sizes} values): fraction of variance explained {fve:.4f} -> {out}")
-
-
-# === pipeline commands (collect, supervised, train-saes, run, demo, grade-sae) ===
-
-ARCHS = ("vanilla", "gated", "topk")
-
-
-@dataclass
-class RunConfig:
-    """Every setting of one run; saved as config.json in the run folder.
-
-    Defaults are the paper's (README §2 and §8, revised version); `DEMO` scales them down
-    so the whole pipeline runs on two CPU cores in minutes.
-    """
-    weights: Optional[str] = None     # a GPT-2 checkpoint; None: the embedded small IOI model
-    n_train: int = 20_000             # prompts for dictionaries and SAEs (all names)
-    n_eval: int = 5_000               # evaluation prompts (first half of the names)
-    seed: int = 0
-    d_sae: int = 512
-    epochs: int = 2000                # the paper's length; here a cap: SAEs train until they converge
-    sae_plateau: float = 0.01         # converged: loss improves < 1% over the last 10% of epochs (0: no stop)
-    sae_lr: float = 3e-4              # Adam learning rate (v1 of the paper: 1e-3)
-    sae_resamples: int = 4            # dead-latent resamplings (vanilla, gated), at the first plateaus
-    vanilla_l1: tuple = (0.5, 1.0, 2.5, 5.0)
-    gated_l1: tuple = (0.5, 1.0, 2.5, 5.0)
-    topk_k: tuple = (3, 6, 12, 24)
-    edit_k: tuple = (2, 4, 8, 16)     # latents an SAE edit may change
-    corpus: Optional[str] = None      # .txt / .jsonl for full-distribution SAEs; None: pydoc prose
-    corpus_tokens: int = 250_000
-    corpus_d_sae: int = 2048
-    corpus_epochs: int = 20
-    corpus_lr: float = 3e-4           # a fixed number of epochs: no convergence check, so the paper's rate
-    corpus_l1: float = 1.0
-    corpus_k: int = 6
-    occlusion_alphas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
-    f1_thresholds: tuple = (0.0, 0.2, 0.4, 0.6, 0.8)
-    skip_sections: tuple = ()         # cross-sections found but not graded (and not trained on), by name
-    batch_size: int = 256
-    device: str = "cpu"
-
-    @classmethod
-    def load(cls, path):
-        """The settings in a run folder's config.json, each checked by its option type: a
-        corrupt file is a one-line error, and is never overwritten."""
-        def refused(problem):
-            return click.ClickException(f"{path}: {problem}")
-        try:
-            saved = gpt2.read_json(path)
-        except ValueError as error:  # malformed JSON, or not text
-            raise refused(f"not valid JSON ({error})") from None
-        if not isinstance(saved, dict):
-            raise refused(f"expected a JSON object of settings, got {type(saved).__name__}")
-        names = {f.name for f in fields(cls)}
-        unknown, missing = set(saved) - names, names - set(saved)
-        problems = [f"{label} settings {', '.join(sorted(keys))}"
-                    for label, keys in (("unknown", unknown), ("missing", missing)) if keys]
-        if problems:
-            raise refused("; ".join(problems))
-        try:
-            config = cls(**{f.name: _checked_setting(f, saved[f.name]) for f in fields(cls)})
-        except click.BadParameter as error:
-            raise refused(error.message) from None
-        if max(config.topk_k) > config.d_sae or config.corpus_k > config.corpus_d_sae:
-            raise refused("a top-k SAE's k exceeds its number of latents")
-        return config
-
-
-# How config.json's numeric settings are checked, where not as positive integers.
-SETTING_TYPES = {"n_train": click.IntRange(min=10), "n_eval": click.IntRange(min=10), "seed": SEED,
-                 **dict.fromkeys(("sae_lr", "corpus_lr"), FiniteFloat(min=0, min_open=True)),
-                 "sae_plateau": FiniteFloat(min=0, max=1), "occlusion_alphas": FiniteFloat(),
-                 "f1_thresholds": FiniteFloat(), "sae_resamples": click.IntRange(min=0),
-                 **dict.fromkeys(("vanilla_l1", "gated_l1", "corpus_l1"), FiniteFloat(min=0))}
-
-
-def _checked_setting(field, value):
-    """`value` as the RunConfig setting `field`, or a click.BadParameter naming it: a path or
-    null (weights, corpus), a string (device), else numbers of the type in SETTING_TYPES."""
-    if field.name == "skip_sections":
-        if isinstance(value, list) and all(isinstance(name, str) for name in value):
-            return tuple(value)
-        raise click.BadParameter(f"{field.name}: {value!r} is not a list of cross-section names")
-    if field.name in ("weights", "corpus", "device"):
-        if isinstance(value, str) or value is None and field.name != "device":
-            return value
-        expected = "a string" if field.name == "device" else "a path or null"
-        raise click.BadParameter(f"{field.name}: {value!r} is not {expected}")
-    kind = SETTING_TYPES.get(field.name, click.IntRange(min=1))
-    number = int if isinstance(kind, click.IntRange) else (int, float)
-
-    def convert(item):  # JSON has types: click alone would also take "12", 12.7 or true for an integer
-        if isinstance(item, bool) or not isinstance(item, number):
-            raise click.BadParameter(f"{item!r} is not {'an integer' if number is int else 'a number'}")
-        return kind.convert(item, None, None)
-    try:
-        if isinstance(field.default, tuple):
-            if not isinstance(value, list) or not value:
-                raise click.BadParameter(f"{value!r} is not a non-empty list")
-            return tuple(convert(item) for item in value)
-        return convert(value)
-    except click.BadParameter as error:
-        raise click.BadParameter(f"{field.name}: {error.message}") from None
-
-
-# The demo: one setting per architecture, SAEs trained to convergence (README, "What the demo shows").
-# At lr 1e-2 with one resampling, SAEs of the embedded model converge 3-4x sooner than at 3e-3 with
-# four, and to a lower loss (e.g. v@L2H0@s2: vanilla 171 epochs, loss 6.76 against 1,000 epochs
-# unconverged, 6.89; gated 202 epochs, 9.53 against 643, 9.72 with one resampling at 3e-3).
-# (B)NM qk is skipped: on this model it is uninformative (the keys' positions move with the
-# patch, so no-intervention edit accuracy is 1.00) and holds half the nodes.
-DEMO = RunConfig(n_train=5_000, n_eval=500, epochs=1000, sae_lr=1e-2, sae_resamples=1, vanilla_l1=(1.0,),
-                 gated_l1=(1.0,), topk_k=(3,), edit_k=(2, 4, 8), corpus_tokens=20_000, corpus_d_sae=512,
-                 corpus_epochs=10, corpus_lr=3e-3, skip_sections=("(B)NM qk",))
-
-
-def load_model(weights, device="cpu"):
-    """GPT-2 weights from `weights`, or the embedded small IOI model when it is None."""
-    try:
-        model = ioi.default_model() if weights is None else gpt2.GPT2.from_pretrained(weights)
-    except (ValueError, OSError) as error:
-        raise click.ClickException(str(error)) from None
-    return model.to(device).eval()
-
-
-def check_reads_prompts(model, prompts):
-    """A one-line error unless `model` can read every prompt: GPT-2's whole vocabulary (IOI
-    prompts and corpus text are GPT-2 tokens) and positions up to the longest prompt."""
-    if model.config.vocab_size <= gpt2.BOS_TOKEN_ID:
-        raise click.ClickException(f"the model's vocabulary ({model.config.vocab_size} tokens) is smaller "
-                                   f"than GPT-2's ({gpt2.BOS_TOKEN_ID + 1}), whose tokens make the prompts")
-    longest = max(len(prompt.tokens) for prompt in prompts)
-    if longest > model.config.n_positions:
-        raise click.ClickException(f"the model reads at most {model.config.n_positions} tokens "
-                                   f"(n_positions), but a prompt has {longest}")
-
-
-def make_splits(config):
-    """Prompt sets (README §2, revised code): train over all names; eval over the first half,
-    and one counterfactual of every eval prompt per attribute with names from the second."""
-    train = ioi.train_prompts(config.n_train, seed=config.seed)
-    evaluation = ioi.eval_prompts(config.n_eval, seed=config.seed + 1)
-    return {"train": train, "eval": evaluation,
-            **{f"cf_{attribute}": ioi.counterfactuals(evaluation, attribute, seed=config.seed + 2 + i)
-               for i, attribute in enumerate(ioi.ATTRIBUTES)}}
-
-
-def train_or_load_stack(folder, datasets, specs, train_config, device="cpu", progress=True):
-    """SAEs one per spec trained on `datasets` as one batched stack, cached in `folder`
-    (`gpt2.cached`, keyed by the data, specs and training). Returns (saes, logs).
-    A stack trains in groups of `max_stack` SAEs, one after another; until the whole stack is
-    saved, each finished group is cached in <folder>.parts, so a killed run redoes one group at most.
-    The SAEs returned are always the saved ones (input scale folded into the weights, README §8),
-    so a run that resumes grades exactly the SAEs an uninterrupted run grades. `device`: where the
-    stack trains (datasets stay on the CPU; the SAEs come back there)."""
-    key = {"datasets": hashlib.sha256(datasets.numpy().tobytes()).hexdigest()[:16],
-           "specs": [asdict(spec) for spec in specs], "train": asdict(train_config)}
-    parts, group = f"{folder}.parts", train_config.max_stack or len(specs)
-
-    def train(tmp):
-        if len(specs) <= group:
-            saes, logs = dictionaries.train_sae_stack(datasets.to(device), specs, train_config,
-                                                      progress=progress)
-        else:  # the same SAEs as one call (the groups train independently), resumable group by group
-            saes, logs = [], []
-            with click.progressbar(range(0, len(specs), group), show_eta=True, hidden=not progress,
-                                   label=f"{len(specs)} {specs[0].arch} SAEs, {group} at a time") as offsets:
-                for offset in offsets:
-                    trained, group_logs = train_or_load_stack(os.path.join(parts, str(offset)), datasets,
-                                                              specs[offset:offset + group], train_config,
-                                                              device, progress=False)
-                    saes += trained
-                    logs += [{**log, "sae": log["sae"] + offset} for log in group_logs]
-        for spec, sae in zip(specs, saes):
-            dictionaries.save_sae(sae.to("cpu"), os.path.join(tmp, spec.name))
-        gpt2.write_json(os.path.join(tmp, "logs.json"), logs)
-
-    def load(saved):
-        return ([dictionaries.load_sae(os.path.join(saved, spec.name)) for spec in specs],
-                gpt2.read_json(os.path.join(saved, "logs.json")))
-    saes_and_logs = gpt2.cached(folder, key, train, load)
-    shutil.rmtree(parts, ignore_errors=True)  # the whole stack is saved: its groups are not needed
-    return saes_and_logs
-
-
-def architecture(method):
-    """The SAE architecture behind a task-SAE method: the random-decoder floor is a vanilla SAE."""
-    return "vanilla" if method == "random_decoder" else method
-
-
-class Run:
-    """One run folder: the model, prompts, circuit and activations, built step by step.
-
-    Each step caches its result under the folder (activations, dictionaries, SAEs), keyed
-    by what produced it, so an interrupted run resumes and a changed setting recomputes.
-    `circuit` = (cross-sections, discovery table) grades a given circuit instead of finding one;
-    `eta`: print how long the whole run will take (`estimate_seconds`) before the work starts.
-    """
-
-    def __init__(self, out, config, circuit=None, eta=False):
-        self.out, self.config, self.started = out, config, time.time()
-        self.model = load_model(config.weights, config.device)
-        self.splits = make_splits(config)
-        found_with = discovery_prompts()  # not the evaluation prompts: see DISCOVERY_N
-        check_reads_prompts(self.model, [p for split in [found_with, *self.splits.values()] for p in split])
-        self.attributes = {split: ioi.attribute_ids(prompts) for split, prompts in self.splits.items()}
-        if circuit is None:
-            click.echo("Finding the circuit ...")
-        found, self.discovery = circuit or ioi.circuit_cross_sections(self.model, found_with,
-                                                                       config.batch_size)
-        if not found:
-            raise click.ClickException("no cross-section found: the model does not seem to solve IOI")
-        self.sections = [s for s in found if s.name not in config.skip_sections]
-        self.skipped = [s.name for s in found if s.name in config.skip_sections]
-        if self.skipped:
-            click.echo(f"Not graded (skip_sections): {', '.join(self.skipped)}")
-        if not self.sections:
-            raise click.ClickException(f"every cross-section found is in skip_sections "
-                                       f"{config.skip_sections}")
-        self.nodes = list(dict.fromkeys(node for section in self.sections for node in section.nodes))
-        click.echo(f"{len(self.sections)} cross-sections, {len(self.nodes)} nodes")
-        if eta:
-            click.echo(eta_text(estimate_seconds(self)))
-        self.acts = {split: {} for split in self.splits}
-        self.add_nodes(self.nodes)
-        # Last: the folder is bound to these settings only once they have produced its
-        # activations, so a run that fails to start neither leaves nor changes config.json.
-        os.makedirs(out, exist_ok=True)
-        gpt2.write_json(os.path.join(out, "config.json"), asdict(config))
-
-    def path(self, *parts):
-        return os.path.join(self.out, *parts)
-
-    def add_nodes(self, nodes):
-        """Collect (or load from the cache) activations at more nodes, in every split: the run's
-        own, then those an SAE from elsewhere reads (`grade-sae`)."""
-        new = [node for node in nodes if node not in self.acts["train"]]
-        for split, prompts in self.splits.items() if new else ():
-            self.acts[split].update(ioi.collect_activations(self.model, prompts, new, self.config.batch_size,
-                                                            cache_dir=self.path("activations")))
-
-    def task(self):
-        """The model on the evaluation prompts, as every test runs it."""
-        return metrics.Task(self.model, self.splits["eval"], self.config.batch_size)
-
-    def fit_supervised(self, nodes=None):
-        """Mean and least-squares supervised dictionaries at every node (README §4), or at `nodes`."""
-        n_values = {"io": len(ioi.NAMES), "s": len(ioi.NAMES), "pos": len(ioi.PATTERNS)}
-        fit = dictionaries.SupervisedDictionary.fit
-        fitted = {name: {node: fit(self.acts["train"][node], self.attributes["train"], n_values, method)
-                         for node in nodes or self.nodes}
-                  for method, name in (("mean", "supervised"), ("lstsq", "supervised_lstsq"))}
-
-        def save(by_node, folder):
-            for node, dictionary in by_node.items():
-                dictionary.save(os.path.join(folder, str(node)))
-        # the run's own dictionaries are kept; ones fitted for another SAE's nodes are not
-        for name, by_node in fitted.items() if nodes is None else ():
-            gpt2.atomic_folder(self.path("dictionaries", name), lambda folder: save(by_node, folder))
-        return fitted
-
-    def train_task_saes(self):
-        """({method: {setting: {node: SAE}}}, {(method, setting, node): its last training log}) for
-        every architecture and hyper-parameter (README §8), plus the frozen-random-decoder floor;
-        all nodes x settings of one architecture train as one batched stack."""
-        c, n, saes, training = self.config, len(self.nodes), {}, {}
-        datasets = torch.stack([self.acts["train"][node] for node in self.nodes])  # [node, N, d_head]
-        for method, grid in self.sae_grids().items():
-            arch = architecture(method)
-            specs = [dictionaries.SAESpec(arch, i, seed=c.seed + j, frozen_decoder=method == "random_decoder",
-                                          name=f"{name.removesuffix('_coefficient')}{value}/{node}",
-                                          **{name: value})
-                     for j, (name, value) in enumerate(grid) for i, node in enumerate(self.nodes)]
-            trained, logs = train_or_load_stack(self.path("saes", method), datasets, specs,
-                                                self.sae_train_config(), c.device)
-            final = {log["sae"]: log for log in logs}  # the last log of each SAE: how its training ended
-            saes[method] = {value: dict(zip(self.nodes, trained[j * n:(j + 1) * n]))
-                            for j, (_, value) in enumerate(grid)}
-            training.update({(method, value, node): final[j * n + i]
-                             for j, (_, value) in enumerate(grid) for i, node in enumerate(self.nodes)})
-        return saes, training
-
-    def sae_grids(self):
-        """{method: [(SAESpec field, value)]}: the task SAEs' settings; folders l1<value>/, k<value>/."""
-        c, l1 = self.config, "l1_coefficient"
-        return {"vanilla": [(l1, v) for v in c.vanilla_l1], "gated": [(l1, v) for v in c.gated_l1],
-                "topk": [("k", k) for k in c.topk_k],
-                "random_decoder": [(l1, c.vanilla_l1[len(c.vanilla_l1) // 2])]}
-
-    def sae_train_config(self):
-        """Task SAEs (and the phenomena's SAEs) train until they converge, capped at `epochs`."""
-        c = self.config
-        resample_at = dictionaries.TrainConfig.resample_at[:c.sae_resamples]  # (fixed schedule: when)
-        return dictionaries.TrainConfig(d_sae=c.d_sae, epochs=c.epochs, lr=c.sae_lr, resample_at=resample_at,
-                                        plateau=c.sae_plateau or None)
-
-    def train_corpus_saes(self):
-        """{f"{arch}_fulldist": {node: SAE}}: SAEs trained on every token position of generic text."""
-        c = self.config
-        heads = list(dict.fromkeys((node.hook_name, node.head) for node in self.nodes))
-        click.echo(f"Collecting {c.corpus_tokens} corpus activations at {len(heads)} (hook, head) pairs ...")
-        texts = dictionaries.iter_corpus_texts(c.corpus)
-        corpus = dictionaries.collect_corpus_activations(self.model, gpt2.load_tokenizer(), heads, texts,
-                                                         c.corpus_tokens,
-                                                         context=min(128, self.model.config.n_positions))
-        datasets = torch.stack([corpus[head] for head in heads]).cpu()  # [head, tokens, d_head]
-        config = dictionaries.TrainConfig(d_sae=c.corpus_d_sae, epochs=c.corpus_epochs, lr=c.corpus_lr)
-        saes = {}
-        for arch in ARCHS:
-            specs = [dictionaries.SAESpec(arch, i, l1_coefficient=c.corpus_l1, k=c.corpus_k, seed=c.seed,
-                                          name=f"{name}.{head}") for i, (name, head) in enumerate(heads)]
-            trained, _ = train_or_load_stack(self.path("saes", f"{arch}_fulldist"), datasets, specs, config,
-                                             c.device)
-            by_head = dict(zip(heads, trained))
-            saes[f"{arch}_fulldist"] = {node: by_head[(node.hook_name, node.head)] for node in self.nodes}
-        return saes
-
-    def at_nodes(self, supervised, task_saes, corpus_saes):
-        """The dictionaries behind metrics' grading interface: supervised {method: {node: ..}},
-        task SAEs {method: {setting: {node: ..}}} and full-distribution SAEs {method: {node: ..}}."""
-        def wrap(saes):
-            return metrics.saes_at_nodes(saes, self.acts["train"], self.attributes["train"])
-        return ({method: {node: metrics.SupervisedAtNode(d) for node, d in fitted.items()}
-                 for method, fitted in supervised.items()},
-                {method: {setting: wrap(saes) for setting, saes in settings.items()}
-                 for method, settings in task_saes.items()},
-                {method: wrap(saes) for method, saes in corpus_saes.items()})
-
-
-# --- how long a run will take: counted work times a short calibration on this machine
-
-CAPPED_PHASE = "task SAEs, at the epoch cap"  # the one phase whose length is not known in advance
-
-
-def planned_patched_runs(run):
-    """{phase: Counter {layer: forward passes over the evaluation prompts that patch from that layer
-    on}}, as `evaluate_run` will make them. An upper bound where Test 2 may choose one SAE setting
-    for several attributes (then it grades it once)."""
-    c = run.config
-    n_edits = 2 * len(c.edit_k)  # greedy and F1-guided, at each k
-    sae_grading = 2 + 2 * len(c.f1_thresholds)  # sufficiency, necessity; the causal curves
-    grading = Counter({0: 1})  # the clean run
-    ld_recovered = Counter(node.layer for node in run.nodes)  # every node patched at its mean
-    for section in run.sections:
-        n_attributes = len(section.attributes)
-        chosen = [min(len(grid), n_attributes) for grid in run.sae_grids().values()] + [1] * len(ARCHS)
-        grading[min(node.layer for node in section.nodes)] += (
-            1 + n_attributes + 2  # reference runs: mean-ablated, each counterfactual; mean ablation
-            + 2 * (2 + n_attributes)  # the two supervised dictionaries
-            + sum(chosen) * sae_grading + len(chosen) * n_attributes * n_edits)  # SAEs
-        ld_recovered.update(node.layer for node in section.nodes for _ in range(sum(chosen)))
-    return {"grading": grading, "ld_recovered": ld_recovered,
-            "phenomena": Counter(node.layer for node in run.nodes for _ in ioi.ATTRIBUTES)}
-
-
-def seconds_per_sae_step(arch, n_sae, d_in, d_sae, batch_size, device="cpu"):
-    """One training step of a stack of `n_sae` SAEs, on random data: 16 epochs of one batch less 8,
-    so set-up and all but one of the statistics at checkpoints (1, 2, 4, 8, 16) cancel."""
-    data = torch.randn(1, batch_size, d_in, device=device)
-    specs = [dictionaries.SAESpec(arch, seed=i) for i in range(n_sae)]
-
-    def seconds(epochs):  # the fastest of five: the first pays one-time costs, and a shared machine is noisy
-        config = dictionaries.TrainConfig(d_sae=d_sae, batch_size=batch_size, epochs=epochs, resample_at=(),
-                                          max_stack=None)
-        return min(_seconds(lambda: dictionaries.train_sae_stack(data, specs, config), device)
-                   for _ in range(5))
-    return max(0.0, seconds(16) - seconds(8)) / 8
-
-
-def estimate_seconds(run):
-    """{phase: seconds} for the whole run from scratch (work cached in the folder is skipped): the
-    work counted, times a forward pass and SAE steps timed here. SAE training is counted to the epoch
-    cap (`epochs`): converging SAEs stop sooner, so that phase is an upper bound. Not counted: the
-    supervised fits, the core metrics and the toy models (under a minute together in the demo)."""
-    c, group = run.config, dictionaries.TrainConfig.max_stack
-    prompts, d_head = run.splits["eval"][:c.batch_size], run.model.config.n_embd // run.model.config.n_head
-
-    @functools.cache
-    def per_prompt(layer=0):  # a pass that patches from `layer` on (`metrics.Task.patched`), per prompt
-        resume = (layer, ioi.residual_streams(run.model, prompts, layer, c.batch_size)) if layer else None
-
-        def forward():
-            metrics.patched_run(run.model, prompts, batch_size=c.batch_size, resume=resume)
-        forward()  # not timed: the first pass pays one-time costs
-        return _seconds(forward, c.device) / len(prompts)
-    n_prompts = sum(map(len, run.splits.values()))
-
-    def training(arch, n_sae, d_sae, epochs, n):  # groups of max_stack SAEs, one after another
-        batch_size = min(dictionaries.TrainConfig.batch_size, n)
-        steps = epochs * math.ceil(n / batch_size) * math.ceil(n_sae / group)
-        return steps * seconds_per_sae_step(arch, min(n_sae, group), d_head, d_sae, batch_size, c.device)
-    task_saes = sum(training(architecture(method), len(run.nodes) * len(grid),
-                             c.d_sae, c.epochs, c.n_train) for method, grid in run.sae_grids().items())
-    heads = len({(node.hook_name, node.head) for node in run.nodes})
-    corpus_forward = c.corpus_tokens / len(prompts[0].tokens) * per_prompt()  # (a prompt's cost per token)
-    corpus_saes = sum(training(arch, heads, c.corpus_d_sae, c.corpus_epochs, c.corpus_tokens)
-                      for arch in ARCHS)
-    return {"activations": n_prompts * per_prompt(), CAPPED_PHASE: task_saes,
-            "full-distribution SAEs": corpus_forward + corpus_saes,
-            **{f"{phase}: {sum(counts.values())} runs": c.n_eval * sum(n * per_prompt(layer)
-                                                                 for layer, n in counts.items())
-               for phase, counts in planned_patched_runs(run).items()}}
-
-
-def eta_text(seconds):
-    """The estimate as lines: the total, then each phase. The task SAEs stop when they converge, often
-    far below the cap (the demo's: at 10-45% of it), so their bound is not added into the total."""
-    def clock(s):
-        return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min" if s >= 60 else f"{s:.0f} s"
-    known = sum(s for phase, s in seconds.items() if phase != CAPPED_PHASE)
-    return "\n".join([f"Estimated time for the whole run: {clock(known)}, plus at most "
-                      f"{clock(seconds[CAPPED_PHASE])} to train the task SAEs (less if they converge)"]
-                     + [f"  {phase}: {clock(s)}" for phase, s in seconds.items()])
-
-
-@contextmanager
-def stopwatch(label):
-    started = time.time()
-    yield
-    click.echo(f"{label}: {time.time() - started:.0f} s")
-
-
-def evaluate_run(run, oversplitting_grids=metrics.OVERSPLITTING_GRIDS):
-    """Every test of the paper on one run -> records (README §5-§9); the dictionaries and SAEs are
-    fitted and trained, or loaded from the run folder, on the way. `oversplitting_grids`: the
-    over-splitting toy's grids (metrics.oversplitting_toy_records)."""
-    with stopwatch("Supervised dictionaries"):
-        supervised = run.fit_supervised()
-    with stopwatch("Task SAEs"):
-        task_saes, training = run.train_task_saes()
-    with stopwatch("Full-distribution SAEs"):
-        corpus_saes = run.train_corpus_saes()
-    supervised, task_saes, corpus_saes = run.at_nodes(supervised, task_saes, corpus_saes)
-    task = run.task()
-    clean_run = task.patched()
-    records = metrics.grade_model(task.prompts, clean_run)
-    with stopwatch("Tests 1-3 at every cross-section"):
-        records += grade_sections(run, task, clean_run, supervised, task_saes, corpus_saes)
-    with stopwatch("Core SAE metrics"):
-        saes = metrics.every_setting(task_saes, corpus_saes)
-        records += metrics.core_records(saes, run.acts["eval"], training)
-        records += metrics.ld_recovered_records(task, clean_run, run.acts["eval"], run.sections, saes,
-                                                metrics.chosen_settings(records))
-    with stopwatch("Feature occlusion and over-splitting"):
-        records += grade_phenomena(run, task, clean_run, supervised["supervised"], task_saes)
-    with stopwatch("Over-splitting toy"):
-        records += metrics.oversplitting_toy_records(oversplitting_grids, run.config.seed)
-    return records
-
-
-def grade_sections(run, task, clean_run, supervised, task_saes, corpus_saes):
-    """`metrics.grade_section` at every cross-section of the run, with a progress bar. Each
-    section's records are cached in grades/ (`gpt2.cached`) as soon as it is graded, so a killed
-    run resumes at the next section; they are reused only under the same settings and SAEs."""
-    # What graded records depend on: the settings (bar the device) and every SAE stack's key.
-    settings = {name: value for name, value in asdict(run.config).items() if name != "device"}
-    stamps = {os.path.basename(os.path.dirname(path)): gpt2.read_json(path)
-              for path in sorted(glob.glob(run.path("saes", "*", "key.json")))}
-    key, records = {"settings": settings, "saes": stamps}, []
-
-    def load(saved):
-        return [metrics.Record(**row) for row in gpt2.read_json(os.path.join(saved, "records.json"))]
-    with click.progressbar(run.sections, label="Grading cross-sections",
-                           item_show_func=lambda section: section.name if section else "") as sections:
-        for section in sections:
-            def grade(tmp):
-                inputs = metrics.section_inputs(task, section, run.acts, run.attributes, clean_run)
-                graded = metrics.grade_section(task, inputs, supervised, task_saes, corpus_saes,
-                                               run.config.edit_k, run.config.f1_thresholds)
-                gpt2.write_json(os.path.join(tmp, "records.json"), [row.to_json() for row in graded])
-            folder = run.path("grades", re.sub(r"[^A-Za-z0-9]+", "_", section.name).strip("_"))
-            records += gpt2.cached(folder, key, grade, load)
-    return records
-
-
-def grade_phenomena(run, task, clean_run, supervised, task_saes):
-    """README §9 (`metrics.grade_phenomena`); where occlusion is testable, the α sweep: top-k SAEs
-    trained on a - α u_IO at its node, one per α; and the occlusion toy at the measured norms."""
-    c = run.config
-    phenomena = metrics.grade_phenomena(task, clean_run, run.nodes, run.acts, supervised, task_saes)
-    records, node = phenomena.records, phenomena.occlusion_node
-    if node is not None:
-        io_features = supervised[node].dictionary.features["io"]
-        datasets = metrics.io_shrunk_activations(run.acts["train"][node], io_features,
-                                                 run.attributes["train"]["io"], c.occlusion_alphas)
-        specs = [dictionaries.SAESpec("topk", i, k=c.topk_k[0], seed=c.seed, name=f"alpha{alpha}")
-                 for i, alpha in enumerate(c.occlusion_alphas)]
-        saes, _ = train_or_load_stack(run.path("saes", "occlusion_alpha_sweep"), datasets, specs,
-                                      run.sae_train_config(), c.device)
-        records += metrics.alpha_sweep_records(node, saes, datasets, c.occlusion_alphas,
-                                               run.attributes["train"], c.topk_k[0])
-    return records + metrics.occlusion_toy_records(phenomena.toy_norms, c.vanilla_l1, run.sae_train_config(),
-                                                   c.seed)
-
-
-def write_metrics(run, rows):
-    """metrics.json: the config, the circuit that was graded, and one flat row per result."""
-    sections = [{"name": s.name, "nodes": [str(n) for n in s.nodes], "attributes": list(s.attributes)}
-                for s in run.sections]
-    circuit = {"sections": sections, "skipped": run.skipped, "discovery": run.discovery}
-    gpt2.write_json(run.path("metrics.json"), {"config": asdict(run.config), "circuit": circuit,
-                                               "results": rows})
-
-
-def evaluate_and_report(run, oversplitting_grids=metrics.OVERSPLITTING_GRIDS):
-    """Every test (`evaluate_run`) -> metrics.json and report.md, and the report's summary."""
-    write_metrics(run, [record.to_json() for record in evaluate_run(run, oversplitting_grids)])
-    click.echo(write_report(run.out))
-    click.echo(f"Wrote {run.path('metrics.json')} and {run.path('report.md')} "
-               f"in {time.time() - run.started:.0f} s")
-
-
-def recover_interrupted_saves(out):
-    """Undo every save a killed run left unfinished in its folder `out`: gpt2.atomic_write and
-    gpt2.atomic_folder leave NAME.tmp (and NAME.old) behind only when killed midway. Only what
-    a run writes is looked at, since `out` may hold other files too."""
-    saved = [os.path.join(out, name) for name in ("config.json", "metrics.json", "report.md")]
-    for folder in ("activations", "dictionaries", "saes", "grades", "figures"):
-        for root, dirs, files in os.walk(os.path.join(out, folder)):
-            saved += [os.path.join(root, os.path.splitext(name)[0]) for name in dirs + files
-                      if name.endswith((".tmp", ".old"))]
-    for path in saved:  # parents first: a leftover inside a removed one is gone already
-        gpt2.recover_interrupted_save(path)
-
-
-def open_run(out, weights=None, preset=None, device="cpu", force=False, circuit=None, eta=False,
-             **overrides):
-    """The run in folder `out`, bound to the settings in its config.json: the saved ones; or with
-    `preset`, or in a new folder, a preset ("demo", scaled down, for the embedded model; "paper" for
-    real GPT-2 weights); either overridden by the settings given. Other settings than the saved ones
-    are a one-line error unless `force`. The device only decides where the run computes, so it is
-    not bound. `circuit`, `eta`: see `Run`."""
-    recover_interrupted_saves(out)
-    path, saved = os.path.join(out, "config.json"), None
-    try:
-        saved = RunConfig.load(path) if os.path.exists(path) else None
-    except click.ClickException as error:
-        if not force:
-            raise click.ClickException(f"{error.message} (--force replaces it)") from None
-    given = {name: value for name, value in dict(overrides, weights=weights).items() if value is not None}
-    presets = {"demo": DEMO, "paper": RunConfig()}
-    base = saved if saved and not preset else presets[preset or ("demo" if weights is None else "paper")]
-    config = replace(base, **given, device=device)
-    changed = [] if saved is None else [
-        f"{f.name} {getattr(saved, f.name)!r} -> {getattr(config, f.name)!r}" for f in fields(RunConfig)
-        if f.name != "device" and getattr(saved, f.name) != getattr(config, f.name)]
-    if changed and not force:
-        more = f"; {len(changed) - 3} more" if len(changed) > 3 else ""
-        raise click.ClickException(f"{path} holds other settings ({'; '.join(changed[:3])}{more}): "
-                                   "add --force to rebind the folder to these, or choose a new --out")
-    return Run(out, config, circuit, eta)
-
-
-FORCE_OPTION = click.option("--force", is_flag=True,
-                            help="Rebind a run folder made with other settings to these (caches are kept).")
-
-
-def run_options(function):
-    """Options shared by every pipeline step, the keyword arguments of `open_run`: the run folder
-    and what it runs on."""
-    options = [
-        click.option("--out", "out", default="runs/demo", show_default=True, callback=output_folder(),
-                     help="Run folder (created if needed)."),
-        click.option("--weights", default=None, help=WEIGHTS_HELP),
-        click.option("--preset", type=click.Choice(["demo", "paper"]), default=None,
-                     help="Settings: demo (minutes on a CPU) or the paper's. "
-                          "Default: demo for the embedded model."),
-        DEVICE_OPTION,
-        click.option("--n-train", type=click.IntRange(min=10), default=None, help="Training prompts."),
-        click.option("--n-eval", type=click.IntRange(min=10), default=None, help="Evaluation prompts."),
-        click.option("--epochs", type=click.IntRange(min=1), default=None, help="SAE training epochs."),
-        FORCE_OPTION,
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
-
-
-@cli.command()
-@run_options
-def collect(**options):
-    """Step 1: find the circuit and cache activations at its nodes."""
-    run = open_run(**options)
-    for section in run.sections:
-        nodes = " ".join(str(node) for node in section.nodes)
-        click.echo(f"{section.name:12s} {', '.join(section.attributes):12s} {nodes}")
-    click.echo(f"Activations cached in {run.path('activations')}")
-
-
-@cli.command()
-@run_options
-def supervised(**options):
-    """Step 2: fit mean and least-squares supervised dictionaries at every node (README §4)."""
-    run = open_run(**options)
-    run.fit_supervised()
-    click.echo(f"Supervised dictionaries saved in {run.path('dictionaries')}")
-
-
-@cli.command("train-saes")
-@run_options
-@click.option("--source", type=click.Choice(["ioi", "corpus", "both"]), default="both", show_default=True,
-              help="Task SAEs on IOI activations, full-distribution SAEs on corpus text, or both.")
-def train_saes(source, **options):
-    """Step 3: train every SAE of the run (all nodes x settings, one batched stack per architecture)."""
-    run = open_run(**options)
-    if source in ("ioi", "both"):
-        run.train_task_saes()
-    if source in ("corpus", "both"):
-        run.train_corpus_saes()
-    click.echo(f"SAEs saved in {run.path('saes')} (SAELens layout)")
-
-
-@cli.command("run")
-@run_options
-def run_command(**options):
-    """Step 4, the whole paper: grade dictionaries and SAEs on every test -> metrics.json and
-    report.md (steps 1-3 run, or load from the folder's caches, as needed). GPT-2 Small via --weights."""
-    evaluate_and_report(open_run(**options, eta=True))
-
-
-@cli.command()
-@click.option("--out", default="runs/demo", show_default=True, callback=output_folder(), help="Run folder.")
-@FORCE_OPTION
-def demo(out, force):
-    """The whole paper on the embedded small IOI model, scaled to minutes on a CPU."""
-    evaluate_and_report(open_run(out, preset="demo", force=force, eta=True))
 
 
 # --- grade-sae: any SAE in SAELens's layout, graded like ours (README, "Use with TransformerLens / SAELens")
@@ -1124,7 +1090,7 @@ def grade_sae_in_run(run, sae, label, min_section_effect=metrics.MIN_SECTION_EFF
     run.add_nodes([node for section in sections for node in section.nodes])
     records = grade_other_sae(run, label, sae, sections, min_section_effect)
     path = run.path("metrics.json")
-    kept = [row for row in (gpt2.read_json(path)["results"] if os.path.exists(path) else [])
+    kept = [row for row in (read_json(path)["results"] if os.path.exists(path) else [])
             if row.get("graded_sae") != label]
     has_model = any(row["site"] == "model" for row in kept)  # the model's own records are written once
     write_metrics(run, kept + [replace(r, graded_sae=label).to_json()
@@ -1147,122 +1113,6 @@ def grade_sae_command(sae_dir, name, **options):
     grade_sae_in_run(run, sae, name or f"sae:{Path(sae_dir).resolve().name}")
     click.echo(write_report(run.out))
     click.echo(f"Wrote {run.path('metrics.json')} and {run.path('report.md')}")
-
-
-# === benchmarks (bench): our GPT-2 forward and batched SAE training, timed ===
-
-def forward_flops(config, batch, n_pos, logits_at_last_only):
-    """Matmul FLOPs (2 per multiply-add) of one forward pass over [batch, n_pos] tokens. Per token and
-    layer: 2·4d² for q, k, v and the output projection, 2·2·d·d_mlp for the MLP, 2·2·n_pos·d for
-    attention scores and their weighted sum of values (the full square is computed, then masked). The
-    unembedding (2·d·vocab) runs at every position, or at one per prompt with logits at the last
-    position only (as nanoGPT slices before it). LayerNorms, biases, GELU and softmax are not counted."""
-    d, tokens = config.n_embd, batch * n_pos
-    per_layer = tokens * (2 * 4 * d * d + 2 * 2 * d * config.d_mlp + 2 * 2 * n_pos * d)
-    unembedded = batch if logits_at_last_only else tokens
-    return config.n_layer * per_layer + unembedded * 2 * d * config.vocab_size
-
-
-def _seconds(fn, device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-@torch.inference_mode()
-def bench_forward(config=None, batch=100, n_pos=19, repeats=5, device="cpu", matmul_size=2048, seed=0):
-    """Time our IOI-style forward (logits at the last position only, hook_z of every head cached: what
-    the pipeline runs) against Hugging Face's ordinary one (logits at every position) on the same
-    random weights (speed does not depend on their values) and prompts, and against a plain matmul.
-    The three are timed in turn within each repeat, so a busy machine slows all of them alike; we
-    report medians, and the best matmul time as the machine's FLOP rate."""
-    import statistics
-    config = config or gpt2.GPT2Config()
-    torch.manual_seed(seed)
-    ours = gpt2.GPT2(config).to(device).eval()
-    tokens = torch.randint(config.vocab_size, (batch, n_pos), generator=torch.Generator().manual_seed(seed))
-    tokens[:, 0] = gpt2.BOS_TOKEN_ID
-    tokens = tokens.to(device)
-    last = torch.full((batch,), n_pos - 1, device=device)
-    z_names = [f"blocks.{layer}.attn.hook_z" for layer in range(config.n_layer)]
-    a, b = (torch.randn(matmul_size, matmul_size, device=device) for _ in range(2))
-    runs = {"ours": lambda: ours.run_with_cache(tokens, z_names, logits_at=last)[0],
-            "matmul": lambda: a @ b}
-    try:
-        import transformers
-    except ImportError:
-        pass
-    else:
-        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config.to_hf_dict()))
-        # strict=False: lm_head is tied to the token embedding
-        hf.load_state_dict({f"transformer.{k}": v for k, v in ours.state_dict().items()}, strict=False)
-        hf = hf.to(device).eval()
-        runs["hf"] = lambda: hf(tokens, use_cache=False).logits
-    times = {name: [] for name in runs}
-    for run in runs.values():
-        run()  # warm-up: allocator, thread pool, kernel choice
-    for _ in range(repeats):
-        for name, run in runs.items():
-            times[name].append(_seconds(run, device))
-    ours_s = statistics.median(times["ours"])
-    matmul_gflops = 2 * matmul_size ** 3 / min(times["matmul"]) / 1e9
-    ours_gflops = forward_flops(config, batch, n_pos, logits_at_last_only=True) / ours_s / 1e9
-    result = {"batch": batch, "n_pos": n_pos, "repeats": repeats, "matmul_size": matmul_size,
-              "ours_tokens_per_s": batch * n_pos / ours_s, "ours_gflops": ours_gflops,
-              "matmul_gflops": matmul_gflops, "ours_fraction_of_matmul": ours_gflops / matmul_gflops,
-              "hf_s": None, "ours_over_hf": None, "max_abs_logit_diff": None}
-    if "hf" in runs:
-        hf_s = statistics.median(times["hf"])
-        result.update(hf_s=hf_s, hf_tokens_per_s=batch * n_pos / hf_s, ours_over_hf=hf_s / ours_s,
-                      hf_gflops=forward_flops(config, batch, n_pos, logits_at_last_only=False) / hf_s / 1e9,
-                      max_abs_logit_diff=(runs["ours"]() - runs["hf"]()[:, -1]).abs().max().item())
-    return result
-
-
-@cli.command("bench")
-@click.option("--batch", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Prompts per forward pass.")
-@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Timed passes of each contender (median).")
-@DEVICE_OPTION
-def bench_command(batch, repeats, device):
-    """Benchmarks: our GPT-2 forward vs Hugging Face and the matmul FLOP rate, then SAE training."""
-    r = bench_forward(batch=batch, repeats=repeats, device=device)
-    click.echo(f"GPT-2 Small shape, random weights, {batch} prompts x {r['n_pos']} tokens on {device}, "
-               f"median of {repeats}, {torch.get_num_threads()} threads")
-    if r["hf_s"] is None:
-        click.echo("  HF transformers:  skipped (transformers is not installed)")
-    else:
-        click.echo(f"  HF transformers, logits at every position:   {r['hf_tokens_per_s']:9,.0f} tokens/s  "
-                   f"{r['hf_gflops']:6.1f} GFLOP/s")
-    click.echo(f"  ours, logits at the last position + hook_z:  {r['ours_tokens_per_s']:9,.0f} tokens/s  "
-               f"{r['ours_gflops']:6.1f} GFLOP/s = {r['ours_fraction_of_matmul']:.0%} of the matmul rate")
-    click.echo(f"  fp32 matmul {r['matmul_size']}^3, best of {repeats}:{r['matmul_gflops']:38.1f} GFLOP/s")
-    if r["hf_s"] is not None:
-        click.echo(f"  ours / HF: {r['ours_over_hf']:.2f}x faster  "
-                   f"(max |delta logit| {r['max_abs_logit_diff']:.1e})")
-    # The SAE half: batched stack vs per-SAE loop, FLOP rate, the paper's grid projected.
-    s = dictionaries.bench_sae_training()
-    click.echo(f"SAE training: {s['n_sae']} {s['arch']} SAEs {s['d_in']} -> {s['d_sae']}, batch 512, "
-               f"{s['epochs']} epochs of {s['n']} inputs, best of 2")
-    click.echo(f"  loop, one SAE at a time:          {s['loop_s']:6.2f} s  "
-               f"({s['loop_ms_per_sae_step']:.2f} ms per SAE step)")
-    click.echo(f"  one stack of {s['n_sae']}:                {s['stack_s']:6.2f} s")
-    click.echo(f"  stacks of {s['stack_size']} (the default):      {s['grouped_s']:6.2f} s  "
-               f"({s['ms_per_sae_step']:.2f} ms per SAE step, {s['gflops']:.0f} GFLOP/s)")
-    click.echo(f"  a step's 5 matmuls alone: {s['matmul_ms_one']:.2f} ms for one SAE, "
-               f"{s['matmul_ms_stacked']:.2f} ms per SAE in a stack of {s['stack_size']} "
-               f"({s['matmul_gflops_stacked']:.0f} GFLOP/s)")
-    click.echo(f"  batched / loop: {s['speedup']:.2f}x faster; at most {s['speedup_ceiling']:.2f}x if a "
-               "stacked step were nothing but its matmuls")
-    click.echo("  the paper's grid (55 nodes x 12 settings, 20,000 x 64, batch 512) here: "
-               f"{s['paper_grid_hours']:.1f} h at its 2,000 epochs;")
-    click.echo(f"    {s['paper_grid_converged_hours']:.1f} h stopped at convergence, assuming "
-               f"{s['converged_epochs']} epochs (our slowest measured convergence: README, Status)")
 
 
 # === report (report.md, figures, terminal summary) ===
@@ -1498,8 +1348,8 @@ class Report:
         elif handles:  # one legend for all panels, outside on the right
             fig.legend(handles.values(), handles.keys(), fontsize=8, loc="outside right upper",
                        handlelength=3)
-        gpt2.atomic_write(os.path.join(self.figdir, name),
-                          lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+        atomic_write(os.path.join(self.figdir, name),
+                     lambda tmp: fig.savefig(tmp, format="png", dpi=110))
         return f"![{name[:-4].replace('_', ' ')}](figures/{name})"
 
     def figured(self, name, panel, caption, size=(6, 3.5)):
@@ -1922,7 +1772,7 @@ def write_report(run_dir) -> str:
     report = Report.load(run_dir)
     os.makedirs(report.figdir, exist_ok=True)
     markdown = report.markdown()
-    gpt2.atomic_write(os.path.join(run_dir, "report.md"), lambda tmp: Path(tmp).write_text(markdown))
+    atomic_write(os.path.join(run_dir, "report.md"), lambda tmp: Path(tmp).write_text(markdown))
     return report.summary()
 
 
@@ -1934,6 +1784,116 @@ def report(run_dir):
     click.echo(write_report(run_dir))
     click.echo(f"Wrote {os.path.join(run_dir, 'report.md')}")
 # === end report ===
+
+
+# === plumbing: atomic saves and the one cache ===
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename: an interrupted save never leaves a partial file."""
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, data):
+    """Write `data` as JSON, atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+    atomic_write(path, write)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def atomic_folder(path, write):
+    """Call write(tmp_folder) to fill a fresh sibling folder, then rename it to `path`; return
+    what `write` returns.
+
+    A multi-file artefact (a saved model, an SAE stack) is then either wholly the old version
+    or wholly the new one: readers look only at `path`, and its completion marker (written
+    last by `write`) arrives with the rest in one rename. A folder cannot be renamed over
+    another, so an old version is first moved to PATH.old, and deleted once the new one is
+    in place. A save killed midway leaves PATH.tmp (and perhaps PATH.old) behind:
+    `recover_interrupted_save`, called here and by readers, puts things back.
+    """
+    path = os.path.normpath(path)
+    recover_interrupted_save(path)
+    os.makedirs(path + ".tmp")
+    try:
+        result = write(path + ".tmp")
+        if os.path.exists(path):
+            os.rename(path, path + ".old")
+        os.rename(path + ".tmp", path)
+    finally:
+        recover_interrupted_save(path)
+    return result
+
+
+def cached(folder, key, build, load):
+    """The project's one cache (activations, SAE stacks, grades): load(folder) if `folder` was built
+    from `key`, a JSON description of everything the result depends on; else build(tmp) fills a
+    fresh folder, key.json is written last to mark it complete, and it replaces `folder` in one
+    rename (`atomic_folder`) before being loaded. A changed setting changes the key, so a stale
+    result is rebuilt, never reused; loading what was saved makes a fresh run and a resumed one
+    continue from the very same values."""
+    key = json.loads(json.dumps(key))  # as key.json reads back: tuples become lists
+    stamp = os.path.join(folder, "key.json")
+    recover_interrupted_save(folder)
+    if not (os.path.exists(stamp) and read_json(stamp) == key):
+        def write(tmp):
+            build(tmp)
+            write_json(os.path.join(tmp, "key.json"), key)
+        atomic_folder(folder, write)
+    return load(folder)
+
+
+def recover_interrupted_save(path):
+    """Undo what an interrupted `atomic_write` or `atomic_folder` left beside `path`: the old
+    version comes back if the new one never replaced it, and the temporary copies go."""
+    path = os.path.normpath(path)
+    if os.path.exists(path + ".old") and not os.path.exists(path):
+        os.rename(path + ".old", path)
+    for leftover in (path + ".tmp", path + ".old"):
+        if os.path.isdir(leftover) and not os.path.islink(leftover):
+            shutil.rmtree(leftover)
+        elif os.path.lexists(leftover):
+            os.remove(leftover)
+
+
+def recover_interrupted_saves(out):
+    """Undo every save a killed run left unfinished in its folder `out`: `atomic_write` and
+    `atomic_folder` leave NAME.tmp (and NAME.old) behind only when killed midway. Only what
+    a run writes is looked at, since `out` may hold other files too."""
+    saved = [os.path.join(out, name) for name in ("config.json", "metrics.json", "report.md")]
+    for folder in ("activations", "dictionaries", "saes", "grades", "figures"):
+        for root, dirs, files in os.walk(os.path.join(out, folder)):
+            saved += [os.path.join(root, os.path.splitext(name)[0]) for name in dirs + files
+                      if name.endswith((".tmp", ".old"))]
+    for path in saved:  # parents first: a leftover inside a removed one is gone already
+        recover_interrupted_save(path)
+
+
+def collect_activations(cache_dir, model, prompts, nodes, batch_size):
+    """`ioi.collect_activations`, cached in a folder of `cache_dir` named by a hash of what produced
+    the activations: the weights, the prompts and the nodes."""
+    nodes = list(dict.fromkeys(nodes))
+    key = {"weights": gpt2.weights_hash(model), "prompts": ioi.prompts_fingerprint(prompts),
+           "nodes": [str(node) for node in nodes]}
+
+    def build(tmp):
+        activations = ioi.collect_activations(model, prompts, nodes, batch_size)
+        save_file({str(node): acts.contiguous() for node, acts in activations.items()},
+                  os.path.join(tmp, "activations.safetensors"))
+    folder = os.path.join(cache_dir, hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16])
+    tensors = cached(folder, key, build, lambda tmp: load_file(os.path.join(tmp, "activations.safetensors")))
+    return {node: tensors[str(node)] for node in nodes}
 
 
 if __name__ == "__main__":

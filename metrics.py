@@ -28,21 +28,12 @@ import torch.nn.functional as F
 import dictionaries
 import ioi
 
-POS_VALUES = ("ABB", "BAB")  # pos attribute ids 0 and 1, as in ioi.attribute_ids
 NAME_ATTRIBUTES = ("io", "s")
 
 
 def _mean(values) -> float:
     """Mean of a tensor of per-prompt values (or of a number that already is a mean)."""
     return float(torch.as_tensor(values, dtype=torch.float64).mean())
-
-
-# ---------------------------------------------------------------------------------------
-# Logit difference (README §2)
-# ---------------------------------------------------------------------------------------
-
-# Defined in ioi.py beside the one loop over prompt batches, which computes it for every run.
-logit_diff = ioi.logit_diff
 
 
 # ---------------------------------------------------------------------------------------
@@ -84,7 +75,7 @@ def ld_recovered(ld_sae, ld_mean_ablated, ld_clean) -> float:
 
 def edit_accuracy(edited_top: torch.Tensor, ground_truth_top: torch.Tensor) -> float:
     """Fraction of prompts whose argmax next token after the edit equals the argmax of the
-    ground-truth run (counterfactual activations patched in). Token ids [B] (`PatchedRun.top_token`)."""
+    ground-truth run (counterfactual activations patched in). Token ids [B] (`ioi.PatchedRun.top_token`)."""
     if edited_top.shape != ground_truth_top.shape or edited_top.dtype != torch.long:
         raise ValueError(f"edit_accuracy: expected two LongTensors [B] of argmax tokens, got "
                          f"{edited_top.dtype} {tuple(edited_top.shape)} and {tuple(ground_truth_top.shape)}")
@@ -202,7 +193,7 @@ def f1_scores(active: torch.Tensor, properties: torch.Tensor) -> torch.Tensor:
 
 def _check_attributes(attributes: dict, n_names: int):
     """io/s/pos must be id tensors of one shape [N], each id within its attribute's range."""
-    limits = {"io": n_names, "s": n_names, "pos": len(POS_VALUES)}
+    limits = {"io": n_names, "s": n_names, "pos": len(ioi.PATTERNS)}
     n_prompts = len(attributes["io"])
     for name, limit in limits.items():
         values = attributes[name]
@@ -219,7 +210,7 @@ def _name_properties(attributes: dict, n_names: int, name_present=None) -> dict:
     has = io | s if name_present is None else name_present.bool()
     if has.shape != io.shape:
         raise ValueError(f"name_present: expected shape {tuple(io.shape)}, got {tuple(has.shape)}")
-    io_first = (attributes["pos"] == POS_VALUES.index("ABB"))[:, None]  # [N, 1]
+    io_first = (attributes["pos"] == ioi.PATTERNS.index("ABB"))[:, None]  # [N, 1]
     return {"io": io, "s": s, "has": has,
             "first": torch.where(io_first, io, s), "second": torch.where(io_first, s, io)}
 
@@ -232,15 +223,15 @@ def candidate_properties(attributes: dict, names: Sequence[str], name_present=No
     name), pos=ABB/BAB, io=v&pos=p, s=v&pos=p. Unions of names are per latent: `interpret_latents`."""
     _check_attributes(attributes, len(names))
     singles = _name_properties(attributes, len(names), name_present)
-    pos = F.one_hot(attributes["pos"], len(POS_VALUES)).bool()  # [N, 2]
+    pos = F.one_hot(attributes["pos"], len(ioi.PATTERNS)).bool()  # [N, 2]
     columns, labels = [], []
     for family, matrix in singles.items():
         columns.append(matrix)
         labels += [f"{family}={name}" for name in names]
     columns.append(pos)
-    labels += [f"pos={value}" for value in POS_VALUES]
+    labels += [f"pos={value}" for value in ioi.PATTERNS]
     for family in NAME_ATTRIBUTES:
-        for p, value in enumerate(POS_VALUES):
+        for p, value in enumerate(ioi.PATTERNS):
             columns.append(singles[family] & pos[:, p:p + 1])
             labels += [f"{family}={name}&pos={value}" for name in names]
     return torch.cat(columns, dim=1), labels
@@ -398,7 +389,7 @@ def occlusion_toy_experiment(io_norm: float, s_norm: float, l1s: Sequence[float]
 
 def pos_latents(best_labels: Sequence[str]) -> int:
     """Number of latents whose interpretation is a Pos value (pos=ABB or pos=BAB)."""
-    pos_labels = {f"pos={value}" for value in POS_VALUES}
+    pos_labels = {f"pos={value}" for value in ioi.PATTERNS}
     return sum(label in pos_labels for label in best_labels)
 
 
@@ -540,7 +531,6 @@ def oversplitting_verdict(toy: dict, min_firing: float = 0.02, tolerance: float 
 
 # A forward pass over the evaluation prompts with patches set is `ioi.patched_run`: the one loop
 # that `ioi.evaluate` and `ioi.discover` run too. Patches are computed first, then all applied at once.
-PatchedRun, patched_run = ioi.PatchedRun, ioi.patched_run
 
 
 @dataclass(frozen=True)
@@ -551,7 +541,7 @@ class Task:
     batch_size: int = 256
     residuals: dict = field(default_factory=dict, repr=False, compare=False)  # {layer: ioi.residual_streams}
 
-    def patched(self, patches: Optional[dict] = None) -> PatchedRun:
+    def patched(self, patches: Optional[dict] = None) -> ioi.PatchedRun:
         """The pass with `patches` set. It resumes from the unpatched residual stream at the first layer
         it patches, since the blocks before compute that stream whatever is patched later: the same
         numbers, for the cost of the blocks from there on."""
@@ -559,11 +549,11 @@ class Task:
         if layer and layer not in self.residuals:
             self.residuals[layer] = ioi.residual_streams(self.model, self.prompts, layer, self.batch_size)
         resume = (layer, self.residuals[layer]) if layer else None
-        return patched_run(self.model, self.prompts, patches, self.batch_size, resume=resume)
+        return ioi.patched_run(self.model, self.prompts, patches, self.batch_size, resume=resume)
 
 
-def approximation(task: Task, clean: dict, reconstruction: dict, clean_run: PatchedRun,
-                  mean_ablated_run: PatchedRun) -> dict:
+def approximation(task: Task, clean: dict, reconstruction: dict, clean_run: ioi.PatchedRun,
+                  mean_ablated_run: ioi.PatchedRun) -> dict:
     """Sufficiency and necessity of a reconstruction at every node of a cross-section (README §5).
 
     Sufficiency patches â; necessity patches ā + (a - â), i.e. mean-ablates the part the
@@ -718,9 +708,9 @@ class SectionInputs:
     values: dict  # {attribute: ids [N]} of the evaluation prompts
     counterfactual: dict  # {attribute: {node: [N, d]}}: the activations of p′
     new_values: dict  # {attribute: ids [N]} of each attribute in its counterfactual prompts p′
-    clean_run: PatchedRun
-    mean_ablated_run: PatchedRun  # every node of the section at its mean
-    truth: dict  # {attribute: PatchedRun}: the counterfactual activations patched in (README §6)
+    clean_run: ioi.PatchedRun
+    mean_ablated_run: ioi.PatchedRun  # every node of the section at its mean
+    truth: dict  # {attribute: ioi.PatchedRun}: the counterfactual activations patched in (README §6)
 
     @property
     def site(self) -> str:
@@ -731,7 +721,7 @@ class SectionInputs:
                                self.counterfactual[attribute][node])
 
 
-def section_inputs(task: Task, section, acts: dict, values: dict, clean_run: PatchedRun) -> SectionInputs:
+def section_inputs(task: Task, section, acts: dict, values: dict, clean_run: ioi.PatchedRun) -> SectionInputs:
     """The inputs of one cross-section, from activations {split: {node: [N, d]}} and attribute ids
     {split: {attribute: [N]}} of the splits "eval" and "cf_<attribute>" (README §2)."""
     clean = {node: acts["eval"][node] for node in section.nodes}
@@ -750,7 +740,7 @@ def moves_the_task(inputs: SectionInputs, min_effect: float = MIN_SECTION_EFFECT
     return bool(abs(inputs.mean_ablated_run.logit_diff.mean() - clean) >= min_effect * abs(clean))
 
 
-def grade_model(prompts: Sequence, clean_run: PatchedRun) -> list:
+def grade_model(prompts: Sequence, clean_run: ioi.PatchedRun) -> list:
     """The task itself (README §2): mean LD, accuracy, top-1 accuracy and the LD histogram."""
     diffs = clean_run.logit_diff
     io_token = torch.tensor([ioi.name_token(prompt.io) for prompt in prompts])
@@ -947,8 +937,8 @@ def core_records(saes: dict, eval_acts: dict, training: dict) -> list:
     return records
 
 
-def ld_recovered_records(task: Task, clean_run: PatchedRun, eval_acts: dict, sections: Sequence, saes: dict,
-                         chosen: dict, min_node_effect: float = MIN_NODE_EFFECT) -> list:
+def ld_recovered_records(task: Task, clean_run: ioi.PatchedRun, eval_acts: dict, sections: Sequence,
+                         saes: dict, chosen: dict, min_node_effect: float = MIN_NODE_EFFECT) -> list:
     """LD recovered (README §5) with one node patched at a time, at every node of `sections`, for
     every SAE {method: {setting: {node: SAEAtNode}}} at the settings `chosen` there (setting None:
     full-distribution SAEs). A node whose mean ablation alone moves the mean LD by less than
@@ -971,7 +961,7 @@ def ld_recovered_records(task: Task, clean_run: PatchedRun, eval_acts: dict, sec
 
 # --- the two phenomena (README §9) ---
 
-def attribute_evidence(task: Task, clean_run: PatchedRun, nodes: Sequence, acts: dict, supervised: dict):
+def attribute_evidence(task: Task, clean_run: ioi.PatchedRun, nodes: Sequence, acts: dict, supervised: dict):
     """Per node and attribute: the supervised feature's mean norm relative to the spread of the
     activations (mean ‖a - ā‖), and its causal effect alone -- the share of answers that change,
     and how far the mean LD moves, when only this node takes the counterfactual activation.
@@ -1006,7 +996,7 @@ class Phenomena(NamedTuple):
     toy_norms: dict  # the IO and S feature norms the occlusion toy takes
 
 
-def grade_phenomena(task: Task, clean_run: PatchedRun, nodes: Sequence, acts: dict, supervised: dict,
+def grade_phenomena(task: Task, clean_run: ioi.PatchedRun, nodes: Sequence, acts: dict, supervised: dict,
                     task_saes: dict) -> Phenomena:
     """Occlusion needs IO and S both present and causal at a node; over-splitting needs Pos present
     and causal (README §9). At those nodes: the names with a latent, and the Pos latents, of every

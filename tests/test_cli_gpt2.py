@@ -1,4 +1,4 @@
-"""Specification of the gpt2 subcommands of main.py: download, generate, bench.
+"""Specification of the gpt2 subcommands of main.py (download, generate) and of tests/benchmarks.py.
 
 The benchmark's timings depend on the machine, so what is tested is what must hold anywhere:
 HF and ours compute the same logits, and HF is optional (bad options: test_robustness.py).
@@ -16,6 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import benchmarks
 import gpt2
 import main
 
@@ -129,12 +130,12 @@ def test_generate_with_bad_weights_is_a_one_line_error(tmp_path):
 
 def test_bench_forward_runs_ours_and_hugging_face_on_the_same_weights():
     pytest.importorskip("transformers")
-    result = main.bench_forward(TINY, batch=2, n_pos=5, repeats=1, matmul_size=64)
+    result = benchmarks.bench_forward(TINY, batch=2, n_pos=5, repeats=1, matmul_size=64)
     assert (result["batch"], result["n_pos"], result["repeats"]) == (2, 5, 1)
     assert result["max_abs_logit_diff"] < 1e-4  # HF really ran the same model on the same prompts
 
 
 def test_bench_forward_without_transformers_times_ours_alone(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
-    result = main.bench_forward(TINY, batch=2, n_pos=5, repeats=1, matmul_size=64)
+    result = benchmarks.bench_forward(TINY, batch=2, n_pos=5, repeats=1, matmul_size=64)
     assert [result[key] for key in ("hf_s", "ours_over_hf", "max_abs_logit_diff")] == [None, None, None]

@@ -1,6 +1,5 @@
 """Specification of dictionaries.py: supervised dictionaries and SAEs (README §4 and §8)."""
 import json
-from dataclasses import replace
 
 import math
 
@@ -10,6 +9,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
+import benchmarks
 import dictionaries as D
 import main
 
@@ -251,16 +251,17 @@ def test_frozen_random_decoder_stays_put():
 @pytest.mark.parametrize("arch", ["vanilla", "gated", "topk"])
 def test_batched_stack_trains_bit_for_bit_like_separate_runs(arch):
     """Each SAE of a stack (its own dataset, λ or k, and seed; resampling half-way) ends exactly
-    where it ends trained alone, and so do groups of max_stack."""
+    where it ends trained alone, and so does a smaller stack of some of them."""
     x0, _ = planted(n=512, seed=1)
     x1, _ = planted(n=512, seed=2)
     datasets = torch.stack([x0, 2 * x1])
-    config = D.TrainConfig(d_sae=64, batch_size=128, epochs=4, resample_at=(0.5,), max_stack=None)
+    config = D.TrainConfig(d_sae=64, batch_size=128, epochs=4, resample_at=(0.5,))
     specs = [D.SAESpec(arch, dataset_index=i % 2, l1_coefficient=0.5 + i, k=2 + i, seed=10 + i)
              for i in range(3)]
     stack, stack_logs = D.train_sae_stack(datasets, specs, config)
-    grouped, logs = D.train_sae_stack(datasets, specs, replace(config, max_stack=2))
-    assert sorted({log["sae"] for log in logs}) == [0, 1, 2]
+    grouped = [sae for group in (specs[:2], specs[2:])
+               for sae in D.train_sae_stack(datasets, group, config)[0]]
+    assert sorted({log["sae"] for log in stack_logs}) == [0, 1, 2]
     for s, spec in enumerate(specs):
         alone, alone_logs = D.train_sae_stack(datasets, [spec], config)
         for name, t in alone[0].params.items():
@@ -271,7 +272,7 @@ def test_batched_stack_trains_bit_for_bit_like_separate_runs(arch):
 
 
 def test_bench_sae_training_reports_consistent_figures():
-    r = D.bench_sae_training(n_sae=3, d_in=8, d_sae=16, n=256, epochs=1, batch_size=64, repeats=1)
+    r = benchmarks.bench_sae_training(n_sae=3, d_in=8, d_sae=16, n=256, epochs=1, batch_size=64, repeats=1)
     assert all(r[key] > 0 for key in ("stack_s", "grouped_s", "loop_s", "gflops", "matmul_ms_one"))
     assert r["stack_size"] == 3  # the default stack of 4 holds all three
     assert r["speedup"] == pytest.approx(r["loop_s"] / min(r["stack_s"], r["grouped_s"]))
@@ -621,18 +622,6 @@ def test_train_sae_cli_rejects_bad_input(tmp_path, make, args, message):
     result = CliRunner().invoke(main.cli, args)
     assert result.exit_code != 0 and message in result.output, result.output
     assert "Traceback" not in result.output
-
-
-def test_supervised_cli_fits_from_a_file(tmp_path):
-    acts, ids, _ = attribute_data(noise=0.0)
-    save_file({"acts": acts, **{f"attribute.{k}": v for k, v in ids.items()}}, str(tmp_path / "a.safetensors"))
-    result = CliRunner().invoke(main.cli, ["fit-supervised", "--acts", str(tmp_path / "a.safetensors"),
-                                           "--method", "lstsq", "--out", str(tmp_path / "d")])
-    assert result.exit_code == 0, result.output
-    assert torch.allclose(D.SupervisedDictionary.load(tmp_path / "d").reconstruct(ids), acts, atol=1e-4)
-    save_file({"acts": acts}, str(tmp_path / "b.safetensors"))
-    result = CliRunner().invoke(main.cli, ["fit-supervised", "--acts", str(tmp_path / "b.safetensors"), "--out", str(tmp_path / "e")])
-    assert result.exit_code != 0 and "attribute." in result.output
 
 
 # --- full-distribution activations ------------------------------------------------------

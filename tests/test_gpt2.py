@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import gpt2
+import main
 from gpt2 import GPT2, GPT2Config, WeightsError
 
 
@@ -692,13 +693,13 @@ def test_failed_save_leaves_no_partial_file(model, saved, tmp_path, monkeypatch)
 
     monkeypatch.setattr(gpt2, "save_file", failing_save_file)
     with pytest.raises(OSError, match="disk full"):
-        model.save_pretrained(directory)  # overwriting: the old file survives intact
+        main.atomic_folder(directory, model.save_pretrained)  # overwriting: the old file survives intact
     assert weights.read_bytes() == before
     assert sorted(os.listdir(directory)) == ["config.json", "model.safetensors"]
     fresh = tmp_path / "fresh"
     with pytest.raises(OSError, match="disk full"):
-        model.save_pretrained(fresh)
-    assert os.listdir(fresh) == []
+        main.atomic_folder(fresh, model.save_pretrained)
+    assert not fresh.exists() and not (tmp_path / "fresh.tmp").exists()
 
 
 def test_cached_builds_once_per_key_and_a_failed_build_leaves_the_old_result(tmp_path):
@@ -716,13 +717,13 @@ def test_cached_builds_once_per_key_and_a_failed_build_leaves_the_old_result(tmp
     def load(saved):
         return open(os.path.join(saved, "value.txt")).read()
     key = {"setting": (1, 2)}  # a tuple: key.json reads it back as a list, and still matches
-    assert gpt2.cached(folder, key, build("a"), load) == "a"
-    assert gpt2.cached(folder, {"setting": [1, 2]}, build("b"), load) == "a" and built == ["a"]
-    assert gpt2.cached(folder, {"setting": 3}, build("c"), load) == "c" and built == ["a", "c"]
+    assert main.cached(folder, key, build("a"), load) == "a"
+    assert main.cached(folder, {"setting": [1, 2]}, build("b"), load) == "a" and built == ["a"]
+    assert main.cached(folder, {"setting": 3}, build("c"), load) == "c" and built == ["a", "c"]
     with pytest.raises(OSError, match="disk full"):
-        gpt2.cached(folder, {"setting": 4}, build("fails"), load)
+        main.cached(folder, {"setting": 4}, build("fails"), load)
     assert sorted(os.listdir(tmp_path)) == ["cache"] and load(folder) == "c"
-    assert gpt2.read_json(os.path.join(folder, "key.json")) == {"setting": 3}
+    assert main.read_json(os.path.join(folder, "key.json")) == {"setting": 3}
 
 
 # ----------------------------------------------------------------------------- config

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 import gpt2
 import ioi
+import main
 import metrics
 from main import cli
 
@@ -199,19 +200,19 @@ def test_collect_activations_matches_run_with_cache():
 
 def test_activation_cache_is_reused_only_for_the_same_setting(tmp_path, monkeypatch):
     model, prompts = tiny_model(), ioi.sample_prompts(6, seed=2)
-    first = ioi.collect_activations(model, prompts, NODES, cache_dir=tmp_path)
+    first = main.collect_activations(tmp_path, model, prompts, NODES, 256)
     assert len(list(tmp_path.glob("*/activations.safetensors"))) == 1 and not list(tmp_path.glob("*.tmp"))
 
     def no_forward(*args, **kwargs):
         raise AssertionError("recomputed although cached")
     with monkeypatch.context() as patch:
         patch.setattr(model, "run_with_cache", no_forward)
-        again = ioi.collect_activations(model, prompts, NODES, cache_dir=tmp_path)
+        again = main.collect_activations(tmp_path, model, prompts, NODES, 256)
     assert all(torch.equal(first[node], again[node]) for node in NODES)
 
-    other_prompts = ioi.collect_activations(model, ioi.sample_prompts(6, seed=3), NODES, cache_dir=tmp_path)
-    other_model = ioi.collect_activations(tiny_model(seed=1), prompts, NODES, cache_dir=tmp_path)
-    fewer_nodes = ioi.collect_activations(model, prompts, NODES[:2], cache_dir=tmp_path)
+    other_prompts = main.collect_activations(tmp_path, model, ioi.sample_prompts(6, seed=3), NODES, 256)
+    other_model = main.collect_activations(tmp_path, tiny_model(seed=1), prompts, NODES, 256)
+    fewer_nodes = main.collect_activations(tmp_path, model, prompts, NODES[:2], 256)
     assert len(list(tmp_path.glob("*/activations.safetensors"))) == 4
     assert not torch.equal(other_prompts[NODES[0]], first[NODES[0]])
     assert not torch.equal(other_model[NODES[0]], first[NODES[0]])
@@ -301,7 +302,7 @@ def test_edits_change_the_answer_where_the_paper_edits(embedded):
     changes the answer for most prompts (no-intervention edit accuracy < 0.5)."""
     model, sections, _ = embedded
     prompts = ioi.eval_prompts(200, seed=5)
-    clean_top = metrics.patched_run(model, prompts).top_token
+    clean_top = ioi.patched_run(model, prompts).top_token
     no_intervention = {}
     for i, attribute in enumerate(ioi.ATTRIBUTES):
         counterfactual = ioi.counterfactuals(prompts, attribute, seed=20 + i)
@@ -309,7 +310,7 @@ def test_edits_change_the_answer_where_the_paper_edits(embedded):
         acts = ioi.collect_activations(model, counterfactual, nodes)
         for section in sections:
             if attribute in section.attributes:
-                truth = metrics.patched_run(model, prompts, {node: acts[node] for node in section.nodes})
+                truth = ioi.patched_run(model, prompts, {node: acts[node] for node in section.nodes})
                 no_intervention[section.name, attribute] = metrics.edit_accuracy(clean_top, truth.top_token)
     assert no_intervention["(B)NM out", "io"] < 0.5
     pos_sites = [site for (site, attribute), accuracy in no_intervention.items() if attribute == "pos" and accuracy < 0.5]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dictionaries
+import ioi
 import metrics
 
 
@@ -24,13 +25,13 @@ def identity_sae(d):
 
 def test_logit_diff_picks_io_minus_s_per_row():
     logits = torch.tensor([[1.0, 5.0, 2.0], [0.0, -1.0, 3.0]])
-    ld = metrics.logit_diff(logits, io_token=torch.tensor([1, 2]), s_token=torch.tensor([0, 1]))
+    ld = ioi.logit_diff(logits, io_token=torch.tensor([1, 2]), s_token=torch.tensor([0, 1]))
     assert ld.tolist() == [4.0, 4.0]
 
 
 def test_logit_diff_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="logit_diff"):
-        metrics.logit_diff(torch.zeros(2, 3), torch.tensor([0, 1, 2]), torch.tensor([0, 1]))
+        ioi.logit_diff(torch.zeros(2, 3), torch.tensor([0, 1, 2]), torch.tensor([0, 1]))
 
 
 # --- approximation ----------------------------------------------------------------------

@@ -78,9 +78,9 @@ def test_all_nodes_patched_from_precomputed_values(model, prompts):
 def test_approximation_known_answers(model, prompts):
     model = copy.deepcopy(model).double()  # exact identities, not float32 round-off
     clean = ioi.collect_activations(model, prompts, NODES)
-    clean_run = metrics.patched_run(model, prompts)
+    clean_run = ioi.patched_run(model, prompts)
     mean = {node: acts.mean(0).expand_as(acts) for node, acts in clean.items()}
-    ablated = metrics.patched_run(model, prompts, mean)
+    ablated = ioi.patched_run(model, prompts, mean)
     task = metrics.Task(model, prompts)
     exact = metrics.approximation(task, clean, clean, clean_run, ablated)
     assert exact["sufficiency"] == pytest.approx(1.0, abs=1e-9)
@@ -94,17 +94,17 @@ def test_approximation_known_answers(model, prompts):
 def test_edit_with_the_counterfactual_itself_is_always_right(model, prompts):
     counterfactual = ioi.counterfactuals(prompts, "io", seed=0)
     cf = ioi.collect_activations(model, counterfactual, NODES)
-    truth = metrics.patched_run(model, prompts, cf)
-    again = metrics.patched_run(model, prompts, {node: v.clone() for node, v in cf.items()})
+    truth = ioi.patched_run(model, prompts, cf)
+    again = ioi.patched_run(model, prompts, {node: v.clone() for node, v in cf.items()})
     assert metrics.edit_accuracy(again.top_token, truth.top_token) == 1.0
 
 
 def test_patched_run_matches_end_logits(model, prompts):
-    run = metrics.patched_run(model, prompts, batch_size=5)  # several batches
+    run = ioi.patched_run(model, prompts, batch_size=5)  # several batches
     batch = ioi.batch_prompts(prompts)
     with torch.inference_mode():
         logits = model(batch.tokens, logits_at=batch.positions["end"])
-    torch.testing.assert_close(run.logit_diff, metrics.logit_diff(logits, batch.io_token, batch.s_token))
+    torch.testing.assert_close(run.logit_diff, ioi.logit_diff(logits, batch.io_token, batch.s_token))
     assert torch.equal(run.top_token, logits.argmax(-1))
 
 
@@ -116,7 +116,7 @@ def test_a_task_resumes_each_patched_run_at_its_first_patched_layer(model, promp
     streams, residual_streams = [], ioi.residual_streams
     monkeypatch.setattr(ioi, "residual_streams", lambda *args: streams.append(args[2]) or residual_streams(*args))
     for patches in ({}, {late: cf[late]}, {node: cf[node] for node in NODES}, {late: cf[late] * 2}):
-        resumed, full = task.patched(patches), metrics.patched_run(model, prompts, patches, batch_size=5)
+        resumed, full = task.patched(patches), ioi.patched_run(model, prompts, patches, batch_size=5)
         assert torch.equal(resumed.logit_diff, full.logit_diff) and torch.equal(resumed.top_token, full.top_token)
     assert streams == [1]  # one residual stream, at layer 1, kept for the second patch there
 
@@ -311,8 +311,8 @@ def test_pipeline_end_to_end(tmp_path, model, monkeypatch, capsys):
     assert "Estimated time for the whole run: " in estimate and "to train the task SAEs" in estimate
     planned = {phase: sum(counts.values()) for phase, counts in main.planned_patched_runs(run).items()}
     assert all(f"{phase}: {count} runs" in estimate for phase, count in planned.items())
-    forward_passes, patched_run = [], metrics.patched_run
-    monkeypatch.setattr(metrics, "patched_run", lambda *args, **kwargs: forward_passes.append(1)
+    forward_passes, patched_run = [], ioi.patched_run
+    monkeypatch.setattr(ioi, "patched_run", lambda *args, **kwargs: forward_passes.append(1)
                         or patched_run(*args, **kwargs))
     main.evaluate_and_report(run, oversplitting_grids=SMALL_TOYS)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())

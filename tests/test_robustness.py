@@ -17,6 +17,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
+import benchmarks
 import dictionaries
 import gpt2
 import ioi
@@ -112,11 +113,13 @@ def workspace(tmp_path_factory):
     return root
 
 
-def assert_refused(workspace, monkeypatch, command, args, fragment):
+def assert_refused(workspace, monkeypatch, command, args, fragment, script=None):
+    """`command` of main.py (or the click command `script`, e.g. tests/benchmarks.py) refuses `args`."""
     monkeypatch.chdir(workspace)
     monkeypatch.setattr(ioi, "default_model", lambda *a, **k: pytest.fail("the embedded model was loaded"))
     before = snapshot(workspace)
-    result = invoke(command, *args.replace("{here}", workspace.as_uri()).split())
+    args = args.replace("{here}", workspace.as_uri()).split()
+    result = CliRunner().invoke(script, args) if script else invoke(command, *args)
     lines = result.output.strip().splitlines()
     assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
     assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], result.output
@@ -157,7 +160,7 @@ def test_generate_refuses_bad_input(workspace, monkeypatch, args, fragment):
 @pytest.mark.parametrize("args,fragment", [("--batch 0", "--batch"), ("--repeats 0", "--repeats"),
                                            ("--device gpu", "gpu"), ("--device cuda:99", "cuda:99")])
 def test_bench_refuses_bad_input(workspace, monkeypatch, args, fragment):
-    assert_refused(workspace, monkeypatch, "bench", args, fragment)
+    assert_refused(workspace, monkeypatch, "bench", args, fragment, benchmarks.bench)
 
 
 @pytest.mark.parametrize("args,fragment", BAD_OUT + [("--out mine", "holds other files"), ("--seed -1", "--seed")])
@@ -190,17 +193,6 @@ def test_train_sae_refuses_bad_input(workspace, monkeypatch, args, fragment):
     given = args.split()[::2]
     args = " ".join([args, "--no-progress"] + [f"{k} {v}" for k, v in defaults.items() if k not in given])
     assert_refused(workspace, monkeypatch, "train-sae", args, fragment)
-
-
-@pytest.mark.parametrize("args,fragment", [
-    ("--acts no-rows.safetensors --out d", "at least one row"),
-    ("--acts inf.safetensors --out d", "NaN or inf"),
-    ("--acts unlabelled.safetensors --out d", "attribute."),
-    ("--acts acts.safetensors --out a-file", "is a file"),
-    ("--acts acts.safetensors --out mine", "holds other files"),
-    ("--acts acts.safetensors --out d --method median", "median")])
-def test_fit_supervised_refuses_bad_input(workspace, monkeypatch, args, fragment):
-    assert_refused(workspace, monkeypatch, "fit-supervised", args, fragment)
 
 
 @pytest.mark.parametrize("command", ["collect", "supervised", "train-saes", "run"])
@@ -250,7 +242,7 @@ def kill_on_call(monkeypatch, module, name, call):
 
 def hard_kill(monkeypatch):
     """A SIGKILL runs no clean-up: the temporary folder stays where the save left it."""
-    monkeypatch.setattr(gpt2, "recover_interrupted_save", lambda path: None)
+    monkeypatch.setattr(main, "recover_interrupted_save", lambda path: None)
 
 
 def train_stack(run_folder, l1):
@@ -285,22 +277,22 @@ def test_killed_stack_save_never_mixes_old_and_new_saes(tmp_path, monkeypatch, h
 
 
 def test_a_stack_killed_after_its_first_group_resumes_with_the_second(tmp_path, monkeypatch):
-    """A stack of two SAEs trained one at a time (max_stack 1): a run killed while training the
+    """A stack of two SAEs trained one at a time (group 1): a run killed while training the
     second keeps the first, and the resumed run trains only the second, to the same SAEs."""
     datasets = torch.randn(2, 64, 8, generator=torch.Generator().manual_seed(0))
     specs = [dictionaries.SAESpec("vanilla", i, seed=i, name=f"node{i}") for i in range(2)]
-    config = dictionaries.TrainConfig(d_sae=16, epochs=2, max_stack=1)
-    main.train_or_load_stack(str(tmp_path / "whole"), datasets, specs, config)
+    config = dictionaries.TrainConfig(d_sae=16, epochs=2)
+    main.train_or_load_stack(str(tmp_path / "whole"), datasets, specs, config, group=1)
     folder, trained = str(tmp_path / "run" / "vanilla"), []
     with monkeypatch.context() as patch:
         kill_on_call(patch, dictionaries, "train_sae_stack", call=2)
         with pytest.raises(Killed):
-            main.train_or_load_stack(folder, datasets, specs, config)
+            main.train_or_load_stack(folder, datasets, specs, config, group=1)
     assert not os.path.exists(folder) and os.listdir(f"{folder}.parts") == ["0"]
     train = dictionaries.train_sae_stack
     monkeypatch.setattr(dictionaries, "train_sae_stack", lambda data, group, *args, **kwargs:
                         trained.append(group) or train(data, group, *args, **kwargs))
-    _, logs = main.train_or_load_stack(folder, datasets, specs, config)
+    _, logs = main.train_or_load_stack(folder, datasets, specs, config, group=1)
     assert trained == [specs[1:]] and [log["sae"] for log in logs if log["epoch"] == 2] == [0, 1]
     assert contents(folder) == contents(tmp_path / "whole") and not os.path.exists(f"{folder}.parts")
 
@@ -333,7 +325,7 @@ def test_killed_model_save_leaves_the_old_model(tmp_path, monkeypatch, hard):
     build_model("model", seed=1)
     before = contents(tmp_path / "model")
     with monkeypatch.context() as patch:
-        kill_on_call(patch, gpt2, "write_json", call=2)     # after the weights and config.json
+        kill_on_call(patch, main, "write_json", call=1)     # after the weights and config.json
         if hard:
             hard_kill(patch)
         with pytest.raises(Killed):
