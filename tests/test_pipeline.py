@@ -432,8 +432,9 @@ def test_grade_sae_grades_each_layout_beside_the_supervised_dictionaries(tmp_pat
     assert (("sufficiency", "topk") in at_site) == (head is not None)  # ours, where it reads single heads
     approximation = {r["test"]: r["value"] for r in rows if r["site"] == site
                      and r["method"] == "sae:public-sae" and r["test"] in ("sufficiency", "necessity")}
-    # it reconstructs exactly: patched at the right slots, the model's LD is untouched
-    assert approximation == pytest.approx({"sufficiency": 1.0, "necessity": 1.0}, abs=1e-4)
+    # it reconstructs exactly: patched at the right slots, the model's LD is untouched (up to float
+    # rounding, which necessity divides by the small effect of mean-ablating a random model's site)
+    assert approximation == pytest.approx({"sufficiency": 1.0, "necessity": 1.0}, abs=1e-3)
     assert {r["test"] for r in rows if r["method"] == "sae:public-sae"} >= {"l0", "fve", "graded_sae"}
     assert all(r["graded_sae"] == "sae:public-sae" for r in rows)
     report = (tmp_path / "run" / "report.md").read_text()
