@@ -55,7 +55,9 @@ def fake_results():
                     **({} if method == "supervised" else {"setting": SAES[method][0]}))
         for method, settings in SAES.items():
             for s in settings:
-                add("edit_distance_k2", site, method, 0.4 * s, setting=s, chosen=s == settings[-1])
+                for attr in ("io", "s", "pos"):
+                    add("edit_distance_k2", site, method, 0.4 * s, attribute=attr, setting=s,
+                        chosen=s == settings[-1])
                 for t in (0.2, 0.4, 0.6, 0.8):
                     add("causal_keep_sufficiency", site, method, 1 - t * t + SHIFT[method], threshold=t,
                         setting=s)
@@ -188,7 +190,7 @@ def test_known_records_appear_in_their_tables(full_report):
     edit = row(k2, cross_section="S-I v", attribute="pos")
     assert (edit["none"], edit["supervised"], edit["topk"]) == ("0.10", "0.90 / 0.50", "0.69 / 0.39")
     assert row(f1_edits, cross_section="S-I v", attribute="pos")["topk"] == "0.65 / 0.39"
-    assert row(chosen, cross_section="S-I v")["topk"] == "k=6 (2.40)"
+    assert row(chosen, cross_section="S-I v", attribute="pos")["topk"] == "k=6 (2.40)"
     coverage = tables(section(text, "## 5."))[0]
     assert row(coverage, cross_section="(B)NM out", attribute="io")["vanilla"] == "0.50"
     occlusion = tables(section(text, "### Feature occlusion"))[1]
