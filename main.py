@@ -1718,7 +1718,7 @@ class Report:
         if rows:
             out += ["Latents whose best interpretation is a Pos value there (GPT-2 Small: ≥ 10):",
                     _table(rows, ["node", "method", "setting", "Pos latents"])]
-        grids = _distinct(self.find("oversplit_toy_loss"), "grid", ())
+        grids = _distinct(self.find("oversplit_toy_loss"), "grid", ("paper",))
         counts = ("counted", "random_wins", "ideal_wins", "ties", "not_counted")
         rows = [(grid, *(_fmt(self.mean(f"oversplit_toy_{c}", grid=grid), ".0f") for c in counts),
                  self.mean("oversplit_toy_share_random_wins", grid=grid)) for grid in grids]
