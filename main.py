@@ -1352,9 +1352,10 @@ def _draw(panels, ncols, size):
         names = any(not label.isdigit() for label in panel.get("xticklabels", []))
         ax.tick_params(axis="x", labelsize=8, labelrotation=20 if names else 0)  # so names do not overlap
     handles = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
-    if handles:
-        (axes[0] if len(panels) == 1 else fig).legend(handles.values(), handles.keys(), fontsize=8, **(
-            {} if len(panels) == 1 else {"loc": "outside right upper", "handlelength": 3}))
+    if handles and len(panels) == 1:
+        axes[0].legend(handles.values(), handles.keys(), fontsize=8)
+    elif handles:  # one legend for all panels, outside on the right
+        fig.legend(handles.values(), handles.keys(), fontsize=8, loc="outside right upper", handlelength=3)
     return fig
 
 
@@ -1363,7 +1364,7 @@ def _draw(panels, ncols, size):
 TEXT, NUMBER, NULL, LIST = (str,), (float, int), (type(None),), (list,)
 KINDS = {str: "text", float: "a number", bool: "true or false", list: "a list", dict: "an object",
          type(None): "null"}
-# metrics.Record's fields and their JSON types: an Optional one (its __args__: (type, None)) may be left out
+# metrics.Record's fields and their JSON types; an Optional one (__args__: (type, None)) may be left out.
 RECORD_TYPES = {f.name: NUMBER if kind in (int, float) else (kind,) for f in fields(metrics.Record)
                 for kind in [getattr(f.type, "__args__", (f.type,))[0]]}
 RECORD_NEEDS = [f.name for f in fields(metrics.Record) if not hasattr(f.type, "__args__")]
@@ -1391,9 +1392,8 @@ def _metrics_problem(data):
 
     def parts():  # (name, object, types, needed keys); each part is reached only if the one above is sound
         for i, record in enumerate(data["results"]):
-            stray = [key for key in record if key not in RECORD_TYPES] if isinstance(record, dict) else []
-            yield (f"record {i} (test {record.get('test') if isinstance(record, dict) else None})", record,
-                   {**RECORD_TYPES, **dict.fromkeys(stray, ())}, RECORD_NEEDS)  # a stray key fits no type
+            test = record.get("test") if isinstance(record, dict) else None
+            yield f"record {i} (test {test})", record, RECORD_TYPES, RECORD_NEEDS
         circuit = data.get("circuit") or {}
         yield "config", data.get("config") or {}, {key: NUMBER + NULL for key in PAPER_SCALE}, ()
         yield "circuit", circuit, {"sections": LIST + NULL, "skipped": LIST + NULL,
@@ -1539,8 +1539,9 @@ class Report:
                     for d in discovery.get("sections", [])]
         if not sections:
             return []
-        out = [_table([(s["name"], ", ".join(f"`{node}`" for node in s["nodes"]), ", ".join(s["attributes"]))
-                       for s in sections], ["cross-section", "nodes", "attributes edited"])]
+        rows = [(s["name"], ", ".join(f"`{node}`" for node in s["nodes"]),
+                 ", ".join(map(str, s["attributes"]))) for s in sections]
+        out = [_table(rows, ["cross-section", "nodes", "attributes edited"])]
         if heads:
             out += ["Heads found in the model itself (`ioi.discover`):", _table(heads, [
                 "head", "position", "direct effect", "LD drop via q", "LD drop", "of LD", "role"])]
@@ -1707,7 +1708,8 @@ class Report:
                  for m, label, color in (("ideal_2_latent", "ideal 2-latent SAE", "#2ca02c"),
                                          ("random_1000_latent", "random 1000-latent SAE", "#d62728"))]
         lines += _mark("ideal SAE fires on < 2% beyond", "v", max(fired, default=None), **DOTTED)
-        return {"title": f"Toy ±µ + noise: best SAE loss ({grid} grid)", "xlabel": "λ", "ylabel": "loss",
+        name = "the paper's grid" if grid == "paper" else f"grid {grid}"
+        return {"title": f"Toy ±µ + noise: best SAE loss ({name})", "xlabel": "λ", "ylabel": "loss",
                 "series": lines}
 
     def oversplitting(self):

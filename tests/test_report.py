@@ -350,7 +350,10 @@ BROKEN = {"edit accuracy without its attribute": (drop("edit_accuracy", "attribu
           "a cross-section without nodes": (lambda data: data["circuit"]["sections"][0].pop("nodes"),
                                             "'nodes'"),
           "a head's LD drop as text": (lambda data: data["circuit"]["discovery"]["heads"][0].update(
-              ld_drop="big"), "'ld_drop'")}
+              ld_drop="big"), "'ld_drop'"),
+          "a test named by a number": (put("l0", "test", 5), "'test'"),
+          "a chosen flag as text": (put("edit_distance_k2", "chosen", "yes"), "'chosen'"),
+          "a choice without its setting": (drop("edit_distance_k2", "setting"), "'setting'")}
 
 
 @pytest.mark.parametrize("change, key", BROKEN.values(), ids=BROKEN)
@@ -363,6 +366,21 @@ def test_cli_names_the_key_a_hand_edited_metrics_file_lacks(tmp_path, change, ke
     message = result.output.strip()
     assert result.exit_code == 1 and "Traceback" not in message and len(message.splitlines()) == 1
     assert message.startswith("Error:") and "metrics.json" in message and key in message
+
+
+def test_a_malformed_record_leaves_the_previous_report_and_figures_untouched(tmp_path):
+    """The record is read only by a late section (its key is not among metrics.Record's required ones),
+    yet nothing is written: every record is read before the first figure is drawn."""
+    write_metrics(tmp_path, fake_results())
+    main.write_report(str(tmp_path))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "metrics.json"}
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    drop("alpha_sweep_s_names", "alpha")(data)
+    (tmp_path / "metrics.json").write_text(json.dumps(data))
+    result = CliRunner().invoke(main.cli, ["report", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "(test alpha_sweep_s_names): lacks 'alpha'" in result.output
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "metrics.json"}
+    assert after == before
 
 
 # Valid records whose companions are missing or undefined: each section still renders.
