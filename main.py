@@ -1116,45 +1116,35 @@ def grade_sae_command(sae_dir, name, **options):
 
 
 # === report (report.md, figures, terminal summary) ===
-# The report retells the paper's results section for one run. It reads only metrics.json:
-# flat records {"test", "site", "method", "value", ...params}. Any test may be missing; its
-# section then says so in one line instead of failing.
+# The report retells the paper's results section for one run from metrics.json alone: the config, the
+# circuit graded and the records (metrics.Record as JSON). A section without records says so in one
+# line. What each table and figure shows, and what to look for: README "Reading the report".
 
 PAPER_SCALE = {"n_train": 20_000, "n_eval": 5_000, "d_sae": 512, "epochs": 2000}  # README §2, §8
 HEADLINE = [("io", "(B)NM out"), ("pos", "(B)NM qk"), ("pos", "(B)NM q"),
             ("pos", "S-I out"), ("pos", "S-I v"), ("pos", "Ind+DT out")]  # (attribute, site)
 SITES = [site for _, site in HEADLINE]
-METHODS = ["mean_ablation", "supervised", "supervised_lstsq", "vanilla", "gated", "topk",
-           "random_decoder", "vanilla_fulldist", "gated_fulldist", "topk_fulldist"]
-COLORS = dict(zip(METHODS, ["#7f7f7f", "#2ca02c", "#98df8a", "#d62728", "#1f77b4", "#ff7f0e",
-                            "#8c564b", "#ff9896", "#aec7e8", "#ffbb78"]))
+METHODS = ["mean_ablation", "supervised", "supervised_lstsq", "vanilla", "gated", "topk", "random_decoder",
+           "vanilla_fulldist", "gated_fulldist", "topk_fulldist"]
+COLORS = {**dict(zip(METHODS, ["#7f7f7f", "#2ca02c", "#98df8a", "#d62728", "#1f77b4", "#ff7f0e",
+                               "#8c564b", "#ff9896", "#aec7e8", "#ffbb78"])),
+          "IO names": "#2ca02c", "S names": "#d62728"}
 MARKERS = dict(zip(METHODS, "xsPoD^v*dp"))
 # README §6, revised paper, k = 2, over the headline sites: (edit accuracy, weight removed) ranges.
 PAPER_EDITS = {"supervised": ((0.80, 0.96), (0.37, 0.64)), "gated": ((0.87, 0.97), (0.57, 0.79)),
                "topk": ((0.86, 0.95), (0.39, 0.68)), "vanilla": ((0.24, 0.61), None)}
 DASHED, DOTTED = {"color": "k", "ls": "--", "lw": 1}, {"color": "k", "ls": ":", "lw": 0.8}
-BAR_COLORS = {**COLORS, "IO names": "#2ca02c", "S names": "#d62728"}
-APPROXIMATION = ("sufficiency", "necessity")
-EDIT = ("edit_accuracy", "weight_removed")
+APPROXIMATION, EDIT = ("sufficiency", "necessity"), ("edit_accuracy", "weight_removed")
 
-
-# --- formatting: the one table helper, and figure panels as data ---
 
 def _mean(values):
     values = [v for v in values if v is not None and np.isfinite(v)]
     return float(np.mean(values)) if values else None
 
 
-def _fmt(x):
-    return "–" if x is None else f"{x:.2f}" if isinstance(x, float) else str(x)
-
-
-def _count(x):
-    return None if x is None or not np.isfinite(x) else int(round(x))
-
-
-def _percent(x):
-    return "–" if x is None else f"{x:.0%}"
+def _fmt(x, spec=".2f"):
+    """A table cell: a number in `spec`, a dash for None or NaN, anything else as it prints."""
+    return "–" if x is None or x != x else format(x, spec) if isinstance(x, float) else str(x)
 
 
 def _setting(method, setting):
@@ -1168,13 +1158,15 @@ def _distinct(records, key="method", order=METHODS):
 
 
 def _table(rows, headers):
-    """A markdown table; floats print with two decimals, None as a dash."""
+    """The one table helper: a markdown table of `rows` under `headers`, each cell through `_fmt`."""
     lines = ["| " + " | ".join(map(_fmt, row)) + " |" for row in [headers, *rows]]
     return "\n".join(lines[:1] + ["|" + "---|" * len(headers)] + lines[1:])
 
 
+# A figure panel is data: Axes settings (title, xlabel, ...) and "series", each (Axes method, label,
+# arguments, style). `Report.figure` collects panels; `_draw` draws them.
 def _line(label, points, **style):
-    """A panel series: the line through those (x, y) points that have both coordinates."""
+    """The line through those (x, y) points that have both coordinates."""
     points = [(x, y) for x, y in points if x is not None and y is not None]
     return ("plot", label, tuple(zip(*points)), style)
 
@@ -1186,78 +1178,78 @@ def _mark(label, axis, at, **style):
 
 def _bars(groups, heights, marks=(), **settings):
     """A panel of grouped bars: per group, one bar for each label of `heights` {label: heights}."""
-    width = 0.8 / len(heights)
+    width = 0.8 / max(1, len(heights))
     bars = [("bar", label, (np.arange(len(groups)) + (i - (len(heights) - 1) / 2) * width,
                             [np.nan if v is None else float(v) for v in values]),
-             {"width": width, "color": BAR_COLORS.get(label)})
+             {"width": width, "color": COLORS.get(label)})
             for i, (label, values) in enumerate(heights.items())]
     return {"series": bars + list(marks), "xticks": range(len(groups)), "xticklabels": groups, **settings}
 
 
-# --- checking metrics.json once, so that no section meets a key it cannot read ---
+def _draw(panels, ncols, size):
+    """A matplotlib Figure of `panels`, `ncols` to a row, each `size` inches, one legend for all."""
+    from matplotlib.figure import Figure  # a bare Figure keeps no pyplot state, so nothing leaks
+    ncols, nrows = min(len(panels), ncols), -(-len(panels) // ncols)
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for ax, panel in zip(axes, panels):
+        for method, label, args, style in panel["series"]:
+            getattr(ax, method)(*args, label=label, **style)
+        ax.set(**{key: value for key, value in panel.items() if key != "series"})
+        ax.minorticks_off()
+        names = any(not label.isdigit() for label in panel.get("xticklabels", []))
+        ax.tick_params(axis="x", labelsize=8, labelrotation=20 if names else 0)  # so names do not overlap
+    handles = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
+    if handles and len(panels) == 1:
+        axes[0].legend(handles.values(), handles.keys(), fontsize=8)
+    elif handles:  # one legend for all panels, outside on the right
+        fig.legend(handles.values(), handles.keys(), fontsize=8, loc="outside right upper", handlelength=3)
+    return fig
 
-NUMBER, TEXT, NUMBER_OR_NULL = (int, float), str, (int, float, type(None))
-# Every key a record may carry, and its type (metrics.Record; a value may be NaN: an undefined share).
-RECORD_TYPES = {"test": TEXT, "site": TEXT, "method": TEXT, "value": NUMBER, "attribute": TEXT, "edit": TEXT,
-                "node": TEXT, "grid": TEXT, "phenomenon": TEXT, "reads": TEXT, "graded_sae": TEXT,
-                **dict.fromkeys(["k", "threshold", "low", "high", "alpha", "norm", "l1", "firing", "setting",
-                                 "head"], NUMBER)}
-# The keys beyond test, site, method and value that the report reads from every record of a test
-# (or of a test and method); metrics.py always writes them.
-RECORD_NEEDS = {"logit_diff_histogram": ("low", "high"), "edit_accuracy": ("attribute",),
-                "weight_removed": ("attribute",), "latents_changed": ("attribute", "k", "edit"),
-                "edit_accuracy_no_intervention": ("attribute",), "edit_distance_k2": ("setting",),
-                "f1_coverage": ("attribute",), "causal_keep_sufficiency": ("threshold",),
-                "causal_remove_necessity": ("threshold",), "evidence_norm": ("attribute",),
-                "evidence_answers_changed": ("attribute",), "evidence_ld_moved": ("attribute",),
-                "phenomenon_testable": ("phenomenon",), "supervised_feature_norm": ("attribute",),
-                "alpha_sweep_io_names": ("alpha",), "alpha_sweep_s_names": ("alpha",),
-                "occlusion_toy_recovered": ("attribute",), "oversplit_toy_loss": ("l1", "grid"),
-                ("oversplit_toy_loss", "ideal_2_latent"): ("firing",)}
-# The circuit block (the sections graded, and what `ioi.discover` found): its keys and their types.
-OR_NULL = {list: (list, type(None)), dict: (dict, type(None))}
-CIRCUIT_TYPES = {"sections": OR_NULL[list], "skipped": OR_NULL[list], "discovery": OR_NULL[dict]}
-SECTION_TYPES = {"name": TEXT, "nodes": list, "attributes": list}
-HEAD_TYPES = {"head": TEXT, "position": TEXT, "role": TEXT, "direct_effect": NUMBER_OR_NULL,
-              "query_effect": NUMBER_OR_NULL, "ld_drop": NUMBER_OR_NULL, "fraction": NUMBER_OR_NULL}
-VERDICT_TYPES = {"section": TEXT, "ld_drop": NUMBER_OR_NULL, "fraction": NUMBER_OR_NULL, "kept": object}
-KINDS = {NUMBER: "a number", TEXT: "text", NUMBER_OR_NULL: "a number or null", list: "a list",
-         OR_NULL[list]: "a list or null", OR_NULL[dict]: "an object or null"}
+
+# --- checking metrics.json: each record against metrics.Record's fields, the circuit against its own ---
+
+TEXT, NUMBER, NULL, LIST = (str,), (float, int), (type(None),), (list,)
+KINDS = {str: "text", float: "a number", bool: "true or false", list: "a list", dict: "an object",
+         type(None): "null"}
+# metrics.Record's fields and their JSON types; an Optional one (__args__: (type, None)) may be left out.
+RECORD_TYPES = {f.name: NUMBER if kind in (int, float) else (kind,) for f in fields(metrics.Record)
+                for kind in [getattr(f.type, "__args__", (f.type,))[0]]}
+RECORD_NEEDS = [f.name for f in fields(metrics.Record) if not hasattr(f.type, "__args__")]
+SECTION_TYPES = {"name": TEXT, "nodes": LIST, "attributes": LIST}  # the circuit, as `write_metrics` writes it
+HEAD_TYPES = {"head": TEXT, "position": TEXT, "role": TEXT,
+              **dict.fromkeys(["direct_effect", "query_effect", "ld_drop", "fraction"], NUMBER + NULL)}
+VERDICT_TYPES = {"section": TEXT, "ld_drop": NUMBER + NULL, "fraction": NUMBER + NULL, "kept": (object,)}
 
 
 def _bad_key(obj, types, needs=()):
-    """What is wrong with `obj`, which must be an object holding `needs` and whose keys have the `types`
-    {key: type} where present; None if nothing."""
+    """What is wrong with `obj`, an object that holds `needs` and whose keys have, where present, their
+    `types` {key: JSON types}; None if nothing."""
     if not isinstance(obj, dict):
         return f"{json.dumps(obj)[:60]} is not an object"
-    missing = [key for key in needs if key not in obj]
-    if missing:
-        return f"lacks '{missing[0]}'"
-    wrong = next((key for key, kind in types.items() if key in obj and not isinstance(obj[key], kind)), None)
-    return wrong and f"'{wrong}' is {json.dumps(obj[wrong])[:60]}, not {KINDS[types[wrong]]}"
+    wrong = [f"lacks '{key}'" for key in needs if key not in obj] + [
+        f"'{key}' is {json.dumps(value)[:60]}, not " + " or ".join(KINDS[t] for t in types[key] if t in KINDS)
+        for key, value in obj.items() if key in types and not isinstance(value, types[key])]
+    return wrong[0] if wrong else None
 
 
 def _metrics_problem(data):
-    """What the report could not read in metrics.json, in one line, or None: {"results": [records]}, each
-    record with its test's keys; "config" and "circuit" objects if present."""
+    """What makes metrics.json unreadable, in one line, or None."""
     if not isinstance(data, dict) or not isinstance(data.get("results"), list):
         return "malformed, expected {'results': [records with a 'test']}"
-    for i, record in enumerate(data["results"]):
-        keys = record if isinstance(record, dict) else {}
-        # str(): a test or method of any JSON type can be looked up; _bad_key then says what is wrong with it
-        test, method = str(keys.get("test")), str(keys.get("method"))
-        needs = ("test", "site", "method", "value", *RECORD_NEEDS.get(test, ()),
-                 *RECORD_NEEDS.get((test, method), ()))
-        problem = _bad_key(record, RECORD_TYPES, needs)
-        if problem:
-            return f"malformed record {i} (test {test}): {problem}"
-    config, circuit = data.get("config") or {}, data.get("circuit") or {}
 
     def parts():  # (name, object, types, needed keys); each part is reached only if the one above is sound
-        yield "config", config, {key: NUMBER_OR_NULL for key in PAPER_SCALE}, ()
-        yield "circuit", circuit, CIRCUIT_TYPES, ()
+        for i, record in enumerate(data["results"]):
+            test = record.get("test") if isinstance(record, dict) else None
+            yield f"record {i} (test {test})", record, RECORD_TYPES, RECORD_NEEDS
+        circuit = data.get("circuit") or {}
+        yield "config", data.get("config") or {}, {key: NUMBER + NULL for key in PAPER_SCALE}, ()
+        yield "circuit", circuit, {"sections": LIST + NULL, "skipped": LIST + NULL,
+                                   "discovery": (dict,) + NULL}, ()
         discovery = circuit.get("discovery") or {}
-        yield "circuit.discovery", discovery, {"heads": list, "sections": list}, ()
+        yield "circuit.discovery", discovery, {"heads": LIST, "sections": LIST}, ()
         for name, items, types in (("sections", circuit.get("sections") or [], SECTION_TYPES),
                                    ("discovery.heads", discovery.get("heads", []), HEAD_TYPES),
                                    ("discovery.sections", discovery.get("sections", []), VERDICT_TYPES)):
@@ -1266,15 +1258,28 @@ def _metrics_problem(data):
                  if (problem := _bad_key(obj, types, needs))), None)
 
 
-class Report:
-    """One run's metrics.json as markdown, section by section (README §1-§9). Any test may be missing:
-    each section method returns its markdown blocks, or none when metrics.json holds nothing for it."""
+class _Record(dict):
+    """A record of metrics.json. Sections read the fields a test always has as record[field]: one that
+    the record lacks is a one-line error naming the record and the field, not a traceback."""
+    where = ""
 
-    def __init__(self, data, figdir):
+    def __missing__(self, key):
+        raise click.ClickException(f"{self.where}: lacks '{key}'")
+
+
+class Report:
+    """One run's metrics.json as markdown, section by section (README §1-§9): each section method returns
+    its markdown blocks, or none when metrics.json holds nothing for it."""
+
+    def __init__(self, data, path):
         self.config, self.circuit_found = data.get("config") or {}, data.get("circuit") or {}
-        self.figdir, self.by_test = figdir, {}  # records by test: each query scans one test only
-        for record in data["results"]:
+        self.by_test, self.figures = {}, {}  # records by test: each query scans one test only
+        for i, record in enumerate(map(_Record, data["results"])):
+            record.where = f"{path}: malformed record {i} (test {record['test']})"
             self.by_test.setdefault(record["test"], []).append(record)
+        self.chosen = {}  # {(site, method): {attribute: setting}}, as Test 2 chose (metrics.choose_settings)
+        for r in self.find("edit_distance_k2", chosen=True):
+            self.chosen.setdefault((r["site"], r["method"]), {})[r["attribute"]] = r["setting"]
 
     @classmethod
     def load(cls, run_dir):
@@ -1290,9 +1295,7 @@ class Report:
         problem = _metrics_problem(data)
         if problem:
             raise click.ClickException(f"{path}: {problem}")
-        return cls(data, os.path.join(run_dir, "figures"))
-
-    # --- looking records up ---
+        return cls(data, path)
 
     def find(self, test, **match):
         """The records of one test whose fields equal `match` (a missing field counts as None)."""
@@ -1302,24 +1305,21 @@ class Report:
         return _mean([r["value"] for r in self.find(test, **match)])
 
     def at(self, test, site, method, choose_for=None, **match):
-        """Mean value of a test at a site. Task SAEs come in several settings (λ or k): take the one
-        chosen in Test 2 for the attribute `choose_for` (default: the record's own attribute), else
-        the one chosen most often, else the first. Supervised and "none" edits have no k or kind."""
-        if method.startswith("supervised") or method == "none":
-            match = {key: value for key, value in match.items() if key not in ("k", "edit")}
-        settings = sorted({r["setting"] for r in self.find(test, site=site, method=method)
-                           if r.get("setting") is not None})
-        chosen = [r for r in self.find("edit_distance_k2", site=site, method=method, chosen=True)
-                  if r["setting"] in settings]
-        attribute = choose_for or match.get("attribute")
-        counts = Counter([r["setting"] for r in chosen if r.get("attribute") == attribute]
-                         or [r["setting"] for r in chosen])
-        setting = counts.most_common(1)[0][0] if counts else (settings or [None])[0]
-        return self.mean(test, site=site, method=method, setting=setting, **match)
+        """Mean value of a test at a site; a task SAE at the setting Test 2 chose there (README §8) for the
+        attribute `choose_for` (default: the match's own), else the one chosen most often, else its first."""
+        records = self.find(test, site=site, method=method, **match)
+        choice, attribute = self.chosen.get((site, method), {}), choose_for or match.get("attribute")
+        preferred = ([choice[attribute]] if attribute in choice else []) + [
+            setting for setting, _ in Counter(choice.values()).most_common()]
+        present = sorted({r.get("setting") for r in records} - {None})
+        setting = next((s for s in preferred if s in present), present[0] if present else None)
+        return _mean([r["value"] for r in records if r.get("setting") == setting])
 
     def edit(self, test, site, method, attribute, k=2, kind="greedy"):
-        """Edit accuracy, weight removed or latents changed (README §6); greedy at k = 2 by default."""
-        return self.at(test, site, method, attribute=attribute, k=k, edit=kind)
+        """Edit accuracy, weight removed or latents changed (README §6): SAEs greedy at k = 2 by default;
+        a supervised edit swaps one feature whatever k, and "none" is no edit."""
+        how = {} if method.startswith("supervised") or method == "none" else {"k": k, "edit": kind}
+        return self.at(test, site, method, attribute=attribute, **how)
 
     def headline(self):
         """The paper's headline (attribute, site) pairs that this run graded."""
@@ -1327,55 +1327,33 @@ class Report:
         return [(attribute, site) for attribute, site in HEADLINE if site in sites]
 
     def figure(self, name, panels, ncols=3, size=(4.2, 3.3)):
-        """Draw `panels` into figures/<name> (written atomically); return its markdown link. A panel is a
-        dict of Axes settings (title, xlabel, ...) and "series": (Axes method, label, arguments, style)."""
-        from matplotlib.figure import Figure  # a bare Figure keeps no pyplot state, so nothing leaks
-        ncols, nrows = min(len(panels), ncols), -(-len(panels) // ncols)
-        fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
-        axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-        for ax in axes[len(panels):]:
-            ax.set_visible(False)
-        for ax, panel in zip(axes, panels):
-            for method, label, args, style in panel["series"]:
-                getattr(ax, method)(*args, label=label, **style)
-            ax.set(**{key: value for key, value in panel.items() if key != "series"})
-            ax.minorticks_off()
-            names = any(not label.isdigit() for label in panel.get("xticklabels", []))
-            ax.tick_params(axis="x", labelsize=8, labelrotation=20 if names else 0)  # so names do not overlap
-        handles = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
-        if handles and len(panels) == 1:
-            axes[0].legend(handles.values(), handles.keys(), fontsize=8)
-        elif handles:  # one legend for all panels, outside on the right
-            fig.legend(handles.values(), handles.keys(), fontsize=8, loc="outside right upper",
-                       handlelength=3)
-        atomic_write(os.path.join(self.figdir, name),
-                     lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-        return f"![{name[:-4].replace('_', ' ')}](figures/{name})"
-
-    def figured(self, name, panel, caption, size=(6, 3.5)):
-        """A one-panel figure and the caption under it, or nothing if the panel has no series."""
-        return [self.figure(name, [panel], size=size), caption] if panel["series"] else []
+        """The one figure helper: `panels` become figures/<name> when the report is written. Returns the
+        markdown link as a list: empty, and nothing drawn, if no panel has a series."""
+        if not any(panel["series"] for panel in panels):
+            return []
+        self.figures[name] = (panels, ncols, size)
+        return [f"![{name[:-4].replace('_', ' ')}](figures/{name})"]
 
     # --- the sections ---
 
     def header(self):
-        config = self.config
-        model = (f"GPT-2 weights from `{config['weights']}`" if config.get("weights") else
+        c = self.config
+        model = (f"GPT-2 weights from `{c['weights']}`" if c.get("weights") else
                  "the embedded IOI model (GPT-2's IOI circuit written by hand into a small GPT-2)")
+        changes = [] if c.get("weights") else ["a small IOI model instead of GPT-2 Small"]
+        changes += [f"{key} = {c[key]} instead of {paper}" for key, paper in PAPER_SCALE.items()
+                    if c.get(key) is not None and c[key] != paper]
         out = ["# Supervised dictionaries vs sparse autoencoders on IOI",
                "A reproduction of Makelov, Lange & Nanda, *Towards Principled Evaluations of Sparse "
                f"Autoencoders for Interpretability and Control* (arXiv 2405.08366). Model: {model}; "
-               f"{config.get('n_train')} training and {config.get('n_eval')} evaluation prompts; task SAEs "
-               f"with {config.get('d_sae')} latents trained for {config.get('epochs')} epochs. The README's "
-               "§1-§9 define every quantity below."]
-        if config.get("weights") is None or (config.get("epochs") or 0) < PAPER_SCALE["epochs"]:
-            changes = [] if config.get("weights") else ["a small IOI model instead of GPT-2 Small"]
-            changes += [f"{key} = {config[key]} instead of {paper}" for key, paper in PAPER_SCALE.items()
-                        if config.get(key) is not None and config[key] != paper]
+               f"{c.get('n_train')} training and {c.get('n_eval')} evaluation prompts; task SAEs with "
+               f"{c.get('d_sae')} latents trained for {c.get('epochs')} epochs. The README's §1-§9 define "
+               "every quantity below; its [Reading the report](README.md#reading-the-report) says what to "
+               "look for."]
+        if c.get("weights") is None or (c.get("epochs") or 0) < PAPER_SCALE["epochs"]:
             out.append(f"Scaled down from the paper's settings to run on a CPU: {'; '.join(changes)}. "
                        "Expect the paper's qualitative picture, not its digits.")
-        return out + [_table([(key, json.dumps(value)) for key, value in config.items()],
-                             ["setting", "value"])]
+        return out + [_table([(key, json.dumps(value)) for key, value in c.items()], ["setting", "value"])]
 
     def summary(self):
         """The terminal summary (also "At a glance"): the model's LD and accuracy, then per headline site
@@ -1397,55 +1375,44 @@ class Report:
         histogram = [("bar", None, ([r["low"] for r in bins], [r["value"] for r in bins]),
                       {"width": [r["high"] - r["low"] for r in bins], "align": "edge", "edgecolor": "w"})]
         panel = {"title": "Logit difference on evaluation prompts", "xlabel": "LD = logit[IO] − logit[S]",
-                 "ylabel": "prompts", "series": (histogram + _mark(None, "v", 0, **DASHED)
-                                                 + _mark(f"mean {_fmt(mean)}", "v", mean, color="#d62728"))
-                 if bins else []}  # no bins: no figure
+                 "ylabel": "prompts", "series": histogram + _mark(None, "v", 0, **DASHED)
+                 + _mark(f"mean {_fmt(mean)}", "v", mean, color="#d62728") if bins else []}
         return [] if all(value is None for value in stats.values()) else [
-            _table(stats.items(), ["metric", "value"]),
-            "For reference, GPT-2 Small reaches a mean logit difference ≈ 3.3 and top-1 ≈ 91%.",
-            *self.figured("ld_histogram.png", panel, "Look for almost all mass right of the dashed line: "
-                          "LD > 0 means the model prefers IO.", size=(6, 3.3))]
+            _table(stats.items(), ["metric", "value"]), "GPT-2 Small: mean LD ≈ 3.3, top-1 ≈ 91%.",
+            *self.figure("ld_histogram.png", [panel], size=(6, 3.3))]
 
     def circuit(self):
         sections, discovery = self.circuit_found.get("sections"), self.circuit_found.get("discovery") or {}
+        skipped, heads = self.circuit_found.get("skipped") or [], _circuit_rows(discovery.get("heads", []))
+        verdicts = [(d["section"], d["ld_drop"], d["fraction"], "not graded: in the run's skip_sections"
+                     if d["section"] in skipped else "graded" if d["kept"] else "dropped: not causal here")
+                    for d in discovery.get("sections", [])]
         if not sections:
             return []
-        out = [_table([(s["name"], ", ".join(f"`{node}`" for node in s["nodes"]),
-                        ", ".join(map(str, s["attributes"]))) for s in sections],
-                      ["cross-section", "nodes", "attributes edited"])]
-        if any(head["role"] for head in discovery.get("heads", [])):
-            out += ["Heads found in the model itself (`ioi.discover`), each class by its own measure "
-                    "(README, \"The embedded model\"), at ≥ 1/3 of the strongest head's value "
-                    "and ≥ 2% of the LD:",
-                    _table(_circuit_rows(discovery["heads"]), ["head", "position", "direct effect",
-                                                               "LD drop via q", "LD drop", "of LD", "role"])]
-        if discovery.get("sections"):
-            skipped = self.circuit_found.get("skipped") or []
-            verdicts = [(d["section"], d["ld_drop"], d["fraction"],
-                         "not graded: in the run's skip_sections" if d["section"] in skipped else
-                         "graded" if d["kept"] else "dropped: not causal here")
-                        for d in discovery["sections"]]
-            out += ["A cross-section is graded only if mean-ablating all its nodes at once moves the mean LD "
-                    "by ≥ 5% (else sufficiency is near 1 whatever is patched in; necessity divides by ~0):",
+        rows = [(s["name"], ", ".join(f"`{node}`" for node in s["nodes"]),
+                 ", ".join(map(str, s["attributes"]))) for s in sections]
+        out = [_table(rows, ["cross-section", "nodes", "attributes edited"])]
+        if heads:
+            out += ["Heads found in the model itself (`ioi.discover`):", _table(heads, [
+                "head", "position", "direct effect", "LD drop via q", "LD drop", "of LD", "role"])]
+        if verdicts:
+            out += [f"Graded if mean-ablating all its nodes moves the mean LD by ≥ "
+                    f"{metrics.MIN_SECTION_EFFECT:.0%}:",
                     _table(verdicts, ["cross-section", "LD drop", "fraction of LD", "verdict"])]
         return out
 
     def approximation(self):
         records = self.find("sufficiency") + self.find("necessity")
-        if not records:
-            return []
         sites, methods = _distinct(records, "site", SITES), _distinct(records)
         score = {(test, m): [self.at(test, site, m) for site in sites]
                  for test in APPROXIMATION for m in methods}
         panels = [_bars(sites, {m: score[test, m] for m in methods}, _mark(None, "h", 1, **DOTTED),
                         title=test, ylabel="score (1 = perfect)") for test in APPROXIMATION]
-        cells = [[site] + [" / ".join(_fmt(score[test, m][i]) for test in APPROXIMATION) for m in methods]
-                 for i, site in enumerate(sites)]
-        return ["Each cell: *sufficiency / necessity* (README §5), 1 is best; task SAEs at their chosen "
-                "setting.",
-                _table(cells, ["cross-section"] + methods),
-                self.figure("approximation.png", panels, ncols=2, size=(6, 3.6)),
-                "Look for supervised bars near 1 and how close each SAE gets; mean ablation is the floor."]
+        return [] if not records else [
+            "Sufficiency / necessity (README §5); task SAEs at their chosen setting:",
+            _table([[site] + [" / ".join(_fmt(score[test, m][i]) for test in APPROXIMATION) for m in methods]
+                    for i, site in enumerate(sites)], ["cross-section"] + methods),
+            *self.figure("approximation.png", panels, 2, (6, 3.6))]
 
     def edit_panels(self, methods, attribute, site):
         """Two panels for one headline site: edit accuracy against the weight removed at k = 2, and
@@ -1481,60 +1448,44 @@ class Report:
 
     def control(self):
         records, chosen = self.find("edit_accuracy"), self.find("edit_distance_k2", chosen=True)
-        if not records:
-            return []
         methods, pairs = _distinct(records), dict.fromkeys((r["site"], r["attribute"]) for r in records)
         saes, chosen_methods = [m for m in methods if not m.startswith("supervised")], _distinct(chosen)
         panels = [self.edit_panels(methods, attribute, site) for attribute, site in self.headline()]
-        setting = {(r["site"], r.get("attribute"), r["method"]):
+        setting = {(r["site"], r["attribute"], r["method"]):
                    f"{_setting(r['method'], r['setting'])} ({_fmt(r['value'])})" for r in chosen}
-        out = [self.figure("control_headline.png", [by_weight for by_weight, _ in panels]),
-               "Headline edits (README §6): k = 2 SAE latents changed greedily, or one supervised feature "
-               "swapped. Look for markers high above the dashed no-intervention line, with little weight "
-               "removed."] if panels else []
-        out += ["Each cell: edit accuracy / weight removed at k = 2 (SAEs: latents actually changed, of "
-                "their mean L0 there); `none`: accuracy without intervention (an edit informs only if low).",
-                _table([[site, a, self.edit("edit_accuracy_no_intervention", site, "none", a)]
-                        + [self.edit_cell(site, a, m) for m in methods] for site, a in pairs],
-                       ["cross-section", "attribute", "none"] + methods),
-                "The interpretation-aware edit: 1 latent out (best F1 for the old value), 1 in (the new):",
-                _table([[site, a] + [self.edit_cell(site, a, m, "f1") for m in saes] for site, a in pairs],
-                       ["cross-section", "attribute"] + saes)]
-        if panels:
-            out += [self.figure("control_vs_k.png", [by_k for _, by_k in panels]),
-                    "Look for how fast accuracy climbs with the latents an edit changes: greedily towards "
-                    "the counterfactual (solid), or swapping k/2 latents of the old value for k/2 of the new "
-                    "(dashed)."]
-        if chosen:
-            out += ["The SAE setting chosen per site and attribute: the one whose k = 2 edits land closest "
-                    "to the counterfactual activation (L2 distance in brackets).",
-                    _table([[site, a] + [setting.get((site, a, m)) for m in chosen_methods]
-                            for site, a in dict.fromkeys((r["site"], r.get("attribute")) for r in chosen)],
-                           ["cross-section", "attribute"] + chosen_methods)]
-        return out
+        return [] if not records else [
+            *self.figure("control_headline.png", [by_weight for by_weight, _ in panels]),
+            "Edit accuracy / weight removed at k = 2 (SAEs: latents changed, of their L0 there); "
+            "`none`: no edit:",
+            _table([[site, a, self.edit("edit_accuracy_no_intervention", site, "none", a)]
+                    + [self.edit_cell(site, a, m) for m in methods] for site, a in pairs],
+                   ["cross-section", "attribute", "none"] + methods),
+            "The same, F1-guided: 1 latent out (best F1 for the old value), 1 in (the new):",
+            _table([[site, a] + [self.edit_cell(site, a, m, "f1") for m in saes] for site, a in pairs],
+                   ["cross-section", "attribute"] + saes),
+            *self.figure("control_vs_k.png", [by_k for _, by_k in panels])] + ([
+                "The SAE setting chosen per site and attribute (L2 distance after a k = 2 edit):",
+                _table([[site, a] + [setting.get((site, a, m)) for m in chosen_methods]
+                        for site, a in dict.fromkeys((r["site"], r["attribute"]) for r in chosen)],
+                       ["cross-section", "attribute"] + chosen_methods)] if chosen else [])
 
     def interpretability(self):
         records = self.find("f1_coverage")
-        sites, methods = _distinct(records, "site", SITES), _distinct(records)
-        attributes = _distinct(records, "attribute", ())
+        sites, methods, attributes = (_distinct(records, key, order) for key, order in (
+            ("site", SITES), ("method", METHODS), ("attribute", ())))
         coverage = {(site, a, m): self.at("f1_coverage", site, m, attribute=a)
                     for site in sites for a in attributes for m in methods}
         panels = [_bars(sites, {m: [coverage[site, a, m] for site in sites] for m in methods},
                         title=f"F1 coverage of {a}", ylabel="values with F1 ≥ 0.8", ylim=(0, 1.05))
                   for a in attributes]
-        out = ["F1 coverage (README §7): the share of an attribute's values that some latent detects "
-               "with F1 ≥ 0.8, averaged over its nodes. Look for bars near 1: a latent for every value.",
-               _table([[site, a] + [coverage[site, a, m] for m in methods] for site in sites
-                       for a in attributes], ["cross-section", "attribute"] + methods),
-               self.figure("f1_coverage.png", panels)] if records else []
-        tests = {"causal_keep_sufficiency": "keep latents with F1 ≥ t: sufficiency",
-                 "causal_remove_necessity": "remove latents with F1 ≥ t: necessity"}
-        if any(self.find(test) for test in tests):
-            panels = [self.causal_panel(test, title) for test, title in tests.items()]
-            out += [self.figure("causal_f1.png", panels, ncols=2, size=(5, 3.5)),
-                    "Look at t = 0.6 (dotted): if the interpretable latents carry the computation, keeping "
-                    "only them preserves the logit difference and removing them destroys it."]
-        return out
+        out = [] if not records else [
+            "F1 coverage (README §7): the share of an attribute's values with a latent of F1 ≥ 0.8:",
+            _table([[site, a] + [coverage[site, a, m] for m in methods]
+                    for site in sites for a in attributes], ["cross-section", "attribute"] + methods),
+            *self.figure("f1_coverage.png", panels)]
+        causal = [self.causal_panel("causal_keep_sufficiency", "keep latents with F1 ≥ t: sufficiency"),
+                  self.causal_panel("causal_remove_necessity", "remove latents with F1 ≥ t: necessity")]
+        return out + self.figure("causal_f1.png", causal, 2, (5, 3.5))
 
     def causal_panel(self, test, title):
         """Keep or remove the latents of F1 ≥ t (README §7): the score, averaged over sites, against t."""
@@ -1542,7 +1493,7 @@ class Report:
         sites, thresholds = _distinct(records, "site", SITES), sorted({r["threshold"] for r in records})
         lines = [_line(m, [(t, _mean([self.at(test, site, m, threshold=t) for site in sites]))
                            for t in thresholds], marker="o", color=COLORS.get(m)) for m in _distinct(records)]
-        return {"series": lines + _mark(None, "v", 0.6, **DOTTED), "title": title,
+        return {"series": lines + (_mark(None, "v", 0.6, **DOTTED) if lines else []), "title": title,
                 "xlabel": "F1 threshold t", "ylabel": "score (mean over sites)"}
 
     def evidence(self, phenomenon, attributes):
@@ -1557,10 +1508,9 @@ class Report:
         headers = ["node"] + [f"{name}: norm / answers changed / LD moved" for name in names]
 
         def row(node):
-            return [node] + [f"{_fmt(self.mean('evidence_norm', site=node, attribute=a))} / "
-                             f"{_percent(self.mean('evidence_answers_changed', site=node, attribute=a))} / "
-                             f"{_percent(self.mean('evidence_ld_moved', site=node, attribute=a))}"
-                             for a in attributes]
+            return [node] + [" / ".join(_fmt(self.mean(f"evidence_{test}", site=node, attribute=a), spec)
+                                        for test, spec in (("norm", ".2f"), ("answers_changed", ".0%"),
+                                                           ("ld_moved", ".0%"))) for a in attributes]
         if gate[0]["value"]:
             node = gate[0]["site"]
             return [f"The test {criterion}; it runs at `{node}`:", _table([row(node)], headers)]
@@ -1575,96 +1525,78 @@ class Report:
         out = self.evidence("occlusion", ("io", "s"))
         keys = dict.fromkeys((r["site"], r["method"], r.get("setting"))
                              for r in self.find("occlusion_io_names"))
-        rows = [(node, m, _setting(m, s), *(_count(self.mean(test, site=node, method=m, setting=s))
-                                            for test in ("occlusion_io_names", "occlusion_s_names")))
-                for node, m, s in keys]
-        if rows:
-            bars = _bars([f"{node}\n{m} {setting}" for node, m, setting, _, _ in rows],
-                         {"IO names": [row[3] for row in rows], "S names": [row[4] for row in rows]},
+        names = {f"{a.upper()} names": [self.mean(f"occlusion_{a}_names", site=node, method=m, setting=s)
+                                        for node, m, s in keys] for a in ("io", "s")}
+        if keys:
+            bars = _bars([f"{node}\n{m} {_setting(m, s)}" for node, m, s in keys], names,
                          title="Names with a latent of F1 ≥ 0.5", ylabel="names")
-            norms = self.find("supervised_feature_norm")
-            out += [_table(rows, ["node", "method", "setting", "IO names", "S names"]),
-                    self.figure("occlusion.png", [bars], size=(7, 3.5)),
-                    "Look for many IO names but few S names: S is present and causal at this node, yet the "
-                    "SAE gives it almost no latents of its own."]
-            if norms:
-                out.append("Mean norm of the supervised features there: " + ", ".join(
-                    f"{r['attribute'].upper()} {r['value']:.2f}" for r in norms)
-                    + " — the larger feature wins.")
-        settings = sorted({r.get("setting") for r in self.find("alpha_sweep_io_names")}, key=lambda v: v or 0)
-        lines = []
-        for i, setting in enumerate(settings):
-            for name, ls in (("IO", "-"), ("S", "--")):
-                records = self.find(f"alpha_sweep_{name.lower()}_names", setting=setting)
-                label = f"{name} {_setting(records[0]['method'], setting)}" if records else None
-                points = sorted((r["alpha"], r["value"]) for r in records)
-                lines.append(_line(label, points, ls=ls, marker="o", color=f"C{i}"))
+            out += [_table([(node, m, _setting(m, s), *(_fmt(counts[i], ".0f") for counts in names.values()))
+                            for i, (node, m, s) in enumerate(keys)], ["node", "method", "setting", *names]),
+                    *self.figure("occlusion.png", [bars], size=(7, 3.5))]
+        norms = [f"{r['attribute'].upper()} {r['value']:.2f}" for r in self.find("supervised_feature_norm")]
+        out += [f"Mean norm of the supervised features there: {', '.join(norms)}."] if norms else []
+        settings = sorted({r.get("setting"): r["method"] for r in self.find("alpha_sweep_io_names")}.items(),
+                          key=lambda item: item[0] or 0)
+        lines = [_line(f"{a.upper()} {_setting(m, s)}", sorted((r["alpha"], r["value"]) for r in self.find(
+            f"alpha_sweep_{a}_names", setting=s)), ls=ls, marker="o", color=f"C{i}")
+                 for i, (s, m) in enumerate(settings) for a, ls in (("io", "-"), ("s", "--"))]
         sweep = {"series": lines, "title": "SAEs trained on a − α·u_IO", "xlabel": "α",
                  "ylabel": "names with a latent (F1 ≥ 0.5)"}
-        out += self.figured("alpha_sweep.png", sweep, "Look for the crossing: as α shrinks the IO features, "
-                            "IO latents (solid) vanish and S latents (dashed) appear.")
-        toy = self.find("occlusion_toy_recovered")
-        return out if not toy else out + [
-            "Toy model a = u_IO + v_S (216 values each, 64 dimensions, as in the paper) with the feature "
-            "norms measured at the occlusion node (where not testable, a stated 2:1 ratio): the share of "
-            "features with a vanilla-SAE latent of F1 > 0.9. Look for the high-norm features found and the "
-            "low-norm ones missed.",
-            _table([(r["attribute"].upper(), r.get("norm"), _setting("vanilla", r.get("setting")), r["value"])
-                    for r in toy], ["feature", "norm", "setting", "share recovered"])]
+        out += self.figure("alpha_sweep.png", [sweep], size=(6, 3.5))
+        toy = [(r["attribute"].upper(), r.get("norm"), _setting("vanilla", r.get("setting")), r["value"])
+               for r in self.find("occlusion_toy_recovered")]
+        return out + ([] if not toy else [
+            "Toy model a = u_IO + v_S: the share of features with a vanilla-SAE latent of F1 > 0.9:",
+            _table(toy, ["feature", "norm", "setting", "share recovered"])])
+
+    def toy_panel(self, grid):
+        """The over-splitting toy (README §9) on one grid of λ: each SAE's best loss against λ."""
+        losses = {m: self.find("oversplit_toy_loss", method=m, grid=grid)
+                  for m in ("ideal_2_latent", "random_1000_latent")}
+        fired = [r["l1"] for r in losses["ideal_2_latent"] if r["firing"] >= 0.02]
+        lines = [_line(label, sorted((r["l1"], r["value"]) for r in losses[m]), color=color)
+                 for m, label, color in (("ideal_2_latent", "ideal 2-latent SAE", "#2ca02c"),
+                                         ("random_1000_latent", "random 1000-latent SAE", "#d62728"))]
+        lines += _mark("ideal SAE fires on < 2% beyond", "v", max(fired, default=None), **DOTTED)
+        name = "the paper's grid" if grid == "paper" else f"grid {grid}"
+        return {"title": f"Toy ±µ + noise: best SAE loss ({name})", "xlabel": "λ", "ylabel": "loss",
+                "series": lines}
 
     def oversplitting(self):
         """README §9: latents per Pos value in the model, and the toy where 1000 random latents win."""
-        rows = [(r["site"], r["method"], _setting(r["method"], r.get("setting")), _count(r["value"]))
+        out = self.evidence("oversplitting", ("pos",))
+        rows = [(r["site"], r["method"], _setting(r["method"], r.get("setting")), _fmt(r["value"], ".0f"))
                 for r in self.find("pos_latents", phenomenon="oversplitting")]
-        out = self.evidence("oversplitting", ("pos",)) + ([
-            "Latents whose best interpretation is a Pos value there (the paper: ≥ 10 for this binary "
-            "attribute in GPT-2 Small's name-mover queries):",
-            _table(rows, ["node", "method", "setting", "Pos latents"])] if rows else [])
-        if not self.find("oversplit_toy_loss"):
-            return out
-        paper_grid = {m: self.find("oversplit_toy_loss", method=m, grid="paper")
-                      for m in ("ideal_2_latent", "random_1000_latent")}
-        fired = [r["l1"] for r in paper_grid["ideal_2_latent"] if r["firing"] >= 0.02]
-        panel = {"title": "Toy ±µ + noise: best SAE loss (the paper's grid)", "xlabel": "λ",
-                 "ylabel": "loss",
-                 "series": [_line(label, sorted((r["l1"], r["value"]) for r in paper_grid[m]), color=color)
-                            for m, label, color in (("ideal_2_latent", "ideal 2-latent SAE", "#2ca02c"), (
-                                "random_1000_latent", "random 1000-latent SAE", "#d62728"))]
-                 + _mark("ideal SAE fires on < 2% beyond", "v", max(fired, default=None), **DOTTED)}
+        if rows:
+            out += ["Latents whose best interpretation is a Pos value there (GPT-2 Small: ≥ 10):",
+                    _table(rows, ["node", "method", "setting", "Pos latents"])]
+        grids = _distinct(self.find("oversplit_toy_loss"), "grid", ("paper",))
         counts = ("counted", "random_wins", "ideal_wins", "ties", "not_counted")
-        return out + [
-            self.figure("oversplit_toy.png", [panel], size=(6, 3.5)),
-            "Look for the red curve under the green one: 1000 meaningless latents beat the two true "
-            "features on the SAE's own loss. Past the dotted line the ideal SAE (almost) never fires and "
-            "both losses tend to E‖x‖², so wins count only where it fires on at least 2% of inputs:",
-            _table([(grid, *(_count(self.mean(f"oversplit_toy_{c}", grid=grid)) for c in counts),
-                     self.mean("oversplit_toy_share_random_wins", grid=grid)) for grid in ("paper", "ours")],
-                   ["grid", "λ counted", "random wins", "ideal wins", "ties", "λ not counted",
-                    "share random"])]
+        rows = [(grid, *(_fmt(self.mean(f"oversplit_toy_{c}", grid=grid), ".0f") for c in counts),
+                 self.mean("oversplit_toy_share_random_wins", grid=grid)) for grid in grids]
+        return out + ([] if not grids else [
+            *self.figure("oversplit_toy.png", [self.toy_panel(grid) for grid in grids], 2, (6, 3.5)),
+            "Who wins on the toy, counted where the ideal SAE fires on ≥ 2% of inputs:",
+            _table(rows, ["grid", "λ counted", "random wins", "ideal wins", "ties", "λ not counted",
+                          "share random"])])
 
     def core(self):
         tests = ["l0", "mse", "fve", "dead_fraction", "ld_recovered", "train_steps", "train_converged"]
-        keys = dict.fromkeys((r["method"], r.get("setting"))
-                             for test in tests for r in self.by_test.get(test, []))
-        order = sorted(keys, key=lambda key: (METHODS.index(key[0]) if key[0] in METHODS else len(METHODS),
-                                              key[1] or 0))
-        return [] if not keys else [
-            _table([[m, _setting(m, setting)] + [self.mean(test, method=m, setting=setting) for test in tests]
-                    for m, setting in order], ["method", "setting"] + tests),
-            "README §8; dead fraction on the training activations, the rest on the evaluation ones; "
-            "train_steps: Adam steps run; train_converged: the share of SAEs that met the plateau criterion "
-            "(loss improving < 1% over the last 10% of epochs) before the cap. LD recovered skips nodes "
-            f"whose mean ablation alone moves the LD by < {metrics.MIN_NODE_EFFECT:.1%} "
-            "(it divides by that)."]
+        records = [r for test in tests for r in self.find(test)]
+        keys = [(m, s) for m in _distinct(records)  # each method's settings, smallest first
+                for s in sorted({r.get("setting") for r in records if r["method"] == m},
+                                key=lambda s: s or 0)]
+        rows = [[m, _setting(m, s)] + [self.mean(test, method=m, setting=s) for test in tests]
+                for m, s in keys]
+        return [_table(rows, ["method", "setting"] + tests)] if rows else []
 
     def paper(self):
         """Our numbers beside the paper's, each with its verdict and the criterion behind it."""
         rows = self.paper_edit_rows() + self.occlusion_verdict()
-        for phenomenon in ("occlusion", "oversplitting"):
-            gate = self.find("phenomenon_testable", phenomenon=phenomenon)
-            if gate and not gate[0]["value"]:
-                rows.append((f"{phenomenon}: in the model", "seen in GPT-2 Small", "—",
-                             "not testable here (section 6 shows the measurement)"))
+        rows += [(f"{p}: in the model", "seen in GPT-2 Small", "—",
+                  "not testable here (section 6 shows the measurement)")
+                 for p in ("occlusion", "oversplitting")
+                 if self.mean("phenomenon_testable", phenomenon=p) == 0]
         # the trained SAEs only: the frozen random decoder is a floor, its latents are not learned
         pos = [r["value"] for r in self.find("pos_latents", phenomenon="oversplitting")
                if r["method"] in ARCHS]
@@ -1677,13 +1609,12 @@ class Report:
         wins, counted = (self.mean(f"oversplit_toy_{c}", grid="paper")
                          for c in ("share_random_wins", "counted"))
         if wins is not None:
-            rows.append((f"toy (paper's grid): share of the {_count(counted)} λ where the ideal SAE "
+            rows.append((f"toy (paper's grid): share of the {_fmt(counted, '.0f')} λ where the ideal SAE "
                          "fires on ≥ 2% of inputs that the random SAE wins", "1.00", f"{wins:.2f}",
                          ("reproduced" if wins >= 0.95 else "not reproduced") + " (criterion ≥ 0.95)"))
         return [] if not rows else [
-            "Ours: min–max over the headline sites (task SAEs at their chosen setting, greedy edits) where "
-            "an edit must change the model's answer (no-intervention edit accuracy below 0.5). Higher edit "
-            "accuracy is better; less weight removed means a more surgical edit.",
+            "Edits: min–max over the headline sites where an edit must change the answer (no-intervention "
+            "edit accuracy < 0.5); task SAEs at their chosen setting, greedy:",
             _table(rows, ["quantity", "paper", "this run", "verdict"])]
 
     def paper_edit_rows(self):
@@ -1741,9 +1672,8 @@ class Report:
                                  " / ".join(_fmt(self.at(test, site, m)) for test in APPROXIMATION),
                                  edits, coverage])
         return [] if not rows else [
-            "Each SAE at the cross-sections it reads, beside the supervised dictionaries fitted at the very "
-            "same nodes and, where it reads single heads, our task SAEs: sufficiency / necessity (1 is "
-            "best), edit accuracy at k = 2 (SAEs: greedy), F1 coverage (values with a latent of F1 ≥ 0.8).",
+            "Sufficiency / necessity, edit accuracy at k = 2 (SAEs: greedy) and F1 coverage at F1 ≥ 0.8, "
+            "beside the supervised dictionaries and task SAEs at the same nodes:",
             _table(rows, ["SAE", "reads", "cross-section", "method", "sufficiency / necessity",
                           "edit accuracy", "F1 coverage"])]
 
@@ -1753,8 +1683,7 @@ class Report:
                     "## 3. Test 1 — approximation: sufficiency and necessity": self.approximation(),
                     "## 4. Test 2 — control: editing an attribute with a few latents": self.control(),
                     "## 5. Test 3 — interpretability": self.interpretability(),
-                    "## 6. Two SAE failure modes": ["Where SAEs fail even though they approximate well "
-                                                    "(README §9)."],
+                    "## 6. Two SAE failure modes": ["SAEs that approximate well can still fail (README §9)."],
                     "### Feature occlusion": self.occlusion(),
                     "### Feature over-splitting": self.oversplitting(),
                     "## 7. Core SAE metrics (mean over nodes)": self.core(),
@@ -1768,10 +1697,15 @@ class Report:
 
 
 def write_report(run_dir) -> str:
-    """Write <run_dir>/report.md and figures/*.png from its metrics.json; return the terminal summary."""
+    """Write <run_dir>/report.md and figures/*.png from its metrics.json; return the terminal summary.
+    Every record is read before anything is written, and each file is written atomically."""
     report = Report.load(run_dir)
-    os.makedirs(report.figdir, exist_ok=True)
     markdown = report.markdown()
+    os.makedirs(os.path.join(run_dir, "figures"), exist_ok=True)
+    for name, (panels, ncols, size) in report.figures.items():
+        fig = _draw(panels, ncols, size)
+        atomic_write(os.path.join(run_dir, "figures", name),
+                     lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     atomic_write(os.path.join(run_dir, "report.md"), lambda tmp: Path(tmp).write_text(markdown))
     return report.summary()
 

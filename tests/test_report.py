@@ -55,7 +55,9 @@ def fake_results():
                     **({} if method == "supervised" else {"setting": SAES[method][0]}))
         for method, settings in SAES.items():
             for s in settings:
-                add("edit_distance_k2", site, method, 0.4 * s, setting=s, chosen=s == settings[-1])
+                for attr in ("io", "s", "pos"):
+                    add("edit_distance_k2", site, method, 0.4 * s, attribute=attr, setting=s,
+                        chosen=s == settings[-1])
                 for t in (0.2, 0.4, 0.6, 0.8):
                     add("causal_keep_sufficiency", site, method, 1 - t * t + SHIFT[method], threshold=t,
                         setting=s)
@@ -188,7 +190,7 @@ def test_known_records_appear_in_their_tables(full_report):
     edit = row(k2, cross_section="S-I v", attribute="pos")
     assert (edit["none"], edit["supervised"], edit["topk"]) == ("0.10", "0.90 / 0.50", "0.69 / 0.39")
     assert row(f1_edits, cross_section="S-I v", attribute="pos")["topk"] == "0.65 / 0.39"
-    assert row(chosen, cross_section="S-I v")["topk"] == "k=6 (2.40)"
+    assert row(chosen, cross_section="S-I v", attribute="pos")["topk"] == "k=6 (2.40)"
     coverage = tables(section(text, "## 5."))[0]
     assert row(coverage, cross_section="(B)NM out", attribute="io")["vanilla"] == "0.50"
     occlusion = tables(section(text, "### Feature occlusion"))[1]
@@ -348,7 +350,10 @@ BROKEN = {"edit accuracy without its attribute": (drop("edit_accuracy", "attribu
           "a cross-section without nodes": (lambda data: data["circuit"]["sections"][0].pop("nodes"),
                                             "'nodes'"),
           "a head's LD drop as text": (lambda data: data["circuit"]["discovery"]["heads"][0].update(
-              ld_drop="big"), "'ld_drop'")}
+              ld_drop="big"), "'ld_drop'"),
+          "a test named by a number": (put("l0", "test", 5), "'test'"),
+          "a chosen flag as text": (put("edit_distance_k2", "chosen", "yes"), "'chosen'"),
+          "a choice without its setting": (drop("edit_distance_k2", "setting"), "'setting'")}
 
 
 @pytest.mark.parametrize("change, key", BROKEN.values(), ids=BROKEN)
@@ -361,6 +366,21 @@ def test_cli_names_the_key_a_hand_edited_metrics_file_lacks(tmp_path, change, ke
     message = result.output.strip()
     assert result.exit_code == 1 and "Traceback" not in message and len(message.splitlines()) == 1
     assert message.startswith("Error:") and "metrics.json" in message and key in message
+
+
+def test_a_malformed_record_leaves_the_previous_report_and_figures_untouched(tmp_path):
+    """The record is read only by a late section (its key is not among metrics.Record's required ones),
+    yet nothing is written: every record is read before the first figure is drawn."""
+    write_metrics(tmp_path, fake_results())
+    main.write_report(str(tmp_path))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "metrics.json"}
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    drop("alpha_sweep_s_names", "alpha")(data)
+    (tmp_path / "metrics.json").write_text(json.dumps(data))
+    result = CliRunner().invoke(main.cli, ["report", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "(test alpha_sweep_s_names): lacks 'alpha'" in result.output
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "metrics.json"}
+    assert after == before
 
 
 # Valid records whose companions are missing or undefined: each section still renders.
