@@ -311,15 +311,24 @@ class Node:
 
 # ----------------------------------------------------------------------------- running the model
 
-def run_with_patches(model, batch, patches, hooks=(), resume_from=None):
+def run_with_patches(model, batch, patches, hooks=(), resume=None, ld_only=False):
     """End logits [batch, vocab] with every node of `patches` ({Node: values [batch, d]}) set at
-    once; `hooks` ([(hook name, fn)]) run after the patches; `resume_from`: see
-    `gpt2.GPT2.run_with_hooks`.
+    once; `hooks` ([(hook name, fn)]) run after the patches. `ld_only`: logit[IO] - logit[S] [batch]
+    instead, from two columns of the unembedding. `resume` = (layer, resid_pre, past_kv), the batch's
+    entry of `residual_streams`: only the blocks from `layer` on, at the positions from the first one
+    patched (or `end`) on, are computed (`gpt2.GPT2.run_with_hooks`), and `hooks` see those positions.
 
     The values are computed beforehand (from clean or counterfactual runs), so a patch at an early
     node does not alter what is written at a later one: all nodes of a cross-section are patched
     together, as in the paper (README §3). Nodes sharing a hook (layer and activation) share one fn.
     """
+    first, resumed = 0, {}
+    if resume is not None:  # the batch's first position patched: attention is causal, earlier ones are clean
+        first = int(min(batch.positions[key].min() for key in {node.position for node in patches} | {"end"}))
+        layer, resid_pre, past_kv = resume
+        resumed = dict(resume_from=(layer, resid_pre[:, first:]),
+                       past_kv=[(k[:, :first], v[:, :first]) for k, v in past_kv])
+    at = {key: positions - first for key, positions in batch.positions.items()}  # [batch] each
     patch_hooks = []
     for hook_name in dict.fromkeys(node.hook_name for node in patches):
         for per_head in (True, False):  # one head's slot, or every head / the whole stream
@@ -327,20 +336,22 @@ def run_with_patches(model, batch, patches, hooks=(), resume_from=None):
                      if node.hook_name == hook_name and (node.head is not None) == per_head]
             if not nodes:
                 continue
-            positions = torch.stack([batch.positions[node.position] for node in nodes], 1)  # [batch, n]
+            positions = torch.stack([at[node.position] for node in nodes], 1)              # [batch, n]
             values = torch.stack([patches[node] for node in nodes], 1)                     # [batch, n, d]
             patch = (gpt2.patch_heads(positions, [node.head for node in nodes], values) if per_head
                      else gpt2.patch_positions(positions, values))
             patch_hooks.append((hook_name, patch))
-    return model.run_with_hooks(batch.tokens, patch_hooks + list(hooks), logits_at=batch.positions["end"],
-                                resume_from=resume_from)
+    io_and_s = torch.stack([batch.io_token, batch.s_token], 1) if ld_only else None  # [batch, 2]
+    logits = model.run_with_hooks(batch.tokens[:, first:], patch_hooks + list(hooks), logits_at=at["end"],
+                                  logits_of=io_and_s, **resumed)
+    return logits[:, 0] - logits[:, 1] if ld_only else logits
 
 
-def run_batches(model, prompts, batch_size=256, patches=None, read=(), resume=None):
+def run_batches(model, prompts, batch_size=256, patches=None, read=(), resume=None, ld_only=False):
     """Yield (batch, logits [batch, vocab] at `end`, {hook name: activation}) for each batch of
     `prompts` in turn: the loop behind every evaluation. A batch gets its prompts' rows of
     `patches` ({Node: values [n_prompts, d]}), and the hooks named in `read` are stored.
-    `resume` = (layer, `residual_streams` of the same prompts): each batch skips the blocks before it."""
+    `resume` = (layer, `residual_streams` of the same prompts) and `ld_only`: see `run_with_patches`."""
     patches, device, stored = patches or {}, next(model.parameters()).device, {}
 
     def store(activation, hook):
@@ -350,17 +361,27 @@ def run_batches(model, prompts, batch_size=256, patches=None, read=(), resume=No
             rows = slice(start, start + batch_size)
             batch = batch_prompts(prompts[rows], device)
             batch_patches = {node: values[rows].to(device) for node, values in patches.items()}
-            resume_from = resume and (resume[0], resume[1][i])
             hooks = [(name, store) for name in read]
-            logits = run_with_patches(model, batch, batch_patches, hooks, resume_from)
+            logits = run_with_patches(model, batch, batch_patches, hooks, resume and (resume[0], *resume[1][i]),
+                                      ld_only)
             yield batch, logits, stored.copy()
 
 
 def residual_streams(model, prompts, layer, batch_size=256):
-    """[resid_pre [batch, pos, d_model] at `layer`, for each batch of `prompts`]: where an unpatched
-    pass stands as it enters that block, so that a run patched from there on can resume from it."""
-    name = f"blocks.{layer}.hook_resid_pre"
-    return [cache[name] for _, _, cache in run_batches(model, prompts, batch_size, read=[name])]
+    """[(resid_pre [batch, pos, d_model], [(k, v) [batch, p, head, d_head] of each block from `layer` on])
+    for each batch of `prompts`]: where an unpatched pass stands as it enters that block, and its keys and
+    values at the positions before the batch's first `end`, which no patch there changes. A run patched
+    from there on resumes from it. Paper's settings (GPT-2 Small, 5,000 prompts, batches of 256, <= 19
+    positions, p = 15): 15 MB of resid_pre and 24 MB of keys and values per block, per batch; 5.8 GB at
+    layer 0 (float32), a quarter of that at layer 9."""
+    names = [f"blocks.{layer}.hook_resid_pre", *(f"blocks.{block}.attn.hook_{kv}"
+                                                  for block in range(layer, model.config.n_layer) for kv in "kv")]
+    streams = []
+    for batch, _, cache in run_batches(model, prompts, batch_size, read=names):
+        p = int(batch.positions["end"].min())  # copies, so the later positions' memory is freed
+        streams.append((cache[names[0]], [(cache[k][:, :p].clone(), cache[v][:, :p].clone())
+                                          for k, v in zip(names[1::2], names[2::2])]))
+    return streams
 
 
 def logit_diff(end_logits: torch.Tensor, io_token: torch.Tensor, s_token: torch.Tensor) -> torch.Tensor:
@@ -376,18 +397,20 @@ def logit_diff(end_logits: torch.Tensor, io_token: torch.Tensor, s_token: torch.
 class PatchedRun:
     """What the metrics need from a (patched) forward pass, per prompt, at `end`."""
     logit_diff: torch.Tensor  # [n] logit[IO] - logit[S]
-    top_token: torch.Tensor   # [n] argmax next token
+    top_token: Optional[torch.Tensor] = None  # [n] argmax next token (not in an LD-only run)
     io_prob: Optional[torch.Tensor] = None  # [n] P(IO), if asked for
 
 
-def patched_run(model, prompts, patches=None, batch_size=256, io_prob=False, resume=None):
+def patched_run(model, prompts, patches=None, batch_size=256, io_prob=False, resume=None, ld_only=False):
     """Run every prompt with `patches` ({Node: values [n_prompts, d]}, may be empty) set. P(IO) only
     if `io_prob`: its softmax over the vocabulary costs a fifth of a small model's patched run.
+    `ld_only`: the logit differences only, without the vocabulary (no top token, no P(IO)).
     `resume`: see `run_batches`."""
     columns = []
-    for batch, logits, _ in run_batches(model, prompts, batch_size, patches, resume=resume):
-        columns.append([logit_diff(logits, batch.io_token, batch.s_token), logits.argmax(-1)])
-        if io_prob:  # softmax at the IO token: log P(IO) = logit[IO] - logsumexp(logits)
+    for batch, logits, _ in run_batches(model, prompts, batch_size, patches, resume=resume, ld_only=ld_only):
+        columns.append([logits] if ld_only else [logit_diff(logits, batch.io_token, batch.s_token),
+                                                 logits.argmax(-1)])
+        if io_prob and not ld_only:  # softmax at the IO token: log P(IO) = logit[IO] - logsumexp(logits)
             columns[-1].append((logits.gather(1, batch.io_token[:, None])[:, 0] - logits.logsumexp(-1)).exp())
     return PatchedRun(*(torch.cat(column).cpu() for column in zip(*columns)))
 
