@@ -312,22 +312,19 @@ class Node:
 # ----------------------------------------------------------------------------- running the model
 
 def run_with_patches(model, batch, patches, hooks=(), resume=None, ld_only=False):
-    """End logits [batch, vocab] with every node of `patches` ({Node: values [batch, d]}) set at
-    once; `hooks` ([(hook name, fn)]) run after the patches. `ld_only`: logit[IO] - logit[S] [batch]
-    instead, from two columns of the unembedding. `resume` = (layer, resid_pre, past_kv), the batch's
-    entry of `residual_streams`: only the blocks from `layer` on, at the positions from the first one
-    patched (or `end`) on, are computed (`gpt2.GPT2.run_with_hooks`), and `hooks` see those positions.
+    """End logits [batch, vocab] (`ld_only`: of IO and S only, [batch, 2]) with every node of `patches`
+    ({Node: values [batch, d]}) set at once; `hooks` ([(hook name, fn)]) run after the patches. `resume`:
+    the batch's `residual_streams`; then only positions from the first patched (or `end`) are computed.
 
     The values are computed beforehand (from clean or counterfactual runs), so a patch at an early
     node does not alter what is written at a later one: all nodes of a cross-section are patched
     together, as in the paper (README §3). Nodes sharing a hook (layer and activation) share one fn.
     """
     first, resumed = 0, {}
-    if resume is not None:  # the batch's first position patched: attention is causal, earlier ones are clean
+    if resume is not None:  # attention is causal: positions before the first patched one stay clean
         first = int(min(batch.positions[key].min() for key in {node.position for node in patches} | {"end"}))
-        layer, resid_pre, past_kv = resume
-        resumed = dict(resume_from=(layer, resid_pre[:, first:]),
-                       past_kv=[(k[:, :first], v[:, :first]) for k, v in past_kv])
+        resumed = dict(resume_from=(resume[0], resume[1][:, first:]),
+                       past_kv=[(k[:, :first], v[:, :first]) for k, v in resume[2]])
     at = {key: positions - first for key, positions in batch.positions.items()}  # [batch] each
     patch_hooks = []
     for hook_name in dict.fromkeys(node.hook_name for node in patches):
@@ -342,9 +339,8 @@ def run_with_patches(model, batch, patches, hooks=(), resume=None, ld_only=False
                      else gpt2.patch_positions(positions, values))
             patch_hooks.append((hook_name, patch))
     io_and_s = torch.stack([batch.io_token, batch.s_token], 1) if ld_only else None  # [batch, 2]
-    logits = model.run_with_hooks(batch.tokens[:, first:], patch_hooks + list(hooks), logits_at=at["end"],
-                                  logits_of=io_and_s, **resumed)
-    return logits[:, 0] - logits[:, 1] if ld_only else logits
+    return model.run_with_hooks(batch.tokens[:, first:], patch_hooks + list(hooks), logits_at=at["end"],
+                                logits_of=io_and_s, **resumed)
 
 
 def run_batches(model, prompts, batch_size=256, patches=None, read=(), resume=None, ld_only=False):
@@ -362,25 +358,20 @@ def run_batches(model, prompts, batch_size=256, patches=None, read=(), resume=No
             batch = batch_prompts(prompts[rows], device)
             batch_patches = {node: values[rows].to(device) for node, values in patches.items()}
             hooks = [(name, store) for name in read]
-            logits = run_with_patches(model, batch, batch_patches, hooks, resume and (resume[0], *resume[1][i]),
-                                      ld_only)
+            resume_from = resume and (resume[0], *resume[1][i])
+            logits = run_with_patches(model, batch, batch_patches, hooks, resume_from, ld_only)
             yield batch, logits, stored.copy()
 
 
 def residual_streams(model, prompts, layer, batch_size=256):
-    """[(resid_pre [batch, pos, d_model], [(k, v) [batch, p, head, d_head] of each block from `layer` on])
-    for each batch of `prompts`]: where an unpatched pass stands as it enters that block, and its keys and
-    values at the positions before the batch's first `end`, which no patch there changes. A run patched
-    from there on resumes from it. Paper's settings (GPT-2 Small, 5,000 prompts, batches of 256, <= 19
-    positions, p = 15): 15 MB of resid_pre and 24 MB of keys and values per block, per batch; 5.8 GB at
-    layer 0 (float32), a quarter of that at layer 9."""
-    names = [f"blocks.{layer}.hook_resid_pre", *(f"blocks.{block}.attn.hook_{kv}"
-                                                  for block in range(layer, model.config.n_layer) for kv in "kv")]
+    """[(resid_pre [batch, pos, d_model] entering block `layer`, [(k, v) [batch, p, head, d_head] of each
+    block from there on], p: the batch's first `end`)] of an unpatched pass, for a patched one to resume."""
+    blocks = range(layer, model.config.n_layer)
+    names = [f"blocks.{layer}.hook_resid_pre", *(f"blocks.{b}.attn.hook_{kv}" for b in blocks for kv in "kv")]
     streams = []
-    for batch, _, cache in run_batches(model, prompts, batch_size, read=names):
-        p = int(batch.positions["end"].min())  # copies, so the later positions' memory is freed
-        streams.append((cache[names[0]], [(cache[k][:, :p].clone(), cache[v][:, :p].clone())
-                                          for k, v in zip(names[1::2], names[2::2])]))
+    for batch, _, cache in run_batches(model, prompts, batch_size, read=names):  # (copies free the rest)
+        kv = [cache[name][:, :batch.positions["end"].min()].clone() for name in names[1:]]
+        streams.append((cache[names[0]], list(zip(kv[::2], kv[1::2]))))
     return streams
 
 
@@ -404,13 +395,12 @@ class PatchedRun:
 def patched_run(model, prompts, patches=None, batch_size=256, io_prob=False, resume=None, ld_only=False):
     """Run every prompt with `patches` ({Node: values [n_prompts, d]}, may be empty) set. P(IO) only
     if `io_prob`: its softmax over the vocabulary costs a fifth of a small model's patched run.
-    `ld_only`: the logit differences only, without the vocabulary (no top token, no P(IO)).
-    `resume`: see `run_batches`."""
+    `resume`: see `run_batches`; `ld_only`: the LDs alone (no vocabulary: no top token, no P(IO))."""
     columns = []
     for batch, logits, _ in run_batches(model, prompts, batch_size, patches, resume=resume, ld_only=ld_only):
-        columns.append([logits] if ld_only else [logit_diff(logits, batch.io_token, batch.s_token),
-                                                 logits.argmax(-1)])
-        if io_prob and not ld_only:  # softmax at the IO token: log P(IO) = logit[IO] - logsumexp(logits)
+        columns.append([logits[:, 0] - logits[:, 1]] if ld_only else
+                       [logit_diff(logits, batch.io_token, batch.s_token), logits.argmax(-1)])
+        if io_prob:  # softmax at the IO token: log P(IO) = logit[IO] - logsumexp(logits)
             columns[-1].append((logits.gather(1, batch.io_token[:, None])[:, 0] - logits.logsumexp(-1)).exp())
     return PatchedRun(*(torch.cat(column).cpu() for column in zip(*columns)))
 

@@ -554,8 +554,10 @@ class Task:
         """The pass with `patches` set; `ld_only`: its logit differences only (no top token), for the
         tests that read nothing else. The blocks before the first layer it patches, and the positions
         before the first it patches, compute what an unpatched pass does: it resumes from that pass's
-        residual stream and keys and values, cached at the lowest layer patched so far (one cache,
-        whose memory `ioi.residual_streams` states); the same numbers, for a fraction of the cost."""
+        residual stream and keys and values, cached at the lowest layer patched so far (one cache): the
+        same numbers, for a fraction of the cost. At the paper's settings (GPT-2 Small, 5,000 prompts in
+        batches of 256, <= 19 positions, keys before `end` >= 15) it holds 0.3 GB of residual stream and
+        0.46 GB of keys and values per block from that layer on: 5.8 GB from layer 0, 1.7 GB from layer 9."""
         layer = min((node.layer for node in patches or {}), default=None)  # None: the unpatched pass
         if layer is not None and all(cached > layer for cached in self.cache):
             self.cache.clear()  # before the new cache is built: never two at once
