@@ -122,16 +122,19 @@ class Attention(nn.Module):
         self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)  # q, k, v of all heads at once
         self.c_proj = Conv1D(config.n_embd, config.n_embd)      # W_O of all heads at once
 
-    def forward(self, x, hook, name):                              # x: [batch, pos, d_model]
+    def forward(self, x, hook, name, past=None):                   # x: [batch, pos, d_model]
         batch, n_pos, d_model = x.shape
         q, k, v = self.c_attn(x).split(d_model, dim=-1)
         heads = (batch, n_pos, self.n_head, self.d_head)
         q = hook(f"{name}.hook_q", q.view(heads))                  # [batch, pos, head, d_head]
         k = hook(f"{name}.hook_k", k.view(heads))                  # [batch, pos, head, d_head]
         v = hook(f"{name}.hook_v", v.view(heads))                  # [batch, pos, head, d_head]
+        if past is not None:  # the keys and values of earlier positions come first (`run_with_hooks`)
+            k, v = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1)  # [batch, key_pos, head, d_head]
+        # causal: query i sits at position key_pos - pos + i and sees no key after it
+        future = torch.ones(n_pos, k.shape[1], dtype=torch.bool, device=x.device).triu(1 + k.shape[1] - n_pos)
         if hook.wants(f"{name}.hook_attn_scores") or hook.wants(f"{name}.hook_pattern"):
             scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.d_head)
-            future = torch.ones(n_pos, n_pos, dtype=torch.bool, device=x.device).triu(1)
             scores = scores.masked_fill(future, float("-inf"))     # causal: no peeking ahead
             scores = hook(f"{name}.hook_attn_scores", scores)      # [batch, head, q_pos, k_pos]
             pattern = hook(f"{name}.hook_pattern", scores.softmax(-1))  # [batch, head, q_pos, k_pos]
@@ -141,7 +144,8 @@ class Attention(nn.Module):
             # one multi-threaded kernel instead of five. On 2 shared cores, where every kernel
             # waits for both, the explicit path made the IOI forward ~20% slower (`main.py bench`).
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))        # [batch, head, pos, d_head]
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+            mask = None if past is None else ~future                # (is_causal assumes no past)
+            z = F.scaled_dot_product_attention(q, k, v, mask, is_causal=past is None).transpose(1, 2)
         z = hook(f"{name}.hook_z", z)                              # [batch, pos, head, d_head]
         return self.c_proj(z.reshape(batch, n_pos, d_model))       # [batch, pos, d_model]
 
@@ -181,10 +185,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, hook):                                    # x: [batch, pos, d_model]
+    def forward(self, x, hook, past=None):                         # x: [batch, pos, d_model]
         name = self.name
         x = hook(f"{name}.hook_resid_pre", x)
-        attn_out = self.attn(layer_norm(x, self.ln_1, hook, f"{name}.ln1"), hook, f"{name}.attn")
+        attn_out = self.attn(layer_norm(x, self.ln_1, hook, f"{name}.ln1"), hook, f"{name}.attn", past)
         x = hook(f"{name}.hook_resid_mid", x + hook(f"{name}.hook_attn_out", attn_out))
         mlp_out = self.mlp(layer_norm(x, self.ln_2, hook, f"{name}.ln2"), hook, f"{name}.mlp")
         return hook(f"{name}.hook_resid_post", x + hook(f"{name}.hook_mlp_out", mlp_out))
@@ -257,7 +261,7 @@ class GPT2(nn.Module):
         if isinstance(module, (Conv1D, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
 
-    def _forward(self, tokens, logits_at, hook, resume_from=None):
+    def _forward(self, tokens, logits_at, hook, resume_from=None, past_kv=None, logits_of=None):
         batch, n_pos = tokens.shape                                   # tokens: [batch, pos]
         if n_pos > self.config.n_positions:
             raise ValueError(f"sequence length {n_pos} exceeds n_positions={self.config.n_positions}")
@@ -266,16 +270,21 @@ class GPT2(nn.Module):
             first, x = 0, hook("hook_embed", self.wte(tokens)) + hook("hook_pos_embed", self.wpe(positions))
         else:
             first, x = resume_from                                    # x: what enters block `first`
-        for block in self.h[first:]:
-            x = block(x, hook)                                        # [batch, pos, d_model]
+        for block, past in zip(self.h[first:], past_kv or [None] * len(self.h)):
+            x = block(x, hook, past)                                  # [batch, pos, d_model]
         x = layer_norm(x, self.ln_f, hook, "ln_final")                # [batch, pos, d_model]
         rows = torch.arange(batch, device=x.device)
         if logits_at is not None and not (hook.wants("unembed.hook_in") or hook.wants("unembed.hook_out")):
             # nanoGPT's x[:, [-1], :] at inference, with one position per prompt: the unembedding
             # is GPT-2 Small's largest matmul. Right padding is harmless: attention is causal.
-            return x[rows, logits_at] @ self.wte.weight.T             # [batch, vocab]
+            x = x[rows, logits_at]                                    # [batch, d_model]
+            if logits_of is not None:  # the same matmul over the columns asked for, not all 50,257
+                columns, index = logits_of.unique(return_inverse=True)   # index: [batch, n]
+                return (x @ self.wte.weight[columns].T).gather(1, index)  # [batch, n]
+            return x @ self.wte.weight.T                              # [batch, vocab]
         logits = hook("unembed.hook_out", hook("unembed.hook_in", x) @ self.wte.weight.T)  # [batch, pos, V]
-        return logits if logits_at is None else logits[rows, logits_at]
+        logits = logits if logits_at is None else logits[rows, logits_at]
+        return logits if logits_of is None else logits.gather(1, logits_of)
 
     def forward(self, tokens, logits_at=None):
         """Logits [batch, pos, vocab], or [batch, vocab] at `logits_at` (LongTensor [batch])."""
@@ -305,7 +314,8 @@ class GPT2(nn.Module):
                 raise KeyError(f"unknown hook name {name!r}{hint}")
         return names
 
-    def run_with_hooks(self, tokens, fwd_hooks=(), logits_at=None, resume_from=None):
+    def run_with_hooks(self, tokens, fwd_hooks=(), logits_at=None, resume_from=None, past_kv=None,
+                       logits_of=None):
         """Forward pass with hook functions attached for this call only.
 
         `fwd_hooks` is a list of (name, fn) pairs, as in TransformerLens, or a dict name -> fn;
@@ -317,7 +327,19 @@ class GPT2(nn.Module):
         block in an earlier pass over the same tokens: the blocks before it, which would compute it
         again, are skipped (TransformerLens's `start_at_layer`). A patch at layer 9 of 12 then costs
         a quarter of a pass; a hook before that layer is an error, since it would never run.
+        `past_kv` (with `resume_from`) = [(k, v) [batch, p, head, d_head]] of every block from
+        `layer` on, the earlier pass's `hook_k` and `hook_v` at its first p positions: resid_pre
+        then holds the later positions only, which attend to those keys and values, and only they
+        are computed, since attention is causal (TransformerLens's `past_kv_cache`). As there,
+        every hook sees these later positions only (the pattern: [batch, head, pos, p + pos]), and
+        `logits_at` counts from the first of them.
+        `logits_of` = token ids [batch, n] (with `logits_at`): the logits of these tokens only,
+        [batch, n], from n columns of the unembedding instead of the whole vocabulary.
         """
+        if (past_kv is not None and (resume_from is None or len(past_kv) != len(self.h) - resume_from[0])
+                or logits_of is not None and logits_at is None):
+            raise ValueError("past_kv needs resume_from=(layer, resid_pre) and one (k, v) per block from "
+                             "that layer on; logits_of needs logits_at")
         pairs = list(fwd_hooks.items()) if isinstance(fwd_hooks, dict) else list(fwd_hooks)
         by_name = {}
         for name_or_filter, fn in pairs:
@@ -332,7 +354,7 @@ class GPT2(nn.Module):
             if skipped:
                 raise ValueError(f"hook {skipped[0]} comes before block {resume_from[0]}, "
                                  "where this pass resumes")
-        return self._forward(tokens, logits_at, Hooks(by_name), resume_from)
+        return self._forward(tokens, logits_at, Hooks(by_name), resume_from, past_kv, logits_of)
 
     def run_with_cache(self, tokens, names_filter=None, logits_at=None):
         """Forward pass that also returns {name: activation} for the hooks `names_filter` selects

@@ -309,15 +309,21 @@ class Node:
 
 # ----------------------------------------------------------------------------- running the model
 
-def run_with_patches(model, batch, patches, hooks=(), resume_from=None):
-    """End logits [batch, vocab] with every node of `patches` ({Node: values [batch, d]}) set at
-    once; `hooks` ([(hook name, fn)]) run after the patches; `resume_from`: see
-    `gpt2.GPT2.run_with_hooks`.
+def run_with_patches(model, batch, patches, hooks=(), resume=None, ld_only=False):
+    """End logits [batch, vocab] (`ld_only`: of IO and S only, [batch, 2]) with every node of `patches`
+    ({Node: values [batch, d]}) set at once; `hooks` ([(hook name, fn)]) run after the patches. `resume`:
+    the batch's `residual_streams`; then only positions from the first patched (or `end`) are computed.
 
     The values are computed beforehand (from clean or counterfactual runs), so a patch at an early
     node does not alter what is written at a later one: all nodes of a cross-section are patched
     together, as in the paper (README §3). Nodes sharing a hook (layer and activation) share one fn.
     """
+    first, resumed = 0, {}
+    if resume is not None:  # attention is causal: positions before the first patched one stay clean
+        first = int(min(batch.positions[key].min() for key in {node.position for node in patches} | {"end"}))
+        resumed = dict(resume_from=(resume[0], resume[1][:, first:]),
+                       past_kv=[(k[:, :first], v[:, :first]) for k, v in resume[2]])
+    at = {key: positions - first for key, positions in batch.positions.items()}  # [batch] each
     patch_hooks = []
     for hook_name in dict.fromkeys(node.hook_name for node in patches):
         for per_head in (True, False):  # one head's slot, or every head / the whole stream
@@ -325,20 +331,21 @@ def run_with_patches(model, batch, patches, hooks=(), resume_from=None):
                      if node.hook_name == hook_name and (node.head is not None) == per_head]
             if not nodes:
                 continue
-            positions = torch.stack([batch.positions[node.position] for node in nodes], 1)  # [batch, n]
+            positions = torch.stack([at[node.position] for node in nodes], 1)              # [batch, n]
             values = torch.stack([patches[node] for node in nodes], 1)                     # [batch, n, d]
             patch = (gpt2.patch_heads(positions, [node.head for node in nodes], values) if per_head
                      else gpt2.patch_positions(positions, values))
             patch_hooks.append((hook_name, patch))
-    return model.run_with_hooks(batch.tokens, patch_hooks + list(hooks), logits_at=batch.positions["end"],
-                                resume_from=resume_from)
+    io_and_s = torch.stack([batch.io_token, batch.s_token], 1) if ld_only else None  # [batch, 2]
+    return model.run_with_hooks(batch.tokens[:, first:], patch_hooks + list(hooks), logits_at=at["end"],
+                                logits_of=io_and_s, **resumed)
 
 
-def run_batches(model, prompts, batch_size=256, patches=None, read=(), resume=None):
+def run_batches(model, prompts, batch_size=256, patches=None, read=(), resume=None, ld_only=False):
     """Yield (batch, logits [batch, vocab] at `end`, {hook name: activation}) for each batch of
     `prompts` in turn: the loop behind every evaluation. A batch gets its prompts' rows of
     `patches` ({Node: values [n_prompts, d]}), and the hooks named in `read` are stored.
-    `resume` = (layer, `residual_streams` of the same prompts): each batch skips the blocks before it."""
+    `resume` = (layer, `residual_streams` of the same prompts) and `ld_only`: see `run_with_patches`."""
     patches, device, stored = patches or {}, next(model.parameters()).device, {}
 
     def store(activation, hook):
@@ -348,17 +355,22 @@ def run_batches(model, prompts, batch_size=256, patches=None, read=(), resume=No
             rows = slice(start, start + batch_size)
             batch = batch_prompts(prompts[rows], device)
             batch_patches = {node: values[rows].to(device) for node, values in patches.items()}
-            resume_from = resume and (resume[0], resume[1][i])
             hooks = [(name, store) for name in read]
-            logits = run_with_patches(model, batch, batch_patches, hooks, resume_from)
+            resume_from = resume and (resume[0], *resume[1][i])
+            logits = run_with_patches(model, batch, batch_patches, hooks, resume_from, ld_only)
             yield batch, logits, stored.copy()
 
 
 def residual_streams(model, prompts, layer, batch_size=256):
-    """[resid_pre [batch, pos, d_model] at `layer`, for each batch of `prompts`]: where an unpatched
-    pass stands as it enters that block, so that a run patched from there on can resume from it."""
-    name = f"blocks.{layer}.hook_resid_pre"
-    return [cache[name] for _, _, cache in run_batches(model, prompts, batch_size, read=[name])]
+    """[(resid_pre [batch, pos, d_model] entering block `layer`, [(k, v) [batch, p, head, d_head] of each
+    block from there on], p: the batch's first `end`)] of an unpatched pass, for a patched one to resume."""
+    blocks = range(layer, model.config.n_layer)
+    names = [f"blocks.{layer}.hook_resid_pre", *(f"blocks.{b}.attn.hook_{kv}" for b in blocks for kv in "kv")]
+    streams = []
+    for batch, _, cache in run_batches(model, prompts, batch_size, read=names):  # (copies free the rest)
+        kv = [cache[name][:, :batch.positions["end"].min()].clone() for name in names[1:]]
+        streams.append((cache[names[0]], list(zip(kv[::2], kv[1::2]))))
+    return streams
 
 
 def logit_diff(end_logits: torch.Tensor, io_token: torch.Tensor, s_token: torch.Tensor) -> torch.Tensor:
@@ -374,17 +386,18 @@ def logit_diff(end_logits: torch.Tensor, io_token: torch.Tensor, s_token: torch.
 class PatchedRun:
     """What the metrics need from a (patched) forward pass, per prompt, at `end`."""
     logit_diff: torch.Tensor  # [n] logit[IO] - logit[S]
-    top_token: torch.Tensor   # [n] argmax next token
+    top_token: Optional[torch.Tensor] = None  # [n] argmax next token (not in an LD-only run)
     io_prob: Optional[torch.Tensor] = None  # [n] P(IO), if asked for
 
 
-def patched_run(model, prompts, patches=None, batch_size=256, io_prob=False, resume=None):
+def patched_run(model, prompts, patches=None, batch_size=256, io_prob=False, resume=None, ld_only=False):
     """Run every prompt with `patches` ({Node: values [n_prompts, d]}, may be empty) set. P(IO) only
     if `io_prob`: its softmax over the vocabulary costs a fifth of a small model's patched run.
-    `resume`: see `run_batches`."""
+    `resume`: see `run_batches`; `ld_only`: the LDs alone (no vocabulary: no top token, no P(IO))."""
     columns = []
-    for batch, logits, _ in run_batches(model, prompts, batch_size, patches, resume=resume):
-        columns.append([logit_diff(logits, batch.io_token, batch.s_token), logits.argmax(-1)])
+    for batch, logits, _ in run_batches(model, prompts, batch_size, patches, resume=resume, ld_only=ld_only):
+        columns.append([logits[:, 0] - logits[:, 1]] if ld_only else
+                       [logit_diff(logits, batch.io_token, batch.s_token), logits.argmax(-1)])
         if io_prob:  # softmax at the IO token: log P(IO) = logit[IO] - logsumexp(logits)
             columns[-1].append((logits.gather(1, batch.io_token[:, None])[:, 0] - logits.logsumexp(-1)).exp())
     return PatchedRun(*(torch.cat(column).cpu() for column in zip(*columns)))

@@ -539,17 +539,23 @@ class Task:
     model: torch.nn.Module
     prompts: Sequence
     batch_size: int = 256
-    residuals: dict = field(default_factory=dict, repr=False, compare=False)  # {layer: ioi.residual_streams}
+    cache: dict = field(default_factory=dict, repr=False, compare=False)  # {layer: ioi.residual_streams}
 
-    def patched(self, patches: Optional[dict] = None) -> ioi.PatchedRun:
-        """The pass with `patches` set. It resumes from the unpatched residual stream at the first layer
-        it patches, since the blocks before compute that stream whatever is patched later: the same
-        numbers, for the cost of the blocks from there on."""
-        layer = min((node.layer for node in patches or {}), default=0)
-        if layer and layer not in self.residuals:
-            self.residuals[layer] = ioi.residual_streams(self.model, self.prompts, layer, self.batch_size)
-        resume = (layer, self.residuals[layer]) if layer else None
-        return ioi.patched_run(self.model, self.prompts, patches, self.batch_size, resume=resume)
+    def patched(self, patches: Optional[dict] = None, ld_only: bool = False) -> ioi.PatchedRun:
+        """The pass with `patches` set; `ld_only`: its logit differences only (no top token), for the
+        tests that read nothing else. The blocks before the first layer it patches, and the positions
+        before the first it patches, compute what an unpatched pass does: it resumes from that pass's
+        residual stream and keys and values, cached at the lowest layer patched so far (one cache): the
+        same numbers, for a fraction of the cost. At the paper's settings (GPT-2 Small, 5,000 prompts in
+        batches of 256, <= 19 positions, keys before `end` >= 15) it holds 0.3 GB of residual stream and
+        0.46 GB of keys and values per block from that layer on: 5.8 GB from layer 0, 1.7 GB from layer 9."""
+        layer = min((node.layer for node in patches or {}), default=None)  # None: the unpatched pass
+        if layer is not None and all(cached > layer for cached in self.cache):
+            self.cache.clear()  # before the new cache is built: never two at once
+            self.cache[layer] = ioi.residual_streams(self.model, self.prompts, layer, self.batch_size)
+        resume = None if layer is None else next(iter(self.cache.items()))
+        return ioi.patched_run(self.model, self.prompts, patches, self.batch_size, resume=resume,
+                               ld_only=ld_only)
 
 
 def approximation(task: Task, clean: dict, reconstruction: dict, clean_run: ioi.PatchedRun,
@@ -559,9 +565,9 @@ def approximation(task: Task, clean: dict, reconstruction: dict, clean_run: ioi.
     Sufficiency patches â; necessity patches ā + (a - â), i.e. mean-ablates the part the
     dictionary explains and keeps its error term. ā is the mean of `clean` over the prompts.
     """
-    patched = task.patched(reconstruction)
+    patched = task.patched(reconstruction, ld_only=True)
     residual = {node: clean[node].mean(0) + clean[node] - reconstruction[node] for node in clean}
-    explained_removed = task.patched(residual)
+    explained_removed = task.patched(residual, ld_only=True)
     return {"sufficiency": sufficiency(patched.logit_diff, clean_run.logit_diff),
             "necessity": necessity(mean_ablated_run.logit_diff, explained_removed.logit_diff,
                                    clean_run.logit_diff)}
@@ -729,7 +735,7 @@ def section_inputs(task: Task, section, acts: dict, values: dict, clean_run: ioi
                       for attribute in section.attributes}
     new_values = {attribute: values[f"cf_{attribute}"][attribute] for attribute in section.attributes}
     return SectionInputs(section, clean, values["eval"], counterfactual, new_values, clean_run,
-                         task.patched({node: mean_ablated(a) for node, a in clean.items()}),
+                         task.patched({node: mean_ablated(a) for node, a in clean.items()}, ld_only=True),
                          {attribute: task.patched(cf) for attribute, cf in counterfactual.items()})
 
 
@@ -816,8 +822,8 @@ def causal_curve_records(task: Task, inputs: SectionInputs, method: str, at_node
     for threshold in thresholds:
         split = {node: split_by_interpretability(at_nodes[node], acts, threshold)
                  for node, acts in inputs.clean.items()}
-        kept = task.patched({node: kept for node, (kept, _) in split.items()})
-        removed = task.patched({node: removed for node, (_, removed) in split.items()})
+        kept = task.patched({node: kept for node, (kept, _) in split.items()}, ld_only=True)
+        removed = task.patched({node: removed for node, (_, removed) in split.items()}, ld_only=True)
         records += [Record("causal_keep_sufficiency", inputs.site, method,
                            sufficiency(kept.logit_diff, inputs.clean_run.logit_diff),
                            threshold=threshold, setting=setting),
@@ -950,10 +956,10 @@ def ld_recovered_records(task: Task, clean_run: ioi.PatchedRun, eval_acts: dict,
     for node, method, setting in graded:
         x = eval_acts[node]
         if node not in ablated:
-            ablated[node] = task.patched({node: mean_ablated(x)})
+            ablated[node] = task.patched({node: mean_ablated(x)}, ld_only=True)
         if abs(ablated[node].logit_diff.mean() - clean_ld) < min_node_effect * abs(clean_ld):
             continue
-        patched = task.patched({node: saes[method][setting][node].reconstruct(x)})
+        patched = task.patched({node: saes[method][setting][node].reconstruct(x)}, ld_only=True)
         recovered = ld_recovered(patched.logit_diff, ablated[node].logit_diff, clean_run.logit_diff)
         records.append(Record("ld_recovered", str(node), method, recovered, setting=setting))
     return records
