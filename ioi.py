@@ -596,24 +596,30 @@ def direct_effects(model, prompts, batch_size=256):
 
 # ----------------------------------------------------------------------------- the embedded IOI model
 #
-# GPT-2 Small's IOI circuit (Wang et al. 2022, figure 2) written by hand into the weights of
-# a 4-layer GPT-2, one head class per layer. Nothing here is trained: every weight says what
-# the head reads and writes, so the features a supervised dictionary should find are known.
+# GPT-2 Small's IOI circuit (Wang et al. 2022, figure 2) written by hand into the weights of a
+# 5-layer GPT-2. Nothing is trained: every weight says what a head reads and writes, so the
+# features a supervised dictionary should find are known (`true_features`).
 #
-#   layer 0  previous-token head   at each token, copy the previous token's name
-#            duplicate-token head  at a name seen before (s2), copy where and which it was (s1)
-#   layer 1  induction head        at s2, attend to the token after the earlier copy (s1+1), copy the same
-#   layer 2  S-inhibition heads    at `end`, attend to the duplicate (s2), copy "S is this name, first
-#                                  at that position"
-#   layer 3  name movers           at `end`, attend to the names the S-inhibition signal does not rule out,
-#                                  copy that name to the logits
+#   layer 0  previous-token head  at each token, copy the previous token's name (and a little of its word)
+#            MLP                  at each token, a code of (position x nearby name) in position directions
+#                                 no prompt reaches: GPT-2's Pos also varies with the names
+#   layer 1  induction head       at s2, attend to the token after the earlier copy (s1+1), copy the same
+#            duplicate-token head at a name seen before (s2), copy where and which it was (s1)
+#   layer 2  S-inhibition heads   at `end`, attend to the duplicate (s2), copy "S is this name, first
+#                                 at that position"
+#   layer 3  name movers          at `end`, attend to the names the S-inhibition signal does not rule out,
+#                                 copy that name to the logits, and "not this name" for layer 4
+#   layer 4  late name mover      (GPT-2's 10.0) the same, but its query reads S (from S-inhibition) and
+#                                 IO (from the name movers) in one subspace of name codes
 #
-# The name movers' query is where the signals meet: attention score of a name token =
+# A name mover's attention score of a name token =
 #   name_bonus + duplicate_bonus * [it is s2] - inhibit_position * [at S's first position]
-#   - inhibit_token * [it is the S token]
-# so the IO wins. Editing Pos upstream moves the position inhibition onto the IO; editing S
-# lifts the token inhibition, and the repeated name s2 (duplicate bonus) wins: both change
-# the answer, as in GPT-2, where the paper edits them (arXiv 2405.08366, section 4).
+#   - inhibit_token * [it is the S token] (+ late_inhibit * ratio * [it is the IO token], late mover)
+# so the IO wins. Editing Pos upstream moves the position inhibition onto the IO; editing S lifts
+# the token inhibition, and s2 (duplicate bonus) wins; at the late mover's query, editing IO takes
+# away the IO's bonus: all change the answer, as in GPT-2 (arXiv 2405.08366, sections 4-5).
+# Every head's query, key and value also read a little of the `other` block (the words around:
+# template, object, place), so no node is exactly ā + u_IO + u_S + u_Pos.
 
 # The residual stream holds named blocks of features (sizes in dimensions). Each block is a
 # set of orthonormal directions of the residual, all orthogonal to the all-ones vector, so
@@ -625,13 +631,13 @@ FEATURES = (
     ("is_name", 1),     # 1 at a name token
     ("name_key", 30),   # which name: the part heads match on ...
     ("name_rest", 26),  # ... and the rest of its (unit-norm, random) code, for the logits
-    ("other", 6),       # a small random code for every other token
-    ("pos", 31),        # the position, one-hot (positions 1..31; 0 is always BOS)
+    ("other", 6),       # a small random code for every other token (and a little of the previous one)
+    ("pos", 31),        # the position (1..31; 0 is BOS): overlapping codes, cos = pos_overlap^distance
     ("prev_name", 30),  # written by the previous-token head: name_key of the token before
     ("dup", 1),         # written at s2: "this name occurred before"
     ("s1_pos", 31),     # written at s2: the position of the earlier occurrence, s1
     ("dup_name", 30),   # written at s2: which name occurred before (name_key of S)
-    ("si_name", 30),    # written at `end` by S-inhibition: which name is S
+    ("si_name", 30),    # at `end`: S's name_key (S-inhibition), minus IO's (name movers)
     ("si_pos", 31),     # written at `end` by S-inhibition: where S first occurred
 )
 
@@ -639,15 +645,12 @@ FEATURES = (
 @dataclass
 class CircuitConfig:
     """The embedded IOI model: sizes, the seed of its random codes, and its attention scores."""
-    n_layer: int = 4
+    n_layer: int = 5
     n_embd: int = 256
     n_head: int = 4             # d_head 64, as in GPT-2 Small
-    n_positions: int = 32       # prompts are at most ~23 tokens
-    # MLP width. The circuit is attention only: every MLP weight and bias is 0, so an MLP adds
-    # exactly 0 at any width. At GPT-2's 4 * n_embd (1024) the MLPs were 2/3 of the blocks'
-    # multiplies, all by zeros; at 16, 3%. Not 0: Hugging Face and TransformerLens expect a layer.
-    n_inner: int = 16
-    seed: int = 0               # draws the name codes and the residual basis
+    n_positions: int = 32       # prompts are at most ~23 tokens; positions from 32 - n_tail are never used
+    n_inner: int = 64           # MLP width; only layer 0's MLP is written, the others add exactly 0
+    seed: int = 0               # draws the name codes, the residual basis, the MLP and the leaks
     bias_norm: float = 15.5     # with ~8 unit features, |x| ~ 16 = sqrt(n_embd): LayerNorm ~ identity
     # attention scores (logits of the softmax) of the heads' wanted matches
     match: float = 30.0         # previous token, duplicate, induction, S-inhibition to s2
@@ -656,8 +659,20 @@ class CircuitConfig:
     duplicate_bonus: float = 4.0
     inhibit_position: float = 16.0
     inhibit_token: float = 14.0
+    late_inhibit: float = 7.0   # late name mover: score of S's (and ratio x of IO's) name code
+    late_duplicate_bonus: float = 10.0
+    io_s_ratio: float = 1.2     # ||u_IO|| / ||u_S|| at the late mover's query ("slightly larger")
     name_logit: float = 5.0     # name movers also raise every name's logit (copying "a name")
-    logit_scale: float = 2.0    # ln_f weight: sets the logit difference (mean ~4, GPT-2 Small ~3.5)
+    logit_scale: float = 1.5    # ln_f weight: sets the logit difference (GPT-2 Small ~3.5)
+    # geometry: GPT-2's features are not exact
+    pos_overlap: float = 0.5    # cosine of neighbouring position codes
+    n_tail: int = 8             # unused positions whose directions carry the MLP's position x name code
+    mlp_gain: float = 0.35      # size of that code
+    tail_copy: float = 1.5      # the duplicate-token head copies it to s1_pos (other unused directions)
+    query_tail: float = 0.1     # ... the name movers' queries carry it (keys have nothing there) ...
+    tail_read: float = 0.01     # ... and their position inhibition reads a little of it against the keys
+    leak: float = 0.5           # how much of the `other` block every head's q, k, v read
+    context: float = 0.5        # how much of the previous token's `other` code the previous-token head copies
 
 
 def _feature_slices():
@@ -675,8 +690,9 @@ class CircuitWriter:
 
     An attention score term (query block, key block, M) adds x_q^T M x_k to the score, in
     units of the softmax's logits; an output term (source block, target block, M) adds
-    x_source^T M to the target block of the residual. Each term takes its own coordinates of
-    the head's 64, so terms never interfere.
+    x_source^T M to the target block of the residual. Each score term, and each source block,
+    takes its own coordinates of the head's 64. Position matrices are given per position
+    (one-hot) and turned into matrices on the overlapping codes by `score` and `map`.
     """
 
     def __init__(self, config):
@@ -687,6 +703,9 @@ class CircuitWriter:
         random = torch.randn(config.n_embd, n_features, generator=self.generator, dtype=torch.float64)
         seed_matrix = torch.cat([torch.ones(config.n_embd, 1, dtype=torch.float64), random], 1)
         self.basis = torch.linalg.qr(seed_matrix)[0][:, 1:].T                 # [feature, d_model]
+        # Position codes (rows): Cholesky factor of the Gram matrix overlap^|i - j|.
+        distance = torch.arange(self.size("pos"), dtype=torch.float64)
+        self.codes = torch.linalg.cholesky(config.pos_overlap ** (distance[:, None] - distance).abs())
         self.gpt2_config = gpt2.GPT2Config(n_positions=config.n_positions, n_embd=config.n_embd,
                                            n_layer=config.n_layer, n_head=config.n_head,
                                            n_inner=config.n_inner)
@@ -701,28 +720,41 @@ class CircuitWriter:
     def features(self, n):
         return torch.zeros(n, self.basis.shape[0], dtype=torch.float64)
 
+    def score(self, per_position):
+        """code_i^T M code_j = per_position[i, j]."""
+        inverse = torch.linalg.inv(self.codes)
+        return inverse @ per_position @ inverse.T
+
+    def map(self, per_position):
+        """code_i M = sum_j per_position[i, j] code_j."""
+        return torch.linalg.inv(self.codes) @ per_position @ self.codes
+
     def _matrix(self, gain, rows, cols):
         return gain * torch.eye(rows, cols, dtype=torch.float64) if isinstance(gain, (int, float)) else gain
 
     def head(self, layer, head, scores, outputs):
-        d, d_head, basis = self.config.n_embd, self.d_head, self.basis
-        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
-        W_Q, W_K, W_V = zeros(len(basis), d_head), zeros(len(basis), d_head), zeros(len(basis), d_head)
-        W_O = zeros(d_head, len(basis))                                     # Q, K, V: [feature, d_head]
+        d, d_head, basis, leak = self.config.n_embd, self.d_head, self.basis, self.config.leak
+        W_Q, W_K, W_V = (torch.zeros(len(basis), d_head, dtype=torch.float64) for _ in range(3))
+        W_O = torch.zeros(d_head, len(basis), dtype=torch.float64)          # Q, K, V: [feature, d_head]
         coord = 0
-        for query, key, gain in scores:
-            n = self.size(key)
-            W_Q[self.slices[query], coord:coord + n] = self._matrix(gain, self.size(query), n)
-            W_K[self.slices[key], coord:coord + n] = torch.eye(n, dtype=torch.float64)
+        for query, key, gain, *scale in scores:  # scale: the key's coordinates x scale, the query's / scale
+            n, scale = self.size(key), (scale or [1.0])[0]
+            W_Q[self.slices[query], coord:coord + n] = self._matrix(gain, self.size(query), n) / scale
+            W_K[self.slices[key], coord:coord + n] = scale * torch.eye(n, dtype=torch.float64)
             coord += n
         assert coord <= d_head, f"L{layer}H{head}: {coord} score coordinates > d_head"
-        coord = 0
-        for source, target, gain in outputs:
-            n = self.size(source)
-            W_V[self.slices[source], coord:coord + n] = torch.eye(n, dtype=torch.float64)
-            W_O[coord:coord + n, self.slices[target]] = self._matrix(gain, n, self.size(target))
-            coord += n
+        sources, coord = {}, 0
+        for source, target, gain, *scale in outputs:  # one source block's outputs share its coordinates
+            n, scale = self.size(source), (scale or [1.0])[0]             # v (and z) x scale, W_O / scale
+            if source not in sources:
+                W_V[self.slices[source], coord:coord + n] = scale * torch.eye(n, dtype=torch.float64)
+                sources[source], coord = coord, coord + n
+            start = sources[source]
+            W_O[start:start + n, self.slices[target]] += self._matrix(gain, n, self.size(target)) / scale
         assert coord <= d_head, f"L{layer}H{head}: {coord} value coordinates > d_head"
+        for W in (W_Q, W_K, W_V):  # context leaks into every head's q, k and v
+            W[self.slices["other"]] += leak * torch.randn(self.size("other"), d_head, generator=self.generator,
+                                                          dtype=torch.float64) / math.sqrt(d_head)
         # Attention divides q.k by sqrt(d_head); the query undoes it so scores are as written.
         columns = slice(head * d_head, (head + 1) * d_head)
         c_attn = self.state[f"h.{layer}.attn.c_attn.weight"]                 # [d_model, 3 d_model]: q | k | v
@@ -731,15 +763,45 @@ class CircuitWriter:
         c_attn[:, 2 * d:][:, columns] = basis.T @ W_V
         self.state[f"h.{layer}.attn.c_proj.weight"][columns] = W_O @ basis   # rows: this head's z
 
+    def mlp(self, layer, W_in, b_in, W_out):
+        """An MLP in feature coordinates: W_in [feature, hidden], b_in [hidden], W_out [hidden, feature]."""
+        self.state[f"h.{layer}.mlp.c_fc.weight"] = self.basis.T @ W_in
+        self.state[f"h.{layer}.mlp.c_fc.bias"] = b_in
+        self.state[f"h.{layer}.mlp.c_proj.weight"] = W_out @ self.basis
+
+
+def _position_name_mlp(writer):
+    """Layer 0's MLP, at name tokens: features f_k = E(a_k + b_k) - E(a_k - b_k), E(x) = gelu(x) + gelu(-x),
+    of a random reading a_k of the name and b_k(p) = cos(pi p / 2 + phi_k) of the position. f_k is odd
+    in a and in b (b(p + 2) = -b(p)), so it has no part that depends on the name or the position alone:
+    a pure (position x name) code, written along unused tail positions (first half): a spread of Pos
+    within each class that no head's position match reads but the name movers' inhibition, a little."""
+    config, s, g = writer.config, writer.slices, writer.generator
+    n_features, n_pos, half = config.n_inner // 4, writer.size("pos"), config.n_tail // 2
+    a = 1.5 * torch.randn(writer.size("name_key"), n_features, generator=g, dtype=torch.float64)
+    phase = 2 * math.pi * torch.rand(n_features, generator=g, dtype=torch.float64)
+    b = 1.5 * torch.cos(math.pi / 2 * torch.arange(1, n_pos + 1, dtype=torch.float64)[:, None] + phase)
+    W_in = writer.features(config.n_inner).T                             # [feature, hidden]
+    signs = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
+    for unit, (sign_a, sign_b) in enumerate(signs):
+        W_in[s["name_key"], unit::4] = sign_a * a
+        W_in[s["pos"], unit::4] = torch.linalg.inv(writer.codes) @ (sign_b * b)  # code_p . column = b(p)
+    W_in[s["is_name"]] = 20.0                                            # silent but at names: bias - 20
+    directions = config.mlp_gain * _unit_rows(n_features, half, g) @ writer.codes[n_pos - 2 * half:n_pos - half]
+    W_out = torch.stack([directions, directions, -directions, -directions], 1).reshape(-1, n_pos)  # [hidden, pos]
+    out = writer.features(config.n_inner)
+    out[:, s["pos"]] = W_out
+    return W_in, torch.full((config.n_inner,), -20.0, dtype=torch.float64), out
+
 
 def build_ioi_model(config=None):
-    """The embedded default: GPT-2's IOI circuit written into a 4-layer GPT-2 (see above)."""
+    """The embedded default: GPT-2's IOI circuit written into a 5-layer GPT-2 (see above)."""
     config = config or CircuitConfig()
     writer = CircuitWriter(config)
-    s, bias = writer.slices, config.bias_norm
-    n_pos = writer.size("pos")
+    s, bias, eye = writer.slices, config.bias_norm, torch.eye(writer.size("pos"), dtype=torch.float64)
+    n_pos, live = writer.size("pos"), torch.arange(writer.size("pos")) < writer.size("pos") - config.n_tail
 
-    # Embeddings: every token carries `bias`; names their code; BOS its flag; positions one-hot.
+    # Embeddings: every token carries `bias`; names their code; BOS its flag; positions their code.
     tokens = writer.features(gpt2.GPT2Config.vocab_size)
     tokens[:, s["bias"]] = bias
     tokens[:, s["other"]] = 0.3 * _unit_rows(len(tokens), writer.size("other"), writer.generator)
@@ -751,34 +813,49 @@ def build_ioi_model(config=None):
     tokens[gpt2.BOS_TOKEN_ID] = 0
     tokens[gpt2.BOS_TOKEN_ID, s["bias"]], tokens[gpt2.BOS_TOKEN_ID, s["bos"]] = bias, 1
     positions = writer.features(config.n_positions)
-    positions[1:, s["pos"]] = torch.eye(n_pos, dtype=torch.float64)[:config.n_positions - 1]
+    positions[1:, s["pos"]] = writer.codes[:config.n_positions - 1]
     writer.state["wte.weight"] = tokens @ writer.basis
     writer.state["wpe.weight"] = positions @ writer.basis
 
     previous = torch.diag(torch.ones(n_pos - 1, dtype=torch.float64), -1)  # pos i (row) -> pos i - 1 (column)
+    live_only = torch.diag(live.double())                                  # position matches ignore the tail
+    half = config.n_tail // 2
+    first, second = torch.zeros(n_pos, n_pos, dtype=torch.float64), torch.zeros(n_pos, n_pos, dtype=torch.float64)
+    first[n_pos - 2 * half:n_pos - half, n_pos - half:] = torch.eye(half)  # first tail half -> second half
+    second[n_pos - half:, n_pos - half:] = torch.eye(half)
     fallback = ("bias", "bos", config.sink / bias)     # every query scores BOS at `sink`
-    # Layer 0. Previous token: position i matches position i - 1.
-    writer.head(0, 0, [("pos", "pos", config.match * previous), fallback], [("name_key", "prev_name", 1.0)])
-    # Duplicate token: same name, but not itself (same position cancels the match).
-    writer.head(0, 1, [("name_key", "name_key", config.match), ("pos", "pos", -config.match), fallback],
-                [("pos", "s1_pos", 0.5), ("is_name", "dup", 0.5), ("name_key", "dup_name", 0.5)])
+    # Layer 0. Previous token: position i matches position i - 1; copy its name and a little of its word.
+    writer.head(0, 0, [("pos", "pos", writer.score(config.match * previous)), fallback],
+                [("name_key", "prev_name", 1.0), ("other", "other", config.context)])
+    writer.mlp(0, *_position_name_mlp(writer))
     # Layer 1. Induction: my name matches the previous name of s1 + 1; its position, shifted back, is s1's.
     # `bias / bias_norm - bos` is 1 everywhere but at BOS, so attending BOS writes no `dup`.
     writer.head(1, 0, [("name_key", "prev_name", config.match), fallback],
-                [("pos", "s1_pos", 0.5 * previous), ("prev_name", "dup_name", 0.5),
+                [("pos", "s1_pos", 0.5 * writer.map(live_only @ previous)), ("prev_name", "dup_name", 0.5, 8.0),
                  ("bias", "dup", 0.5 / bias), ("bos", "dup", -0.5)])
+    # Duplicate token: same name, but not itself (same position cancels the match).
+    writer.head(1, 1, [("name_key", "name_key", config.match), ("pos", "pos", writer.score(-config.match * live_only)),
+                       fallback],
+                [("pos", "s1_pos", writer.map(0.5 * live_only + config.tail_copy * first)), ("is_name", "dup", 0.5),
+                 ("name_key", "dup_name", 0.5, 8.0)])
     # Layer 2. S-inhibition: attend to the duplicate, copy which name it is and where it first was.
     for head, (name_gain, position_gain) in enumerate(((0.5, 0.6), (0.5, 0.4))):
         writer.head(2, head, [("bias", "dup", config.match / bias), fallback],
-                    [("dup_name", "si_name", name_gain), ("s1_pos", "si_pos", position_gain)])
-    # Layer 3. Name movers: names score high, s2 higher, unless S-inhibition rules them out.
-    for head, gain in enumerate((0.5, 0.3, 0.2)):
-        writer.head(3, head, [("bias", "is_name", config.name_bonus / bias),
-                              ("bias", "dup", config.duplicate_bonus / bias),
-                              ("si_pos", "pos", -config.inhibit_position),
-                              ("si_name", "name_key", -config.inhibit_token)],
-                    [("name_key", "name_key", gain), ("name_rest", "name_rest", gain),
-                     ("is_name", "is_name", config.name_logit * gain)])
+                    [("dup_name", "si_name", name_gain, 8.0), ("s1_pos", "si_pos", position_gain)])
+    # Layers 3-4. Name movers: names score high, s2 higher, unless S-inhibition rules them out.
+    inhibit = writer.score(-config.inhibit_position * (live_only + config.query_tail * second
+                                                       + config.tail_read * first.T))
+    for layer, head, gain in ((3, 0, 0.5), (3, 1, 0.45), (4, 0, 1.2)):
+        late = layer == 4
+        gate = [] if late else [("is_name", "is_name", -config.name_bonus)]  # not at names (layer 4 reads them)
+        writer.head(layer, head, gate + [("bias", "is_name", config.name_bonus / bias),
+                                  ("bias", "dup", (config.late_duplicate_bonus if late else config.duplicate_bonus) / bias),
+                                  ("si_pos", "pos", inhibit),
+                                  ("si_name", "name_key", -(config.late_inhibit if late else config.inhibit_token),
+                                   2.0 if late else 3.0)],
+                    [("name_key", "name_key", gain), ("name_rest", "name_rest", gain)]
+                    + ([("is_name", "is_name", config.name_logit * gain)] if late       # a name comes next
+                       else [("name_key", "si_name", -config.io_s_ratio / 2)]))
     # Logits: ln_f scales; its bias removes the `bias` direction, which every token's
     # (tied) unembedding shares, so logits sit near 0 as a trained model's do.
     writer.state["ln_f.weight"] = torch.full((config.n_embd,), config.logit_scale, dtype=torch.float64)
@@ -789,8 +866,8 @@ def build_ioi_model(config=None):
 
 
 # The heads written above, by class: what `discover` should find in the embedded model.
-EMBEDDED_HEADS = {"name mover": ((3, 0), (3, 1), (3, 2)), "S-inhibition": ((2, 0), (2, 1)),
-                  "induction": ((1, 0),), "duplicate token": ((0, 1),), "previous token": ((0, 0),)}
+EMBEDDED_HEADS = {"name mover": ((3, 0), (3, 1), (4, 0)), "S-inhibition": ((2, 0), (2, 1)),
+                  "induction": ((1, 0),), "duplicate token": ((1, 1),), "previous token": ((0, 0),)}
 
 
 def default_model():
