@@ -660,7 +660,7 @@ class CircuitConfig:
     inhibit_position: float = 16.0
     inhibit_token: float = 14.0
     late_inhibit: float = 7.0   # late name mover: score of S's (and ratio x of IO's) name code
-    late_duplicate_bonus: float = 10.0
+    late_duplicate_bonus: float = 12.0
     io_s_ratio: float = 1.2     # ||u_IO|| / ||u_S|| at the late mover's query ("slightly larger")
     name_logit: float = 5.0     # name movers also raise every name's logit (copying "a name")
     logit_scale: float = 1.5    # ln_f weight: sets the logit difference (GPT-2 Small ~3.5)
@@ -752,6 +752,9 @@ class CircuitWriter:
             start = sources[source]
             W_O[start:start + n, self.slices[target]] += self._matrix(gain, n, self.size(target)) / scale
         assert coord <= d_head, f"L{layer}H{head}: {coord} value coordinates > d_head"
+        # Spare value coordinates carry a little of the token's position code, written nowhere.
+        W_V[self.slices["pos"], coord:] = 0.4 * leak * torch.randn(
+            self.size("pos"), d_head - coord, generator=self.generator, dtype=torch.float64) / math.sqrt(d_head - coord + 1)
         for W in (W_Q, W_K, W_V):  # context leaks into every head's q, k and v
             W[self.slices["other"]] += leak * torch.randn(self.size("other"), d_head, generator=self.generator,
                                                           dtype=torch.float64) / math.sqrt(d_head)
@@ -862,12 +865,53 @@ def build_ioi_model(config=None):
     writer.state["ln_f.bias"] = -config.logit_scale * bias * writer.basis[s["bias"]][0]
     model = gpt2.GPT2(writer.gpt2_config)
     model.load_state_dict({key: value.float() for key, value in writer.state.items()})
+    model.circuit_config = config  # for `true_features`
     return model.eval()
 
 
 # The heads written above, by class: what `discover` should find in the embedded model.
 EMBEDDED_HEADS = {"name mover": ((3, 0), (3, 1), (4, 0)), "S-inhibition": ((2, 0), (2, 1)),
                   "induction": ((1, 0),), "duplicate token": ((1, 1),), "previous token": ((0, 0),)}
+
+
+def true_features(model, node):
+    """{attribute: Tensor [n_values, d]}: the directions the writer puts at `node` of the embedded model
+    for each IO name, S name and Pos value (None for another model, an idle head or a residual node).
+    "True" here: the head's linear read (W_Q, W_K, W_V; for z, W_V at the token its class attends to)
+    of the feature blocks the circuit writes for that value there (LayerNorm taken as the identity the
+    writer arranges), centred over the values (the mean is part of ā, as for supervised features).
+    Pos is for the aligned templates (names at positions 3 and 5). Left out: the MLP's position x name
+    code, the leaks and attention below 1, which no dictionary of IO, S and Pos features expresses."""
+    config, roles = getattr(model, "circuit_config", None), {h: r for r, hs in EMBEDDED_HEADS.items() for h in hs}
+    role = roles.get((node.layer, node.head))
+    if config is None or node.act not in HEAD_ACTS or role is None:
+        return None
+    writer = CircuitWriter(config)
+    s, basis = writer.slices, writer.basis.float()
+    names = model.wte.weight[[name_token(n) for n in NAMES]].detach() @ basis.T      # [name, feature]
+    positions = model.wpe.weight[torch.tensor([[3, 5, 6], [5, 3, 4]])].detach() @ basis.T  # [pos, (io, s1, s1+1), feature]
+    position = node.position if node.act != "z" else {"name mover": "io", "S-inhibition": "s2",
+                                                      "induction": "s1+1", "duplicate token": "s1"}[role]
+
+    def moved(codes, source, target, gain=1.0):   # a block's values, written to another block
+        out = torch.zeros_like(codes)
+        out[..., s[target]] = gain * codes[..., s[source]]
+        return out
+    found = {"io": {"io": names, "pos": positions[:, 0]}, "s1": {"s": names, "pos": positions[:, 1]},
+             "s1+1": {"s": moved(names, "name_key", "prev_name"), "pos": positions[:, 2]},
+             "s2": {"s": names + moved(names, "name_key", "dup_name") * (node.layer >= 2),
+                    "pos": moved(positions[:, 1], "pos", "s1_pos") * (node.layer >= 2)},
+             "end": {"s": moved(names, "name_key", "si_name") * (node.layer >= 3),
+                     "pos": moved(positions[:, 1], "pos", "si_pos") * (node.layer >= 3)}}[position]
+    if position == "end" and node.layer >= 4:  # the name movers' copy of the IO name (gains 0.5 + 0.45)
+        found["io"] = (0.95 * (moved(names, "name_key", "name_key") + moved(names, "name_rest", "name_rest"))
+                       - moved(names, "name_key", "si_name", config.io_s_ratio))
+    d = config.n_embd
+    columns = slice(d * HEAD_ACTS.index(node.act if node.act != "z" else "v") + node.head * writer.d_head,
+                    d * HEAD_ACTS.index(node.act if node.act != "z" else "v") + (node.head + 1) * writer.d_head)
+    read = model.h[node.layer].attn.c_attn.weight.detach()[:, columns]               # [d_model, d_head]
+    out = {attribute: (codes @ basis) @ read for attribute, codes in found.items()}
+    return {attribute: values - values.mean(0) for attribute, values in out.items() if values.std(0).sum() > 1e-3}
 
 
 def default_model():
