@@ -492,22 +492,16 @@ def circuit_cross_sections(model, prompts, batch_size=256):
 def discover(model, prompts, threshold=1 / 3, min_effect=0.02, min_section_effect=0.05, batch_size=256):
     """Find the IOI circuit's heads in a model whose circuit is unknown, and group them.
 
-    Each class is found by the measure Wang et al. (2022, section 3) use for it, as a
-    share of the strongest head's value on that measure (small models spread work over
-    similar heads, so a fixed share of the LD would split a group of equals at random),
-    and at least `min_effect` of the clean mean LD:
-      name movers: direct effect, the LD a head's output at `end` writes straight into the
-        logits (`direct_effects`);
-      S-inhibition: among heads in earlier layers, the LD drop when the name movers' queries
-        at `end` are recomputed with the head's z at `end` mean-ablated (path patching:
-        only the effect that goes through the name movers' queries counts);
-      induction / duplicate token: the LD drop when the head's z at `s2` is mean-ablated.
-    A cross-section is kept if mean-ablating all its nodes at once moves the mean LD by at least
-    `min_section_effect` of it (else sufficiency is ~1 whatever is patched in; necessity divides by ~0).
-    Returns (cross-sections, table): table["heads"] has one row per head and position {head, position,
-    direct_effect, query_effect, ld_drop, fraction, role} (measures not taken at a position are None);
-    table["sections"] one row per cross-section {section, ld_drop, fraction, kept}.
-    """
+    Each class by Wang et al.'s (2022, section 3) measure for it, as a share of the strongest head's
+    value (small models spread work over similar heads) and at least `min_effect` of the clean mean LD:
+    name movers: direct effect (`direct_effects`); S-inhibition, among earlier heads: the LD drop when
+    the name movers' queries at `end` are recomputed with the head's z at `end` mean-ablated (path
+    patching); induction / duplicate token: the LD drop when the head's z at `s2` is mean-ablated.
+    A cross-section is kept if mean-ablating all its nodes moves the mean LD by >= `min_section_effect`
+    of it (else sufficiency is ~1 whatever is patched in; necessity divides by ~0). Returns
+    (cross-sections, table): table["heads"], one row per head and position {head, position,
+    direct_effect, query_effect, ld_drop, fraction, role} (None: not measured there);
+    table["sections"], one row per cross-section {section, ld_drop, fraction, kept}."""
     clean = patched_run(model, prompts, batch_size=batch_size).logit_diff.mean().item()
     floor = min_effect * abs(clean)
     heads = [(layer, head) for layer in range(model.config.n_layer) for head in range(model.config.n_head)]
@@ -584,24 +578,21 @@ def direct_effects(model, prompts, batch_size=256):
 
 # ----------------------------------------------------------------------------- the embedded IOI model
 #
-# GPT-2 Small's IOI circuit (Wang et al. 2022, figure 2) written by hand into the weights of
-# a 4-layer GPT-2, one head class per layer. Nothing here is trained: every weight says what
-# the head reads and writes, so the features a supervised dictionary should find are known.
-#
-#   layer 0  previous-token head   at each token, copy the previous token's name
-#            duplicate-token head  at a name seen before (s2), copy where and which it was (s1)
-#   layer 1  induction head        at s2, attend to the token after the earlier copy (s1+1), copy the same
-#   layer 2  S-inhibition heads    at `end`, attend to the duplicate (s2), copy "S is this name, first
-#                                  at that position"
-#   layer 3  name movers           at `end`, attend to the names the S-inhibition signal does not rule out,
-#                                  copy that name to the logits
-#
-# The name movers' query is where the signals meet: attention score of a name token =
-#   name_bonus + duplicate_bonus * [it is s2] - inhibit_position * [at S's first position]
-#   - inhibit_token * [it is the S token]
-# so the IO wins. Editing Pos upstream moves the position inhibition onto the IO; editing S
-# lifts the token inhibition, and the repeated name s2 (duplicate bonus) wins: both change
-# the answer, as in GPT-2, where the paper edits them (arXiv 2405.08366, section 4).
+# GPT-2 Small's IOI circuit (Wang et al. 2022, figure 2) written by hand into a 5-layer GPT-2. Nothing
+# is trained: every weight says what a head reads and writes, so the features are known (`true_features`).
+#   layer 0  previous-token head: at each token, copy the previous token's name (and a little of its word);
+#            MLP: at names, a (position x name) code along position directions no prompt reaches
+#   layer 1  induction head (s2 -> s1+1) and duplicate-token head (s2 -> s1): "S, first at s1's position"
+#   layer 2  S-inhibition heads: at `end`, attend to s2 and copy that
+#   layer 3  name movers: at `end`, attend to the names S-inhibition does not rule out, copy the name to
+#            the logits, and "not this name" into S-inhibition's name subspace
+#   layer 4  late name mover (GPT-2's 10.0): the same, its query reading S and IO in that one subspace
+# A name mover's score of a name token = name_bonus + duplicate_bonus [s2] - inhibit_position [at S's
+# first position] - inhibit_token [S] (late mover: + late_inhibit io_s_ratio [IO]), so the IO wins.
+# Editing Pos moves the position inhibition onto the IO; editing S lifts the token inhibition and s2
+# wins; at the late query, editing IO takes the IO's bonus: each changes the answer, as in GPT-2
+# (arXiv 2405.08366, sections 4-5). As in GPT-2, no node is exactly ā + u_IO + u_S + u_Pos: position
+# codes overlap, Pos varies with the names (the MLP), and every head reads a little of the words around.
 
 # The residual stream holds named blocks of features (sizes in dimensions). Each block is a
 # set of orthonormal directions of the residual, all orthogonal to the all-ones vector, so
@@ -613,39 +604,46 @@ FEATURES = (
     ("is_name", 1),     # 1 at a name token
     ("name_key", 30),   # which name: the part heads match on ...
     ("name_rest", 26),  # ... and the rest of its (unit-norm, random) code, for the logits
-    ("other", 6),       # a small random code for every other token
-    ("pos", 31),        # the position, one-hot (positions 1..31; 0 is always BOS)
+    ("other", 6),       # a small random code for every other token (and a little of the previous one)
+    ("pos", 31),        # the position (1..31; 0 is BOS): overlapping codes, cos = pos_overlap^distance
     ("prev_name", 30),  # written by the previous-token head: name_key of the token before
     ("dup", 1),         # written at s2: "this name occurred before"
     ("s1_pos", 31),     # written at s2: the position of the earlier occurrence, s1
     ("dup_name", 30),   # written at s2: which name occurred before (name_key of S)
-    ("si_name", 30),    # written at `end` by S-inhibition: which name is S
+    ("si_name", 30),    # at `end`: S's name_key (S-inhibition) minus io_s_ratio x IO's (name movers)
     ("si_pos", 31),     # written at `end` by S-inhibition: where S first occurred
 )
 
 
 @dataclass
 class CircuitConfig:
-    """The embedded IOI model: sizes, the seed of its random codes, and its attention scores."""
-    n_layer: int = 4
+    """The embedded IOI model: sizes, the seed of its random codes, its attention scores, its geometry."""
+    n_layer: int = 5
     n_embd: int = 256
     n_head: int = 4             # d_head 64, as in GPT-2 Small
-    n_positions: int = 32       # prompts are at most ~23 tokens
-    # MLP width. The circuit is attention only: every MLP weight and bias is 0, so an MLP adds
-    # exactly 0 at any width. At GPT-2's 4 * n_embd (1024) the MLPs were 2/3 of the blocks'
-    # multiplies, all by zeros; at 16, 3%. Not 0: Hugging Face and TransformerLens expect a layer.
-    n_inner: int = 16
-    seed: int = 0               # draws the name codes and the residual basis
+    n_positions: int = 32       # prompts are at most ~23 tokens: the last n_tail positions are never used
+    n_inner: int = 64           # MLP width; only layer 0's MLP is written, the others add exactly 0
+    seed: int = 0               # draws the name codes, the residual basis, the MLP and the leaks
     bias_norm: float = 15.5     # with ~8 unit features, |x| ~ 16 = sqrt(n_embd): LayerNorm ~ identity
-    # attention scores (logits of the softmax) of the heads' wanted matches
-    match: float = 30.0         # previous token, duplicate, induction, S-inhibition to s2
+    match: float = 30.0         # scores (softmax logits): previous token, duplicate, induction, S-inhibition
     sink: float = 15.0          # BOS, the fallback when nothing matches
     name_bonus: float = 10.0    # name movers: any name
     duplicate_bonus: float = 4.0
     inhibit_position: float = 16.0
     inhibit_token: float = 14.0
-    name_logit: float = 5.0     # name movers also raise every name's logit (copying "a name")
-    logit_scale: float = 2.0    # ln_f weight: sets the logit difference (mean ~4, GPT-2 Small ~3.5)
+    late_inhibit: float = 7.0   # late name mover: the score of S's name code (and io_s_ratio x it of IO's)
+    late_duplicate_bonus: float = 12.0
+    io_s_ratio: float = 1.2     # ||u_IO|| / ||u_S|| at the late mover's query ("slightly larger")
+    name_logit: float = 5.0     # the late mover also raises every name's logit (copying "a name")
+    logit_scale: float = 1.5    # ln_f weight: sets the logit difference (GPT-2 Small ~3.5)
+    pos_overlap: float = 0.5    # cosine of neighbouring position codes
+    n_tail: int = 8             # unused positions: the MLP's code on the first half, its copy on the second
+    mlp_gain: float = 0.35      # size of that code
+    tail_copy: float = 1.5      # the duplicate-token head's gain on it, into s1_pos
+    query_tail: float = 0.1     # the name movers' queries carry it (their keys have nothing there) ...
+    tail_read: float = 0.01     # ... and read a little of it against the keys' code
+    leak: float = 0.5           # how much of the `other` block (and spare: of `pos`) heads' q, k, v read
+    context: float = 0.5        # how much of the previous token's `other` code the previous-token head copies
 
 
 def _feature_slices():
@@ -661,10 +659,11 @@ def _unit_rows(n, d, generator):
 class CircuitWriter:
     """Writes heads into a GPT-2 state dict, in terms of the named feature blocks.
 
-    An attention score term (query block, key block, M) adds x_q^T M x_k to the score, in
-    units of the softmax's logits; an output term (source block, target block, M) adds
-    x_source^T M to the target block of the residual. Each term takes its own coordinates of
-    the head's 64, so terms never interfere.
+    A score term (query block, key block, M[, scale]) adds x_q^T M x_k to the score, in softmax
+    logits (scale: the key's coordinates x scale, the query's / scale); an output term (source block,
+    target block, M[, scale]) adds x_source^T M to the target block (v x scale, W_O / scale). Each
+    score term and each source block takes its own coordinates of the head's 64. Position matrices
+    are given per position and turned into matrices on the overlapping codes by `score` and `map`.
     """
 
     def __init__(self, config):
@@ -675,6 +674,8 @@ class CircuitWriter:
         random = torch.randn(config.n_embd, n_features, generator=self.generator, dtype=torch.float64)
         seed_matrix = torch.cat([torch.ones(config.n_embd, 1, dtype=torch.float64), random], 1)
         self.basis = torch.linalg.qr(seed_matrix)[0][:, 1:].T                 # [feature, d_model]
+        distance = torch.arange(self.size("pos"), dtype=torch.float64)      # position codes: rows of
+        self.codes = torch.linalg.cholesky(config.pos_overlap ** (distance[:, None] - distance).abs())
         self.gpt2_config = gpt2.GPT2Config(n_positions=config.n_positions, n_embd=config.n_embd,
                                            n_layer=config.n_layer, n_head=config.n_head,
                                            n_inner=config.n_inner)
@@ -689,28 +690,43 @@ class CircuitWriter:
     def features(self, n):
         return torch.zeros(n, self.basis.shape[0], dtype=torch.float64)
 
-    def _matrix(self, gain, rows, cols):
-        return gain * torch.eye(rows, cols, dtype=torch.float64) if isinstance(gain, (int, float)) else gain
+    def score(self, per_position):  # code_i^T M code_j = per_position[i, j]
+        return torch.linalg.inv(self.codes) @ per_position @ torch.linalg.inv(self.codes).T
+
+    def map(self, per_position):    # code_i M = sum_j per_position[i, j] code_j
+        return torch.linalg.inv(self.codes) @ per_position @ self.codes
 
     def head(self, layer, head, scores, outputs):
-        d, d_head, basis = self.config.n_embd, self.d_head, self.basis
-        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
-        W_Q, W_K, W_V = zeros(len(basis), d_head), zeros(len(basis), d_head), zeros(len(basis), d_head)
-        W_O = zeros(d_head, len(basis))                                     # Q, K, V: [feature, d_head]
+        d, d_head, basis, g = self.config.n_embd, self.d_head, self.basis, self.generator
+        leak = self.config.leak
+        W_Q, W_K, W_V = (torch.zeros(len(basis), d_head, dtype=torch.float64) for _ in range(3))
+        W_O = torch.zeros(d_head, len(basis), dtype=torch.float64)          # Q, K, V: [feature, d_head]
+        def eye(gain, rows, cols):  # a number times the identity, or a matrix
+            is_number = isinstance(gain, (int, float))
+            return gain * torch.eye(rows, cols, dtype=torch.float64) if is_number else gain
         coord = 0
-        for query, key, gain in scores:
-            n = self.size(key)
-            W_Q[self.slices[query], coord:coord + n] = self._matrix(gain, self.size(query), n)
-            W_K[self.slices[key], coord:coord + n] = torch.eye(n, dtype=torch.float64)
+        for query, key, gain, *scale in scores:
+            n, scale = self.size(key), (scale or [1.0])[0]
+            W_Q[self.slices[query], coord:coord + n] = eye(gain, self.size(query), n) / scale
+            W_K[self.slices[key], coord:coord + n] = eye(scale, n, n)
             coord += n
         assert coord <= d_head, f"L{layer}H{head}: {coord} score coordinates > d_head"
-        coord = 0
-        for source, target, gain in outputs:
-            n = self.size(source)
-            W_V[self.slices[source], coord:coord + n] = torch.eye(n, dtype=torch.float64)
-            W_O[coord:coord + n, self.slices[target]] = self._matrix(gain, n, self.size(target))
-            coord += n
+        sources, coord = {}, 0
+        for source, target, gain, *scale in outputs:
+            n, scale = self.size(source), (scale or [1.0])[0]
+            if source not in sources:
+                W_V[self.slices[source], coord:coord + n] = eye(scale, n, n)
+                sources[source], coord = coord, coord + n
+            rows = slice(sources[source], sources[source] + n)
+            W_O[rows, self.slices[target]] += eye(gain, n, self.size(target)) / scale
         assert coord <= d_head, f"L{layer}H{head}: {coord} value coordinates > d_head"
+        # Spare value coordinates carry a little of the position, written nowhere; q, k, v the words around.
+        spare = d_head - coord
+        W_V[self.slices["pos"], coord:] = 0.4 * leak * torch.randn(
+            self.size("pos"), spare, generator=g, dtype=torch.float64) / math.sqrt(spare + 1)
+        for W in (W_Q, W_K, W_V):
+            W[self.slices["other"]] += leak * torch.randn(
+                self.size("other"), d_head, generator=g, dtype=torch.float64) / math.sqrt(d_head)
         # Attention divides q.k by sqrt(d_head); the query undoes it so scores are as written.
         columns = slice(head * d_head, (head + 1) * d_head)
         c_attn = self.state[f"h.{layer}.attn.c_attn.weight"]                 # [d_model, 3 d_model]: q | k | v
@@ -719,66 +735,143 @@ class CircuitWriter:
         c_attn[:, 2 * d:][:, columns] = basis.T @ W_V
         self.state[f"h.{layer}.attn.c_proj.weight"][columns] = W_O @ basis   # rows: this head's z
 
+    def position_name_mlp(self, layer):
+        """At name tokens, features f_k = E(a_k + b_k) - E(a_k - b_k), E(x) = gelu(x) + gelu(-x), of a
+        random reading a_k of the name and b_k(p) = cos(pi p / 2 + phi_k) of the position. f_k is odd in a
+        and in b (b(p + 2) = -b(p)): no part depends on the name or the position alone. Written along the
+        first unused positions' codes, which no head's position match reads (the codes are dual)."""
+        config, s, g, n_pos = self.config, self.slices, self.generator, self.size("pos")
+        n_features, half = config.n_inner // 4, config.n_tail // 2
+        a = 1.5 * torch.randn(self.size("name_key"), n_features, generator=g, dtype=torch.float64)
+        phase = 2 * math.pi * torch.rand(n_features, generator=g, dtype=torch.float64)
+        b = 1.5 * torch.cos(math.pi / 2 * torch.arange(1, n_pos + 1, dtype=torch.float64)[:, None] + phase)
+        W_in = self.features(config.n_inner).T                                # [feature, hidden]
+        for unit, (sign_a, sign_b) in enumerate(((1, 1), (-1, -1), (1, -1), (-1, 1))):
+            W_in[s["name_key"], unit::4] = sign_a * a
+            W_in[s["pos"], unit::4] = torch.linalg.inv(self.codes) @ (sign_b * b)  # code_p . column = b(p)
+        W_in[s["is_name"]] = 20.0                                            # silent but at names: bias - 20
+        first_tail = self.codes[n_pos - 2 * half:n_pos - half]                # [half, pos]
+        directions = config.mlp_gain * _unit_rows(n_features, half, g) @ first_tail
+        W_out = self.features(config.n_inner)
+        W_out[:, s["pos"]] = torch.stack([directions, directions, -directions, -directions], 1).flatten(0, 1)
+        self.state[f"h.{layer}.mlp.c_fc.weight"] = self.basis.T @ W_in
+        self.state[f"h.{layer}.mlp.c_fc.bias"] = torch.full((config.n_inner,), -20.0, dtype=torch.float64)
+        self.state[f"h.{layer}.mlp.c_proj.weight"] = W_out @ self.basis
+
 
 def build_ioi_model(config=None):
-    """The embedded default: GPT-2's IOI circuit written into a 4-layer GPT-2 (see above)."""
+    """The embedded default: GPT-2's IOI circuit written into a 5-layer GPT-2 (see above)."""
     config = config or CircuitConfig()
     writer = CircuitWriter(config)
-    s, bias = writer.slices, config.bias_norm
-    n_pos = writer.size("pos")
-
-    # Embeddings: every token carries `bias`; names their code; BOS its flag; positions one-hot.
+    s, bias, n_pos, half = writer.slices, config.bias_norm, writer.size("pos"), config.n_tail // 2
+    # Embeddings: every token carries `bias`; names their code; BOS its flag; positions their code.
     tokens = writer.features(gpt2.GPT2Config.vocab_size)
     tokens[:, s["bias"]] = bias
     tokens[:, s["other"]] = 0.3 * _unit_rows(len(tokens), writer.size("other"), writer.generator)
     names = [name_token(name) for name in NAMES]
-    tokens[names, s["other"]] = 0
-    tokens[names, s["is_name"]] = 1
+    tokens[names, s["other"]], tokens[names, s["is_name"]] = 0, 1
     tokens[names, s["name_key"]] = _unit_rows(len(names), writer.size("name_key"), writer.generator)
     tokens[names, s["name_rest"]] = _unit_rows(len(names), writer.size("name_rest"), writer.generator)
     tokens[gpt2.BOS_TOKEN_ID] = 0
     tokens[gpt2.BOS_TOKEN_ID, s["bias"]], tokens[gpt2.BOS_TOKEN_ID, s["bos"]] = bias, 1
     positions = writer.features(config.n_positions)
-    positions[1:, s["pos"]] = torch.eye(n_pos, dtype=torch.float64)[:config.n_positions - 1]
+    positions[1:, s["pos"]] = writer.codes[:config.n_positions - 1]
     writer.state["wte.weight"] = tokens @ writer.basis
     writer.state["wpe.weight"] = positions @ writer.basis
 
-    previous = torch.diag(torch.ones(n_pos - 1, dtype=torch.float64), -1)  # pos i (row) -> pos i - 1 (column)
+    # Per-position matrices: pos i (row) -> pos i - 1; positions in use; the tail's first half -> second.
+    previous = torch.diag(torch.ones(n_pos - 1, dtype=torch.float64), -1)
+    live = torch.diag((torch.arange(n_pos) < n_pos - config.n_tail).double())
+    first, second = torch.zeros(2, n_pos, n_pos, dtype=torch.float64)
+    first[n_pos - 2 * half:n_pos - half, n_pos - half:] = torch.eye(half)
+    second[n_pos - half:, n_pos - half:] = torch.eye(half)
     fallback = ("bias", "bos", config.sink / bias)     # every query scores BOS at `sink`
-    # Layer 0. Previous token: position i matches position i - 1.
-    writer.head(0, 0, [("pos", "pos", config.match * previous), fallback], [("name_key", "prev_name", 1.0)])
-    # Duplicate token: same name, but not itself (same position cancels the match).
-    writer.head(0, 1, [("name_key", "name_key", config.match), ("pos", "pos", -config.match), fallback],
-                [("pos", "s1_pos", 0.5), ("is_name", "dup", 0.5), ("name_key", "dup_name", 0.5)])
+    # Layer 0. Previous token: position i matches position i - 1; copy its name and a little of its word.
+    writer.head(0, 0, [("pos", "pos", writer.score(config.match * previous)), fallback],
+                [("name_key", "prev_name", 1.0), ("other", "other", config.context)])
+    writer.position_name_mlp(0)
     # Layer 1. Induction: my name matches the previous name of s1 + 1; its position, shifted back, is s1's.
-    # `bias / bias_norm - bos` is 1 everywhere but at BOS, so attending BOS writes no `dup`.
+    # `bias / bias_norm - bos` is 1 everywhere but at BOS, so attending BOS writes no `dup`. Names
+    # are copied x 8 in v and z (/ 8 in W_O), so that they dominate those nodes as S does in GPT-2's.
     writer.head(1, 0, [("name_key", "prev_name", config.match), fallback],
-                [("pos", "s1_pos", 0.5 * previous), ("prev_name", "dup_name", 0.5),
+                [("pos", "s1_pos", 0.5 * writer.map(live @ previous)), ("prev_name", "dup_name", 0.5, 8.0),
                  ("bias", "dup", 0.5 / bias), ("bos", "dup", -0.5)])
+    # Duplicate token: same name, but not itself (same position cancels the match).
+    writer.head(1, 1, [("name_key", "name_key", config.match),
+                       ("pos", "pos", writer.score(-config.match * live)), fallback],
+                [("pos", "s1_pos", writer.map(0.5 * live + config.tail_copy * first)),
+                 ("is_name", "dup", 0.5), ("name_key", "dup_name", 0.5, 8.0)])
     # Layer 2. S-inhibition: attend to the duplicate, copy which name it is and where it first was.
     for head, (name_gain, position_gain) in enumerate(((0.5, 0.6), (0.5, 0.4))):
         writer.head(2, head, [("bias", "dup", config.match / bias), fallback],
-                    [("dup_name", "si_name", name_gain), ("s1_pos", "si_pos", position_gain)])
-    # Layer 3. Name movers: names score high, s2 higher, unless S-inhibition rules them out.
-    for head, gain in enumerate((0.5, 0.3, 0.2)):
-        writer.head(3, head, [("bias", "is_name", config.name_bonus / bias),
-                              ("bias", "dup", config.duplicate_bonus / bias),
-                              ("si_pos", "pos", -config.inhibit_position),
-                              ("si_name", "name_key", -config.inhibit_token)],
-                    [("name_key", "name_key", gain), ("name_rest", "name_rest", gain),
-                     ("is_name", "is_name", config.name_logit * gain)])
+                    [("dup_name", "si_name", name_gain, 8.0), ("s1_pos", "si_pos", position_gain)])
+    # Layers 3-4. Name movers: names score high, s2 higher, unless S-inhibition rules them out. Layer 3
+    # is silent at name tokens (`end` only), so layer 4 reads the names' own codes there.
+    tail = config.query_tail * second + config.tail_read * first.T
+    inhibit = writer.score(-config.inhibit_position * (live + tail))
+    for layer, head, gain in ((3, 0, 0.5), (3, 1, 0.45), (4, 0, 1.2)):
+        late = layer == 4
+        duplicate, token = (config.late_duplicate_bonus, config.late_inhibit) if late else (
+            config.duplicate_bonus, config.inhibit_token)
+        writer.head(layer, head, ([] if late else [("is_name", "is_name", -config.name_bonus)])
+                    + [("bias", "is_name", config.name_bonus / bias), ("bias", "dup", duplicate / bias),
+                       ("si_pos", "pos", inhibit), ("si_name", "name_key", -token, 2.0 if late else 3.0)],
+                    [("name_key", "name_key", gain), ("name_rest", "name_rest", gain)]
+                    + ([("is_name", "is_name", config.name_logit * gain)] if late
+                       else [("name_key", "si_name", -config.io_s_ratio / 2)]))
     # Logits: ln_f scales; its bias removes the `bias` direction, which every token's
     # (tied) unembedding shares, so logits sit near 0 as a trained model's do.
     writer.state["ln_f.weight"] = torch.full((config.n_embd,), config.logit_scale, dtype=torch.float64)
     writer.state["ln_f.bias"] = -config.logit_scale * bias * writer.basis[s["bias"]][0]
     model = gpt2.GPT2(writer.gpt2_config)
     model.load_state_dict({key: value.float() for key, value in writer.state.items()})
+    model.circuit_config = config  # for `true_features`
     return model.eval()
 
 
 # The heads written above, by class: what `discover` should find in the embedded model.
-EMBEDDED_HEADS = {"name mover": ((3, 0), (3, 1), (3, 2)), "S-inhibition": ((2, 0), (2, 1)),
-                  "induction": ((1, 0),), "duplicate token": ((0, 1),), "previous token": ((0, 0),)}
+EMBEDDED_HEADS = {"name mover": ((3, 0), (3, 1), (4, 0)), "S-inhibition": ((2, 0), (2, 1)),
+                  "induction": ((1, 0),), "duplicate token": ((1, 1),), "previous token": ((0, 0),)}
+_ATTENDS = {"name mover": "io", "S-inhibition": "s2", "induction": "s1+1", "duplicate token": "s1"}
+
+
+def true_features(model, node):
+    """{attribute: Tensor [n_values, d]}: the directions the writer puts at `node` of the embedded model
+    per IO name, S name and Pos value (None for another model, an idle head or a residual node): the
+    head's linear read (W_Q, W_K, W_V; for z, W_V at the token its class attends to) of the blocks the
+    circuit writes for that value there, LayerNorm taken as the identity the writer arranges, centred
+    over the values (the mean is part of ā). Pos for names at positions 3 and 5 (`ALIGNED_TEMPLATES`).
+    Left out: the MLP's position x name code, the leaks, attention below 1 (no dictionary of IO, S and
+    Pos features has them)."""
+    config = getattr(model, "circuit_config", None)
+    roles = {head: role for role, heads in EMBEDDED_HEADS.items() for head in heads}
+    if config is None or node.act not in HEAD_ACTS or (node.layer, node.head) not in roles:
+        return None
+    writer = CircuitWriter(config)
+    s, basis, layer = writer.slices, writer.basis.float(), node.layer
+    names = model.wte.weight[[name_token(n) for n in NAMES]].detach() @ basis.T      # [name, feature]
+    at = torch.tensor([[3, 5, 6], [5, 3, 4]])                              # [Pos, (io, s1, s1+1)]
+    positions = model.wpe.weight[at].detach() @ basis.T                     # [Pos, 3, feature]
+
+    def moved(codes, source, target, gain=1.0):   # a block's values, written to another block
+        out = torch.zeros_like(codes)
+        out[..., s[target]] = gain * codes[..., s[source]]
+        return out
+    position = _ATTENDS[roles[node.layer, node.head]] if node.act == "z" else node.position
+    found = {"io": {"io": names, "pos": positions[:, 0]}, "s1": {"s": names, "pos": positions[:, 1]},
+             "s1+1": {"s": moved(names, "name_key", "prev_name"), "pos": positions[:, 2]},
+             "s2": {"s": names + moved(names, "name_key", "dup_name") * (layer >= 2),
+                    "pos": moved(positions[:, 1], "pos", "s1_pos") * (layer >= 2)},
+             "end": {"s": moved(names, "name_key", "si_name") * (layer >= 3),
+                     "pos": moved(positions[:, 1], "pos", "si_pos") * (layer >= 3)}}[position]
+    if position == "end" and layer >= 4:  # the name movers' copy of the IO name (gains 0.5 + 0.45)
+        found["io"] = (0.95 * (moved(names, "name_key", "name_key") + moved(names, "name_rest", "name_rest"))
+                       - moved(names, "name_key", "si_name", config.io_s_ratio))
+    start = config.n_embd * HEAD_ACTS.index(node.act.replace("z", "v")) + node.head * writer.d_head
+    read = model.h[node.layer].attn.c_attn.weight.detach()[:, start:start + writer.d_head]  # [d, d_head]
+    out = {attribute: (codes @ basis) @ read for attribute, codes in found.items()}
+    return {attribute: values - values.mean(0) for attribute, values in out.items()
+            if values.std(0).sum() > 1e-3}
 
 
 def default_model():
