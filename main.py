@@ -14,7 +14,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -36,7 +35,8 @@ import metrics
 class OneLineErrors(click.Group):
     """The command group. Every failure a user can cause ends as one line `Error: ...` and a
     non-zero exit, never a traceback: a bad option without click's usage block (exit 2), a
-    path that cannot be read or written with its name (OSError, caught here once for all)."""
+    path that cannot be read or written with its name (OSError), a file or a result found wrong
+    on the way (ValueError: weights that do not load, a value that is not finite), caught here once."""
 
     def invoke(self, ctx):
         try:
@@ -48,6 +48,8 @@ class OneLineErrors(click.Group):
         except OSError as error:
             names = " -> ".join(name for name in (error.filename, error.filename2) if name is not None)
             raise click.ClickException(f"{names}: {error.strerror}" if names else str(error)) from None
+        except ValueError as error:
+            raise click.ClickException(str(error)) from None
 
 
 @click.group(cls=OneLineErrors)
@@ -71,18 +73,14 @@ class Device(click.ParamType):
     name = "device"
 
     def convert(self, value, param, ctx):
+        here = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
         try:
             device = torch.device(value)
         except (RuntimeError, TypeError):
             self.fail(f"{value!r} is not a device (cpu, cuda, cuda:N or mps)", param, ctx)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            self.fail(f"{value}: CUDA is not available on this machine", param, ctx)
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            self.fail(f"{value}: this machine has {torch.cuda.device_count()} CUDA device(s)", param, ctx)
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            self.fail(f"{value}: MPS is not available on this machine", param, ctx)
-        if device.type not in ("cpu", "cuda", "mps"):
-            self.fail(f"{value}: unsupported device type (cpu, cuda, cuda:N or mps)", param, ctx)
+        if (device.index or 0) >= here.get(device.type, 0):
+            self.fail(f"{value}: not a device of this machine ({here['cuda']} CUDA, {here['mps']} MPS)",
+                      param, ctx)
         return value
 
 
@@ -206,37 +204,42 @@ class RunConfig:
     batch_size: int = 256
     device: str = "cpu"
 
-    @classmethod
-    def load(cls, path):
-        """The settings in a run folder's config.json, each checked as its option is (`SETTINGS`):
-        a corrupt file is a one-line error, and is never overwritten."""
+
+SECTION_NAMES = tuple(s.name for s in ioi.cross_sections(*[[(0, 0)]] * 3))  # the paper's six (README §3)
+
+
+def read_settings(path):
+    """({name: value} of the valid settings in a run folder's config.json, {name: problem} of the
+    others), each checked as its option is (`SETTINGS`). A corrupt file has no valid setting (its
+    problem is under the name ""); it is never overwritten unless `--force` says so."""
+    try:
+        saved = read_json(path)
+    except ValueError as error:  # malformed JSON, or not text
+        return {}, {"": f"not valid JSON ({error})"}
+    if not isinstance(saved, dict):
+        return {}, {"": f"expected a JSON object of settings, got {type(saved).__name__}"}
+    names = [f.name for f in fields(RunConfig)]
+    valid, problems = {}, {name: f"unknown setting {name}" for name in saved if name not in names}
+    for field in fields(RunConfig):
         try:
-            saved = read_json(path)
-        except ValueError as error:  # malformed JSON, or not text
-            raise click.ClickException(f"{path}: not valid JSON ({error})") from None
-        try:
-            if not isinstance(saved, dict):
-                raise click.BadParameter(f"expected a JSON object of settings, got {type(saved).__name__}")
-            names = {f.name for f in fields(cls)}
-            problems = [f"{label} settings {', '.join(sorted(keys))}" for label, keys
-                        in (("unknown", set(saved) - names), ("missing", names - set(saved))) if keys]
-            if problems:
-                raise click.BadParameter("; ".join(problems))
-            config = cls(**{f.name: _checked_setting(f, saved[f.name]) for f in fields(cls)})
-            if max(config.topk_k) > config.d_sae or config.corpus_k > config.corpus_d_sae:
-                raise click.BadParameter("a top-k SAE's k exceeds its number of latents")
+            if field.name not in saved:
+                raise click.BadParameter(f"missing setting {field.name}")
+            valid[field.name] = _checked_setting(field, saved[field.name])
         except click.BadParameter as error:
-            raise click.ClickException(f"{path}: {error.message}") from None
-        return config
+            problems[field.name] = error.message
+    return valid, problems
 
 
 def _checked_setting(field, value):
     """`value` as the RunConfig setting `field`, or a click.BadParameter naming it: a path or
-    null (weights, corpus), a string (device), else numbers checked by SETTINGS."""
+    null (weights, corpus), a string (device), names of the paper's cross-sections (skip_sections),
+    else numbers checked by SETTINGS."""
     if field.name == "skip_sections":
-        if isinstance(value, list) and all(isinstance(name, str) for name in value):
-            return tuple(value)
-        raise click.BadParameter(f"{field.name}: {value!r} is not a list of cross-section names")
+        unknown = [name for name in value if name not in SECTION_NAMES] if isinstance(value, list) else [value]
+        if unknown:
+            raise click.BadParameter(f"skip_sections: {unknown[0]!r} is not one of the paper's cross-sections "
+                                     f"({', '.join(SECTION_NAMES)})")
+        return tuple(value)
     if field.name in ("weights", "corpus", "device"):
         if isinstance(value, str) or value is None and field.name != "device":
             return value
@@ -273,25 +276,33 @@ def open_run(out, weights=None, preset=None, device="cpu", force=False, circuit=
     """The run in folder `out`, bound to the settings in its config.json: the saved ones; or with
     `preset`, or in a new folder, a preset ("demo", scaled down, for the embedded model; "paper" for
     real GPT-2 weights); either overridden by the settings given. Other settings than the saved ones
-    are a one-line error unless `force`. The device only decides where the run computes, so it is
-    not bound. `circuit`, `eta`: see `Run`."""
+    are a one-line error unless `force`. A saved setting that is invalid is a one-line error too;
+    `force` replaces it by the one given, else the preset's, but never the model: that must be given.
+    The device only decides where the run computes, so it is not bound. `circuit`, `eta`: see `Run`."""
     recover_interrupted_saves(out)
-    path, saved = os.path.join(out, "config.json"), None
-    try:
-        saved = RunConfig.load(path) if os.path.exists(path) else None
-    except click.ClickException as error:
-        if not force:
-            raise click.ClickException(f"{error.message} (--force replaces it)") from None
+    path = os.path.join(out, "config.json")
+    saved, problems = read_settings(path) if os.path.exists(path) else (None, {})
     given = {name: value for name, value in dict(overrides, weights=weights).items() if value is not None}
-    presets = {"demo": DEMO, "paper": RunConfig()}
-    base = saved if saved and not preset else presets[preset or ("demo" if weights is None else "paper")]
-    config = replace(base, **given, device=device)
-    changed = [] if saved is None else [
-        f"{f.name} {getattr(saved, f.name)!r} -> {getattr(config, f.name)!r}" for f in fields(RunConfig)
-        if f.name != "device" and getattr(saved, f.name) != getattr(config, f.name)]
+    if problems and not force:
+        raise click.ClickException(f"{path}: {'; '.join(problems.values())} "
+                                   "(--force keeps the valid settings and replaces the others)")
+    if saved is not None and preset is None and "weights" not in {**saved, **given}:
+        raise click.ClickException(f"{path}: {problems.get('weights') or problems['']}: "
+                                   "--force does not guess the folder's model: give --weights or --preset")
+    kept = saved if saved is not None and preset is None else {}
+    preset = preset or ("demo" if {**kept, **given}.get("weights") is None else "paper")
+    config = replace({"demo": DEMO, "paper": RunConfig()}[preset], **{**kept, **given, "device": device})
+    if max(config.topk_k) > config.d_sae or config.corpus_k > config.corpus_d_sae:
+        raise click.ClickException(f"{path}: a top-k SAE's k exceeds its number of latents")
+    for name, problem in problems.items():  # (with --force)
+        click.echo(f"{path}: {problem}" + (f": now {getattr(config, name)!r}" if name in asdict(config) else ""))
+    changed = [f"{name} {value!r} -> {getattr(config, name)!r}" for name, value in (saved or {}).items()
+               if name != "device" and value != getattr(config, name)]
     if changed and not force:
         more = f"; {len(changed) - 3} more" if len(changed) > 3 else ""
-        raise click.ClickException(f"{path} holds other settings ({'; '.join(changed[:3])}{more}): "
+        dropped = (" (a preset does not keep --weights: give it again)"
+                   if "weights" not in given and config.weights != saved["weights"] else "")
+        raise click.ClickException(f"{path} holds other settings ({'; '.join(changed[:3])}{more}){dropped}: "
                                    "add --force to rebind the folder to these, or choose a new --out")
     return Run(out, config, circuit, eta)
 
@@ -309,7 +320,7 @@ class Run:
         self.make_prompts()
         self.find_circuit(circuit)
         if eta:
-            click.echo(eta_text(estimateseconds(self)))
+            click.echo(eta_text(estimate_seconds(self)))
         self.acts = {split: {} for split in self.splits}
         self.add_nodes(self.nodes)
         # Last: the folder is bound to these settings only once they have produced its
@@ -454,22 +465,18 @@ def discovery_prompts(n=DISCOVERY_N, seed=DISCOVERY_SEED):
 
 def load_model(weights, device="cpu"):
     """GPT-2 weights from `weights`, or the embedded small IOI model when it is None."""
-    try:
-        model = ioi.default_model() if weights is None else gpt2.GPT2.from_pretrained(weights)
-    except (ValueError, OSError) as error:
-        raise click.ClickException(str(error)) from None
-    return model.to(device).eval()
+    return (ioi.default_model() if weights is None else gpt2.GPT2.from_pretrained(weights)).to(device).eval()
 
 
-def check_reads_prompts(model, prompts):
+def check_reads_prompts(model, prompts, name="the model"):
     """A one-line error unless `model` can read every prompt: GPT-2's whole vocabulary (IOI
     prompts and corpus text are GPT-2 tokens) and positions up to the longest prompt."""
-    if model.config.vocab_size <= gpt2.BOS_TOKEN_ID:
-        raise click.ClickException(f"the model's vocabulary ({model.config.vocab_size} tokens) is smaller "
-                                   f"than GPT-2's ({gpt2.BOS_TOKEN_ID + 1}), whose tokens make the prompts")
     longest = max(len(prompt.tokens) for prompt in prompts)
+    if model.config.vocab_size <= gpt2.BOS_TOKEN_ID:
+        raise click.ClickException(f"{name}'s vocabulary ({model.config.vocab_size} tokens) is smaller "
+                                   f"than GPT-2's ({gpt2.BOS_TOKEN_ID + 1}), whose tokens make the prompts")
     if longest > model.config.n_positions:
-        raise click.ClickException(f"the model reads at most {model.config.n_positions} tokens "
+        raise click.ClickException(f"{name} reads at most {model.config.n_positions} tokens "
                                    f"(n_positions), but a prompt has {longest}")
 
 
@@ -512,15 +519,17 @@ def train_or_load_stack(folder, datasets, specs, train_config, device="cpu", pro
     return saes_and_logs
 
 
-# --- how long a run will take: counted work times a short calibration on this machine
+# --- the run's plan: its phases (as `evaluate_run` names them) and the work each does; the ETA times it
 
-CAPPED_PHASE = "task SAEs, at the epoch cap"  # the one phase whose length is not known in advance
+TASK_SAES, CORPUS_SAES = "Task SAEs", "Full-distribution SAEs"
+SECTIONS, CORE, PHENOMENA = "Tests 1-3 at every cross-section", "Core SAE metrics", "Feature occlusion"
 
 
-def planned_patched_runs(run):
-    """{phase: Counter {layer: forward passes over the evaluation prompts that patch from that layer
-    on}}, as `evaluate_run` will make them. An upper bound where Test 2 may choose one SAE setting
-    for several attributes (then it grades it once)."""
+def plan(run):
+    """{phase: its work}, as `evaluate_run` will do it: SAE stacks to train, as (arch, SAEs, d_sae,
+    epochs, inputs), or forward passes over the evaluation prompts, as a Counter {layer the patch
+    starts at: passes} (`metrics.Task.patched`). An upper bound where Test 2 chooses one SAE setting
+    for several attributes (then it grades it once), and for LD recovered (nodes that move the LD)."""
     c = run.config
     n_edits = 2 * len(c.edit_k)  # greedy and F1-guided, at each k
     sae_grading = 2 + 2 * len(c.f1_thresholds)  # sufficiency, necessity; the causal curves
@@ -534,8 +543,12 @@ def planned_patched_runs(run):
             + 2 * (2 + n_attributes)  # the two supervised dictionaries
             + sum(chosen) * sae_grading + len(chosen) * n_attributes * n_edits)  # SAEs
         ld_recovered.update(node.layer for node in section.nodes for _ in range(sum(chosen)))
-    return {"grading": grading, "ld_recovered": ld_recovered,
-            "phenomena": Counter(node.layer for node in run.nodes for _ in ioi.ATTRIBUTES)}
+    heads = len({(node.hook_name, node.head) for node in run.nodes})
+    return {TASK_SAES: [("vanilla" if method == "random_decoder" else method, len(run.nodes) * len(grid),
+                         c.d_sae, c.epochs, c.n_train) for method, grid in run.sae_grids().items()],
+            CORPUS_SAES: [(arch, heads, c.corpus_d_sae, c.corpus_epochs, c.corpus_tokens) for arch in ARCHS],
+            SECTIONS: grading, CORE: ld_recovered,
+            PHENOMENA: Counter(node.layer for node in run.nodes for _ in ioi.ATTRIBUTES)}
 
 
 def seconds(fn, device="cpu"):
@@ -549,25 +562,12 @@ def seconds(fn, device="cpu"):
     return time.perf_counter() - start
 
 
-def seconds_per_sae_step(arch, n_sae, d_in, d_sae, batch_size, device="cpu"):
-    """One training step of a stack of `n_sae` SAEs, on random data: 16 epochs of one batch less 8,
-    so set-up and all but one of the statistics at checkpoints (1, 2, 4, 8, 16) cancel."""
-    data = torch.randn(1, batch_size, d_in, device=device)
-    specs = [dictionaries.SAESpec(arch, seed=i) for i in range(n_sae)]
-
-    def best(epochs):  # the fastest of five: the first pays one-time costs, and a shared machine is noisy
-        config = dictionaries.TrainConfig(d_sae=d_sae, batch_size=batch_size, epochs=epochs, resample_at=())
-        return min(seconds(lambda: dictionaries.train_sae_stack(data, specs, config), device)
-                   for _ in range(5))
-    return max(0.0, best(16) - best(8)) / 8
-
-
-def estimateseconds(run):
+def estimate_seconds(run):
     """{phase: seconds} for the whole run from scratch (work cached in the folder is skipped): the
-    work counted, times a forward pass and SAE steps timed here. SAE training is counted to the epoch
-    cap (`epochs`): converging SAEs stop sooner, so that phase is an upper bound. Not counted: the
-    supervised fits, the core metrics and the toy models (under a minute together in the demo)."""
-    c, group = run.config, SAES_PER_PROGRAM
+    `plan`, and the activations and corpus text read first, times a forward pass and SAE steps timed
+    here. Not counted: the supervised fits, the core metrics and the toy models (under a minute
+    together in the demo)."""
+    c = run.config
     prompts, d_head = run.splits["eval"][:c.batch_size], run.model.config.n_embd // run.model.config.n_head
 
     @functools.cache
@@ -578,34 +578,40 @@ def estimateseconds(run):
             ioi.patched_run(run.model, prompts, batch_size=c.batch_size, resume=resume)
         forward()  # not timed: the first pass pays one-time costs
         return seconds(forward, c.device) / len(prompts)
-    n_prompts = sum(map(len, run.splits.values()))
 
-    def training(arch, n_sae, d_sae, epochs, n):  # groups of SAES_PER_PROGRAM, one after another
-        batch_size = min(dictionaries.TrainConfig.batch_size, n)
-        steps = epochs * math.ceil(n / batch_size) * math.ceil(n_sae / group)
-        return steps * seconds_per_sae_step(arch, min(n_sae, group), d_head, d_sae, batch_size, c.device)
-    task_saes = sum(training("vanilla" if method == "random_decoder" else method, len(run.nodes) * len(grid),
-                             c.d_sae, c.epochs, c.n_train) for method, grid in run.sae_grids().items())
-    heads = len({(node.hook_name, node.head) for node in run.nodes})
-    corpus_forward = c.corpus_tokens / len(prompts[0].tokens) * per_prompt()  # (a prompt's cost per token)
-    corpus_saes = sum(training(arch, heads, c.corpus_d_sae, c.corpus_epochs, c.corpus_tokens)
-                      for arch in ARCHS)
-    return {"activations": n_prompts * per_prompt(), CAPPED_PHASE: task_saes,
-            "full-distribution SAEs": corpus_forward + corpus_saes,
-            **{f"{phase}: {sum(counts.values())} runs": c.n_eval * sum(n * per_prompt(layer)
-                                                                 for layer, n in counts.items())
-               for phase, counts in planned_patched_runs(run).items()}}
+    @functools.cache
+    def per_step(arch, n_sae, d_sae, batch_size):  # 16 epochs of one batch less 8: set-up and all but one
+        data = torch.randn(1, batch_size, d_head, device=c.device)  # of the checkpoints' statistics cancel
+        specs = [dictionaries.SAESpec(arch, seed=i) for i in range(n_sae)]
+
+        def best(epochs):  # the fastest of five: the first pays one-time costs, and a shared machine is noisy
+            config = dictionaries.TrainConfig(d_sae=d_sae, batch_size=batch_size, epochs=epochs, resample_at=())
+            return min(seconds(lambda: dictionaries.train_sae_stack(data, specs, config), c.device)
+                       for _ in range(5))
+        return max(0.0, best(16) - best(8)) / 8
+
+    def cost(work):  # SAEs train SAES_PER_PROGRAM at a time, one group after another
+        if isinstance(work, Counter):
+            return c.n_eval * sum(n * per_prompt(layer) for layer, n in work.items())
+        return sum(epochs * math.ceil(n / batch) * math.ceil(n_sae / SAES_PER_PROGRAM)
+                   * per_step(arch, min(n_sae, SAES_PER_PROGRAM), d_sae, batch)
+                   for arch, n_sae, d_sae, epochs, n in work
+                   for batch in [min(dictionaries.TrainConfig.batch_size, n)])
+    estimate = {"Activations": sum(map(len, run.splits.values())) * per_prompt(),
+                **{phase: cost(work) for phase, work in plan(run).items()}}
+    estimate[CORPUS_SAES] += c.corpus_tokens / len(prompts[0].tokens) * per_prompt()  # (a prompt's cost per token)
+    return estimate
 
 
-def eta_text(seconds):
+def eta_text(estimate):
     """The estimate as lines: the total, then each phase. The task SAEs stop when they converge, often
-    far below the cap (the demo's: at 10-45% of it), so their bound is not added into the total."""
+    far below the epoch cap (the demo's: at 10-45% of it), so their bound is not added into the total."""
     def clock(s):
         return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min" if s >= 60 else f"{s:.0f} s"
-    known = sum(s for phase, s in seconds.items() if phase != CAPPED_PHASE)
+    known = sum(s for phase, s in estimate.items() if phase != TASK_SAES)
     return "\n".join([f"Estimated time for the whole run: {clock(known)}, plus at most "
-                      f"{clock(seconds[CAPPED_PHASE])} to train the task SAEs (less if they converge)"]
-                     + [f"  {phase}: {clock(s)}" for phase, s in seconds.items()])
+                      f"{clock(estimate[TASK_SAES])} to train the task SAEs (less if they converge)"]
+                     + [f"  {phase}: {clock(s)}" for phase, s in estimate.items()])
 
 
 @contextmanager
@@ -621,22 +627,22 @@ def evaluate_run(run, oversplitting_grids=metrics.OVERSPLITTING_GRIDS):
     over-splitting toy's grids (metrics.oversplitting_toy_records)."""
     with stopwatch("Supervised dictionaries"):
         supervised = run.fit_supervised()
-    with stopwatch("Task SAEs"):
+    with stopwatch(TASK_SAES):
         task_saes, training = run.train_task_saes()
-    with stopwatch("Full-distribution SAEs"):
+    with stopwatch(CORPUS_SAES):
         corpus_saes = run.train_corpus_saes()
     supervised, task_saes, corpus_saes = run.at_nodes(supervised, task_saes, corpus_saes)
     task = run.task()
     clean_run = task.patched()
     records = metrics.grade_model(task.prompts, clean_run)
-    with stopwatch("Tests 1-3 at every cross-section"):
+    with stopwatch(SECTIONS):
         records += grade_sections(run, task, clean_run, supervised, task_saes, corpus_saes)
-    with stopwatch("Core SAE metrics"):
+    with stopwatch(CORE):
         saes = metrics.every_setting(task_saes, corpus_saes)
         records += metrics.core_records(saes, run.acts["eval"], training)
         records += metrics.ld_recovered_records(task, clean_run, run.acts["eval"], run.sections, saes,
                                                 metrics.chosen_settings(records))
-    with stopwatch("Feature occlusion and over-splitting"):
+    with stopwatch(PHENOMENA):
         records += grade_phenomena(run, task, clean_run, supervised["supervised"], task_saes)
     with stopwatch("Over-splitting toy"):
         records += metrics.oversplitting_toy_records(oversplitting_grids, run.config.seed)
@@ -748,22 +754,14 @@ GPT2_SMALL_URL = "https://huggingface.co/openai-community/gpt2/resolve/main"
 
 
 def _fetch(url, path):
-    """Stream `url` into `path` with a progress bar; returns the sha256 of what was written."""
+    """Copy `url` to `path`, a MiB at a time (a model never sits in memory whole); its sha256."""
     import http.client
     import urllib.error
     import urllib.request
-    digest, written = hashlib.sha256(), 0
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as f:
-            size = int(response.headers.get("Content-Length") or 0)
-            # Outside a terminal a bar is only its label: a log keeps just the summary or the error.
-            with click.progressbar(length=size, label=os.path.basename(url),
-                                   hidden=not sys.stdout.isatty()) as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    written += len(chunk)
-                    bar.update(len(chunk))
+            shutil.copyfileobj(response, f, 1 << 20)
+            size, written = int(response.headers.get("Content-Length") or 0), f.tell()
     except urllib.error.HTTPError as error:
         raise click.ClickException(f"{url}: HTTP {error.code} {error.reason}") from None
     # unreachable, no such file, timeout, cut off (OSError, HTTPException); not a URL at all (ValueError)
@@ -771,7 +769,8 @@ def _fetch(url, path):
         raise click.ClickException(f"{url}: {getattr(error, 'reason', error)}") from None
     if size and written != size:
         raise click.ClickException(f"{url}: connection closed after {written} of {size} bytes")
-    return digest.hexdigest()
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _sha256_option(ctx, param, value):
@@ -787,23 +786,24 @@ def _sha256_option(ctx, param, value):
               callback=output_folder("config.json"), help="Folder to write them to.")
 @click.option("--sha256", default=None, callback=_sha256_option, help="Expected sha256 of model.safetensors.")
 def download_command(url, out, sha256):
-    """Fetch GPT-2 Small's weights and config (Hugging Face layout) and check that they load.
+    """Fetch GPT-2 Small's weights and config (Hugging Face layout) and check that they load and
+    read the IOI prompts. Both go to a temporary folder that replaces --out only then, so a failed
+    download never leaves a file that looks usable, and never costs the model already in --out."""
+    url = url.rstrip("/")
 
-    Both files go to a temporary folder that replaces --out only once they load (and the
-    hash matches), so a failed download never leaves a file that looks usable, and never
-    costs the model already in --out.
-    """
     def fetch_and_check(folder):
-        digests = {name: _fetch(f"{url.rstrip('/')}/{name}", os.path.join(folder, name))
+        digests = {name: _fetch(f"{url}/{name}", os.path.join(folder, name))
                    for name in ("config.json", "model.safetensors")}
         if sha256 and digests["model.safetensors"] != sha256.lower():
-            raise click.ClickException(f"{url.rstrip('/')}/model.safetensors: sha256 "
-                                       f"{digests['model.safetensors']} does not match the expected {sha256}")
+            raise click.ClickException(f"{url}/model.safetensors: sha256 {digests['model.safetensors']} "
+                                       f"does not match the expected {sha256}")
         try:
-            return gpt2.GPT2.from_pretrained(folder), digests["model.safetensors"]
+            model = gpt2.GPT2.from_pretrained(folder)
         except ValueError as error:  # named by where they came from, not by the temporary folder
-            message = str(error).replace(os.path.join(folder, ""), url.rstrip("/") + "/")
+            message = str(error).replace(os.path.join(folder, ""), url + "/")
             raise click.ClickException(f"downloaded files do not load: {message}") from None
+        check_reads_prompts(model, discovery_prompts(), f"{url}: the model")
+        return model, digests["model.safetensors"]
 
     model, digest = atomic_folder(out, fetch_and_check)
     n_params = sum(p.numel() for p in model.parameters())
@@ -1042,14 +1042,22 @@ def sae_sections(sections, act, layer, head):
             for nodes, (names, attrs) in merged.items()]
 
 
-def grade_other_sae(run, label, sae, sections, min_section_effect=metrics.MIN_SECTION_EFFECT):
-    """The paper's three tests (and the core SAE metrics) for one SAE from elsewhere at the sites
-    it reads, beside the supervised dictionaries fitted at the same nodes (and our task SAEs,
-    where it reads single heads, as ours do). Sites whose mean ablation moves the LD by less than
-    `min_section_effect` are skipped (sufficiency and necessity would divide by ~0). -> records"""
+def grade_sae_in_run(run, sae, label, min_section_effect=metrics.MIN_SECTION_EFFECT):
+    """`grade-sae` once its run is open: the paper's three tests (and the core SAE metrics) for an SAE
+    from elsewhere at the sections it reads, beside the supervised dictionaries fitted at the same nodes
+    (and our task SAEs, where it reads single heads, as ours do). Its records, named `label`, go into
+    metrics.json (created if needed; replacing those of an earlier grading). Sections whose mean
+    ablation moves the LD by less than `min_section_effect` are skipped (sufficiency and necessity
+    would divide by ~0)."""
+    act, layer, head = sae_reads(sae.meta, sae.d_in, run.model.config)
+    sae = as_plain_model_sae(sae, run.model, act, layer, head).to(run.config.device)
+    sections = sae_sections(run.sections, act, layer, head)
+    if not sections:
+        raise click.ClickException(f"{sae.meta['hook_name']} reads none of the circuit's cross-sections "
+                                   f"({', '.join(s.name for s in run.sections)})")
+    run.add_nodes([node for section in sections for node in section.nodes])
     task, c = run.task(), run.config
-    clean_run = task.patched()
-    graded = []
+    clean_run, graded = task.patched(), []
     for section in sections:
         inputs = metrics.section_inputs(task, section, run.acts, run.attributes, clean_run)
         if metrics.moves_the_task(inputs, min_section_effect):
@@ -1060,10 +1068,8 @@ def grade_other_sae(run, label, sae, sections, min_section_effect=metrics.MIN_SE
     if not graded:
         raise click.ClickException(f"{label}: none of the sites it reads is causal for IOI in this model")
     nodes = list(dict.fromkeys(node for inputs in graded for node in inputs.section.nodes))
-    supervised = run.fit_supervised(nodes)
     ours, training = run.train_task_saes() if all(node in run.nodes for node in nodes) else ({}, {})
-    sae = sae.to(c.device)
-    supervised, ours, theirs = run.at_nodes(supervised, ours, {label: {node: sae for node in nodes}})
+    supervised, ours, theirs = run.at_nodes(run.fit_supervised(nodes), ours, {label: dict.fromkeys(nodes, sae)})
     records = []
     for inputs in graded:
         click.echo(f"Grading {label} at {inputs.site} ...")
@@ -1072,29 +1078,13 @@ def grade_other_sae(run, label, sae, sections, min_section_effect=metrics.MIN_SE
                                       reads=sae.meta.get("hook_name"), head=sae.meta.get("hook_head_index")))
     saes = metrics.every_setting(ours, theirs)
     records += metrics.core_records(saes, run.acts["eval"], training)
-    records += metrics.ld_recovered_records(task, clean_run, run.acts["eval"],
-                                            [inputs.section for inputs in graded], saes,
-                                            metrics.chosen_settings(records))
-    return records + metrics.grade_model(task.prompts, clean_run)
-
-
-def grade_sae_in_run(run, sae, label, min_section_effect=metrics.MIN_SECTION_EFFECT):
-    """`grade-sae` once its run is open: grade `sae` at the sections it reads and put its records,
-    named `label`, in metrics.json (created if needed; replacing those of an earlier grading)."""
-    act, layer, head = sae_reads(sae.meta, sae.d_in, run.model.config)
-    sae = as_plain_model_sae(sae, run.model, act, layer, head)
-    sections = sae_sections(run.sections, act, layer, head)
-    if not sections:
-        raise click.ClickException(f"{sae.meta['hook_name']} reads none of the circuit's cross-sections "
-                                   f"({', '.join(s.name for s in run.sections)})")
-    run.add_nodes([node for section in sections for node in section.nodes])
-    records = grade_other_sae(run, label, sae, sections, min_section_effect)
+    records += metrics.ld_recovered_records(task, clean_run, run.acts["eval"], [inputs.section for inputs in graded],
+                                            saes, metrics.chosen_settings(records))
     path = run.path("metrics.json")
     kept = [row for row in (read_json(path)["results"] if os.path.exists(path) else [])
             if row.get("graded_sae") != label]
-    has_model = any(row["site"] == "model" for row in kept)  # the model's own records are written once
-    write_metrics(run, kept + [replace(r, graded_sae=label).to_json()
-                               for r in records if not (has_model and r.site == "model")])
+    model_records = [] if any(row["site"] == "model" for row in kept) else metrics.grade_model(task.prompts, clean_run)
+    write_metrics(run, kept + [replace(r, graded_sae=label).to_json() for r in records + model_records])
 
 
 @cli.command("grade-sae")
@@ -1105,10 +1095,7 @@ def grade_sae_in_run(run, sae, label, min_section_effect=metrics.MIN_SECTION_EFF
 def grade_sae_command(sae_dir, name, **options):
     """Grade any SAE on IOI, beside the supervised dictionaries at the nodes it reads (cfg.json's
     hook_name): one head's q|k|v|z, all heads' hook_z, or the residual stream at the paper's positions."""
-    try:
-        sae = dictionaries.load_sae(sae_dir)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from None
+    sae = dictionaries.load_sae(sae_dir)
     run = open_run(**options)
     grade_sae_in_run(run, sae, name or f"sae:{Path(sae_dir).resolve().name}")
     click.echo(write_report(run.out))
