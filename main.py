@@ -95,18 +95,14 @@ def output_folder(marker=None):
     A save replaces the whole folder (`atomic_folder`), so an existing non-empty one is accepted only
     if it holds `marker`, the completion file of the same kind of artefact: a user's files stay."""
     def check(ctx, param, value):
-        path = os.path.abspath(value)
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise click.BadParameter(f"{value} is a file, not a folder", ctx, param)
-        parent = path
+        path = parent = os.path.abspath(value)
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)
         if not os.path.isdir(parent):
-            raise click.BadParameter(f"{value} cannot be created: {parent} is a file", ctx, param)
+            raise click.BadParameter(f"{value} cannot be written: {parent} is a file, not a folder", ctx, param)
         if not os.access(parent, os.W_OK | os.X_OK):
             raise click.BadParameter(f"{parent} is not writable", ctx, param)
-        others = marker and os.path.isdir(path) and os.listdir(path)
-        if others and not os.path.isfile(os.path.join(path, marker)):
+        if marker and parent == path and os.listdir(path) and not os.path.isfile(os.path.join(path, marker)):
             raise click.BadParameter(f"{value} holds other files (no {marker}): choose a new or empty folder",
                                      ctx, param)
         return value
@@ -812,8 +808,7 @@ def download_command(url, out, sha256):
 
 
 @cli.command("generate")
-@click.option("--weights", default=None,
-              help="GPT-2 checkpoint (dir or .safetensors); default: the embedded model.")
+@click.option("--weights", default=None, help=WEIGHTS_HELP)
 @click.option("--prompt", default="When Mary and John went to the store, John gave a drink to",
               show_default=True)
 @click.option("--tokens", "n_tokens", type=click.IntRange(min=0), default=20, show_default=True,
@@ -828,8 +823,7 @@ def generate_command(weights, prompt, n_tokens, temperature, seed, device):
     tokenizer = gpt2.load_tokenizer()
     prompt_tokens = torch.tensor([[gpt2.BOS_TOKEN_ID, *tokenizer.encode_ordinary(prompt)]], device=device)
     if prompt_tokens.max() >= model.config.vocab_size:
-        raise click.ClickException(f"the model's vocabulary ({model.config.vocab_size}) "
-                                   "is smaller than GPT-2's")
+        raise click.ClickException(f"the model's vocabulary ({model.config.vocab_size}) is smaller than GPT-2's")
     generator = torch.Generator(device=device).manual_seed(seed)
     tokens = gpt2.generate_tokens(model, prompt_tokens, n_tokens, temperature, generator)
     click.echo(prompt + tokenizer.decode(tokens[0, prompt_tokens.shape[1]:].tolist()))
@@ -897,10 +891,7 @@ def nodes_command(weights, n, seed):
     check_reads_prompts(model, prompts)
     sections, table = ioi.circuit_cross_sections(model, prompts)
     if table["heads"]:
-        click.echo("Heads found, each class by its own measure (>= 1/3 of the strongest head's, "
-                   ">= 2% of the LD):\nname movers by direct effect on the LD; S-inhibition by the LD drop "
-                   "through the name movers'\nqueries when their z at end is mean-ablated; induction/"
-                   "duplicate token by the drop at s2.")
+        click.echo("Heads found, each class by its own measure (README §3), >= 1/3 of the strongest head's:")
         header = ("head", "at", "direct", "via q", "LD drop", "(of LD)", "role")
         for row in [header, *_circuit_rows(table["heads"])]:
             click.echo("  {:>7} {:<4} {:>7} {:>7} {:>8} {:>8}  {}".format(*row))
@@ -952,17 +943,13 @@ def _circuit_rows(heads):
 def train_sae_command(acts_path, arch, latents, l1, k, epochs, lr, batch_size, seed, out, no_progress):
     """Train one SAE on an activations file and save it in the SAELens layout."""
     l1 = {"gated": 2.5}.get(arch, 1.0) if l1 is None else l1  # gated penalises the gate, which needs more
-    try:
-        acts = dictionaries.load_activations(acts_path)
-        steps_per_epoch = -(-len(acts) // batch_size)
-        config = dictionaries.TrainConfig(d_sae=latents, lr=lr, batch_size=batch_size,
-                                          epochs=epochs or min(2000, -(-6000 // steps_per_epoch)))
-        spec = dictionaries.SAESpec("vanilla" if arch == "random_decoder" else arch, l1_coefficient=l1, k=k,
-                                    seed=seed, frozen_decoder=arch == "random_decoder", name=arch)
-        with click.progressbar(length=config.epochs, label=f"1 {spec.arch} SAEs", hidden=no_progress) as bar:
-            sae, logs = dictionaries.train_sae(acts, spec, config, progress=bar.update)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from None
+    acts = dictionaries.load_activations(acts_path)
+    config = dictionaries.TrainConfig(d_sae=latents, lr=lr, batch_size=batch_size,
+                                      epochs=epochs or min(2000, -(-6000 // -(-len(acts) // batch_size))))
+    spec = dictionaries.SAESpec("vanilla" if arch == "random_decoder" else arch, l1_coefficient=l1, k=k,
+                                seed=seed, frozen_decoder=arch == "random_decoder", name=arch)
+    with click.progressbar(length=config.epochs, label=f"1 {spec.arch} SAEs", hidden=no_progress) as bar:
+        sae, logs = dictionaries.train_sae(acts, spec, config, progress=bar.update)
     atomic_folder(out, lambda folder: dictionaries.save_sae(sae, folder))
     final = logs[-1]
     click.echo(f"{arch} SAE {acts.shape[1]}->{latents}, {config.epochs} epochs: l0 {final['l0']:.2f}  "
@@ -970,32 +957,6 @@ def train_sae_command(acts_path, arch, latents, l1, k, epochs, lr, batch_size, s
 
 
 # --- grade-sae: any SAE in SAELens's layout, graded like ours (README, "Use with TransformerLens / SAELens")
-
-SAE_HOOK = re.compile(r"blocks\.(\d+)\.(?:attn\.hook_([qkvz])|hook_(resid_pre|resid_mid|resid_post))")
-FIRST_LAYER_READ = {"resid_pre": 0, "resid_mid": 1, "resid_post": 1}  # resid_pre@L feeds layer L's heads on
-
-
-def sae_reads(meta, d_in, config):
-    """(act, layer, head) that an SAE reads, from cfg.json's hook_name and hook_head_index, checked
-    against the model: one head's q|k|v|z (d_head values), all heads concatenated (head None,
-    n_head * d_head values), or the residual stream (d_model values). One-line error otherwise."""
-    hook_name, head = meta.get("hook_name"), meta.get("hook_head_index")
-    match = SAE_HOOK.fullmatch(str(hook_name))
-    if match is None:
-        raise click.ClickException(f"hook_name={hook_name!r}: grade-sae reads blocks.L.attn.hook_q|k|v|z "
-                                   "(hook_head_index: one head, or none for all) or blocks.L.hook_resid_*")
-    layer, act = int(match[1]), match[2] or match[3]
-    if layer >= config.n_layer:
-        raise click.ClickException(f"hook_name={hook_name!r}: the model has {config.n_layer} layers")
-    if head is not None and (act in ioi.RESIDUAL_ACTS or not 0 <= head < config.n_head):
-        raise click.ClickException(f"hook_head_index={head!r} with {hook_name}: the model has "
-                                   f"{config.n_head} heads, the residual stream none")
-    expected = config.d_head if head is not None else config.n_embd
-    if d_in != expected:
-        where = hook_name + ("" if head is None else f" head {head}")
-        raise click.ClickException(f"d_in={d_in}: {where} of this model has {expected} values")
-    return act, layer, head
-
 
 def as_plain_model_sae(sae, model, act, layer, head):
     """The SAE on this model's plain activations. SAELens trains on TransformerLens's processed
@@ -1018,30 +979,6 @@ def as_plain_model_sae(sae, model, act, layer, head):
     return replace(sae, **params)
 
 
-def sae_sections(sections, act, layer, head):
-    """The run's cross-sections as the SAE sees them. Each node maps to the SAE's node that reads
-    it: the same head; every head of its layer; or the residual stream at its position, upstream
-    of its layer. Sections with no such node are left out; sections that map to the same nodes
-    are graded once, for all their attributes."""
-    def covering(node):
-        if act in ioi.HEAD_ACTS and (node.act, node.layer) == (act, layer) and head in (None, node.head):
-            return ioi.Node(act, layer, head, node.position)
-        if act in ioi.RESIDUAL_ACTS and node.layer >= layer + FIRST_LAYER_READ[act]:
-            return ioi.Node(act, layer, None, node.position)
-        return None
-
-    merged = {}
-    for section in sections:
-        nodes = tuple(dict.fromkeys(n for n in map(covering, section.nodes) if n is not None))
-        if nodes:
-            names, attributes = merged.get(nodes, ([], []))
-            merged[nodes] = (names + [section.name], attributes + list(section.attributes))
-    reads = f"{act}@L{layer}" + ("" if head is None else f"H{head}")
-    return [ioi.CrossSection(f"{' + '.join(names)} [{reads}]", nodes,
-                             tuple(a for a in ioi.ATTRIBUTES if a in attrs))
-            for nodes, (names, attrs) in merged.items()]
-
-
 def grade_sae_in_run(run, sae, label, min_section_effect=metrics.MIN_SECTION_EFFECT):
     """`grade-sae` once its run is open: the paper's three tests (and the core SAE metrics) for an SAE
     from elsewhere at the sections it reads, beside the supervised dictionaries fitted at the same nodes
@@ -1049,9 +986,10 @@ def grade_sae_in_run(run, sae, label, min_section_effect=metrics.MIN_SECTION_EFF
     metrics.json (created if needed; replacing those of an earlier grading). Sections whose mean
     ablation moves the LD by less than `min_section_effect` are skipped (sufficiency and necessity
     would divide by ~0)."""
-    act, layer, head = sae_reads(sae.meta, sae.d_in, run.model.config)
+    act, layer, head = ioi.hook_reads(sae.meta.get("hook_name"), sae.meta.get("hook_head_index"), sae.d_in,
+                                      run.model.config)
     sae = as_plain_model_sae(sae, run.model, act, layer, head).to(run.config.device)
-    sections = sae_sections(run.sections, act, layer, head)
+    sections = ioi.sections_read(run.sections, act, layer, head)
     if not sections:
         raise click.ClickException(f"{sae.meta['hook_name']} reads none of the circuit's cross-sections "
                                    f"({', '.join(s.name for s in run.sections)})")
@@ -1787,7 +1725,6 @@ def atomic_write(path, write):
 
 
 def write_json(path, data):
-    """Write `data` as JSON, atomically."""
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(data, f, indent=1)
@@ -1800,16 +1737,11 @@ def read_json(path):
 
 
 def atomic_folder(path, write):
-    """Call write(tmp_folder) to fill a fresh sibling folder, then rename it to `path`; return
-    what `write` returns.
-
-    A multi-file artefact (a saved model, an SAE stack) is then either wholly the old version
-    or wholly the new one: readers look only at `path`, and its completion marker (written
-    last by `write`) arrives with the rest in one rename. A folder cannot be renamed over
-    another, so an old version is first moved to PATH.old, and deleted once the new one is
-    in place. A save killed midway leaves PATH.tmp (and perhaps PATH.old) behind:
-    `recover_interrupted_save`, called here and by readers, puts things back.
-    """
+    """Call write(tmp_folder) to fill a fresh sibling folder, then rename it to `path`; return what
+    `write` returns. A multi-file artefact (a model, an SAE stack) is then wholly the old version or
+    wholly the new one, its completion marker (written last) with it. A folder cannot be renamed
+    over another, so the old one is first moved to PATH.old; a save killed midway leaves PATH.tmp
+    (and perhaps PATH.old): `recover_interrupted_save`, called here and by readers, puts things back."""
     path = os.path.normpath(path)
     recover_interrupted_save(path)
     os.makedirs(path + ".tmp")
@@ -1825,11 +1757,10 @@ def atomic_folder(path, write):
 
 def cached(folder, key, build, load):
     """The project's one cache (activations, SAE stacks, grades): load(folder) if `folder` was built
-    from `key`, a JSON description of everything the result depends on; else build(tmp) fills a
-    fresh folder, key.json is written last to mark it complete, and it replaces `folder` in one
-    rename (`atomic_folder`) before being loaded. A changed setting changes the key, so a stale
-    result is rebuilt, never reused; loading what was saved makes a fresh run and a resumed one
-    continue from the very same values."""
+    from `key`, a JSON description of everything the result depends on; else build(tmp) fills a fresh
+    folder, key.json marks it complete, and it replaces `folder` (`atomic_folder`) before being loaded.
+    A changed setting changes the key, so a stale result is rebuilt, never reused; loading what was
+    saved makes a fresh run and a resumed one continue from the very same values."""
     key = json.loads(json.dumps(key))  # as key.json reads back: tuples become lists
     stamp = os.path.join(folder, "key.json")
     recover_interrupted_save(folder)
@@ -1855,9 +1786,8 @@ def recover_interrupted_save(path):
 
 
 def recover_interrupted_saves(out):
-    """Undo every save a killed run left unfinished in its folder `out`: `atomic_write` and
-    `atomic_folder` leave NAME.tmp (and NAME.old) behind only when killed midway. Only what
-    a run writes is looked at, since `out` may hold other files too."""
+    """Undo every save a killed run left unfinished in its folder `out` (only what a run writes:
+    `out` may hold other files too)."""
     saved = [os.path.join(out, name) for name in ("config.json", "metrics.json", "report.md")]
     for folder in ("activations", "dictionaries", "saes", "grades", "figures"):
         for root, dirs, files in os.walk(os.path.join(out, folder)):
