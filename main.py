@@ -99,7 +99,7 @@ def output_folder(marker=None):
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)
         if not os.path.isdir(parent):
-            raise click.BadParameter(f"{value} cannot be written: {parent} is a file, not a folder", ctx, param)
+            raise click.BadParameter(f"{value} cannot be written: {parent} is a file", ctx, param)
         if not os.access(parent, os.W_OK | os.X_OK):
             raise click.BadParameter(f"{parent} is not writable", ctx, param)
         if marker and parent == path and os.listdir(path) and not os.path.isfile(os.path.join(path, marker)):
@@ -169,11 +169,8 @@ SAES_PER_PROGRAM = 4  # SAEs trained as one tensor program: 2 to 4 was the faste
 
 @dataclass
 class RunConfig:
-    """Every setting of one run; saved as config.json in the run folder.
-
-    Defaults are the paper's (README §2 and §8, revised version); `DEMO` scales them down
-    so the whole pipeline runs on two CPU cores in minutes.
-    """
+    """Every setting of one run, saved as config.json in the run folder. Defaults are the paper's
+    (README §2 and §8, revised version); `DEMO` scales them down to minutes on two CPU cores."""
     weights: Optional[str] = None     # a GPT-2 checkpoint; None: the embedded small IOI model
     n_train: int = 20_000             # prompts for dictionaries and SAEs (all names)
     n_eval: int = 5_000               # evaluation prompts (first half of the names)
@@ -231,10 +228,10 @@ def _checked_setting(field, value):
     null (weights, corpus), a string (device), names of the paper's cross-sections (skip_sections),
     else numbers checked by SETTINGS."""
     if field.name == "skip_sections":
-        unknown = [name for name in value if name not in SECTION_NAMES] if isinstance(value, list) else [value]
-        if unknown:
-            raise click.BadParameter(f"skip_sections: {unknown[0]!r} is not one of the paper's cross-sections "
-                                     f"({', '.join(SECTION_NAMES)})")
+        for name in value if isinstance(value, list) else [value]:
+            if name not in SECTION_NAMES:
+                raise click.BadParameter(f"skip_sections: {name!r} is not one of the paper's cross-sections "
+                                         f"({', '.join(SECTION_NAMES)})")
         return tuple(value)
     if field.name in ("weights", "corpus", "device"):
         if isinstance(value, str) or value is None and field.name != "device":
@@ -291,7 +288,8 @@ def open_run(out, weights=None, preset=None, device="cpu", force=False, circuit=
     if max(config.topk_k) > config.d_sae or config.corpus_k > config.corpus_d_sae:
         raise click.ClickException(f"{path}: a top-k SAE's k exceeds its number of latents")
     for name, problem in problems.items():  # (with --force)
-        click.echo(f"{path}: {problem}" + (f": now {getattr(config, name)!r}" if name in asdict(config) else ""))
+        now = f": now {getattr(config, name)!r}" if name in asdict(config) else ""
+        click.echo(f"{path}: {problem}{now}")
     changed = [f"{name} {value!r} -> {getattr(config, name)!r}" for name, value in (saved or {}).items()
                if name != "device" and value != getattr(config, name)]
     if changed and not force:
@@ -517,8 +515,8 @@ def train_or_load_stack(folder, datasets, specs, train_config, device="cpu", pro
 
 # --- the run's plan: its phases (as `evaluate_run` names them) and the work each does; the ETA times it
 
-TASK_SAES, CORPUS_SAES = "Task SAEs", "Full-distribution SAEs"
-SECTIONS, CORE, PHENOMENA = "Tests 1-3 at every cross-section", "Core SAE metrics", "Feature occlusion"
+TASK_SAES, CORPUS_SAES, SECTIONS = "Task SAEs", "Full-distribution SAEs", "Tests 1-3 at every cross-section"
+CORE, PHENOMENA = "Core SAE metrics", "Feature occlusion and over-splitting"
 
 
 def plan(run):
@@ -581,7 +579,7 @@ def estimate_seconds(run):
         specs = [dictionaries.SAESpec(arch, seed=i) for i in range(n_sae)]
 
         def best(epochs):  # the fastest of five: the first pays one-time costs, and a shared machine is noisy
-            config = dictionaries.TrainConfig(d_sae=d_sae, batch_size=batch_size, epochs=epochs, resample_at=())
+            config = dictionaries.TrainConfig(d_sae, batch_size=batch_size, epochs=epochs, resample_at=())
             return min(seconds(lambda: dictionaries.train_sae_stack(data, specs, config), c.device)
                        for _ in range(5))
         return max(0.0, best(16) - best(8)) / 8
@@ -595,7 +593,7 @@ def estimate_seconds(run):
                    for batch in [min(dictionaries.TrainConfig.batch_size, n)])
     estimate = {"Activations": sum(map(len, run.splits.values())) * per_prompt(),
                 **{phase: cost(work) for phase, work in plan(run).items()}}
-    estimate[CORPUS_SAES] += c.corpus_tokens / len(prompts[0].tokens) * per_prompt()  # (a prompt's cost per token)
+    estimate[CORPUS_SAES] += c.corpus_tokens / len(prompts[0].tokens) * per_prompt()  # a prompt's, by token
     return estimate
 
 
@@ -769,23 +767,19 @@ def _fetch(url, path):
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _sha256_option(ctx, param, value):
-    if value is not None and not re.fullmatch("[0-9a-fA-F]{64}", value):
-        raise click.BadParameter(f"{value!r} is not a sha256 (64 hexadecimal digits)", ctx, param)
-    return value
-
-
 @cli.command("download")
 @click.option("--url", default=GPT2_SMALL_URL, show_default=True,
               help="Base URL holding model.safetensors and config.json (file:// works too).")
 @click.option("--out", default=os.path.join("models", "gpt2"), show_default=True,
               callback=output_folder("config.json"), help="Folder to write them to.")
-@click.option("--sha256", default=None, callback=_sha256_option, help="Expected sha256 of model.safetensors.")
+@click.option("--sha256", default=None, help="Expected sha256 of model.safetensors.")
 def download_command(url, out, sha256):
     """Fetch GPT-2 Small's weights and config (Hugging Face layout) and check that they load and
     read the IOI prompts. Both go to a temporary folder that replaces --out only then, so a failed
     download never leaves a file that looks usable, and never costs the model already in --out."""
     url = url.rstrip("/")
+    if sha256 is not None and not re.fullmatch("[0-9a-fA-F]{64}", sha256):
+        raise click.BadParameter(f"{sha256!r} is not a sha256 (64 hexadecimal digits)", param_hint="--sha256")
 
     def fetch_and_check(folder):
         digests = {name: _fetch(f"{url}/{name}", os.path.join(folder, name))
@@ -823,7 +817,7 @@ def generate_command(weights, prompt, n_tokens, temperature, seed, device):
     tokenizer = gpt2.load_tokenizer()
     prompt_tokens = torch.tensor([[gpt2.BOS_TOKEN_ID, *tokenizer.encode_ordinary(prompt)]], device=device)
     if prompt_tokens.max() >= model.config.vocab_size:
-        raise click.ClickException(f"the model's vocabulary ({model.config.vocab_size}) is smaller than GPT-2's")
+        raise click.ClickException(f"the model's vocabulary ({model.config.vocab_size}) is below GPT-2's")
     generator = torch.Generator(device=device).manual_seed(seed)
     tokens = gpt2.generate_tokens(model, prompt_tokens, n_tokens, temperature, generator)
     click.echo(prompt + tokenizer.decode(tokens[0, prompt_tokens.shape[1]:].tolist()))
@@ -1007,7 +1001,8 @@ def grade_sae_in_run(run, sae, label, min_section_effect=metrics.MIN_SECTION_EFF
         raise click.ClickException(f"{label}: none of the sites it reads is causal for IOI in this model")
     nodes = list(dict.fromkeys(node for inputs in graded for node in inputs.section.nodes))
     ours, training = run.train_task_saes() if all(node in run.nodes for node in nodes) else ({}, {})
-    supervised, ours, theirs = run.at_nodes(run.fit_supervised(nodes), ours, {label: dict.fromkeys(nodes, sae)})
+    theirs = {label: dict.fromkeys(nodes, sae)}
+    supervised, ours, theirs = run.at_nodes(run.fit_supervised(nodes), ours, theirs)
     records = []
     for inputs in graded:
         click.echo(f"Grading {label} at {inputs.site} ...")
@@ -1016,13 +1011,15 @@ def grade_sae_in_run(run, sae, label, min_section_effect=metrics.MIN_SECTION_EFF
                                       reads=sae.meta.get("hook_name"), head=sae.meta.get("hook_head_index")))
     saes = metrics.every_setting(ours, theirs)
     records += metrics.core_records(saes, run.acts["eval"], training)
-    records += metrics.ld_recovered_records(task, clean_run, run.acts["eval"], [inputs.section for inputs in graded],
-                                            saes, metrics.chosen_settings(records))
+    records += metrics.ld_recovered_records(task, clean_run, run.acts["eval"],
+                                            [inputs.section for inputs in graded], saes,
+                                            metrics.chosen_settings(records))
     path = run.path("metrics.json")
     kept = [row for row in (read_json(path)["results"] if os.path.exists(path) else [])
             if row.get("graded_sae") != label]
-    model_records = [] if any(row["site"] == "model" for row in kept) else metrics.grade_model(task.prompts, clean_run)
-    write_metrics(run, kept + [replace(r, graded_sae=label).to_json() for r in records + model_records])
+    if not any(row["site"] == "model" for row in kept):  # the model's own records are written once
+        records += metrics.grade_model(task.prompts, clean_run)
+    write_metrics(run, kept + [replace(r, graded_sae=label).to_json() for r in records])
 
 
 @cli.command("grade-sae")

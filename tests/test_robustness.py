@@ -146,7 +146,8 @@ BAD_RUN = BAD_OUT + [(f"--weights tiny {args}", fragment) for args, fragment in 
     ("--out mine", "holds other files"), ("--sha256 xyz --out new", "sha256"),
     ("--url not-a-url --out new", "not-a-url"), ("--url {here}/nowhere --out new", "nowhere"),
     ("--url {here}/no-config --out new", "config.json"),
-    ("--url {here}/nan-weights --out new", "do not load"), ("--url {here}/small-vocab --out new", "vocabulary")])
+    ("--url {here}/nan-weights --out new", "do not load"),
+    ("--url {here}/small-vocab --out new", "vocabulary")])
 def test_download_refuses_bad_input(workspace, monkeypatch, args, fragment):
     assert_refused(workspace, monkeypatch, "download", args, fragment)
 
