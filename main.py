@@ -110,7 +110,7 @@ def output_folder(marker=None):
 
 
 # The one table of how a run's numeric settings are checked (else: positive integers), read by the
-# command-line options and by `RunConfig.load` alike.
+# command-line options and by `read_settings` alike.
 SETTINGS = {"n_train": click.IntRange(min=10), "n_eval": click.IntRange(min=10), "seed": SEED,
             **dict.fromkeys(("sae_lr", "corpus_lr"), FiniteFloat(min=0, min_open=True)),
             "sae_plateau": FiniteFloat(min=0, max=1), "occlusion_alphas": FiniteFloat(),
@@ -298,6 +298,8 @@ def open_run(out, weights=None, preset=None, device="cpu", force=False, circuit=
                    if "weights" not in given and config.weights != saved["weights"] else "")
         raise click.ClickException(f"{path} holds other settings ({'; '.join(changed[:3])}{more}){dropped}: "
                                    "add --force to rebind the folder to these, or choose a new --out")
+    if changed:  # (with --force) never silently: the model above all
+        click.echo(f"{path}: rebound, {'; '.join(changed)}")
     return Run(out, config, circuit, eta)
 
 
