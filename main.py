@@ -576,8 +576,10 @@ def estimate_seconds(run):
         return seconds(forward, c.device) / len(prompts)
 
     @functools.cache
-    def per_step(arch, n_sae, d_sae, batch_size):  # 16 epochs of one batch less 8: set-up and all but one
-        data = torch.randn(1, batch_size, d_head, device=c.device)  # of the checkpoints' statistics cancel
+    def per_step(arch, n_sae, d_sae, batch_size):
+        """One step of a stack of `n_sae` SAEs: 16 epochs of one batch less 8, so set-up and all but
+        one of the statistics at checkpoints (1, 2, 4, 8, 16) cancel."""
+        data = torch.randn(1, batch_size, d_head, device=c.device)
         specs = [dictionaries.SAESpec(arch, seed=i) for i in range(n_sae)]
 
         def best(epochs):  # the fastest of five: the first pays one-time costs, and a shared machine is noisy
@@ -586,13 +588,15 @@ def estimate_seconds(run):
                        for _ in range(5))
         return max(0.0, best(16) - best(8)) / 8
 
-    def cost(work):  # SAEs train SAES_PER_PROGRAM at a time, one group after another
+    def training(arch, n_sae, d_sae, epochs, n):  # SAES_PER_PROGRAM at a time, one group after another
+        batch = min(dictionaries.TrainConfig.batch_size, n)
+        steps = epochs * math.ceil(n / batch) * math.ceil(n_sae / SAES_PER_PROGRAM)
+        return steps * per_step(arch, min(n_sae, SAES_PER_PROGRAM), d_sae, batch)
+
+    def cost(work):
         if isinstance(work, Counter):
             return c.n_eval * sum(n * per_prompt(layer) for layer, n in work.items())
-        return sum(epochs * math.ceil(n / batch) * math.ceil(n_sae / SAES_PER_PROGRAM)
-                   * per_step(arch, min(n_sae, SAES_PER_PROGRAM), d_sae, batch)
-                   for arch, n_sae, d_sae, epochs, n in work
-                   for batch in [min(dictionaries.TrainConfig.batch_size, n)])
+        return sum(training(*stack) for stack in work)
     estimate = {"Activations": sum(map(len, run.splits.values())) * per_prompt(),
                 **{phase: cost(work) for phase, work in plan(run).items()}}
     estimate[CORPUS_SAES] += c.corpus_tokens / len(prompts[0].tokens) * per_prompt()  # a prompt's, by token
