@@ -877,3 +877,53 @@ def true_features(model, node):
 def default_model():
     """The embedded default model (built in a few seconds; nothing to download or train)."""
     return build_ioi_model(CircuitConfig())
+
+
+# --- the nodes an SAE from elsewhere reads (`main.py grade-sae`), from TransformerLens's hook names
+
+SAE_HOOK = re.compile(r"blocks\.(\d+)\.(?:attn\.hook_([qkvz])|hook_(resid_pre|resid_mid|resid_post))")
+FIRST_LAYER_READ = {"resid_pre": 0, "resid_mid": 1, "resid_post": 1}  # resid_pre@L feeds layer L's heads on
+
+
+def hook_reads(hook_name, head, d_in, config):
+    """(act, layer, head) that an SAE reads, from cfg.json's hook_name and hook_head_index, checked
+    against the model: one head's q|k|v|z (d_head values), all heads concatenated (head None,
+    n_head * d_head values), or the residual stream (d_model values). A ValueError otherwise."""
+    match = SAE_HOOK.fullmatch(str(hook_name))
+    if match is None:
+        raise ValueError(f"hook_name={hook_name!r}: grade-sae reads blocks.L.attn.hook_q|k|v|z "
+                         "(hook_head_index: one head, or none for all) or blocks.L.hook_resid_*")
+    layer, act = int(match[1]), match[2] or match[3]
+    if layer >= config.n_layer:
+        raise ValueError(f"hook_name={hook_name!r}: the model has {config.n_layer} layers")
+    if head is not None and (act in RESIDUAL_ACTS or not 0 <= head < config.n_head):
+        raise ValueError(f"hook_head_index={head!r} with {hook_name}: the model has "
+                         f"{config.n_head} heads, the residual stream none")
+    expected = config.d_head if head is not None else config.n_embd
+    if d_in != expected:
+        where = hook_name + ("" if head is None else f" head {head}")
+        raise ValueError(f"d_in={d_in}: {where} of this model has {expected} values")
+    return act, layer, head
+
+
+def sections_read(sections, act, layer, head):
+    """The cross-sections as an SAE reading (act, layer, head) sees them. Each node maps to the SAE's
+    node that reads it: the same head; every head of its layer; or the residual stream at its
+    position, upstream of its layer. Sections with no such node are left out; sections that map to
+    the same nodes are graded once, for all their attributes."""
+    def covering(node):
+        if act in HEAD_ACTS and (node.act, node.layer) == (act, layer) and head in (None, node.head):
+            return Node(act, layer, head, node.position)
+        if act in RESIDUAL_ACTS and node.layer >= layer + FIRST_LAYER_READ[act]:
+            return Node(act, layer, None, node.position)
+        return None
+
+    merged = {}
+    for section in sections:
+        nodes = tuple(dict.fromkeys(n for n in map(covering, section.nodes) if n is not None))
+        if nodes:
+            names, attributes = merged.get(nodes, ([], []))
+            merged[nodes] = (names + [section.name], attributes + list(section.attributes))
+    reads = f"{act}@L{layer}" + ("" if head is None else f"H{head}")
+    return [CrossSection(f"{' + '.join(names)} [{reads}]", nodes, tuple(a for a in ATTRIBUTES if a in attrs))
+            for nodes, (names, attrs) in merged.items()]

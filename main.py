@@ -14,7 +14,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -36,7 +35,8 @@ import metrics
 class OneLineErrors(click.Group):
     """The command group. Every failure a user can cause ends as one line `Error: ...` and a
     non-zero exit, never a traceback: a bad option without click's usage block (exit 2), a
-    path that cannot be read or written with its name (OSError, caught here once for all)."""
+    path that cannot be read or written with its name (OSError), a file or a result found wrong
+    on the way (ValueError: weights that do not load, a value that is not finite), caught here once."""
 
     def invoke(self, ctx):
         try:
@@ -48,6 +48,8 @@ class OneLineErrors(click.Group):
         except OSError as error:
             names = " -> ".join(name for name in (error.filename, error.filename2) if name is not None)
             raise click.ClickException(f"{names}: {error.strerror}" if names else str(error)) from None
+        except ValueError as error:
+            raise click.ClickException(str(error)) from None
 
 
 @click.group(cls=OneLineErrors)
@@ -71,18 +73,14 @@ class Device(click.ParamType):
     name = "device"
 
     def convert(self, value, param, ctx):
+        here = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
         try:
             device = torch.device(value)
         except (RuntimeError, TypeError):
             self.fail(f"{value!r} is not a device (cpu, cuda, cuda:N or mps)", param, ctx)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            self.fail(f"{value}: CUDA is not available on this machine", param, ctx)
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            self.fail(f"{value}: this machine has {torch.cuda.device_count()} CUDA device(s)", param, ctx)
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            self.fail(f"{value}: MPS is not available on this machine", param, ctx)
-        if device.type not in ("cpu", "cuda", "mps"):
-            self.fail(f"{value}: unsupported device type (cpu, cuda, cuda:N or mps)", param, ctx)
+        if (device.index or 0) >= here.get(device.type, 0):
+            self.fail(f"{value}: not a device of this machine ({here['cuda']} CUDA, {here['mps']} MPS)",
+                      param, ctx)
         return value
 
 
@@ -97,18 +95,14 @@ def output_folder(marker=None):
     A save replaces the whole folder (`atomic_folder`), so an existing non-empty one is accepted only
     if it holds `marker`, the completion file of the same kind of artefact: a user's files stay."""
     def check(ctx, param, value):
-        path = os.path.abspath(value)
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise click.BadParameter(f"{value} is a file, not a folder", ctx, param)
-        parent = path
+        path = parent = os.path.abspath(value)
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)
         if not os.path.isdir(parent):
-            raise click.BadParameter(f"{value} cannot be created: {parent} is a file", ctx, param)
+            raise click.BadParameter(f"{value} cannot be written: {parent} is a file", ctx, param)
         if not os.access(parent, os.W_OK | os.X_OK):
             raise click.BadParameter(f"{parent} is not writable", ctx, param)
-        others = marker and os.path.isdir(path) and os.listdir(path)
-        if others and not os.path.isfile(os.path.join(path, marker)):
+        if marker and parent == path and os.listdir(path) and not os.path.isfile(os.path.join(path, marker)):
             raise click.BadParameter(f"{value} holds other files (no {marker}): choose a new or empty folder",
                                      ctx, param)
         return value
@@ -116,7 +110,7 @@ def output_folder(marker=None):
 
 
 # The one table of how a run's numeric settings are checked (else: positive integers), read by the
-# command-line options and by `RunConfig.load` alike.
+# command-line options and by `read_settings` alike.
 SETTINGS = {"n_train": click.IntRange(min=10), "n_eval": click.IntRange(min=10), "seed": SEED,
             **dict.fromkeys(("sae_lr", "corpus_lr"), FiniteFloat(min=0, min_open=True)),
             "sae_plateau": FiniteFloat(min=0, max=1), "occlusion_alphas": FiniteFloat(),
@@ -175,11 +169,8 @@ SAES_PER_PROGRAM = 4  # SAEs trained as one tensor program: 2 to 4 was the faste
 
 @dataclass
 class RunConfig:
-    """Every setting of one run; saved as config.json in the run folder.
-
-    Defaults are the paper's (README §2 and §8, revised version); `DEMO` scales them down
-    so the whole pipeline runs on two CPU cores in minutes.
-    """
+    """Every setting of one run, saved as config.json in the run folder. Defaults are the paper's
+    (README §2 and §8, revised version); `DEMO` scales them down to minutes on two CPU cores."""
     weights: Optional[str] = None     # a GPT-2 checkpoint; None: the embedded small IOI model
     n_train: int = 20_000             # prompts for dictionaries and SAEs (all names)
     n_eval: int = 5_000               # evaluation prompts (first half of the names)
@@ -206,37 +197,42 @@ class RunConfig:
     batch_size: int = 256
     device: str = "cpu"
 
-    @classmethod
-    def load(cls, path):
-        """The settings in a run folder's config.json, each checked as its option is (`SETTINGS`):
-        a corrupt file is a one-line error, and is never overwritten."""
+
+SECTION_NAMES = tuple(s.name for s in ioi.cross_sections(*[[(0, 0)]] * 3))  # the paper's six (README §3)
+
+
+def read_settings(path):
+    """({name: value} of the valid settings in a run folder's config.json, {name: problem} of the
+    others), each checked as its option is (`SETTINGS`). A corrupt file has no valid setting (its
+    problem is under the name ""); it is never overwritten unless `--force` says so."""
+    try:
+        saved = read_json(path)
+    except ValueError as error:  # malformed JSON, or not text
+        return {}, {"": f"not valid JSON ({error})"}
+    if not isinstance(saved, dict):
+        return {}, {"": f"expected a JSON object of settings, got {type(saved).__name__}"}
+    names = [f.name for f in fields(RunConfig)]
+    valid, problems = {}, {name: f"unknown setting {name}" for name in saved if name not in names}
+    for field in fields(RunConfig):
         try:
-            saved = read_json(path)
-        except ValueError as error:  # malformed JSON, or not text
-            raise click.ClickException(f"{path}: not valid JSON ({error})") from None
-        try:
-            if not isinstance(saved, dict):
-                raise click.BadParameter(f"expected a JSON object of settings, got {type(saved).__name__}")
-            names = {f.name for f in fields(cls)}
-            problems = [f"{label} settings {', '.join(sorted(keys))}" for label, keys
-                        in (("unknown", set(saved) - names), ("missing", names - set(saved))) if keys]
-            if problems:
-                raise click.BadParameter("; ".join(problems))
-            config = cls(**{f.name: _checked_setting(f, saved[f.name]) for f in fields(cls)})
-            if max(config.topk_k) > config.d_sae or config.corpus_k > config.corpus_d_sae:
-                raise click.BadParameter("a top-k SAE's k exceeds its number of latents")
+            if field.name not in saved:
+                raise click.BadParameter(f"missing setting {field.name}")
+            valid[field.name] = _checked_setting(field, saved[field.name])
         except click.BadParameter as error:
-            raise click.ClickException(f"{path}: {error.message}") from None
-        return config
+            problems[field.name] = error.message
+    return valid, problems
 
 
 def _checked_setting(field, value):
     """`value` as the RunConfig setting `field`, or a click.BadParameter naming it: a path or
-    null (weights, corpus), a string (device), else numbers checked by SETTINGS."""
+    null (weights, corpus), a string (device), names of the paper's cross-sections (skip_sections),
+    else numbers checked by SETTINGS."""
     if field.name == "skip_sections":
-        if isinstance(value, list) and all(isinstance(name, str) for name in value):
-            return tuple(value)
-        raise click.BadParameter(f"{field.name}: {value!r} is not a list of cross-section names")
+        for name in value if isinstance(value, list) else [value]:
+            if name not in SECTION_NAMES:
+                raise click.BadParameter(f"skip_sections: {name!r} is not one of the paper's cross-sections "
+                                         f"({', '.join(SECTION_NAMES)})")
+        return tuple(value)
     if field.name in ("weights", "corpus", "device"):
         if isinstance(value, str) or value is None and field.name != "device":
             return value
@@ -273,26 +269,37 @@ def open_run(out, weights=None, preset=None, device="cpu", force=False, circuit=
     """The run in folder `out`, bound to the settings in its config.json: the saved ones; or with
     `preset`, or in a new folder, a preset ("demo", scaled down, for the embedded model; "paper" for
     real GPT-2 weights); either overridden by the settings given. Other settings than the saved ones
-    are a one-line error unless `force`. The device only decides where the run computes, so it is
-    not bound. `circuit`, `eta`: see `Run`."""
+    are a one-line error unless `force`. A saved setting that is invalid is a one-line error too;
+    `force` replaces it by the one given, else the preset's, but never the model: that must be given.
+    The device only decides where the run computes, so it is not bound. `circuit`, `eta`: see `Run`."""
     recover_interrupted_saves(out)
-    path, saved = os.path.join(out, "config.json"), None
-    try:
-        saved = RunConfig.load(path) if os.path.exists(path) else None
-    except click.ClickException as error:
-        if not force:
-            raise click.ClickException(f"{error.message} (--force replaces it)") from None
+    path = os.path.join(out, "config.json")
+    saved, problems = read_settings(path) if os.path.exists(path) else (None, {})
     given = {name: value for name, value in dict(overrides, weights=weights).items() if value is not None}
-    presets = {"demo": DEMO, "paper": RunConfig()}
-    base = saved if saved and not preset else presets[preset or ("demo" if weights is None else "paper")]
-    config = replace(base, **given, device=device)
-    changed = [] if saved is None else [
-        f"{f.name} {getattr(saved, f.name)!r} -> {getattr(config, f.name)!r}" for f in fields(RunConfig)
-        if f.name != "device" and getattr(saved, f.name) != getattr(config, f.name)]
+    if problems and not force:
+        raise click.ClickException(f"{path}: {'; '.join(problems.values())} "
+                                   "(--force keeps the valid settings and replaces the others)")
+    if saved is not None and preset is None and "weights" not in {**saved, **given}:
+        raise click.ClickException(f"{path}: {problems.get('weights') or problems['']}: "
+                                   "--force does not guess the folder's model: give --weights or --preset")
+    kept = saved if saved is not None and preset is None else {}
+    preset = preset or ("demo" if {**kept, **given}.get("weights") is None else "paper")
+    config = replace({"demo": DEMO, "paper": RunConfig()}[preset], **{**kept, **given, "device": device})
+    if max(config.topk_k) > config.d_sae or config.corpus_k > config.corpus_d_sae:
+        raise click.ClickException(f"{path}: a top-k SAE's k exceeds its number of latents")
+    for name, problem in problems.items():  # (with --force)
+        now = f": now {getattr(config, name)!r}" if name in asdict(config) else ""
+        click.echo(f"{path}: {problem}{now}")
+    changed = [f"{name} {value!r} -> {getattr(config, name)!r}" for name, value in (saved or {}).items()
+               if name != "device" and value != getattr(config, name)]
     if changed and not force:
         more = f"; {len(changed) - 3} more" if len(changed) > 3 else ""
-        raise click.ClickException(f"{path} holds other settings ({'; '.join(changed[:3])}{more}): "
+        dropped = (" (a preset does not keep --weights: give it again)"
+                   if "weights" not in given and config.weights != saved["weights"] else "")
+        raise click.ClickException(f"{path} holds other settings ({'; '.join(changed[:3])}{more}){dropped}: "
                                    "add --force to rebind the folder to these, or choose a new --out")
+    if changed:  # (with --force) never silently: the model above all
+        click.echo(f"{path}: rebound, {'; '.join(changed)}")
     return Run(out, config, circuit, eta)
 
 
@@ -309,7 +316,7 @@ class Run:
         self.make_prompts()
         self.find_circuit(circuit)
         if eta:
-            click.echo(eta_text(estimateseconds(self)))
+            click.echo(eta_text(estimate_seconds(self)))
         self.acts = {split: {} for split in self.splits}
         self.add_nodes(self.nodes)
         # Last: the folder is bound to these settings only once they have produced its
@@ -454,22 +461,18 @@ def discovery_prompts(n=DISCOVERY_N, seed=DISCOVERY_SEED):
 
 def load_model(weights, device="cpu"):
     """GPT-2 weights from `weights`, or the embedded small IOI model when it is None."""
-    try:
-        model = ioi.default_model() if weights is None else gpt2.GPT2.from_pretrained(weights)
-    except (ValueError, OSError) as error:
-        raise click.ClickException(str(error)) from None
-    return model.to(device).eval()
+    return (ioi.default_model() if weights is None else gpt2.GPT2.from_pretrained(weights)).to(device).eval()
 
 
-def check_reads_prompts(model, prompts):
+def check_reads_prompts(model, prompts, name="the model"):
     """A one-line error unless `model` can read every prompt: GPT-2's whole vocabulary (IOI
     prompts and corpus text are GPT-2 tokens) and positions up to the longest prompt."""
-    if model.config.vocab_size <= gpt2.BOS_TOKEN_ID:
-        raise click.ClickException(f"the model's vocabulary ({model.config.vocab_size} tokens) is smaller "
-                                   f"than GPT-2's ({gpt2.BOS_TOKEN_ID + 1}), whose tokens make the prompts")
     longest = max(len(prompt.tokens) for prompt in prompts)
+    if model.config.vocab_size <= gpt2.BOS_TOKEN_ID:
+        raise click.ClickException(f"{name}'s vocabulary ({model.config.vocab_size} tokens) is smaller "
+                                   f"than GPT-2's ({gpt2.BOS_TOKEN_ID + 1}), whose tokens make the prompts")
     if longest > model.config.n_positions:
-        raise click.ClickException(f"the model reads at most {model.config.n_positions} tokens "
+        raise click.ClickException(f"{name} reads at most {model.config.n_positions} tokens "
                                    f"(n_positions), but a prompt has {longest}")
 
 
@@ -512,15 +515,17 @@ def train_or_load_stack(folder, datasets, specs, train_config, device="cpu", pro
     return saes_and_logs
 
 
-# --- how long a run will take: counted work times a short calibration on this machine
+# --- the run's plan: its phases (as `evaluate_run` names them) and the work each does; the ETA times it
 
-CAPPED_PHASE = "task SAEs, at the epoch cap"  # the one phase whose length is not known in advance
+TASK_SAES, CORPUS_SAES, SECTIONS = "Task SAEs", "Full-distribution SAEs", "Tests 1-3 at every cross-section"
+CORE, PHENOMENA = "Core SAE metrics", "Feature occlusion and over-splitting"
 
 
-def planned_patched_runs(run):
-    """{phase: Counter {layer: forward passes over the evaluation prompts that patch from that layer
-    on}}, as `evaluate_run` will make them. An upper bound where Test 2 may choose one SAE setting
-    for several attributes (then it grades it once)."""
+def plan(run):
+    """{phase: its work}, as `evaluate_run` will do it: SAE stacks to train, as (arch, SAEs, d_sae,
+    epochs, inputs), or forward passes over the evaluation prompts, as a Counter {layer the patch
+    starts at: passes} (`metrics.Task.patched`). An upper bound where Test 2 chooses one SAE setting
+    for several attributes (then it grades it once), and for LD recovered (nodes that move the LD)."""
     c = run.config
     n_edits = 2 * len(c.edit_k)  # greedy and F1-guided, at each k
     sae_grading = 2 + 2 * len(c.f1_thresholds)  # sufficiency, necessity; the causal curves
@@ -534,8 +539,12 @@ def planned_patched_runs(run):
             + 2 * (2 + n_attributes)  # the two supervised dictionaries
             + sum(chosen) * sae_grading + len(chosen) * n_attributes * n_edits)  # SAEs
         ld_recovered.update(node.layer for node in section.nodes for _ in range(sum(chosen)))
-    return {"grading": grading, "ld_recovered": ld_recovered,
-            "phenomena": Counter(node.layer for node in run.nodes for _ in ioi.ATTRIBUTES)}
+    heads = len({(node.hook_name, node.head) for node in run.nodes})
+    return {TASK_SAES: [("vanilla" if method == "random_decoder" else method, len(run.nodes) * len(grid),
+                         c.d_sae, c.epochs, c.n_train) for method, grid in run.sae_grids().items()],
+            CORPUS_SAES: [(arch, heads, c.corpus_d_sae, c.corpus_epochs, c.corpus_tokens) for arch in ARCHS],
+            SECTIONS: grading, CORE: ld_recovered,
+            PHENOMENA: Counter(node.layer for node in run.nodes for _ in ioi.ATTRIBUTES)}
 
 
 def seconds(fn, device="cpu"):
@@ -549,25 +558,12 @@ def seconds(fn, device="cpu"):
     return time.perf_counter() - start
 
 
-def seconds_per_sae_step(arch, n_sae, d_in, d_sae, batch_size, device="cpu"):
-    """One training step of a stack of `n_sae` SAEs, on random data: 16 epochs of one batch less 8,
-    so set-up and all but one of the statistics at checkpoints (1, 2, 4, 8, 16) cancel."""
-    data = torch.randn(1, batch_size, d_in, device=device)
-    specs = [dictionaries.SAESpec(arch, seed=i) for i in range(n_sae)]
-
-    def best(epochs):  # the fastest of five: the first pays one-time costs, and a shared machine is noisy
-        config = dictionaries.TrainConfig(d_sae=d_sae, batch_size=batch_size, epochs=epochs, resample_at=())
-        return min(seconds(lambda: dictionaries.train_sae_stack(data, specs, config), device)
-                   for _ in range(5))
-    return max(0.0, best(16) - best(8)) / 8
-
-
-def estimateseconds(run):
+def estimate_seconds(run):
     """{phase: seconds} for the whole run from scratch (work cached in the folder is skipped): the
-    work counted, times a forward pass and SAE steps timed here. SAE training is counted to the epoch
-    cap (`epochs`): converging SAEs stop sooner, so that phase is an upper bound. Not counted: the
-    supervised fits, the core metrics and the toy models (under a minute together in the demo)."""
-    c, group = run.config, SAES_PER_PROGRAM
+    `plan`, and the activations and corpus text read first, times a forward pass and SAE steps timed
+    here. Not counted: the supervised fits, the core metrics and the toy models (under a minute
+    together in the demo)."""
+    c = run.config
     prompts, d_head = run.splits["eval"][:c.batch_size], run.model.config.n_embd // run.model.config.n_head
 
     @functools.cache
@@ -578,34 +574,44 @@ def estimateseconds(run):
             ioi.patched_run(run.model, prompts, batch_size=c.batch_size, resume=resume)
         forward()  # not timed: the first pass pays one-time costs
         return seconds(forward, c.device) / len(prompts)
-    n_prompts = sum(map(len, run.splits.values()))
 
-    def training(arch, n_sae, d_sae, epochs, n):  # groups of SAES_PER_PROGRAM, one after another
-        batch_size = min(dictionaries.TrainConfig.batch_size, n)
-        steps = epochs * math.ceil(n / batch_size) * math.ceil(n_sae / group)
-        return steps * seconds_per_sae_step(arch, min(n_sae, group), d_head, d_sae, batch_size, c.device)
-    task_saes = sum(training("vanilla" if method == "random_decoder" else method, len(run.nodes) * len(grid),
-                             c.d_sae, c.epochs, c.n_train) for method, grid in run.sae_grids().items())
-    heads = len({(node.hook_name, node.head) for node in run.nodes})
-    corpus_forward = c.corpus_tokens / len(prompts[0].tokens) * per_prompt()  # (a prompt's cost per token)
-    corpus_saes = sum(training(arch, heads, c.corpus_d_sae, c.corpus_epochs, c.corpus_tokens)
-                      for arch in ARCHS)
-    return {"activations": n_prompts * per_prompt(), CAPPED_PHASE: task_saes,
-            "full-distribution SAEs": corpus_forward + corpus_saes,
-            **{f"{phase}: {sum(counts.values())} runs": c.n_eval * sum(n * per_prompt(layer)
-                                                                 for layer, n in counts.items())
-               for phase, counts in planned_patched_runs(run).items()}}
+    @functools.cache
+    def per_step(arch, n_sae, d_sae, batch_size):
+        """One step of a stack of `n_sae` SAEs: 16 epochs of one batch less 8, so set-up and all but
+        one of the statistics at checkpoints (1, 2, 4, 8, 16) cancel."""
+        data = torch.randn(1, batch_size, d_head, device=c.device)
+        specs = [dictionaries.SAESpec(arch, seed=i) for i in range(n_sae)]
+
+        def best(epochs):  # the fastest of five: the first pays one-time costs, and a shared machine is noisy
+            config = dictionaries.TrainConfig(d_sae, batch_size=batch_size, epochs=epochs, resample_at=())
+            return min(seconds(lambda: dictionaries.train_sae_stack(data, specs, config), c.device)
+                       for _ in range(5))
+        return max(0.0, best(16) - best(8)) / 8
+
+    def training(arch, n_sae, d_sae, epochs, n):  # SAES_PER_PROGRAM at a time, one group after another
+        batch = min(dictionaries.TrainConfig.batch_size, n)
+        steps = epochs * math.ceil(n / batch) * math.ceil(n_sae / SAES_PER_PROGRAM)
+        return steps * per_step(arch, min(n_sae, SAES_PER_PROGRAM), d_sae, batch)
+
+    def cost(work):
+        if isinstance(work, Counter):
+            return c.n_eval * sum(n * per_prompt(layer) for layer, n in work.items())
+        return sum(training(*stack) for stack in work)
+    estimate = {"Activations": sum(map(len, run.splits.values())) * per_prompt(),
+                **{phase: cost(work) for phase, work in plan(run).items()}}
+    estimate[CORPUS_SAES] += c.corpus_tokens / len(prompts[0].tokens) * per_prompt()  # a prompt's, by token
+    return estimate
 
 
-def eta_text(seconds):
+def eta_text(estimate):
     """The estimate as lines: the total, then each phase. The task SAEs stop when they converge, often
-    far below the cap (the demo's: at 10-45% of it), so their bound is not added into the total."""
+    far below the epoch cap (the demo's: at 10-45% of it), so their bound is not added into the total."""
     def clock(s):
         return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min" if s >= 60 else f"{s:.0f} s"
-    known = sum(s for phase, s in seconds.items() if phase != CAPPED_PHASE)
+    known = sum(s for phase, s in estimate.items() if phase != TASK_SAES)
     return "\n".join([f"Estimated time for the whole run: {clock(known)}, plus at most "
-                      f"{clock(seconds[CAPPED_PHASE])} to train the task SAEs (less if they converge)"]
-                     + [f"  {phase}: {clock(s)}" for phase, s in seconds.items()])
+                      f"{clock(estimate[TASK_SAES])} to train the task SAEs (less if they converge)"]
+                     + [f"  {phase}: {clock(s)}" for phase, s in estimate.items()])
 
 
 @contextmanager
@@ -621,22 +627,22 @@ def evaluate_run(run, oversplitting_grids=metrics.OVERSPLITTING_GRIDS):
     over-splitting toy's grids (metrics.oversplitting_toy_records)."""
     with stopwatch("Supervised dictionaries"):
         supervised = run.fit_supervised()
-    with stopwatch("Task SAEs"):
+    with stopwatch(TASK_SAES):
         task_saes, training = run.train_task_saes()
-    with stopwatch("Full-distribution SAEs"):
+    with stopwatch(CORPUS_SAES):
         corpus_saes = run.train_corpus_saes()
     supervised, task_saes, corpus_saes = run.at_nodes(supervised, task_saes, corpus_saes)
     task = run.task()
     clean_run = task.patched()
     records = metrics.grade_model(task.prompts, clean_run)
-    with stopwatch("Tests 1-3 at every cross-section"):
+    with stopwatch(SECTIONS):
         records += grade_sections(run, task, clean_run, supervised, task_saes, corpus_saes)
-    with stopwatch("Core SAE metrics"):
+    with stopwatch(CORE):
         saes = metrics.every_setting(task_saes, corpus_saes)
         records += metrics.core_records(saes, run.acts["eval"], training)
         records += metrics.ld_recovered_records(task, clean_run, run.acts["eval"], run.sections, saes,
                                                 metrics.chosen_settings(records))
-    with stopwatch("Feature occlusion and over-splitting"):
+    with stopwatch(PHENOMENA):
         records += grade_phenomena(run, task, clean_run, supervised["supervised"], task_saes)
     with stopwatch("Over-splitting toy"):
         records += metrics.oversplitting_toy_records(oversplitting_grids, run.config.seed)
@@ -748,22 +754,14 @@ GPT2_SMALL_URL = "https://huggingface.co/openai-community/gpt2/resolve/main"
 
 
 def _fetch(url, path):
-    """Stream `url` into `path` with a progress bar; returns the sha256 of what was written."""
+    """Copy `url` to `path`, a MiB at a time (a model never sits in memory whole); its sha256."""
     import http.client
     import urllib.error
     import urllib.request
-    digest, written = hashlib.sha256(), 0
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as f:
-            size = int(response.headers.get("Content-Length") or 0)
-            # Outside a terminal a bar is only its label: a log keeps just the summary or the error.
-            with click.progressbar(length=size, label=os.path.basename(url),
-                                   hidden=not sys.stdout.isatty()) as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    written += len(chunk)
-                    bar.update(len(chunk))
+            shutil.copyfileobj(response, f, 1 << 20)
+            size, written = int(response.headers.get("Content-Length") or 0), f.tell()
     except urllib.error.HTTPError as error:
         raise click.ClickException(f"{url}: HTTP {error.code} {error.reason}") from None
     # unreachable, no such file, timeout, cut off (OSError, HTTPException); not a URL at all (ValueError)
@@ -771,13 +769,8 @@ def _fetch(url, path):
         raise click.ClickException(f"{url}: {getattr(error, 'reason', error)}") from None
     if size and written != size:
         raise click.ClickException(f"{url}: connection closed after {written} of {size} bytes")
-    return digest.hexdigest()
-
-
-def _sha256_option(ctx, param, value):
-    if value is not None and not re.fullmatch("[0-9a-fA-F]{64}", value):
-        raise click.BadParameter(f"{value!r} is not a sha256 (64 hexadecimal digits)", ctx, param)
-    return value
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @cli.command("download")
@@ -785,25 +778,28 @@ def _sha256_option(ctx, param, value):
               help="Base URL holding model.safetensors and config.json (file:// works too).")
 @click.option("--out", default=os.path.join("models", "gpt2"), show_default=True,
               callback=output_folder("config.json"), help="Folder to write them to.")
-@click.option("--sha256", default=None, callback=_sha256_option, help="Expected sha256 of model.safetensors.")
+@click.option("--sha256", default=None, help="Expected sha256 of model.safetensors.")
 def download_command(url, out, sha256):
-    """Fetch GPT-2 Small's weights and config (Hugging Face layout) and check that they load.
+    """Fetch GPT-2 Small's weights and config (Hugging Face layout) and check that they load and
+    read the IOI prompts. Both go to a temporary folder that replaces --out only then, so a failed
+    download never leaves a file that looks usable, and never costs the model already in --out."""
+    url = url.rstrip("/")
+    if sha256 is not None and not re.fullmatch("[0-9a-fA-F]{64}", sha256):
+        raise click.BadParameter(f"{sha256!r} is not a sha256 (64 hexadecimal digits)", param_hint="--sha256")
 
-    Both files go to a temporary folder that replaces --out only once they load (and the
-    hash matches), so a failed download never leaves a file that looks usable, and never
-    costs the model already in --out.
-    """
     def fetch_and_check(folder):
-        digests = {name: _fetch(f"{url.rstrip('/')}/{name}", os.path.join(folder, name))
+        digests = {name: _fetch(f"{url}/{name}", os.path.join(folder, name))
                    for name in ("config.json", "model.safetensors")}
         if sha256 and digests["model.safetensors"] != sha256.lower():
-            raise click.ClickException(f"{url.rstrip('/')}/model.safetensors: sha256 "
-                                       f"{digests['model.safetensors']} does not match the expected {sha256}")
+            raise click.ClickException(f"{url}/model.safetensors: sha256 {digests['model.safetensors']} "
+                                       f"does not match the expected {sha256}")
         try:
-            return gpt2.GPT2.from_pretrained(folder), digests["model.safetensors"]
+            model = gpt2.GPT2.from_pretrained(folder)
         except ValueError as error:  # named by where they came from, not by the temporary folder
-            message = str(error).replace(os.path.join(folder, ""), url.rstrip("/") + "/")
+            message = str(error).replace(os.path.join(folder, ""), url + "/")
             raise click.ClickException(f"downloaded files do not load: {message}") from None
+        check_reads_prompts(model, discovery_prompts(), f"{url}: the model")
+        return model, digests["model.safetensors"]
 
     model, digest = atomic_folder(out, fetch_and_check)
     n_params = sum(p.numel() for p in model.parameters())
@@ -812,8 +808,7 @@ def download_command(url, out, sha256):
 
 
 @cli.command("generate")
-@click.option("--weights", default=None,
-              help="GPT-2 checkpoint (dir or .safetensors); default: the embedded model.")
+@click.option("--weights", default=None, help=WEIGHTS_HELP)
 @click.option("--prompt", default="When Mary and John went to the store, John gave a drink to",
               show_default=True)
 @click.option("--tokens", "n_tokens", type=click.IntRange(min=0), default=20, show_default=True,
@@ -828,8 +823,7 @@ def generate_command(weights, prompt, n_tokens, temperature, seed, device):
     tokenizer = gpt2.load_tokenizer()
     prompt_tokens = torch.tensor([[gpt2.BOS_TOKEN_ID, *tokenizer.encode_ordinary(prompt)]], device=device)
     if prompt_tokens.max() >= model.config.vocab_size:
-        raise click.ClickException(f"the model's vocabulary ({model.config.vocab_size}) "
-                                   "is smaller than GPT-2's")
+        raise click.ClickException(f"the model's vocabulary ({model.config.vocab_size}) is below GPT-2's")
     generator = torch.Generator(device=device).manual_seed(seed)
     tokens = gpt2.generate_tokens(model, prompt_tokens, n_tokens, temperature, generator)
     click.echo(prompt + tokenizer.decode(tokens[0, prompt_tokens.shape[1]:].tolist()))
@@ -897,10 +891,7 @@ def nodes_command(weights, n, seed):
     check_reads_prompts(model, prompts)
     sections, table = ioi.circuit_cross_sections(model, prompts)
     if table["heads"]:
-        click.echo("Heads found, each class by its own measure (>= 1/3 of the strongest head's, "
-                   ">= 2% of the LD):\nname movers by direct effect on the LD; S-inhibition by the LD drop "
-                   "through the name movers'\nqueries when their z at end is mean-ablated; induction/"
-                   "duplicate token by the drop at s2.")
+        click.echo("Heads found, each class by its own measure (README §3), >= 1/3 of the strongest head's:")
         header = ("head", "at", "direct", "via q", "LD drop", "(of LD)", "role")
         for row in [header, *_circuit_rows(table["heads"])]:
             click.echo("  {:>7} {:<4} {:>7} {:>7} {:>8} {:>8}  {}".format(*row))
@@ -952,17 +943,13 @@ def _circuit_rows(heads):
 def train_sae_command(acts_path, arch, latents, l1, k, epochs, lr, batch_size, seed, out, no_progress):
     """Train one SAE on an activations file and save it in the SAELens layout."""
     l1 = {"gated": 2.5}.get(arch, 1.0) if l1 is None else l1  # gated penalises the gate, which needs more
-    try:
-        acts = dictionaries.load_activations(acts_path)
-        steps_per_epoch = -(-len(acts) // batch_size)
-        config = dictionaries.TrainConfig(d_sae=latents, lr=lr, batch_size=batch_size,
-                                          epochs=epochs or min(2000, -(-6000 // steps_per_epoch)))
-        spec = dictionaries.SAESpec("vanilla" if arch == "random_decoder" else arch, l1_coefficient=l1, k=k,
-                                    seed=seed, frozen_decoder=arch == "random_decoder", name=arch)
-        with click.progressbar(length=config.epochs, label=f"1 {spec.arch} SAEs", hidden=no_progress) as bar:
-            sae, logs = dictionaries.train_sae(acts, spec, config, progress=bar.update)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from None
+    acts = dictionaries.load_activations(acts_path)
+    config = dictionaries.TrainConfig(d_sae=latents, lr=lr, batch_size=batch_size,
+                                      epochs=epochs or min(2000, -(-6000 // -(-len(acts) // batch_size))))
+    spec = dictionaries.SAESpec("vanilla" if arch == "random_decoder" else arch, l1_coefficient=l1, k=k,
+                                seed=seed, frozen_decoder=arch == "random_decoder", name=arch)
+    with click.progressbar(length=config.epochs, label=f"1 {spec.arch} SAEs", hidden=no_progress) as bar:
+        sae, logs = dictionaries.train_sae(acts, spec, config, progress=bar.update)
     atomic_folder(out, lambda folder: dictionaries.save_sae(sae, folder))
     final = logs[-1]
     click.echo(f"{arch} SAE {acts.shape[1]}->{latents}, {config.epochs} epochs: l0 {final['l0']:.2f}  "
@@ -970,32 +957,6 @@ def train_sae_command(acts_path, arch, latents, l1, k, epochs, lr, batch_size, s
 
 
 # --- grade-sae: any SAE in SAELens's layout, graded like ours (README, "Use with TransformerLens / SAELens")
-
-SAE_HOOK = re.compile(r"blocks\.(\d+)\.(?:attn\.hook_([qkvz])|hook_(resid_pre|resid_mid|resid_post))")
-FIRST_LAYER_READ = {"resid_pre": 0, "resid_mid": 1, "resid_post": 1}  # resid_pre@L feeds layer L's heads on
-
-
-def sae_reads(meta, d_in, config):
-    """(act, layer, head) that an SAE reads, from cfg.json's hook_name and hook_head_index, checked
-    against the model: one head's q|k|v|z (d_head values), all heads concatenated (head None,
-    n_head * d_head values), or the residual stream (d_model values). One-line error otherwise."""
-    hook_name, head = meta.get("hook_name"), meta.get("hook_head_index")
-    match = SAE_HOOK.fullmatch(str(hook_name))
-    if match is None:
-        raise click.ClickException(f"hook_name={hook_name!r}: grade-sae reads blocks.L.attn.hook_q|k|v|z "
-                                   "(hook_head_index: one head, or none for all) or blocks.L.hook_resid_*")
-    layer, act = int(match[1]), match[2] or match[3]
-    if layer >= config.n_layer:
-        raise click.ClickException(f"hook_name={hook_name!r}: the model has {config.n_layer} layers")
-    if head is not None and (act in ioi.RESIDUAL_ACTS or not 0 <= head < config.n_head):
-        raise click.ClickException(f"hook_head_index={head!r} with {hook_name}: the model has "
-                                   f"{config.n_head} heads, the residual stream none")
-    expected = config.d_head if head is not None else config.n_embd
-    if d_in != expected:
-        where = hook_name + ("" if head is None else f" head {head}")
-        raise click.ClickException(f"d_in={d_in}: {where} of this model has {expected} values")
-    return act, layer, head
-
 
 def as_plain_model_sae(sae, model, act, layer, head):
     """The SAE on this model's plain activations. SAELens trains on TransformerLens's processed
@@ -1018,38 +979,23 @@ def as_plain_model_sae(sae, model, act, layer, head):
     return replace(sae, **params)
 
 
-def sae_sections(sections, act, layer, head):
-    """The run's cross-sections as the SAE sees them. Each node maps to the SAE's node that reads
-    it: the same head; every head of its layer; or the residual stream at its position, upstream
-    of its layer. Sections with no such node are left out; sections that map to the same nodes
-    are graded once, for all their attributes."""
-    def covering(node):
-        if act in ioi.HEAD_ACTS and (node.act, node.layer) == (act, layer) and head in (None, node.head):
-            return ioi.Node(act, layer, head, node.position)
-        if act in ioi.RESIDUAL_ACTS and node.layer >= layer + FIRST_LAYER_READ[act]:
-            return ioi.Node(act, layer, None, node.position)
-        return None
-
-    merged = {}
-    for section in sections:
-        nodes = tuple(dict.fromkeys(n for n in map(covering, section.nodes) if n is not None))
-        if nodes:
-            names, attributes = merged.get(nodes, ([], []))
-            merged[nodes] = (names + [section.name], attributes + list(section.attributes))
-    reads = f"{act}@L{layer}" + ("" if head is None else f"H{head}")
-    return [ioi.CrossSection(f"{' + '.join(names)} [{reads}]", nodes,
-                             tuple(a for a in ioi.ATTRIBUTES if a in attrs))
-            for nodes, (names, attrs) in merged.items()]
-
-
-def grade_other_sae(run, label, sae, sections, min_section_effect=metrics.MIN_SECTION_EFFECT):
-    """The paper's three tests (and the core SAE metrics) for one SAE from elsewhere at the sites
-    it reads, beside the supervised dictionaries fitted at the same nodes (and our task SAEs,
-    where it reads single heads, as ours do). Sites whose mean ablation moves the LD by less than
-    `min_section_effect` are skipped (sufficiency and necessity would divide by ~0). -> records"""
+def grade_sae_in_run(run, sae, label, min_section_effect=metrics.MIN_SECTION_EFFECT):
+    """`grade-sae` once its run is open: the paper's three tests (and the core SAE metrics) for an SAE
+    from elsewhere at the sections it reads, beside the supervised dictionaries fitted at the same nodes
+    (and our task SAEs, where it reads single heads, as ours do). Its records, named `label`, go into
+    metrics.json (created if needed; replacing those of an earlier grading). Sections whose mean
+    ablation moves the LD by less than `min_section_effect` are skipped (sufficiency and necessity
+    would divide by ~0)."""
+    act, layer, head = ioi.hook_reads(sae.meta.get("hook_name"), sae.meta.get("hook_head_index"), sae.d_in,
+                                      run.model.config)
+    sae = as_plain_model_sae(sae, run.model, act, layer, head).to(run.config.device)
+    sections = ioi.sections_read(run.sections, act, layer, head)
+    if not sections:
+        raise click.ClickException(f"{sae.meta['hook_name']} reads none of the circuit's cross-sections "
+                                   f"({', '.join(s.name for s in run.sections)})")
+    run.add_nodes([node for section in sections for node in section.nodes])
     task, c = run.task(), run.config
-    clean_run = task.patched()
-    graded = []
+    clean_run, graded = task.patched(), []
     for section in sections:
         inputs = metrics.section_inputs(task, section, run.acts, run.attributes, clean_run)
         if metrics.moves_the_task(inputs, min_section_effect):
@@ -1060,10 +1006,9 @@ def grade_other_sae(run, label, sae, sections, min_section_effect=metrics.MIN_SE
     if not graded:
         raise click.ClickException(f"{label}: none of the sites it reads is causal for IOI in this model")
     nodes = list(dict.fromkeys(node for inputs in graded for node in inputs.section.nodes))
-    supervised = run.fit_supervised(nodes)
     ours, training = run.train_task_saes() if all(node in run.nodes for node in nodes) else ({}, {})
-    sae = sae.to(c.device)
-    supervised, ours, theirs = run.at_nodes(supervised, ours, {label: {node: sae for node in nodes}})
+    theirs = {label: dict.fromkeys(nodes, sae)}
+    supervised, ours, theirs = run.at_nodes(run.fit_supervised(nodes), ours, theirs)
     records = []
     for inputs in graded:
         click.echo(f"Grading {label} at {inputs.site} ...")
@@ -1075,26 +1020,12 @@ def grade_other_sae(run, label, sae, sections, min_section_effect=metrics.MIN_SE
     records += metrics.ld_recovered_records(task, clean_run, run.acts["eval"],
                                             [inputs.section for inputs in graded], saes,
                                             metrics.chosen_settings(records))
-    return records + metrics.grade_model(task.prompts, clean_run)
-
-
-def grade_sae_in_run(run, sae, label, min_section_effect=metrics.MIN_SECTION_EFFECT):
-    """`grade-sae` once its run is open: grade `sae` at the sections it reads and put its records,
-    named `label`, in metrics.json (created if needed; replacing those of an earlier grading)."""
-    act, layer, head = sae_reads(sae.meta, sae.d_in, run.model.config)
-    sae = as_plain_model_sae(sae, run.model, act, layer, head)
-    sections = sae_sections(run.sections, act, layer, head)
-    if not sections:
-        raise click.ClickException(f"{sae.meta['hook_name']} reads none of the circuit's cross-sections "
-                                   f"({', '.join(s.name for s in run.sections)})")
-    run.add_nodes([node for section in sections for node in section.nodes])
-    records = grade_other_sae(run, label, sae, sections, min_section_effect)
     path = run.path("metrics.json")
     kept = [row for row in (read_json(path)["results"] if os.path.exists(path) else [])
             if row.get("graded_sae") != label]
-    has_model = any(row["site"] == "model" for row in kept)  # the model's own records are written once
-    write_metrics(run, kept + [replace(r, graded_sae=label).to_json()
-                               for r in records if not (has_model and r.site == "model")])
+    if not any(row["site"] == "model" for row in kept):  # the model's own records are written once
+        records += metrics.grade_model(task.prompts, clean_run)
+    write_metrics(run, kept + [replace(r, graded_sae=label).to_json() for r in records])
 
 
 @cli.command("grade-sae")
@@ -1105,10 +1036,7 @@ def grade_sae_in_run(run, sae, label, min_section_effect=metrics.MIN_SECTION_EFF
 def grade_sae_command(sae_dir, name, **options):
     """Grade any SAE on IOI, beside the supervised dictionaries at the nodes it reads (cfg.json's
     hook_name): one head's q|k|v|z, all heads' hook_z, or the residual stream at the paper's positions."""
-    try:
-        sae = dictionaries.load_sae(sae_dir)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from None
+    sae = dictionaries.load_sae(sae_dir)
     run = open_run(**options)
     grade_sae_in_run(run, sae, name or f"sae:{Path(sae_dir).resolve().name}")
     click.echo(write_report(run.out))
@@ -1734,7 +1662,6 @@ def atomic_write(path, write):
 
 
 def write_json(path, data):
-    """Write `data` as JSON, atomically."""
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(data, f, indent=1)
@@ -1747,16 +1674,11 @@ def read_json(path):
 
 
 def atomic_folder(path, write):
-    """Call write(tmp_folder) to fill a fresh sibling folder, then rename it to `path`; return
-    what `write` returns.
-
-    A multi-file artefact (a saved model, an SAE stack) is then either wholly the old version
-    or wholly the new one: readers look only at `path`, and its completion marker (written
-    last by `write`) arrives with the rest in one rename. A folder cannot be renamed over
-    another, so an old version is first moved to PATH.old, and deleted once the new one is
-    in place. A save killed midway leaves PATH.tmp (and perhaps PATH.old) behind:
-    `recover_interrupted_save`, called here and by readers, puts things back.
-    """
+    """Call write(tmp_folder) to fill a fresh sibling folder, then rename it to `path`; return what
+    `write` returns. A multi-file artefact (a model, an SAE stack) is then wholly the old version or
+    wholly the new one, its completion marker (written last) with it. A folder cannot be renamed
+    over another, so the old one is first moved to PATH.old; a save killed midway leaves PATH.tmp
+    (and perhaps PATH.old): `recover_interrupted_save`, called here and by readers, puts things back."""
     path = os.path.normpath(path)
     recover_interrupted_save(path)
     os.makedirs(path + ".tmp")
@@ -1772,11 +1694,10 @@ def atomic_folder(path, write):
 
 def cached(folder, key, build, load):
     """The project's one cache (activations, SAE stacks, grades): load(folder) if `folder` was built
-    from `key`, a JSON description of everything the result depends on; else build(tmp) fills a
-    fresh folder, key.json is written last to mark it complete, and it replaces `folder` in one
-    rename (`atomic_folder`) before being loaded. A changed setting changes the key, so a stale
-    result is rebuilt, never reused; loading what was saved makes a fresh run and a resumed one
-    continue from the very same values."""
+    from `key`, a JSON description of everything the result depends on; else build(tmp) fills a fresh
+    folder, key.json marks it complete, and it replaces `folder` (`atomic_folder`) before being loaded.
+    A changed setting changes the key, so a stale result is rebuilt, never reused; loading what was
+    saved makes a fresh run and a resumed one continue from the very same values."""
     key = json.loads(json.dumps(key))  # as key.json reads back: tuples become lists
     stamp = os.path.join(folder, "key.json")
     recover_interrupted_save(folder)
@@ -1802,9 +1723,8 @@ def recover_interrupted_save(path):
 
 
 def recover_interrupted_saves(out):
-    """Undo every save a killed run left unfinished in its folder `out`: `atomic_write` and
-    `atomic_folder` leave NAME.tmp (and NAME.old) behind only when killed midway. Only what
-    a run writes is looked at, since `out` may hold other files too."""
+    """Undo every save a killed run left unfinished in its folder `out` (only what a run writes:
+    `out` may hold other files too)."""
     saved = [os.path.join(out, name) for name in ("config.json", "metrics.json", "report.md")]
     for folder in ("activations", "dictionaries", "saes", "grades", "figures"):
         for root, dirs, files in os.walk(os.path.join(out, folder)):

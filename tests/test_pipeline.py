@@ -311,8 +311,8 @@ def test_pipeline_end_to_end(tmp_path, model, monkeypatch, capsys):
     run = open_tiny_run(tmp_path, model, (SECTIONS, DISCOVERY), eta=True, **settings)
     estimate = capsys.readouterr().out
     assert "Estimated time for the whole run: " in estimate and "to train the task SAEs" in estimate
-    planned = {phase: sum(counts.values()) for phase, counts in main.planned_patched_runs(run).items()}
-    assert all(f"{phase}: {count} runs" in estimate for phase, count in planned.items())
+    planned = main.plan(run)
+    assert all(f"  {phase}: " in estimate for phase in planned)
     forward_passes, patched_run = [], ioi.patched_run
     monkeypatch.setattr(ioi, "patched_run", lambda *args, **kwargs: forward_passes.append(1)
                         or patched_run(*args, **kwargs))
@@ -321,8 +321,9 @@ def test_pipeline_end_to_end(tmp_path, model, monkeypatch, capsys):
     # The ETA's count of forward passes (one setting per architecture: exact but for LD recovered,
     # which patches every node at its mean, then reconstructions only where that moves the LD).
     ld_recovered = sum(row["test"] == "ld_recovered" for row in saved["results"]) + len(run.nodes)
-    assert len(forward_passes) == planned["grading"] + ld_recovered + planned["phenomena"]
-    assert ld_recovered <= planned["ld_recovered"]
+    passes = {phase: sum(planned[phase].values()) for phase in (main.SECTIONS, main.CORE, main.PHENOMENA)}
+    assert len(forward_passes) == passes[main.SECTIONS] + ld_recovered + passes[main.PHENOMENA]
+    assert ld_recovered <= passes[main.CORE]
     assert saved["config"]["n_train"] == 120
     rows = saved["results"]
     tests = {row["test"] for row in rows}
@@ -384,7 +385,7 @@ def test_skipped_sections_are_neither_trained_on_nor_graded_and_are_reported(tmp
     run = open_tiny_run(tmp_path, model, (SECTIONS, DISCOVERY), skip_sections=("(B)NM q",))
     assert [s.name for s in run.sections] == ["(B)NM out"] and run.skipped == ["(B)NM q"]
     assert run.nodes == [Node("z", 1, 0, "end")]  # the q nodes are not collected, so no SAE trains there
-    assert main.RunConfig.load(run.path("config.json")).skip_sections == ("(B)NM q",)
+    assert main.read_settings(run.path("config.json"))[0]["skip_sections"] == ("(B)NM q",)
     with pytest.raises(click.ClickException, match="every cross-section found is in skip_sections"):
         open_tiny_run(tmp_path, model, (SECTIONS, DISCOVERY), skip_sections=("(B)NM q", "(B)NM out"),
                       force=True)

@@ -138,14 +138,16 @@ BAD_RUN = BAD_OUT + [(f"--weights tiny {args}", fragment) for args, fragment in 
     ("--n-eval 5", "x>=10"), ("--n-train 0", "x>=10"), ("--epochs 0", "x>=1"), ("--preset huge", "huge"),
     ("--out bound --n-eval 30", "n_eval 20 -> 30"), ("--out bound --weights tiny --preset paper", "--force"),
     ("--out corrupt", "not valid JSON"), ("--out not-object", "JSON object"),
-    ("--out bad-setting", "n_eval: 0 is not in the range")]
+    ("--out bad-setting", "n_eval: 0 is not in the range"),
+    ("--out bound --preset paper", "a preset does not keep --weights")]
 
 
 @pytest.mark.parametrize("args,fragment", BAD_OUT + [
     ("--out mine", "holds other files"), ("--sha256 xyz --out new", "sha256"),
     ("--url not-a-url --out new", "not-a-url"), ("--url {here}/nowhere --out new", "nowhere"),
     ("--url {here}/no-config --out new", "config.json"),
-    ("--url {here}/nan-weights --out new", "do not load")])
+    ("--url {here}/nan-weights --out new", "do not load"),
+    ("--url {here}/small-vocab --out new", "vocabulary")])
 def test_download_refuses_bad_input(workspace, monkeypatch, args, fragment):
     assert_refused(workspace, monkeypatch, "download", args, fragment)
 
@@ -430,6 +432,41 @@ def test_a_run_removes_what_killed_saves_left(run_folder):
         leftover.write_bytes(b"cut short")
     collect()
     assert not any(leftover.exists() for leftover in leftovers)
+
+
+def test_force_keeps_every_valid_setting_and_never_the_model_silently(run_folder):
+    """--force on a config.json with one bad value replaces that one only; a bad model is never guessed."""
+    made = collect("--weights", "tiny", "--n-train", 20, "--n-eval", 20, "--force")
+    config = Path("run", "config.json")
+    config.write_text(json.dumps({**made, "edit_k": "x", "seed": 7}))
+    refused = invoke("collect", "--out", "run", "--n-train", 10, "--n-eval", 10)
+    assert refused.exit_code == 1 and "edit_k: 'x' is not a non-empty list" in refused.output
+    forced = collect("--force", "--n-train", 10, "--n-eval", 10)
+    paper = json.loads(json.dumps(asdict(main.RunConfig())))
+    assert forced == {**made, "seed": 7, "n_train": 10, "n_eval": 10, "edit_k": paper["edit_k"]}
+    for weights in (5, None):  # a bad model, or none saved: --force refuses without --weights or --preset
+        broken = {key: value for key, value in {**forced, "weights": weights}.items() if value is not None}
+        config.write_text(json.dumps(broken))
+        refused = invoke("collect", "--out", "run", "--force")
+        assert refused.exit_code == 1 and "give --weights" in refused.output
+        assert json.loads(config.read_text()) == broken
+    assert collect("--force", "--weights", "tiny") == forced
+
+
+def test_skip_sections_must_name_the_papers_cross_sections(run_folder):
+    made = collect("--weights", "tiny", "--n-train", 20, "--n-eval", 20)
+    Path("run", "config.json").write_text(json.dumps({**made, "skip_sections": ["(B)NM out", "S-I vv"]}))
+    result = invoke("collect", "--out", "run")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and "skip_sections: 'S-I vv' is not one of" in lines[0]
+
+
+def test_a_value_error_on_the_way_is_one_line(workspace, monkeypatch):
+    """A ValueError (a record that is not finite, an SAE that cannot be saved) ends as `Error: ...`."""
+    message = "sufficiency at (B)NM out (vanilla): the value nan is not finite"
+    monkeypatch.setattr(dictionaries, "save_sae", lambda *args: (_ for _ in ()).throw(ValueError(message)))
+    assert_refused(workspace, monkeypatch, "train-sae", "--acts acts.safetensors --arch vanilla --epochs 1 "
+                   "--latents 4 --out sae --no-progress", message)
 
 
 def test_the_circuit_does_not_depend_on_n_eval(tmp_path, monkeypatch):
