@@ -40,7 +40,7 @@ from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 # ---------------------------------------------------------------------------------------
 # Small helpers: validation and files
@@ -60,8 +60,9 @@ def _check_activations(x, what: str, shape: str = "[N, d]") -> torch.Tensor:
     return x
 
 
-def _save_tensors(tensors: dict, path: Path):
-    save_file({name: t.detach().contiguous() for name, t in tensors.items()}, str(path))
+def save_tensors(tensors: dict, path: Path):
+    with open(path, "wb") as f:  # open() gives the umask's mode; safetensors' save_file makes files 0600
+        f.write(save({name: t.detach().contiguous() for name, t in tensors.items()}))
 
 
 def load_activations(path) -> torch.Tensor:
@@ -181,7 +182,7 @@ class SupervisedDictionary:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {"bias": self.bias, **{f"features.{k}": v for k, v in self.features.items()}}
-        _save_tensors(tensors, directory / "dictionary.safetensors")
+        save_tensors(tensors, directory / "dictionary.safetensors")
         (directory / "dictionary.json").write_text(json.dumps(
             {"method": self.method, "n_values": {k: len(v) for k, v in self.features.items()}}, indent=1))
 
@@ -489,7 +490,7 @@ def save_sae(sae: SAE, directory):
            "metadata": meta}
     if sae.arch == "topk":
         cfg |= {"k": sae.k, "rescale_acts_by_decoder_norm": False}
-    _save_tensors({name: t.float() for name, t in params.items()}, directory / "sae_weights.safetensors")
+    save_tensors({name: t.float() for name, t in params.items()}, directory / "sae_weights.safetensors")
     (directory / "cfg.json").write_text(json.dumps(cfg, indent=1))  # last: its presence marks a complete save
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 BOS_TOKEN_ID = 50256  # <|endoftext|>; GPT-2 has no separate BOS, so this token plays that role
 
@@ -401,7 +401,8 @@ class GPT2(nn.Module):
         """Write model.safetensors (hub-style bare names), then config.json, into `directory`."""
         os.makedirs(directory, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(directory, "model.safetensors"), "wb") as f:  # open(): the umask's mode
+            f.write(save(state, metadata={"format": "pt"}))  # (safetensors' save_file makes files 0600)
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(self.config.to_hf_dict(), f, indent=1)
 

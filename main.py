@@ -24,7 +24,7 @@ from typing import Optional
 import click
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import dictionaries
 import gpt2
@@ -128,9 +128,9 @@ def run_options(function):
     options = [click.option("--out", default="runs/demo", show_default=True, callback=output_folder(),
                             help="Run folder (created if needed)."),
                click.option("--weights", default=None, help=WEIGHTS_HELP),
-               click.option("--preset", type=click.Choice(["demo", "paper"]), default=None,
-                            help="Settings: demo (minutes on a CPU) or the paper's. "
-                                 "Default: demo for the embedded model."),
+               click.option("--preset", type=click.Choice(["demo", "laptop", "paper"]), default=None,
+                            help="Settings: demo (minutes on a CPU), laptop (GPT-2 Small within the "
+                                 "hour) or the paper's. Default: demo for the embedded model, else paper."),
                DEVICE_OPTION, setting("--n-train", "Training prompts."),
                setting("--n-eval", "Evaluation prompts."), setting("--epochs", "SAE training epochs."),
                FORCE_OPTION]
@@ -262,6 +262,10 @@ def _checked_setting(field, value):
 DEMO = RunConfig(n_train=5_000, n_eval=500, epochs=1000, sae_lr=1e-2, sae_resamples=1, vanilla_l1=(1.0,),
                  gated_l1=(1.0,), topk_k=(3,), edit_k=(2, 4, 8), corpus_tokens=20_000, corpus_d_sae=512,
                  corpus_epochs=10, corpus_lr=3e-3, skip_sections=("(B)NM qk",))
+# GPT-2 Small within the hour on two cores (README, "Commands"): the paper's six cross-sections, the
+# demo's one setting per architecture and training recipe, fewer prompts, SAE edits of k = 2 and 4.
+LAPTOP = replace(DEMO, n_train=2_000, n_eval=200, epochs=300, edit_k=(2, 4), skip_sections=())
+PRESETS = {"demo": DEMO, "laptop": LAPTOP, "paper": RunConfig()}
 
 
 def open_run(out, weights=None, preset=None, device="cpu", force=False, circuit=None, eta=False,
@@ -284,7 +288,7 @@ def open_run(out, weights=None, preset=None, device="cpu", force=False, circuit=
                                    "--force does not guess the folder's model: give --weights or --preset")
     kept = saved if saved is not None and preset is None else {}
     preset = preset or ("demo" if {**kept, **given}.get("weights") is None else "paper")
-    config = replace({"demo": DEMO, "paper": RunConfig()}[preset], **{**kept, **given, "device": device})
+    config = replace(PRESETS[preset], **{**kept, **given, "device": device})
     if max(config.topk_k) > config.d_sae or config.corpus_k > config.corpus_d_sae:
         raise click.ClickException(f"{path}: a top-k SAE's k exceeds its number of latents")
     for name, problem in problems.items():  # (with --force)
@@ -1743,8 +1747,8 @@ def collect_activations(cache_dir, model, prompts, nodes, batch_size):
 
     def build(tmp):
         activations = ioi.collect_activations(model, prompts, nodes, batch_size)
-        save_file({str(node): acts.contiguous() for node, acts in activations.items()},
-                  os.path.join(tmp, "activations.safetensors"))
+        dictionaries.save_tensors({str(node): acts for node, acts in activations.items()},
+                                  os.path.join(tmp, "activations.safetensors"))
     folder = os.path.join(cache_dir, hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16])
     tensors = cached(folder, key, build, lambda tmp: load_file(os.path.join(tmp, "activations.safetensors")))
     return {node: tensors[str(node)] for node in nodes}
