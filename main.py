@@ -866,8 +866,7 @@ def grade_phenomena(run, task, clean_run, supervised, task_saes):
                                       run.sae_train_config(), c.device)
         records += metrics.alpha_sweep_records(node, saes, datasets, c.occlusion_alphas,
                                                run.attributes["train"], c.topk_k[0])
-    return records + metrics.occlusion_toy_records(phenomena.toy_norms, c.vanilla_l1, run.sae_train_config(),
-                                                   c.seed)
+    return records + metrics.occlusion_toy_records(phenomena.toy_norms, c.seed)
 
 
 def write_metrics(run, rows):

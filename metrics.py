@@ -372,22 +372,30 @@ def occlusion_toy_recovery(active: torch.Tensor, values: dict, n_values: int,
     return shares
 
 
-def occlusion_toy_experiment(io_norm: float, s_norm: float, l1s: Sequence[float] = (0.5, 1.0, 2.5, 5.0),
-                              n_values: int = 216, d: int = 64, n_samples: int = 20_000,
-                              config=None, seed: int = 0, progress: bool = False) -> list:
-    """Occlusion in the toy model: train one vanilla SAE per λ (one batched stack) on a = u_i + v_j
-    and measure, on the same data, the share of high-norm ("io") and low-norm ("s") features it
-    recovers. `config`: a dictionaries.TrainConfig (default: 100 epochs). -> [{l1, io, s, l0}] per λ."""
-    acts, values = occlusion_toy_data(io_norm, s_norm, n_samples, n_values, d, seed)
-    specs = [dictionaries.SAESpec("vanilla", l1_coefficient=l1, seed=seed + i, name=f"l1={l1}")
-             for i, l1 in enumerate(l1s)]
-    saes, _ = dictionaries.train_sae_stack(acts[None], specs, config or dictionaries.TrainConfig(epochs=100),
-                                           progress=progress)
+# The toy's settings, tuned so that at 1:1 both feature sets are recovered (F1 > 0.9): the paper's 216
+# values, but 128 dimensions (at 64, two random features interfere too much for F1 > 0.9 at any ratio)
+# and a λ at which the weaker set fades as the ratio grows; ~20 s on 2 CPU cores for 4 ratios.
+OCCLUSION_TOY_RATIOS = (1.0, 1.2, 1.5, 2.0)
+OCCLUSION_TOY = dict(l1=4.5, n_values=216, d=128, n_samples=10_000)
+OCCLUSION_TOY_TRAINING = dictionaries.TrainConfig(d_sae=512, lr=1e-2, batch_size=256, epochs=30,
+                                                  resample_at=(0.125, 0.25))
+
+
+def occlusion_toy_experiment(ratios: Sequence[float], l1: float = OCCLUSION_TOY["l1"],
+                             n_values: int = OCCLUSION_TOY["n_values"], d: int = OCCLUSION_TOY["d"],
+                             n_samples: int = OCCLUSION_TOY["n_samples"], config=OCCLUSION_TOY_TRAINING,
+                             seed: int = 0) -> list:
+    """Occlusion in the toy model (README §9): for each norm ratio r, one vanilla SAE (one batched stack)
+    trained on a = u_i + v_j with ‖u‖ = 1, ‖v‖ = 1/r (the same features and samples at every r), and the
+    share of "io" (u) and "s" (v) features it recovers, on the same data. -> [{ratio, l1, io, s, l0}]."""
+    data = [occlusion_toy_data(1.0, 1 / ratio, n_samples, n_values, d, seed) for ratio in ratios]
+    specs = [dictionaries.SAESpec("vanilla", i, l1_coefficient=l1, seed=seed) for i in range(len(ratios))]
+    saes, _ = dictionaries.train_sae_stack(torch.stack([acts for acts, _ in data]), specs, config)
     results = []
     with torch.no_grad():
-        for l1, sae in zip(l1s, saes):
+        for ratio, sae, (acts, values) in zip(ratios, saes, data):
             shares = occlusion_toy_recovery(sae.active(acts), values, n_values)
-            results.append({"l1": l1, **shares, "l0": sae_core_metrics(sae, acts, acts)["l0"]})
+            results.append({"ratio": ratio, "l1": l1, **shares, "l0": sae_core_metrics(sae, acts, acts)["l0"]})
     return results
 
 
@@ -399,30 +407,6 @@ def pos_latents(best_labels: Sequence[str]) -> int:
     """Number of latents whose interpretation is a Pos value (pos=ABB or pos=BAB)."""
     pos_labels = {f"pos={value}" for value in POS_VALUES}
     return sum(label in pos_labels for label in best_labels)
-
-
-PRESENT, CAUSAL = 0.1, 0.1  # the phenomenon gates' thresholds (see phenomenon_node)
-
-
-def phenomenon_node(evidence: dict, attributes: Sequence[str], present: float = PRESENT,
-                    causal: float = CAUSAL):
-    """Where a phenomenon can be tested (arXiv 2405.08366, section 5): a node at which every attribute
-    in `attributes` is present and causal. Occlusion needs IO and S (an SAE that hides the weaker one
-    must have had something to hide); over-splitting needs Pos. evidence: {(node, attribute): {"norm",
-    "answers_changed", "ld_moved"}}: the supervised feature's norm relative to the activations'
-    spread, and the share of answers changed / relative move of the mean LD when the node alone takes
-    the counterfactual activation. Present: norm >= `present`; causal: answers_changed or ld_moved >=
-    `causal`. Among the nodes that pass, the one whose weakest attribute (by norm) is most causal;
-    None if none."""
-    def effect(row):
-        return max(row["answers_changed"], row["ld_moved"])
-    nodes = list(dict.fromkeys(node for node, _ in evidence))
-    passing = [node for node in nodes
-               if all(evidence[node, a]["norm"] >= present and effect(evidence[node, a]) >= causal
-                      for a in attributes)]
-    def weakest_effect(node):
-        return effect(evidence[node, min(attributes, key=lambda a: evidence[node, a]["norm"])])
-    return max(passing, key=weakest_effect) if passing else None
 
 
 def sae_loss(x: torch.Tensor, sae: dictionaries.SAE, l1: float) -> float:
@@ -607,6 +591,7 @@ class Record:
     high: Optional[float] = None
     alpha: Optional[float] = None     # occlusion sweep: SAEs trained on a - α u_IO (README §9)
     norm: Optional[float] = None      # feature norm in the occlusion toy
+    ratio: Optional[float] = None     # the occlusion toy's norm ratio ‖u_IO‖/‖u_S‖
     l1: Optional[float] = None        # λ of the over-splitting toy
     grid: Optional[str] = None        # which grid of the over-splitting toy
     firing: Optional[float] = None    # share of inputs on which the toy's ideal SAE fires
@@ -850,9 +835,14 @@ def interpretability_records(task: Task, inputs: SectionInputs, method: str, at_
     return records + causal_curve_records(task, inputs, method, at_nodes, thresholds, setting)
 
 
+PAPER_NUM_EXCHANGE = 2  # the authors' F1-guided edit swaps 2 latents each way: SAEEdit("f1", k=4)
+
+
 def sae_edits(edit_ks: Sequence[int]) -> list:
-    """Every SAE edit graded: greedy and F1-guided, for each number of latents k."""
-    return [SAEEdit(kind, k) for k in edit_ks for kind in ("greedy", "f1")]
+    """Every SAE edit graded: greedy and F1-guided, for each number of latents k, and the F1-guided
+    edit at the paper's size (k = 4: 2 out + 2 in) beside the headline's 1 + 1 (k = 2)."""
+    paper = [] if 2 * PAPER_NUM_EXCHANGE in edit_ks else [SAEEdit("f1", 2 * PAPER_NUM_EXCHANGE)]
+    return [SAEEdit(kind, k) for k in edit_ks for kind in ("greedy", "f1")] + paper
 
 
 def grade_sae(task: Task, inputs: SectionInputs, method: str, at_nodes: dict, attributes: Sequence[str],
@@ -967,71 +957,132 @@ def ld_recovered_records(task: Task, clean_run: PatchedRun, eval_acts: dict, sec
 
 # --- the two phenomena (README §9) ---
 
-def attribute_evidence(task: Task, clean_run: PatchedRun, nodes: Sequence, acts: dict, supervised: dict):
-    """Per node and attribute: the supervised feature's mean norm relative to the spread of the
-    activations (mean ‖a - ā‖), and its causal effect alone -- the share of answers that change,
-    and how far the mean LD moves, when only this node takes the counterfactual activation.
-    supervised: {node: SupervisedAtNode} (mean codes). Returns ({(node, attribute): row}, records)."""
+def mean_code_norm(acts: torch.Tensor, ids: torch.Tensor) -> float:
+    """Mean norm of the mean codes u_v = mean(a - ā | value v) over the values that occur, relative
+    to the spread of the activations (mean ‖a - ā‖)."""
+    codes = dictionaries.SupervisedDictionary.fit(acts, {"a": ids}).features["a"]  # [n_values, d]
+    return float(codes[torch.bincount(ids) > 0].norm(dim=-1).mean() / (acts - acts.mean(0)).norm(dim=-1).mean())
+
+
+def presence(acts: torch.Tensor, ids: torch.Tensor, n_permutations: int = 20, seed: int = 0):
+    """(mean_code_norm, noise floor): the floor is the 95th percentile of the norm the same prompts give
+    with their labels shuffled. Mean codes of a finite sample are never 0, so an attribute is present
+    only where its codes stand above that floor."""
+    generator = torch.Generator().manual_seed(seed)
+    shuffled = [mean_code_norm(acts, ids[torch.randperm(len(ids), generator=generator)])
+                for _ in range(n_permutations)]
+    return mean_code_norm(acts, ids), float(np.quantile(shuffled, 0.95))
+
+
+def attribute_evidence(task: Task, clean_run: ioi.PatchedRun, nodes: Sequence, acts: dict, supervised: dict):
+    """Per node and attribute (README §9): the supervised feature's mean norm relative to the spread
+    of the activations; on the evaluation prompts, the mean codes' norm and its shuffled-label noise
+    floor (`presence`); and its causal effect alone -- the share of answers that change, and how far
+    the mean LD moves, when only this node takes the counterfactual activation.
+    supervised: {node: SupervisedAtNode}. Returns ({(node, attribute): row}, records)."""
     evidence, records, ld_clean = {}, [], clean_run.logit_diff.mean()
+    values = ioi.attribute_ids(task.prompts)
     for node in nodes:
         x = acts["eval"][node]
         spread = (x - x.mean(0)).norm(dim=-1).mean()
         features = supervised[node].dictionary.features
         for attribute in ioi.ATTRIBUTES:
             patched = task.patched({node: acts[f"cf_{attribute}"][node]})
+            eval_norm, noise_floor = presence(x, values[attribute])
             evidence[node, attribute] = row = {
                 "norm": float(features[attribute].norm(dim=-1).mean() / spread),
                 "answers_changed": 1 - edit_accuracy(clean_run.top_token, patched.top_token),
-                "ld_moved": float(abs(patched.logit_diff.mean() - ld_clean) / abs(ld_clean))}
+                "ld_moved": float(abs(patched.logit_diff.mean() - ld_clean) / abs(ld_clean)),
+                "eval_norm": eval_norm, "noise_floor": noise_floor}
             records += [Record(f"evidence_{key}", str(node), "supervised", value, attribute=attribute)
                         for key, value in row.items()]
     return evidence, records
 
 
-def phenomenon_node_of(model, evidence: dict, attributes: Sequence[str]):
-    """`phenomenon_node`; for GPT-2 Small only the paper's node, q@L10H0@end, is a candidate."""
-    paper_node = ioi.Node("q", 10, 0, "end")
-    if ioi.is_gpt2_small(model.config) and any(node == paper_node for node, _ in evidence):
-        evidence = {key: row for key, row in evidence.items() if key[0] == paper_node}
-    return phenomenon_node(evidence, attributes)
+PRESENT, CAUSAL = 0.1, 0.1  # present: above the noise floor and >= 10% of the spread; causal: >= 10%
+OCCLUDED, SPLIT = 0.5, 10  # reproduced: the weaker name has a latent for < half as many names; >= 10 Pos latents
+
+
+def phenomenon_gates(rows: dict, present: float = PRESENT, causal: float = CAUSAL) -> dict:
+    """The gates of a phenomenon at one node, rows {attribute: evidence row} (README §9): the stronger
+    attribute (by norm) is present, and the weaker one is causal (occlusion: an SAE that hides the
+    weaker one must have had something to hide, whose loss shows; over-splitting: Pos is both).
+    -> {(attribute, "present" or "causal"): passed}."""
+    weaker = min(rows, key=lambda a: rows[a]["eval_norm"])
+    stronger = max(rows, key=lambda a: rows[a]["eval_norm"])
+    row, effect = rows[stronger], max(rows[weaker]["answers_changed"], rows[weaker]["ld_moved"])
+    return {(stronger, "present"): row["eval_norm"] > row["noise_floor"] and row["eval_norm"] >= present,
+            (weaker, "causal"): effect >= causal}
+
+
+def phenomenon_node(evidence: dict, attributes: Sequence[str], **thresholds):
+    """Where a phenomenon can be tested: among the nodes that pass every gate, the one whose weaker
+    attribute is most causal; None if none. evidence: {(node, attribute): row} (`attribute_evidence`)."""
+    nodes = list(dict.fromkeys(node for node, _ in evidence))
+    rows = {node: {a: evidence[node, a] for a in attributes} for node in nodes}
+    passing = [node for node in nodes if all(phenomenon_gates(rows[node], **thresholds).values())]
+
+    def weaker_effect(node):
+        weaker = rows[node][min(attributes, key=lambda a: rows[node][a]["eval_norm"])]
+        return max(weaker["answers_changed"], weaker["ld_moved"])
+    return max(passing, key=weaker_effect) if passing else None
 
 
 class Phenomena(NamedTuple):
     records: list
-    occlusion_node: object  # where IO and S are both present and causal, or None
-    toy_norms: dict  # the IO and S feature norms the occlusion toy takes
+    occlusion_node: object  # where occlusion is testable, or None
+    toy_norms: Optional[dict]  # the IO and S feature norms measured there (None: not testable)
 
 
-def grade_phenomena(task: Task, clean_run: PatchedRun, nodes: Sequence, acts: dict, supervised: dict,
+PHENOMENA = {"occlusion": NAME_ATTRIBUTES, "oversplitting": ("pos",)}
+
+
+def grade_phenomena(task: Task, clean_run: ioi.PatchedRun, nodes: Sequence, acts: dict, supervised: dict,
                     task_saes: dict) -> Phenomena:
-    """Occlusion needs IO and S both present and causal at a node; over-splitting needs Pos present
-    and causal (README §9). At those nodes: the names with a latent, and the Pos latents, of every
-    task SAE {method: {setting: {node: SAEAtNode}}}. Where no node qualifies, the records say "not
-    testable" and the evidence records say why."""
+    """README §9: the gates at every node (records "gate_present" / "gate_causal"), and where a
+    phenomenon is testable what every task SAE {method: {setting: {node: SAEAtNode}}} did: the IO and
+    S names with a latent (F1 >= 0.5), or its Pos latents, and whether that reproduces the paper."""
     evidence, records = attribute_evidence(task, clean_run, nodes, acts, supervised)
-    occlusion_node = phenomenon_node_of(task.model, evidence, NAME_ATTRIBUTES)
-    split_node = phenomenon_node_of(task.model, evidence, ("pos",))
-    records += [Record("phenomenon_testable", str(node), "supervised", node is not None,
-                       phenomenon=phenomenon)
-                for node, phenomenon in ((occlusion_node, "occlusion"), (split_node, "oversplitting"))]
+    if ioi.is_gpt2_small(task.model.config):  # in GPT-2 Small only the paper's node is a candidate
+        evidence = {key: row for key, row in evidence.items() if key[0] == ioi.Node("q", 10, 0, "end")} or evidence
+    found = {}
+    for phenomenon, attributes in PHENOMENA.items():
+        for node in dict.fromkeys(node for node, _ in evidence):
+            gates = phenomenon_gates({a: evidence[node, a] for a in attributes})
+            records += [Record(f"gate_{gate}", str(node), "supervised", passed, attribute=a, phenomenon=phenomenon)
+                        for (a, gate), passed in gates.items()]
+        found[phenomenon] = node = phenomenon_node(evidence, attributes)
+        records.append(Record("phenomenon_testable", str(node), "supervised", node is not None,
+                              phenomenon=phenomenon))
+    occlusion_node, split_node = found["occlusion"], found["oversplitting"]
     for method, settings in task_saes.items():
         for setting, at_nodes in settings.items():
             if occlusion_node is not None:
-                table = at_nodes[occlusion_node].interpretations
-                records += [Record(f"occlusion_{attribute}_names", str(occlusion_node), method,
-                                   names_with_latent(table.f1, table.labels, attribute, 0.5), setting=setting)
-                            for attribute in NAME_ATTRIBUTES]
+                records += occlusion_records(at_nodes[occlusion_node], occlusion_node, evidence, method, setting)
             if split_node is not None:
-                records.append(Record("pos_latents", str(split_node), method,
-                                      pos_latents(at_nodes[split_node].interpretations.best_labels),
-                                      node=str(split_node), setting=setting, phenomenon="oversplitting"))
+                count = pos_latents(at_nodes[split_node].interpretations.best_labels)
+                records += [Record("pos_latents", str(split_node), method, count, node=str(split_node),
+                                   setting=setting, phenomenon="oversplitting"),
+                            Record("oversplitting_reproduced", str(split_node), method, count >= SPLIT,
+                                   setting=setting)]
     if occlusion_node is None:
-        return Phenomena(records, None, {"io": 1.0, "s": 0.5})  # the toy still shows the mechanism, at 2:1
-    features = supervised[occlusion_node].dictionary.features  # the toy takes their mean norms
+        return Phenomena(records, None, None)
+    features = supervised[occlusion_node].dictionary.features  # the toy takes their mean norms' ratio
     norms = {attribute: float(features[attribute].norm(dim=-1).mean()) for attribute in NAME_ATTRIBUTES}
     records += [Record("supervised_feature_norm", str(occlusion_node), "supervised", norm,
                        attribute=attribute) for attribute, norm in norms.items()]
     return Phenomena(records, occlusion_node, norms)
+
+
+def occlusion_records(at_node: SAEAtNode, node, evidence: dict, method: str, setting) -> list:
+    """The IO and S names with a latent of F1 >= 0.5, and whether the weaker attribute (by norm) has
+    one for fewer than OCCLUDED times as many names as the stronger: the paper's occlusion."""
+    table = at_node.interpretations
+    names = {a: names_with_latent(table.f1, table.labels, a, 0.5) for a in NAME_ATTRIBUTES}
+    weaker, stronger = sorted(NAME_ATTRIBUTES, key=lambda a: evidence[node, a]["eval_norm"])
+    return ([Record(f"occlusion_{a}_names", str(node), method, n, setting=setting) for a, n in names.items()]
+            + [Record("occlusion_reproduced", str(node), method, names[weaker] < OCCLUDED * names[stronger],
+                      setting=setting)])
 
 
 def io_shrunk_activations(acts: torch.Tensor, io_features: torch.Tensor, io_ids: torch.Tensor,
@@ -1053,18 +1104,17 @@ def alpha_sweep_records(node, saes: Sequence, datasets: torch.Tensor, alphas: Se
     return records
 
 
-def occlusion_toy_records(norms: dict, l1s: Sequence[float], config, seed: int = 0) -> list:
-    """a = u_i + v_j with the measured IO and S feature norms: which features do SAEs find? The
-    paper's toy sizes (216 values, 64 dimensions: nearly orthogonal features), so that the norms
-    decide what is recovered, not crowding in a small head."""
-    results = occlusion_toy_experiment(norms["io"], norms["s"], l1s, n_values=216, d=64, n_samples=20_000,
-                                       config=config, seed=seed)
+def occlusion_toy_records(norms: Optional[dict], seed: int = 0) -> list:
+    """The occlusion toy (`occlusion_toy_experiment`) at every ratio of OCCLUSION_TOY_RATIOS and at the
+    ratio ‖u_IO‖/‖u_S‖ measured at the occlusion node (norms; None where not testable)."""
+    ratios = sorted({*OCCLUSION_TOY_RATIOS, *([round(norms["io"] / norms["s"], 3)] if norms else [])})
     return [Record("occlusion_toy_recovered", "toy", "vanilla", result[attribute], attribute=attribute,
-                   norm=norms[attribute], setting=result["l1"])
-            for result in results for attribute in NAME_ATTRIBUTES]
+                   ratio=result["ratio"], norm=1.0 if attribute == "io" else 1 / result["ratio"],
+                   setting=result["l1"])
+            for result in occlusion_toy_experiment(ratios, seed=seed) for attribute in NAME_ATTRIBUTES]
 
 
-OVERSPLITTING_GRIDS = {"ours": {}, "paper": PAPER_OVERSPLITTING_GRID}  # ours: `oversplitting_toy`'s defaults
+OVERSPLITTING_GRIDS = {"paper": PAPER_OVERSPLITTING_GRID}
 
 
 def oversplitting_toy_records(grids: dict = OVERSPLITTING_GRIDS, seed: int = 0) -> list:
@@ -1081,4 +1131,55 @@ def oversplitting_toy_records(grids: dict = OVERSPLITTING_GRIDS, seed: int = 0) 
                                grid=grid)]
         records += [Record(f"oversplit_toy_{count}", "toy", "random_1000_latent", value, grid=grid)
                     for count, value in oversplitting_verdict(toy).items()]
+    return records
+
+
+# --- ground truth, beyond the paper: what the SAEs' decoders and the activations look like ---
+
+def decoder_recovery(decoder: torch.Tensor, directions: torch.Tensor) -> float:
+    """Mean over the feature directions [n, d] (zero rows, unseen values, left out) of the best cosine
+    between the direction and any decoder row [L, d]: 1 when every feature is a decoder row."""
+    directions = directions[directions.norm(dim=-1) > 0]
+    return float((F.normalize(directions, dim=-1) @ F.normalize(decoder, dim=-1).T).max(dim=1).values.mean())
+
+
+def ground_truth_records(saes: dict, supervised: dict, truth: dict) -> list:
+    """How well every SAE {method: {setting: {node: SAEAtNode}}} recovers, per attribute, the supervised
+    mean codes ("supervised_cosine", as the authors compare) and the model's true feature directions
+    ("ground_truth_cosine"; truth: {node: {attribute: [n_values, d]} or None})."""
+    references = {"supervised_cosine": {node: s.dictionary.features for node, s in supervised.items()},
+                  "ground_truth_cosine": truth}
+    return [Record(test, str(node), method, decoder_recovery(at_nodes[node].sae.W_dec, directions),
+                   attribute=attribute, setting=setting)
+            for test, features in references.items() for node, by_attribute in features.items() if by_attribute
+            for method, settings in saes.items() for setting, at_nodes in settings.items() if node in at_nodes
+            for attribute, directions in by_attribute.items()]
+
+
+def effective_rank(acts: torch.Tensor) -> float:
+    """exp of the entropy of the covariance's normalised eigenvalues: how many directions the
+    activations [N, d] really use."""
+    eigenvalues = torch.linalg.eigvalsh(torch.cov(acts.double().T)).clamp(min=0)
+    p = eigenvalues[eigenvalues > 0] / eigenvalues.sum()
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def geometry_records(nodes: Sequence, acts: dict, values: dict) -> list:
+    """Per node, why supervised scores are what they are: the held-out fraction of variance a
+    least-squares supervised dictionary explains (fit on "train", scored on "eval"), the effective
+    rank, and the IO-S overlap: mean |cos| between a name's IO and S mean codes (fit on "train").
+    acts {split: {node: [N, d]}}, values {split: {attribute: ids [N]}}. The attribute norms and their
+    noise floor are the records of `attribute_evidence`."""
+    sizes = {"io": len(ioi.NAMES), "s": len(ioi.NAMES), "pos": len(ioi.PATTERNS)}
+    records = []
+    for node in nodes:
+        train, test = acts["train"][node], acts["eval"][node]
+        fit = dictionaries.SupervisedDictionary.fit(train, values["train"], sizes, method="lstsq")
+        fve = 1 - (test - fit.reconstruct(values["eval"])).pow(2).sum() / (test - test.mean(0)).pow(2).sum()
+        codes = dictionaries.SupervisedDictionary.fit(train, values["train"], sizes).features
+        both = (codes["io"].norm(dim=-1) > 0) & (codes["s"].norm(dim=-1) > 0)
+        overlap = F.cosine_similarity(codes["io"][both], codes["s"][both], dim=-1).abs().mean()
+        records += [Record(f"geometry_{test_name}", str(node), "supervised", value)
+                    for test_name, value in (("lstsq_fve", fve), ("effective_rank", effective_rank(test)),
+                                             ("io_s_overlap", overlap))]
     return records
