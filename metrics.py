@@ -1,20 +1,12 @@
-"""Every metric of the evaluation in one module (Makelov, Lange & Nanda, arXiv 2405.08366).
-
-Sections follow the paper's tests (README, 'The method in one page'):
-  * logit difference, the IOI task metric (section 2);
-  * approximation: sufficiency, necessity, LD recovered (section 5);
-  * control: edit accuracy, weight removed, greedy and F1-guided SAE edits (section 6);
-  * interpretability: F1 tables, candidate properties, interpretations (section 7);
-  * SAE core metrics: L0, MSE, fraction of variance explained, dead fraction (section 8);
-  * the two phenomena, occlusion and over-splitting, with their toy models (section 9);
-  * grading a run: every test at every cross-section as flat records (sections 5-9).
-
-Everything here is a pure function of tensors, except the interventions and graders, which
-run the model with patches, and `occlusion_toy_experiment`, which trains SAEs. SAEs enter only
-through dictionaries.py's interface: `encode(x)` on raw activations, `sae(x)` -> (x̂, f),
-`active(x)`, unit-norm decoder rows `W_dec` in the SAE's normalised space and the scalar
-`input_scale` s, so the raw-space contribution of latent j is f_j * W_dec[j] / s.
-Where to start: `sufficiency`, `necessity`, `edit_accuracy`, then `grade_section`.
+"""Every metric of the evaluation (Makelov, Lange & Nanda, arXiv 2405.08366), in the order of the
+paper's tests (README, 'The method in one page'): approximation (§5), control (§6), interpretability
+(§7), SAE core metrics (§8), the two phenomena and their toy models (§9), then the graders that turn
+every test at every cross-section into flat `Record`s, and ground truth beyond the paper.
+Pure functions of tensors, except the graders (they run the model with patches) and the toys that
+train SAEs. SAEs enter through dictionaries.py's interface: `encode(x)` and `active(x)` on raw
+activations, `sae(x)` -> (x̂, f), unit-norm decoder rows `W_dec` in the SAE's normalised space and
+the scalar `input_scale` s, so latent j adds f_j W_dec[j] / s. Start with `sufficiency`,
+`necessity`, `edit_accuracy`, then `grade_section`.
 """
 import functools
 from dataclasses import asdict, dataclass, field, replace
@@ -44,9 +36,7 @@ def _mean(values) -> float:
 logit_diff = ioi.logit_diff
 
 
-# ---------------------------------------------------------------------------------------
-# Test 1: approximation (README §5). Arguments are per-prompt LDs [B] or their means.
-# ---------------------------------------------------------------------------------------
+# --- Test 1: approximation (README §5). Arguments are per-prompt LDs [B] or their means ---
 
 def sufficiency(ld_patched, ld_clean) -> float:
     """mean LD(a -> â) / mean LD(clean): 1 means the reconstruction carries the whole task."""
@@ -57,9 +47,8 @@ def sufficiency(ld_patched, ld_clean) -> float:
 
 
 def necessity(ld_mean_ablated, ld_patched, ld_clean) -> float:
-    """1 - |LD_meanabl - LD_patched| / |LD_meanabl - LD_clean| (all mean LDs), where "patched" means
-    a -> ā + (a - â): the explained part is mean-ablated, the residual kept. If the dictionary explains
-    everything, this *is* mean ablation and necessity = 1; if nothing, it is the clean run: 0."""
+    """1 - |LD_meanabl - LD_patched| / |LD_meanabl - LD_clean| (mean LDs), "patched" being
+    a -> ā + (a - â): a dictionary that explains everything gives mean ablation (1), nothing clean (0)."""
     mean_ablated = _mean(ld_mean_ablated)
     total_effect = abs(mean_ablated - _mean(ld_clean))
     if total_effect == 0:
@@ -68,8 +57,7 @@ def necessity(ld_mean_ablated, ld_patched, ld_clean) -> float:
 
 
 def ld_recovered(ld_sae, ld_mean_ablated, ld_clean) -> float:
-    """|LD_sae - LD_meanabl| / |LD_clean - LD_meanabl|: 1 = as good as clean, 0 = as bad as
-    mean ablation (the per-node score used to pick SAE checkpoints)."""
+    """|LD_sae - LD_meanabl| / |LD_clean - LD_meanabl|: 1 = as good as clean, 0 = as bad as mean ablation."""
     mean_ablated = _mean(ld_mean_ablated)
     total_effect = abs(_mean(ld_clean) - mean_ablated)
     if total_effect == 0:
@@ -77,13 +65,10 @@ def ld_recovered(ld_sae, ld_mean_ablated, ld_clean) -> float:
     return abs(_mean(ld_sae) - mean_ablated) / total_effect
 
 
-# ---------------------------------------------------------------------------------------
-# Test 2: control (README §6)
-# ---------------------------------------------------------------------------------------
+# --- Test 2: control (README §6) ---
 
 def edit_accuracy(edited_top: torch.Tensor, ground_truth_top: torch.Tensor) -> float:
-    """Fraction of prompts whose argmax next token after the edit equals the argmax of the
-    ground-truth run (counterfactual activations patched in). Token ids [B] (`PatchedRun.top_token`)."""
+    """Share of prompts whose argmax token [B] after the edit is the ground-truth run's."""
     if edited_top.shape != ground_truth_top.shape or edited_top.dtype != torch.long:
         raise ValueError(f"edit_accuracy: expected two LongTensors [B] of argmax tokens, got "
                          f"{edited_top.dtype} {tuple(edited_top.shape)} and {tuple(ground_truth_top.shape)}")
@@ -96,8 +81,8 @@ def raw_decoder_directions(sae) -> torch.Tensor:
 
 
 def sae_latent_weights(f: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """w_j = f_j d_j·(â - b_dec) / ‖â - b_dec‖² for every latent -> [B, d_sae]: â - b_dec is
-    Σ_j f_j d_j, so the weights of one prompt sum to 1 (0 if nothing fires)."""
+    """w_j = f_j d_j·(â - b_dec) / ‖â - b_dec‖² -> [B, d_sae]; â - b_dec = Σ_j f_j d_j, so a prompt's
+    weights sum to 1 (0 if nothing fires)."""
     centred_reconstruction = f @ directions  # [B, d] = â - b_dec
     projections = (centred_reconstruction @ directions.T) * f  # [B, d_sae]
     squared_norm = centred_reconstruction.pow(2).sum(-1, keepdim=True)  # [B, 1]
@@ -105,18 +90,15 @@ def sae_latent_weights(f: torch.Tensor, directions: torch.Tensor) -> torch.Tenso
 
 
 def sae_weight_removed(f: torch.Tensor, directions: torch.Tensor, changed_mask: torch.Tensor) -> torch.Tensor:
-    """Edit magnitude of an SAE edit: Σ of w_j over the changed latents, on the clean
-    activation -> [B]. (For supervised edits it is w_i from `feature_weights`.)"""
+    """Weight removed by an SAE edit: Σ w_j over the changed latents, on the clean activation -> [B]."""
     return (sae_latent_weights(f, directions) * changed_mask).sum(-1)  # [B]
 
 
 @torch.no_grad()
 def greedy_sae_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor, k: int):
-    """Interpretation-agnostic SAE edit: swap at most k latents from p to p' (k >= d_sae: no limit).
-    Target δ = a(p') - a(p); candidate moves Δ_j = (f_j(a(p')) - f_j(a(p))) d_j. Each step adds, per
-    prompt, the unused Δ_j that minimises ‖S + Δ_j - δ‖ (S the running sum); a prompt stops once no
-    move brings S closer to δ. Returns (a(p) + S [B, d], which keeps the SAE error term of a(p), and
-    changed_mask [B, d_sae])."""
+    """Interpretation-agnostic SAE edit of at most k latents (README §6): target δ = a(p') - a(p), moves
+    Δ_j = (f_j(a(p')) - f_j(a(p))) d_j; each step adds, per prompt, the unused Δ_j minimising
+    ‖S + Δ_j - δ‖, until none helps. -> (a(p) + S [B, d], keeping a(p)'s SAE error; changed [B, d_sae])."""
     directions = raw_decoder_directions(sae)  # [d_sae, d]
     coefficient_change = sae.encode(a_counterfactual) - sae.encode(a_clean)  # [B, d_sae]
     direction_sq_norms = directions.pow(2).sum(-1)  # [d_sae]
@@ -141,8 +123,7 @@ def greedy_sae_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor, 
 
 
 def first_active_in_ranking(ranking: torch.Tensor, active: torch.Tensor, k: int) -> torch.Tensor:
-    """Per prompt, the first k latents of `ranking` [B, R] that are active [B, d_sae];
-    returned as a mask [B, d_sae] (fewer than k when fewer are active)."""
+    """Per prompt, the first k latents of `ranking` [B, R] that are active [B, d_sae] -> mask [B, d_sae]."""
     active_in_rank_order = active.gather(1, ranking)  # [B, R]
     picked = active_in_rank_order & (active_in_rank_order.cumsum(1) <= k)  # [B, R]
     return torch.zeros_like(active).scatter(1, ranking, picked)  # [B, d_sae]
@@ -151,12 +132,10 @@ def first_active_in_ranking(ranking: torch.Tensor, active: torch.Tensor, k: int)
 @torch.no_grad()
 def f1_guided_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor,
                    ranking_old: torch.Tensor, ranking_new: torch.Tensor, k: int):
-    """Interpretation-aware SAE edit of one attribute from v (in p) to v' (in p'). `ranking_old` /
-    `ranking_new` [B, R] list latents by decreasing F1 for each prompt's v and v' (rows of
-    `latents_by_f1` indexed by the attribute ids). Subtract the contributions f_j(p) d_j of the first
-    k latents ranked for v that are active on p, add f_j(p') d_j for the first k ranked for v' that
-    are active on p'. Returns (a_edited [B, d], changed_mask [B, d_sae]: the latents removed or
-    added), like `greedy_sae_edit`; k = 1 is the paper's headline edit, 1 latent out and 1 in."""
+    """Interpretation-aware SAE edit from v (in p) to v' (in p'), rankings [B, R] of latents by F1 for
+    each prompt's v and v' (`latents_by_f1`): subtract f_j(p) d_j for the first k ranked for v active on
+    p, add f_j(p') d_j for the first k ranked for v' active on p' (the authors' num_exchange = k).
+    -> (a_edited [B, d], changed [B, d_sae]) like `greedy_sae_edit`."""
     directions = raw_decoder_directions(sae)  # [d_sae, d]
     removed = first_active_in_ranking(ranking_old, sae.active(a_clean), k)  # [B, d_sae]
     added = first_active_in_ranking(ranking_new, sae.active(a_counterfactual), k)  # [B, d_sae]
@@ -164,16 +143,7 @@ def f1_guided_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor,
     return a_clean + change @ directions, removed | added
 
 
-# ---------------------------------------------------------------------------------------
-# Test 3: interpretability (README §7)
-# ---------------------------------------------------------------------------------------
-
-def _f1_from_counts(intersection, n_active, n_property):
-    """F1 = 2PR/(P+R) = 2|A∩F| / (|A| + |F|); 0 where the latent never fires and the
-    property never holds (both empty), which is also where P and R are undefined."""
-    denominator = n_active + n_property
-    return torch.where(denominator > 0, 2 * intersection / denominator.clamp(min=1), 0.0)
-
+# --- Test 3: interpretability (README §7) ---
 
 def _counts(active: torch.Tensor, properties: torch.Tensor):
     """|A∩F| [L, P], |F| [L, 1] and |A| [1, P] for active [N, L] and properties [N, P]."""
@@ -184,24 +154,20 @@ def _counts(active: torch.Tensor, properties: torch.Tensor):
     return active.T @ properties, active.sum(0)[:, None], properties.sum(0)[None, :]
 
 
-def precision_recall(active: torch.Tensor, properties: torch.Tensor):
-    """Precision |A∩F|/|F| and recall |A∩F|/|A| of every latent (F: the prompts where it is active)
-    for every property A -> two [L, P] tensors, 0 where the set divided by is empty."""
-    intersection, n_active, n_property = _counts(active, properties)
-    precision = torch.where(n_active > 0, intersection / n_active.clamp(min=1), 0.0)
-    recall = torch.where(n_property > 0, intersection / n_property.clamp(min=1), 0.0)
-    return precision, recall
+def _f1_from_counts(intersection, n_active, n_property):
+    """F1 = 2PR/(P+R) = 2|A∩F| / (|A| + |F|); 0 where both sets are empty (P and R undefined)."""
+    denominator = n_active + n_property
+    return torch.where(denominator > 0, 2 * intersection / denominator.clamp(min=1), 0.0)
 
 
 def f1_scores(active: torch.Tensor, properties: torch.Tensor) -> torch.Tensor:
-    """F1 = 2PR/(P+R) of every latent for every property -> [L, P]; 0 where undefined
-    (latent never active, property never true, or no overlap)."""
+    """F1 of every latent (F: the prompts where it fires) for every property A -> [L, P]; 0 if undefined."""
     return _f1_from_counts(*_counts(active, properties))
 
 
 def _check_attributes(attributes: dict, n_names: int):
     """io/s/pos must be id tensors of one shape [N], each id within its attribute's range."""
-    limits = {"io": n_names, "s": n_names, "pos": len(POS_VALUES)}
+    limits = {"io": n_names, "s": n_names, "pos": len(ioi.PATTERNS)}
     n_prompts = len(attributes["io"])
     for name, limit in limits.items():
         values = attributes[name]
@@ -211,44 +177,41 @@ def _check_attributes(attributes: dict, n_names: int):
 
 
 def _name_properties(attributes: dict, n_names: int, name_present=None) -> dict:
-    """One-hot single-name properties, each [N, n_names]: "io", "s", "has" (the name occurs),
-    and "first" / "second" (the name in the first / second name slot: IO first in ABB)."""
+    """One-hot single-name properties [N, n_names]: "io", "s", "has" (the name occurs), "first" /
+    "second" (the name in the first / second name slot: IO first in ABB)."""
     io = F.one_hot(attributes["io"], n_names).bool()  # [N, n_names]
     s = F.one_hot(attributes["s"], n_names).bool()  # [N, n_names]
     has = io | s if name_present is None else name_present.bool()
     if has.shape != io.shape:
         raise ValueError(f"name_present: expected shape {tuple(io.shape)}, got {tuple(has.shape)}")
-    io_first = (attributes["pos"] == POS_VALUES.index("ABB"))[:, None]  # [N, 1]
+    io_first = (attributes["pos"] == ioi.PATTERNS.index("ABB"))[:, None]  # [N, 1]
     return {"io": io, "s": s, "has": has,
             "first": torch.where(io_first, io, s), "second": torch.where(io_first, s, io)}
 
 
 def candidate_properties(attributes: dict, names: Sequence[str], name_present=None):
-    """The fixed candidate properties of README §7 -> (bool [N, P], labels [P]). `attributes` =
-    {"io", "s", "pos"} ids as from ioi.attribute_ids; `name_present` [N, n_names] marks names
-    occurring in the prompt (default: IO or S). Columns, in this order, with ids in attribute order
-    inside each block: io=v, s=v, has=v (name v occurs), first=v, second=v (v is the first / second
-    name), pos=ABB/BAB, io=v&pos=p, s=v&pos=p. Unions of names are per latent: `interpret_latents`."""
+    """The fixed candidate properties of README §7 -> (bool [N, P], labels [P]), from {"io", "s", "pos"}
+    ids (ioi.attribute_ids); name_present [N, n_names]: names in the prompt (default IO or S). Columns:
+    io=v, s=v, has=v, first=v, second=v, pos=ABB/BAB, io=v&pos=p, s=v&pos=p (ids in order in each block)."""
     _check_attributes(attributes, len(names))
     singles = _name_properties(attributes, len(names), name_present)
-    pos = F.one_hot(attributes["pos"], len(POS_VALUES)).bool()  # [N, 2]
+    pos = F.one_hot(attributes["pos"], len(ioi.PATTERNS)).bool()  # [N, 2]
     columns, labels = [], []
     for family, matrix in singles.items():
         columns.append(matrix)
         labels += [f"{family}={name}" for name in names]
     columns.append(pos)
-    labels += [f"pos={value}" for value in POS_VALUES]
+    labels += [f"pos={value}" for value in ioi.PATTERNS]
     for family in NAME_ATTRIBUTES:
-        for p, value in enumerate(POS_VALUES):
+        for p, value in enumerate(ioi.PATTERNS):
             columns.append(singles[family] & pos[:, p:p + 1])
             labels += [f"{family}={name}&pos={value}" for name in names]
     return torch.cat(columns, dim=1), labels
 
 
 def name_unions(active: torch.Tensor, name_properties: torch.Tensor, max_names: int = 10):
-    """Best union of a latent's top single-name properties (e.g. "IO is Mary or John"): names are
-    ranked per latent by their own F1, and the best of the unions of the top 1, 2, ..., max_names is
-    kept. Returns (f1 [L], members [L, max_names]: its names in rank order, padded with -1)."""
+    """Best union of a latent's top single-name properties ("IO is Mary or John"): of the unions of its
+    top 1, 2, ..., max_names names by F1, the best -> (f1 [L], members [L, max_names], padded with -1)."""
     single_f1 = f1_scores(active, name_properties)  # [L, n_names]
     ranked = single_f1.argsort(dim=1, descending=True, stable=True)  # ties: lower name id first
     top_names = ranked[:, :max_names]  # [L, m]
@@ -268,11 +231,6 @@ def name_unions(active: torch.Tensor, name_properties: torch.Tensor, max_names: 
     return best_f1, members
 
 
-def best_interpretations(f1: torch.Tensor):
-    """Each latent's best property in an F1 table [L, P] -> (best_f1 [L], index [L])."""
-    return f1.max(dim=1)
-
-
 @dataclass
 class LatentInterpretations:
     f1: torch.Tensor  # [L, P] F1 of every latent for every candidate property
@@ -283,12 +241,11 @@ class LatentInterpretations:
 
 def interpret_latents(active: torch.Tensor, attributes: dict, names: Sequence[str],
                       name_present=None, max_union: int = 10) -> LatentInterpretations:
-    """Interpret every latent as its best-F1 property among the candidates of README §7:
-    the fixed table of `candidate_properties` plus, for io/s/has, unions of up to
-    `max_union` names. A union wins only if strictly better than every fixed property."""
+    """Each latent's best-F1 property among README §7's candidates: `candidate_properties` and, for
+    io/s/has, unions of up to `max_union` names (a union wins only if strictly better)."""
     properties, labels = candidate_properties(attributes, names, name_present)
     f1 = f1_scores(active, properties)  # [L, P]
-    best_f1, best_index = best_interpretations(f1)
+    best_f1, best_index = f1.max(dim=1)
     best_labels = [labels[i] for i in best_index.tolist()]
     for family, family_properties in _name_properties(attributes, len(names), name_present).items():
         union_f1, members = name_unions(active, family_properties, max_union)
@@ -308,48 +265,40 @@ def _attribute_columns(labels: Sequence[str], attribute: str) -> torch.Tensor:
 
 
 def latents_by_f1(f1: torch.Tensor, labels: Sequence[str], attribute: str) -> torch.Tensor:
-    """Latents ranked by decreasing F1 for each value of an attribute -> [n_values, L];
-    row v is the ranking for "attribute=v" (v an attribute id). Index it with the ids of
-    a batch to get the rankings that `f1_guided_edit` takes."""
+    """Latents by decreasing F1 for each value of an attribute -> [n_values, L] (row v: "attribute=v");
+    indexed by a batch's ids, the rankings `f1_guided_edit` takes."""
     value_f1 = f1[:, _attribute_columns(labels, attribute)].T  # [n_values, L]
     return value_f1.argsort(dim=1, descending=True, stable=True)
 
 
-def names_with_latent(f1: torch.Tensor, labels: Sequence[str], attribute: str,
-                      threshold: float = 0.5) -> int:
-    """Number of values of `attribute` (io/s names, or pos) with at least one latent of
-    F1 >= threshold for "attribute=v". The occlusion count uses io and s at 0.5."""
+def names_with_latent(f1: torch.Tensor, labels: Sequence[str], attribute: str, threshold: float = 0.5) -> int:
+    """Number of values of `attribute` with a latent of F1 >= threshold for "attribute=v"."""
     best_per_value = f1[:, _attribute_columns(labels, attribute)].max(dim=0).values  # [n_values]
     return int((best_per_value >= threshold).sum())
 
 
 def coverage(f1: torch.Tensor, labels: Sequence[str], threshold: float = 0.8) -> dict:
-    """Fraction of the values of each attribute (io, s, pos) that some latent explains
-    with F1 >= threshold -> {"io": .., "s": .., "pos": ..}."""
+    """Share of the values of io, s and pos that some latent explains with F1 >= threshold."""
     return {attribute: names_with_latent(f1, labels, attribute, threshold)
             / len(_attribute_columns(labels, attribute))
             for attribute in ("io", "s", "pos")}
 
 
-# ---------------------------------------------------------------------------------------
-# SAE core metrics (README §8): `dictionaries.core_metrics`, on raw activations
-# ---------------------------------------------------------------------------------------
+# --- SAE core metrics (README §8): `dictionaries.core_metrics`, on raw activations ---
 
 def sae_core_metrics(sae, x: torch.Tensor, train_x: torch.Tensor) -> dict:
-    """L0, MSE, fraction of variance explained and dead fraction of an SAE on raw activations x [N, d]:
-    L0 counts the non-zero latents, the dead fraction the latents never active on train_x."""
+    """L0, MSE, fraction of variance explained of an SAE on raw activations x [N, d], and its dead
+    fraction: the latents never active on train_x."""
     x_hat, f = sae(x)
     return dictionaries.core_metrics(x, x_hat, (f != 0).sum(0), sae.active(train_x).sum(0))
 
 
-# ---------------------------------------------------------------------------------------
-# Phenomenon 1: feature occlusion (README §9)
-# ---------------------------------------------------------------------------------------
+# --- Phenomenon 1: feature occlusion, the toy model (README §9) ---
 
 def occlusion_toy_data(io_norm: float, s_norm: float, n_samples: int, n_values: int = 216,
                        d: int = 64, seed: int = 0):
-    """Toy activations a = u_i + v_j, with i (the "IO") and j (the "S") uniform over n_values and
-    u, v ~ N(0, I_d) rescaled to norms io_norm and s_norm -> (acts [N, d], {"io": i [N], "s": j [N]})."""
+    """a = u_i + v_j, i ("IO") and j ("S") uniform over n_values, u, v ~ N(0, I_d) rescaled to norms
+    io_norm and s_norm -> (acts [N, d], {"io": i [N], "s": j [N]})."""
     generator = torch.Generator().manual_seed(seed)
     u = torch.randn(n_values, d, generator=generator)
     v = torch.randn(n_values, d, generator=generator)
@@ -360,16 +309,11 @@ def occlusion_toy_data(io_norm: float, s_norm: float, n_samples: int, n_values: 
     return u[io] + v[s], {"io": io, "s": s}
 
 
-def occlusion_toy_recovery(active: torch.Tensor, values: dict, n_values: int,
-                           threshold: float = 0.9) -> dict:
-    """Share of the toy features recovered by an SAE: for "io" (the high-norm features)
-    and "s" (the low-norm ones), the fraction of values v with a latent of
-    F1 > threshold for "attribute is v". active [N, d_sae] on the toy data."""
-    shares = {}
-    for attribute, ids in values.items():
-        f1 = f1_scores(active, F.one_hot(ids, n_values))  # [d_sae, n_values]
-        shares[attribute] = float((f1.max(dim=0).values > threshold).float().mean())
-    return shares
+def occlusion_toy_recovery(active: torch.Tensor, values: dict, n_values: int, threshold: float = 0.9) -> dict:
+    """Per attribute, the share of its values v with a latent of F1 > threshold for "attribute is v"
+    (active [N, d_sae] on the toy data)."""
+    return {attribute: float((f1_scores(active, F.one_hot(ids, n_values)).max(dim=0).values > threshold)
+                             .float().mean()) for attribute, ids in values.items()}
 
 
 # The toy's settings, tuned so that at 1:1 both feature sets are recovered (F1 > 0.9): the paper's 216
@@ -385,9 +329,9 @@ def occlusion_toy_experiment(ratios: Sequence[float], l1: float = OCCLUSION_TOY[
                              n_values: int = OCCLUSION_TOY["n_values"], d: int = OCCLUSION_TOY["d"],
                              n_samples: int = OCCLUSION_TOY["n_samples"], config=OCCLUSION_TOY_TRAINING,
                              seed: int = 0) -> list:
-    """Occlusion in the toy model (README §9): for each norm ratio r, one vanilla SAE (one batched stack)
-    trained on a = u_i + v_j with ‖u‖ = 1, ‖v‖ = 1/r (the same features and samples at every r), and the
-    share of "io" (u) and "s" (v) features it recovers, on the same data. -> [{ratio, l1, io, s, l0}]."""
+    """For each norm ratio r, one vanilla SAE (one batched stack) trained on a = u_i + v_j with ‖u‖ = 1,
+    ‖v‖ = 1/r (the same features and samples at every r), and the share of "io" (u) and "s" (v)
+    features it recovers on that data -> [{ratio, l1, io, s, l0}]."""
     data = [occlusion_toy_data(1.0, 1 / ratio, n_samples, n_values, d, seed) for ratio in ratios]
     specs = [dictionaries.SAESpec("vanilla", i, l1_coefficient=l1, seed=seed) for i in range(len(ratios))]
     saes, _ = dictionaries.train_sae_stack(torch.stack([acts for acts, _ in data]), specs, config)
@@ -395,18 +339,16 @@ def occlusion_toy_experiment(ratios: Sequence[float], l1: float = OCCLUSION_TOY[
     with torch.no_grad():
         for ratio, sae, (acts, values) in zip(ratios, saes, data):
             shares = occlusion_toy_recovery(sae.active(acts), values, n_values)
-            results.append({"ratio": ratio, "l1": l1, **shares, "l0": sae_core_metrics(sae, acts, acts)["l0"]})
+            l0 = sae_core_metrics(sae, acts, acts)["l0"]
+            results.append({"ratio": ratio, "l1": l1, **shares, "l0": l0})
     return results
 
 
-# ---------------------------------------------------------------------------------------
-# Phenomenon 2: feature over-splitting (README §9)
-# ---------------------------------------------------------------------------------------
+# --- Phenomenon 2: feature over-splitting (README §9) ---
 
 def pos_latents(best_labels: Sequence[str]) -> int:
     """Number of latents whose interpretation is a Pos value (pos=ABB or pos=BAB)."""
-    pos_labels = {f"pos={value}" for value in POS_VALUES}
-    return sum(label in pos_labels for label in best_labels)
+    return sum(label in {f"pos={value}" for value in ioi.PATTERNS} for label in best_labels)
 
 
 def sae_loss(x: torch.Tensor, sae: dictionaries.SAE, l1: float) -> float:
@@ -421,16 +363,15 @@ def oversplitting_toy_data(n_samples: int, mu: torch.Tensor, generator: torch.Ge
 
 
 def ideal_two_latent_sae(mu: torch.Tensor, k: float, gamma: float) -> dictionaries.SAE:
-    """The "ideal" vanilla SAE for ±µ: one latent per cluster, decoders ±µ/‖µ‖, encoders ±kµ,
-    biases -γ, b_dec = 0."""
+    """The "ideal" SAE for ±µ: decoders ±µ/‖µ‖, encoders ±kµ, biases -γ, b_dec = 0."""
     signed = torch.stack([mu, -mu])  # [2, d]
     return dictionaries.SAE("vanilla", W_enc=k * signed.T, b_enc=torch.full((2,), -gamma, dtype=mu.dtype),
                             W_dec=signed / mu.norm(), b_dec=torch.zeros_like(mu))
 
 
 def random_data_sae(data_sample: torch.Tensor, beta: float, gamma: float) -> dictionaries.SAE:
-    """A random vanilla SAE with one latent per data sample [n_latents, d]: encoder rows
-    β·sample, decoder rows the normalised samples, biases -γ, b_dec = 0."""
+    """One latent per data sample [n_latents, d]: encoder rows β·sample, decoder rows the normalised
+    samples, biases -γ, b_dec = 0."""
     return dictionaries.SAE("vanilla", W_enc=beta * data_sample.T,
                             b_enc=torch.full((len(data_sample),), -gamma, dtype=data_sample.dtype),
                             W_dec=data_sample / data_sample.norm(dim=1, keepdim=True),
@@ -439,10 +380,9 @@ def random_data_sae(data_sample: torch.Tensor, beta: float, gamma: float) -> dic
 
 def scaled_family_loss_terms(x: torch.Tensor, encoder_rows: torch.Tensor, W_dec: torch.Tensor,
                              scales: Sequence[float], gammas: Sequence[float]):
-    """Both loss terms of every SAE with W_enc = scale·encoder_rowsᵀ, biases -γ, b_dec = 0 and the
-    given decoder, over a grid of scales × γs, and how often each SAE fires -> (reconstruction, l1,
-    firing), each [n_scales, n_gammas]: the means of ‖x̂ - x‖² and ‖f‖₁ (the loss for any λ is
-    reconstruction + λ·l1) and the share of inputs on which some latent is active."""
+    """For every SAE with W_enc = scale·encoder_rowsᵀ, biases -γ, b_dec = 0 and this decoder, over
+    scales × γs: the means of ‖x̂ - x‖² and ‖f‖₁ (the loss at λ is their sum weighted 1 and λ) and
+    the share of inputs on which it fires -> (reconstruction, l1, firing), each [n_scales, n_gammas]."""
     projections = x @ encoder_rows.T  # [N, n_latents]
     gammas = torch.as_tensor(gammas, dtype=x.dtype)[:, None, None]  # [n_gammas, 1, 1]
     reconstruction, l1, firing = [], [], []
@@ -454,43 +394,33 @@ def scaled_family_loss_terms(x: torch.Tensor, encoder_rows: torch.Tensor, W_dec:
     return torch.stack(reconstruction), torch.stack(l1), torch.stack(firing)
 
 
-def _best_over_grid(reconstruction, l1, firing, lambdas, scales, gammas):
-    """Best loss over the grid for each λ, the (scale, γ) that attains it, and how often that
-    best SAE fires."""
-    losses = reconstruction.flatten()[None] + lambdas[:, None] * l1.flatten()[None]  # [n_λ, grid]
-    best_loss, best = losses.min(dim=1)
-    grid = torch.cartesian_prod(torch.as_tensor(scales, dtype=torch.float64),
-                                torch.as_tensor(gammas, dtype=torch.float64))  # [grid, 2]
-    return best_loss.numpy(), grid[best].numpy(), firing.flatten()[best].numpy()
-
-
 def oversplitting_toy(lambdas=np.linspace(0, 20, 41), n_samples: int = 4096, d: int = 100,
                       mu_norm: float = 2.0, n_latents: int = 1000,
                       ideal_ks=np.geomspace(1 / 16, 2.0, 31), ideal_gammas=np.linspace(0.0, 10.0, 41),
                       random_betas=np.geomspace(0.01, 0.3, 31),
                       random_gammas=(1.0, 1.75, 2.35, 3.0, 4.0, 5.0, 6.0), seed: int = 0) -> dict:
-    """The over-splitting toy of README §9: on ±µ + N(0, I_d) with ‖µ‖ = mu_norm, the best SAE loss
-    per λ of the ideal 2-latent SAE (grid over k, γ) and of a random n_latents-latent SAE built from
-    data samples (grid over β, γ), all scored on the same n_samples inputs, drawn apart from those
-    samples. Returns numpy arrays: lambdas, ideal_best_loss / random_best_loss [n_λ],
-    ideal_best_params [n_λ, 2] (k, γ), random_best_params [n_λ, 2] (β, γ), ideal_firing /
-    random_firing [n_λ] (share of inputs on which the best SAE fires), and zero_sae_loss (the loss
-    of an SAE that never fires, E‖x‖²)."""
+    """README §9's toy on ±µ + N(0, I_d), ‖µ‖ = mu_norm: per λ, the best loss of the ideal SAE (over k, γ)
+    and of a random n_latents-latent SAE built from data samples (over β, γ), on n_samples other inputs.
+    -> numpy arrays lambdas, {ideal,random}_best_loss [n_λ], _best_params [n_λ, 2] ((k or β), γ),
+    _firing [n_λ] (share of inputs on which the best SAE fires); zero_sae_loss = E‖x‖²."""
     generator = torch.Generator().manual_seed(seed)
     mu = torch.randn(d, generator=generator, dtype=torch.float64)
     mu = mu_norm * mu / mu.norm()
     x = oversplitting_toy_data(n_samples, mu, generator)  # [N, d]
     samples = oversplitting_toy_data(n_latents, mu, generator)  # [n_latents, d]
     lambdas = torch.as_tensor(lambdas, dtype=torch.float64)
-
     # Each family is swept by scaling the encoder of its unit member: k for the ideal, β for the random SAE.
     families = {"ideal": (ideal_two_latent_sae(mu, k=1.0, gamma=0.0), ideal_ks, ideal_gammas),
                 "random": (random_data_sae(samples, beta=1.0, gamma=0.0), random_betas, random_gammas)}
     toy = {"lambdas": lambdas.numpy(), "zero_sae_loss": float(x.pow(2).sum(-1).mean())}
     for family, (unit, scales, gammas) in families.items():
-        terms = scaled_family_loss_terms(x, unit.W_enc.T, unit.W_dec, scales, gammas)
-        toy[f"{family}_best_loss"], toy[f"{family}_best_params"], toy[f"{family}_firing"] = _best_over_grid(
-            *terms, lambdas, scales, gammas)
+        reconstruction, l1, firing = scaled_family_loss_terms(x, unit.W_enc.T, unit.W_dec, scales, gammas)
+        losses = reconstruction.flatten()[None] + lambdas[:, None] * l1.flatten()[None]  # [n_λ, grid]
+        best_loss, best = losses.min(dim=1)
+        grid = torch.cartesian_prod(torch.as_tensor(scales, dtype=torch.float64),
+                                    torch.as_tensor(gammas, dtype=torch.float64))  # [grid, 2]
+        toy[f"{family}_best_loss"], toy[f"{family}_best_params"] = best_loss.numpy(), grid[best].numpy()
+        toy[f"{family}_firing"] = firing.flatten()[best].numpy()
     return toy
 
 
@@ -501,12 +431,10 @@ PAPER_OVERSPLITTING_GRID = {"lambdas": np.linspace(0, 20, 100), "random_betas": 
 
 
 def oversplitting_verdict(toy: dict, min_firing: float = 0.02, tolerance: float = 1e-9) -> dict:
-    """Who wins the over-splitting toy, counted only where the comparison means something: for large λ
-    both SAEs stop firing and tie exactly at E‖x‖², and "the random SAE beats the ideal one for every
-    λ" is a claim about the λ where the ideal SAE still fires. So a λ is counted if the ideal SAE's
-    best setting fires on >= `min_firing` of the inputs, and a difference within `tolerance`
-    (relative) is a tie. Returns counts of counted λ, random wins, ideal wins, ties among them, λ not
-    counted, and the share of random wins."""
+    """Who wins the toy where it means something: for large λ both SAEs stop firing and tie at E‖x‖², so
+    a λ counts if the ideal SAE's best setting fires on >= min_firing of the inputs; a relative
+    difference within `tolerance` is a tie. -> counts (counted, random/ideal wins, ties, not counted)
+    and the share of random wins."""
     ideal, random = np.asarray(toy["ideal_best_loss"]), np.asarray(toy["random_best_loss"])
     counted = np.asarray(toy["ideal_firing"]) >= min_firing
     tie = np.abs(random - ideal) <= tolerance * np.maximum(1.0, np.abs(ideal))
@@ -699,9 +627,9 @@ class SectionInputs:
     values: dict  # {attribute: ids [N]} of the evaluation prompts
     counterfactual: dict  # {attribute: {node: [N, d]}}: the activations of p′
     new_values: dict  # {attribute: ids [N]} of each attribute in its counterfactual prompts p′
-    clean_run: PatchedRun
-    mean_ablated_run: PatchedRun  # every node of the section at its mean
-    truth: dict  # {attribute: PatchedRun}: the counterfactual activations patched in (README §6)
+    clean_run: ioi.PatchedRun
+    mean_ablated_run: ioi.PatchedRun  # every node of the section at its mean
+    truth: dict  # {attribute: ioi.PatchedRun}: the counterfactual activations patched in (README §6)
 
     @property
     def site(self) -> str:
@@ -712,7 +640,7 @@ class SectionInputs:
                                self.counterfactual[attribute][node])
 
 
-def section_inputs(task: Task, section, acts: dict, values: dict, clean_run: PatchedRun) -> SectionInputs:
+def section_inputs(task: Task, section, acts: dict, values: dict, clean_run: ioi.PatchedRun) -> SectionInputs:
     """The inputs of one cross-section, from activations {split: {node: [N, d]}} and attribute ids
     {split: {attribute: [N]}} of the splits "eval" and "cf_<attribute>" (README §2)."""
     clean = {node: acts["eval"][node] for node in section.nodes}
@@ -731,7 +659,7 @@ def moves_the_task(inputs: SectionInputs, min_effect: float = MIN_SECTION_EFFECT
     return bool(abs(inputs.mean_ablated_run.logit_diff.mean() - clean) >= min_effect * abs(clean))
 
 
-def grade_model(prompts: Sequence, clean_run: PatchedRun) -> list:
+def grade_model(prompts: Sequence, clean_run: ioi.PatchedRun) -> list:
     """The task itself (README §2): mean LD, accuracy, top-1 accuracy and the LD histogram."""
     diffs = clean_run.logit_diff
     io_token = torch.tensor([ioi.name_token(prompt.io) for prompt in prompts])
@@ -933,8 +861,8 @@ def core_records(saes: dict, eval_acts: dict, training: dict) -> list:
     return records
 
 
-def ld_recovered_records(task: Task, clean_run: PatchedRun, eval_acts: dict, sections: Sequence, saes: dict,
-                         chosen: dict, min_node_effect: float = MIN_NODE_EFFECT) -> list:
+def ld_recovered_records(task: Task, clean_run: ioi.PatchedRun, eval_acts: dict, sections: Sequence,
+                         saes: dict, chosen: dict, min_node_effect: float = MIN_NODE_EFFECT) -> list:
     """LD recovered (README §5) with one node patched at a time, at every node of `sections`, for
     every SAE {method: {setting: {node: SAEAtNode}}} at the settings `chosen` there (setting None:
     full-distribution SAEs). A node whose mean ablation alone moves the mean LD by less than
@@ -961,13 +889,13 @@ def mean_code_norm(acts: torch.Tensor, ids: torch.Tensor) -> float:
     """Mean norm of the mean codes u_v = mean(a - ā | value v) over the values that occur, relative
     to the spread of the activations (mean ‖a - ā‖)."""
     codes = dictionaries.SupervisedDictionary.fit(acts, {"a": ids}).features["a"]  # [n_values, d]
-    return float(codes[torch.bincount(ids) > 0].norm(dim=-1).mean() / (acts - acts.mean(0)).norm(dim=-1).mean())
+    spread = (acts - acts.mean(0)).norm(dim=-1).mean()
+    return float(codes[torch.bincount(ids) > 0].norm(dim=-1).mean() / spread)
 
 
 def presence(acts: torch.Tensor, ids: torch.Tensor, n_permutations: int = 20, seed: int = 0):
-    """(mean_code_norm, noise floor): the floor is the 95th percentile of the norm the same prompts give
-    with their labels shuffled. Mean codes of a finite sample are never 0, so an attribute is present
-    only where its codes stand above that floor."""
+    """(mean_code_norm, noise floor: its 95th percentile with the labels shuffled). A finite sample's mean
+    codes are never 0: an attribute is present only where they stand above that floor."""
     generator = torch.Generator().manual_seed(seed)
     shuffled = [mean_code_norm(acts, ids[torch.randperm(len(ids), generator=generator)])
                 for _ in range(n_permutations)]
@@ -975,11 +903,9 @@ def presence(acts: torch.Tensor, ids: torch.Tensor, n_permutations: int = 20, se
 
 
 def attribute_evidence(task: Task, clean_run: ioi.PatchedRun, nodes: Sequence, acts: dict, supervised: dict):
-    """Per node and attribute (README §9): the supervised feature's mean norm relative to the spread
-    of the activations; on the evaluation prompts, the mean codes' norm and its shuffled-label noise
-    floor (`presence`); and its causal effect alone -- the share of answers that change, and how far
-    the mean LD moves, when only this node takes the counterfactual activation.
-    supervised: {node: SupervisedAtNode}. Returns ({(node, attribute): row}, records)."""
+    """Per node and attribute (README §9): the supervised feature's mean norm / spread; the evaluation
+    prompts' mean-code norm and noise floor (`presence`); its causal effect alone (share of answers
+    changed, relative move of the mean LD, only this node counterfactual) -> ({(node, a): row}, records)."""
     evidence, records, ld_clean = {}, [], clean_run.logit_diff.mean()
     values = ioi.attribute_ids(task.prompts)
     for node in nodes:
@@ -1000,14 +926,12 @@ def attribute_evidence(task: Task, clean_run: ioi.PatchedRun, nodes: Sequence, a
 
 
 PRESENT, CAUSAL = 0.1, 0.1  # present: above the noise floor and >= 10% of the spread; causal: >= 10%
-OCCLUDED, SPLIT = 0.5, 10  # reproduced: the weaker name has a latent for < half as many names; >= 10 Pos latents
+OCCLUDED, SPLIT = 0.5, 10  # reproduced: the weaker has latents for < half as many names; >= 10 Pos latents
 
 
 def phenomenon_gates(rows: dict, present: float = PRESENT, causal: float = CAUSAL) -> dict:
-    """The gates of a phenomenon at one node, rows {attribute: evidence row} (README §9): the stronger
-    attribute (by norm) is present, and the weaker one is causal (occlusion: an SAE that hides the
-    weaker one must have had something to hide, whose loss shows; over-splitting: Pos is both).
-    -> {(attribute, "present" or "causal"): passed}."""
+    """A phenomenon's gates at one node, rows {attribute: evidence row}: the stronger attribute (by norm)
+    present, the weaker causal (over-splitting: Pos both) -> {(attribute, "present" / "causal"): passed}."""
     weaker = min(rows, key=lambda a: rows[a]["eval_norm"])
     stronger = max(rows, key=lambda a: rows[a]["eval_norm"])
     row, effect = rows[stronger], max(rows[weaker]["answers_changed"], rows[weaker]["ld_moved"])
@@ -1044,13 +968,14 @@ def grade_phenomena(task: Task, clean_run: ioi.PatchedRun, nodes: Sequence, acts
     S names with a latent (F1 >= 0.5), or its Pos latents, and whether that reproduces the paper."""
     evidence, records = attribute_evidence(task, clean_run, nodes, acts, supervised)
     if ioi.is_gpt2_small(task.model.config):  # in GPT-2 Small only the paper's node is a candidate
-        evidence = {key: row for key, row in evidence.items() if key[0] == ioi.Node("q", 10, 0, "end")} or evidence
+        paper_node = ioi.Node("q", 10, 0, "end")
+        evidence = {key: row for key, row in evidence.items() if key[0] == paper_node} or evidence
     found = {}
     for phenomenon, attributes in PHENOMENA.items():
         for node in dict.fromkeys(node for node, _ in evidence):
             gates = phenomenon_gates({a: evidence[node, a] for a in attributes})
-            records += [Record(f"gate_{gate}", str(node), "supervised", passed, attribute=a, phenomenon=phenomenon)
-                        for (a, gate), passed in gates.items()]
+            records += [Record(f"gate_{gate}", str(node), "supervised", passed, attribute=a,
+                               phenomenon=phenomenon) for (a, gate), passed in gates.items()]
         found[phenomenon] = node = phenomenon_node(evidence, attributes)
         records.append(Record("phenomenon_testable", str(node), "supervised", node is not None,
                               phenomenon=phenomenon))
@@ -1058,7 +983,8 @@ def grade_phenomena(task: Task, clean_run: ioi.PatchedRun, nodes: Sequence, acts
     for method, settings in task_saes.items():
         for setting, at_nodes in settings.items():
             if occlusion_node is not None:
-                records += occlusion_records(at_nodes[occlusion_node], occlusion_node, evidence, method, setting)
+                records += occlusion_records(at_nodes[occlusion_node], occlusion_node, evidence, method,
+                                             setting)
             if split_node is not None:
                 count = pos_latents(at_nodes[split_node].interpretations.best_labels)
                 records += [Record("pos_latents", str(split_node), method, count, node=str(split_node),
@@ -1151,7 +1077,8 @@ def ground_truth_records(saes: dict, supervised: dict, truth: dict) -> list:
                   "ground_truth_cosine": truth}
     return [Record(test, str(node), method, decoder_recovery(at_nodes[node].sae.W_dec, directions),
                    attribute=attribute, setting=setting)
-            for test, features in references.items() for node, by_attribute in features.items() if by_attribute
+            for test, features in references.items()
+            for node, by_attribute in features.items() if by_attribute
             for method, settings in saes.items() for setting, at_nodes in settings.items() if node in at_nodes
             for attribute, directions in by_attribute.items()]
 
@@ -1165,11 +1092,9 @@ def effective_rank(acts: torch.Tensor) -> float:
 
 
 def geometry_records(nodes: Sequence, acts: dict, values: dict) -> list:
-    """Per node, why supervised scores are what they are: the held-out fraction of variance a
-    least-squares supervised dictionary explains (fit on "train", scored on "eval"), the effective
-    rank, and the IO-S overlap: mean |cos| between a name's IO and S mean codes (fit on "train").
-    acts {split: {node: [N, d]}}, values {split: {attribute: ids [N]}}. The attribute norms and their
-    noise floor are the records of `attribute_evidence`."""
+    """Per node: the held-out FVE of a least-squares supervised dictionary (fit on "train", scored on
+    "eval"), the effective rank, and the IO-S overlap (mean |cos| of a name's IO and S mean codes).
+    acts {split: {node: [N, d]}}, values {split: {attribute: ids}}; norms and floors: `attribute_evidence`."""
     sizes = {"io": len(ioi.NAMES), "s": len(ioi.NAMES), "pos": len(ioi.PATTERNS)}
     records = []
     for node in nodes:

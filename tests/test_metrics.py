@@ -160,7 +160,7 @@ def test_f1_guided_edit_swaps_the_first_active_ranked_latents():
 
 # --- interpretability -------------------------------------------------------------------
 
-def test_precision_recall_and_f1_hand_table():
+def test_f1_hand_table():
     rows = torch.arange(6)[:, None]
     active = torch.cat([rows < 3,                     # latent 0 fires on prompts 0-2
                         torch.zeros(6, 1, dtype=torch.bool),  # latent 1 never fires
@@ -168,10 +168,9 @@ def test_precision_recall_and_f1_hand_table():
     properties = torch.cat([(rows >= 1) & (rows <= 4),        # property 0 holds on 1-4
                             torch.zeros(6, 1, dtype=torch.bool)], dim=1)  # never holds
 
-    precision, recall = metrics.precision_recall(active, properties)
-    assert precision[0, 0] == pytest.approx(2 / 3) and recall[0, 0] == pytest.approx(1 / 2)
     f1 = metrics.f1_scores(active, properties)
-    expected = torch.tensor([[4 / 7, 0.0], [0.0, 0.0], [1.0, 0.0]])  # 2·(2/3)(1/2)/(7/6) = 4/7
+    # latent 0: precision 2/3, recall 1/2, F1 = 2·(2/3)(1/2)/(7/6) = 4/7
+    expected = torch.tensor([[4 / 7, 0.0], [0.0, 0.0], [1.0, 0.0]])
     assert torch.allclose(f1, expected)
 
 
@@ -253,10 +252,7 @@ def test_names_with_latent_and_coverage_ignore_intersections():
     assert metrics.coverage(F1_TABLE, F1_LABELS) == {"io": 0.5, "s": 0.0, "pos": 0.5}
 
 
-def test_best_interpretations_and_latents_by_f1():
-    best_f1, best_index = metrics.best_interpretations(F1_TABLE)
-    assert best_index.tolist() == [6, 4, 2]
-    assert torch.allclose(best_f1, torch.tensor([0.95, 0.85, 0.55]))
+def test_latents_by_f1():
     assert metrics.latents_by_f1(F1_TABLE, F1_LABELS, "io").tolist() == [[0, 1, 2], [1, 2, 0]]
 
 
@@ -359,7 +355,8 @@ def test_oversplitting_toy_small_run():
 def test_occlusion_toy_experiment_trains_one_sae_per_ratio():
     """A few epochs only: checks the wiring, not the phenomenon."""
     config = dictionaries.TrainConfig(d_sae=16, epochs=5, batch_size=64)
-    results = metrics.occlusion_toy_experiment((1.0, 2.0), l1=1.0, n_values=4, d=8, n_samples=256, config=config)
+    results = metrics.occlusion_toy_experiment((1.0, 2.0), l1=1.0, n_values=4, d=8, n_samples=256,
+                                               config=config)
     assert [(r["ratio"], r["l1"]) for r in results] == [(1.0, 1.0), (2.0, 1.0)]
     assert all(0.0 <= r["io"] <= 1.0 and 0.0 <= r["s"] <= 1.0 and r["l0"] >= 0.0 for r in results)
 
@@ -409,7 +406,8 @@ def test_decoder_recovery_is_one_when_the_decoder_holds_the_true_directions():
     features = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.5, -(0.75 ** 0.5)]])
     assert metrics.decoder_recovery(rows, features) == pytest.approx((2 + 0.75 ** 0.5) / 3)
     at_nodes = {"n": metrics.SAEAtNode(sae, None, None)}
-    records = metrics.ground_truth_records({"topk": {3: at_nodes}}, {}, {"n": {"io": 3 * truth[:2]}, "m": None})
+    truth_at = {"n": {"io": 3 * truth[:2]}, "m": None}  # no known directions at m
+    records = metrics.ground_truth_records({"topk": {3: at_nodes}}, {}, truth_at)
     assert [(r.test, r.site, r.attribute, r.setting, r.value) for r in records] == [
         ("ground_truth_cosine", "n", "io", 3, pytest.approx(1.0))]
 
@@ -429,7 +427,8 @@ def test_effective_rank_and_a_least_squares_fit_that_explains_everything():
 
 def test_sae_edits_always_include_the_papers_two_out_two_in():
     assert metrics.SAEEdit("f1", 4) in metrics.sae_edits((2, 8))
-    assert metrics.sae_edits((2, 4)) == [metrics.SAEEdit(kind, k) for k in (2, 4) for kind in ("greedy", "f1")]
+    expected = [metrics.SAEEdit(kind, k) for k in (2, 4) for kind in ("greedy", "f1")]
+    assert metrics.sae_edits((2, 4)) == expected
 
 
 # --- records of the graders -----------------------------------------------------------------
