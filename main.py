@@ -648,6 +648,9 @@ def evaluate_run(run, oversplitting_grids=metrics.OVERSPLITTING_GRIDS):
                                                 metrics.chosen_settings(records))
     with stopwatch(PHENOMENA):
         records += grade_phenomena(run, task, clean_run, supervised["supervised"], task_saes)
+        records += metrics.geometry_records(run.nodes, run.acts, run.attributes)
+        truth = {node: ioi.true_features(run.model, node) for node in run.nodes}
+        records += metrics.ground_truth_records(task_saes, supervised["supervised"], truth)
     with stopwatch("Over-splitting toy"):
         records += metrics.oversplitting_toy_records(oversplitting_grids, run.config.seed)
     return records
@@ -694,8 +697,7 @@ def grade_phenomena(run, task, clean_run, supervised, task_saes):
                                       run.sae_train_config(), c.device)
         records += metrics.alpha_sweep_records(node, saes, datasets, c.occlusion_alphas,
                                                run.attributes["train"], c.topk_k[0])
-    return records + metrics.occlusion_toy_records(phenomena.toy_norms, c.vanilla_l1, run.sae_train_config(),
-                                                   c.seed)
+    return records + metrics.occlusion_toy_records(phenomena.toy_norms, c.seed)
 
 
 def write_metrics(run, rows):

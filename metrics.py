@@ -1,20 +1,12 @@
-"""Every metric of the evaluation in one module (Makelov, Lange & Nanda, arXiv 2405.08366).
-
-Sections follow the paper's tests (README, 'The method in one page'):
-  * logit difference, the IOI task metric (section 2);
-  * approximation: sufficiency, necessity, LD recovered (section 5);
-  * control: edit accuracy, weight removed, greedy and F1-guided SAE edits (section 6);
-  * interpretability: F1 tables, candidate properties, interpretations (section 7);
-  * SAE core metrics: L0, MSE, fraction of variance explained, dead fraction (section 8);
-  * the two phenomena, occlusion and over-splitting, with their toy models (section 9);
-  * grading a run: every test at every cross-section as flat records (sections 5-9).
-
-Everything here is a pure function of tensors, except the interventions and graders, which
-run the model with patches, and `occlusion_toy_experiment`, which trains SAEs. SAEs enter only
-through dictionaries.py's interface: `encode(x)` on raw activations, `sae(x)` -> (x̂, f),
-`active(x)`, unit-norm decoder rows `W_dec` in the SAE's normalised space and the scalar
-`input_scale` s, so the raw-space contribution of latent j is f_j * W_dec[j] / s.
-Where to start: `sufficiency`, `necessity`, `edit_accuracy`, then `grade_section`.
+"""Every metric of the evaluation (Makelov, Lange & Nanda, arXiv 2405.08366), in the order of the
+paper's tests (README, 'The method in one page'): approximation (§5), control (§6), interpretability
+(§7), SAE core metrics (§8), the two phenomena and their toy models (§9), then the graders that turn
+every test at every cross-section into flat `Record`s, and ground truth beyond the paper.
+Pure functions of tensors, except the graders (they run the model with patches) and the toys that
+train SAEs. SAEs enter through dictionaries.py's interface: `encode(x)` and `active(x)` on raw
+activations, `sae(x)` -> (x̂, f), unit-norm decoder rows `W_dec` in the SAE's normalised space and
+the scalar `input_scale` s, so latent j adds f_j W_dec[j] / s. Start with `sufficiency`,
+`necessity`, `edit_accuracy`, then `grade_section`.
 """
 import functools
 import math
@@ -49,9 +41,8 @@ def sufficiency(ld_patched, ld_clean) -> float:
 
 
 def necessity(ld_mean_ablated, ld_patched, ld_clean) -> float:
-    """1 - |LD_meanabl - LD_patched| / |LD_meanabl - LD_clean| (all mean LDs), where "patched" means
-    a -> ā + (a - â): the explained part is mean-ablated, the residual kept. If the dictionary explains
-    everything, this *is* mean ablation and necessity = 1; if nothing, it is the clean run: 0."""
+    """1 - |LD_meanabl - LD_patched| / |LD_meanabl - LD_clean| (mean LDs), "patched" being
+    a -> ā + (a - â): a dictionary that explains everything gives mean ablation (1), nothing clean (0)."""
     mean_ablated = _mean(ld_mean_ablated)
     total_effect = abs(mean_ablated - _mean(ld_clean))
     if total_effect == 0:
@@ -60,8 +51,7 @@ def necessity(ld_mean_ablated, ld_patched, ld_clean) -> float:
 
 
 def ld_recovered(ld_sae, ld_mean_ablated, ld_clean) -> float:
-    """|LD_sae - LD_meanabl| / |LD_clean - LD_meanabl|: 1 = as good as clean, 0 = as bad as
-    mean ablation (the per-node score used to pick SAE checkpoints)."""
+    """|LD_sae - LD_meanabl| / |LD_clean - LD_meanabl|: 1 = as good as clean, 0 = as bad as mean ablation."""
     mean_ablated = _mean(ld_mean_ablated)
     total_effect = abs(_mean(ld_clean) - mean_ablated)
     if total_effect == 0:
@@ -69,13 +59,10 @@ def ld_recovered(ld_sae, ld_mean_ablated, ld_clean) -> float:
     return abs(_mean(ld_sae) - mean_ablated) / total_effect
 
 
-# ---------------------------------------------------------------------------------------
-# Test 2: control (README §6)
-# ---------------------------------------------------------------------------------------
+# --- Test 2: control (README §6) ---
 
 def edit_accuracy(edited_top: torch.Tensor, ground_truth_top: torch.Tensor) -> float:
-    """Fraction of prompts whose argmax next token after the edit equals the argmax of the
-    ground-truth run (counterfactual activations patched in). Token ids [B] (`ioi.PatchedRun.top_token`)."""
+    """Share of prompts whose argmax token [B] after the edit is the ground-truth run's."""
     if edited_top.shape != ground_truth_top.shape or edited_top.dtype != torch.long:
         raise ValueError(f"edit_accuracy: expected two LongTensors [B] of argmax tokens, got "
                          f"{edited_top.dtype} {tuple(edited_top.shape)} and {tuple(ground_truth_top.shape)}")
@@ -88,8 +75,8 @@ def raw_decoder_directions(sae) -> torch.Tensor:
 
 
 def sae_latent_weights(f: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """w_j = f_j d_j·(â - b_dec) / ‖â - b_dec‖² for every latent -> [B, d_sae]: â - b_dec is
-    Σ_j f_j d_j, so the weights of one prompt sum to 1 (0 if nothing fires)."""
+    """w_j = f_j d_j·(â - b_dec) / ‖â - b_dec‖² -> [B, d_sae]; â - b_dec = Σ_j f_j d_j, so a prompt's
+    weights sum to 1 (0 if nothing fires)."""
     centred_reconstruction = f @ directions  # [B, d] = â - b_dec
     projections = (centred_reconstruction @ directions.T) * f  # [B, d_sae]
     squared_norm = centred_reconstruction.pow(2).sum(-1, keepdim=True)  # [B, 1]
@@ -97,18 +84,15 @@ def sae_latent_weights(f: torch.Tensor, directions: torch.Tensor) -> torch.Tenso
 
 
 def sae_weight_removed(f: torch.Tensor, directions: torch.Tensor, changed_mask: torch.Tensor) -> torch.Tensor:
-    """Edit magnitude of an SAE edit: Σ of w_j over the changed latents, on the clean
-    activation -> [B]. (For supervised edits it is w_i from `feature_weights`.)"""
+    """Weight removed by an SAE edit: Σ w_j over the changed latents, on the clean activation -> [B]."""
     return (sae_latent_weights(f, directions) * changed_mask).sum(-1)  # [B]
 
 
 @torch.no_grad()
 def greedy_sae_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor, k: int):
-    """Interpretation-agnostic SAE edit: swap at most k latents from p to p' (k >= d_sae: no limit).
-    Target δ = a(p') - a(p); candidate moves Δ_j = (f_j(a(p')) - f_j(a(p))) d_j. Each step adds, per
-    prompt, the unused Δ_j that minimises ‖S + Δ_j - δ‖ (S the running sum); a prompt stops once no
-    move brings S closer to δ. Returns (a(p) + S [B, d], which keeps the SAE error term of a(p), and
-    changed_mask [B, d_sae])."""
+    """Interpretation-agnostic SAE edit of at most k latents (README §6): target δ = a(p') - a(p), moves
+    Δ_j = (f_j(a(p')) - f_j(a(p))) d_j; each step adds, per prompt, the unused Δ_j minimising
+    ‖S + Δ_j - δ‖, until none helps. -> (a(p) + S [B, d], keeping a(p)'s SAE error; changed [B, d_sae])."""
     directions = raw_decoder_directions(sae)  # [d_sae, d]
     coefficient_change = sae.encode(a_counterfactual) - sae.encode(a_clean)  # [B, d_sae]
     direction_sq_norms = directions.pow(2).sum(-1)  # [d_sae]
@@ -133,8 +117,7 @@ def greedy_sae_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor, 
 
 
 def first_active_in_ranking(ranking: torch.Tensor, active: torch.Tensor, k: int) -> torch.Tensor:
-    """Per prompt, the first k latents of `ranking` [B, R] that are active [B, d_sae];
-    returned as a mask [B, d_sae] (fewer than k when fewer are active)."""
+    """Per prompt, the first k latents of `ranking` [B, R] that are active [B, d_sae] -> mask [B, d_sae]."""
     active_in_rank_order = active.gather(1, ranking)  # [B, R]
     picked = active_in_rank_order & (active_in_rank_order.cumsum(1) <= k)  # [B, R]
     return torch.zeros_like(active).scatter(1, ranking, picked)  # [B, d_sae]
@@ -143,12 +126,10 @@ def first_active_in_ranking(ranking: torch.Tensor, active: torch.Tensor, k: int)
 @torch.no_grad()
 def f1_guided_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor,
                    ranking_old: torch.Tensor, ranking_new: torch.Tensor, k: int):
-    """Interpretation-aware SAE edit of one attribute from v (in p) to v' (in p'). `ranking_old` /
-    `ranking_new` [B, R] list latents by decreasing F1 for each prompt's v and v' (rows of
-    `latents_by_f1` indexed by the attribute ids). Subtract the contributions f_j(p) d_j of the first
-    k latents ranked for v that are active on p, add f_j(p') d_j for the first k ranked for v' that
-    are active on p'. Returns (a_edited [B, d], changed_mask [B, d_sae]: the latents removed or
-    added), like `greedy_sae_edit`; k = 1 is the paper's headline edit, 1 latent out and 1 in."""
+    """Interpretation-aware SAE edit from v (in p) to v' (in p'), rankings [B, R] of latents by F1 for
+    each prompt's v and v' (`latents_by_f1`): subtract f_j(p) d_j for the first k ranked for v active on
+    p, add f_j(p') d_j for the first k ranked for v' active on p' (the authors' num_exchange = k).
+    -> (a_edited [B, d], changed [B, d_sae]) like `greedy_sae_edit`."""
     directions = raw_decoder_directions(sae)  # [d_sae, d]
     removed = first_active_in_ranking(ranking_old, sae.active(a_clean), k)  # [B, d_sae]
     added = first_active_in_ranking(ranking_new, sae.active(a_counterfactual), k)  # [B, d_sae]
@@ -156,16 +137,7 @@ def f1_guided_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor,
     return a_clean + change @ directions, removed | added
 
 
-# ---------------------------------------------------------------------------------------
-# Test 3: interpretability (README §7)
-# ---------------------------------------------------------------------------------------
-
-def _f1_from_counts(intersection, n_active, n_property):
-    """F1 = 2PR/(P+R) = 2|A∩F| / (|A| + |F|); 0 where the latent never fires and the
-    property never holds (both empty), which is also where P and R are undefined."""
-    denominator = n_active + n_property
-    return torch.where(denominator > 0, 2 * intersection / denominator.clamp(min=1), 0.0)
-
+# --- Test 3: interpretability (README §7) ---
 
 def _counts(active: torch.Tensor, properties: torch.Tensor):
     """|A∩F| [L, P], |F| [L, 1] and |A| [1, P] for active [N, L] and properties [N, P]."""
@@ -176,18 +148,14 @@ def _counts(active: torch.Tensor, properties: torch.Tensor):
     return active.T @ properties, active.sum(0)[:, None], properties.sum(0)[None, :]
 
 
-def precision_recall(active: torch.Tensor, properties: torch.Tensor):
-    """Precision |A∩F|/|F| and recall |A∩F|/|A| of every latent (F: the prompts where it is active)
-    for every property A -> two [L, P] tensors, 0 where the set divided by is empty."""
-    intersection, n_active, n_property = _counts(active, properties)
-    precision = torch.where(n_active > 0, intersection / n_active.clamp(min=1), 0.0)
-    recall = torch.where(n_property > 0, intersection / n_property.clamp(min=1), 0.0)
-    return precision, recall
+def _f1_from_counts(intersection, n_active, n_property):
+    """F1 = 2PR/(P+R) = 2|A∩F| / (|A| + |F|); 0 where both sets are empty (P and R undefined)."""
+    denominator = n_active + n_property
+    return torch.where(denominator > 0, 2 * intersection / denominator.clamp(min=1), 0.0)
 
 
 def f1_scores(active: torch.Tensor, properties: torch.Tensor) -> torch.Tensor:
-    """F1 = 2PR/(P+R) of every latent for every property -> [L, P]; 0 where undefined
-    (latent never active, property never true, or no overlap)."""
+    """F1 of every latent (F: the prompts where it fires) for every property A -> [L, P]; 0 if undefined."""
     return _f1_from_counts(*_counts(active, properties))
 
 
@@ -203,8 +171,8 @@ def _check_attributes(attributes: dict, n_names: int):
 
 
 def _name_properties(attributes: dict, n_names: int, name_present=None) -> dict:
-    """One-hot single-name properties, each [N, n_names]: "io", "s", "has" (the name occurs),
-    and "first" / "second" (the name in the first / second name slot: IO first in ABB)."""
+    """One-hot single-name properties [N, n_names]: "io", "s", "has" (the name occurs), "first" /
+    "second" (the name in the first / second name slot: IO first in ABB)."""
     io = F.one_hot(attributes["io"], n_names).bool()  # [N, n_names]
     s = F.one_hot(attributes["s"], n_names).bool()  # [N, n_names]
     has = io | s if name_present is None else name_present.bool()
@@ -216,11 +184,9 @@ def _name_properties(attributes: dict, n_names: int, name_present=None) -> dict:
 
 
 def candidate_properties(attributes: dict, names: Sequence[str], name_present=None):
-    """The fixed candidate properties of README §7 -> (bool [N, P], labels [P]). `attributes` =
-    {"io", "s", "pos"} ids as from ioi.attribute_ids; `name_present` [N, n_names] marks names
-    occurring in the prompt (default: IO or S). Columns, in this order, with ids in attribute order
-    inside each block: io=v, s=v, has=v (name v occurs), first=v, second=v (v is the first / second
-    name), pos=ABB/BAB, io=v&pos=p, s=v&pos=p. Unions of names are per latent: `interpret_latents`."""
+    """The fixed candidate properties of README §7 -> (bool [N, P], labels [P]), from {"io", "s", "pos"}
+    ids (ioi.attribute_ids); name_present [N, n_names]: names in the prompt (default IO or S). Columns:
+    io=v, s=v, has=v, first=v, second=v, pos=ABB/BAB, io=v&pos=p, s=v&pos=p (ids in order in each block)."""
     _check_attributes(attributes, len(names))
     singles = _name_properties(attributes, len(names), name_present)
     pos = F.one_hot(attributes["pos"], len(ioi.PATTERNS)).bool()  # [N, 2]
@@ -238,9 +204,8 @@ def candidate_properties(attributes: dict, names: Sequence[str], name_present=No
 
 
 def name_unions(active: torch.Tensor, name_properties: torch.Tensor, max_names: int = 10):
-    """Best union of a latent's top single-name properties (e.g. "IO is Mary or John"): names are
-    ranked per latent by their own F1, and the best of the unions of the top 1, 2, ..., max_names is
-    kept. Returns (f1 [L], members [L, max_names]: its names in rank order, padded with -1)."""
+    """Best union of a latent's top single-name properties ("IO is Mary or John"): of the unions of its
+    top 1, 2, ..., max_names names by F1, the best -> (f1 [L], members [L, max_names], padded with -1)."""
     single_f1 = f1_scores(active, name_properties)  # [L, n_names]
     ranked = single_f1.argsort(dim=1, descending=True, stable=True)  # ties: lower name id first
     top_names = ranked[:, :max_names]  # [L, m]
@@ -260,11 +225,6 @@ def name_unions(active: torch.Tensor, name_properties: torch.Tensor, max_names: 
     return best_f1, members
 
 
-def best_interpretations(f1: torch.Tensor):
-    """Each latent's best property in an F1 table [L, P] -> (best_f1 [L], index [L])."""
-    return f1.max(dim=1)
-
-
 @dataclass
 class LatentInterpretations:
     f1: torch.Tensor  # [L, P] F1 of every latent for every candidate property
@@ -275,12 +235,11 @@ class LatentInterpretations:
 
 def interpret_latents(active: torch.Tensor, attributes: dict, names: Sequence[str],
                       name_present=None, max_union: int = 10) -> LatentInterpretations:
-    """Interpret every latent as its best-F1 property among the candidates of README §7:
-    the fixed table of `candidate_properties` plus, for io/s/has, unions of up to
-    `max_union` names. A union wins only if strictly better than every fixed property."""
+    """Each latent's best-F1 property among README §7's candidates: `candidate_properties` and, for
+    io/s/has, unions of up to `max_union` names (a union wins only if strictly better)."""
     properties, labels = candidate_properties(attributes, names, name_present)
     f1 = f1_scores(active, properties)  # [L, P]
-    best_f1, best_index = best_interpretations(f1)
+    best_f1, best_index = f1.max(dim=1)
     best_labels = [labels[i] for i in best_index.tolist()]
     for family, family_properties in _name_properties(attributes, len(names), name_present).items():
         union_f1, members = name_unions(active, family_properties, max_union)
@@ -300,48 +259,40 @@ def _attribute_columns(labels: Sequence[str], attribute: str) -> torch.Tensor:
 
 
 def latents_by_f1(f1: torch.Tensor, labels: Sequence[str], attribute: str) -> torch.Tensor:
-    """Latents ranked by decreasing F1 for each value of an attribute -> [n_values, L];
-    row v is the ranking for "attribute=v" (v an attribute id). Index it with the ids of
-    a batch to get the rankings that `f1_guided_edit` takes."""
+    """Latents by decreasing F1 for each value of an attribute -> [n_values, L] (row v: "attribute=v");
+    indexed by a batch's ids, the rankings `f1_guided_edit` takes."""
     value_f1 = f1[:, _attribute_columns(labels, attribute)].T  # [n_values, L]
     return value_f1.argsort(dim=1, descending=True, stable=True)
 
 
-def names_with_latent(f1: torch.Tensor, labels: Sequence[str], attribute: str,
-                      threshold: float = 0.5) -> int:
-    """Number of values of `attribute` (io/s names, or pos) with at least one latent of
-    F1 >= threshold for "attribute=v". The occlusion count uses io and s at 0.5."""
+def names_with_latent(f1: torch.Tensor, labels: Sequence[str], attribute: str, threshold: float = 0.5) -> int:
+    """Number of values of `attribute` with a latent of F1 >= threshold for "attribute=v"."""
     best_per_value = f1[:, _attribute_columns(labels, attribute)].max(dim=0).values  # [n_values]
     return int((best_per_value >= threshold).sum())
 
 
 def coverage(f1: torch.Tensor, labels: Sequence[str], threshold: float = 0.8) -> dict:
-    """Fraction of the values of each attribute (io, s, pos) that some latent explains
-    with F1 >= threshold -> {"io": .., "s": .., "pos": ..}."""
+    """Share of the values of io, s and pos that some latent explains with F1 >= threshold."""
     return {attribute: names_with_latent(f1, labels, attribute, threshold)
             / len(_attribute_columns(labels, attribute))
             for attribute in ("io", "s", "pos")}
 
 
-# ---------------------------------------------------------------------------------------
-# SAE core metrics (README §8): `dictionaries.core_metrics`, on raw activations
-# ---------------------------------------------------------------------------------------
+# --- SAE core metrics (README §8): `dictionaries.core_metrics`, on raw activations ---
 
 def sae_core_metrics(sae, x: torch.Tensor, train_x: torch.Tensor) -> dict:
-    """L0, MSE, fraction of variance explained and dead fraction of an SAE on raw activations x [N, d]:
-    L0 counts the non-zero latents, the dead fraction the latents never active on train_x."""
+    """L0, MSE, fraction of variance explained of an SAE on raw activations x [N, d], and its dead
+    fraction: the latents never active on train_x."""
     x_hat, f = sae(x)
     return dictionaries.core_metrics(x, x_hat, (f != 0).sum(0), sae.active(train_x).sum(0))
 
 
-# ---------------------------------------------------------------------------------------
-# Phenomenon 1: feature occlusion (README §9)
-# ---------------------------------------------------------------------------------------
+# --- Phenomenon 1: feature occlusion, the toy model (README §9) ---
 
 def occlusion_toy_data(io_norm: float, s_norm: float, n_samples: int, n_values: int = 216,
                        d: int = 64, seed: int = 0):
-    """Toy activations a = u_i + v_j, with i (the "IO") and j (the "S") uniform over n_values and
-    u, v ~ N(0, I_d) rescaled to norms io_norm and s_norm -> (acts [N, d], {"io": i [N], "s": j [N]})."""
+    """a = u_i + v_j, i ("IO") and j ("S") uniform over n_values, u, v ~ N(0, I_d) rescaled to norms
+    io_norm and s_norm -> (acts [N, d], {"io": i [N], "s": j [N]})."""
     generator = torch.Generator().manual_seed(seed)
     u = torch.randn(n_values, d, generator=generator)
     v = torch.randn(n_values, d, generator=generator)
@@ -352,69 +303,46 @@ def occlusion_toy_data(io_norm: float, s_norm: float, n_samples: int, n_values: 
     return u[io] + v[s], {"io": io, "s": s}
 
 
-def occlusion_toy_recovery(active: torch.Tensor, values: dict, n_values: int,
-                           threshold: float = 0.9) -> dict:
-    """Share of the toy features recovered by an SAE: for "io" (the high-norm features)
-    and "s" (the low-norm ones), the fraction of values v with a latent of
-    F1 > threshold for "attribute is v". active [N, d_sae] on the toy data."""
-    shares = {}
-    for attribute, ids in values.items():
-        f1 = f1_scores(active, F.one_hot(ids, n_values))  # [d_sae, n_values]
-        shares[attribute] = float((f1.max(dim=0).values > threshold).float().mean())
-    return shares
+def occlusion_toy_recovery(active: torch.Tensor, values: dict, n_values: int, threshold: float = 0.9) -> dict:
+    """Per attribute, the share of its values v with a latent of F1 > threshold for "attribute is v"
+    (active [N, d_sae] on the toy data)."""
+    return {attribute: float((f1_scores(active, F.one_hot(ids, n_values)).max(dim=0).values > threshold)
+                             .float().mean()) for attribute, ids in values.items()}
 
 
-def occlusion_toy_experiment(io_norm: float, s_norm: float, l1s: Sequence[float] = (0.5, 1.0, 2.5, 5.0),
-                              n_values: int = 216, d: int = 64, n_samples: int = 20_000,
-                              config=None, seed: int = 0, progress: bool = False) -> list:
-    """Occlusion in the toy model: train one vanilla SAE per λ (one batched stack) on a = u_i + v_j
-    and measure, on the same data, the share of high-norm ("io") and low-norm ("s") features it
-    recovers. `config`: a dictionaries.TrainConfig (default: 100 epochs). -> [{l1, io, s, l0}] per λ."""
-    acts, values = occlusion_toy_data(io_norm, s_norm, n_samples, n_values, d, seed)
-    specs = [dictionaries.SAESpec("vanilla", l1_coefficient=l1, seed=seed + i, name=f"l1={l1}")
-             for i, l1 in enumerate(l1s)]
-    saes, _ = dictionaries.train_sae_stack(acts[None], specs, config or dictionaries.TrainConfig(epochs=100),
-                                           progress=progress)
+# The toy's settings, tuned so that at 1:1 both feature sets are recovered (F1 > 0.9): the paper's 216
+# values, but 128 dimensions (at 64, two random features interfere too much for F1 > 0.9 at any ratio)
+# and a λ at which the weaker set fades as the ratio grows; ~20 s on 2 CPU cores for 4 ratios.
+OCCLUSION_TOY_RATIOS = (1.0, 1.2, 1.5, 2.0)
+OCCLUSION_TOY = dict(l1=4.5, n_values=216, d=128, n_samples=10_000)
+OCCLUSION_TOY_TRAINING = dictionaries.TrainConfig(d_sae=512, lr=1e-2, batch_size=256, epochs=30,
+                                                  resample_at=(0.125, 0.25))
+
+
+def occlusion_toy_experiment(ratios: Sequence[float], l1: float = OCCLUSION_TOY["l1"],
+                             n_values: int = OCCLUSION_TOY["n_values"], d: int = OCCLUSION_TOY["d"],
+                             n_samples: int = OCCLUSION_TOY["n_samples"], config=OCCLUSION_TOY_TRAINING,
+                             seed: int = 0) -> list:
+    """For each norm ratio r, one vanilla SAE (one batched stack) trained on a = u_i + v_j with ‖u‖ = 1,
+    ‖v‖ = 1/r (the same features and samples at every r), and the share of "io" (u) and "s" (v)
+    features it recovers on that data -> [{ratio, l1, io, s, l0}]."""
+    data = [occlusion_toy_data(1.0, 1 / ratio, n_samples, n_values, d, seed) for ratio in ratios]
+    specs = [dictionaries.SAESpec("vanilla", i, l1_coefficient=l1, seed=seed) for i in range(len(ratios))]
+    saes, _ = dictionaries.train_sae_stack(torch.stack([acts for acts, _ in data]), specs, config)
     results = []
     with torch.no_grad():
-        for l1, sae in zip(l1s, saes):
+        for ratio, sae, (acts, values) in zip(ratios, saes, data):
             shares = occlusion_toy_recovery(sae.active(acts), values, n_values)
-            results.append({"l1": l1, **shares, "l0": sae_core_metrics(sae, acts, acts)["l0"]})
+            l0 = sae_core_metrics(sae, acts, acts)["l0"]
+            results.append({"ratio": ratio, "l1": l1, **shares, "l0": l0})
     return results
 
 
-# ---------------------------------------------------------------------------------------
-# Phenomenon 2: feature over-splitting (README §9)
-# ---------------------------------------------------------------------------------------
+# --- Phenomenon 2: feature over-splitting (README §9) ---
 
 def pos_latents(best_labels: Sequence[str]) -> int:
     """Number of latents whose interpretation is a Pos value (pos=ABB or pos=BAB)."""
-    pos_labels = {f"pos={value}" for value in ioi.PATTERNS}
-    return sum(label in pos_labels for label in best_labels)
-
-
-PRESENT, CAUSAL = 0.1, 0.1  # the phenomenon gates' thresholds (see phenomenon_node)
-
-
-def phenomenon_node(evidence: dict, attributes: Sequence[str], present: float = PRESENT,
-                    causal: float = CAUSAL):
-    """Where a phenomenon can be tested (arXiv 2405.08366, section 5): a node at which every attribute
-    in `attributes` is present and causal. Occlusion needs IO and S (an SAE that hides the weaker one
-    must have had something to hide); over-splitting needs Pos. evidence: {(node, attribute): {"norm",
-    "answers_changed", "ld_moved"}}: the supervised feature's norm relative to the activations'
-    spread, and the share of answers changed / relative move of the mean LD when the node alone takes
-    the counterfactual activation. Present: norm >= `present`; causal: answers_changed or ld_moved >=
-    `causal`. Among the nodes that pass, the one whose weakest attribute (by norm) is most causal;
-    None if none."""
-    def effect(row):
-        return max(row["answers_changed"], row["ld_moved"])
-    nodes = list(dict.fromkeys(node for node, _ in evidence))
-    passing = [node for node in nodes
-               if all(evidence[node, a]["norm"] >= present and effect(evidence[node, a]) >= causal
-                      for a in attributes)]
-    def weakest_effect(node):
-        return effect(evidence[node, min(attributes, key=lambda a: evidence[node, a]["norm"])])
-    return max(passing, key=weakest_effect) if passing else None
+    return sum(label in {f"pos={value}" for value in ioi.PATTERNS} for label in best_labels)
 
 
 def sae_loss(x: torch.Tensor, sae: dictionaries.SAE, l1: float) -> float:
@@ -429,16 +357,15 @@ def oversplitting_toy_data(n_samples: int, mu: torch.Tensor, generator: torch.Ge
 
 
 def ideal_two_latent_sae(mu: torch.Tensor, k: float, gamma: float) -> dictionaries.SAE:
-    """The "ideal" vanilla SAE for ±µ: one latent per cluster, decoders ±µ/‖µ‖, encoders ±kµ,
-    biases -γ, b_dec = 0."""
+    """The "ideal" SAE for ±µ: decoders ±µ/‖µ‖, encoders ±kµ, biases -γ, b_dec = 0."""
     signed = torch.stack([mu, -mu])  # [2, d]
     return dictionaries.SAE("vanilla", W_enc=k * signed.T, b_enc=torch.full((2,), -gamma, dtype=mu.dtype),
                             W_dec=signed / mu.norm(), b_dec=torch.zeros_like(mu))
 
 
 def random_data_sae(data_sample: torch.Tensor, beta: float, gamma: float) -> dictionaries.SAE:
-    """A random vanilla SAE with one latent per data sample [n_latents, d]: encoder rows
-    β·sample, decoder rows the normalised samples, biases -γ, b_dec = 0."""
+    """One latent per data sample [n_latents, d]: encoder rows β·sample, decoder rows the normalised
+    samples, biases -γ, b_dec = 0."""
     return dictionaries.SAE("vanilla", W_enc=beta * data_sample.T,
                             b_enc=torch.full((len(data_sample),), -gamma, dtype=data_sample.dtype),
                             W_dec=data_sample / data_sample.norm(dim=1, keepdim=True),
@@ -447,10 +374,9 @@ def random_data_sae(data_sample: torch.Tensor, beta: float, gamma: float) -> dic
 
 def scaled_family_loss_terms(x: torch.Tensor, encoder_rows: torch.Tensor, W_dec: torch.Tensor,
                              scales: Sequence[float], gammas: Sequence[float]):
-    """Both loss terms of every SAE with W_enc = scale·encoder_rowsᵀ, biases -γ, b_dec = 0 and the
-    given decoder, over a grid of scales × γs, and how often each SAE fires -> (reconstruction, l1,
-    firing), each [n_scales, n_gammas]: the means of ‖x̂ - x‖² and ‖f‖₁ (the loss for any λ is
-    reconstruction + λ·l1) and the share of inputs on which some latent is active."""
+    """For every SAE with W_enc = scale·encoder_rowsᵀ, biases -γ, b_dec = 0 and this decoder, over
+    scales × γs: the means of ‖x̂ - x‖² and ‖f‖₁ (the loss at λ is their sum weighted 1 and λ) and
+    the share of inputs on which it fires -> (reconstruction, l1, firing), each [n_scales, n_gammas]."""
     projections = x @ encoder_rows.T  # [N, n_latents]
     gammas = torch.as_tensor(gammas, dtype=x.dtype)[:, None, None]  # [n_gammas, 1, 1]
     reconstruction, l1, firing = [], [], []
@@ -462,43 +388,33 @@ def scaled_family_loss_terms(x: torch.Tensor, encoder_rows: torch.Tensor, W_dec:
     return torch.stack(reconstruction), torch.stack(l1), torch.stack(firing)
 
 
-def _best_over_grid(reconstruction, l1, firing, lambdas, scales, gammas):
-    """Best loss over the grid for each λ, the (scale, γ) that attains it, and how often that
-    best SAE fires."""
-    losses = reconstruction.flatten()[None] + lambdas[:, None] * l1.flatten()[None]  # [n_λ, grid]
-    best_loss, best = losses.min(dim=1)
-    grid = torch.cartesian_prod(torch.as_tensor(scales, dtype=torch.float64),
-                                torch.as_tensor(gammas, dtype=torch.float64))  # [grid, 2]
-    return best_loss.numpy(), grid[best].numpy(), firing.flatten()[best].numpy()
-
-
 def oversplitting_toy(lambdas=np.linspace(0, 20, 41), n_samples: int = 4096, d: int = 100,
                       mu_norm: float = 2.0, n_latents: int = 1000,
                       ideal_ks=np.geomspace(1 / 16, 2.0, 31), ideal_gammas=np.linspace(0.0, 10.0, 41),
                       random_betas=np.geomspace(0.01, 0.3, 31),
                       random_gammas=(1.0, 1.75, 2.35, 3.0, 4.0, 5.0, 6.0), seed: int = 0) -> dict:
-    """The over-splitting toy of README §9: on ±µ + N(0, I_d) with ‖µ‖ = mu_norm, the best SAE loss
-    per λ of the ideal 2-latent SAE (grid over k, γ) and of a random n_latents-latent SAE built from
-    data samples (grid over β, γ), all scored on the same n_samples inputs, drawn apart from those
-    samples. Returns numpy arrays: lambdas, ideal_best_loss / random_best_loss [n_λ],
-    ideal_best_params [n_λ, 2] (k, γ), random_best_params [n_λ, 2] (β, γ), ideal_firing /
-    random_firing [n_λ] (share of inputs on which the best SAE fires), and zero_sae_loss (the loss
-    of an SAE that never fires, E‖x‖²)."""
+    """README §9's toy on ±µ + N(0, I_d), ‖µ‖ = mu_norm: per λ, the best loss of the ideal SAE (over k, γ)
+    and of a random n_latents-latent SAE built from data samples (over β, γ), on n_samples other inputs.
+    -> numpy arrays lambdas, {ideal,random}_best_loss [n_λ], _best_params [n_λ, 2] ((k or β), γ),
+    _firing [n_λ] (share of inputs on which the best SAE fires); zero_sae_loss = E‖x‖²."""
     generator = torch.Generator().manual_seed(seed)
     mu = torch.randn(d, generator=generator, dtype=torch.float64)
     mu = mu_norm * mu / mu.norm()
     x = oversplitting_toy_data(n_samples, mu, generator)  # [N, d]
     samples = oversplitting_toy_data(n_latents, mu, generator)  # [n_latents, d]
     lambdas = torch.as_tensor(lambdas, dtype=torch.float64)
-
     # Each family is swept by scaling the encoder of its unit member: k for the ideal, β for the random SAE.
     families = {"ideal": (ideal_two_latent_sae(mu, k=1.0, gamma=0.0), ideal_ks, ideal_gammas),
                 "random": (random_data_sae(samples, beta=1.0, gamma=0.0), random_betas, random_gammas)}
     toy = {"lambdas": lambdas.numpy(), "zero_sae_loss": float(x.pow(2).sum(-1).mean())}
     for family, (unit, scales, gammas) in families.items():
-        terms = scaled_family_loss_terms(x, unit.W_enc.T, unit.W_dec, scales, gammas)
-        toy[f"{family}_best_loss"], toy[f"{family}_best_params"], toy[f"{family}_firing"] = _best_over_grid(
-            *terms, lambdas, scales, gammas)
+        reconstruction, l1, firing = scaled_family_loss_terms(x, unit.W_enc.T, unit.W_dec, scales, gammas)
+        losses = reconstruction.flatten()[None] + lambdas[:, None] * l1.flatten()[None]  # [n_λ, grid]
+        best_loss, best = losses.min(dim=1)
+        grid = torch.cartesian_prod(torch.as_tensor(scales, dtype=torch.float64),
+                                    torch.as_tensor(gammas, dtype=torch.float64))  # [grid, 2]
+        toy[f"{family}_best_loss"], toy[f"{family}_best_params"] = best_loss.numpy(), grid[best].numpy()
+        toy[f"{family}_firing"] = firing.flatten()[best].numpy()
     return toy
 
 
@@ -509,12 +425,10 @@ PAPER_OVERSPLITTING_GRID = {"lambdas": np.linspace(0, 20, 100), "random_betas": 
 
 
 def oversplitting_verdict(toy: dict, min_firing: float = 0.02, tolerance: float = 1e-9) -> dict:
-    """Who wins the over-splitting toy, counted only where the comparison means something: for large λ
-    both SAEs stop firing and tie exactly at E‖x‖², and "the random SAE beats the ideal one for every
-    λ" is a claim about the λ where the ideal SAE still fires. So a λ is counted if the ideal SAE's
-    best setting fires on >= `min_firing` of the inputs, and a difference within `tolerance`
-    (relative) is a tie. Returns counts of counted λ, random wins, ideal wins, ties among them, λ not
-    counted, and the share of random wins."""
+    """Who wins the toy where it means something: for large λ both SAEs stop firing and tie at E‖x‖², so
+    a λ counts if the ideal SAE's best setting fires on >= min_firing of the inputs; a relative
+    difference within `tolerance` is a tie. -> counts (counted, random/ideal wins, ties, not counted)
+    and the share of random wins."""
     ideal, random = np.asarray(toy["ideal_best_loss"]), np.asarray(toy["random_best_loss"])
     counted = np.asarray(toy["ideal_firing"]) >= min_firing
     tie = np.abs(random - ideal) <= tolerance * np.maximum(1.0, np.abs(ideal))
@@ -604,6 +518,7 @@ class Record:
     high: Optional[float] = None
     alpha: Optional[float] = None     # occlusion sweep: SAEs trained on a - α u_IO (README §9)
     norm: Optional[float] = None      # feature norm in the occlusion toy
+    ratio: Optional[float] = None     # the occlusion toy's norm ratio ‖u_IO‖/‖u_S‖
     l1: Optional[float] = None        # λ of the over-splitting toy
     grid: Optional[str] = None        # which grid of the over-splitting toy
     firing: Optional[float] = None    # share of inputs on which the toy's ideal SAE fires
@@ -850,9 +765,14 @@ def interpretability_records(task: Task, inputs: SectionInputs, method: str, at_
     return records + causal_curve_records(task, inputs, method, at_nodes, thresholds, setting)
 
 
+PAPER_NUM_EXCHANGE = 2  # the authors' F1-guided edit swaps 2 latents each way: SAEEdit("f1", k=4)
+
+
 def sae_edits(edit_ks: Sequence[int]) -> list:
-    """Every SAE edit graded: greedy and F1-guided, for each number of latents k."""
-    return [SAEEdit(kind, k) for k in edit_ks for kind in ("greedy", "f1")]
+    """Every SAE edit graded: greedy and F1-guided, for each number of latents k, and the F1-guided
+    edit at the paper's size (k = 4: 2 out + 2 in) beside the headline's 1 + 1 (k = 2)."""
+    paper = [] if 2 * PAPER_NUM_EXCHANGE in edit_ks else [SAEEdit("f1", 2 * PAPER_NUM_EXCHANGE)]
+    return [SAEEdit(kind, k) for k in edit_ks for kind in ("greedy", "f1")] + paper
 
 
 def grade_sae(task: Task, inputs: SectionInputs, method: str, at_nodes: dict, attributes: Sequence[str],
@@ -967,71 +887,130 @@ def ld_recovered_records(task: Task, clean_run: ioi.PatchedRun, eval_acts: dict,
 
 # --- the two phenomena (README §9) ---
 
+def mean_code_norm(acts: torch.Tensor, ids: torch.Tensor) -> float:
+    """Mean norm of the mean codes u_v = mean(a - ā | value v) over the values that occur, relative
+    to the spread of the activations (mean ‖a - ā‖)."""
+    codes = dictionaries.SupervisedDictionary.fit(acts, {"a": ids}).features["a"]  # [n_values, d]
+    spread = (acts - acts.mean(0)).norm(dim=-1).mean()
+    return float(codes[torch.bincount(ids) > 0].norm(dim=-1).mean() / spread)
+
+
+def presence(acts: torch.Tensor, ids: torch.Tensor, n_permutations: int = 20, seed: int = 0):
+    """(mean_code_norm, noise floor: its 95th percentile with the labels shuffled). A finite sample's mean
+    codes are never 0: an attribute is present only where they stand above that floor."""
+    generator = torch.Generator().manual_seed(seed)
+    shuffled = [mean_code_norm(acts, ids[torch.randperm(len(ids), generator=generator)])
+                for _ in range(n_permutations)]
+    return mean_code_norm(acts, ids), float(np.quantile(shuffled, 0.95))
+
+
 def attribute_evidence(task: Task, clean_run: ioi.PatchedRun, nodes: Sequence, acts: dict, supervised: dict):
-    """Per node and attribute: the supervised feature's mean norm relative to the spread of the
-    activations (mean ‖a - ā‖), and its causal effect alone -- the share of answers that change,
-    and how far the mean LD moves, when only this node takes the counterfactual activation.
-    supervised: {node: SupervisedAtNode} (mean codes). Returns ({(node, attribute): row}, records)."""
+    """Per node and attribute (README §9): the supervised feature's mean norm / spread; the evaluation
+    prompts' mean-code norm and noise floor (`presence`); its causal effect alone (share of answers
+    changed, relative move of the mean LD, only this node counterfactual) -> ({(node, a): row}, records)."""
     evidence, records, ld_clean = {}, [], clean_run.logit_diff.mean()
+    values = ioi.attribute_ids(task.prompts)
     for node in nodes:
         x = acts["eval"][node]
         spread = (x - x.mean(0)).norm(dim=-1).mean()
         features = supervised[node].dictionary.features
         for attribute in ioi.ATTRIBUTES:
             patched = task.patched({node: acts[f"cf_{attribute}"][node]})
+            eval_norm, noise_floor = presence(x, values[attribute])
             evidence[node, attribute] = row = {
                 "norm": float(features[attribute].norm(dim=-1).mean() / spread) if spread > 0 else 0.0,  # 0/0
                 "answers_changed": 1 - edit_accuracy(clean_run.top_token, patched.top_token),
-                "ld_moved": float(abs(patched.logit_diff.mean() - ld_clean) / abs(ld_clean))}
+                "ld_moved": float(abs(patched.logit_diff.mean() - ld_clean) / abs(ld_clean)),
+                "eval_norm": eval_norm, "noise_floor": noise_floor}
             records += [Record(f"evidence_{key}", str(node), "supervised", value, attribute=attribute)
                         for key, value in row.items()]
     return evidence, records
 
 
-def phenomenon_node_of(model, evidence: dict, attributes: Sequence[str]):
-    """`phenomenon_node`; for GPT-2 Small only the paper's node, q@L10H0@end, is a candidate."""
-    paper_node = ioi.Node("q", 10, 0, "end")
-    if ioi.is_gpt2_small(model.config) and any(node == paper_node for node, _ in evidence):
-        evidence = {key: row for key, row in evidence.items() if key[0] == paper_node}
-    return phenomenon_node(evidence, attributes)
+PRESENT, CAUSAL = 0.1, 0.1  # present: above the noise floor and >= 10% of the spread; causal: >= 10%
+OCCLUDED, SPLIT = 0.5, 10  # reproduced: the weaker has latents for < half as many names; >= 10 Pos latents
+
+
+def phenomenon_gates(rows: dict, present: float = PRESENT, causal: float = CAUSAL) -> dict:
+    """A phenomenon's gates at one node, rows {attribute: evidence row}: the stronger attribute (by norm)
+    present, the weaker causal (over-splitting: Pos both) -> {(attribute, "present" / "causal"): passed}."""
+    weaker = min(rows, key=lambda a: rows[a]["eval_norm"])
+    stronger = max(rows, key=lambda a: rows[a]["eval_norm"])
+    row, effect = rows[stronger], max(rows[weaker]["answers_changed"], rows[weaker]["ld_moved"])
+    return {(stronger, "present"): row["eval_norm"] > row["noise_floor"] and row["eval_norm"] >= present,
+            (weaker, "causal"): effect >= causal}
+
+
+def phenomenon_node(evidence: dict, attributes: Sequence[str], **thresholds):
+    """Where a phenomenon can be tested: among the nodes that pass every gate, the one whose weaker
+    attribute is most causal; None if none. evidence: {(node, attribute): row} (`attribute_evidence`)."""
+    nodes = list(dict.fromkeys(node for node, _ in evidence))
+    rows = {node: {a: evidence[node, a] for a in attributes} for node in nodes}
+    passing = [node for node in nodes if all(phenomenon_gates(rows[node], **thresholds).values())]
+
+    def weaker_effect(node):
+        weaker = rows[node][min(attributes, key=lambda a: rows[node][a]["eval_norm"])]
+        return max(weaker["answers_changed"], weaker["ld_moved"])
+    return max(passing, key=weaker_effect) if passing else None
 
 
 class Phenomena(NamedTuple):
     records: list
-    occlusion_node: object  # where IO and S are both present and causal, or None
-    toy_norms: dict  # the IO and S feature norms the occlusion toy takes
+    occlusion_node: object  # where occlusion is testable, or None
+    toy_norms: Optional[dict]  # the IO and S feature norms measured there (None: not testable)
+
+
+PHENOMENA = {"occlusion": NAME_ATTRIBUTES, "oversplitting": ("pos",)}
 
 
 def grade_phenomena(task: Task, clean_run: ioi.PatchedRun, nodes: Sequence, acts: dict, supervised: dict,
                     task_saes: dict) -> Phenomena:
-    """Occlusion needs IO and S both present and causal at a node; over-splitting needs Pos present
-    and causal (README §9). At those nodes: the names with a latent, and the Pos latents, of every
-    task SAE {method: {setting: {node: SAEAtNode}}}. Where no node qualifies, the records say "not
-    testable" and the evidence records say why."""
+    """README §9: the gates at every node (records "gate_present" / "gate_causal"), and where a
+    phenomenon is testable what every task SAE {method: {setting: {node: SAEAtNode}}} did: the IO and
+    S names with a latent (F1 >= 0.5), or its Pos latents, and whether that reproduces the paper."""
     evidence, records = attribute_evidence(task, clean_run, nodes, acts, supervised)
-    occlusion_node = phenomenon_node_of(task.model, evidence, NAME_ATTRIBUTES)
-    split_node = phenomenon_node_of(task.model, evidence, ("pos",))
-    records += [Record("phenomenon_testable", str(node), "supervised", node is not None,
-                       phenomenon=phenomenon)
-                for node, phenomenon in ((occlusion_node, "occlusion"), (split_node, "oversplitting"))]
+    if ioi.is_gpt2_small(task.model.config):  # in GPT-2 Small only the paper's node is a candidate
+        paper_node = ioi.Node("q", 10, 0, "end")
+        evidence = {key: row for key, row in evidence.items() if key[0] == paper_node} or evidence
+    found = {}
+    for phenomenon, attributes in PHENOMENA.items():
+        for node in dict.fromkeys(node for node, _ in evidence):
+            gates = phenomenon_gates({a: evidence[node, a] for a in attributes})
+            records += [Record(f"gate_{gate}", str(node), "supervised", passed, attribute=a,
+                               phenomenon=phenomenon) for (a, gate), passed in gates.items()]
+        found[phenomenon] = node = phenomenon_node(evidence, attributes)
+        records.append(Record("phenomenon_testable", str(node), "supervised", node is not None,
+                              phenomenon=phenomenon))
+    occlusion_node, split_node = found["occlusion"], found["oversplitting"]
     for method, settings in task_saes.items():
         for setting, at_nodes in settings.items():
             if occlusion_node is not None:
-                table = at_nodes[occlusion_node].interpretations
-                records += [Record(f"occlusion_{attribute}_names", str(occlusion_node), method,
-                                   names_with_latent(table.f1, table.labels, attribute, 0.5), setting=setting)
-                            for attribute in NAME_ATTRIBUTES]
+                records += occlusion_records(at_nodes[occlusion_node], occlusion_node, evidence, method,
+                                             setting)
             if split_node is not None:
-                records.append(Record("pos_latents", str(split_node), method,
-                                      pos_latents(at_nodes[split_node].interpretations.best_labels),
-                                      node=str(split_node), setting=setting, phenomenon="oversplitting"))
+                count = pos_latents(at_nodes[split_node].interpretations.best_labels)
+                records += [Record("pos_latents", str(split_node), method, count, node=str(split_node),
+                                   setting=setting, phenomenon="oversplitting"),
+                            Record("oversplitting_reproduced", str(split_node), method, count >= SPLIT,
+                                   setting=setting)]
     if occlusion_node is None:
-        return Phenomena(records, None, {"io": 1.0, "s": 0.5})  # the toy still shows the mechanism, at 2:1
-    features = supervised[occlusion_node].dictionary.features  # the toy takes their mean norms
+        return Phenomena(records, None, None)
+    features = supervised[occlusion_node].dictionary.features  # the toy takes their mean norms' ratio
     norms = {attribute: float(features[attribute].norm(dim=-1).mean()) for attribute in NAME_ATTRIBUTES}
     records += [Record("supervised_feature_norm", str(occlusion_node), "supervised", norm,
                        attribute=attribute) for attribute, norm in norms.items()]
     return Phenomena(records, occlusion_node, norms)
+
+
+def occlusion_records(at_node: SAEAtNode, node, evidence: dict, method: str, setting) -> list:
+    """The IO and S names with a latent of F1 >= 0.5, and whether the weaker attribute (by norm) has
+    one for fewer than OCCLUDED times as many names as the stronger: the paper's occlusion."""
+    table = at_node.interpretations
+    names = {a: names_with_latent(table.f1, table.labels, a, 0.5) for a in NAME_ATTRIBUTES}
+    weaker, stronger = sorted(NAME_ATTRIBUTES, key=lambda a: evidence[node, a]["eval_norm"])
+    return ([Record(f"occlusion_{a}_names", str(node), method, n, setting=setting) for a, n in names.items()]
+            + [Record("occlusion_reproduced", str(node), method, names[weaker] < OCCLUDED * names[stronger],
+                      setting=setting)])
 
 
 def io_shrunk_activations(acts: torch.Tensor, io_features: torch.Tensor, io_ids: torch.Tensor,
@@ -1053,18 +1032,17 @@ def alpha_sweep_records(node, saes: Sequence, datasets: torch.Tensor, alphas: Se
     return records
 
 
-def occlusion_toy_records(norms: dict, l1s: Sequence[float], config, seed: int = 0) -> list:
-    """a = u_i + v_j with the measured IO and S feature norms: which features do SAEs find? The
-    paper's toy sizes (216 values, 64 dimensions: nearly orthogonal features), so that the norms
-    decide what is recovered, not crowding in a small head."""
-    results = occlusion_toy_experiment(norms["io"], norms["s"], l1s, n_values=216, d=64, n_samples=20_000,
-                                       config=config, seed=seed)
+def occlusion_toy_records(norms: Optional[dict], seed: int = 0) -> list:
+    """The occlusion toy (`occlusion_toy_experiment`) at every ratio of OCCLUSION_TOY_RATIOS and at the
+    ratio ‖u_IO‖/‖u_S‖ measured at the occlusion node (norms; None where not testable)."""
+    ratios = sorted({*OCCLUSION_TOY_RATIOS, *([round(norms["io"] / norms["s"], 3)] if norms else [])})
     return [Record("occlusion_toy_recovered", "toy", "vanilla", result[attribute], attribute=attribute,
-                   norm=norms[attribute], setting=result["l1"])
-            for result in results for attribute in NAME_ATTRIBUTES]
+                   ratio=result["ratio"], norm=1.0 if attribute == "io" else 1 / result["ratio"],
+                   setting=result["l1"])
+            for result in occlusion_toy_experiment(ratios, seed=seed) for attribute in NAME_ATTRIBUTES]
 
 
-OVERSPLITTING_GRIDS = {"ours": {}, "paper": PAPER_OVERSPLITTING_GRID}  # ours: `oversplitting_toy`'s defaults
+OVERSPLITTING_GRIDS = {"paper": PAPER_OVERSPLITTING_GRID}
 
 
 def oversplitting_toy_records(grids: dict = OVERSPLITTING_GRIDS, seed: int = 0) -> list:
@@ -1081,4 +1059,54 @@ def oversplitting_toy_records(grids: dict = OVERSPLITTING_GRIDS, seed: int = 0) 
                                grid=grid)]
         records += [Record(f"oversplit_toy_{count}", "toy", "random_1000_latent", value, grid=grid)
                     for count, value in oversplitting_verdict(toy).items()]
+    return records
+
+
+# --- ground truth, beyond the paper: what the SAEs' decoders and the activations look like ---
+
+def decoder_recovery(decoder: torch.Tensor, directions: torch.Tensor) -> float:
+    """Mean over the feature directions [n, d] (zero rows, unseen values, left out) of the best cosine
+    between the direction and any decoder row [L, d]: 1 when every feature is a decoder row."""
+    directions = directions[directions.norm(dim=-1) > 0]
+    return float((F.normalize(directions, dim=-1) @ F.normalize(decoder, dim=-1).T).max(dim=1).values.mean())
+
+
+def ground_truth_records(saes: dict, supervised: dict, truth: dict) -> list:
+    """How well every SAE {method: {setting: {node: SAEAtNode}}} recovers, per attribute, the supervised
+    mean codes ("supervised_cosine", as the authors compare) and the model's true feature directions
+    ("ground_truth_cosine"; truth: {node: {attribute: [n_values, d]} or None})."""
+    references = {"supervised_cosine": {node: s.dictionary.features for node, s in supervised.items()},
+                  "ground_truth_cosine": truth}
+    return [Record(test, str(node), method, decoder_recovery(at_nodes[node].sae.W_dec, directions),
+                   attribute=attribute, setting=setting)
+            for test, features in references.items()
+            for node, by_attribute in features.items() if by_attribute
+            for method, settings in saes.items() for setting, at_nodes in settings.items() if node in at_nodes
+            for attribute, directions in by_attribute.items()]
+
+
+def effective_rank(acts: torch.Tensor) -> float:
+    """exp of the entropy of the covariance's normalised eigenvalues: how many directions the
+    activations [N, d] really use."""
+    eigenvalues = torch.linalg.eigvalsh(torch.cov(acts.double().T)).clamp(min=0)
+    p = eigenvalues[eigenvalues > 0] / eigenvalues.sum()
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def geometry_records(nodes: Sequence, acts: dict, values: dict) -> list:
+    """Per node: the held-out FVE of a least-squares supervised dictionary (fit on "train", scored on
+    "eval"), the effective rank, and the IO-S overlap (mean |cos| of a name's IO and S mean codes).
+    acts {split: {node: [N, d]}}, values {split: {attribute: ids}}; norms and floors: `attribute_evidence`."""
+    sizes = {"io": len(ioi.NAMES), "s": len(ioi.NAMES), "pos": len(ioi.PATTERNS)}
+    records = []
+    for node in nodes:
+        train, test = acts["train"][node], acts["eval"][node]
+        fit = dictionaries.SupervisedDictionary.fit(train, values["train"], sizes, method="lstsq")
+        fve = 1 - (test - fit.reconstruct(values["eval"])).pow(2).sum() / (test - test.mean(0)).pow(2).sum()
+        codes = dictionaries.SupervisedDictionary.fit(train, values["train"], sizes).features
+        both = (codes["io"].norm(dim=-1) > 0) & (codes["s"].norm(dim=-1) > 0)
+        overlap = F.cosine_similarity(codes["io"][both], codes["s"][both], dim=-1).abs().mean()
+        records += [Record(f"geometry_{test_name}", str(node), "supervised", value)
+                    for test_name, value in (("lstsq_fve", fve), ("effective_rank", effective_rank(test)),
+                                             ("io_s_overlap", overlap))]
     return records

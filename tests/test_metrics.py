@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dictionaries
 import ioi
@@ -160,7 +161,7 @@ def test_f1_guided_edit_swaps_the_first_active_ranked_latents():
 
 # --- interpretability -------------------------------------------------------------------
 
-def test_precision_recall_and_f1_hand_table():
+def test_f1_hand_table():
     rows = torch.arange(6)[:, None]
     active = torch.cat([rows < 3,                     # latent 0 fires on prompts 0-2
                         torch.zeros(6, 1, dtype=torch.bool),  # latent 1 never fires
@@ -168,10 +169,9 @@ def test_precision_recall_and_f1_hand_table():
     properties = torch.cat([(rows >= 1) & (rows <= 4),        # property 0 holds on 1-4
                             torch.zeros(6, 1, dtype=torch.bool)], dim=1)  # never holds
 
-    precision, recall = metrics.precision_recall(active, properties)
-    assert precision[0, 0] == pytest.approx(2 / 3) and recall[0, 0] == pytest.approx(1 / 2)
     f1 = metrics.f1_scores(active, properties)
-    expected = torch.tensor([[4 / 7, 0.0], [0.0, 0.0], [1.0, 0.0]])  # 2·(2/3)(1/2)/(7/6) = 4/7
+    # latent 0: precision 2/3, recall 1/2, F1 = 2·(2/3)(1/2)/(7/6) = 4/7
+    expected = torch.tensor([[4 / 7, 0.0], [0.0, 0.0], [1.0, 0.0]])
     assert torch.allclose(f1, expected)
 
 
@@ -253,10 +253,7 @@ def test_names_with_latent_and_coverage_ignore_intersections():
     assert metrics.coverage(F1_TABLE, F1_LABELS) == {"io": 0.5, "s": 0.0, "pos": 0.5}
 
 
-def test_best_interpretations_and_latents_by_f1():
-    best_f1, best_index = metrics.best_interpretations(F1_TABLE)
-    assert best_index.tolist() == [6, 4, 2]
-    assert torch.allclose(best_f1, torch.tensor([0.95, 0.85, 0.55]))
+def test_latents_by_f1():
     assert metrics.latents_by_f1(F1_TABLE, F1_LABELS, "io").tolist() == [[0, 1, 2], [1, 2, 0]]
 
 
@@ -356,29 +353,83 @@ def test_oversplitting_toy_small_run():
     assert result["random_best_loss"][0] < result["ideal_best_loss"][0]
 
 
-def test_occlusion_toy_experiment_runs_one_sae_per_l1():
-    """A few epochs only: checks the wiring, not the phenomenon. With s_norm = 0 the data
-    carries no trace of S, so no latent can pick out an S value."""
+def test_occlusion_toy_experiment_trains_one_sae_per_ratio():
+    """A few epochs only: checks the wiring, not the phenomenon."""
     config = dictionaries.TrainConfig(d_sae=16, epochs=5, batch_size=64)
-    results = metrics.occlusion_toy_experiment(io_norm=1.0, s_norm=0.0, l1s=(0.5, 2.0), n_values=4, d=8,
-                                               n_samples=256, config=config)
-    assert [r["l1"] for r in results] == [0.5, 2.0]
-    for r in results:
-        assert 0.0 <= r["io"] <= 1.0 and r["s"] == 0.0 and r["l0"] >= 0.0
+    results = metrics.occlusion_toy_experiment((1.0, 2.0), l1=1.0, n_values=4, d=8, n_samples=256,
+                                               config=config)
+    assert [(r["ratio"], r["l1"]) for r in results] == [(1.0, 1.0), (2.0, 1.0)]
+    assert all(0.0 <= r["io"] <= 1.0 and 0.0 <= r["s"] <= 1.0 and r["l0"] >= 0.0 for r in results)
 
 
-def test_phenomenon_gate_needs_every_attribute_present_and_causal():
-    def row(norm, changed, moved=0.0):
-        return {"norm": norm, "answers_changed": changed, "ld_moved": moved}
-    evidence = {("q", "io"): row(0.8, 0.0, 0.3), ("q", "s"): row(0.5, 0.0, 0.0),   # S present but inert
-                ("k", "io"): row(0.9, 0.5), ("k", "s"): row(0.05, 0.9),            # S causal but absent
-                ("z", "io"): row(0.7, 0.2), ("z", "s"): row(0.3, 0.15),
+def test_occlusion_toy_at_one_to_one_recovers_both_feature_sets():
+    """The toy's own settings: with equal norms the SAE finds (F1 > 0.9) most IO and most S features."""
+    (result,) = metrics.occlusion_toy_experiment((1.0,))
+    assert result["io"] > 0.9 and result["s"] > 0.9
+
+
+def test_presence_calls_an_absent_attribute_absent():
+    """Activations carry the IO name only; S labels are drawn apart. S's mean codes are not 0 (a finite
+    sample), and above the old fixed gate (0.1 of the spread), but not above the shuffled-label floor."""
+    g = torch.Generator().manual_seed(0)
+    io, s = torch.randint(20, (400,), generator=g), torch.randint(20, (400,), generator=g)
+    acts = torch.randn(20, 8, generator=g)[io] + torch.randn(400, 8, generator=g)
+    io_norm, io_floor = metrics.presence(acts, io)
+    s_norm, s_floor = metrics.presence(acts, s)
+    assert io_norm > 2 * io_floor and s_norm <= s_floor and s_norm >= metrics.PRESENT
+    assert io_floor == pytest.approx(s_floor, rel=0.2)  # the floor depends on the sample, not the labels
+
+
+def test_phenomenon_gates_need_the_stronger_present_and_the_weaker_causal():
+    def row(norm, changed, moved=0.0, floor=0.05):
+        return {"eval_norm": norm, "noise_floor": floor, "answers_changed": changed, "ld_moved": moved}
+    evidence = {("q", "io"): row(0.8, 0.0, 0.3), ("q", "s"): row(0.5, 0.0, 0.0),   # S weaker and inert
+                ("k", "io"): row(0.9, 0.5, floor=0.95), ("k", "s"): row(0.05, 0.9),  # IO under its floor
+                ("z", "io"): row(0.7, 0.0), ("z", "s"): row(0.3, 0.15),           # IO inert: no matter
                 ("v", "io"): row(0.6, 0.9), ("v", "s"): row(0.2, 0.4)}
-    # q fails (S not causal), k fails (S below 0.1); of z and v, v's weaker attribute is more causal
-    assert metrics.phenomenon_node(evidence, ("io", "s")) == "v"
+    assert metrics.phenomenon_gates({"io": evidence["k", "io"], "s": evidence["k", "s"]}) == {
+        ("io", "present"): False, ("s", "causal"): True}
+    assert metrics.phenomenon_node(evidence, ("io", "s")) == "v"  # z and v pass; v's S is more causal
     del evidence["v", "io"], evidence["v", "s"], evidence["z", "io"], evidence["z", "s"]
     assert metrics.phenomenon_node(evidence, ("io", "s")) is None            # "not testable here"
-    assert metrics.phenomenon_node(evidence, ("io",)) == "k"
+    assert metrics.phenomenon_node(evidence, ("io",)) == "q"  # k's IO is below its noise floor
+
+
+def test_decoder_recovery_is_one_when_the_decoder_holds_the_true_directions():
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randn(5, 6, generator=g)
+    decoder = torch.cat([torch.randn(7, 6, generator=g), 3 * truth])[torch.randperm(12, generator=g)]
+    sae = toy_sae(decoder.T, torch.zeros(12), F.normalize(decoder, dim=-1), torch.zeros(6))
+    assert metrics.decoder_recovery(sae.W_dec, truth) == pytest.approx(1.0)
+    assert metrics.decoder_recovery(sae.W_dec, torch.cat([truth, torch.zeros(2, 6)])) == pytest.approx(1.0)
+    # rows e1, e2, -e2; the third feature's best row is -e2, at cos 30 degrees: (1 + 1 + √3/2) / 3
+    rows = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    features = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.5, -(0.75 ** 0.5)]])
+    assert metrics.decoder_recovery(rows, features) == pytest.approx((2 + 0.75 ** 0.5) / 3)
+    at_nodes = {"n": metrics.SAEAtNode(sae, None, None)}
+    truth_at = {"n": {"io": 3 * truth[:2]}, "m": None}  # no known directions at m
+    records = metrics.ground_truth_records({"topk": {3: at_nodes}}, {}, truth_at)
+    assert [(r.test, r.site, r.attribute, r.setting, r.value) for r in records] == [
+        ("ground_truth_cosine", "n", "io", 3, pytest.approx(1.0))]
+
+
+def test_effective_rank_and_a_least_squares_fit_that_explains_everything():
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(4000, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 1.0, 0.0])
+    assert metrics.effective_rank(acts) == pytest.approx(2.0, rel=0.02)  # two equal directions, one empty
+    names = len(metrics.ioi.NAMES)
+    values = {split: {"io": torch.arange(60) % names, "s": (torch.arange(60) + 1) % names,
+                      "pos": torch.arange(60) % 2} for split in ("train", "eval")}
+    features = {a: torch.randn(n, 4, generator=g) for a, n in (("io", names), ("s", names), ("pos", 2))}
+    x = 2 + sum(features[a][ids] for a, ids in values["train"].items())
+    records = metrics.geometry_records(["n"], {"train": {"n": x}, "eval": {"n": x}}, values)
+    assert {r.test: r.value for r in records}["geometry_lstsq_fve"] == pytest.approx(1.0)
+
+
+def test_sae_edits_always_include_the_papers_two_out_two_in():
+    assert metrics.SAEEdit("f1", 4) in metrics.sae_edits((2, 8))
+    expected = [metrics.SAEEdit(kind, k) for k in (2, 4) for kind in ("greedy", "f1")]
+    assert metrics.sae_edits((2, 4)) == expected
 
 
 # --- records of the graders -----------------------------------------------------------------
