@@ -525,30 +525,37 @@ TASK_SAES, CORPUS_SAES, SECTIONS = "Task SAEs", "Full-distribution SAEs", "Tests
 CORE, PHENOMENA = "Core SAE metrics", "Feature occlusion and over-splitting"
 
 
+def pass_kind(nodes, ld_only):
+    """What a patched pass costs depends on where it starts (`metrics.Task.patched`): the first layer
+    and the first position it patches, and whether it reads the LD only -> (a Node there, ld_only)."""
+    layer = min(node.layer for node in nodes)
+    position = min((node.position for node in nodes), key=ioi.POSITIONS.index)  # io < s1 < ... < end
+    return ioi.Node("z", layer, 0, position), ld_only
+
+
 def plan(run):
     """{phase: its work}, as `evaluate_run` will do it: SAE stacks to train, as (arch, SAEs, d_sae,
-    epochs, inputs), or forward passes over the evaluation prompts, as a Counter {layer the patch
-    starts at: passes} (`metrics.Task.patched`). An upper bound where Test 2 chooses one SAE setting
-    for several attributes (then it grades it once), and for LD recovered (nodes that move the LD)."""
+    epochs, inputs), or patched passes over the evaluation prompts, as a Counter {`pass_kind`: passes}.
+    An upper bound where Test 2 chooses one SAE setting for several attributes (then it grades it
+    once), and for LD recovered (nodes that move the LD)."""
     c = run.config
-    n_edits = 2 * len(c.edit_k)  # greedy and F1-guided, at each k
-    sae_grading = 2 + 2 * len(c.f1_thresholds)  # sufficiency, necessity; the causal curves
-    grading = Counter({0: 1})  # the clean run
-    ld_recovered = Counter(node.layer for node in run.nodes)  # every node patched at its mean
+    n_edits = 2 * len(c.edit_k) + 1  # greedy and F1-guided at each k, and the paper's 2 + 2
+    grading, ld_recovered = Counter({pass_kind(run.nodes, False): 1}), Counter()  # the clean run
     for section in run.sections:
         n_attributes = len(section.attributes)
         chosen = [min(len(grid), n_attributes) for grid in run.sae_grids().values()] + [1] * len(ARCHS)
-        grading[min(node.layer for node in section.nodes)] += (
-            1 + n_attributes + 2  # reference runs: mean-ablated, each counterfactual; mean ablation
-            + 2 * (2 + n_attributes)  # the two supervised dictionaries
-            + sum(chosen) * sae_grading + len(chosen) * n_attributes * n_edits)  # SAEs
-        ld_recovered.update(node.layer for node in section.nodes for _ in range(sum(chosen)))
+        grading[pass_kind(section.nodes, True)] += (  # LD only: mean-ablated, approximation, causal curves
+            1 + 2 + 2 * 2 + sum(chosen) * (2 + 2 * len(c.f1_thresholds)))
+        grading[pass_kind(section.nodes, False)] += (  # the argmax: counterfactuals, every edit
+            n_attributes + 2 * n_attributes + len(chosen) * n_attributes * n_edits)
+        ld_recovered.update(pass_kind([node], True) for node in section.nodes for _ in range(sum(chosen)))
+    ld_recovered.update(pass_kind([node], True) for node in run.nodes)  # each node at its mean
     heads = len({(node.hook_name, node.head) for node in run.nodes})
     return {TASK_SAES: [("vanilla" if method == "random_decoder" else method, len(run.nodes) * len(grid),
                          c.d_sae, c.epochs, c.n_train) for method, grid in run.sae_grids().items()],
             CORPUS_SAES: [(arch, heads, c.corpus_d_sae, c.corpus_epochs, c.corpus_tokens) for arch in ARCHS],
             SECTIONS: grading, CORE: ld_recovered,
-            PHENOMENA: Counter(node.layer for node in run.nodes for _ in ioi.ATTRIBUTES)}
+            PHENOMENA: Counter(pass_kind([node], False) for node in run.nodes for _ in ioi.ATTRIBUTES)}
 
 
 def seconds(fn, device="cpu"):
@@ -571,13 +578,13 @@ def estimate_seconds(run):
     prompts, d_head = run.splits["eval"][:c.batch_size], run.model.config.n_embd // run.model.config.n_head
 
     @functools.cache
-    def per_prompt(layer=0):  # a pass that patches from `layer` on (`metrics.Task.patched`), per prompt
-        resume = (layer, ioi.residual_streams(run.model, prompts, layer, c.batch_size)) if layer else None
-
-        def forward():
-            ioi.patched_run(run.model, prompts, batch_size=c.batch_size, resume=resume)
-        forward()  # not timed: the first pass pays one-time costs
-        return seconds(forward, c.device) / len(prompts)
+    def per_prompt(kind=None):  # a `pass_kind` pass through `metrics.Task.patched`, per prompt; None: full
+        node, ld_only = kind or (None, False)
+        d = d_head if node is None or node.head is not None else run.model.config.n_embd
+        task = metrics.Task(run.model, prompts, c.batch_size)
+        patches = {} if node is None else {node: torch.zeros(len(prompts), d)}
+        task.patched(patches, ld_only)  # not timed: it builds the cache of the unpatched pass
+        return seconds(lambda: task.patched(patches, ld_only), c.device) / len(prompts)
 
     @functools.cache
     def per_step(arch, n_sae, d_sae, batch_size):
@@ -599,7 +606,7 @@ def estimate_seconds(run):
 
     def cost(work):
         if isinstance(work, Counter):
-            return c.n_eval * sum(n * per_prompt(layer) for layer, n in work.items())
+            return c.n_eval * sum(n * per_prompt(kind) for kind, n in work.items())
         return sum(training(*stack) for stack in work)
     estimate = {"Activations": sum(map(len, run.splits.values())) * per_prompt(),
                 **{phase: cost(work) for phase, work in plan(run).items()}}

@@ -447,6 +447,14 @@ def oversplitting_verdict(toy: dict, min_firing: float = 0.02, tolerance: float 
 # that `ioi.evaluate` and `ioi.discover` run too. Patches are computed first, then all applied at once.
 
 
+CACHE_BYTES = 4 * 2**30  # the unpatched passes a Task keeps, per layer, to resume patched passes from
+
+
+def _cache_bytes(cache: dict) -> int:
+    tensors = [t for streams in cache.values() for resid, kv in streams for t in (resid, *sum(kv, ()))]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 @dataclass(frozen=True)
 class Task:
     """IOI on the evaluation prompts: the model every test runs, patched or not (README §2)."""
@@ -459,15 +467,22 @@ class Task:
         """The pass with `patches` set; `ld_only`: its logit differences only (no top token), for the
         tests that read nothing else. The blocks before the first layer it patches, and the positions
         before the first it patches, compute what an unpatched pass does: it resumes from that pass's
-        residual stream and keys and values, cached at the lowest layer patched so far (one cache): the
-        same numbers, for a fraction of the cost. At the paper's settings (GPT-2 Small, 5,000 prompts in
+        residual stream and keys and values, cached per layer within CACHE_BYTES: the same numbers,
+        for a fraction of the cost. At the paper's settings (GPT-2 Small, 5,000 prompts in
         batches of 256, <= 19 positions, keys before `end` >= 15) it holds 0.3 GB of residual stream and
         0.46 GB of keys and values per block from that layer on: 5.8 GB from layer 0, 1.7 GB from layer 9."""
         layer = min((node.layer for node in patches or {}), default=None)  # None: the unpatched pass
-        if layer is not None and all(cached > layer for cached in self.cache):
-            self.cache.clear()  # before the new cache is built: never two at once
-            self.cache[layer] = ioi.residual_streams(self.model, self.prompts, layer, self.batch_size)
-        resume = None if layer is None else next(iter(self.cache.items()))
+        if layer is not None and layer not in self.cache:
+            lower = [cached for cached in self.cache if cached < layer]
+            streams = None if lower and _cache_bytes(self.cache) > CACHE_BYTES / 2 else \
+                ioi.residual_streams(self.model, self.prompts, layer, self.batch_size)
+            if streams is not None and _cache_bytes({**self.cache, layer: streams}) > CACHE_BYTES:
+                self.cache.clear()  # over the budget: keep the newest only
+            if streams is not None:
+                self.cache[layer] = streams
+        # resume from the cache at this layer, else from the highest one below it (exact, a little slower)
+        start = None if layer is None else max(cached for cached in self.cache if cached <= layer)
+        resume = None if layer is None else (start, self.cache[start])
         return ioi.patched_run(self.model, self.prompts, patches, self.batch_size, resume=resume,
                                ld_only=ld_only)
 

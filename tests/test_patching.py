@@ -111,8 +111,9 @@ def test_past_keys_and_values_give_the_full_pass_at_every_hook(model, prompts):
         model.run_with_hooks(tokens[:, p:], resume_from=(1, cache[names[0]][:, p:]), past_kv=past_kv[:1])
 
 
-def test_one_cache_at_the_lowest_layer_patched_so_far(model, prompts, monkeypatch):
-    """The task rebuilds its cache only for a lower layer, and a later patch resumes from it."""
+def test_a_cache_per_layer_within_the_budget_else_the_highest_below(model, prompts, monkeypatch):
+    """The task builds a cache once per layer it patches from; over its memory budget it keeps the
+    newest only, and a later patch resumes from the highest cache below it (the same numbers)."""
     task, built = metrics.Task(model, prompts, batch_size=8), []
     streams = ioi.residual_streams
     monkeypatch.setattr(ioi, "residual_streams", lambda *args: built.append(args[2]) or streams(*args))
@@ -121,4 +122,12 @@ def test_one_cache_at_the_lowest_layer_patched_so_far(model, prompts, monkeypatc
         torch.testing.assert_close(task.patched(patches).logit_diff,
                                    ioi.patched_run(model, prompts, patches, batch_size=8).logit_diff,
                                    rtol=0, atol=1e-5)
-    assert built == [2, 1, 0] and list(task.cache) == [0]
+    assert built == [2, 1, 0] and list(task.cache) == [2, 1, 0]
+    monkeypatch.setattr(metrics, "CACHE_BYTES", 1)  # every cache is over the budget
+    task, built = metrics.Task(model, prompts, batch_size=8), []
+    for site in ("z at s2, layer 0", "z at end"):
+        patches = random_patches(SITES[site], len(prompts))
+        torch.testing.assert_close(task.patched(patches).logit_diff,
+                                   ioi.patched_run(model, prompts, patches, batch_size=8).logit_diff,
+                                   rtol=0, atol=1e-5)
+    assert built == [0] and list(task.cache) == [0]
