@@ -539,7 +539,7 @@ def plan(run):
     An upper bound where Test 2 chooses one SAE setting for several attributes (then it grades it
     once), and for LD recovered (nodes that move the LD)."""
     c = run.config
-    n_edits = 2 * len(c.edit_k) + 1  # greedy and F1-guided at each k, and the paper's 2 + 2
+    n_edits = len(metrics.sae_edits(c.edit_k))
     grading, ld_recovered = Counter({pass_kind(run.nodes, False): 1}), Counter()  # the clean run
     for section in run.sections:
         n_attributes = len(section.attributes)

@@ -286,7 +286,7 @@ DISCOVERY = {"heads": [{"head": "L1H0", "position": "end", "ld_drop": 0.5, "frac
                         "direct_effect": 0.7, "query_effect": None, "role": "name mover"}],
              "sections": [{"section": "(B)NM out", "ld_drop": 0.6, "fraction": 0.6, "kept": True}]}
 SMALL_TOY = {"n_samples": 256, "n_latents": 100}
-SMALL_TOYS = {"ours": SMALL_TOY, "paper": {**metrics.PAPER_OVERSPLITTING_GRID, **SMALL_TOY}}
+SMALL_TOYS = {"paper": {**metrics.PAPER_OVERSPLITTING_GRID, **SMALL_TOY}}
 
 
 def open_tiny_run(tmp_path, model, circuit, **settings):
@@ -332,7 +332,7 @@ def test_pipeline_end_to_end(tmp_path, model, monkeypatch, capsys):
                  "phenomenon_testable", "evidence_norm", "occlusion_toy_recovered", "oversplit_toy_loss",
                  "causal_keep_sufficiency"):
         assert test in tests, test
-    assert {row["grid"] for row in rows if row["test"] == "oversplit_toy_loss"} == {"ours", "paper"}
+    assert {row["grid"] for row in rows if row["test"] == "oversplit_toy_loss"} == {"paper"}
     # (ld_recovered is recorded only where one node alone moves the LD by >= 0.5%; this random
     # model's nodes move its near-zero LD by less, so it may rightly have none.)
     occlusion = [row for row in rows
