@@ -178,7 +178,7 @@ def test_every_section_in_order_and_every_figure_a_png(full_report):
 def test_known_records_appear_in_their_tables(full_report):
     _, text, summary = full_report
     assert "scaled down" in text.lower() and "n_train = 2000 instead of 20000" in text
-    assert row(tables(section(text, "## 1."))[0], metric="logit_diff")["value"] == "3.21"
+    assert tables(section(text, "## 1."))[0][0]["logit_diff"] == "3.21"
     heads, verdicts = tables(section(text, "## 2."))[1:]
     assert row(heads, head="L3H1")["direct effect"] == "1.10" and "L1H0" not in text  # only heads with a role
     assert row(verdicts, cross_section="(B)NM q")["verdict"] == "dropped: not causal here"
@@ -203,27 +203,29 @@ def test_known_records_appear_in_their_tables(full_report):
 def test_verdicts_state_their_criterion_and_number(full_report):
     _, text, _ = full_report
     occlusion = section(text, "### Feature occlusion")
-    assert "IO and S present (supervised feature norm ≥ 0.1 of" in occlusion
+    assert "IO and S present (supervised feature norm ≥ 0.1)" in occlusion
     assert "changes ≥ 10% of the answers" in occlusion
-    assert row(tables(occlusion)[0], node=NODE)["S: norm / answers changed / LD moved"] == "0.50 / 40% / 20%"
+    assert row(tables(occlusion)[0], node=NODE)["s"] == "0.50 / 40% / 20%"  # norm / answers changed / LD moved
     oversplitting = section(text, "### Feature over-splitting")
-    assert ("**Not testable here.** The test needs Pos present (supervised feature norm ≥ 0.1"
-            in oversplitting)
+    assert "needs Pos present (supervised feature norm ≥ 0.1)" in oversplitting
+    assert "**Not testable here.**" in oversplitting
     closest = tables(oversplitting)[0]  # the nodes closest to testable, the strongest first
     assert [r["node"] for r in closest] == [NODE, "q@L2H2@end"]
-    assert closest[1]["Pos: norm / answers changed / LD moved"] == "0.05 / 0% / 0%"
-    assert row(tables(oversplitting)[2], grid="paper")["share random"] == "1.00"
+    assert closest[1]["pos"] == "0.05 / 0% / 0%"
+    assert row(tables(oversplitting)[2], grid="paper")["share random wins"] == "1.00"
     paper = tables(section(text, "## 8."))[0]
     assert row(paper, quantity="supervised: edit accuracy at k = 2")["verdict"] == "within the paper's range"
     assert row(paper, quantity="gated: edit accuracy at k = 2")["verdict"] == "lower"
     assert row(paper, quantity="oversplitting: in the model")["verdict"].startswith("not testable here")
-    assert row(paper, quantity="over-splitting: latents interpreted as a Pos value")["this run"] == "12–12"
-    toy = [r for r in paper if r["quantity"].startswith("toy (paper's grid): share of the 2 λ")]
-    assert toy[0]["verdict"] == "reproduced (criterion ≥ 0.95)"
-    occlusion_row = row(paper, quantity="occlusion: names with a latent (F1 ≥ 0.5)")
-    assert occlusion_row["this run"] == "IO 40–40, S ≤ 3; α sweep: S latents appear, IO latents vanish"
-    assert occlusion_row["verdict"] == (
-        "reproduced (criterion: more IO than S names in every setting, and the crossing)")
+    pos = row(paper, quantity="over-splitting: latents interpreted as a Pos value")
+    assert (pos["paper"], pos["this run"], pos["verdict"]) == ("≥ 10", "12–12", "within the paper's range")
+    toy = row(paper, quantity="toy: share of the 2 λ counted that the random SAE wins")
+    assert (toy["paper"], toy["this run"], toy["verdict"]) == ("0.95–1.00", "1.00–1.00", "within the paper's range")
+    occlusion_row = row(paper, quantity="occlusion: IO minus S names with a latent (F1 ≥ 0.5)")
+    assert (occlusion_row["paper"], occlusion_row["this run"]) == ("≥ 1", "37–37")  # 40 IO, 3 S names
+    gained = [row(paper, quantity=f"α sweep: {a} names with a latent gained") for a in ("S", "IO")]
+    assert [(r["paper"], r["this run"], r["verdict"]) for r in gained] == [
+        ("≥ 1", "40–40", "within the paper's range"), ("≤ -1", "-40–-40", "within the paper's range")]
 
 
 def test_a_verdict_turns_when_the_numbers_do(tmp_path):
@@ -237,10 +239,10 @@ def test_a_verdict_turns_when_the_numbers_do(tmp_path):
     write_metrics(tmp_path, records)
     main.write_report(str(tmp_path))
     paper = tables(section((tmp_path / "report.md").read_text(), "## 8."))[0]
-    assert row(paper, quantity="occlusion: names with a latent (F1 ≥ 0.5)")["verdict"] == (
-        "not reproduced (more IO than S names in 0 of 2 settings; crossing seen)")
-    toy = [r for r in paper if r["quantity"].startswith("toy (paper's grid)")]
-    assert (toy[0]["this run"], toy[0]["verdict"]) == ("0.50", "not reproduced (criterion ≥ 0.95)")
+    occlusion = row(paper, quantity="occlusion: IO minus S names with a latent (F1 ≥ 0.5)")
+    assert (occlusion["this run"], occlusion["verdict"]) == ("-10–-10", "lower")
+    toy = row(paper, quantity="toy: share of the 2 λ counted that the random SAE wins")
+    assert (toy["this run"], toy["verdict"]) == ("0.50–0.50", "lower")
 
 
 def test_the_oversplitting_verdict_counts_trained_saes_not_the_random_floor(tmp_path):
@@ -252,7 +254,7 @@ def test_the_oversplitting_verdict_counts_trained_saes_not_the_random_floor(tmp_
     main.write_report(str(tmp_path))
     paper = tables(section((tmp_path / "report.md").read_text(), "## 8."))[0]
     verdict = row(paper, quantity="over-splitting: latents interpreted as a Pos value")
-    assert (verdict["this run"], verdict["verdict"]) == ("2–2", "not reproduced (criterion: ≥ 10)")
+    assert (verdict["this run"], verdict["verdict"]) == ("2–2", "lower")
 
 
 def test_task_saes_are_shown_at_the_setting_chosen_for_each_attribute(tmp_path):
