@@ -1134,6 +1134,7 @@ MARKERS = dict(zip(METHODS, "xsPoD^v*dp"))
 OPTIONAL = ("setting", "reads", "head")  # fields of a row key that a record may lack
 ORDER = {"site": SITES, "method": ["none", *METHODS], "attribute": ["io", "s", "pos"]}  # rows and columns in the paper's order
 APPROXIMATION, EDIT = ("sufficiency", "necessity"), ("edit_accuracy", "weight_removed")
+MODEL = ("logit_diff", "accuracy", "top1_accuracy")
 CORE = ("l0", "mse", "fve", "dead_fraction", "ld_recovered", "train_steps", "train_converged")
 NAMES = ("occlusion_io_names", "occlusion_s_names")
 EVIDENCE = ("evidence_norm", "evidence_answers_changed", "evidence_ld_moved")
@@ -1208,7 +1209,7 @@ def _bars(groups, heights, marks=(), **settings):
                             [np.nan if v is None else float(v) for v in values]),
              {"width": width, "color": COLORS.get(label)})
             for i, (label, values) in enumerate(heights.items())]
-    return {"series": (bars + list(marks)) * bool(len(groups)), "xticks": range(len(groups)), "xticklabels": groups, **settings}
+    return {"series": bars + list(marks), "xticks": range(len(groups)), "xticklabels": groups, **settings}
 
 
 def _draw(panels, ncols, size):
@@ -1292,6 +1293,48 @@ class _Record(dict):
         raise click.ClickException(f"{self.where}: lacks '{key}'")
 
 
+# The report's sections in order, each a list of blocks: a table spec (`Report.pivot`'s arguments), or a
+# (Report method, arguments...) that returns blocks: a figure, the circuit, a gate, the verdicts.
+EDITS = {"tests": ("edit_accuracy", "edit_accuracy_no_intervention"), "rows": ("site", "attribute"),
+         "cell": "edit_cell"}
+NODE_ROWS = {"rows": ("site", "method", "setting"), "head": ("node",)}
+SECTIONS = {
+    "## 1. The model solves IOI": [
+        {"tests": MODEL, "rows": ("site",), "columns": MODEL, "site": "model", "head": ("",),
+         "caption": "GPT-2 Small: mean LD ≈ 3.3, top-1 ≈ 91%."}, ("ld_histogram",)],
+    "## 2. The circuit: cross-sections we patch and edit": [("circuit",)],
+    "## 3. Test 1 — approximation: sufficiency and necessity": [
+        {"tests": APPROXIMATION, "rows": ("site",), "caption": "Sufficiency / necessity (README §5):"},
+        ("approximation",)],
+    "## 4. Test 2 — control: editing an attribute with a few latents": [
+        ("control", False), {**EDITS, "caption": "Edit accuracy / weight removed at k = 2 (SAEs: latents "
+                                                 "changed, of their L0 there); `none`: no edit:"},
+        {**EDITS, "tests": EDIT[:1], "edit": "f1", "caption": "The same, F1-guided: 1 latent out, 1 in:"},
+        ("control", True), {**EDITS, "tests": ("edit_distance_k2",), "cell": "chosen_cell", "chosen": True,
+                            "caption": "The SAE setting chosen (L2 distance after a k = 2 edit, README §8):"}],
+    "## 5. Test 3 — interpretability": [
+        {"tests": ("f1_coverage",), "rows": ("site", "attribute"),
+         "caption": "F1 coverage (README §7): the share of an attribute's values with a latent of F1 ≥ 0.8:"},
+        ("f1_coverage",), ("causal_f1",)],
+    "## 6. Two SAE failure modes\n\n### Feature occlusion": [
+        ("evidence", "occlusion", ("io", "s")), {"tests": NAMES, "columns": NAMES, **NODE_ROWS}, ("occlusion",),
+        {"tests": ("supervised_feature_norm",), "rows": ("site",), "columns": "attribute", "head": ("node",),
+         "caption": "Mean norm of the supervised features there:"}, ("alpha_sweep",),
+        {"tests": ("occlusion_toy_recovered",), "rows": ("attribute", "norm", "setting"),
+         "columns": ("occlusion_toy_recovered",), "caption": "Toy model a = u_IO + v_S: the share of features "
+                                                             "with a vanilla-SAE latent of F1 > 0.9:"}],
+    "### Feature over-splitting": [
+        ("evidence", "oversplitting", ("pos",)),
+        {"tests": ("pos_latents",), "columns": ("pos_latents",), "phenomenon": "oversplitting", **NODE_ROWS,
+         "caption": "Latents whose best interpretation is a Pos value there (GPT-2 Small: ≥ 10):"},
+        ("oversplit_toy",), {"tests": TOY, "rows": ("grid",), "columns": TOY, "caption": "Who wins on the toy, "
+                             "counted where the ideal SAE fires on ≥ 2% of inputs:"}],
+    "## 7. Core SAE metrics (mean over nodes)": [{"tests": CORE, "rows": ("method", "setting"), "columns": CORE}],
+    "## 8. Comparison with the paper": [("paper",)],
+    "## 9. SAEs from elsewhere (`grade-sae`)": [{"tests": ("graded_sae",), "rows": ("method", "reads", "head", "site"),
+                                                 "columns": CORE, "cell": "core_cell"}]}
+
+
 class Report:
     """One run's metrics.json as markdown, section by section (README §1-§9): each section method returns
     its markdown blocks, or none when metrics.json holds nothing for it."""
@@ -1353,7 +1396,7 @@ class Report:
               **match):
         """A table spec read: a row per distinct value of the record fields `rows` (or per `keys`) among the
         records of `tests` that `match`; a column per value of the field `columns` (or per `values`), or
-        per test if it is a tuple. A cell is `cell(*row, column)`, else the value of each test there (a task
+        per test if it is a tuple. A cell is the method `cell`(where, column), else the value of each test there (a task
         SAE at its chosen setting) joined by " / ". [caption, table], or [] if no record."""
         records = [r for test in tests for r in self.find(test, **match)]
         names = list(columns) if isinstance(columns, tuple) else values or _values(records, columns)
@@ -1367,32 +1410,29 @@ class Report:
             where = {**match, **dict(zip(rows, key))}
             table.append([_setting(where.get("method") or "", v) if f == "setting" else v
                           for f, v in zip(rows, key)]
-                         + [cell(*key, column) if cell else text(where, column) for column in names])
+                         + [getattr(self, cell)(where, column) if cell else text(where, column) for column in names])
         headers = [*head, *(LABELS.get(name, name) for name in [*rows[len(head):], *names])]
         return [] if not table else [caption] * bool(caption) + [_table(table, headers)]
 
     def figure(self, name, panels, ncols=3, size=(4.2, 3.3)):
         """The one figure helper: `panels` become figures/<name> when the report is written. Returns the
         markdown link as a list: empty, and nothing drawn, if no panel has a series."""
-        if not any(args for panel in panels for _, _, args, _ in panel["series"]):
+        if not any(not kind.startswith("ax") and args and np.size(args[0]) for panel in panels  # a mark alone is no figure
+                   for kind, _, args, _ in panel["series"]):
             return []
         self.figures[name] = (panels, ncols, size)
         return [f"![{name[:-4].replace('_', ' ')}](figures/{name})"]
 
-    # --- the sections ---
-
     def header(self):
-        c, scale = self.config, "the embedded IOI model (GPT-2's IOI circuit written by hand into a small GPT-2)"
+        c = self.config
         changes = ([] if c.get("weights") else ["a small IOI model instead of GPT-2 Small"]) + [
             f"{key} = {c[key]} instead of {paper}" for key, paper in PAPER_SCALE.items()
             if c.get(key) is not None and c[key] != paper]
         return ["# Supervised dictionaries vs sparse autoencoders on IOI",
-                "A reproduction of Makelov, Lange & Nanda, *Towards Principled Evaluations of Sparse "
-                "Autoencoders for Interpretability and Control* (arXiv 2405.08366) with "
-                + (f"GPT-2 weights from `{c['weights']}`" if c.get("weights") else scale)
-                + ". README §1-§9 define every quantity; [Reading the report](README.md#reading-the-report) "
-                "says what to look for." + (f" Scaled down to run on a CPU: {'; '.join(changes)}."
-                                            if changes else ""),
+                "Makelov, Lange & Nanda, *Towards Principled Evaluations of Sparse Autoencoders for "
+                "Interpretability and Control* (arXiv 2405.08366), reproduced; README §1-§9 define every "
+                "quantity, [Reading the report](README.md#reading-the-report) says what to look for."
+                + (f" Scaled down to run on a CPU: {'; '.join(changes)}." if changes else ""),
                 _table([(key, json.dumps(value)) for key, value in c.items()], ["setting", "value"])]
 
     def summary(self):
@@ -1409,60 +1449,22 @@ class Report:
             lines.append(f"{attribute + '@' + site:22}" + "".join(f"{_fmt(v):>7}" for v in values))
         return "\n".join(lines)
 
-    def model(self):
-        bins, mean = sorted(self.find("logit_diff_histogram"), key=lambda r: r["low"]), self.at("logit_diff")
-        histogram = [("bar", None, ([r["low"] for r in bins], [r["value"] for r in bins]),
-                      {"width": [r["high"] - r["low"] for r in bins], "align": "edge", "edgecolor": "w"})]
-        panel = {"title": "Logit difference on evaluation prompts", "xlabel": "LD = logit[IO] − logit[S]",
-                 "ylabel": "prompts", "series": histogram + _mark(None, "v", 0, **DASHED)
-                 + _mark(f"mean {_fmt(mean)}", "v", mean, color="#d62728") if bins else []}
-        return self.pivot(("logit_diff", "accuracy", "top1_accuracy"), ("site",), (
-            "logit_diff", "accuracy", "top1_accuracy"), caption="GPT-2 Small: mean LD ≈ 3.3, top-1 ≈ 91%.",
-            head=("",), site="model") + self.figure("ld_histogram.png", [panel], size=(6, 3.3))
-
     def circuit(self):
         discovery, skipped = self.circuit_found.get("discovery") or {}, self.circuit_found.get("skipped") or []
         verdicts = [(d["section"], d["ld_drop"], d["fraction"], "not graded: in the run's skip_sections"
                      if d["section"] in skipped else "graded" if d["kept"] else "dropped: not causal here")
                     for d in discovery.get("sections", [])]
         heads = _circuit_rows(discovery.get("heads", []))
-        return [] if not self.circuit_found.get("sections") else [
-            _table([(s["name"], ", ".join(f"`{node}`" for node in s["nodes"]), ", ".join(map(str, s["attributes"])))
-                    for s in self.circuit_found["sections"]], ["cross-section", "nodes", "attributes edited"])
-        ] + ["Heads found in the model itself (`ioi.discover`):", _table(heads, [
-            "head", "position", "direct effect", "LD drop via q", "LD drop", "of LD", "role"])] * bool(heads) + [
-            f"Graded if mean-ablating its nodes moves the mean LD by ≥ {metrics.MIN_SECTION_EFFECT:.0%}:",
-            _table(verdicts, ["cross-section", "LD drop", "fraction of LD", "verdict"])] * bool(verdicts)
+        return [_table([(s["name"], ", ".join(f"`{node}`" for node in s["nodes"]), ", ".join(s["attributes"]))
+                        for s in self.circuit_found.get("sections") or []], ["cross-section", "nodes", "edits"]),
+                _table(heads, ["head", "position", "direct effect", "LD drop via q", "LD drop", "of LD", "role"]),
+                f"Graded if mean-ablating its nodes moves the mean LD by ≥ {metrics.MIN_SECTION_EFFECT:.0%}:",
+                _table(verdicts, ["cross-section", "LD drop", "fraction of LD", "verdict"])
+                ] if self.circuit_found.get("sections") else []
 
-    def approximation(self):
-        records = self.find("sufficiency") + self.find("necessity")
-        sites, methods = _values(records, "site"), _values(records, "method")
-        panels = [_bars(sites, {m: [self.at(test, site=site, method=m) for site in sites] for m in methods},
-                        _mark(None, "h", 1, **DOTTED), title=test, ylabel="score (1 = perfect)")
-                  for test in APPROXIMATION]
-        return self.pivot(APPROXIMATION, ("site",), caption="Sufficiency / necessity (README §5); task SAEs "
-                          "at their chosen setting:") + self.figure("approximation.png", panels, 2, (6, 3.6))
-
-    def edit_panels(self, methods, attribute, site):
-        """Two panels for one headline site: edit accuracy against the weight removed at k = 2, and against
-        the latents a greedy edit changes (a supervised edit swaps one feature whatever k: a line across)."""
-        ks = sorted({r["k"] for r in self.find("edit_accuracy") if r.get("k") is not None})
-        score = {m: [self.edit(test, site, m, attribute) for test in EDIT[::-1]] for m in methods}  # (x, y)
-        by_weight = [("scatter", m, score[m], {"s": 60, "color": COLORS.get(m), "marker": MARKERS.get(m)})
-                     for m in methods if None not in score[m]] + _mark(
-            "no intervention", "h", self.edit("edit_accuracy_no_intervention", site, "none", attribute), **DASHED)
-        by_k = [_mark(m, "h", score[m][1], color=COLORS.get(m), ls=":") if m.startswith("supervised") else
-                [_line(m, [(self.edit("latents_changed", site, m, attribute, k),
-                            self.edit("edit_accuracy", site, m, attribute, k)) for k in ks],
-                       marker="o", color=COLORS.get(m))] for m in methods]
-        axes = {"title": f"edit {attribute} @ {site}", "ylabel": "edit accuracy", "ylim": (0, 1.05)}
-        widest = max([1.05] + [1.05 * removed for removed, _ in score.values() if removed is not None])
-        return ({**axes, "series": by_weight, "xlabel": "weight removed", "xlim": (0, widest)},
-                {**axes, "series": sum(by_k, []), "xlabel": "latents the edit changes", "xscale": "log",
-                 "xticks": ks, "xticklabels": [str(k) for k in ks]})
-
-    def edit_cell(self, site, attribute, method, kind="greedy"):
+    def edit_cell(self, where, method):
         """'edit accuracy / weight removed', and for SAEs '(latents changed of L0 there)'; none: no edit."""
+        site, attribute, kind = where["site"], where["attribute"], where.get("edit", "greedy")
         if method == "none":
             return self.edit("edit_accuracy_no_intervention", site, method, attribute)
         text = " / ".join(_fmt(self.edit(test, site, method, attribute, kind=kind)) for test in EDIT)
@@ -1470,42 +1472,12 @@ class Report:
         l0 = self.at("l0_at_site", site=site, method=method, choose_for=attribute)
         return text if changed is None else f"{text} ({changed:.1f} of L0 {_fmt(l0)})"
 
-    def control(self):
-        records, rows = self.find("edit_accuracy"), ("site", "attribute")
-        panels = [self.edit_panels(_values(records, "method"), a, s) for a, s in self.headline()]
-        chosen = {(r["site"], r["attribute"], r["method"]): f"{_setting(r['method'], r['setting'])} "
-                  f"({_fmt(r['value'])})" for r in self.find("edit_distance_k2", chosen=True)}
-        return [] if not records else [
-            *self.figure("control_headline.png", [by_weight for by_weight, _ in panels]),
-            *self.pivot(("edit_accuracy", "edit_accuracy_no_intervention"), rows, cell=self.edit_cell,
-                        caption="Edit accuracy / weight removed at k = 2 (SAEs: latents changed, of their L0 "
-                                "there); `none`: no edit:"),
-            *self.pivot(("edit_accuracy",), rows, cell=lambda *key: self.edit_cell(*key, "f1"), edit="f1",
-                        caption="The same, F1-guided: 1 latent out (best F1 for the old value), 1 in:"),
-            *self.figure("control_vs_k.png", [by_k for _, by_k in panels]),
-            *self.pivot(("edit_distance_k2",), rows, cell=lambda *key: chosen.get(key), chosen=True,
-                        caption="The SAE setting chosen per site and attribute (L2 distance after a k = 2 edit):")]
+    def chosen_cell(self, where, method):
+        return next((f"{_setting(method, r['setting'])} ({_fmt(r['value'])})"
+                     for r in self.find("edit_distance_k2", **where, method=method)), None)
 
-    def interpretability(self):
-        records = self.find("f1_coverage")
-        sites, methods = _values(records, "site"), _values(records, "method")
-        panels = [_bars(sites, {m: [self.at("f1_coverage", site=s, method=m, attribute=a) for s in sites]
-                                for m in methods}, title=f"F1 coverage of {a}", ylim=(0, 1.05))
-                  for a in _values(records, "attribute")]
-        causal = [self.causal_panel("causal_keep_sufficiency", "keep latents with F1 ≥ t: sufficiency"),
-                  self.causal_panel("causal_remove_necessity", "remove latents with F1 ≥ t: necessity")]
-        return self.pivot(("f1_coverage",), ("site", "attribute"), caption="F1 coverage (README §7): the share "
-                          "of an attribute's values with a latent of F1 ≥ 0.8:") + self.figure(
-            "f1_coverage.png", panels) + self.figure("causal_f1.png", causal, 2, (5, 3.5))
-
-    def causal_panel(self, test, title):
-        """Keep or remove the latents of F1 ≥ t (README §7): the score, averaged over sites, against t."""
-        records = self.find(test)
-        lines = [_line(m, [(t, _mean([self.at(test, site=s, method=m, threshold=t) for s in _values(records, "site")]))
-                           for t in _values(records, "threshold")], marker="o", color=COLORS.get(m))
-                 for m in _values(records, "method")]
-        return {"series": lines + (_mark(None, "v", 0.6, **DOTTED) if lines else []), "title": title,
-                "xlabel": "F1 threshold t", "ylabel": "score (mean over sites)"}
+    def core_cell(self, where, test):
+        return self.at(test, method=where["method"])
 
     def evidence(self, phenomenon, attributes):
         """The gate of a phenomenon (README §9): the node where it is tested, or the 4 closest to testable."""
@@ -1513,51 +1485,12 @@ class Report:
         nodes = [gate[0]["site"]] if gate and gate[0]["value"] else sorted(
             _values(self.find("evidence_norm"), "site"), key=lambda node: -min(
                 self.at("evidence_norm", site=node, attribute=a) or 0 for a in attributes))[:4]
-        names = " and ".join(a.upper() if a != "pos" else "Pos" for a in attributes)
-        return [] if not gate else self.pivot(EVIDENCE, ("site",), "attribute", keys=[(n,) for n in nodes],
-                                              values=attributes, head=("node",), caption=(
-            f"The test needs {names} present (supervised feature norm ≥ {metrics.PRESENT}) and causal "
-            f"(patching it alone changes ≥ {metrics.CAUSAL:.0%} of the answers or of the mean LD); per "
-            "attribute: norm / answers changed / LD moved. " + (f"It runs at `{nodes[0]}`:" if gate[0]["value"]
-                                                                else "**Not testable here.** The closest nodes:")))
-
-    def occlusion(self):
-        """README §9: names with a latent of their own, the α sweep, and the toy model."""
-        keys = _keys(self.find(NAMES[0]), ("site", "method", "setting"))
-        names = _bars([f"{n}\n{m} {_setting(m, s)}" for n, m, s in keys], {LABELS[test]: [
-            self.at(test, site=n, method=m, setting=s) for n, m, s in keys] for test in NAMES},
-            title="Names with a latent of F1 ≥ 0.5", ylabel="names")
-        sweep = [_line(f"{a.upper()} {_setting(m, s)}", sorted((r["alpha"], r["value"]) for r in self.find(
-            f"alpha_sweep_{a}_names", setting=s)), ls=ls, marker="o", color=f"C{i}")
-                 for i, (s, m) in enumerate(_keys(self.find("alpha_sweep_io_names"), ("setting", "method")))
-                 for a, ls in (("io", "-"), ("s", "--"))]
-        return [*self.evidence("occlusion", ("io", "s")),
-                *self.pivot(NAMES, ("site", "method", "setting"), NAMES, head=("node",)),
-                *self.figure("occlusion.png", [names], size=(7, 3.5)),
-                *self.pivot(("supervised_feature_norm",), ("site",), "attribute", head=("node",),
-                            caption="Mean norm of the supervised features there:"),
-                *self.figure("alpha_sweep.png", [{"series": sweep, "title": "SAEs trained on a − α·u_IO",
-                                                  "xlabel": "α", "ylabel": "names with a latent (F1 ≥ 0.5)"}]),
-                *self.pivot(("occlusion_toy_recovered",), ("attribute", "norm", "setting"),
-                            ("occlusion_toy_recovered",), caption="Toy model a = u_IO + v_S: the share of "
-                            "features with a vanilla-SAE latent of F1 > 0.9:")]
-
-    def oversplitting(self):
-        """README §9: latents per Pos value in the model, and the toy where 1000 random latents win."""
-        losses = {m: self.find("oversplit_toy_loss", method=m, grid="paper")
-                  for m in ("ideal_2_latent", "random_1000_latent")}
-        lines = [_line(f"{m} SAE", sorted((r["l1"], r["value"]) for r in losses[m]), color=color)
-                 for m, color in (("ideal_2_latent", "#2ca02c"), ("random_1000_latent", "#d62728"))]
-        lines += _mark("ideal SAE fires on < 2% beyond", "v", max(
-            [r["l1"] for r in losses["ideal_2_latent"] if r["firing"] >= 0.02], default=None), **DOTTED)
-        return [*self.evidence("oversplitting", ("pos",)),
-                *self.pivot(("pos_latents",), ("site", "method", "setting"), ("pos_latents",), head=("node",),
-                            phenomenon="oversplitting", caption="Latents whose best interpretation is a Pos "
-                            "value there (GPT-2 Small: ≥ 10):"),
-                *self.figure("oversplit_toy.png", [{"title": "Toy ±µ + noise: best SAE loss (the paper's λ)",
-                                                    "xlabel": "λ", "ylabel": "loss", "series": lines}]),
-                *self.pivot(TOY, ("grid",), TOY, caption="Who wins on the toy, counted where the ideal SAE "
-                            "fires on ≥ 2% of inputs:")]
+        caption = (f"The test needs {' and '.join(a.upper() for a in attributes)} present (supervised feature "
+                   f"norm ≥ {metrics.PRESENT}) and causal (patching it alone changes ≥ {metrics.CAUSAL:.0%} "
+                   "of the answers or of the mean LD); per attribute: norm / answers changed / LD moved. "
+                   + (f"It runs at `{nodes[0]}`:" if gate and gate[0]["value"] else "**Not testable here.**"))
+        return self.pivot(EVIDENCE, ("site",), "attribute", caption=caption, keys=[(n,) for n in nodes],
+                          values=attributes, head=("node",)) if gate else []
 
     def paper(self):
         """Our min–max beside the paper's range (README §6, §9); the verdict compares the two."""
@@ -1565,50 +1498,122 @@ class Report:
                  if (self.edit("edit_accuracy_no_intervention", s, "none", a) or 0) < 0.5]
         names = [[self.at(test, site=n, method=m, setting=s) or 0 for test in NAMES]
                  for n, m, s in _keys(self.find(NAMES[0]), ("site", "method", "setting"))]
-        runs = {}  # α sweep: (α, names) per setting and attribute
+        sweeps = {}  # {(attribute, setting): [(α, names with a latent)]}
         for a in ("io", "s"):
             for r in self.find(f"alpha_sweep_{a}_names"):
-                runs.setdefault((a, r.get("setting")), []).append((r["alpha"], r["value"]))
-        gained = {a: [max(run)[1] - min(run)[1] for (b, _), run in runs.items() if b == a] for a in ("io", "s")}
-        counted = _fmt(self.at(TOY[0], grid="paper"), ".0f")
+                sweeps.setdefault((a, r.get("setting")), []).append((r["alpha"], r["value"]))
+        gained = {a: [max(run)[1] - min(run)[1] for (b, _), run in sweeps.items() if b == a] for a in ("io", "s")}
         rows = [(f"{m}: {test.replace('_', ' ')} at k = 2", paper, [self.edit(test, s, m, a) for a, s in sites])
                 for (m, test), paper in PAPER_EDITS.items()] + [
-            ("occlusion: IO minus S names with a latent (F1 ≥ 0.5)", (1, np.inf), [io - s for io, s in names], ".0f"),
+            ("occlusion: IO minus S names with a latent (F1 ≥ 0.5)", (1, np.inf), [i - s for i, s in names], ".0f"),
             ("α sweep: S names with a latent gained", (1, np.inf), gained["s"], ".0f"),
             ("α sweep: IO names with a latent gained", (-np.inf, -1), gained["io"], ".0f"),
             ("over-splitting: latents interpreted as a Pos value", (10, np.inf),  # trained SAEs, not the floor
              [r["value"] for r in self.find("pos_latents", phenomenon="oversplitting") if r["method"] in ARCHS],
              ".0f"),
-            (f"toy: share of the {counted} λ counted that the random SAE wins", (0.95, 1),
-             [self.at(TOY[-1], grid="paper")])]
-        table = [(quantity, _span(paper), _span(ours, *spec), "within the paper's range" if paper[0] <= min(ours) and
-                  max(ours) <= paper[1] else "higher" if min(ours) > paper[1] else "lower" if max(ours) < paper[0]
-                  else "overlaps the paper's range") for quantity, paper, ours, *spec in
+            (f"toy: share of the {_fmt(self.at(TOY[0], grid='paper'), '.0f')} λ counted that the random SAE "
+             "wins", (0.95, 1), [self.at(TOY[-1], grid="paper")])]
+        table = [(quantity, _span(paper), _span(ours, *spec), "within the paper's range" if paper[0] <= min(ours)
+                  and max(ours) <= paper[1] else "higher" if min(ours) > paper[1] else "lower"
+                  if max(ours) < paper[0] else "overlaps the paper's range") for quantity, paper, ours, *spec in
                  [(q, p, [v for v in ours if v is not None], *spec) for q, p, ours, *spec in rows] if ours]
         table += [(f"{p}: in the model", "seen in GPT-2 Small", "—", "not testable here (section 6)")
                   for p in ("occlusion", "oversplitting") if self.at("phenomenon_testable", phenomenon=p) == 0]
-        return [] if not table else [_table(table, ["quantity", "paper", "this run", "verdict"])]
+        return [_table(table, ["quantity", "paper", "this run", "verdict"])] if table else []
+
+    # --- the figures: each a list of panels for `figure` ---
+
+    def ld_histogram(self):
+        bins, mean = sorted(self.find("logit_diff_histogram"), key=lambda r: r["low"]), self.at("logit_diff")
+        histogram = [("bar", None, ([r["low"] for r in bins], [r["value"] for r in bins]),
+                      {"width": [r["high"] - r["low"] for r in bins], "align": "edge", "edgecolor": "w"})]
+        return self.figure("ld_histogram.png", [{
+            "title": "Logit difference on evaluation prompts", "xlabel": "LD = logit[IO] − logit[S]",
+            "series": histogram + _mark(None, "v", 0, **DASHED) + _mark(f"mean {_fmt(mean)}", "v", mean,
+                                                                          color="#d62728")}], size=(6, 3.3))
+
+    def approximation(self):
+        records = self.find("sufficiency") + self.find("necessity")
+        sites, methods = _values(records, "site"), _values(records, "method")
+        return self.figure("approximation.png", [_bars(sites, {m: [self.at(test, site=site, method=m) for site in
+                                                                   sites] for m in methods},
+                                                       _mark(None, "h", 1, **DOTTED), title=test)
+                                                 for test in APPROXIMATION], 2, (6, 3.6))
+
+    def control(self, vs_k):
+        """Per headline site, edit accuracy at k = 2 against the weight removed, or (vs_k) against the latents
+        a greedy edit changes (a supervised edit swaps one feature whatever k: a line across)."""
+        methods, panels = _values(self.find("edit_accuracy"), "method"), []
+        ks = sorted({r["k"] for r in self.find("edit_accuracy") if r.get("k") is not None})
+        for attribute, site in self.headline():
+            score = {m: [self.edit(test, site, m, attribute) for test in EDIT[::-1]] for m in methods}  # (x, y)
+            by_weight = [("scatter", m, xy, {"s": 60, "color": COLORS.get(m), "marker": MARKERS.get(m)})
+                         for m, xy in score.items() if None not in xy] + _mark("no intervention", "h", self.edit(
+                             "edit_accuracy_no_intervention", site, "none", attribute), **DASHED)
+            by_k = [series for m in methods for series in (
+                _mark(m, "h", score[m][1], color=COLORS.get(m), ls=":") if m.startswith("supervised") else
+                [_line(m, [(self.edit("latents_changed", site, m, attribute, k),
+                            self.edit("edit_accuracy", site, m, attribute, k)) for k in ks], marker="o",
+                       color=COLORS.get(m))])]
+            panels.append({"title": f"edit {attribute} @ {site}", "ylabel": "edit accuracy", "ylim": (0, 1.05),
+                           **({"series": by_k, "xlabel": "latents changed", "xscale": "log", "xticks": ks,
+                               "xticklabels": [str(k) for k in ks]} if vs_k else
+                              {"series": by_weight, "xlabel": "weight removed"})})
+        return self.figure("control_vs_k.png" if vs_k else "control_headline.png", panels)
+
+    def f1_coverage(self):
+        records = self.find("f1_coverage")
+        sites, methods = _values(records, "site"), _values(records, "method")
+        return self.figure("f1_coverage.png", [_bars(sites, {m: [self.at(
+            "f1_coverage", site=s, method=m, attribute=a) for s in sites] for m in methods},
+            title=f"F1 coverage of {a}", ylim=(0, 1.05)) for a in _values(records, "attribute")])
+
+    def causal_f1(self):
+        """Keep or remove the latents of F1 ≥ t (README §7): the score, averaged over sites, against t."""
+        panels = []
+        for test in ("causal_keep_sufficiency", "causal_remove_necessity"):
+            records = self.find(test)
+            panels.append({"title": test.replace("_", " "), "xlabel": "F1 threshold t", "series": [
+                _line(m, [(t, _mean([self.at(test, site=s, method=m, threshold=t) for s in _values(
+                    records, "site")])) for t in _values(records, "threshold")], marker="o", color=COLORS.get(m))
+                for m in _values(records, "method")] + _mark(None, "v", 0.6, **DOTTED)})
+        return self.figure("causal_f1.png", panels, 2, (5, 3.5))
+
+    def occlusion(self):
+        """Names with a latent of their own (README §9), per SAE."""
+        keys = _keys(self.find(NAMES[0]), ("site", "method", "setting"))
+        return self.figure("occlusion.png", [_bars([f"{n}\n{m} {_setting(m, s)}" for n, m, s in keys], {
+            LABELS[test]: [self.at(test, site=n, method=m, setting=s) for n, m, s in keys] for test in NAMES},
+            title="Names with a latent of F1 ≥ 0.5")], size=(7, 3.5))
+
+    def alpha_sweep(self):
+        lines = [_line(f"{a.upper()} {_setting(m, s)}", sorted((r["alpha"], r["value"]) for r in self.find(
+            f"alpha_sweep_{a}_names", setting=s)), ls=ls, marker="o", color=f"C{i}")
+                 for i, (s, m) in enumerate(_keys(self.find("alpha_sweep_io_names"), ("setting", "method")))
+                 for a, ls in (("io", "-"), ("s", "--"))]
+        return self.figure("alpha_sweep.png", [{"series": lines, "title": "SAEs trained on a − α·u_IO",
+                                                "xlabel": "α", "ylabel": "names with a latent (F1 ≥ 0.5)"}])
+
+    def oversplit_toy(self):
+        """The over-splitting toy on the paper's λ grid: each SAE's best loss against λ."""
+        losses = {m: self.find("oversplit_toy_loss", method=m, grid="paper")
+                  for m in ("ideal_2_latent", "random_1000_latent")}
+        fired = [r["l1"] for r in losses["ideal_2_latent"] if r["firing"] >= 0.02]
+        return self.figure("oversplit_toy.png", [{"title": "Toy ±µ + noise: best SAE loss", "xlabel": "λ",
+                                                  "series": [_line(f"{m} SAE", sorted(
+                                                      (r["l1"], r["value"]) for r in losses[m]))
+                                                             for m in losses] + _mark(
+                                                      "ideal SAE fires on < 2% beyond", "v",
+                                                      max(fired, default=None), **DOTTED)}], size=(6, 3.5))
 
     def markdown(self):
-        sections = {"## 1. The model solves IOI": self.model(),
-                    "## 2. The circuit: cross-sections we patch and edit": self.circuit(),
-                    "## 3. Test 1 — approximation: sufficiency and necessity": self.approximation(),
-                    "## 4. Test 2 — control: editing an attribute with a few latents": self.control(),
-                    "## 5. Test 3 — interpretability": self.interpretability(),
-                    "## 6. Two SAE failure modes": ["SAEs that approximate well can still fail (README §9)."],
-                    "### Feature occlusion": self.occlusion(),
-                    "### Feature over-splitting": self.oversplitting(),
-                    "## 7. Core SAE metrics (mean over nodes)": self.pivot(CORE, ("method", "setting"), CORE),
-                    "## 8. Comparison with the paper": self.paper()}
-        if self.find("graded_sae"):  # only a run that graded an SAE from elsewhere has this section
-            sections["## 9. SAEs from elsewhere (`grade-sae`)"] = self.pivot(
-                ("graded_sae",), ("method", "reads", "head", "site"), CORE, cell=lambda m, *_, test: self.at(
-                    test, method=m), caption="Their core metrics; sections 3-5 grade them beside ours.")
         blocks = self.header() + ["## At a glance", f"```\n{self.summary()}\n```"]
-        for heading, body in sections.items():
-            blocks += [heading] + (body or ["_Nothing in metrics.json for this section; section skipped._"])
+        for heading, parts in SECTIONS.items():
+            body = [block for part in parts for block in (self.pivot(**part) if isinstance(part, dict) else
+                                                         getattr(self, part[0])(*part[1:]))]
+            if body or not heading.startswith("## 9"):  # only a run that graded an SAE from elsewhere has §9
+                blocks += [heading] + (body or ["_Nothing in metrics.json for this section; section skipped._"])
         return "\n\n".join(blocks) + "\n"
-
 
 def write_report(run_dir) -> str:
     """Write <run_dir>/report.md and figures/*.png from its metrics.json; return the terminal summary.

@@ -50,6 +50,7 @@ def fake_results():
                                 attribute=attr, k=k, edit=edit, **extra)
                             add("weight_removed", site, method, 0.4 - SHIFT[method] + 0.02 * k,
                                 attribute=attr, k=k, edit=edit, **extra)
+                            add("latents_changed", site, method, k / 2, attribute=attr, k=k, edit=edit, **extra)
             for method in ("supervised", "vanilla", "topk"):
                 add("f1_coverage", site, method, 0.7 + SHIFT.get(method, 0.25), attribute=attr, node=NODE,
                     **({} if method == "supervised" else {"setting": SAES[method][0]}))
@@ -188,8 +189,8 @@ def test_known_records_appear_in_their_tables(full_report):
     assert row(approximation, cross_section="S-I v")["topk"] == "0.85 / 0.85"  # k = 6 (chosen), not k = 3
     k2, f1_edits, chosen = tables(section(text, "## 4."))
     edit = row(k2, cross_section="S-I v", attribute="pos")
-    assert (edit["none"], edit["supervised"], edit["topk"]) == ("0.10", "0.90 / 0.50", "0.69 / 0.39")
-    assert row(f1_edits, cross_section="S-I v", attribute="pos")["topk"] == "0.65 / 0.39"
+    assert (edit["none"], edit["supervised"], edit["topk"]) == ("0.10", "0.90 / 0.50", "0.69 / 0.39 (1.0 of L0 –)")
+    assert row(f1_edits, cross_section="S-I v", attribute="pos")["topk"] == "0.65 / 0.39 (1.0 of L0 –)"
     assert row(chosen, cross_section="S-I v", attribute="pos")["topk"] == "k=6 (2.40)"
     coverage = tables(section(text, "## 5."))[0]
     assert row(coverage, cross_section="(B)NM out", attribute="io")["vanilla"] == "0.50"
@@ -207,7 +208,7 @@ def test_verdicts_state_their_criterion_and_number(full_report):
     assert "changes ≥ 10% of the answers" in occlusion
     assert row(tables(occlusion)[0], node=NODE)["s"] == "0.50 / 40% / 20%"  # norm / answers changed / LD moved
     oversplitting = section(text, "### Feature over-splitting")
-    assert "needs Pos present (supervised feature norm ≥ 0.1)" in oversplitting
+    assert "needs POS present (supervised feature norm ≥ 0.1)" in oversplitting
     assert "**Not testable here.**" in oversplitting
     closest = tables(oversplitting)[0]  # the nodes closest to testable, the strongest first
     assert [r["node"] for r in closest] == [NODE, "q@L2H2@end"]
