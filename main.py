@@ -1235,53 +1235,48 @@ def _draw(panels, ncols, size):
     return fig
 
 
-# --- checking metrics.json: each record against metrics.Record's fields, the circuit against its own ---
+# --- checking metrics.json: JSON types per key, each record's from metrics.Record's fields ---
 
-TEXT, NUMBER, NULL, LIST = (str,), (float, int), (type(None),), (list,)
+NUMBER, NULL = (float, int), (type(None),)
 KINDS = {str: "text", float: "a number", bool: "true or false", list: "a list", dict: "an object",
          type(None): "null"}
 # metrics.Record's fields and their JSON types; an Optional one (__args__: (type, None)) may be left out.
-RECORD_TYPES = {f.name: NUMBER if kind in (int, float) else (kind,) for f in fields(metrics.Record)
-                for kind in [getattr(f.type, "__args__", (f.type,))[0]]}
+RECORD = {f.name: NUMBER if kind in (int, float) else (kind,) for f in fields(metrics.Record)
+          for kind in [getattr(f.type, "__args__", (f.type,))[0]]}
 RECORD_NEEDS = [f.name for f in fields(metrics.Record) if not hasattr(f.type, "__args__")]
-SECTION_TYPES = {"name": TEXT, "nodes": LIST, "attributes": LIST}  # the circuit, as `write_metrics` writes it
-HEAD_TYPES = {"head": TEXT, "position": TEXT, "role": TEXT,
-              **dict.fromkeys(["direct_effect", "query_effect", "ld_drop", "fraction"], NUMBER + NULL)}
-VERDICT_TYPES = {"section": TEXT, "ld_drop": NUMBER + NULL, "fraction": NUMBER + NULL, "kept": (object,)}
+CIRCUIT = {"sections": [{"name": (str,), "nodes": (list,), "attributes": (list,)}], "skipped": (list,) + NULL,
+           "discovery": {"heads": [{"head": (str,), "position": (str,), "role": (str,), **dict.fromkeys(
+               ["direct_effect", "query_effect", "ld_drop", "fraction"], NUMBER + NULL)}], "sections": [
+               {"section": (str,), "ld_drop": NUMBER + NULL, "fraction": NUMBER + NULL, "kept": (object,)}]}}
 
 
-def _bad_key(obj, types, needs=()):
-    """What is wrong with `obj`, an object that holds `needs` and whose keys have, where present, their
-    `types` {key: JSON types}; None if nothing."""
-    if not isinstance(obj, dict):
-        return f"{json.dumps(obj)[:60]} is not an object"
-    wrong = [f"lacks '{key}'" for key in needs if key not in obj] + [
-        f"'{key}' is {json.dumps(value)[:60]}, not " + " or ".join(KINDS[t] for t in types[key] if t in KINDS)
-        for key, value in obj.items() if key in types and not isinstance(value, types[key])]
-    return wrong[0] if wrong else None
+def _problem(value, schema, where, needs=()):
+    """What in `value` breaks `schema`, in words, or None. A schema is JSON types, {key: schema} for an
+    object that holds `needs` (else it may be null), or [schema] for a list of objects with every key."""
+    if not isinstance(schema, tuple) and value is None and not needs:
+        return None
+    types = schema if isinstance(schema, tuple) else (list,) if isinstance(schema, list) else (dict,)
+    if not isinstance(value, types):
+        return f"{where} is {json.dumps(value)[:60]}, not " + " or ".join(KINDS.get(t, "") for t in types)
+    if isinstance(schema, list):
+        return next(filter(None, (_problem(item, schema[0], f"{where}[{i}]", schema[0])
+                                  for i, item in enumerate(value))), None)
+    lacking = [key for key in needs if key not in value]
+    keys = () if isinstance(schema, tuple) else [key for key in schema if key in value]
+    return f"{where} lacks '{lacking[0]}'" if lacking else next(
+        filter(None, (_problem(value[key], schema[key], f"{where}: '{key}'") for key in keys)), None)
 
 
 def _metrics_problem(data):
     """What makes metrics.json unreadable, in one line, or None."""
     if not isinstance(data, dict) or not isinstance(data.get("results"), list):
         return "malformed, expected {'results': [records with a 'test']}"
-
-    def parts():  # (name, object, types, needed keys); each part is reached only if the one above is sound
-        for i, record in enumerate(data["results"]):
-            test = record.get("test") if isinstance(record, dict) else None
-            yield f"record {i} (test {test})", record, RECORD_TYPES, RECORD_NEEDS
-        circuit = data.get("circuit") or {}
-        yield "config", data.get("config") or {}, {key: NUMBER + NULL for key in PAPER_SCALE}, ()
-        yield "circuit", circuit, {"sections": LIST + NULL, "skipped": LIST + NULL,
-                                   "discovery": (dict,) + NULL}, ()
-        discovery = circuit.get("discovery") or {}
-        yield "circuit.discovery", discovery, {"heads": LIST, "sections": LIST}, ()
-        for name, items, types in (("sections", circuit.get("sections") or [], SECTION_TYPES),
-                                   ("discovery.heads", discovery.get("heads", []), HEAD_TYPES),
-                                   ("discovery.sections", discovery.get("sections", []), VERDICT_TYPES)):
-            yield from ((f"circuit.{name}[{i}]", item, types, tuple(types)) for i, item in enumerate(items))
-    return next((f"malformed {name}: {problem}" for name, obj, types, needs in parts()
-                 if (problem := _bad_key(obj, types, needs))), None)
+    records = (_problem(r, RECORD, f"record {i} (test {r.get('test') if isinstance(r, dict) else None})",
+                        RECORD_NEEDS) for i, r in enumerate(data["results"]))
+    problem = next(filter(None, records), None) or _problem(
+        data.get("config") or {}, {key: NUMBER + NULL for key in PAPER_SCALE}, "config") or _problem(
+        data.get("circuit") or {}, CIRCUIT, "circuit")
+    return problem and f"malformed {problem}"
 
 
 class _Record(dict):
