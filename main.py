@@ -1257,7 +1257,8 @@ def _problem(value, schema, where, needs=()):
         return None
     types = schema if isinstance(schema, tuple) else (list,) if isinstance(schema, list) else (dict,)
     if not isinstance(value, types):
-        return f"{where} is {json.dumps(value)[:60]}, not " + " or ".join(KINDS.get(t, "") for t in types)
+        kinds = [KINDS[t] for t in types if t in KINDS]
+        return f"{where} is {json.dumps(value)[:60]}, not " + " or ".join(kinds)
     if isinstance(schema, list):
         return next(filter(None, (_problem(item, schema[0], f"{where}[{i}]", schema[0])
                                   for i, item in enumerate(value))), None)
