@@ -1132,7 +1132,7 @@ COLORS = {**dict(zip(METHODS, ["#7f7f7f", "#2ca02c", "#98df8a", "#d62728", "#1f7
           "IO names": "#2ca02c", "S names": "#d62728"}
 MARKERS = dict(zip(METHODS, "xsPoD^v*dp"))
 OPTIONAL = ("setting", "reads", "head")  # fields of a row key that a record may lack
-ORDER = {"site": SITES, "method": ["none", *METHODS], "attribute": ["io", "s", "pos"]}  # rows and columns in the paper's order
+ORDER = {"site": SITES, "method": ["none", *METHODS], "attribute": ["io", "s", "pos"]}  # the paper's order
 APPROXIMATION, EDIT = ("sufficiency", "necessity"), ("edit_accuracy", "weight_removed")
 MODEL = ("logit_diff", "accuracy", "top1_accuracy")
 CORE = ("l0", "mse", "fve", "dead_fraction", "ld_recovered", "train_steps", "train_converged")
@@ -1146,7 +1146,8 @@ FORMATS = {**dict.fromkeys([*NAMES, "pos_latents", *TOY[:-1]], ".0f"), **dict.fr
 # README §6, revised paper, k = 2, over the headline sites: the paper's (low, high) range of each quantity.
 PAPER_EDITS = {("supervised", EDIT[0]): (0.80, 0.96), ("supervised", EDIT[1]): (0.37, 0.64),
                ("gated", EDIT[0]): (0.87, 0.97), ("gated", EDIT[1]): (0.57, 0.79),
-               ("topk", EDIT[0]): (0.86, 0.95), ("topk", EDIT[1]): (0.39, 0.68), ("vanilla", EDIT[0]): (0.24, 0.61)}
+               ("topk", EDIT[0]): (0.86, 0.95), ("topk", EDIT[1]): (0.39, 0.68),
+               ("vanilla", EDIT[0]): (0.24, 0.61)}
 DASHED, DOTTED = {"color": "k", "ls": "--", "lw": 1}, {"color": "k", "ls": ":", "lw": 0.8}
 
 
@@ -1186,7 +1187,8 @@ def _table(rows, headers):
 
 def _span(values, spec=".2f"):
     low, high = min(values), max(values)
-    return f"≥ {low:g}" if high == np.inf else f"≤ {high:g}" if low == -np.inf else f"{low:{spec}}–{high:{spec}}"
+    return (f"≥ {low:g}" if high == np.inf else f"≤ {high:g}" if low == -np.inf
+            else f"{low:{spec}}–{high:{spec}}")
 
 
 # A figure panel is data: Axes settings (title, xlabel, ...) and "series", each (Axes method, label,
@@ -1295,9 +1297,9 @@ EDITS = {"tests": ("edit_accuracy", "edit_accuracy_no_intervention"), "rows": ("
          "cell": "edit_cell"}
 NODE_ROWS = {"rows": ("site", "method", "setting"), "head": ("node",)}
 SECTIONS = {
-    "## 1. The model solves IOI": [
-        {"tests": MODEL, "rows": ("site",), "columns": MODEL, "site": "model", "head": ("",),
-         "caption": "GPT-2 Small: mean LD ≈ 3.3, top-1 ≈ 91%."}, ("ld_histogram",)],
+    "## 1. The model solves IOI": [{"tests": MODEL, "rows": ("site",), "columns": MODEL, "site": "model",
+                                    "caption": "GPT-2 Small: mean LD ≈ 3.3, top-1 ≈ 91%."},
+                                   ("ld_histogram",)],
     "## 2. The circuit: cross-sections we patch and edit": [("circuit",)],
     "## 3. Test 1 — approximation: sufficiency and necessity": [
         {"tests": APPROXIMATION, "rows": ("site",), "caption": "Sufficiency / necessity (README §5):"},
@@ -1307,28 +1309,31 @@ SECTIONS = {
                                                  "changed, of their L0 there); `none`: no edit:"},
         {**EDITS, "tests": EDIT[:1], "edit": "f1", "caption": "The same, F1-guided: 1 latent out, 1 in:"},
         ("control", True), {**EDITS, "tests": ("edit_distance_k2",), "cell": "chosen_cell", "chosen": True,
-                            "caption": "The SAE setting chosen (L2 distance after a k = 2 edit, README §8):"}],
+                            "caption": "The SAE setting chosen (README §8; L2 after a k = 2 edit):"}],
     "## 5. Test 3 — interpretability": [
         {"tests": ("f1_coverage",), "rows": ("site", "attribute"),
-         "caption": "F1 coverage (README §7): the share of an attribute's values with a latent of F1 ≥ 0.8:"},
+         "caption": "F1 coverage (README §7): the share of values with a latent of F1 ≥ 0.8:"},
         ("f1_coverage",), ("causal_f1",)],
     "## 6. Two SAE failure modes\n\n### Feature occlusion": [
-        ("evidence", "occlusion", ("io", "s")), {"tests": NAMES, "columns": NAMES, **NODE_ROWS}, ("occlusion",),
+        ("evidence", "occlusion", ("io", "s")), {"tests": NAMES, "columns": NAMES, **NODE_ROWS},
+        ("occlusion",),
         {"tests": ("supervised_feature_norm",), "rows": ("site",), "columns": "attribute", "head": ("node",),
          "caption": "Mean norm of the supervised features there:"}, ("alpha_sweep",),
         {"tests": ("occlusion_toy_recovered",), "rows": ("attribute", "norm", "setting"),
-         "columns": ("occlusion_toy_recovered",), "caption": "Toy model a = u_IO + v_S: the share of features "
-                                                             "with a vanilla-SAE latent of F1 > 0.9:"}],
+         "columns": ("occlusion_toy_recovered",),
+         "caption": "Toy a = u_IO + v_S: the share of features with a vanilla-SAE latent of F1 > 0.9:"}],
     "### Feature over-splitting": [
         ("evidence", "oversplitting", ("pos",)),
         {"tests": ("pos_latents",), "columns": ("pos_latents",), "phenomenon": "oversplitting", **NODE_ROWS,
          "caption": "Latents whose best interpretation is a Pos value there (GPT-2 Small: ≥ 10):"},
-        ("oversplit_toy",), {"tests": TOY, "rows": ("grid",), "columns": TOY, "caption": "Who wins on the toy, "
-                             "counted where the ideal SAE fires on ≥ 2% of inputs:"}],
-    "## 7. Core SAE metrics (mean over nodes)": [{"tests": CORE, "rows": ("method", "setting"), "columns": CORE}],
+        ("oversplit_toy",), {"tests": TOY, "rows": ("grid",), "columns": TOY,
+                             "caption": "Who wins on the toy, counted where the ideal SAE fires on ≥ 2%:"}],
+    "## 7. Core SAE metrics (mean over nodes)": [{"tests": CORE, "rows": ("method", "setting"),
+                                                  "columns": CORE}],
     "## 8. Comparison with the paper": [("paper",)],
-    "## 9. SAEs from elsewhere (`grade-sae`)": [{"tests": ("graded_sae",), "rows": ("method", "reads", "head", "site"),
-                                                 "columns": CORE, "cell": "core_cell"}]}
+    "## 9. SAEs from elsewhere (`grade-sae`)": [{"tests": ("graded_sae",), "columns": CORE,
+                                                 "cell": "core_cell",
+                                                 "rows": ("method", "reads", "head", "site")}]}
 
 
 class Report:
@@ -1392,8 +1397,8 @@ class Report:
               **match):
         """A table spec read: a row per distinct value of the record fields `rows` (or per `keys`) among the
         records of `tests` that `match`; a column per value of the field `columns` (or per `values`), or
-        per test if it is a tuple. A cell is the method `cell`(where, column), else the value of each test there (a task
-        SAE at its chosen setting) joined by " / ". [caption, table], or [] if no record."""
+        per test if it is a tuple. A cell is the method `cell`(where, column), else the value of each test
+        there (a task SAE at its chosen setting) joined by " / ". [caption, table], or [] if no record."""
         records = [r for test in tests for r in self.find(test, **match)]
         names = list(columns) if isinstance(columns, tuple) else values or _values(records, columns)
 
@@ -1405,16 +1410,16 @@ class Report:
         for key in keys or _keys(records, rows):
             where = {**match, **dict(zip(rows, key))}
             table.append([_setting(where.get("method") or "", v) if f == "setting" else v
-                          for f, v in zip(rows, key)]
-                         + [getattr(self, cell)(where, column) if cell else text(where, column) for column in names])
+                          for f, v in zip(rows, key)] + [getattr(self, cell)(where, column) if cell
+                                                         else text(where, column) for column in names])
         headers = [*head, *(LABELS.get(name, name) for name in [*rows[len(head):], *names])]
         return [] if not table else [caption] * bool(caption) + [_table(table, headers)]
 
     def figure(self, name, panels, ncols=3, size=(4.2, 3.3)):
         """The one figure helper: `panels` become figures/<name> when the report is written. Returns the
         markdown link as a list: empty, and nothing drawn, if no panel has a series."""
-        if not any(not kind.startswith("ax") and args and np.size(args[0]) for panel in panels  # a mark alone is no figure
-                   for kind, _, args, _ in panel["series"]):
+        if not any(not kind.startswith("ax") and args and np.size(args[0])  # a mark alone is no figure
+                   for panel in panels for kind, _, args, _ in panel["series"]):
             return []
         self.figures[name] = (panels, ncols, size)
         return [f"![{name[:-4].replace('_', ' ')}](figures/{name})"]
@@ -1446,17 +1451,19 @@ class Report:
         return "\n".join(lines)
 
     def circuit(self):
-        discovery, skipped = self.circuit_found.get("discovery") or {}, self.circuit_found.get("skipped") or []
+        found = self.circuit_found
+        discovery, skipped = found.get("discovery") or {}, found.get("skipped") or []
         verdicts = [(d["section"], d["ld_drop"], d["fraction"], "not graded: in the run's skip_sections"
                      if d["section"] in skipped else "graded" if d["kept"] else "dropped: not causal here")
                     for d in discovery.get("sections", [])]
         heads = _circuit_rows(discovery.get("heads", []))
-        return [_table([(s["name"], ", ".join(f"`{node}`" for node in s["nodes"]), ", ".join(s["attributes"]))
-                        for s in self.circuit_found.get("sections") or []], ["cross-section", "nodes", "edits"]),
-                _table(heads, ["head", "position", "direct effect", "LD drop via q", "LD drop", "of LD", "role"]),
-                f"Graded if mean-ablating its nodes moves the mean LD by ≥ {metrics.MIN_SECTION_EFFECT:.0%}:",
-                _table(verdicts, ["cross-section", "LD drop", "fraction of LD", "verdict"])
-                ] if self.circuit_found.get("sections") else []
+        sections = [(s["name"], ", ".join(f"`{node}`" for node in s["nodes"]),
+                     ", ".join(map(str, s["attributes"]))) for s in found.get("sections") or []]
+        effect = f"Graded if mean-ablating its nodes moves the mean LD ≥ {metrics.MIN_SECTION_EFFECT:.0%}"
+        return [] if not sections else [_table(sections, ["cross-section", "nodes", "attributes edited"])] + [
+            _table(heads, ["head", "position", "direct effect", "LD drop via q", "LD drop", "of LD", "role"])
+        ] * bool(heads) + [effect, _table(verdicts, ["cross-section", "LD drop", "of LD", "verdict"])
+                           ] * bool(verdicts)
 
     def edit_cell(self, where, method):
         """'edit accuracy / weight removed', and for SAEs '(latents changed of L0 there)'; none: no edit."""
@@ -1476,15 +1483,16 @@ class Report:
         return self.at(test, method=where["method"])
 
     def evidence(self, phenomenon, attributes):
-        """The gate of a phenomenon (README §9): the node where it is tested, or the 4 closest to testable."""
+        """The gate of a phenomenon (README §9): the node where it is tested, or the 4 closest to it."""
         gate = self.find("phenomenon_testable", phenomenon=phenomenon)
         nodes = [gate[0]["site"]] if gate and gate[0]["value"] else sorted(
             _values(self.find("evidence_norm"), "site"), key=lambda node: -min(
                 self.at("evidence_norm", site=node, attribute=a) or 0 for a in attributes))[:4]
-        caption = (f"The test needs {' and '.join(a.upper() for a in attributes)} present (supervised feature "
-                   f"norm ≥ {metrics.PRESENT}) and causal (patching it alone changes ≥ {metrics.CAUSAL:.0%} "
-                   "of the answers or of the mean LD); per attribute: norm / answers changed / LD moved. "
-                   + (f"It runs at `{nodes[0]}`:" if gate and gate[0]["value"] else "**Not testable here.**"))
+        caption = (f"The test needs {' and '.join(a.upper() for a in attributes)} present (supervised "
+                   f"feature norm ≥ {metrics.PRESENT}) and causal (patching it alone changes ≥ "
+                   f"{metrics.CAUSAL:.0%} of the answers or of the mean LD); per attribute: norm / answers "
+                   "changed / LD moved. " + (f"It runs at `{nodes[0]}`:" if gate and gate[0]["value"] else
+                                             "**Not testable here.**"))
         return self.pivot(EVIDENCE, ("site",), "attribute", caption=caption, keys=[(n,) for n in nodes],
                           values=attributes, head=("node",)) if gate else []
 
@@ -1498,23 +1506,30 @@ class Report:
         for a in ("io", "s"):
             for r in self.find(f"alpha_sweep_{a}_names"):
                 sweeps.setdefault((a, r.get("setting")), []).append((r["alpha"], r["value"]))
-        gained = {a: [max(run)[1] - min(run)[1] for (b, _), run in sweeps.items() if b == a] for a in ("io", "s")}
-        rows = [(f"{m}: {test.replace('_', ' ')} at k = 2", paper, [self.edit(test, s, m, a) for a, s in sites])
-                for (m, test), paper in PAPER_EDITS.items()] + [
-            ("occlusion: IO minus S names with a latent (F1 ≥ 0.5)", (1, np.inf), [i - s for i, s in names], ".0f"),
-            ("α sweep: S names with a latent gained", (1, np.inf), gained["s"], ".0f"),
-            ("α sweep: IO names with a latent gained", (-np.inf, -1), gained["io"], ".0f"),
-            ("over-splitting: latents interpreted as a Pos value", (10, np.inf),  # trained SAEs, not the floor
-             [r["value"] for r in self.find("pos_latents", phenomenon="oversplitting") if r["method"] in ARCHS],
+        gain = {a: [max(run)[1] - min(run)[1] for (b, _), run in sweeps.items() if b == a]
+                for a in ("io", "s")}
+        pos = [r["value"] for r in self.find("pos_latents", phenomenon="oversplitting")
+               if r["method"] in ARCHS]  # the trained SAEs: the frozen random decoder is a floor
+        rows = [(f"{m}: {test.replace('_', ' ')} at k = 2", paper,
+                 [self.edit(test, s, m, a) for a, s in sites]) for (m, test), paper in PAPER_EDITS.items()
+                ] + [
+            ("occlusion: IO minus S names with a latent (F1 ≥ 0.5)", (1, np.inf), [i - s for i, s in names],
              ".0f"),
-            (f"toy: share of the {_fmt(self.at(TOY[0], grid='paper'), '.0f')} λ counted that the random SAE "
-             "wins", (0.95, 1), [self.at(TOY[-1], grid="paper")])]
-        table = [(quantity, _span(paper), _span(ours, *spec), "within the paper's range" if paper[0] <= min(ours)
-                  and max(ours) <= paper[1] else "higher" if min(ours) > paper[1] else "lower"
-                  if max(ours) < paper[0] else "overlaps the paper's range") for quantity, paper, ours, *spec in
-                 [(q, p, [v for v in ours if v is not None], *spec) for q, p, ours, *spec in rows] if ours]
+            ("α sweep: S names with a latent gained", (1, np.inf), gain["s"], ".0f"),
+            ("α sweep: IO names with a latent gained", (-np.inf, -1), gain["io"], ".0f"),
+            ("over-splitting: latents interpreted as a Pos value", (10, np.inf), pos, ".0f"),
+            (f"toy: share of the {_fmt(self.at(TOY[0], grid='paper'), '.0f')} λ counted that the random "
+             "SAE wins", (0.95, 1), [self.at(TOY[-1], grid="paper")])]
+        table = []
+        for quantity, paper, ours, *spec in rows:
+            ours = [value for value in ours if value is not None]
+            if ours:
+                table.append((quantity, _span(paper), _span(ours, *spec), "within the paper's range"
+                              if paper[0] <= min(ours) and max(ours) <= paper[1] else "higher"
+                              if min(ours) > paper[1] else "lower" if max(ours) < paper[0] else "overlaps"))
         table += [(f"{p}: in the model", "seen in GPT-2 Small", "—", "not testable here (section 6)")
-                  for p in ("occlusion", "oversplitting") if self.at("phenomenon_testable", phenomenon=p) == 0]
+                  for p in ("occlusion", "oversplitting")
+                  if self.at("phenomenon_testable", phenomenon=p) == 0]
         return [_table(table, ["quantity", "paper", "this run", "verdict"])] if table else []
 
     # --- the figures: each a list of panels for `figure` ---
@@ -1531,10 +1546,9 @@ class Report:
     def approximation(self):
         records = self.find("sufficiency") + self.find("necessity")
         sites, methods = _values(records, "site"), _values(records, "method")
-        return self.figure("approximation.png", [_bars(sites, {m: [self.at(test, site=site, method=m) for site in
-                                                                   sites] for m in methods},
-                                                       _mark(None, "h", 1, **DOTTED), title=test)
-                                                 for test in APPROXIMATION], 2, (6, 3.6))
+        return self.figure("approximation.png", [
+            _bars(sites, {m: [self.at(test, site=site, method=m) for site in sites] for m in methods},
+                  _mark(None, "h", 1, **DOTTED), title=test) for test in APPROXIMATION], 2, (6, 3.6))
 
     def control(self, vs_k):
         """Per headline site, edit accuracy at k = 2 against the weight removed, or (vs_k) against the latents
@@ -1542,16 +1556,16 @@ class Report:
         methods, panels = _values(self.find("edit_accuracy"), "method"), []
         ks = sorted({r["k"] for r in self.find("edit_accuracy") if r.get("k") is not None})
         for attribute, site in self.headline():
-            score = {m: [self.edit(test, site, m, attribute) for test in EDIT[::-1]] for m in methods}  # (x, y)
+            score = {m: [self.edit(test, site, m, attribute) for test in EDIT[::-1]] for m in methods}  # x, y
+            none = self.edit("edit_accuracy_no_intervention", site, "none", attribute)
             by_weight = [("scatter", m, xy, {"s": 60, "color": COLORS.get(m), "marker": MARKERS.get(m)})
-                         for m, xy in score.items() if None not in xy] + _mark("no intervention", "h", self.edit(
-                             "edit_accuracy_no_intervention", site, "none", attribute), **DASHED)
+                         for m, xy in score.items() if None not in xy] + _mark("no edit", "h", none, **DASHED)
             by_k = [series for m in methods for series in (
                 _mark(m, "h", score[m][1], color=COLORS.get(m), ls=":") if m.startswith("supervised") else
                 [_line(m, [(self.edit("latents_changed", site, m, attribute, k),
                             self.edit("edit_accuracy", site, m, attribute, k)) for k in ks], marker="o",
                        color=COLORS.get(m))])]
-            panels.append({"title": f"edit {attribute} @ {site}", "ylabel": "edit accuracy", "ylim": (0, 1.05),
+            panels.append({"title": f"edit {attribute} @ {site}", "ylabel": "edit accuracy", "ylim": (0, 1.1),
                            **({"series": by_k, "xlabel": "latents changed", "xscale": "log", "xticks": ks,
                                "xticklabels": [str(k) for k in ks]} if vs_k else
                               {"series": by_weight, "xlabel": "weight removed"})})
@@ -1569,9 +1583,10 @@ class Report:
         panels = []
         for test in ("causal_keep_sufficiency", "causal_remove_necessity"):
             records = self.find(test)
+            sites, thresholds = _values(records, "site"), _values(records, "threshold")
             panels.append({"title": test.replace("_", " "), "xlabel": "F1 threshold t", "series": [
-                _line(m, [(t, _mean([self.at(test, site=s, method=m, threshold=t) for s in _values(
-                    records, "site")])) for t in _values(records, "threshold")], marker="o", color=COLORS.get(m))
+                _line(m, [(t, _mean([self.at(test, site=s, method=m, threshold=t) for s in sites]))
+                          for t in thresholds], marker="o", color=COLORS.get(m))
                 for m in _values(records, "method")] + _mark(None, "v", 0.6, **DOTTED)})
         return self.figure("causal_f1.png", panels, 2, (5, 3.5))
 
@@ -1588,28 +1603,28 @@ class Report:
                  for i, (s, m) in enumerate(_keys(self.find("alpha_sweep_io_names"), ("setting", "method")))
                  for a, ls in (("io", "-"), ("s", "--"))]
         return self.figure("alpha_sweep.png", [{"series": lines, "title": "SAEs trained on a − α·u_IO",
-                                                "xlabel": "α", "ylabel": "names with a latent (F1 ≥ 0.5)"}])
+                                                "xlabel": "α", "ylabel": "names with a latent"}])
 
     def oversplit_toy(self):
         """The over-splitting toy on the paper's λ grid: each SAE's best loss against λ."""
         losses = {m: self.find("oversplit_toy_loss", method=m, grid="paper")
                   for m in ("ideal_2_latent", "random_1000_latent")}
-        fired = [r["l1"] for r in losses["ideal_2_latent"] if r["firing"] >= 0.02]
-        return self.figure("oversplit_toy.png", [{"title": "Toy ±µ + noise: best SAE loss", "xlabel": "λ",
-                                                  "series": [_line(f"{m} SAE", sorted(
-                                                      (r["l1"], r["value"]) for r in losses[m]))
-                                                             for m in losses] + _mark(
-                                                      "ideal SAE fires on < 2% beyond", "v",
-                                                      max(fired, default=None), **DOTTED)}], size=(6, 3.5))
+        fired = max([r["l1"] for r in losses["ideal_2_latent"] if r["firing"] >= 0.02], default=None)
+        lines = [_line(f"{m} SAE", sorted((r["l1"], r["value"]) for r in losses[m])) for m in losses]
+        return self.figure("oversplit_toy.png", [{
+            "title": "Toy ±µ + noise: best SAE loss", "xlabel": "λ",
+            "series": lines + _mark("ideal SAE fires on < 2% beyond", "v", fired, **DOTTED)}], size=(6, 3.5))
 
     def markdown(self):
         blocks = self.header() + ["## At a glance", f"```\n{self.summary()}\n```"]
         for heading, parts in SECTIONS.items():
-            body = [block for part in parts for block in (self.pivot(**part) if isinstance(part, dict) else
-                                                         getattr(self, part[0])(*part[1:]))]
+            body = [block for part in parts for block in (
+                self.pivot(**part) if isinstance(part, dict) else getattr(self, part[0])(*part[1:]))]
             if body or not heading.startswith("## 9"):  # only a run that graded an SAE from elsewhere has §9
-                blocks += [heading] + (body or ["_Nothing in metrics.json for this section; section skipped._"])
+                blocks += [heading] + (body or ["_Nothing in metrics.json for this section; "
+                                                "section skipped._"])
         return "\n\n".join(blocks) + "\n"
+
 
 def write_report(run_dir) -> str:
     """Write <run_dir>/report.md and figures/*.png from its metrics.json; return the terminal summary.

@@ -400,3 +400,18 @@ def test_cli_renders_valid_records_whatever_is_missing_beside_them(tmp_path, cha
     write_metrics(tmp_path, change(fake_results()))
     result = CliRunner().invoke(main.cli, ["report", "--out", str(tmp_path)])
     assert result.exit_code == 0 and (tmp_path / "report.md").exists(), result.output
+
+
+def test_an_sae_from_elsewhere_is_listed_with_its_core_metrics(tmp_path):
+    """Section 9 appears only when `grade-sae` graded an SAE: one row per site it was graded at, with its
+    core metrics averaged over its nodes (here l0 7 and 9 at two nodes: 8)."""
+    theirs = {"method": "saelens:blocks.2", "setting": None}
+    records = fake_results() + [
+        {"test": "graded_sae", "site": "S-I out", "value": 2, "reads": "blocks.2.hook_z", "head": 1, **theirs},
+        {"test": "l0", "site": "z@L2H0@end", "value": 7.0, **theirs},
+        {"test": "l0", "site": "z@L2H1@end", "value": 9.0, **theirs}]
+    write_metrics(tmp_path, [{k: v for k, v in r.items() if v is not None} for r in records])
+    main.write_report(str(tmp_path))
+    graded = tables(section((tmp_path / "report.md").read_text(), "## 9."))[0]
+    assert row(graded, method="saelens:blocks.2")["l0"] == "8.00"
+    assert row(graded, method="saelens:blocks.2")["reads"] == "blocks.2.hook_z"
