@@ -1058,8 +1058,9 @@ def grade_sae_command(sae_dir, name, **options):
 
 # === report (report.md, figures, terminal summary) ===
 # The report retells the paper's results section for one run from metrics.json alone: the config, the
-# circuit graded and the records (metrics.Record as JSON). A section without records says so in one
-# line. What each table and figure shows, and what to look for: README "Reading the report".
+# circuit graded and the records (metrics.Record as JSON). Its tables and figures are data: a table names
+# the records of its rows, columns and cells (`Report.pivot`), a figure lists its panels (`_draw`). What
+# each shows and what to look for: README "Reading the report".
 
 PAPER_SCALE = {"n_train": 20_000, "n_eval": 5_000, "d_sae": 512, "epochs": 2000}  # README §2, §8
 HEADLINE = [("io", "(B)NM out"), ("pos", "(B)NM qk"), ("pos", "(B)NM q"),
@@ -1071,11 +1072,24 @@ COLORS = {**dict(zip(METHODS, ["#7f7f7f", "#2ca02c", "#98df8a", "#d62728", "#1f7
                                "#8c564b", "#ff9896", "#aec7e8", "#ffbb78"])),
           "IO names": "#2ca02c", "S names": "#d62728"}
 MARKERS = dict(zip(METHODS, "xsPoD^v*dp"))
-# README §6, revised paper, k = 2, over the headline sites: (edit accuracy, weight removed) ranges.
-PAPER_EDITS = {"supervised": ((0.80, 0.96), (0.37, 0.64)), "gated": ((0.87, 0.97), (0.57, 0.79)),
-               "topk": ((0.86, 0.95), (0.39, 0.68)), "vanilla": ((0.24, 0.61), None)}
-DASHED, DOTTED = {"color": "k", "ls": "--", "lw": 1}, {"color": "k", "ls": ":", "lw": 0.8}
+OPTIONAL = ("setting", "reads", "head")  # fields of a row key that a record may lack
+ORDER = {"site": SITES, "method": ["none", *METHODS], "attribute": ["io", "s", "pos"]}  # the paper's order
 APPROXIMATION, EDIT = ("sufficiency", "necessity"), ("edit_accuracy", "weight_removed")
+MODEL = ("logit_diff", "accuracy", "top1_accuracy")
+CORE = ("l0", "mse", "fve", "dead_fraction", "ld_recovered", "train_steps", "train_converged")
+NAMES = ("occlusion_io_names", "occlusion_s_names")
+EVIDENCE = ("evidence_norm", "evidence_answers_changed", "evidence_ld_moved")
+TOY = tuple(f"oversplit_toy_{c}" for c in ("counted", "random_wins", "ideal_wins", "ties", "not_counted",
+                                           "share_random_wins"))
+LABELS = {"site": "cross-section", NAMES[0]: "IO names", NAMES[1]: "S names", "pos_latents": "Pos latents",
+          "occlusion_toy_recovered": "share recovered", **{test: test[14:].replace("_", " ") for test in TOY}}
+FORMATS = {**dict.fromkeys([*NAMES, "pos_latents", *TOY[:-1]], ".0f"), **dict.fromkeys(EVIDENCE[1:], ".0%")}
+# README §6, revised paper, k = 2, over the headline sites: the paper's (low, high) range of each quantity.
+PAPER_EDITS = {("supervised", EDIT[0]): (0.80, 0.96), ("supervised", EDIT[1]): (0.37, 0.64),
+               ("gated", EDIT[0]): (0.87, 0.97), ("gated", EDIT[1]): (0.57, 0.79),
+               ("topk", EDIT[0]): (0.86, 0.95), ("topk", EDIT[1]): (0.39, 0.68),
+               ("vanilla", EDIT[0]): (0.24, 0.61)}
+DASHED, DOTTED = {"color": "k", "ls": "--", "lw": 1}, {"color": "k", "ls": ":", "lw": 0.8}
 
 
 def _mean(values):
@@ -1092,16 +1106,30 @@ def _setting(method, setting):
     return "" if setting is None else f"k={setting:g}" if method.startswith("topk") else f"λ={setting:g}"
 
 
-def _distinct(records, key="method", order=METHODS):
-    """The distinct values of `key` in records: those in `order` first, the others as they come."""
-    seen = list(dict.fromkeys(r.get(key) for r in records))
-    return sorted(seen, key=lambda v: order.index(v) if v in order else len(order) + seen.index(v))
+def _keys(records, fields):
+    """The distinct tuples of `fields` in records: sites and methods in the paper's order, numbers
+    ascending, anything else as it first comes."""
+    def rank(key):
+        return [(ORDER[f].index(v) if v in ORDER.get(f, ()) else len(ORDER.get(f, ())),
+                 v if isinstance(v, (int, float)) else 0) for f, v in zip(fields, key)]
+    return sorted(dict.fromkeys(tuple(r.get(f) if f in OPTIONAL else r[f] for f in fields) for r in records),
+                  key=rank)
+
+
+def _values(records, field):
+    return [value for (value,) in _keys(records, (field,))]
 
 
 def _table(rows, headers):
     """The one table helper: a markdown table of `rows` under `headers`, each cell through `_fmt`."""
     lines = ["| " + " | ".join(map(_fmt, row)) + " |" for row in [headers, *rows]]
     return "\n".join(lines[:1] + ["|" + "---|" * len(headers)] + lines[1:])
+
+
+def _span(values, spec=".2f"):
+    low, high = min(values), max(values)
+    return (f"≥ {low:g}" if high == np.inf else f"≤ {high:g}" if low == -np.inf
+            else f"{low:{spec}}–{high:{spec}}")
 
 
 # A figure panel is data: Axes settings (title, xlabel, ...) and "series", each (Axes method, label,
@@ -1150,53 +1178,49 @@ def _draw(panels, ncols, size):
     return fig
 
 
-# --- checking metrics.json: each record against metrics.Record's fields, the circuit against its own ---
+# --- checking metrics.json: JSON types per key, each record's from metrics.Record's fields ---
 
-TEXT, NUMBER, NULL, LIST = (str,), (float, int), (type(None),), (list,)
+NUMBER, NULL = (float, int), (type(None),)
 KINDS = {str: "text", float: "a number", bool: "true or false", list: "a list", dict: "an object",
          type(None): "null"}
 # metrics.Record's fields and their JSON types; an Optional one (__args__: (type, None)) may be left out.
-RECORD_TYPES = {f.name: NUMBER if kind in (int, float) else (kind,) for f in fields(metrics.Record)
-                for kind in [getattr(f.type, "__args__", (f.type,))[0]]}
+RECORD = {f.name: NUMBER if kind in (int, float) else (kind,) for f in fields(metrics.Record)
+          for kind in [getattr(f.type, "__args__", (f.type,))[0]]}
 RECORD_NEEDS = [f.name for f in fields(metrics.Record) if not hasattr(f.type, "__args__")]
-SECTION_TYPES = {"name": TEXT, "nodes": LIST, "attributes": LIST}  # the circuit, as `write_metrics` writes it
-HEAD_TYPES = {"head": TEXT, "position": TEXT, "role": TEXT,
-              **dict.fromkeys(["direct_effect", "query_effect", "ld_drop", "fraction"], NUMBER + NULL)}
-VERDICT_TYPES = {"section": TEXT, "ld_drop": NUMBER + NULL, "fraction": NUMBER + NULL, "kept": (object,)}
+CIRCUIT = {"sections": [{"name": (str,), "nodes": (list,), "attributes": (list,)}], "skipped": (list,) + NULL,
+           "discovery": {"heads": [{"head": (str,), "position": (str,), "role": (str,), **dict.fromkeys(
+               ["direct_effect", "query_effect", "ld_drop", "fraction"], NUMBER + NULL)}], "sections": [
+               {"section": (str,), "ld_drop": NUMBER + NULL, "fraction": NUMBER + NULL, "kept": (object,)}]}}
 
 
-def _bad_key(obj, types, needs=()):
-    """What is wrong with `obj`, an object that holds `needs` and whose keys have, where present, their
-    `types` {key: JSON types}; None if nothing."""
-    if not isinstance(obj, dict):
-        return f"{json.dumps(obj)[:60]} is not an object"
-    wrong = [f"lacks '{key}'" for key in needs if key not in obj] + [
-        f"'{key}' is {json.dumps(value)[:60]}, not " + " or ".join(KINDS[t] for t in types[key] if t in KINDS)
-        for key, value in obj.items() if key in types and not isinstance(value, types[key])]
-    return wrong[0] if wrong else None
+def _problem(value, schema, where, needs=()):
+    """What in `value` breaks `schema`, in words, or None. A schema is JSON types, {key: schema} for an
+    object that holds `needs` (else it may be null), or [schema] for a list of objects with every key."""
+    if not isinstance(schema, tuple) and value is None and not needs:
+        return None
+    types = schema if isinstance(schema, tuple) else (list,) if isinstance(schema, list) else (dict,)
+    if not isinstance(value, types):
+        kinds = [KINDS[t] for t in types if t in KINDS]
+        return f"{where} is {json.dumps(value)[:60]}, not " + " or ".join(kinds)
+    if isinstance(schema, list):
+        return next(filter(None, (_problem(item, schema[0], f"{where}[{i}]", schema[0])
+                                  for i, item in enumerate(value))), None)
+    lacking = [key for key in needs if key not in value]
+    keys = () if isinstance(schema, tuple) else [key for key in schema if key in value]
+    return f"{where} lacks '{lacking[0]}'" if lacking else next(
+        filter(None, (_problem(value[key], schema[key], f"{where}: '{key}'") for key in keys)), None)
 
 
 def _metrics_problem(data):
     """What makes metrics.json unreadable, in one line, or None."""
     if not isinstance(data, dict) or not isinstance(data.get("results"), list):
         return "malformed, expected {'results': [records with a 'test']}"
-
-    def parts():  # (name, object, types, needed keys); each part is reached only if the one above is sound
-        for i, record in enumerate(data["results"]):
-            test = record.get("test") if isinstance(record, dict) else None
-            yield f"record {i} (test {test})", record, RECORD_TYPES, RECORD_NEEDS
-        circuit = data.get("circuit") or {}
-        yield "config", data.get("config") or {}, {key: NUMBER + NULL for key in PAPER_SCALE}, ()
-        yield "circuit", circuit, {"sections": LIST + NULL, "skipped": LIST + NULL,
-                                   "discovery": (dict,) + NULL}, ()
-        discovery = circuit.get("discovery") or {}
-        yield "circuit.discovery", discovery, {"heads": LIST, "sections": LIST}, ()
-        for name, items, types in (("sections", circuit.get("sections") or [], SECTION_TYPES),
-                                   ("discovery.heads", discovery.get("heads", []), HEAD_TYPES),
-                                   ("discovery.sections", discovery.get("sections", []), VERDICT_TYPES)):
-            yield from ((f"circuit.{name}[{i}]", item, types, tuple(types)) for i, item in enumerate(items))
-    return next((f"malformed {name}: {problem}" for name, obj, types, needs in parts()
-                 if (problem := _bad_key(obj, types, needs))), None)
+    records = (_problem(r, RECORD, f"record {i} (test {r.get('test') if isinstance(r, dict) else None})",
+                        RECORD_NEEDS) for i, r in enumerate(data["results"]))
+    problem = next(filter(None, records), None) or _problem(
+        data.get("config") or {}, {key: NUMBER + NULL for key in PAPER_SCALE}, "config") or _problem(
+        data.get("circuit") or {}, CIRCUIT, "circuit")
+    return problem and f"malformed {problem}"
 
 
 class _Record(dict):
@@ -1206,6 +1230,51 @@ class _Record(dict):
 
     def __missing__(self, key):
         raise click.ClickException(f"{self.where}: lacks '{key}'")
+
+
+# The report's sections in order, each a list of blocks: a table spec (`Report.pivot`'s arguments), or a
+# (Report method, arguments...) that returns blocks: a figure, the circuit, a gate, the verdicts.
+EDITS = {"tests": ("edit_accuracy", "edit_accuracy_no_intervention"), "rows": ("site", "attribute"),
+         "cell": "edit_cell"}
+NODE_ROWS = {"rows": ("site", "method", "setting"), "head": ("node",)}
+SECTIONS = {
+    "## 1. The model solves IOI": [{"tests": MODEL, "rows": ("site",), "columns": MODEL, "site": "model",
+                                    "caption": "GPT-2 Small: mean LD ≈ 3.3, top-1 ≈ 91%."},
+                                   ("ld_histogram",)],
+    "## 2. The circuit: cross-sections we patch and edit": [("circuit",)],
+    "## 3. Test 1 — approximation: sufficiency and necessity": [
+        {"tests": APPROXIMATION, "rows": ("site",), "caption": "Sufficiency / necessity (README §5):"},
+        ("approximation",)],
+    "## 4. Test 2 — control: editing an attribute with a few latents": [
+        ("control", False), {**EDITS, "caption": "Edit accuracy / weight removed at k = 2 (SAEs: latents "
+                                                 "changed, of their L0 there); `none`: no edit:"},
+        {**EDITS, "tests": EDIT[:1], "edit": "f1", "caption": "The same, F1-guided: 1 latent out, 1 in:"},
+        ("control", True), {**EDITS, "tests": ("edit_distance_k2",), "cell": "chosen_cell", "chosen": True,
+                            "caption": "The SAE setting chosen (README §8; L2 after a k = 2 edit):"}],
+    "## 5. Test 3 — interpretability": [
+        {"tests": ("f1_coverage",), "rows": ("site", "attribute"),
+         "caption": "F1 coverage (README §7): the share of values with a latent of F1 ≥ 0.8:"},
+        ("f1_coverage",), ("causal_f1",)],
+    "## 6. Two SAE failure modes\n\n### Feature occlusion": [
+        ("evidence", "occlusion", ("io", "s")), {"tests": NAMES, "columns": NAMES, **NODE_ROWS},
+        ("occlusion",),
+        {"tests": ("supervised_feature_norm",), "rows": ("site",), "columns": "attribute", "head": ("node",),
+         "caption": "Mean norm of the supervised features there:"}, ("alpha_sweep",),
+        {"tests": ("occlusion_toy_recovered",), "rows": ("attribute", "norm", "setting"),
+         "columns": ("occlusion_toy_recovered",),
+         "caption": "Toy a = u_IO + v_S: the share of features with a vanilla-SAE latent of F1 > 0.9:"}],
+    "### Feature over-splitting": [
+        ("evidence", "oversplitting", ("pos",)),
+        {"tests": ("pos_latents",), "columns": ("pos_latents",), "phenomenon": "oversplitting", **NODE_ROWS,
+         "caption": "Latents whose best interpretation is a Pos value there (GPT-2 Small: ≥ 10):"},
+        ("oversplit_toy",), {"tests": TOY, "rows": ("grid",), "columns": TOY,
+                             "caption": "Who wins on the toy, counted where the ideal SAE fires on ≥ 2%:"}],
+    "## 7. Core SAE metrics (mean over nodes)": [{"tests": CORE, "rows": ("method", "setting"),
+                                                  "columns": CORE}],
+    "## 8. Comparison with the paper": [("paper",)],
+    "## 9. SAEs from elsewhere (`grade-sae`)": [{"tests": ("graded_sae",), "columns": CORE,
+                                                 "cell": "core_cell",
+                                                 "rows": ("method", "reads", "head", "site")}]}
 
 
 class Report:
@@ -1242,14 +1311,12 @@ class Report:
         """The records of one test whose fields equal `match` (a missing field counts as None)."""
         return [r for r in self.by_test.get(test, []) if all(r.get(k) == v for k, v in match.items())]
 
-    def mean(self, test, **match):
-        return _mean([r["value"] for r in self.find(test, **match)])
-
-    def at(self, test, site, method, choose_for=None, **match):
-        """Mean value of a test at a site; a task SAE at the setting Test 2 chose there (README §8) for the
-        attribute `choose_for` (default: the match's own), else the one chosen most often, else its first."""
-        records = self.find(test, site=site, method=method, **match)
-        choice, attribute = self.chosen.get((site, method), {}), choose_for or match.get("attribute")
+    def at(self, test, choose_for=None, **match):
+        """The mean value of a test's records that match; a task SAE at the setting Test 2 chose at the site
+        (README §8) for the attribute `choose_for` (default: the match's), else the one chosen most often."""
+        records = self.find(test, **match)
+        choice = self.chosen.get((match.get("site"), match.get("method")), {})
+        attribute = choose_for or match.get("attribute")
         preferred = ([choice[attribute]] if attribute in choice else []) + [
             setting for setting, _ in Counter(choice.values()).most_common()]
         present = sorted({r.get("setting") for r in records} - {None})
@@ -1260,380 +1327,243 @@ class Report:
         """Edit accuracy, weight removed or latents changed (README §6): SAEs greedy at k = 2 by default;
         a supervised edit swaps one feature whatever k, and "none" is no edit."""
         how = {} if method.startswith("supervised") or method == "none" else {"k": k, "edit": kind}
-        return self.at(test, site, method, attribute=attribute, **how)
+        return self.at(test, site=site, method=method, attribute=attribute, **how)
 
     def headline(self):
         """The paper's headline (attribute, site) pairs that this run graded."""
         sites = {r["site"] for test in ("edit_accuracy", "sufficiency") for r in self.by_test.get(test, [])}
         return [(attribute, site) for attribute, site in HEADLINE if site in sites]
 
+    def pivot(self, tests, rows, columns="method", cell=None, caption=None, keys=None, values=None, head=(),
+              **match):
+        """A table spec read: a row per distinct value of the record fields `rows` (or per `keys`) among the
+        records of `tests` that `match`; a column per value of the field `columns` (or per `values`), or
+        per test if it is a tuple. A cell is the method `cell`(where, column), else the value of each test
+        there (a task SAE at its chosen setting) joined by " / ". [caption, table], or [] if no record."""
+        records = [r for test in tests for r in self.find(test, **match)]
+        names = list(columns) if isinstance(columns, tuple) else values or _values(records, columns)
+
+        def text(where, column):
+            here = ((column,), {}) if isinstance(columns, tuple) else (tests, {columns: column})
+            return " / ".join(_fmt(self.at(test, **where, **here[1]), FORMATS.get(test, ".2f"))
+                              for test in here[0])
+        table = []
+        for key in keys or _keys(records, rows):
+            where = {**match, **dict(zip(rows, key))}
+            table.append([_setting(where.get("method") or "", v) if f == "setting" else v
+                          for f, v in zip(rows, key)] + [getattr(self, cell)(where, column) if cell
+                                                         else text(where, column) for column in names])
+        headers = [*head, *(LABELS.get(name, name) for name in [*rows[len(head):], *names])]
+        return [] if not table else [caption] * bool(caption) + [_table(table, headers)]
+
     def figure(self, name, panels, ncols=3, size=(4.2, 3.3)):
         """The one figure helper: `panels` become figures/<name> when the report is written. Returns the
         markdown link as a list: empty, and nothing drawn, if no panel has a series."""
-        if not any(panel["series"] for panel in panels):
+        if not any(not kind.startswith("ax") and args and np.size(args[0])  # a mark alone is no figure
+                   for panel in panels for kind, _, args, _ in panel["series"]):
             return []
         self.figures[name] = (panels, ncols, size)
         return [f"![{name[:-4].replace('_', ' ')}](figures/{name})"]
 
-    # --- the sections ---
-
     def header(self):
         c = self.config
-        model = (f"GPT-2 weights from `{c['weights']}`" if c.get("weights") else
-                 "the embedded IOI model (GPT-2's IOI circuit written by hand into a small GPT-2)")
-        changes = [] if c.get("weights") else ["a small IOI model instead of GPT-2 Small"]
-        changes += [f"{key} = {c[key]} instead of {paper}" for key, paper in PAPER_SCALE.items()
-                    if c.get(key) is not None and c[key] != paper]
-        out = ["# Supervised dictionaries vs sparse autoencoders on IOI",
-               "A reproduction of Makelov, Lange & Nanda, *Towards Principled Evaluations of Sparse "
-               f"Autoencoders for Interpretability and Control* (arXiv 2405.08366). Model: {model}; "
-               f"{c.get('n_train')} training and {c.get('n_eval')} evaluation prompts; task SAEs with "
-               f"{c.get('d_sae')} latents trained for {c.get('epochs')} epochs. The README's §1-§9 define "
-               "every quantity below; its [Reading the report](README.md#reading-the-report) says what to "
-               "look for."]
-        if c.get("weights") is None or (c.get("epochs") or 0) < PAPER_SCALE["epochs"]:
-            out.append(f"Scaled down from the paper's settings to run on a CPU: {'; '.join(changes)}. "
-                       "Expect the paper's qualitative picture, not its digits.")
-        return out + [_table([(key, json.dumps(value)) for key, value in c.items()], ["setting", "value"])]
+        changes = ([] if c.get("weights") else ["a small IOI model instead of GPT-2 Small"]) + [
+            f"{key} = {c[key]} instead of {paper}" for key, paper in PAPER_SCALE.items()
+            if c.get(key) is not None and c[key] != paper]
+        return ["# Supervised dictionaries vs sparse autoencoders on IOI",
+                "Makelov, Lange & Nanda, *Towards Principled Evaluations of Sparse Autoencoders for "
+                "Interpretability and Control* (arXiv 2405.08366), reproduced; README §1-§9 define every "
+                "quantity, [Reading the report](README.md#reading-the-report) says what to look for."
+                + (f" Scaled down to run on a CPU: {'; '.join(changes)}." if changes else ""),
+                _table([(key, json.dumps(value)) for key, value in c.items()], ["setting", "value"])]
 
     def summary(self):
         """The terminal summary (also "At a glance"): the model's LD and accuracy, then per headline site
         the k = 2 edit accuracy and sufficiency of the supervised dictionary and the task SAEs."""
         methods = ["supervised", "vanilla", "gated", "topk"]
-        lines = [f"model: mean LD {_fmt(self.mean('logit_diff', site='model'))}, "
-                 f"accuracy {_fmt(self.mean('accuracy', site='model'))}",
+        lines = [f"model: mean LD {_fmt(self.at('logit_diff', site='model'))}, "
+                 f"accuracy {_fmt(self.at('accuracy', site='model'))}",
                  f"{'':22}{'edit accuracy @k=2':^28}{'sufficiency':^28}",
                  f"{'site':22}" + "".join(f"{m[:6]:>7}" for m in methods) * 2]
         for attribute, site in self.headline():
             values = ([self.edit("edit_accuracy", site, m, attribute) for m in methods]
-                      + [self.at("sufficiency", site, m) for m in methods])
+                      + [self.at("sufficiency", site=site, method=m) for m in methods])
             lines.append(f"{attribute + '@' + site:22}" + "".join(f"{_fmt(v):>7}" for v in values))
         return "\n".join(lines)
 
-    def model(self):
-        stats = {test: self.mean(test, site="model") for test in ("logit_diff", "accuracy", "top1_accuracy")}
-        bins, mean = sorted(self.find("logit_diff_histogram"), key=lambda r: r["low"]), stats["logit_diff"]
-        histogram = [("bar", None, ([r["low"] for r in bins], [r["value"] for r in bins]),
-                      {"width": [r["high"] - r["low"] for r in bins], "align": "edge", "edgecolor": "w"})]
-        panel = {"title": "Logit difference on evaluation prompts", "xlabel": "LD = logit[IO] − logit[S]",
-                 "ylabel": "prompts", "series": histogram + _mark(None, "v", 0, **DASHED)
-                 + _mark(f"mean {_fmt(mean)}", "v", mean, color="#d62728") if bins else []}
-        return [] if all(value is None for value in stats.values()) else [
-            _table(stats.items(), ["metric", "value"]), "GPT-2 Small: mean LD ≈ 3.3, top-1 ≈ 91%.",
-            *self.figure("ld_histogram.png", [panel], size=(6, 3.3))]
-
     def circuit(self):
-        sections, discovery = self.circuit_found.get("sections"), self.circuit_found.get("discovery") or {}
-        skipped, heads = self.circuit_found.get("skipped") or [], _circuit_rows(discovery.get("heads", []))
+        found = self.circuit_found
+        discovery, skipped = found.get("discovery") or {}, found.get("skipped") or []
         verdicts = [(d["section"], d["ld_drop"], d["fraction"], "not graded: in the run's skip_sections"
                      if d["section"] in skipped else "graded" if d["kept"] else "dropped: not causal here")
                     for d in discovery.get("sections", [])]
-        if not sections:
-            return []
-        rows = [(s["name"], ", ".join(f"`{node}`" for node in s["nodes"]),
-                 ", ".join(map(str, s["attributes"]))) for s in sections]
-        out = [_table(rows, ["cross-section", "nodes", "attributes edited"])]
-        if heads:
-            out += ["Heads found in the model itself (`ioi.discover`):", _table(heads, [
-                "head", "position", "direct effect", "LD drop via q", "LD drop", "of LD", "role"])]
-        if verdicts:
-            out += [f"Graded if mean-ablating all its nodes moves the mean LD by ≥ "
-                    f"{metrics.MIN_SECTION_EFFECT:.0%}:",
-                    _table(verdicts, ["cross-section", "LD drop", "fraction of LD", "verdict"])]
-        return out
+        heads = _circuit_rows(discovery.get("heads", []))
+        sections = [(s["name"], ", ".join(f"`{node}`" for node in s["nodes"]),
+                     ", ".join(map(str, s["attributes"]))) for s in found.get("sections") or []]
+        effect = f"Graded if mean-ablating its nodes moves the mean LD ≥ {metrics.MIN_SECTION_EFFECT:.0%}"
+        return [] if not sections else [_table(sections, ["cross-section", "nodes", "attributes edited"])] + [
+            _table(heads, ["head", "position", "direct effect", "LD drop via q", "LD drop", "of LD", "role"])
+        ] * bool(heads) + [effect, _table(verdicts, ["cross-section", "LD drop", "of LD", "verdict"])
+                           ] * bool(verdicts)
+
+    def edit_cell(self, where, method):
+        """'edit accuracy / weight removed', and for SAEs '(latents changed of L0 there)'; none: no edit."""
+        site, attribute, kind = where["site"], where["attribute"], where.get("edit", "greedy")
+        if method == "none":
+            return self.edit("edit_accuracy_no_intervention", site, method, attribute)
+        text = " / ".join(_fmt(self.edit(test, site, method, attribute, kind=kind)) for test in EDIT)
+        changed = self.edit("latents_changed", site, method, attribute, kind=kind)
+        l0 = self.at("l0_at_site", site=site, method=method, choose_for=attribute)
+        return text if changed is None else f"{text} ({changed:.1f} of L0 {_fmt(l0)})"
+
+    def chosen_cell(self, where, method):
+        return next((f"{_setting(method, r['setting'])} ({_fmt(r['value'])})"
+                     for r in self.find("edit_distance_k2", **where, method=method)), None)
+
+    def core_cell(self, where, test):
+        return self.at(test, method=where["method"])
+
+    def evidence(self, phenomenon, attributes):
+        """The gate of a phenomenon (README §9): the node where it is tested, or the 4 closest to it."""
+        gate = self.find("phenomenon_testable", phenomenon=phenomenon)
+        nodes = [gate[0]["site"]] if gate and gate[0]["value"] else sorted(
+            _values(self.find("evidence_norm"), "site"), key=lambda node: -min(
+                self.at("evidence_norm", site=node, attribute=a) or 0 for a in attributes))[:4]
+        caption = (f"The test needs {' and '.join(a.upper() for a in attributes)} present (supervised "
+                   f"feature norm ≥ {metrics.PRESENT}) and causal (patching it alone changes ≥ "
+                   f"{metrics.CAUSAL:.0%} of the answers or of the mean LD); per attribute: norm / answers "
+                   "changed / LD moved. " + (f"It runs at `{nodes[0]}`:" if gate and gate[0]["value"] else
+                                             "**Not testable here.**"))
+        return self.pivot(EVIDENCE, ("site",), "attribute", caption=caption, keys=[(n,) for n in nodes],
+                          values=attributes, head=("node",)) if gate else []
+
+    def paper(self):
+        """Our min–max beside the paper's range (README §6, §9); the verdict compares the two."""
+        sites = [(a, s) for a, s in self.headline()  # where an edit must change the model's answer
+                 if (self.edit("edit_accuracy_no_intervention", s, "none", a) or 0) < 0.5]
+        names = [[self.at(test, site=n, method=m, setting=s) or 0 for test in NAMES]
+                 for n, m, s in _keys(self.find(NAMES[0]), ("site", "method", "setting"))]
+        sweeps = {}  # {(attribute, setting): [(α, names with a latent)]}
+        for a in ("io", "s"):
+            for r in self.find(f"alpha_sweep_{a}_names"):
+                sweeps.setdefault((a, r.get("setting")), []).append((r["alpha"], r["value"]))
+        gain = {a: [max(run)[1] - min(run)[1] for (b, _), run in sweeps.items() if b == a]
+                for a in ("io", "s")}
+        pos = [r["value"] for r in self.find("pos_latents", phenomenon="oversplitting")
+               if r["method"] in ARCHS]  # the trained SAEs: the frozen random decoder is a floor
+        rows = [(f"{m}: {test.replace('_', ' ')} at k = 2", paper,
+                 [self.edit(test, s, m, a) for a, s in sites]) for (m, test), paper in PAPER_EDITS.items()
+                ] + [
+            ("occlusion: IO minus S names with a latent (F1 ≥ 0.5)", (1, np.inf), [i - s for i, s in names],
+             ".0f"),
+            ("α sweep: S names with a latent gained", (1, np.inf), gain["s"], ".0f"),
+            ("α sweep: IO names with a latent gained", (-np.inf, -1), gain["io"], ".0f"),
+            ("over-splitting: latents interpreted as a Pos value", (10, np.inf), pos, ".0f"),
+            (f"toy: share of the {_fmt(self.at(TOY[0], grid='paper'), '.0f')} λ counted that the random "
+             "SAE wins", (0.95, 1), [self.at(TOY[-1], grid="paper")])]
+        table = []
+        for quantity, paper, ours, *spec in rows:
+            ours = [value for value in ours if value is not None]
+            if ours:
+                table.append((quantity, _span(paper), _span(ours, *spec), "within the paper's range"
+                              if paper[0] <= min(ours) and max(ours) <= paper[1] else "higher"
+                              if min(ours) > paper[1] else "lower" if max(ours) < paper[0] else "overlaps"))
+        table += [(f"{p}: in the model", "seen in GPT-2 Small", "—", "not testable here (section 6)")
+                  for p in ("occlusion", "oversplitting")
+                  if self.at("phenomenon_testable", phenomenon=p) == 0]
+        return [_table(table, ["quantity", "paper", "this run", "verdict"])] if table else []
+
+    # --- the figures: each a list of panels for `figure` ---
+
+    def ld_histogram(self):
+        bins, mean = sorted(self.find("logit_diff_histogram"), key=lambda r: r["low"]), self.at("logit_diff")
+        histogram = [("bar", None, ([r["low"] for r in bins], [r["value"] for r in bins]),
+                      {"width": [r["high"] - r["low"] for r in bins], "align": "edge", "edgecolor": "w"})]
+        return self.figure("ld_histogram.png", [{
+            "title": "Logit difference on evaluation prompts", "xlabel": "LD = logit[IO] − logit[S]",
+            "series": histogram + _mark(None, "v", 0, **DASHED) + _mark(f"mean {_fmt(mean)}", "v", mean,
+                                                                          color="#d62728")}], size=(6, 3.3))
 
     def approximation(self):
         records = self.find("sufficiency") + self.find("necessity")
-        sites, methods = _distinct(records, "site", SITES), _distinct(records)
-        score = {(test, m): [self.at(test, site, m) for site in sites]
-                 for test in APPROXIMATION for m in methods}
-        panels = [_bars(sites, {m: score[test, m] for m in methods}, _mark(None, "h", 1, **DOTTED),
-                        title=test, ylabel="score (1 = perfect)") for test in APPROXIMATION]
-        return [] if not records else [
-            "Sufficiency / necessity (README §5); task SAEs at their chosen setting:",
-            _table([[site] + [" / ".join(_fmt(score[test, m][i]) for test in APPROXIMATION) for m in methods]
-                    for i, site in enumerate(sites)], ["cross-section"] + methods),
-            *self.figure("approximation.png", panels, 2, (6, 3.6))]
+        sites, methods = _values(records, "site"), _values(records, "method")
+        return self.figure("approximation.png", [
+            _bars(sites, {m: [self.at(test, site=site, method=m) for site in sites] for m in methods},
+                  _mark(None, "h", 1, **DOTTED), title=test) for test in APPROXIMATION], 2, (6, 3.6))
 
-    def edit_panels(self, methods, attribute, site):
-        """Two panels for one headline site: edit accuracy against the weight removed at k = 2, and
-        against the latents the edit changes (greedy solid, F1-guided dashed; supervised: exact)."""
+    def control(self, vs_k):
+        """Per headline site, edit accuracy at k = 2 against the weight removed, or (vs_k) against the latents
+        a greedy edit changes (a supervised edit swaps one feature whatever k: a line across)."""
+        methods, panels = _values(self.find("edit_accuracy"), "method"), []
         ks = sorted({r["k"] for r in self.find("edit_accuracy") if r.get("k") is not None})
-        score = {m: [self.edit(test, site, m, attribute) for test in ("weight_removed", "edit_accuracy")]
-                 for m in methods}  # (x, y) of the scatter
-        baseline = self.edit("edit_accuracy_no_intervention", site, "none", attribute)
-        by_weight = [("scatter", m, score[m], {"s": 60, "color": COLORS.get(m), "marker": MARKERS.get(m)})
-                     for m in methods if None not in score[m]]
-        by_weight += _mark("no intervention", "h", baseline, **DASHED)
-        by_k = []
-        for m in methods:
-            if m.startswith("supervised"):  # one feature swapped whatever k: its accuracy, drawn across
-                by_k += _mark(f"{m} (exact)", "h", score[m][1], color=COLORS[m], ls=":")
-                continue
-            for kind, style in (("greedy", {"marker": "o"}), ("f1", {"ls": "--", "marker": "s", "mfc": "w"})):
-                points = [(self.edit("latents_changed", site, m, attribute, k, kind),
-                           self.edit("edit_accuracy", site, m, attribute, k, kind)) for k in ks]
-                by_k.append(_line(f"{m} {kind}", points, color=COLORS.get(m), **style))
-        axes = {"title": f"edit {attribute} @ {site}", "ylabel": "edit accuracy", "ylim": (0, 1.05)}
-        widest = max([1.05] + [1.05 * removed for removed, _ in score.values() if removed is not None])
-        return ({**axes, "series": by_weight, "xlabel": "weight removed", "xlim": (0, widest)},
-                {**axes, "series": by_k, "xlabel": "latents the edit changes", "xscale": "log", "xticks": ks,
-                 "xticklabels": [str(k) for k in ks]})
+        for attribute, site in self.headline():
+            score = {m: [self.edit(test, site, m, attribute) for test in EDIT[::-1]] for m in methods}  # x, y
+            none = self.edit("edit_accuracy_no_intervention", site, "none", attribute)
+            by_weight = [("scatter", m, xy, {"s": 60, "color": COLORS.get(m), "marker": MARKERS.get(m)})
+                         for m, xy in score.items() if None not in xy] + _mark("no edit", "h", none, **DASHED)
+            by_k = [series for m in methods for series in (
+                _mark(m, "h", score[m][1], color=COLORS.get(m), ls=":") if m.startswith("supervised") else
+                [_line(m, [(self.edit("latents_changed", site, m, attribute, k),
+                            self.edit("edit_accuracy", site, m, attribute, k)) for k in ks], marker="o",
+                       color=COLORS.get(m))])]
+            panels.append({"title": f"edit {attribute} @ {site}", "ylabel": "edit accuracy", "ylim": (0, 1.1),
+                           **({"series": by_k, "xlabel": "latents changed", "xscale": "log", "xticks": ks,
+                               "xticklabels": [str(k) for k in ks]} if vs_k else
+                              {"series": by_weight, "xlabel": "weight removed"})})
+        return self.figure("control_vs_k.png" if vs_k else "control_headline.png", panels)
 
-    def edit_cell(self, site, attribute, method, kind="greedy"):
-        """'edit accuracy / weight removed', and for SAEs '(latents changed of L0 there)'."""
-        text = " / ".join(_fmt(self.edit(test, site, method, attribute, kind=kind)) for test in EDIT)
-        changed = self.edit("latents_changed", site, method, attribute, kind=kind)
-        l0 = self.at("l0_at_site", site, method, choose_for=attribute)
-        return text if changed is None else f"{text} ({changed:.1f} of L0 {_fmt(l0)})"
-
-    def control(self):
-        records, chosen = self.find("edit_accuracy"), self.find("edit_distance_k2", chosen=True)
-        methods, pairs = _distinct(records), dict.fromkeys((r["site"], r["attribute"]) for r in records)
-        saes, chosen_methods = [m for m in methods if not m.startswith("supervised")], _distinct(chosen)
-        panels = [self.edit_panels(methods, attribute, site) for attribute, site in self.headline()]
-        setting = {(r["site"], r["attribute"], r["method"]):
-                   f"{_setting(r['method'], r['setting'])} ({_fmt(r['value'])})" for r in chosen}
-        return [] if not records else [
-            *self.figure("control_headline.png", [by_weight for by_weight, _ in panels]),
-            "Edit accuracy / weight removed at k = 2 (SAEs: latents changed, of their L0 there); "
-            "`none`: no edit:",
-            _table([[site, a, self.edit("edit_accuracy_no_intervention", site, "none", a)]
-                    + [self.edit_cell(site, a, m) for m in methods] for site, a in pairs],
-                   ["cross-section", "attribute", "none"] + methods),
-            "The same, F1-guided: 1 latent out (best F1 for the old value), 1 in (the new):",
-            _table([[site, a] + [self.edit_cell(site, a, m, "f1") for m in saes] for site, a in pairs],
-                   ["cross-section", "attribute"] + saes),
-            *self.figure("control_vs_k.png", [by_k for _, by_k in panels])] + ([
-                "The SAE setting chosen per site and attribute (L2 distance after a k = 2 edit):",
-                _table([[site, a] + [setting.get((site, a, m)) for m in chosen_methods]
-                        for site, a in dict.fromkeys((r["site"], r["attribute"]) for r in chosen)],
-                       ["cross-section", "attribute"] + chosen_methods)] if chosen else [])
-
-    def interpretability(self):
+    def f1_coverage(self):
         records = self.find("f1_coverage")
-        sites, methods, attributes = (_distinct(records, key, order) for key, order in (
-            ("site", SITES), ("method", METHODS), ("attribute", ())))
-        coverage = {(site, a, m): self.at("f1_coverage", site, m, attribute=a)
-                    for site in sites for a in attributes for m in methods}
-        panels = [_bars(sites, {m: [coverage[site, a, m] for site in sites] for m in methods},
-                        title=f"F1 coverage of {a}", ylabel="values with F1 ≥ 0.8", ylim=(0, 1.05))
-                  for a in attributes]
-        out = [] if not records else [
-            "F1 coverage (README §7): the share of an attribute's values with a latent of F1 ≥ 0.8:",
-            _table([[site, a] + [coverage[site, a, m] for m in methods]
-                    for site in sites for a in attributes], ["cross-section", "attribute"] + methods),
-            *self.figure("f1_coverage.png", panels)]
-        causal = [self.causal_panel("causal_keep_sufficiency", "keep latents with F1 ≥ t: sufficiency"),
-                  self.causal_panel("causal_remove_necessity", "remove latents with F1 ≥ t: necessity")]
-        return out + self.figure("causal_f1.png", causal, 2, (5, 3.5))
+        sites, methods = _values(records, "site"), _values(records, "method")
+        return self.figure("f1_coverage.png", [_bars(sites, {m: [self.at(
+            "f1_coverage", site=s, method=m, attribute=a) for s in sites] for m in methods},
+            title=f"F1 coverage of {a}", ylim=(0, 1.05)) for a in _values(records, "attribute")])
 
-    def causal_panel(self, test, title):
+    def causal_f1(self):
         """Keep or remove the latents of F1 ≥ t (README §7): the score, averaged over sites, against t."""
-        records = self.find(test)
-        sites, thresholds = _distinct(records, "site", SITES), sorted({r["threshold"] for r in records})
-        lines = [_line(m, [(t, _mean([self.at(test, site, m, threshold=t) for site in sites]))
-                           for t in thresholds], marker="o", color=COLORS.get(m)) for m in _distinct(records)]
-        return {"series": lines + (_mark(None, "v", 0.6, **DOTTED) if lines else []), "title": title,
-                "xlabel": "F1 threshold t", "ylabel": "score (mean over sites)"}
-
-    def evidence(self, phenomenon, attributes):
-        """The gate of a phenomenon (README §9): where it is tested and why, or why it is not testable."""
-        gate = self.find("phenomenon_testable", phenomenon=phenomenon)
-        if not gate:
-            return []
-        names = [a.upper() if a != "pos" else "Pos" for a in attributes]
-        criterion = (f"needs {' and '.join(names)} present (supervised feature norm ≥ {metrics.PRESENT} of "
-                     "the activations' spread) and causal (patching its counterfactual into the node alone "
-                     f"changes ≥ {metrics.CAUSAL:.0%} of the answers or moves the mean LD by as much)")
-        headers = ["node"] + [f"{name}: norm / answers changed / LD moved" for name in names]
-
-        def row(node):
-            return [node] + [" / ".join(_fmt(self.mean(f"evidence_{test}", site=node, attribute=a), spec)
-                                        for test, spec in (("norm", ".2f"), ("answers_changed", ".0%"),
-                                                           ("ld_moved", ".0%"))) for a in attributes]
-        if gate[0]["value"]:
-            node = gate[0]["site"]
-            return [f"The test {criterion}; it runs at `{node}`:", _table([row(node)], headers)]
-        nodes = dict.fromkeys(r["site"] for r in self.find("evidence_norm"))
-        closest = sorted(nodes, key=lambda node: -min(self.mean("evidence_norm", site=node, attribute=a) or 0
-                                                      for a in attributes))
-        return [f"**Not testable here.** The test {criterion}, and no node has that. The closest nodes:",
-                _table([row(node) for node in closest[:4]], headers)]
+        panels = []
+        for test in ("causal_keep_sufficiency", "causal_remove_necessity"):
+            records = self.find(test)
+            sites, thresholds = _values(records, "site"), _values(records, "threshold")
+            panels.append({"title": test.replace("_", " "), "xlabel": "F1 threshold t", "series": [
+                _line(m, [(t, _mean([self.at(test, site=s, method=m, threshold=t) for s in sites]))
+                          for t in thresholds], marker="o", color=COLORS.get(m))
+                for m in _values(records, "method")] + _mark(None, "v", 0.6, **DOTTED)})
+        return self.figure("causal_f1.png", panels, 2, (5, 3.5))
 
     def occlusion(self):
-        """README §9: names with a latent of their own, the α sweep, and the toy model."""
-        out = self.evidence("occlusion", ("io", "s"))
-        keys = dict.fromkeys((r["site"], r["method"], r.get("setting"))
-                             for r in self.find("occlusion_io_names"))
-        names = {f"{a.upper()} names": [self.mean(f"occlusion_{a}_names", site=node, method=m, setting=s)
-                                        for node, m, s in keys] for a in ("io", "s")}
-        if keys:
-            bars = _bars([f"{node}\n{m} {_setting(m, s)}" for node, m, s in keys], names,
-                         title="Names with a latent of F1 ≥ 0.5", ylabel="names")
-            out += [_table([(node, m, _setting(m, s), *(_fmt(counts[i], ".0f") for counts in names.values()))
-                            for i, (node, m, s) in enumerate(keys)], ["node", "method", "setting", *names]),
-                    *self.figure("occlusion.png", [bars], size=(7, 3.5))]
-        norms = [f"{r['attribute'].upper()} {r['value']:.2f}" for r in self.find("supervised_feature_norm")]
-        out += [f"Mean norm of the supervised features there: {', '.join(norms)}."] if norms else []
-        settings = sorted({r.get("setting"): r["method"] for r in self.find("alpha_sweep_io_names")}.items(),
-                          key=lambda item: item[0] or 0)
+        """Names with a latent of their own (README §9), per SAE."""
+        keys = _keys(self.find(NAMES[0]), ("site", "method", "setting"))
+        return self.figure("occlusion.png", [_bars([f"{n}\n{m} {_setting(m, s)}" for n, m, s in keys], {
+            LABELS[test]: [self.at(test, site=n, method=m, setting=s) for n, m, s in keys] for test in NAMES},
+            title="Names with a latent of F1 ≥ 0.5")], size=(7, 3.5))
+
+    def alpha_sweep(self):
         lines = [_line(f"{a.upper()} {_setting(m, s)}", sorted((r["alpha"], r["value"]) for r in self.find(
             f"alpha_sweep_{a}_names", setting=s)), ls=ls, marker="o", color=f"C{i}")
-                 for i, (s, m) in enumerate(settings) for a, ls in (("io", "-"), ("s", "--"))]
-        sweep = {"series": lines, "title": "SAEs trained on a − α·u_IO", "xlabel": "α",
-                 "ylabel": "names with a latent (F1 ≥ 0.5)"}
-        out += self.figure("alpha_sweep.png", [sweep], size=(6, 3.5))
-        toy = [(r["attribute"].upper(), r.get("norm"), _setting("vanilla", r.get("setting")), r["value"])
-               for r in self.find("occlusion_toy_recovered")]
-        return out + ([] if not toy else [
-            "Toy model a = u_IO + v_S: the share of features with a vanilla-SAE latent of F1 > 0.9:",
-            _table(toy, ["feature", "norm", "setting", "share recovered"])])
+                 for i, (s, m) in enumerate(_keys(self.find("alpha_sweep_io_names"), ("setting", "method")))
+                 for a, ls in (("io", "-"), ("s", "--"))]
+        return self.figure("alpha_sweep.png", [{"series": lines, "title": "SAEs trained on a − α·u_IO",
+                                                "xlabel": "α", "ylabel": "names with a latent"}])
 
-    def toy_panel(self, grid):
-        """The over-splitting toy (README §9) on one grid of λ: each SAE's best loss against λ."""
-        losses = {m: self.find("oversplit_toy_loss", method=m, grid=grid)
+    def oversplit_toy(self):
+        """The over-splitting toy on the paper's λ grid: each SAE's best loss against λ."""
+        losses = {m: self.find("oversplit_toy_loss", method=m, grid="paper")
                   for m in ("ideal_2_latent", "random_1000_latent")}
-        fired = [r["l1"] for r in losses["ideal_2_latent"] if r["firing"] >= 0.02]
-        lines = [_line(label, sorted((r["l1"], r["value"]) for r in losses[m]), color=color)
-                 for m, label, color in (("ideal_2_latent", "ideal 2-latent SAE", "#2ca02c"),
-                                         ("random_1000_latent", "random 1000-latent SAE", "#d62728"))]
-        lines += _mark("ideal SAE fires on < 2% beyond", "v", max(fired, default=None), **DOTTED)
-        name = "the paper's grid" if grid == "paper" else f"grid {grid}"
-        return {"title": f"Toy ±µ + noise: best SAE loss ({name})", "xlabel": "λ", "ylabel": "loss",
-                "series": lines}
-
-    def oversplitting(self):
-        """README §9: latents per Pos value in the model, and the toy where 1000 random latents win."""
-        out = self.evidence("oversplitting", ("pos",))
-        rows = [(r["site"], r["method"], _setting(r["method"], r.get("setting")), _fmt(r["value"], ".0f"))
-                for r in self.find("pos_latents", phenomenon="oversplitting")]
-        if rows:
-            out += ["Latents whose best interpretation is a Pos value there (GPT-2 Small: ≥ 10):",
-                    _table(rows, ["node", "method", "setting", "Pos latents"])]
-        grids = _distinct(self.find("oversplit_toy_loss"), "grid", ("paper",))
-        counts = ("counted", "random_wins", "ideal_wins", "ties", "not_counted")
-        rows = [(grid, *(_fmt(self.mean(f"oversplit_toy_{c}", grid=grid), ".0f") for c in counts),
-                 self.mean("oversplit_toy_share_random_wins", grid=grid)) for grid in grids]
-        return out + ([] if not grids else [
-            *self.figure("oversplit_toy.png", [self.toy_panel(grid) for grid in grids], 2, (6, 3.5)),
-            "Who wins on the toy, counted where the ideal SAE fires on ≥ 2% of inputs:",
-            _table(rows, ["grid", "λ counted", "random wins", "ideal wins", "ties", "λ not counted",
-                          "share random"])])
-
-    def core(self):
-        tests = ["l0", "mse", "fve", "dead_fraction", "ld_recovered", "train_steps", "train_converged"]
-        records = [r for test in tests for r in self.find(test)]
-        keys = [(m, s) for m in _distinct(records)  # each method's settings, smallest first
-                for s in sorted({r.get("setting") for r in records if r["method"] == m},
-                                key=lambda s: s or 0)]
-        rows = [[m, _setting(m, s)] + [self.mean(test, method=m, setting=s) for test in tests]
-                for m, s in keys]
-        return [_table(rows, ["method", "setting"] + tests)] if rows else []
-
-    def paper(self):
-        """Our numbers beside the paper's, each with its verdict and the criterion behind it."""
-        rows = self.paper_edit_rows() + self.occlusion_verdict()
-        rows += [(f"{p}: in the model", "seen in GPT-2 Small", "—",
-                  "not testable here (section 6 shows the measurement)")
-                 for p in ("occlusion", "oversplitting")
-                 if self.mean("phenomenon_testable", phenomenon=p) == 0]
-        # the trained SAEs only: the frozen random decoder is a floor, its latents are not learned
-        pos = [r["value"] for r in self.find("pos_latents", phenomenon="oversplitting")
-               if r["method"] in ARCHS]
-        if pos:
-            rows.append(("over-splitting: latents interpreted as a Pos value", "≥ 10",
-                         f"{min(pos):g}–{max(pos):g}",
-                         "reproduced (criterion: ≥ 10 in every setting)" if min(pos) >= 10 else
-                         "in some settings (criterion: ≥ 10)" if max(pos) >= 10 else
-                         "not reproduced (criterion: ≥ 10)"))
-        wins, counted = (self.mean(f"oversplit_toy_{c}", grid="paper")
-                         for c in ("share_random_wins", "counted"))
-        if wins is not None:
-            rows.append((f"toy (paper's grid): share of the {_fmt(counted, '.0f')} λ where the ideal SAE "
-                         "fires on ≥ 2% of inputs that the random SAE wins", "1.00", f"{wins:.2f}",
-                         ("reproduced" if wins >= 0.95 else "not reproduced") + " (criterion ≥ 0.95)"))
-        return [] if not rows else [
-            "Edits: min–max over the headline sites where an edit must change the answer (no-intervention "
-            "edit accuracy < 0.5); task SAEs at their chosen setting, greedy:",
-            _table(rows, ["quantity", "paper", "this run", "verdict"])]
-
-    def paper_edit_rows(self):
-        """k = 2 edits against the paper's ranges (README §6), at the headline sites where an edit informs:
-        without any intervention the model's answer mostly differs from the counterfactual's."""
-        sites = [(a, s) for a, s in self.headline()
-                 if (self.edit("edit_accuracy_no_intervention", s, "none", a) or 0) < 0.5]
-        rows = []
-        for m, ranges in PAPER_EDITS.items():
-            for test, paper in zip(EDIT, ranges):
-                ours = [value for a, s in sites if (value := self.edit(test, s, m, a)) is not None]
-                if paper and ours:
-                    low, high = min(ours), max(ours)
-                    rows.append((f"{m}: {test.replace('_', ' ')} at k = 2", "{:.2f}–{:.2f}".format(*paper),
-                                 f"{low:.2f}–{high:.2f}",
-                                 "within the paper's range" if paper[0] <= low and high <= paper[1] else
-                                 "higher" if low > paper[1] else "lower" if high < paper[0] else
-                                 "overlaps the paper's range"))
-        return rows
-
-    def occlusion_verdict(self):
-        """Occlusion is reproduced if every setting has more IO than S names, and the α sweep crosses."""
-        io_records = self.find("occlusion_io_names")
-        if not io_records:
-            return []
-        io = [r["value"] for r in io_records]
-        s = [self.mean("occlusion_s_names", site=r["site"], method=r["method"], setting=r.get("setting")) or 0
-             for r in io_records]
-        more_io = sum(i > j for i, j in zip(io, s))
-        sweep = {a: [value for _, value in sorted((r["alpha"], r["value"])  # names with a latent, by α
-                                                  for r in self.find(f"alpha_sweep_{a}_names"))]
-                 for a in ("io", "s")}
-        crossing = all(sweep.values()) and sweep["s"][-1] > sweep["s"][0] and sweep["io"][-1] < sweep["io"][0]
-        verdict = ("reproduced (criterion: more IO than S names in every setting, and the crossing)"
-                   if more_io == len(io) and crossing else f"not reproduced (more IO than S names in "
-                   f"{more_io} of {len(io)} settings; crossing {'seen' if crossing else 'not seen'})")
-        ours = (f"IO {min(io):g}–{max(io):g}, S ≤ {max(s):g}; α sweep: "
-                + ("S latents appear, IO latents vanish" if crossing else "no such crossing"))
-        return [("occlusion: names with a latent (F1 ≥ 0.5)", "almost every IO name, ≤ 22 S names; S "
-                 "latents appear as α removes the IO features", ours, verdict)]
-
-    def other_saes(self):
-        """Each SAE graded by `grade-sae`, at the sites it reads, beside the yardstick at the same nodes."""
-        rows = []
-        for graded in self.find("graded_sae"):
-            site, head = graded["site"], "" if graded.get("head") is None else f" head {graded['head']}"
-            attributes = list(dict.fromkeys(r["attribute"] for r in self.find("edit_accuracy", site=site)))
-            for m in _distinct(self.find("sufficiency", site=site)):
-                if m != "mean_ablation":
-                    edits = ", ".join(f"{a} {_fmt(self.edit('edit_accuracy', site, m, a))}"
-                                      for a in attributes)
-                    coverage = "" if m.startswith("supervised") else ", ".join(
-                        f"{a} {_fmt(self.at('f1_coverage', site, m, attribute=a))}" for a in attributes)
-                    rows.append([graded["method"], graded.get("reads", "") + head, site, m,
-                                 " / ".join(_fmt(self.at(test, site, m)) for test in APPROXIMATION),
-                                 edits, coverage])
-        return [] if not rows else [
-            "Sufficiency / necessity, edit accuracy at k = 2 (SAEs: greedy) and F1 coverage at F1 ≥ 0.8, "
-            "beside the supervised dictionaries and task SAEs at the same nodes:",
-            _table(rows, ["SAE", "reads", "cross-section", "method", "sufficiency / necessity",
-                          "edit accuracy", "F1 coverage"])]
+        fired = max([r["l1"] for r in losses["ideal_2_latent"] if r["firing"] >= 0.02], default=None)
+        lines = [_line(f"{m} SAE", sorted((r["l1"], r["value"]) for r in losses[m])) for m in losses]
+        return self.figure("oversplit_toy.png", [{
+            "title": "Toy ±µ + noise: best SAE loss", "xlabel": "λ",
+            "series": lines + _mark("ideal SAE fires on < 2% beyond", "v", fired, **DOTTED)}], size=(6, 3.5))
 
     def markdown(self):
-        sections = {"## 1. The model solves IOI": self.model(),
-                    "## 2. The circuit: cross-sections we patch and edit": self.circuit(),
-                    "## 3. Test 1 — approximation: sufficiency and necessity": self.approximation(),
-                    "## 4. Test 2 — control: editing an attribute with a few latents": self.control(),
-                    "## 5. Test 3 — interpretability": self.interpretability(),
-                    "## 6. Two SAE failure modes": ["SAEs that approximate well can still fail (README §9)."],
-                    "### Feature occlusion": self.occlusion(),
-                    "### Feature over-splitting": self.oversplitting(),
-                    "## 7. Core SAE metrics (mean over nodes)": self.core(),
-                    "## 8. Comparison with the paper": self.paper()}
-        if self.find("graded_sae"):  # only a run that graded an SAE from elsewhere has this section
-            sections["## 9. SAEs from elsewhere (`grade-sae`)"] = self.other_saes()
         blocks = self.header() + ["## At a glance", f"```\n{self.summary()}\n```"]
-        for heading, body in sections.items():
-            blocks += [heading] + (body or ["_Nothing in metrics.json for this section; section skipped._"])
+        for heading, parts in SECTIONS.items():
+            body = [block for part in parts for block in (
+                self.pivot(**part) if isinstance(part, dict) else getattr(self, part[0])(*part[1:]))]
+            if body or not heading.startswith("## 9"):  # only a run that graded an SAE from elsewhere has §9
+                blocks += [heading] + (body or ["_Nothing in metrics.json for this section; "
+                                                "section skipped._"])
         return "\n\n".join(blocks) + "\n"
 
 

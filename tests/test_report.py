@@ -50,6 +50,7 @@ def fake_results():
                                 attribute=attr, k=k, edit=edit, **extra)
                             add("weight_removed", site, method, 0.4 - SHIFT[method] + 0.02 * k,
                                 attribute=attr, k=k, edit=edit, **extra)
+                            add("latents_changed", site, method, k / 2, attribute=attr, k=k, edit=edit, **extra)
             for method in ("supervised", "vanilla", "topk"):
                 add("f1_coverage", site, method, 0.7 + SHIFT.get(method, 0.25), attribute=attr, node=NODE,
                     **({} if method == "supervised" else {"setting": SAES[method][0]}))
@@ -178,7 +179,7 @@ def test_every_section_in_order_and_every_figure_a_png(full_report):
 def test_known_records_appear_in_their_tables(full_report):
     _, text, summary = full_report
     assert "scaled down" in text.lower() and "n_train = 2000 instead of 20000" in text
-    assert row(tables(section(text, "## 1."))[0], metric="logit_diff")["value"] == "3.21"
+    assert tables(section(text, "## 1."))[0][0]["logit_diff"] == "3.21"
     heads, verdicts = tables(section(text, "## 2."))[1:]
     assert row(heads, head="L3H1")["direct effect"] == "1.10" and "L1H0" not in text  # only heads with a role
     assert row(verdicts, cross_section="(B)NM q")["verdict"] == "dropped: not causal here"
@@ -188,8 +189,8 @@ def test_known_records_appear_in_their_tables(full_report):
     assert row(approximation, cross_section="S-I v")["topk"] == "0.85 / 0.85"  # k = 6 (chosen), not k = 3
     k2, f1_edits, chosen = tables(section(text, "## 4."))
     edit = row(k2, cross_section="S-I v", attribute="pos")
-    assert (edit["none"], edit["supervised"], edit["topk"]) == ("0.10", "0.90 / 0.50", "0.69 / 0.39")
-    assert row(f1_edits, cross_section="S-I v", attribute="pos")["topk"] == "0.65 / 0.39"
+    assert (edit["none"], edit["supervised"], edit["topk"]) == ("0.10", "0.90 / 0.50", "0.69 / 0.39 (1.0 of L0 –)")
+    assert row(f1_edits, cross_section="S-I v", attribute="pos")["topk"] == "0.65 / 0.39 (1.0 of L0 –)"
     assert row(chosen, cross_section="S-I v", attribute="pos")["topk"] == "k=6 (2.40)"
     coverage = tables(section(text, "## 5."))[0]
     assert row(coverage, cross_section="(B)NM out", attribute="io")["vanilla"] == "0.50"
@@ -203,27 +204,29 @@ def test_known_records_appear_in_their_tables(full_report):
 def test_verdicts_state_their_criterion_and_number(full_report):
     _, text, _ = full_report
     occlusion = section(text, "### Feature occlusion")
-    assert "IO and S present (supervised feature norm ≥ 0.1 of" in occlusion
+    assert "IO and S present (supervised feature norm ≥ 0.1)" in occlusion
     assert "changes ≥ 10% of the answers" in occlusion
-    assert row(tables(occlusion)[0], node=NODE)["S: norm / answers changed / LD moved"] == "0.50 / 40% / 20%"
+    assert row(tables(occlusion)[0], node=NODE)["s"] == "0.50 / 40% / 20%"  # norm / answers changed / LD moved
     oversplitting = section(text, "### Feature over-splitting")
-    assert ("**Not testable here.** The test needs Pos present (supervised feature norm ≥ 0.1"
-            in oversplitting)
+    assert "needs POS present (supervised feature norm ≥ 0.1)" in oversplitting
+    assert "**Not testable here.**" in oversplitting
     closest = tables(oversplitting)[0]  # the nodes closest to testable, the strongest first
     assert [r["node"] for r in closest] == [NODE, "q@L2H2@end"]
-    assert closest[1]["Pos: norm / answers changed / LD moved"] == "0.05 / 0% / 0%"
-    assert row(tables(oversplitting)[2], grid="paper")["share random"] == "1.00"
+    assert closest[1]["pos"] == "0.05 / 0% / 0%"
+    assert row(tables(oversplitting)[2], grid="paper")["share random wins"] == "1.00"
     paper = tables(section(text, "## 8."))[0]
     assert row(paper, quantity="supervised: edit accuracy at k = 2")["verdict"] == "within the paper's range"
     assert row(paper, quantity="gated: edit accuracy at k = 2")["verdict"] == "lower"
     assert row(paper, quantity="oversplitting: in the model")["verdict"].startswith("not testable here")
-    assert row(paper, quantity="over-splitting: latents interpreted as a Pos value")["this run"] == "12–12"
-    toy = [r for r in paper if r["quantity"].startswith("toy (paper's grid): share of the 2 λ")]
-    assert toy[0]["verdict"] == "reproduced (criterion ≥ 0.95)"
-    occlusion_row = row(paper, quantity="occlusion: names with a latent (F1 ≥ 0.5)")
-    assert occlusion_row["this run"] == "IO 40–40, S ≤ 3; α sweep: S latents appear, IO latents vanish"
-    assert occlusion_row["verdict"] == (
-        "reproduced (criterion: more IO than S names in every setting, and the crossing)")
+    pos = row(paper, quantity="over-splitting: latents interpreted as a Pos value")
+    assert (pos["paper"], pos["this run"], pos["verdict"]) == ("≥ 10", "12–12", "within the paper's range")
+    toy = row(paper, quantity="toy: share of the 2 λ counted that the random SAE wins")
+    assert (toy["paper"], toy["this run"], toy["verdict"]) == ("0.95–1.00", "1.00–1.00", "within the paper's range")
+    occlusion_row = row(paper, quantity="occlusion: IO minus S names with a latent (F1 ≥ 0.5)")
+    assert (occlusion_row["paper"], occlusion_row["this run"]) == ("≥ 1", "37–37")  # 40 IO, 3 S names
+    gained = [row(paper, quantity=f"α sweep: {a} names with a latent gained") for a in ("S", "IO")]
+    assert [(r["paper"], r["this run"], r["verdict"]) for r in gained] == [
+        ("≥ 1", "40–40", "within the paper's range"), ("≤ -1", "-40–-40", "within the paper's range")]
 
 
 def test_a_verdict_turns_when_the_numbers_do(tmp_path):
@@ -237,10 +240,10 @@ def test_a_verdict_turns_when_the_numbers_do(tmp_path):
     write_metrics(tmp_path, records)
     main.write_report(str(tmp_path))
     paper = tables(section((tmp_path / "report.md").read_text(), "## 8."))[0]
-    assert row(paper, quantity="occlusion: names with a latent (F1 ≥ 0.5)")["verdict"] == (
-        "not reproduced (more IO than S names in 0 of 2 settings; crossing seen)")
-    toy = [r for r in paper if r["quantity"].startswith("toy (paper's grid)")]
-    assert (toy[0]["this run"], toy[0]["verdict"]) == ("0.50", "not reproduced (criterion ≥ 0.95)")
+    occlusion = row(paper, quantity="occlusion: IO minus S names with a latent (F1 ≥ 0.5)")
+    assert (occlusion["this run"], occlusion["verdict"]) == ("-10–-10", "lower")
+    toy = row(paper, quantity="toy: share of the 2 λ counted that the random SAE wins")
+    assert (toy["this run"], toy["verdict"]) == ("0.50–0.50", "lower")
 
 
 def test_the_oversplitting_verdict_counts_trained_saes_not_the_random_floor(tmp_path):
@@ -252,7 +255,7 @@ def test_the_oversplitting_verdict_counts_trained_saes_not_the_random_floor(tmp_
     main.write_report(str(tmp_path))
     paper = tables(section((tmp_path / "report.md").read_text(), "## 8."))[0]
     verdict = row(paper, quantity="over-splitting: latents interpreted as a Pos value")
-    assert (verdict["this run"], verdict["verdict"]) == ("2–2", "not reproduced (criterion: ≥ 10)")
+    assert (verdict["this run"], verdict["verdict"]) == ("2–2", "lower")
 
 
 def test_task_saes_are_shown_at_the_setting_chosen_for_each_attribute(tmp_path):
@@ -397,3 +400,18 @@ def test_cli_renders_valid_records_whatever_is_missing_beside_them(tmp_path, cha
     write_metrics(tmp_path, change(fake_results()))
     result = CliRunner().invoke(main.cli, ["report", "--out", str(tmp_path)])
     assert result.exit_code == 0 and (tmp_path / "report.md").exists(), result.output
+
+
+def test_an_sae_from_elsewhere_is_listed_with_its_core_metrics(tmp_path):
+    """Section 9 appears only when `grade-sae` graded an SAE: one row per site it was graded at, with its
+    core metrics averaged over its nodes (here l0 7 and 9 at two nodes: 8)."""
+    theirs = {"method": "saelens:blocks.2", "setting": None}
+    records = fake_results() + [
+        {"test": "graded_sae", "site": "S-I out", "value": 2, "reads": "blocks.2.hook_z", "head": 1, **theirs},
+        {"test": "l0", "site": "z@L2H0@end", "value": 7.0, **theirs},
+        {"test": "l0", "site": "z@L2H1@end", "value": 9.0, **theirs}]
+    write_metrics(tmp_path, [{k: v for k, v in r.items() if v is not None} for r in records])
+    main.write_report(str(tmp_path))
+    graded = tables(section((tmp_path / "report.md").read_text(), "## 9."))[0]
+    assert row(graded, method="saelens:blocks.2")["l0"] == "8.00"
+    assert row(graded, method="saelens:blocks.2")["reads"] == "blocks.2.hook_z"
