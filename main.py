@@ -1237,6 +1237,9 @@ class _Record(dict):
 EDITS = {"tests": ("edit_accuracy", "edit_accuracy_no_intervention"), "rows": ("site", "attribute"),
          "cell": "edit_cell"}
 NODE_ROWS = {"rows": ("site", "method", "setting"), "head": ("node",)}
+FULLDIST = ("`*_fulldist`: SAEs trained on prose; on the embedded model, whose hand-written heads do "
+            "nothing meaningful on prose, their rows are an artefact of that model:")
+GEOMETRY = ("geometry_lstsq_fve", "geometry_effective_rank", "geometry_io_s_overlap")
 SECTIONS = {
     "## 1. The model solves IOI": [{"tests": MODEL, "rows": ("site",), "columns": MODEL, "site": "model",
                                     "caption": "GPT-2 Small: mean LD ≈ 3.3, top-1 ≈ 91%."},
@@ -1249,6 +1252,8 @@ SECTIONS = {
         ("control", False), {**EDITS, "caption": "Edit accuracy / weight removed at k = 2 (SAEs: latents "
                                                  "changed, of their L0 there); `none`: no edit:"},
         {**EDITS, "tests": EDIT[:1], "edit": "f1", "caption": "The same, F1-guided: 1 latent out, 1 in:"},
+        {**EDITS, "tests": EDIT[:1], "edit": "f1", "k": 4,
+         "caption": "F1-guided at the paper's size, 2 out + 2 in (its figures' `num_exchange`):"},
         ("control", True), {**EDITS, "tests": ("edit_distance_k2",), "cell": "chosen_cell", "chosen": True,
                             "caption": "The SAE setting chosen (README §8; L2 after a k = 2 edit):"}],
     "## 5. Test 3 — interpretability": [
@@ -1260,19 +1265,36 @@ SECTIONS = {
         ("occlusion",),
         {"tests": ("supervised_feature_norm",), "rows": ("site",), "columns": "attribute", "head": ("node",),
          "caption": "Mean norm of the supervised features there:"}, ("alpha_sweep",),
-        {"tests": ("occlusion_toy_recovered",), "rows": ("attribute", "norm", "setting"),
+        {"tests": ("gate_present", "gate_causal"), "rows": ("site", "attribute"), "phenomenon": "occlusion",
+         "caption": "Testable where the stronger name is present (above its shuffled-label floor) and the "
+                    "weaker causal:"},
+        {"tests": ("occlusion_reproduced",), "columns": ("occlusion_reproduced",), **NODE_ROWS,
+         "caption": "Reproduced: the weaker name has latents for < half as many names as the stronger:"},
+        {"tests": ("occlusion_toy_recovered",), "rows": ("ratio", "attribute", "setting"),
          "columns": ("occlusion_toy_recovered",),
          "caption": "Toy a = u_IO + v_S: the share of features with a vanilla-SAE latent of F1 > 0.9:"}],
     "### Feature over-splitting": [
         ("evidence", "oversplitting", ("pos",)),
         {"tests": ("pos_latents",), "columns": ("pos_latents",), "phenomenon": "oversplitting", **NODE_ROWS,
          "caption": "Latents whose best interpretation is a Pos value there (GPT-2 Small: ≥ 10):"},
+        {"tests": ("gate_present", "gate_causal"), "rows": ("site", "attribute"), "phenomenon": "oversplitting",
+         "caption": "Testable where Pos is present (above its shuffled-label floor) and causal:"},
         ("oversplit_toy",), {"tests": TOY, "rows": ("grid",), "columns": TOY,
                              "caption": "Who wins on the toy, counted where the ideal SAE fires on ≥ 2%:"}],
     "## 7. Core SAE metrics (mean over nodes)": [{"tests": CORE, "rows": ("method", "setting"),
-                                                  "columns": CORE}],
+                                                  "columns": CORE, "caption": FULLDIST}],
     "## 8. Comparison with the paper": [("paper",)],
-    "## 9. SAEs from elsewhere (`grade-sae`)": [{"tests": ("graded_sae",), "columns": CORE,
+    "## 9. Geometry and ground truth (beyond the paper)": [
+        {"tests": GEOMETRY, "rows": ("site",), "columns": GEOMETRY,
+         "caption": "Per node: held-out variance a least-squares supervised fit explains, effective rank, "
+                    "mean |cos| of a name's IO and S codes:"},
+        {"tests": ("evidence_eval_norm", "evidence_noise_floor"), "rows": ("site",), "columns": "attribute",
+         "caption": "Mean-code norm / its shuffled-label noise floor (relative to the spread):"},
+        {"tests": ("ground_truth_cosine",), "rows": ("site", "method", "setting"), "columns": "attribute",
+         "caption": "Mean best cosine of an SAE decoder row with each true feature direction:"},
+        {"tests": ("supervised_cosine",), "rows": ("site", "method", "setting"), "columns": "attribute",
+         "caption": "The same against the supervised mean codes (as the authors compare):"}],
+    "## 10. SAEs from elsewhere (`grade-sae`)": [{"tests": ("graded_sae",), "columns": CORE,
                                                  "cell": "core_cell",
                                                  "rows": ("method", "reads", "head", "site")}]}
 
@@ -1408,11 +1430,11 @@ class Report:
 
     def edit_cell(self, where, method):
         """'edit accuracy / weight removed', and for SAEs '(latents changed of L0 there)'; none: no edit."""
-        site, attribute, kind = where["site"], where["attribute"], where.get("edit", "greedy")
+        site, attribute, kind, k = where["site"], where["attribute"], where.get("edit", "greedy"), where.get("k", 2)
         if method == "none":
             return self.edit("edit_accuracy_no_intervention", site, method, attribute)
-        text = " / ".join(_fmt(self.edit(test, site, method, attribute, kind=kind)) for test in EDIT)
-        changed = self.edit("latents_changed", site, method, attribute, kind=kind)
+        text = " / ".join(_fmt(self.edit(test, site, method, attribute, k, kind)) for test in EDIT)
+        changed = self.edit("latents_changed", site, method, attribute, k, kind)
         l0 = self.at("l0_at_site", site=site, method=method, choose_for=attribute)
         return text if changed is None else f"{text} ({changed:.1f} of L0 {_fmt(l0)})"
 

@@ -441,7 +441,7 @@ def test_grade_sae_grades_each_layout_beside_the_supervised_dictionaries(tmp_pat
     assert {r["test"] for r in rows if r["method"] == "sae:public-sae"} >= {"l0", "fve", "graded_sae"}
     assert all(r["graded_sae"] == "sae:public-sae" for r in rows)
     report = (tmp_path / "run" / "report.md").read_text()
-    assert "## 9. SAEs from elsewhere" in report and site in report
+    assert "## 10. SAEs from elsewhere" in report and site in report
     # grading it again replaces its records instead of adding to them
     main.grade_sae_in_run(run, dictionaries.load_sae(folder), "sae:public-sae", min_section_effect=0.0)
     again = json.loads((tmp_path / "run" / "metrics.json").read_text())["results"]
