@@ -1076,7 +1076,7 @@ OPTIONAL = ("setting", "reads", "head")  # fields of a row key that a record may
 ORDER = {"site": SITES, "method": ["none", *METHODS], "attribute": ["io", "s", "pos"]}  # the paper's order
 APPROXIMATION, EDIT = ("sufficiency", "necessity"), ("edit_accuracy", "weight_removed")
 MODEL = ("logit_diff", "accuracy", "top1_accuracy")
-CORE = ("l0", "mse", "fve", "dead_fraction", "ld_recovered", "train_steps", "train_converged")
+CORE_METRICS = ("l0", "mse", "fve", "dead_fraction", "ld_recovered", "train_steps", "train_converged")
 NAMES = ("occlusion_io_names", "occlusion_s_names")
 EVIDENCE = ("evidence_norm", "evidence_answers_changed", "evidence_ld_moved")
 TOY = tuple(f"oversplit_toy_{c}" for c in ("counted", "random_wins", "ideal_wins", "ties", "not_counted",
@@ -1240,7 +1240,7 @@ NODE_ROWS = {"rows": ("site", "method", "setting"), "head": ("node",)}
 FULLDIST = ("`*_fulldist`: SAEs trained on prose; on the embedded model, whose hand-written heads do "
             "nothing meaningful on prose, their rows are an artefact of that model:")
 GEOMETRY = ("geometry_lstsq_fve", "geometry_effective_rank", "geometry_io_s_overlap")
-SECTIONS = {
+REPORT_SECTIONS = {
     "## 1. The model solves IOI": [{"tests": MODEL, "rows": ("site",), "columns": MODEL, "site": "model",
                                     "caption": "GPT-2 Small: mean LD ≈ 3.3, top-1 ≈ 91%."},
                                    ("ld_histogram",)],
@@ -1277,12 +1277,13 @@ SECTIONS = {
         ("evidence", "oversplitting", ("pos",)),
         {"tests": ("pos_latents",), "columns": ("pos_latents",), "phenomenon": "oversplitting", **NODE_ROWS,
          "caption": "Latents whose best interpretation is a Pos value there (GPT-2 Small: ≥ 10):"},
-        {"tests": ("gate_present", "gate_causal"), "rows": ("site", "attribute"), "phenomenon": "oversplitting",
+        {"tests": ("gate_present", "gate_causal"), "rows": ("site", "attribute"),
+         "phenomenon": "oversplitting",
          "caption": "Testable where Pos is present (above its shuffled-label floor) and causal:"},
         ("oversplit_toy",), {"tests": TOY, "rows": ("grid",), "columns": TOY,
                              "caption": "Who wins on the toy, counted where the ideal SAE fires on ≥ 2%:"}],
-    "## 7. Core SAE metrics (mean over nodes)": [{"tests": CORE, "rows": ("method", "setting"),
-                                                  "columns": CORE, "caption": FULLDIST}],
+    "## 7. Core SAE metrics (mean over nodes)": [{"tests": CORE_METRICS, "rows": ("method", "setting"),
+                                                  "columns": CORE_METRICS, "caption": FULLDIST}],
     "## 8. Comparison with the paper": [("paper",)],
     "## 9. Geometry and ground truth (beyond the paper)": [
         {"tests": GEOMETRY, "rows": ("site",), "columns": GEOMETRY,
@@ -1294,7 +1295,7 @@ SECTIONS = {
          "caption": "Mean best cosine of an SAE decoder row with each true feature direction:"},
         {"tests": ("supervised_cosine",), "rows": ("site", "method", "setting"), "columns": "attribute",
          "caption": "The same against the supervised mean codes (as the authors compare):"}],
-    "## 10. SAEs from elsewhere (`grade-sae`)": [{"tests": ("graded_sae",), "columns": CORE,
+    "## 10. SAEs from elsewhere (`grade-sae`)": [{"tests": ("graded_sae",), "columns": CORE_METRICS,
                                                  "cell": "core_cell",
                                                  "rows": ("method", "reads", "head", "site")}]}
 
@@ -1430,7 +1431,8 @@ class Report:
 
     def edit_cell(self, where, method):
         """'edit accuracy / weight removed', and for SAEs '(latents changed of L0 there)'; none: no edit."""
-        site, attribute, kind, k = where["site"], where["attribute"], where.get("edit", "greedy"), where.get("k", 2)
+        site, attribute = where["site"], where["attribute"]
+        kind, k = where.get("edit", "greedy"), where.get("k", 2)
         if method == "none":
             return self.edit("edit_accuracy_no_intervention", site, method, attribute)
         text = " / ".join(_fmt(self.edit(test, site, method, attribute, k, kind)) for test in EDIT)
@@ -1580,10 +1582,10 @@ class Report:
 
     def markdown(self):
         blocks = self.header() + ["## At a glance", f"```\n{self.summary()}\n```"]
-        for heading, parts in SECTIONS.items():
+        for heading, parts in REPORT_SECTIONS.items():
             body = [block for part in parts for block in (
                 self.pivot(**part) if isinstance(part, dict) else getattr(self, part[0])(*part[1:]))]
-            if body or not heading.startswith("## 9"):  # only a run that graded an SAE from elsewhere has §9
+            if body or not heading.startswith("## 10"):  # §10 only where an SAE from elsewhere was graded
                 blocks += [heading] + (body or ["_Nothing in metrics.json for this section; "
                                                 "section skipped._"])
         return "\n\n".join(blocks) + "\n"

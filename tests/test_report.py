@@ -75,8 +75,16 @@ def fake_results():
         for alpha in (0.0, 0.5, 1.0):
             add("alpha_sweep_io_names", NODE, "vanilla", 40 * (1 - alpha), alpha=alpha, setting=s)
             add("alpha_sweep_s_names", NODE, "vanilla", 40 * alpha, alpha=alpha, setting=s)
-        for attr, norm, share in (("io", 1.3, 0.95), ("s", 1.0, 0.1)):
-            add("occlusion_toy_recovered", "toy", "vanilla", share, attribute=attr, norm=norm, setting=s)
+        for attr, norm, share in (("io", 1.0, 0.95), ("s", 1 / 1.3, 0.1)):
+            add("occlusion_toy_recovered", "toy", "vanilla", share, attribute=attr, norm=norm, ratio=1.3,
+                setting=s)
+    for gate, attribute in (("present", "io"), ("causal", "s")):
+        add(f"gate_{gate}", NODE, "supervised", True, attribute=attribute, phenomenon="occlusion")
+    add("occlusion_reproduced", NODE, "vanilla", True, setting=SAES["vanilla"][0])
+    for test, value in (("lstsq_fve", 0.9), ("effective_rank", 7.5), ("io_s_overlap", 0.2)):
+        add(f"geometry_{test}", NODE, "supervised", value)
+    for attribute in ("io", "s", "pos"):
+        add("ground_truth_cosine", NODE, "vanilla", 0.7, attribute=attribute, setting=SAES["vanilla"][0])
     add("phenomenon_testable", NODE, "supervised", 1.0, phenomenon="occlusion")
     add("phenomenon_testable", "None", "supervised", 0.0, phenomenon="oversplitting")
     for node, (norm, changed) in ((NODE, (0.5, 0.4)), ("q@L2H2@end", (0.05, 0.0))):
@@ -158,14 +166,15 @@ def full_report(tmp_path):
 HEADINGS = ["# Supervised dictionaries", "## At a glance", "## 1. The model", "## 2. The circuit",
             "## 3. Test 1", "## 4. Test 2", "## 5. Test 3", "## 6. Two SAE failure modes",
             "### Feature occlusion", "### Feature over-splitting", "## 7. Core SAE metrics",
-            "## 8. Comparison with the paper"]
+            "## 8. Comparison with the paper", "## 9. Geometry and ground truth"]
 
 
 def test_every_section_in_order_and_every_figure_a_png(full_report):
     run_dir, text, _ = full_report
     positions = [text.index(heading) for heading in HEADINGS]
     assert positions == sorted(positions)
-    assert "## 9." not in text  # no SAE from elsewhere was graded in this run
+    assert "## 10." not in text  # no SAE from elsewhere was graded in this run
+    assert "| 0.90 |" in section(text, "## 9.")  # the least-squares fit in the geometry table
     figures = referenced_figures(run_dir)
     assert sorted(figures) == sorted(["ld_histogram.png", "approximation.png", "control_headline.png",
                                       "control_vs_k.png", "f1_coverage.png", "causal_f1.png", "occlusion.png",
@@ -187,7 +196,7 @@ def test_known_records_appear_in_their_tables(full_report):
     approximation = tables(section(text, "## 3."))[0]
     assert row(approximation, cross_section="S-I v")["supervised"] == "0.78 / 0.60"
     assert row(approximation, cross_section="S-I v")["topk"] == "0.85 / 0.85"  # k = 6 (chosen), not k = 3
-    k2, f1_edits, chosen = tables(section(text, "## 4."))
+    k2, f1_edits, f1_paper_size, chosen = tables(section(text, "## 4."))  # f1_paper_size: 2 out + 2 in
     edit = row(k2, cross_section="S-I v", attribute="pos")
     assert (edit["none"], edit["supervised"], edit["topk"]) == ("0.10", "0.90 / 0.50", "0.69 / 0.39 (1.0 of L0 –)")
     assert row(f1_edits, cross_section="S-I v", attribute="pos")["topk"] == "0.65 / 0.39 (1.0 of L0 –)"
@@ -412,6 +421,6 @@ def test_an_sae_from_elsewhere_is_listed_with_its_core_metrics(tmp_path):
         {"test": "l0", "site": "z@L2H1@end", "value": 9.0, **theirs}]
     write_metrics(tmp_path, [{k: v for k, v in r.items() if v is not None} for r in records])
     main.write_report(str(tmp_path))
-    graded = tables(section((tmp_path / "report.md").read_text(), "## 9."))[0]
+    graded = tables(section((tmp_path / "report.md").read_text(), "## 10."))[0]
     assert row(graded, method="saelens:blocks.2")["l0"] == "8.00"
     assert row(graded, method="saelens:blocks.2")["reads"] == "blocks.2.hook_z"
