@@ -393,7 +393,7 @@ LOSSES = {"vanilla": loss_vanilla, "gated": loss_gated, "topk": loss_topk}
 def core_metrics(x, x_hat, fires, dead_fires=None) -> dict:
     """The SAE core metrics (README §8; SAELens / SAEBench names), computed here only, of N inputs x
     and their reconstructions x̂ [N, d]: L0 (latents active per input), MSE (per coordinate), FVE
-    (fraction of variance explained, 1 - Σ‖x - x̂‖² / Σ‖x - mean(x)‖²; None if x never varies) and
+    (fraction of variance explained, 1 - Σ‖x - x̂‖² / Σ‖x - mean(x)‖²; None if x is constant) and
     dead fraction (latents never active). fires [d_sae]: on how many inputs each latent is active;
     dead_fires: the same counts on other inputs, to count the dead fraction there (grading: on the
     training data)."""

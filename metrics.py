@@ -75,8 +75,8 @@ def raw_decoder_directions(sae) -> torch.Tensor:
 
 
 def sae_latent_weights(f: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """w_j = f_j d_j·(â - b_dec) / ‖â - b_dec‖² -> [B, d_sae]; â - b_dec = Σ_j f_j d_j, so a prompt's
-    weights sum to 1 (0 if nothing fires)."""
+    """w_j = f_j d_j·(â - b_dec) / ‖â - b_dec‖² -> [B, d_sae]; â - b_dec = Σ_j f_j d_j, so a
+    prompt's weights sum to 1 (0 if nothing fires)."""
     centred_reconstruction = f @ directions  # [B, d] = â - b_dec
     projections = (centred_reconstruction @ directions.T) * f  # [B, d_sae]
     squared_norm = centred_reconstruction.pow(2).sum(-1, keepdim=True)  # [B, 1]
@@ -92,7 +92,8 @@ def sae_weight_removed(f: torch.Tensor, directions: torch.Tensor, changed_mask: 
 def greedy_sae_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor, k: int):
     """Interpretation-agnostic SAE edit of at most k latents (README §6): target δ = a(p') - a(p), moves
     Δ_j = (f_j(a(p')) - f_j(a(p))) d_j; each step adds, per prompt, the unused Δ_j minimising
-    ‖S + Δ_j - δ‖, until none helps. -> (a(p) + S [B, d], keeping a(p)'s SAE error; changed [B, d_sae])."""
+    ‖S + Δ_j - δ‖, until none helps. -> (a(p) + S [B, d], keeping a(p)'s SAE error;
+    changed [B, d_sae])."""
     directions = raw_decoder_directions(sae)  # [d_sae, d]
     coefficient_change = sae.encode(a_counterfactual) - sae.encode(a_clean)  # [B, d_sae]
     direction_sq_norms = directions.pow(2).sum(-1)  # [d_sae]
@@ -375,8 +376,8 @@ def random_data_sae(data_sample: torch.Tensor, beta: float, gamma: float) -> dic
 def scaled_family_loss_terms(x: torch.Tensor, encoder_rows: torch.Tensor, W_dec: torch.Tensor,
                              scales: Sequence[float], gammas: Sequence[float]):
     """For every SAE with W_enc = scale·encoder_rowsᵀ, biases -γ, b_dec = 0 and this decoder, over
-    scales × γs: the means of ‖x̂ - x‖² and ‖f‖₁ (the loss at λ is their sum weighted 1 and λ) and
-    the share of inputs on which it fires -> (reconstruction, l1, firing), each [n_scales, n_gammas]."""
+    scales × γs: the means of ‖x̂ - x‖² and ‖f‖₁ (the loss at λ: the first + λ × the second)
+    and the share of inputs on which it fires -> (reconstruction, l1, firing), each [n_scales, n_gammas]."""
     projections = x @ encoder_rows.T  # [N, n_latents]
     gammas = torch.as_tensor(gammas, dtype=x.dtype)[:, None, None]  # [n_gammas, 1, 1]
     reconstruction, l1, firing = [], [], []
@@ -393,8 +394,9 @@ def oversplitting_toy(lambdas=np.linspace(0, 20, 41), n_samples: int = 4096, d: 
                       ideal_ks=np.geomspace(1 / 16, 2.0, 31), ideal_gammas=np.linspace(0.0, 10.0, 41),
                       random_betas=np.geomspace(0.01, 0.3, 31),
                       random_gammas=(1.0, 1.75, 2.35, 3.0, 4.0, 5.0, 6.0), seed: int = 0) -> dict:
-    """README §9's toy on ±µ + N(0, I_d), ‖µ‖ = mu_norm: per λ, the best loss of the ideal SAE (over k, γ)
-    and of a random n_latents-latent SAE built from data samples (over β, γ), on n_samples other inputs.
+    """README §9's toy on ±µ + N(0, I_d), ‖µ‖ = mu_norm: per λ, the best loss of the ideal SAE
+    (over k, γ) and of a random n_latents-latent SAE built from data samples (over β, γ), on
+    n_samples other inputs.
     -> numpy arrays lambdas, {ideal,random}_best_loss [n_λ], _best_params [n_λ, 2] ((k or β), γ),
     _firing [n_λ] (share of inputs on which the best SAE fires); zero_sae_loss = E‖x‖²."""
     generator = torch.Generator().manual_seed(seed)
