@@ -686,12 +686,10 @@ def test_failed_save_leaves_no_partial_file(model, saved, tmp_path, monkeypatch)
     directory, weights, _ = saved
     before = weights.read_bytes()
 
-    def failing_save_file(state, path, metadata=None):
-        with open(path, "wb") as f:
-            f.write(b"half a file")
+    def failing_save(state, metadata=None):  # save_pretrained has opened model.safetensors: it stays empty
         raise OSError("disk full")
 
-    monkeypatch.setattr(gpt2, "save_file", failing_save_file)
+    monkeypatch.setattr(gpt2, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
         main.atomic_folder(directory, model.save_pretrained)  # overwriting: the old file survives intact
     assert weights.read_bytes() == before

@@ -283,8 +283,8 @@ def test_late_name_mover_query_holds_io_and_s_in_one_subspace_at_the_set_ratio(e
         if attribute == "io":  # all of IO is there; S also moves Pos's name-dependent spread
             assert inside.pow(2).sum() >= 0.95 * delta.pow(2).sum()
         moved[attribute] = inside.norm(dim=-1).mean().item()
-        patched = metrics.patched_run(model, prompts, {node: clean + delta.float()})
-        changed[attribute] = 1 - metrics.edit_accuracy(metrics.patched_run(model, prompts).top_token,
+        patched = ioi.patched_run(model, prompts, {node: clean + delta.float()})
+        changed[attribute] = 1 - metrics.edit_accuracy(ioi.patched_run(model, prompts).top_token,
                                                         patched.top_token)
     assert moved["io"] / moved["s"] == pytest.approx(config.io_s_ratio, rel=0.1)
     assert min(changed.values()) >= 0.1, changed
