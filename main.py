@@ -575,13 +575,13 @@ def estimate_seconds(run):
     here. Not counted: the supervised fits, the core metrics and the toy models (under a minute
     together in the demo)."""
     c = run.config
-    prompts, d_head = run.splits["eval"][:c.batch_size], run.model.config.n_embd // run.model.config.n_head
+    prompts, d_head = run.splits["eval"][:64], run.model.config.n_embd // run.model.config.n_head
+    task = metrics.Task(run.model, prompts, c.batch_size)  # one task: its caches serve every kind of pass
 
     @functools.cache
     def per_prompt(kind=None):  # a `pass_kind` pass through `metrics.Task.patched`, per prompt; None: full
         node, ld_only = kind or (None, False)
         d = d_head if node is None or node.head is not None else run.model.config.n_embd
-        task = metrics.Task(run.model, prompts, c.batch_size)
         patches = {} if node is None else {node: torch.zeros(len(prompts), d)}
         task.patched(patches, ld_only)  # not timed: it builds the cache of the unpatched pass
         return seconds(lambda: task.patched(patches, ld_only), c.device) / len(prompts)
