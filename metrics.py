@@ -1,13 +1,11 @@
-"""Every metric of the evaluation (Makelov, Lange & Nanda, arXiv 2405.08366), in the order of the
-paper's tests (README, 'The method in one page'): approximation (§5), control (§6), interpretability
-(§7), SAE core metrics (§8), the two phenomena and their toy models (§9), then the graders that turn
-every test at every cross-section into flat `Record`s, and ground truth beyond the paper.
-Pure functions of tensors, except the graders (they run the model with patches) and the toys that
-train SAEs. SAEs enter through dictionaries.py's interface: `encode(x)` and `active(x)` on raw
-activations, `sae(x)` -> (x̂, f), unit-norm decoder rows `W_dec` in the SAE's normalised space and
-the scalar `input_scale` s, so latent j adds f_j W_dec[j] / s. Start with `sufficiency`,
-`necessity`, `edit_accuracy`, then `grade_section`.
-"""
+"""Every metric of the evaluation (Makelov, Lange & Nanda, arXiv 2405.08366), in the order of the paper's
+tests (README, 'The method in one page'): approximation (§5), control (§6), interpretability (§7), SAE
+core metrics (§8), the two phenomena and their toy models (§9), then the graders that turn every test
+at every cross-section into flat `Record`s, and ground truth beyond the paper. Pure functions of
+tensors, except the graders (they run the model with patches) and the toys that train SAEs. SAEs
+(dictionaries.py): `encode(x)`, `active(x)` on raw activations, `sae(x)` -> (x̂, f), unit-norm decoder
+rows `W_dec` in the SAE's normalised space, scalar `input_scale` s: latent j adds f_j W_dec[j] / s.
+Start with `sufficiency`, `necessity`, `edit_accuracy`, then `grade_section`."""
 import functools
 import math
 from dataclasses import asdict, dataclass, field, replace
@@ -28,10 +26,7 @@ def _mean(values) -> float:
     return float(torch.as_tensor(values, dtype=torch.float64).mean())
 
 
-# ---------------------------------------------------------------------------------------
-# Test 1: approximation (README §5). Arguments are per-prompt LDs [B] or their means.
-# ---------------------------------------------------------------------------------------
-
+# --- Test 1: approximation (README §5); arguments are per-prompt LDs [B] or their means ---
 def sufficiency(ld_patched, ld_clean) -> float:
     """mean LD(a -> â) / mean LD(clean): 1 means the reconstruction carries the whole task."""
     clean = _mean(ld_clean)
@@ -60,7 +55,6 @@ def ld_recovered(ld_sae, ld_mean_ablated, ld_clean) -> float:
 
 
 # --- Test 2: control (README §6) ---
-
 def edit_accuracy(edited_top: torch.Tensor, ground_truth_top: torch.Tensor) -> float:
     """Share of prompts whose argmax token [B] after the edit is the ground-truth run's."""
     if edited_top.shape != ground_truth_top.shape or edited_top.dtype != torch.long:
@@ -90,10 +84,9 @@ def sae_weight_removed(f: torch.Tensor, directions: torch.Tensor, changed_mask: 
 
 @torch.no_grad()
 def greedy_sae_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor, k: int):
-    """Interpretation-agnostic SAE edit of at most k latents (README §6): target δ = a(p') - a(p), moves
+    """Interpretation-agnostic SAE edit of <= k latents (README §6): target δ = a(p') - a(p), moves
     Δ_j = (f_j(a(p')) - f_j(a(p))) d_j; each step adds, per prompt, the unused Δ_j minimising
-    ‖S + Δ_j - δ‖, until none helps. -> (a(p) + S [B, d], keeping a(p)'s SAE error;
-    changed [B, d_sae])."""
+    ‖S + Δ_j - δ‖, until none helps -> (a(p) + S [B, d], with a(p)'s SAE error; changed [B, d_sae])."""
     directions = raw_decoder_directions(sae)  # [d_sae, d]
     coefficient_change = sae.encode(a_counterfactual) - sae.encode(a_clean)  # [B, d_sae]
     direction_sq_norms = directions.pow(2).sum(-1)  # [d_sae]
@@ -127,10 +120,9 @@ def first_active_in_ranking(ranking: torch.Tensor, active: torch.Tensor, k: int)
 @torch.no_grad()
 def f1_guided_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor,
                    ranking_old: torch.Tensor, ranking_new: torch.Tensor, k: int):
-    """Interpretation-aware SAE edit from v (in p) to v' (in p'), rankings [B, R] of latents by F1 for
-    each prompt's v and v' (`latents_by_f1`): subtract f_j(p) d_j for the first k ranked for v active on
-    p, add f_j(p') d_j for the first k ranked for v' active on p' (the authors' num_exchange = k).
-    -> (a_edited [B, d], changed [B, d_sae]) like `greedy_sae_edit`."""
+    """Interpretation-aware SAE edit from v (in p) to v' (in p'), rankings [B, R] of latents by F1 for v
+    and v' (`latents_by_f1`): subtract f_j(p) d_j for the first k ranked for v active on p, add f_j(p') d_j
+    for the first k ranked for v' active on p' (authors' num_exchange = k) -> like `greedy_sae_edit`."""
     directions = raw_decoder_directions(sae)  # [d_sae, d]
     removed = first_active_in_ranking(ranking_old, sae.active(a_clean), k)  # [B, d_sae]
     added = first_active_in_ranking(ranking_new, sae.active(a_counterfactual), k)  # [B, d_sae]
@@ -139,7 +131,6 @@ def f1_guided_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor,
 
 
 # --- Test 3: interpretability (README §7) ---
-
 def _counts(active: torch.Tensor, properties: torch.Tensor):
     """|A∩F| [L, P], |F| [L, 1] and |A| [1, P] for active [N, L] and properties [N, P]."""
     if active.ndim != 2 or properties.ndim != 2 or len(active) != len(properties):
@@ -260,8 +251,7 @@ def _attribute_columns(labels: Sequence[str], attribute: str) -> torch.Tensor:
 
 
 def latents_by_f1(f1: torch.Tensor, labels: Sequence[str], attribute: str) -> torch.Tensor:
-    """Latents by decreasing F1 for each value of an attribute -> [n_values, L] (row v: "attribute=v");
-    indexed by a batch's ids, the rankings `f1_guided_edit` takes."""
+    """Latents by decreasing F1 per value of an attribute -> [n_values, L]: `f1_guided_edit`'s rankings."""
     value_f1 = f1[:, _attribute_columns(labels, attribute)].T  # [n_values, L]
     return value_f1.argsort(dim=1, descending=True, stable=True)
 
@@ -280,16 +270,13 @@ def coverage(f1: torch.Tensor, labels: Sequence[str], threshold: float = 0.8) ->
 
 
 # --- SAE core metrics (README §8): `dictionaries.core_metrics`, on raw activations ---
-
 def sae_core_metrics(sae, x: torch.Tensor, train_x: torch.Tensor) -> dict:
-    """L0, MSE, fraction of variance explained of an SAE on raw activations x [N, d], and its dead
-    fraction: the latents never active on train_x."""
+    """L0, MSE, FVE of an SAE on raw activations x [N, d], and dead fraction (never active on train_x)."""
     x_hat, f = sae(x)
     return dictionaries.core_metrics(x, x_hat, (f != 0).sum(0), sae.active(train_x).sum(0))
 
 
 # --- Phenomenon 1: feature occlusion, the toy model (README §9) ---
-
 def occlusion_toy_data(io_norm: float, s_norm: float, n_samples: int, n_values: int = 216,
                        d: int = 64, seed: int = 0):
     """a = u_i + v_j, i ("IO") and j ("S") uniform over n_values, u, v ~ N(0, I_d) rescaled to norms
@@ -305,15 +292,13 @@ def occlusion_toy_data(io_norm: float, s_norm: float, n_samples: int, n_values: 
 
 
 def occlusion_toy_recovery(active: torch.Tensor, values: dict, n_values: int, threshold: float = 0.9) -> dict:
-    """Per attribute, the share of its values v with a latent of F1 > threshold for "attribute is v"
-    (active [N, d_sae] on the toy data)."""
+    """Per attribute, the share of its values with a latent of F1 > threshold (active [N, d_sae])."""
     return {attribute: float((f1_scores(active, F.one_hot(ids, n_values)).max(dim=0).values > threshold)
                              .float().mean()) for attribute, ids in values.items()}
 
 
-# The toy's settings, tuned so that at 1:1 both feature sets are recovered (F1 > 0.9): the paper's 216
-# values, but 128 dimensions (at 64, two random features interfere too much for F1 > 0.9 at any ratio)
-# and a λ at which the weaker set fades as the ratio grows; ~20 s on 2 CPU cores for 4 ratios.
+# Tuned so both feature sets are recovered (F1 > 0.9) at 1:1: the paper's 216 values, but d = 128 (at 64
+# features interfere too much) and a λ where the weaker set fades as the ratio grows; ~20 s on 2 CPUs.
 OCCLUSION_TOY_RATIOS = (1.0, 1.2, 1.5, 2.0)
 OCCLUSION_TOY = dict(l1=4.5, n_values=216, d=128, n_samples=10_000)
 OCCLUSION_TOY_TRAINING = dictionaries.TrainConfig(d_sae=512, lr=1e-2, batch_size=256, epochs=30,
@@ -340,7 +325,6 @@ def occlusion_toy_experiment(ratios: Sequence[float], l1: float = OCCLUSION_TOY[
 
 
 # --- Phenomenon 2: feature over-splitting (README §9) ---
-
 def pos_latents(best_labels: Sequence[str]) -> int:
     """Number of latents whose interpretation is a Pos value (pos=ABB or pos=BAB)."""
     return sum(label in {f"pos={value}" for value in ioi.PATTERNS} for label in best_labels)
@@ -394,10 +378,9 @@ def oversplitting_toy(lambdas=np.linspace(0, 20, 41), n_samples: int = 4096, d: 
                       ideal_ks=np.geomspace(1 / 16, 2.0, 31), ideal_gammas=np.linspace(0.0, 10.0, 41),
                       random_betas=np.geomspace(0.01, 0.3, 31),
                       random_gammas=(1.0, 1.75, 2.35, 3.0, 4.0, 5.0, 6.0), seed: int = 0) -> dict:
-    """README §9's toy on ±µ + N(0, I_d), ‖µ‖ = mu_norm: per λ, the best loss of the ideal SAE
-    (over k, γ) and of a random n_latents-latent SAE built from data samples (over β, γ), on
-    n_samples other inputs.
-    -> numpy arrays lambdas, {ideal,random}_best_loss [n_λ], _best_params [n_λ, 2] ((k or β), γ),
+    """README §9's toy on ±µ + N(0, I_d), ‖µ‖ = mu_norm: per λ, the best loss of the ideal SAE (over
+    k, γ) and of a random n_latents-latent SAE built from data samples (over β, γ), on n_samples other
+    inputs -> numpy arrays lambdas, {ideal,random}_best_loss [n_λ], _best_params [n_λ, 2] ((k or β), γ),
     _firing [n_λ] (share of inputs on which the best SAE fires); zero_sae_loss = E‖x‖²."""
     generator = torch.Generator().manual_seed(seed)
     mu = torch.randn(d, generator=generator, dtype=torch.float64)
@@ -420,16 +403,15 @@ def oversplitting_toy(lambdas=np.linspace(0, 20, 41), n_samples: int = 4096, d: 
     return toy
 
 
-# The paper's own grid (arXiv 2405.08366, section 5.2): γ = 2.35 for the random SAE,
-# β over (0, 0.1], 100 values of λ in [0, 20].
+# The paper's own grid (section 5.2): γ = 2.35 for the random SAE, β over (0, 0.1], 100 λ in [0, 20].
 PAPER_OVERSPLITTING_GRID = {"lambdas": np.linspace(0, 20, 100), "random_betas": np.linspace(0.001, 0.1, 100),
                             "random_gammas": (2.35,)}
 
 
 def oversplitting_verdict(toy: dict, min_firing: float = 0.02, tolerance: float = 1e-9) -> dict:
-    """Who wins the toy where it means something: for large λ both SAEs stop firing and tie at E‖x‖², so
-    a λ counts if the ideal SAE's best setting fires on >= min_firing of the inputs; a relative
-    difference within `tolerance` is a tie. -> counts (counted, random/ideal wins, ties, not counted)
+    """Who wins the toy where it means something: for large λ both SAEs stop firing and tie at E‖x‖²,
+    so a λ counts if the ideal SAE's best setting fires on >= min_firing of the inputs; a relative
+    difference within `tolerance` is a tie -> counts (counted, random/ideal wins, ties, not counted)
     and the share of random wins."""
     ideal, random = np.asarray(toy["ideal_best_loss"]), np.asarray(toy["random_best_loss"])
     counted = np.asarray(toy["ideal_firing"]) >= min_firing
@@ -441,14 +423,8 @@ def oversplitting_verdict(toy: dict, min_firing: float = 0.02, tolerance: float 
             "share_random_wins": float(random_wins.sum() / n_counted) if n_counted else float("nan")}
 
 
-# ---------------------------------------------------------------------------------------
-# Interventions (README §3): patches computed first, then applied in one forward pass
-# ---------------------------------------------------------------------------------------
-
-# A forward pass over the evaluation prompts with patches set is `ioi.patched_run`: the one loop
-# that `ioi.evaluate` and `ioi.discover` run too. Patches are computed first, then all applied at once.
-
-
+# --- Interventions (README §3): patches computed first, then applied in one forward pass ---
+# That pass is `ioi.patched_run`: the one loop that `ioi.evaluate` and `ioi.discover` run too.
 CACHE_BYTES = 4 * 2**30  # the unpatched passes a Task keeps, per layer, to resume patched passes from
 
 
@@ -466,13 +442,12 @@ class Task:
     cache: dict = field(default_factory=dict, repr=False, compare=False)  # {layer: ioi.residual_streams}
 
     def patched(self, patches: Optional[dict] = None, ld_only: bool = False) -> ioi.PatchedRun:
-        """The pass with `patches` set; `ld_only`: its logit differences only (no top token), for the
-        tests that read nothing else. The blocks before the first layer it patches, and the positions
-        before the first it patches, compute what an unpatched pass does: it resumes from that pass's
-        residual stream and keys and values, cached per layer within CACHE_BYTES: the same numbers,
-        for a fraction of the cost. At the paper's settings (GPT-2 Small, 5,000 prompts in
-        batches of 256, <= 19 positions, keys before `end` >= 15) it holds 0.3 GB of residual stream and
-        0.46 GB of keys and values per block from that layer on: 5.8 GB from layer 0, 1.7 GB from layer 9."""
+        """The pass with `patches` set; `ld_only`: its logit differences only (no top token). The blocks
+        and positions before the first it patches compute what an unpatched pass does, so it resumes from
+        that pass's residual stream and keys and values, cached per layer within CACHE_BYTES: the same
+        numbers for a fraction of the cost. At the paper's settings (GPT-2 Small, 5,000 prompts in batches
+        of 256, <= 19 positions, keys before `end` >= 15) that is 0.3 GB of residual stream and 0.46 GB of
+        keys and values per block from that layer on: 5.8 GB from layer 0, 1.7 GB from layer 9."""
         layer = min((node.layer for node in patches or {}), default=None)  # None: the unpatched pass
         if layer is not None and layer not in self.cache:
             lower = [cached for cached in self.cache if cached < layer]
@@ -492,10 +467,8 @@ class Task:
 def approximation(task: Task, clean: dict, reconstruction: dict, clean_run: ioi.PatchedRun,
                   mean_ablated_run: ioi.PatchedRun) -> dict:
     """Sufficiency and necessity of a reconstruction at every node of a cross-section (README §5).
-
-    Sufficiency patches â; necessity patches ā + (a - â), i.e. mean-ablates the part the
-    dictionary explains and keeps its error term. ā is the mean of `clean` over the prompts.
-    """
+    Sufficiency patches â; necessity patches ā + (a - â), mean-ablating the part the dictionary
+    explains and keeping its error term (ā: the mean of `clean` over the prompts)."""
     patched = task.patched(reconstruction, ld_only=True)
     residual = {node: clean[node].mean(0) + clean[node] - reconstruction[node] for node in clean}
     explained_removed = task.patched(residual, ld_only=True)
@@ -504,24 +477,19 @@ def approximation(task: Task, clean: dict, reconstruction: dict, clean_run: ioi.
                                    clean_run.logit_diff)}
 
 
-# ---------------------------------------------------------------------------------------
-# Grading a run (README §5-§9): every test as records, by plain functions
-# ---------------------------------------------------------------------------------------
-# Each grader takes what it needs as arguments and returns a list of `Record`s: the model on
-# the evaluation prompts (`Task`), one cross-section's activations and reference runs
-# (`SectionInputs`), and dictionaries at its nodes, supervised (`SupervisedAtNode`) or SAE
-# (`SAEAtNode`), behind one interface: reconstruct(acts [N, d], values {attribute: ids [N]}) -> â
-# [N, d], and edit(acts, AttributeChange, SAEEdit or None) -> Edit.
-
+# --- Grading a run (README §5-§9): every test as records, by plain functions ---
+# Each grader takes what it needs and returns `Record`s: the model on the evaluation prompts (`Task`), one
+# cross-section's activations and reference runs (`SectionInputs`), dictionaries at its nodes, supervised
+# (`SupervisedAtNode`) or SAE (`SAEAtNode`), behind one interface: reconstruct(acts [N, d], values
+# {attribute: ids [N]}) -> â [N, d], and edit(acts, AttributeChange, SAEEdit or None) -> Edit.
 MIN_NODE_EFFECT = 0.005  # LD recovered at a node only if mean-ablating it alone moves the mean LD by >= 0.5%
 MIN_SECTION_EFFECT = 0.05  # as ioi.discover: a site is graded if mean-ablating it moves the mean LD by >= 5%
 
 
 @dataclass(frozen=True)
 class Record:
-    """One result, a row of metrics.json: the value of a test at a site (a cross-section, a node,
-    "model" or "toy") for a method, and the fields that tell its variants apart. Fields left
-    None are not written, so each test's rows carry only the fields it sets."""
+    """One result, a row of metrics.json: a test's value at a site (cross-section, node, "model" or
+    "toy") for a method, plus the fields that tell its variants apart; fields left None are not written."""
     test: str
     site: str
     method: str
@@ -605,10 +573,9 @@ class SupervisedAtNode:
 
 @dataclass(frozen=True, eq=False)
 class SAEAtNode:
-    """An SAE at one node: it reconstructs from the activations, and edits by changing latents.
-    Its latents are interpreted (README §7) on the training activations at this node, where every
-    name occurs as IO and as S (unlike the evaluation prompts: README §6's fix); once, when first
-    needed (one SAE may read several nodes: a head at several positions)."""
+    """An SAE at one node: it reconstructs from the activations, and edits by changing latents. Its
+    latents are interpreted (README §7) once, when first needed, on the training activations at this node,
+    where every name occurs as IO and as S (unlike the evaluation prompts: README §6's fix)."""
     sae: object
     train_acts: torch.Tensor  # [N_train, d] at this node
     train_values: dict  # {attribute: ids [N_train]}
@@ -736,9 +703,8 @@ def grade_dictionary(task: Task, inputs: SectionInputs, method: str, at_nodes: d
 
 
 def split_by_interpretability(at_node: SAEAtNode, acts: torch.Tensor, threshold: float):
-    """README §7's causal checks at one node: (kept, removed), the activations with only the
-    latents of F1 >= `threshold` kept (the others' part subtracted), and with the part those
-    latents explain mean-ablated -> two [N, d]."""
+    """README §7's causal checks at one node -> (kept, removed), each [N, d]: only the latents of
+    F1 >= `threshold` kept (the others' part subtracted), and the part those latents explain mean-ablated."""
     features, directions = at_node.sae.encode(acts), raw_decoder_directions(at_node.sae)
     interpretable = at_node.interpretations.best_f1 >= threshold  # [d_sae]
     explained = (features * interpretable) @ directions  # [N, d]
@@ -748,8 +714,7 @@ def split_by_interpretability(at_node: SAEAtNode, acts: torch.Tensor, threshold:
 
 def causal_curve_records(task: Task, inputs: SectionInputs, method: str, at_nodes: dict,
                          thresholds: Sequence[float], setting=None) -> list:
-    """Keeping only the interpretable latents, scored like sufficiency; removing them, scored
-    like necessity; at each F1 threshold (README §7)."""
+    """Per F1 threshold (README §7): only interpretable latents kept (sufficiency), removed (necessity)."""
     records = []
     for threshold in thresholds:
         split = {node: split_by_interpretability(at_nodes[node], acts, threshold)
@@ -767,9 +732,8 @@ def causal_curve_records(task: Task, inputs: SectionInputs, method: str, at_node
 
 def interpretability_records(task: Task, inputs: SectionInputs, method: str, at_nodes: dict,
                              thresholds: Sequence[float], setting=None) -> list:
-    """Test 3 (README §7) of an SAE at a section: its mean L0, then at each node the share of each
-    attribute's values that some latent explains (F1 >= 0.8) and its Pos latents, then the
-    causal curves."""
+    """Test 3 (README §7) of an SAE at a section: its mean L0, then per node the share of each attribute's
+    values some latent explains (F1 >= 0.8) and its Pos latents, then the causal curves."""
     l0s = [sae_core_metrics(at_nodes[node].sae, acts, acts)["l0"] for node, acts in inputs.clean.items()]
     records = [Record("l0_at_site", inputs.site, method, sum(l0s) / len(l0s), setting=setting)]
     for node in inputs.clean:
@@ -856,7 +820,6 @@ def chosen_settings(records: Sequence[Record]) -> dict:
 
 
 # --- SAE core metrics (README §8) ---
-
 def every_setting(task_saes: dict, corpus_saes: dict) -> dict:
     """Task SAEs {method: {setting: {node: SAE}}} and full-distribution SAEs {method: {node: SAE}}
     in the first form, the latter under the setting None."""
@@ -882,10 +845,9 @@ def core_records(saes: dict, eval_acts: dict, training: dict) -> list:
 
 def ld_recovered_records(task: Task, clean_run: ioi.PatchedRun, eval_acts: dict, sections: Sequence,
                          saes: dict, chosen: dict, min_node_effect: float = MIN_NODE_EFFECT) -> list:
-    """LD recovered (README §5) with one node patched at a time, at every node of `sections`, for
-    every SAE {method: {setting: {node: SAEAtNode}}} at the settings `chosen` there (setting None:
-    full-distribution SAEs). A node whose mean ablation alone moves the mean LD by less than
-    `min_node_effect` of it is skipped: LD recovered divides by that move."""
+    """LD recovered (README §5) with one node patched at a time, at every node of `sections`, for every SAE
+    {method: {setting: {node: SAEAtNode}}} at the settings `chosen` there (None: full-distribution SAEs).
+    Skips a node whose mean ablation moves the mean LD by < `min_node_effect`: LD recovered divides by it."""
     clean_ld, ablated, records = clean_run.logit_diff.mean(), {}, []
     graded = dict.fromkeys((node, method, setting) for section in sections for method in saes
                            for setting in dict.fromkeys(chosen.get((section.name, method), [None]))
@@ -903,7 +865,6 @@ def ld_recovered_records(task: Task, clean_run: ioi.PatchedRun, eval_acts: dict,
 
 
 # --- the two phenomena (README §9) ---
-
 def mean_code_norm(acts: torch.Tensor, ids: torch.Tensor) -> float:
     """Mean norm of the mean codes u_v = mean(a - ā | value v) over the values that occur, relative
     to the spread of the activations (mean ‖a - ā‖)."""
@@ -1032,8 +993,7 @@ def occlusion_records(at_node: SAEAtNode, node, evidence: dict, method: str, set
 
 def io_shrunk_activations(acts: torch.Tensor, io_features: torch.Tensor, io_ids: torch.Tensor,
                           alphas: Sequence[float]) -> torch.Tensor:
-    """a - α u_IO for each α (README §9): as the IO features shrink, S latents should appear
-    -> [n_alphas, N, d]."""
+    """a - α u_IO for each α -> [n_alphas, N, d] (README §9): IO features shrink, S latents appear."""
     return torch.stack([acts - alpha * io_features[io_ids] for alpha in alphas])
 
 
@@ -1080,7 +1040,6 @@ def oversplitting_toy_records(grids: dict = OVERSPLITTING_GRIDS, seed: int = 0) 
 
 
 # --- ground truth, beyond the paper: what the SAEs' decoders and the activations look like ---
-
 def decoder_recovery(decoder: torch.Tensor, directions: torch.Tensor) -> float:
     """Mean over the feature directions [n, d] (zero rows, unseen values, left out) of the best cosine
     between the direction and any decoder row [L, d]: 1 when every feature is a decoder row."""
@@ -1103,8 +1062,7 @@ def ground_truth_records(saes: dict, supervised: dict, truth: dict) -> list:
 
 
 def effective_rank(acts: torch.Tensor) -> float:
-    """exp of the entropy of the covariance's normalised eigenvalues: how many directions the
-    activations [N, d] really use."""
+    """exp of the entropy of the covariance's normalised eigenvalues: directions activations [N, d] use."""
     eigenvalues = torch.linalg.eigvalsh(torch.cov(acts.double().T)).clamp(min=0)
     p = eigenvalues[eigenvalues > 0] / eigenvalues.sum()
     return float(torch.exp(-(p * p.log()).sum()))
