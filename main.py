@@ -264,7 +264,8 @@ DEMO = RunConfig(n_train=5_000, n_eval=500, epochs=1000, sae_lr=1e-2, sae_resamp
                  corpus_epochs=10, corpus_lr=3e-3, skip_sections=("(B)NM qk",))
 # GPT-2 Small within the hour on two cores (README, "Commands"): the paper's six cross-sections, the
 # demo's one setting per architecture and training recipe, fewer prompts, SAE edits of k = 2 and 4.
-LAPTOP = replace(DEMO, n_train=2_000, n_eval=200, epochs=150, corpus_epochs=5, edit_k=(2, 4), skip_sections=())
+LAPTOP = replace(DEMO, n_train=2_000, n_eval=200, epochs=150, corpus_epochs=5, edit_k=(2, 4),
+                 skip_sections=())
 PRESETS = {"demo": DEMO, "laptop": LAPTOP, "paper": RunConfig()}
 
 
