@@ -9,6 +9,7 @@ SAE from elsewhere.
 import copy
 import json
 import shutil
+from pathlib import Path
 
 import click
 import pytest
@@ -497,3 +498,13 @@ def test_grade_sae_mismatch_is_a_one_line_error(tmp_path, cli_run, hook_name, he
     result = CliRunner().invoke(main.cli, ["grade-sae", "--sae", str(folder), *cli_run])
     assert result.exit_code == 1 and message in result.output
     assert len(result.output.strip().splitlines()[-1]) > 20 and "Traceback" not in result.output
+
+
+def test_the_laptop_preset_is_what_the_readme_says():
+    """README, "Commands": GPT-2 Small's six cross-sections, one setting per architecture (λ = 1,
+    k = 3), 2,000 training and 200 evaluation prompts, SAE edits of k = 2 and 4."""
+    laptop = main.LAPTOP
+    assert (laptop.n_train, laptop.n_eval, laptop.skip_sections, laptop.edit_k) == (2000, 200, (), (2, 4))
+    assert (laptop.vanilla_l1, laptop.gated_l1, laptop.topk_k, laptop.epochs) == ((1.0,), (1.0,), (3,), 150)
+    readme = " ".join((Path(__file__).parent.parent / "README.md").read_text().split())
+    assert "(λ = 1, k = 3), 2,000 training and 200 evaluation prompts, SAE edits of k = 2 and 4" in readme
