@@ -1219,8 +1219,8 @@ def _metrics_problem(data):
     records = (_problem(r, RECORD, f"record {i} (test {r.get('test') if isinstance(r, dict) else None})",
                         RECORD_NEEDS) for i, r in enumerate(data["results"]))
     lacks = [key for key in ("config", "circuit") if not isinstance(data.get(key), dict)]
-    problem = next(filter(None, records), None) or (lacks and f"lacks the run's {' and '.join(lacks)}: "
-                                                              "not a run's metrics.json") or _problem(
+    problem = next(filter(None, records), None) or (lacks and f"file: no {' and no '.join(lacks)} "
+                                                              "(not a run's metrics.json)") or _problem(
         data["config"], {key: NUMBER + NULL for key in PAPER_SCALE}, "config") or _problem(
         data["circuit"], CIRCUIT, "circuit")
     return problem and f"malformed {problem}"

@@ -108,7 +108,7 @@ def workspace(tmp_path_factory):
         (root / name).mkdir()
         (root / name / "config.json").write_text(text)
     (root / "figures-file").mkdir()
-    (root / "figures-file" / "metrics.json").write_text(json.dumps({"config": {}, "results": []}))
+    (root / "figures-file" / "metrics.json").write_text(json.dumps({"config": {}, "circuit": {}, "results": []}))
     (root / "figures-file" / "figures").write_text("a file where the figures folder goes")
     return root
 
