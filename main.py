@@ -1456,11 +1456,11 @@ class Report:
         nodes = [gate[0]["site"]] if gate and gate[0]["value"] else sorted(
             _values(self.find("evidence_norm"), "site"), key=lambda node: -min(
                 self.at("evidence_norm", site=node, attribute=a) or 0 for a in attributes))[:4]
-        caption = (f"The test needs {' and '.join(a.upper() for a in attributes)} present (supervised "
-                   f"feature norm ≥ {metrics.PRESENT}) and causal (patching it alone changes ≥ "
-                   f"{metrics.CAUSAL:.0%} of the answers or of the mean LD); per attribute: norm / answers "
-                   "changed / LD moved. " + (f"It runs at `{nodes[0]}`:" if gate and gate[0]["value"] else
-                                             "**Not testable here.**"))
+        caption = (f"The test needs the stronger of {', '.join(attributes)} present (mean-code norm over "
+                   f"its shuffled-label floor, >= {metrics.PRESENT}) and the weaker causal (alone it changes "
+                   f">= {metrics.CAUSAL:.0%} of the answers or of the mean LD); per attribute: norm / "
+                   "answers changed / LD moved. "
+                   + (f"It runs at `{nodes[0]}`:" if gate and gate[0]["value"] else "**Not testable here.**"))
         return self.pivot(EVIDENCE, ("site",), "attribute", caption=caption, keys=[(n,) for n in nodes],
                           values=attributes, head=("node",)) if gate else []
 

@@ -213,11 +213,11 @@ def test_known_records_appear_in_their_tables(full_report):
 def test_verdicts_state_their_criterion_and_number(full_report):
     _, text, _ = full_report
     occlusion = section(text, "### Feature occlusion")
-    assert "IO and S present (supervised feature norm ≥ 0.1)" in occlusion
-    assert "changes ≥ 10% of the answers" in occlusion
+    assert "the stronger of io, s present (mean-code norm over its shuffled-label floor, >= 0.1)" in occlusion
+    assert "changes >= 10% of the answers" in occlusion
     assert row(tables(occlusion)[0], node=NODE)["s"] == "0.50 / 40% / 20%"  # norm / answers changed / LD moved
     oversplitting = section(text, "### Feature over-splitting")
-    assert "needs POS present (supervised feature norm ≥ 0.1)" in oversplitting
+    assert "the stronger of pos present (mean-code norm over its shuffled-label floor" in oversplitting
     assert "**Not testable here.**" in oversplitting
     closest = tables(oversplitting)[0]  # the nodes closest to testable, the strongest first
     assert [r["node"] for r in closest] == [NODE, "q@L2H2@end"]
