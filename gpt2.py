@@ -1,19 +1,10 @@
 """GPT-2 written out by hand in plain PyTorch, with TransformerLens-style hook points.
 
-The architecture follows Radford et al. (2019), "Language Models are Unsupervised
-Multitask Learners", as released by OpenAI and mirrored by Hugging Face's
-`GPT2LMHeadModel`; the layout follows nanoGPT's `model.py` and picoGPT's `gpt2.py`.
-Parameter names are Hugging Face's (`wte`, `h.0.attn.c_attn.weight`, ...) so that
-loading a checkpoint is a name-for-name copy; hook names are TransformerLens's
-(`blocks.0.attn.hook_z`, ...) because that is what interpretability students know.
-A hook is an identity point: with no hook function attached it returns its input.
-
-Makelov, Lange & Nanda (arXiv 2405.08366) read and patch per-head activations
-(q, k, v, z) at a few token positions, and need the logits at one position only;
-`run_with_cache`, `run_with_hooks`, `patch_heads` and `logits_at` serve exactly that.
-Every hook point that TransformerLens's GPT-2 fires by default is here, with its name, shape
-and value, and both methods take TransformerLens's arguments (`names_filter`, `fwd_hooks`
-with `fn(activation, hook)`); see the README, "Use with TransformerLens / SAELens".
+Radford et al.'s (2019) architecture as in Hugging Face's `GPT2LMHeadModel`, laid out as nanoGPT's
+`model.py`. Parameter names are Hugging Face's (`h.0.attn.c_attn.weight`): loading is a name-for-name
+copy. Hook names, shapes and values, and `run_with_cache`/`run_with_hooks`'s arguments, are
+TransformerLens's (README, "Use with TransformerLens / SAELens"). Makelov, Lange & Nanda (arXiv
+2405.08366) patch per-head q, k, v, z at a few positions and read one position's logits: `patch_heads`.
 
 Where to start: `GPT2._forward` (embeddings, blocks, unembedding), then `Block.forward`.
 """
@@ -26,6 +17,7 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass, fields
+from types import SimpleNamespace
 from typing import Optional
 
 import tiktoken
@@ -54,8 +46,7 @@ class GPT2Config:
     n_inner: Optional[int] = None  # MLP width (d_mlp); None means 4 * n_embd, as in Hugging Face
 
     def __post_init__(self):
-        # A config.json may hold anything: check types and ranges here, so that a bad value
-        # is one clear ValueError instead of a ZeroDivisionError or TypeError deep in a layer.
+        # A config.json may hold anything: one clear ValueError here, not a TypeError deep in a layer.
         sizes = ["vocab_size", "n_positions", "n_embd", "n_layer", "n_head"]
         for name in sizes + (["n_inner"] if self.n_inner is not None else []):
             value = getattr(self, name)
@@ -125,24 +116,21 @@ class Attention(nn.Module):
     def forward(self, x, hook, name, past=None):                   # x: [batch, pos, d_model]
         batch, n_pos, d_model = x.shape
         q, k, v = self.c_attn(x).split(d_model, dim=-1)
-        heads = (batch, n_pos, self.n_head, self.d_head)
-        q = hook(f"{name}.hook_q", q.view(heads))                  # [batch, pos, head, d_head]
-        k = hook(f"{name}.hook_k", k.view(heads))                  # [batch, pos, head, d_head]
-        v = hook(f"{name}.hook_v", v.view(heads))                  # [batch, pos, head, d_head]
+        heads = (batch, n_pos, self.n_head, self.d_head)           # q, k, v: [batch, pos, head, d_head]
+        q, k, v = (hook(f"{name}.hook_{n}", t.view(heads)) for n, t in zip("qkv", (q, k, v)))
         if past is not None:  # the keys and values of earlier positions come first (`run_with_hooks`)
             k, v = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1)  # [batch, key_pos, head, d_head]
         # causal: query i sits at position key_pos - pos + i and sees no key after it
         future = torch.ones(n_pos, k.shape[1], dtype=torch.bool, device=x.device).triu(1 + k.shape[1] - n_pos)
-        if hook.wants(f"{name}.hook_attn_scores") or hook.wants(f"{name}.hook_pattern"):
+        if f"{name}.hook_attn_scores" in hook or f"{name}.hook_pattern" in hook:
             scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.d_head)
             scores = scores.masked_fill(future, float("-inf"))     # causal: no peeking ahead
             scores = hook(f"{name}.hook_attn_scores", scores)      # [batch, head, q_pos, k_pos]
             pattern = hook(f"{name}.hook_pattern", scores.softmax(-1))  # [batch, head, q_pos, k_pos]
             z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
         else:
-            # The same softmax(q k^T / sqrt(d_head)) v with the same causal mask, fused by PyTorch:
-            # one multi-threaded kernel instead of five. On 2 shared cores, where every kernel
-            # waits for both, the explicit path made the IOI forward ~20% slower (`main.py bench`).
+            # The same softmax(q k^T / sqrt(d_head)) v, fused by PyTorch into one kernel instead of five:
+            # on 2 shared cores the explicit path made the IOI forward ~20% slower (`main.py bench`).
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))        # [batch, head, pos, d_head]
             mask = None if past is None else ~future                # (is_causal assumes no past)
             z = F.scaled_dot_product_attention(q, k, v, mask, is_causal=past is None).transpose(1, 2)
@@ -162,15 +150,13 @@ class MLP(nn.Module):
 
 
 def layer_norm(x, ln, hook, name):
-    """`ln(x)` with TransformerLens's two hook points: `{name}.hook_scale`, the root mean square
-    of the centred input plus eps, and `{name}.hook_normalized`, the centred input over that
-    scale (before the learnt weight and bias). One fused kernel unless either is hooked: the
-    explicit path's nine kernels made the IOI forward ~25% slower on 2 shared cores (as above)."""
-    if not (hook.wants(f"{name}.hook_scale") or hook.wants(f"{name}.hook_normalized")):
+    """`ln(x)` with TransformerLens's hooks `{name}.hook_scale`, sqrt(mean((x - mean x)^2) + eps), and
+    `{name}.hook_normalized`, (x - mean x) / scale. Fused unless either is hooked (the explicit path's
+    nine kernels made the IOI forward ~25% slower on 2 shared cores)."""
+    if not (f"{name}.hook_scale" in hook or f"{name}.hook_normalized" in hook):
         return F.layer_norm(x, x.shape[-1:], ln.weight, ln.bias, ln.eps)
     centred = x - x.mean(-1, keepdim=True)
-    scale = (centred.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt()           # [batch, pos, 1]
-    scale = hook(f"{name}.hook_scale", scale)
+    scale = hook(f"{name}.hook_scale", (centred.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt())  # [b, pos, 1]
     return hook(f"{name}.hook_normalized", centred / scale) * ln.weight + ln.bias  # [batch, pos, d_model]
 
 
@@ -193,55 +179,26 @@ class Block(nn.Module):
         mlp_out = self.mlp(layer_norm(x, self.ln_2, hook, f"{name}.ln2"), hook, f"{name}.mlp")
         return hook(f"{name}.hook_resid_post", x + hook(f"{name}.hook_mlp_out", mlp_out))
 
-    def hook_names(self):
-        """This block's hook points, in the order a forward pass reaches them (TransformerLens's names)."""
-        name = self.name
-        return [f"{name}.hook_resid_pre", f"{name}.ln1.hook_scale", f"{name}.ln1.hook_normalized",
-                *(f"{name}.attn.hook_{a}" for a in ("q", "k", "v", "attn_scores", "pattern", "z")),
-                f"{name}.hook_attn_out", f"{name}.hook_resid_mid", f"{name}.ln2.hook_scale",
-                f"{name}.ln2.hook_normalized", f"{name}.mlp.hook_pre", f"{name}.mlp.hook_post",
-                f"{name}.hook_mlp_out", f"{name}.hook_resid_post"]
-
-
-class HookPoint:
-    """What a TransformerLens-style hook function gets as its `hook` argument: `hook.name` is the
-    name of the hook point it runs at, so one function can serve many hooks."""
-    __slots__ = ("name",)
-
-    def __init__(self, name):
-        self.name = name
-
-    def __repr__(self):
-        return f"HookPoint({self.name!r})"
-
 
 def _takes_hook_argument(fn):
-    """TransformerLens calls a hook function as fn(activation, hook=hook_point). A function with
-    no `hook` parameter (nor **kwargs), such as `lambda act: ...`, is called as fn(activation)."""
+    """TransformerLens calls fn(activation, hook=hook_point); a function with no `hook` parameter
+    (nor **kwargs), such as `lambda act: ...`, is called as fn(activation)."""
     try:
-        parameters = inspect.signature(fn).parameters.values()
+        params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):  # some built-ins have no signature
         return False
-    return any((p.name == "hook" and p.kind != p.POSITIONAL_ONLY) or p.kind == p.VAR_KEYWORD
-               for p in parameters)
+    return any((p.name == "hook" and p.kind != p.POSITIONAL_ONLY) or p.kind == p.VAR_KEYWORD for p in params)
 
 
-class Hooks:
-    """The hook functions of one forward pass, by hook name. Calling it at a hook point runs
-    them in order (each returns a replacement or None); with none attached it is the identity."""
-
-    def __init__(self, by_name=None):
-        self.by_name = by_name or {}
+class Hooks(dict):
+    """{hook name: [fn]} for one forward pass. Called at a hook point, it runs that point's functions
+    in order (each returns a replacement or None); with none attached it is the identity."""
 
     def __call__(self, name, x):
-        for fn in self.by_name.get(name, ()):
+        for fn in self.get(name, ()):
             replacement = fn(x)
-            if replacement is not None:
-                x = replacement
+            x = x if replacement is None else replacement
         return x
-
-    def wants(self, name):
-        return name in self.by_name
 
 
 class GPT2(nn.Module):
@@ -256,8 +213,7 @@ class GPT2(nn.Module):
 
     @staticmethod
     def _init_weights(module):
-        # GPT-2's initialisation (N(0, 0.02) weights, zero biases, unit LayerNorm); it
-        # only matters for training from scratch, e.g. the small IOI model.
+        # GPT-2's initialisation, N(0, 0.02) (biases 0, LayerNorms 1), for a model built rather than loaded.
         if isinstance(module, (Conv1D, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
 
@@ -274,7 +230,7 @@ class GPT2(nn.Module):
             x = block(x, hook, past)                                  # [batch, pos, d_model]
         x = layer_norm(x, self.ln_f, hook, "ln_final")                # [batch, pos, d_model]
         rows = torch.arange(batch, device=x.device)
-        if logits_at is not None and not (hook.wants("unembed.hook_in") or hook.wants("unembed.hook_out")):
+        if logits_at is not None and not ("unembed.hook_in" in hook or "unembed.hook_out" in hook):
             # nanoGPT's x[:, [-1], :] at inference, with one position per prompt: the unembedding
             # is GPT-2 Small's largest matmul. Right padding is harmless: attention is causal.
             x = x[rows, logits_at]                                    # [batch, d_model]
@@ -294,18 +250,20 @@ class GPT2(nn.Module):
 
     def hook_names(self):
         """Every hook point, in the order a forward pass reaches them: TransformerLens's GPT-2 hooks."""
-        blocks = [name for block in self.h for name in block.hook_names()]
+        block = ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized",
+                 *(f"attn.hook_{a}" for a in ("q", "k", "v", "attn_scores", "pattern", "z")), "hook_attn_out",
+                 "hook_resid_mid", "ln2.hook_scale", "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_post",
+                 "hook_mlp_out", "hook_resid_post"]
+        blocks = [f"blocks.{layer}.{name}" for layer in range(len(self.h)) for name in block]
         return ["hook_embed", "hook_pos_embed", *blocks, "ln_final.hook_scale", "ln_final.hook_normalized",
                 "unembed.hook_in", "unembed.hook_out"]  # the last two: normalised residual; logits
 
     def _resolve_names(self, names_filter):
         """Hook names selected by a TransformerLens `names_filter`: None (every hook), a name, a
-        list of names, or a callable name -> bool. Unknown names raise a KeyError."""
+        list of names, or a callable name -> bool. An unknown name is a KeyError."""
         known = self.hook_names()
-        if names_filter is None:
-            return known
-        if callable(names_filter):
-            return [name for name in known if names_filter(name)]
+        if names_filter is None or callable(names_filter):
+            return [name for name in known if names_filter is None or names_filter(name)]
         names = [names_filter] if isinstance(names_filter, str) else list(names_filter)
         for name in names:
             if name not in known:
@@ -316,59 +274,45 @@ class GPT2(nn.Module):
 
     def run_with_hooks(self, tokens, fwd_hooks=(), logits_at=None, resume_from=None, past_kv=None,
                        logits_of=None):
-        """Forward pass with hook functions attached for this call only.
+        """Forward pass with hook functions attached for this call only (TransformerLens's arguments).
 
-        `fwd_hooks` is a list of (name, fn) pairs, as in TransformerLens, or a dict name -> fn;
-        a name may also be a filter (a callable name -> bool: fn runs at every hook it accepts).
-        Several functions at one hook run in order. `fn(activation, hook)` returns a replacement
-        tensor, or None to keep the activation; `hook.name` is the hook's name. A function of the
-        activation alone, `fn(activation)`, works too.
-        `resume_from` = (layer, resid_pre [batch, pos, d_model]), the residual stream entering that
-        block in an earlier pass over the same tokens: the blocks before it, which would compute it
-        again, are skipped (TransformerLens's `start_at_layer`). A patch at layer 9 of 12 then costs
-        a quarter of a pass; a hook before that layer is an error, since it would never run.
-        `past_kv` (with `resume_from`) = [(k, v) [batch, p, head, d_head]] of every block from
-        `layer` on, the earlier pass's `hook_k` and `hook_v` at its first p positions: resid_pre
-        then holds the later positions only, which attend to those keys and values, and only they
-        are computed, since attention is causal (TransformerLens's `past_kv_cache`). As there,
-        every hook sees these later positions only (the pattern: [batch, head, pos, p + pos]), and
-        `logits_at` counts from the first of them.
-        `logits_of` = token ids [batch, n] (with `logits_at`): the logits of these tokens only,
-        [batch, n], from n columns of the unembedding instead of the whole vocabulary.
+        `fwd_hooks`: [(name or names_filter, fn)] or {name: fn}; the functions at one hook run in order,
+        and `fn(activation, hook)` (`hook.name`) or `fn(activation)` returns a replacement tensor or None.
+        `resume_from` = (layer, resid_pre [batch, pos, d_model] entering it in an earlier pass over the
+        same tokens) skips the blocks before it (TransformerLens's `start_at_layer`; a hook there is an
+        error): a patch at layer 9 of 12 costs a quarter of a pass. `past_kv` (with it) = [(k, v) [batch,
+        p, head, d_head]] of each block from that layer on, the earlier pass's `hook_k`/`hook_v` at its
+        first p positions (TransformerLens's `past_kv_cache`): resid_pre then holds the later positions
+        only, and every hook and `logits_at` sees them only (the pattern: [batch, head, pos, p + pos]).
+        `logits_of` = token ids [batch, n] (with `logits_at`): just those logits, from n unembedding columns.
         """
         if (past_kv is not None and (resume_from is None or len(past_kv) != len(self.h) - resume_from[0])
                 or logits_of is not None and logits_at is None):
             raise ValueError("past_kv needs resume_from=(layer, resid_pre) and one (k, v) per block from "
                              "that layer on; logits_of needs logits_at")
-        pairs = list(fwd_hooks.items()) if isinstance(fwd_hooks, dict) else list(fwd_hooks)
-        by_name = {}
-        for name_or_filter, fn in pairs:
+        hooks = Hooks()
+        for name_or_filter, fn in (fwd_hooks.items() if isinstance(fwd_hooks, dict) else fwd_hooks):
             takes_hook = _takes_hook_argument(fn)
             for name in self._resolve_names(name_or_filter):
-                hook_fn = functools.partial(fn, hook=HookPoint(name)) if takes_hook else fn
-                by_name.setdefault(name, []).append(hook_fn)
-        if resume_from is not None:
-            names = self.hook_names()
-            skipped = [name for name in names[:names.index(f"blocks.{resume_from[0]}.hook_resid_pre")]
-                       if name in by_name]
-            if skipped:
-                raise ValueError(f"hook {skipped[0]} comes before block {resume_from[0]}, "
-                                 "where this pass resumes")
-        return self._forward(tokens, logits_at, Hooks(by_name), resume_from, past_kv, logits_of)
+                bound = functools.partial(fn, hook=SimpleNamespace(name=name)) if takes_hook else fn
+                hooks.setdefault(name, []).append(bound)
+        names = self.hook_names()
+        first = 0 if resume_from is None else names.index(f"blocks.{resume_from[0]}.hook_resid_pre")
+        skipped = [name for name in names[:first] if name in hooks]
+        if skipped:
+            raise ValueError(f"hook {skipped[0]} comes before block {resume_from[0]}, where the pass resumes")
+        return self._forward(tokens, logits_at, hooks, resume_from, past_kv, logits_of)
 
     def run_with_cache(self, tokens, names_filter=None, logits_at=None):
-        """Forward pass that also returns {name: activation} for the hooks `names_filter` selects
-        (TransformerLens's argument: None for all, a name, a list of names, or a callable).
-        Cache only what you need: every cached hook is a tensor kept, and some take a slower
-        path (the attention scores and pattern, LayerNorm's scale, the logits with `logits_at`)."""
+        """Forward pass that also returns {name: activation} for the hooks `names_filter` selects (as in
+        `_resolve_names`). Every cached hook is a tensor kept, and some take a slower path (attention
+        scores and pattern, LayerNorm's scale, the logits with `logits_at`): cache only what you need."""
         cache = {}
 
         def store(activation, hook):
             cache[hook.name] = activation.detach()
 
-        names = self._resolve_names(names_filter)
-        logits = self.run_with_hooks(tokens, [(name, store) for name in names], logits_at)
-        return logits, cache
+        return self.run_with_hooks(tokens, [(names_filter, store)], logits_at), cache
 
     # ------------------------------------------------------------------------- checkpoints
 
@@ -377,9 +321,6 @@ class GPT2(nn.Module):
         """Load a checkpoint in Hugging Face's layout (a directory or a .safetensors file) with the
         config.json beside it: the number of heads is not in the weights' shapes, so it is required."""
         weights_file, config_file = _checkpoint_files(path)
-        if config_file is None:
-            raise WeightsError(f"{weights_file}: no config.json beside it; the number of heads cannot be "
-                               "read from the weights, so put the model's Hugging Face config.json there")
         try:
             with open(config_file) as f:
                 config = GPT2Config.from_hf_dict(json.load(f))
@@ -408,45 +349,30 @@ class GPT2(nn.Module):
 
 
 def patch_heads(positions, heads, values):
-    """Hook fn that writes values[b, i] at (positions[b, i], heads[i]) of a per-head activation
-    (`hook_q|k|v|z`). positions: LongTensor [batch, n]; heads: n head indices; values: [batch, n, d_head]."""
-    heads = torch.as_tensor(heads, dtype=torch.long)
+    """Hook fn that writes values[b, i] at positions[b, i] (LongTensor [batch, n]) and head heads[i] of a
+    per-head activation (`hook_q|k|v|z`; values [batch, n, d_head]). heads None: the whole slot, every
+    head (values flattened head-major, as TransformerLens and SAELens concatenate heads) or the residual."""
+    heads = None if heads is None else torch.as_tensor(heads, dtype=torch.long)
 
-    def hook(act):                                                # [batch, pos, head, d_head]
+    def hook(act):                                 # [batch, pos, head, d_head] or [batch, pos, d_model]
         act, rows = act.clone(), torch.arange(act.shape[0], device=act.device)[:, None]
-        act[rows, positions.to(act.device), heads.to(act.device)] = values.to(act)
-        return act
-    return hook
-
-
-def patch_positions(positions, values):
-    """Hook fn that writes values[b, i] ([batch, n, d]) over the whole slot at positions[b, i] ([batch, n]):
-    every head of [batch, pos, head, d_head] (values flattened head-major, as TransformerLens
-    and SAELens concatenate heads), or the vector of [batch, pos, d_model]."""
-    def hook(act):
-        act, rows = act.clone(), torch.arange(act.shape[0], device=act.device)[:, None]
-        slot = act.shape[2:]                                      # (head, d_head) or (d_model,)
-        act[rows, positions.to(act.device)] = values.to(act).view(*values.shape[:2], *slot)
+        at = (rows, positions.to(act.device)) + (() if heads is None else (heads.to(act.device),))
+        act[at] = values.to(act).view(*values.shape[:2], *act.shape[len(at):])
         return act
     return hook
 
 
 @torch.inference_mode()
 def generate_tokens(model, tokens, n, temperature=0.0, generator=None):
-    """Extend tokens [batch, pos] by n tokens: greedy at temperature 0, else sampled.
-
-    Sampling draws from softmax(logits / temperature) with `generator` (a torch.Generator on
-    the model's device), so a seed fixes the continuation. There is no key-value cache:
-    each step reruns the context (cropped to n_positions) and unembeds the last position only.
-    """
+    """Extend tokens [batch, pos] by n tokens: greedy at temperature 0, else sampled from
+    softmax(logits / temperature) with `generator` (seeded: a fixed continuation). No key-value
+    cache: each step reruns the context (cropped to n_positions), unembedding its last position."""
     for _ in range(n):
         context = tokens[:, -model.config.n_positions:]                       # [batch, pos]
         last = torch.full((len(context),), context.shape[1] - 1, device=context.device)
         logits = model(context, logits_at=last)                               # [batch, vocab]
-        if temperature == 0:
-            next_token = logits.argmax(-1, keepdim=True)                      # [batch, 1]
-        else:
-            next_token = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)
+        next_token = (logits.argmax(-1, keepdim=True) if temperature == 0                # [batch, 1]
+                      else torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator))
         tokens = torch.cat([tokens, next_token], dim=1)
     return tokens
 
@@ -473,39 +399,35 @@ def _checkpoint_files(path):
     elif not path.endswith(".safetensors"):
         raise WeightsError(f"{path}: expected a directory or a .safetensors file")
     config_file = os.path.join(os.path.dirname(weights_file), "config.json")
-    return weights_file, config_file if os.path.exists(config_file) else None
-
-
-_MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
+    if not os.path.exists(config_file):
+        raise WeightsError(f"{weights_file}: no config.json beside it; the number of heads cannot be "
+                           "read from the weights, so put the model's Hugging Face config.json there")
+    return weights_file, config_file
 
 
 def _normalise_keys(state, weights_file):
-    """Map both layouts found in the wild onto our bare names.
-
-    The hub file has bare names plus causal-mask buffers `h.{i}.attn.bias` and
-    `masked_bias` (constants, not weights); `save_pretrained` output has a
-    `transformer.` prefix and may store `lm_head.weight`, a copy of `wte.weight`.
-    """
+    """Our bare names from both layouts: the hub's, with causal-mask buffers `h.{i}.attn.bias` and
+    `masked_bias` (constants), and Hugging Face's `save_pretrained`'s (`transformer.`, `lm_head.weight`)."""
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
     lm_head = state.pop("lm_head.weight", None)
     if lm_head is not None and ("wte.weight" not in state or not torch.equal(lm_head, state["wte.weight"])):
         raise WeightsError(f"{weights_file}: lm_head.weight differs from wte.weight "
                            "(only a tied unembedding is supported)")
-    return {k: v for k, v in state.items() if not _MASK_BUFFER.search(k)}
+    return {k: v for k, v in state.items() if not re.search(r"h\.\d+\.attn\.(bias|masked_bias)$", k)}
 
 
 def _check_state(expected, state, weights_file):
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
-                   for k in sorted(set(expected) & set(state)) if state[k].shape != expected[k].shape]
-    not_finite = [k for k in sorted(state) if not torch.isfinite(state[k]).all()]  # would run, silently
-    problems = [f"{label}: {', '.join(items[:5])}" + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
-                for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                     ("wrong shapes", wrong_shape), ("NaN or inf values", not_finite))
-                if items]
-    if problems:
-        raise WeightsError(f"{weights_file}: " + "; ".join(problems))
+    """One WeightsError listing the missing and unexpected keys, wrong shapes and NaN or inf values."""
+    problems = {"missing keys": sorted(set(expected) - set(state)),
+                "unexpected keys": sorted(set(state) - set(expected)),
+                "wrong shapes": [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
+                                 for k in sorted(set(expected) & set(state))
+                                 if state[k].shape != expected[k].shape],
+                "NaN or inf values": [k for k in sorted(state) if not torch.isfinite(state[k]).all()]}
+    listed = [f"{label}: {', '.join(items[:5])}" + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+              for label, items in problems.items() if items]
+    if listed:
+        raise WeightsError(f"{weights_file}: " + "; ".join(listed))
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -526,20 +448,15 @@ def _bpe_files():
 
 def _byte_to_unicode():
     """GPT-2's reversible map from the 256 bytes to printable characters (used in its files)."""
-    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
-    mapping = {b: chr(b) for b in printable}
-    for n, b in enumerate(b for b in range(256) if b not in mapping):
-        mapping[b] = chr(256 + n)
-    return mapping
+    mapping = {b: chr(b) for b in range(256) if chr(b).isprintable() and chr(b) != " "}
+    unprintable = [b for b in range(256) if b not in mapping]
+    return mapping | {b: chr(256 + n) for n, b in enumerate(unprintable)}
 
 
 def load_tokenizer():
-    """GPT-2's BPE as a tiktoken Encoding, built offline from encoder.json and vocab.bpe.
-
-    A BPE token's rank is its merge priority: the 256 single bytes first, then each merge
-    of vocab.bpe in order. We build the ranks from the merges and check that they equal
-    the ids in encoder.json, as tiktoken does after downloading the same two files.
-    """
+    """GPT-2's BPE as a tiktoken Encoding, built offline from encoder.json and vocab.bpe. A token's rank
+    is its merge priority (the 256 bytes, then vocab.bpe's merges in order), checked against
+    encoder.json's ids as tiktoken does after downloading the same two files."""
     encoder_path, merges_path = _bpe_files()
     contents = {}
     for path, expected in ((encoder_path, _ENCODER_JSON_SHA256), (merges_path, _VOCAB_BPE_SHA256)):

@@ -432,17 +432,17 @@ def test_patch_heads_changes_exactly_the_addressed_slots():
     assert torch.equal(changed, expected)
 
 
-def test_patch_positions_writes_whole_slots_head_major():
+def test_patch_heads_without_heads_writes_whole_slots_head_major():
     act = torch.randn(2, 6, 4, 5)                                           # [batch, pos, head, d_head]
     positions = torch.tensor([[1], [4]])
     values = torch.randn(2, 1, 20)                                          # every head, concatenated
-    patched = gpt2.patch_positions(positions, values)(act)
+    patched = gpt2.patch_heads(positions, None, values)(act)
     assert torch.equal(patched[0, 1], values[0, 0].view(4, 5))
     assert torch.equal(patched[1, 4], values[1, 0].view(4, 5))
     changed = (patched != act).any(-1).any(-1)                              # [batch, pos]
     assert changed.nonzero().tolist() == [[0, 1], [1, 4]]
     stream = torch.randn(2, 6, 8)                                           # [batch, pos, d_model]
-    assert torch.equal(gpt2.patch_positions(positions, values[..., :8])(stream)[1, 4], values[1, 0, :8])
+    assert torch.equal(gpt2.patch_heads(positions, None, values[..., :8])(stream)[1, 4], values[1, 0, :8])
 
 
 def test_patch_heads_in_the_model(model, tokens):
