@@ -1,13 +1,12 @@
 """The IOI task: prompts, attributes, counterfactuals, circuit nodes, activations, a small IOI model.
 
-Indirect object identification (Wang et al. 2022, arXiv 2211.00593) as used by Makelov,
-Lange & Nanda (arXiv 2405.08366), README §2-3: "Then, Mary and John went
-to the store. John gave a drink to" -> " Mary". Each prompt has three attributes, IO, S
-and Pos, sampled independently; activations are read per head at a few semantic token
-positions, found per prompt. For a model whose circuit is not known (any model other than
-GPT-2 Small, the embedded one included), `discover` finds the heads that matter.
+Indirect object identification (Wang et al. 2022, arXiv 2211.00593) as used by Makelov, Lange & Nanda
+(arXiv 2405.08366), README §2-3: "Then, Mary and John went to the store. John gave a drink to" -> " Mary".
+A prompt's attributes IO, S and Pos are sampled independently; activations are read per head at a few
+token positions, found per prompt. In a model other than GPT-2 Small, `discover` finds the circuit.
 Where to start: `sample_prompts`, `counterfactual`, `Node`, then `run_batches` and `patched_run`.
 """
+import functools
 import hashlib
 import itertools
 import json
@@ -91,15 +90,11 @@ ATTRIBUTES = ("io", "s", "pos")
 PATTERNS = ("ABB", "BAB")  # Pos: is the IO the first (ABB) or the second (BAB) name?
 POSITIONS = ("io", "s1", "s1+1", "s2", "end")
 
-_tokenizer = None
 
-
+@functools.cache
 def tokenizer():
     """GPT-2's tokenizer, loaded on first use (it takes half a second)."""
-    global _tokenizer
-    if _tokenizer is None:
-        _tokenizer = gpt2.load_tokenizer()
-    return _tokenizer
+    return gpt2.load_tokenizer()
 
 
 def check_single_tokens(words, tokenizer):
@@ -136,28 +131,20 @@ def make_prompt(template, io, s, pos, place, object, c=None):
     a, b = (io, s) if pos == "ABB" else (s, io)
     text = TEMPLATES[template].format(A=a, B=b, C=c, place=place, object=object)
     tokens = [gpt2.BOS_TOKEN_ID] + tokenizer().encode(text)
-    positions = _find_positions(text, tokens, io, s, c)
-    return Prompt(text, tokens, io, s, pos, template, place, object, c, positions)
-
-
-def _find_positions(text, tokens, io, s, c):
     found = {name: [i for i, t in enumerate(tokens) if t == name_token(name)] for name in (io, s, c)}
-    expected = {io: 1, s: 1 + (c == s), c: 1 + (c == s)}
-    for name, count in expected.items():
+    for name, count in {io: 1, s: 1 + (c == s), c: 1 + (c == s)}.items():
         if len(found[name]) != count:
             raise ValueError(f"{text!r}: ' {name}' occurs {len(found[name])} times as a token, "
                              f"expected {count}")
     s1 = found[s][0]
-    return {"io": found[io][0], "s1": s1, "s1+1": s1 + 1, "s2": found[c][-1], "end": len(tokens) - 1}
+    positions = {"io": found[io][0], "s1": s1, "s1+1": s1 + 1, "s2": found[c][-1], "end": len(tokens) - 1}
+    return Prompt(text, tokens, io, s, pos, template, place, object, c, positions)
 
 
 def sample_prompts(n, seed, names=NAMES, templates=TRAIN_TEMPLATES, objects=OBJECTS, places=PLACES,
                    abc=False):
-    """n prompts; IO, S (distinct, each uniform) and Pos (exactly balanced) are independent.
-
-    `seed` is an int or a numpy Generator. `abc=True` puts a third distinct name in slot C
-    (the ABC prompts used as a reference distribution for mean ablation).
-    """
+    """n prompts; IO, S (distinct, each uniform) and Pos (exactly balanced) are independent. `seed`: an
+    int or a numpy Generator; `abc=True` puts a third name in slot C (ABC prompts, for mean ablation)."""
     rng = np.random.default_rng(seed)
     n_names = len(names)
     pos = rng.permutation(np.arange(n) % 2)                        # half ABB, half BAB
@@ -172,11 +159,9 @@ def sample_prompts(n, seed, names=NAMES, templates=TRAIN_TEMPLATES, objects=OBJE
                         objects[obj[i]], names[c[i]] if abc else None) for i in range(n)]
 
 
-# Training templates whose first two names sit at the same token positions (3 and 5, after BOS).
-# The paper's prompts share one length and layout, so a Pos edit moves the names between the same
-# two positions in every prompt; a model that locates S by its absolute position (the embedded
-# one does) then carries Pos as one feature. Mixing layouts makes Pos one feature per layout,
-# which no dictionary of IO, S and Pos features can express: mean-code Pos edits then fail.
+# Templates whose first two names sit at token positions 3 and 5, as the paper's prompts share one layout:
+# a model that locates S by its absolute position (the embedded one does) then carries Pos as one feature.
+# Mixed layouts make Pos one feature per layout, which no dictionary of IO, S and Pos features expresses.
 ALIGNED_TEMPLATES = (0, 3, 4, 8)
 
 
@@ -197,13 +182,9 @@ def held_out_prompts(n=1_000, seed=2):
 
 
 def counterfactual(prompt, attribute, rng, names=COUNTERFACTUAL_NAMES):
-    """The prompt with one attribute changed, everything else kept (README §2).
-
-    io: a new IO name not in the prompt; s: both S occurrences become a new name;
-    pos: the first two names swap (ABB <-> BAB). Positions are found anew.
-    """
-    fields = dict(template=prompt.template, io=prompt.io, s=prompt.s, pos=prompt.pos,
-                  place=prompt.place, object=prompt.object, c=prompt.c)
+    """The prompt with one attribute changed, everything else kept (README §2). io: a new IO name not in
+    the prompt; s: both S occurrences become a new name; pos: the first two names swap (ABB <-> BAB)."""
+    fields = {key: getattr(prompt, key) for key in ("template", "io", "s", "pos", "place", "object", "c")}
     if attribute == "pos":
         fields["pos"] = PATTERNS[1 - PATTERNS.index(prompt.pos)]
     elif attribute in ("io", "s"):
@@ -264,11 +245,9 @@ RESIDUAL_ACTS = ("resid_pre", "resid_mid", "resid_post")
 
 @dataclass(frozen=True, order=True)
 class Node:
-    """One head's q, k, v or z (before W_O) at one semantic position; written z@L9H9@end.
-
-    For SAEs that read more than one head (README, "Use with TransformerLens / SAELens"), head
-    None is every head of the layer concatenated (z@L9@end, n_head * d_head values), and a
-    residual-stream node has no head (resid_pre@L9@end)."""
+    """One head's q, k, v or z (before W_O) at one semantic position: z@L9H9@end. For SAEs that read more
+    (README, "Use with TransformerLens / SAELens"): every head of the layer concatenated (head None,
+    z@L9@end), or the residual stream, which has no heads (resid_pre@L9@end)."""
     act: str
     layer: int
     head: Optional[int]
@@ -287,9 +266,7 @@ class Node:
 
     @property
     def hook_name(self):
-        if self.act in RESIDUAL_ACTS:
-            return f"blocks.{self.layer}.hook_{self.act}"
-        return f"blocks.{self.layer}.attn.hook_{self.act}"
+        return f"blocks.{self.layer}.{'' if self.act in RESIDUAL_ACTS else 'attn.'}hook_{self.act}"
 
     def read(self, act, positions):
         """This node's activations [batch, d] from its hook's activation (per head
@@ -311,51 +288,42 @@ class Node:
 
 def run_with_patches(model, batch, patches, hooks=(), resume=None, ld_only=False):
     """End logits [batch, vocab] (`ld_only`: of IO and S only, [batch, 2]) with every node of `patches`
-    ({Node: values [batch, d]}) set at once; `hooks` ([(hook name, fn)]) run after the patches. `resume`:
-    the batch's `residual_streams`; then only positions from the first patched (or `end`) are computed.
-
-    The values are computed beforehand (from clean or counterfactual runs), so a patch at an early
-    node does not alter what is written at a later one: all nodes of a cross-section are patched
-    together, as in the paper (README §3). Nodes sharing a hook (layer and activation) share one fn.
-    """
+    ({Node: values [batch, d]}) set at once, then `hooks` ([(hook name, fn)]). The values are fixed
+    beforehand, so an early patch does not change a later node's: the paper patches a cross-section so
+    (README §3). `resume`: the batch's `residual_streams`; then only positions from the first patched
+    one (or `end`) are computed."""
     first, resumed = 0, {}
     if resume is not None:  # attention is causal: positions before the first patched one stay clean
         first = int(min(batch.positions[key].min() for key in {node.position for node in patches} | {"end"}))
         resumed = dict(resume_from=(resume[0], resume[1][:, first:]),
                        past_kv=[(k[:, :first], v[:, :first]) for k, v in resume[2]])
     at = {key: positions - first for key, positions in batch.positions.items()}  # [batch] each
-    patch_hooks = []
-    for hook_name in dict.fromkeys(node.hook_name for node in patches):
-        for per_head in (True, False):  # one head's slot, or every head / the whole stream
-            nodes = [node for node in patches
-                     if node.hook_name == hook_name and (node.head is not None) == per_head]
-            if not nodes:
-                continue
-            positions = torch.stack([at[node.position] for node in nodes], 1)              # [batch, n]
-            values = torch.stack([patches[node] for node in nodes], 1)                     # [batch, n, d]
-            patch = (gpt2.patch_heads(positions, [node.head for node in nodes], values) if per_head
-                     else gpt2.patch_positions(positions, values))
-            patch_hooks.append((hook_name, patch))
+    groups = {}  # one fn writes every node of a hook: one head each, or each the whole slot
+    for node in patches:
+        groups.setdefault((node.hook_name, node.head is None), []).append(node)
+    patch_hooks = [(hook_name, gpt2.patch_heads(torch.stack([at[n.position] for n in nodes], 1),  # [batch, n]
+                                                None if whole_slot else [n.head for n in nodes],
+                                                torch.stack([patches[n] for n in nodes], 1)))  # [batch, n, d]
+                   for (hook_name, whole_slot), nodes in groups.items()]
     io_and_s = torch.stack([batch.io_token, batch.s_token], 1) if ld_only else None  # [batch, 2]
     return model.run_with_hooks(batch.tokens[:, first:], patch_hooks + list(hooks), logits_at=at["end"],
                                 logits_of=io_and_s, **resumed)
 
 
 def run_batches(model, prompts, batch_size=256, patches=None, read=(), resume=None, ld_only=False):
-    """Yield (batch, logits [batch, vocab] at `end`, {hook name: activation}) for each batch of
-    `prompts` in turn: the loop behind every evaluation. A batch gets its prompts' rows of
-    `patches` ({Node: values [n_prompts, d]}), and the hooks named in `read` are stored.
+    """Yield (batch, logits at `end`, {hook name: activation} of the hooks named in `read`) for each
+    batch of `prompts`: the loop behind every evaluation. `patches`: {Node: values [n_prompts, d]};
     `resume` = (layer, `residual_streams` of the same prompts) and `ld_only`: see `run_with_patches`."""
-    patches, device, stored = patches or {}, next(model.parameters()).device, {}
+    device, stored = next(model.parameters()).device, {}
 
     def store(activation, hook):
         stored[hook.name] = activation
+    hooks = [(name, store) for name in read]
     with torch.inference_mode():
         for i, start in enumerate(range(0, len(prompts), batch_size)):
             rows = slice(start, start + batch_size)
             batch = batch_prompts(prompts[rows], device)
-            batch_patches = {node: values[rows].to(device) for node, values in patches.items()}
-            hooks = [(name, store) for name in read]
+            batch_patches = {node: values[rows].to(device) for node, values in (patches or {}).items()}
             resume_from = resume and (resume[0], *resume[1][i])
             logits = run_with_patches(model, batch, batch_patches, hooks, resume_from, ld_only)
             yield batch, logits, stored.copy()
@@ -391,9 +359,8 @@ class PatchedRun:
 
 
 def patched_run(model, prompts, patches=None, batch_size=256, io_prob=False, resume=None, ld_only=False):
-    """Run every prompt with `patches` ({Node: values [n_prompts, d]}, may be empty) set. P(IO) only
-    if `io_prob`: its softmax over the vocabulary costs a fifth of a small model's patched run.
-    `resume`: see `run_batches`; `ld_only`: the LDs alone (no vocabulary: no top token, no P(IO))."""
+    """Run every prompt with `patches` ({Node: values [n_prompts, d]}) set; `resume`: see `run_batches`.
+    P(IO) only if `io_prob` (its softmax costs a fifth of a small model's run); `ld_only`: LDs alone."""
     columns = []
     for batch, logits, _ in run_batches(model, prompts, batch_size, patches, resume=resume, ld_only=ld_only):
         columns.append([logits[:, 0] - logits[:, 1]] if ld_only else
@@ -420,21 +387,16 @@ def evaluate(model, prompts, batch_size=256):
 
 def collect_activations(model, prompts, nodes, batch_size=256, patches=None):
     """{node: Tensor [n_prompts, d]}: one forward pass per batch, with `patches` set, reads every node."""
-    nodes = list(dict.fromkeys(nodes))  # each node once, even if asked for twice
     # Shortest prompts first: batches of similar lengths need little padding (~20% faster).
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].tokens))
     patches = {node: values[order] for node, values in (patches or {}).items()}
-    hook_names = list(dict.fromkeys(node.hook_name for node in nodes))
-    parts = {node: [] for node in nodes}
+    parts = {node: [] for node in nodes}  # each node once, even if asked for twice
+    hook_names = list(dict.fromkeys(node.hook_name for node in parts))
     for batch, _, cache in run_batches(model, [prompts[i] for i in order], batch_size, patches, hook_names):
-        for node in nodes:
+        for node in parts:
             parts[node].append(node.read(cache[node.hook_name], batch.positions[node.position]).cpu())
-    # Built outside inference mode, these are ordinary tensors, usable in training later.
-    activations = {node: chunks[0].new_empty(len(prompts), chunks[0].shape[-1])
-                   for node, chunks in parts.items()}
-    for node, chunks in parts.items():
-        activations[node][order] = torch.cat(chunks)                   # back in prompt order
-    return activations
+    back = torch.tensor(order).argsort()  # to prompt order, outside inference mode: tensors to train on
+    return {node: torch.cat(chunks)[back] for node, chunks in parts.items()}
 
 
 # ----------------------------------------------------------------------------- the circuit
@@ -490,21 +452,21 @@ def circuit_cross_sections(model, prompts, batch_size=256):
 
 
 def discover(model, prompts, threshold=1 / 3, min_effect=0.02, min_section_effect=0.05, batch_size=256):
-    """Find the IOI circuit's heads in a model whose circuit is unknown, and group them.
-
-    Each class by Wang et al.'s (2022, section 3) measure for it, as a share of the strongest head's
-    value (small models spread work over similar heads) and at least `min_effect` of the clean mean LD:
-    name movers: direct effect (`direct_effects`); S-inhibition, among earlier heads: the LD drop when
-    the name movers' queries at `end` are recomputed with the head's z at `end` mean-ablated (path
-    patching); induction / duplicate token: the LD drop when the head's z at `s2` is mean-ablated.
-    A cross-section is kept if mean-ablating all its nodes moves the mean LD by >= `min_section_effect`
-    of it (else sufficiency is ~1 whatever is patched in; necessity divides by ~0). Returns
-    (cross-sections, table): table["heads"], one row per head and position {head, position,
-    direct_effect, query_effect, ld_drop, fraction, role} (None: not measured there);
-    table["sections"], one row per cross-section {section, ld_drop, fraction, kept}."""
+    """Find the IOI circuit's heads in a model whose circuit is unknown, each class by Wang et al.'s (2022,
+    section 3) measure for it, >= `threshold` of the strongest head's (small models spread work over
+    similar heads) and >= `min_effect` of the clean mean LD: name movers by direct effect; S-inhibition
+    (earlier heads) by the LD drop when the name movers' queries at `end` see the head's z there
+    mean-ablated (path patching); induction / duplicate token by the LD drop with its z at `s2` mean-ablated.
+    A cross-section is kept if mean-ablating it moves the mean LD by >= `min_section_effect` (else
+    sufficiency is ~1 whatever is patched in; necessity divides by ~0). Returns (kept cross-sections,
+    {"heads": a row per head and position (None: not measured there), "sections": a row per section})."""
     clean = patched_run(model, prompts, batch_size=batch_size).logit_diff.mean().item()
     floor = min_effect * abs(clean)
     heads = [(layer, head) for layer in range(model.config.n_layer) for head in range(model.config.n_head)]
+
+    def strongest(effects):
+        top = max(effects.values(), default=0.0)
+        return [head for head, effect in effects.items() if effect >= max(threshold * top, floor)]
 
     def mean_of(nodes):
         return {node: a.mean(0) for node, a in collect_activations(model, prompts, nodes, batch_size).items()}
@@ -518,13 +480,11 @@ def discover(model, prompts, threshold=1 / 3, min_effect=0.02, min_section_effec
 
     means = mean_of([Node("z", layer, head, position) for position in ("end", "s2") for layer, head in heads])
     direct = direct_effects(model, prompts, batch_size)                          # [layer, head]
-    name_movers = [(l, h) for l, h in heads if direct[l, h] >= max(threshold * direct.max().item(), floor)]
+    name_movers = strongest({(l, h): direct[l, h].item() for l, h in heads})
     query_effect = {(l, h): ablation_drop([Node("z", l, h, "end")], name_movers)  # heads before the movers
                     for l, h in heads if l < min((layer for layer, _ in name_movers), default=0)}
     s2_drop = {(l, h): ablation_drop([Node("z", l, h, "s2")]) for l, h in heads}
-
-    s_inhibition = _strongest(query_effect, threshold, floor)
-    induction_dt = _strongest(s2_drop, threshold, floor)
+    s_inhibition, induction_dt = strongest(query_effect), strongest(s2_drop)
     table = []
     for l, h in heads:
         role = "name mover" if (l, h) in name_movers else "S-inhibition" if (l, h) in s_inhibition else ""
@@ -544,19 +504,10 @@ def discover(model, prompts, threshold=1 / 3, min_effect=0.02, min_section_effec
     return kept, {"heads": table, "sections": section_rows}
 
 
-def _strongest(effects: dict, threshold: float, floor: float) -> list:
-    """The heads whose effect is at least `threshold` of the strongest one's, and at least `floor`."""
-    top = max(effects.values(), default=0.0)
-    return [head for head, effect in effects.items() if effect >= max(threshold * top, floor)]
-
-
 def direct_effects(model, prompts, batch_size=256):
-    """Mean LD that each head's output at `end` adds to the logits directly: Tensor [layer, head].
-
-    The head's output z @ W_O goes through the final LayerNorm with the clean run's scale
-    (as in direct logit attribution) and onto the unembedding difference u_IO - u_S.
-    """
-    config, d_head = model.config, model.config.d_head
+    """Mean LD that each head's output at `end` adds to the logits directly, [layer, head]: z @ W_O through
+    the final LayerNorm with the clean run's scale (direct logit attribution), onto u_IO - u_S."""
+    config = model.config
     last_resid = f"blocks.{config.n_layer - 1}.hook_resid_post"
     names = [f"blocks.{layer}.attn.hook_z" for layer in range(config.n_layer)] + [last_resid]
     total = torch.zeros(config.n_layer, config.n_head)
@@ -564,12 +515,11 @@ def direct_effects(model, prompts, batch_size=256):
         rows, end = torch.arange(len(batch.tokens)), batch.positions["end"]
         resid = cache[last_resid][rows, end]                                           # [batch, d_model]
         scale = (resid.var(-1, unbiased=False) + config.layer_norm_epsilon).sqrt()      # [batch]
-        unembed = model.wte.weight                                                 # tied: [vocab, d_model]
-        # [batch, d_model]: the LD's direction in the final LayerNorm's input, scale applied
-        direction = (unembed[batch.io_token] - unembed[batch.s_token]) * model.ln_f.weight
+        # u_IO - u_S (the unembedding is tied) in the final LayerNorm's input, its weight applied
+        direction = (model.wte.weight[batch.io_token] - model.wte.weight[batch.s_token]) * model.ln_f.weight
         for layer, block in enumerate(model.h):
             z = cache[f"blocks.{layer}.attn.hook_z"][rows, end]                 # [batch, head, d_head]
-            W_O = block.attn.c_proj.weight.view(config.n_head, d_head, -1)      # [head, d_head, d_model]
+            W_O = block.attn.c_proj.weight.view(config.n_head, config.d_head, -1)  # [head, d_head, d_model]
             out = torch.einsum("bhd,hde->bhe", z, W_O)                          # [batch, head, d_model]
             out = out - out.mean(-1, keepdim=True)                              # LayerNorm centres
             total[layer] += (torch.einsum("bhe,be->bh", out, direction) / scale[:, None]).sum(0).cpu()
@@ -881,15 +831,11 @@ def default_model():
 
 # --- the nodes an SAE from elsewhere reads (`main.py grade-sae`), from TransformerLens's hook names
 
-SAE_HOOK = re.compile(r"blocks\.(\d+)\.(?:attn\.hook_([qkvz])|hook_(resid_pre|resid_mid|resid_post))")
-FIRST_LAYER_READ = {"resid_pre": 0, "resid_mid": 1, "resid_post": 1}  # resid_pre@L feeds layer L's heads on
-
-
 def hook_reads(hook_name, head, d_in, config):
-    """(act, layer, head) that an SAE reads, from cfg.json's hook_name and hook_head_index, checked
-    against the model: one head's q|k|v|z (d_head values), all heads concatenated (head None,
-    n_head * d_head values), or the residual stream (d_model values). A ValueError otherwise."""
-    match = SAE_HOOK.fullmatch(str(hook_name))
+    """(act, layer, head) that an SAE reads, from cfg.json's hook_name and hook_head_index, checked against
+    the model: one head's q|k|v|z, all heads concatenated (head None), or the residual stream."""
+    match = re.fullmatch(r"blocks\.(\d+)\.(?:attn\.hook_([qkvz])|hook_(resid_pre|resid_mid|resid_post))",
+                         str(hook_name))
     if match is None:
         raise ValueError(f"hook_name={hook_name!r}: grade-sae reads blocks.L.attn.hook_q|k|v|z "
                          "(hook_head_index: one head, or none for all) or blocks.L.hook_resid_*")
@@ -907,23 +853,20 @@ def hook_reads(hook_name, head, d_in, config):
 
 
 def sections_read(sections, act, layer, head):
-    """The cross-sections as an SAE reading (act, layer, head) sees them. Each node maps to the SAE's
-    node that reads it: the same head; every head of its layer; or the residual stream at its
-    position, upstream of its layer. Sections with no such node are left out; sections that map to
-    the same nodes are graded once, for all their attributes."""
-    def covering(node):
-        if act in HEAD_ACTS and (node.act, node.layer) == (act, layer) and head in (None, node.head):
-            return Node(act, layer, head, node.position)
-        if act in RESIDUAL_ACTS and node.layer >= layer + FIRST_LAYER_READ[act]:
-            return Node(act, layer, None, node.position)
-        return None
+    """The cross-sections as an SAE reading (act, layer, head) sees them: each node becomes the SAE's node
+    that reads it (the same head, every head of its layer, or the residual stream at its position, upstream
+    of its layer), if any. Sections that map to the same nodes are graded once, for all their attributes."""
+    def reads(node):
+        if act in RESIDUAL_ACTS:  # resid_pre@L feeds layer L's heads on; resid_mid and resid_post the next's
+            return node.layer >= layer + (act != "resid_pre")
+        return (node.act, node.layer) == (act, layer) and head in (None, node.head)
 
     merged = {}
     for section in sections:
-        nodes = tuple(dict.fromkeys(n for n in map(covering, section.nodes) if n is not None))
+        nodes = tuple(dict.fromkeys(Node(act, layer, head, n.position) for n in section.nodes if reads(n)))
         if nodes:
             names, attributes = merged.get(nodes, ([], []))
             merged[nodes] = (names + [section.name], attributes + list(section.attributes))
-    reads = f"{act}@L{layer}" + ("" if head is None else f"H{head}")
-    return [CrossSection(f"{' + '.join(names)} [{reads}]", nodes, tuple(a for a in ATTRIBUTES if a in attrs))
+    sae = f"{act}@L{layer}" + ("" if head is None else f"H{head}")
+    return [CrossSection(f"{' + '.join(names)} [{sae}]", nodes, tuple(a for a in ATTRIBUTES if a in attrs))
             for nodes, (names, attrs) in merged.items()]
