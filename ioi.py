@@ -22,8 +22,8 @@ import gpt2
 
 # ----------------------------------------------------------------------------- words and templates
 
-# Every word is one GPT-2 token *with* its leading space (" Mary"); `check_single_tokens`
-# verifies it. Names alternate female/male so that both halves of the list are alike.
+# Every word is one GPT-2 token *with* its leading space (" Mary"), as tests/test_ioi.py
+# checks. Names alternate female/male so that both halves of the list are alike.
 NAMES = (
     "Mary", "John", "Sarah", "Bob", "Emma", "James", "Anna", "Michael", "Laura", "David",
     "Kate", "Tom", "Lisa", "Paul", "Susan", "Peter", "Alice", "Jack", "Jennifer", "Daniel",
@@ -95,14 +95,6 @@ POSITIONS = ("io", "s1", "s1+1", "s2", "end")
 def tokenizer():
     """GPT-2's tokenizer, loaded on first use (it takes half a second)."""
     return gpt2.load_tokenizer()
-
-
-def check_single_tokens(words, tokenizer):
-    """Raise ValueError naming the first word that is not one token with its leading space."""
-    for word in words:
-        tokens = tokenizer.encode(" " + word)
-        if len(tokens) != 1:
-            raise ValueError(f"{word!r}: ' {word}' is {len(tokens)} GPT-2 tokens {tokens}, not one")
 
 
 def name_token(name):
