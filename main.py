@@ -1084,8 +1084,8 @@ TOY = tuple(f"oversplit_toy_{c}" for c in ("counted", "random_wins", "ideal_wins
                                            "share_random_wins"))
 LABELS = {"site": "cross-section", **dict.fromkeys((NAMES[0], SWEEP[0]), "IO names"), "alpha": "α",
           **dict.fromkeys((NAMES[1], SWEEP[1]), "S names"), "pos_latents": "Pos latents", "l1": "λ",
-          "threshold": "F1 ≥ t",
-          "occlusion_toy_recovered": "share recovered", "logit_diff_histogram": "prompts per bin of LD",
+          "threshold": "F1 ≥ t", "occlusion_toy_recovered": "share recovered",
+          "logit_diff_histogram": "prompts per bin of LD",
           "low": "LD = logit[IO] − logit[S]", "oversplit_toy_loss": "Toy ±µ + noise: best SAE loss",
           **{test: test[14:].replace("_", " ") for test in TOY}}
 FORMATS = {**dict.fromkeys([*NAMES, *SWEEP, "pos_latents", *TOY[:-1]], ".0f"),
@@ -1105,7 +1105,8 @@ TYPES = {**{f.name: NUMBER if kind in NUMBER else (kind,) for f in fields(metric
          **dict.fromkeys((*PAPER_SCALE, "direct_effect", "query_effect", "ld_drop", "fraction"),
                          NUMBER + NULL),
          **dict.fromkeys(("name", "position", "role", "section"), (str,)), "discovery": (dict,) + NULL,
-         **dict.fromkeys(("nodes", "attributes", "sections", "heads"), (list,)), "skipped": (list,) + NULL}
+         **dict.fromkeys(("results", "nodes", "attributes", "sections", "heads"), (list,)),
+         **dict.fromkeys(("config", "circuit"), (dict,)), "skipped": (list,) + NULL}
 
 
 def _fmt(x, spec=".2f"):
@@ -1217,10 +1218,8 @@ REPORT_SECTIONS = {
            GEOMETRY, columns=GEOMETRY),
         _t("Mean-code norm / its shuffled-label noise floor (relative to the spread):",
            ("evidence_eval_norm", "evidence_noise_floor"), columns="attribute"),
-        _t("Mean best cosine of an SAE decoder row with each true feature direction:",
-           ("ground_truth_cosine",), ("site", "method", "setting"), "attribute"),
-        _t("The same against the supervised mean codes (as the authors compare):", ("supervised_cosine",),
-           ("site", "method", "setting"), "attribute")],
+        _t("Mean best cosine of an SAE decoder row with each true feature direction / supervised mean code:",
+           ("ground_truth_cosine", "supervised_cosine"), ("site", "method", "setting"), "attribute")],
     "## 10. SAEs from elsewhere (`grade-sae`)": [
         _t("Core metrics, mean over the nodes graded:", ("graded_sae",), ("method", "reads", "head", "site"),
            CORE_METRICS, cell="core_cell")]}
@@ -1238,10 +1237,7 @@ class Report:
             raise click.ClickException(f"{path}: not found (run the pipeline first)")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise click.ClickException(f"{path}: not valid JSON ({e})")
-        if not isinstance(data, dict) or not isinstance(data.get("results"), list):
-            raise click.ClickException(f"{path}: malformed, expected {{'results': [records with a 'test']}}")
-        if "config" not in data or "circuit" not in data:
-            raise click.ClickException(f"{path}: malformed: no config or circuit (not a run's metrics.json)")
+        data = _Row(data, f"{path}: malformed file (not a run's metrics.json)")
         self.config, circuit = (_Row(data[key], f"{path}: malformed {key}") for key in ("config", "circuit"))
         discovery = _Row(circuit.get("discovery") or {}, f"{path}: malformed circuit discovery")
         lists = {"sections": circuit.get("sections"), "heads": discovery.get("heads"),
@@ -1256,6 +1252,8 @@ class Report:
         self.chosen = {}  # {(site, method): {attribute: setting}}, as Test 2 chose (metrics.choose_settings)
         for r in self.find("edit_distance_k2", chosen=True):
             self.chosen.setdefault((r["site"], r["method"]), {})[r["attribute"]] = r["setting"]
+        graded = {r["site"] for test in ("edit_accuracy", "sufficiency") for r in self.by_test.get(test, [])}
+        self.headline = [(attribute, site) for attribute, site in HEADLINE if site in graded]  # in this run
 
     def find(self, test, **match):
         """The records of one test whose fields equal `match` (a missing field counts as None)."""
@@ -1281,11 +1279,6 @@ class Report:
         a supervised edit swaps one feature whatever k, and "none" is no edit."""
         how = {} if method.startswith("supervised") or method == "none" else {"k": k, "edit": kind}
         return self.at(test, site=site, method=method, attribute=attribute, **how)
-
-    def headline(self):
-        """The paper's headline (attribute, site) pairs that this run graded."""
-        sites = {r["site"] for test in ("edit_accuracy", "sufficiency") for r in self.by_test.get(test, [])}
-        return [(attribute, site) for attribute, site in HEADLINE if site in sites]
 
     def pivot(self, caption, tests, rows, columns, cell=None, keys=None, values=None, head=(), plot=None,
               kind="plot", marks=(), **match):
@@ -1360,7 +1353,7 @@ class Report:
                  f"accuracy {_fmt(self.at('accuracy', site='model'))}",
                  f"{'':22}{'edit accuracy @k=2':^28}{'sufficiency':^28}",
                  f"{'site':22}" + "".join(f"{m[:6]:>7}" for m in methods) * 2]
-        for attribute, site in self.headline():
+        for attribute, site in self.headline:
             values = ([self.edit("edit_accuracy", site, m, attribute) for m in methods]
                       + [self.at("sufficiency", site=site, method=m) for m in methods])
             lines.append(f"{attribute + '@' + site:22}" + "".join(f"{_fmt(v):>7}" for v in values))
@@ -1415,7 +1408,7 @@ class Report:
 
     def paper(self):
         """Our min–max beside the paper's range (README §6, §9); the verdict compares the two."""
-        sites = [(a, s) for a, s in self.headline()  # where an edit must change the model's answer
+        sites = [(a, s) for a, s in self.headline  # where an edit must change the model's answer
                  if (self.edit("edit_accuracy_no_intervention", s, "none", a) or 0) < 0.5]
         names = [[self.at(test, site=n, method=m, setting=s) or 0 for test in NAMES]
                  for n, m, s in _keys(self.find(NAMES[0]), ("site", "method", "setting"))]
@@ -1453,7 +1446,7 @@ class Report:
         records = self.find("edit_accuracy")
         methods, ks = _keys(records, "method"), sorted({r["k"] for r in records if r.get("k") is not None})
         panels, marks = [], []
-        for a, site in self.headline():
+        for a, site in self.headline:
             if vs_k:
                 series = {m: [(self.edit("latents_changed", site, m, a, k), self.edit(EDIT[0], site, m, a, k))
                               for k in ks] for m in methods if not m.startswith("supervised")}
