@@ -1430,11 +1430,14 @@ class Report:
         def span(low, high, spec=".2f"):
             return (f"≥ {low:g}" if high == np.inf else f"≤ {high:g}" if low == -np.inf
                     else f"{low:{spec}}–{high:{spec}}")
-        table = [(quantity, span(*paper), span(min(ours), max(ours), *spec), "within the paper's range"
-                  if paper[0] <= min(ours) and max(ours) <= paper[1] else "higher" if min(ours) > paper[1]
-                  else "lower" if max(ours) < paper[0] else "overlaps")
-                 for quantity, paper, ours, *spec in rows for ours in [[v for v in ours if v is not None]]
-                 if ours]
+        table = []
+        for quantity, paper, ours, *spec in rows:
+            ours = [value for value in ours if value is not None]
+            if ours:
+                verdict = ("within the paper's range" if paper[0] <= min(ours) and max(ours) <= paper[1]
+                           else "higher" if min(ours) > paper[1] else "lower" if max(ours) < paper[0]
+                           else "overlaps")
+                table.append((quantity, span(*paper), span(min(ours), max(ours), *spec), verdict))
         table += [(f"{p}: in the model", "seen in GPT-2 Small", "—", "not testable here (section 6)")
                   for p in ("occlusion", "oversplitting")
                   if self.at("phenomenon_testable", phenomenon=p) == 0]
