@@ -1058,15 +1058,14 @@ def grade_sae_command(sae_dir, name, **options):
 
 
 # === report (report.md, figures, terminal summary) ===
-# The report retells the paper's results section for one run from metrics.json alone: the config, the
-# circuit graded and the records (metrics.Record as JSON). Its tables and figures are data: a table names
-# the records of its rows, columns and cells (`Report.pivot`), a figure lists its panels (`_draw`). What
-# each shows and what to look for: README "Reading the report".
+# The report retells the paper's results for one run from metrics.json alone: the config, the circuit and
+# the records (metrics.Record as JSON). Its sections are data (`REPORT_SECTIONS`): a table, and the figure
+# drawn from its numbers, name the records of their rows, columns and cells (`Report.pivot`). What each
+# shows and what to look for: README "Reading the report".
 
 PAPER_SCALE = {"n_train": 20_000, "n_eval": 5_000, "d_sae": 512, "epochs": 2000}  # README §2, §8
 HEADLINE = [("io", "(B)NM out"), ("pos", "(B)NM qk"), ("pos", "(B)NM q"),
             ("pos", "S-I out"), ("pos", "S-I v"), ("pos", "Ind+DT out")]  # (attribute, site)
-SITES = [site for _, site in HEADLINE]
 METHODS = ["mean_ablation", "supervised", "supervised_lstsq", "vanilla", "gated", "topk", "random_decoder",
            "vanilla_fulldist", "gated_fulldist", "topk_fulldist"]
 COLORS = {**dict(zip(METHODS, ["#7f7f7f", "#2ca02c", "#98df8a", "#d62728", "#1f77b4", "#ff7f0e",
@@ -1074,28 +1073,40 @@ COLORS = {**dict(zip(METHODS, ["#7f7f7f", "#2ca02c", "#98df8a", "#d62728", "#1f7
           "IO names": "#2ca02c", "S names": "#d62728"}
 MARKERS = dict(zip(METHODS, "xsPoD^v*dp"))
 OPTIONAL = ("setting", "reads", "head")  # fields of a row key that a record may lack
-ORDER = {"site": SITES, "method": ["none", *METHODS], "attribute": ["io", "s", "pos"]}  # the paper's order
+ORDER = {"site": [site for _, site in HEADLINE], "method": ["none", *METHODS],
+         "attribute": ["io", "s", "pos"]}  # the paper's
 APPROXIMATION, EDIT = ("sufficiency", "necessity"), ("edit_accuracy", "weight_removed")
 MODEL = ("logit_diff", "accuracy", "top1_accuracy")
 CORE_METRICS = ("l0", "mse", "fve", "dead_fraction", "ld_recovered", "train_steps", "train_converged")
-NAMES = ("occlusion_io_names", "occlusion_s_names")
+NAMES, SWEEP = ("occlusion_io_names", "occlusion_s_names"), ("alpha_sweep_io_names", "alpha_sweep_s_names")
 EVIDENCE = ("evidence_norm", "evidence_answers_changed", "evidence_ld_moved")
 TOY = tuple(f"oversplit_toy_{c}" for c in ("counted", "random_wins", "ideal_wins", "ties", "not_counted",
                                            "share_random_wins"))
-LABELS = {"site": "cross-section", NAMES[0]: "IO names", NAMES[1]: "S names", "pos_latents": "Pos latents",
-          "occlusion_toy_recovered": "share recovered", **{test: test[14:].replace("_", " ") for test in TOY}}
-FORMATS = {**dict.fromkeys([*NAMES, "pos_latents", *TOY[:-1]], ".0f"), **dict.fromkeys(EVIDENCE[1:], ".0%")}
+LABELS = {"site": "cross-section", **dict.fromkeys((NAMES[0], SWEEP[0]), "IO names"), "alpha": "α",
+          **dict.fromkeys((NAMES[1], SWEEP[1]), "S names"), "pos_latents": "Pos latents", "l1": "λ",
+          "threshold": "F1 ≥ t", "occlusion_toy_recovered": "share recovered",
+          "logit_diff_histogram": "prompts per bin of LD",
+          "low": "LD = logit[IO] − logit[S]", "oversplit_toy_loss": "Toy ±µ + noise: best SAE loss",
+          **{test: test[14:].replace("_", " ") for test in TOY}}
+FORMATS = {**dict.fromkeys([*NAMES, *SWEEP, "pos_latents", *TOY[:-1]], ".0f"),
+           **dict.fromkeys(EVIDENCE[1:], ".0%")}
 # README §6, revised paper, k = 2, over the headline sites: the paper's (low, high) range of each quantity.
 PAPER_EDITS = {("supervised", EDIT[0]): (0.80, 0.96), ("supervised", EDIT[1]): (0.37, 0.64),
                ("gated", EDIT[0]): (0.87, 0.97), ("gated", EDIT[1]): (0.57, 0.79),
                ("topk", EDIT[0]): (0.86, 0.95), ("topk", EDIT[1]): (0.39, 0.68),
                ("vanilla", EDIT[0]): (0.24, 0.61)}
-DASHED, DOTTED = {"color": "k", "ls": "--", "lw": 1}, {"color": "k", "ls": ":", "lw": 0.8}
-
-
-def _mean(values):
-    values = [v for v in values if v is not None and np.isfinite(v)]
-    return float(np.mean(values)) if values else None
+NUMBER, NULL = (float, int), (type(None),)
+KINDS = {str: "text", float: "a number", bool: "true or false", list: "a list", dict: "an object",
+         NULL[0]: "null"}
+# The JSON types of the fields of metrics.json's objects: metrics.Record's (an Optional's own), the config's
+# and the circuit's.
+TYPES = {**{f.name: NUMBER if kind in NUMBER else (kind,) for f in fields(metrics.Record)
+            for kind in [getattr(f.type, "__args__", (f.type,))[0]]}, "head": (int, str),
+         **dict.fromkeys((*PAPER_SCALE, "direct_effect", "query_effect", "ld_drop", "fraction"),
+                         NUMBER + NULL),
+         **dict.fromkeys(("name", "position", "role", "section"), (str,)), "discovery": (dict,) + NULL,
+         **dict.fromkeys(("results", "nodes", "attributes", "sections", "heads"), (list,)),
+         **dict.fromkeys(("config", "circuit"), (dict,)), "skipped": (list,) + NULL}
 
 
 def _fmt(x, spec=".2f"):
@@ -1108,17 +1119,16 @@ def _setting(method, setting):
 
 
 def _keys(records, fields):
-    """The distinct tuples of `fields` in records: sites and methods in the paper's order, numbers
-    ascending, anything else as it first comes."""
+    """The distinct tuples of `fields` in records (of a str: its distinct values), sites and methods in the
+    paper's order, numbers ascending, anything else as it first comes."""
+    names = (fields,) if isinstance(fields, str) else fields
+
     def rank(key):
         return [(ORDER[f].index(v) if v in ORDER.get(f, ()) else len(ORDER.get(f, ())),
-                 v if isinstance(v, (int, float)) else 0) for f, v in zip(fields, key)]
-    return sorted(dict.fromkeys(tuple(r.get(f) if f in OPTIONAL else r[f] for f in fields) for r in records),
+                 v if isinstance(v, (int, float)) else 0) for f, v in zip(names, key)]
+    keys = sorted(dict.fromkeys(tuple(r.get(f) if f in OPTIONAL else r[f] for f in names) for r in records),
                   key=rank)
-
-
-def _values(records, field):
-    return [value for (value,) in _keys(records, (field,))]
+    return [key for (key,) in keys] if isinstance(fields, str) else keys
 
 
 def _table(rows, headers):
@@ -1127,199 +1137,98 @@ def _table(rows, headers):
     return "\n".join(lines[:1] + ["|" + "---|" * len(headers)] + lines[1:])
 
 
-def _span(values, spec=".2f"):
-    low, high = min(values), max(values)
-    return (f"≥ {low:g}" if high == np.inf else f"≤ {high:g}" if low == -np.inf
-            else f"{low:{spec}}–{high:{spec}}")
+class _Row(dict):
+    """An object of metrics.json. The JSON types of its fields are checked as it is read in, a field it lacks
+    when a section asks for it: either is a one-line error naming the object and the field."""
 
-
-# A figure panel is data: Axes settings (title, xlabel, ...) and "series", each (Axes method, label,
-# arguments, style). `Report.figure` collects panels; `_draw` draws them.
-def _line(label, points, **style):
-    """The line through those (x, y) points that have both coordinates."""
-    points = [(x, y) for x, y in points if x is not None and y is not None]
-    return ("plot", label, tuple(zip(*points)), style)
-
-
-def _mark(label, axis, at, **style):
-    """A line across a panel, horizontal (axis "h") or vertical ("v"), as a list: empty if at is None."""
-    return [] if at is None else [(f"ax{axis}line", label, (at,), style)]
-
-
-def _bars(groups, heights, marks=(), **settings):
-    """A panel of grouped bars: per group, one bar for each label of `heights` {label: heights}."""
-    width = 0.8 / max(1, len(heights))
-    bars = [("bar", label, (np.arange(len(groups)) + (i - (len(heights) - 1) / 2) * width,
-                            [np.nan if v is None else float(v) for v in values]),
-             {"width": width, "color": COLORS.get(label)})
-            for i, (label, values) in enumerate(heights.items())]
-    return {"series": bars + list(marks), "xticks": range(len(groups)), "xticklabels": groups, **settings}
-
-
-def _draw(panels, ncols, size):
-    """A matplotlib Figure of `panels`, `ncols` to a row, each `size` inches, one legend for all."""
-    from matplotlib.figure import Figure  # a bare Figure keeps no pyplot state, so nothing leaks
-    ncols, nrows = min(len(panels), ncols), -(-len(panels) // ncols)
-    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
-    for ax, panel in zip(axes, panels):
-        for method, label, args, style in panel["series"]:
-            getattr(ax, method)(*args, label=label, **style)
-        ax.set(**{key: value for key, value in panel.items() if key != "series"})
-        ax.minorticks_off()
-        names = any(not label.isdigit() for label in panel.get("xticklabels", []))
-        ax.tick_params(axis="x", labelsize=8, labelrotation=20 if names else 0)  # so names do not overlap
-    handles = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
-    if handles and len(panels) == 1:
-        axes[0].legend(handles.values(), handles.keys(), fontsize=8)
-    elif handles:  # one legend for all panels, outside on the right
-        fig.legend(handles.values(), handles.keys(), fontsize=8, loc="outside right upper", handlelength=3)
-    return fig
-
-
-# --- checking metrics.json: JSON types per key, each record's from metrics.Record's fields ---
-
-NUMBER, NULL = (float, int), (type(None),)
-KINDS = {str: "text", float: "a number", bool: "true or false", list: "a list", dict: "an object",
-         type(None): "null"}
-# metrics.Record's fields and their JSON types; an Optional one (__args__: (type, None)) may be left out.
-RECORD = {f.name: NUMBER if kind in (int, float) else (kind,) for f in fields(metrics.Record)
-          for kind in [getattr(f.type, "__args__", (f.type,))[0]]}
-RECORD_NEEDS = [f.name for f in fields(metrics.Record) if not hasattr(f.type, "__args__")]
-CIRCUIT = {"sections": [{"name": (str,), "nodes": (list,), "attributes": (list,)}], "skipped": (list,) + NULL,
-           "discovery": {"heads": [{"head": (str,), "position": (str,), "role": (str,), **dict.fromkeys(
-               ["direct_effect", "query_effect", "ld_drop", "fraction"], NUMBER + NULL)}], "sections": [
-               {"section": (str,), "ld_drop": NUMBER + NULL, "fraction": NUMBER + NULL, "kept": (object,)}]}}
-
-
-def _problem(value, schema, where, needs=()):
-    """What in `value` breaks `schema`, in words, or None. A schema is JSON types, {key: schema} for an
-    object that holds `needs` (else it may be null), or [schema] for a list of objects with every key."""
-    if not isinstance(schema, tuple) and value is None and not needs:
-        return None
-    types = schema if isinstance(schema, tuple) else (list,) if isinstance(schema, list) else (dict,)
-    if not isinstance(value, types):
-        kinds = [KINDS[t] for t in types if t in KINDS]
-        return f"{where} is {json.dumps(value)[:60]}, not " + " or ".join(kinds)
-    if isinstance(schema, list):
-        return next(filter(None, (_problem(item, schema[0], f"{where}[{i}]", schema[0])
-                                  for i, item in enumerate(value))), None)
-    lacking = [key for key in needs if key not in value]
-    keys = () if isinstance(schema, tuple) else [key for key in schema if key in value]
-    return f"{where} lacks '{lacking[0]}'" if lacking else next(
-        filter(None, (_problem(value[key], schema[key], f"{where}: '{key}'") for key in keys)), None)
-
-
-def _metrics_problem(data):
-    """What makes metrics.json unreadable, in one line, or None."""
-    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
-        return "malformed, expected {'results': [records with a 'test']}"
-    records = (_problem(r, RECORD, f"record {i} (test {r.get('test') if isinstance(r, dict) else None})",
-                        RECORD_NEEDS) for i, r in enumerate(data["results"]))
-    lacks = [key for key in ("config", "circuit") if not isinstance(data.get(key), dict)]
-    problem = next(filter(None, records), None) or (lacks and f"file: no {' and no '.join(lacks)} "
-                                                              "(not a run's metrics.json)") or _problem(
-        data["config"], {key: NUMBER + NULL for key in PAPER_SCALE}, "config") or _problem(
-        data["circuit"], CIRCUIT, "circuit")
-    return problem and f"malformed {problem}"
-
-
-class _Record(dict):
-    """A record of metrics.json. Sections read the fields a test always has as record[field]: one that
-    the record lacks is a one-line error naming the record and the field, not a traceback."""
-    where = ""
+    def __init__(self, row, where):
+        if not isinstance(row, dict):
+            raise click.ClickException(f"{where}: {json.dumps(row)[:60]} is not an object")
+        super().__init__(row)
+        self.where = where
+        for key, value in row.items():
+            if not isinstance(value, TYPES.get(key, object)):
+                kinds = " or ".join(KINDS[kind] for kind in TYPES[key] if kind in KINDS)
+                raise click.ClickException(f"{where}: '{key}' is {json.dumps(value)[:60]}, not {kinds}")
 
     def __missing__(self, key):
         raise click.ClickException(f"{self.where}: lacks '{key}'")
 
 
-# The report's sections in order, each a list of blocks: a table spec (`Report.pivot`'s arguments), or a
-# (Report method, arguments...) that returns blocks: a figure, the circuit, a gate, the verdicts.
-EDITS = {"tests": ("edit_accuracy", "edit_accuracy_no_intervention"), "rows": ("site", "attribute"),
-         "cell": "edit_cell"}
-NODE_ROWS = {"rows": ("site", "method", "setting"), "head": ("node",)}
-FULLDIST = ("`*_fulldist`: SAEs trained on prose; on the embedded model, whose hand-written heads do "
-            "nothing meaningful on prose, their rows are an artefact of that model:")
+def _t(caption, tests, rows=("site",), columns="method", **options):
+    """A table spec: the arguments of `Report.pivot`."""
+    return dict(caption=caption, tests=tests, rows=rows, columns=columns, **options)
+
+
+# The report's sections in order, each a list of blocks: a table spec, or a (Report method, arguments...)
+# that returns blocks. Test 2's edit tables share their rows and cells; a node's SAEs are a row each.
+EDITS = {"rows": ("site", "attribute"), "cell": "edit_cell"}
+SAE_ROWS = {"rows": ("site", "method", "setting"), "head": ("node",)}
+EDITED = (*EDIT[:1], "edit_accuracy_no_intervention")
 GEOMETRY = ("geometry_lstsq_fve", "geometry_effective_rank", "geometry_io_s_overlap")
 REPORT_SECTIONS = {
-    "## 1. The model solves IOI": [{"tests": MODEL, "rows": ("site",), "columns": MODEL, "site": "model",
-                                    "caption": "GPT-2 Small: mean LD ≈ 3.3, top-1 ≈ 91%."},
-                                   ("ld_histogram",)],
+    "## 1. The model solves IOI": [
+        _t("GPT-2 Small: mean LD ≈ 3.3, top-1 ≈ 91%.", MODEL, columns=MODEL, site="model"),
+        _t(None, ("logit_diff_histogram",), ("low",), plot="ld_histogram.png", marks=[("axvline", 0, None)])],
     "## 2. The circuit: cross-sections we patch and edit": [("circuit",)],
     "## 3. Test 1 — approximation: sufficiency and necessity": [
-        {"tests": APPROXIMATION, "rows": ("site",), "caption": "Sufficiency / necessity (README §5):"},
-        ("approximation",)],
+        _t("Sufficiency / necessity (README §5):", APPROXIMATION, plot="approximation.png", kind="bar")],
     "## 4. Test 2 — control: editing an attribute with a few latents": [
-        ("control", False), {**EDITS, "caption": "Edit accuracy / weight removed at k = 2 (SAEs: latents "
-                                                 "changed, of their L0 there); `none`: no edit:"},
-        {**EDITS, "tests": EDIT[:1], "edit": "f1", "caption": "The same, F1-guided: 1 latent out, 1 in:"},
-        {**EDITS, "tests": EDIT[:1], "edit": "f1", "k": 4,
-         "caption": "F1-guided at the paper's size, 2 out + 2 in (its figures' `num_exchange`):"},
-        ("control", True), {**EDITS, "tests": ("edit_distance_k2",), "cell": "chosen_cell", "chosen": True,
-                            "caption": "The SAE setting chosen (README §8; L2 after a k = 2 edit):"}],
+        ("control", False),
+        _t("Edit accuracy / weight removed at k = 2 (SAEs: latents changed of L0 there):", EDITED, **EDITS),
+        _t("The same, F1-guided: 1 latent out, 1 in:", EDIT[:1], edit="f1", **EDITS),
+        _t("F1-guided, 2 out + 2 in as the paper:", EDIT[:1], edit="f1", k=4, **EDITS),
+        ("control", True),
+        _t("The SAE setting chosen (README §8; L2 after a k = 2 edit):", ("edit_distance_k2",), chosen=True,
+           **{**EDITS, "cell": "chosen_cell"})],
     "## 5. Test 3 — interpretability": [
-        {"tests": ("f1_coverage",), "rows": ("site", "attribute"),
-         "caption": "F1 coverage (README §7): the share of values with a latent of F1 ≥ 0.8:"},
-        ("f1_coverage",), ("causal_f1",)],
+        _t("F1 coverage (README §7): the share of values with a latent of F1 ≥ 0.8:", ("f1_coverage",),
+           ("site", "attribute"), plot="f1_coverage.png", kind="bar"),
+        _t("Sufficiency keeping / necessity removing the latents of F1 ≥ t (README §7):",
+           ("causal_keep_sufficiency", "causal_remove_necessity"), ("threshold",), plot="causal_f1.png",
+           marks=[("axvline", 0.6, None)])],
     "## 6. Two SAE failure modes\n\n### Feature occlusion": [
-        ("evidence", "occlusion", ("io", "s")), {"tests": NAMES, "columns": NAMES, **NODE_ROWS},
-        ("occlusion",),
-        {"tests": ("supervised_feature_norm",), "rows": ("site",), "columns": "attribute", "head": ("node",),
-         "caption": "Mean norm of the supervised features there:"}, ("alpha_sweep",),
-        {"tests": ("gate_present", "gate_causal"), "rows": ("site", "attribute"), "phenomenon": "occlusion",
-         "caption": "Testable where the stronger name is present (above its shuffled-label floor) and the "
-                    "weaker causal:"},
-        {"tests": ("occlusion_reproduced",), "columns": ("occlusion_reproduced",), **NODE_ROWS,
-         "caption": "Reproduced: the weaker name has latents for < half as many names as the stronger:"},
-        {"tests": ("occlusion_toy_recovered",), "rows": ("ratio", "attribute", "setting"),
-         "columns": ("occlusion_toy_recovered",),
-         "caption": "Toy a = u_IO + v_S: the share of features with a vanilla-SAE latent of F1 > 0.9:"}],
+        ("evidence", "occlusion", ("io", "s")),
+        _t("Names with a latent of F1 ≥ 0.5:", NAMES, columns=NAMES, plot="occlusion.png", kind="bar",
+           **SAE_ROWS),
+        _t("Mean norm of the supervised features there:", ("supervised_feature_norm",), columns="attribute",
+           head=("node",)),
+        _t("Names with a latent, top-k SAEs trained on a − α·u_IO:", SWEEP, ("alpha",), SWEEP,
+           plot="alpha_sweep.png"),
+        _t("Per node: the stronger name present / the weaker causal:", ("gate_present", "gate_causal"),
+           ("site", "attribute"), phenomenon="occlusion"),
+        _t("Reproduced: the weaker name has latents for < half as many names as the stronger:",
+           ("occlusion_reproduced",), columns=("occlusion_reproduced",), **SAE_ROWS),
+        _t("Toy a = u_IO + v_S: the share of features with a vanilla-SAE latent of F1 > 0.9:",
+           ("occlusion_toy_recovered",), ("ratio", "attribute", "setting"), ("occlusion_toy_recovered",))],
     "### Feature over-splitting": [
         ("evidence", "oversplitting", ("pos",)),
-        {"tests": ("pos_latents",), "columns": ("pos_latents",), "phenomenon": "oversplitting", **NODE_ROWS,
-         "caption": "Latents whose best interpretation is a Pos value there (GPT-2 Small: ≥ 10):"},
-        {"tests": ("gate_present", "gate_causal"), "rows": ("site", "attribute"),
-         "phenomenon": "oversplitting",
-         "caption": "Testable where Pos is present (above its shuffled-label floor) and causal:"},
-        ("oversplit_toy",), {"tests": TOY, "rows": ("grid",), "columns": TOY,
-                             "caption": "Who wins on the toy, counted where the ideal SAE fires on ≥ 2%:"}],
-    "## 7. Core SAE metrics (mean over nodes)": [{"tests": CORE_METRICS, "rows": ("method", "setting"),
-                                                  "columns": CORE_METRICS, "caption": FULLDIST}],
+        _t("Latents whose best interpretation is a Pos value there (GPT-2 Small: ≥ 10):", ("pos_latents",),
+           columns=("pos_latents",), phenomenon="oversplitting", **SAE_ROWS),
+        _t("Per node: Pos present / causal:", ("gate_present", "gate_causal"), ("site", "attribute"),
+           phenomenon="oversplitting"),
+        ("oversplit_toy",),
+        _t("Who wins on the toy, counted where the ideal SAE fires on ≥ 2%:", TOY, ("grid",), TOY)],
+    "## 7. Core SAE metrics (mean over nodes)": [
+        _t("`*_fulldist`: SAEs trained on prose (an artefact on the embedded model, blind to prose):",
+           CORE_METRICS, ("method", "setting"), CORE_METRICS)],
     "## 8. Comparison with the paper": [("paper",)],
     "## 9. Geometry and ground truth (beyond the paper)": [
-        {"tests": GEOMETRY, "rows": ("site",), "columns": GEOMETRY,
-         "caption": "Per node: held-out variance a least-squares supervised fit explains, effective rank, "
-                    "mean |cos| of a name's IO and S codes:"},
-        {"tests": ("evidence_eval_norm", "evidence_noise_floor"), "rows": ("site",), "columns": "attribute",
-         "caption": "Mean-code norm / its shuffled-label noise floor (relative to the spread):"},
-        {"tests": ("ground_truth_cosine",), "rows": ("site", "method", "setting"), "columns": "attribute",
-         "caption": "Mean best cosine of an SAE decoder row with each true feature direction:"},
-        {"tests": ("supervised_cosine",), "rows": ("site", "method", "setting"), "columns": "attribute",
-         "caption": "The same against the supervised mean codes (as the authors compare):"}],
-    "## 10. SAEs from elsewhere (`grade-sae`)": [{"tests": ("graded_sae",), "columns": CORE_METRICS,
-                                                 "cell": "core_cell",
-                                                 "rows": ("method", "reads", "head", "site")}]}
+        _t("Per node: a least-squares fit's held-out FVE, effective rank, mean |cos| of IO and S codes:",
+           GEOMETRY, columns=GEOMETRY),
+        _t("Mean-code norm / its shuffled-label noise floor (relative to the spread):",
+           ("evidence_eval_norm", "evidence_noise_floor"), columns="attribute"),
+        _t("Mean best cosine of an SAE decoder row with each true feature direction / supervised mean code:",
+           ("ground_truth_cosine", "supervised_cosine"), ("site", "method", "setting"), "attribute")],
+    "## 10. SAEs from elsewhere (`grade-sae`)": [
+        _t("Core metrics, mean over the nodes graded:", ("graded_sae",), ("method", "reads", "head", "site"),
+           CORE_METRICS, cell="core_cell")]}
 
 
 class Report:
-    """One run's metrics.json as markdown, section by section (README §1-§9): each section method returns
-    its markdown blocks, or none when metrics.json holds nothing for it."""
+    """One run's metrics.json as markdown and figures, section by section (README §1-§9)."""
 
-    def __init__(self, data, path):
-        self.config, self.circuit_found = data.get("config") or {}, data.get("circuit") or {}
-        self.by_test, self.figures = {}, {}  # records by test: each query scans one test only
-        for i, record in enumerate(map(_Record, data["results"])):
-            record.where = f"{path}: malformed record {i} (test {record['test']})"
-            self.by_test.setdefault(record["test"], []).append(record)
-        self.chosen = {}  # {(site, method): {attribute: setting}}, as Test 2 chose (metrics.choose_settings)
-        for r in self.find("edit_distance_k2", chosen=True):
-            self.chosen.setdefault((r["site"], r["method"]), {})[r["attribute"]] = r["setting"]
-
-    @classmethod
-    def load(cls, run_dir):
-        """The report of <run_dir>/metrics.json, or a one-line ClickException saying what is wrong."""
+    def __init__(self, run_dir):
         path = os.path.join(run_dir, "metrics.json")
         try:
             with open(path) as f:
@@ -1328,26 +1237,42 @@ class Report:
             raise click.ClickException(f"{path}: not found (run the pipeline first)")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise click.ClickException(f"{path}: not valid JSON ({e})")
-        problem = _metrics_problem(data)
-        if problem:
-            raise click.ClickException(f"{path}: {problem}")
-        return cls(data, path)
+        data = _Row(data, f"{path}: malformed file (not a run's metrics.json)")
+        self.config, circuit = (_Row(data[key], f"{path}: malformed {key}") for key in ("config", "circuit"))
+        discovery = _Row(circuit.get("discovery") or {}, f"{path}: malformed circuit discovery")
+        lists = {"sections": circuit.get("sections"), "heads": discovery.get("heads"),
+                 "verdicts": discovery.get("sections")}
+        self.circuit_rows = {name: [_Row(row, f"{path}: malformed circuit {name}[{i}]")
+                               for i, row in enumerate(rows or [])] for name, rows in lists.items()}
+        self.skipped, self.by_test, self.figures = circuit.get("skipped") or [], {}, {}
+        for i, row in enumerate(data["results"]):
+            record = _Row(row, f"{path}: malformed record {i}")
+            record.where += f" (test {record['test']})"
+            self.by_test.setdefault(record["test"], []).append(record)  # each query scans one test only
+        self.chosen = {}  # {(site, method): {attribute: setting}}, as Test 2 chose (metrics.choose_settings)
+        for r in self.find("edit_distance_k2", chosen=True):
+            self.chosen.setdefault((r["site"], r["method"]), {})[r["attribute"]] = r["setting"]
+        graded = {r["site"] for test in ("edit_accuracy", "sufficiency") for r in self.by_test.get(test, [])}
+        self.headline = [(attribute, site) for attribute, site in HEADLINE if site in graded]  # in this run
 
     def find(self, test, **match):
         """The records of one test whose fields equal `match` (a missing field counts as None)."""
         return [r for r in self.by_test.get(test, []) if all(r.get(k) == v for k, v in match.items())]
 
     def at(self, test, choose_for=None, **match):
-        """The mean value of a test's records that match; a task SAE at the setting Test 2 chose at the site
-        (README §8) for the attribute `choose_for` (default: the match's), else the one chosen most often."""
-        records = self.find(test, **match)
-        choice = self.chosen.get((match.get("site"), match.get("method")), {})
-        attribute = choose_for or match.get("attribute")
-        preferred = ([choice[attribute]] if attribute in choice else []) + [
-            setting for setting, _ in Counter(choice.values()).most_common()]
-        present = sorted({r.get("setting") for r in records} - {None})
-        setting = next((s for s in preferred if s in present), present[0] if present else None)
-        return _mean([r["value"] for r in records if r.get("setting") == setting])
+        """The mean value of a test's records that match, a task SAE's at the setting Test 2 chose at its
+        site (README §8) for the attribute `choose_for` (default: the match's), else chose most often."""
+        groups, values, attribute = {}, [], choose_for or match.get("attribute")
+        for r in self.find(test, **match):
+            groups.setdefault((r["site"], r["method"]), []).append(r)
+        for site_method, records in groups.items():
+            choice = self.chosen.get(site_method, {})
+            preferred = ([choice[attribute]] if attribute in choice else []) + [
+                setting for setting, _ in Counter(choice.values()).most_common()]
+            present = sorted({r.get("setting") for r in records} - {None})
+            setting = next((s for s in preferred if s in present), present[0] if present else None)
+            values += [r["value"] for r in records if r.get("setting") == setting and np.isfinite(r["value"])]
+        return float(np.mean(values)) if values else None
 
     def edit(self, test, site, method, attribute, k=2, kind="greedy"):
         """Edit accuracy, weight removed or latents changed (README §6): SAEs greedy at k = 2 by default;
@@ -1355,53 +1280,70 @@ class Report:
         how = {} if method.startswith("supervised") or method == "none" else {"k": k, "edit": kind}
         return self.at(test, site=site, method=method, attribute=attribute, **how)
 
-    def headline(self):
-        """The paper's headline (attribute, site) pairs that this run graded."""
-        sites = {r["site"] for test in ("edit_accuracy", "sufficiency") for r in self.by_test.get(test, [])}
-        return [(attribute, site) for attribute, site in HEADLINE if site in sites]
-
-    def pivot(self, tests, rows, columns="method", cell=None, caption=None, keys=None, values=None, head=(),
-              **match):
-        """A table spec read: a row per distinct value of the record fields `rows` (or per `keys`) among the
-        records of `tests` that `match`; a column per value of the field `columns` (or per `values`), or
-        per test if it is a tuple. A cell is the method `cell`(where, column), else the value of each test
-        there (a task SAE at its chosen setting) joined by " / ". [caption, table], or [] if no record."""
+    def pivot(self, caption, tests, rows, columns, cell=None, keys=None, values=None, head=(), plot=None,
+              kind="plot", marks=(), **match):
+        """[caption, table] of the records of `tests` that `match`: a row per distinct value of the fields
+        `rows` (or per `keys`), a column per value of the field `columns` (or per `values`), or per test if
+        it is a tuple. A cell is the method `cell`(where, column), else each test's value there joined by
+        " / ". With `plot`, those values also drawn: a panel per test (one, if `columns` is a tuple), a
+        series per column, x the row (see `figure`); without a caption, only drawn."""
         records = [r for test in tests for r in self.find(test, **match)]
-        names = list(columns) if isinstance(columns, tuple) else values or _values(records, columns)
-
-        def text(where, column):
-            here = ((column,), {}) if isinstance(columns, tuple) else (tests, {columns: column})
-            return " / ".join(_fmt(self.at(test, **where, **here[1]), FORMATS.get(test, ".2f"))
-                              for test in here[0])
-        table = []
+        names = list(columns) if isinstance(columns, tuple) else values or _keys(records, columns)
+        table, panels = [], {}  # {title: {series: [(x, y)]}}
         for key in keys or _keys(records, rows):
             where = {**match, **dict(zip(rows, key))}
             table.append([_setting(where.get("method") or "", v) if f == "setting" else v
-                          for f, v in zip(rows, key)] + [getattr(self, cell)(where, column) if cell
-                                                         else text(where, column) for column in names])
+                          for f, v in zip(rows, key)])
+            x = key[0] if len(key) == 1 else "\n".join(map(_fmt, table[-1]))
+            for name in names:
+                these, extra = ((name,), {}) if isinstance(columns, tuple) else (tests, {columns: name})
+                found = [] if cell else [self.at(test, **where, **extra) for test in these]
+                for test, value in zip(these, found):
+                    title = (caption[:-1] if isinstance(columns, tuple)
+                             else LABELS.get(test, test.replace("_", " ")))
+                    series = panels.setdefault(title, {})
+                    series.setdefault(LABELS.get(name, name), []).append((x, value))
+                table[-1].append(getattr(self, cell)(where, name) if cell else " / ".join(
+                    _fmt(value, FORMATS.get(test, ".2f")) for test, value in zip(these, found)))
         headers = [*head, *(LABELS.get(name, name) for name in [*rows[len(head):], *names])]
-        return [] if not table else [caption] * bool(caption) + [_table(table, headers)]
+        return ([caption, _table(table, headers)] if caption and table else []) + (self.figure(
+            plot, kind, [(title, series, {"xlabel": LABELS.get(rows[0], rows[0])})
+                         for title, series in panels.items()], marks) if plot else [])
 
-    def figure(self, name, panels, ncols=3, size=(4.2, 3.3)):
-        """The one figure helper: `panels` become figures/<name> when the report is written. Returns the
-        markdown link as a list: empty, and nothing drawn, if no panel has a series."""
-        if not any(not kind.startswith("ax") and args and np.size(args[0])  # a mark alone is no figure
-                   for panel in panels for kind, _, args, _ in panel["series"]):
+    def figure(self, name, kind, panels, marks=()):
+        """Keep figures/<name>: a panel per (title, {label: [(x, y)]}, Axes settings), each series drawn by
+        the Axes method `kind` ("bar": grouped bars, x naming the group), each of `marks` (Axes method, at,
+        label) a line across; one legend for all. Its markdown link, or [] if there is no point to draw."""
+        if not any(y is not None for _, series, _ in panels for points in series.values() for _, y in points):
             return []
-        self.figures[name] = (panels, ncols, size)
+        from matplotlib.figure import Figure  # a bare Figure keeps no pyplot state, so nothing leaks
+        ncols = 1 if kind == "bar" else min(len(panels), 3)
+        bars = max(sum(map(len, series.values())) for _, series, _ in panels) if kind == "bar" else 0
+        fig = Figure(figsize=(max(6 if len(panels) == 1 else 4.2, 0.15 * bars) * ncols,
+                              3.3 * -(-len(panels) // ncols)), layout="constrained")
+        for i, (title, series, settings) in enumerate(panels):
+            ax = fig.add_subplot(-(-len(panels) // ncols), ncols, i + 1, **settings)
+            ax.set_title(title, fontsize=10)
+            groups = list(dict.fromkeys(x for points in series.values() for x, _ in points))
+            width = 0.8 / len(series)
+            for j, (label, points) in enumerate(series.items()):
+                x, y = list(zip(*[(x, y) for x, y in points if x is not None and y is not None])) or [(), ()]
+                if kind == "bar":  # side by side around the group's tick
+                    ax.bar([groups.index(g) + (j - (len(series) - 1) / 2) * width for g in x], y, width,
+                           label=label, color=COLORS.get(label))
+                else:
+                    getattr(ax, kind)(x, y, label=label, color=COLORS.get(label),
+                                      marker=MARKERS.get(label, "."))
+            for method, at, label in marks:
+                if at is not None:
+                    getattr(ax, method)(at, label=label, color=COLORS.get(label, "k"), ls="--", lw=1)
+            if kind == "bar":
+                ax.set_xticks(range(len(groups)), map(_fmt, groups), fontsize=8, rotation=20)
+            ax.minorticks_off()
+        handles = {label: handle for ax in fig.axes for handle, label in zip(*ax.get_legend_handles_labels())}
+        fig.legend(handles.values(), handles.keys(), fontsize=8, loc="outside right upper", handlelength=3)
+        self.figures[name] = fig
         return [f"![{name[:-4].replace('_', ' ')}](figures/{name})"]
-
-    def header(self):
-        c = self.config
-        changes = ([] if c.get("weights") else ["a small IOI model instead of GPT-2 Small"]) + [
-            f"{key} = {c[key]} instead of {paper}" for key, paper in PAPER_SCALE.items()
-            if c.get(key) is not None and c[key] != paper]
-        return ["# Supervised dictionaries vs sparse autoencoders on IOI",
-                "Makelov, Lange & Nanda, *Towards Principled Evaluations of Sparse Autoencoders for "
-                "Interpretability and Control* (arXiv 2405.08366), reproduced; README §1-§9 define every "
-                "quantity, [Reading the report](README.md#reading-the-report) says what to look for."
-                + (f" Scaled down to run on a CPU: {'; '.join(changes)}." if changes else ""),
-                _table([(key, json.dumps(value)) for key, value in c.items()], ["setting", "value"])]
 
     def summary(self):
         """The terminal summary (also "At a glance"): the model's LD and accuracy, then per headline site
@@ -1411,26 +1353,26 @@ class Report:
                  f"accuracy {_fmt(self.at('accuracy', site='model'))}",
                  f"{'':22}{'edit accuracy @k=2':^28}{'sufficiency':^28}",
                  f"{'site':22}" + "".join(f"{m[:6]:>7}" for m in methods) * 2]
-        for attribute, site in self.headline():
+        for attribute, site in self.headline:
             values = ([self.edit("edit_accuracy", site, m, attribute) for m in methods]
                       + [self.at("sufficiency", site=site, method=m) for m in methods])
             lines.append(f"{attribute + '@' + site:22}" + "".join(f"{_fmt(v):>7}" for v in values))
         return "\n".join(lines)
 
     def circuit(self):
-        found = self.circuit_found
-        discovery, skipped = found.get("discovery") or {}, found.get("skipped") or []
-        verdicts = [(d["section"], d["ld_drop"], d["fraction"], "not graded: in the run's skip_sections"
-                     if d["section"] in skipped else "graded" if d["kept"] else "dropped: not causal here")
-                    for d in discovery.get("sections", [])]
-        heads = _circuit_rows(discovery.get("heads", []))
-        sections = [(s["name"], ", ".join(f"`{node}`" for node in s["nodes"]),
-                     ", ".join(map(str, s["attributes"]))) for s in found.get("sections") or []]
-        effect = f"Graded if mean-ablating its nodes moves the mean LD ≥ {metrics.MIN_SECTION_EFFECT:.0%}"
-        return [] if not sections else [_table(sections, ["cross-section", "nodes", "attributes edited"])] + [
-            _table(heads, ["head", "position", "direct effect", "LD drop via q", "LD drop", "of LD", "role"])
-        ] * bool(heads) + [effect, _table(verdicts, ["cross-section", "LD drop", "of LD", "verdict"])
-                           ] * bool(verdicts)
+        """The cross-sections graded, the heads found (`_circuit_rows`) and each cross-section's verdict."""
+        sections, heads, verdicts = (self.circuit_rows[name] for name in ("sections", "heads", "verdicts"))
+        return [] if not sections else [
+            _table([(s["name"], ", ".join(f"`{node}`" for node in s["nodes"]),
+                     ", ".join(map(str, s["attributes"]))) for s in sections],
+                   ["cross-section", "nodes", "attributes edited"])] + [
+            _table(_circuit_rows(heads), ["head", "position", "direct effect", "LD drop via q", "LD drop",
+                                          "of LD", "role"])] * bool(heads) + [
+            f"Graded if mean-ablating its nodes moves the mean LD ≥ {metrics.MIN_SECTION_EFFECT:.0%}",
+            _table([(d["section"], d["ld_drop"], d["fraction"], "not graded: in the run's skip_sections"
+                     if d["section"] in self.skipped else "graded" if d["kept"]
+                     else "dropped: not causal here") for d in verdicts],
+                   ["cross-section", "LD drop", "of LD", "verdict"])] * bool(verdicts)
 
     def edit_cell(self, where, method):
         """'edit accuracy / weight removed', and for SAEs '(latents changed of L0 there)'; none: no edit."""
@@ -1454,154 +1396,110 @@ class Report:
         """The gate of a phenomenon (README §9): the node where it is tested, or the 4 closest to it."""
         gate = self.find("phenomenon_testable", phenomenon=phenomenon)
         nodes = [gate[0]["site"]] if gate and gate[0]["value"] else sorted(
-            _values(self.find("evidence_norm"), "site"), key=lambda node: -min(
+            _keys(self.find("evidence_norm"), "site"), key=lambda node: -min(
                 self.at("evidence_norm", site=node, attribute=a) or 0 for a in attributes))[:4]
-        caption = (f"The test needs the stronger of {', '.join(attributes)} present (mean-code norm over "
-                   f"its shuffled-label floor, >= {metrics.PRESENT}) and the weaker causal (alone it changes "
-                   f">= {metrics.CAUSAL:.0%} of the answers or of the mean LD); per attribute: norm / "
-                   "answers changed / LD moved. "
+        caption = (f"The test needs the stronger of {', '.join(attributes)} present (mean-code norm over its "
+                   f"shuffled-label floor, >= {metrics.PRESENT}) and the weaker causal (alone it changes >= "
+                   f"{metrics.CAUSAL:.0%} of the answers or of the mean LD): norm / answers changed / LD "
+                   "moved. "
                    + (f"It runs at `{nodes[0]}`:" if gate and gate[0]["value"] else "**Not testable here.**"))
-        return self.pivot(EVIDENCE, ("site",), "attribute", caption=caption, keys=[(n,) for n in nodes],
+        return self.pivot(caption, EVIDENCE, ("site",), "attribute", keys=[(n,) for n in nodes],
                           values=attributes, head=("node",)) if gate else []
 
     def paper(self):
         """Our min–max beside the paper's range (README §6, §9); the verdict compares the two."""
-        sites = [(a, s) for a, s in self.headline()  # where an edit must change the model's answer
+        sites = [(a, s) for a, s in self.headline  # where an edit must change the model's answer
                  if (self.edit("edit_accuracy_no_intervention", s, "none", a) or 0) < 0.5]
         names = [[self.at(test, site=n, method=m, setting=s) or 0 for test in NAMES]
                  for n, m, s in _keys(self.find(NAMES[0]), ("site", "method", "setting"))]
-        sweeps = {}  # {(attribute, setting): [(α, names with a latent)]}
-        for a in ("io", "s"):
-            for r in self.find(f"alpha_sweep_{a}_names"):
-                sweeps.setdefault((a, r.get("setting")), []).append((r["alpha"], r["value"]))
-        gain = {a: [max(run)[1] - min(run)[1] for (b, _), run in sweeps.items() if b == a]
-                for a in ("io", "s")}
+        gain = {test: [self.at(test, alpha=alphas[-1]) - self.at(test, alpha=alphas[0])] if alphas else []
+                for test in SWEEP for alphas in [_keys(self.find(test), "alpha")]}  # names with a latent
         pos = [r["value"] for r in self.find("pos_latents", phenomenon="oversplitting")
                if r["method"] in ARCHS]  # the trained SAEs: the frozen random decoder is a floor
-        rows = [(f"{m}: {test.replace('_', ' ')} at k = 2", paper,
-                 [self.edit(test, s, m, a) for a, s in sites]) for (m, test), paper in PAPER_EDITS.items()
-                ] + [
+        rows = [(f"{m}: {test.replace('_', ' ')} at k = 2", paper, [self.edit(test, s, m, a)
+                                                                     for a, s in sites])
+                for (m, test), paper in PAPER_EDITS.items()] + [
             ("occlusion: IO minus S names with a latent (F1 ≥ 0.5)", (1, np.inf), [i - s for i, s in names],
              ".0f"),
-            ("α sweep: S names with a latent gained", (1, np.inf), gain["s"], ".0f"),
-            ("α sweep: IO names with a latent gained", (-np.inf, -1), gain["io"], ".0f"),
+            ("α sweep: S names with a latent gained", (1, np.inf), gain[SWEEP[1]], ".0f"),
+            ("α sweep: IO names with a latent gained", (-np.inf, -1), gain[SWEEP[0]], ".0f"),
             ("over-splitting: latents interpreted as a Pos value", (10, np.inf), pos, ".0f"),
             (f"toy: share of the {_fmt(self.at(TOY[0], grid='paper'), '.0f')} λ counted that the random "
              "SAE wins", (0.95, 1), [self.at(TOY[-1], grid="paper")])]
+
+        def span(low, high, spec=".2f"):
+            return (f"≥ {low:g}" if high == np.inf else f"≤ {high:g}" if low == -np.inf
+                    else f"{low:{spec}}–{high:{spec}}")
         table = []
         for quantity, paper, ours, *spec in rows:
             ours = [value for value in ours if value is not None]
             if ours:
-                table.append((quantity, _span(paper), _span(ours, *spec), "within the paper's range"
-                              if paper[0] <= min(ours) and max(ours) <= paper[1] else "higher"
-                              if min(ours) > paper[1] else "lower" if max(ours) < paper[0] else "overlaps"))
+                verdict = ("within the paper's range" if paper[0] <= min(ours) and max(ours) <= paper[1]
+                           else "higher" if min(ours) > paper[1] else "lower" if max(ours) < paper[0]
+                           else "overlaps")
+                table.append((quantity, span(*paper), span(min(ours), max(ours), *spec), verdict))
         table += [(f"{p}: in the model", "seen in GPT-2 Small", "—", "not testable here (section 6)")
                   for p in ("occlusion", "oversplitting")
                   if self.at("phenomenon_testable", phenomenon=p) == 0]
         return [_table(table, ["quantity", "paper", "this run", "verdict"])] if table else []
 
-    # --- the figures: each a list of panels for `figure` ---
-
-    def ld_histogram(self):
-        bins, mean = sorted(self.find("logit_diff_histogram"), key=lambda r: r["low"]), self.at("logit_diff")
-        histogram = [("bar", None, ([r["low"] for r in bins], [r["value"] for r in bins]),
-                      {"width": [r["high"] - r["low"] for r in bins], "align": "edge", "edgecolor": "w"})]
-        return self.figure("ld_histogram.png", [{
-            "title": "Logit difference on evaluation prompts", "xlabel": "LD = logit[IO] − logit[S]",
-            "series": histogram + _mark(None, "v", 0, **DASHED) + _mark(f"mean {_fmt(mean)}", "v", mean,
-                                                                          color="#d62728")}], size=(6, 3.3))
-
-    def approximation(self):
-        records = self.find("sufficiency") + self.find("necessity")
-        sites, methods = _values(records, "site"), _values(records, "method")
-        return self.figure("approximation.png", [
-            _bars(sites, {m: [self.at(test, site=site, method=m) for site in sites] for m in methods},
-                  _mark(None, "h", 1, **DOTTED), title=test) for test in APPROXIMATION], 2, (6, 3.6))
-
     def control(self, vs_k):
-        """Per headline site, edit accuracy at k = 2 against the weight removed, or (vs_k) against the latents
-        a greedy edit changes (a supervised edit swaps one feature whatever k: a line across)."""
-        methods, panels = _values(self.find("edit_accuracy"), "method"), []
-        ks = sorted({r["k"] for r in self.find("edit_accuracy") if r.get("k") is not None})
-        for attribute, site in self.headline():
-            score = {m: [self.edit(test, site, m, attribute) for test in EDIT[::-1]] for m in methods}  # x, y
-            none = self.edit("edit_accuracy_no_intervention", site, "none", attribute)
-            by_weight = [("scatter", m, xy, {"s": 60, "color": COLORS.get(m), "marker": MARKERS.get(m)})
-                         for m, xy in score.items() if None not in xy] + _mark("no edit", "h", none, **DASHED)
-            by_k = [series for m in methods for series in (
-                _mark(m, "h", score[m][1], color=COLORS.get(m), ls=":") if m.startswith("supervised") else
-                [_line(m, [(self.edit("latents_changed", site, m, attribute, k),
-                            self.edit("edit_accuracy", site, m, attribute, k)) for k in ks], marker="o",
-                       color=COLORS.get(m))])]
-            panels.append({"title": f"edit {attribute} @ {site}", "ylabel": "edit accuracy", "ylim": (0, 1.1),
-                           **({"series": by_k, "xlabel": "latents changed", "xscale": "log", "xticks": ks,
-                               "xticklabels": [str(k) for k in ks]} if vs_k else
-                              {"series": by_weight, "xlabel": "weight removed"})})
-        return self.figure("control_vs_k.png" if vs_k else "control_headline.png", panels)
-
-    def f1_coverage(self):
-        records = self.find("f1_coverage")
-        sites, methods = _values(records, "site"), _values(records, "method")
-        return self.figure("f1_coverage.png", [_bars(sites, {m: [self.at(
-            "f1_coverage", site=s, method=m, attribute=a) for s in sites] for m in methods},
-            title=f"F1 coverage of {a}", ylim=(0, 1.05)) for a in _values(records, "attribute")])
-
-    def causal_f1(self):
-        """Keep or remove the latents of F1 ≥ t (README §7): the score, averaged over sites, against t."""
-        panels = []
-        for test in ("causal_keep_sufficiency", "causal_remove_necessity"):
-            records = self.find(test)
-            sites, thresholds = _values(records, "site"), _values(records, "threshold")
-            panels.append({"title": test.replace("_", " "), "xlabel": "F1 threshold t", "series": [
-                _line(m, [(t, _mean([self.at(test, site=s, method=m, threshold=t) for s in sites]))
-                          for t in thresholds], marker="o", color=COLORS.get(m))
-                for m in _values(records, "method")] + _mark(None, "v", 0.6, **DOTTED)})
-        return self.figure("causal_f1.png", panels, 2, (5, 3.5))
-
-    def occlusion(self):
-        """Names with a latent of their own (README §9), per SAE."""
-        keys = _keys(self.find(NAMES[0]), ("site", "method", "setting"))
-        return self.figure("occlusion.png", [_bars([f"{n}\n{m} {_setting(m, s)}" for n, m, s in keys], {
-            LABELS[test]: [self.at(test, site=n, method=m, setting=s) for n, m, s in keys] for test in NAMES},
-            title="Names with a latent of F1 ≥ 0.5")], size=(7, 3.5))
-
-    def alpha_sweep(self):
-        lines = [_line(f"{a.upper()} {_setting(m, s)}", sorted((r["alpha"], r["value"]) for r in self.find(
-            f"alpha_sweep_{a}_names", setting=s)), ls=ls, marker="o", color=f"C{i}")
-                 for i, (s, m) in enumerate(_keys(self.find("alpha_sweep_io_names"), ("setting", "method")))
-                 for a, ls in (("io", "-"), ("s", "--"))]
-        return self.figure("alpha_sweep.png", [{"series": lines, "title": "SAEs trained on a − α·u_IO",
-                                                "xlabel": "α", "ylabel": "names with a latent"}])
+        """Per headline site, edit accuracy at k = 2 against the weight removed (dashed: no edit), or (vs_k)
+        against the latents a greedy edit changes (a supervised edit swaps one feature whatever k: a line)."""
+        records = self.find("edit_accuracy")
+        methods, ks = _keys(records, "method"), sorted({r["k"] for r in records if r.get("k") is not None})
+        panels, marks = [], []
+        for a, site in self.headline:
+            if vs_k:
+                series = {m: [(self.edit("latents_changed", site, m, a, k), self.edit(EDIT[0], site, m, a, k))
+                              for k in ks] for m in methods if not m.startswith("supervised")}
+                marks = [("axhline", self.edit(EDIT[0], site, m, a), m) for m in methods
+                         if m.startswith("supervised")]
+                axes = {"xlabel": "latents changed", "xscale": "log", "xticks": ks, "xticklabels": ks}
+            else:
+                series = {m: [tuple(self.edit(test, site, m, a) for test in EDIT[::-1])] for m in methods}
+                marks = [("axhline", self.edit("edit_accuracy_no_intervention", site, "none", a), "no edit")]
+                axes = {"xlabel": "weight removed"}
+            panels.append((f"edit {a} @ {site}", series, {"ylabel": "edit accuracy", "ylim": (0, 1.1),
+                                                          **axes}))
+        return self.figure(f"control_{'vs_k' if vs_k else 'headline'}.png", "plot" if vs_k else "scatter",
+                           panels, marks)
 
     def oversplit_toy(self):
-        """The over-splitting toy on the paper's λ grid: each SAE's best loss against λ."""
-        losses = {m: self.find("oversplit_toy_loss", method=m, grid="paper")
-                  for m in ("ideal_2_latent", "random_1000_latent")}
-        fired = max([r["l1"] for r in losses["ideal_2_latent"] if r["firing"] >= 0.02], default=None)
-        lines = [_line(f"{m} SAE", sorted((r["l1"], r["value"]) for r in losses[m])) for m in losses]
-        return self.figure("oversplit_toy.png", [{
-            "title": "Toy ±µ + noise: best SAE loss", "xlabel": "λ",
-            "series": lines + _mark("ideal SAE fires on < 2% beyond", "v", fired, **DOTTED)}], size=(6, 3.5))
+        """The toy's best loss per SAE against λ (paper's grid), marked where the ideal SAE stops firing."""
+        fired = max([r["l1"] for r in self.find("oversplit_toy_loss", method="ideal_2_latent", grid="paper")
+                     if r["firing"] >= 0.02], default=None)
+        return self.pivot(None, ("oversplit_toy_loss",), ("l1",), "method", grid="paper",
+                          plot="oversplit_toy.png",
+                          marks=[("axvline", fired, "ideal SAE fires on < 2% beyond")])
 
     def markdown(self):
-        blocks = self.header() + ["## At a glance", f"```\n{self.summary()}\n```"]
+        c = self.config
+        changes = ([] if c.get("weights") else ["a small IOI model instead of GPT-2 Small"]) + [
+            f"{key} = {c[key]} instead of {paper}" for key, paper in PAPER_SCALE.items()
+            if c.get(key) is not None and c[key] != paper]
+        blocks = ["# Supervised dictionaries vs sparse autoencoders on IOI",
+                  "Makelov, Lange & Nanda, *Towards Principled Evaluations of Sparse Autoencoders for "
+                  "Interpretability and Control* (arXiv 2405.08366), reproduced; README §1-§9 define every "
+                  "quantity, [Reading the report](README.md#reading-the-report) says what to look for."
+                  + (f" Scaled down to run on a CPU: {'; '.join(changes)}." if changes else ""),
+                  _table([(key, json.dumps(value)) for key, value in c.items()], ["setting", "value"]),
+                  "## At a glance", f"```\n{self.summary()}\n```"]
         for heading, parts in REPORT_SECTIONS.items():
             body = [block for part in parts for block in (
                 self.pivot(**part) if isinstance(part, dict) else getattr(self, part[0])(*part[1:]))]
             if body or not heading.startswith("## 10"):  # §10 only where an SAE from elsewhere was graded
-                blocks += [heading] + (body or ["_Nothing in metrics.json for this section; "
-                                                "section skipped._"])
+                blocks += [heading] + (body or ["_Nothing in metrics.json here; section skipped._"])
         return "\n\n".join(blocks) + "\n"
 
 
 def write_report(run_dir) -> str:
     """Write <run_dir>/report.md and figures/*.png from its metrics.json; return the terminal summary.
     Every record is read before anything is written, and each file is written atomically."""
-    report = Report.load(run_dir)
+    report = Report(run_dir)
     markdown = report.markdown()
     os.makedirs(os.path.join(run_dir, "figures"), exist_ok=True)
-    for name, (panels, ncols, size) in report.figures.items():
-        fig = _draw(panels, ncols, size)
+    for name, fig in report.figures.items():
         atomic_write(os.path.join(run_dir, "figures", name),
                      lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     atomic_write(os.path.join(run_dir, "report.md"), lambda tmp: Path(tmp).write_text(markdown))

@@ -325,7 +325,7 @@ def test_cli_report_writes_the_report_and_prints_the_summary(tmp_path):
 @pytest.mark.parametrize("content, problem", [("{not json", "not valid JSON"),
                                               ('{"config": {}}', "malformed"),
                                               ('{"results": [{"value": 1}]}', "malformed"),
-                                              ('{"results": [{"test": "l0"}]}', "malformed record"),
+                                              ('{"config": {}, "circuit": {}, "results": [{"test": "l0"}]}', "malformed record"),
                                               ('{"results": []}', "not a run's metrics.json")])
 def test_cli_malformed_metrics(tmp_path, content, problem):
     (tmp_path / "metrics.json").write_text(content)
