@@ -1,14 +1,11 @@
-"""Every metric of the evaluation (Makelov, Lange & Nanda, arXiv 2405.08366), in the order of the paper's
-tests (README, 'The method in one page'): approximation (§5), control (§6), interpretability (§7), SAE
-core metrics (§8), the two phenomena and their toy models (§9), then the graders that turn every test
-at every cross-section into flat `Record`s, and ground truth beyond the paper. Pure functions of
-tensors, except the graders (they run the model with patches) and the toys that train SAEs. SAEs
-(dictionaries.py): `encode(x)`, `active(x)` on raw activations, `sae(x)` -> (x̂, f), unit-norm decoder
-rows `W_dec` in the SAE's normalised space, scalar `input_scale` s: latent j adds f_j W_dec[j] / s.
-Start with `sufficiency`, `necessity`, `edit_accuracy`, then `grade_section`."""
+"""Every metric of the evaluation (Makelov, Lange & Nanda, arXiv 2405.08366) in the order of the paper's
+tests: approximation (README §5), control (§6), interpretability (§7), SAE core metrics (§8), the two
+phenomena and their toys (§9), then the graders that turn every test at every cross-section into flat
+`Record`s, and ground truth beyond the paper. SAEs (dictionaries.py) decode in their own normalised
+space: latent j adds f_j W_dec[j] / input_scale. Start with `sufficiency`, then `grade_section`."""
 import functools
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -84,9 +81,9 @@ def sae_weight_removed(f: torch.Tensor, directions: torch.Tensor, changed_mask: 
 
 @torch.no_grad()
 def greedy_sae_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor, k: int):
-    """Interpretation-agnostic SAE edit of <= k latents (README §6): target δ = a(p') - a(p), moves
-    Δ_j = (f_j(a(p')) - f_j(a(p))) d_j; each step adds, per prompt, the unused Δ_j minimising
-    ‖S + Δ_j - δ‖, until none helps -> (a(p) + S [B, d], with a(p)'s SAE error; changed [B, d_sae])."""
+    """README §6's interpretation-agnostic edit: of the moves Δ_j = (f_j(a(p')) - f_j(a(p))) d_j, add
+    the one bringing their sum S closest to a(p') - a(p), k times or until none helps -> (a(p) + S,
+    changed [B, d_sae])."""
     directions = raw_decoder_directions(sae)  # [d_sae, d]
     coefficient_change = sae.encode(a_counterfactual) - sae.encode(a_clean)  # [B, d_sae]
     direction_sq_norms = directions.pow(2).sum(-1)  # [d_sae]
@@ -120,9 +117,8 @@ def first_active_in_ranking(ranking: torch.Tensor, active: torch.Tensor, k: int)
 @torch.no_grad()
 def f1_guided_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor,
                    ranking_old: torch.Tensor, ranking_new: torch.Tensor, k: int):
-    """Interpretation-aware SAE edit from v (in p) to v' (in p'), rankings [B, R] of latents by F1 for v
-    and v' (`latents_by_f1`): subtract f_j(p) d_j for the first k ranked for v active on p, add f_j(p') d_j
-    for the first k ranked for v' active on p' (authors' num_exchange = k) -> like `greedy_sae_edit`."""
+    """README §6's interpretation-aware edit of v into v' (rankings [B, R] by F1, `latents_by_f1`):
+    remove the first k latents ranked for v active on p, add the first k for v' active on p'."""
     directions = raw_decoder_directions(sae)  # [d_sae, d]
     removed = first_active_in_ranking(ranking_old, sae.active(a_clean), k)  # [B, d_sae]
     added = first_active_in_ranking(ranking_new, sae.active(a_counterfactual), k)  # [B, d_sae]
@@ -131,15 +127,6 @@ def f1_guided_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor,
 
 
 # --- Test 3: interpretability (README §7) ---
-def _counts(active: torch.Tensor, properties: torch.Tensor):
-    """|A∩F| [L, P], |F| [L, 1] and |A| [1, P] for active [N, L] and properties [N, P]."""
-    if active.ndim != 2 or properties.ndim != 2 or len(active) != len(properties):
-        raise ValueError(f"F1: expected active [N, L] and properties [N, P], got "
-                         f"{tuple(active.shape)} and {tuple(properties.shape)}")
-    active, properties = active.float(), properties.float()
-    return active.T @ properties, active.sum(0)[:, None], properties.sum(0)[None, :]
-
-
 def _f1_from_counts(intersection, n_active, n_property):
     """F1 = 2PR/(P+R) = 2|A∩F| / (|A| + |F|); 0 where both sets are empty (P and R undefined)."""
     denominator = n_active + n_property
@@ -147,19 +134,12 @@ def _f1_from_counts(intersection, n_active, n_property):
 
 
 def f1_scores(active: torch.Tensor, properties: torch.Tensor) -> torch.Tensor:
-    """F1 of every latent (F: the prompts where it fires) for every property A -> [L, P]; 0 if undefined."""
-    return _f1_from_counts(*_counts(active, properties))
-
-
-def _check_attributes(attributes: dict, n_names: int):
-    """io/s/pos must be id tensors of one shape [N], each id within its attribute's range."""
-    limits = {"io": n_names, "s": n_names, "pos": len(ioi.PATTERNS)}
-    n_prompts = len(attributes["io"])
-    for name, limit in limits.items():
-        values = attributes[name]
-        if values.shape != (n_prompts,) or values.min() < 0 or values.max() >= limit:
-            raise ValueError(f"attributes[{name!r}]: expected ids in [0, {limit}) of shape ({n_prompts},), "
-                             f"got shape {tuple(values.shape)} with ids in [{values.min()}, {values.max()}]")
+    """F1 of every latent (F: where it fires, active [N, L]) for every property A [N, P] -> [L, P]."""
+    if active.ndim != 2 or properties.ndim != 2 or len(active) != len(properties):
+        raise ValueError(f"F1: expected active [N, L] and properties [N, P], got "
+                         f"{tuple(active.shape)} and {tuple(properties.shape)}")
+    active, properties = active.float(), properties.float()
+    return _f1_from_counts(active.T @ properties, active.sum(0)[:, None], properties.sum(0)[None, :])
 
 
 def _name_properties(attributes: dict, n_names: int, name_present=None) -> dict:
@@ -176,10 +156,15 @@ def _name_properties(attributes: dict, n_names: int, name_present=None) -> dict:
 
 
 def candidate_properties(attributes: dict, names: Sequence[str], name_present=None):
-    """The fixed candidate properties of README §7 -> (bool [N, P], labels [P]), from {"io", "s", "pos"}
-    ids (ioi.attribute_ids); name_present [N, n_names]: names in the prompt (default IO or S). Columns:
-    io=v, s=v, has=v, first=v, second=v, pos=ABB/BAB, io=v&pos=p, s=v&pos=p (ids in order in each block)."""
-    _check_attributes(attributes, len(names))
+    """README §7's candidate properties -> (bool [N, P], labels [P]) from ids {"io", "s", "pos"} [N]:
+    io=v, s=v, has=v, first=v, second=v, pos=p, io=v&pos=p, s=v&pos=p. name_present [N, n_names]:
+    the names in each prompt (default IO or S)."""
+    n_prompts = len(attributes["io"])
+    for name, limit in {"io": len(names), "s": len(names), "pos": len(ioi.PATTERNS)}.items():
+        ids = attributes[name]
+        if ids.shape != (n_prompts,) or ids.min() < 0 or ids.max() >= limit:
+            raise ValueError(f"attributes[{name!r}]: expected ids in [0, {limit}) of shape ({n_prompts},), "
+                             f"got shape {tuple(ids.shape)} with ids in [{ids.min()}, {ids.max()}]")
     singles = _name_properties(attributes, len(names), name_present)
     pos = F.one_hot(attributes["pos"], len(ioi.PATTERNS)).bool()  # [N, 2]
     columns, labels = [], []
@@ -198,19 +183,15 @@ def candidate_properties(attributes: dict, names: Sequence[str], name_present=No
 def name_unions(active: torch.Tensor, name_properties: torch.Tensor, max_names: int = 10):
     """Best union of a latent's top single-name properties ("IO is Mary or John"): of the unions of its
     top 1, 2, ..., max_names names by F1, the best -> (f1 [L], members [L, max_names], padded with -1)."""
-    single_f1 = f1_scores(active, name_properties)  # [L, n_names]
-    ranked = single_f1.argsort(dim=1, descending=True, stable=True)  # ties: lower name id first
+    ranked = f1_scores(active, name_properties).argsort(dim=1, descending=True, stable=True)  # ties: lower id
     top_names = ranked[:, :max_names]  # [L, m]
     active = active.bool()
-    union = torch.zeros_like(active)  # [N, L]
-    best_f1 = torch.zeros(active.shape[1])  # [L]
-    best_size = torch.zeros(active.shape[1], dtype=torch.long)  # [L]
-    for size in range(1, top_names.shape[1] + 1):
-        union = union | name_properties[:, top_names[:, size - 1]]  # [N, L]
-        f1 = _f1_from_counts((active & union).sum(0), active.sum(0), union.sum(0)).float()  # [L]
-        better = f1 > best_f1
-        best_f1 = torch.where(better, f1, best_f1)
-        best_size = torch.where(better, size, best_size)
+    union, union_f1 = torch.zeros_like(active), []  # [N, L]; F1 of each latent's top 1, 2, ... names
+    for next_names in top_names.T:  # [L]
+        union = union | name_properties[:, next_names]  # [N, L]
+        union_f1.append(_f1_from_counts((active & union).sum(0), active.sum(0), union.sum(0)).float())
+    best_f1, best = torch.stack(union_f1).max(dim=0)  # [L]; ties: the smaller union
+    best_size = torch.where(best_f1 > 0, best + 1, 0)  # [L]
     in_union = torch.arange(top_names.shape[1]) < best_size[:, None]  # [L, m]
     members = torch.full((active.shape[1], max_names), -1, dtype=torch.long)
     members[:, :top_names.shape[1]] = torch.where(in_union, top_names, -1)
@@ -300,28 +281,21 @@ def occlusion_toy_recovery(active: torch.Tensor, values: dict, n_values: int, th
 # Tuned so both feature sets are recovered (F1 > 0.9) at 1:1: the paper's 216 values, but d = 128 (at 64
 # features interfere too much) and a λ where the weaker set fades as the ratio grows; ~20 s on 2 CPUs.
 OCCLUSION_TOY_RATIOS = (1.0, 1.2, 1.5, 2.0)
-OCCLUSION_TOY = dict(l1=4.5, n_values=216, d=128, n_samples=10_000)
 OCCLUSION_TOY_TRAINING = dictionaries.TrainConfig(d_sae=512, lr=1e-2, batch_size=256, epochs=30,
                                                   resample_at=(0.125, 0.25))
 
 
-def occlusion_toy_experiment(ratios: Sequence[float], l1: float = OCCLUSION_TOY["l1"],
-                             n_values: int = OCCLUSION_TOY["n_values"], d: int = OCCLUSION_TOY["d"],
-                             n_samples: int = OCCLUSION_TOY["n_samples"], config=OCCLUSION_TOY_TRAINING,
-                             seed: int = 0) -> list:
-    """For each norm ratio r, one vanilla SAE (one batched stack) trained on a = u_i + v_j with ‖u‖ = 1,
-    ‖v‖ = 1/r (the same features and samples at every r), and the share of "io" (u) and "s" (v)
-    features it recovers on that data -> [{ratio, l1, io, s, l0}]."""
+def occlusion_toy_experiment(ratios: Sequence[float], l1: float = 4.5, n_values: int = 216, d: int = 128,
+                             n_samples: int = 10_000, config=OCCLUSION_TOY_TRAINING, seed: int = 0) -> list:
+    """Per norm ratio r, a vanilla SAE (one batched stack) trained on u_i + v_j, ‖u‖ = 1, ‖v‖ = 1/r
+    (the same features and samples at every r), and the shares of u ("io"), v ("s") it finds."""
     data = [occlusion_toy_data(1.0, 1 / ratio, n_samples, n_values, d, seed) for ratio in ratios]
     specs = [dictionaries.SAESpec("vanilla", i, l1_coefficient=l1, seed=seed) for i in range(len(ratios))]
     saes, _ = dictionaries.train_sae_stack(torch.stack([acts for acts, _ in data]), specs, config)
-    results = []
     with torch.no_grad():
-        for ratio, sae, (acts, values) in zip(ratios, saes, data):
-            shares = occlusion_toy_recovery(sae.active(acts), values, n_values)
-            l0 = sae_core_metrics(sae, acts, acts)["l0"]
-            results.append({"ratio": ratio, "l1": l1, **shares, "l0": l0})
-    return results
+        return [{"ratio": ratio, "l1": l1, **occlusion_toy_recovery(sae.active(acts), values, n_values),
+                 "l0": sae_core_metrics(sae, acts, acts)["l0"]}
+                for ratio, sae, (acts, values) in zip(ratios, saes, data)]
 
 
 # --- Phenomenon 2: feature over-splitting (README §9) ---
@@ -330,38 +304,17 @@ def pos_latents(best_labels: Sequence[str]) -> int:
     return sum(label in {f"pos={value}" for value in ioi.PATTERNS} for label in best_labels)
 
 
-def sae_loss(x: torch.Tensor, sae: dictionaries.SAE, l1: float) -> float:
-    """The vanilla SAE loss ‖x̂ - x‖² + λ‖f‖₁, mean over inputs x (in the SAE's own space)."""
-    return float(dictionaries.loss_vanilla(replace(sae, l1_coefficient=l1), x).mean())
-
-
 def oversplitting_toy_data(n_samples: int, mu: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Samples of the uniform mixture of ±µ + N(0, I) -> [n_samples, d]."""
     signs = torch.randint(2, (n_samples, 1), generator=generator) * 2 - 1  # [N, 1]
     return signs * mu + torch.randn(n_samples, len(mu), generator=generator)
 
 
-def ideal_two_latent_sae(mu: torch.Tensor, k: float, gamma: float) -> dictionaries.SAE:
-    """The "ideal" SAE for ±µ: decoders ±µ/‖µ‖, encoders ±kµ, biases -γ, b_dec = 0."""
-    signed = torch.stack([mu, -mu])  # [2, d]
-    return dictionaries.SAE("vanilla", W_enc=k * signed.T, b_enc=torch.full((2,), -gamma, dtype=mu.dtype),
-                            W_dec=signed / mu.norm(), b_dec=torch.zeros_like(mu))
-
-
-def random_data_sae(data_sample: torch.Tensor, beta: float, gamma: float) -> dictionaries.SAE:
-    """One latent per data sample [n_latents, d]: encoder rows β·sample, decoder rows the normalised
-    samples, biases -γ, b_dec = 0."""
-    return dictionaries.SAE("vanilla", W_enc=beta * data_sample.T,
-                            b_enc=torch.full((len(data_sample),), -gamma, dtype=data_sample.dtype),
-                            W_dec=data_sample / data_sample.norm(dim=1, keepdim=True),
-                            b_dec=torch.zeros_like(data_sample[0]))
-
-
 def scaled_family_loss_terms(x: torch.Tensor, encoder_rows: torch.Tensor, W_dec: torch.Tensor,
                              scales: Sequence[float], gammas: Sequence[float]):
-    """For every SAE with W_enc = scale·encoder_rowsᵀ, biases -γ, b_dec = 0 and this decoder, over
-    scales × γs: the means of ‖x̂ - x‖² and ‖f‖₁ (the loss at λ: the first + λ × the second)
-    and the share of inputs on which it fires -> (reconstruction, l1, firing), each [n_scales, n_gammas]."""
+    """The toy's SAEs f = ReLU(scale·encoder_rows x - γ), x̂ = f W_dec, over scales × γs: the means of
+    ‖x̂ - x‖² and ‖f‖₁ (the loss at λ: first + λ·second) and the share of inputs they fire
+    on, each [n_scales, n_gammas]."""
     projections = x @ encoder_rows.T  # [N, n_latents]
     gammas = torch.as_tensor(gammas, dtype=x.dtype)[:, None, None]  # [n_gammas, 1, 1]
     reconstruction, l1, firing = [], [], []
@@ -373,27 +326,25 @@ def scaled_family_loss_terms(x: torch.Tensor, encoder_rows: torch.Tensor, W_dec:
     return torch.stack(reconstruction), torch.stack(l1), torch.stack(firing)
 
 
-def oversplitting_toy(lambdas=np.linspace(0, 20, 41), n_samples: int = 4096, d: int = 100,
-                      mu_norm: float = 2.0, n_latents: int = 1000,
-                      ideal_ks=np.geomspace(1 / 16, 2.0, 31), ideal_gammas=np.linspace(0.0, 10.0, 41),
-                      random_betas=np.geomspace(0.01, 0.3, 31),
-                      random_gammas=(1.0, 1.75, 2.35, 3.0, 4.0, 5.0, 6.0), seed: int = 0) -> dict:
-    """README §9's toy on ±µ + N(0, I_d), ‖µ‖ = mu_norm: per λ, the best loss of the ideal SAE (over
-    k, γ) and of a random n_latents-latent SAE built from data samples (over β, γ), on n_samples other
-    inputs -> numpy arrays lambdas, {ideal,random}_best_loss [n_λ], _best_params [n_λ, 2] ((k or β), γ),
-    _firing [n_λ] (share of inputs on which the best SAE fires); zero_sae_loss = E‖x‖²."""
+def oversplitting_toy(lambdas, random_betas, random_gammas, n_samples: int = 4096, d: int = 100,
+                      mu_norm: float = 2.0, n_latents: int = 1000, ideal_ks=np.geomspace(1 / 16, 2.0, 31),
+                      ideal_gammas=np.linspace(0.0, 10.0, 41), seed: int = 0) -> dict:
+    """README §9's toy on ±µ + N(0, I_d), ‖µ‖ = mu_norm: per λ, the best loss of the ideal SAE
+    (latents reading ±kµ, writing ±µ/‖µ‖; over k, γ) and of a random one (a latent per data sample
+    s, reading βs, writing s/‖s‖; over β, γ) -> numpy arrays lambdas, {ideal,random}_best_loss [n_λ],
+    _best_params [n_λ, 2] ((k or β), γ), _firing [n_λ] (of the best SAE); zero_sae_loss = E‖x‖²."""
     generator = torch.Generator().manual_seed(seed)
     mu = torch.randn(d, generator=generator, dtype=torch.float64)
     mu = mu_norm * mu / mu.norm()
     x = oversplitting_toy_data(n_samples, mu, generator)  # [N, d]
     samples = oversplitting_toy_data(n_latents, mu, generator)  # [n_latents, d]
+    signed = torch.stack([mu, -mu])  # [2, d]
+    families = {"ideal": (signed, signed / mu.norm(), ideal_ks, ideal_gammas),
+                "random": (samples, samples / samples.norm(dim=1, keepdim=True), random_betas, random_gammas)}
     lambdas = torch.as_tensor(lambdas, dtype=torch.float64)
-    # Each family is swept by scaling the encoder of its unit member: k for the ideal, β for the random SAE.
-    families = {"ideal": (ideal_two_latent_sae(mu, k=1.0, gamma=0.0), ideal_ks, ideal_gammas),
-                "random": (random_data_sae(samples, beta=1.0, gamma=0.0), random_betas, random_gammas)}
     toy = {"lambdas": lambdas.numpy(), "zero_sae_loss": float(x.pow(2).sum(-1).mean())}
-    for family, (unit, scales, gammas) in families.items():
-        reconstruction, l1, firing = scaled_family_loss_terms(x, unit.W_enc.T, unit.W_dec, scales, gammas)
+    for family, (encoder_rows, W_dec, scales, gammas) in families.items():
+        reconstruction, l1, firing = scaled_family_loss_terms(x, encoder_rows, W_dec, scales, gammas)
         losses = reconstruction.flatten()[None] + lambdas[:, None] * l1.flatten()[None]  # [n_λ, grid]
         best_loss, best = losses.min(dim=1)
         grid = torch.cartesian_prod(torch.as_tensor(scales, dtype=torch.float64),
@@ -406,6 +357,7 @@ def oversplitting_toy(lambdas=np.linspace(0, 20, 41), n_samples: int = 4096, d: 
 # The paper's own grid (section 5.2): γ = 2.35 for the random SAE, β over (0, 0.1], 100 λ in [0, 20].
 PAPER_OVERSPLITTING_GRID = {"lambdas": np.linspace(0, 20, 100), "random_betas": np.linspace(0.001, 0.1, 100),
                             "random_gammas": (2.35,)}
+OVERSPLITTING_GRIDS = {"paper": PAPER_OVERSPLITTING_GRID}
 
 
 def oversplitting_verdict(toy: dict, min_firing: float = 0.02, tolerance: float = 1e-9) -> dict:
@@ -1017,9 +969,6 @@ def occlusion_toy_records(norms: Optional[dict], seed: int = 0) -> list:
                    ratio=result["ratio"], norm=1.0 if attribute == "io" else 1 / result["ratio"],
                    setting=result["l1"])
             for result in occlusion_toy_experiment(ratios, seed=seed) for attribute in NAME_ATTRIBUTES]
-
-
-OVERSPLITTING_GRIDS = {"paper": PAPER_OVERSPLITTING_GRID}
 
 
 def oversplitting_toy_records(grids: dict = OVERSPLITTING_GRIDS, seed: int = 0) -> list:
