@@ -414,9 +414,8 @@ class Task:
 
 def approximation(task: Task, clean: dict, reconstruction: dict, clean_run: ioi.PatchedRun,
                   mean_ablated_run: ioi.PatchedRun) -> dict:
-    """Sufficiency and necessity of a reconstruction at every node of a cross-section (README §5).
-    Sufficiency patches â; necessity patches ā + (a - â), mean-ablating the part the dictionary
-    explains and keeping its error term (ā: the mean of `clean` over the prompts)."""
+    """README §5 at a cross-section: sufficiency patches â at every node; necessity patches ā + (a - â),
+    mean-ablating what the dictionary explains and keeping its error term."""
     patched = task.patched(reconstruction, ld_only=True)
     residual = {node: clean[node].mean(0) + clean[node] - reconstruction[node] for node in clean}
     explained_removed = task.patched(residual, ld_only=True)
@@ -485,10 +484,6 @@ class AttributeChange:
     new_values: torch.Tensor  # [N] ids of `attribute` in p′
     counterfactual: torch.Tensor  # [N, d] the activations of p′ at this node
 
-    @property
-    def old_values(self) -> torch.Tensor:
-        return self.values[self.attribute]
-
 
 @dataclass(frozen=True)
 class SAEEdit:
@@ -515,7 +510,8 @@ class SupervisedAtNode:
         return self.dictionary.reconstruct(values)
 
     def edit(self, acts: torch.Tensor, change: AttributeChange, how: None = None) -> Edit:
-        edited = self.dictionary.edit(acts, change.attribute, change.old_values, change.new_values)
+        old_values = change.values[change.attribute]  # [N]
+        edited = self.dictionary.edit(acts, change.attribute, old_values, change.new_values)
         return Edit(edited, self.dictionary.feature_weights(change.values)[change.attribute])
 
 
@@ -541,7 +537,7 @@ class SAEAtNode:
         else:
             table = self.interpretations
             ranking = latents_by_f1(table.f1, table.labels, change.attribute)  # [n_values, d_sae]
-            old, new = ranking[change.old_values], ranking[change.new_values]  # [N, d_sae] each
+            old, new = ranking[change.values[change.attribute]], ranking[change.new_values]  # [N, d_sae]
             edited, changed = f1_guided_edit(self.sae, acts, change.counterfactual, old, new, how.k // 2)
         weights = sae_weight_removed(self.sae.encode(acts), raw_decoder_directions(self.sae), changed)
         return Edit(edited, weights, changed.sum(-1).float())
@@ -650,30 +646,25 @@ def grade_dictionary(task: Task, inputs: SectionInputs, method: str, at_nodes: d
     return records
 
 
-def split_by_interpretability(at_node: SAEAtNode, acts: torch.Tensor, threshold: float):
-    """README §7's causal checks at one node -> (kept, removed), each [N, d]: only the latents of
-    F1 >= `threshold` kept (the others' part subtracted), and the part those latents explain mean-ablated."""
-    features, directions = at_node.sae.encode(acts), raw_decoder_directions(at_node.sae)
-    interpretable = at_node.interpretations.best_f1 >= threshold  # [d_sae]
-    explained = (features * interpretable) @ directions  # [N, d]
-    others = (features * ~interpretable) @ directions  # [N, d]
-    return acts - others, acts - explained + explained.mean(0)
-
-
 def causal_curve_records(task: Task, inputs: SectionInputs, method: str, at_nodes: dict,
                          thresholds: Sequence[float], setting=None) -> list:
-    """Per F1 threshold (README §7): only interpretable latents kept (sufficiency), removed (necessity)."""
+    """README §7's causal checks per F1 threshold: only the latents of F1 >= threshold kept (the others'
+    part subtracted: sufficiency), and the part those latents explain mean-ablated (necessity)."""
     records = []
     for threshold in thresholds:
-        split = {node: split_by_interpretability(at_nodes[node], acts, threshold)
-                 for node, acts in inputs.clean.items()}
-        kept = task.patched({node: kept for node, (kept, _) in split.items()}, ld_only=True)
-        removed = task.patched({node: removed for node, (_, removed) in split.items()}, ld_only=True)
+        kept, removed = {}, {}
+        for node, acts in inputs.clean.items():
+            features, directions = at_nodes[node].sae.encode(acts), raw_decoder_directions(at_nodes[node].sae)
+            interpretable = at_nodes[node].interpretations.best_f1 >= threshold  # [d_sae]
+            explained = (features * interpretable) @ directions  # [N, d]
+            kept[node] = acts - (features * ~interpretable) @ directions
+            removed[node] = acts - explained + explained.mean(0)
+        kept_run, removed_run = task.patched(kept, ld_only=True), task.patched(removed, ld_only=True)
         records += [Record("causal_keep_sufficiency", inputs.site, method,
-                           sufficiency(kept.logit_diff, inputs.clean_run.logit_diff),
+                           sufficiency(kept_run.logit_diff, inputs.clean_run.logit_diff),
                            threshold=threshold, setting=setting),
                     Record("causal_remove_necessity", inputs.site, method,
-                           necessity(inputs.mean_ablated_run.logit_diff, removed.logit_diff,
+                           necessity(inputs.mean_ablated_run.logit_diff, removed_run.logit_diff,
                                      inputs.clean_run.logit_diff), threshold=threshold, setting=setting)]
     return records
 
@@ -694,14 +685,11 @@ def interpretability_records(task: Task, inputs: SectionInputs, method: str, at_
     return records + causal_curve_records(task, inputs, method, at_nodes, thresholds, setting)
 
 
-PAPER_NUM_EXCHANGE = 2  # the authors' F1-guided edit swaps 2 latents each way: SAEEdit("f1", k=4)
-
-
 def sae_edits(edit_ks: Sequence[int]) -> list:
-    """Every SAE edit graded: greedy and F1-guided, for each number of latents k, and the F1-guided
-    edit at the paper's size (k = 4: 2 out + 2 in) beside the headline's 1 + 1 (k = 2)."""
-    paper = [] if 2 * PAPER_NUM_EXCHANGE in edit_ks else [SAEEdit("f1", 2 * PAPER_NUM_EXCHANGE)]
-    return [SAEEdit(kind, k) for k in edit_ks for kind in ("greedy", "f1")] + paper
+    """Every SAE edit graded: greedy and F1-guided for each k, and the authors' F1-guided edit (2 out +
+    2 in: k = 4) beside the headline's 1 + 1 (k = 2)."""
+    edits = [SAEEdit(kind, k) for k in edit_ks for kind in ("greedy", "f1")]
+    return edits if SAEEdit("f1", 4) in edits else edits + [SAEEdit("f1", 4)]
 
 
 def grade_sae(task: Task, inputs: SectionInputs, method: str, at_nodes: dict, attributes: Sequence[str],
@@ -711,21 +699,16 @@ def grade_sae(task: Task, inputs: SectionInputs, method: str, at_nodes: dict, at
             + interpretability_records(task, inputs, method, at_nodes, thresholds, setting))
 
 
-def _distance_after_greedy_edit(at_nodes: dict, clean: dict, counterfactual: dict, k: int = 2) -> float:
-    """Mean over nodes and prompts of ‖edited - a(p′)‖ after a greedy edit of k latents."""
-    gaps = [(greedy_sae_edit(at_nodes[node].sae, acts, counterfactual[node], k)[0] - counterfactual[node])
-            .norm(dim=-1).mean() for node, acts in clean.items()]
-    return float(sum(gaps) / len(gaps))
-
-
 def choose_settings(inputs: SectionInputs, method: str, settings: dict):
-    """The revised paper's choice of an SAE setting per site and attribute (README §8): the one
-    whose k = 2 greedy edits land closest (L2) to the counterfactual activations, mean over nodes
-    and prompts. settings: {setting: {node: SAEAtNode}}. Returns ({attribute: setting}, records)."""
+    """README §8: per attribute, the setting {setting: {node: SAEAtNode}} whose k = 2 greedy edits land
+    closest (L2, mean over nodes and prompts) to a(p′) -> ({attribute: setting}, records)."""
     chosen, records = {}, []
     for attribute, counterfactual in inputs.counterfactual.items():
-        distances = {setting: _distance_after_greedy_edit(at_nodes, inputs.clean, counterfactual)
-                     for setting, at_nodes in settings.items()}
+        distances = {}
+        for setting, at_nodes in settings.items():
+            gaps = [(greedy_sae_edit(at_nodes[node].sae, inputs.clean[node], a_cf, 2)[0] - a_cf).norm(dim=-1)
+                    for node, a_cf in counterfactual.items()]  # [N] per node
+            distances[setting] = float(sum(gap.mean() for gap in gaps) / len(gaps))
         chosen[attribute] = min(distances, key=distances.get)
         records += [Record("edit_distance_k2", inputs.site, method, distance, attribute=attribute,
                            setting=setting, chosen=setting == chosen[attribute])
