@@ -66,24 +66,18 @@ def raw_decoder_directions(sae) -> torch.Tensor:
 
 
 def sae_latent_weights(f: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """w_j = f_j d_j·(â - b_dec) / ‖â - b_dec‖² -> [B, d_sae]; â - b_dec = Σ_j f_j d_j, so a
-    prompt's weights sum to 1 (0 if nothing fires)."""
+    """w_j = f_j d_j·(â - b_dec) / ‖â - b_dec‖² -> [B, d_sae]: as â - b_dec = Σ_j f_j d_j, they sum
+    to 1 (0 if nothing fires). An edit removes the weight of the latents it changes (README §6)."""
     centred_reconstruction = f @ directions  # [B, d] = â - b_dec
     projections = (centred_reconstruction @ directions.T) * f  # [B, d_sae]
     squared_norm = centred_reconstruction.pow(2).sum(-1, keepdim=True)  # [B, 1]
     return torch.where(squared_norm > 0, projections / squared_norm, torch.zeros_like(projections))
 
 
-def sae_weight_removed(f: torch.Tensor, directions: torch.Tensor, changed_mask: torch.Tensor) -> torch.Tensor:
-    """Weight removed by an SAE edit: Σ w_j over the changed latents, on the clean activation -> [B]."""
-    return (sae_latent_weights(f, directions) * changed_mask).sum(-1)  # [B]
-
-
 @torch.no_grad()
 def greedy_sae_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor, k: int):
-    """README §6's interpretation-agnostic edit: of the moves Δ_j = (f_j(a(p')) - f_j(a(p))) d_j, add
-    the one bringing their sum S closest to a(p') - a(p), k times or until none helps -> (a(p) + S,
-    changed [B, d_sae])."""
+    """README §6's agnostic edit: k times, or until none helps, add the move Δ_j = (f_j(p') - f_j(p)) d_j
+    that brings their sum S closest to a(p') - a(p) -> (a(p) + S [B, d], changed [B, d_sae])."""
     directions = raw_decoder_directions(sae)  # [d_sae, d]
     coefficient_change = sae.encode(a_counterfactual) - sae.encode(a_clean)  # [B, d_sae]
     direction_sq_norms = directions.pow(2).sum(-1)  # [d_sae]
@@ -103,8 +97,7 @@ def greedy_sae_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor, 
         changed[rows[helps], best[helps]] = True
         move = coefficient_change[rows, best, None] * directions[best]  # [B, d]
         remaining = remaining + helps[:, None] * move
-    a_edited = a_clean + (changed * coefficient_change) @ directions  # [B, d]
-    return a_edited, changed
+    return a_clean + (changed * coefficient_change) @ directions, changed
 
 
 def first_active_in_ranking(ranking: torch.Tensor, active: torch.Tensor, k: int) -> torch.Tensor:
@@ -143,8 +136,7 @@ def f1_scores(active: torch.Tensor, properties: torch.Tensor) -> torch.Tensor:
 
 
 def _name_properties(attributes: dict, n_names: int, name_present=None) -> dict:
-    """One-hot single-name properties [N, n_names]: "io", "s", "has" (the name occurs), "first" /
-    "second" (the name in the first / second name slot: IO first in ABB)."""
+    """One-hot single-name properties [N, n_names]: "io", "s", "has" (in the prompt), "first", "second"."""
     io = F.one_hot(attributes["io"], n_names).bool()  # [N, n_names]
     s = F.one_hot(attributes["s"], n_names).bool()  # [N, n_names]
     has = io | s if name_present is None else name_present.bool()
@@ -156,9 +148,8 @@ def _name_properties(attributes: dict, n_names: int, name_present=None) -> dict:
 
 
 def candidate_properties(attributes: dict, names: Sequence[str], name_present=None):
-    """README §7's candidate properties -> (bool [N, P], labels [P]) from ids {"io", "s", "pos"} [N]:
-    io=v, s=v, has=v, first=v, second=v, pos=p, io=v&pos=p, s=v&pos=p. name_present [N, n_names]:
-    the names in each prompt (default IO or S)."""
+    """README §7's candidates io=v, s=v, has=v, first=v, second=v, pos=p, io=v&pos=p, s=v&pos=p ->
+    (bool [N, P], labels [P]), from ids {"io", "s", "pos"} [N]; name_present [N, n_names]: default IO or S."""
     n_prompts = len(attributes["io"])
     for name, limit in {"io": len(names), "s": len(names), "pos": len(ioi.PATTERNS)}.items():
         ids = attributes[name]
@@ -181,8 +172,8 @@ def candidate_properties(attributes: dict, names: Sequence[str], name_present=No
 
 
 def name_unions(active: torch.Tensor, name_properties: torch.Tensor, max_names: int = 10):
-    """Best union of a latent's top single-name properties ("IO is Mary or John"): of the unions of its
-    top 1, 2, ..., max_names names by F1, the best -> (f1 [L], members [L, max_names], padded with -1)."""
+    """Each latent's best union ("IO is Mary or John") of its top 1, 2, ..., max_names names by F1 -> (f1 [L],
+    members [L, max_names], padded with -1)."""
     ranked = f1_scores(active, name_properties).argsort(dim=1, descending=True, stable=True)  # ties: lower id
     top_names = ranked[:, :max_names]  # [L, m]
     active = active.bool()
@@ -208,8 +199,8 @@ class LatentInterpretations:
 
 def interpret_latents(active: torch.Tensor, attributes: dict, names: Sequence[str],
                       name_present=None, max_union: int = 10) -> LatentInterpretations:
-    """Each latent's best-F1 property among README §7's candidates: `candidate_properties` and, for
-    io/s/has, unions of up to `max_union` names (a union wins only if strictly better)."""
+    """Each latent's best-F1 property among README §7's candidates and, for the single-name families,
+    unions of up to `max_union` names (a union wins only if strictly better)."""
     properties, labels = candidate_properties(attributes, names, name_present)
     f1 = f1_scores(active, properties)  # [L, P]
     best_f1, best_index = f1.max(dim=1)
@@ -233,14 +224,12 @@ def _attribute_columns(labels: Sequence[str], attribute: str) -> torch.Tensor:
 
 def latents_by_f1(f1: torch.Tensor, labels: Sequence[str], attribute: str) -> torch.Tensor:
     """Latents by decreasing F1 per value of an attribute -> [n_values, L]: `f1_guided_edit`'s rankings."""
-    value_f1 = f1[:, _attribute_columns(labels, attribute)].T  # [n_values, L]
-    return value_f1.argsort(dim=1, descending=True, stable=True)
+    return f1[:, _attribute_columns(labels, attribute)].T.argsort(dim=1, descending=True, stable=True)
 
 
 def names_with_latent(f1: torch.Tensor, labels: Sequence[str], attribute: str, threshold: float = 0.5) -> int:
     """Number of values of `attribute` with a latent of F1 >= threshold for "attribute=v"."""
-    best_per_value = f1[:, _attribute_columns(labels, attribute)].max(dim=0).values  # [n_values]
-    return int((best_per_value >= threshold).sum())
+    return int((f1[:, _attribute_columns(labels, attribute)].max(dim=0).values >= threshold).sum())
 
 
 def coverage(f1: torch.Tensor, labels: Sequence[str], threshold: float = 0.8) -> dict:
@@ -361,10 +350,8 @@ OVERSPLITTING_GRIDS = {"paper": PAPER_OVERSPLITTING_GRID}
 
 
 def oversplitting_verdict(toy: dict, min_firing: float = 0.02, tolerance: float = 1e-9) -> dict:
-    """Who wins the toy where it means something: for large λ both SAEs stop firing and tie at E‖x‖²,
-    so a λ counts if the ideal SAE's best setting fires on >= min_firing of the inputs; a relative
-    difference within `tolerance` is a tie -> counts (counted, random/ideal wins, ties, not counted)
-    and the share of random wins."""
+    """Who wins where it means something: a λ counts if the ideal SAE's best setting fires on >= min_firing
+    of the inputs (at large λ both stop firing, tied at E‖x‖²); a relative gap <= `tolerance` ties."""
     ideal, random = np.asarray(toy["ideal_best_loss"]), np.asarray(toy["random_best_loss"])
     counted = np.asarray(toy["ideal_firing"]) >= min_firing
     tie = np.abs(random - ideal) <= tolerance * np.maximum(1.0, np.abs(ideal))
@@ -424,11 +411,9 @@ def approximation(task: Task, clean: dict, reconstruction: dict, clean_run: ioi.
                                    clean_run.logit_diff)}
 
 
-# --- Grading a run (README §5-§9): every test as records, by plain functions ---
-# Each grader takes what it needs and returns `Record`s: the model on the evaluation prompts (`Task`), one
-# cross-section's activations and reference runs (`SectionInputs`), dictionaries at its nodes, supervised
-# (`SupervisedAtNode`) or SAE (`SAEAtNode`), behind one interface: reconstruct(acts [N, d], values
-# {attribute: ids [N]}) -> â [N, d], and edit(acts, AttributeChange, SAEEdit or None) -> Edit.
+# --- Grading a run (README §5-§9): plain functions that return every test as `Record`s ---
+# A dictionary at a node, supervised (`SupervisedAtNode`) or SAE (`SAEAtNode`), has reconstruct(acts [N, d],
+# values {attribute: ids [N]}) -> â [N, d] and edit(acts, AttributeChange, SAEEdit or None) -> Edit.
 MIN_NODE_EFFECT = 0.005  # LD recovered at a node only if mean-ablating it alone moves the mean LD by >= 0.5%
 MIN_SECTION_EFFECT = 0.05  # as ioi.discover: a site is graded if mean-ablating it moves the mean LD by >= 5%
 
@@ -517,9 +502,8 @@ class SupervisedAtNode:
 
 @dataclass(frozen=True, eq=False)
 class SAEAtNode:
-    """An SAE at one node: it reconstructs from the activations, and edits by changing latents. Its
-    latents are interpreted (README §7) once, when first needed, on the training activations at this node,
-    where every name occurs as IO and as S (unlike the evaluation prompts: README §6's fix)."""
+    """An SAE at one node: it reconstructs from the activations and edits latents, interpreted (README §7)
+    when first needed on the training activations, where every name occurs as IO and as S (README §6)."""
     sae: object
     train_acts: torch.Tensor  # [N_train, d] at this node
     train_values: dict  # {attribute: ids [N_train]}
@@ -539,8 +523,8 @@ class SAEAtNode:
             ranking = latents_by_f1(table.f1, table.labels, change.attribute)  # [n_values, d_sae]
             old, new = ranking[change.values[change.attribute]], ranking[change.new_values]  # [N, d_sae]
             edited, changed = f1_guided_edit(self.sae, acts, change.counterfactual, old, new, how.k // 2)
-        weights = sae_weight_removed(self.sae.encode(acts), raw_decoder_directions(self.sae), changed)
-        return Edit(edited, weights, changed.sum(-1).float())
+        weights = sae_latent_weights(self.sae.encode(acts), raw_decoder_directions(self.sae))  # [N, d_sae]
+        return Edit(edited, (weights * changed).sum(-1), changed.sum(-1).float())
 
 
 def saes_at_nodes(saes: dict, train_acts: dict, train_values: dict) -> dict:
@@ -608,26 +592,20 @@ def approximation_records(task: Task, inputs: SectionInputs, method: str, recons
     return [Record(test, inputs.site, method, value, setting=setting) for test, value in scores.items()]
 
 
-def _mean_over_nodes(per_prompt) -> torch.Tensor:
-    """The mean over a section's nodes of each node's mean over the prompts."""
-    means = [values.mean() for values in per_prompt]
-    return sum(means) / len(means)
-
-
 def edit_records(task: Task, inputs: SectionInputs, method: str, attribute: str, edits: dict,
                  how: Optional[SAEEdit] = None, setting=None) -> list:
-    """Test 2 (README §6) of one edit of `attribute`, {node: Edit} patched together: edit accuracy
-    against the ground truth, the weight removed and (SAEs) the latents changed."""
+    """Test 2 (README §6) of one edit of `attribute`, {node: Edit} patched together: edit accuracy against
+    the ground truth, and the mean over nodes of the weight removed and (SAEs) of the latents changed."""
     accuracy = edit_accuracy(task.patched({node: edit.activations for node, edit in edits.items()}).top_token,
                              inputs.truth[attribute].top_token)
     variant = dict(attribute=attribute, setting=setting,
                    k=None if how is None else how.k, edit=None if how is None else how.kind)
-    records = [Record("edit_accuracy", inputs.site, method, accuracy, **variant),
-               Record("weight_removed", inputs.site, method,
-                      _mean_over_nodes(edit.weight_removed for edit in edits.values()), **variant)]
-    if all(edit.latents_changed is not None for edit in edits.values()):
-        records.append(Record("latents_changed", inputs.site, method,
-                              _mean_over_nodes(edit.latents_changed for edit in edits.values()), **variant))
+    records = [Record("edit_accuracy", inputs.site, method, accuracy, **variant)]
+    for test in ("weight_removed", "latents_changed"):  # Edit's fields, [N] per node (None: not an SAE)
+        per_node = [getattr(edit, test) for edit in edits.values()]
+        if all(values is not None for values in per_node):
+            mean = sum(values.mean() for values in per_node) / len(per_node)
+            records.append(Record(test, inputs.site, method, mean, **variant))
     return records
 
 
@@ -758,19 +736,17 @@ def every_setting(task_saes: dict, corpus_saes: dict) -> dict:
 
 
 def core_records(saes: dict, eval_acts: dict, training: dict) -> list:
-    """L0, MSE, variance explained and dead fraction of every SAE {method: {setting: {node: SAEAtNode}}}
-    (dead: on the training activations) and how its training ended: training {(method, setting, node):
-    {"steps", "loss", "converged"}}, the last log of each task SAE."""
+    """L0, MSE, variance explained and dead fraction (on the training activations) of every SAE {method:
+    {setting: {node: SAEAtNode}}}, and how it ended training {(method, setting, node): its last log}."""
     records = []
     for method, settings in saes.items():
         for setting, at_nodes in settings.items():
             for node, at_node in at_nodes.items():
-                scores = sae_core_metrics(at_node.sae, eval_acts[node], at_node.train_acts)
+                ended = training.get((method, setting, node)) or {}
+                scores = {**sae_core_metrics(at_node.sae, eval_acts[node], at_node.train_acts),
+                          **{f"train_{key}": ended.get(key) for key in ("steps", "loss", "converged")}}
                 records += [Record(test, str(node), method, value, setting=setting)
                             for test, value in scores.items() if value is not None]  # fve of a constant x
-                ended = training.get((method, setting, node)) or {}
-                records += [Record(f"train_{key}", str(node), method, float(ended[key]), setting=setting)
-                            for key in ("steps", "loss", "converged") if ended.get(key) is not None]
     return records
 
 
@@ -797,8 +773,8 @@ def ld_recovered_records(task: Task, clean_run: ioi.PatchedRun, eval_acts: dict,
 
 # --- the two phenomena (README §9) ---
 def mean_code_norm(acts: torch.Tensor, ids: torch.Tensor) -> float:
-    """Mean norm of the mean codes u_v = mean(a - ā | value v) over the values that occur, relative
-    to the spread of the activations (mean ‖a - ā‖)."""
+    """Mean norm of the mean codes u_v = mean(a - ā | value v) of the values that occur, over the spread
+    of the activations (mean ‖a - ā‖)."""
     codes = dictionaries.SupervisedDictionary.fit(acts, {"a": ids}).features["a"]  # [n_values, d]
     spread = (acts - acts.mean(0)).norm(dim=-1).mean()
     return float(codes[torch.bincount(ids) > 0].norm(dim=-1).mean() / spread)
@@ -814,9 +790,8 @@ def presence(acts: torch.Tensor, ids: torch.Tensor, n_permutations: int = 20, se
 
 
 def attribute_evidence(task: Task, clean_run: ioi.PatchedRun, nodes: Sequence, acts: dict, supervised: dict):
-    """Per node and attribute (README §9): the supervised feature's mean norm / spread; the evaluation
-    prompts' mean-code norm and noise floor (`presence`); its causal effect alone (share of answers
-    changed, relative move of the mean LD, only this node counterfactual) -> ({(node, a): row}, records)."""
+    """Per node and attribute (README §9): the supervised features' mean norm / spread, `presence` on the
+    evaluation prompts, and the effect of this node alone counterfactual -> ({(node, a): row}, records)."""
     evidence, records, ld_clean = {}, [], clean_run.logit_diff.mean()
     values = ioi.attribute_ids(task.prompts)
     for node in nodes:
@@ -851,16 +826,13 @@ def phenomenon_gates(rows: dict, present: float = PRESENT, causal: float = CAUSA
 
 
 def phenomenon_node(evidence: dict, attributes: Sequence[str], **thresholds):
-    """Where a phenomenon can be tested: among the nodes that pass every gate, the one whose weaker
-    attribute is most causal; None if none. evidence: {(node, attribute): row} (`attribute_evidence`)."""
-    nodes = list(dict.fromkeys(node for node, _ in evidence))
-    rows = {node: {a: evidence[node, a] for a in attributes} for node in nodes}
-    passing = [node for node in nodes if all(phenomenon_gates(rows[node], **thresholds).values())]
-
-    def weaker_effect(node):
-        weaker = rows[node][min(attributes, key=lambda a: rows[node][a]["eval_norm"])]
-        return max(weaker["answers_changed"], weaker["ld_moved"])
-    return max(passing, key=weaker_effect) if passing else None
+    """Where a phenomenon can be tested: of the nodes that pass every gate, the one whose weaker attribute
+    is most causal, or None. evidence: {(node, attribute): row} (`attribute_evidence`)."""
+    rows = {node: {a: evidence[node, a] for a in attributes} for node, _ in evidence}
+    passing = [node for node in rows if all(phenomenon_gates(rows[node], **thresholds).values())]
+    weaker = {node: min(rows[node].values(), key=lambda row: row["eval_norm"]) for node in passing}
+    return max(passing, key=lambda node: max(weaker[node]["answers_changed"], weaker[node]["ld_moved"]),
+               default=None)
 
 
 class Phenomena(NamedTuple):
@@ -874,9 +846,8 @@ PHENOMENA = {"occlusion": NAME_ATTRIBUTES, "oversplitting": ("pos",)}
 
 def grade_phenomena(task: Task, clean_run: ioi.PatchedRun, nodes: Sequence, acts: dict, supervised: dict,
                     task_saes: dict) -> Phenomena:
-    """README §9: the gates at every node (records "gate_present" / "gate_causal"), and where a
-    phenomenon is testable what every task SAE {method: {setting: {node: SAEAtNode}}} did: the IO and
-    S names with a latent (F1 >= 0.5), or its Pos latents, and whether that reproduces the paper."""
+    """README §9: the gates at every node, and where a phenomenon is testable, what every task SAE {method:
+    {setting: {node: SAEAtNode}}} did (IO and S names with a latent, or Pos latents): as in the paper?"""
     evidence, records = attribute_evidence(task, clean_run, nodes, acts, supervised)
     if ioi.is_gpt2_small(task.model.config):  # in GPT-2 Small only the paper's node is a candidate
         paper_node = ioi.Node("q", 10, 0, "end")
@@ -976,9 +947,8 @@ def decoder_recovery(decoder: torch.Tensor, directions: torch.Tensor) -> float:
 
 
 def ground_truth_records(saes: dict, supervised: dict, truth: dict) -> list:
-    """How well every SAE {method: {setting: {node: SAEAtNode}}} recovers, per attribute, the supervised
-    mean codes ("supervised_cosine", as the authors compare) and the model's true feature directions
-    ("ground_truth_cosine"; truth: {node: {attribute: [n_values, d]} or None})."""
+    """How well every SAE {method: {setting: {node: SAEAtNode}}} recovers, per attribute, the supervised mean
+    codes (as the authors compare) and the true feature directions (truth: {node: {attribute: [n, d]} or None})."""
     references = {"supervised_cosine": {node: s.dictionary.features for node, s in supervised.items()},
                   "ground_truth_cosine": truth}
     return [Record(test, str(node), method, decoder_recovery(at_nodes[node].sae.W_dec, directions),
@@ -997,9 +967,8 @@ def effective_rank(acts: torch.Tensor) -> float:
 
 
 def geometry_records(nodes: Sequence, acts: dict, values: dict) -> list:
-    """Per node: the held-out FVE of a least-squares supervised dictionary (fit on "train", scored on
-    "eval"), the effective rank, and the IO-S overlap (mean |cos| of a name's IO and S mean codes).
-    acts {split: {node: [N, d]}}, values {split: {attribute: ids}}; norms and floors: `attribute_evidence`."""
+    """Per node: the FVE on "eval" of a least-squares supervised dictionary fit on "train", the effective rank,
+    and the IO-S overlap (mean |cos| of a name's IO and S mean codes). acts {split: {node: [N, d]}}."""
     sizes = {"io": len(ioi.NAMES), "s": len(ioi.NAMES), "pos": len(ioi.PATTERNS)}
     records = []
     for node in nodes:

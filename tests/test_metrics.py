@@ -81,16 +81,22 @@ def test_sae_latent_weights_hand_case_and_sum_to_one():
     f = torch.tensor([[1.0, 3.0], [0.0, 0.0]])  # â - b_dec = (1, 3), ‖·‖² = 10; a silent prompt
     weights = metrics.sae_latent_weights(f, directions)
     assert torch.allclose(weights, torch.tensor([[0.1, 0.9], [0.0, 0.0]]))
-    removed = metrics.sae_weight_removed(f, directions, torch.tensor([[True, False], [True, True]]))
-    assert torch.allclose(removed, torch.tensor([0.1, 0.0]))
 
 
-def test_sae_weight_removed_is_one_when_every_latent_changes():
+def test_sae_latent_weights_sum_to_one_whatever_the_decoder():
     generator = torch.Generator().manual_seed(0)
     directions = torch.randn(7, 4, generator=generator)  # not orthogonal, not unit norm
     f = torch.rand(5, 7, generator=generator)
-    all_latents = torch.ones(5, 7, dtype=torch.bool)
-    assert torch.allclose(metrics.sae_weight_removed(f, directions, all_latents), torch.ones(5))
+    assert torch.allclose(metrics.sae_latent_weights(f, directions).sum(-1), torch.ones(5))
+
+
+def test_an_sae_edit_removes_the_weight_of_the_latents_it_changes():
+    """Identity SAE, a = (1, 3): latent weights 0.1 and 0.9. A greedy edit to (1, 0) changes latent 1 only."""
+    at_node = metrics.SAEAtNode(identity_sae(2), None, None)
+    a, a_cf = torch.tensor([[1.0, 3.0]]), torch.tensor([[1.0, 0.0]])
+    edit = at_node.edit(a, metrics.AttributeChange("io", {}, None, a_cf), metrics.SAEEdit("greedy", 2))
+    assert torch.allclose(edit.activations, a_cf) and edit.latents_changed.tolist() == [1.0]
+    assert torch.allclose(edit.weight_removed, torch.tensor([0.9]))
 
 
 def test_raw_decoder_directions_undo_the_input_scale():
