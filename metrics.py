@@ -947,8 +947,8 @@ def decoder_recovery(decoder: torch.Tensor, directions: torch.Tensor) -> float:
 
 
 def ground_truth_records(saes: dict, supervised: dict, truth: dict) -> list:
-    """How well every SAE {method: {setting: {node: SAEAtNode}}} recovers, per attribute, the supervised mean
-    codes (as the authors compare) and the true feature directions (truth: {node: {attribute: [n, d]} or None})."""
+    """How well every SAE {method: {setting: {node: SAEAtNode}}} recovers, per attribute, the supervised
+    mean codes (as the authors compare) and the true directions (truth: {node: {attribute: [n, d]} or None})."""
     references = {"supervised_cosine": {node: s.dictionary.features for node, s in supervised.items()},
                   "ground_truth_cosine": truth}
     return [Record(test, str(node), method, decoder_recovery(at_nodes[node].sae.W_dec, directions),
@@ -967,8 +967,8 @@ def effective_rank(acts: torch.Tensor) -> float:
 
 
 def geometry_records(nodes: Sequence, acts: dict, values: dict) -> list:
-    """Per node: the FVE on "eval" of a least-squares supervised dictionary fit on "train", the effective rank,
-    and the IO-S overlap (mean |cos| of a name's IO and S mean codes). acts {split: {node: [N, d]}}."""
+    """Per node: the FVE on "eval" of a least-squares supervised dictionary fit on "train", the effective
+    rank, and the IO-S overlap (mean |cos| of a name's IO and S mean codes). acts {split: {node: [N, d]}}."""
     sizes = {"io": len(ioi.NAMES), "s": len(ioi.NAMES), "pos": len(ioi.PATTERNS)}
     records = []
     for node in nodes:
