@@ -948,7 +948,7 @@ def decoder_recovery(decoder: torch.Tensor, directions: torch.Tensor) -> float:
 
 def ground_truth_records(saes: dict, supervised: dict, truth: dict) -> list:
     """How well every SAE {method: {setting: {node: SAEAtNode}}} recovers, per attribute, the supervised
-    mean codes (as the authors compare) and the true directions (truth: {node: {attribute: [n, d]} or None})."""
+    mean codes (as the authors do) and the true directions (truth: {node: {attribute: [n, d]} or None})."""
     references = {"supervised_cosine": {node: s.dictionary.features for node, s in supervised.items()},
                   "ground_truth_cosine": truth}
     return [Record(test, str(node), method, decoder_recovery(at_nodes[node].sae.W_dec, directions),
