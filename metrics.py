@@ -135,28 +135,25 @@ def f1_scores(active: torch.Tensor, properties: torch.Tensor) -> torch.Tensor:
     return _f1_from_counts(active.T @ properties, active.sum(0)[:, None], properties.sum(0)[None, :])
 
 
-def _name_properties(attributes: dict, n_names: int, name_present=None) -> dict:
+def _name_properties(attributes: dict, n_names: int) -> dict:
     """One-hot single-name properties [N, n_names]: "io", "s", "has" (in the prompt), "first", "second"."""
     io = F.one_hot(attributes["io"], n_names).bool()  # [N, n_names]
     s = F.one_hot(attributes["s"], n_names).bool()  # [N, n_names]
-    has = io | s if name_present is None else name_present.bool()
-    if has.shape != io.shape:
-        raise ValueError(f"name_present: expected shape {tuple(io.shape)}, got {tuple(has.shape)}")
     io_first = (attributes["pos"] == ioi.PATTERNS.index("ABB"))[:, None]  # [N, 1]
-    return {"io": io, "s": s, "has": has,
+    return {"io": io, "s": s, "has": io | s,
             "first": torch.where(io_first, io, s), "second": torch.where(io_first, s, io)}
 
 
-def candidate_properties(attributes: dict, names: Sequence[str], name_present=None):
+def candidate_properties(attributes: dict, names: Sequence[str]):
     """README §7's candidates io=v, s=v, has=v, first=v, second=v, pos=p, io=v&pos=p, s=v&pos=p ->
-    (bool [N, P], labels [P]), from ids {"io", "s", "pos"} [N]; name_present [N, n_names]: default IO or S."""
+    (bool [N, P], labels [P]), from ids {"io", "s", "pos"} [N]."""
     n_prompts = len(attributes["io"])
     for name, limit in {"io": len(names), "s": len(names), "pos": len(ioi.PATTERNS)}.items():
         ids = attributes[name]
         if ids.shape != (n_prompts,) or ids.min() < 0 or ids.max() >= limit:
             raise ValueError(f"attributes[{name!r}]: expected ids in [0, {limit}) of shape ({n_prompts},), "
                              f"got shape {tuple(ids.shape)} with ids in [{ids.min()}, {ids.max()}]")
-    singles = _name_properties(attributes, len(names), name_present)
+    singles = _name_properties(attributes, len(names))
     pos = F.one_hot(attributes["pos"], len(ioi.PATTERNS)).bool()  # [N, 2]
     columns, labels = [], []
     for family, matrix in singles.items():
@@ -198,14 +195,14 @@ class LatentInterpretations:
 
 
 def interpret_latents(active: torch.Tensor, attributes: dict, names: Sequence[str],
-                      name_present=None, max_union: int = 10) -> LatentInterpretations:
+                      max_union: int = 10) -> LatentInterpretations:
     """Each latent's best-F1 property among README §7's candidates and, for the single-name families,
     unions of up to `max_union` names (a union wins only if strictly better)."""
-    properties, labels = candidate_properties(attributes, names, name_present)
+    properties, labels = candidate_properties(attributes, names)
     f1 = f1_scores(active, properties)  # [L, P]
     best_f1, best_index = f1.max(dim=1)
     best_labels = [labels[i] for i in best_index.tolist()]
-    for family, family_properties in _name_properties(attributes, len(names), name_present).items():
+    for family, family_properties in _name_properties(attributes, len(names)).items():
         union_f1, members = name_unions(active, family_properties, max_union)
         for latent in torch.nonzero(union_f1 > best_f1).flatten().tolist():
             chosen = [names[i] for i in members[latent].tolist() if i >= 0]
@@ -624,11 +621,20 @@ def grade_dictionary(task: Task, inputs: SectionInputs, method: str, at_nodes: d
     return records
 
 
-def causal_curve_records(task: Task, inputs: SectionInputs, method: str, at_nodes: dict,
-                         thresholds: Sequence[float], setting=None) -> list:
-    """README §7's causal checks per F1 threshold: only the latents of F1 >= threshold kept (the others'
-    part subtracted: sufficiency), and the part those latents explain mean-ablated (necessity)."""
-    records = []
+def interpretability_records(task: Task, inputs: SectionInputs, method: str, at_nodes: dict,
+                             thresholds: Sequence[float], setting=None) -> list:
+    """Test 3 (README §7) of an SAE at a section: its mean L0; per node, the share of each attribute's values
+    some latent explains (F1 >= 0.8) and its Pos latents; per F1 threshold, only the latents of F1 >= it
+    kept (the others' part subtracted: sufficiency) and the part they explain mean-ablated (necessity)."""
+    l0s = [sae_core_metrics(at_nodes[node].sae, acts, acts)["l0"] for node, acts in inputs.clean.items()]
+    records = [Record("l0_at_site", inputs.site, method, sum(l0s) / len(l0s), setting=setting)]
+    for node in inputs.clean:
+        table = at_nodes[node].interpretations
+        shares = coverage(table.f1, table.labels, 0.8)
+        records += [Record("f1_coverage", inputs.site, method, shares[attribute], attribute=attribute,
+                           node=str(node), setting=setting) for attribute in inputs.section.attributes]
+        records.append(Record("pos_latents", inputs.site, method, pos_latents(table.best_labels),
+                              node=str(node), setting=setting))
     for threshold in thresholds:
         kept, removed = {}, {}
         for node, acts in inputs.clean.items():
@@ -645,22 +651,6 @@ def causal_curve_records(task: Task, inputs: SectionInputs, method: str, at_node
                            necessity(inputs.mean_ablated_run.logit_diff, removed_run.logit_diff,
                                      inputs.clean_run.logit_diff), threshold=threshold, setting=setting)]
     return records
-
-
-def interpretability_records(task: Task, inputs: SectionInputs, method: str, at_nodes: dict,
-                             thresholds: Sequence[float], setting=None) -> list:
-    """Test 3 (README §7) of an SAE at a section: its mean L0, then per node the share of each attribute's
-    values some latent explains (F1 >= 0.8) and its Pos latents, then the causal curves."""
-    l0s = [sae_core_metrics(at_nodes[node].sae, acts, acts)["l0"] for node, acts in inputs.clean.items()]
-    records = [Record("l0_at_site", inputs.site, method, sum(l0s) / len(l0s), setting=setting)]
-    for node in inputs.clean:
-        table = at_nodes[node].interpretations
-        shares = coverage(table.f1, table.labels, 0.8)
-        records += [Record("f1_coverage", inputs.site, method, shares[attribute], attribute=attribute,
-                           node=str(node), setting=setting) for attribute in inputs.section.attributes]
-        records.append(Record("pos_latents", inputs.site, method, pos_latents(table.best_labels),
-                              node=str(node), setting=setting))
-    return records + causal_curve_records(task, inputs, method, at_nodes, thresholds, setting)
 
 
 def sae_edits(edit_ks: Sequence[int]) -> list:

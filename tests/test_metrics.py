@@ -200,10 +200,6 @@ def test_candidate_properties_columns_and_labels():
     assert column["io=Bob&pos=BAB"] == [False, True]
     assert column["s=Cat&pos=ABB"] == [False, False]
 
-    present = torch.tensor([[True, True, True], [False, False, False]])
-    properties, labels = metrics.candidate_properties(attributes, names, name_present=present)
-    assert properties[:, labels.index("has=Cat")].tolist() == [True, False]
-
 
 def test_candidate_properties_rejects_out_of_range_ids():
     attributes = {"io": torch.tensor([0, 3]), "s": torch.tensor([1, 2]), "pos": torch.tensor([0, 1])}
