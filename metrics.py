@@ -299,8 +299,8 @@ def oversplitting_toy_data(n_samples: int, mu: torch.Tensor, generator: torch.Ge
 def scaled_family_loss_terms(x: torch.Tensor, encoder_rows: torch.Tensor, W_dec: torch.Tensor,
                              scales: Sequence[float], gammas: Sequence[float]):
     """The toy's SAEs f = ReLU(scale·encoder_rows x - γ), x̂ = f W_dec, over scales × γs: the means of
-    ‖x̂ - x‖² and ‖f‖₁ (the loss at λ: first + λ·second) and the share of inputs they fire
-    on, each [n_scales, n_gammas]."""
+    ‖x̂ - x‖² and ‖f‖₁ (the loss at λ: first + λ·second) and the share of inputs they fire on,
+    each [n_scales, n_gammas]."""
     projections = x @ encoder_rows.T  # [N, n_latents]
     gammas = torch.as_tensor(gammas, dtype=x.dtype)[:, None, None]  # [n_gammas, 1, 1]
     reconstruction, l1, firing = [], [], []
@@ -484,8 +484,7 @@ class Edit(NamedTuple):
 
 @dataclass(frozen=True, eq=False)
 class SupervisedAtNode:
-    """A supervised dictionary at one node (README §4): it reconstructs from the prompts' attribute
-    values, and edits by swapping one attribute's feature."""
+    """A supervised dictionary at a node (README §4): reconstructs from attribute values, edits a feature."""
     dictionary: dictionaries.SupervisedDictionary
 
     def reconstruct(self, acts: torch.Tensor, values: dict) -> torch.Tensor:
@@ -720,8 +719,7 @@ def chosen_settings(records: Sequence[Record]) -> dict:
 
 # --- SAE core metrics (README §8) ---
 def every_setting(task_saes: dict, corpus_saes: dict) -> dict:
-    """Task SAEs {method: {setting: {node: SAE}}} and full-distribution SAEs {method: {node: SAE}}
-    in the first form, the latter under the setting None."""
+    """Task SAEs {method: {setting: {node: SAE}}} and full-distribution SAEs {method: {node: SAE}} at None."""
     return {**task_saes, **{method: {None: at_nodes} for method, at_nodes in corpus_saes.items()}}
 
 
