@@ -1,14 +1,11 @@
-"""Every metric of the evaluation (Makelov, Lange & Nanda, arXiv 2405.08366), in the order of the paper's
-tests (README, 'The method in one page'): approximation (§5), control (§6), interpretability (§7), SAE
-core metrics (§8), the two phenomena and their toy models (§9), then the graders that turn every test
-at every cross-section into flat `Record`s, and ground truth beyond the paper. Pure functions of
-tensors, except the graders (they run the model with patches) and the toys that train SAEs. SAEs
-(dictionaries.py): `encode(x)`, `active(x)` on raw activations, `sae(x)` -> (x̂, f), unit-norm decoder
-rows `W_dec` in the SAE's normalised space, scalar `input_scale` s: latent j adds f_j W_dec[j] / s.
-Start with `sufficiency`, `necessity`, `edit_accuracy`, then `grade_section`."""
+"""Every metric of the evaluation (Makelov, Lange & Nanda, arXiv 2405.08366) in the order of the paper's
+tests: approximation (README §5), control (§6), interpretability (§7), SAE core metrics (§8), the two
+phenomena and their toys (§9), then the graders that turn every test at every cross-section into flat
+`Record`s, and ground truth beyond the paper. SAEs (dictionaries.py) decode in their own normalised
+space: latent j adds f_j W_dec[j] / input_scale. Start with `sufficiency`, then `grade_section`."""
 import functools
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -69,24 +66,18 @@ def raw_decoder_directions(sae) -> torch.Tensor:
 
 
 def sae_latent_weights(f: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """w_j = f_j d_j·(â - b_dec) / ‖â - b_dec‖² -> [B, d_sae]; â - b_dec = Σ_j f_j d_j, so a
-    prompt's weights sum to 1 (0 if nothing fires)."""
+    """w_j = f_j d_j·(â - b_dec) / ‖â - b_dec‖² -> [B, d_sae]: as â - b_dec = Σ_j f_j d_j, they sum
+    to 1 (0 if nothing fires). An edit removes the weight of the latents it changes (README §6)."""
     centred_reconstruction = f @ directions  # [B, d] = â - b_dec
     projections = (centred_reconstruction @ directions.T) * f  # [B, d_sae]
     squared_norm = centred_reconstruction.pow(2).sum(-1, keepdim=True)  # [B, 1]
     return torch.where(squared_norm > 0, projections / squared_norm, torch.zeros_like(projections))
 
 
-def sae_weight_removed(f: torch.Tensor, directions: torch.Tensor, changed_mask: torch.Tensor) -> torch.Tensor:
-    """Weight removed by an SAE edit: Σ w_j over the changed latents, on the clean activation -> [B]."""
-    return (sae_latent_weights(f, directions) * changed_mask).sum(-1)  # [B]
-
-
 @torch.no_grad()
 def greedy_sae_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor, k: int):
-    """Interpretation-agnostic SAE edit of <= k latents (README §6): target δ = a(p') - a(p), moves
-    Δ_j = (f_j(a(p')) - f_j(a(p))) d_j; each step adds, per prompt, the unused Δ_j minimising
-    ‖S + Δ_j - δ‖, until none helps -> (a(p) + S [B, d], with a(p)'s SAE error; changed [B, d_sae])."""
+    """README §6's agnostic edit: k times, or until none helps, add the move Δ_j = (f_j(p') - f_j(p)) d_j
+    that brings their sum S closest to a(p') - a(p) -> (a(p) + S [B, d], changed [B, d_sae])."""
     directions = raw_decoder_directions(sae)  # [d_sae, d]
     coefficient_change = sae.encode(a_counterfactual) - sae.encode(a_clean)  # [B, d_sae]
     direction_sq_norms = directions.pow(2).sum(-1)  # [d_sae]
@@ -106,8 +97,7 @@ def greedy_sae_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor, 
         changed[rows[helps], best[helps]] = True
         move = coefficient_change[rows, best, None] * directions[best]  # [B, d]
         remaining = remaining + helps[:, None] * move
-    a_edited = a_clean + (changed * coefficient_change) @ directions  # [B, d]
-    return a_edited, changed
+    return a_clean + (changed * coefficient_change) @ directions, changed
 
 
 def first_active_in_ranking(ranking: torch.Tensor, active: torch.Tensor, k: int) -> torch.Tensor:
@@ -120,9 +110,8 @@ def first_active_in_ranking(ranking: torch.Tensor, active: torch.Tensor, k: int)
 @torch.no_grad()
 def f1_guided_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor,
                    ranking_old: torch.Tensor, ranking_new: torch.Tensor, k: int):
-    """Interpretation-aware SAE edit from v (in p) to v' (in p'), rankings [B, R] of latents by F1 for v
-    and v' (`latents_by_f1`): subtract f_j(p) d_j for the first k ranked for v active on p, add f_j(p') d_j
-    for the first k ranked for v' active on p' (authors' num_exchange = k) -> like `greedy_sae_edit`."""
+    """README §6's interpretation-aware edit of v into v' (rankings [B, R] by F1, `latents_by_f1`):
+    remove the first k latents ranked for v active on p, add the first k for v' active on p'."""
     directions = raw_decoder_directions(sae)  # [d_sae, d]
     removed = first_active_in_ranking(ranking_old, sae.active(a_clean), k)  # [B, d_sae]
     added = first_active_in_ranking(ranking_new, sae.active(a_counterfactual), k)  # [B, d_sae]
@@ -131,15 +120,6 @@ def f1_guided_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor,
 
 
 # --- Test 3: interpretability (README §7) ---
-def _counts(active: torch.Tensor, properties: torch.Tensor):
-    """|A∩F| [L, P], |F| [L, 1] and |A| [1, P] for active [N, L] and properties [N, P]."""
-    if active.ndim != 2 or properties.ndim != 2 or len(active) != len(properties):
-        raise ValueError(f"F1: expected active [N, L] and properties [N, P], got "
-                         f"{tuple(active.shape)} and {tuple(properties.shape)}")
-    active, properties = active.float(), properties.float()
-    return active.T @ properties, active.sum(0)[:, None], properties.sum(0)[None, :]
-
-
 def _f1_from_counts(intersection, n_active, n_property):
     """F1 = 2PR/(P+R) = 2|A∩F| / (|A| + |F|); 0 where both sets are empty (P and R undefined)."""
     denominator = n_active + n_property
@@ -147,40 +127,33 @@ def _f1_from_counts(intersection, n_active, n_property):
 
 
 def f1_scores(active: torch.Tensor, properties: torch.Tensor) -> torch.Tensor:
-    """F1 of every latent (F: the prompts where it fires) for every property A -> [L, P]; 0 if undefined."""
-    return _f1_from_counts(*_counts(active, properties))
+    """F1 of every latent (F: where it fires, active [N, L]) for every property A [N, P] -> [L, P]."""
+    if active.ndim != 2 or properties.ndim != 2 or len(active) != len(properties):
+        raise ValueError(f"F1: expected active [N, L] and properties [N, P], got "
+                         f"{tuple(active.shape)} and {tuple(properties.shape)}")
+    active, properties = active.float(), properties.float()
+    return _f1_from_counts(active.T @ properties, active.sum(0)[:, None], properties.sum(0)[None, :])
 
 
-def _check_attributes(attributes: dict, n_names: int):
-    """io/s/pos must be id tensors of one shape [N], each id within its attribute's range."""
-    limits = {"io": n_names, "s": n_names, "pos": len(ioi.PATTERNS)}
-    n_prompts = len(attributes["io"])
-    for name, limit in limits.items():
-        values = attributes[name]
-        if values.shape != (n_prompts,) or values.min() < 0 or values.max() >= limit:
-            raise ValueError(f"attributes[{name!r}]: expected ids in [0, {limit}) of shape ({n_prompts},), "
-                             f"got shape {tuple(values.shape)} with ids in [{values.min()}, {values.max()}]")
-
-
-def _name_properties(attributes: dict, n_names: int, name_present=None) -> dict:
-    """One-hot single-name properties [N, n_names]: "io", "s", "has" (the name occurs), "first" /
-    "second" (the name in the first / second name slot: IO first in ABB)."""
+def _name_properties(attributes: dict, n_names: int) -> dict:
+    """One-hot single-name properties [N, n_names]: "io", "s", "has" (in the prompt), "first", "second"."""
     io = F.one_hot(attributes["io"], n_names).bool()  # [N, n_names]
     s = F.one_hot(attributes["s"], n_names).bool()  # [N, n_names]
-    has = io | s if name_present is None else name_present.bool()
-    if has.shape != io.shape:
-        raise ValueError(f"name_present: expected shape {tuple(io.shape)}, got {tuple(has.shape)}")
     io_first = (attributes["pos"] == ioi.PATTERNS.index("ABB"))[:, None]  # [N, 1]
-    return {"io": io, "s": s, "has": has,
+    return {"io": io, "s": s, "has": io | s,
             "first": torch.where(io_first, io, s), "second": torch.where(io_first, s, io)}
 
 
-def candidate_properties(attributes: dict, names: Sequence[str], name_present=None):
-    """The fixed candidate properties of README §7 -> (bool [N, P], labels [P]), from {"io", "s", "pos"}
-    ids (ioi.attribute_ids); name_present [N, n_names]: names in the prompt (default IO or S). Columns:
-    io=v, s=v, has=v, first=v, second=v, pos=ABB/BAB, io=v&pos=p, s=v&pos=p (ids in order in each block)."""
-    _check_attributes(attributes, len(names))
-    singles = _name_properties(attributes, len(names), name_present)
+def candidate_properties(attributes: dict, names: Sequence[str]):
+    """README §7's candidates io=v, s=v, has=v, first=v, second=v, pos=p, io=v&pos=p, s=v&pos=p ->
+    (bool [N, P], labels [P]), from ids {"io", "s", "pos"} [N]."""
+    n_prompts = len(attributes["io"])
+    for name, limit in {"io": len(names), "s": len(names), "pos": len(ioi.PATTERNS)}.items():
+        ids = attributes[name]
+        if ids.shape != (n_prompts,) or ids.min() < 0 or ids.max() >= limit:
+            raise ValueError(f"attributes[{name!r}]: expected ids in [0, {limit}) of shape ({n_prompts},), "
+                             f"got shape {tuple(ids.shape)} with ids in [{ids.min()}, {ids.max()}]")
+    singles = _name_properties(attributes, len(names))
     pos = F.one_hot(attributes["pos"], len(ioi.PATTERNS)).bool()  # [N, 2]
     columns, labels = [], []
     for family, matrix in singles.items():
@@ -196,21 +169,17 @@ def candidate_properties(attributes: dict, names: Sequence[str], name_present=No
 
 
 def name_unions(active: torch.Tensor, name_properties: torch.Tensor, max_names: int = 10):
-    """Best union of a latent's top single-name properties ("IO is Mary or John"): of the unions of its
-    top 1, 2, ..., max_names names by F1, the best -> (f1 [L], members [L, max_names], padded with -1)."""
-    single_f1 = f1_scores(active, name_properties)  # [L, n_names]
-    ranked = single_f1.argsort(dim=1, descending=True, stable=True)  # ties: lower name id first
+    """Each latent's best union ("IO is Mary or John") of its top 1, 2, ..., max_names names by F1 -> (f1 [L],
+    members [L, max_names], padded with -1)."""
+    ranked = f1_scores(active, name_properties).argsort(dim=1, descending=True, stable=True)  # ties: lower id
     top_names = ranked[:, :max_names]  # [L, m]
     active = active.bool()
-    union = torch.zeros_like(active)  # [N, L]
-    best_f1 = torch.zeros(active.shape[1])  # [L]
-    best_size = torch.zeros(active.shape[1], dtype=torch.long)  # [L]
-    for size in range(1, top_names.shape[1] + 1):
-        union = union | name_properties[:, top_names[:, size - 1]]  # [N, L]
-        f1 = _f1_from_counts((active & union).sum(0), active.sum(0), union.sum(0)).float()  # [L]
-        better = f1 > best_f1
-        best_f1 = torch.where(better, f1, best_f1)
-        best_size = torch.where(better, size, best_size)
+    union, union_f1 = torch.zeros_like(active), []  # [N, L]; F1 of each latent's top 1, 2, ... names
+    for next_names in top_names.T:  # [L]
+        union = union | name_properties[:, next_names]  # [N, L]
+        union_f1.append(_f1_from_counts((active & union).sum(0), active.sum(0), union.sum(0)).float())
+    best_f1, best = torch.stack(union_f1).max(dim=0)  # [L]; ties: the smaller union
+    best_size = torch.where(best_f1 > 0, best + 1, 0)  # [L]
     in_union = torch.arange(top_names.shape[1]) < best_size[:, None]  # [L, m]
     members = torch.full((active.shape[1], max_names), -1, dtype=torch.long)
     members[:, :top_names.shape[1]] = torch.where(in_union, top_names, -1)
@@ -226,14 +195,14 @@ class LatentInterpretations:
 
 
 def interpret_latents(active: torch.Tensor, attributes: dict, names: Sequence[str],
-                      name_present=None, max_union: int = 10) -> LatentInterpretations:
-    """Each latent's best-F1 property among README §7's candidates: `candidate_properties` and, for
-    io/s/has, unions of up to `max_union` names (a union wins only if strictly better)."""
-    properties, labels = candidate_properties(attributes, names, name_present)
+                      max_union: int = 10) -> LatentInterpretations:
+    """Each latent's best-F1 property among README §7's candidates and, for the single-name families,
+    unions of up to `max_union` names (a union wins only if strictly better)."""
+    properties, labels = candidate_properties(attributes, names)
     f1 = f1_scores(active, properties)  # [L, P]
     best_f1, best_index = f1.max(dim=1)
     best_labels = [labels[i] for i in best_index.tolist()]
-    for family, family_properties in _name_properties(attributes, len(names), name_present).items():
+    for family, family_properties in _name_properties(attributes, len(names)).items():
         union_f1, members = name_unions(active, family_properties, max_union)
         for latent in torch.nonzero(union_f1 > best_f1).flatten().tolist():
             chosen = [names[i] for i in members[latent].tolist() if i >= 0]
@@ -252,14 +221,12 @@ def _attribute_columns(labels: Sequence[str], attribute: str) -> torch.Tensor:
 
 def latents_by_f1(f1: torch.Tensor, labels: Sequence[str], attribute: str) -> torch.Tensor:
     """Latents by decreasing F1 per value of an attribute -> [n_values, L]: `f1_guided_edit`'s rankings."""
-    value_f1 = f1[:, _attribute_columns(labels, attribute)].T  # [n_values, L]
-    return value_f1.argsort(dim=1, descending=True, stable=True)
+    return f1[:, _attribute_columns(labels, attribute)].T.argsort(dim=1, descending=True, stable=True)
 
 
 def names_with_latent(f1: torch.Tensor, labels: Sequence[str], attribute: str, threshold: float = 0.5) -> int:
     """Number of values of `attribute` with a latent of F1 >= threshold for "attribute=v"."""
-    best_per_value = f1[:, _attribute_columns(labels, attribute)].max(dim=0).values  # [n_values]
-    return int((best_per_value >= threshold).sum())
+    return int((f1[:, _attribute_columns(labels, attribute)].max(dim=0).values >= threshold).sum())
 
 
 def coverage(f1: torch.Tensor, labels: Sequence[str], threshold: float = 0.8) -> dict:
@@ -300,28 +267,21 @@ def occlusion_toy_recovery(active: torch.Tensor, values: dict, n_values: int, th
 # Tuned so both feature sets are recovered (F1 > 0.9) at 1:1: the paper's 216 values, but d = 128 (at 64
 # features interfere too much) and a λ where the weaker set fades as the ratio grows; ~20 s on 2 CPUs.
 OCCLUSION_TOY_RATIOS = (1.0, 1.2, 1.5, 2.0)
-OCCLUSION_TOY = dict(l1=4.5, n_values=216, d=128, n_samples=10_000)
 OCCLUSION_TOY_TRAINING = dictionaries.TrainConfig(d_sae=512, lr=1e-2, batch_size=256, epochs=30,
                                                   resample_at=(0.125, 0.25))
 
 
-def occlusion_toy_experiment(ratios: Sequence[float], l1: float = OCCLUSION_TOY["l1"],
-                             n_values: int = OCCLUSION_TOY["n_values"], d: int = OCCLUSION_TOY["d"],
-                             n_samples: int = OCCLUSION_TOY["n_samples"], config=OCCLUSION_TOY_TRAINING,
-                             seed: int = 0) -> list:
-    """For each norm ratio r, one vanilla SAE (one batched stack) trained on a = u_i + v_j with ‖u‖ = 1,
-    ‖v‖ = 1/r (the same features and samples at every r), and the share of "io" (u) and "s" (v)
-    features it recovers on that data -> [{ratio, l1, io, s, l0}]."""
+def occlusion_toy_experiment(ratios: Sequence[float], l1: float = 4.5, n_values: int = 216, d: int = 128,
+                             n_samples: int = 10_000, config=OCCLUSION_TOY_TRAINING, seed: int = 0) -> list:
+    """Per norm ratio r, a vanilla SAE (one batched stack) trained on u_i + v_j, ‖u‖ = 1, ‖v‖ = 1/r
+    (the same features and samples at every r), and the shares of u ("io"), v ("s") it finds."""
     data = [occlusion_toy_data(1.0, 1 / ratio, n_samples, n_values, d, seed) for ratio in ratios]
     specs = [dictionaries.SAESpec("vanilla", i, l1_coefficient=l1, seed=seed) for i in range(len(ratios))]
     saes, _ = dictionaries.train_sae_stack(torch.stack([acts for acts, _ in data]), specs, config)
-    results = []
     with torch.no_grad():
-        for ratio, sae, (acts, values) in zip(ratios, saes, data):
-            shares = occlusion_toy_recovery(sae.active(acts), values, n_values)
-            l0 = sae_core_metrics(sae, acts, acts)["l0"]
-            results.append({"ratio": ratio, "l1": l1, **shares, "l0": l0})
-    return results
+        return [{"ratio": ratio, "l1": l1, **occlusion_toy_recovery(sae.active(acts), values, n_values),
+                 "l0": sae_core_metrics(sae, acts, acts)["l0"]}
+                for ratio, sae, (acts, values) in zip(ratios, saes, data)]
 
 
 # --- Phenomenon 2: feature over-splitting (README §9) ---
@@ -330,38 +290,17 @@ def pos_latents(best_labels: Sequence[str]) -> int:
     return sum(label in {f"pos={value}" for value in ioi.PATTERNS} for label in best_labels)
 
 
-def sae_loss(x: torch.Tensor, sae: dictionaries.SAE, l1: float) -> float:
-    """The vanilla SAE loss ‖x̂ - x‖² + λ‖f‖₁, mean over inputs x (in the SAE's own space)."""
-    return float(dictionaries.loss_vanilla(replace(sae, l1_coefficient=l1), x).mean())
-
-
 def oversplitting_toy_data(n_samples: int, mu: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Samples of the uniform mixture of ±µ + N(0, I) -> [n_samples, d]."""
     signs = torch.randint(2, (n_samples, 1), generator=generator) * 2 - 1  # [N, 1]
     return signs * mu + torch.randn(n_samples, len(mu), generator=generator)
 
 
-def ideal_two_latent_sae(mu: torch.Tensor, k: float, gamma: float) -> dictionaries.SAE:
-    """The "ideal" SAE for ±µ: decoders ±µ/‖µ‖, encoders ±kµ, biases -γ, b_dec = 0."""
-    signed = torch.stack([mu, -mu])  # [2, d]
-    return dictionaries.SAE("vanilla", W_enc=k * signed.T, b_enc=torch.full((2,), -gamma, dtype=mu.dtype),
-                            W_dec=signed / mu.norm(), b_dec=torch.zeros_like(mu))
-
-
-def random_data_sae(data_sample: torch.Tensor, beta: float, gamma: float) -> dictionaries.SAE:
-    """One latent per data sample [n_latents, d]: encoder rows β·sample, decoder rows the normalised
-    samples, biases -γ, b_dec = 0."""
-    return dictionaries.SAE("vanilla", W_enc=beta * data_sample.T,
-                            b_enc=torch.full((len(data_sample),), -gamma, dtype=data_sample.dtype),
-                            W_dec=data_sample / data_sample.norm(dim=1, keepdim=True),
-                            b_dec=torch.zeros_like(data_sample[0]))
-
-
 def scaled_family_loss_terms(x: torch.Tensor, encoder_rows: torch.Tensor, W_dec: torch.Tensor,
                              scales: Sequence[float], gammas: Sequence[float]):
-    """For every SAE with W_enc = scale·encoder_rowsᵀ, biases -γ, b_dec = 0 and this decoder, over
-    scales × γs: the means of ‖x̂ - x‖² and ‖f‖₁ (the loss at λ: the first + λ × the second)
-    and the share of inputs on which it fires -> (reconstruction, l1, firing), each [n_scales, n_gammas]."""
+    """The toy's SAEs f = ReLU(scale·encoder_rows x - γ), x̂ = f W_dec, over scales × γs: the means of
+    ‖x̂ - x‖² and ‖f‖₁ (the loss at λ: first + λ·second) and the share of inputs they fire on,
+    each [n_scales, n_gammas]."""
     projections = x @ encoder_rows.T  # [N, n_latents]
     gammas = torch.as_tensor(gammas, dtype=x.dtype)[:, None, None]  # [n_gammas, 1, 1]
     reconstruction, l1, firing = [], [], []
@@ -373,27 +312,25 @@ def scaled_family_loss_terms(x: torch.Tensor, encoder_rows: torch.Tensor, W_dec:
     return torch.stack(reconstruction), torch.stack(l1), torch.stack(firing)
 
 
-def oversplitting_toy(lambdas=np.linspace(0, 20, 41), n_samples: int = 4096, d: int = 100,
-                      mu_norm: float = 2.0, n_latents: int = 1000,
-                      ideal_ks=np.geomspace(1 / 16, 2.0, 31), ideal_gammas=np.linspace(0.0, 10.0, 41),
-                      random_betas=np.geomspace(0.01, 0.3, 31),
-                      random_gammas=(1.0, 1.75, 2.35, 3.0, 4.0, 5.0, 6.0), seed: int = 0) -> dict:
-    """README §9's toy on ±µ + N(0, I_d), ‖µ‖ = mu_norm: per λ, the best loss of the ideal SAE (over
-    k, γ) and of a random n_latents-latent SAE built from data samples (over β, γ), on n_samples other
-    inputs -> numpy arrays lambdas, {ideal,random}_best_loss [n_λ], _best_params [n_λ, 2] ((k or β), γ),
-    _firing [n_λ] (share of inputs on which the best SAE fires); zero_sae_loss = E‖x‖²."""
+def oversplitting_toy(lambdas, random_betas, random_gammas, n_samples: int = 4096, d: int = 100,
+                      mu_norm: float = 2.0, n_latents: int = 1000, ideal_ks=np.geomspace(1 / 16, 2.0, 31),
+                      ideal_gammas=np.linspace(0.0, 10.0, 41), seed: int = 0) -> dict:
+    """README §9's toy on ±µ + N(0, I_d), ‖µ‖ = mu_norm: per λ, the best loss of the ideal SAE
+    (latents reading ±kµ, writing ±µ/‖µ‖; over k, γ) and of a random one (a latent per data sample
+    s, reading βs, writing s/‖s‖; over β, γ) -> numpy arrays lambdas, {ideal,random}_best_loss [n_λ],
+    _best_params [n_λ, 2] ((k or β), γ), _firing [n_λ] (of the best SAE); zero_sae_loss = E‖x‖²."""
     generator = torch.Generator().manual_seed(seed)
     mu = torch.randn(d, generator=generator, dtype=torch.float64)
     mu = mu_norm * mu / mu.norm()
     x = oversplitting_toy_data(n_samples, mu, generator)  # [N, d]
     samples = oversplitting_toy_data(n_latents, mu, generator)  # [n_latents, d]
+    signed = torch.stack([mu, -mu])  # [2, d]
+    families = {"ideal": (signed, signed / mu.norm(), ideal_ks, ideal_gammas),
+                "random": (samples, samples / samples.norm(dim=1, keepdim=True), random_betas, random_gammas)}
     lambdas = torch.as_tensor(lambdas, dtype=torch.float64)
-    # Each family is swept by scaling the encoder of its unit member: k for the ideal, β for the random SAE.
-    families = {"ideal": (ideal_two_latent_sae(mu, k=1.0, gamma=0.0), ideal_ks, ideal_gammas),
-                "random": (random_data_sae(samples, beta=1.0, gamma=0.0), random_betas, random_gammas)}
     toy = {"lambdas": lambdas.numpy(), "zero_sae_loss": float(x.pow(2).sum(-1).mean())}
-    for family, (unit, scales, gammas) in families.items():
-        reconstruction, l1, firing = scaled_family_loss_terms(x, unit.W_enc.T, unit.W_dec, scales, gammas)
+    for family, (encoder_rows, W_dec, scales, gammas) in families.items():
+        reconstruction, l1, firing = scaled_family_loss_terms(x, encoder_rows, W_dec, scales, gammas)
         losses = reconstruction.flatten()[None] + lambdas[:, None] * l1.flatten()[None]  # [n_λ, grid]
         best_loss, best = losses.min(dim=1)
         grid = torch.cartesian_prod(torch.as_tensor(scales, dtype=torch.float64),
@@ -406,13 +343,12 @@ def oversplitting_toy(lambdas=np.linspace(0, 20, 41), n_samples: int = 4096, d: 
 # The paper's own grid (section 5.2): γ = 2.35 for the random SAE, β over (0, 0.1], 100 λ in [0, 20].
 PAPER_OVERSPLITTING_GRID = {"lambdas": np.linspace(0, 20, 100), "random_betas": np.linspace(0.001, 0.1, 100),
                             "random_gammas": (2.35,)}
+OVERSPLITTING_GRIDS = {"paper": PAPER_OVERSPLITTING_GRID}
 
 
 def oversplitting_verdict(toy: dict, min_firing: float = 0.02, tolerance: float = 1e-9) -> dict:
-    """Who wins the toy where it means something: for large λ both SAEs stop firing and tie at E‖x‖²,
-    so a λ counts if the ideal SAE's best setting fires on >= min_firing of the inputs; a relative
-    difference within `tolerance` is a tie -> counts (counted, random/ideal wins, ties, not counted)
-    and the share of random wins."""
+    """Who wins where it means something: a λ counts if the ideal SAE's best setting fires on >= min_firing
+    of the inputs (at large λ both stop firing, tied at E‖x‖²); a relative gap <= `tolerance` ties."""
     ideal, random = np.asarray(toy["ideal_best_loss"]), np.asarray(toy["random_best_loss"])
     counted = np.asarray(toy["ideal_firing"]) >= min_firing
     tie = np.abs(random - ideal) <= tolerance * np.maximum(1.0, np.abs(ideal))
@@ -423,9 +359,11 @@ def oversplitting_verdict(toy: dict, min_firing: float = 0.02, tolerance: float 
             "share_random_wins": float(random_wins.sum() / n_counted) if n_counted else float("nan")}
 
 
-# --- Interventions (README §3): patches computed first, then applied in one forward pass ---
-# That pass is `ioi.patched_run`: the one loop that `ioi.evaluate` and `ioi.discover` run too.
-CACHE_BYTES = 4 * 2**30  # the unpatched passes a Task keeps, per layer, to resume patched passes from
+# --- Interventions (README §3): patches computed first, then applied in one pass (`ioi.patched_run`) ---
+# The unpatched passes a Task keeps to resume patched ones from: GPT-2 Small at the paper's settings (5,000
+# prompts) needs 0.3 GB of residual stream, plus 0.46 GB of keys and values per block from the resumed
+# layer on: 5.8 GB from layer 0, 1.7 GB from layer 9.
+CACHE_BYTES = 4 * 2**30
 
 
 def _cache_bytes(cache: dict) -> int:
@@ -442,33 +380,26 @@ class Task:
     cache: dict = field(default_factory=dict, repr=False, compare=False)  # {layer: ioi.residual_streams}
 
     def patched(self, patches: Optional[dict] = None, ld_only: bool = False) -> ioi.PatchedRun:
-        """The pass with `patches` set; `ld_only`: its logit differences only (no top token). The blocks
-        and positions before the first it patches compute what an unpatched pass does, so it resumes from
-        that pass's residual stream and keys and values, cached per layer within CACHE_BYTES: the same
-        numbers for a fraction of the cost. At the paper's settings (GPT-2 Small, 5,000 prompts in batches
-        of 256, <= 19 positions, keys before `end` >= 15) that is 0.3 GB of residual stream and 0.46 GB of
-        keys and values per block from that layer on: 5.8 GB from layer 0, 1.7 GB from layer 9."""
-        layer = min((node.layer for node in patches or {}), default=None)  # None: the unpatched pass
-        if layer is not None and layer not in self.cache:
-            lower = [cached for cached in self.cache if cached < layer]
-            streams = None if lower and _cache_bytes(self.cache) > CACHE_BYTES / 2 else \
-                ioi.residual_streams(self.model, self.prompts, layer, self.batch_size)
-            if streams is not None and _cache_bytes({**self.cache, layer: streams}) > CACHE_BYTES:
+        """The pass with `patches` set (`ld_only`: the LDs alone, no top token), resumed at the first patched
+        layer from the unpatched pass, cached per layer within CACHE_BYTES: the same numbers, faster."""
+        if not patches:
+            return ioi.patched_run(self.model, self.prompts, patches, self.batch_size, ld_only=ld_only)
+        layer = min(node.layer for node in patches)
+        below = [cached for cached in self.cache if cached < layer]
+        if layer not in self.cache and (not below or _cache_bytes(self.cache) <= CACHE_BYTES / 2):
+            streams = ioi.residual_streams(self.model, self.prompts, layer, self.batch_size)
+            if _cache_bytes({**self.cache, layer: streams}) > CACHE_BYTES:
                 self.cache.clear()  # over the budget: keep the newest only
-            if streams is not None:
-                self.cache[layer] = streams
-        # resume from the cache at this layer, else from the highest one below it (exact, a little slower)
-        start = None if layer is None else max(cached for cached in self.cache if cached <= layer)
-        resume = None if layer is None else (start, self.cache[start])
-        return ioi.patched_run(self.model, self.prompts, patches, self.batch_size, resume=resume,
-                               ld_only=ld_only)
+            self.cache[layer] = streams
+        start = max(cached for cached in self.cache if cached <= layer)  # or the highest below: slower
+        return ioi.patched_run(self.model, self.prompts, patches, self.batch_size,
+                               resume=(start, self.cache[start]), ld_only=ld_only)
 
 
 def approximation(task: Task, clean: dict, reconstruction: dict, clean_run: ioi.PatchedRun,
                   mean_ablated_run: ioi.PatchedRun) -> dict:
-    """Sufficiency and necessity of a reconstruction at every node of a cross-section (README §5).
-    Sufficiency patches â; necessity patches ā + (a - â), mean-ablating the part the dictionary
-    explains and keeping its error term (ā: the mean of `clean` over the prompts)."""
+    """README §5 at a cross-section: sufficiency patches â at every node; necessity patches ā + (a - â),
+    mean-ablating what the dictionary explains and keeping its error term."""
     patched = task.patched(reconstruction, ld_only=True)
     residual = {node: clean[node].mean(0) + clean[node] - reconstruction[node] for node in clean}
     explained_removed = task.patched(residual, ld_only=True)
@@ -477,11 +408,9 @@ def approximation(task: Task, clean: dict, reconstruction: dict, clean_run: ioi.
                                    clean_run.logit_diff)}
 
 
-# --- Grading a run (README §5-§9): every test as records, by plain functions ---
-# Each grader takes what it needs and returns `Record`s: the model on the evaluation prompts (`Task`), one
-# cross-section's activations and reference runs (`SectionInputs`), dictionaries at its nodes, supervised
-# (`SupervisedAtNode`) or SAE (`SAEAtNode`), behind one interface: reconstruct(acts [N, d], values
-# {attribute: ids [N]}) -> â [N, d], and edit(acts, AttributeChange, SAEEdit or None) -> Edit.
+# --- Grading a run (README §5-§9): plain functions that return every test as `Record`s ---
+# A dictionary at a node, supervised (`SupervisedAtNode`) or SAE (`SAEAtNode`), has reconstruct(acts [N, d],
+# values {attribute: ids [N]}) -> â [N, d] and edit(acts, AttributeChange, SAEEdit or None) -> Edit.
 MIN_NODE_EFFECT = 0.005  # LD recovered at a node only if mean-ablating it alone moves the mean LD by >= 0.5%
 MIN_SECTION_EFFECT = 0.05  # as ioi.discover: a site is graded if mean-ablating it moves the mean LD by >= 5%
 
@@ -537,10 +466,6 @@ class AttributeChange:
     new_values: torch.Tensor  # [N] ids of `attribute` in p′
     counterfactual: torch.Tensor  # [N, d] the activations of p′ at this node
 
-    @property
-    def old_values(self) -> torch.Tensor:
-        return self.values[self.attribute]
-
 
 @dataclass(frozen=True)
 class SAEEdit:
@@ -559,23 +484,22 @@ class Edit(NamedTuple):
 
 @dataclass(frozen=True, eq=False)
 class SupervisedAtNode:
-    """A supervised dictionary at one node (README §4): it reconstructs from the prompts' attribute
-    values, and edits by swapping one attribute's feature."""
+    """A supervised dictionary at a node (README §4): reconstructs from attribute values, edits a feature."""
     dictionary: dictionaries.SupervisedDictionary
 
     def reconstruct(self, acts: torch.Tensor, values: dict) -> torch.Tensor:
         return self.dictionary.reconstruct(values)
 
     def edit(self, acts: torch.Tensor, change: AttributeChange, how: None = None) -> Edit:
-        edited = self.dictionary.edit(acts, change.attribute, change.old_values, change.new_values)
+        old_values = change.values[change.attribute]  # [N]
+        edited = self.dictionary.edit(acts, change.attribute, old_values, change.new_values)
         return Edit(edited, self.dictionary.feature_weights(change.values)[change.attribute])
 
 
 @dataclass(frozen=True, eq=False)
 class SAEAtNode:
-    """An SAE at one node: it reconstructs from the activations, and edits by changing latents. Its
-    latents are interpreted (README §7) once, when first needed, on the training activations at this node,
-    where every name occurs as IO and as S (unlike the evaluation prompts: README §6's fix)."""
+    """An SAE at one node: it reconstructs from the activations and edits latents, interpreted (README §7)
+    when first needed on the training activations, where every name occurs as IO and as S (README §6)."""
     sae: object
     train_acts: torch.Tensor  # [N_train, d] at this node
     train_values: dict  # {attribute: ids [N_train]}
@@ -593,10 +517,10 @@ class SAEAtNode:
         else:
             table = self.interpretations
             ranking = latents_by_f1(table.f1, table.labels, change.attribute)  # [n_values, d_sae]
-            old, new = ranking[change.old_values], ranking[change.new_values]  # [N, d_sae] each
+            old, new = ranking[change.values[change.attribute]], ranking[change.new_values]  # [N, d_sae]
             edited, changed = f1_guided_edit(self.sae, acts, change.counterfactual, old, new, how.k // 2)
-        weights = sae_weight_removed(self.sae.encode(acts), raw_decoder_directions(self.sae), changed)
-        return Edit(edited, weights, changed.sum(-1).float())
+        weights = sae_latent_weights(self.sae.encode(acts), raw_decoder_directions(self.sae))  # [N, d_sae]
+        return Edit(edited, (weights * changed).sum(-1), changed.sum(-1).float())
 
 
 def saes_at_nodes(saes: dict, train_acts: dict, train_values: dict) -> dict:
@@ -664,26 +588,20 @@ def approximation_records(task: Task, inputs: SectionInputs, method: str, recons
     return [Record(test, inputs.site, method, value, setting=setting) for test, value in scores.items()]
 
 
-def _mean_over_nodes(per_prompt) -> torch.Tensor:
-    """The mean over a section's nodes of each node's mean over the prompts."""
-    means = [values.mean() for values in per_prompt]
-    return sum(means) / len(means)
-
-
 def edit_records(task: Task, inputs: SectionInputs, method: str, attribute: str, edits: dict,
                  how: Optional[SAEEdit] = None, setting=None) -> list:
-    """Test 2 (README §6) of one edit of `attribute`, {node: Edit} patched together: edit accuracy
-    against the ground truth, the weight removed and (SAEs) the latents changed."""
+    """Test 2 (README §6) of one edit of `attribute`, {node: Edit} patched together: edit accuracy against
+    the ground truth, and the mean over nodes of the weight removed and (SAEs) of the latents changed."""
     accuracy = edit_accuracy(task.patched({node: edit.activations for node, edit in edits.items()}).top_token,
                              inputs.truth[attribute].top_token)
     variant = dict(attribute=attribute, setting=setting,
                    k=None if how is None else how.k, edit=None if how is None else how.kind)
-    records = [Record("edit_accuracy", inputs.site, method, accuracy, **variant),
-               Record("weight_removed", inputs.site, method,
-                      _mean_over_nodes(edit.weight_removed for edit in edits.values()), **variant)]
-    if all(edit.latents_changed is not None for edit in edits.values()):
-        records.append(Record("latents_changed", inputs.site, method,
-                              _mean_over_nodes(edit.latents_changed for edit in edits.values()), **variant))
+    records = [Record("edit_accuracy", inputs.site, method, accuracy, **variant)]
+    for test in ("weight_removed", "latents_changed"):  # Edit's fields, [N] per node (None: not an SAE)
+        per_node = [getattr(edit, test) for edit in edits.values()]
+        if all(values is not None for values in per_node):
+            mean = sum(values.mean() for values in per_node) / len(per_node)
+            records.append(Record(test, inputs.site, method, mean, **variant))
     return records
 
 
@@ -702,38 +620,11 @@ def grade_dictionary(task: Task, inputs: SectionInputs, method: str, at_nodes: d
     return records
 
 
-def split_by_interpretability(at_node: SAEAtNode, acts: torch.Tensor, threshold: float):
-    """README §7's causal checks at one node -> (kept, removed), each [N, d]: only the latents of
-    F1 >= `threshold` kept (the others' part subtracted), and the part those latents explain mean-ablated."""
-    features, directions = at_node.sae.encode(acts), raw_decoder_directions(at_node.sae)
-    interpretable = at_node.interpretations.best_f1 >= threshold  # [d_sae]
-    explained = (features * interpretable) @ directions  # [N, d]
-    others = (features * ~interpretable) @ directions  # [N, d]
-    return acts - others, acts - explained + explained.mean(0)
-
-
-def causal_curve_records(task: Task, inputs: SectionInputs, method: str, at_nodes: dict,
-                         thresholds: Sequence[float], setting=None) -> list:
-    """Per F1 threshold (README §7): only interpretable latents kept (sufficiency), removed (necessity)."""
-    records = []
-    for threshold in thresholds:
-        split = {node: split_by_interpretability(at_nodes[node], acts, threshold)
-                 for node, acts in inputs.clean.items()}
-        kept = task.patched({node: kept for node, (kept, _) in split.items()}, ld_only=True)
-        removed = task.patched({node: removed for node, (_, removed) in split.items()}, ld_only=True)
-        records += [Record("causal_keep_sufficiency", inputs.site, method,
-                           sufficiency(kept.logit_diff, inputs.clean_run.logit_diff),
-                           threshold=threshold, setting=setting),
-                    Record("causal_remove_necessity", inputs.site, method,
-                           necessity(inputs.mean_ablated_run.logit_diff, removed.logit_diff,
-                                     inputs.clean_run.logit_diff), threshold=threshold, setting=setting)]
-    return records
-
-
 def interpretability_records(task: Task, inputs: SectionInputs, method: str, at_nodes: dict,
                              thresholds: Sequence[float], setting=None) -> list:
-    """Test 3 (README §7) of an SAE at a section: its mean L0, then per node the share of each attribute's
-    values some latent explains (F1 >= 0.8) and its Pos latents, then the causal curves."""
+    """Test 3 (README §7) of an SAE at a section: its mean L0; per node, the share of each attribute's values
+    some latent explains (F1 >= 0.8) and its Pos latents; per F1 threshold, only the latents of F1 >= it
+    kept (the others' part subtracted: sufficiency) and the part they explain mean-ablated (necessity)."""
     l0s = [sae_core_metrics(at_nodes[node].sae, acts, acts)["l0"] for node, acts in inputs.clean.items()]
     records = [Record("l0_at_site", inputs.site, method, sum(l0s) / len(l0s), setting=setting)]
     for node in inputs.clean:
@@ -743,17 +634,29 @@ def interpretability_records(task: Task, inputs: SectionInputs, method: str, at_
                            node=str(node), setting=setting) for attribute in inputs.section.attributes]
         records.append(Record("pos_latents", inputs.site, method, pos_latents(table.best_labels),
                               node=str(node), setting=setting))
-    return records + causal_curve_records(task, inputs, method, at_nodes, thresholds, setting)
-
-
-PAPER_NUM_EXCHANGE = 2  # the authors' F1-guided edit swaps 2 latents each way: SAEEdit("f1", k=4)
+    for threshold in thresholds:
+        kept, removed = {}, {}
+        for node, acts in inputs.clean.items():
+            features, directions = at_nodes[node].sae.encode(acts), raw_decoder_directions(at_nodes[node].sae)
+            interpretable = at_nodes[node].interpretations.best_f1 >= threshold  # [d_sae]
+            explained = (features * interpretable) @ directions  # [N, d]
+            kept[node] = acts - (features * ~interpretable) @ directions
+            removed[node] = acts - explained + explained.mean(0)
+        kept_run, removed_run = task.patched(kept, ld_only=True), task.patched(removed, ld_only=True)
+        records += [Record("causal_keep_sufficiency", inputs.site, method,
+                           sufficiency(kept_run.logit_diff, inputs.clean_run.logit_diff),
+                           threshold=threshold, setting=setting),
+                    Record("causal_remove_necessity", inputs.site, method,
+                           necessity(inputs.mean_ablated_run.logit_diff, removed_run.logit_diff,
+                                     inputs.clean_run.logit_diff), threshold=threshold, setting=setting)]
+    return records
 
 
 def sae_edits(edit_ks: Sequence[int]) -> list:
-    """Every SAE edit graded: greedy and F1-guided, for each number of latents k, and the F1-guided
-    edit at the paper's size (k = 4: 2 out + 2 in) beside the headline's 1 + 1 (k = 2)."""
-    paper = [] if 2 * PAPER_NUM_EXCHANGE in edit_ks else [SAEEdit("f1", 2 * PAPER_NUM_EXCHANGE)]
-    return [SAEEdit(kind, k) for k in edit_ks for kind in ("greedy", "f1")] + paper
+    """Every SAE edit graded: greedy and F1-guided for each k, and the authors' F1-guided edit (2 out +
+    2 in: k = 4) beside the headline's 1 + 1 (k = 2)."""
+    edits = [SAEEdit(kind, k) for k in edit_ks for kind in ("greedy", "f1")]
+    return edits if SAEEdit("f1", 4) in edits else edits + [SAEEdit("f1", 4)]
 
 
 def grade_sae(task: Task, inputs: SectionInputs, method: str, at_nodes: dict, attributes: Sequence[str],
@@ -763,21 +666,16 @@ def grade_sae(task: Task, inputs: SectionInputs, method: str, at_nodes: dict, at
             + interpretability_records(task, inputs, method, at_nodes, thresholds, setting))
 
 
-def _distance_after_greedy_edit(at_nodes: dict, clean: dict, counterfactual: dict, k: int = 2) -> float:
-    """Mean over nodes and prompts of ‖edited - a(p′)‖ after a greedy edit of k latents."""
-    gaps = [(greedy_sae_edit(at_nodes[node].sae, acts, counterfactual[node], k)[0] - counterfactual[node])
-            .norm(dim=-1).mean() for node, acts in clean.items()]
-    return float(sum(gaps) / len(gaps))
-
-
 def choose_settings(inputs: SectionInputs, method: str, settings: dict):
-    """The revised paper's choice of an SAE setting per site and attribute (README §8): the one
-    whose k = 2 greedy edits land closest (L2) to the counterfactual activations, mean over nodes
-    and prompts. settings: {setting: {node: SAEAtNode}}. Returns ({attribute: setting}, records)."""
+    """README §8: per attribute, the setting {setting: {node: SAEAtNode}} whose k = 2 greedy edits land
+    closest (L2, mean over nodes and prompts) to a(p′) -> ({attribute: setting}, records)."""
     chosen, records = {}, []
     for attribute, counterfactual in inputs.counterfactual.items():
-        distances = {setting: _distance_after_greedy_edit(at_nodes, inputs.clean, counterfactual)
-                     for setting, at_nodes in settings.items()}
+        distances = {}
+        for setting, at_nodes in settings.items():
+            gaps = [(greedy_sae_edit(at_nodes[node].sae, inputs.clean[node], a_cf, 2)[0] - a_cf).norm(dim=-1)
+                    for node, a_cf in counterfactual.items()]  # [N] per node
+            distances[setting] = float(sum(gap.mean() for gap in gaps) / len(gaps))
         chosen[attribute] = min(distances, key=distances.get)
         records += [Record("edit_distance_k2", inputs.site, method, distance, attribute=attribute,
                            setting=setting, chosen=setting == chosen[attribute])
@@ -821,25 +719,22 @@ def chosen_settings(records: Sequence[Record]) -> dict:
 
 # --- SAE core metrics (README §8) ---
 def every_setting(task_saes: dict, corpus_saes: dict) -> dict:
-    """Task SAEs {method: {setting: {node: SAE}}} and full-distribution SAEs {method: {node: SAE}}
-    in the first form, the latter under the setting None."""
+    """Task SAEs {method: {setting: {node: SAE}}} and full-distribution SAEs {method: {node: SAE}} at None."""
     return {**task_saes, **{method: {None: at_nodes} for method, at_nodes in corpus_saes.items()}}
 
 
 def core_records(saes: dict, eval_acts: dict, training: dict) -> list:
-    """L0, MSE, variance explained and dead fraction of every SAE {method: {setting: {node: SAEAtNode}}}
-    (dead: on the training activations) and how its training ended: training {(method, setting, node):
-    {"steps", "loss", "converged"}}, the last log of each task SAE."""
+    """L0, MSE, variance explained and dead fraction (on the training activations) of every SAE {method:
+    {setting: {node: SAEAtNode}}}, and how it ended training {(method, setting, node): its last log}."""
     records = []
     for method, settings in saes.items():
         for setting, at_nodes in settings.items():
             for node, at_node in at_nodes.items():
-                scores = sae_core_metrics(at_node.sae, eval_acts[node], at_node.train_acts)
+                ended = training.get((method, setting, node)) or {}
+                scores = {**sae_core_metrics(at_node.sae, eval_acts[node], at_node.train_acts),
+                          **{f"train_{key}": ended.get(key) for key in ("steps", "loss", "converged")}}
                 records += [Record(test, str(node), method, value, setting=setting)
                             for test, value in scores.items() if value is not None]  # fve of a constant x
-                ended = training.get((method, setting, node)) or {}
-                records += [Record(f"train_{key}", str(node), method, float(ended[key]), setting=setting)
-                            for key in ("steps", "loss", "converged") if ended.get(key) is not None]
     return records
 
 
@@ -866,8 +761,8 @@ def ld_recovered_records(task: Task, clean_run: ioi.PatchedRun, eval_acts: dict,
 
 # --- the two phenomena (README §9) ---
 def mean_code_norm(acts: torch.Tensor, ids: torch.Tensor) -> float:
-    """Mean norm of the mean codes u_v = mean(a - ā | value v) over the values that occur, relative
-    to the spread of the activations (mean ‖a - ā‖)."""
+    """Mean norm of the mean codes u_v = mean(a - ā | value v) of the values that occur, over the spread
+    of the activations (mean ‖a - ā‖)."""
     codes = dictionaries.SupervisedDictionary.fit(acts, {"a": ids}).features["a"]  # [n_values, d]
     spread = (acts - acts.mean(0)).norm(dim=-1).mean()
     return float(codes[torch.bincount(ids) > 0].norm(dim=-1).mean() / spread)
@@ -883,9 +778,8 @@ def presence(acts: torch.Tensor, ids: torch.Tensor, n_permutations: int = 20, se
 
 
 def attribute_evidence(task: Task, clean_run: ioi.PatchedRun, nodes: Sequence, acts: dict, supervised: dict):
-    """Per node and attribute (README §9): the supervised feature's mean norm / spread; the evaluation
-    prompts' mean-code norm and noise floor (`presence`); its causal effect alone (share of answers
-    changed, relative move of the mean LD, only this node counterfactual) -> ({(node, a): row}, records)."""
+    """Per node and attribute (README §9): the supervised features' mean norm / spread, `presence` on the
+    evaluation prompts, and the effect of this node alone counterfactual -> ({(node, a): row}, records)."""
     evidence, records, ld_clean = {}, [], clean_run.logit_diff.mean()
     values = ioi.attribute_ids(task.prompts)
     for node in nodes:
@@ -920,16 +814,13 @@ def phenomenon_gates(rows: dict, present: float = PRESENT, causal: float = CAUSA
 
 
 def phenomenon_node(evidence: dict, attributes: Sequence[str], **thresholds):
-    """Where a phenomenon can be tested: among the nodes that pass every gate, the one whose weaker
-    attribute is most causal; None if none. evidence: {(node, attribute): row} (`attribute_evidence`)."""
-    nodes = list(dict.fromkeys(node for node, _ in evidence))
-    rows = {node: {a: evidence[node, a] for a in attributes} for node in nodes}
-    passing = [node for node in nodes if all(phenomenon_gates(rows[node], **thresholds).values())]
-
-    def weaker_effect(node):
-        weaker = rows[node][min(attributes, key=lambda a: rows[node][a]["eval_norm"])]
-        return max(weaker["answers_changed"], weaker["ld_moved"])
-    return max(passing, key=weaker_effect) if passing else None
+    """Where a phenomenon can be tested: of the nodes that pass every gate, the one whose weaker attribute
+    is most causal, or None. evidence: {(node, attribute): row} (`attribute_evidence`)."""
+    rows = {node: {a: evidence[node, a] for a in attributes} for node, _ in evidence}
+    passing = [node for node in rows if all(phenomenon_gates(rows[node], **thresholds).values())]
+    weaker = {node: min(rows[node].values(), key=lambda row: row["eval_norm"]) for node in passing}
+    return max(passing, key=lambda node: max(weaker[node]["answers_changed"], weaker[node]["ld_moved"]),
+               default=None)
 
 
 class Phenomena(NamedTuple):
@@ -943,9 +834,8 @@ PHENOMENA = {"occlusion": NAME_ATTRIBUTES, "oversplitting": ("pos",)}
 
 def grade_phenomena(task: Task, clean_run: ioi.PatchedRun, nodes: Sequence, acts: dict, supervised: dict,
                     task_saes: dict) -> Phenomena:
-    """README §9: the gates at every node (records "gate_present" / "gate_causal"), and where a
-    phenomenon is testable what every task SAE {method: {setting: {node: SAEAtNode}}} did: the IO and
-    S names with a latent (F1 >= 0.5), or its Pos latents, and whether that reproduces the paper."""
+    """README §9: the gates at every node, and where a phenomenon is testable, what every task SAE {method:
+    {setting: {node: SAEAtNode}}} did (IO and S names with a latent, or Pos latents): as in the paper?"""
     evidence, records = attribute_evidence(task, clean_run, nodes, acts, supervised)
     if ioi.is_gpt2_small(task.model.config):  # in GPT-2 Small only the paper's node is a candidate
         paper_node = ioi.Node("q", 10, 0, "end")
@@ -1019,9 +909,6 @@ def occlusion_toy_records(norms: Optional[dict], seed: int = 0) -> list:
             for result in occlusion_toy_experiment(ratios, seed=seed) for attribute in NAME_ATTRIBUTES]
 
 
-OVERSPLITTING_GRIDS = {"paper": PAPER_OVERSPLITTING_GRID}
-
-
 def oversplitting_toy_records(grids: dict = OVERSPLITTING_GRIDS, seed: int = 0) -> list:
     """The over-splitting toy on each grid {name: oversplitting_toy's settings}: losses per λ, and
     who wins over the λ where the ideal SAE still fires (`oversplitting_verdict`)."""
@@ -1049,8 +936,7 @@ def decoder_recovery(decoder: torch.Tensor, directions: torch.Tensor) -> float:
 
 def ground_truth_records(saes: dict, supervised: dict, truth: dict) -> list:
     """How well every SAE {method: {setting: {node: SAEAtNode}}} recovers, per attribute, the supervised
-    mean codes ("supervised_cosine", as the authors compare) and the model's true feature directions
-    ("ground_truth_cosine"; truth: {node: {attribute: [n_values, d]} or None})."""
+    mean codes (as the authors do) and the true directions (truth: {node: {attribute: [n, d]} or None})."""
     references = {"supervised_cosine": {node: s.dictionary.features for node, s in supervised.items()},
                   "ground_truth_cosine": truth}
     return [Record(test, str(node), method, decoder_recovery(at_nodes[node].sae.W_dec, directions),
@@ -1069,9 +955,8 @@ def effective_rank(acts: torch.Tensor) -> float:
 
 
 def geometry_records(nodes: Sequence, acts: dict, values: dict) -> list:
-    """Per node: the held-out FVE of a least-squares supervised dictionary (fit on "train", scored on
-    "eval"), the effective rank, and the IO-S overlap (mean |cos| of a name's IO and S mean codes).
-    acts {split: {node: [N, d]}}, values {split: {attribute: ids}}; norms and floors: `attribute_evidence`."""
+    """Per node: the FVE on "eval" of a least-squares supervised dictionary fit on "train", the effective
+    rank, and the IO-S overlap (mean |cos| of a name's IO and S mean codes). acts {split: {node: [N, d]}}."""
     sizes = {"io": len(ioi.NAMES), "s": len(ioi.NAMES), "pos": len(ioi.PATTERNS)}
     records = []
     for node in nodes:

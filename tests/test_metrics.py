@@ -81,16 +81,22 @@ def test_sae_latent_weights_hand_case_and_sum_to_one():
     f = torch.tensor([[1.0, 3.0], [0.0, 0.0]])  # â - b_dec = (1, 3), ‖·‖² = 10; a silent prompt
     weights = metrics.sae_latent_weights(f, directions)
     assert torch.allclose(weights, torch.tensor([[0.1, 0.9], [0.0, 0.0]]))
-    removed = metrics.sae_weight_removed(f, directions, torch.tensor([[True, False], [True, True]]))
-    assert torch.allclose(removed, torch.tensor([0.1, 0.0]))
 
 
-def test_sae_weight_removed_is_one_when_every_latent_changes():
+def test_sae_latent_weights_sum_to_one_whatever_the_decoder():
     generator = torch.Generator().manual_seed(0)
     directions = torch.randn(7, 4, generator=generator)  # not orthogonal, not unit norm
     f = torch.rand(5, 7, generator=generator)
-    all_latents = torch.ones(5, 7, dtype=torch.bool)
-    assert torch.allclose(metrics.sae_weight_removed(f, directions, all_latents), torch.ones(5))
+    assert torch.allclose(metrics.sae_latent_weights(f, directions).sum(-1), torch.ones(5))
+
+
+def test_an_sae_edit_removes_the_weight_of_the_latents_it_changes():
+    """Identity SAE, a = (1, 3): latent weights 0.1 and 0.9. A greedy edit to (1, 0) changes latent 1 only."""
+    at_node = metrics.SAEAtNode(identity_sae(2), None, None)
+    a, a_cf = torch.tensor([[1.0, 3.0]]), torch.tensor([[1.0, 0.0]])
+    edit = at_node.edit(a, metrics.AttributeChange("io", {}, None, a_cf), metrics.SAEEdit("greedy", 2))
+    assert torch.allclose(edit.activations, a_cf) and edit.latents_changed.tolist() == [1.0]
+    assert torch.allclose(edit.weight_removed, torch.tensor([0.9]))
 
 
 def test_raw_decoder_directions_undo_the_input_scale():
@@ -194,10 +200,6 @@ def test_candidate_properties_columns_and_labels():
     assert column["io=Bob&pos=BAB"] == [False, True]
     assert column["s=Cat&pos=ABB"] == [False, False]
 
-    present = torch.tensor([[True, True, True], [False, False, False]])
-    properties, labels = metrics.candidate_properties(attributes, names, name_present=present)
-    assert properties[:, labels.index("has=Cat")].tolist() == [True, False]
-
 
 def test_candidate_properties_rejects_out_of_range_ids():
     attributes = {"io": torch.tensor([0, 3]), "s": torch.tensor([1, 2]), "pos": torch.tensor([0, 1])}
@@ -289,15 +291,21 @@ def test_occlusion_toy_recovery_counts_values_with_a_high_f1_latent():
 
 # --- over-splitting ---------------------------------------------------------------------
 
+def ideal_rows(mu):
+    """The ideal SAE's encoder rows ±µ (scaled by k in the toy) and decoder rows ±µ/‖µ‖."""
+    signed = torch.stack([mu, -mu])
+    return signed, signed / mu.norm()
+
+
 def test_ideal_sae_loss_hand_case():
     # µ = (2, 0), k = 0.5, γ = 0.5. x1 = (3, 1): µ·x1 = 6, f = (2.5, 0), x̂ = (2.5, 0),
     # error 1.25. x2 = (-1, 0.5): µ·x2 = -2, f = (0, 0.5), x̂ = (-0.5, 0), error 0.5.
-    # loss = mean error 0.875 + λ · mean ‖f‖₁ 1.5.
-    mu = torch.tensor([2.0, 0.0])
+    # loss = mean error 0.875 + λ · mean ‖f‖₁ 1.5; both inputs fire.
     x = torch.tensor([[3.0, 1.0], [-1.0, 0.5]])
-    ideal = metrics.ideal_two_latent_sae(mu, k=0.5, gamma=0.5)
-    assert metrics.sae_loss(x, ideal, l1=0.0) == pytest.approx(0.875)
-    assert metrics.sae_loss(x, ideal, l1=2.0) == pytest.approx(0.875 + 2 * 1.5)
+    reconstruction, l1, firing = metrics.scaled_family_loss_terms(x, *ideal_rows(torch.tensor([2.0, 0.0])),
+                                                                  scales=[0.5], gammas=[0.5])
+    assert float(reconstruction[0, 0]) == pytest.approx(0.875) and float(l1[0, 0]) == pytest.approx(1.5)
+    assert firing.tolist() == [[1.0]]
 
 
 def test_ideal_sae_without_penalty_projects_onto_mu():
@@ -307,23 +315,25 @@ def test_ideal_sae_without_penalty_projects_onto_mu():
     x = metrics.oversplitting_toy_data(100, mu, generator)
     unit = mu / mu.norm()
     projection_error = (x - (x @ unit)[:, None] * unit).pow(2).sum(-1).mean()
-    ideal = metrics.ideal_two_latent_sae(mu, k=1 / float(mu.norm()), gamma=0.0)
-    assert metrics.sae_loss(x, ideal, l1=0.0) == pytest.approx(float(projection_error), rel=1e-5)
+    reconstruction, _, _ = metrics.scaled_family_loss_terms(x, *ideal_rows(mu), [1 / float(mu.norm())], [0.0])
+    assert float(reconstruction[0, 0]) == pytest.approx(float(projection_error), rel=1e-5)
 
 
 def test_family_grid_matches_sae_loss_point_by_point():
+    """Against dictionaries' own vanilla SAE and loss: the random SAE, one latent per data sample."""
     generator = torch.Generator().manual_seed(0)
     mu = torch.randn(6, generator=generator, dtype=torch.float64)
     x = metrics.oversplitting_toy_data(64, mu, generator)
     samples = metrics.oversplitting_toy_data(20, mu, generator)
+    decoder = samples / samples.norm(dim=1, keepdim=True)
     betas, gammas = [0.05, 0.3], [0.5, 2.35]
-    base = metrics.random_data_sae(samples, beta=1.0, gamma=0.0)
-    reconstruction, l1, firing = metrics.scaled_family_loss_terms(x, base.W_enc.T, base.W_dec, betas, gammas)
+    reconstruction, l1, firing = metrics.scaled_family_loss_terms(x, samples, decoder, betas, gammas)
     for i, beta in enumerate(betas):
         for j, gamma in enumerate(gammas):
-            sae = metrics.random_data_sae(samples, beta, gamma)
+            sae = dictionaries.SAE("vanilla", W_enc=beta * samples.T, W_dec=decoder, l1_coefficient=3.0,
+                                   b_enc=torch.full((20,), -gamma).double(), b_dec=torch.zeros_like(mu))
             assert float(reconstruction[i, j] + 3.0 * l1[i, j]) == pytest.approx(
-                metrics.sae_loss(x, sae, l1=3.0))
+                float(dictionaries.loss_vanilla(sae, x).mean()))
             fires = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc).gt(0).any(-1)
             assert float(firing[i, j]) == pytest.approx(fires.double().mean().item())
 
@@ -341,13 +351,13 @@ def test_oversplitting_verdict_counts_only_where_the_ideal_fires():
 
 def test_oversplitting_toy_small_run():
     lambdas = np.array([0.0, 2.0, 20.0])
-    result = metrics.oversplitting_toy(lambdas, n_samples=512, d=20, n_latents=200,
-                                       ideal_ks=np.geomspace(0.05, 2, 8), ideal_gammas=np.linspace(0, 10, 6),
-                                       random_betas=np.geomspace(1e-3, 0.5, 8), random_gammas=(1.0, 2.35))
+    result = metrics.oversplitting_toy(lambdas, np.geomspace(1e-3, 0.5, 8), (1.0, 2.35), n_samples=512, d=20,
+                                       n_latents=200, ideal_ks=np.geomspace(0.05, 2, 8),
+                                       ideal_gammas=np.linspace(0, 10, 6))
     for family in ("ideal", "random"):
-        best = result[f"{family}_best_loss"]
+        best, firing = result[f"{family}_best_loss"], result[f"{family}_firing"]
         assert best.shape == (3,) and result[f"{family}_best_params"].shape == (3, 2)
-        assert result[f"{family}_firing"].shape == (3,) and result[f"{family}_firing"][-1] <= result[f"{family}_firing"][0]
+        assert firing.shape == (3,) and firing[-1] <= firing[0]
         assert np.all(np.diff(best) >= 0)  # a larger penalty never lowers the best loss
         assert np.all(best <= result["zero_sae_loss"] + 1e-9)  # both grids contain ~silent SAEs
     assert result["random_best_loss"][0] < result["ideal_best_loss"][0]
