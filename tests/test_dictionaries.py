@@ -305,18 +305,18 @@ def test_training_is_deterministic_for_a_seed():
 def test_resampling_revives_dead_latents():
     x, _ = planted(n=2048)
     spec, g = D.SAESpec("vanilla", l1_coefficient=1.0), torch.Generator().manual_seed(0)
-    data = D._StackData(x[None], torch.tensor([0]), torch.tensor([0.1]))
-    stack = D.stack_saes([D.init_sae(spec, 32, 64, g, data.means()[0], 0.1)])
+    inputs = x[None] * 0.1  # [S=1, N, d]
+    stack = D.stack_saes([D.init_sae(spec, 32, 64, g, inputs[0].mean(0), 0.1)])
     stack.b_enc[0, 0, :20] = -1e3  # 20 dead latents
     adam = torch.optim.Adam([t.requires_grad_() for t in stack.params.values()], lr=1e-3)
-    stack.loss(data.inputs(torch.arange(256))).sum().backward()
+    stack.loss(inputs[:, :256]).sum().backward()
     adam.step()
-    inputs, reconstructions, fires = D._statistics(stack, data, [spec], 256, 1)
-    errors, dead = (inputs - reconstructions).pow(2).sum(-1), fires == 0
-    assert dead[0, :20].all()
+    reconstructions, errors, fires = D._statistics(stack, inputs, [spec], 256, 1)
+    dead = fires == 0
+    assert dead[0, :20].all() and torch.equal(errors, (inputs - reconstructions).pow(2).sum(-1))
     alive_norm = stack.W_enc[0][:, ~dead[0]].norm(dim=0).mean()
-    D._resample_dead_latents(stack, adam, dead, errors, data, [g])
-    *_, fires = D._statistics(stack, data, [spec], 256, 1)
+    D._resample_dead_latents(stack, adam, dead, errors, inputs, [g])
+    *_, fires = D._statistics(stack, inputs, [spec], 256, 1)
     assert (fires[0, :20] > 0).all()
     assert torch.allclose(stack.W_enc[0][:, dead[0]].norm(dim=0), 0.2 * alive_norm)
     assert torch.allclose(stack.W_dec[0][dead[0]].norm(dim=1), torch.ones(20))
