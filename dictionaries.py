@@ -85,11 +85,9 @@ def _mean_codes(acts, attributes, sizes):
 
 
 def _lstsq_codes(acts, attributes, sizes):
-    """min ‖A - C U‖² with C = [1 | one-hot of each attribute] ("MSE" codes). C is rank deficient
-    (each attribute's one-hot columns sum to the constant column), so take the minimum-norm solution
-    pinv(C) A = pinv(CᵀC) CᵀA (the small Gram matrix makes this fast), then move each attribute's
-    frequency-weighted mean feature into the bias: that changes no fitted value and picks the same
-    gauge as the mean codes, so both are directly comparable."""
+    """min ‖A - C U‖² with C = [1 | one-hot of each attribute] ("MSE" codes): C is rank deficient, so
+    the minimum-norm pinv(CᵀC) CᵀA, then each attribute's frequency-weighted mean feature moved into
+    the bias (no fitted value changes), the mean codes' gauge, so that both compare directly."""
     design = torch.cat([acts.new_ones(len(acts), 1)]
                        + [F.one_hot(ids, sizes[name]).to(acts) for name, ids in attributes.items()], 1)
     # [1 + Σ n_values, d]
@@ -320,8 +318,6 @@ def loss_vanilla(sae, x):
 def loss_gated(sae, x):
     """‖x − x̂‖² + λ‖ReLU(π_gate)‖₁ + ‖x − x̂_frozen(ReLU(π_gate))‖²; x̂_frozen's
     decoder gets no gradient, so the last term trains the gate path to reconstruct alone."""
-
-
     pi_gate, magnitude = gated_paths(sae, x)
     gate = torch.relu(pi_gate)  # [..., d_sae]
     x_hat_frozen = gate @ sae.W_dec.detach() + sae.b_dec.detach()
@@ -343,8 +339,6 @@ def core_metrics(x, x_hat, fires, dead_fires=None) -> dict:
     """L0, MSE, FVE = 1 - Σ‖x - x̂‖² / Σ‖x - mean(x)‖² (None if x is constant) and dead
     fraction of inputs x and reconstructions x̂ [N, d] (README §8). fires [d_sae]: inputs each latent
     is active on; dead_fires: the same on other inputs (grading: the training data), for the dead."""
-
-
     squared_error, variance = (x - x_hat).pow(2), (x - x.mean(0)).pow(2).sum()  # [N, d], []
     ever_active = (fires if dead_fires is None else dead_fires) > 0  # [d_sae]
     return {"l0": float(fires.sum() / len(x)), "mse": float(squared_error.mean()),
@@ -391,7 +385,6 @@ def fold_input_centring(params: dict) -> dict:
 
 def _shift_encoder_biases(params: dict, shift: torch.Tensor) -> dict:
     """Add shift [d_sae] to every encoder path's pre-activations (b_mag's times exp r_mag, as its weights)."""
-
     shifted = {name: params[name] + shift for name in ("b_enc", "b_gate") if name in params}
     if "b_mag" in params:
         shifted["b_mag"] = params["b_mag"] + shift * params["r_mag"].exp()
@@ -486,7 +479,6 @@ def load_sae(directory) -> SAE:
     """An SAE folder of `save_sae` or SAELens (standard, gated, top-k, JumpReLU; SAELens 6's layout or
     older), every setting folded into the weights: it computes what SAELens computes on raw activations.
     Anything else is a one-line ValueError naming the file, the field and its value."""
-
     directory = Path(directory)
     cfg, path = read_sae_config(directory), directory / "sae_weights.safetensors"
     arch, d_in, d_sae = cfg["arch"], cfg["d_in"], cfg["d_sae"]
@@ -557,7 +549,6 @@ class Schedule:
     warm), resample dead latents (at most len(resample_at) times), else decay over a third as many
     steps again and stop. `epochs` is a cap: a stack that reaches it first has not converged."""
 
-
     def __init__(self, config: TrainConfig, steps_per_epoch: int, can_resample: bool):
         self.config, self.steps_per_epoch = config, steps_per_epoch
         self.cap = config.epochs * steps_per_epoch
@@ -586,8 +577,7 @@ class Schedule:
         return bool(((before - now) < self.config.plateau * before).all())
 
     def after_epoch(self, epochs_run: int, epoch_loss: torch.Tensor, has_dead) -> Optional[str]:
-        """"resample", "stop" or None after `epochs_run` epochs; has_dead() -> bool is asked
-        only at a plateau."""
+        """"resample", "stop" or None after `epochs_run` epochs; has_dead() is asked at a plateau only."""
         steps = epochs_run * self.steps_per_epoch
         if self.config.plateau is None:
             return "stop" if steps >= self.end else "resample" if epochs_run in self.resample_epochs else None
@@ -667,43 +657,37 @@ def _stop_if_diverged(specs: list, finite: torch.Tensor, epoch: int):
                          "lower the learning rate")
 
 
-def _adam_step(stack: SAE, adam, x: torch.Tensor, lr: float) -> torch.Tensor:
-    """One Adam step on the summed loss of the stack -> each SAE's mean loss [S]. Decoder rows stay
-    on the unit sphere: the gradient's radial part is removed before the step (all of it for a
-    frozen decoder), rows renormalised after it."""
-    loss = stack.loss(x).mean(-1)  # [S]
-    adam.zero_grad(set_to_none=True)
-    loss.sum().backward()
-    with torch.no_grad():
-        grad, W_dec = stack.W_dec.grad, stack.W_dec  # [S, d_sae, d_in]
-        grad -= (grad * W_dec).sum(-1, keepdim=True) * W_dec
-        grad.masked_fill_(stack.frozen_decoder, 0)
-    for group in adam.param_groups:
-        group["lr"] = lr
-    adam.step()
-    with torch.no_grad():
-        W_dec /= W_dec.norm(dim=-1, keepdim=True)
-    return loss.detach()
-
-
 def _train_epoch(stack, adam, x, generators, batch_size, lr_at) -> torch.Tensor:
-    """One pass over x [S, N, d_in], each SAE in its own random order -> mean loss per SAE [S] (on the
-    CPU). lr_at(i): the learning rate of the epoch's i-th step."""
+    """One pass over x [S, N, d_in], each SAE in its own random order, an Adam step (learning rate
+    lr_at(i)) on the stack's summed loss per batch -> mean loss per SAE [S] (on the CPU). Decoder rows
+    stay unit: the gradient's radial part (all of it if frozen) is removed, the rows renormalised."""
     order = torch.stack([torch.randperm(x.shape[1], generator=g) for g in generators])  # [S, N]
     starts = range(0, x.shape[1], batch_size)
     epoch_loss = 0
     for i, start in enumerate(starts):
-        batch = x[torch.arange(len(x))[:, None], order[:, start:start + batch_size]]  # [S, B, d_in]
-        epoch_loss += _adam_step(stack, adam, batch, lr_at(i)) / len(starts)
+        rows = order[:, start:start + batch_size]  # [S, B]: each SAE's own batch
+        loss = stack.loss(x[torch.arange(len(x))[:, None], rows]).mean(-1)  # [S]
+
+        adam.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        with torch.no_grad():
+            grad, W_dec = stack.W_dec.grad, stack.W_dec  # [S, d_sae, d_in]
+            grad -= (grad * W_dec).sum(-1, keepdim=True) * W_dec
+            grad.masked_fill_(stack.frozen_decoder, 0)
+        for group in adam.param_groups:
+            group["lr"] = lr_at(i)
+        adam.step()
+        with torch.no_grad():
+            W_dec /= W_dec.norm(dim=-1, keepdim=True)
+        epoch_loss += loss.detach() / len(starts)
     return epoch_loss.cpu()
 
 
 @torch.no_grad()
 def _resample_dead_latents(stack: SAE, adam, dead, errors, x, generators: list):
-    """Re-initialise dead latents (README §8, after Anthropic 2023): for SAE s, draw inputs with
-    probability ∝ loss², point each dead latent's decoder row (unless frozen) and encoder column
-    at the centred input, scale those encoder columns to 0.2 × the mean alive one, zero the
-    latent's encoder biases and reset its Adam moments. dead [S, d_sae]; errors [S, N]."""
+    """Re-initialise dead latents [S, d_sae] (README §8, after Anthropic 2023): point each at an input
+    drawn with probability ∝ loss² (errors [S, N]), centred (decoder row unless frozen; encoder column
+    at 0.2 × the mean alive norm), zero its encoder biases and reset its Adam moments."""
     for s, generator in enumerate(generators):
         latents = dead[s].nonzero()[:, 0]
         if len(latents) == 0:
@@ -783,9 +767,8 @@ def train_sae(acts: torch.Tensor, spec: SAESpec, config: Optional[TrainConfig] =
 
 
 def iter_corpus_texts(path=None) -> Iterator[str]:
-    """Texts of a corpus: a .jsonl file (one {"text": ...} per line), any other file split into
-    paragraphs at blank lines, or (path None) the English prose of Python's own help topics
-    (pydoc_data, present on every Python install)."""
+    """Texts of a .jsonl file (one {"text": ...} a line), of any other file's paragraphs, or (path None)
+    of Python's own help topics (pydoc_data: English prose present on every Python install)."""
     if path is None:
         from pydoc_data.topics import topics
         yield from (topics[key] for key in sorted(topics))
@@ -809,9 +792,8 @@ def _chunks(tokenizer, texts, length: int, bos: int) -> Iterator[list]:
 @torch.inference_mode()
 def collect_corpus_activations(model, tokenizer, nodes: list, texts, max_tokens: int,
                                context: int = 128, batch_size: int = 16) -> dict:
-    """Activations of each node (hook_name, head) at every token position of `texts`, up to
-    max_tokens per node -> {(hook_name, head): [n_tokens, d_head]}. Each chunk is BOS + context-1
-    tokens; the BOS position is excluded. Texts are streamed, so memory stays bounded."""
+    """{(hook_name, head): [n_tokens, d_head]} at every position but BOS of chunks of BOS + context-1
+    tokens of `texts`, up to max_tokens per node. Texts are streamed, so memory stays bounded."""
     from gpt2 import BOS_TOKEN_ID  # imported here so the SAE code needs no model module
     names, device = sorted({name for name, _ in nodes}), next(model.parameters()).device
     collected, n_tokens = {node: [] for node in nodes}, 0
