@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
-# ----------------------------------------------------------------------------- validation and files
 
+# ----------------------------------------------------------------------------- validation and files
 
 def _check_activations(x, what: str, shape: str = "[N, d]") -> torch.Tensor:
     """x if a finite float tensor of `shape` ([N, d] or [n_datasets, N, d]); else a one-line ValueError."""
@@ -57,7 +57,6 @@ def load_activations(path) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- supervised dictionaries
 
-
 def _attribute_sizes(attributes: dict, n: int, n_values: Optional[dict]) -> dict:
     """Number of values of each attribute, checking the id tensors."""
     sizes = {}
@@ -85,13 +84,11 @@ def _mean_codes(acts, attributes, sizes):
 
 
 def _lstsq_codes(acts, attributes, sizes):
-    """min ‖A - C U‖² with C = [1 | one-hot of each attribute] ("MSE" codes): C is rank deficient, so
-    the minimum-norm pinv(CᵀC) CᵀA, then each attribute's frequency-weighted mean feature moved into
-    the bias (no fitted value changes), the mean codes' gauge, so that both compare directly."""
+    """min ‖A - C U‖², C = [1 | one-hot of each attribute] ("MSE" codes), rank deficient: pinv(CᵀC)
+    CᵀA, each attribute's frequency-weighted mean moved into the bias (the mean codes' gauge)."""
     design = torch.cat([acts.new_ones(len(acts), 1)]
                        + [F.one_hot(ids, sizes[name]).to(acts) for name, ids in attributes.items()], 1)
-    # [1 + Σ n_values, d]
-    solution = torch.linalg.pinv(design.T @ design, hermitian=True) @ (design.T @ acts)
+    solution = torch.linalg.pinv(design.T @ design, hermitian=True) @ (design.T @ acts)  # [1 + Σ n_v, d]
     bias, *blocks = solution.split([1] + list(sizes.values()))
     bias, features = bias[0], {}
     for (name, ids), block in zip(attributes.items(), blocks):
@@ -159,8 +156,7 @@ class SupervisedDictionary:
 
 # ----------------------------------------------------------------------------- SAEs (README §8)
 
-# The parameters of each architecture, with SAELens's names.
-PARAMETERS = {"vanilla": ("W_enc", "b_enc", "W_dec", "b_dec"),
+PARAMETERS = {"vanilla": ("W_enc", "b_enc", "W_dec", "b_dec"),  # each architecture's, as SAELens names them
               "gated": ("W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"),
               "topk": ("W_enc", "b_enc", "W_dec", "b_dec"),
               "jumprelu": ("W_enc", "b_enc", "threshold", "W_dec", "b_dec")}
@@ -169,10 +165,9 @@ MATRICES = ("W_enc", "W_dec")  # every other parameter is a vector
 
 @dataclass
 class SAE:
-    """A sparse autoencoder, its parameters in the normalised space x = x_raw * input_scale (README
-    §8); `encode`, `decode`, `sae(x)` and `active` take and return raw activations. A stack
-    (`stack_saes`) adds a leading axis S to every tensor, and a batch axis of 1 to the vectors and
-    per-SAE numbers (b_enc [S, 1, d_sae]), so the same formulas apply to inputs [S, B, d_in]."""
+    """A sparse autoencoder in the normalised space x = x_raw * input_scale (README §8); `encode`,
+    `decode`, `sae(x)`, `active` work on raw x. A stack (`stack_saes`) adds an axis S to every tensor
+    and a batch axis of 1 to vectors and numbers (b_enc [S, 1, d_sae]): inputs are [S, B, d_in]."""
     arch: str  # "vanilla" | "gated" | "topk" | "jumprelu" (JumpReLU only as read from SAELens)
     W_enc: torch.Tensor  # [..., d_in, d_sae]
     W_dec: torch.Tensor  # [..., d_sae, d_in]  unit rows when trained here
@@ -200,7 +195,6 @@ class SAE:
     d_sae = property(lambda self: self.W_dec.shape[-2])
 
     # --- the paper's formulas, on normalised inputs x [..., d_in] -------------------------
-
     def latents(self, x):
         """f [..., d_sae]."""
         return ENCODERS[self.arch](self, x)
@@ -214,7 +208,6 @@ class SAE:
         return LOSSES[self.arch](self, x)
 
     # --- raw activations ------------------------------------------------------------------
-
     def encode(self, x):
         """Latents f [..., d_sae] of raw activations x [..., d_in]."""
         return self.latents(x * self.input_scale)
@@ -275,9 +268,8 @@ def encode_vanilla(sae, x):
 
 
 def gated_paths(sae, x):
-    """Gated SAE (Rajamanoharan et al. 2024, arXiv 2404.16014) -> (π_gate, magnitude): which latents
-    fire, π_gate = (x − b_dec) W_enc + b_gate > 0, and how strongly, magnitude =
-    ReLU((x − b_dec)(W_enc ⊙ exp r_mag) + b_mag) (the paper's original code forgot this ReLU)."""
+    """Gated SAE (arXiv 2404.16014) -> (π_gate = (x − b_dec) W_enc + b_gate: fires if > 0, magnitude =
+    ReLU((x − b_dec)(W_enc ⊙ exp r_mag) + b_mag): how strongly; the original code forgot this ReLU)."""
     projection = centred_projection(sae, x)  # [..., d_sae]
     # exp r_mag rescales W_enc's columns, so (x − b_dec)(W_enc ⊙ exp r_mag) is this projection rescaled
     return projection + sae.b_gate, torch.relu(projection * sae.r_mag.exp() + sae.b_mag)
@@ -336,9 +328,8 @@ LOSSES = {"vanilla": loss_vanilla, "gated": loss_gated, "topk": loss_topk}
 
 
 def core_metrics(x, x_hat, fires, dead_fires=None) -> dict:
-    """L0, MSE, FVE = 1 - Σ‖x - x̂‖² / Σ‖x - mean(x)‖² (None if x is constant) and dead
-    fraction of inputs x and reconstructions x̂ [N, d] (README §8). fires [d_sae]: inputs each latent
-    is active on; dead_fires: the same on other inputs (grading: the training data), for the dead."""
+    """L0, MSE, FVE = 1 - Σ‖x - x̂‖² / Σ‖x - mean(x)‖² (None for a constant x), dead fraction
+    (README §8) of x, x̂ [N, d]; fires [d_sae]: active counts; dead_fires: those on the training data."""
     squared_error, variance = (x - x_hat).pow(2), (x - x.mean(0)).pow(2).sum()  # [N, d], []
     ever_active = (fires if dead_fires is None else dead_fires) > 0  # [d_sae]
     return {"l0": float(fires.sum() / len(x)), "mse": float(squared_error.mean()),
@@ -433,9 +424,30 @@ NULL = type(None)  # JSON null
 SAELENS_FLAGS = {"apply_b_dec_to_input": True, "rescale_acts_by_decoder_norm": False, "frozen_decoder": False}
 
 
-def read_sae_config(directory) -> dict:
-    """cfg.json's settings that `load_sae` uses, each checked -> {arch (ours), d_in, d_sae, k, input_scale,
-    metadata (in SAELens 6's layout, also from a pre-6 file's top level), *SAELENS_FLAGS}."""
+def _read_weights(path: Path, arch: str, d_in: int, d_sae: int) -> dict:
+    """The parameters of a `sae_weights.safetensors`, each of its shape and finite."""
+    try:
+        weights = load_file(str(path))
+    except Exception as error:  # safetensors raises several types for a missing or corrupt file
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+    missing = [name for name in PARAMETERS[arch] if name not in weights]
+    if missing:
+        raise ValueError(f"{path}: {arch} SAE weights lack {missing} (found: {sorted(weights)})")
+    for name in ("scaling_factor", "finetuning_scaling_factor"):
+        if name in weights and not torch.all(weights[name] == 1):
+            raise ValueError(f"{path}: weight {name} is not all ones (only ones are supported)")
+    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}  # the others: (d_sae,)
+    for name, shape in ((name, shapes.get(name, (d_sae,))) for name in PARAMETERS[arch]):
+        if tuple(weights[name].shape) != shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(weights[name].shape)}, not {shape} "
+                             f"(cfg.json has d_in={d_in}, d_sae={d_sae})")
+    return _finite({name: weights[name].float() for name in PARAMETERS[arch]}, path)
+
+
+def load_sae(directory) -> SAE:
+    """An SAE folder of `save_sae` or SAELens (standard, gated, top-k, JumpReLU; SAELens 6's cfg.json or
+    older), its settings folded into the weights; anything else is a one-line ValueError naming the file,
+    the field and its value. `sae.meta`: cfg.json's metadata, also from a pre-6 file's top level."""
     path = Path(directory) / "cfg.json"
     try:
         cfg = json.loads(path.read_text())
@@ -470,45 +482,18 @@ def read_sae_config(directory) -> dict:
     field("reshape_activations", (str,), "none", lambda r: r in ("none", "hook_z"), "none or hook_z")
     field("finetuning_scaling_factor", (bool,), False, lambda f: not f, "only false")
     scale = field("input_scale", (int, float), 1.0, lambda s: 0 < s < math.inf, "a finite number > 0")
-    return {"arch": arch, "d_in": d_in, "d_sae": d_sae, "k": k, "metadata": metadata, "input_scale": scale,
-            **{name: field(name, (bool,), default, supported="true or false")
-               for name, default in SAELENS_FLAGS.items()}}
-
-
-def load_sae(directory) -> SAE:
-    """An SAE folder of `save_sae` or SAELens (standard, gated, top-k, JumpReLU; SAELens 6's layout or
-    older), every setting folded into the weights: it computes what SAELens computes on raw activations.
-    Anything else is a one-line ValueError naming the file, the field and its value."""
-    directory = Path(directory)
-    cfg, path = read_sae_config(directory), directory / "sae_weights.safetensors"
-    arch, d_in, d_sae = cfg["arch"], cfg["d_in"], cfg["d_sae"]
-    try:
-        weights = load_file(str(path))
-    except Exception as error:  # safetensors raises several types for a missing or corrupt file
-        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
-    missing = [name for name in PARAMETERS[arch] if name not in weights]
-    if missing:
-        raise ValueError(f"{path}: {arch} SAE weights lack {missing} (found: {sorted(weights)})")
-    for name in ("scaling_factor", "finetuning_scaling_factor"):
-        if name in weights and not torch.all(weights[name] == 1):
-            raise ValueError(f"{path}: weight {name} is not all ones (only ones are supported)")
-    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}  # the others: (d_sae,)
-    for name, shape in ((name, shapes.get(name, (d_sae,))) for name in PARAMETERS[arch]):
-        if tuple(weights[name].shape) != shape:
-            raise ValueError(f"{path}: {name} has shape {tuple(weights[name].shape)}, not {shape} "
-                             f"(cfg.json has d_in={d_in}, d_sae={d_sae})")
-    p = _finite({name: weights[name].float() for name in PARAMETERS[arch]}, path)
-    if not cfg["apply_b_dec_to_input"]:  # fold "no centring" into the encoder biases
+    centred, rescaled, frozen = (field(name, (bool,), default, supported="true or false")
+                                 for name, default in SAELENS_FLAGS.items())
+    p = _read_weights(Path(directory) / "sae_weights.safetensors", arch, d_in, d_sae)
+    if not centred:  # fold "no centring" into the encoder biases
         p = _shift_encoder_biases(p, p["b_dec"] @ p["W_enc"])
-    if arch == "topk" and cfg["rescale_acts_by_decoder_norm"]:
+    if arch == "topk" and rescaled:
         p = fold_decoder_norm(p)
-    where = f"{directory / 'cfg.json'}: input_scale={cfg['input_scale']} folded into the weights"
-    p = _finite(fold_input_scale(p, cfg["input_scale"]), where)
-    return SAE(arch, **p, k=cfg["k"], frozen_decoder=cfg["frozen_decoder"], meta=cfg["metadata"])
+    p = _finite(fold_input_scale(p, scale), f"{path}: input_scale={scale} folded into the weights")
+    return SAE(arch, **p, k=k, frozen_decoder=frozen, meta=metadata)
 
 
 # ----------------------------------------------------------------------------- training
-
 
 @dataclass
 class SAESpec:
@@ -524,8 +509,7 @@ class SAESpec:
 
 @dataclass
 class TrainConfig:
-    """Defaults from the paper (arXiv 2405.08366, appendix on SAE training), except the length:
-    `epochs` is a fixed length without `plateau`, and a cap with it (the paper trains 2000)."""
+    """The paper's settings (appendix on SAE training); `epochs` is the length, or a cap with `plateau`."""
     d_sae: int = 512
     lr: float = 3e-4
     batch_size: int = 512
@@ -536,18 +520,11 @@ class TrainConfig:
     plateau: Optional[float] = None  # converge at this relative improvement (Schedule); None: fixed
 
 
-def checkpoint_epochs(epochs: int) -> list:
-    """Geometrically spaced checkpoints: 1, 2, 4, ... and the last epoch."""
-    return sorted({2 ** i for i in range(epochs.bit_length())} | {epochs})
-
-
 class Schedule:
-    """When a stack of SAEs resamples, its learning rate, and when it stops: warm-up after every
-    (re)start, linear decay to 0 over the last quarter. Fixed (`plateau` None): `epochs` epochs,
-    resampling at the `resample_at` fractions. Converging: at a plateau (for every SAE, the last
-    epoch's loss less than `plateau` below that of max(5, 10% of the epochs run) epochs back, once
-    warm), resample dead latents (at most len(resample_at) times), else decay over a third as many
-    steps again and stop. `epochs` is a cap: a stack that reaches it first has not converged."""
+    """When a stack resamples, its learning rate (warm-up after every (re)start, linear decay to 0 over
+    the last quarter) and when it stops: after `epochs` epochs, resampling at the `resample_at` fractions;
+    or (converging) at a plateau, where every SAE's loss gained less than `plateau` over max(5, 10% of
+    the epochs run) epochs: resample dead latents, or decay over a third as many steps again and stop."""
 
     def __init__(self, config: TrainConfig, steps_per_epoch: int, can_resample: bool):
         self.config, self.steps_per_epoch = config, steps_per_epoch
@@ -620,9 +597,8 @@ def _check_stack(datasets, specs, config):
 
 def init_sae(spec: SAESpec, d_in: int, d_sae: int, generator: torch.Generator, b_dec: torch.Tensor,
              input_scale: float) -> SAE:
-    """Random unit decoder rows, the encoder their transpose (times 0.1 for the ReLU SAEs, as in
-    Anthropic's April 2024 update, so that hundreds of half-active latents do not start out far too
-    large; 1 for top-k, where only k fire), zero encoder biases, b_dec the (normalised) data mean."""
+    """Random unit decoder rows, the encoder their transpose (× 0.1 for ReLU SAEs, as Anthropic's April
+    2024 update: else hundreds of half-active latents start far too big), b_dec the data mean, 0 biases."""
     W_dec = F.normalize(torch.randn(d_sae, d_in, generator=generator), dim=-1)
     W_enc = (1.0 if spec.arch == "topk" else 0.1) * W_dec.T.contiguous()
     biases = {name: torch.zeros(d_sae) for name in PARAMETERS[spec.arch] if name not in (*MATRICES, "b_dec")}
@@ -633,9 +609,8 @@ def init_sae(spec: SAESpec, d_in: int, d_sae: int, generator: torch.Generator, b
 
 @torch.no_grad()
 def _statistics(stack: SAE, x: torch.Tensor, specs: list, chunk: int, epoch: int):
-    """Each SAE's reconstructions [S, N, d_in] of its inputs x, their squared errors [S, N] and how
-    often each latent fires [S, d_sae]. In chunks of the training batch, whose temporaries the
-    allocator reuses (larger ones are page-faulted afresh). Stops if a weight or x̂ is NaN or inf."""
+    """(x̂ [S, N, d_in], ‖x - x̂‖² [S, N], fires [S, d_sae]) in chunks of the training batch, whose
+    memory the allocator reuses (larger ones are page-faulted afresh). Stops at a NaN or inf."""
     x_hat, fires = [], 0
     for batch in x.split(chunk, 1):  # [S, chunk, d_in]
         f = stack.latents(batch)
@@ -649,8 +624,7 @@ def _statistics(stack: SAE, x: torch.Tensor, specs: list, chunk: int, epoch: int
 
 
 def _stop_if_diverged(specs: list, finite: torch.Tensor, epoch: int):
-    """Stop, naming the epoch and the first SAE whose numbers are not all finite (finite[s] False):
-    saved, such an SAE would be graded as if it were a real one."""
+    """Stop, naming the epoch and the first SAE with finite[s] False: it must not be saved and graded."""
     diverged = (~finite.cpu()).nonzero()[:, 0].tolist()
     if diverged:
         raise ValueError(f"training diverged (NaN or inf) at epoch {epoch} in {specs[diverged[0]]}: "
@@ -658,9 +632,8 @@ def _stop_if_diverged(specs: list, finite: torch.Tensor, epoch: int):
 
 
 def _train_epoch(stack, adam, x, generators, batch_size, lr_at) -> torch.Tensor:
-    """One pass over x [S, N, d_in], each SAE in its own random order, an Adam step (learning rate
-    lr_at(i)) on the stack's summed loss per batch -> mean loss per SAE [S] (on the CPU). Decoder rows
-    stay unit: the gradient's radial part (all of it if frozen) is removed, the rows renormalised."""
+    """One pass over x [S, N, d_in], each SAE in its own order, an Adam step at lr_at(i) per batch -> mean
+    loss per SAE [S] (CPU). Unit decoder rows: no radial gradient (none if frozen), renormalised after."""
     order = torch.stack([torch.randperm(x.shape[1], generator=g) for g in generators])  # [S, N]
     starts = range(0, x.shape[1], batch_size)
     epoch_loss = 0
@@ -685,9 +658,8 @@ def _train_epoch(stack, adam, x, generators, batch_size, lr_at) -> torch.Tensor:
 
 @torch.no_grad()
 def _resample_dead_latents(stack: SAE, adam, dead, errors, x, generators: list):
-    """Re-initialise dead latents [S, d_sae] (README §8, after Anthropic 2023): point each at an input
-    drawn with probability ∝ loss² (errors [S, N]), centred (decoder row unless frozen; encoder column
-    at 0.2 × the mean alive norm), zero its encoder biases and reset its Adam moments."""
+    """Point dead latents [S, d_sae] (README §8, after Anthropic 2023) at centred inputs drawn ∝ loss²
+    (encoder column at 0.2 × the mean alive norm; decoder unless frozen), zero biases and Adam moments."""
     for s, generator in enumerate(generators):
         latents = dead[s].nonzero()[:, 0]
         if len(latents) == 0:
@@ -711,9 +683,8 @@ def _resample_dead_latents(stack: SAE, adam, dead, errors, x, generators: list):
 
 
 def train_sae_stack(datasets: torch.Tensor, specs: list, config: Optional[TrainConfig] = None, progress=None):
-    """Train a stack of same-architecture SAEs as one tensor program (README §8), SAE s on the raw
-    activations datasets[specs[s].dataset_index] ([n_datasets, N, d]) -> (saes, logs: the loss and
-    core metrics of every SAE at every checkpoint). `progress`: None, or called with 1 every epoch."""
+    """SAE s on raw activations datasets[specs[s].dataset_index] [n_datasets, N, d] (README §8) -> (saes,
+    logs: loss and core metrics at every checkpoint). `progress`: None, or called with 1 every epoch."""
     config = config or TrainConfig()
     _check_stack(datasets, specs, config)
     index = torch.tensor([spec.dataset_index for spec in specs])
@@ -723,14 +694,14 @@ def train_sae_stack(datasets: torch.Tensor, specs: list, config: Optional[TrainC
     initial = [init_sae(spec, datasets.shape[-1], config.d_sae, generator, b_dec, scale) for spec, generator,
                b_dec, scale in zip(specs, generators, datasets.mean(1)[index] * scales[:, None], scales)]
     stack = stack_saes(initial).to(datasets.device)
-    # The fused Adam updates each tensor in one kernel (a loop over SAEs spends ~17% of its
-    # step in the unfused optimizer's small ops); on CPU it needs torch >= 2.4.
+    # fused: one kernel a tensor (unfused, a loop over SAEs spends ~17% of its step); CPU: torch >= 2.4
     adam = torch.optim.Adam([t.requires_grad_() for t in stack.params.values()], lr=config.lr,
                             fused=torch.__version__ >= "2.4")
     batch_size = min(config.batch_size, x.shape[1])
     steps_per_epoch = math.ceil(x.shape[1] / batch_size)
     schedule = Schedule(config, steps_per_epoch, can_resample=specs[0].arch != "topk")
-    checkpoints, logs = checkpoint_epochs(config.epochs), []
+    checkpoints = {2 ** i for i in range(config.epochs.bit_length())} | {config.epochs}  # 1, 2, 4, ..., last
+    logs = []
     for epoch in range(config.epochs):
         epoch_loss = _train_epoch(stack, adam, x, generators, batch_size,
                                   lambda i: config.lr * schedule.lr_factor(epoch * steps_per_epoch + i))
@@ -764,7 +735,6 @@ def train_sae(acts: torch.Tensor, spec: SAESpec, config: Optional[TrainConfig] =
 
 
 # ----------------------------------------------------------------------------- full-distribution SAEs
-
 
 def iter_corpus_texts(path=None) -> Iterator[str]:
     """Texts of a .jsonl file (one {"text": ...} a line), of any other file's paragraphs, or (path None)
