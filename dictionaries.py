@@ -1,12 +1,8 @@
-"""Feature dictionaries: supervised ones, the yardstick (README §4), and sparse autoencoders,
-the graded (README §8), after Makelov, Lange & Nanda, arXiv 2405.08366.
-
-Read `SupervisedDictionary`, then `SAE` and the encoders and losses after it (one or two lines
-per formula of the paper), then `train_sae_stack`. A stack of same-shaped SAEs trains as one
-tensor program whose SAEs never interact (the summed loss gives each its own gradient, Adam is
-elementwise, all randomness comes from a per-SAE seed): an SAE trained in a stack equals the same
-SAE trained alone, and `train_sae` trains a stack of one. SAE folders use SAELens's layout, both
-ways (README, "Use with TransformerLens / SAELens").
+"""Feature dictionaries (Makelov, Lange & Nanda, arXiv 2405.08366): supervised ones, the yardstick
+(README §4), and sparse autoencoders, the graded (README §8). Read `SupervisedDictionary`, then `SAE`
+and its encoders and losses, then `train_sae_stack`: same-shaped SAEs train as one tensor program yet
+never interact (the summed loss gives each its own gradient, Adam is elementwise, each SAE has its
+own seed), so an SAE trained in a stack equals the same SAE trained alone (`train_sae`: a stack of one).
 """
 import functools
 import itertools
@@ -20,8 +16,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
-
-# ----------------------------------------------------------------------------- validation and files
 
 def _check_activations(x, what: str, shape: str = "[N, d]") -> torch.Tensor:
     """x if a finite float tensor of `shape` ([N, d] or [n_datasets, N, d]); else a one-line ValueError."""
@@ -222,8 +216,7 @@ class SAE:
         return self.decode(f), f
 
     def active(self, x):
-        """f ≠ 0 on raw x, as SAELens and SAEBench count L0 (a gated latent whose gate is open but
-        whose magnitude is 0 adds nothing)  -> bool [..., d_sae]."""
+        """f ≠ 0 (not an open gate: it may add 0) on raw x, as SAELens and SAEBench count L0  -> bool."""
         return self.encode(x) != 0
 
     def to(self, device) -> "SAE":
@@ -232,10 +225,8 @@ class SAE:
 
     def unstack(self) -> list:
         """The S SAEs of a stack, one by one: detached copies."""
-        def one(name, s):
-            t = getattr(self, name)[s]
-            return (t if name in MATRICES else t[0]).detach().clone()
-        return [SAE(self.arch, **{name: one(name, s) for name in PARAMETERS[self.arch]},
+        return [SAE(self.arch, **{name: (t[s] if name in MATRICES else t[s, 0]).detach().clone()
+                                  for name, t in self.params.items()},
                     k=None if self.k is None else int(self.k[s]),
                     l1_coefficient=float(self.l1_coefficient[s]), input_scale=float(self.input_scale[s]),
                     frozen_decoder=bool(self.frozen_decoder[s]))
@@ -340,7 +331,7 @@ def core_metrics(x, x_hat, fires, dead_fires=None) -> dict:
 # ----------------------------------------------------------------------------- the SAELens layout
 
 SAELENS_ARCH = {"vanilla": "standard", "gated": "gated", "topk": "topk", "jumprelu": "jumprelu"}
-SAELENS_LAYOUT_VERSION = "6.0.0"  # without it SAELens reads cfg.json as its pre-6 layout
+
 # Our SAEs read gpt2.py's plain GPT-2: TransformerLens's model with none of its weight processing.
 PLAIN_MODEL = {"fold_ln": False, "center_writing_weights": False, "center_unembed": False,
                "fold_value_biases": False}
@@ -396,8 +387,8 @@ def save_sae(sae: SAE, directory):
     params = _finite(fold_input_scale(sae.params, sae.input_scale), "SAE not saved")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    meta = {"model_from_pretrained_kwargs": PLAIN_MODEL, **sae.meta,
-            "sae_lens_version": SAELENS_LAYOUT_VERSION}
+    # sae_lens_version 6: else SAELens reads cfg.json in its pre-6 layout (metadata at the top level)
+    meta = {"model_from_pretrained_kwargs": PLAIN_MODEL, **sae.meta, "sae_lens_version": "6.0.0"}
     # SAELens flattens [.., head, d_head] for an SAE over all heads' hook_z concatenated
     layer_z = str(meta.get("hook_name", "")).endswith("hook_z") and meta.get("hook_head_index") is None
     cfg = {"architecture": SAELENS_ARCH[sae.arch], "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32",
@@ -408,15 +399,6 @@ def save_sae(sae: SAE, directory):
         cfg |= {"k": sae.k, "rescale_acts_by_decoder_norm": False}
     save_tensors({name: t.float() for name, t in params.items()}, directory / "sae_weights.safetensors")
     (directory / "cfg.json").write_text(json.dumps(cfg, indent=1))  # last: its presence marks a complete save
-
-
-def _field(path, table: dict, name: str, types: tuple, default, valid=lambda value: True, supported=""):
-    """table[name] (or default) if its JSON type is one of `types` (true is no integer, "3" no
-    number, "no" no bool: nothing is coerced) and it is `valid`; else a one-line ValueError."""
-    value = table.get(name, default)
-    if type(value) not in types or not valid(value):
-        raise ValueError(f"{path}: {name}={value!r} is not supported ({supported})")
-    return value
 
 
 NULL = type(None)  # JSON null
@@ -430,14 +412,13 @@ def _read_weights(path: Path, arch: str, d_in: int, d_sae: int) -> dict:
         weights = load_file(str(path))
     except Exception as error:  # safetensors raises several types for a missing or corrupt file
         raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
-    missing = [name for name in PARAMETERS[arch] if name not in weights]
-    if missing:
-        raise ValueError(f"{path}: {arch} SAE weights lack {missing} (found: {sorted(weights)})")
     for name in ("scaling_factor", "finetuning_scaling_factor"):
         if name in weights and not torch.all(weights[name] == 1):
             raise ValueError(f"{path}: weight {name} is not all ones (only ones are supported)")
     shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}  # the others: (d_sae,)
     for name, shape in ((name, shapes.get(name, (d_sae,))) for name in PARAMETERS[arch]):
+        if name not in weights:
+            raise ValueError(f"{path}: a {arch} SAE needs a tensor {name} (found: {sorted(weights)})")
         if tuple(weights[name].shape) != shape:
             raise ValueError(f"{path}: {name} has shape {tuple(weights[name].shape)}, not {shape} "
                              f"(cfg.json has d_in={d_in}, d_sae={d_sae})")
@@ -445,9 +426,8 @@ def _read_weights(path: Path, arch: str, d_in: int, d_sae: int) -> dict:
 
 
 def load_sae(directory) -> SAE:
-    """An SAE folder of `save_sae` or SAELens (standard, gated, top-k, JumpReLU; SAELens 6's cfg.json or
-    older), its settings folded into the weights; anything else is a one-line ValueError naming the file,
-    the field and its value. `sae.meta`: cfg.json's metadata, also from a pre-6 file's top level."""
+    """An SAE folder of `save_sae` or SAELens (standard, gated, top-k, JumpReLU; any cfg.json layout), its
+    settings folded into the weights; anything else is a one-line ValueError naming file, field and value."""
     path = Path(directory) / "cfg.json"
     try:
         cfg = json.loads(path.read_text())
@@ -455,17 +435,23 @@ def load_sae(directory) -> SAE:
         raise ValueError(f"{path}: not a readable JSON file ({error})") from None
     if type(cfg) is not dict:
         raise ValueError(f"{path}: expected a JSON object of settings, got {type(cfg).__name__}")
-    field = functools.partial(_field, path, cfg)
+
+    def field(name, types, default, valid=lambda value: True, supported="", table=cfg):
+        """table[name] (or default) if of a JSON type in `types` (nothing is coerced) and `valid`."""
+        value = table.get(name, default)
+        if type(value) not in types or not valid(value):
+            raise ValueError(f"{path}: {name}={value!r} is not supported ({supported})")
+        return value
     metadata = dict(field("metadata", (dict, NULL), None, supported="a JSON object") or {})
     for new, old in (("hook_name", "hook_point"), ("hook_head_index", "hook_point_head_index")):
         if new not in metadata and (new in cfg or old in cfg):
             metadata[new] = cfg.get(new, cfg.get(old))
-    _field(path, metadata, "hook_name", (str, NULL), None, supported="a hook name, e.g. blocks.9.attn.hook_z")
-    _field(path, metadata, "hook_head_index", (int, NULL), None, lambda h: h is None or h >= 0,
-           "null or an integer >= 0")
-    model = _field(path, metadata, "model_from_pretrained_kwargs", (dict, NULL), None, supported="an object")
+    field("hook_name", (str, NULL), None, supported="a hook name, e.g. blocks.9.attn.hook_z", table=metadata)
+    field("hook_head_index", (int, NULL), None, lambda h: h is None or h >= 0, "null or an integer >= 0",
+          table=metadata)
+    model = field("model_from_pretrained_kwargs", (dict, NULL), None, supported="an object", table=metadata)
     for name in PLAIN_MODEL:  # how the model the SAE read was processed (main.as_plain_model_sae)
-        _field(path, model or {}, name, (bool,), True, supported="true or false")
+        field(name, (bool,), True, supported="true or false", table=model or {})
     d_in, d_sae = (field(name, (int,), None, lambda n: n > 0, "an integer > 0") for name in ("d_in", "d_sae"))
     architecture = field("architecture", (str,), "standard", lambda a: a in SAELENS_ARCH.values(),
                          ", ".join(SAELENS_ARCH.values()))
@@ -521,10 +507,10 @@ class TrainConfig:
 
 
 class Schedule:
-    """When a stack resamples, its learning rate (warm-up after every (re)start, linear decay to 0 over
-    the last quarter) and when it stops: after `epochs` epochs, resampling at the `resample_at` fractions;
-    or (converging) at a plateau, where every SAE's loss gained less than `plateau` over max(5, 10% of
-    the epochs run) epochs: resample dead latents, or decay over a third as many steps again and stop."""
+    """When a stack resamples, its learning rate (warm-up after every (re)start, linear decay to 0 over the
+    last quarter), when it stops: after `epochs` epochs, resampling at the `resample_at` fractions, or at a
+    plateau (every loss down by less than a fraction `plateau` over max(5, 10% of the epochs run) epochs),
+    where it resamples dead latents, or decays a third as long again and stops."""
 
     def __init__(self, config: TrainConfig, steps_per_epoch: int, can_resample: bool):
         self.config, self.steps_per_epoch = config, steps_per_epoch
@@ -546,9 +532,8 @@ class Schedule:
         return warm * max(0.0, min(1.0, (self.end - step) / decay))
 
     def plateaued(self, epochs_run: int) -> bool:
-        window = max(5, round(0.1 * epochs_run))
-        warmup_epochs = math.ceil(self.warmup / self.steps_per_epoch)
-        if len(self.losses) <= window + warmup_epochs:
+        window = max(5, round(0.1 * epochs_run))  # epochs back, counted once the warm-up is over
+        if len(self.losses) <= window + math.ceil(self.warmup / self.steps_per_epoch):
             return False
         before, now = self.losses[-1 - window], self.losses[-1]
         return bool(((before - now) < self.config.plateau * before).all())
@@ -556,16 +541,16 @@ class Schedule:
     def after_epoch(self, epochs_run: int, epoch_loss: torch.Tensor, has_dead) -> Optional[str]:
         """"resample", "stop" or None after `epochs_run` epochs; has_dead() is asked at a plateau only."""
         steps = epochs_run * self.steps_per_epoch
-        if self.config.plateau is None:
-            return "stop" if steps >= self.end else "resample" if epochs_run in self.resample_epochs else None
         self.losses.append(epoch_loss)
-        if self.end is None and self.plateaued(epochs_run):
+        if self.end is None and self.plateaued(epochs_run):  # converging, the end not yet known
             if self.resamples_left and has_dead():
                 self.resamples_left -= 1
                 return "resample"
             self.end = min(self.cap, round(steps / (1 - self.config.decay_fraction)))
             self.converged = self.end < self.cap or steps == self.cap
-        return "stop" if steps >= (self.end or self.cap) else None
+        if steps >= (self.end or self.cap):
+            return "stop"
+        return "resample" if epochs_run in self.resample_epochs else None  # fixed: at the fractions
 
     def restarted(self, epochs_run: int):
         self.restart, self.losses = epochs_run * self.steps_per_epoch, []
@@ -590,7 +575,6 @@ def _check_stack(datasets, specs, config):
         if (datasets[i] == datasets[i, :1]).all():  # all 0: scaled by 1/0
             same = "0" if norm == 0 else "the same"
             raise ValueError(f"dataset {i}: every row is {same}, nothing to learn")
-
         if norm == math.inf:
             raise ValueError(f"dataset {i}: values up to {datasets[i].abs().max():.3g} overflow float32")
 
@@ -737,8 +721,7 @@ def train_sae(acts: torch.Tensor, spec: SAESpec, config: Optional[TrainConfig] =
 # ----------------------------------------------------------------------------- full-distribution SAEs
 
 def iter_corpus_texts(path=None) -> Iterator[str]:
-    """Texts of a .jsonl file (one {"text": ...} a line), of any other file's paragraphs, or (path None)
-    of Python's own help topics (pydoc_data: English prose present on every Python install)."""
+    """Texts of a .jsonl file ({"text": ...} a line), any other file's paragraphs, or (None) Python's help."""
     if path is None:
         from pydoc_data.topics import topics
         yield from (topics[key] for key in sorted(topics))
@@ -766,17 +749,13 @@ def collect_corpus_activations(model, tokenizer, nodes: list, texts, max_tokens:
     tokens of `texts`, up to max_tokens per node. Texts are streamed, so memory stays bounded."""
     from gpt2 import BOS_TOKEN_ID  # imported here so the SAE code needs no model module
     names, device = sorted({name for name, _ in nodes}), next(model.parameters()).device
-    collected, n_tokens = {node: [] for node in nodes}, 0
-    chunks = _chunks(tokenizer, texts, context - 1, BOS_TOKEN_ID)
-    while n_tokens < max_tokens:
-        needed = math.ceil((max_tokens - n_tokens) / (context - 1))
-        batch = list(itertools.islice(chunks, min(batch_size, needed)))
-        if not batch:  # corpus exhausted
-            break
+    chunks = itertools.islice(_chunks(tokenizer, texts, context - 1, BOS_TOKEN_ID),
+                              math.ceil(max_tokens / (context - 1)))  # the chunks needed, or all there are
+    collected = {node: [] for node in nodes}
+    while batch := list(itertools.islice(chunks, batch_size)):
         tokens = torch.tensor([[BOS_TOKEN_ID] + chunk for chunk in batch], device=device)  # [B, context]
         _, cache = model.run_with_cache(tokens, names, logits_at=torch.zeros_like(tokens[:, 0]))
-        keep = min(max_tokens - n_tokens, len(batch) * (context - 1))
         for name, head in nodes:  # cache[name]: [B, context, head, d_head]; drop the BOS position
-            collected[(name, head)].append(cache[name][:, 1:, head].reshape(-1, cache[name].shape[-1])[:keep])
-        n_tokens += keep
-    return {node: torch.cat(parts) if parts else torch.empty(0) for node, parts in collected.items()}
+            collected[(name, head)].append(cache[name][:, 1:, head].reshape(-1, cache[name].shape[-1]))
+    return {node: torch.cat(parts)[:max_tokens] if parts else torch.empty(0)
+            for node, parts in collected.items()}
