@@ -159,9 +159,8 @@ MATRICES = ("W_enc", "W_dec")  # every other parameter is a vector
 
 @dataclass
 class SAE:
-    """A sparse autoencoder in the normalised space x = x_raw * input_scale (README §8); `encode`,
-    `decode`, `sae(x)`, `active` work on raw x. A stack (`stack_saes`) adds an axis S to every tensor
-    and a batch axis of 1 to vectors and numbers (b_enc [S, 1, d_sae]): inputs are [S, B, d_in]."""
+    """An SAE in the normalised space x = x_raw * input_scale (README §8); `encode`, `decode`, `sae(x)`,
+    `active` take raw x. A stack (`stack_saes`): axis S first, then a batch axis 1 on vectors and numbers."""
     arch: str  # "vanilla" | "gated" | "topk" | "jumprelu" (JumpReLU only as read from SAELens)
     W_enc: torch.Tensor  # [..., d_in, d_sae]
     W_dec: torch.Tensor  # [..., d_sae, d_in]  unit rows when trained here
@@ -427,7 +426,8 @@ def _read_weights(path: Path, arch: str, d_in: int, d_sae: int) -> dict:
 
 def load_sae(directory) -> SAE:
     """An SAE folder of `save_sae` or SAELens (standard, gated, top-k, JumpReLU; any cfg.json layout), its
-    settings folded into the weights; anything else is a one-line ValueError naming file, field and value."""
+    settings folded into the weights, cfg.json's metadata as `meta`. Anything else: a one-line ValueError
+    naming the file, the field and its value."""
     path = Path(directory) / "cfg.json"
     try:
         cfg = json.loads(path.read_text())
@@ -573,8 +573,7 @@ def _check_stack(datasets, specs, config):
             raise ValueError(f"l1_coefficient must be non-negative and finite, got {s.l1_coefficient}")
     for i, norm in enumerate(datasets.norm(dim=-1).mean(1).tolist()):  # each is scaled to mean norm √d
         if (datasets[i] == datasets[i, :1]).all():  # all 0: scaled by 1/0
-            same = "0" if norm == 0 else "the same"
-            raise ValueError(f"dataset {i}: every row is {same}, nothing to learn")
+            raise ValueError(f"dataset {i}: every row is {'the same' if norm else '0'}, nothing to learn")
         if norm == math.inf:
             raise ValueError(f"dataset {i}: values up to {datasets[i].abs().max():.3g} overflow float32")
 
