@@ -78,8 +78,8 @@ def _mean_codes(acts, attributes, sizes):
 
 
 def _lstsq_codes(acts, attributes, sizes):
-    """min ‖A - C U‖², C = [1 | one-hot of each attribute] ("MSE" codes), rank deficient: pinv(CᵀC)
-    CᵀA, each attribute's frequency-weighted mean moved into the bias (the mean codes' gauge)."""
+    """"MSE" codes: the minimum-norm U = pinv(CᵀC) CᵀA of min ‖A - C U‖², C = [1 | each one-hot]
+    (rank deficient), then each attribute's frequency-weighted mean moved into the bias, as in mean codes."""
     design = torch.cat([acts.new_ones(len(acts), 1)]
                        + [F.one_hot(ids, sizes[name]).to(acts) for name, ids in attributes.items()], 1)
     solution = torch.linalg.pinv(design.T @ design, hermitian=True) @ (design.T @ acts)  # [1 + Σ n_v, d]
