@@ -215,7 +215,7 @@ class SAE:
         return self.decode(f), f
 
     def active(self, x):
-        """f ≠ 0 (not an open gate: it may add 0) on raw x, as SAELens and SAEBench count L0  -> bool."""
+        """Latents with f ≠ 0 on raw x, as SAELens and SAEBench count L0 (an open gate may add 0)."""
         return self.encode(x) != 0
 
     def to(self, device) -> "SAE":
@@ -330,7 +330,6 @@ def core_metrics(x, x_hat, fires, dead_fires=None) -> dict:
 # ----------------------------------------------------------------------------- the SAELens layout
 
 SAELENS_ARCH = {"vanilla": "standard", "gated": "gated", "topk": "topk", "jumprelu": "jumprelu"}
-
 # Our SAEs read gpt2.py's plain GPT-2: TransformerLens's model with none of its weight processing.
 PLAIN_MODEL = {"fold_ln": False, "center_writing_weights": False, "center_unembed": False,
                "fold_value_biases": False}
@@ -616,14 +615,13 @@ def _stop_if_diverged(specs: list, finite: torch.Tensor, epoch: int):
 
 def _train_epoch(stack, adam, x, generators, batch_size, lr_at) -> torch.Tensor:
     """One pass over x [S, N, d_in], each SAE in its own order, an Adam step at lr_at(i) per batch -> mean
-    loss per SAE [S] (CPU). Unit decoder rows: no radial gradient (none if frozen), renormalised after."""
+    loss per SAE [S] (CPU). Decoder rows stay unit: no radial gradient (none if frozen), renormalised."""
     order = torch.stack([torch.randperm(x.shape[1], generator=g) for g in generators])  # [S, N]
     starts = range(0, x.shape[1], batch_size)
     epoch_loss = 0
     for i, start in enumerate(starts):
         rows = order[:, start:start + batch_size]  # [S, B]: each SAE's own batch
         loss = stack.loss(x[torch.arange(len(x))[:, None], rows]).mean(-1)  # [S]
-
         adam.zero_grad(set_to_none=True)
         loss.sum().backward()
         with torch.no_grad():
@@ -666,8 +664,8 @@ def _resample_dead_latents(stack: SAE, adam, dead, errors, x, generators: list):
 
 
 def train_sae_stack(datasets: torch.Tensor, specs: list, config: Optional[TrainConfig] = None, progress=None):
-    """SAE s on raw activations datasets[specs[s].dataset_index] [n_datasets, N, d] (README §8) -> (saes,
-    logs: loss and core metrics at every checkpoint). `progress`: None, or called with 1 every epoch."""
+    """Train SAE s on raw activations datasets[specs[s].dataset_index] ([n_datasets, N, d]; README §8) ->
+    (saes, logs: loss and core metrics at every checkpoint). `progress`: None, or called with 1 an epoch."""
     config = config or TrainConfig()
     _check_stack(datasets, specs, config)
     index = torch.tensor([spec.dataset_index for spec in specs])
