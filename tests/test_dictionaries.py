@@ -583,6 +583,14 @@ def test_refuses_top_k_without_k(tmp_path):
         D.load_sae(tmp_path / "sae")
 
 
+def test_refuses_a_folder_lacking_a_weight_in_one_line(tmp_path):
+    weights = tiny_params("gated")
+    del weights["r_mag"]
+    write_saelens(tmp_path / "sae", saelens6_cfg("gated"), weights)
+    with pytest.raises(ValueError, match="sae_weights.safetensors: a gated SAE needs a tensor r_mag"):
+        D.load_sae(tmp_path / "sae")
+
+
 def test_reads_folders_saved_before_the_scale_was_folded(tmp_path):
     """Earlier save_sae wrote normalised-space weights with `input_scale` beside them."""
     w = tiny_params("gated")
