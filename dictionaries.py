@@ -1,34 +1,8 @@
-"""Feature dictionaries: supervised (the yardstick) and sparse autoencoders (the graded).
-
-Makelov, Lange & Nanda, "Towards Principled Evaluations of Sparse Autoencoders for
-Interpretability and Control" (arXiv 2405.08366); README §4 (supervised dictionaries) and
-§8 (SAE training). Start reading at `SupervisedDictionary`, then `SAE` and the functions after
-it (one or two lines per formula of the paper), then `train_sae_stack`.
-
-Public API
-----------
-Supervised dictionaries (README §4)
-    d = SupervisedDictionary.fit(acts[N,d], {name: LongTensor[N]}, n_values=None, method="mean"|"lstsq")
-    d.bias [d]; d.features[name] [n_values, d]; d.reconstruct, d.edit, d.feature_weights, d.save, .load
-SAEs (README §8): SAE(arch, W_enc=, W_dec=, b_dec=, b_enc= | b_gate=, r_mag=, b_mag= | threshold=, k=, ...)
-    arch "vanilla", "gated", "topk" (trained here) or "jumprelu" (read from SAELens). On raw x:
-    sae.encode(x[..., d_in]) -> f [..., d_sae]; sae.decode(f); sae(x) -> (x̂, f); sae.active(x) -> bool.
-    In the normalised space: sae.latents, sae.reconstruct, sae.loss.
-    stack_saes([sae, ...]) -> one SAE with a leading stack axis; stack.unstack() -> [sae, ...].
-    core_metrics(x, x̂, fires): L0, MSE, fraction of variance explained, dead fraction.
-    save_sae(sae, dir) / load_sae(dir) in SAELens's layout, both ways (README, "Use with
-    TransformerLens / SAELens"), with every setting folded into the weights (fold_*).
-Training (one batched tensor program for a stack of same-shaped SAEs)
-    saes, logs = train_sae_stack(datasets[n_datasets,N,d], [SAESpec(...), ...], TrainConfig(...));
-    train_sae(acts, spec, config); logs: one dict per SAE per checkpoint (loss and core metrics).
-    load_activations(path) / load_labelled_activations(path): `acts` (and `attribute.<name>`) tensors
-Full-distribution SAEs
-    iter_corpus_texts(path=None); collect_corpus_activations(model, tokenizer, nodes, texts, max_tokens)
-
-Training a single SAE is training a stack of one: the same code. SAEs in a stack never
-interact: the summed loss gives each its own gradient, Adam is elementwise, and all randomness
-(init, batch order, resampling) comes from a per-SAE seed, so an SAE trained in a stack equals
-the same SAE trained alone.
+"""Feature dictionaries (Makelov, Lange & Nanda, arXiv 2405.08366): supervised ones, the yardstick
+(README §4), and sparse autoencoders, the graded (README §8). Read `SupervisedDictionary`, then `SAE`
+and its encoders and losses, then `train_sae_stack`: same-shaped SAEs train as one tensor program yet
+never interact (the summed loss gives each its own gradient, Adam is elementwise, each SAE has its
+own seed), so an SAE trained in a stack equals the same SAE trained alone (`train_sae`: a stack of one).
 """
 import functools
 import itertools
@@ -41,10 +15,6 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
-
-# ---------------------------------------------------------------------------------------
-# Small helpers: validation and files
-# ---------------------------------------------------------------------------------------
 
 
 def _check_activations(x, what: str, shape: str = "[N, d]") -> torch.Tensor:
@@ -79,20 +49,7 @@ def load_activations(path) -> torch.Tensor:
     return _check_activations(acts, f"{path}: acts, as float32")  # float64 values beyond float32's range
 
 
-def load_labelled_activations(path) -> tuple:
-    """(acts [N, d], {name: LongTensor [N]}) from the `acts` and `attribute.<name>` tensors of a file."""
-    acts, tensors = load_activations(path), load_file(str(path))
-    attributes = {key.removeprefix("attribute."): t for key, t in tensors.items()
-                  if key.startswith("attribute.")}
-    if not attributes:
-        raise ValueError(f"{path}: no `attribute.<name>` tensors (found: {', '.join(sorted(tensors))})")
-    return acts, attributes
-
-
-# ---------------------------------------------------------------------------------------
-# Supervised dictionaries (README §4)
-# ---------------------------------------------------------------------------------------
-
+# ----------------------------------------------------------------------------- supervised dictionaries
 
 def _attribute_sizes(attributes: dict, n: int, n_values: Optional[dict]) -> dict:
     """Number of values of each attribute, checking the id tensors."""
@@ -121,15 +78,11 @@ def _mean_codes(acts, attributes, sizes):
 
 
 def _lstsq_codes(acts, attributes, sizes):
-    """min ‖A - C U‖² with C = [1 | one-hot of each attribute] ("MSE" codes). C is rank deficient
-    (each attribute's one-hot columns sum to the constant column), so take the minimum-norm solution
-    pinv(C) A = pinv(CᵀC) CᵀA (the small Gram matrix makes this fast), then move each attribute's
-    frequency-weighted mean feature into the bias: that changes no fitted value and picks the same
-    gauge as the mean codes, so both are directly comparable."""
+    """"MSE" codes: the minimum-norm U = pinv(CᵀC) CᵀA of min ‖A - C U‖², C = [1 | each one-hot]
+    (rank deficient), then each attribute's frequency-weighted mean moved into the bias, as in mean codes."""
     design = torch.cat([acts.new_ones(len(acts), 1)]
                        + [F.one_hot(ids, sizes[name]).to(acts) for name, ids in attributes.items()], 1)
-    # [1 + Σ n_values, d]
-    solution = torch.linalg.pinv(design.T @ design, hermitian=True) @ (design.T @ acts)
+    solution = torch.linalg.pinv(design.T @ design, hermitian=True) @ (design.T @ acts)  # [1 + Σ n_v, d]
     bias, *blocks = solution.split([1] + list(sizes.values()))
     bias, features = bias[0], {}
     for (name, ids), block in zip(attributes.items(), blocks):
@@ -195,34 +148,19 @@ class SupervisedDictionary:
         return cls(tensors["bias"], features, config["method"])
 
 
-# ---------------------------------------------------------------------------------------
-# SAEs (README §8): one representation, for one SAE and for a stack of S of them
-# ---------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- SAEs (README §8)
 
-# The parameters of each architecture, with SAELens's names.
-PARAMETERS = {"vanilla": ("W_enc", "b_enc", "W_dec", "b_dec"),
+PARAMETERS = {"vanilla": ("W_enc", "b_enc", "W_dec", "b_dec"),  # each architecture's, as SAELens names them
               "gated": ("W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"),
               "topk": ("W_enc", "b_enc", "W_dec", "b_dec"),
               "jumprelu": ("W_enc", "b_enc", "threshold", "W_dec", "b_dec")}
 MATRICES = ("W_enc", "W_dec")  # every other parameter is a vector
-# The axis of each parameter that indexes the latents, counted from the end so that it is the
-# same with or without a stack axis. Resampling a dead latent resets these slices (and their
-# Adam moments); b_dec has no latent axis.
-LATENT_AXIS = {"W_enc": -1, "W_dec": -2, "b_enc": -1, "b_gate": -1, "r_mag": -1, "b_mag": -1,
-               "threshold": -1}
 
 
 @dataclass
 class SAE:
-    """A sparse autoencoder, or a stack of S of them (same architecture and shape). The parameters
-    live in the normalised space x = x_raw * input_scale (README §8: the training data scaled to
-    mean norm √d_in); `encode`, `decode`, `sae(x)` and `active` take and return raw activations, so
-    latent j adds f_j * W_dec[j] / input_scale to a raw reconstruction. `latents`,
-    `reconstruct` and `loss` are the paper's formulas on normalised inputs.
-    A stack (`stack_saes`) is the same object with a leading axis S on every tensor and a length-1
-    batch axis after it on the vectors (b_enc [S, 1, d_sae]), and its per-SAE numbers as tensors
-    that broadcast the same way (k [S, 1, 1], l1_coefficient [S, 1]): the formulas then apply
-    unchanged to inputs [S, B, d_in], each SAE to its own batch."""
+    """An SAE in the normalised space x = x_raw * input_scale (README §8); `encode`, `decode`, `sae(x)`,
+    `active` take raw x. A stack (`stack_saes`): axis S first, then a batch axis 1 on vectors and numbers."""
     arch: str  # "vanilla" | "gated" | "topk" | "jumprelu" (JumpReLU only as read from SAELens)
     W_enc: torch.Tensor  # [..., d_in, d_sae]
     W_dec: torch.Tensor  # [..., d_sae, d_in]  unit rows when trained here
@@ -250,7 +188,6 @@ class SAE:
     d_sae = property(lambda self: self.W_dec.shape[-2])
 
     # --- the paper's formulas, on normalised inputs x [..., d_in] -------------------------
-
     def latents(self, x):
         """f [..., d_sae]."""
         return ENCODERS[self.arch](self, x)
@@ -264,7 +201,6 @@ class SAE:
         return LOSSES[self.arch](self, x)
 
     # --- raw activations ------------------------------------------------------------------
-
     def encode(self, x):
         """Latents f [..., d_sae] of raw activations x [..., d_in]."""
         return self.latents(x * self.input_scale)
@@ -279,8 +215,7 @@ class SAE:
         return self.decode(f), f
 
     def active(self, x):
-        """Which latents fire on raw activations x: those with f ≠ 0, as SAELens and SAEBench count L0
-        (a gated latent whose gate is open but whose magnitude is 0 adds nothing)  -> bool [..., d_sae]."""
+        """Latents with f ≠ 0 on raw x, as SAELens and SAEBench count L0 (an open gate may add 0)."""
         return self.encode(x) != 0
 
     def to(self, device) -> "SAE":
@@ -289,10 +224,8 @@ class SAE:
 
     def unstack(self) -> list:
         """The S SAEs of a stack, one by one: detached copies."""
-        def one(name, s):
-            t = getattr(self, name)[s]
-            return (t if name in MATRICES else t[0]).detach().clone()
-        return [SAE(self.arch, **{name: one(name, s) for name in PARAMETERS[self.arch]},
+        return [SAE(self.arch, **{name: (t[s] if name in MATRICES else t[s, 0]).detach().clone()
+                                  for name, t in self.params.items()},
                     k=None if self.k is None else int(self.k[s]),
                     l1_coefficient=float(self.l1_coefficient[s]), input_scale=float(self.input_scale[s]),
                     frozen_decoder=bool(self.frozen_decoder[s]))
@@ -314,9 +247,8 @@ def stack_saes(saes: list) -> SAE:
 
 
 def centred_projection(sae, x):
-    """(x − b_dec) W_enc  [..., d_sae]: what every encoder reads. Computed as x W_enc − b_dec W_enc,
-    the same numbers, because b_dec's gradient is then one row times W_encᵀ instead of the whole
-    batch's [B, d_sae] gradient times W_encᵀ (a training step ~25% slower)."""
+    """(x − b_dec) W_enc  [..., d_sae], computed as x W_enc − b_dec W_enc: b_dec's gradient is then
+    one row times W_encᵀ, not a [B, d_sae] one (a training step ~25% faster)."""
     return x @ sae.W_enc - sae.b_dec @ sae.W_enc
 
 
@@ -326,10 +258,8 @@ def encode_vanilla(sae, x):
 
 
 def gated_paths(sae, x):
-    """Gated SAE (Rajamanoharan et al. 2024, arXiv 2404.16014): a gate path decides which latents
-    fire, a magnitude path (the same weights, rescaled by exp r_mag) how strongly:
-        π_gate = (x − b_dec) W_enc + b_gate,   magnitude = ReLU((x − b_dec)(W_enc ⊙ exp r_mag) + b_mag)
-    (the paper's original code forgot the magnitude's ReLU). Returns (π_gate, magnitude)."""
+    """Gated SAE (arXiv 2404.16014) -> (π_gate = (x − b_dec) W_enc + b_gate: fires if > 0, magnitude =
+    ReLU((x − b_dec)(W_enc ⊙ exp r_mag) + b_mag): how strongly; the original code forgot this ReLU)."""
     projection = centred_projection(sae, x)  # [..., d_sae]
     # exp r_mag rescales W_enc's columns, so (x − b_dec)(W_enc ⊙ exp r_mag) is this projection rescaled
     return projection + sae.b_gate, torch.relu(projection * sae.r_mag.exp() + sae.b_mag)
@@ -343,8 +273,7 @@ def encode_gated(sae, x):
 
 def encode_topk(sae, x):
     """Top-k SAE (Gao et al. 2024, arXiv 2406.04093): f = ReLU(TopK((x − b_dec) W_enc + b_enc)), the
-    k largest pre-activations ReLU'd (the original code did not), the others 0. In a stack each
-    SAE has its own k ([S, 1, 1])."""
+    k largest pre-activations ReLU'd (the original code did not), the others 0."""
     pre = centred_projection(sae, x) + sae.b_enc  # [..., d_sae]
     top = pre.topk(int(torch.as_tensor(sae.k).max()), dim=-1)  # sorted: each SAE's top k come first
     kept = torch.arange(top.values.shape[-1], device=pre.device) < sae.k  # [k_max] or [S, 1, k_max]
@@ -352,9 +281,8 @@ def encode_topk(sae, x):
 
 
 def encode_jumprelu(sae, x):
-    """JumpReLU SAE (Rajamanoharan et al. 2024, arXiv 2407.14435), as SAELens computes it: a latent
-    fires only above its own threshold θ_j, f = ReLU(pre) ⊙ 1[pre > θ], pre = (x − b_dec) W_enc + b_enc.
-    Read from SAELens folders for grading; not trained here."""
+    """JumpReLU SAE (arXiv 2407.14435) as SAELens computes it, read for grading, not trained here:
+    f = ReLU(pre) ⊙ 1[pre > θ], pre = (x − b_dec) W_enc + b_enc."""
     pre = centred_projection(sae, x) + sae.b_enc  # [..., d_sae]
     return torch.relu(pre) * (pre > sae.threshold)
 
@@ -370,9 +298,8 @@ def loss_vanilla(sae, x):
 
 
 def loss_gated(sae, x):
-    """‖x − x̂‖² + λ‖ReLU(π_gate)‖₁ + ‖x − x̂_frozen(ReLU(π_gate))‖²,
-    where x̂_frozen decodes with a copy of the decoder that gets no gradient: the last term
-    trains the gate path to reconstruct on its own."""
+    """‖x − x̂‖² + λ‖ReLU(π_gate)‖₁ + ‖x − x̂_frozen(ReLU(π_gate))‖²; x̂_frozen's
+    decoder gets no gradient, so the last term trains the gate path to reconstruct alone."""
     pi_gate, magnitude = gated_paths(sae, x)
     gate = torch.relu(pi_gate)  # [..., d_sae]
     x_hat_frozen = gate @ sae.W_dec.detach() + sae.b_dec.detach()
@@ -391,12 +318,8 @@ LOSSES = {"vanilla": loss_vanilla, "gated": loss_gated, "topk": loss_topk}
 
 
 def core_metrics(x, x_hat, fires, dead_fires=None) -> dict:
-    """The SAE core metrics (README §8; SAELens / SAEBench names), computed here only, of N inputs x
-    and their reconstructions x̂ [N, d]: L0 (latents active per input), MSE (per coordinate), FVE
-    (fraction of variance explained, 1 - Σ‖x - x̂‖² / Σ‖x - mean(x)‖²; None if x is constant) and
-    dead fraction (latents never active). fires [d_sae]: on how many inputs each latent is active;
-    dead_fires: the same counts on other inputs, to count the dead fraction there (grading: on the
-    training data)."""
+    """L0, MSE, FVE = 1 - Σ‖x - x̂‖² / Σ‖x - mean(x)‖² (None for a constant x), dead fraction
+    (README §8) of x, x̂ [N, d]; fires [d_sae]: active counts; dead_fires: those on the training data."""
     squared_error, variance = (x - x_hat).pow(2), (x - x.mean(0)).pow(2).sum()  # [N, d], []
     ever_active = (fires if dead_fires is None else dead_fires) > 0  # [d_sae]
     return {"l0": float(fires.sum() / len(x)), "mse": float(squared_error.mean()),
@@ -404,60 +327,44 @@ def core_metrics(x, x_hat, fires, dead_fires=None) -> dict:
             "dead_fraction": float(1 - ever_active.float().mean())}
 
 
-# ---------------------------------------------------------------------------------------
-# Save / load in the SAELens layout: cfg.json + sae_weights.safetensors
-# ---------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- the SAELens layout
 
 SAELENS_ARCH = {"vanilla": "standard", "gated": "gated", "topk": "topk", "jumprelu": "jumprelu"}
-# metadata.sae_lens_version tells SAELens (>= 6) that cfg.json has its version-6 layout (hook_name
-# and hook_head_index in `metadata`); without it SAELens reads the file as an older layout.
-SAELENS_LAYOUT_VERSION = "6.0.0"
-# How SAELens should load a model for our SAEs: they read the plain GPT-2 of gpt2.py, which is
-# TransformerLens's HookedTransformer with none of its weight processing.
+# Our SAEs read gpt2.py's plain GPT-2: TransformerLens's model with none of its weight processing.
 PLAIN_MODEL = {"fold_ln": False, "center_writing_weights": False, "center_unembed": False,
                "fold_value_biases": False}
 
 
 def fold_input_scale(params: dict, scale: float) -> dict:
-    """The same SAE on raw activations x instead of x_norm = x * s: the input enters only through
-    (x s - b_dec) W_enc = (x - b_dec / s)(s W_enc) and the output is divided by s, so W_enc -> s W_enc,
-    W_dec -> W_dec / s, b_dec -> b_dec / s. Latents, encoder biases and thresholds are unchanged
-    (the gated magnitude path W_enc ⊙ exp r_mag is scaled with W_enc). SAELens's own trainer
-    folds its input scaling the same way before saving."""
+    """The same SAE on raw x instead of x * s, as SAELens's trainer folds it: (x s - b_dec) W_enc =
+    (x - b_dec / s)(s W_enc) and the output is divided by s; latents and encoder biases are unchanged."""
     return {**params, "W_enc": params["W_enc"] * scale, "W_dec": params["W_dec"] / scale,
             "b_dec": params["b_dec"] / scale}
 
 
 def fold_decoder_norm(params: dict) -> dict:
-    """SAELens's `rescale_acts_by_decoder_norm` (top-k): pre-activations are multiplied by
-    n_j = ‖W_dec[j]‖ before the top-k, and latents divided by n_j before decoding. Scaling
-    W_enc[:, j] and b_enc[j] by n_j and W_dec[j] by 1/n_j gives the same latents and outputs
-    with a plain top-k (and unit decoder rows)."""
+    """SAELens's `rescale_acts_by_decoder_norm` (top-k: pre-activations times n_j = ‖W_dec[j]‖, latents
+    divided by it before decoding) as a plain top-k: W_enc[:, j], b_enc[j] times n_j, W_dec[j] / n_j."""
     norms = params["W_dec"].norm(dim=-1).clamp_min(1e-8)  # [d_sae]; SAELens's floor for empty rows
     return {**params, "W_enc": params["W_enc"] * norms, "b_enc": params["b_enc"] * norms,
             "W_dec": params["W_dec"] / norms[:, None]}
 
 
 def fold_input_shift(params: dict, shift: torch.Tensor) -> dict:
-    """The SAE that reads x where this one reads x - shift, and answers in x's space: it subtracts
-    b_dec before encoding and adds it after decoding, so b_dec -> b_dec + shift."""
+    """The SAE that reads x where this one reads x - shift (b_dec is subtracted, then added back)."""
     return {**params, "b_dec": params["b_dec"] + shift}
 
 
 def fold_input_centring(params: dict) -> dict:
-    """The SAE that reads x where this one reads its centred copy Px = x - mean(x) (the mean over
-    the d_in values): (Px - b_dec) W = (x - b_dec)(PW) - mean(b_dec) 1ᵀW for every encoder path W
-    (the gated magnitude path W ⊙ exp r_mag included), so W_enc -> W_enc minus its column means and
-    each encoder bias shifts by -mean(b_dec) times its path's column sums. The reconstruction stays
-    centred: the input's mean is left to the error term."""
+    """The SAE that reads x where this one reads Px = x - mean(x) (over d_in): (Px - b_dec) W =
+    (x - b_dec)(PW) - mean(b_dec) 1ᵀW for every encoder path W. The input's mean is left to the error."""
     W = params["W_enc"]
     return _shift_encoder_biases({**params, "W_enc": W - W.mean(0, keepdim=True)},
                                  -params["b_dec"].mean() * W.sum(0))
 
 
 def _shift_encoder_biases(params: dict, shift: torch.Tensor) -> dict:
-    """Add shift [d_sae] to the pre-activations of every encoder path: to b_enc or b_gate, and to
-    b_mag scaled by exp r_mag, as that path's weights are."""
+    """Add shift [d_sae] to every encoder path's pre-activations (b_mag's times exp r_mag, as its weights)."""
     shifted = {name: params[name] + shift for name in ("b_enc", "b_gate") if name in params}
     if "b_mag" in params:
         shifted["b_mag"] = params["b_mag"] + shift * params["r_mag"].exp()
@@ -473,15 +380,13 @@ def _finite(params: dict, where) -> dict:
 
 
 def save_sae(sae: SAE, directory):
-    """SAELens layout (cfg.json + sae_weights.safetensors), readable by SAELens's
-    `SAE.load_from_disk` as it is: the input scale is folded into the weights, so the saved SAE
-    works on raw activations (`normalize_activations: "none"`). `sae.meta` goes into cfg.json's
-    `metadata` (SAELens keeps `hook_name` and `hook_head_index` there). A NaN or inf is never saved."""
+    """The SAE in SAELens's layout, as `SAE.load_from_disk` reads it: on raw activations (input scale
+    folded in), `sae.meta` as cfg.json's `metadata` (hook_name, ...). A NaN or inf is never saved."""
     params = _finite(fold_input_scale(sae.params, sae.input_scale), "SAE not saved")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    meta = {"model_from_pretrained_kwargs": PLAIN_MODEL, **sae.meta,
-            "sae_lens_version": SAELENS_LAYOUT_VERSION}
+    # sae_lens_version 6: else SAELens reads cfg.json in its pre-6 layout (metadata at the top level)
+    meta = {"model_from_pretrained_kwargs": PLAIN_MODEL, **sae.meta, "sae_lens_version": "6.0.0"}
     # SAELens flattens [.., head, d_head] for an SAE over all heads' hook_z concatenated
     layer_z = str(meta.get("hook_name", "")).endswith("hook_z") and meta.get("hook_head_index") is None
     cfg = {"architecture": SAELENS_ARCH[sae.arch], "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32",
@@ -494,25 +399,34 @@ def save_sae(sae: SAE, directory):
     (directory / "cfg.json").write_text(json.dumps(cfg, indent=1))  # last: its presence marks a complete save
 
 
-def _field(path, table: dict, name: str, types: tuple, default, valid=lambda value: True, supported=""):
-    """table[name] (or default) if its JSON type is one of `types` (true is no integer, "3" no
-    number, "no" no bool: nothing is coerced) and it is `valid`; else a one-line ValueError."""
-    value = table.get(name, default)
-    if type(value) not in types or not valid(value):
-        raise ValueError(f"{path}: {name}={value!r} is not supported ({supported})")
-    return value
-
-
 NULL = type(None)  # JSON null
 # cfg.json's true/false settings that load_sae folds into the weights, with SAELens's defaults
 SAELENS_FLAGS = {"apply_b_dec_to_input": True, "rescale_acts_by_decoder_norm": False, "frozen_decoder": False}
 
 
-def read_sae_config(directory) -> dict:
-    """The settings of an SAE folder's cfg.json that `load_sae` uses, each of its JSON type and in
-    its range -> {arch (ours), d_in, d_sae, k, input_scale, metadata, *SAELENS_FLAGS}. SAELens < 6
-    kept hook_name (once hook_point), hook_head_index and the top-k's k at the top level, and called
-    activation_fn `activation_fn_str`: metadata comes in SAELens 6's layout."""
+def _read_weights(path: Path, arch: str, d_in: int, d_sae: int) -> dict:
+    """The parameters of a `sae_weights.safetensors`, each of its shape and finite."""
+    try:
+        weights = load_file(str(path))
+    except Exception as error:  # safetensors raises several types for a missing or corrupt file
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+    for name in ("scaling_factor", "finetuning_scaling_factor"):
+        if name in weights and not torch.all(weights[name] == 1):
+            raise ValueError(f"{path}: weight {name} is not all ones (only ones are supported)")
+    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}  # the others: (d_sae,)
+    for name, shape in ((name, shapes.get(name, (d_sae,))) for name in PARAMETERS[arch]):
+        if name not in weights:
+            raise ValueError(f"{path}: a {arch} SAE needs a tensor {name} (found: {sorted(weights)})")
+        if tuple(weights[name].shape) != shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(weights[name].shape)}, not {shape} "
+                             f"(cfg.json has d_in={d_in}, d_sae={d_sae})")
+    return _finite({name: weights[name].float() for name in PARAMETERS[arch]}, path)
+
+
+def load_sae(directory) -> SAE:
+    """An SAE folder of `save_sae` or SAELens (standard, gated, top-k, JumpReLU; any cfg.json layout), its
+    settings folded into the weights, cfg.json's metadata as `meta`. Anything else: a one-line ValueError
+    naming the file, the field and its value."""
     path = Path(directory) / "cfg.json"
     try:
         cfg = json.loads(path.read_text())
@@ -520,17 +434,23 @@ def read_sae_config(directory) -> dict:
         raise ValueError(f"{path}: not a readable JSON file ({error})") from None
     if type(cfg) is not dict:
         raise ValueError(f"{path}: expected a JSON object of settings, got {type(cfg).__name__}")
-    field = functools.partial(_field, path, cfg)
+
+    def field(name, types, default, valid=lambda value: True, supported="", table=cfg):
+        """table[name] (or default) if of a JSON type in `types` (nothing is coerced) and `valid`."""
+        value = table.get(name, default)
+        if type(value) not in types or not valid(value):
+            raise ValueError(f"{path}: {name}={value!r} is not supported ({supported})")
+        return value
     metadata = dict(field("metadata", (dict, NULL), None, supported="a JSON object") or {})
     for new, old in (("hook_name", "hook_point"), ("hook_head_index", "hook_point_head_index")):
         if new not in metadata and (new in cfg or old in cfg):
             metadata[new] = cfg.get(new, cfg.get(old))
-    _field(path, metadata, "hook_name", (str, NULL), None, supported="a hook name, e.g. blocks.9.attn.hook_z")
-    _field(path, metadata, "hook_head_index", (int, NULL), None, lambda h: h is None or h >= 0,
-           "null or an integer >= 0")
-    model = _field(path, metadata, "model_from_pretrained_kwargs", (dict, NULL), None, supported="an object")
+    field("hook_name", (str, NULL), None, supported="a hook name, e.g. blocks.9.attn.hook_z", table=metadata)
+    field("hook_head_index", (int, NULL), None, lambda h: h is None or h >= 0, "null or an integer >= 0",
+          table=metadata)
+    model = field("model_from_pretrained_kwargs", (dict, NULL), None, supported="an object", table=metadata)
     for name in PLAIN_MODEL:  # how the model the SAE read was processed (main.as_plain_model_sae)
-        _field(path, model or {}, name, (bool,), True, supported="true or false")
+        field(name, (bool,), True, supported="true or false", table=model or {})
     d_in, d_sae = (field(name, (int,), None, lambda n: n > 0, "an integer > 0") for name in ("d_in", "d_sae"))
     architecture = field("architecture", (str,), "standard", lambda a: a in SAELENS_ARCH.values(),
                          ", ".join(SAELENS_ARCH.values()))
@@ -547,50 +467,18 @@ def read_sae_config(directory) -> dict:
     field("reshape_activations", (str,), "none", lambda r: r in ("none", "hook_z"), "none or hook_z")
     field("finetuning_scaling_factor", (bool,), False, lambda f: not f, "only false")
     scale = field("input_scale", (int, float), 1.0, lambda s: 0 < s < math.inf, "a finite number > 0")
-    return {"arch": arch, "d_in": d_in, "d_sae": d_sae, "k": k, "metadata": metadata, "input_scale": scale,
-            **{name: field(name, (bool,), default, supported="true or false")
-               for name, default in SAELENS_FLAGS.items()}}
-
-
-def load_sae(directory) -> SAE:
-    """Load an SAE folder in SAELens's layout, written by `save_sae` or by SAELens: standard (ReLU),
-    gated, top-k (with or without `rescale_acts_by_decoder_norm`) and JumpReLU, in SAELens 6's
-    cfg.json layout or an older one. Every setting is folded into the weights, so the SAE takes raw
-    activations and computes what SAELens computes; any other setting, type or range, a tensor of
-    another shape, a NaN or inf, is a one-line ValueError naming the file, the field and its value.
-    `sae.meta` is cfg.json's metadata (hook_name, ...)."""
-    directory = Path(directory)
-    cfg, path = read_sae_config(directory), directory / "sae_weights.safetensors"
-    arch, d_in, d_sae = cfg["arch"], cfg["d_in"], cfg["d_sae"]
-    try:
-        weights = load_file(str(path))
-    except Exception as error:  # safetensors raises several types for a missing or corrupt file
-        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
-    missing = [name for name in PARAMETERS[arch] if name not in weights]
-    if missing:
-        raise ValueError(f"{path}: {arch} SAE weights lack {missing} (found: {sorted(weights)})")
-    for name in ("scaling_factor", "finetuning_scaling_factor"):
-        if name in weights and not torch.all(weights[name] == 1):
-            raise ValueError(f"{path}: weight {name} is not all ones (only ones are supported)")
-    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}  # the others: (d_sae,)
-    for name, shape in ((name, shapes.get(name, (d_sae,))) for name in PARAMETERS[arch]):
-        if tuple(weights[name].shape) != shape:
-            raise ValueError(f"{path}: {name} has shape {tuple(weights[name].shape)}, not {shape} "
-                             f"(cfg.json has d_in={d_in}, d_sae={d_sae})")
-    p = _finite({name: weights[name].float() for name in PARAMETERS[arch]}, path)
-    if not cfg["apply_b_dec_to_input"]:  # fold "no centring" into the encoder biases
+    centred, rescaled, frozen = (field(name, (bool,), default, supported="true or false")
+                                 for name, default in SAELENS_FLAGS.items())
+    p = _read_weights(Path(directory) / "sae_weights.safetensors", arch, d_in, d_sae)
+    if not centred:  # fold "no centring" into the encoder biases
         p = _shift_encoder_biases(p, p["b_dec"] @ p["W_enc"])
-    if arch == "topk" and cfg["rescale_acts_by_decoder_norm"]:
+    if arch == "topk" and rescaled:
         p = fold_decoder_norm(p)
-    where = f"{directory / 'cfg.json'}: input_scale={cfg['input_scale']} folded into the weights"
-    p = _finite(fold_input_scale(p, cfg["input_scale"]), where)
-    return SAE(arch, **p, k=cfg["k"], frozen_decoder=cfg["frozen_decoder"], meta=cfg["metadata"])
+    p = _finite(fold_input_scale(p, scale), f"{path}: input_scale={scale} folded into the weights")
+    return SAE(arch, **p, k=k, frozen_decoder=frozen, meta=metadata)
 
 
-# ---------------------------------------------------------------------------------------
-# Training (README §8): one batched program for a stack of same-architecture SAEs
-# ---------------------------------------------------------------------------------------
-
+# ----------------------------------------------------------------------------- training
 
 @dataclass
 class SAESpec:
@@ -606,37 +494,22 @@ class SAESpec:
 
 @dataclass
 class TrainConfig:
-    """Defaults from the paper (arXiv 2405.08366, appendix on SAE training), except the length:
-    `epochs` is a fixed length without `plateau`, and a cap with it (the paper trains 2000)."""
+    """The paper's settings (appendix on SAE training); `epochs` is the length, or a cap with `plateau`."""
     d_sae: int = 512
     lr: float = 3e-4
     batch_size: int = 512
     epochs: int = 2000
-    resample_at: tuple = (0.125, 0.25, 0.375, 0.5)  # fixed: fractions of training; converging: at
-    # most this many resamplings (vanilla/gated only)
+    resample_at: tuple = (0.125, 0.25, 0.375, 0.5)  # fixed: when, in fractions; converging: how often
     warmup_fraction: float = 0.02  # linear LR warm-up at the start and after each resampling
     decay_fraction: float = 0.25  # linear LR decay to 0 over the last quarter
-    plateau: Optional[float] = None  # converge: stop once the loss improves by less than this
-    # fraction over the last 10% of the epochs run (see Schedule); None: train `epochs` epochs
-
-
-def checkpoint_epochs(epochs: int) -> list:
-    """Geometrically spaced checkpoints: 1, 2, 4, ... and the last epoch."""
-    return sorted({2 ** i for i in range(epochs.bit_length())} | {epochs})
+    plateau: Optional[float] = None  # converge at this relative improvement (Schedule); None: fixed
 
 
 class Schedule:
-    """When a stack of SAEs resamples, which learning rate it uses, and when it stops.
-    Fixed (`plateau` None): `epochs` epochs; resampling at the `resample_at` fractions of them;
-    warm-up after every (re)start; linear decay to 0 over the last quarter. Converging (`plateau` =
-    tol): train until, for every SAE of the stack, the mean training loss of the last epoch is less
-    than tol below that of 10% of the epochs run earlier (at least 5 epochs back, and not before the
-    last restart's warm-up is over). At such a plateau, resample dead latents and go on
-    (vanilla/gated, at most len(resample_at) times), or, once no resampling is due, decay the
-    learning rate linearly to 0 over a third as many steps again (so the decay is the last quarter
-    of training, as in the fixed schedule) and stop. `epochs` is a cap: a stack that reaches it
-    first is not converged. The whole stack shares one schedule, so an SAE trains until the slowest
-    SAE of its stack has converged."""
+    """When a stack resamples, its learning rate (warm-up after every (re)start, linear decay to 0 over the
+    last quarter), when it stops: after `epochs` epochs, resampling at the `resample_at` fractions, or at a
+    plateau (every loss down by less than a fraction `plateau` over max(5, 10% of the epochs run) epochs),
+    where it resamples dead latents, or decays a third as long again and stops."""
 
     def __init__(self, config: TrainConfig, steps_per_epoch: int, can_resample: bool):
         self.config, self.steps_per_epoch = config, steps_per_epoch
@@ -658,27 +531,25 @@ class Schedule:
         return warm * max(0.0, min(1.0, (self.end - step) / decay))
 
     def plateaued(self, epochs_run: int) -> bool:
-        window = max(5, round(0.1 * epochs_run))
-        warmup_epochs = math.ceil(self.warmup / self.steps_per_epoch)
-        if len(self.losses) <= window + warmup_epochs:
+        window = max(5, round(0.1 * epochs_run))  # epochs back, counted once the warm-up is over
+        if len(self.losses) <= window + math.ceil(self.warmup / self.steps_per_epoch):
             return False
         before, now = self.losses[-1 - window], self.losses[-1]
         return bool(((before - now) < self.config.plateau * before).all())
 
     def after_epoch(self, epochs_run: int, epoch_loss: torch.Tensor, has_dead) -> Optional[str]:
-        """"resample", "stop" or None after `epochs_run` epochs; has_dead() -> bool is asked
-        only at a plateau."""
+        """"resample", "stop" or None after `epochs_run` epochs; has_dead() is asked at a plateau only."""
         steps = epochs_run * self.steps_per_epoch
-        if self.config.plateau is None:
-            return "stop" if steps >= self.end else "resample" if epochs_run in self.resample_epochs else None
         self.losses.append(epoch_loss)
-        if self.end is None and self.plateaued(epochs_run):
+        if self.end is None and self.plateaued(epochs_run):  # converging, the end not yet known
             if self.resamples_left and has_dead():
                 self.resamples_left -= 1
                 return "resample"
             self.end = min(self.cap, round(steps / (1 - self.config.decay_fraction)))
             self.converged = self.end < self.cap or steps == self.cap
-        return "stop" if steps >= (self.end or self.cap) else None
+        if steps >= (self.end or self.cap):
+            return "stop"
+        return "resample" if epochs_run in self.resample_epochs else None  # fixed: at the fractions
 
     def restarted(self, epochs_run: int):
         self.restart, self.losses = epochs_run * self.steps_per_epoch, []
@@ -699,20 +570,17 @@ def _check_stack(datasets, specs, config):
             raise ValueError(f"k must lie in [1, d_sae={config.d_sae}], got {s.k}")
         if s.arch != "topk" and not 0 <= s.l1_coefficient < math.inf:
             raise ValueError(f"l1_coefficient must be non-negative and finite, got {s.l1_coefficient}")
-    constant = (datasets == datasets[:, :1]).flatten(1).all(1).tolist()  # all 0: scaled by 1/0
     for i, norm in enumerate(datasets.norm(dim=-1).mean(1).tolist()):  # each is scaled to mean norm √d
-        if constant[i] or norm == math.inf:
-            same = "0" if norm == 0 else "the same"
-            raise ValueError(f"dataset {i}: every row is {same}, nothing to learn" if constant[i] else
-                             f"dataset {i}: values up to {datasets[i].abs().max():.3g} overflow float32")
+        if (datasets[i] == datasets[i, :1]).all():  # all 0: scaled by 1/0
+            raise ValueError(f"dataset {i}: every row is {'the same' if norm else '0'}, nothing to learn")
+        if norm == math.inf:
+            raise ValueError(f"dataset {i}: values up to {datasets[i].abs().max():.3g} overflow float32")
 
 
 def init_sae(spec: SAESpec, d_in: int, d_sae: int, generator: torch.Generator, b_dec: torch.Tensor,
              input_scale: float) -> SAE:
-    """Random unit decoder rows, the encoder their transpose, zero encoder biases, b_dec the data
-    mean (normalised). The encoder is scaled by 0.1 for the ReLU SAEs (Anthropic's April 2024
-    update: otherwise hundreds of half-active latents start out reconstructing several times the
-    input), by 1 for top-k (Gao et al.: only k fire)."""
+    """Random unit decoder rows, the encoder their transpose (× 0.1 for ReLU SAEs, as Anthropic's April
+    2024 update: else hundreds of half-active latents start far too big), b_dec the data mean, 0 biases."""
     W_dec = F.normalize(torch.randn(d_sae, d_in, generator=generator), dim=-1)
     W_enc = (1.0 if spec.arch == "topk" else 0.1) * W_dec.T.contiguous()
     biases = {name: torch.zeros(d_sae) for name in PARAMETERS[spec.arch] if name not in (*MATRICES, "b_dec")}
@@ -721,149 +589,113 @@ def init_sae(spec: SAESpec, d_in: int, d_sae: int, generator: torch.Generator, b
                input_scale=float(input_scale), frozen_decoder=spec.frozen_decoder)
 
 
-@dataclass
-class _StackData:
-    """What a stack trains on: SAE s reads datasets[index[s]] * scales[s], its dataset scaled by
-    one scalar so that its mean norm is √d_in (README §8)."""
-    datasets: torch.Tensor  # [n_datasets, N, d_in]  raw activations
-    index: torch.Tensor  # [S]
-    scales: torch.Tensor  # [S]
-
-    @classmethod
-    def of(cls, datasets, specs):
-        index = torch.tensor([spec.dataset_index for spec in specs])
-        return cls(datasets, index, (datasets.shape[-1] ** 0.5 / datasets.norm(dim=-1).mean(1))[index])
-
-    n = property(lambda self: self.datasets.shape[1])
-
-    def inputs(self, rows):
-        """Normalised inputs [S, B, d_in] at rows [S, B] (one batch per SAE) or [B] (shared)."""
-        return self.datasets[self.index[:, None], rows] * self.scales[:, None, None]
-
-    def means(self):
-        return self.datasets.mean(1)[self.index] * self.scales[:, None]  # [S, d_in]
-
-
 @torch.no_grad()
-def _statistics(stack: SAE, data: _StackData, specs: list, chunk: int, epoch: int):
-    """One pass over every SAE's data: its normalised inputs and their reconstructions [S, N, d_in],
-    and how often each latent fires [S, d_sae]. In chunks of the training batch: temporaries of the
-    training step's size are reused by the allocator, where larger ones are mapped afresh
-    (page-faulted) every time. Stops if a weight or a reconstruction is NaN or inf."""
+def _statistics(stack: SAE, x: torch.Tensor, specs: list, chunk: int, epoch: int):
+    """(x̂ [S, N, d_in], ‖x - x̂‖² [S, N], fires [S, d_sae]) in chunks of the training batch, whose
+    memory the allocator reuses (larger ones are page-faulted afresh). Stops at a NaN or inf."""
     x_hat, fires = [], 0
-    for start in range(0, data.n, chunk):
-        f = stack.latents(data.inputs(torch.arange(start, min(start + chunk, data.n))))
-        x_hat.append(stack.reconstruct(f))  # [S, chunk, d_in]
+    for batch in x.split(chunk, 1):  # [S, chunk, d_in]
+        f = stack.latents(batch)
+        x_hat.append(stack.reconstruct(f))
         fires = fires + (f != 0).sum(1)  # active: f ≠ 0, as `SAE.active` and the grading count it
-    x, x_hat = data.inputs(torch.arange(data.n)), torch.cat(x_hat, 1)
+    x_hat = torch.cat(x_hat, 1)
     errors = _squared_norm(x - x_hat)  # [S, N]
     _stop_if_diverged(specs, torch.stack([torch.isfinite(t).flatten(1).all(1)  # [S]
                                           for t in [errors, *stack.params.values()]]).all(0), epoch)
-    return x, x_hat, fires
+    return x_hat, errors, fires
 
 
 def _stop_if_diverged(specs: list, finite: torch.Tensor, epoch: int):
-    """Stop, naming the first SAE whose loss, weights or reconstructions are not all finite (finite[s]
-    False) and the epoch: a learning rate too high for the data has sent them to NaN or inf, and
-    saved, such an SAE would be graded as if it were a real one."""
+    """Stop, naming the epoch and the first SAE with finite[s] False: it must not be saved and graded."""
     diverged = (~finite.cpu()).nonzero()[:, 0].tolist()
     if diverged:
         raise ValueError(f"training diverged (NaN or inf) at epoch {epoch} in {specs[diverged[0]]}: "
                          "lower the learning rate")
 
 
-def _adam_step(stack: SAE, adam, x: torch.Tensor, lr: float) -> torch.Tensor:
-    """One Adam step on the summed loss of the stack -> each SAE's mean loss [S]. The SAEs never
-    interact: each loss depends on its own SAE only, so the sum gives each its own gradient, and
-    Adam is elementwise. Decoder rows stay on the unit sphere: the gradient's radial part is
-    removed before the step (none at all for a frozen decoder), rows renormalised after it."""
-    loss = stack.loss(x).mean(-1)  # [S]
-    adam.zero_grad(set_to_none=True)
-    loss.sum().backward()
-    with torch.no_grad():
-        grad, W_dec = stack.W_dec.grad, stack.W_dec  # [S, d_sae, d_in]
-        grad -= (grad * W_dec).sum(-1, keepdim=True) * W_dec
-        grad.masked_fill_(stack.frozen_decoder, 0)
-    for group in adam.param_groups:
-        group["lr"] = lr
-    adam.step()
-    with torch.no_grad():
-        W_dec /= W_dec.norm(dim=-1, keepdim=True)
-    return loss.detach()
-
-
-def _train_epoch(stack, adam, data, generators, batch_size, lr_at) -> torch.Tensor:
-    """One pass over the data, each SAE in its own random order -> mean loss per SAE [S] (on the
-    CPU). lr_at(i): the learning rate of the epoch's i-th step."""
-    order = torch.stack([torch.randperm(data.n, generator=g) for g in generators])  # [S, N]
-    starts = range(0, data.n, batch_size)
+def _train_epoch(stack, adam, x, generators, batch_size, lr_at) -> torch.Tensor:
+    """One pass over x [S, N, d_in], each SAE in its own order, an Adam step at lr_at(i) per batch -> mean
+    loss per SAE [S] (CPU). Decoder rows stay unit: no radial gradient (none if frozen), renormalised."""
+    order = torch.stack([torch.randperm(x.shape[1], generator=g) for g in generators])  # [S, N]
+    starts = range(0, x.shape[1], batch_size)
     epoch_loss = 0
     for i, start in enumerate(starts):
-        x = data.inputs(order[:, start:start + batch_size])  # [S, B, d_in]
-        epoch_loss += _adam_step(stack, adam, x, lr_at(i)) / len(starts)
+        rows = order[:, start:start + batch_size]  # [S, B]: each SAE's own batch
+        loss = stack.loss(x[torch.arange(len(x))[:, None], rows]).mean(-1)  # [S]
+        adam.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        with torch.no_grad():
+            grad, W_dec = stack.W_dec.grad, stack.W_dec  # [S, d_sae, d_in]
+            grad -= (grad * W_dec).sum(-1, keepdim=True) * W_dec
+            grad.masked_fill_(stack.frozen_decoder, 0)
+        for group in adam.param_groups:
+            group["lr"] = lr_at(i)
+        adam.step()
+        with torch.no_grad():
+            W_dec /= W_dec.norm(dim=-1, keepdim=True)
+        epoch_loss += loss.detach() / len(starts)
     return epoch_loss.cpu()
 
 
 @torch.no_grad()
-def _resample_dead_latents(stack: SAE, adam, dead, errors, data: _StackData, generators: list):
-    """Re-initialise dead latents (README §8, after Anthropic 2023): for SAE s, draw inputs with
-    probability ∝ loss², point each dead latent's decoder row (unless frozen) and encoder column
-    at the centred input, scale those encoder columns to 0.2 × the mean alive one, zero the
-    latent's encoder biases and reset its Adam moments. dead [S, d_sae]; errors [S, N]."""
+def _resample_dead_latents(stack: SAE, adam, dead, errors, x, generators: list):
+    """Point dead latents [S, d_sae] (README §8, after Anthropic 2023) at centred inputs drawn ∝ loss²
+    (encoder column at 0.2 × the mean alive norm; decoder unless frozen), zero biases and Adam moments."""
     for s, generator in enumerate(generators):
         latents = dead[s].nonzero()[:, 0]
         if len(latents) == 0:
             continue
         weights = errors[s].double().pow(2).cpu() + 1e-30  # +tiny: sampling needs a positive total
         picks = torch.multinomial(weights, len(latents), len(latents) > len(weights), generator=generator)
-        directions = F.normalize(data.inputs(picks)[s] - stack.b_dec[s], dim=-1)  # [n_dead, d_in]
+        directions = F.normalize(x[s, picks] - stack.b_dec[s], dim=-1)  # [n_dead, d_in]
         alive = stack.W_enc[s][:, ~dead[s]].norm(dim=0)
         stack.W_enc[s][:, latents] = directions.T * 0.2 * (alive.mean() if len(alive) else 1.0)
         if not stack.frozen_decoder[s]:
             stack.W_dec[s][latents] = directions
         for name, t in stack.params.items():
-            if name not in LATENT_AXIS:  # b_dec
+            if name == "b_dec":  # no latent axis
                 continue
+            axis = -2 if name == "W_dec" else -1  # the latent axis, the same with or without S
             if name not in MATRICES:  # the encoder biases (r_mag too: exp 0 = 1)
-                t[s].index_fill_(LATENT_AXIS[name], latents, 0)
+                t[s].index_fill_(axis, latents, 0)
             for moment in adam.state[t].values():
                 if moment.dim():  # not the step count
-                    moment[s].index_fill_(LATENT_AXIS[name], latents, 0)
+                    moment[s].index_fill_(axis, latents, 0)
 
 
 def train_sae_stack(datasets: torch.Tensor, specs: list, config: Optional[TrainConfig] = None, progress=None):
-    """Train a stack of same-architecture SAEs as one tensor program (README §8). datasets
-    [n_datasets, N, d]: raw activations; SAE s trains on datasets[specs[s].dataset_index]. Returns
-    (saes, logs): the loss and core metrics of every SAE at every checkpoint. `progress`: None, or
-    called with 1 after every epoch (a progress bar's update)."""
+    """Train SAE s on raw activations datasets[specs[s].dataset_index] ([n_datasets, N, d]; README §8) ->
+    (saes, logs: loss and core metrics at every checkpoint). `progress`: None, or called with 1 an epoch."""
     config = config or TrainConfig()
     _check_stack(datasets, specs, config)
-    data, arch = _StackData.of(datasets, specs), specs[0].arch
+    index = torch.tensor([spec.dataset_index for spec in specs])
+    scales = (datasets.shape[-1] ** 0.5 / datasets.norm(dim=-1).mean(1))[index]  # [S]: to mean norm √d
+    x = datasets[index] * scales[:, None, None]  # [S, N, d]  what each SAE reads
     generators = [torch.Generator().manual_seed(spec.seed) for spec in specs]  # init, batch order, resampling
-    initial = [init_sae(spec, datasets.shape[-1], config.d_sae, generator, b_dec, scale)
-               for spec, generator, b_dec, scale in zip(specs, generators, data.means(), data.scales)]
+    initial = [init_sae(spec, datasets.shape[-1], config.d_sae, generator, b_dec, scale) for spec, generator,
+               b_dec, scale in zip(specs, generators, datasets.mean(1)[index] * scales[:, None], scales)]
     stack = stack_saes(initial).to(datasets.device)
-    # The fused Adam updates each tensor in one kernel (a loop over SAEs spends ~17% of its
-    # step in the unfused optimizer's small ops); on CPU it needs torch >= 2.4.
+    # fused: one kernel a tensor (unfused, a loop over SAEs spends ~17% of its step); CPU: torch >= 2.4
     adam = torch.optim.Adam([t.requires_grad_() for t in stack.params.values()], lr=config.lr,
                             fused=torch.__version__ >= "2.4")
-    batch_size = min(config.batch_size, data.n)
-    steps_per_epoch = math.ceil(data.n / batch_size)
-    schedule = Schedule(config, steps_per_epoch, can_resample=arch != "topk")
-    checkpoints, logs = checkpoint_epochs(config.epochs), []
+    batch_size = min(config.batch_size, x.shape[1])
+    steps_per_epoch = math.ceil(x.shape[1] / batch_size)
+    schedule = Schedule(config, steps_per_epoch, can_resample=specs[0].arch != "topk")
+    checkpoints = {2 ** i for i in range(config.epochs.bit_length())} | {config.epochs}  # 1, 2, 4, ..., last
+    logs = []
     for epoch in range(config.epochs):
-        epoch_loss = _train_epoch(stack, adam, data, generators, batch_size,
+        epoch_loss = _train_epoch(stack, adam, x, generators, batch_size,
                                   lambda i: config.lr * schedule.lr_factor(epoch * steps_per_epoch + i))
         _stop_if_diverged(specs, torch.isfinite(epoch_loss), epoch + 1)
         if progress:
             progress(1)
         # computed at most once an epoch, and only if a checkpoint or the schedule asks for them
-        statistics = functools.cache(lambda: _statistics(stack, data, specs, batch_size, epoch + 1))
+        statistics = functools.cache(lambda: _statistics(stack, x, specs, batch_size, epoch + 1))
         action = schedule.after_epoch(epoch + 1, epoch_loss, lambda: bool((statistics()[2] == 0).any()))
         if epoch + 1 in checkpoints or action == "stop":
             saes = [replace(sae, meta={"spec": asdict(spec), "train_config": asdict(config)})
                     for sae, spec in zip(stack.unstack(), specs)]
-            x, x_hat, fires = statistics()  # core metrics in each SAE's normalised space
+            x_hat, _, fires = statistics()  # core metrics in each SAE's normalised space
             logs += [{"sae": s, "name": spec.name, "epoch": epoch + 1, "steps": (epoch + 1) * steps_per_epoch,
                       "converged": schedule.converged if action == "stop" else None,
                       "loss": float(epoch_loss[s]), **core_metrics(x[s], x_hat[s], fires[s])}
@@ -871,8 +703,8 @@ def train_sae_stack(datasets: torch.Tensor, specs: list, config: Optional[TrainC
         if action == "stop":
             break
         if action == "resample":
-            x, x_hat, fires = statistics()
-            _resample_dead_latents(stack, adam, fires == 0, _squared_norm(x - x_hat), data, generators)
+            _, errors, fires = statistics()
+            _resample_dead_latents(stack, adam, fires == 0, errors, x, generators)
             schedule.restarted(epoch + 1)
     return saes, logs  # the last epoch is always a checkpoint
 
@@ -883,15 +715,10 @@ def train_sae(acts: torch.Tensor, spec: SAESpec, config: Optional[TrainConfig] =
     return saes[0], logs
 
 
-# ---------------------------------------------------------------------------------------
-# Full-distribution SAEs: activations at every token position of generic text
-# ---------------------------------------------------------------------------------------
-
+# ----------------------------------------------------------------------------- full-distribution SAEs
 
 def iter_corpus_texts(path=None) -> Iterator[str]:
-    """Texts of a corpus: a .jsonl file (one {"text": ...} per line), any other file split into
-    paragraphs at blank lines, or (path None) the English prose of Python's own help topics
-    (pydoc_data, present on every Python install)."""
+    """Texts of a .jsonl file ({"text": ...} a line), any other file's paragraphs, or (None) Python's help."""
     if path is None:
         from pydoc_data.topics import topics
         yield from (topics[key] for key in sorted(topics))
@@ -915,22 +742,17 @@ def _chunks(tokenizer, texts, length: int, bos: int) -> Iterator[list]:
 @torch.inference_mode()
 def collect_corpus_activations(model, tokenizer, nodes: list, texts, max_tokens: int,
                                context: int = 128, batch_size: int = 16) -> dict:
-    """Activations of each node (hook_name, head) at every token position of `texts`, up to
-    max_tokens per node -> {(hook_name, head): [n_tokens, d_head]}. Each chunk is BOS + context-1
-    tokens; the BOS position is excluded. Texts are streamed, so memory stays bounded."""
+    """{(hook_name, head): [n_tokens, d_head]} at every position but BOS of chunks of BOS + context-1
+    tokens of `texts`, up to max_tokens per node. Texts are streamed, so memory stays bounded."""
     from gpt2 import BOS_TOKEN_ID  # imported here so the SAE code needs no model module
     names, device = sorted({name for name, _ in nodes}), next(model.parameters()).device
-    collected, n_tokens = {node: [] for node in nodes}, 0
-    chunks = _chunks(tokenizer, texts, context - 1, BOS_TOKEN_ID)
-    while n_tokens < max_tokens:
-        needed = math.ceil((max_tokens - n_tokens) / (context - 1))
-        batch = list(itertools.islice(chunks, min(batch_size, needed)))
-        if not batch:  # corpus exhausted
-            break
+    chunks = itertools.islice(_chunks(tokenizer, texts, context - 1, BOS_TOKEN_ID),
+                              math.ceil(max_tokens / (context - 1)))  # the chunks needed, or all there are
+    collected = {node: [] for node in nodes}
+    while batch := list(itertools.islice(chunks, batch_size)):
         tokens = torch.tensor([[BOS_TOKEN_ID] + chunk for chunk in batch], device=device)  # [B, context]
         _, cache = model.run_with_cache(tokens, names, logits_at=torch.zeros_like(tokens[:, 0]))
-        keep = min(max_tokens - n_tokens, len(batch) * (context - 1))
         for name, head in nodes:  # cache[name]: [B, context, head, d_head]; drop the BOS position
-            collected[(name, head)].append(cache[name][:, 1:, head].reshape(-1, cache[name].shape[-1])[:keep])
-        n_tokens += keep
-    return {node: torch.cat(parts) if parts else torch.empty(0) for node, parts in collected.items()}
+            collected[(name, head)].append(cache[name][:, 1:, head].reshape(-1, cache[name].shape[-1]))
+    return {node: torch.cat(parts)[:max_tokens] if parts else torch.empty(0)
+            for node, parts in collected.items()}

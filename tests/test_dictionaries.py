@@ -294,6 +294,11 @@ def test_step_matmuls_have_the_shapes_of_a_vanilla_step():
     assert shapes == [(2, 5, 7), (2, 5, 3), (2, 7, 3), (2, 5, 7), (2, 3, 7)]  # pre, x̂, dW_dec, df, dW_enc
 
 
+def test_training_logs_at_geometric_checkpoints_and_the_last_epoch():
+    _, logs = D.train_sae(torch.randn(64, 4), D.SAESpec("topk", k=1), D.TrainConfig(d_sae=4, epochs=20))
+    assert [log["epoch"] for log in logs] == [1, 2, 4, 8, 16, 20]
+
+
 def test_training_is_deterministic_for_a_seed():
     x, _ = planted(n=512)
     config = D.TrainConfig(d_sae=32, batch_size=128, epochs=2)
@@ -305,18 +310,18 @@ def test_training_is_deterministic_for_a_seed():
 def test_resampling_revives_dead_latents():
     x, _ = planted(n=2048)
     spec, g = D.SAESpec("vanilla", l1_coefficient=1.0), torch.Generator().manual_seed(0)
-    data = D._StackData(x[None], torch.tensor([0]), torch.tensor([0.1]))
-    stack = D.stack_saes([D.init_sae(spec, 32, 64, g, data.means()[0], 0.1)])
+    inputs = x[None] * 0.1  # [S=1, N, d]
+    stack = D.stack_saes([D.init_sae(spec, 32, 64, g, inputs[0].mean(0), 0.1)])
     stack.b_enc[0, 0, :20] = -1e3  # 20 dead latents
     adam = torch.optim.Adam([t.requires_grad_() for t in stack.params.values()], lr=1e-3)
-    stack.loss(data.inputs(torch.arange(256))).sum().backward()
+    stack.loss(inputs[:, :256]).sum().backward()
     adam.step()
-    inputs, reconstructions, fires = D._statistics(stack, data, [spec], 256, 1)
-    errors, dead = (inputs - reconstructions).pow(2).sum(-1), fires == 0
-    assert dead[0, :20].all()
+    reconstructions, errors, fires = D._statistics(stack, inputs, [spec], 256, 1)
+    dead = fires == 0
+    assert dead[0, :20].all() and torch.equal(errors, (inputs - reconstructions).pow(2).sum(-1))
     alive_norm = stack.W_enc[0][:, ~dead[0]].norm(dim=0).mean()
-    D._resample_dead_latents(stack, adam, dead, errors, data, [g])
-    *_, fires = D._statistics(stack, data, [spec], 256, 1)
+    D._resample_dead_latents(stack, adam, dead, errors, inputs, [g])
+    *_, fires = D._statistics(stack, inputs, [spec], 256, 1)
     assert (fires[0, :20] > 0).all()
     assert torch.allclose(stack.W_enc[0][:, dead[0]].norm(dim=0), 0.2 * alive_norm)
     assert torch.allclose(stack.W_dec[0][dead[0]].norm(dim=1), torch.ones(20))
@@ -338,7 +343,6 @@ def test_lr_schedule_warms_up_and_decays_linearly_to_zero():
     schedule.restarted(5)
     assert schedule.lr_factor(52) == pytest.approx(0.3)  # warm-up again after a resample (at step 50)
     assert schedule.after_epoch(10, None, None) == "stop"
-    assert D.checkpoint_epochs(20) == [1, 2, 4, 8, 16, 20]
     topk = D.Schedule(config, steps_per_epoch=10, can_resample=False)  # top-k never resamples
     assert [topk.after_epoch(e, None, None) for e in range(1, 11)] == [None] * 9 + ["stop"]
 
@@ -576,6 +580,14 @@ def test_refuses_what_it_cannot_compute_in_one_line(tmp_path, change, message):
 def test_refuses_top_k_without_k(tmp_path):
     write_saelens(tmp_path / "sae", saelens6_cfg("topk"), tiny_params("topk"))
     with pytest.raises(ValueError, match="k=None is not supported"):
+        D.load_sae(tmp_path / "sae")
+
+
+def test_refuses_a_folder_lacking_a_weight_in_one_line(tmp_path):
+    weights = tiny_params("gated")
+    del weights["r_mag"]
+    write_saelens(tmp_path / "sae", saelens6_cfg("gated"), weights)
+    with pytest.raises(ValueError, match="sae_weights.safetensors: a gated SAE needs a tensor r_mag"):
         D.load_sae(tmp_path / "sae")
 
 
