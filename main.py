@@ -31,9 +31,8 @@ import metrics
 
 
 class OneLineErrors(click.Group):
-    """The command group: every failure a user can cause ends as one line `Error: ...` and a non-zero
-    exit, never a traceback: a bad option (without click's usage block), a path that cannot be read
-    or written (OSError, with its name), a file or a result found wrong on the way (ValueError)."""
+    """The command group: a bad option, an unreadable path (OSError) or a file or result found wrong
+    (ValueError) ends as one line `Error: ...` and a non-zero exit, never a traceback."""
 
     def invoke(self, ctx):
         try:
@@ -91,9 +90,8 @@ FORCE_OPTION = click.option("--force", is_flag=True,
 
 
 def output_folder(marker=None):
-    """click callback for --out: a folder that can be created or written, checked before any work. A
-    save replaces the whole folder (`atomic_folder`), so a non-empty one must hold `marker`, the
-    completion file of the same kind of artefact: a user's own files are never replaced."""
+    """click callback for --out: a writable folder. A save replaces the whole folder (`atomic_folder`), so
+    a non-empty one must hold `marker`, the completion file of the same artefact: a user's files stay."""
     def check(ctx, param, value):
         path = parent = os.path.abspath(value)
         while not os.path.exists(parent):
@@ -249,10 +247,8 @@ PRESETS = {"demo": DEMO, "laptop": LAPTOP, "paper": RunConfig()}
 
 def open_run(out, weights=None, preset=None, device="cpu", force=False, circuit=None, eta=False,
              **overrides):
-    """The run in folder `out`, bound to its config.json: the saved settings, or with `preset` (or in a
-    new folder) a preset's, demo for the embedded model and paper for real weights; either overridden by
-    the settings given. Settings other than the saved ones, or an invalid saved one, are a one-line error
-    unless `force`, which never guesses the model. The device is not bound. `circuit`, `eta`: see `Run`."""
+    """The run in `out`, bound to its config.json (else to `preset`: demo for the embedded model, paper
+    for real weights) and the settings given; other settings need `force`, which never guesses the model."""
     recover_interrupted_saves(out)
     path = os.path.join(out, "config.json")
     saved, problems = read_settings(path) if os.path.exists(path) else (None, {})
@@ -285,10 +281,8 @@ def open_run(out, weights=None, preset=None, device="cpu", force=False, circuit=
 
 
 class Run:
-    """One run folder, built step by step: the model, the prompts, the circuit, the activations; then
-    (`evaluate_run`) the dictionaries, the SAEs and the grades, each cached under the folder (`cached`).
-    `circuit` = (cross-sections, discovery table) grades a given circuit instead of finding one; `eta`:
-    print how long the whole run will take before the work starts."""
+    """One run folder, each step cached under it (`cached`). `circuit` = (cross-sections, discovery table)
+    grades a given circuit instead of finding one; `eta`: print how long the run will take, first."""
 
     def __init__(self, out, config, circuit=None, eta=False):
         self.out, self.config, self.started = out, config, time.time()
@@ -455,10 +449,8 @@ def check_reads_prompts(model, prompts, name="the model"):
 
 
 def train_or_load_stack(folder, datasets, specs, train_config, device="cpu", group=SAES_PER_PROGRAM):
-    """(SAEs, logs), one SAE per spec, trained on `datasets` `group` at a time, or loaded from `folder`
-    (`cached`). Until the stack is saved each group is cached in <folder>.parts, so a killed run redoes
-    one group at most; what is returned is always what was saved (the input scale folded in, README §8),
-    so a resumed run grades exactly what an uninterrupted one grades."""
+    """(SAEs, logs) trained `group` at a time, each group cached in <folder>.parts until the stack is in
+    `folder` (`cached`). Always the saved SAEs (README §8): a resumed run grades what a fresh one does."""
     digest = hashlib.sha256(datasets.numpy().tobytes()).hexdigest()[:16]
     parts = f"{folder}.parts"
 
@@ -749,9 +741,8 @@ def _fetch(url, path):
               callback=output_folder("config.json"), help="Folder to write them to.")
 @click.option("--sha256", default=None, help="Expected sha256 of model.safetensors.")
 def download_command(url, out, sha256):
-    """Fetch GPT-2 Small's weights and config (Hugging Face layout) and check that they load and read
-    the IOI prompts, in a temporary folder that replaces --out only then: a failed download leaves
-    nothing that looks usable, and the model already in --out stays."""
+    """Fetch GPT-2 Small (Hugging Face layout) into a temporary folder that replaces --out once the model
+    loads and reads the IOI prompts: a failed download leaves nothing, and costs no model already there."""
     url = url.rstrip("/")
     if sha256 is not None and not re.fullmatch("[0-9a-fA-F]{64}", sha256):
         raise click.BadParameter(f"{sha256!r} is not a sha256 (64 hexadecimal digits)", param_hint="--sha256")
@@ -923,10 +914,8 @@ def train_sae_command(acts_path, arch, latents, l1, k, epochs, lr, batch_size, s
 # --- grade-sae: any SAE in SAELens's layout, graded like ours (README, "Use with TransformerLens / SAELens")
 
 def as_plain_model_sae(sae, model, act, layer, head):
-    """The SAE on this model's plain activations. SAELens trains on TransformerLens's processed model
-    unless cfg.json's metadata.model_from_pretrained_kwargs says otherwise (ours do): fold_value_biases
-    drops b_V (with ln1's bias times W_V under fold_ln) from hook_v and hook_z, center_writing_weights
-    centres the residual stream; both fold into the SAE."""
+    """The SAE on this model's plain activations: SAELens SAEs read TransformerLens's processed model (its
+    model_from_pretrained_kwargs): hook_v/z without b_V, the residual stream centred; both fold in."""
     settings, params = sae.meta.get("model_from_pretrained_kwargs") or {}, sae.params
     if act in ("v", "z") and settings.get("fold_value_biases", True):
         config, block = model.config, model.h[layer]
@@ -944,10 +933,8 @@ def as_plain_model_sae(sae, model, act, layer, head):
 
 
 def grade_sae_in_run(run, sae, label, min_section_effect=metrics.MIN_SECTION_EFFECT):
-    """The paper's tests and core SAE metrics for an SAE from elsewhere, named `label`, at the sections it
-    reads, beside supervised dictionaries at the same nodes (and our task SAEs where it reads single
-    heads) -> metrics.json, replacing an earlier grading. Sections whose mean ablation moves the LD by
-    less than `min_section_effect` are skipped (sufficiency and necessity would divide by ~0)."""
+    """`grade-sae` in an open run -> metrics.json (replacing an earlier grading of `label`); sections moving
+    the LD by less than `min_section_effect` are skipped: sufficiency and necessity would divide by ~0."""
     act, layer, head = ioi.hook_reads(sae.meta.get("hook_name"), sae.meta.get("hook_head_index"), sae.d_in,
                                       run.model.config)
     sae = as_plain_model_sae(sae, run.model, act, layer, head).to(run.config.device)
