@@ -1,10 +1,8 @@
 """Command-line interface: the whole paper (`demo`, `run`), its steps, and single tools.
 
-Follows Makelov, Lange & Nanda (arXiv 2405.08366): a model solves IOI, we collect activations at
-circuit nodes, fit supervised dictionaries and SAEs, grade them on approximation, control and
-interpretability, and write a report. Read top to bottom: `demo` and `run`; the pipeline they call
-(`open_run`, `Run`, one method per step, `evaluate_run`); the step commands; the single tools; the
-report (`Report`); and last the plumbing that makes every step resumable (`cached`, `atomic_folder`).
+Makelov, Lange & Nanda (arXiv 2405.08366): grade SAEs against supervised dictionaries on IOI. Read top
+to bottom: `demo` and `run`; the pipeline (`open_run`, `Run`, `evaluate_run`); the step commands; the
+single tools; the report; the plumbing that makes every step resumable (`cached`, `atomic_folder`).
 """
 import functools
 import glob
@@ -33,10 +31,8 @@ import metrics
 
 
 class OneLineErrors(click.Group):
-    """The command group. Every failure a user can cause ends as one line `Error: ...` and a
-    non-zero exit, never a traceback: a bad option without click's usage block (exit 2), a
-    path that cannot be read or written with its name (OSError), a file or a result found wrong
-    on the way (ValueError: weights that do not load, a value that is not finite), caught here once."""
+    """The command group: a bad option, an unreadable path (OSError) or a file or result found wrong
+    (ValueError) ends as one line `Error: ...` and a non-zero exit, never a traceback."""
 
     def invoke(self, ctx):
         try:
@@ -84,16 +80,18 @@ class Device(click.ParamType):
         return value
 
 
-SEED = click.IntRange(0, 2**32 - 1)  # numpy refuses negative seeds
+SEED, POSITIVE = click.IntRange(0, 2**32 - 1), click.IntRange(min=1)  # numpy refuses negative seeds
 DEVICE_OPTION = click.option("--device", type=Device(), default="cpu", show_default=True,
                              help="cpu, cuda, cuda:N or mps.")
-WEIGHTS_HELP = "GPT-2 checkpoint (dir or .safetensors); default: the embedded IOI model."
+WEIGHTS_OPTION = click.option("--weights", help="GPT-2 checkpoint (dir or .safetensors); "
+                                                "default: the embedded IOI model.")
+FORCE_OPTION = click.option("--force", is_flag=True,
+                            help="Rebind a run folder made with other settings to these (caches are kept).")
 
 
 def output_folder(marker=None):
-    """click callback for --out: a folder that can be created or written, checked before any work.
-    A save replaces the whole folder (`atomic_folder`), so an existing non-empty one is accepted only
-    if it holds `marker`, the completion file of the same kind of artefact: a user's files stay."""
+    """click callback for --out: a writable folder. A save replaces the whole folder (`atomic_folder`), so
+    a non-empty one must hold `marker`, the completion file of the same artefact: a user's files stay."""
     def check(ctx, param, value):
         path = parent = os.path.abspath(value)
         while not os.path.exists(parent):
@@ -109,31 +107,27 @@ def output_folder(marker=None):
     return check
 
 
-# The one table of how a run's numeric settings are checked (else: positive integers), read by the
-# command-line options and by `read_settings` alike.
+# How each setting of a run is checked, as an option and in config.json alike (any other: an integer >= 1).
 SETTINGS = {"n_train": click.IntRange(min=10), "n_eval": click.IntRange(min=10), "seed": SEED,
             **dict.fromkeys(("sae_lr", "corpus_lr"), FiniteFloat(min=0, min_open=True)),
             "sae_plateau": FiniteFloat(min=0, max=1), "occlusion_alphas": FiniteFloat(),
             "f1_thresholds": FiniteFloat(), "sae_resamples": click.IntRange(min=0),
-            **dict.fromkeys(("vanilla_l1", "gated_l1", "corpus_l1"), FiniteFloat(min=0))}
-FORCE_OPTION = click.option("--force", is_flag=True,
-                            help="Rebind a run folder made with other settings to these (caches are kept).")
+            **dict.fromkeys(("vanilla_l1", "gated_l1", "corpus_l1"), FiniteFloat(min=0)),
+            **dict.fromkeys(("weights", "corpus", "device"), click.STRING),
+            # the paper's six cross-sections (README §3)
+            "skip_sections": click.Choice([s.name for s in ioi.cross_sections(*[[(0, 0)]] * 3)])}
 
 
 def run_options(function):
-    """Options shared by every pipeline step, the keyword arguments of `open_run`."""
-    def setting(flag, help):
-        return click.option(flag, type=SETTINGS.get(flag[2:].replace("-", "_"), click.IntRange(min=1)),
-                            default=None, help=help)
+    """The options of every pipeline step: the keyword arguments of `open_run`."""
     options = [click.option("--out", default="runs/demo", show_default=True, callback=output_folder(),
-                            help="Run folder (created if needed)."),
-               click.option("--weights", default=None, help=WEIGHTS_HELP),
-               click.option("--preset", type=click.Choice(["demo", "laptop", "paper"]), default=None,
+                            help="Run folder (created if needed)."), WEIGHTS_OPTION,
+               click.option("--preset", type=click.Choice(["demo", "laptop", "paper"]),
                             help="Settings: demo (minutes on a CPU), laptop (GPT-2 Small within the "
                                  "hour) or the paper's. Default: demo for the embedded model, else paper."),
-               DEVICE_OPTION, setting("--n-train", "Training prompts."),
-               setting("--n-eval", "Evaluation prompts."), setting("--epochs", "SAE training epochs."),
-               FORCE_OPTION]
+               DEVICE_OPTION, click.option("--n-train", type=SETTINGS["n_train"], help="Training prompts."),
+               click.option("--n-eval", type=SETTINGS["n_eval"], help="Evaluation prompts."),
+               click.option("--epochs", type=POSITIVE, help="SAE training epochs."), FORCE_OPTION]
     for option in reversed(options):
         function = option(function)
     return function
@@ -160,9 +154,8 @@ def run_command(**options):
 # === the pipeline: a run folder, its settings, its steps ===
 
 ARCHS = ("vanilla", "gated", "topk")
-# The circuit of a model other than GPT-2 Small is found on prompts of its own, apart from the
-# training and evaluation prompts, so it never depends on --n-eval or --seed (README, "What the demo
-# shows, and how it is scaled down").
+# The circuit of a model other than GPT-2 Small is found on prompts of its own, so it never depends
+# on --n-eval or --seed (README, "What the demo shows, and how it is scaled down").
 DISCOVERY_N, DISCOVERY_SEED = 200, 1000
 SAES_PER_PROGRAM = 4  # SAEs trained as one tensor program: 2 to 4 was the fastest of 1..24 on 2 CPU cores
 
@@ -198,61 +191,44 @@ class RunConfig:
     device: str = "cpu"
 
 
-SECTION_NAMES = tuple(s.name for s in ioi.cross_sections(*[[(0, 0)]] * 3))  # the paper's six (README §3)
-
-
 def read_settings(path):
     """({name: value} of the valid settings in a run folder's config.json, {name: problem} of the
-    others), each checked as its option is (`SETTINGS`). A corrupt file has no valid setting (its
-    problem is under the name ""); it is never overwritten unless `--force` says so."""
+    others; a corrupt file's problem is under ""). The file is never overwritten unless `--force`."""
     try:
         saved = read_json(path)
     except ValueError as error:  # malformed JSON, or not text
         return {}, {"": f"not valid JSON ({error})"}
     if not isinstance(saved, dict):
         return {}, {"": f"expected a JSON object of settings, got {type(saved).__name__}"}
-    names = [f.name for f in fields(RunConfig)]
-    valid, problems = {}, {name: f"unknown setting {name}" for name in saved if name not in names}
-    for field in fields(RunConfig):
+    known = {field.name: field for field in fields(RunConfig)}
+    problems = {name: f"unknown setting {name}" for name in saved if name not in known}
+    problems |= {name: f"missing setting {name}" for name in known if name not in saved}
+    valid = {}
+    for name in (name for name in known if name in saved):
         try:
-            if field.name not in saved:
-                raise click.BadParameter(f"missing setting {field.name}")
-            valid[field.name] = _checked_setting(field, saved[field.name])
+            valid[name] = _checked_setting(known[name], saved[name])
         except click.BadParameter as error:
-            problems[field.name] = error.message
+            problems[name] = f"{name}: {error.message}"
     return valid, problems
 
 
 def _checked_setting(field, value):
-    """`value` as the RunConfig setting `field`, or a click.BadParameter naming it: a path or
-    null (weights, corpus), a string (device), names of the paper's cross-sections (skip_sections),
-    else numbers checked by SETTINGS."""
-    if field.name == "skip_sections":
-        for name in value if isinstance(value, list) else [value]:
-            if name not in SECTION_NAMES:
-                raise click.BadParameter(f"skip_sections: {name!r} is not one of the paper's cross-sections "
-                                         f"({', '.join(SECTION_NAMES)})")
-        return tuple(value)
-    if field.name in ("weights", "corpus", "device"):
-        if isinstance(value, str) or value is None and field.name != "device":
-            return value
-        raise click.BadParameter(f"{field.name}: {value!r} is not "
-                                 f"{'a string' if field.name == 'device' else 'a path or null'}")
-    kind = SETTINGS.get(field.name, click.IntRange(min=1))
-    number = int if isinstance(kind, click.IntRange) else (int, float)
-
-    def convert(item):  # JSON has types: click alone would also take "12", 12.7 or true for an integer
-        if isinstance(item, bool) or not isinstance(item, number):
-            raise click.BadParameter(f"{item!r} is not {'an integer' if number is int else 'a number'}")
-        return kind.convert(item, None, None)
-    try:
-        if isinstance(field.default, tuple):
-            if not isinstance(value, list) or not value:
-                raise click.BadParameter(f"{value!r} is not a non-empty list")
-            return tuple(convert(item) for item in value)
-        return convert(value)
-    except click.BadParameter as error:
-        raise click.BadParameter(f"{field.name}: {error.message}") from None
+    """`value` of the setting `field` as config.json holds it, checked as its option is (`SETTINGS`).
+    JSON has types, so nothing is coerced: click alone would take "12", 12.7 or true for an integer."""
+    kind = SETTINGS.get(field.name, POSITIVE)
+    json_type = {click.IntRange: int, FiniteFloat: (int, float)}.get(type(kind), str)
+    many = isinstance(field.default, tuple)
+    if value is None and field.default is None:  # weights, corpus: the embedded model, pydoc prose
+        return None
+    if many and not (isinstance(value, list) and (value or not field.default)):
+        raise click.BadParameter(f"{value!r} is not a {'non-empty ' * bool(field.default)}list")
+    items = value if many else [value]
+    what = {int: "an integer", str: "a string"}.get(json_type, "a number")
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, json_type):
+            raise click.BadParameter(f"{item!r} is not {what}")
+    checked = tuple(kind.convert(item, None, None) for item in items)
+    return checked if many else checked[0]
 
 
 # The demo: one setting per architecture, SAEs trained to convergence (README, "What the demo shows").
@@ -271,12 +247,8 @@ PRESETS = {"demo": DEMO, "laptop": LAPTOP, "paper": RunConfig()}
 
 def open_run(out, weights=None, preset=None, device="cpu", force=False, circuit=None, eta=False,
              **overrides):
-    """The run in folder `out`, bound to the settings in its config.json: the saved ones; or with
-    `preset`, or in a new folder, a preset ("demo", scaled down, for the embedded model; "paper" for
-    real GPT-2 weights); either overridden by the settings given. Other settings than the saved ones
-    are a one-line error unless `force`. A saved setting that is invalid is a one-line error too;
-    `force` replaces it by the one given, else the preset's, but never the model: that must be given.
-    The device only decides where the run computes, so it is not bound. `circuit`, `eta`: see `Run`."""
+    """The run in `out`, bound to its config.json (else to `preset`: demo for the embedded model, paper
+    for real weights) and the settings given; other settings need `force`, which never guesses the model."""
     recover_interrupted_saves(out)
     path = os.path.join(out, "config.json")
     saved, problems = read_settings(path) if os.path.exists(path) else (None, {})
@@ -309,11 +281,8 @@ def open_run(out, weights=None, preset=None, device="cpu", force=False, circuit=
 
 
 class Run:
-    """One run folder, built step by step: the model, the prompts, the circuit, the activations;
-    then (`evaluate_run`) the dictionaries, the SAEs and the grades. Each step caches its result
-    under the folder (`cached`), keyed by what produced it, so an interrupted run resumes and a
-    changed setting recomputes. `circuit` = (cross-sections, discovery table) grades a given circuit
-    instead of finding one; `eta`: print how long the whole run will take before the work starts."""
+    """One run folder, each step cached under it (`cached`). `circuit` = (cross-sections, discovery table)
+    grades a given circuit instead of finding one; `eta`: print how long the run will take, first."""
 
     def __init__(self, out, config, circuit=None, eta=False):
         self.out, self.config, self.started = out, config, time.time()
@@ -324,8 +293,7 @@ class Run:
             click.echo(eta_text(estimate_seconds(self)))
         self.acts = {split: {} for split in self.splits}
         self.add_nodes(self.nodes)
-        # Last: the folder is bound to these settings only once they have produced its
-        # activations, so a run that fails to start neither leaves nor changes config.json.
+        # last: a run that fails to start neither leaves nor changes config.json
         os.makedirs(out, exist_ok=True)
         write_json(os.path.join(out, "config.json"), asdict(config))
 
@@ -364,8 +332,8 @@ class Run:
         click.echo(f"{len(self.sections)} cross-sections, {len(self.nodes)} nodes")
 
     def add_nodes(self, nodes):
-        """Collect (or load from the cache) activations at more nodes, in every split: the run's
-        own, then those an SAE from elsewhere reads (`grade-sae`)."""
+        """Collect (or load) activations at more nodes in every split: the run's, or an SAE's from
+        elsewhere (`grade-sae`)."""
         new = [node for node in nodes if node not in self.acts["train"]]
         for split, prompts in self.splits.items() if new else ():
             self.acts[split].update(collect_activations(self.path("activations"), self.model, prompts, new,
@@ -406,9 +374,8 @@ class Run:
                                         plateau=c.sae_plateau or None)
 
     def train_task_saes(self):
-        """({method: {setting: {node: SAE}}}, {(method, setting, node): its last training log}) for
-        every architecture and hyper-parameter (README §8), plus the frozen-random-decoder floor;
-        all nodes x settings of one architecture train as one stack (`train_or_load_stack`)."""
+        """({method: {setting: {node: SAE}}}, {(method, setting, node): its last training log}) for every
+        architecture and setting (README §8) and the frozen-random-decoder floor, one stack per method."""
         c, n, saes, training = self.config, len(self.nodes), {}, {}
         datasets = torch.stack([self.acts["train"][node] for node in self.nodes])  # [node, N, d_head]
         for method, grid in self.sae_grids().items():
@@ -470,8 +437,8 @@ def load_model(weights, device="cpu"):
 
 
 def check_reads_prompts(model, prompts, name="the model"):
-    """A one-line error unless `model` can read every prompt: GPT-2's whole vocabulary (IOI
-    prompts and corpus text are GPT-2 tokens) and positions up to the longest prompt."""
+    """A one-line error unless `model` reads GPT-2's whole vocabulary (the prompts' and the corpus's
+    tokens) and positions up to the longest prompt."""
     longest = max(len(prompt.tokens) for prompt in prompts)
     if model.config.vocab_size <= gpt2.BOS_TOKEN_ID:
         raise click.ClickException(f"{name}'s vocabulary ({model.config.vocab_size} tokens) is smaller "
@@ -481,116 +448,104 @@ def check_reads_prompts(model, prompts, name="the model"):
                                    f"(n_positions), but a prompt has {longest}")
 
 
-def train_or_load_stack(folder, datasets, specs, train_config, device="cpu", progress=True,
-                        group=SAES_PER_PROGRAM):
-    """SAEs one per spec trained on `datasets`, cached in `folder` (`cached`, keyed by the data, specs
-    and training). Returns (saes, logs). They train `group` at a time; until the whole stack is saved,
-    each finished group is cached in <folder>.parts, so a killed run redoes one group at most. The
-    SAEs returned are always the saved ones (input scale folded into the weights, README §8), so a
-    resumed run grades exactly what an uninterrupted one grades. `device`: where the stack trains."""
-    key = {"datasets": hashlib.sha256(datasets.numpy().tobytes()).hexdigest()[:16],
-           "specs": [asdict(spec) for spec in specs], "train": asdict(train_config)}
+def train_or_load_stack(folder, datasets, specs, train_config, device="cpu", group=SAES_PER_PROGRAM):
+    """(SAEs, logs) trained `group` at a time, each group cached in <folder>.parts until the stack is in
+    `folder` (`cached`). Always the saved SAEs (README §8): a resumed run grades what a fresh one does."""
+    digest = hashlib.sha256(datasets.numpy().tobytes()).hexdigest()[:16]
     parts = f"{folder}.parts"
 
-    def train(tmp):
-        if len(specs) <= group:
-            with click.progressbar(length=train_config.epochs, label=f"{len(specs)} {specs[0].arch} SAEs",
-                                   hidden=not progress) as bar:
-                saes, logs = dictionaries.train_sae_stack(datasets.to(device), specs, train_config,
-                                                          progress=bar.update)
-        else:  # the same SAEs, resumable group by group
-            saes, logs = [], []
-            with click.progressbar(range(0, len(specs), group), show_eta=True, hidden=not progress,
-                                   label=f"{len(specs)} {specs[0].arch} SAEs, {group} at a time") as offsets:
-                for offset in offsets:
-                    trained, group_logs = train_or_load_stack(os.path.join(parts, str(offset)), datasets,
-                                                              specs[offset:offset + group], train_config,
-                                                              device, False, group)
-                    saes += trained
-                    logs += [{**log, "sae": log["sae"] + offset} for log in group_logs]
-        for spec, sae in zip(specs, saes):
-            dictionaries.save_sae(sae.to("cpu"), os.path.join(tmp, spec.name))
-        write_json(os.path.join(tmp, "logs.json"), logs)
+    def key(specs):
+        return {"datasets": digest, "specs": [asdict(spec) for spec in specs], "train": asdict(train_config)}
 
-    def load(saved):
-        return ([dictionaries.load_sae(os.path.join(saved, spec.name)) for spec in specs],
-                read_json(os.path.join(saved, "logs.json")))
-    saes_and_logs = cached(folder, key, train, load)
+    def save(into, specs, saes, logs):
+        for spec, sae in zip(specs, saes):
+            dictionaries.save_sae(sae.to("cpu"), os.path.join(into, spec.name))
+        write_json(os.path.join(into, "logs.json"), logs)
+
+    def load(specs):
+        return lambda saved: ([dictionaries.load_sae(os.path.join(saved, spec.name)) for spec in specs],
+                              read_json(os.path.join(saved, "logs.json")))
+
+    def train(tmp):
+        saes, logs = [], []
+        with click.progressbar(range(0, len(specs), group), show_eta=True,
+                               label=f"{len(specs)} {specs[0].arch} SAEs, {group} at a time") as offsets:
+            for offset in offsets:
+                part = specs[offset:offset + group]
+
+                def train_part(tmp):
+                    save(tmp, part, *dictionaries.train_sae_stack(datasets.to(device), part, train_config))
+                trained, part_logs = cached(os.path.join(parts, str(offset)), key(part), train_part,
+                                            load(part))
+                saes += trained
+                logs += [{**log, "sae": log["sae"] + offset} for log in part_logs]
+        save(tmp, specs, saes, logs)
+    saes_and_logs = cached(folder, key(specs), train, load(specs))
     shutil.rmtree(parts, ignore_errors=True)  # the whole stack is saved: its groups are not needed
     return saes_and_logs
 
 
-# --- the run's plan: its phases (as `evaluate_run` names them) and the work each does; the ETA times it
+# --- the ETA: the run's plan (its phases, as `evaluate_run` names them, and their work), timed here
 
 TASK_SAES, CORPUS_SAES, SECTIONS = "Task SAEs", "Full-distribution SAEs", "Tests 1-3 at every cross-section"
 CORE, PHENOMENA = "Core SAE metrics", "Feature occlusion and over-splitting"
 
 
-def pass_kind(nodes, ld_only):
-    """What a patched pass costs depends on where it starts (`metrics.Task.patched`): the first layer
-    and the first position it patches, and whether it reads the LD only -> (a Node there, ld_only)."""
-    layer = min(node.layer for node in nodes)
-    position = min((node.position for node in nodes), key=ioi.POSITIONS.index)  # io < s1 < ... < end
-    return ioi.Node("z", layer, 0, position), ld_only
-
-
 def plan(run):
-    """{phase: its work}, as `evaluate_run` will do it: SAE stacks to train, as (arch, SAEs, d_sae,
-    epochs, inputs), or patched passes over the evaluation prompts, as a Counter {`pass_kind`: passes}.
-    An upper bound where Test 2 chooses one SAE setting for several attributes (then it grades it
-    once), and for LD recovered (nodes that move the LD)."""
-    c = run.config
+    """{phase: its work} as `evaluate_run` will do it: SAE stacks to train, as (arch, SAEs, d_sae, epochs,
+    inputs), or patched passes over the evaluation prompts, as a Counter {kind of pass: passes}. An upper
+    bound where Test 2 chooses one setting for several attributes, and for LD recovered."""
+    def kind(nodes, ld_only):  # a pass costs by where it starts (`metrics.Task.patched`) and what it reads
+        layer = min(node.layer for node in nodes)
+        position = min((node.position for node in nodes), key=ioi.POSITIONS.index)  # io < s1 < ... < end
+        return ioi.Node("z", layer, 0, position), ld_only
+    c, grids = run.config, run.sae_grids()
     n_edits = len(metrics.sae_edits(c.edit_k))
-    grading, ld_recovered = Counter({pass_kind(run.nodes, False): 1}), Counter()  # the clean run
+    grading, ld_recovered = Counter({kind(run.nodes, False): 1}), Counter()  # the clean run
     for section in run.sections:
         n_attributes = len(section.attributes)
-        chosen = [min(len(grid), n_attributes) for grid in run.sae_grids().values()] + [1] * len(ARCHS)
-        grading[pass_kind(section.nodes, True)] += (  # LD only: mean-ablated, approximation, causal curves
+        chosen = [min(len(grid), n_attributes) for grid in grids.values()] + [1] * len(ARCHS)
+        grading[kind(section.nodes, True)] += (  # LD only: mean-ablated, approximation, causal curves
             1 + 2 + 2 * 2 + sum(chosen) * (2 + 2 * len(c.f1_thresholds)))
-        grading[pass_kind(section.nodes, False)] += (  # the argmax: counterfactuals, every edit
+        grading[kind(section.nodes, False)] += (  # the argmax: counterfactuals, every edit
             n_attributes + 2 * n_attributes + len(chosen) * n_attributes * n_edits)
-        ld_recovered.update(pass_kind([node], True) for node in section.nodes for _ in range(sum(chosen)))
-    ld_recovered.update(pass_kind([node], True) for node in run.nodes)  # each node at its mean
+        ld_recovered.update(kind([node], True) for node in section.nodes for _ in range(sum(chosen)))
+    ld_recovered.update(kind([node], True) for node in run.nodes)  # each node at its mean
     heads = len({(node.hook_name, node.head) for node in run.nodes})
     return {TASK_SAES: [("vanilla" if method == "random_decoder" else method, len(run.nodes) * len(grid),
-                         c.d_sae, c.epochs, c.n_train) for method, grid in run.sae_grids().items()],
+                         c.d_sae, c.epochs, c.n_train) for method, grid in grids.items()],
             CORPUS_SAES: [(arch, heads, c.corpus_d_sae, c.corpus_epochs, c.corpus_tokens) for arch in ARCHS],
             SECTIONS: grading, CORE: ld_recovered,
-            PHENOMENA: Counter(pass_kind([node], False) for node in run.nodes for _ in ioi.ATTRIBUTES)}
+            PHENOMENA: Counter(kind([node], False) for node in run.nodes for _ in ioi.ATTRIBUTES)}
 
 
 def seconds(fn, device="cpu"):
     """Wall-clock seconds of fn(), waiting for the GPU where there is one (the project's one timer)."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+    synchronize()
     start = time.perf_counter()
     fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    synchronize()
     return time.perf_counter() - start
 
 
 def estimate_seconds(run):
-    """{phase: seconds} for the whole run from scratch (work cached in the folder is skipped): the
-    `plan`, and the activations and corpus text read first, times a forward pass and SAE steps timed
-    here. Not counted: the supervised fits, the core metrics and the toy models (under a minute
-    together in the demo)."""
+    """{phase: seconds} of the whole run from scratch: the `plan`, and the activations and corpus read
+    first, at the speed of a pass and of SAE steps timed here. Not counted: the supervised fits, the
+    core metrics and the toys (under a minute together in the demo)."""
     c = run.config
     prompts, d_head = run.splits["eval"][:64], run.model.config.n_embd // run.model.config.n_head
     task = metrics.Task(run.model, prompts, c.batch_size)  # one task: its caches serve every kind of pass
 
     @functools.cache
-    def per_prompt(kind=None):  # a `pass_kind` pass through `metrics.Task.patched`, per prompt; None: full
-        node, ld_only = kind or (None, False)
-        d = d_head if node is None or node.head is not None else run.model.config.n_embd
-        patches = {} if node is None else {node: torch.zeros(len(prompts), d)}
+    def per_prompt(kind=(None, False)):  # a pass of `plan`, per prompt; no node: the unpatched pass
+        node, ld_only = kind
+        patches = {} if node is None else {node: torch.zeros(len(prompts), d_head)}
         task.patched(patches, ld_only)  # not timed: it builds the cache of the unpatched pass
         return seconds(lambda: task.patched(patches, ld_only), c.device) / len(prompts)
 
     @functools.cache
-    def per_step(arch, n_sae, d_sae, batch_size):
-        """One step of a stack of `n_sae` SAEs: 16 epochs of one batch less 8, so set-up and all but
-        one of the statistics at checkpoints (1, 2, 4, 8, 16) cancel."""
+    def per_step(arch, n_sae, d_sae, batch_size):  # 16 epochs of one batch less 8: the set-up cancels
         data = torch.randn(1, batch_size, d_head, device=c.device)
         specs = [dictionaries.SAESpec(arch, seed=i) for i in range(n_sae)]
 
@@ -616,8 +571,8 @@ def estimate_seconds(run):
 
 
 def eta_text(estimate):
-    """The estimate as lines: the total, then each phase. The task SAEs stop when they converge, often
-    far below the epoch cap (the demo's: at 10-45% of it), so their bound is not added into the total."""
+    """The estimate as lines: the total, then each phase. The task SAEs stop when they converge, often far
+    below the epoch cap (the demo's: at 10-45% of it), so their bound is not added into the total."""
     def clock(s):
         return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min" if s >= 60 else f"{s:.0f} s"
     known = sum(s for phase, s in estimate.items() if phase != TASK_SAES)
@@ -634,9 +589,8 @@ def stopwatch(label):
 
 
 def evaluate_run(run, oversplitting_grids=metrics.OVERSPLITTING_GRIDS):
-    """Every test of the paper on one run -> records (README §5-§9); the dictionaries and SAEs are
-    fitted and trained, or loaded from the run folder, on the way. `oversplitting_grids`: the
-    over-splitting toy's grids (metrics.oversplitting_toy_records)."""
+    """Every test of the paper on one run -> records (README §5-§9), fitting and training (or loading)
+    the dictionaries and SAEs on the way. `oversplitting_grids`: see metrics.oversplitting_toy_records."""
     with stopwatch("Supervised dictionaries"):
         supervised = run.fit_supervised()
     with stopwatch(TASK_SAES):
@@ -665,10 +619,8 @@ def evaluate_run(run, oversplitting_grids=metrics.OVERSPLITTING_GRIDS):
 
 
 def grade_sections(run, task, clean_run, supervised, task_saes, corpus_saes):
-    """`metrics.grade_section` at every cross-section of the run, with a progress bar. Each
-    section's records are cached in grades/ (`cached`) as soon as it is graded, so a killed
-    run resumes at the next section; they are reused only under the same settings and SAEs."""
-    # What graded records depend on: the settings (bar the device) and every SAE stack's key.
+    """`metrics.grade_section` at every cross-section, each cached in grades/ as soon as it is graded
+    (so a killed run resumes at the next one), keyed by the settings (bar the device) and the SAEs."""
     settings = {name: value for name, value in asdict(run.config).items() if name != "device"}
     stamps = {os.path.basename(os.path.dirname(path)): read_json(path)
               for path in sorted(glob.glob(run.path("saes", "*", "key.json")))}
@@ -713,8 +665,7 @@ def write_metrics(run, rows):
     sections = [{"name": s.name, "nodes": [str(n) for n in s.nodes], "attributes": list(s.attributes)}
                 for s in run.sections]
     circuit = {"sections": sections, "skipped": run.skipped, "discovery": run.discovery}
-    write_json(run.path("metrics.json"), {"config": asdict(run.config), "circuit": circuit,
-                                               "results": rows})
+    write_json(run.path("metrics.json"), {"config": asdict(run.config), "circuit": circuit, "results": rows})
 
 
 def evaluate_and_report(run, oversplitting_grids=metrics.OVERSPLITTING_GRIDS):
@@ -723,7 +674,6 @@ def evaluate_and_report(run, oversplitting_grids=metrics.OVERSPLITTING_GRIDS):
     click.echo(write_report(run.out))
     click.echo(f"Wrote {run.path('metrics.json')} and {run.path('report.md')} "
                f"in {time.time() - run.started:.0f} s")
-
 
 
 # === step commands: the pipeline one step at a time ===
@@ -764,11 +714,8 @@ def train_saes(source, **options):
 
 # === single tools: a model, prompts, one SAE, an SAE from elsewhere ===
 
-GPT2_SMALL_URL = "https://huggingface.co/openai-community/gpt2/resolve/main"
-
-
 def _fetch(url, path):
-    """Copy `url` to `path`, a MiB at a time (a model never sits in memory whole); its sha256."""
+    """Copy `url` to `path` a MiB at a time (a model never sits in memory whole); its sha256."""
     import http.client
     import urllib.error
     import urllib.request
@@ -788,15 +735,14 @@ def _fetch(url, path):
 
 
 @cli.command("download")
-@click.option("--url", default=GPT2_SMALL_URL, show_default=True,
+@click.option("--url", default="https://huggingface.co/openai-community/gpt2/resolve/main", show_default=True,
               help="Base URL holding model.safetensors and config.json (file:// works too).")
 @click.option("--out", default=os.path.join("models", "gpt2"), show_default=True,
               callback=output_folder("config.json"), help="Folder to write them to.")
 @click.option("--sha256", default=None, help="Expected sha256 of model.safetensors.")
 def download_command(url, out, sha256):
-    """Fetch GPT-2 Small's weights and config (Hugging Face layout) and check that they load and
-    read the IOI prompts. Both go to a temporary folder that replaces --out only then, so a failed
-    download never leaves a file that looks usable, and never costs the model already in --out."""
+    """Fetch GPT-2 Small (Hugging Face layout) into a temporary folder that replaces --out once the model
+    loads and reads the IOI prompts: a failed download leaves nothing, and costs no model already there."""
     url = url.rstrip("/")
     if sha256 is not None and not re.fullmatch("[0-9a-fA-F]{64}", sha256):
         raise click.BadParameter(f"{sha256!r} is not a sha256 (64 hexadecimal digits)", param_hint="--sha256")
@@ -814,7 +760,6 @@ def download_command(url, out, sha256):
             raise click.ClickException(f"downloaded files do not load: {message}") from None
         check_reads_prompts(model, discovery_prompts(), f"{url}: the model")
         return model, digests["model.safetensors"]
-
     model, digest = atomic_folder(out, fetch_and_check)
     n_params = sum(p.numel() for p in model.parameters())
     click.echo(f"{out}: GPT-2 with {n_params / 1e6:.1f}M parameters, {model.config.n_layer} layers, "
@@ -822,7 +767,7 @@ def download_command(url, out, sha256):
 
 
 @cli.command("generate")
-@click.option("--weights", default=None, help=WEIGHTS_HELP)
+@WEIGHTS_OPTION
 @click.option("--prompt", default="When Mary and John went to the store, John gave a drink to",
               show_default=True)
 @click.option("--tokens", "n_tokens", type=click.IntRange(min=0), default=20, show_default=True,
@@ -853,9 +798,8 @@ def build_model_command(out, seed):
     config = ioi.CircuitConfig(seed=seed)
     model = ioi.build_ioi_model(config)
 
-    def write(folder):  # into a temporary folder, renamed to `out` once complete
+    def write(folder):  # circuit_config.json last: it marks a complete save
         model.save_pretrained(folder)
-        # last: its presence marks a complete save
         write_json(os.path.join(folder, "circuit_config.json"), asdict(config))
     atomic_folder(out, write)
     scores = ioi.evaluate(model, ioi.held_out_prompts(1000))
@@ -864,12 +808,12 @@ def build_model_command(out, seed):
 
 
 @cli.command("ioi-eval")
-@click.option("--weights", default=None, help=WEIGHTS_HELP)
-@click.option("--n", type=click.IntRange(min=1), default=1000, show_default=True, help="Number of prompts.")
+@WEIGHTS_OPTION
+@click.option("--n", type=POSITIVE, default=1000, show_default=True, help="Number of prompts.")
 @click.option("--seed", type=SEED, default=1, show_default=True, help="Seed of the prompt sampler.")
 @click.option("--held-out", is_flag=True,
               help="Templates, objects and places kept out of the training prompts.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=256, show_default=True)
 @DEVICE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def ioi_eval_command(weights, n, seed, held_out, batch_size, device, as_json):
@@ -881,8 +825,7 @@ def ioi_eval_command(weights, n, seed, held_out, batch_size, device, as_json):
     result = ioi.evaluate(model, prompts, batch_size)
     result["prompts_per_s"] = n / (time.time() - start)
     if as_json:
-        click.echo(json.dumps(result))
-        return
+        return click.echo(json.dumps(result))
     kind = "held-out" if held_out else "evaluation"
     click.echo(f"{n} {kind} prompts, {result['prompts_per_s']:.0f} prompts/s")
     click.echo(f"{'template':>8} {'n':>6} {'mean LD':>8} {'accuracy':>9} {'top-1':>7} {'P(IO)':>6}")
@@ -894,8 +837,8 @@ def ioi_eval_command(weights, n, seed, held_out, batch_size, device, as_json):
 
 
 @cli.command("nodes")
-@click.option("--weights", default=None, help=WEIGHTS_HELP)
-@click.option("--n", type=click.IntRange(min=1), default=DISCOVERY_N, show_default=True,
+@WEIGHTS_OPTION
+@click.option("--n", type=POSITIVE, default=DISCOVERY_N, show_default=True,
               help="Prompts used to find the heads (models other than GPT-2 Small).")
 @click.option("--seed", type=SEED, default=DISCOVERY_SEED, show_default=True)
 def nodes_command(weights, n, seed):
@@ -938,18 +881,16 @@ def _circuit_rows(heads):
 @click.option("--acts", "acts_path", required=True, help="safetensors file with an `acts` tensor [N, d].")
 @click.option("--arch", type=click.Choice(["vanilla", "gated", "topk", "random_decoder"]), required=True,
               help="random_decoder: vanilla encoder over a frozen random unit decoder (the paper's floor).")
-@click.option("--latents", type=click.IntRange(min=1), default=512, show_default=True,
-              help="Dictionary size d_sae.")
+@click.option("--latents", type=POSITIVE, default=512, show_default=True, help="Dictionary size d_sae.")
 @click.option("--l1", type=FiniteFloat(min=0),
               help="Sparsity coefficient λ on inputs scaled to mean norm √d  "
                    "[default: 1 vanilla, 2.5 gated].")
-@click.option("--k", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Latents kept per input (topk).")
-@click.option("--epochs", type=click.IntRange(min=1),
+@click.option("--k", type=POSITIVE, default=3, show_default=True, help="Latents kept per input (topk).")
+@click.option("--epochs", type=POSITIVE,
               help="Passes over the data  [default: enough for about 6000 steps, at most 2000 epochs].")
 @click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-3, show_default=True,
               help="Adam learning rate (the paper's v1 value; its revised 3e-4 needs many more steps).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=512, show_default=True)
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--out", required=True, callback=output_folder("cfg.json"),
               help="Folder for the SAE (SAELens layout: cfg.json + sae_weights.safetensors).")
@@ -973,10 +914,8 @@ def train_sae_command(acts_path, arch, latents, l1, k, epochs, lr, batch_size, s
 # --- grade-sae: any SAE in SAELens's layout, graded like ours (README, "Use with TransformerLens / SAELens")
 
 def as_plain_model_sae(sae, model, act, layer, head):
-    """The SAE on this model's plain activations. SAELens trains on TransformerLens's processed
-    model unless cfg.json's metadata.model_from_pretrained_kwargs says otherwise (ours do), where
-    fold_value_biases drops the value bias b_V (plus ln1's bias times W_V under fold_ln) from hook_v
-    and hook_z, and center_writing_weights centres the residual stream: both fold into the SAE."""
+    """The SAE on this model's plain activations: SAELens SAEs read TransformerLens's processed model (its
+    model_from_pretrained_kwargs): hook_v/z without b_V, the residual stream centred; both fold in."""
     settings, params = sae.meta.get("model_from_pretrained_kwargs") or {}, sae.params
     if act in ("v", "z") and settings.get("fold_value_biases", True):
         config, block = model.config, model.h[layer]
@@ -994,12 +933,8 @@ def as_plain_model_sae(sae, model, act, layer, head):
 
 
 def grade_sae_in_run(run, sae, label, min_section_effect=metrics.MIN_SECTION_EFFECT):
-    """`grade-sae` once its run is open: the paper's three tests (and the core SAE metrics) for an SAE
-    from elsewhere at the sections it reads, beside the supervised dictionaries fitted at the same nodes
-    (and our task SAEs, where it reads single heads, as ours do). Its records, named `label`, go into
-    metrics.json (created if needed; replacing those of an earlier grading). Sections whose mean
-    ablation moves the LD by less than `min_section_effect` are skipped (sufficiency and necessity
-    would divide by ~0)."""
+    """`grade-sae` in an open run -> metrics.json (replacing an earlier grading of `label`); sections moving
+    the LD by less than `min_section_effect` are skipped: sufficiency and necessity would divide by ~0."""
     act, layer, head = ioi.hook_reads(sae.meta.get("hook_name"), sae.meta.get("hook_head_index"), sae.d_in,
                                       run.model.config)
     sae = as_plain_model_sae(sae, run.model, act, layer, head).to(run.config.device)
@@ -1048,7 +983,7 @@ def grade_sae_in_run(run, sae, label, min_section_effect=metrics.MIN_SECTION_EFF
 @click.option("--name", default=None, help="Its name in the report  [default: sae:FOLDER].")
 @run_options
 def grade_sae_command(sae_dir, name, **options):
-    """Grade any SAE on IOI, beside the supervised dictionaries at the nodes it reads (cfg.json's
+    """Grade any SAE on IOI beside the supervised dictionaries at the nodes it reads (cfg.json's
     hook_name): one head's q|k|v|z, all heads' hook_z, or the residual stream at the paper's positions."""
     sae = dictionaries.load_sae(sae_dir)
     run = open_run(**options)
@@ -1542,11 +1477,9 @@ def read_json(path):
 
 
 def atomic_folder(path, write):
-    """Call write(tmp_folder) to fill a fresh sibling folder, then rename it to `path`; return what
-    `write` returns. A multi-file artefact (a model, an SAE stack) is then wholly the old version or
-    wholly the new one, its completion marker (written last) with it. A folder cannot be renamed
-    over another, so the old one is first moved to PATH.old; a save killed midway leaves PATH.tmp
-    (and perhaps PATH.old): `recover_interrupted_save`, called here and by readers, puts things back."""
+    """Fill a fresh sibling folder with write(tmp_folder), then rename it to `path`; return what `write`
+    returns. A multi-file artefact is then wholly old or wholly new; the old one waits at PATH.old, and
+    what a killed save leaves is put back by `recover_interrupted_save`, called here and by readers."""
     path = os.path.normpath(path)
     recover_interrupted_save(path)
     os.makedirs(path + ".tmp")
@@ -1561,18 +1494,16 @@ def atomic_folder(path, write):
 
 
 def cached(folder, key, build, load):
-    """The project's one cache (activations, SAE stacks, grades): load(folder) if `folder` was built
-    from `key`, a JSON description of everything the result depends on; else build(tmp) fills a fresh
-    folder, key.json marks it complete, and it replaces `folder` (`atomic_folder`) before being loaded.
-    A changed setting changes the key, so a stale result is rebuilt, never reused; loading what was
-    saved makes a fresh run and a resumed one continue from the very same values."""
+    """The project's one cache: load(folder) if `folder` was built from `key` (JSON of everything the
+    result depends on); else build(tmp) fills a fresh folder that replaces it, then it is loaded. A
+    stale result is rebuilt, never reused, and a fresh run and a resumed one go on from the same values."""
     key = json.loads(json.dumps(key))  # as key.json reads back: tuples become lists
     stamp = os.path.join(folder, "key.json")
     recover_interrupted_save(folder)
     if not (os.path.exists(stamp) and read_json(stamp) == key):
         def write(tmp):
             build(tmp)
-            write_json(os.path.join(tmp, "key.json"), key)
+            write_json(os.path.join(tmp, "key.json"), key)  # last: it marks the folder complete
         atomic_folder(folder, write)
     return load(folder)
 
@@ -1591,8 +1522,7 @@ def recover_interrupted_save(path):
 
 
 def recover_interrupted_saves(out):
-    """Undo every save a killed run left unfinished in its folder `out` (only what a run writes:
-    `out` may hold other files too)."""
+    """Undo every save a killed run left unfinished in its folder `out` (what a run writes only)."""
     saved = [os.path.join(out, name) for name in ("config.json", "metrics.json", "report.md")]
     for folder in ("activations", "dictionaries", "saes", "grades", "figures"):
         for root, dirs, files in os.walk(os.path.join(out, folder)):
@@ -1603,8 +1533,8 @@ def recover_interrupted_saves(out):
 
 
 def collect_activations(cache_dir, model, prompts, nodes, batch_size):
-    """`ioi.collect_activations`, cached in a folder of `cache_dir` named by a hash of what produced
-    the activations: the weights, the prompts and the nodes."""
+    """`ioi.collect_activations`, cached in a folder of `cache_dir` named by a hash of the weights,
+    the prompts and the nodes."""
     nodes = list(dict.fromkeys(nodes))
     key = {"weights": gpt2.weights_hash(model), "prompts": ioi.prompts_fingerprint(prompts),
            "nodes": [str(node) for node in nodes]}

@@ -262,7 +262,8 @@ def test_killed_stack_save_never_mixes_old_and_new_saes(tmp_path, monkeypatch, h
     train_stack(new_stack, l1=5.0)                        # what an uninterrupted run saves
     before = contents(old_stack / stack)
     with monkeypatch.context() as patch:
-        kill_on_call(patch, dictionaries, "save_sae", call=2)  # between the two SAEs of the stack
+        # the stack is one group: saved in saes/vanilla.parts (calls 1, 2), then in saes/vanilla (3, 4)
+        kill_on_call(patch, dictionaries, "save_sae", call=4)  # between the two SAEs of the stack
         if hard:
             hard_kill(patch)
         with pytest.raises(Killed):
@@ -270,7 +271,7 @@ def test_killed_stack_save_never_mixes_old_and_new_saes(tmp_path, monkeypatch, h
     assert contents(old_stack / stack) == before          # the old stack is whole: no new SAE beside it
     assert (old_stack / "saes" / "vanilla.tmp").exists() == hard
     main.recover_interrupted_saves(old_stack)             # what the next run does first
-    assert sorted(os.listdir(old_stack / "saes")) == ["vanilla"]
+    assert sorted(os.listdir(old_stack / "saes")) == ["vanilla", "vanilla.parts"]  # the group trained stays
     with monkeypatch.context() as patch:                  # the old settings still load the old stack
         patch.setattr(dictionaries, "train_sae_stack", lambda *args, **kwargs: pytest.fail("retrained"))
         train_stack(old_stack, l1=1.0)
