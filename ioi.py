@@ -75,8 +75,8 @@ TEMPLATES = (
     "Then, {A} met {B} at the {place}. {C} gave the {object} to",
     "While {A} and {B} were working at the {place}, {C} handed a {object} to",
 )
-# Held out from the small model's training, to check that it generalises: new sentences made
-# of words it has seen (it knows no others), and objects and places it has never seen.
+# Held out from the training prompts, to check that a model generalises: new sentences made of
+# known words, and objects and places no training prompt uses.
 HELD_OUT_TEMPLATES = (15, 16)
 TRAIN_TEMPLATES = tuple(t for t in range(len(TEMPLATES)) if t not in HELD_OUT_TEMPLATES)
 HELD_OUT_OBJECTS, TRAIN_OBJECTS = OBJECTS[-10:], OBJECTS[:-10]
@@ -168,7 +168,7 @@ def eval_prompts(n=5_000, seed=1, templates=ALIGNED_TEMPLATES):
 
 
 def held_out_prompts(n=1_000, seed=2):
-    """Templates, objects and places the small model never saw: a generalisation check."""
+    """Templates, objects and places no training prompt uses: a generalisation check."""
     return sample_prompts(n, seed, templates=HELD_OUT_TEMPLATES, objects=HELD_OUT_OBJECTS,
                           places=HELD_OUT_PLACES)
 
