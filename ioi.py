@@ -536,10 +536,8 @@ def direct_effects(model, prompts, batch_size=256):
 # (arXiv 2405.08366, sections 4-5). As in GPT-2, no node is exactly ā + u_IO + u_S + u_Pos: position
 # codes overlap, Pos varies with the names (the MLP), and every head reads a little of the words around.
 
-# The residual stream holds named blocks of features (sizes in dimensions). Each block is a
-# set of orthonormal directions of the residual, all orthogonal to the all-ones vector, so
-# LayerNorm's mean subtraction changes nothing; `bias` is a large constant direction at every
-# position, so LayerNorm's division by the norm is nearly the same everywhere.
+# The residual stream: named blocks of orthonormal features (sizes in dimensions), orthogonal to the all-ones
+# vector (LayerNorm's mean subtraction changes nothing); `bias` is large and constant, so its division is too.
 FEATURES = (
     ("bias", 1),        # constant: queries that do not depend on the token read it
     ("bos", 1),         # 1 at <|endoftext|>: where a head attends when nothing matches
@@ -571,7 +569,7 @@ class CircuitConfig:
     sink: float = 15.0          # BOS, the fallback when nothing matches
     name_bonus: float = 10.0    # name movers: any name
     duplicate_bonus: float = 4.0
-    inhibit_position: float = 16.0
+    inhibit_position: float = 11.0
     inhibit_token: float = 14.0
     late_inhibit: float = 7.0   # late name mover: the score of S's name code (and io_s_ratio x it of IO's)
     late_duplicate_bonus: float = 12.0
@@ -582,15 +580,11 @@ class CircuitConfig:
     n_tail: int = 8             # unused positions: the MLP's code on the first half, its copy on the second
     mlp_gain: float = 0.35      # size of that code
     tail_copy: float = 1.5      # the duplicate-token head's gain on it, into s1_pos
-    query_tail: float = 0.1     # the name movers' queries carry it (their keys have nothing there) ...
-    tail_read: float = 0.01     # ... and read a little of it against the keys' code
+    query_tail: float = 1.3     # the name movers' queries carry it (their keys have nothing there)
+    key_pos_scale: float = 24.0  # name movers: position keys x 24, queries / 24: Pos is a small part of q
+    dt_spread: float = 1.5      # duplicate token: score at s1 = sink + this x (1 + a random form of S's code)
     leak: float = 0.5           # how much of the `other` block (and spare: of `pos`) heads' q, k, v read
     context: float = 0.5        # how much of the previous token's `other` code the previous-token head copies
-
-
-def _feature_slices():
-    ends = list(itertools.accumulate(size for _, size in FEATURES))
-    return {name: slice(end - size, end) for (name, size), end in zip(FEATURES, ends)}, ends[-1]
 
 
 def _unit_rows(n, d, generator):
@@ -599,24 +593,22 @@ def _unit_rows(n, d, generator):
 
 
 class CircuitWriter:
-    """Writes heads into a GPT-2 state dict, in terms of the named feature blocks.
-
-    A score term (query block, key block, M[, scale]) adds x_q^T M x_k to the score, in softmax
-    logits (scale: the key's coordinates x scale, the query's / scale); an output term (source block,
-    target block, M[, scale]) adds x_source^T M to the target block (v x scale, W_O / scale). Each
-    score term and each source block takes its own coordinates of the head's 64. Position matrices
-    are given per position and turned into matrices on the overlapping codes by `score` and `map`.
-    """
+    """Writes heads into a GPT-2 state dict in terms of the feature blocks. A score term (query, key, M[,
+    scale]) adds x_q^T M x_k to the softmax logits (keys x scale, queries / scale); an output term (source,
+    target, M[, scale]) adds x_source^T M to the target (v x scale, W_O / scale). Each term has its own
+    coordinates of the head's 64. `score`, `map`: per-position matrices on the overlapping codes."""
 
     def __init__(self, config):
         self.config, self.d_head = config, config.n_embd // config.n_head
-        self.slices, n_features = _feature_slices()
+        ends = list(itertools.accumulate(size for _, size in FEATURES))
+        self.slices = {name: slice(end - size, end) for (name, size), end in zip(FEATURES, ends)}
+        self.size = dict(FEATURES)
         self.generator = torch.Generator().manual_seed(config.seed)
         # An orthonormal basis of the zero-mean subspace: QR of [ones, random] drops the ones.
-        random = torch.randn(config.n_embd, n_features, generator=self.generator, dtype=torch.float64)
+        random = torch.randn(config.n_embd, ends[-1], generator=self.generator, dtype=torch.float64)
         seed_matrix = torch.cat([torch.ones(config.n_embd, 1, dtype=torch.float64), random], 1)
         self.basis = torch.linalg.qr(seed_matrix)[0][:, 1:].T                 # [feature, d_model]
-        distance = torch.arange(self.size("pos"), dtype=torch.float64)      # position codes: rows of
+        distance = torch.arange(self.size["pos"], dtype=torch.float64)      # position codes: rows of
         self.codes = torch.linalg.cholesky(config.pos_overlap ** (distance[:, None] - distance).abs())
         self.gpt2_config = gpt2.GPT2Config(n_positions=config.n_positions, n_embd=config.n_embd,
                                            n_layer=config.n_layer, n_head=config.n_head,
@@ -625,12 +617,6 @@ class CircuitWriter:
         self.state = {key: torch.full_like(value, float("ln_" in key and key.endswith(".weight")),
                                            dtype=torch.float64)
                       for key, value in gpt2.GPT2(self.gpt2_config).state_dict().items()}
-
-    def size(self, block):
-        return self.slices[block].stop - self.slices[block].start
-
-    def features(self, n):
-        return torch.zeros(n, self.basis.shape[0], dtype=torch.float64)
 
     def score(self, per_position):  # code_i^T M code_j = per_position[i, j]
         return torch.linalg.inv(self.codes) @ per_position @ torch.linalg.inv(self.codes).T
@@ -648,27 +634,27 @@ class CircuitWriter:
             return gain * torch.eye(rows, cols, dtype=torch.float64) if is_number else gain
         coord = 0
         for query, key, gain, *scale in scores:
-            n, scale = self.size(key), (scale or [1.0])[0]
-            W_Q[self.slices[query], coord:coord + n] = eye(gain, self.size(query), n) / scale
+            n, scale = self.size[key], (scale or [1.0])[0]
+            W_Q[self.slices[query], coord:coord + n] = eye(gain, self.size[query], n) / scale
             W_K[self.slices[key], coord:coord + n] = eye(scale, n, n)
             coord += n
         assert coord <= d_head, f"L{layer}H{head}: {coord} score coordinates > d_head"
         sources, coord = {}, 0
         for source, target, gain, *scale in outputs:
-            n, scale = self.size(source), (scale or [1.0])[0]
+            n, scale = self.size[source], (scale or [1.0])[0]
             if source not in sources:
                 W_V[self.slices[source], coord:coord + n] = eye(scale, n, n)
                 sources[source], coord = coord, coord + n
             rows = slice(sources[source], sources[source] + n)
-            W_O[rows, self.slices[target]] += eye(gain, n, self.size(target)) / scale
+            W_O[rows, self.slices[target]] += eye(gain, n, self.size[target]) / scale
         assert coord <= d_head, f"L{layer}H{head}: {coord} value coordinates > d_head"
         # Spare value coordinates carry a little of the position, written nowhere; q, k, v the words around.
         spare = d_head - coord
         W_V[self.slices["pos"], coord:] = 0.4 * leak * torch.randn(
-            self.size("pos"), spare, generator=g, dtype=torch.float64) / math.sqrt(spare + 1)
+            self.size["pos"], spare, generator=g, dtype=torch.float64) / math.sqrt(spare + 1)
         for W in (W_Q, W_K, W_V):
             W[self.slices["other"]] += leak * torch.randn(
-                self.size("other"), d_head, generator=g, dtype=torch.float64) / math.sqrt(d_head)
+                self.size["other"], d_head, generator=g, dtype=torch.float64) / math.sqrt(d_head)
         # Attention divides q.k by sqrt(d_head); the query undoes it so scores are as written.
         columns = slice(head * d_head, (head + 1) * d_head)
         c_attn = self.state[f"h.{layer}.attn.c_attn.weight"]                 # [d_model, 3 d_model]: q | k | v
@@ -678,23 +664,22 @@ class CircuitWriter:
         self.state[f"h.{layer}.attn.c_proj.weight"][columns] = W_O @ basis   # rows: this head's z
 
     def position_name_mlp(self, layer):
-        """At name tokens, features f_k = E(a_k + b_k) - E(a_k - b_k), E(x) = gelu(x) + gelu(-x), of a
-        random reading a_k of the name and b_k(p) = cos(pi p / 2 + phi_k) of the position. f_k is odd in a
-        and in b (b(p + 2) = -b(p)): no part depends on the name or the position alone. Written along the
-        first unused positions' codes, which no head's position match reads (the codes are dual)."""
-        config, s, g, n_pos = self.config, self.slices, self.generator, self.size("pos")
+        """At names, f_k = E(a_k + b_k) - E(a_k - b_k), E(x) = gelu(x) + gelu(-x), of a random reading a_k of
+        the name and b_k(p) = cos(pi p / 2 + phi_k): odd in a and in b (b(p + 2) = -b(p)), so no part depends
+        on the name or the position alone. Written along unused positions' codes, which no match reads."""
+        config, s, g, n_pos = self.config, self.slices, self.generator, self.size["pos"]
         n_features, half = config.n_inner // 4, config.n_tail // 2
-        a = 1.5 * torch.randn(self.size("name_key"), n_features, generator=g, dtype=torch.float64)
+        a = 1.5 * torch.randn(self.size["name_key"], n_features, generator=g, dtype=torch.float64)
         phase = 2 * math.pi * torch.rand(n_features, generator=g, dtype=torch.float64)
         b = 1.5 * torch.cos(math.pi / 2 * torch.arange(1, n_pos + 1, dtype=torch.float64)[:, None] + phase)
-        W_in = self.features(config.n_inner).T                                # [feature, hidden]
+        W_in = torch.zeros(len(self.basis), config.n_inner, dtype=torch.float64)  # [feature, hidden]
         for unit, (sign_a, sign_b) in enumerate(((1, 1), (-1, -1), (1, -1), (-1, 1))):
             W_in[s["name_key"], unit::4] = sign_a * a
             W_in[s["pos"], unit::4] = torch.linalg.inv(self.codes) @ (sign_b * b)  # code_p . column = b(p)
         W_in[s["is_name"]] = 20.0                                            # silent but at names: bias - 20
         first_tail = self.codes[n_pos - 2 * half:n_pos - half]                # [half, pos]
         directions = config.mlp_gain * _unit_rows(n_features, half, g) @ first_tail
-        W_out = self.features(config.n_inner)
+        W_out = torch.zeros(config.n_inner, len(self.basis), dtype=torch.float64)  # [hidden, feature]
         W_out[:, s["pos"]] = torch.stack([directions, directions, -directions, -directions], 1).flatten(0, 1)
         self.state[f"h.{layer}.mlp.c_fc.weight"] = self.basis.T @ W_in
         self.state[f"h.{layer}.mlp.c_fc.bias"] = torch.full((config.n_inner,), -20.0, dtype=torch.float64)
@@ -705,18 +690,18 @@ def build_ioi_model(config=None):
     """The embedded default: GPT-2's IOI circuit written into a 5-layer GPT-2 (see above)."""
     config = config or CircuitConfig()
     writer = CircuitWriter(config)
-    s, bias, n_pos, half = writer.slices, config.bias_norm, writer.size("pos"), config.n_tail // 2
+    s, bias, n_pos, half = writer.slices, config.bias_norm, writer.size["pos"], config.n_tail // 2
     # Embeddings: every token carries `bias`; names their code; BOS its flag; positions their code.
-    tokens = writer.features(gpt2.GPT2Config.vocab_size)
+    tokens = torch.zeros(gpt2.GPT2Config.vocab_size, len(writer.basis), dtype=torch.float64)
     tokens[:, s["bias"]] = bias
-    tokens[:, s["other"]] = 0.3 * _unit_rows(len(tokens), writer.size("other"), writer.generator)
+    tokens[:, s["other"]] = 0.3 * _unit_rows(len(tokens), writer.size["other"], writer.generator)
     names = [name_token(name) for name in NAMES]
     tokens[names, s["other"]], tokens[names, s["is_name"]] = 0, 1
-    tokens[names, s["name_key"]] = _unit_rows(len(names), writer.size("name_key"), writer.generator)
-    tokens[names, s["name_rest"]] = _unit_rows(len(names), writer.size("name_rest"), writer.generator)
+    tokens[names, s["name_key"]] = _unit_rows(len(names), writer.size["name_key"], writer.generator)
+    tokens[names, s["name_rest"]] = _unit_rows(len(names), writer.size["name_rest"], writer.generator)
     tokens[gpt2.BOS_TOKEN_ID] = 0
     tokens[gpt2.BOS_TOKEN_ID, s["bias"]], tokens[gpt2.BOS_TOKEN_ID, s["bos"]] = bias, 1
-    positions = writer.features(config.n_positions)
+    positions = torch.zeros(config.n_positions, len(writer.basis), dtype=torch.float64)
     positions[1:, s["pos"]] = writer.codes[:config.n_positions - 1]
     writer.state["wte.weight"] = tokens @ writer.basis
     writer.state["wpe.weight"] = positions @ writer.basis
@@ -733,36 +718,39 @@ def build_ioi_model(config=None):
                 [("name_key", "prev_name", 1.0), ("other", "other", config.context)])
     writer.position_name_mlp(0)
     # Layer 1. Induction: my name matches the previous name of s1 + 1; its position, shifted back, is s1's.
-    # `bias / bias_norm - bos` is 1 everywhere but at BOS, so attending BOS writes no `dup`. Names
-    # are copied x 8 in v and z (/ 8 in W_O), so that they dominate those nodes as S does in GPT-2's.
+    # `bias / bias_norm - bos` is 1 but at BOS: BOS writes no `dup`.
+    # Names are copied x 8 in v and z (/ 8 in W_O), so that they dominate those nodes as S does in GPT-2's.
     writer.head(1, 0, [("name_key", "prev_name", config.match), fallback],
                 [("pos", "s1_pos", 0.5 * writer.map(live @ previous)), ("prev_name", "dup_name", 0.5, 8.0),
                  ("bias", "dup", 0.5 / bias), ("bos", "dup", -0.5)])
-    # Duplicate token: same name, but not itself (same position cancels the match).
-    writer.head(1, 1, [("name_key", "name_key", config.match),
+    # Duplicate token: same name, but not itself (same position cancels the match); as strong as BOS
+    # give or take a random quadratic form of the name, so how much Pos it copies depends on S.
+    form = torch.randn(30, 30, generator=writer.generator, dtype=torch.float64)      # 30: name_key's size
+    form = (config.sink + config.dt_spread) * torch.eye(30) + config.dt_spread * (form + form.T) / 2
+    writer.head(1, 1, [("name_key", "name_key", form),
                        ("pos", "pos", writer.score(-config.match * live)), fallback],
                 [("pos", "s1_pos", writer.map(0.5 * live + config.tail_copy * first)),
                  ("is_name", "dup", 0.5), ("name_key", "dup_name", 0.5, 8.0)])
-    # Layer 2. S-inhibition: attend to the duplicate, copy which name it is and where it first was.
-    for head, (name_gain, position_gain) in enumerate(((0.5, 0.6), (0.5, 0.4))):
+    # Layer 2. S-inhibition: attend to the duplicate, copy which name it is and where it first was (the
+    # position x 1.5 in v and z, / 1.5 in W_O: Pos stands out of their spread, as over-splitting needs).
+    for head, (name_gain, position_gain) in enumerate(((0.55, 0.6), (0.55, 0.4))):
         writer.head(2, head, [("bias", "dup", config.match / bias), fallback],
-                    [("dup_name", "si_name", name_gain, 8.0), ("s1_pos", "si_pos", position_gain)])
+                    [("dup_name", "si_name", name_gain, 8.0), ("s1_pos", "si_pos", position_gain, 1.5)])
     # Layers 3-4. Name movers: names score high, s2 higher, unless S-inhibition rules them out. Layer 3
     # is silent at name tokens (`end` only), so layer 4 reads the names' own codes there.
-    tail = config.query_tail * second + config.tail_read * first.T
-    inhibit = writer.score(-config.inhibit_position * (live + tail))
+    inhibited = -config.inhibit_position * (live + config.query_tail * second)
+    inhibit = writer.score(inhibited), config.key_pos_scale
     for layer, head, gain in ((3, 0, 0.5), (3, 1, 0.45), (4, 0, 1.2)):
         late = layer == 4
         duplicate, token = (config.late_duplicate_bonus, config.late_inhibit) if late else (
             config.duplicate_bonus, config.inhibit_token)
         writer.head(layer, head, ([] if late else [("is_name", "is_name", -config.name_bonus)])
                     + [("bias", "is_name", config.name_bonus / bias), ("bias", "dup", duplicate / bias),
-                       ("si_pos", "pos", inhibit), ("si_name", "name_key", -token, 2.0 if late else 3.0)],
+                       ("si_pos", "pos", *inhibit), ("si_name", "name_key", -token, 2.0 if late else 3.0)],
                     [("name_key", "name_key", gain), ("name_rest", "name_rest", gain)]
                     + ([("is_name", "is_name", config.name_logit * gain)] if late
                        else [("name_key", "si_name", -config.io_s_ratio / 2)]))
-    # Logits: ln_f scales; its bias removes the `bias` direction, which every token's
-    # (tied) unembedding shares, so logits sit near 0 as a trained model's do.
+    # Logits: ln_f's bias removes `bias`, which every (tied) unembedding shares: logits sit near 0.
     writer.state["ln_f.weight"] = torch.full((config.n_embd,), config.logit_scale, dtype=torch.float64)
     writer.state["ln_f.bias"] = -config.logit_scale * bias * writer.basis[s["bias"]][0]
     model = gpt2.GPT2(writer.gpt2_config)
@@ -778,13 +766,9 @@ _ATTENDS = {"name mover": "io", "S-inhibition": "s2", "induction": "s1+1", "dupl
 
 
 def true_features(model, node):
-    """{attribute: Tensor [n_values, d]}: the directions the writer puts at `node` of the embedded model
-    per IO name, S name and Pos value (None for another model, an idle head or a residual node): the
-    head's linear read (W_Q, W_K, W_V; for z, W_V at the token its class attends to) of the blocks the
-    circuit writes for that value there, LayerNorm taken as the identity the writer arranges, centred
-    over the values (the mean is part of ā). Pos for names at positions 3 and 5 (`ALIGNED_TEMPLATES`).
-    Left out: the MLP's position x name code, the leaks, attention below 1 (no dictionary of IO, S and
-    Pos features has them)."""
+    """{attribute: [n_values, d]}: the directions written at `node` per IO, S and Pos value (None: another
+    model, an idle head, a residual node): the head's read (z: W_V where it attends) of the circuit's blocks,
+    centred; Pos at 3 and 5. Left out: the MLP code, leaks, attention < 1 (no IO/S/Pos dictionary has any)."""
     config = getattr(model, "circuit_config", None)
     roles = {head: role for role, heads in EMBEDDED_HEADS.items() for head in heads}
     if config is None or node.act not in HEAD_ACTS or (node.layer, node.head) not in roles:
