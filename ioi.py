@@ -534,7 +534,8 @@ def direct_effects(model, prompts, batch_size=256):
 # Editing Pos moves the position inhibition onto the IO; editing S lifts the token inhibition and s2
 # wins; at the late query, editing IO takes the IO's bonus: each changes the answer, as in GPT-2
 # (arXiv 2405.08366, sections 4-5). As in GPT-2, no node is exactly ā + u_IO + u_S + u_Pos: position
-# codes overlap, Pos varies with the names (the MLP), and every head reads a little of the words around.
+# codes overlap, Pos varies with the names (the MLP, and a duplicate-token attention that depends on S),
+# and every head reads a little of the words around.
 
 # The residual stream: named blocks of orthonormal features (sizes in dimensions), orthogonal to the all-ones
 # vector (LayerNorm's mean subtraction changes nothing); `bias` is large and constant, so its division is too.
