@@ -625,6 +625,23 @@ class CircuitWriter:
     def map(self, per_position):    # code_i M = sum_j per_position[i, j] code_j
         return torch.linalg.inv(self.codes) @ per_position @ self.codes
 
+    def embeddings(self):
+        """Every token carries `bias`; names their code; BOS its flag; positions their code."""
+        s, bias, size, generator = self.slices, self.config.bias_norm, self.size, self.generator
+        tokens = torch.zeros(gpt2.GPT2Config.vocab_size, len(self.basis), dtype=torch.float64)
+        tokens[:, s["bias"]] = bias
+        tokens[:, s["other"]] = 0.3 * _unit_rows(len(tokens), size["other"], generator)
+        names = [name_token(name) for name in NAMES]
+        tokens[names, s["other"]], tokens[names, s["is_name"]] = 0, 1
+        tokens[names, s["name_key"]] = _unit_rows(len(names), size["name_key"], generator)
+        tokens[names, s["name_rest"]] = _unit_rows(len(names), size["name_rest"], generator)
+        tokens[gpt2.BOS_TOKEN_ID] = 0
+        tokens[gpt2.BOS_TOKEN_ID, s["bias"]], tokens[gpt2.BOS_TOKEN_ID, s["bos"]] = bias, 1
+        positions = torch.zeros(self.config.n_positions, len(self.basis), dtype=torch.float64)
+        positions[1:, s["pos"]] = self.codes[:self.config.n_positions - 1]
+        self.state["wte.weight"] = tokens @ self.basis
+        self.state["wpe.weight"] = positions @ self.basis
+
     def head(self, layer, head, scores, outputs):
         d, d_head, basis, g = self.config.n_embd, self.d_head, self.basis, self.generator
         leak = self.config.leak
@@ -692,21 +709,7 @@ def build_ioi_model(config=None):
     config = config or CircuitConfig()
     writer = CircuitWriter(config)
     s, bias, n_pos, half = writer.slices, config.bias_norm, writer.size["pos"], config.n_tail // 2
-    # Embeddings: every token carries `bias`; names their code; BOS its flag; positions their code.
-    tokens = torch.zeros(gpt2.GPT2Config.vocab_size, len(writer.basis), dtype=torch.float64)
-    tokens[:, s["bias"]] = bias
-    tokens[:, s["other"]] = 0.3 * _unit_rows(len(tokens), writer.size["other"], writer.generator)
-    names = [name_token(name) for name in NAMES]
-    tokens[names, s["other"]], tokens[names, s["is_name"]] = 0, 1
-    tokens[names, s["name_key"]] = _unit_rows(len(names), writer.size["name_key"], writer.generator)
-    tokens[names, s["name_rest"]] = _unit_rows(len(names), writer.size["name_rest"], writer.generator)
-    tokens[gpt2.BOS_TOKEN_ID] = 0
-    tokens[gpt2.BOS_TOKEN_ID, s["bias"]], tokens[gpt2.BOS_TOKEN_ID, s["bos"]] = bias, 1
-    positions = torch.zeros(config.n_positions, len(writer.basis), dtype=torch.float64)
-    positions[1:, s["pos"]] = writer.codes[:config.n_positions - 1]
-    writer.state["wte.weight"] = tokens @ writer.basis
-    writer.state["wpe.weight"] = positions @ writer.basis
-
+    writer.embeddings()
     # Per-position matrices: pos i (row) -> pos i - 1; positions in use; the tail's first half -> second.
     previous = torch.diag(torch.ones(n_pos - 1, dtype=torch.float64), -1)
     live = torch.diag((torch.arange(n_pos) < n_pos - config.n_tail).double())
