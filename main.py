@@ -1131,7 +1131,7 @@ REPORT_SECTIONS = {
         _t("Names with a latent, top-k SAEs trained on a − α·u_IO:", SWEEP, ("alpha",), SWEEP,
            plot="alpha_sweep.png"),
         _t("Per node: the stronger name present / the weaker causal:", ("gate_present", "gate_causal"),
-           ("site", "attribute"), phenomenon="occlusion"),
+           ("site", "attribute"), phenomenon="occlusion", head=("node",)),
         _t("Reproduced: the weaker name has latents for < half as many names as the stronger:",
            ("occlusion_reproduced",), columns=("occlusion_reproduced",), **SAE_ROWS),
         _t("Toy a = u_IO + v_S: the share of features with a vanilla-SAE latent of F1 > 0.9:",
@@ -1141,7 +1141,7 @@ REPORT_SECTIONS = {
         _t("Latents whose best interpretation is a Pos value there (GPT-2 Small: ≥ 10):", ("pos_latents",),
            columns=("pos_latents",), phenomenon="oversplitting", **SAE_ROWS),
         _t("Per node: Pos present / causal:", ("gate_present", "gate_causal"), ("site", "attribute"),
-           phenomenon="oversplitting"),
+           phenomenon="oversplitting", head=("node",)),
         ("oversplit_toy",),
         _t("Who wins on the toy, counted where the ideal SAE fires on ≥ 2%:", TOY, ("grid",), TOY)],
     "## 7. Core SAE metrics (mean over nodes)": [
