@@ -729,8 +729,9 @@ def build_ioi_model(config=None):
                  ("bias", "dup", 0.5 / bias), ("bos", "dup", -0.5)])
     # Duplicate token: same name, but not itself (same position cancels the match); as strong as BOS
     # give or take a random quadratic form of the name, so how much Pos it copies depends on S.
-    form = torch.randn(30, 30, generator=writer.generator, dtype=torch.float64)      # 30: name_key's size
-    form = (config.sink + config.dt_spread) * torch.eye(30) + config.dt_spread * (form + form.T) / 2
+    n_key = writer.size["name_key"]
+    form = torch.randn(n_key, n_key, generator=writer.generator, dtype=torch.float64)
+    form = (config.sink + config.dt_spread) * torch.eye(n_key) + config.dt_spread * (form + form.T) / 2
     writer.head(1, 1, [("name_key", "name_key", form),
                        ("pos", "pos", writer.score(-config.match * live)), fallback],
                 [("pos", "s1_pos", writer.map(0.5 * live + config.tail_copy * first)),

@@ -1345,8 +1345,8 @@ class Report:
         """Our min–max beside the paper's range (README §6, §9); the verdict compares the two."""
         sites = [(a, s) for a, s in self.headline  # where an edit must change the model's answer
                  if (self.edit("edit_accuracy_no_intervention", s, "none", a) or 0) < 0.5]
-        names = [[self.at(test, site=n, method=m, setting=s) or 0 for test in NAMES]
-                 for n, m, s in _keys(self.find(NAMES[0]), ("site", "method", "setting"))]
+        names = [[self.at(test, site=n, method=m, setting=s) or 0 for test in NAMES]  # trained SAEs, as `pos`
+                 for n, m, s in _keys(self.find(NAMES[0]), ("site", "method", "setting")) if m in ARCHS]
         gain = {test: [self.at(test, alpha=alphas[-1]) - self.at(test, alpha=alphas[0])] if alphas else []
                 for test in SWEEP for alphas in [_keys(self.find(test), "alpha")]}  # names with a latent
         pos = [r["value"] for r in self.find("pos_latents", phenomenon="oversplitting")
