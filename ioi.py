@@ -586,6 +586,7 @@ class CircuitConfig:
     dt_spread: float = 1.5      # duplicate token: score at s1 = sink + this x (1 + a random form of S's code)
     leak: float = 0.5           # how much of the `other` block (and spare: of `pos`) heads' q, k, v read
     context: float = 0.5        # how much of the previous token's `other` code the previous-token head copies
+    word_value: float = 70.0    # induction: the word after s1 (what it predicts) in values W_O drops
 
 
 def _unit_rows(n, d, generator):
@@ -642,7 +643,7 @@ class CircuitWriter:
         self.state["wte.weight"] = tokens @ self.basis
         self.state["wpe.weight"] = positions @ self.basis
 
-    def head(self, layer, head, scores, outputs):
+    def head(self, layer, head, scores, outputs, word=0.0):
         d, d_head, basis, g = self.config.n_embd, self.d_head, self.basis, self.generator
         leak = self.config.leak
         W_Q, W_K, W_V = (torch.zeros(len(basis), d_head, dtype=torch.float64) for _ in range(3))
@@ -666,10 +667,12 @@ class CircuitWriter:
             rows = slice(sources[source], sources[source] + n)
             W_O[rows, self.slices[target]] += eye(gain, n, self.size[target]) / scale
         assert coord <= d_head, f"L{layer}H{head}: {coord} value coordinates > d_head"
-        # Spare value coordinates carry a little of the position, written nowhere; q, k, v the words around.
+        # Spare value coordinates carry a little of the position, and `word` x the attended word's code,
+        # written nowhere; q, k, v read a little of the words around.
         spare = d_head - coord
         W_V[self.slices["pos"], coord:] = 0.4 * leak * torch.randn(
             self.size["pos"], spare, generator=g, dtype=torch.float64) / math.sqrt(spare + 1)
+        W_V[self.slices["other"], coord:] = word * torch.eye(self.size["other"], spare)
         for W in (W_Q, W_K, W_V):
             W[self.slices["other"]] += leak * torch.randn(
                 self.size["other"], d_head, generator=g, dtype=torch.float64) / math.sqrt(d_head)
@@ -724,9 +727,10 @@ def build_ioi_model(config=None):
     # Layer 1. Induction: my name matches the previous name of s1 + 1; its position, shifted back, is s1's.
     # `bias / bias_norm - bos` is 1 but at BOS: BOS writes no `dup`.
     # Names are copied x 8 in v and z (/ 8 in W_O), so that they dominate those nodes as S does in GPT-2's.
+    # Its value also keeps the word at s1 + 1 (what an induction head predicts) where W_O drops it.
     writer.head(1, 0, [("name_key", "prev_name", config.match), fallback],
                 [("pos", "s1_pos", 0.5 * writer.map(live @ previous)), ("prev_name", "dup_name", 0.5, 8.0),
-                 ("bias", "dup", 0.5 / bias), ("bos", "dup", -0.5)])
+                 ("bias", "dup", 0.5 / bias), ("bos", "dup", -0.5)], word=config.word_value)
     # Duplicate token: same name, but not itself (same position cancels the match); as strong as BOS
     # give or take a random quadratic form of the name, so how much Pos it copies depends on S.
     n_key = writer.size["name_key"]

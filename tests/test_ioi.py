@@ -290,12 +290,14 @@ def test_late_name_mover_query_holds_io_and_s_in_one_subspace_at_the_set_ratio(e
     assert min(changed.values()) >= 0.1, changed  # causal as metrics.CAUSAL: answers or mean LD move >= 10%
 
 
-def test_pos_has_spread_within_its_classes_and_a_least_squares_fit_leaves_some_variance(embedded):
-    """Issue: at a Pos node (v@L2H0@s2, S-inhibition's value at s2) what is left after the IO and S
-    codes varies within each Pos class by >= 3 x ||u_Pos||, and IO + S + Pos codes fitted by least
-    squares explain 0.70-0.95 of held-out variance (GPT-2 Small: most, not all). Ten names keep the
-    fit well-determined on 200 prompts."""
-    model, node = embedded[0], ioi.Node.parse("v@L2H0@s2")
+@pytest.mark.parametrize("node, spread", [("v@L2H0@s2", 3), ("z@L1H0@s2", 2)])
+def test_pos_has_spread_within_its_classes_and_a_least_squares_fit_leaves_some_variance(embedded, node, spread):
+    """Issue: at a Pos node (S-inhibition's value at s2) what is left after the IO and S codes varies
+    within each Pos class by >= 3 x ||u_Pos|| (at the induction head's output, where it is the word after
+    s1, which varies in ABB prompts only: >= 2 x), and IO + S + Pos codes fitted by least squares explain
+    0.70-0.95 of held-out variance (GPT-2 Small: most, not all). Ten names keep the fit well-determined
+    on 200 prompts."""
+    model, node = embedded[0], ioi.Node.parse(node)
     fit_prompts, test_prompts = (ioi.sample_prompts(200, seed, names=ioi.NAMES[:10], templates=ioi.ALIGNED_TEMPLATES)
                                  for seed in (11, 12))
     fit_ids, test_ids = ioi.attribute_ids(fit_prompts), ioi.attribute_ids(test_prompts)
@@ -304,7 +306,7 @@ def test_pos_has_spread_within_its_classes_and_a_least_squares_fit_leaves_some_v
     codes = dictionaries.SupervisedDictionary.fit(fit_acts, fit_ids, sizes, method="lstsq")
     rest = fit_acts - codes.bias - codes.features["io"][fit_ids["io"]] - codes.features["s"][fit_ids["s"]]
     within = torch.cat([rest[fit_ids["pos"] == c] - rest[fit_ids["pos"] == c].mean(0) for c in (0, 1)])
-    assert within.norm(dim=-1).mean() >= 3 * codes.features["pos"].norm(dim=-1).mean()
+    assert within.norm(dim=-1).mean() >= spread * codes.features["pos"].norm(dim=-1).mean()
     residual = test_acts - codes.reconstruct(test_ids)
     explained = 1 - residual.pow(2).sum() / (test_acts - test_acts.mean(0)).pow(2).sum()
     assert 0.70 <= explained <= 0.95
