@@ -281,8 +281,8 @@ def open_run(out, weights=None, preset=None, device="cpu", force=False, circuit=
 
 
 class Run:
-    """One run folder, each step cached under it (`cached`). `circuit` = (cross-sections, discovery table)
-    grades a given circuit instead of finding one; `eta`: print how long the run will take, first."""
+    """One run folder, each step cached under it (`cached`). `circuit`: (cross-sections, discovery table)
+    to grade instead of finding one; `eta`: print first how long the run will take."""
 
     def __init__(self, out, config, circuit=None, eta=False):
         self.out, self.config, self.started = out, config, time.time()
@@ -310,7 +310,7 @@ class Run:
                           for i, attribute in enumerate(ioi.ATTRIBUTES)}}
         self.found_with = discovery_prompts()  # not the evaluation prompts: see DISCOVERY_N
         every_split = [self.found_with, *self.splits.values()]
-        check_reads_prompts(self.model, [prompt for prompts in every_split for prompt in prompts])
+        ioi.check_reads_prompts(self.model, [prompt for prompts in every_split for prompt in prompts])
         self.attributes = {split: ioi.attribute_ids(prompts) for split, prompts in self.splits.items()}
 
     def find_circuit(self, circuit=None):
@@ -319,21 +319,19 @@ class Run:
             click.echo("Finding the circuit ...")
         found, self.discovery = circuit or ioi.circuit_cross_sections(self.model, self.found_with,
                                                                        self.config.batch_size)
-        if not found:
-            raise click.ClickException("no cross-section found: the model does not seem to solve IOI")
         skip = self.config.skip_sections
         self.sections = [s for s in found if s.name not in skip]
         self.skipped = [s.name for s in found if s.name in skip]
+        if not self.sections:
+            raise ValueError(f"every cross-section found is in skip_sections {skip}" if found else
+                             "no cross-section found: the model does not seem to solve IOI")
         if self.skipped:
             click.echo(f"Not graded (skip_sections): {', '.join(self.skipped)}")
-        if not self.sections:
-            raise click.ClickException(f"every cross-section found is in skip_sections {skip}")
         self.nodes = list(dict.fromkeys(node for section in self.sections for node in section.nodes))
         click.echo(f"{len(self.sections)} cross-sections, {len(self.nodes)} nodes")
 
     def add_nodes(self, nodes):
-        """Collect (or load) activations at more nodes in every split: the run's, or an SAE's from
-        elsewhere (`grade-sae`)."""
+        """Collect (or load) activations at more nodes in every split (the run's, or `grade-sae`'s)."""
         new = [node for node in nodes if node not in self.acts["train"]]
         for split, prompts in self.splits.items() if new else ():
             self.acts[split].update(collect_activations(self.path("activations"), self.model, prompts, new,
@@ -344,7 +342,7 @@ class Run:
         return metrics.Task(self.model, self.splits["eval"], self.config.batch_size)
 
     def fit_supervised(self, nodes=None):
-        """Mean and least-squares supervised dictionaries at every node (README §4), or at `nodes`."""
+        """Mean and least-squares supervised dictionaries at every node (README §4), saved; or at `nodes`."""
         n_values = {"io": len(ioi.NAMES), "s": len(ioi.NAMES), "pos": len(ioi.PATTERNS)}
         fit = dictionaries.SupervisedDictionary.fit
         fitted = {name: {node: fit(self.acts["train"][node], self.attributes["train"], n_values, method)
@@ -354,9 +352,8 @@ class Run:
         def save(by_node, folder):
             for node, dictionary in by_node.items():
                 dictionary.save(os.path.join(folder, str(node)))
-        # the run's own dictionaries are kept; ones fitted for another SAE's nodes are not
         for name, by_node in fitted.items() if nodes is None else ():
-            atomic_folder(self.path("dictionaries", name), lambda folder: save(by_node, folder))
+            atomic_folder(self.path("dictionaries", name), functools.partial(save, by_node))
         return fitted
 
     def sae_grids(self):
@@ -436,18 +433,6 @@ def load_model(weights, device="cpu"):
     return (ioi.default_model() if weights is None else gpt2.GPT2.from_pretrained(weights)).to(device).eval()
 
 
-def check_reads_prompts(model, prompts, name="the model"):
-    """A one-line error unless `model` reads GPT-2's whole vocabulary (the prompts' and the corpus's
-    tokens) and positions up to the longest prompt."""
-    longest = max(len(prompt.tokens) for prompt in prompts)
-    if model.config.vocab_size <= gpt2.BOS_TOKEN_ID:
-        raise click.ClickException(f"{name}'s vocabulary ({model.config.vocab_size} tokens) is smaller "
-                                   f"than GPT-2's ({gpt2.BOS_TOKEN_ID + 1}), whose tokens make the prompts")
-    if longest > model.config.n_positions:
-        raise click.ClickException(f"{name} reads at most {model.config.n_positions} tokens "
-                                   f"(n_positions), but a prompt has {longest}")
-
-
 def train_or_load_stack(folder, datasets, specs, train_config, device="cpu", group=SAES_PER_PROGRAM):
     """(SAEs, logs) trained `group` at a time, each group cached in <folder>.parts until the stack is in
     `folder` (`cached`). Always the saved SAEs (README §8): a resumed run grades what a fresh one does."""
@@ -493,30 +478,24 @@ CORE, PHENOMENA = "Core SAE metrics", "Feature occlusion and over-splitting"
 
 def plan(run):
     """{phase: its work} as `evaluate_run` will do it: SAE stacks to train, as (arch, SAEs, d_sae, epochs,
-    inputs), or patched passes over the evaluation prompts, as a Counter {kind of pass: passes}. An upper
-    bound where Test 2 chooses one setting for several attributes, and for LD recovered."""
-    def kind(nodes, ld_only):  # a pass costs by where it starts (`metrics.Task.patched`) and what it reads
-        layer = min(node.layer for node in nodes)
-        position = min((node.position for node in nodes), key=ioi.POSITIONS.index)  # io < s1 < ... < end
-        return ioi.Node("z", layer, 0, position), ld_only
-    c, grids = run.config, run.sae_grids()
-    n_edits = len(metrics.sae_edits(c.edit_k))
-    grading, ld_recovered = Counter({kind(run.nodes, False): 1}), Counter()  # the clean run
+    inputs), or patched passes over the evaluation prompts, as a Counter {(first patched layer, LDs only):
+    passes}. An upper bound where Test 2 chooses one setting for several attributes, and for LD recovered."""
+    c, grids, n_edits = run.config, run.sae_grids(), len(metrics.sae_edits(run.config.edit_k))
+    grading = Counter({(None, False): 1})  # the clean run
+    ld_recovered = Counter((node.layer, True) for node in run.nodes)  # each node at its mean
     for section in run.sections:
-        n_attributes = len(section.attributes)
+        layer, n_attributes = min(node.layer for node in section.nodes), len(section.attributes)
         chosen = [min(len(grid), n_attributes) for grid in grids.values()] + [1] * len(ARCHS)
-        grading[kind(section.nodes, True)] += (  # LD only: mean-ablated, approximation, causal curves
-            1 + 2 + 2 * 2 + sum(chosen) * (2 + 2 * len(c.f1_thresholds)))
-        grading[kind(section.nodes, False)] += (  # the argmax: counterfactuals, every edit
-            n_attributes + 2 * n_attributes + len(chosen) * n_attributes * n_edits)
-        ld_recovered.update(kind([node], True) for node in section.nodes for _ in range(sum(chosen)))
-    ld_recovered.update(kind([node], True) for node in run.nodes)  # each node at its mean
+        # LDs only: mean-ablated, approximation, causal curves; the argmax: counterfactuals, every edit
+        grading[layer, True] += 1 + 2 + 2 * 2 + sum(chosen) * (2 + 2 * len(c.f1_thresholds))
+        grading[layer, False] += 3 * n_attributes + len(chosen) * n_attributes * n_edits
+        ld_recovered.update((node.layer, True) for node in section.nodes for _ in range(sum(chosen)))
     heads = len({(node.hook_name, node.head) for node in run.nodes})
     return {TASK_SAES: [("vanilla" if method == "random_decoder" else method, len(run.nodes) * len(grid),
                          c.d_sae, c.epochs, c.n_train) for method, grid in grids.items()],
             CORPUS_SAES: [(arch, heads, c.corpus_d_sae, c.corpus_epochs, c.corpus_tokens) for arch in ARCHS],
             SECTIONS: grading, CORE: ld_recovered,
-            PHENOMENA: Counter(kind([node], False) for node in run.nodes for _ in ioi.ATTRIBUTES)}
+            PHENOMENA: Counter((node.layer, False) for node in run.nodes for _ in ioi.ATTRIBUTES)}
 
 
 def seconds(fn, device="cpu"):
@@ -538,9 +517,8 @@ def estimate_seconds(run):
     task = metrics.Task(run.model, prompts, c.batch_size)  # one task: its caches serve every kind of pass
 
     @functools.cache
-    def per_prompt(kind=(None, False)):  # a pass of `plan`, per prompt; no node: the unpatched pass
-        node, ld_only = kind
-        patches = {} if node is None else {node: torch.zeros(len(prompts), d_head)}
+    def per_prompt(layer=None, ld_only=False):  # a pass resumed at `layer`, per prompt; None: unpatched
+        patches = {} if layer is None else {ioi.Node("z", layer, 0, "end"): torch.zeros(len(prompts), d_head)}
         task.patched(patches, ld_only)  # not timed: it builds the cache of the unpatched pass
         return seconds(lambda: task.patched(patches, ld_only), c.device) / len(prompts)
 
@@ -562,7 +540,7 @@ def estimate_seconds(run):
 
     def cost(work):
         if isinstance(work, Counter):
-            return c.n_eval * sum(n * per_prompt(kind) for kind, n in work.items())
+            return c.n_eval * sum(n * per_prompt(*kind) for kind, n in work.items())
         return sum(training(*stack) for stack in work)
     estimate = {"Activations": sum(map(len, run.splits.values())) * per_prompt(),
                 **{phase: cost(work) for phase, work in plan(run).items()}}
@@ -601,13 +579,7 @@ def evaluate_run(run, oversplitting_grids=metrics.OVERSPLITTING_GRIDS):
     task = run.task()
     clean_run = task.patched()
     records = metrics.grade_model(task.prompts, clean_run)
-    with stopwatch(SECTIONS):
-        records += grade_sections(run, task, clean_run, supervised, task_saes, corpus_saes)
-    with stopwatch(CORE):
-        saes = metrics.every_setting(task_saes, corpus_saes)
-        records += metrics.core_records(saes, run.acts["eval"], training)
-        records += metrics.ld_recovered_records(task, clean_run, run.acts["eval"], run.sections, saes,
-                                                metrics.chosen_settings(records))
+    records += grade_dictionaries(run, task, clean_run, supervised, task_saes, corpus_saes, training)
     with stopwatch(PHENOMENA):
         records += grade_phenomena(run, task, clean_run, supervised["supervised"], task_saes)
         records += metrics.geometry_records(run.nodes, run.acts, run.attributes)
@@ -618,9 +590,29 @@ def evaluate_run(run, oversplitting_grids=metrics.OVERSPLITTING_GRIDS):
     return records
 
 
-def grade_sections(run, task, clean_run, supervised, task_saes, corpus_saes):
-    """`metrics.grade_section` at every cross-section, each cached in grades/ as soon as it is graded
-    (so a killed run resumes at the next one), keyed by the settings (bar the device) and the SAEs."""
+def grade_dictionaries(run, task, clean_run, supervised, task_saes, other_saes, training, graded=None):
+    """Tests 1-3 at every cross-section (`grade_sections`), or at `graded` (grade-sae's section inputs),
+    then every SAE's core metrics and LD recovered (README §5-§8)."""
+    with stopwatch(SECTIONS):
+        records = grade_sections(run, task, clean_run, supervised, task_saes, other_saes, graded)
+    with stopwatch(CORE):
+        saes = metrics.every_setting(task_saes, other_saes)
+        sections = [inputs.section for inputs in graded] if graded else run.sections
+        records += metrics.core_records(saes, run.acts["eval"], training)
+        records += metrics.ld_recovered_records(task, clean_run, run.acts["eval"], sections, saes,
+                                                metrics.chosen_settings(records))
+    return records
+
+
+def grade_sections(run, task, clean_run, supervised, task_saes, other_saes, graded=None):
+    """`metrics.grade_section` at every cross-section, each cached in grades/ as soon as it is graded (a
+    killed run resumes at the next one), keyed by the settings (bar the device) and the SAEs; or, uncached,
+    at each of `graded`."""
+    def grade(inputs):
+        return metrics.grade_section(task, inputs, supervised, task_saes, other_saes, run.config.edit_k,
+                                     run.config.f1_thresholds)
+    if graded:
+        return [record for inputs in graded for record in grade(inputs)]
     settings = {name: value for name, value in asdict(run.config).items() if name != "device"}
     stamps = {os.path.basename(os.path.dirname(path)): read_json(path)
               for path in sorted(glob.glob(run.path("saes", "*", "key.json")))}
@@ -631,13 +623,11 @@ def grade_sections(run, task, clean_run, supervised, task_saes, corpus_saes):
     with click.progressbar(run.sections, label="Grading cross-sections",
                            item_show_func=lambda section: section.name if section else "") as sections:
         for section in sections:
-            def grade(tmp):
+            def save(tmp):
                 inputs = metrics.section_inputs(task, section, run.acts, run.attributes, clean_run)
-                graded = metrics.grade_section(task, inputs, supervised, task_saes, corpus_saes,
-                                               run.config.edit_k, run.config.f1_thresholds)
-                write_json(os.path.join(tmp, "records.json"), [row.to_json() for row in graded])
+                write_json(os.path.join(tmp, "records.json"), [row.to_json() for row in grade(inputs)])
             folder = run.path("grades", re.sub(r"[^A-Za-z0-9]+", "_", section.name).strip("_"))
-            records += cached(folder, key, grade, load)
+            records += cached(folder, key, save, load)
     return records
 
 
@@ -758,7 +748,7 @@ def download_command(url, out, sha256):
         except ValueError as error:  # named by where they came from, not by the temporary folder
             message = str(error).replace(os.path.join(folder, ""), url + "/")
             raise click.ClickException(f"downloaded files do not load: {message}") from None
-        check_reads_prompts(model, discovery_prompts(), f"{url}: the model")
+        ioi.check_reads_prompts(model, discovery_prompts(), f"{url}: the model")
         return model, digests["model.safetensors"]
     model, digest = atomic_folder(out, fetch_and_check)
     n_params = sum(p.numel() for p in model.parameters())
@@ -820,7 +810,7 @@ def ioi_eval_command(weights, n, seed, held_out, batch_size, device, as_json):
     """How well a model does IOI: logit difference, accuracy, top-1, P(IO), per template."""
     model = load_model(weights, device)
     prompts = ioi.held_out_prompts(n, seed) if held_out else ioi.eval_prompts(n, seed)
-    check_reads_prompts(model, prompts)
+    ioi.check_reads_prompts(model, prompts)
     start = time.time()
     result = ioi.evaluate(model, prompts, batch_size)
     result["prompts_per_s"] = n / (time.time() - start)
@@ -845,7 +835,7 @@ def nodes_command(weights, n, seed):
     """The circuit's nodes and cross-sections: known for GPT-2 Small, found for other models
     (by default on the prompts the pipeline finds its circuit with)."""
     model, prompts = load_model(weights), discovery_prompts(n, seed)
-    check_reads_prompts(model, prompts)
+    ioi.check_reads_prompts(model, prompts)
     sections, table = ioi.circuit_cross_sections(model, prompts)
     if table["heads"]:
         click.echo("Heads found, each class by its own measure (README §3), >= 1/3 of the strongest head's:")
@@ -913,37 +903,20 @@ def train_sae_command(acts_path, arch, latents, l1, k, epochs, lr, batch_size, s
 
 # --- grade-sae: any SAE in SAELens's layout, graded like ours (README, "Use with TransformerLens / SAELens")
 
-def as_plain_model_sae(sae, model, act, layer, head):
-    """The SAE on this model's plain activations: SAELens SAEs read TransformerLens's processed model (its
-    model_from_pretrained_kwargs): hook_v/z without b_V, the residual stream centred; both fold in."""
-    settings, params = sae.meta.get("model_from_pretrained_kwargs") or {}, sae.params
-    if act in ("v", "z") and settings.get("fold_value_biases", True):
-        config, block = model.config, model.h[layer]
-        values = slice(2 * config.n_embd, None)  # c_attn computes q, k, v
-        b_V = block.attn.c_attn.bias[values]                                       # [d_model]
-        if settings.get("fold_ln", True):  # folded in first, ln1's bias joins the value bias
-            b_V = b_V + block.ln_1.bias @ block.attn.c_attn.weight[:, values]
-        b_V = b_V.detach().view(config.n_head, config.d_head)
-        params = dictionaries.fold_input_shift(params, b_V.flatten() if head is None else b_V[head])
-        click.echo(f"{sae.meta.get('hook_name')}: read without the value bias (fold_value_biases)")
-    if act in ioi.RESIDUAL_ACTS and settings.get("center_writing_weights", True):
-        params = dictionaries.fold_input_centring(params)
-        click.echo(f"{sae.meta.get('hook_name')}: read centred (center_writing_weights)")
-    return replace(sae, **params)
-
-
 def grade_sae_in_run(run, sae, label, min_section_effect=metrics.MIN_SECTION_EFFECT):
     """`grade-sae` in an open run -> metrics.json (replacing an earlier grading of `label`); sections moving
     the LD by less than `min_section_effect` are skipped: sufficiency and necessity would divide by ~0."""
-    act, layer, head = ioi.hook_reads(sae.meta.get("hook_name"), sae.meta.get("hook_head_index"), sae.d_in,
-                                      run.model.config)
-    sae = as_plain_model_sae(sae, run.model, act, layer, head).to(run.config.device)
+    hook_name, hook_head = sae.meta.get("hook_name"), sae.meta.get("hook_head_index")
+    act, layer, head = ioi.hook_reads(hook_name, hook_head, sae.d_in, run.model.config)
+    sae, folded = dictionaries.as_plain_model_sae(sae, run.model, act, layer, head)
+    for what in folded:
+        click.echo(f"{hook_name}: {what}")
     sections = ioi.sections_read(run.sections, act, layer, head)
     if not sections:
-        raise click.ClickException(f"{sae.meta['hook_name']} reads none of the circuit's cross-sections "
-                                   f"({', '.join(s.name for s in run.sections)})")
+        raise ValueError(f"{hook_name} reads none of the circuit's cross-sections "
+                         f"({', '.join(s.name for s in run.sections)})")
     run.add_nodes([node for section in sections for node in section.nodes])
-    task, c = run.task(), run.config
+    task = run.task()
     clean_run, graded = task.patched(), []
     for section in sections:
         inputs = metrics.section_inputs(task, section, run.acts, run.attributes, clean_run)
@@ -953,22 +926,14 @@ def grade_sae_in_run(run, sae, label, min_section_effect=metrics.MIN_SECTION_EFF
             click.echo(f"{section.name}: skipped, mean-ablating it moves the mean LD by less than "
                        f"{min_section_effect:.0%}")
     if not graded:
-        raise click.ClickException(f"{label}: none of the sites it reads is causal for IOI in this model")
+        raise ValueError(f"{label}: none of the sites it reads is causal for IOI in this model")
     nodes = list(dict.fromkeys(node for inputs in graded for node in inputs.section.nodes))
-    ours, training = run.train_task_saes() if all(node in run.nodes for node in nodes) else ({}, {})
-    theirs = {label: dict.fromkeys(nodes, sae)}
+    ours, training = run.train_task_saes() if set(nodes) <= set(run.nodes) else ({}, {})
+    theirs = {label: dict.fromkeys(nodes, sae.to(run.config.device))}
     supervised, ours, theirs = run.at_nodes(run.fit_supervised(nodes), ours, theirs)
-    records = []
-    for inputs in graded:
-        click.echo(f"Grading {label} at {inputs.site} ...")
-        records += metrics.grade_section(task, inputs, supervised, ours, theirs, c.edit_k, c.f1_thresholds)
-        records.append(metrics.Record("graded_sae", inputs.site, label, len(inputs.section.nodes),
-                                      reads=sae.meta.get("hook_name"), head=sae.meta.get("hook_head_index")))
-    saes = metrics.every_setting(ours, theirs)
-    records += metrics.core_records(saes, run.acts["eval"], training)
-    records += metrics.ld_recovered_records(task, clean_run, run.acts["eval"],
-                                            [inputs.section for inputs in graded], saes,
-                                            metrics.chosen_settings(records))
+    records = grade_dictionaries(run, task, clean_run, supervised, ours, theirs, training, graded)
+    records += [metrics.Record("graded_sae", inputs.site, label, len(inputs.section.nodes), reads=hook_name,
+                               head=hook_head) for inputs in graded]
     path = run.path("metrics.json")
     kept = [row for row in (read_json(path)["results"] if os.path.exists(path) else [])
             if row.get("graded_sae") != label]
