@@ -478,24 +478,30 @@ CORE, PHENOMENA = "Core SAE metrics", "Feature occlusion and over-splitting"
 
 def plan(run):
     """{phase: its work} as `evaluate_run` will do it: SAE stacks to train, as (arch, SAEs, d_sae, epochs,
-    inputs), or patched passes over the evaluation prompts, as a Counter {(first patched layer, LDs only):
-    passes}. An upper bound where Test 2 chooses one setting for several attributes, and for LD recovered."""
-    c, grids, n_edits = run.config, run.sae_grids(), len(metrics.sae_edits(run.config.edit_k))
-    grading = Counter({(None, False): 1})  # the clean run
-    ld_recovered = Counter((node.layer, True) for node in run.nodes)  # each node at its mean
+    inputs), or patched passes over the evaluation prompts, as a Counter {kind of pass: passes}. An upper
+    bound where Test 2 chooses one setting for several attributes, and for LD recovered."""
+    def kind(nodes, ld_only):  # a pass costs by where it starts (`metrics.Task.patched`) and what it reads
+        layer = min(node.layer for node in nodes)
+        position = min((node.position for node in nodes), key=ioi.POSITIONS.index)  # io < s1 < ... < end
+        return ioi.Node("z", layer, 0, position), ld_only
+    c, grids = run.config, run.sae_grids()
+    n_edits = len(metrics.sae_edits(c.edit_k))
+    grading, ld_recovered = Counter({kind(run.nodes, False): 1}), Counter()  # the clean run
     for section in run.sections:
-        layer, n_attributes = min(node.layer for node in section.nodes), len(section.attributes)
+        n_attributes = len(section.attributes)
         chosen = [min(len(grid), n_attributes) for grid in grids.values()] + [1] * len(ARCHS)
-        # LDs only: mean-ablated, approximation, causal curves; the argmax: counterfactuals, every edit
-        grading[layer, True] += 1 + 2 + 2 * 2 + sum(chosen) * (2 + 2 * len(c.f1_thresholds))
-        grading[layer, False] += 3 * n_attributes + len(chosen) * n_attributes * n_edits
-        ld_recovered.update((node.layer, True) for node in section.nodes for _ in range(sum(chosen)))
+        grading[kind(section.nodes, True)] += (  # LD only: mean-ablated, approximation, causal curves
+            1 + 2 + 2 * 2 + sum(chosen) * (2 + 2 * len(c.f1_thresholds)))
+        grading[kind(section.nodes, False)] += (  # the argmax: counterfactuals, every edit
+            n_attributes + 2 * n_attributes + len(chosen) * n_attributes * n_edits)
+        ld_recovered.update(kind([node], True) for node in section.nodes for _ in range(sum(chosen)))
+    ld_recovered.update(kind([node], True) for node in run.nodes)  # each node at its mean
     heads = len({(node.hook_name, node.head) for node in run.nodes})
     return {TASK_SAES: [("vanilla" if method == "random_decoder" else method, len(run.nodes) * len(grid),
                          c.d_sae, c.epochs, c.n_train) for method, grid in grids.items()],
             CORPUS_SAES: [(arch, heads, c.corpus_d_sae, c.corpus_epochs, c.corpus_tokens) for arch in ARCHS],
             SECTIONS: grading, CORE: ld_recovered,
-            PHENOMENA: Counter((node.layer, False) for node in run.nodes for _ in ioi.ATTRIBUTES)}
+            PHENOMENA: Counter(kind([node], False) for node in run.nodes for _ in ioi.ATTRIBUTES)}
 
 
 def seconds(fn, device="cpu"):
@@ -517,8 +523,9 @@ def estimate_seconds(run):
     task = metrics.Task(run.model, prompts, c.batch_size)  # one task: its caches serve every kind of pass
 
     @functools.cache
-    def per_prompt(layer=None, ld_only=False):  # a pass resumed at `layer`, per prompt; None: unpatched
-        patches = {} if layer is None else {ioi.Node("z", layer, 0, "end"): torch.zeros(len(prompts), d_head)}
+    def per_prompt(kind=(None, False)):  # a pass of `plan`, per prompt; no node: the unpatched pass
+        node, ld_only = kind
+        patches = {} if node is None else {node: torch.zeros(len(prompts), d_head)}
         task.patched(patches, ld_only)  # not timed: it builds the cache of the unpatched pass
         return seconds(lambda: task.patched(patches, ld_only), c.device) / len(prompts)
 
@@ -540,7 +547,7 @@ def estimate_seconds(run):
 
     def cost(work):
         if isinstance(work, Counter):
-            return c.n_eval * sum(n * per_prompt(*kind) for kind, n in work.items())
+            return c.n_eval * sum(n * per_prompt(kind) for kind, n in work.items())
         return sum(training(*stack) for stack in work)
     estimate = {"Activations": sum(map(len, run.splits.values())) * per_prompt(),
                 **{phase: cost(work) for phase, work in plan(run).items()}}
