@@ -714,19 +714,16 @@ def train_saes(source, **options):
 def _fetch(url, path):
     """Copy `url` to `path` a MiB at a time (a model never sits in memory whole); its sha256."""
     import http.client
-    import urllib.error
     import urllib.request
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as f:
             shutil.copyfileobj(response, f, 1 << 20)
             size, written = int(response.headers.get("Content-Length") or 0), f.tell()
-    except urllib.error.HTTPError as error:
-        raise click.ClickException(f"{url}: HTTP {error.code} {error.reason}") from None
-    # unreachable, no such file, timeout, cut off (OSError, HTTPException); not a URL at all (ValueError)
+    # HTTP error, unreachable, no such file, timeout, cut off (OSError, HTTPException); not a URL (ValueError)
     except (OSError, http.client.HTTPException, ValueError) as error:
-        raise click.ClickException(f"{url}: {getattr(error, 'reason', error)}") from None
+        raise ValueError(f"{url}: {getattr(error, 'reason', error)}") from None
     if size and written != size:
-        raise click.ClickException(f"{url}: connection closed after {written} of {size} bytes")
+        raise ValueError(f"{url}: connection closed after {written} of {size} bytes")
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
