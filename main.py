@@ -721,7 +721,9 @@ def _fetch(url, path):
             size, written = int(response.headers.get("Content-Length") or 0), f.tell()
     # HTTP error, unreachable, no such file, timeout, cut off (OSError, HTTPException); not a URL (ValueError)
     except (OSError, http.client.HTTPException, ValueError) as error:
-        raise ValueError(f"{url}: {getattr(error, 'reason', error)}") from None
+        why = (f"HTTP {error.code} {error.reason}" if hasattr(error, "code")  # urllib's HTTPError
+               else getattr(error, "reason", error))
+        raise ValueError(f"{url}: {why}") from None
     if size and written != size:
         raise ValueError(f"{url}: connection closed after {written} of {size} bytes")
     with open(path, "rb") as f:
