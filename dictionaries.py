@@ -363,6 +363,25 @@ def fold_input_centring(params: dict) -> dict:
                                  -params["b_dec"].mean() * W.sum(0))
 
 
+def as_plain_model_sae(sae, model, act: str, layer: int, head: Optional[int]):
+    """(the SAE on gpt2.py's plain activations, what was folded in). SAELens SAEs read TransformerLens's
+    processed model (model_from_pretrained_kwargs): hook_v/z without b_V, the residual stream centred."""
+    settings, params, folded = sae.meta.get("model_from_pretrained_kwargs") or {}, sae.params, []
+    if act in ("v", "z") and settings.get("fold_value_biases", True):
+        config, block = model.config, model.h[layer]
+        values = slice(2 * config.n_embd, None)  # c_attn computes q, k, v
+        b_V = block.attn.c_attn.bias[values]                                       # [d_model]
+        if settings.get("fold_ln", True):  # folded in first, ln1's bias joins the value bias
+            b_V = b_V + block.ln_1.bias @ block.attn.c_attn.weight[:, values]
+        b_V = b_V.detach().view(config.n_head, config.d_head)
+        params = fold_input_shift(params, b_V.flatten() if head is None else b_V[head])
+        folded.append("read without the value bias (fold_value_biases)")
+    if act.startswith("resid") and settings.get("center_writing_weights", True):
+        params = fold_input_centring(params)
+        folded.append("read centred (center_writing_weights)")
+    return replace(sae, **params), folded
+
+
 def _shift_encoder_biases(params: dict, shift: torch.Tensor) -> dict:
     """Add shift [d_sae] to every encoder path's pre-activations (b_mag's times exp r_mag, as its weights)."""
     shifted = {name: params[name] + shift for name in ("b_enc", "b_gate") if name in params}
@@ -449,7 +468,7 @@ def load_sae(directory) -> SAE:
     field("hook_head_index", (int, NULL), None, lambda h: h is None or h >= 0, "null or an integer >= 0",
           table=metadata)
     model = field("model_from_pretrained_kwargs", (dict, NULL), None, supported="an object", table=metadata)
-    for name in PLAIN_MODEL:  # how the model the SAE read was processed (main.as_plain_model_sae)
+    for name in PLAIN_MODEL:  # how the model the SAE read was processed (as_plain_model_sae)
         field(name, (bool,), True, supported="true or false", table=model or {})
     d_in, d_sae = (field(name, (int,), None, lambda n: n > 0, "an integer > 0") for name in ("d_in", "d_sae"))
     architecture = field("architecture", (str,), "standard", lambda a: a in SAELENS_ARCH.values(),

@@ -855,3 +855,15 @@ def sections_read(sections, act, layer, head):
     sae = f"{act}@L{layer}" + ("" if head is None else f"H{head}")
     return [CrossSection(f"{' + '.join(names)} [{sae}]", nodes, tuple(a for a in ATTRIBUTES if a in attrs))
             for nodes, (names, attrs) in merged.items()]
+
+
+def check_reads_prompts(model, prompts, name="the model"):
+    """A ValueError unless `model` reads GPT-2's whole vocabulary (the prompts' and the corpus's tokens)
+    and positions up to the longest prompt."""
+    longest = max(len(prompt.tokens) for prompt in prompts)
+    if model.config.vocab_size <= gpt2.BOS_TOKEN_ID:
+        raise ValueError(f"{name}'s vocabulary ({model.config.vocab_size} tokens) is smaller "
+                         f"than GPT-2's ({gpt2.BOS_TOKEN_ID + 1}), whose tokens make the prompts")
+    if longest > model.config.n_positions:
+        raise ValueError(f"{name} reads at most {model.config.n_positions} tokens "
+                         f"(n_positions), but a prompt has {longest}")

@@ -281,8 +281,8 @@ def open_run(out, weights=None, preset=None, device="cpu", force=False, circuit=
 
 
 class Run:
-    """One run folder, each step cached under it (`cached`). `circuit` = (cross-sections, discovery table)
-    grades a given circuit instead of finding one; `eta`: print how long the run will take, first."""
+    """One run folder, each step cached under it (`cached`). `circuit`: (cross-sections, discovery table)
+    to grade instead of finding one; `eta`: print first how long the run will take."""
 
     def __init__(self, out, config, circuit=None, eta=False):
         self.out, self.config, self.started = out, config, time.time()
@@ -310,7 +310,7 @@ class Run:
                           for i, attribute in enumerate(ioi.ATTRIBUTES)}}
         self.found_with = discovery_prompts()  # not the evaluation prompts: see DISCOVERY_N
         every_split = [self.found_with, *self.splits.values()]
-        check_reads_prompts(self.model, [prompt for prompts in every_split for prompt in prompts])
+        ioi.check_reads_prompts(self.model, [prompt for prompts in every_split for prompt in prompts])
         self.attributes = {split: ioi.attribute_ids(prompts) for split, prompts in self.splits.items()}
 
     def find_circuit(self, circuit=None):
@@ -319,21 +319,19 @@ class Run:
             click.echo("Finding the circuit ...")
         found, self.discovery = circuit or ioi.circuit_cross_sections(self.model, self.found_with,
                                                                        self.config.batch_size)
-        if not found:
-            raise click.ClickException("no cross-section found: the model does not seem to solve IOI")
         skip = self.config.skip_sections
         self.sections = [s for s in found if s.name not in skip]
         self.skipped = [s.name for s in found if s.name in skip]
+        if not self.sections:
+            raise ValueError(f"every cross-section found is in skip_sections {skip}" if found else
+                             "no cross-section found: the model does not seem to solve IOI")
         if self.skipped:
             click.echo(f"Not graded (skip_sections): {', '.join(self.skipped)}")
-        if not self.sections:
-            raise click.ClickException(f"every cross-section found is in skip_sections {skip}")
         self.nodes = list(dict.fromkeys(node for section in self.sections for node in section.nodes))
         click.echo(f"{len(self.sections)} cross-sections, {len(self.nodes)} nodes")
 
     def add_nodes(self, nodes):
-        """Collect (or load) activations at more nodes in every split: the run's, or an SAE's from
-        elsewhere (`grade-sae`)."""
+        """Collect (or load) activations at more nodes in every split (the run's, or `grade-sae`'s)."""
         new = [node for node in nodes if node not in self.acts["train"]]
         for split, prompts in self.splits.items() if new else ():
             self.acts[split].update(collect_activations(self.path("activations"), self.model, prompts, new,
@@ -344,7 +342,7 @@ class Run:
         return metrics.Task(self.model, self.splits["eval"], self.config.batch_size)
 
     def fit_supervised(self, nodes=None):
-        """Mean and least-squares supervised dictionaries at every node (README §4), or at `nodes`."""
+        """Mean and least-squares supervised dictionaries at every node (README §4), saved; or at `nodes`."""
         n_values = {"io": len(ioi.NAMES), "s": len(ioi.NAMES), "pos": len(ioi.PATTERNS)}
         fit = dictionaries.SupervisedDictionary.fit
         fitted = {name: {node: fit(self.acts["train"][node], self.attributes["train"], n_values, method)
@@ -354,9 +352,8 @@ class Run:
         def save(by_node, folder):
             for node, dictionary in by_node.items():
                 dictionary.save(os.path.join(folder, str(node)))
-        # the run's own dictionaries are kept; ones fitted for another SAE's nodes are not
         for name, by_node in fitted.items() if nodes is None else ():
-            atomic_folder(self.path("dictionaries", name), lambda folder: save(by_node, folder))
+            atomic_folder(self.path("dictionaries", name), functools.partial(save, by_node))
         return fitted
 
     def sae_grids(self):
@@ -434,18 +431,6 @@ def discovery_prompts(n=DISCOVERY_N, seed=DISCOVERY_SEED):
 def load_model(weights, device="cpu"):
     """GPT-2 weights from `weights`, or the embedded small IOI model when it is None."""
     return (ioi.default_model() if weights is None else gpt2.GPT2.from_pretrained(weights)).to(device).eval()
-
-
-def check_reads_prompts(model, prompts, name="the model"):
-    """A one-line error unless `model` reads GPT-2's whole vocabulary (the prompts' and the corpus's
-    tokens) and positions up to the longest prompt."""
-    longest = max(len(prompt.tokens) for prompt in prompts)
-    if model.config.vocab_size <= gpt2.BOS_TOKEN_ID:
-        raise click.ClickException(f"{name}'s vocabulary ({model.config.vocab_size} tokens) is smaller "
-                                   f"than GPT-2's ({gpt2.BOS_TOKEN_ID + 1}), whose tokens make the prompts")
-    if longest > model.config.n_positions:
-        raise click.ClickException(f"{name} reads at most {model.config.n_positions} tokens "
-                                   f"(n_positions), but a prompt has {longest}")
 
 
 def train_or_load_stack(folder, datasets, specs, train_config, device="cpu", group=SAES_PER_PROGRAM):
@@ -601,13 +586,7 @@ def evaluate_run(run, oversplitting_grids=metrics.OVERSPLITTING_GRIDS):
     task = run.task()
     clean_run = task.patched()
     records = metrics.grade_model(task.prompts, clean_run)
-    with stopwatch(SECTIONS):
-        records += grade_sections(run, task, clean_run, supervised, task_saes, corpus_saes)
-    with stopwatch(CORE):
-        saes = metrics.every_setting(task_saes, corpus_saes)
-        records += metrics.core_records(saes, run.acts["eval"], training)
-        records += metrics.ld_recovered_records(task, clean_run, run.acts["eval"], run.sections, saes,
-                                                metrics.chosen_settings(records))
+    records += grade_dictionaries(run, task, clean_run, supervised, task_saes, corpus_saes, training)
     with stopwatch(PHENOMENA):
         records += grade_phenomena(run, task, clean_run, supervised["supervised"], task_saes)
         records += metrics.geometry_records(run.nodes, run.acts, run.attributes)
@@ -618,9 +597,29 @@ def evaluate_run(run, oversplitting_grids=metrics.OVERSPLITTING_GRIDS):
     return records
 
 
-def grade_sections(run, task, clean_run, supervised, task_saes, corpus_saes):
-    """`metrics.grade_section` at every cross-section, each cached in grades/ as soon as it is graded
-    (so a killed run resumes at the next one), keyed by the settings (bar the device) and the SAEs."""
+def grade_dictionaries(run, task, clean_run, supervised, task_saes, other_saes, training, graded=None):
+    """Tests 1-3 at every cross-section (`grade_sections`), or at `graded` (grade-sae's section inputs),
+    then every SAE's core metrics and LD recovered (README §5-§8)."""
+    with stopwatch(SECTIONS):
+        records = grade_sections(run, task, clean_run, supervised, task_saes, other_saes, graded)
+    with stopwatch(CORE):
+        saes = metrics.every_setting(task_saes, other_saes)
+        sections = [inputs.section for inputs in graded] if graded else run.sections
+        records += metrics.core_records(saes, run.acts["eval"], training)
+        records += metrics.ld_recovered_records(task, clean_run, run.acts["eval"], sections, saes,
+                                                metrics.chosen_settings(records))
+    return records
+
+
+def grade_sections(run, task, clean_run, supervised, task_saes, other_saes, graded=None):
+    """`metrics.grade_section` at every cross-section, each cached in grades/ as soon as it is graded (a
+    killed run resumes at the next one), keyed by the settings (bar the device) and the SAEs; or, uncached,
+    at each of `graded`."""
+    def grade(inputs):
+        return metrics.grade_section(task, inputs, supervised, task_saes, other_saes, run.config.edit_k,
+                                     run.config.f1_thresholds)
+    if graded:
+        return [record for inputs in graded for record in grade(inputs)]
     settings = {name: value for name, value in asdict(run.config).items() if name != "device"}
     stamps = {os.path.basename(os.path.dirname(path)): read_json(path)
               for path in sorted(glob.glob(run.path("saes", "*", "key.json")))}
@@ -631,13 +630,11 @@ def grade_sections(run, task, clean_run, supervised, task_saes, corpus_saes):
     with click.progressbar(run.sections, label="Grading cross-sections",
                            item_show_func=lambda section: section.name if section else "") as sections:
         for section in sections:
-            def grade(tmp):
+            def save(tmp):
                 inputs = metrics.section_inputs(task, section, run.acts, run.attributes, clean_run)
-                graded = metrics.grade_section(task, inputs, supervised, task_saes, corpus_saes,
-                                               run.config.edit_k, run.config.f1_thresholds)
-                write_json(os.path.join(tmp, "records.json"), [row.to_json() for row in graded])
+                write_json(os.path.join(tmp, "records.json"), [row.to_json() for row in grade(inputs)])
             folder = run.path("grades", re.sub(r"[^A-Za-z0-9]+", "_", section.name).strip("_"))
-            records += cached(folder, key, grade, load)
+            records += cached(folder, key, save, load)
     return records
 
 
@@ -717,19 +714,18 @@ def train_saes(source, **options):
 def _fetch(url, path):
     """Copy `url` to `path` a MiB at a time (a model never sits in memory whole); its sha256."""
     import http.client
-    import urllib.error
     import urllib.request
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as f:
             shutil.copyfileobj(response, f, 1 << 20)
             size, written = int(response.headers.get("Content-Length") or 0), f.tell()
-    except urllib.error.HTTPError as error:
-        raise click.ClickException(f"{url}: HTTP {error.code} {error.reason}") from None
-    # unreachable, no such file, timeout, cut off (OSError, HTTPException); not a URL at all (ValueError)
+    # HTTP error, unreachable, no such file, timeout, cut off (OSError, HTTPException); not a URL (ValueError)
     except (OSError, http.client.HTTPException, ValueError) as error:
-        raise click.ClickException(f"{url}: {getattr(error, 'reason', error)}") from None
+        why = (f"HTTP {error.code} {error.reason}" if hasattr(error, "code")  # urllib's HTTPError
+               else getattr(error, "reason", error))
+        raise ValueError(f"{url}: {why}") from None
     if size and written != size:
-        raise click.ClickException(f"{url}: connection closed after {written} of {size} bytes")
+        raise ValueError(f"{url}: connection closed after {written} of {size} bytes")
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -758,7 +754,7 @@ def download_command(url, out, sha256):
         except ValueError as error:  # named by where they came from, not by the temporary folder
             message = str(error).replace(os.path.join(folder, ""), url + "/")
             raise click.ClickException(f"downloaded files do not load: {message}") from None
-        check_reads_prompts(model, discovery_prompts(), f"{url}: the model")
+        ioi.check_reads_prompts(model, discovery_prompts(), f"{url}: the model")
         return model, digests["model.safetensors"]
     model, digest = atomic_folder(out, fetch_and_check)
     n_params = sum(p.numel() for p in model.parameters())
@@ -820,7 +816,7 @@ def ioi_eval_command(weights, n, seed, held_out, batch_size, device, as_json):
     """How well a model does IOI: logit difference, accuracy, top-1, P(IO), per template."""
     model = load_model(weights, device)
     prompts = ioi.held_out_prompts(n, seed) if held_out else ioi.eval_prompts(n, seed)
-    check_reads_prompts(model, prompts)
+    ioi.check_reads_prompts(model, prompts)
     start = time.time()
     result = ioi.evaluate(model, prompts, batch_size)
     result["prompts_per_s"] = n / (time.time() - start)
@@ -845,7 +841,7 @@ def nodes_command(weights, n, seed):
     """The circuit's nodes and cross-sections: known for GPT-2 Small, found for other models
     (by default on the prompts the pipeline finds its circuit with)."""
     model, prompts = load_model(weights), discovery_prompts(n, seed)
-    check_reads_prompts(model, prompts)
+    ioi.check_reads_prompts(model, prompts)
     sections, table = ioi.circuit_cross_sections(model, prompts)
     if table["heads"]:
         click.echo("Heads found, each class by its own measure (README §3), >= 1/3 of the strongest head's:")
@@ -913,37 +909,20 @@ def train_sae_command(acts_path, arch, latents, l1, k, epochs, lr, batch_size, s
 
 # --- grade-sae: any SAE in SAELens's layout, graded like ours (README, "Use with TransformerLens / SAELens")
 
-def as_plain_model_sae(sae, model, act, layer, head):
-    """The SAE on this model's plain activations: SAELens SAEs read TransformerLens's processed model (its
-    model_from_pretrained_kwargs): hook_v/z without b_V, the residual stream centred; both fold in."""
-    settings, params = sae.meta.get("model_from_pretrained_kwargs") or {}, sae.params
-    if act in ("v", "z") and settings.get("fold_value_biases", True):
-        config, block = model.config, model.h[layer]
-        values = slice(2 * config.n_embd, None)  # c_attn computes q, k, v
-        b_V = block.attn.c_attn.bias[values]                                       # [d_model]
-        if settings.get("fold_ln", True):  # folded in first, ln1's bias joins the value bias
-            b_V = b_V + block.ln_1.bias @ block.attn.c_attn.weight[:, values]
-        b_V = b_V.detach().view(config.n_head, config.d_head)
-        params = dictionaries.fold_input_shift(params, b_V.flatten() if head is None else b_V[head])
-        click.echo(f"{sae.meta.get('hook_name')}: read without the value bias (fold_value_biases)")
-    if act in ioi.RESIDUAL_ACTS and settings.get("center_writing_weights", True):
-        params = dictionaries.fold_input_centring(params)
-        click.echo(f"{sae.meta.get('hook_name')}: read centred (center_writing_weights)")
-    return replace(sae, **params)
-
-
 def grade_sae_in_run(run, sae, label, min_section_effect=metrics.MIN_SECTION_EFFECT):
     """`grade-sae` in an open run -> metrics.json (replacing an earlier grading of `label`); sections moving
     the LD by less than `min_section_effect` are skipped: sufficiency and necessity would divide by ~0."""
-    act, layer, head = ioi.hook_reads(sae.meta.get("hook_name"), sae.meta.get("hook_head_index"), sae.d_in,
-                                      run.model.config)
-    sae = as_plain_model_sae(sae, run.model, act, layer, head).to(run.config.device)
+    hook_name, hook_head = sae.meta.get("hook_name"), sae.meta.get("hook_head_index")
+    act, layer, head = ioi.hook_reads(hook_name, hook_head, sae.d_in, run.model.config)
+    sae, folded = dictionaries.as_plain_model_sae(sae, run.model, act, layer, head)
+    for what in folded:
+        click.echo(f"{hook_name}: {what}")
     sections = ioi.sections_read(run.sections, act, layer, head)
     if not sections:
-        raise click.ClickException(f"{sae.meta['hook_name']} reads none of the circuit's cross-sections "
-                                   f"({', '.join(s.name for s in run.sections)})")
+        raise ValueError(f"{hook_name} reads none of the circuit's cross-sections "
+                         f"({', '.join(s.name for s in run.sections)})")
     run.add_nodes([node for section in sections for node in section.nodes])
-    task, c = run.task(), run.config
+    task = run.task()
     clean_run, graded = task.patched(), []
     for section in sections:
         inputs = metrics.section_inputs(task, section, run.acts, run.attributes, clean_run)
@@ -953,22 +932,14 @@ def grade_sae_in_run(run, sae, label, min_section_effect=metrics.MIN_SECTION_EFF
             click.echo(f"{section.name}: skipped, mean-ablating it moves the mean LD by less than "
                        f"{min_section_effect:.0%}")
     if not graded:
-        raise click.ClickException(f"{label}: none of the sites it reads is causal for IOI in this model")
+        raise ValueError(f"{label}: none of the sites it reads is causal for IOI in this model")
     nodes = list(dict.fromkeys(node for inputs in graded for node in inputs.section.nodes))
-    ours, training = run.train_task_saes() if all(node in run.nodes for node in nodes) else ({}, {})
-    theirs = {label: dict.fromkeys(nodes, sae)}
+    ours, training = run.train_task_saes() if set(nodes) <= set(run.nodes) else ({}, {})
+    theirs = {label: dict.fromkeys(nodes, sae.to(run.config.device))}
     supervised, ours, theirs = run.at_nodes(run.fit_supervised(nodes), ours, theirs)
-    records = []
-    for inputs in graded:
-        click.echo(f"Grading {label} at {inputs.site} ...")
-        records += metrics.grade_section(task, inputs, supervised, ours, theirs, c.edit_k, c.f1_thresholds)
-        records.append(metrics.Record("graded_sae", inputs.site, label, len(inputs.section.nodes),
-                                      reads=sae.meta.get("hook_name"), head=sae.meta.get("hook_head_index")))
-    saes = metrics.every_setting(ours, theirs)
-    records += metrics.core_records(saes, run.acts["eval"], training)
-    records += metrics.ld_recovered_records(task, clean_run, run.acts["eval"],
-                                            [inputs.section for inputs in graded], saes,
-                                            metrics.chosen_settings(records))
+    records = grade_dictionaries(run, task, clean_run, supervised, ours, theirs, training, graded)
+    records += [metrics.Record("graded_sae", inputs.site, label, len(inputs.section.nodes), reads=hook_name,
+                               head=hook_head) for inputs in graded]
     path = run.path("metrics.json")
     kept = [row for row in (read_json(path)["results"] if os.path.exists(path) else [])
             if row.get("graded_sae") != label]

@@ -387,7 +387,7 @@ def test_skipped_sections_are_neither_trained_on_nor_graded_and_are_reported(tmp
     assert [s.name for s in run.sections] == ["(B)NM out"] and run.skipped == ["(B)NM q"]
     assert run.nodes == [Node("z", 1, 0, "end")]  # the q nodes are not collected, so no SAE trains there
     assert main.read_settings(run.path("config.json"))[0]["skip_sections"] == ("(B)NM q",)
-    with pytest.raises(click.ClickException, match="every cross-section found is in skip_sections"):
+    with pytest.raises(ValueError, match="every cross-section found is in skip_sections"):
         open_tiny_run(tmp_path, model, (SECTIONS, DISCOVERY), skip_sections=("(B)NM q", "(B)NM out"),
                       force=True)
 
@@ -452,7 +452,7 @@ def test_grade_sae_grades_each_layout_beside_the_supervised_dictionaries(tmp_pat
 def test_grade_sae_skips_sites_that_barely_move_the_task(tmp_path, model):
     folder = write_identity_sae(tmp_path / "public-sae", 16, "blocks.1.attn.hook_z", 0)
     run = open_tiny_run(tmp_path, model, (SECTIONS, NO_DISCOVERY), d_sae=16, edit_k=(2,))
-    with pytest.raises(click.ClickException, match="none of the sites it reads is causal"):
+    with pytest.raises(ValueError, match="none of the sites it reads is causal"):
         main.grade_sae_in_run(run, dictionaries.load_sae(folder), "sae:x", min_section_effect=float("inf"))
 
 
@@ -467,14 +467,15 @@ def test_saes_of_transformer_lens_processed_models_read_plain_activations(model)
     attn = model.h[1].attn
     b_V = (attn.c_attn.bias[64:] + model.h[1].ln_1.bias @ attn.c_attn.weight[:, 64:]).detach()  # [32]
     tl_sae = main.dictionaries.SAE("vanilla", **params, meta={"hook_name": "blocks.1.attn.hook_z"})
-    plain = main.as_plain_model_sae(tl_sae, model, "z", 1, None)
+    plain = main.dictionaries.as_plain_model_sae(tl_sae, model, "z", 1, None)[0]
     torch.testing.assert_close(plain.encode(z), tl_sae.encode(z - b_V))
     torch.testing.assert_close(plain(z)[0], tl_sae(z - b_V)[0] + b_V)
-    resid = main.as_plain_model_sae(tl_sae, model, "resid_pre", 1, None)
+    resid = main.dictionaries.as_plain_model_sae(tl_sae, model, "resid_pre", 1, None)[0]
     torch.testing.assert_close(resid.encode(z), tl_sae.encode(z - z.mean(-1, keepdim=True)))
     plain_model = {"model_from_pretrained_kwargs": main.dictionaries.PLAIN_MODEL}
     ours = main.dictionaries.SAE("vanilla", **params, meta=plain_model)
-    assert torch.equal(main.as_plain_model_sae(ours, model, "z", 1, None).encode(z), ours.encode(z))
+    plain_ours, folded = main.dictionaries.as_plain_model_sae(ours, model, "z", 1, None)
+    assert torch.equal(plain_ours.encode(z), ours.encode(z)) and folded == []
 
 
 @pytest.fixture
