@@ -205,14 +205,10 @@ class SAE:
         """Latents f [..., d_sae] of raw activations x [..., d_in]."""
         return self.latents(x * self.input_scale)
 
-    def decode(self, f):
-        """The raw reconstruction x̂ / input_scale  [..., d_in]."""
-        return self.reconstruct(f) / self.input_scale
-
     def __call__(self, x):
-        """(raw reconstruction, latents) of raw activations x."""
+        """(raw reconstruction x̂ / input_scale, latents) of raw activations x."""
         f = self.encode(x)
-        return self.decode(f), f
+        return self.reconstruct(f) / self.input_scale, f
 
     def active(self, x):
         """Latents with f ≠ 0 on raw x, as SAELens and SAEBench count L0 (an open gate may add 0)."""
@@ -287,14 +283,10 @@ def encode_jumprelu(sae, x):
     return torch.relu(pre) * (pre > sae.threshold)
 
 
-def _squared_norm(v):
-    return v.pow(2).sum(-1)
-
-
 def loss_vanilla(sae, x):
     """‖x − x̂‖² + λ‖f‖₁ (the decoder rows have unit norm, so no norm weighting)."""
-    f = encode_vanilla(sae, x)
-    return _squared_norm(x - sae.reconstruct(f)) + sae.l1_coefficient * f.sum(-1)  # f ≥ 0: Σf = ‖f‖₁
+    f = encode_vanilla(sae, x)  # f ≥ 0: Σf = ‖f‖₁
+    return (x - sae.reconstruct(f)).pow(2).sum(-1) + sae.l1_coefficient * f.sum(-1)
 
 
 def loss_gated(sae, x):
@@ -302,14 +294,14 @@ def loss_gated(sae, x):
     decoder gets no gradient, so the last term trains the gate path to reconstruct alone."""
     pi_gate, magnitude = gated_paths(sae, x)
     gate = torch.relu(pi_gate)  # [..., d_sae]
+    x_hat = sae.reconstruct((pi_gate > 0) * magnitude)
     x_hat_frozen = gate @ sae.W_dec.detach() + sae.b_dec.detach()
-    return (_squared_norm(x - sae.reconstruct((pi_gate > 0) * magnitude)) + sae.l1_coefficient * gate.sum(-1)
-            + _squared_norm(x - x_hat_frozen))
+    return (x - x_hat).pow(2).sum(-1) + sae.l1_coefficient * gate.sum(-1) + (x - x_hat_frozen).pow(2).sum(-1)
 
 
 def loss_topk(sae, x):
     """‖x − x̂‖²: the top-k makes f sparse by construction."""
-    return _squared_norm(x - sae.reconstruct(encode_topk(sae, x)))
+    return (x - sae.reconstruct(encode_topk(sae, x))).pow(2).sum(-1)
 
 
 ENCODERS = {"vanilla": encode_vanilla, "gated": encode_gated, "topk": encode_topk,
@@ -599,7 +591,7 @@ def _statistics(stack: SAE, x: torch.Tensor, specs: list, chunk: int, epoch: int
         x_hat.append(stack.reconstruct(f))
         fires = fires + (f != 0).sum(1)  # active: f ≠ 0, as `SAE.active` and the grading count it
     x_hat = torch.cat(x_hat, 1)
-    errors = _squared_norm(x - x_hat)  # [S, N]
+    errors = (x - x_hat).pow(2).sum(-1)  # [S, N]
     _stop_if_diverged(specs, torch.stack([torch.isfinite(t).flatten(1).all(1)  # [S]
                                           for t in [errors, *stack.params.values()]]).all(0), epoch)
     return x_hat, errors, fires

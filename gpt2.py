@@ -58,13 +58,8 @@ class GPT2Config:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
 
-    @property
-    def d_head(self):
-        return self.n_embd // self.n_head
-
-    @property
-    def d_mlp(self):
-        return self.n_inner or 4 * self.n_embd
+    d_head = property(lambda self: self.n_embd // self.n_head)
+    d_mlp = property(lambda self: self.n_inner or 4 * self.n_embd)
 
     def to_hf_dict(self):
         return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
@@ -274,18 +269,13 @@ class GPT2(nn.Module):
 
     def run_with_hooks(self, tokens, fwd_hooks=(), logits_at=None, resume_from=None, past_kv=None,
                        logits_of=None):
-        """Forward pass with hook functions attached for this call only (TransformerLens's arguments).
-
-        `fwd_hooks`: [(name or names_filter, fn)] or {name: fn}; the functions at one hook run in order,
-        and `fn(activation, hook)` (`hook.name`) or `fn(activation)` returns a replacement tensor or None.
-        `resume_from` = (layer, resid_pre [batch, pos, d_model] entering it in an earlier pass over the
-        same tokens) skips the blocks before it (TransformerLens's `start_at_layer`; a hook there is an
-        error): a patch at layer 9 of 12 costs a quarter of a pass. `past_kv` (with it) = [(k, v) [batch,
-        p, head, d_head]] of each block from that layer on, the earlier pass's `hook_k`/`hook_v` at its
-        first p positions (TransformerLens's `past_kv_cache`): resid_pre then holds the later positions
-        only, and every hook and `logits_at` sees them only (the pattern: [batch, head, pos, p + pos]).
-        `logits_of` = token ids [batch, n] (with `logits_at`): just those logits, from n unembedding columns.
-        """
+        """Forward pass with `fwd_hooks` ([(name or names_filter, fn)] or {name: fn}) attached for this
+        call only; `fn(activation, hook)` or `fn(activation)` returns a replacement or None (TransformerLens).
+        `resume_from` = (layer, resid_pre entering it in an earlier pass) skips the blocks before it (as
+        `start_at_layer`: a patch at layer 9 of 12 costs a quarter of a pass); `past_kv` = that pass's (k, v)
+        [batch, p, head, d_head] per block from there at its first p positions (as `past_kv_cache`): then
+        resid_pre, every hook and `logits_at` see the later positions only. `logits_of` = ids [batch, n]
+        (with `logits_at`): just those logits, from n unembedding columns."""
         if (past_kv is not None and (resume_from is None or len(past_kv) != len(self.h) - resume_from[0])
                 or logits_of is not None and logits_at is None):
             raise ValueError("past_kv needs resume_from=(layer, resid_pre) and one (k, v) per block from "
@@ -453,6 +443,7 @@ def _byte_to_unicode():
     return mapping | {b: chr(256 + n) for n, b in enumerate(unprintable)}
 
 
+@functools.cache  # built once (half a second), then shared
 def load_tokenizer():
     """GPT-2's BPE as a tiktoken Encoding, built offline from encoder.json and vocab.bpe. A token's rank
     is its merge priority (the 256 bytes, then vocab.bpe's merges in order), checked against

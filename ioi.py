@@ -6,7 +6,6 @@ A prompt's attributes IO, S and Pos are sampled independently; activations are r
 token positions, found per prompt. In a model other than GPT-2 Small, `discover` finds the circuit.
 Where to start: `sample_prompts`, `counterfactual`, `Node`, then `run_batches` and `patched_run`.
 """
-import functools
 import hashlib
 import itertools
 import json
@@ -91,14 +90,8 @@ PATTERNS = ("ABB", "BAB")  # Pos: is the IO the first (ABB) or the second (BAB) 
 POSITIONS = ("io", "s1", "s1+1", "s2", "end")
 
 
-@functools.cache
-def tokenizer():
-    """GPT-2's tokenizer, loaded on first use (it takes half a second)."""
-    return gpt2.load_tokenizer()
-
-
 def name_token(name):
-    return tokenizer().encode(" " + name)[0]
+    return gpt2.load_tokenizer().encode(" " + name)[0]
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -122,7 +115,7 @@ def make_prompt(template, io, s, pos, place, object, c=None):
     c = s if c is None else c
     a, b = (io, s) if pos == "ABB" else (s, io)
     text = TEMPLATES[template].format(A=a, B=b, C=c, place=place, object=object)
-    tokens = [gpt2.BOS_TOKEN_ID] + tokenizer().encode(text)
+    tokens = [gpt2.BOS_TOKEN_ID] + gpt2.load_tokenizer().encode(text)
     found = {name: [i for i, t in enumerate(tokens) if t == name_token(name)] for name in (io, s, c)}
     for name, count in {io: 1, s: 1 + (c == s), c: 1 + (c == s)}.items():
         if len(found[name]) != count:
@@ -333,15 +326,6 @@ def residual_streams(model, prompts, layer, batch_size=256):
     return streams
 
 
-def logit_diff(end_logits: torch.Tensor, io_token: torch.Tensor, s_token: torch.Tensor) -> torch.Tensor:
-    """LD = logit[IO] - logit[S] at the final position, one value per prompt -> [B]."""
-    if end_logits.ndim != 2 or io_token.shape != (len(end_logits),) or s_token.shape != io_token.shape:
-        raise ValueError(f"logit_diff: expected end_logits [B, V] and tokens [B], got "
-                         f"{tuple(end_logits.shape)}, {tuple(io_token.shape)}, {tuple(s_token.shape)}")
-    rows = torch.arange(len(end_logits))
-    return end_logits[rows, io_token] - end_logits[rows, s_token]  # [B]
-
-
 @dataclass
 class PatchedRun:
     """What the metrics need from a (patched) forward pass, per prompt, at `end`."""
@@ -355,10 +339,10 @@ def patched_run(model, prompts, patches=None, batch_size=256, io_prob=False, res
     P(IO) only if `io_prob` (its softmax costs a fifth of a small model's run); `ld_only`: LDs alone."""
     columns = []
     for batch, logits, _ in run_batches(model, prompts, batch_size, patches, resume=resume, ld_only=ld_only):
-        columns.append([logits[:, 0] - logits[:, 1]] if ld_only else
-                       [logit_diff(logits, batch.io_token, batch.s_token), logits.argmax(-1)])
+        io_s = logits if ld_only else logits.gather(1, torch.stack([batch.io_token, batch.s_token], 1))
+        columns.append([io_s[:, 0] - io_s[:, 1]] + ([] if ld_only else [logits.argmax(-1)]))
         if io_prob:  # softmax at the IO token: log P(IO) = logit[IO] - logsumexp(logits)
-            columns[-1].append((logits.gather(1, batch.io_token[:, None])[:, 0] - logits.logsumexp(-1)).exp())
+            columns[-1].append((io_s[:, 0] - logits.logsumexp(-1)).exp())
     return PatchedRun(*(torch.cat(column).cpu() for column in zip(*columns)))
 
 

@@ -32,23 +32,19 @@ def sufficiency(ld_patched, ld_clean) -> float:
     return _mean(ld_patched) / clean
 
 
-def necessity(ld_mean_ablated, ld_patched, ld_clean) -> float:
-    """1 - |LD_meanabl - LD_patched| / |LD_meanabl - LD_clean| (mean LDs), "patched" being
-    a -> ā + (a - â): a dictionary that explains everything gives mean ablation (1), nothing clean (0)."""
-    mean_ablated = _mean(ld_mean_ablated)
-    total_effect = abs(mean_ablated - _mean(ld_clean))
-    if total_effect == 0:
-        raise ValueError("necessity: mean ablation does not change the mean logit difference")
-    return 1 - abs(mean_ablated - _mean(ld_patched)) / total_effect
-
-
 def ld_recovered(ld_sae, ld_mean_ablated, ld_clean) -> float:
     """|LD_sae - LD_meanabl| / |LD_clean - LD_meanabl|: 1 = as good as clean, 0 = as bad as mean ablation."""
     mean_ablated = _mean(ld_mean_ablated)
     total_effect = abs(_mean(ld_clean) - mean_ablated)
     if total_effect == 0:
-        raise ValueError("ld_recovered: mean ablation does not change the mean logit difference")
+        raise ValueError("necessity, LD recovered: mean ablation does not change the mean logit difference")
     return abs(_mean(ld_sae) - mean_ablated) / total_effect
+
+
+def necessity(ld_mean_ablated, ld_patched, ld_clean) -> float:
+    """1 - LD recovered by a -> ā + (a - â) (mean LDs): a dictionary that explains everything gives mean
+    ablation (1), nothing clean (0)."""
+    return 1 - ld_recovered(ld_patched, ld_mean_ablated, ld_clean)
 
 
 # --- Test 2: control (README §6) ---
@@ -155,17 +151,11 @@ def candidate_properties(attributes: dict, names: Sequence[str]):
                              f"got shape {tuple(ids.shape)} with ids in [{ids.min()}, {ids.max()}]")
     singles = _name_properties(attributes, len(names))
     pos = F.one_hot(attributes["pos"], len(ioi.PATTERNS)).bool()  # [N, 2]
-    columns, labels = [], []
-    for family, matrix in singles.items():
-        columns.append(matrix)
-        labels += [f"{family}={name}" for name in names]
-    columns.append(pos)
-    labels += [f"pos={value}" for value in ioi.PATTERNS]
-    for family in NAME_ATTRIBUTES:
-        for p, value in enumerate(ioi.PATTERNS):
-            columns.append(singles[family] & pos[:, p:p + 1])
-            labels += [f"{family}={name}&pos={value}" for name in names]
-    return torch.cat(columns, dim=1), labels
+    blocks = [(matrix, [f"{family}={name}" for name in names]) for family, matrix in singles.items()]
+    blocks.append((pos, [f"pos={value}" for value in ioi.PATTERNS]))
+    blocks += [(singles[family] & pos[:, p:p + 1], [f"{family}={name}&pos={value}" for name in names])
+               for family in NAME_ATTRIBUTES for p, value in enumerate(ioi.PATTERNS)]
+    return torch.cat([matrix for matrix, _ in blocks], 1), [label for _, group in blocks for label in group]
 
 
 def name_unions(active: torch.Tensor, name_properties: torch.Tensor, max_names: int = 10):
@@ -249,12 +239,9 @@ def occlusion_toy_data(io_norm: float, s_norm: float, n_samples: int, n_values: 
     """a = u_i + v_j, i ("IO") and j ("S") uniform over n_values, u, v ~ N(0, I_d) rescaled to norms
     io_norm and s_norm -> (acts [N, d], {"io": i [N], "s": j [N]})."""
     generator = torch.Generator().manual_seed(seed)
-    u = torch.randn(n_values, d, generator=generator)
-    v = torch.randn(n_values, d, generator=generator)
-    u = io_norm * u / u.norm(dim=1, keepdim=True)  # [n_values, d]
-    v = s_norm * v / v.norm(dim=1, keepdim=True)  # [n_values, d]
-    io = torch.randint(n_values, (n_samples,), generator=generator)
-    s = torch.randint(n_values, (n_samples,), generator=generator)
+    u, v = (torch.randn(n_values, d, generator=generator) for _ in range(2))
+    u, v = io_norm * u / u.norm(dim=1, keepdim=True), s_norm * v / v.norm(dim=1, keepdim=True)  # [n, d]
+    io, s = (torch.randint(n_values, (n_samples,), generator=generator) for _ in range(2))
     return u[io] + v[s], {"io": io, "s": s}
 
 
@@ -341,9 +328,8 @@ def oversplitting_toy(lambdas, random_betas, random_gammas, n_samples: int = 409
 
 
 # The paper's own grid (section 5.2): γ = 2.35 for the random SAE, β over (0, 0.1], 100 λ in [0, 20].
-PAPER_OVERSPLITTING_GRID = {"lambdas": np.linspace(0, 20, 100), "random_betas": np.linspace(0.001, 0.1, 100),
-                            "random_gammas": (2.35,)}
-OVERSPLITTING_GRIDS = {"paper": PAPER_OVERSPLITTING_GRID}
+OVERSPLITTING_GRIDS = {"paper": {"lambdas": np.linspace(0, 20, 100), "random_gammas": (2.35,),
+                                 "random_betas": np.linspace(0.001, 0.1, 100)}}
 
 
 def oversplitting_verdict(toy: dict, min_firing: float = 0.02, tolerance: float = 1e-9) -> dict:
