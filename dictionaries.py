@@ -159,8 +159,8 @@ MATRICES = ("W_enc", "W_dec")  # every other parameter is a vector
 
 @dataclass
 class SAE:
-    """An SAE in the normalised space x = x_raw * input_scale (README §8); `encode`, `decode`, `sae(x)`,
-    `active` take raw x. A stack (`stack_saes`): axis S first, then a batch axis 1 on vectors and numbers."""
+    """An SAE in the normalised space x = x_raw * input_scale (README §8); `encode`, `sae(x)`, `active`
+    take raw x. A stack (`stack_saes`): axis S first, then a batch axis 1 on vectors and numbers."""
     arch: str  # "vanilla" | "gated" | "topk" | "jumprelu" (JumpReLU only as read from SAELens)
     W_enc: torch.Tensor  # [..., d_in, d_sae]
     W_dec: torch.Tensor  # [..., d_sae, d_in]  unit rows when trained here

@@ -203,13 +203,9 @@ class GPT2(nn.Module):
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module):
-        # GPT-2's initialisation, N(0, 0.02) (biases 0, LayerNorms 1), for a model built rather than loaded.
-        if isinstance(module, (Conv1D, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
+        for module in self.modules():  # GPT-2's initialisation, N(0, 0.02) (biases 0, LayerNorms 1)
+            if isinstance(module, (Conv1D, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
 
     def _forward(self, tokens, logits_at, hook, resume_from=None, past_kv=None, logits_of=None):
         batch, n_pos = tokens.shape                                   # tokens: [batch, pos]
