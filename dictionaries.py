@@ -418,8 +418,7 @@ def _read_weights(path: Path, arch: str, d_in: int, d_sae: int) -> dict:
 
 def load_sae(directory) -> SAE:
     """An SAE folder of `save_sae` or SAELens (standard, gated, top-k, JumpReLU; any cfg.json layout), its
-    settings folded into the weights, cfg.json's metadata as `meta`. Anything else: a one-line ValueError
-    naming the file, the field and its value."""
+    settings folded into the weights, metadata as `meta`; else a ValueError naming file, field and value."""
     path = Path(directory) / "cfg.json"
     try:
         cfg = json.loads(path.read_text())

@@ -348,9 +348,8 @@ def patch_heads(positions, heads, values):
 
 @torch.inference_mode()
 def generate_tokens(model, tokens, n, temperature=0.0, generator=None):
-    """Extend tokens [batch, pos] by n tokens: greedy at temperature 0, else sampled from
-    softmax(logits / temperature) with `generator` (seeded: a fixed continuation). No key-value
-    cache: each step reruns the context (cropped to n_positions), unembedding its last position."""
+    """Extend tokens [batch, pos] by n: greedy at temperature 0, else sampled from softmax(logits /
+    temperature) with `generator` (seeded: fixed). No key-value cache: each step reruns the whole context."""
     for _ in range(n):
         context = tokens[:, -model.config.n_positions:]                       # [batch, pos]
         last = torch.full((len(context),), context.shape[1] - 1, device=context.device)
