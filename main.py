@@ -612,14 +612,13 @@ def grade_dictionaries(run, task, clean_run, supervised, task_saes, other_saes, 
 
 
 def grade_sections(run, task, clean_run, supervised, task_saes, other_saes, graded=None):
-    """`metrics.grade_section` at every cross-section, each cached in grades/ as soon as it is graded (a
-    killed run resumes at the next one), keyed by the settings (bar the device) and the SAEs; or, uncached,
-    at each of `graded`."""
-    def grade(inputs):
-        return metrics.grade_section(task, inputs, supervised, task_saes, other_saes, run.config.edit_k,
-                                     run.config.f1_thresholds)
+    """`metrics.section_tests` at every cross-section, one method at a time, each cached in grades/ as soon as
+    it is graded (a killed run resumes at the next method), keyed by the settings (bar the device) and the
+    SAEs; or, uncached, at each of `graded`."""
+    tests = metrics.section_tests(task, supervised, task_saes, other_saes, run.config.edit_k,
+                                  run.config.f1_thresholds)
     if graded:
-        return [record for inputs in graded for record in grade(inputs)]
+        return [record for inputs in graded for grade in tests.values() for record in grade(inputs)]
     settings = {name: value for name, value in asdict(run.config).items() if name != "device"}
     stamps = {os.path.basename(os.path.dirname(path)): read_json(path)
               for path in sorted(glob.glob(run.path("saes", "*", "key.json")))}
@@ -627,14 +626,17 @@ def grade_sections(run, task, clean_run, supervised, task_saes, other_saes, grad
 
     def load(saved):
         return [metrics.Record(**row) for row in read_json(os.path.join(saved, "records.json"))]
-    with click.progressbar(run.sections, label="Grading cross-sections",
-                           item_show_func=lambda section: section.name if section else "") as sections:
-        for section in sections:
-            def save(tmp):
-                inputs = metrics.section_inputs(task, section, run.acts, run.attributes, clean_run)
-                write_json(os.path.join(tmp, "records.json"), [row.to_json() for row in grade(inputs)])
-            folder = run.path("grades", re.sub(r"[^A-Za-z0-9]+", "_", section.name).strip("_"))
-            records += cached(folder, key, save, load)
+    with click.progressbar(length=len(run.sections) * len(tests), label="Grading cross-sections",
+                           item_show_func=lambda step: step) as bar:
+        for section in run.sections:  # its inputs computed only if a method is not cached yet
+            inputs = functools.cache(functools.partial(metrics.section_inputs, task, section, run.acts,
+                                                       run.attributes, clean_run))
+            for method, grade in tests.items():
+                def save(tmp):
+                    write_json(os.path.join(tmp, "records.json"), [row.to_json() for row in grade(inputs())])
+                folder = run.path("grades", re.sub(r"[^A-Za-z0-9]+", "_", section.name).strip("_"), method)
+                records += cached(folder, key, save, load)
+                bar.update(1, f"{section.name}: {method}")
     return records
 
 

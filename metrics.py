@@ -638,30 +638,44 @@ def choose_settings(inputs: SectionInputs, method: str, settings: dict):
     return chosen, records
 
 
-def grade_section(task: Task, inputs: SectionInputs, supervised: dict, task_saes: dict, corpus_saes: dict,
-                  edit_ks: Sequence[int], thresholds: Sequence[float]) -> list:
-    """Tests 1-3 at one cross-section (README §5-§7) for every method: mean ablation; supervised
-    dictionaries {method: {node: SupervisedAtNode}}; task SAEs {method: {setting: {node: SAEAtNode}}},
-    each attribute edited at the setting chosen for it; full-distribution SAEs {method: {node: SAEAtNode}}."""
-    site, attributes = inputs.site, inputs.section.attributes
-    records = [Record("edit_accuracy_no_intervention", site, "none",
-                      edit_accuracy(inputs.clean_run.top_token, inputs.truth[attribute].top_token),
-                      attribute=attribute) for attribute in attributes]
-    means = {node: mean_ablated(acts) for node, acts in inputs.clean.items()}
-    scores = approximation(task, inputs.clean, means, inputs.clean_run, inputs.mean_ablated_run)
-    records += [Record(test, site, "mean_ablation", value) for test, value in scores.items()]
-    for method, at_nodes in supervised.items():
-        records += grade_dictionary(task, inputs, method, at_nodes, attributes)
-    for method, settings in task_saes.items():
-        chosen, choice = choose_settings(inputs, method, settings)
-        records += choice
+def section_tests(task: Task, supervised: dict, task_saes: dict, corpus_saes: dict, edit_ks: Sequence[int],
+                  thresholds: Sequence[float]) -> dict:
+    """Tests 1-3 at a cross-section (README §5-§7) one method at a time, {method: grade(inputs) -> records}:
+    no intervention and mean ablation ("none"); supervised dictionaries {method: {node: SupervisedAtNode}};
+    task SAEs {method: {setting: {node: SAEAtNode}}}, each attribute edited at the setting chosen for it;
+    full-distribution SAEs {method: {node: SAEAtNode}}."""
+    def baseline(inputs):
+        site, means = inputs.site, {node: mean_ablated(acts) for node, acts in inputs.clean.items()}
+        scores = approximation(task, inputs.clean, means, inputs.clean_run, inputs.mean_ablated_run)
+        return [Record("edit_accuracy_no_intervention", site, "none",
+                       edit_accuracy(inputs.clean_run.top_token, inputs.truth[attribute].top_token),
+                       attribute=attribute) for attribute in inputs.section.attributes] + [
+            Record(test, site, "mean_ablation", value) for test, value in scores.items()]
+
+    def dictionary(method, at_nodes, inputs):
+        return grade_dictionary(task, inputs, method, at_nodes, inputs.section.attributes)
+
+    def task_sae(method, settings, inputs):
+        chosen, records = choose_settings(inputs, method, settings)
         for setting in dict.fromkeys(chosen.values()):
             edited = [attribute for attribute, best in chosen.items() if best == setting]
             records += grade_sae(task, inputs, method, settings[setting], edited, edit_ks, thresholds,
                                  setting)
-    for method, at_nodes in corpus_saes.items():
-        records += grade_sae(task, inputs, method, at_nodes, attributes, edit_ks, thresholds)
-    return records
+        return records
+
+    def corpus_sae(method, at_nodes, inputs):
+        return grade_sae(task, inputs, method, at_nodes, inputs.section.attributes, edit_ks, thresholds)
+    tests = {"none": baseline}
+    for grade, by_method in ((dictionary, supervised), (task_sae, task_saes), (corpus_sae, corpus_saes)):
+        tests |= {method: functools.partial(grade, method, value) for method, value in by_method.items()}
+    return tests
+
+
+def grade_section(task: Task, inputs: SectionInputs, supervised: dict, task_saes: dict, corpus_saes: dict,
+                  edit_ks: Sequence[int], thresholds: Sequence[float]) -> list:
+    """Tests 1-3 at one cross-section for every method: `section_tests`' records, in its order."""
+    tests = section_tests(task, supervised, task_saes, corpus_saes, edit_ks, thresholds)
+    return [record for grade in tests.values() for record in grade(inputs)]
 
 
 def chosen_settings(records: Sequence[Record]) -> dict:

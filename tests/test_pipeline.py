@@ -7,6 +7,7 @@ The last tests run every pipeline step on a tiny model and check metrics.json, a
 SAE from elsewhere.
 """
 import copy
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -356,31 +357,35 @@ def test_pipeline_end_to_end(tmp_path, model, monkeypatch, capsys):
     assert json.loads(json.dumps([record.to_json() for record in again])) == rows
 
 
-def test_grading_resumes_at_the_section_a_killed_run_had_not_finished(tmp_path, model, monkeypatch):
+def test_grading_resumes_at_the_method_a_killed_run_had_not_finished(tmp_path, model, monkeypatch):
     run = open_tiny_run(tmp_path, model, (SECTIONS, DISCOVERY), d_sae=16, edit_k=(2,))
     supervised, (task_saes, _), corpus_saes = run.fit_supervised(), run.train_task_saes(), {}
     dictionaries_at_nodes = run.at_nodes(supervised, task_saes, corpus_saes)
     task = run.task()
+    graded, section_tests, kill_at = [], metrics.section_tests, 0
+
+    def logged(*args):  # each method's grading notes (site, method) as it starts; the kill_at-th is killed
+        def grade(method, test, inputs):
+            graded.append((inputs.site, method))
+            if len(graded) == kill_at:
+                raise KeyboardInterrupt
+            return test(inputs)
+        return {method: functools.partial(grade, method, test) for method, test in section_tests(*args).items()}
+    monkeypatch.setattr(metrics, "section_tests", logged)
 
     def grade():
         return main.grade_sections(run, task, task.patched(), *dictionaries_at_nodes)
-    uninterrupted = grade()
+    uninterrupted, every_step = grade(), list(graded)
+    assert every_step[:3] == [("(B)NM out", "none"), ("(B)NM out", "supervised"), ("(B)NM out", "supervised_lstsq")]
     shutil.rmtree(tmp_path / "run" / "grades")
-    graded, grade_section = [], metrics.grade_section
-
-    def killed_at_the_second_section(*args, **kwargs):
-        if graded:
-            raise KeyboardInterrupt
-        graded.append(args[1].section.name)
-        return grade_section(*args, **kwargs)
-    monkeypatch.setattr(metrics, "grade_section", killed_at_the_second_section)
+    graded.clear()
+    kill_at = 3
     with pytest.raises(KeyboardInterrupt):
         grade()
-    assert graded == ["(B)NM out"]
     graded.clear()
-    monkeypatch.setattr(metrics, "grade_section", lambda *args, **kwargs: graded.append(args[1].section.name)
-                        or grade_section(*args, **kwargs))
-    assert grade() == uninterrupted and graded == ["(B)NM q"]  # the finished section was not graded again
+    kill_at = 0
+    # the same records; the two methods graded before the kill are loaded, not graded again
+    assert grade() == uninterrupted and graded == every_step[2:]
 
 
 def test_skipped_sections_are_neither_trained_on_nor_graded_and_are_reported(tmp_path, model):
