@@ -2,9 +2,9 @@
 
 Our GPT-2 forward (logits at the last position, hook_z cached: what the pipeline runs) against
 Hugging Face's and a plain matmul; then SAE training as one batched stack, in stacks of
-main.SAES_PER_PROGRAM, and in a loop one SAE at a time, with the paper's grid projected. The README's
-speed figures cite this script. Timings depend on the machine; what must hold anywhere (the same
-logits as Hugging Face) is tested in test_cli_gpt2.py.
+main.SAES_PER_PROGRAM, and in a loop one SAE at a time, with the paper's grid projected. Timings
+depend on the machine; what must hold anywhere (the same logits as Hugging Face) is tested in
+test_cli_gpt2.py.
 """
 import math
 import os
@@ -24,7 +24,7 @@ MATMULS_PER_STEP = {"vanilla": 5, "gated": 7, "topk": 5}  # forward + backward, 
 # 20,000 training prompts in batches of 512, 2,000 epochs.
 PAPER_GRID_SAES, PAPER_GRID_STEPS_PER_EPOCH, PAPER_EPOCHS = 55 * 12, math.ceil(20_000 / 512), 2000
 # A convergence-stopped run is shorter (dictionaries.TrainConfig.plateau): the slowest convergence we measured
-# took 747 epochs (README, "Status", SAE convergence: a stack of 4 gated SAEs, four resamplings).
+# took 747 epochs (a stack of 4 gated SAEs with four resamplings).
 CONVERGED_EPOCHS = 750
 
 
@@ -195,7 +195,7 @@ def bench(batch, repeats, device):
     click.echo("  the paper's grid (55 nodes x 12 settings, 20,000 x 64, batch 512) here: "
                f"{s['paper_grid_hours']:.1f} h at its 2,000 epochs;")
     click.echo(f"    {s['paper_grid_converged_hours']:.1f} h stopped at convergence, assuming "
-               f"{s['converged_epochs']} epochs (our slowest measured convergence: README, Status)")
+               f"{s['converged_epochs']} epochs (our slowest measured convergence)")
 
 
 if __name__ == "__main__":
