@@ -1010,15 +1010,14 @@ ORDER = {"site": [site for _, site in HEADLINE], "method": ["none", *METHODS],
 OPTIONAL = ("setting", "reads", "head")  # fields of a row key that a record may lack
 EDIT, NO_EDIT = ("edit_accuracy", "weight_removed"), "edit_accuracy_no_intervention"
 NAMES, SWEEP = ("occlusion_io_names", "occlusion_s_names"), ("alpha_sweep_io_names", "alpha_sweep_s_names")
-TOY = tuple(f"oversplit_toy_{c}" for c in ("counted", "random_wins", "ideal_wins", "ties", "not_counted",
-                                           "share_random_wins"))
+TOY = {f"oversplit_toy_{c}": c.replace("_", " ") for c in ("counted", "random_wins", "ideal_wins", "ties",
+                                                           "not_counted", "share_random_wins")}  # test: label
 LABELS = {"site": "cross-section", **dict.fromkeys((NAMES[0], SWEEP[0]), "IO names"), "alpha": "α",
           **dict.fromkeys((NAMES[1], SWEEP[1]), "S names"), "pos_latents": "Pos latents", "l1": "λ",
           "threshold": "F1 ≥ t", "occlusion_toy_recovered": "share recovered", "graded_sae": "nodes graded",
           "logit_diff_histogram": "prompts per bin of LD", "low": "LD = logit[IO] − logit[S]",
-          "oversplit_toy_loss": "Toy ±µ + noise: best SAE loss", **{t: t[14:].replace("_", " ")
-                                                                      for t in TOY}}
-FORMATS = {**dict.fromkeys([*NAMES, *SWEEP, "pos_latents", "graded_sae", *TOY[:-1]], ".0f"),
+          "oversplit_toy_loss": "Toy ±µ + noise: best SAE loss", **TOY}
+FORMATS = {**dict.fromkeys([*NAMES, *SWEEP, "pos_latents", "graded_sae", *list(TOY)[:-1]], ".0f"),
            **dict.fromkeys(("evidence_answers_changed", "evidence_ld_moved"), ".0%")}
 
 
@@ -1090,7 +1089,6 @@ EDITS = {"rows": ("site", "attribute"), "columns": "method", "cell": "edit_cell"
 SAES = {"rows": ("site", "method", "setting"), "head": ("node",)}
 GATES = {"tests": ("gate_present", "gate_causal"), "rows": ("site", "attribute"), "columns": "method",
          "head": ("node",)}
-CORE = ("l0", "mse", "fve", "dead_fraction", "ld_recovered", "train_steps", "train_converged")
 REPORT_SECTIONS = {
     "## 1. The model solves IOI": [
         _t("GPT-2 Small: mean LD ≈ 3.3, top-1 ≈ 91%.", ("logit_diff", "accuracy", "top1_accuracy"),
@@ -1131,10 +1129,10 @@ REPORT_SECTIONS = {
            phenomenon="oversplitting", **SAES),
         _t("Per node: Pos present / causal:", phenomenon="oversplitting", **GATES),
         ("oversplit_toy",),
-        _t("Who wins on the toy, counted where the ideal SAE fires on ≥ 2%:", TOY, ("grid",))],
+        _t("Who wins on the toy, counted where the ideal SAE fires on ≥ 2%:", tuple(TOY), ("grid",))],
     "## 7. Core SAE metrics (mean over nodes)": [
-        _t("`*_fulldist`: SAEs trained on prose (blind to prose on the embedded model):", CORE,
-           ("method", "setting"))],
+        _t("`*_fulldist`: SAEs trained on prose (blind to prose on the embedded model):", ("l0", "mse", "fve",
+           "dead_fraction", "ld_recovered", "train_steps", "train_converged"), ("method", "setting"))],
     "## 8. Comparison with the paper": [("paper",)],
     "## 9. Geometry and ground truth (beyond the paper)": [
         _t("Per node: least-squares fit FVE, effective rank, mean |cos| of IO and S codes:",
@@ -1204,9 +1202,9 @@ class Report:
             values += [r["value"] for r in records if r.get("setting") == setting]
         return float(np.mean(values)) if values else None
 
-    def edit(self, test, site, method, attribute, k=2, kind="greedy"):
+    def edit(self, test, site, method, attribute, k=2, edit="greedy"):
         """A test of an edit (README §6), of SAEs greedy at k = 2 by default (a supervised edit has no k)."""
-        how = {} if method.startswith("supervised") or method == "none" else {"k": k, "edit": kind}
+        how = {} if method.startswith("supervised") or method == "none" else {"k": k, "edit": edit}
         return self.at(test, site=site, method=method, attribute=attribute, **how)
 
     def pivot(self, caption, tests, rows, columns, cell=None, keys=None, values=None, head=(), plot=None,
@@ -1236,7 +1234,7 @@ class Report:
                                     for title, series in panels.items()]) if plot else []
         return ([caption, _table(table, headers)] if caption and table else []) + figure
 
-    def figure(self, name, panels, ncols=3):
+    def figure(self, name, panels):
         """Keep figures/<name>: a panel per (title, {label: [(x, y)]}, Axes settings, marks), each series its
         points (joined where x is a number), each mark (Axes method, at, label) a dashed line; one legend.
         Its markdown link, or [] if there is no point to draw."""
@@ -1245,7 +1243,7 @@ class Report:
         from matplotlib.figure import Figure  # a bare Figure keeps no pyplot state, so nothing leaks
         xs = {x for _, series, _, _ in panels for line in series.values() for x, _ in line}
         named = any(isinstance(x, str) for x in xs)  # x names a group: points, not joined, and room for names
-        ncols, width = min(len(panels), ncols), max(4.5, 0.5 * len(xs)) if named else 4.5
+        ncols, width = min(len(panels), 2), max(4.5, 0.5 * len(xs)) if named else 4.5
         nrows = -(-len(panels) // ncols)
         fig = Figure(figsize=(1.5 + width * ncols, 3.3 * nrows), layout="constrained")
         for i, (title, series, settings, marks) in enumerate(panels):
@@ -1274,9 +1272,8 @@ class Report:
             self.headline, ("supervised", *ARCHS))])
 
     def glance_cell(self, where, method):
-        site, attribute = where["site"], where["attribute"]
-        sufficiency = self.at("sufficiency", site=site, method=method)
-        return f"{_fmt(self.edit(EDIT[0], site, method, attribute))} / {_fmt(sufficiency)}"
+        sufficiency = self.at("sufficiency", site=where["site"], method=method)
+        return f"{_fmt(self.edit(EDIT[0], method=method, **where))} / {_fmt(sufficiency)}"
 
     def circuit(self):
         """The cross-sections graded, the heads found (`_circuit_rows`) and each cross-section's verdict."""
@@ -1295,13 +1292,11 @@ class Report:
 
     def edit_cell(self, where, method):
         """'edit accuracy / weight removed', and for SAEs '(latents changed of L0 there)'; none: no edit."""
-        site, attribute = where["site"], where["attribute"]
-        how = (where.get("k", 2), where.get("edit", "greedy"))
         if method == "none":
-            return self.edit(NO_EDIT, site, method, attribute)
-        text = " / ".join(_fmt(self.edit(test, site, method, attribute, *how)) for test in EDIT)
-        changed = self.edit("latents_changed", site, method, attribute, *how)
-        l0 = self.at("l0_at_site", site=site, method=method, choose_for=attribute)
+            return self.edit(NO_EDIT, method=method, **where)
+        text = " / ".join(_fmt(self.edit(test, method=method, **where)) for test in EDIT)
+        changed = self.edit("latents_changed", method=method, **where)
+        l0 = self.at("l0_at_site", site=where["site"], method=method, choose_for=where["attribute"])
         return text if changed is None else f"{text} ({changed:.1f} of L0 {_fmt(l0)})"
 
     def chosen_cell(self, where, method):
@@ -1331,6 +1326,7 @@ class Report:
                  for n, m, s in _keys(self.find(NAMES[0]), ("site", "method", "setting")) if m in ARCHS]
         gain = {test: [self.at(test, alpha=alphas[-1]) - self.at(test, alpha=alphas[0])] if alphas else []
                 for test in SWEEP for alphas in [_keys(self.find(test), "alpha")]}  # names with a latent
+        counted, won = (self.at(f"oversplit_toy_{c}", grid="paper") for c in ("counted", "share_random_wins"))
         rows = [*[(f"{m}: {test.replace('_', ' ')} at k = 2", low, high,
                    [self.edit(test, s, m, a) for a, s in sites]) for m, test, low, high in PAPER_EDITS],
                 ("occlusion: IO minus S names with a latent (F1 ≥ 0.5)", 1, np.inf,
@@ -1340,8 +1336,8 @@ class Report:
                 ("over-splitting: latents interpreted as a Pos value", 10, np.inf,
                  [r["value"] for r in self.find("pos_latents", phenomenon="oversplitting")
                   if r["method"] in ARCHS]),  # trained SAEs: the frozen random decoder is a floor
-                (f"toy: share of the {_fmt(self.at(TOY[0], grid='paper'), '.0f')} λ counted that the "
-                 "random SAE wins", 0.95, 1, [self.at(TOY[-1], grid="paper")]),
+                (f"toy: share of the {_fmt(counted, '.0f')} λ counted that the random SAE wins", 0.95, 1,
+                 [won]),
                 *[(f"{p}: testable in the model (GPT-2 Small: 1)", 1, 1,
                    [self.at("phenomenon_testable", phenomenon=p)]) for p in ("occlusion", "oversplitting")]]
         table = [(quantity, *_against_paper(low, high, ours)) for quantity, low, high, values in rows
@@ -1365,7 +1361,7 @@ class Report:
                         {"xlabel": "latents changed", "xscale": "log", "xticks": ks, "xticklabels": ks,
                          **accuracy}, [("axhline", self.edit(EDIT[0], s, m, a), m) for m in methods
                                        if m not in saes])]
-        return self.figure("control_headline.png", panels, ncols=2)
+        return self.figure("control_headline.png", panels)
 
     def oversplit_toy(self):
         """The toy's best loss per SAE against λ (paper's grid), marked where the ideal SAE stops firing."""
