@@ -1209,10 +1209,9 @@ class Report:
 
     def pivot(self, caption, tests, rows, columns, cell=None, keys=None, values=None, head=(), plot=None,
               marks=(), **match):
-        """[caption, table] of the records of `tests` that `match`: a row per distinct value of the fields
-        `rows` (or per `keys`), a column per value of the field `columns` (or per `values`; None: per test).
-        A cell is the method `cell`(where, column), else each test's value there joined by " / ". With `plot`,
-        also drawn: a panel per test (one if a column is a test), a series per column, x the row."""
+        """[caption, table] of the records of `tests` that `match`: a row per value of the fields `rows` (or
+        per `keys`), a column per value of the field `columns` (or per `values`; None: per test), a cell the
+        method `cell`(where, column) or the tests' values joined by " / ". `plot`: drawn too, x the row."""
         records = [r for test in tests for r in self.find(test, **match)]
         names = list(tests) if columns is None else values or _keys(records, columns)
         table, panels = [], {}  # {title: {series: [(x, y)]}}
@@ -1235,9 +1234,8 @@ class Report:
         return ([caption, _table(table, headers)] if caption and table else []) + figure
 
     def figure(self, name, panels):
-        """Keep figures/<name>: a panel per (title, {label: [(x, y)]}, Axes settings, marks), each series its
-        points (joined where x is a number), each mark (Axes method, at, label) a dashed line; one legend.
-        Its markdown link, or [] if there is no point to draw."""
+        """Keep figures/<name>, a panel per (title, {label: [(x, y)]}, Axes settings, marks: (Axes method, at,
+        label) drawn dashed); its markdown link, or [] if there is no point to draw."""
         if not any(y is not None for _, series, _, _ in panels for line in series.values() for _, y in line):
             return []
         from matplotlib.figure import Figure  # a bare Figure keeps no pyplot state, so nothing leaks
@@ -1350,17 +1348,16 @@ class Report:
         records = self.find(EDIT[0])
         methods, ks = _keys(records, "method"), sorted({r["k"] for r in records if r.get("k") is not None})
         saes, panels = [m for m in methods if not m.startswith("supervised")], []
+        accuracy = {"ylabel": "edit accuracy", "ylim": (0, 1.1)}
+        by_k = {"xlabel": "latents changed", "xscale": "log", "xticks": ks, "xticklabels": ks, **accuracy}
         for a, s in self.headline:
-            accuracy = {"ylabel": "edit accuracy", "ylim": (0, 1.1)}
-            panels += [(f"edit {a} @ {s}", {m: [(self.edit(EDIT[1], s, m, a), self.edit(EDIT[0], s, m, a))]
-                                            for m in methods}, {"xlabel": "weight removed", **accuracy},
+            at_2 = {m: [(self.edit(EDIT[1], s, m, a), self.edit(EDIT[0], s, m, a))] for m in methods}
+            over_k = {m: [(self.edit("latents_changed", s, m, a, k), self.edit(EDIT[0], s, m, a, k))
+                          for k in ks] for m in saes}
+            panels += [(f"edit {a} @ {s}", at_2, {"xlabel": "weight removed", **accuracy},
                         [("axhline", self.edit(NO_EDIT, s, "none", a), "no edit")]),
-                       (f"edit {a} @ {s}, k = {', '.join(map(str, ks))}",
-                        {m: [(self.edit("latents_changed", s, m, a, k), self.edit(EDIT[0], s, m, a, k))
-                             for k in ks] for m in saes},
-                        {"xlabel": "latents changed", "xscale": "log", "xticks": ks, "xticklabels": ks,
-                         **accuracy}, [("axhline", self.edit(EDIT[0], s, m, a), m) for m in methods
-                                       if m not in saes])]
+                       (f"edit {a} @ {s}, k = {', '.join(map(str, ks))}", over_k, by_k,
+                        [("axhline", self.edit(EDIT[0], s, m, a), m) for m in methods if m not in saes])]
         return self.figure("control_headline.png", panels)
 
     def oversplit_toy(self):
