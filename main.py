@@ -1169,8 +1169,9 @@ class Report:
                              [("sections", circuit.get("sections")), ("heads", found.get("heads")),
                               ("verdicts", found.get("sections"))]}
         self.skipped, self.by_test, self.figures = circuit.get("skipped") or [], {}, {}
-        results = data["results"] if isinstance(data["results"], list) else [data["results"]]
-        for i, row in enumerate(results):
+        if not isinstance(data["results"], list):
+            raise click.ClickException(f"{path}: malformed results (not a list)")
+        for i, row in enumerate(data["results"]):
             try:  # checked against the one schema, the one that wrote it
                 record = metrics.Record.from_json(_Row(row, f"{path}: malformed record {i}"))
             except (TypeError, ValueError) as e:
@@ -1250,7 +1251,7 @@ class Report:
             for label, line in series.items():
                 x, y = list(zip(*[(x, y) for x, y in line if x is not None and y is not None])) or [(), ()]
                 ax.plot(x, y, ls="none" if named else "-", label=label, color=COLORS.get(label),
-                        marker=MARKERS.get(label, "o"))
+                        marker=MARKERS.get(label, "o" if named else "."))
             for method, at, label in marks:
                 if at is not None:
                     getattr(ax, method)(at, label=label, color=COLORS.get(label, "k"), ls="--", lw=1)
@@ -1265,9 +1266,9 @@ class Report:
         """The terminal summary (also "At a glance"): the model, then per headline site the edit accuracy
         at k = 2 and the sufficiency of the supervised dictionary and the task SAEs."""
         ld, accuracy = (_fmt(self.at(test, site="model")) for test in ("logit_diff", "accuracy"))
-        return "\n\n".join([f"Model: mean LD {ld}, accuracy {accuracy}.", *self.pivot(
-            "Edit accuracy at k = 2 / sufficiency:", (), ("attribute", "site"), "method", "glance_cell",
-            self.headline, ("supervised", *ARCHS))])
+        table = self.pivot("Edit accuracy at k = 2 / sufficiency:", (), ("attribute", "site"), "method",
+                           cell="glance_cell", keys=self.headline, values=("supervised", *ARCHS))
+        return "\n\n".join([f"Model: mean LD {ld}, accuracy {accuracy}.", *table])
 
     def glance_cell(self, where, method):
         sufficiency = self.at("sufficiency", site=where["site"], method=method)

@@ -364,6 +364,7 @@ BROKEN = {"edit accuracy without its attribute": (drop("edit_accuracy", "attribu
           "a value as null": (put("supervised_feature_norm", "value", None), "'value'"),
           "a setting as text": (put("occlusion_io_names", "setting", "λ=1"), "'setting'"),
           "config as a list": (lambda data: data.update(config=[1, 2]), "config"),
+          "results as a number": (lambda data: data.update(results=5), "malformed results"),
           "a cross-section without nodes": (lambda data: data["circuit"]["sections"][0].pop("nodes"),
                                             "'nodes'"),
           "a head's LD drop as text": (lambda data: data["circuit"]["discovery"]["heads"][0].update(
