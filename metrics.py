@@ -454,7 +454,7 @@ class Record:
         """A row of metrics.json read back: a missing, unknown or mistyped field is a TypeError naming it."""
         for name, f in cls.__dataclass_fields__.items():
             kind, *optional = getattr(f.type, "__args__", (f.type,))  # Optional[X]: (X, NoneType)
-            kinds = (kind, int, *optional) if kind is float else (kind, *optional)  # k as a setting: int
+            kinds = (kind, int, *optional) if kind is float else (kind, *optional)  # an int passes as a float
             if name in row and not isinstance(row[name], kinds):
                 raise TypeError(f"'{name}' is {row[name]!r}, not {kind.__name__}")
         return cls(**row)
