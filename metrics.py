@@ -418,6 +418,16 @@ class Record:
             raise ValueError(f"{self.test} at {self.site} ({self.method}): the value {value} is not finite")
         object.__setattr__(self, "value", value)
 
+    @classmethod
+    def from_json(cls, row: dict) -> "Record":
+        """A row of metrics.json read back: a missing, unknown or mistyped field is a TypeError naming it."""
+        for name, f in cls.__dataclass_fields__.items():
+            kind, *optional = getattr(f.type, "__args__", (f.type,))  # Optional[X]: (X, NoneType)
+            kinds = (kind, int, *optional) if kind is float else (kind, *optional)  # an int passes as a float
+            if name in row and not isinstance(row[name], kinds):
+                raise TypeError(f"'{name}' is {row[name]!r}, not {kind.__name__}")
+        return cls(**row)
+
     def to_json(self) -> dict:
         return {name: value for name, value in asdict(self).items() if value is not None}
 

@@ -177,8 +177,8 @@ def test_every_section_in_order_and_every_figure_a_png(full_report):
     assert "| 0.90 |" in section(text, "## 9.")  # the least-squares fit in the geometry table
     figures = referenced_figures(run_dir)
     assert sorted(figures) == sorted(["ld_histogram.png", "approximation.png", "control_headline.png",
-                                      "control_vs_k.png", "f1_coverage.png", "causal_f1.png", "occlusion.png",
-                                      "alpha_sweep.png", "oversplit_toy.png"])
+                                      "f1_coverage.png", "causal_f1.png", "occlusion.png", "alpha_sweep.png",
+                                      "oversplit_toy.png"])
     for name in figures:
         png = (run_dir / "figures" / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
@@ -207,17 +207,18 @@ def test_known_records_appear_in_their_tables(full_report):
     assert row(occlusion, setting="λ=0.5")["IO names"] == "40"
     assert row(occlusion, setting="λ=1")["S names"] == "3"
     assert row(tables(section(text, "## 7."))[0], method="topk", setting="k=6")["l0"] == "7.00"
-    assert re.search(r"pos@S-I v +0\.90 .* 0\.78 ", summary) and "3.21" in summary  # terminal summary
+    assert "| pos | S-I v | 0.90 / 0.78 | 0.44 / 0.60 |" in summary and "3.21" in summary  # terminal summary
+    assert summary in text  # also "At a glance"
 
 
 def test_verdicts_state_their_criterion_and_number(full_report):
     _, text, _ = full_report
     occlusion = section(text, "### Feature occlusion")
-    assert "the stronger of io, s present (mean-code norm over its shuffled-label floor, >= 0.1)" in occlusion
-    assert "changes >= 10% of the answers" in occlusion
+    assert "the stronger of io, s is present (mean-code norm over its shuffled-label floor ≥ 0.1)" in occlusion
+    assert "changes ≥ 10% of the answers" in occlusion
     assert row(tables(occlusion)[0], node=NODE)["s"] == "0.50 / 40% / 20%"  # norm / answers changed / LD moved
     oversplitting = section(text, "### Feature over-splitting")
-    assert "the stronger of pos present (mean-code norm over its shuffled-label floor" in oversplitting
+    assert "the stronger of pos is present (mean-code norm over its shuffled-label floor" in oversplitting
     assert "**Not testable here.**" in oversplitting
     closest = tables(oversplitting)[0]  # the nodes closest to testable, the strongest first
     assert [r["node"] for r in closest] == [NODE, "q@L2H2@end"]
@@ -226,7 +227,10 @@ def test_verdicts_state_their_criterion_and_number(full_report):
     paper = tables(section(text, "## 8."))[0]
     assert row(paper, quantity="supervised: edit accuracy at k = 2")["verdict"] == "within the paper's range"
     assert row(paper, quantity="gated: edit accuracy at k = 2")["verdict"] == "lower"
-    assert row(paper, quantity="oversplitting: in the model")["verdict"].startswith("not testable here")
+    testable = [row(paper, quantity=f"{p}: testable in the model (GPT-2 Small: 1)")
+                for p in ("occlusion", "oversplitting")]
+    assert [(r["paper"], r["this run"], r["verdict"]) for r in testable] == [
+        ("1–1", "1–1", "within the paper's range"), ("1–1", "0–0", "lower")]
     pos = row(paper, quantity="over-splitting: latents interpreted as a Pos value")
     assert (pos["paper"], pos["this run"], pos["verdict"]) == ("≥ 10", "12–12", "within the paper's range")
     toy = row(paper, quantity="toy: share of the 2 λ counted that the random SAE wins")
@@ -360,13 +364,16 @@ BROKEN = {"edit accuracy without its attribute": (drop("edit_accuracy", "attribu
           "a value as null": (put("supervised_feature_norm", "value", None), "'value'"),
           "a setting as text": (put("occlusion_io_names", "setting", "λ=1"), "'setting'"),
           "config as a list": (lambda data: data.update(config=[1, 2]), "config"),
+          "results as a number": (lambda data: data.update(results=5), "malformed results"),
           "a cross-section without nodes": (lambda data: data["circuit"]["sections"][0].pop("nodes"),
                                             "'nodes'"),
           "a head's LD drop as text": (lambda data: data["circuit"]["discovery"]["heads"][0].update(
               ld_drop="big"), "'ld_drop'"),
           "a test named by a number": (put("l0", "test", 5), "'test'"),
           "a chosen flag as text": (put("edit_distance_k2", "chosen", "yes"), "'chosen'"),
-          "a choice without its setting": (drop("edit_distance_k2", "setting"), "'setting'")}
+          "a choice without its setting": (drop("edit_distance_k2", "setting"), "'setting'"),
+          "an unknown field": (put("l0", "colour", "red"), "'colour'"),
+          "a count that is NaN": (put("pos_latents", "value", float("nan")), "the value nan is not finite")}
 
 
 @pytest.mark.parametrize("change, key", BROKEN.values(), ids=BROKEN)
@@ -400,9 +407,7 @@ def test_a_malformed_record_leaves_the_previous_report_and_figures_untouched(tmp
 PARTIAL = {"S names of the α sweep but no IO names": lambda records: [
                r for r in records if r["test"] != "alpha_sweep_io_names"],
            "evidence norms without answers changed": lambda records: [
-               r for r in records if r["test"] != "evidence_answers_changed"],
-           "a count that is NaN": lambda records: [
-               {**r, "value": float("nan")} if r["test"] == "pos_latents" else r for r in records]}
+               r for r in records if r["test"] != "evidence_answers_changed"]}
 
 
 @pytest.mark.parametrize("change", PARTIAL.values(), ids=PARTIAL)
@@ -413,8 +418,8 @@ def test_cli_renders_valid_records_whatever_is_missing_beside_them(tmp_path, cha
 
 
 def test_an_sae_from_elsewhere_is_listed_with_its_core_metrics(tmp_path):
-    """Section 9 appears only when `grade-sae` graded an SAE: one row per site it was graded at, with its
-    core metrics averaged over its nodes (here l0 7 and 9 at two nodes: 8)."""
+    """Section 10 appears only when `grade-sae` graded an SAE: one row per site it was graded at; its core
+    metrics, averaged over its nodes (here l0 7 and 9 at two nodes: 8), are a row of section 7's table."""
     theirs = {"method": "saelens:blocks.2", "setting": None}
     records = fake_results() + [
         {"test": "graded_sae", "site": "S-I out", "value": 2, "reads": "blocks.2.hook_z", "head": 1, **theirs},
@@ -422,6 +427,8 @@ def test_an_sae_from_elsewhere_is_listed_with_its_core_metrics(tmp_path):
         {"test": "l0", "site": "z@L2H1@end", "value": 9.0, **theirs}]
     write_metrics(tmp_path, [{k: v for k, v in r.items() if v is not None} for r in records])
     main.write_report(str(tmp_path))
-    graded = tables(section((tmp_path / "report.md").read_text(), "## 10."))[0]
-    assert row(graded, method="saelens:blocks.2")["l0"] == "8.00"
-    assert row(graded, method="saelens:blocks.2")["reads"] == "blocks.2.hook_z"
+    text = (tmp_path / "report.md").read_text()
+    assert row(tables(section(text, "## 7."))[0], method="saelens:blocks.2")["l0"] == "8.00"
+    graded = row(tables(section(text, "## 10."))[0], method="saelens:blocks.2")
+    assert (graded["reads"], graded["head"], graded["cross-section"], graded["nodes graded"]) == (
+        "blocks.2.hook_z", "1", "S-I out", "2")
