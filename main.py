@@ -661,10 +661,13 @@ def grade_phenomena(run, task, clean_run, supervised, task_saes):
 
 def write_metrics(run, rows):
     """metrics.json: the config, the circuit that was graded, and one flat row per result."""
-    sections = [{"name": s.name, "nodes": [str(n) for n in s.nodes], "attributes": list(s.attributes)}
-                for s in run.sections]
-    circuit = {"sections": sections, "skipped": run.skipped, "discovery": run.discovery}
+    circuit = {"sections": sections_json(run.sections), "skipped": run.skipped, "discovery": run.discovery}
     write_json(run.path("metrics.json"), {"config": asdict(run.config), "circuit": circuit, "results": rows})
+
+
+def sections_json(sections):
+    return [{"name": s.name, "nodes": [str(n) for n in s.nodes], "attributes": list(s.attributes)}
+            for s in sections]
 
 
 def evaluate_and_report(run, oversplitting_grids=metrics.OVERSPLITTING_GRIDS):
@@ -845,34 +848,11 @@ def nodes_command(weights, n, seed):
     model, prompts = load_model(weights), discovery_prompts(n, seed)
     ioi.check_reads_prompts(model, prompts)
     sections, table = ioi.circuit_cross_sections(model, prompts)
-    if table["heads"]:
-        click.echo("Heads found, each class by its own measure (README §3), >= 1/3 of the strongest head's:")
-        header = ("head", "at", "direct", "via q", "LD drop", "(of LD)", "role")
-        for row in [header, *_circuit_rows(table["heads"])]:
-            click.echo("  {:>7} {:<4} {:>7} {:>7} {:>8} {:>8}  {}".format(*row))
-        click.echo("Cross-sections are kept if mean-ablating all their nodes at once moves the LD by >= 5%:")
-        for row in table["sections"]:
-            click.echo(f"  {row['section']:>12} LD drop {row['ld_drop']:>8.3f} ({row['fraction']:.1%})  "
-                       f"{'kept' if row['kept'] else 'dropped: not causal in this model'}")
-    else:
+    if not table["heads"]:
         click.echo("GPT-2 Small: head classes of Wang et al. (2022)")
         for role, heads in ioi.GPT2_SMALL_HEADS.items():
             click.echo(f"  {role:>20}: " + " ".join(f"{layer}.{head}" for layer, head in heads))
-    for section in sections:
-        nodes = " ".join(str(node) for node in section.nodes)
-        click.echo(f"{section.name} (edits {', '.join(section.attributes)}): {nodes}")
-
-
-def _circuit_rows(heads):
-    """Rows (head, position, direct effect, effect via queries, LD drop, fraction, role) of the
-    heads `ioi.discover` gave a role, strongest first; measures not taken are a dash."""
-    def fmt(value, spec=".2f"):
-        return "–" if value is None else format(value, spec)
-    roles = ["name mover", "S-inhibition", "induction/duplicate token"]  # the circuit, from the logits back
-    found = sorted((row for row in heads if row["role"]), key=lambda row: (
-        roles.index(row["role"]) if row["role"] in roles else len(roles), -abs(row["ld_drop"] or 0)))
-    return [(row["head"], row["position"], fmt(row["direct_effect"]), fmt(row["query_effect"]),
-             fmt(row["ld_drop"]), fmt(row["fraction"], ".1%"), row["role"]) for row in found]
+    click.echo("\n\n".join(circuit_tables(sections_json(sections), table["heads"], table["sections"])))
 
 
 @cli.command("train-sae")
@@ -1022,6 +1002,24 @@ def _table(rows, headers):
     return "\n".join(lines[:1] + ["|" + "---|" * len(headers)] + lines[1:])
 
 
+def circuit_tables(sections, heads, verdicts, skipped=()):
+    """Markdown tables of a circuit (`ioi.circuit_cross_sections`): its cross-sections, the heads that
+    `ioi.discover` gave a role (strongest first in each class, from the logits back), the verdicts."""
+    roles = ["name mover", "S-inhibition", "induction/duplicate token"]
+    found = sorted((row for row in heads if row["role"]), key=lambda row: (
+        roles.index(row["role"]) if row["role"] in roles else len(roles), -abs(row["ld_drop"] or 0)))
+    return [_table([(s["name"], ", ".join(f"`{node}`" for node in s["nodes"]), ", ".join(s["attributes"]))
+                    for s in sections], ["cross-section", "nodes", "attributes edited"])] + [
+        _table([(r["head"], r["position"], r["direct_effect"], r["query_effect"], r["ld_drop"],
+                 r["fraction"] and f"{r['fraction']:.1%}", r["role"]) for r in found],
+               ["head", "position", "direct effect", "LD drop via q", "LD drop", "of LD", "role"])
+    ] * bool(heads) + [
+        f"Graded if mean-ablating its nodes moves the mean LD ≥ {metrics.MIN_SECTION_EFFECT:.0%}",
+        _table([(d["section"], d["ld_drop"], d["fraction"], "not graded: in the run's skip_sections"
+                 if d["section"] in skipped else "graded" if d["kept"] else "dropped: not causal here")
+                for d in verdicts], ["cross-section", "LD drop", "of LD", "verdict"])] * bool(verdicts)
+
+
 def _against_paper(low, high, ours):
     """The paper's range [low, high], our min–max and the verdict; counts where both bounds are whole."""
     spec = ".2f" if 0 < low % 1 or 0 < high % 1 else ".0f"  # an infinite bound's % 1 is NaN
@@ -1036,7 +1034,7 @@ def _against_paper(low, high, ours):
 
 class _Row(dict):
     """An object of metrics.json: a field it lacks when a section asks for it, or a head's measure that is
-    not a number (`_circuit_rows` sorts by them), is a one-line error naming the object and the field."""
+    not a number (`circuit_tables` sorts by them), is a one-line error naming the object and the field."""
 
     def __init__(self, row, where):
         if not isinstance(row, dict):
@@ -1248,19 +1246,8 @@ class Report:
         return f"{_fmt(self.edit(EDIT[0], method=method, **where))} / {_fmt(sufficiency)}"
 
     def circuit(self):
-        """The cross-sections graded, the heads found (`_circuit_rows`) and each cross-section's verdict."""
-        sections, heads, verdicts = (self.circuit_rows[name] for name in ("sections", "heads", "verdicts"))
-        return [] if not sections else [
-            _table([(s["name"], ", ".join(f"`{node}`" for node in s["nodes"]),
-                     ", ".join(map(str, s["attributes"]))) for s in sections],
-                   ["cross-section", "nodes", "attributes edited"])] + [
-            _table(_circuit_rows(heads), ["head", "position", "direct effect", "LD drop via q", "LD drop",
-                                          "of LD", "role"])] * bool(heads) + [
-            f"Graded if mean-ablating its nodes moves the mean LD ≥ {metrics.MIN_SECTION_EFFECT:.0%}",
-            _table([(d["section"], d["ld_drop"], d["fraction"], "not graded: in the run's skip_sections"
-                     if d["section"] in self.skipped else "graded" if d["kept"]
-                     else "dropped: not causal here") for d in verdicts],
-                   ["cross-section", "LD drop", "of LD", "verdict"])] * bool(verdicts)
+        rows = self.circuit_rows
+        return circuit_tables(*rows.values(), self.skipped) if rows["sections"] else []
 
     def edit_cell(self, where, method):
         """'edit accuracy / weight removed', and for SAEs '(latents changed of L0 there)'; none: no edit."""
