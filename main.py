@@ -498,7 +498,8 @@ def plan(run):
     ld_recovered.update(kind([node], True) for node in run.nodes)  # each node at its mean
     heads = len({(node.hook_name, node.head) for node in run.nodes})
     return {TASK_SAES: [("vanilla" if method == "random_decoder" else method, len(run.nodes) * len(grid),
-                         c.d_sae, c.epochs, c.n_train) for method, grid in grids.items()],
+                         c.d_sae, c.epochs, c.n_train) for method, grid in grids.items()]
+            + [("topk", len(c.occlusion_alphas), c.d_sae, c.epochs, c.n_train)],  # the α sweep, if it runs
             CORPUS_SAES: [(arch, heads, c.corpus_d_sae, c.corpus_epochs, c.corpus_tokens) for arch in ARCHS],
             SECTIONS: grading, CORE: ld_recovered,
             PHENOMENA: Counter(kind([node], False) for node in run.nodes for _ in ioi.ATTRIBUTES)}
@@ -1090,8 +1091,8 @@ REPORT_SECTIONS = {
            head=("node",)),
         _t("Names with a latent, top-k SAEs on a − α·u_IO:", SWEEP, ("alpha",), plot="alpha_sweep.png"),
         _t("Per node: the stronger name present / the weaker causal:", phenomenon="occlusion", **GATES),
-        _t("Reproduced: the weaker name has latents for < half as many names:", ("occlusion_reproduced",),
-           **SAES),
+        _t("Reproduced: the stronger name has latents for ≥ half the names, the weaker for < half as many:",
+           ("occlusion_reproduced",), **SAES),
         _t("Toy a = u_IO + v_S: features with a vanilla-SAE latent of F1 > 0.9:",
            ("occlusion_toy_recovered",), ("ratio", "attribute", "setting"))],
     "### Feature over-splitting": [

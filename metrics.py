@@ -786,7 +786,8 @@ def attribute_evidence(task: Task, clean_run: ioi.PatchedRun, nodes: Sequence, a
 
 
 PRESENT, CAUSAL = 0.1, 0.1  # present: above the noise floor and >= 10% of the spread; causal: >= 10%
-OCCLUDED, SPLIT = 0.5, 10  # reproduced: the weaker has latents for < half as many names; >= 10 Pos latents
+OCCLUDED, SPLIT = 0.5, 10  # reproduced: the stronger has latents for >= half of the names, the weaker for
+#                            < half as many; >= 10 Pos latents
 
 
 def phenomenon_gates(rows: dict, present: float = PRESENT, causal: float = CAUSAL) -> dict:
@@ -836,7 +837,7 @@ def grade_phenomena(task: Task, clean_run: ioi.PatchedRun, nodes: Sequence, acts
         records.append(Record("phenomenon_testable", str(node), "supervised", node is not None,
                               phenomenon=phenomenon))
     occlusion_node, split_node = found["occlusion"], found["oversplitting"]
-    if occlusion_node is not None:  # reproduced: the weaker (by norm) has latents for < OCCLUDED x the names
+    if occlusion_node is not None:  # which name is the weaker (by norm)
         weaker, stronger = sorted(NAME_ATTRIBUTES, key=lambda a: evidence[occlusion_node, a]["eval_norm"])
     for method, settings in task_saes.items():
         for setting, at_nodes in settings.items():
@@ -845,8 +846,9 @@ def grade_phenomena(task: Task, clean_run: ioi.PatchedRun, nodes: Sequence, acts
                 names = {a: names_with_latent(table.f1, table.labels, a, 0.5) for a in NAME_ATTRIBUTES}
                 records += [Record(f"occlusion_{a}_names", str(occlusion_node), method, n, setting=setting)
                             for a, n in names.items()]
-                records.append(Record("occlusion_reproduced", str(occlusion_node), method,
-                                      names[weaker] < OCCLUDED * names[stronger], setting=setting))
+                records.append(Record("occlusion_reproduced", str(occlusion_node), method, setting=setting,
+                                      value=OCCLUDED * len(ioi.NAMES) <= names[stronger]
+                                      and names[weaker] < OCCLUDED * names[stronger]))
             if split_node is not None:
                 count = pos_latents(at_nodes[split_node].interpretations.best_labels)
                 records += [Record("pos_latents", str(split_node), method, count, node=str(split_node),
