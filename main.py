@@ -970,7 +970,8 @@ LABELS = {"site": "cross-section", **dict.fromkeys((NAMES[0], SWEEP[0]), "IO nam
           **dict.fromkeys((NAMES[1], SWEEP[1]), "S names"), "pos_latents": "Pos latents", "l1": "λ",
           "threshold": "F1 ≥ t", "occlusion_toy_recovered": "share recovered", "graded_sae": "nodes graded",
           "logit_diff_histogram": "prompts per bin of LD", "low": "LD = logit[IO] − logit[S]",
-          "oversplit_toy_loss": "Toy ±µ + noise: best SAE loss", **TOY}
+          "oversplit_toy_loss": "Toy ±µ + noise: best SAE loss", "geometry_lstsq_fve": "least-squares FVE",
+          "geometry_effective_rank": "effective rank", "geometry_io_s_overlap": "IO–S overlap", **TOY}
 FORMATS = {**dict.fromkeys([*NAMES, *SWEEP, "pos_latents", "graded_sae", *list(TOY)[:-1]], ".0f"),
            **dict.fromkeys(("evidence_answers_changed", "evidence_ld_moved"), ".0%")}
 
@@ -1027,7 +1028,7 @@ def _against_paper(low, high, ours):
 
     def span(a, b):
         return (f"≥ {a:{spec}}" if b == np.inf else f"≤ {b:{spec}}" if a == -np.inf
-                else f"{a:{spec}}–{b:{spec}}")
+                else f"{a:{spec}}" if a == b else f"{a:{spec}}–{b:{spec}}")
     return span(low, high), span(min(ours), max(ours)), (
         "within the paper's range" if low <= min(ours) and max(ours) <= high
         else "higher" if min(ours) > high else "lower" if max(ours) < low else "overlaps")
@@ -1108,9 +1109,9 @@ REPORT_SECTIONS = {
     "## 8. Comparison with the paper": [("paper",)],
     "## 9. Geometry and ground truth (beyond the paper)": [
         _t("Per node: least-squares fit FVE, effective rank, mean |cos| of IO and S codes:",
-           ("geometry_lstsq_fve", "geometry_effective_rank", "geometry_io_s_overlap")),
+           ("geometry_lstsq_fve", "geometry_effective_rank", "geometry_io_s_overlap"), head=("node",)),
         _t("Mean-code norm / its shuffled-label noise floor:", ("evidence_eval_norm", "evidence_noise_floor"),
-           columns="attribute"),
+           columns="attribute", head=("node",)),
         _t("Decoder rows' best cosine with the true feature directions / the supervised mean codes:",
            ("ground_truth_cosine", "supervised_cosine"), ("site", "method", "setting"), "attribute")],
     "## 10. SAEs from elsewhere (`grade-sae`)": [
@@ -1298,7 +1299,7 @@ class Report:
                   if r["method"] in ARCHS]),  # trained SAEs: the frozen random decoder is a floor
                 (f"toy: share of the {_fmt(counted, '.0f')} λ counted that the random SAE wins", 0.95, 1,
                  [won]),
-                *[(f"{p}: testable in the model (GPT-2 Small: 1)", 1, 1,
+                *[(f"{p}: testable in the model (1: yes)", 1, 1,
                    [self.at("phenomenon_testable", phenomenon=p)]) for p in ("occlusion", "oversplitting")]]
         table = [(quantity, *_against_paper(low, high, ours)) for quantity, low, high, values in rows
                  for ours in [[value for value in values if value is not None]] if ours]

@@ -227,19 +227,19 @@ def test_verdicts_state_their_criterion_and_number(full_report):
     paper = tables(section(text, "## 8."))[0]
     assert row(paper, quantity="supervised: edit accuracy at k = 2")["verdict"] == "within the paper's range"
     assert row(paper, quantity="gated: edit accuracy at k = 2")["verdict"] == "lower"
-    testable = [row(paper, quantity=f"{p}: testable in the model (GPT-2 Small: 1)")
+    testable = [row(paper, quantity=f"{p}: testable in the model (1: yes)")
                 for p in ("occlusion", "oversplitting")]
     assert [(r["paper"], r["this run"], r["verdict"]) for r in testable] == [
-        ("1–1", "1–1", "within the paper's range"), ("1–1", "0–0", "lower")]
+        ("1", "1", "within the paper's range"), ("1", "0", "lower")]
     pos = row(paper, quantity="over-splitting: latents interpreted as a Pos value")
-    assert (pos["paper"], pos["this run"], pos["verdict"]) == ("≥ 10", "12–12", "within the paper's range")
+    assert (pos["paper"], pos["this run"], pos["verdict"]) == ("≥ 10", "12", "within the paper's range")
     toy = row(paper, quantity="toy: share of the 2 λ counted that the random SAE wins")
-    assert (toy["paper"], toy["this run"], toy["verdict"]) == ("0.95–1.00", "1.00–1.00", "within the paper's range")
+    assert (toy["paper"], toy["this run"], toy["verdict"]) == ("0.95–1.00", "1.00", "within the paper's range")
     occlusion_row = row(paper, quantity="occlusion: IO minus S names with a latent (F1 ≥ 0.5)")
-    assert (occlusion_row["paper"], occlusion_row["this run"]) == ("≥ 1", "37–37")  # 40 IO, 3 S names
+    assert (occlusion_row["paper"], occlusion_row["this run"]) == ("≥ 1", "37")  # 40 IO, 3 S names
     gained = [row(paper, quantity=f"α sweep: {a} names with a latent gained") for a in ("S", "IO")]
     assert [(r["paper"], r["this run"], r["verdict"]) for r in gained] == [
-        ("≥ 1", "40–40", "within the paper's range"), ("≤ -1", "-40–-40", "within the paper's range")]
+        ("≥ 1", "40", "within the paper's range"), ("≤ -1", "-40", "within the paper's range")]
 
 
 def test_a_verdict_turns_when_the_numbers_do(tmp_path):
@@ -254,9 +254,9 @@ def test_a_verdict_turns_when_the_numbers_do(tmp_path):
     main.write_report(str(tmp_path))
     paper = tables(section((tmp_path / "report.md").read_text(), "## 8."))[0]
     occlusion = row(paper, quantity="occlusion: IO minus S names with a latent (F1 ≥ 0.5)")
-    assert (occlusion["this run"], occlusion["verdict"]) == ("-10–-10", "lower")
+    assert (occlusion["this run"], occlusion["verdict"]) == ("-10", "lower")
     toy = row(paper, quantity="toy: share of the 2 λ counted that the random SAE wins")
-    assert (toy["this run"], toy["verdict"]) == ("0.50–0.50", "lower")
+    assert (toy["this run"], toy["verdict"]) == ("0.50", "lower")
 
 
 def test_the_oversplitting_verdict_counts_trained_saes_not_the_random_floor(tmp_path):
@@ -268,7 +268,7 @@ def test_the_oversplitting_verdict_counts_trained_saes_not_the_random_floor(tmp_
     main.write_report(str(tmp_path))
     paper = tables(section((tmp_path / "report.md").read_text(), "## 8."))[0]
     verdict = row(paper, quantity="over-splitting: latents interpreted as a Pos value")
-    assert (verdict["this run"], verdict["verdict"]) == ("2–2", "lower")
+    assert (verdict["this run"], verdict["verdict"]) == ("2", "lower")
 
 
 def test_task_saes_are_shown_at_the_setting_chosen_for_each_attribute(tmp_path):
