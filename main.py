@@ -155,7 +155,7 @@ def run_command(**options):
 
 ARCHS = ("vanilla", "gated", "topk")
 # The circuit of a model other than GPT-2 Small is found on prompts of its own, so it never depends
-# on --n-eval or --seed (README, "What the demo shows, and how it is scaled down").
+# on --n-eval or --seed.
 DISCOVERY_N, DISCOVERY_SEED = 200, 1000
 SAES_PER_PROGRAM = 4  # SAEs trained as one tensor program: 2 to 4 was the fastest of 1..24 on 2 CPU cores
 
@@ -231,7 +231,7 @@ def _checked_setting(field, value):
     return checked if many else checked[0]
 
 
-# The demo: one setting per architecture, SAEs trained to convergence (README, "What the demo shows").
+# The demo: one setting per architecture, SAEs trained to convergence (README, "Commands").
 # At lr 1e-2 with one resampling, SAEs of the embedded model converge 3-4x sooner than at 3e-3 with
 # four, and to a lower loss. (B)NM qk is skipped: on this model it is uninformative (the keys'
 # positions move with the patch, so no-intervention edit accuracy is 1.00) and holds half the nodes.
