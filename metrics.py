@@ -884,7 +884,7 @@ def alpha_sweep_records(node, saes: Sequence, datasets: torch.Tensor, alphas: Se
 
 def occlusion_toy_records(norms: Optional[dict], seed: int = 0) -> list:
     """The occlusion toy (`occlusion_toy_experiment`) at every ratio of OCCLUSION_TOY_RATIOS and at the
-    ratio ‖u_IO‖/‖u_S‖ measured at the occlusion node (norms; None where not testable), to 2 decimals."""
+    ratio ‖u_IO‖/‖u_S‖ measured at the occlusion node, to 2 decimals (norms; None: not testable)."""
     ratios = sorted({*OCCLUSION_TOY_RATIOS, *([round(norms["io"] / norms["s"], 2)] if norms else [])})
     return [Record("occlusion_toy_recovered", "toy", "vanilla", result[attribute], attribute=attribute,
                    ratio=result["ratio"], norm=1.0 if attribute == "io" else 1 / result["ratio"],
