@@ -786,8 +786,13 @@ def attribute_evidence(task: Task, clean_run: ioi.PatchedRun, nodes: Sequence, a
 
 
 PRESENT, CAUSAL = 0.1, 0.1  # present: above the noise floor and >= 10% of the spread; causal: >= 10%
-OCCLUDED, SPLIT = 0.5, 10  # reproduced: the stronger has latents for >= half of the names, the weaker for
-#                            < half as many; >= 10 Pos latents
+OCCLUDED, SPLIT = 0.5, 10  # reproduced: see occlusion_reproduced; >= 10 Pos latents
+
+
+def occlusion_reproduced(stronger_names: int, weaker_names: int) -> bool:
+    """README §9: the SAE has latents for nearly every name of the stronger attribute (>= OCCLUDED of the
+    names) and for few of the weaker (< OCCLUDED x as many)."""
+    return OCCLUDED * len(ioi.NAMES) <= stronger_names and weaker_names < OCCLUDED * stronger_names
 
 
 def phenomenon_gates(rows: dict, present: float = PRESENT, causal: float = CAUSAL) -> dict:
@@ -846,9 +851,8 @@ def grade_phenomena(task: Task, clean_run: ioi.PatchedRun, nodes: Sequence, acts
                 names = {a: names_with_latent(table.f1, table.labels, a, 0.5) for a in NAME_ATTRIBUTES}
                 records += [Record(f"occlusion_{a}_names", str(occlusion_node), method, n, setting=setting)
                             for a, n in names.items()]
-                records.append(Record("occlusion_reproduced", str(occlusion_node), method, setting=setting,
-                                      value=OCCLUDED * len(ioi.NAMES) <= names[stronger]
-                                      and names[weaker] < OCCLUDED * names[stronger]))
+                records.append(Record("occlusion_reproduced", str(occlusion_node), method,
+                                      occlusion_reproduced(names[stronger], names[weaker]), setting=setting))
             if split_node is not None:
                 count = pos_latents(at_nodes[split_node].interpretations.best_labels)
                 records += [Record("pos_latents", str(split_node), method, count, node=str(split_node),

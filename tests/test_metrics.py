@@ -261,6 +261,13 @@ def test_core_metrics_hand_cases():
 
 # --- occlusion --------------------------------------------------------------------------
 
+def test_occlusion_is_reproduced_only_with_most_strong_names_and_few_weak_ones():
+    assert metrics.occlusion_reproduced(150, 20)      # the paper: nearly every IO name, few S names
+    assert not metrics.occlusion_reproduced(150, 102)  # both sets found
+    assert not metrics.occlusion_reproduced(3, 0)      # an SAE that finds nearly no name at all
+    assert metrics.occlusion_reproduced(75, 37) and not metrics.occlusion_reproduced(74, 10)
+
+
 def test_occlusion_toy_data_has_the_requested_feature_norms():
     acts, values = metrics.occlusion_toy_data(io_norm=3.0, s_norm=0.0, n_samples=50, n_values=7, d=16)
     assert acts.shape == (50, 16) and values["io"].shape == values["s"].shape == (50,)
