@@ -686,9 +686,7 @@ def evaluate_and_report(run, oversplitting_grids=metrics.OVERSPLITTING_GRIDS):
 def collect(**options):
     """Step 1: find the circuit and cache activations at its nodes."""
     run = open_run(**options)
-    for section in run.sections:
-        nodes = " ".join(str(node) for node in section.nodes)
-        click.echo(f"{section.name:12s} {', '.join(section.attributes):12s} {nodes}")
+    click.echo(circuit_tables(sections_json(run.sections), heads=[], verdicts=[])[0])
     click.echo(f"Activations cached in {run.path('activations')}")
 
 
