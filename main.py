@@ -956,14 +956,13 @@ METHODS = ["mean_ablation", "supervised", "supervised_lstsq", "vanilla", "gated"
 COLORS = {**dict(zip(METHODS, ["#7f7f7f", "#2ca02c", "#98df8a", "#d62728", "#1f77b4", "#ff7f0e",
                                "#8c564b", "#ff9896", "#aec7e8", "#ffbb78"])),
           "IO names": "#2ca02c", "S names": "#d62728"}  # a method looks the same in every figure
-MARKERS = dict(zip(METHODS, "xsPoD^v*dp"))
 ORDER = {"site": [site for _, site in HEADLINE], "method": ["none", *METHODS],
          "attribute": ["io", "s", "pos"]}  # the paper's
 OPTIONAL = ("setting", "reads", "head")  # fields of a row key that a record may lack
 EDIT, NO_EDIT = ("edit_accuracy", "weight_removed"), "edit_accuracy_no_intervention"
 NAMES, SWEEP = ("occlusion_io_names", "occlusion_s_names"), ("alpha_sweep_io_names", "alpha_sweep_s_names")
 TOY = {f"oversplit_toy_{c}": c.replace("_", " ") for c in ("counted", "random_wins", "ideal_wins", "ties",
-                                                           "not_counted", "share_random_wins")}  # test: label
+                                                           "not_counted", "share_random_wins")}
 LABELS = {"site": "cross-section", **dict.fromkeys((NAMES[0], SWEEP[0]), "IO names"), "alpha": "α",
           **dict.fromkeys((NAMES[1], SWEEP[1]), "S names"), "pos_latents": "Pos latents", "l1": "λ",
           "threshold": "F1 ≥ t", "occlusion_toy_recovered": "share recovered", "graded_sae": "nodes graded",
@@ -984,8 +983,7 @@ def _setting(method, setting):
 
 
 def _keys(records, fields):
-    """The distinct tuples of `fields` in records (of a str: its distinct values), sites and methods in the
-    paper's order, numbers ascending, anything else as it first comes."""
+    """The distinct tuples of `fields` in records (of a str: its values), in ORDER, else numbers ascending."""
     names = (fields,) if isinstance(fields, str) else fields
 
     def rank(key):
@@ -1030,23 +1028,6 @@ def _against_paper(low, high, ours):
     return span(low, high), span(min(ours), max(ours)), (
         "within the paper's range" if low <= min(ours) and max(ours) <= high
         else "higher" if min(ours) > high else "lower" if max(ours) < low else "overlaps")
-
-
-class _Row(dict):
-    """An object of metrics.json: a field it lacks when a section asks for it, or a head's measure that is
-    not a number (`circuit_tables` sorts by them), is a one-line error naming the object and the field."""
-
-    def __init__(self, row, where):
-        if not isinstance(row, dict):
-            raise click.ClickException(f"{where}: {json.dumps(row)[:60]} is not an object")
-        super().__init__(row)
-        self.where = where
-        for key in {"direct_effect", "query_effect", "ld_drop", "fraction"} & set(row):
-            if not isinstance(row[key], (int, float, type(None))):
-                raise click.ClickException(f"{where}: '{key}' is {json.dumps(row[key])[:60]}, not a number")
-
-    def __missing__(self, key):
-        raise click.ClickException(f"{self.where}: lacks '{key}'")
 
 
 def _t(caption, tests, rows=("site",), columns=None, **options):
@@ -1124,30 +1105,23 @@ PAPER_EDITS = [("supervised", EDIT[0], 0.80, 0.96), ("supervised", EDIT[1], 0.37
 class Report:
     """One run's metrics.json as markdown and figures, section by section (README §1-§9)."""
 
-    def __init__(self, run_dir):
-        path = os.path.join(run_dir, "metrics.json")
+    def __init__(self, path):
         try:
             with open(path) as f:
-                data = _Row(json.load(f), f"{path}: malformed file (not a run's metrics.json)")
+                data = json.load(f)
         except FileNotFoundError:
             raise click.ClickException(f"{path}: not found (run the pipeline first)")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise click.ClickException(f"{path}: not valid JSON ({e})")
-        self.config, circuit = (_Row(data[key], f"{path}: malformed {key}") for key in ("config", "circuit"))
-        found = _Row(circuit.get("discovery") or {}, f"{path}: malformed circuit discovery")
-        self.circuit_rows = {name: [_Row(row, f"{path}: malformed circuit {name}[{i}]")
-                                    for i, row in enumerate(rows or [])] for name, rows in
-                             [("sections", circuit.get("sections")), ("heads", found.get("heads")),
-                              ("verdicts", found.get("sections"))]}
-        self.skipped, self.by_test, self.figures = circuit.get("skipped") or [], {}, {}
-        if not isinstance(data["results"], list):
-            raise click.ClickException(f"{path}: malformed results (not a list)")
+        self.config, circuit, self.by_test, self.figures = data["config"], data["circuit"], {}, {}
+        found = circuit.get("discovery") or {}
+        self.circuit_parts = [circuit.get("sections") or [], found.get("heads") or [],
+                              found.get("sections") or [], circuit.get("skipped") or []]
         for i, row in enumerate(data["results"]):
             try:  # checked against the one schema, the one that wrote it
-                record = metrics.Record.from_json(_Row(row, f"{path}: malformed record {i}"))
+                record = metrics.Record.from_json(row).to_json()
             except (TypeError, ValueError) as e:
                 raise click.ClickException(f"{path}: malformed record {i}: {e}")
-            record = _Row(record.to_json(), f"{path}: malformed record {i} (test {record.test})")
             self.by_test.setdefault(record["test"], []).append(record)  # each query scans one test only
         self.chosen = {}  # {(site, method): {attribute: setting}}, as Test 2 chose (metrics.choose_settings)
         for r in self.find("edit_distance_k2", chosen=True):
@@ -1206,30 +1180,29 @@ class Report:
         return ([caption, _table(table, headers)] if caption and table else []) + figure
 
     def figure(self, name, panels):
-        """Keep figures/<name>, a panel per (title, {label: [(x, y)]}, Axes settings, marks: (Axes method, at,
-        label) drawn dashed); its markdown link, or [] if there is no point to draw."""
-        if not any(y is not None for _, series, _, _ in panels for line in series.values() for _, y in line):
+        """Keep figures/<name>, a panel per (title, {label: [(x, y)]}, Axes settings, dashed marks [(Axes
+        method, at, label)]); return its markdown link, or [] if there is no point to draw."""
+        points = [point for _, series, _, _ in panels for line in series.values() for point in line]
+        if all(y is None for _, y in points):
             return []
         from matplotlib.figure import Figure  # a bare Figure keeps no pyplot state, so nothing leaks
-        xs = {x for _, series, _, _ in panels for line in series.values() for x, _ in line}
-        named = any(isinstance(x, str) for x in xs)  # x names a group: points, not joined, and room for names
-        ncols, width = min(len(panels), 2), max(4.5, 0.5 * len(xs)) if named else 4.5
-        nrows = -(-len(panels) // ncols)
+        named = any(isinstance(x, str) for x, _ in points)  # x names a group: points, not joined, room for names
+        ncols, nrows = min(len(panels), 2), -(-len(panels) // 2)
+        width = max(4.5, 0.5 * len({x for x, _ in points})) if named else 4.5
         fig = Figure(figsize=(1.5 + width * ncols, 3.3 * nrows), layout="constrained")
         for i, (title, series, settings, marks) in enumerate(panels):
             ax = fig.add_subplot(nrows, ncols, i + 1, **settings)
             ax.set_title(title, fontsize=10)
             for label, line in series.items():
                 x, y = list(zip(*[(x, y) for x, y in line if x is not None and y is not None])) or [(), ()]
-                ax.plot(x, y, ls="none" if named else "-", label=label, color=COLORS.get(label),
-                        marker=MARKERS.get(label, "o" if named else "."))
+                ax.plot(x, y, "o" if named else ".-", label=label, color=COLORS.get(label))
             for method, at, label in marks:
                 if at is not None:
                     getattr(ax, method)(at, label=label, color=COLORS.get(label, "k"), ls="--", lw=1)
             ax.tick_params("x", labelsize=8, labelrotation=20)
             ax.minorticks_off()
         handles = {label: handle for ax in fig.axes for handle, label in zip(*ax.get_legend_handles_labels())}
-        fig.legend(handles.values(), handles.keys(), fontsize=8, loc="outside right upper", handlelength=3)
+        fig.legend(handles.values(), handles.keys(), fontsize=8, loc="outside right upper")
         self.figures[name] = fig
         return [f"![{name[:-4].replace('_', ' ')}](figures/{name})"]
 
@@ -1246,8 +1219,7 @@ class Report:
         return f"{_fmt(self.edit(EDIT[0], method=method, **where))} / {_fmt(sufficiency)}"
 
     def circuit(self):
-        rows = self.circuit_rows
-        return circuit_tables(*rows.values(), self.skipped) if rows["sections"] else []
+        return circuit_tables(*self.circuit_parts) if self.circuit_parts[0] else []
 
     def edit_cell(self, where, method):
         """'edit accuracy / weight removed', and for SAEs '(latents changed of L0 there)'; none: no edit."""
@@ -1351,8 +1323,12 @@ class Report:
 def write_report(run_dir) -> str:
     """Write <run_dir>/report.md and figures/*.png from its metrics.json; return the terminal summary.
     Every record is read before anything is written, and each file is written atomically."""
-    report = Report(run_dir)
-    markdown = report.markdown()
+    path = os.path.join(run_dir, "metrics.json")
+    try:  # a field missing or of the wrong kind, wherever a section reads it
+        report = Report(path)
+        markdown = report.markdown()
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise click.ClickException(f"{path}: malformed metrics.json ({type(e).__name__}: {e})")
     os.makedirs(os.path.join(run_dir, "figures"), exist_ok=True)
     for name, fig in report.figures.items():
         atomic_write(os.path.join(run_dir, "figures", name),

@@ -330,7 +330,7 @@ def test_cli_report_writes_the_report_and_prints_the_summary(tmp_path):
                                               ('{"config": {}}', "malformed"),
                                               ('{"results": [{"value": 1}]}', "malformed"),
                                               ('{"config": {}, "circuit": {}, "results": [{"test": "l0"}]}', "malformed record"),
-                                              ('{"results": []}', "not a run's metrics.json")])
+                                              ('{"results": []}', "malformed metrics.json (KeyError: 'config')")])
 def test_cli_malformed_metrics(tmp_path, content, problem):
     (tmp_path / "metrics.json").write_text(content)
     result = CliRunner().invoke(main.cli, ["report", "--out", str(tmp_path)])
@@ -363,12 +363,12 @@ BROKEN = {"edit accuracy without its attribute": (drop("edit_accuracy", "attribu
           "a value as text": (put("l0", "value", "high"), "'value'"),
           "a value as null": (put("supervised_feature_norm", "value", None), "'value'"),
           "a setting as text": (put("occlusion_io_names", "setting", "λ=1"), "'setting'"),
-          "config as a list": (lambda data: data.update(config=[1, 2]), "config"),
-          "results as a number": (lambda data: data.update(results=5), "malformed results"),
+          "config as a list": (lambda data: data.update(config=[1, 2]), "malformed metrics.json"),
+          "results as a number": (lambda data: data.update(results=5), "malformed metrics.json"),
           "a cross-section without nodes": (lambda data: data["circuit"]["sections"][0].pop("nodes"),
                                             "'nodes'"),
           "a head's LD drop as text": (lambda data: data["circuit"]["discovery"]["heads"][0].update(
-              ld_drop="big"), "'ld_drop'"),
+              ld_drop="big"), "malformed metrics.json (TypeError"),
           "a test named by a number": (put("l0", "test", 5), "'test'"),
           "a chosen flag as text": (put("edit_distance_k2", "chosen", "yes"), "'chosen'"),
           "a choice without its setting": (drop("edit_distance_k2", "setting"), "'setting'"),
@@ -390,7 +390,7 @@ def test_cli_names_the_key_a_hand_edited_metrics_file_lacks(tmp_path, change, ke
 
 def test_a_malformed_record_leaves_the_previous_report_and_figures_untouched(tmp_path):
     """The record is read only by a late section (its key is not among metrics.Record's required ones),
-    yet nothing is written: every record is read before the first figure is drawn."""
+    yet nothing is written: the whole report is rendered before the first file is."""
     write_metrics(tmp_path, fake_results())
     main.write_report(str(tmp_path))
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "metrics.json"}
@@ -398,7 +398,7 @@ def test_a_malformed_record_leaves_the_previous_report_and_figures_untouched(tmp
     drop("alpha_sweep_s_names", "alpha")(data)
     (tmp_path / "metrics.json").write_text(json.dumps(data))
     result = CliRunner().invoke(main.cli, ["report", "--out", str(tmp_path)])
-    assert result.exit_code == 1 and "(test alpha_sweep_s_names): lacks 'alpha'" in result.output
+    assert result.exit_code == 1 and "malformed metrics.json (KeyError: 'alpha')" in result.output
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "metrics.json"}
     assert after == before
 
