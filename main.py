@@ -1001,8 +1001,7 @@ def _table(rows, headers):
 
 
 def circuit_tables(sections, heads, verdicts, skipped=()):
-    """Markdown tables of a circuit (`ioi.circuit_cross_sections`): its cross-sections, the heads that
-    `ioi.discover` gave a role (strongest first in each class, from the logits back), the verdicts."""
+    """Markdown tables of a circuit: its cross-sections, the heads `ioi.discover` gave a role, verdicts."""
     roles = ["name mover", "S-inhibition", "induction/duplicate token"]
     found = sorted((row for row in heads if row["role"]), key=lambda row: (
         roles.index(row["role"]) if row["role"] in roles else len(roles), -abs(row["ld_drop"] or 0)))
@@ -1111,8 +1110,6 @@ class Report:
                 data = json.load(f)
         except FileNotFoundError:
             raise click.ClickException(f"{path}: not found (run the pipeline first)")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise click.ClickException(f"{path}: not valid JSON ({e})")
         self.config, circuit, self.by_test, self.figures = data["config"], data["circuit"], {}, {}
         found = circuit.get("discovery") or {}
         self.circuit_parts = [circuit.get("sections") or [], found.get("heads") or [],
@@ -1134,15 +1131,14 @@ class Report:
         return [r for r in self.by_test.get(test, []) if all(r.get(k) == v for k, v in match.items())]
 
     def at(self, test, choose_for=None, **match):
-        """The mean value of a test's records that match, a task SAE's at the setting Test 2 chose at its
-        site (README §8) for the attribute `choose_for` (default: the match's), else chose most often."""
+        """The mean value of the matching records; a task SAE's at the setting Test 2 chose at its site
+        (README §8) for the attribute `choose_for` (default: the match's), else the one chosen most often."""
         groups, values, attribute = {}, [], choose_for or match.get("attribute")
         for r in self.find(test, **match):
             groups.setdefault((r["site"], r["method"]), []).append(r)
         for site_method, records in groups.items():
             choice = self.chosen.get(site_method, {})
-            preferred = ([choice[attribute]] if attribute in choice else []) + [
-                setting for setting, _ in Counter(choice.values()).most_common()]
+            preferred = [choice.get(attribute), *(s for s, _ in Counter(choice.values()).most_common())]
             present = sorted({r.get("setting") for r in records} - {None})
             setting = next((s for s in preferred if s in present), present[0] if present else None)
             values += [r["value"] for r in records if r.get("setting") == setting]
@@ -1180,19 +1176,17 @@ class Report:
         return ([caption, _table(table, headers)] if caption and table else []) + figure
 
     def figure(self, name, panels):
-        """Keep figures/<name>, a panel per (title, {label: [(x, y)]}, Axes settings, dashed marks [(Axes
-        method, at, label)]); return its markdown link, or [] if there is no point to draw."""
+        """Keep figures/<name>: a panel per (title, {label: [(x, y)]}, Axes settings, dashed marks)."""
         points = [point for _, series, _, _ in panels for line in series.values() for point in line]
         if all(y is None for _, y in points):
             return []
         from matplotlib.figure import Figure  # a bare Figure keeps no pyplot state, so nothing leaks
-        named = any(isinstance(x, str) for x, _ in points)  # x names a group: points, not joined, room for names
+        named = any(isinstance(x, str) for x, _ in points)  # x names a group: points, not joined
         ncols, nrows = min(len(panels), 2), -(-len(panels) // 2)
         width = max(4.5, 0.5 * len({x for x, _ in points})) if named else 4.5
         fig = Figure(figsize=(1.5 + width * ncols, 3.3 * nrows), layout="constrained")
         for i, (title, series, settings, marks) in enumerate(panels):
-            ax = fig.add_subplot(nrows, ncols, i + 1, **settings)
-            ax.set_title(title, fontsize=10)
+            ax = fig.add_subplot(nrows, ncols, i + 1, title=title, **settings)
             for label, line in series.items():
                 x, y = list(zip(*[(x, y) for x, y in line if x is not None and y is not None])) or [(), ()]
                 ax.plot(x, y, "o" if named else ".-", label=label, color=COLORS.get(label))
@@ -1207,8 +1201,7 @@ class Report:
         return [f"![{name[:-4].replace('_', ' ')}](figures/{name})"]
 
     def summary(self):
-        """The terminal summary (also "At a glance"): the model, then per headline site the edit accuracy
-        at k = 2 and the sufficiency of the supervised dictionary and the task SAEs."""
+        """The terminal summary (also "At a glance"): the model, edit accuracy and sufficiency per site."""
         ld, accuracy = (_fmt(self.at(test, site="model")) for test in ("logit_diff", "accuracy"))
         table = self.pivot("Edit accuracy at k = 2 / sufficiency:", (), ("attribute", "site"), "method",
                            cell="glance_cell", keys=self.headline, values=("supervised", *ARCHS))
@@ -1324,7 +1317,7 @@ def write_report(run_dir) -> str:
     """Write <run_dir>/report.md and figures/*.png from its metrics.json; return the terminal summary.
     Every record is read before anything is written, and each file is written atomically."""
     path = os.path.join(run_dir, "metrics.json")
-    try:  # a field missing or of the wrong kind, wherever a section reads it
+    try:  # not JSON, or a field missing or of the wrong kind wherever a section reads it: one line
         report = Report(path)
         markdown = report.markdown()
     except (KeyError, TypeError, ValueError, AttributeError) as e:
