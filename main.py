@@ -1189,7 +1189,7 @@ class Report:
             ax = fig.add_subplot(nrows, ncols, i + 1, title=title, **settings)
             for label, line in series.items():
                 x, y = list(zip(*[(x, y) for x, y in line if x is not None and y is not None])) or [(), ()]
-                ax.plot(x, y, "o" if named else ".-", label=label, color=COLORS.get(label))
+                ax.plot(x, y, "o" if named else "o-", label=label, color=COLORS.get(label))
             for method, at, label in marks:
                 if at is not None:
                     getattr(ax, method)(at, label=label, color=COLORS.get(label, "k"), ls="--", lw=1)
