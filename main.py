@@ -983,7 +983,7 @@ def _setting(method, setting):
 
 
 def _keys(records, fields):
-    """The distinct tuples of `fields` in records (of a str: its values), in ORDER, else numbers ascending."""
+    """The distinct tuples of `fields` in records (of a str: its values): in ORDER, numbers ascending."""
     names = (fields,) if isinstance(fields, str) else fields
 
     def rank(key):
@@ -1315,7 +1315,7 @@ class Report:
 
 def write_report(run_dir) -> str:
     """Write <run_dir>/report.md and figures/*.png from its metrics.json; return the terminal summary.
-    Every record is read before anything is written, and each file is written atomically."""
+    The whole report is rendered before anything is written, and each file is written atomically."""
     path = os.path.join(run_dir, "metrics.json")
     try:  # not JSON, or a field missing or of the wrong kind wherever a section reads it: one line
         report = Report(path)

@@ -326,7 +326,7 @@ def test_cli_report_writes_the_report_and_prints_the_summary(tmp_path):
     assert (tmp_path / "report.md").exists() and str(tmp_path / "report.md") in result.output
 
 
-@pytest.mark.parametrize("content, problem", [("{not json", "not valid JSON"),
+@pytest.mark.parametrize("content, problem", [("{not json", "malformed metrics.json (JSONDecodeError"),
                                               ('{"config": {}}', "malformed"),
                                               ('{"results": [{"value": 1}]}', "malformed"),
                                               ('{"config": {}, "circuit": {}, "results": [{"test": "l0"}]}', "malformed record"),
