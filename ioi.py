@@ -1,9 +1,7 @@
-"""The IOI task: prompts, attributes, counterfactuals, circuit nodes, activations, a small IOI model.
-
-Indirect object identification (Wang et al. 2022, arXiv 2211.00593) as used by Makelov, Lange & Nanda
-(arXiv 2405.08366), README §2-3: "Then, Mary and John went to the store. John gave a drink to" -> " Mary".
-A prompt's attributes IO, S and Pos are sampled independently; activations are read per head at a few
-token positions, found per prompt. In a model other than GPT-2 Small, `discover` finds the circuit.
+"""The IOI task (Wang et al. 2022, arXiv 2211.00593) as Makelov, Lange & Nanda (arXiv 2405.08366) use it,
+README §2-3: "Then, Mary and John went to the store. John gave a drink to" -> " Mary". Prompts with independent
+attributes IO, S and Pos, counterfactuals, circuit nodes (per head, at positions found per prompt), patched
+runs, `discover` (the circuit of a model other than GPT-2 Small) and a small hand-written IOI model.
 Where to start: `sample_prompts`, `counterfactual`, `Node`, then `run_batches` and `patched_run`.
 """
 import hashlib
@@ -203,8 +201,8 @@ def batch_prompts(prompts, device="cpu"):
     for row, prompt in enumerate(prompts):
         tokens[row, :len(prompt.tokens)] = torch.tensor(prompt.tokens)
     positions = {key: torch.tensor([p.positions[key] for p in prompts], device=device) for key in POSITIONS}
-    io_token = torch.tensor([name_token(p.io) for p in prompts], device=device)
-    s_token = torch.tensor([name_token(p.s) for p in prompts], device=device)
+    io_token, s_token = (torch.tensor([name_token(getattr(p, key)) for p in prompts], device=device)
+                         for key in ("io", "s"))
     return PromptBatch(tokens.to(device), positions, io_token, s_token)
 
 
@@ -272,9 +270,8 @@ class Node:
 
 def run_with_patches(model, batch, patches, hooks=(), resume=None, ld_only=False):
     """End logits [batch, vocab] (`ld_only`: of IO and S, [batch, 2]) with every node of `patches` ({Node:
-    values [batch, d]}) set at once to fixed values (README §3: an early patch does not change a later
-    node's), then `hooks` ([(hook name, fn)]). `resume`: the batch's `residual_streams`; only positions
-    from the first patched one (or `end`) are then computed."""
+    values [batch, d]}) set at once (README §3), then `hooks` ([(hook name, fn)]). `resume`: the batch's
+    `residual_streams`; only positions from the first patched one (or `end`) are then computed."""
     first, resumed = 0, {}
     if resume is not None:  # attention is causal: positions before the first patched one stay clean
         first = int(min(batch.positions[key].min() for key in {node.position for node in patches} | {"end"}))
@@ -791,7 +788,7 @@ def true_features(model, node):
 
 def default_model():
     """The embedded default model (built in a few seconds; nothing to download or train)."""
-    return build_ioi_model(CircuitConfig())
+    return build_ioi_model()
 
 
 # --- the nodes an SAE from elsewhere reads (`main.py grade-sae`), from TransformerLens's hook names
