@@ -1,10 +1,7 @@
-"""GPT-2 written out by hand in plain PyTorch, with TransformerLens-style hook points.
-
-Radford et al.'s (2019) architecture as in Hugging Face's `GPT2LMHeadModel`, laid out as nanoGPT's
-`model.py`. Parameter names are Hugging Face's (`h.0.attn.c_attn.weight`): loading is a name-for-name
-copy. Hook names, shapes and values, and `run_with_cache`/`run_with_hooks`'s arguments, are
-TransformerLens's (README, "Use with TransformerLens / SAELens"). Makelov, Lange & Nanda (arXiv
-2405.08366) patch per-head q, k, v, z at a few positions and read one position's logits: `patch_heads`.
+"""GPT-2 (Radford et al. 2019) by hand in PyTorch: Hugging Face's `GPT2LMHeadModel` laid out as nanoGPT's
+`model.py`, with its parameter names (loading is a name-for-name copy), and TransformerLens's hook names,
+values and `run_with_cache`/`run_with_hooks` (README, "Use with TransformerLens / SAELens"). Makelov, Lange &
+Nanda (arXiv 2405.08366) patch per-head q, k, v, z at a few positions, read one position's logits.
 Where to start: `GPT2._forward` (embeddings, blocks, unembedding), then `Block.forward`.
 """
 import difflib
@@ -174,8 +171,7 @@ class Block(nn.Module):
 
 
 def _takes_hook_argument(fn):
-    """TransformerLens calls fn(activation, hook=hook_point); a function with no `hook` parameter
-    (nor **kwargs), such as `lambda act: ...`, is called as fn(activation)."""
+    """TransformerLens calls fn(activation, hook=hook_point), or fn(activation) if fn takes no `hook`."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):  # some built-ins have no signature
@@ -330,9 +326,8 @@ class GPT2(nn.Module):
 
 
 def patch_heads(positions, heads, values):
-    """Hook fn that writes values[b, i] at positions[b, i] (LongTensor [batch, n]) and head heads[i] of a
-    per-head activation (`hook_q|k|v|z`; values [batch, n, d_head]). heads None: the whole slot, every
-    head (values flattened head-major, as TransformerLens and SAELens concatenate heads) or the residual."""
+    """Hook fn writing values[b, i] [batch, n, d] at positions[b, i] and head heads[i] of hook_q|k|v|z; heads
+    None: the whole slot (all heads, flattened head-major as SAELens concatenates them, or the residual)."""
     heads = None if heads is None else torch.as_tensor(heads, dtype=torch.long)
 
     def hook(act):                                 # [batch, pos, head, d_head] or [batch, pos, d_model]
