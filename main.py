@@ -1373,12 +1373,14 @@ def report(run_dir):
 
 # === plumbing: atomic saves and the one cache ===
 
-def atomic_write(path, write):
+def atomic_write(path, write, folder=False):
     """Call write(PATH.tmp), then rename it to `path`; return what `write` returns. A file or folder is then
     wholly old or wholly new: the old one waits at PATH.old; `recover_interrupted_save` undoes a kill."""
     path = os.path.normpath(path)
     recover_interrupted_save(path)
     try:
+        if folder:
+            os.makedirs(path + ".tmp")
         result = write(path + ".tmp")
         if os.path.exists(path):
             os.rename(path, path + ".old")
@@ -1398,10 +1400,7 @@ def read_json(path):
 
 def atomic_folder(path, write):
     """`atomic_write` of a multi-file artefact: write(tmp) fills a fresh folder."""
-    def fill(tmp):
-        os.makedirs(tmp)
-        return write(tmp)
-    return atomic_write(path, fill)
+    return atomic_write(path, write, folder=True)
 
 
 def cached(folder, key, build, load):
@@ -1409,7 +1408,6 @@ def cached(folder, key, build, load):
     depends on); else build(tmp) fills a fresh folder that replaces it. A stale result is never reused."""
     key = json.loads(json.dumps(key))  # as key.json reads back: tuples become lists
     stamp = os.path.join(folder, "key.json")
-    recover_interrupted_save(folder)
     if not (os.path.exists(stamp) and read_json(stamp) == key):
         def write(tmp):
             build(tmp)
@@ -1431,11 +1429,14 @@ def recover_interrupted_save(path):
 
 
 def recover_interrupted_saves(out):
-    """Undo every save a killed run left unfinished in its folder `out`, parents before what they hold."""
-    for root, dirs, files in os.walk(out):
-        for name in dirs + files:
-            if name.endswith((".tmp", ".old")):
-                recover_interrupted_save(os.path.join(root, os.path.splitext(name)[0]))
+    """Undo every save a killed run left unfinished in its folder `out` (in what a run writes only)."""
+    for name in ("config.json", "metrics.json", "report.md"):
+        recover_interrupted_save(os.path.join(out, name))
+    for folder in ("activations", "dictionaries", "saes", "grades", "figures"):
+        for root, dirs, files in os.walk(os.path.join(out, folder)):  # parents first
+            for name in dirs + files:
+                if name.endswith((".tmp", ".old")):
+                    recover_interrupted_save(os.path.join(root, os.path.splitext(name)[0]))
 
 
 def collect_activations(cache_dir, model, prompts, nodes, batch_size):
