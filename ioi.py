@@ -1,9 +1,7 @@
-"""The IOI task: prompts, attributes, counterfactuals, circuit nodes, activations, a small IOI model.
-
-Indirect object identification (Wang et al. 2022, arXiv 2211.00593) as used by Makelov, Lange & Nanda
-(arXiv 2405.08366), README §2-3: "Then, Mary and John went to the store. John gave a drink to" -> " Mary".
-A prompt's attributes IO, S and Pos are sampled independently; activations are read per head at a few
-token positions, found per prompt. In a model other than GPT-2 Small, `discover` finds the circuit.
+"""The IOI task (Wang et al. 2022, arXiv 2211.00593) as Makelov, Lange & Nanda (arXiv 2405.08366) use it,
+README §2-3: "Then, Mary and John went to the store. John gave a drink to" -> " Mary". Prompts with
+independent attributes IO, S and Pos, counterfactuals, circuit nodes (per head, at positions found per
+prompt), patched runs, `discover` (the circuit of a model but GPT-2 Small), a small hand-written IOI model.
 Where to start: `sample_prompts`, `counterfactual`, `Node`, then `run_batches` and `patched_run`.
 """
 import hashlib
@@ -203,8 +201,8 @@ def batch_prompts(prompts, device="cpu"):
     for row, prompt in enumerate(prompts):
         tokens[row, :len(prompt.tokens)] = torch.tensor(prompt.tokens)
     positions = {key: torch.tensor([p.positions[key] for p in prompts], device=device) for key in POSITIONS}
-    io_token = torch.tensor([name_token(p.io) for p in prompts], device=device)
-    s_token = torch.tensor([name_token(p.s) for p in prompts], device=device)
+    io_token, s_token = (torch.tensor([name_token(getattr(p, key)) for p in prompts], device=device)
+                         for key in ("io", "s"))
     return PromptBatch(tokens.to(device), positions, io_token, s_token)
 
 
@@ -229,9 +227,8 @@ RESIDUAL_ACTS = ("resid_pre", "resid_mid", "resid_post")
 
 @dataclass(frozen=True, order=True)
 class Node:
-    """One head's q, k, v or z (before W_O) at one semantic position: z@L9H9@end. For SAEs that read more
-    (README, "Use with TransformerLens / SAELens"): every head of the layer concatenated (head None,
-    z@L9@end), or the residual stream, which has no heads (resid_pre@L9@end)."""
+    """One head's q, k, v or z (before W_O) at one semantic position: z@L9H9@end; for SAEs that read more
+    (README, "Use with TransformerLens / SAELens"), all heads (z@L9@end) or resid_pre@L9@end."""
     act: str
     layer: int
     head: Optional[int]
@@ -253,8 +250,7 @@ class Node:
         return f"blocks.{self.layer}.{'' if self.act in RESIDUAL_ACTS else 'attn.'}hook_{self.act}"
 
     def read(self, act, positions):
-        """This node's activations [batch, d] from its hook's activation (per head
-        [batch, pos, head, d_head], or [batch, pos, d_model]) at positions [batch]."""
+        """This node's activations [batch, d] at positions [batch] of its hook's (per head or not)."""
         rows = torch.arange(len(act), device=act.device)
         at_positions = act[rows, positions.to(act.device)]            # [batch, (head,) d]
         return at_positions.flatten(1) if self.head is None else at_positions[:, self.head]
@@ -272,9 +268,8 @@ class Node:
 
 def run_with_patches(model, batch, patches, hooks=(), resume=None, ld_only=False):
     """End logits [batch, vocab] (`ld_only`: of IO and S, [batch, 2]) with every node of `patches` ({Node:
-    values [batch, d]}) set at once to fixed values (README §3: an early patch does not change a later
-    node's), then `hooks` ([(hook name, fn)]). `resume`: the batch's `residual_streams`; only positions
-    from the first patched one (or `end`) are then computed."""
+    values [batch, d]}) set at once (README §3), then `hooks` ([(hook name, fn)]). `resume`: the batch's
+    `residual_streams`; only positions from the first patched one (or `end`) are then computed."""
     first, resumed = 0, {}
     if resume is not None:  # attention is causal: positions before the first patched one stay clean
         first = int(min(batch.positions[key].min() for key in {node.position for node in patches} | {"end"}))
@@ -426,12 +421,11 @@ def circuit_cross_sections(model, prompts, batch_size=256):
 
 def discover(model, prompts, threshold=1 / 3, min_effect=0.02, min_section_effect=0.05, batch_size=256):
     """The IOI circuit's heads in a model whose circuit is unknown, by Wang et al.'s (2022, section 3) measure
-    of each class, >= `threshold` of the strongest head's (small models spread work over similar heads) and
-    >= `min_effect` of the clean mean LD: name movers by direct effect; earlier S-inhibition heads by the LD
-    drop when the movers' queries at `end` see the head's z mean-ablated (path patching); induction and
-    duplicate token by the LD drop with its z at `s2` mean-ablated. Cross-sections whose mean ablation moves
-    the mean LD by >= `min_section_effect` are kept (necessity divides by that move) -> (kept sections,
-    {"heads": a row per head and position (None: not measured there), "sections": a row per section})."""
+    of each class, >= `threshold` of the strongest head's and >= `min_effect` of the clean mean LD: name
+    movers by direct effect; earlier S-inhibition heads by the LD drop when the movers' queries at `end` see
+    the head's z mean-ablated (path patching); induction, duplicate token: the LD drop, its z at s2 ablated.
+    Sections whose mean ablation moves the mean LD by >= `min_section_effect` are kept (necessity divides by
+    it) -> (kept sections, {"heads": a row per head and position, "sections": a row per section})."""
     clean = patched_run(model, prompts, batch_size=batch_size).logit_diff.mean().item()
     floor = min_effect * abs(clean)
     heads = [(layer, head) for layer in range(model.config.n_layer) for head in range(model.config.n_head)]
@@ -509,13 +503,12 @@ def direct_effects(model, prompts, batch_size=256):
 #   layer 3  name movers: at `end`, attend to the names S-inhibition does not rule out, copy the name to
 #            the logits, and "not this name" into S-inhibition's name subspace
 #   layer 4  late name mover (GPT-2's 10.0): the same, its query reading S and IO in that one subspace
-# A name mover's score of a name token = name_bonus + duplicate_bonus [s2] - inhibit_position [at S's
-# first position] - inhibit_token [S] (late mover: + late_inhibit io_s_ratio [IO]), so the IO wins.
-# Editing Pos moves the position inhibition onto the IO; editing S lifts the token inhibition and s2
-# wins; at the late query, editing IO takes the IO's bonus: each changes the answer, as in GPT-2
-# (arXiv 2405.08366, sections 4-5). As in GPT-2, no node is exactly ā + u_IO + u_S + u_Pos: position
-# codes overlap, Pos varies with the names (the MLP, and a duplicate-token attention that depends on S),
-# and every head reads a little of the words around.
+# A name mover's score of a name token = name_bonus + duplicate_bonus [s2] - inhibit_position [at S's first
+# position] - inhibit_token [S] (late mover: + late_inhibit io_s_ratio [IO]), so the IO wins. Editing Pos
+# moves the position inhibition onto the IO; editing S lifts the token inhibition and s2 wins; at the late
+# query, editing IO takes the IO's bonus: each changes the answer, as in GPT-2 (arXiv 2405.08366, sections
+# 4-5). As in GPT-2, no node is exactly ā + u_IO + u_S + u_Pos: position codes overlap, Pos varies with the
+# names (the MLP, a duplicate-token attention that depends on S), and each head reads a little of the words.
 
 # The residual stream: named blocks of orthonormal features (sizes in dimensions), orthogonal to the all-ones
 # vector (LayerNorm's mean subtraction changes nothing); `bias` is large and constant, so its division is too.
@@ -577,8 +570,7 @@ def _unit_rows(n, d, generator):
 class CircuitWriter:
     """Writes heads into a GPT-2 state dict in terms of the feature blocks. A score term (query, key, M[,
     scale]) adds x_q^T M x_k to the softmax logits (keys x scale, queries / scale); an output term (source,
-    target, M[, scale]) adds x_source^T M to the target (v x scale, W_O / scale). Each term has its own
-    coordinates of the head's 64. `score`, `map`: per-position matrices on the overlapping codes."""
+    target, M[, scale]) adds x_source^T M to the target (v x scale, W_O / scale), in its own coordinates."""
 
     def __init__(self, config):
         self.config, self.d_head = config, config.n_embd // config.n_head
@@ -791,7 +783,7 @@ def true_features(model, node):
 
 def default_model():
     """The embedded default model (built in a few seconds; nothing to download or train)."""
-    return build_ioi_model(CircuitConfig())
+    return build_ioi_model()
 
 
 # --- the nodes an SAE from elsewhere reads (`main.py grade-sae`), from TransformerLens's hook names
@@ -819,8 +811,7 @@ def hook_reads(hook_name, head, d_in, config):
 
 def sections_read(sections, act, layer, head):
     """The cross-sections as an SAE reading (act, layer, head) sees them: each node becomes the SAE's node
-    that reads it (the same head, every head of its layer, or the residual stream at its position, upstream
-    of its layer), if any. Sections that map to the same nodes are graded once, for all their attributes."""
+    that reads it, if any; sections that map to the same nodes are graded once, for all their attributes."""
     def reads(node):
         if act in RESIDUAL_ACTS:  # resid_pre@L feeds layer L's heads on; resid_mid and resid_post the next's
             return node.layer >= layer + (act != "resid_pre")
@@ -838,8 +829,7 @@ def sections_read(sections, act, layer, head):
 
 
 def check_reads_prompts(model, prompts, name="the model"):
-    """A ValueError unless `model` reads GPT-2's whole vocabulary (the prompts' and the corpus's tokens)
-    and positions up to the longest prompt."""
+    """A ValueError unless `model` reads GPT-2's whole vocabulary and positions up to the longest prompt."""
     longest = max(len(prompt.tokens) for prompt in prompts)
     if model.config.vocab_size <= gpt2.BOS_TOKEN_ID:
         raise ValueError(f"{name}'s vocabulary ({model.config.vocab_size} tokens) is smaller "

@@ -1342,37 +1342,14 @@ def report(run_dir):
 
 # === plumbing: atomic saves and the one cache ===
 
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename: an interrupted save never leaves a partial file."""
-    tmp = path + ".tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(path, data):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
-    atomic_write(path, write)
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def atomic_folder(path, write):
-    """Fill a fresh sibling folder with write(tmp_folder), then rename it to `path`; return what `write`
-    returns. A multi-file artefact is then wholly old or wholly new; the old one waits at PATH.old, and
-    what a killed save leaves is put back by `recover_interrupted_save`, called here and by readers."""
+def atomic_write(path, write, folder=False):
+    """Call write(PATH.tmp), then rename it to `path`; return what `write` returns. A file or folder is then
+    wholly old or wholly new: the old one waits at PATH.old; `recover_interrupted_save` undoes a kill."""
     path = os.path.normpath(path)
     recover_interrupted_save(path)
-    os.makedirs(path + ".tmp")
     try:
+        if folder:
+            os.makedirs(path + ".tmp")
         result = write(path + ".tmp")
         if os.path.exists(path):
             os.rename(path, path + ".old")
@@ -1382,13 +1359,24 @@ def atomic_folder(path, write):
     return result
 
 
+def write_json(path, data):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def atomic_folder(path, write):
+    """`atomic_write` of a multi-file artefact: write(tmp) fills a fresh folder."""
+    return atomic_write(path, write, folder=True)
+
+
 def cached(folder, key, build, load):
-    """The project's one cache: load(folder) if `folder` was built from `key` (JSON of everything the
-    result depends on); else build(tmp) fills a fresh folder that replaces it, then it is loaded. A
-    stale result is rebuilt, never reused, and a fresh run and a resumed one go on from the same values."""
+    """The project's one cache: load(folder) if `folder` was built from `key` (JSON of all the result
+    depends on); else build(tmp) fills a fresh folder that replaces it. A stale result is never reused."""
     key = json.loads(json.dumps(key))  # as key.json reads back: tuples become lists
     stamp = os.path.join(folder, "key.json")
-    recover_interrupted_save(folder)
     if not (os.path.exists(stamp) and read_json(stamp) == key):
         def write(tmp):
             build(tmp)
@@ -1398,8 +1386,7 @@ def cached(folder, key, build, load):
 
 
 def recover_interrupted_save(path):
-    """Undo what an interrupted `atomic_write` or `atomic_folder` left beside `path`: the old
-    version comes back if the new one never replaced it, and the temporary copies go."""
+    """Undo a killed `atomic_write` of `path`: the old version comes back if the new one never replaced it."""
     path = os.path.normpath(path)
     if os.path.exists(path + ".old") and not os.path.exists(path):
         os.rename(path + ".old", path)
@@ -1411,19 +1398,18 @@ def recover_interrupted_save(path):
 
 
 def recover_interrupted_saves(out):
-    """Undo every save a killed run left unfinished in its folder `out` (what a run writes only)."""
-    saved = [os.path.join(out, name) for name in ("config.json", "metrics.json", "report.md")]
+    """Undo every save a killed run left unfinished in its folder `out` (in what a run writes only)."""
+    for name in ("config.json", "metrics.json", "report.md"):
+        recover_interrupted_save(os.path.join(out, name))
     for folder in ("activations", "dictionaries", "saes", "grades", "figures"):
-        for root, dirs, files in os.walk(os.path.join(out, folder)):
-            saved += [os.path.join(root, os.path.splitext(name)[0]) for name in dirs + files
-                      if name.endswith((".tmp", ".old"))]
-    for path in saved:  # parents first: a leftover inside a removed one is gone already
-        recover_interrupted_save(path)
+        for root, dirs, files in os.walk(os.path.join(out, folder)):  # parents first
+            for name in dirs + files:
+                if name.endswith((".tmp", ".old")):
+                    recover_interrupted_save(os.path.join(root, os.path.splitext(name)[0]))
 
 
 def collect_activations(cache_dir, model, prompts, nodes, batch_size):
-    """`ioi.collect_activations`, cached in a folder of `cache_dir` named by a hash of the weights,
-    the prompts and the nodes."""
+    """`ioi.collect_activations`, cached in `cache_dir` under a hash of the weights, prompts and nodes."""
     nodes = list(dict.fromkeys(nodes))
     key = {"weights": gpt2.weights_hash(model), "prompts": ioi.prompts_fingerprint(prompts),
            "nodes": [str(node) for node in nodes]}

@@ -129,8 +129,7 @@ def f1_scores(active: torch.Tensor, properties: torch.Tensor) -> torch.Tensor:
 
 def _name_properties(attributes: dict, n_names: int) -> dict:
     """One-hot single-name properties [N, n_names]: "io", "s", "has" (in the prompt), "first", "second"."""
-    io = F.one_hot(attributes["io"], n_names).bool()  # [N, n_names]
-    s = F.one_hot(attributes["s"], n_names).bool()  # [N, n_names]
+    io, s = (F.one_hot(attributes[name], n_names).bool() for name in NAME_ATTRIBUTES)  # [N, n_names] each
     io_first = (attributes["pos"] == ioi.PATTERNS.index("ABB"))[:, None]  # [N, 1]
     return {"io": io, "s": s, "has": io | s,
             "first": torch.where(io_first, io, s), "second": torch.where(io_first, s, io)}
