@@ -64,24 +64,18 @@ class FiniteFloat(click.FloatRange):
         return super().convert(number, param, ctx)
 
 
-class Device(click.ParamType):
-    """A device torch can compute on, on this machine."""
-    name = "device"
-
-    def convert(self, value, param, ctx):
-        here = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
-        try:
-            device = torch.device(value)
-        except (RuntimeError, TypeError):
-            self.fail(f"{value!r} is not a device (cpu, cuda, cuda:N or mps)", param, ctx)
-        if (device.index or 0) >= here.get(device.type, 0):
-            self.fail(f"{value}: not a device of this machine ({here['cuda']} CUDA, {here['mps']} MPS)",
-                      param, ctx)
-        return value
+def usable_device(ctx, param, value):
+    """click callback for --device: a device torch can compute on, on this machine."""
+    try:
+        torch.empty(0, device=value)
+    except (RuntimeError, AssertionError):  # not a device name, or none of this machine (no CUDA: an assert)
+        raise click.BadParameter(f"{value!r} is not a device of this machine (cpu, cuda, cuda:N or mps)",
+                                 ctx, param) from None
+    return value
 
 
 SEED, POSITIVE = click.IntRange(0, 2**32 - 1), click.IntRange(min=1)  # numpy refuses negative seeds
-DEVICE_OPTION = click.option("--device", type=Device(), default="cpu", show_default=True,
+DEVICE_OPTION = click.option("--device", callback=usable_device, default="cpu", show_default=True,
                              help="cpu, cuda, cuda:N or mps.")
 WEIGHTS_OPTION = click.option("--weights", help="GPT-2 checkpoint (dir or .safetensors); "
                                                 "default: the embedded IOI model.")
@@ -107,7 +101,8 @@ def output_folder(marker=None):
     return check
 
 
-# How each setting of a run is checked, as an option and in config.json alike (any other: an integer >= 1).
+# How each setting of a run is checked (`RunConfig.__post_init__`), an option and config.json alike; any
+# other setting: an integer >= 1.
 SETTINGS = {"n_train": click.IntRange(min=10), "n_eval": click.IntRange(min=10), "seed": SEED,
             **dict.fromkeys(("sae_lr", "corpus_lr"), FiniteFloat(min=0, min_open=True)),
             "sae_plateau": FiniteFloat(min=0, max=1), "occlusion_alphas": FiniteFloat(),
@@ -125,9 +120,9 @@ def run_options(function):
                click.option("--preset", type=click.Choice(["demo", "laptop", "paper"]),
                             help="Settings: demo (minutes on a CPU), laptop (GPT-2 Small within the "
                                  "hour) or the paper's. Default: demo for the embedded model, else paper."),
-               DEVICE_OPTION, click.option("--n-train", type=SETTINGS["n_train"], help="Training prompts."),
-               click.option("--n-eval", type=SETTINGS["n_eval"], help="Evaluation prompts."),
-               click.option("--epochs", type=POSITIVE, help="SAE training epochs."), FORCE_OPTION]
+               DEVICE_OPTION, click.option("--n-train", type=int, help="Training prompts."),
+               click.option("--n-eval", type=int, help="Evaluation prompts."),
+               click.option("--epochs", type=int, help="SAE training epochs."), FORCE_OPTION]
     for option in reversed(options):
         function = option(function)
     return function
@@ -190,45 +185,45 @@ class RunConfig:
     batch_size: int = 256
     device: str = "cpu"
 
+    def __post_init__(self):
+        """Each setting checked by its `SETTINGS` type, from an option, a preset or config.json alike. JSON
+        has types, so nothing is coerced (click alone would take "12", 12.7 or true for an integer)."""
+        for field in fields(self):
+            value, kind = getattr(self, field.name), SETTINGS.get(field.name, POSITIVE)
+            if value is None and field.default is None:  # weights, corpus: the embedded model, pydoc prose
+                continue
+            many = isinstance(field.default, tuple)
+            if many and not (isinstance(value, (list, tuple)) and (value or not field.default)):
+                raise ValueError(f"{field.name}: {value!r} is not a {'non-empty ' * bool(field.default)}list")
+            json_type = {click.IntRange: int, FiniteFloat: (int, float)}.get(type(kind), str)
+            checked = []
+            for item in value if many else [value]:
+                if isinstance(item, bool) or not isinstance(item, json_type):
+                    what = {int: "an integer", str: "a string"}.get(json_type, "a number")
+                    raise ValueError(f"{field.name}: {item!r} is not {what}")
+                try:
+                    checked.append(kind.convert(item, None, None))
+                except click.BadParameter as error:
+                    raise ValueError(f"{field.name}: {error.message}") from None
+            setattr(self, field.name, tuple(checked) if many else checked[0])
+        if max(self.topk_k) > self.d_sae or self.corpus_k > self.corpus_d_sae:
+            raise ValueError("topk_k, corpus_k: a top-k SAE's k exceeds its number of latents")
 
-def read_settings(path):
-    """({name: value} of the valid settings in a run folder's config.json, {name: problem} of the
-    others; a corrupt file's problem is under ""). The file is never overwritten unless `--force`."""
+
+def read_config(path):
+    """The RunConfig a run folder's config.json holds: a JSON object of every setting, each checked."""
     try:
         saved = read_json(path)
     except ValueError as error:  # malformed JSON, or not text
-        return {}, {"": f"not valid JSON ({error})"}
+        raise ValueError(f"not valid JSON ({error})") from None
     if not isinstance(saved, dict):
-        return {}, {"": f"expected a JSON object of settings, got {type(saved).__name__}"}
-    known = {field.name: field for field in fields(RunConfig)}
-    problems = {name: f"unknown setting {name}" for name in saved if name not in known}
-    problems |= {name: f"missing setting {name}" for name in known if name not in saved}
-    valid = {}
-    for name in (name for name in known if name in saved):
-        try:
-            valid[name] = _checked_setting(known[name], saved[name])
-        except click.BadParameter as error:
-            problems[name] = f"{name}: {error.message}"
-    return valid, problems
-
-
-def _checked_setting(field, value):
-    """`value` of the setting `field` as config.json holds it, checked as its option is (`SETTINGS`).
-    JSON has types, so nothing is coerced: click alone would take "12", 12.7 or true for an integer."""
-    kind = SETTINGS.get(field.name, POSITIVE)
-    json_type = {click.IntRange: int, FiniteFloat: (int, float)}.get(type(kind), str)
-    many = isinstance(field.default, tuple)
-    if value is None and field.default is None:  # weights, corpus: the embedded model, pydoc prose
-        return None
-    if many and not (isinstance(value, list) and (value or not field.default)):
-        raise click.BadParameter(f"{value!r} is not a {'non-empty ' * bool(field.default)}list")
-    items = value if many else [value]
-    what = {int: "an integer", str: "a string"}.get(json_type, "a number")
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, json_type):
-            raise click.BadParameter(f"{item!r} is not {what}")
-    checked = tuple(kind.convert(item, None, None) for item in items)
-    return checked if many else checked[0]
+        raise ValueError(f"expected a JSON object of settings, got {type(saved).__name__}")
+    names = [field.name for field in fields(RunConfig)]
+    wrong = ([f"unknown setting {name}" for name in saved if name not in names]
+             + [f"missing setting {name}" for name in names if name not in saved])
+    if wrong:
+        raise ValueError("; ".join(wrong))
+    return RunConfig(**saved)
 
 
 # The demo: one setting per architecture, SAEs trained to convergence (README, "Commands").
@@ -251,30 +246,27 @@ def open_run(out, weights=None, preset=None, device="cpu", force=False, circuit=
     for real weights) and the settings given; other settings need `force`, which never guesses the model."""
     recover_interrupted_saves(out)
     path = os.path.join(out, "config.json")
-    saved, problems = read_settings(path) if os.path.exists(path) else (None, {})
     given = {name: value for name, value in dict(overrides, weights=weights).items() if value is not None}
-    if problems and not force:
-        raise click.ClickException(f"{path}: {'; '.join(problems.values())} "
-                                   "(--force keeps the valid settings and replaces the others)")
-    if saved is not None and preset is None and "weights" not in {**saved, **given}:
-        raise click.ClickException(f"{path}: {problems.get('weights') or problems['']}: "
-                                   "--force does not guess the folder's model: give --weights or --preset")
-    kept = saved if saved is not None and preset is None else {}
-    preset = preset or ("demo" if {**kept, **given}.get("weights") is None else "paper")
-    config = replace(PRESETS[preset], **{**kept, **given, "device": device})
-    if max(config.topk_k) > config.d_sae or config.corpus_k > config.corpus_d_sae:
-        raise click.ClickException(f"{path}: a top-k SAE's k exceeds its number of latents")
-    for name, problem in problems.items():  # (with --force)
-        now = f": now {getattr(config, name)!r}" if name in asdict(config) else ""
-        click.echo(f"{path}: {problem}{now}")
-    changed = [f"{name} {value!r} -> {getattr(config, name)!r}" for name, value in (saved or {}).items()
-               if name != "device" and value != getattr(config, name)]
+    saved, problem = None, None
+    try:
+        saved = read_config(path) if os.path.exists(path) else None
+    except ValueError as error:
+        problem = f"{path}: {error}"
+    if problem and not (force and (preset or "weights" in given)):
+        raise ValueError(f"{problem} (" + ("--force does not guess the folder's model: give --weights or "
+                                           "--preset)" if force else "--force replaces it)"))
+    if problem:  # (with --force) replaced wholesale by the preset and the options given
+        click.echo(f"{problem}: replaced")
+    default = "demo" if given.get("weights") is None else "paper"
+    config = replace(saved if saved and not preset else PRESETS[preset or default], **given, device=device)
+    changed = [f"{name} {value!r} -> {getattr(config, name)!r}" for name, value in asdict(saved).items()
+               if name != "device" and value != getattr(config, name)] if saved else []
     if changed and not force:
         more = f"; {len(changed) - 3} more" if len(changed) > 3 else ""
         dropped = (" (a preset does not keep --weights: give it again)"
-                   if "weights" not in given and config.weights != saved["weights"] else "")
-        raise click.ClickException(f"{path} holds other settings ({'; '.join(changed[:3])}{more}){dropped}: "
-                                   "add --force to rebind the folder to these, or choose a new --out")
+                   if "weights" not in given and config.weights != saved.weights else "")
+        raise ValueError(f"{path} holds other settings ({'; '.join(changed[:3])}{more}){dropped}: "
+                         "add --force to rebind the folder to these, or choose a new --out")
     if changed:  # (with --force) never silently: the model above all
         click.echo(f"{path}: rebound, {'; '.join(changed)}")
     return Run(out, config, circuit, eta)
@@ -716,20 +708,17 @@ def train_saes(source, **options):
 # === single tools: a model, prompts, one SAE, an SAE from elsewhere ===
 
 def _fetch(url, path):
-    """Copy `url` to `path` a MiB at a time (a model never sits in memory whole); its sha256."""
+    """Copy `url` to `path`, streamed (urlretrieve raises ContentTooShortError if it is cut off); its sha256."""
     import http.client
+    import urllib.error
     import urllib.request
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as f:
-            shutil.copyfileobj(response, f, 1 << 20)
-            size, written = int(response.headers.get("Content-Length") or 0), f.tell()
-    # HTTP error, unreachable, no such file, timeout, cut off (OSError, HTTPException); not a URL (ValueError)
+        urllib.request.urlretrieve(url, path)
+    except urllib.error.HTTPError as error:
+        raise ValueError(f"{url}: HTTP {error.code} {error.reason}") from None
+    # unreachable, no such file, cut off (OSError, HTTPException); not a URL (ValueError)
     except (OSError, http.client.HTTPException, ValueError) as error:
-        why = (f"HTTP {error.code} {error.reason}" if hasattr(error, "code")  # urllib's HTTPError
-               else getattr(error, "reason", error))
-        raise ValueError(f"{url}: {why}") from None
-    if size and written != size:
-        raise ValueError(f"{url}: connection closed after {written} of {size} bytes")
+        raise ValueError(f"{url}: {getattr(error, 'reason', error)}") from None
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
