@@ -31,8 +31,8 @@ import metrics
 
 
 class OneLineErrors(click.Group):
-    """The command group: a bad option, an unreadable path (OSError) or a file or result found wrong
-    (ValueError) ends as one line `Error: ...` and a non-zero exit, never a traceback."""
+    """A bad option, an unreadable path (OSError) or a wrong file or result (ValueError) ends as one line
+    `Error: ...` and a non-zero exit, never a traceback."""
 
     def invoke(self, ctx):
         try:
@@ -108,8 +108,7 @@ SETTINGS = {"n_train": click.IntRange(min=10), "n_eval": click.IntRange(min=10),
             "sae_plateau": FiniteFloat(min=0, max=1), "occlusion_alphas": FiniteFloat(),
             "f1_thresholds": FiniteFloat(), "sae_resamples": click.IntRange(min=0),
             **dict.fromkeys(("vanilla_l1", "gated_l1", "corpus_l1"), FiniteFloat(min=0)),
-            **dict.fromkeys(("weights", "corpus", "device"), click.STRING),
-            # the paper's six cross-sections (README §3)
+            **dict.fromkeys(("weights", "corpus", "device"), click.STRING),  # skip_sections: README §3's six
             "skip_sections": click.Choice([s.name for s in ioi.cross_sections(*[[(0, 0)]] * 3)])}
 
 
@@ -141,17 +140,15 @@ def demo(out, force):
 @cli.command("run")
 @run_options
 def run_command(**options):
-    """Step 4, the whole paper: grade dictionaries and SAEs on every test -> metrics.json and
-    report.md (steps 1-3 run, or load from the folder's caches, as needed). GPT-2 Small via --weights."""
+    """Step 4, the whole paper -> metrics.json and report.md (steps 1-3 run, or load from the folder's
+    caches). GPT-2 Small via --weights."""
     evaluate_and_report(open_run(**options, eta=True))
 
 
 # === the pipeline: a run folder, its settings, its steps ===
 
 ARCHS = ("vanilla", "gated", "topk")
-# The circuit of a model other than GPT-2 Small is found on prompts of its own, so it never depends
-# on --n-eval or --seed.
-DISCOVERY_N, DISCOVERY_SEED = 200, 1000
+DISCOVERY_N, DISCOVERY_SEED = 200, 1000  # a circuit is found on prompts of its own: not on --n-eval, --seed
 SAES_PER_PROGRAM = 4  # SAEs trained as one tensor program: 2 to 4 was the fastest of 1..24 on 2 CPU cores
 
 
@@ -195,8 +192,7 @@ class RunConfig:
             many = isinstance(field.default, tuple)
             if many and not (isinstance(value, (list, tuple)) and (value or not field.default)):
                 raise ValueError(f"{field.name}: {value!r} is not a {'non-empty ' * bool(field.default)}list")
-            json_type = {click.IntRange: int, FiniteFloat: (int, float)}.get(type(kind), str)
-            checked = []
+            json_type, checked = {click.IntRange: int, FiniteFloat: (int, float)}.get(type(kind), str), []
             for item in value if many else [value]:
                 if isinstance(item, bool) or not isinstance(item, json_type):
                     what = {int: "an integer", str: "a string"}.get(json_type, "a number")
@@ -469,29 +465,28 @@ CORE, PHENOMENA = "Core SAE metrics", "Feature occlusion and over-splitting"
 
 
 def plan(run):
-    """{phase: its work} as `evaluate_run` will do it: SAE stacks to train, as (arch, SAEs, d_sae, epochs,
+    """{phase: its work} as `evaluate_run` does it: SAE stacks to train, as (arch, SAEs, d_sae, epochs,
     inputs), or patched passes over the evaluation prompts, as a Counter {kind of pass: passes}. An upper
     bound where Test 2 chooses one setting for several attributes, and for LD recovered."""
-    def kind(nodes, ld_only):  # a pass costs by where it starts (`metrics.Task.patched`) and what it reads
-        layer = min(node.layer for node in nodes)
+    def kind(nodes, ld_only=True):  # a pass costs by where it starts (`Task.patched`) and what it reads
         position = min((node.position for node in nodes), key=ioi.POSITIONS.index)  # io < s1 < ... < end
-        return ioi.Node("z", layer, 0, position), ld_only
+        return ioi.Node("z", min(node.layer for node in nodes), 0, position), ld_only
     c, grids = run.config, run.sae_grids()
-    n_edits = len(metrics.sae_edits(c.edit_k))
-    grading, ld_recovered = Counter({kind(run.nodes, False): 1}), Counter()  # the clean run
+    grading = Counter({kind(run.nodes, False): 1})  # the clean run
+    ld_recovered = Counter(kind([node]) for node in run.nodes)  # each node at its mean
     for section in run.sections:
-        n_attributes = len(section.attributes)
-        chosen = [min(len(grid), n_attributes) for grid in grids.values()] + [1] * len(ARCHS)
-        grading[kind(section.nodes, True)] += (  # LD only: mean-ablated, approximation, causal curves
-            1 + 2 + 2 * 2 + sum(chosen) * (2 + 2 * len(c.f1_thresholds)))
-        grading[kind(section.nodes, False)] += (  # the argmax: counterfactuals, every edit
-            n_attributes + 2 * n_attributes + len(chosen) * n_attributes * n_edits)
-        ld_recovered.update(kind([node], True) for node in section.nodes for _ in range(sum(chosen)))
-    ld_recovered.update(kind([node], True) for node in run.nodes)  # each node at its mean
+        n = len(section.attributes)
+        chosen = sum(min(len(grid), n) for grid in grids.values()) + len(ARCHS)  # settings Test 2 keeps
+        # LD only: mean-ablated, approximation, causal curves; the argmax: counterfactuals, every edit
+        grading[kind(section.nodes)] += 1 + 2 + 2 * 2 + chosen * (2 + 2 * len(c.f1_thresholds))
+        grading[kind(section.nodes, False)] += 3 * n + (len(grids) + len(ARCHS)) * n * len(
+            metrics.sae_edits(c.edit_k))
+        for node in section.nodes:
+            ld_recovered[kind([node])] += chosen
+    stacks = [("vanilla" if method == "random_decoder" else method, len(run.nodes) * len(grid))
+              for method, grid in grids.items()] + [("topk", len(c.occlusion_alphas))]  # + the α sweep
     heads = len({(node.hook_name, node.head) for node in run.nodes})
-    return {TASK_SAES: [("vanilla" if method == "random_decoder" else method, len(run.nodes) * len(grid),
-                         c.d_sae, c.epochs, c.n_train) for method, grid in grids.items()]
-            + [("topk", len(c.occlusion_alphas), c.d_sae, c.epochs, c.n_train)],  # the α sweep, if it runs
+    return {TASK_SAES: [(arch, n_sae, c.d_sae, c.epochs, c.n_train) for arch, n_sae in stacks],
             CORPUS_SAES: [(arch, heads, c.corpus_d_sae, c.corpus_epochs, c.corpus_tokens) for arch in ARCHS],
             SECTIONS: grading, CORE: ld_recovered,
             PHENOMENA: Counter(kind([node], False) for node in run.nodes for _ in ioi.ATTRIBUTES)}
@@ -508,9 +503,9 @@ def seconds(fn, device="cpu"):
 
 
 def estimate_seconds(run):
-    """{phase: seconds} of the whole run from scratch: the `plan`, and the activations and corpus read
-    first, at the speed of a pass and of SAE steps timed here. Not counted: the supervised fits, the
-    core metrics and the toys (under a minute together in the demo)."""
+    """{phase: seconds} of the whole run from scratch: the `plan`, and the activations and corpus read first,
+    at the speed of passes and SAE steps timed here. Not counted: the supervised fits, the core metrics and
+    the toys (under a minute together in the demo)."""
     c = run.config
     prompts, d_head = run.splits["eval"][:64], run.model.config.n_embd // run.model.config.n_head
     task = metrics.Task(run.model, prompts, c.batch_size)  # one task: its caches serve every kind of pass
@@ -708,7 +703,7 @@ def train_saes(source, **options):
 # === single tools: a model, prompts, one SAE, an SAE from elsewhere ===
 
 def _fetch(url, path):
-    """Copy `url` to `path`, streamed (urlretrieve raises ContentTooShortError if it is cut off); its sha256."""
+    """Copy `url` to `path` (urlretrieve raises ContentTooShortError if it is cut off); its sha256."""
     import http.client
     import urllib.error
     import urllib.request
@@ -730,8 +725,8 @@ def _fetch(url, path):
               callback=output_folder("config.json"), help="Folder to write them to.")
 @click.option("--sha256", default=None, help="Expected sha256 of model.safetensors.")
 def download_command(url, out, sha256):
-    """Fetch GPT-2 Small (Hugging Face layout) into a temporary folder that replaces --out once the model
-    loads and reads the IOI prompts: a failed download leaves nothing, and costs no model already there."""
+    """Fetch GPT-2 Small (Hugging Face layout) into a folder that replaces --out once the model loads and
+    reads the IOI prompts: a failed download leaves nothing, and costs no model already there."""
     url = url.rstrip("/")
     if sha256 is not None and not re.fullmatch("[0-9a-fA-F]{64}", sha256):
         raise click.BadParameter(f"{sha256!r} is not a sha256 (64 hexadecimal digits)", param_hint="--sha256")
@@ -815,14 +810,13 @@ def ioi_eval_command(weights, n, seed, held_out, batch_size, device, as_json):
     result["prompts_per_s"] = n / (time.time() - start)
     if as_json:
         return click.echo(json.dumps(result))
+    rows = [(f"{t}: {ioi.TEMPLATES[t]}" + " (held out)" * (t in ioi.HELD_OUT_TEMPLATES), r)
+            for t, r in result["per_template"].items()] + [("all", result)]
+    click.echo(_table([(label, r["n"], r["mean_logit_diff"], f"{r['accuracy']:.1%}",
+                        f"{r['top1_accuracy']:.1%}", r["io_prob"]) for label, r in rows],
+                      ["template", "n", "mean LD", "accuracy", "top-1", "P(IO)"]))
     kind = "held-out" if held_out else "evaluation"
     click.echo(f"{n} {kind} prompts, {result['prompts_per_s']:.0f} prompts/s")
-    click.echo(f"{'template':>8} {'n':>6} {'mean LD':>8} {'accuracy':>9} {'top-1':>7} {'P(IO)':>6}")
-    rows = [(str(t), r, ioi.TEMPLATES[t] + (" (held out)" if t in ioi.HELD_OUT_TEMPLATES else ""))
-            for t, r in result["per_template"].items()] + [("all", result, "")]
-    for label, r, text in rows:
-        click.echo(f"{label:>8} {r['n']:>6} {r['mean_logit_diff']:>8.2f} {r['accuracy']:>9.1%} "
-                   f"{r['top1_accuracy']:>7.1%} {r['io_prob']:>6.2f}  {text}")
 
 
 @cli.command("nodes")
@@ -831,15 +825,11 @@ def ioi_eval_command(weights, n, seed, held_out, batch_size, device, as_json):
               help="Prompts used to find the heads (models other than GPT-2 Small).")
 @click.option("--seed", type=SEED, default=DISCOVERY_SEED, show_default=True)
 def nodes_command(weights, n, seed):
-    """The circuit's nodes and cross-sections: known for GPT-2 Small, found for other models
-    (by default on the prompts the pipeline finds its circuit with)."""
+    """The circuit's nodes and cross-sections: known for GPT-2 Small (Wang et al.'s heads), found for other
+    models (by default on the prompts the pipeline finds its circuit with)."""
     model, prompts = load_model(weights), discovery_prompts(n, seed)
     ioi.check_reads_prompts(model, prompts)
     sections, table = ioi.circuit_cross_sections(model, prompts)
-    if not table["heads"]:
-        click.echo("GPT-2 Small: head classes of Wang et al. (2022)")
-        for role, heads in ioi.GPT2_SMALL_HEADS.items():
-            click.echo(f"  {role:>20}: " + " ".join(f"{layer}.{head}" for layer, head in heads))
     click.echo("\n\n".join(circuit_tables(sections_json(sections), table["heads"], table["sections"])))
 
 
