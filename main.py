@@ -84,8 +84,8 @@ FORCE_OPTION = click.option("--force", is_flag=True,
 
 
 def output_folder(marker=None):
-    """click callback for --out: a writable folder. A save replaces the whole folder (`atomic_folder`), so
-    a non-empty one must hold `marker`, the completion file of the same artefact: a user's files stay."""
+    """click callback for --out: a writable folder; a non-empty one must hold `marker`, the completion file
+    of the same artefact, since a save replaces the whole folder (`atomic_folder`): a user's files stay."""
     def check(ctx, param, value):
         path = parent = os.path.abspath(value)
         while not os.path.exists(parent):
@@ -281,8 +281,7 @@ class Run:
             click.echo(eta_text(estimate_seconds(self)))
         self.acts = {split: {} for split in self.splits}
         self.add_nodes(self.nodes)
-        # last: a run that fails to start neither leaves nor changes config.json
-        os.makedirs(out, exist_ok=True)
+        os.makedirs(out, exist_ok=True)  # last: a run that fails to start leaves config.json as it was
         write_json(os.path.join(out, "config.json"), asdict(config))
 
     def path(self, *parts):
@@ -353,10 +352,9 @@ class Run:
 
     def sae_train_config(self):
         """Task SAEs (and the phenomena's SAEs) train until they converge, capped at `epochs`."""
-        c = self.config
-        resample_at = dictionaries.TrainConfig.resample_at[:c.sae_resamples]  # (fixed schedule: when)
-        return dictionaries.TrainConfig(d_sae=c.d_sae, epochs=c.epochs, lr=c.sae_lr, resample_at=resample_at,
-                                        plateau=c.sae_plateau or None)
+        c, schedule = self.config, dictionaries.TrainConfig.resample_at  # when to resample: a fixed schedule
+        return dictionaries.TrainConfig(d_sae=c.d_sae, epochs=c.epochs, lr=c.sae_lr,
+                                        resample_at=schedule[:c.sae_resamples], plateau=c.sae_plateau or None)
 
     def train_task_saes(self):
         """({method: {setting: {node: SAE}}}, {(method, setting, node): its last training log}) for every
@@ -383,10 +381,9 @@ class Run:
         c = self.config
         heads = list(dict.fromkeys((node.hook_name, node.head) for node in self.nodes))
         click.echo(f"Collecting {c.corpus_tokens} corpus activations at {len(heads)} (hook, head) pairs ...")
-        texts = dictionaries.iter_corpus_texts(c.corpus)
+        texts, context = dictionaries.iter_corpus_texts(c.corpus), min(128, self.model.config.n_positions)
         corpus = dictionaries.collect_corpus_activations(self.model, gpt2.load_tokenizer(), heads, texts,
-                                                         c.corpus_tokens,
-                                                         context=min(128, self.model.config.n_positions))
+                                                         c.corpus_tokens, context=context)
         datasets = torch.stack([corpus[head] for head in heads]).cpu()  # [head, tokens, d_head]
         config = dictionaries.TrainConfig(d_sae=c.corpus_d_sae, epochs=c.corpus_epochs, lr=c.corpus_lr)
         saes = {}
@@ -562,8 +559,8 @@ def stopwatch(label):
 
 
 def evaluate_run(run, oversplitting_grids=metrics.OVERSPLITTING_GRIDS):
-    """Every test of the paper on one run -> records (README §5-§9), fitting and training (or loading)
-    the dictionaries and SAEs on the way. `oversplitting_grids`: see metrics.oversplitting_toy_records."""
+    """Every test of the paper on one run -> records (README §5-§9), fitting and training (or loading) the
+    dictionaries and SAEs on the way. `oversplitting_grids`: see metrics.oversplitting_toy_records."""
     with stopwatch("Supervised dictionaries"):
         supervised = run.fit_supervised()
     with stopwatch(TASK_SAES):
@@ -693,9 +690,9 @@ def supervised(**options):
 def train_saes(source, **options):
     """Step 3: train every SAE of the run (all nodes x settings, one batched stack per architecture)."""
     run = open_run(**options)
-    if source in ("ioi", "both"):
+    if source != "corpus":
         run.train_task_saes()
-    if source in ("corpus", "both"):
+    if source != "ioi":
         run.train_corpus_saes()
     click.echo(f"SAEs saved in {run.path('saes')} (SAELens layout)")
 
