@@ -462,9 +462,8 @@ CORE, PHENOMENA = "Core SAE metrics", "Feature occlusion and over-splitting"
 
 
 def plan(run):
-    """{phase: its work} as `evaluate_run` does it: SAE stacks to train, as (arch, SAEs, d_sae, epochs,
-    inputs), or patched passes over the evaluation prompts, as a Counter {kind of pass: passes}. An upper
-    bound where Test 2 chooses one setting for several attributes, and for LD recovered."""
+    """{phase: its work} as `evaluate_run` does it: SAE stacks (arch, SAEs, d_sae, epochs, inputs), or passes
+    over the evaluation prompts, Counter {kind: passes} (at most, for Test 2's choices and LD recovered)."""
     def kind(nodes, ld_only=True):  # a pass costs by where it starts (`Task.patched`) and what it reads
         position = min((node.position for node in nodes), key=ioi.POSITIONS.index)  # io < s1 < ... < end
         return ioi.Node("z", min(node.layer for node in nodes), 0, position), ld_only
@@ -500,9 +499,8 @@ def seconds(fn, device="cpu"):
 
 
 def estimate_seconds(run):
-    """{phase: seconds} of the whole run from scratch: the `plan`, and the activations and corpus read first,
-    at the speed of passes and SAE steps timed here. Not counted: the supervised fits, the core metrics and
-    the toys (under a minute together in the demo)."""
+    """{phase: seconds} from scratch: the `plan`, the activations and the corpus, at the speed of passes and
+    SAE steps timed here (not counted: supervised fits, core metrics, toys: under a minute in the demo)."""
     c = run.config
     prompts, d_head = run.splits["eval"][:64], run.model.config.n_embd // run.model.config.n_head
     task = metrics.Task(run.model, prompts, c.batch_size)  # one task: its caches serve every kind of pass
@@ -597,9 +595,8 @@ def grade_dictionaries(run, task, clean_run, supervised, task_saes, other_saes, 
 
 
 def grade_sections(run, task, clean_run, supervised, task_saes, other_saes, graded=None):
-    """`metrics.section_tests` at every cross-section, one method at a time, each cached in grades/ as soon as
-    it is graded (a killed run resumes at the next method), keyed by the settings (bar the device) and the
-    SAEs; or, uncached, at each of `graded`."""
+    """`metrics.section_tests` at every cross-section, each method cached in grades/ once graded (a killed
+    run resumes at the next), keyed by the settings (bar the device) and SAEs; or uncached at `graded`."""
     tests = metrics.section_tests(task, supervised, task_saes, other_saes, run.config.edit_k,
                                   run.config.f1_thresholds)
     if graded:
@@ -836,8 +833,7 @@ def nodes_command(weights, n, seed):
               help="random_decoder: vanilla encoder over a frozen random unit decoder (the paper's floor).")
 @click.option("--latents", type=POSITIVE, default=512, show_default=True, help="Dictionary size d_sae.")
 @click.option("--l1", type=FiniteFloat(min=0),
-              help="Sparsity coefficient λ on inputs scaled to mean norm √d  "
-                   "[default: 1 vanilla, 2.5 gated].")
+              help="Sparsity coefficient λ, inputs at mean norm √d  [default: 1 vanilla, 2.5 gated].")
 @click.option("--k", type=POSITIVE, default=3, show_default=True, help="Latents kept per input (topk).")
 @click.option("--epochs", type=POSITIVE,
               help="Passes over the data  [default: enough for about 6000 steps, at most 2000 epochs].")
