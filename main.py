@@ -31,8 +31,8 @@ import metrics
 
 
 class OneLineErrors(click.Group):
-    """The command group: a bad option, an unreadable path (OSError) or a file or result found wrong
-    (ValueError) ends as one line `Error: ...` and a non-zero exit, never a traceback."""
+    """A bad option, an unreadable path (OSError) or a wrong file or result (ValueError) ends as one line
+    `Error: ...` and a non-zero exit, never a traceback."""
 
     def invoke(self, ctx):
         try:
@@ -64,24 +64,18 @@ class FiniteFloat(click.FloatRange):
         return super().convert(number, param, ctx)
 
 
-class Device(click.ParamType):
-    """A device torch can compute on, on this machine."""
-    name = "device"
-
-    def convert(self, value, param, ctx):
-        here = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
-        try:
-            device = torch.device(value)
-        except (RuntimeError, TypeError):
-            self.fail(f"{value!r} is not a device (cpu, cuda, cuda:N or mps)", param, ctx)
-        if (device.index or 0) >= here.get(device.type, 0):
-            self.fail(f"{value}: not a device of this machine ({here['cuda']} CUDA, {here['mps']} MPS)",
-                      param, ctx)
-        return value
+def usable_device(ctx, param, value):
+    """click callback for --device: a device torch can compute on, on this machine."""
+    try:
+        torch.empty(0, device=value)
+    except (RuntimeError, AssertionError):  # not a device name, or none of this machine (no CUDA: an assert)
+        raise click.BadParameter(f"{value!r} is not a device of this machine (cpu, cuda, cuda:N or mps)",
+                                 ctx, param) from None
+    return value
 
 
 SEED, POSITIVE = click.IntRange(0, 2**32 - 1), click.IntRange(min=1)  # numpy refuses negative seeds
-DEVICE_OPTION = click.option("--device", type=Device(), default="cpu", show_default=True,
+DEVICE_OPTION = click.option("--device", callback=usable_device, default="cpu", show_default=True,
                              help="cpu, cuda, cuda:N or mps.")
 WEIGHTS_OPTION = click.option("--weights", help="GPT-2 checkpoint (dir or .safetensors); "
                                                 "default: the embedded IOI model.")
@@ -90,8 +84,8 @@ FORCE_OPTION = click.option("--force", is_flag=True,
 
 
 def output_folder(marker=None):
-    """click callback for --out: a writable folder. A save replaces the whole folder (`atomic_folder`), so
-    a non-empty one must hold `marker`, the completion file of the same artefact: a user's files stay."""
+    """click callback for --out: a writable folder; a non-empty one must hold `marker`, the completion file
+    of the same artefact, since a save replaces the whole folder (`atomic_folder`): a user's files stay."""
     def check(ctx, param, value):
         path = parent = os.path.abspath(value)
         while not os.path.exists(parent):
@@ -107,14 +101,14 @@ def output_folder(marker=None):
     return check
 
 
-# How each setting of a run is checked, as an option and in config.json alike (any other: an integer >= 1).
+# How each setting of a run is checked (`RunConfig.__post_init__`), an option and config.json alike; any
+# other setting: an integer >= 1.
 SETTINGS = {"n_train": click.IntRange(min=10), "n_eval": click.IntRange(min=10), "seed": SEED,
             **dict.fromkeys(("sae_lr", "corpus_lr"), FiniteFloat(min=0, min_open=True)),
             "sae_plateau": FiniteFloat(min=0, max=1), "occlusion_alphas": FiniteFloat(),
             "f1_thresholds": FiniteFloat(), "sae_resamples": click.IntRange(min=0),
             **dict.fromkeys(("vanilla_l1", "gated_l1", "corpus_l1"), FiniteFloat(min=0)),
-            **dict.fromkeys(("weights", "corpus", "device"), click.STRING),
-            # the paper's six cross-sections (README §3)
+            **dict.fromkeys(("weights", "corpus", "device"), click.STRING),  # skip_sections: README §3's six
             "skip_sections": click.Choice([s.name for s in ioi.cross_sections(*[[(0, 0)]] * 3)])}
 
 
@@ -125,9 +119,9 @@ def run_options(function):
                click.option("--preset", type=click.Choice(["demo", "laptop", "paper"]),
                             help="Settings: demo (minutes on a CPU), laptop (GPT-2 Small within the "
                                  "hour) or the paper's. Default: demo for the embedded model, else paper."),
-               DEVICE_OPTION, click.option("--n-train", type=SETTINGS["n_train"], help="Training prompts."),
-               click.option("--n-eval", type=SETTINGS["n_eval"], help="Evaluation prompts."),
-               click.option("--epochs", type=POSITIVE, help="SAE training epochs."), FORCE_OPTION]
+               DEVICE_OPTION, click.option("--n-train", type=int, help="Training prompts."),
+               click.option("--n-eval", type=int, help="Evaluation prompts."),
+               click.option("--epochs", type=int, help="SAE training epochs."), FORCE_OPTION]
     for option in reversed(options):
         function = option(function)
     return function
@@ -146,17 +140,15 @@ def demo(out, force):
 @cli.command("run")
 @run_options
 def run_command(**options):
-    """Step 4, the whole paper: grade dictionaries and SAEs on every test -> metrics.json and
-    report.md (steps 1-3 run, or load from the folder's caches, as needed). GPT-2 Small via --weights."""
+    """Step 4, the whole paper -> metrics.json and report.md (steps 1-3 run, or load from the folder's
+    caches). GPT-2 Small via --weights."""
     evaluate_and_report(open_run(**options, eta=True))
 
 
 # === the pipeline: a run folder, its settings, its steps ===
 
 ARCHS = ("vanilla", "gated", "topk")
-# The circuit of a model other than GPT-2 Small is found on prompts of its own, so it never depends
-# on --n-eval or --seed.
-DISCOVERY_N, DISCOVERY_SEED = 200, 1000
+DISCOVERY_N, DISCOVERY_SEED = 200, 1000  # a circuit is found on prompts of its own: not on --n-eval, --seed
 SAES_PER_PROGRAM = 4  # SAEs trained as one tensor program: 2 to 4 was the fastest of 1..24 on 2 CPU cores
 
 
@@ -190,45 +182,44 @@ class RunConfig:
     batch_size: int = 256
     device: str = "cpu"
 
+    def __post_init__(self):
+        """Each setting checked by its `SETTINGS` type, from an option, a preset or config.json alike. JSON
+        has types, so nothing is coerced (click alone would take "12", 12.7 or true for an integer)."""
+        for field in fields(self):
+            value, kind = getattr(self, field.name), SETTINGS.get(field.name, POSITIVE)
+            if value is None and field.default is None:  # weights, corpus: the embedded model, pydoc prose
+                continue
+            many = isinstance(field.default, tuple)
+            if many and not (isinstance(value, (list, tuple)) and (value or not field.default)):
+                raise ValueError(f"{field.name}: {value!r} is not a {'non-empty ' * bool(field.default)}list")
+            json_type, checked = {click.IntRange: int, FiniteFloat: (int, float)}.get(type(kind), str), []
+            for item in value if many else [value]:
+                if isinstance(item, bool) or not isinstance(item, json_type):
+                    what = {int: "an integer", str: "a string"}.get(json_type, "a number")
+                    raise ValueError(f"{field.name}: {item!r} is not {what}")
+                try:
+                    checked.append(kind.convert(item, None, None))
+                except click.BadParameter as error:
+                    raise ValueError(f"{field.name}: {error.message}") from None
+            setattr(self, field.name, tuple(checked) if many else checked[0])
+        if max(self.topk_k) > self.d_sae or self.corpus_k > self.corpus_d_sae:
+            raise ValueError("topk_k, corpus_k: a top-k SAE's k exceeds its number of latents")
 
-def read_settings(path):
-    """({name: value} of the valid settings in a run folder's config.json, {name: problem} of the
-    others; a corrupt file's problem is under ""). The file is never overwritten unless `--force`."""
+
+def read_config(path):
+    """The RunConfig a run folder's config.json holds: a JSON object of every setting, each checked."""
     try:
         saved = read_json(path)
     except ValueError as error:  # malformed JSON, or not text
-        return {}, {"": f"not valid JSON ({error})"}
+        raise ValueError(f"not valid JSON ({error})") from None
     if not isinstance(saved, dict):
-        return {}, {"": f"expected a JSON object of settings, got {type(saved).__name__}"}
-    known = {field.name: field for field in fields(RunConfig)}
-    problems = {name: f"unknown setting {name}" for name in saved if name not in known}
-    problems |= {name: f"missing setting {name}" for name in known if name not in saved}
-    valid = {}
-    for name in (name for name in known if name in saved):
-        try:
-            valid[name] = _checked_setting(known[name], saved[name])
-        except click.BadParameter as error:
-            problems[name] = f"{name}: {error.message}"
-    return valid, problems
-
-
-def _checked_setting(field, value):
-    """`value` of the setting `field` as config.json holds it, checked as its option is (`SETTINGS`).
-    JSON has types, so nothing is coerced: click alone would take "12", 12.7 or true for an integer."""
-    kind = SETTINGS.get(field.name, POSITIVE)
-    json_type = {click.IntRange: int, FiniteFloat: (int, float)}.get(type(kind), str)
-    many = isinstance(field.default, tuple)
-    if value is None and field.default is None:  # weights, corpus: the embedded model, pydoc prose
-        return None
-    if many and not (isinstance(value, list) and (value or not field.default)):
-        raise click.BadParameter(f"{value!r} is not a {'non-empty ' * bool(field.default)}list")
-    items = value if many else [value]
-    what = {int: "an integer", str: "a string"}.get(json_type, "a number")
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, json_type):
-            raise click.BadParameter(f"{item!r} is not {what}")
-    checked = tuple(kind.convert(item, None, None) for item in items)
-    return checked if many else checked[0]
+        raise ValueError(f"expected a JSON object of settings, got {type(saved).__name__}")
+    names = [field.name for field in fields(RunConfig)]
+    wrong = ([f"unknown setting {name}" for name in saved if name not in names]
+             + [f"missing setting {name}" for name in names if name not in saved])
+    if wrong:
+        raise ValueError("; ".join(wrong))
+    return RunConfig(**saved)
 
 
 # The demo: one setting per architecture, SAEs trained to convergence (README, "Commands").
@@ -251,30 +242,27 @@ def open_run(out, weights=None, preset=None, device="cpu", force=False, circuit=
     for real weights) and the settings given; other settings need `force`, which never guesses the model."""
     recover_interrupted_saves(out)
     path = os.path.join(out, "config.json")
-    saved, problems = read_settings(path) if os.path.exists(path) else (None, {})
     given = {name: value for name, value in dict(overrides, weights=weights).items() if value is not None}
-    if problems and not force:
-        raise click.ClickException(f"{path}: {'; '.join(problems.values())} "
-                                   "(--force keeps the valid settings and replaces the others)")
-    if saved is not None and preset is None and "weights" not in {**saved, **given}:
-        raise click.ClickException(f"{path}: {problems.get('weights') or problems['']}: "
-                                   "--force does not guess the folder's model: give --weights or --preset")
-    kept = saved if saved is not None and preset is None else {}
-    preset = preset or ("demo" if {**kept, **given}.get("weights") is None else "paper")
-    config = replace(PRESETS[preset], **{**kept, **given, "device": device})
-    if max(config.topk_k) > config.d_sae or config.corpus_k > config.corpus_d_sae:
-        raise click.ClickException(f"{path}: a top-k SAE's k exceeds its number of latents")
-    for name, problem in problems.items():  # (with --force)
-        now = f": now {getattr(config, name)!r}" if name in asdict(config) else ""
-        click.echo(f"{path}: {problem}{now}")
-    changed = [f"{name} {value!r} -> {getattr(config, name)!r}" for name, value in (saved or {}).items()
-               if name != "device" and value != getattr(config, name)]
+    saved, problem = None, None
+    try:
+        saved = read_config(path) if os.path.exists(path) else None
+    except ValueError as error:
+        problem = f"{path}: {error}"
+    if problem and not (force and (preset or "weights" in given)):
+        raise ValueError(f"{problem} (" + ("--force does not guess the folder's model: give --weights or "
+                                           "--preset)" if force else "--force replaces it)"))
+    if problem:  # (with --force) replaced wholesale by the preset and the options given
+        click.echo(f"{problem}: replaced")
+    default = "demo" if given.get("weights") is None else "paper"
+    config = replace(saved if saved and not preset else PRESETS[preset or default], **given, device=device)
+    changed = [f"{name} {value!r} -> {getattr(config, name)!r}" for name, value in asdict(saved).items()
+               if name != "device" and value != getattr(config, name)] if saved else []
     if changed and not force:
         more = f"; {len(changed) - 3} more" if len(changed) > 3 else ""
         dropped = (" (a preset does not keep --weights: give it again)"
-                   if "weights" not in given and config.weights != saved["weights"] else "")
-        raise click.ClickException(f"{path} holds other settings ({'; '.join(changed[:3])}{more}){dropped}: "
-                                   "add --force to rebind the folder to these, or choose a new --out")
+                   if "weights" not in given and config.weights != saved.weights else "")
+        raise ValueError(f"{path} holds other settings ({'; '.join(changed[:3])}{more}){dropped}: "
+                         "add --force to rebind the folder to these, or choose a new --out")
     if changed:  # (with --force) never silently: the model above all
         click.echo(f"{path}: rebound, {'; '.join(changed)}")
     return Run(out, config, circuit, eta)
@@ -293,8 +281,7 @@ class Run:
             click.echo(eta_text(estimate_seconds(self)))
         self.acts = {split: {} for split in self.splits}
         self.add_nodes(self.nodes)
-        # last: a run that fails to start neither leaves nor changes config.json
-        os.makedirs(out, exist_ok=True)
+        os.makedirs(out, exist_ok=True)  # last: a run that fails to start leaves config.json as it was
         write_json(os.path.join(out, "config.json"), asdict(config))
 
     def path(self, *parts):
@@ -365,10 +352,9 @@ class Run:
 
     def sae_train_config(self):
         """Task SAEs (and the phenomena's SAEs) train until they converge, capped at `epochs`."""
-        c = self.config
-        resample_at = dictionaries.TrainConfig.resample_at[:c.sae_resamples]  # (fixed schedule: when)
-        return dictionaries.TrainConfig(d_sae=c.d_sae, epochs=c.epochs, lr=c.sae_lr, resample_at=resample_at,
-                                        plateau=c.sae_plateau or None)
+        c, schedule = self.config, dictionaries.TrainConfig.resample_at  # when to resample: a fixed schedule
+        return dictionaries.TrainConfig(d_sae=c.d_sae, epochs=c.epochs, lr=c.sae_lr,
+                                        resample_at=schedule[:c.sae_resamples], plateau=c.sae_plateau or None)
 
     def train_task_saes(self):
         """({method: {setting: {node: SAE}}}, {(method, setting, node): its last training log}) for every
@@ -395,10 +381,9 @@ class Run:
         c = self.config
         heads = list(dict.fromkeys((node.hook_name, node.head) for node in self.nodes))
         click.echo(f"Collecting {c.corpus_tokens} corpus activations at {len(heads)} (hook, head) pairs ...")
-        texts = dictionaries.iter_corpus_texts(c.corpus)
+        texts, context = dictionaries.iter_corpus_texts(c.corpus), min(128, self.model.config.n_positions)
         corpus = dictionaries.collect_corpus_activations(self.model, gpt2.load_tokenizer(), heads, texts,
-                                                         c.corpus_tokens,
-                                                         context=min(128, self.model.config.n_positions))
+                                                         c.corpus_tokens, context=context)
         datasets = torch.stack([corpus[head] for head in heads]).cpu()  # [head, tokens, d_head]
         config = dictionaries.TrainConfig(d_sae=c.corpus_d_sae, epochs=c.corpus_epochs, lr=c.corpus_lr)
         saes = {}
@@ -477,29 +462,27 @@ CORE, PHENOMENA = "Core SAE metrics", "Feature occlusion and over-splitting"
 
 
 def plan(run):
-    """{phase: its work} as `evaluate_run` will do it: SAE stacks to train, as (arch, SAEs, d_sae, epochs,
-    inputs), or patched passes over the evaluation prompts, as a Counter {kind of pass: passes}. An upper
-    bound where Test 2 chooses one setting for several attributes, and for LD recovered."""
-    def kind(nodes, ld_only):  # a pass costs by where it starts (`metrics.Task.patched`) and what it reads
-        layer = min(node.layer for node in nodes)
+    """{phase: its work} as `evaluate_run` does it: SAE stacks (arch, SAEs, d_sae, epochs, inputs), or passes
+    over the evaluation prompts, Counter {kind: passes} (at most, for Test 2's choices and LD recovered)."""
+    def kind(nodes, ld_only=True):  # a pass costs by where it starts (`Task.patched`) and what it reads
         position = min((node.position for node in nodes), key=ioi.POSITIONS.index)  # io < s1 < ... < end
-        return ioi.Node("z", layer, 0, position), ld_only
+        return ioi.Node("z", min(node.layer for node in nodes), 0, position), ld_only
     c, grids = run.config, run.sae_grids()
-    n_edits = len(metrics.sae_edits(c.edit_k))
-    grading, ld_recovered = Counter({kind(run.nodes, False): 1}), Counter()  # the clean run
+    grading = Counter({kind(run.nodes, False): 1})  # the clean run
+    ld_recovered = Counter(kind([node]) for node in run.nodes)  # each node at its mean
     for section in run.sections:
-        n_attributes = len(section.attributes)
-        chosen = [min(len(grid), n_attributes) for grid in grids.values()] + [1] * len(ARCHS)
-        grading[kind(section.nodes, True)] += (  # LD only: mean-ablated, approximation, causal curves
-            1 + 2 + 2 * 2 + sum(chosen) * (2 + 2 * len(c.f1_thresholds)))
-        grading[kind(section.nodes, False)] += (  # the argmax: counterfactuals, every edit
-            n_attributes + 2 * n_attributes + len(chosen) * n_attributes * n_edits)
-        ld_recovered.update(kind([node], True) for node in section.nodes for _ in range(sum(chosen)))
-    ld_recovered.update(kind([node], True) for node in run.nodes)  # each node at its mean
+        n = len(section.attributes)
+        chosen = sum(min(len(grid), n) for grid in grids.values()) + len(ARCHS)  # settings Test 2 keeps
+        # LD only: mean-ablated, approximation, causal curves; the argmax: counterfactuals, every edit
+        grading[kind(section.nodes)] += 1 + 2 + 2 * 2 + chosen * (2 + 2 * len(c.f1_thresholds))
+        grading[kind(section.nodes, False)] += 3 * n + (len(grids) + len(ARCHS)) * n * len(
+            metrics.sae_edits(c.edit_k))
+        for node in section.nodes:
+            ld_recovered[kind([node])] += chosen
+    stacks = [("vanilla" if method == "random_decoder" else method, len(run.nodes) * len(grid))
+              for method, grid in grids.items()] + [("topk", len(c.occlusion_alphas))]  # + the α sweep
     heads = len({(node.hook_name, node.head) for node in run.nodes})
-    return {TASK_SAES: [("vanilla" if method == "random_decoder" else method, len(run.nodes) * len(grid),
-                         c.d_sae, c.epochs, c.n_train) for method, grid in grids.items()]
-            + [("topk", len(c.occlusion_alphas), c.d_sae, c.epochs, c.n_train)],  # the α sweep, if it runs
+    return {TASK_SAES: [(arch, n_sae, c.d_sae, c.epochs, c.n_train) for arch, n_sae in stacks],
             CORPUS_SAES: [(arch, heads, c.corpus_d_sae, c.corpus_epochs, c.corpus_tokens) for arch in ARCHS],
             SECTIONS: grading, CORE: ld_recovered,
             PHENOMENA: Counter(kind([node], False) for node in run.nodes for _ in ioi.ATTRIBUTES)}
@@ -516,9 +499,8 @@ def seconds(fn, device="cpu"):
 
 
 def estimate_seconds(run):
-    """{phase: seconds} of the whole run from scratch: the `plan`, and the activations and corpus read
-    first, at the speed of a pass and of SAE steps timed here. Not counted: the supervised fits, the
-    core metrics and the toys (under a minute together in the demo)."""
+    """{phase: seconds} from scratch: the `plan`, the activations and the corpus, at the speed of passes and
+    SAE steps timed here (not counted: supervised fits, core metrics, toys: under a minute in the demo)."""
     c = run.config
     prompts, d_head = run.splits["eval"][:64], run.model.config.n_embd // run.model.config.n_head
     task = metrics.Task(run.model, prompts, c.batch_size)  # one task: its caches serve every kind of pass
@@ -575,8 +557,8 @@ def stopwatch(label):
 
 
 def evaluate_run(run, oversplitting_grids=metrics.OVERSPLITTING_GRIDS):
-    """Every test of the paper on one run -> records (README §5-§9), fitting and training (or loading)
-    the dictionaries and SAEs on the way. `oversplitting_grids`: see metrics.oversplitting_toy_records."""
+    """Every test of the paper on one run -> records (README §5-§9), fitting and training (or loading) the
+    dictionaries and SAEs on the way. `oversplitting_grids`: see metrics.oversplitting_toy_records."""
     with stopwatch("Supervised dictionaries"):
         supervised = run.fit_supervised()
     with stopwatch(TASK_SAES):
@@ -613,9 +595,8 @@ def grade_dictionaries(run, task, clean_run, supervised, task_saes, other_saes, 
 
 
 def grade_sections(run, task, clean_run, supervised, task_saes, other_saes, graded=None):
-    """`metrics.section_tests` at every cross-section, one method at a time, each cached in grades/ as soon as
-    it is graded (a killed run resumes at the next method), keyed by the settings (bar the device) and the
-    SAEs; or, uncached, at each of `graded`."""
+    """`metrics.section_tests` at every cross-section, each method cached in grades/ once graded (a killed
+    run resumes at the next), keyed by the settings (bar the device) and SAEs; or uncached at `graded`."""
     tests = metrics.section_tests(task, supervised, task_saes, other_saes, run.config.edit_k,
                                   run.config.f1_thresholds)
     if graded:
@@ -706,9 +687,9 @@ def supervised(**options):
 def train_saes(source, **options):
     """Step 3: train every SAE of the run (all nodes x settings, one batched stack per architecture)."""
     run = open_run(**options)
-    if source in ("ioi", "both"):
+    if source != "corpus":
         run.train_task_saes()
-    if source in ("corpus", "both"):
+    if source != "ioi":
         run.train_corpus_saes()
     click.echo(f"SAEs saved in {run.path('saes')} (SAELens layout)")
 
@@ -716,20 +697,17 @@ def train_saes(source, **options):
 # === single tools: a model, prompts, one SAE, an SAE from elsewhere ===
 
 def _fetch(url, path):
-    """Copy `url` to `path` a MiB at a time (a model never sits in memory whole); its sha256."""
+    """Copy `url` to `path` (urlretrieve raises ContentTooShortError if it is cut off); its sha256."""
     import http.client
+    import urllib.error
     import urllib.request
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as f:
-            shutil.copyfileobj(response, f, 1 << 20)
-            size, written = int(response.headers.get("Content-Length") or 0), f.tell()
-    # HTTP error, unreachable, no such file, timeout, cut off (OSError, HTTPException); not a URL (ValueError)
+        urllib.request.urlretrieve(url, path)
+    except urllib.error.HTTPError as error:
+        raise ValueError(f"{url}: HTTP {error.code} {error.reason}") from None
+    # unreachable, no such file, cut off (OSError, HTTPException); not a URL (ValueError)
     except (OSError, http.client.HTTPException, ValueError) as error:
-        why = (f"HTTP {error.code} {error.reason}" if hasattr(error, "code")  # urllib's HTTPError
-               else getattr(error, "reason", error))
-        raise ValueError(f"{url}: {why}") from None
-    if size and written != size:
-        raise ValueError(f"{url}: connection closed after {written} of {size} bytes")
+        raise ValueError(f"{url}: {getattr(error, 'reason', error)}") from None
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -741,8 +719,8 @@ def _fetch(url, path):
               callback=output_folder("config.json"), help="Folder to write them to.")
 @click.option("--sha256", default=None, help="Expected sha256 of model.safetensors.")
 def download_command(url, out, sha256):
-    """Fetch GPT-2 Small (Hugging Face layout) into a temporary folder that replaces --out once the model
-    loads and reads the IOI prompts: a failed download leaves nothing, and costs no model already there."""
+    """Fetch GPT-2 Small (Hugging Face layout) into a folder that replaces --out once the model loads and
+    reads the IOI prompts: a failed download leaves nothing, and costs no model already there."""
     url = url.rstrip("/")
     if sha256 is not None and not re.fullmatch("[0-9a-fA-F]{64}", sha256):
         raise click.BadParameter(f"{sha256!r} is not a sha256 (64 hexadecimal digits)", param_hint="--sha256")
@@ -826,14 +804,13 @@ def ioi_eval_command(weights, n, seed, held_out, batch_size, device, as_json):
     result["prompts_per_s"] = n / (time.time() - start)
     if as_json:
         return click.echo(json.dumps(result))
+    rows = [(f"{t}: {ioi.TEMPLATES[t]}" + " (held out)" * (t in ioi.HELD_OUT_TEMPLATES), r)
+            for t, r in result["per_template"].items()] + [("all", result)]
+    click.echo(_table([(label, r["n"], r["mean_logit_diff"], f"{r['accuracy']:.1%}",
+                        f"{r['top1_accuracy']:.1%}", r["io_prob"]) for label, r in rows],
+                      ["template", "n", "mean LD", "accuracy", "top-1", "P(IO)"]))
     kind = "held-out" if held_out else "evaluation"
     click.echo(f"{n} {kind} prompts, {result['prompts_per_s']:.0f} prompts/s")
-    click.echo(f"{'template':>8} {'n':>6} {'mean LD':>8} {'accuracy':>9} {'top-1':>7} {'P(IO)':>6}")
-    rows = [(str(t), r, ioi.TEMPLATES[t] + (" (held out)" if t in ioi.HELD_OUT_TEMPLATES else ""))
-            for t, r in result["per_template"].items()] + [("all", result, "")]
-    for label, r, text in rows:
-        click.echo(f"{label:>8} {r['n']:>6} {r['mean_logit_diff']:>8.2f} {r['accuracy']:>9.1%} "
-                   f"{r['top1_accuracy']:>7.1%} {r['io_prob']:>6.2f}  {text}")
 
 
 @cli.command("nodes")
@@ -842,15 +819,11 @@ def ioi_eval_command(weights, n, seed, held_out, batch_size, device, as_json):
               help="Prompts used to find the heads (models other than GPT-2 Small).")
 @click.option("--seed", type=SEED, default=DISCOVERY_SEED, show_default=True)
 def nodes_command(weights, n, seed):
-    """The circuit's nodes and cross-sections: known for GPT-2 Small, found for other models
-    (by default on the prompts the pipeline finds its circuit with)."""
+    """The circuit's nodes and cross-sections: known for GPT-2 Small (Wang et al.'s heads), found for other
+    models (by default on the prompts the pipeline finds its circuit with)."""
     model, prompts = load_model(weights), discovery_prompts(n, seed)
     ioi.check_reads_prompts(model, prompts)
     sections, table = ioi.circuit_cross_sections(model, prompts)
-    if not table["heads"]:
-        click.echo("GPT-2 Small: head classes of Wang et al. (2022)")
-        for role, heads in ioi.GPT2_SMALL_HEADS.items():
-            click.echo(f"  {role:>20}: " + " ".join(f"{layer}.{head}" for layer, head in heads))
     click.echo("\n\n".join(circuit_tables(sections_json(sections), table["heads"], table["sections"])))
 
 
@@ -860,8 +833,7 @@ def nodes_command(weights, n, seed):
               help="random_decoder: vanilla encoder over a frozen random unit decoder (the paper's floor).")
 @click.option("--latents", type=POSITIVE, default=512, show_default=True, help="Dictionary size d_sae.")
 @click.option("--l1", type=FiniteFloat(min=0),
-              help="Sparsity coefficient λ on inputs scaled to mean norm √d  "
-                   "[default: 1 vanilla, 2.5 gated].")
+              help="Sparsity coefficient λ, inputs at mean norm √d  [default: 1 vanilla, 2.5 gated].")
 @click.option("--k", type=POSITIVE, default=3, show_default=True, help="Latents kept per input (topk).")
 @click.option("--epochs", type=POSITIVE,
               help="Passes over the data  [default: enough for about 6000 steps, at most 2000 epochs].")

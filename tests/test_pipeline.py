@@ -392,7 +392,7 @@ def test_skipped_sections_are_neither_trained_on_nor_graded_and_are_reported(tmp
     run = open_tiny_run(tmp_path, model, (SECTIONS, DISCOVERY), skip_sections=("(B)NM q",))
     assert [s.name for s in run.sections] == ["(B)NM out"] and run.skipped == ["(B)NM q"]
     assert run.nodes == [Node("z", 1, 0, "end")]  # the q nodes are not collected, so no SAE trains there
-    assert main.read_settings(run.path("config.json"))[0]["skip_sections"] == ("(B)NM q",)
+    assert main.read_config(run.path("config.json")).skip_sections == ("(B)NM q",)
     with pytest.raises(ValueError, match="every cross-section found is in skip_sections"):
         open_tiny_run(tmp_path, model, (SECTIONS, DISCOVERY), skip_sections=("(B)NM q", "(B)NM out"),
                       force=True)

@@ -435,23 +435,27 @@ def test_a_run_removes_what_killed_saves_left(run_folder):
     assert not any(leftover.exists() for leftover in leftovers)
 
 
-def test_force_keeps_every_valid_setting_and_never_the_model_silently(run_folder):
-    """--force on a config.json with one bad value replaces that one only; a bad model is never guessed."""
+def test_force_replaces_a_bad_config_json_and_never_guesses_the_model(run_folder):
+    """--force on a config.json with a bad value replaces it wholesale by the preset and the options
+    given (no saved setting is kept); a bad or missing model is never guessed."""
     made = collect("--weights", "tiny", "--n-train", 20, "--n-eval", 20, "--force")
     config = Path("run", "config.json")
-    config.write_text(json.dumps({**made, "edit_k": "x", "seed": 7}))
-    refused = invoke("collect", "--out", "run", "--n-train", 10, "--n-eval", 10)
-    assert refused.exit_code == 1 and "edit_k: 'x' is not a non-empty list" in refused.output
-    forced = collect("--force", "--n-train", 10, "--n-eval", 10)
-    paper = json.loads(json.dumps(asdict(main.RunConfig())))
-    assert forced == {**made, "seed": 7, "n_train": 10, "n_eval": 10, "edit_k": paper["edit_k"]}
+    for change, message in (({"edit_k": "x", "seed": 7}, "edit_k: 'x' is not a non-empty list"),
+                            ({"seed": 1.5}, "seed: 1.5 is not an integer"),
+                            ({"colour": "red"}, "unknown setting colour")):
+        config.write_text(json.dumps({**made, **change}))
+        refused = invoke("collect", "--out", "run", "--n-train", 10, "--n-eval", 10)
+        lines = refused.output.strip().splitlines()
+        assert refused.exit_code == 1 and len(lines) == 1 and message in lines[0] and "--force" in lines[0]
     for weights in (5, None):  # a bad model, or none saved: --force refuses without --weights or --preset
-        broken = {key: value for key, value in {**forced, "weights": weights}.items() if value is not None}
+        broken = {key: value for key, value in {**made, "weights": weights}.items() if value is not None}
         config.write_text(json.dumps(broken))
         refused = invoke("collect", "--out", "run", "--force")
         assert refused.exit_code == 1 and "give --weights" in refused.output
         assert json.loads(config.read_text()) == broken
-    assert collect("--force", "--weights", "tiny") == forced
+    forced = collect("--force", "--weights", "tiny", "--n-train", 10, "--n-eval", 10)
+    paper = json.loads(json.dumps(asdict(main.RunConfig())))
+    assert forced == {**paper, "weights": "tiny", "n_train": 10, "n_eval": 10}  # seed 7 is not kept
 
 
 def test_skip_sections_must_name_the_papers_cross_sections(run_folder):
