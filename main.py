@@ -292,9 +292,13 @@ class Run:
         one counterfactual of every eval prompt per attribute with names from the second."""
         c = self.config
         train, evaluation = ioi.train_prompts(c.n_train, c.seed), ioi.eval_prompts(c.n_eval, c.seed + 1)
-        self.splits = {"train": train, "eval": evaluation,
-                       **{f"cf_{attribute}": ioi.counterfactuals(evaluation, attribute, seed=c.seed + 2 + i)
-                          for i, attribute in enumerate(ioi.ATTRIBUTES)}}
+        splits = {"eval": evaluation,
+                  **{f"cf_{attribute}": ioi.counterfactuals(evaluation, attribute, seed=c.seed + 2 + i)
+                     for i, attribute in enumerate(ioi.ATTRIBUTES)}}
+        # Shortest first, each prompt beside its counterfactuals: a batch of one length pads little, and a
+        # patched pass at `end` recomputes about one position a prompt, not the batch's spread of lengths.
+        order = sorted(range(len(evaluation)), key=lambda i: len(evaluation[i].tokens))
+        self.splits = {"train": train, **{name: [split[i] for i in order] for name, split in splits.items()}}
         self.found_with = discovery_prompts()  # not the evaluation prompts: see DISCOVERY_N
         every_split = [self.found_with, *self.splits.values()]
         ioi.check_reads_prompts(self.model, [prompt for prompts in every_split for prompt in prompts])
@@ -502,7 +506,8 @@ def estimate_seconds(run):
     """{phase: seconds} from scratch: the `plan`, the activations and the corpus, at the speed of passes and
     SAE steps timed here (not counted: supervised fits, core metrics, toys: under a minute in the demo)."""
     c = run.config
-    prompts, d_head = run.splits["eval"][:64], run.model.config.n_embd // run.model.config.n_head
+    middle = len(run.splits["eval"]) // 2  # a batch of one length, as the run's (see `Run.make_prompts`)
+    prompts, d_head = run.splits["eval"][middle:][:64], run.model.config.n_embd // run.model.config.n_head
     task = metrics.Task(run.model, prompts, c.batch_size)  # one task: its caches serve every kind of pass
 
     @functools.cache
