@@ -316,6 +316,18 @@ def test_pipeline_end_to_end(tmp_path, model, monkeypatch, capsys):
     assert "Estimated time for the whole run: " in estimate and "to train the task SAEs" in estimate
     planned = main.plan(run)
     assert all(f"  {phase}: " in estimate for phase in planned)
+    # Evaluation prompts shortest first (a patched pass recomputes few positions), the same set as
+    # drawn, each beside its own counterfactuals: same template, place and object, one attribute changed.
+    evaluation, c = run.splits["eval"], run.config
+    assert [len(p.tokens) for p in evaluation] == sorted(len(p.tokens) for p in evaluation)
+    drawn = ioi.eval_prompts(c.n_eval, c.seed + 1)
+    assert sorted(p.text for p in evaluation) == sorted(p.text for p in drawn)
+    for attribute in ioi.ATTRIBUTES:
+        for prompt, changed in zip(evaluation, run.splits[f"cf_{attribute}"]):
+            kept = ("template", "place", "object")
+            assert [getattr(changed, a) for a in kept] == [getattr(prompt, a) for a in kept]
+            assert [getattr(changed, a) != getattr(prompt, a) for a in ioi.ATTRIBUTES] == [
+                a == attribute for a in ioi.ATTRIBUTES]
     forward_passes, patched_run = [], ioi.patched_run
     monkeypatch.setattr(ioi, "patched_run", lambda *args, **kwargs: forward_passes.append(1)
                         or patched_run(*args, **kwargs))
