@@ -155,11 +155,17 @@ def name_unions(active: torch.Tensor, name_properties: torch.Tensor, max_names: 
     ranked = f1_scores(active, name_properties).argsort(dim=1, descending=True, stable=True)  # ties: lower id
     top_names = ranked[:, :max_names]  # [L, m]
     active = active.bool()
-    union, union_f1 = torch.zeros_like(active), []  # [N, L]; F1 of each latent's top 1, 2, ... names
-    for next_names in top_names.T:  # [L]
-        union = union | name_properties[:, next_names]  # [N, L]
-        union_f1.append(_f1_from_counts((active & union).sum(0), active.sum(0), union.sum(0)).float())
-    best_f1, best = torch.stack(union_f1).max(dim=0)  # [L]; ties: the smaller union
+    if (name_properties.sum(1) <= 1).all():  # one name a prompt (io, s, first, second): counts add up
+        both = (active.float().T @ name_properties.float()).gather(1, top_names).cumsum(1)  # [L, m]: |A∩F|
+        sizes = name_properties.sum(0)[top_names].cumsum(1)  # [L, m]
+        union_f1 = _f1_from_counts(both, active.sum(0)[:, None], sizes).T  # [m, L]
+    else:  # "has": a prompt holds two names, so the union is counted prompt by prompt
+        union, union_f1 = torch.zeros_like(active), []  # [N, L]; F1 of each latent's top 1, 2, ... names
+        for next_names in top_names.T:  # [L]
+            union = union | name_properties[:, next_names]  # [N, L]
+            union_f1.append(_f1_from_counts((active & union).sum(0), active.sum(0), union.sum(0)).float())
+        union_f1 = torch.stack(union_f1)
+    best_f1, best = union_f1.max(dim=0)  # [L]; ties: the smaller union
     best_size = torch.where(best_f1 > 0, best + 1, 0)  # [L]
     in_union = torch.arange(top_names.shape[1]) < best_size[:, None]  # [L, m]
     members = torch.full((active.shape[1], max_names), -1, dtype=torch.long)
