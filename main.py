@@ -701,18 +701,26 @@ def train_saes(source, **options):
 
 # === single tools: a model, prompts, one SAE, an SAE from elsewhere ===
 
+DOWNLOAD_TIMEOUT = 60  # seconds a server may stay silent
+
+
 def _fetch(url, path):
     """Copy `url` to `path` (urlretrieve raises ContentTooShortError if it is cut off); its sha256."""
     import http.client
+    import socket
     import urllib.error
     import urllib.request
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)  # a stalled server ends as an error, not a hang
     try:
         urllib.request.urlretrieve(url, path)
     except urllib.error.HTTPError as error:
         raise ValueError(f"{url}: HTTP {error.code} {error.reason}") from None
-    # unreachable, no such file, cut off (OSError, HTTPException); not a URL (ValueError)
+    # unreachable, no such file, timed out, cut off (OSError, HTTPException); not a URL (ValueError)
     except (OSError, http.client.HTTPException, ValueError) as error:
         raise ValueError(f"{url}: {getattr(error, 'reason', error)}") from None
+    finally:
+        socket.setdefaulttimeout(previous)
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import http.server
 import os
+import socket
 import sys
 import threading
 
@@ -89,6 +90,20 @@ def test_download_http_404(source, tmp_path):
         server.server_close()
     assert result.exit_code == 1
     assert "HTTP 404" in result.output
+    assert_nothing_at(out)
+
+
+def test_download_from_a_silent_server_times_out_and_leaves_nothing(tmp_path, monkeypatch):
+    """A server that accepts the connection and never answers ends as a one-line error, not a hang."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    monkeypatch.setattr(main, "DOWNLOAD_TIMEOUT", 1)
+    try:
+        out = tmp_path / "gpt2"
+        result = invoke("download", "--url", f"http://127.0.0.1:{listener.getsockname()[1]}", "--out", out)
+    finally:
+        listener.close()
+    assert result.exit_code == 1 and "timed out" in result.output and len(result.output.splitlines()) == 1
+    assert socket.getdefaulttimeout() is None  # the process's default is left as it was
     assert_nothing_at(out)
 
 
