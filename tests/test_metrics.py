@@ -229,6 +229,18 @@ def test_name_unions_keep_the_best_prefix():
     assert members.tolist() == [[0, 1, -1]]
 
 
+def test_name_unions_count_a_prompt_with_two_names_once():
+    """"has=v": a prompt holds two names, so a union's counts are not the sum of its names' counts."""
+    names_in = [(0, 1), (0, 2), (1, 2), (2, 3)]  # the two names of each of 4 prompts
+    name_properties = torch.zeros(4, 4, dtype=torch.bool)
+    for prompt, names in enumerate(names_in):
+        name_properties[prompt, list(names)] = True
+    active = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool).T  # on the three prompts holding 0 or 1
+    f1, members = metrics.name_unions(active, name_properties, max_names=3)
+    # {0}: 2·2/(3+2) = 0.8; {0, 1}: 2·3/(3+3) = 1 (summed per name it would be 2·4/(3+4) > 1); {0, 1, 2}: 6/7.
+    assert f1.tolist() == [1.0] and members.tolist() == [[0, 1, -1]]
+
+
 F1_LABELS = ["io=A", "io=B", "s=A", "s=B", "pos=ABB", "pos=BAB", "io=B&pos=ABB"]
 F1_TABLE = torch.tensor([[0.9, 0.1, 0.2, 0.0, 0.0, 0.0, 0.95],
                          [0.3, 0.6, 0.0, 0.4, 0.85, 0.0, 0.0],
