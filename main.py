@@ -504,7 +504,8 @@ def seconds(fn, device="cpu"):
 
 def estimate_seconds(run):
     """{phase: seconds} from scratch: the `plan`, the activations and the corpus, at the speed of passes and
-    SAE steps timed here (not counted: supervised fits, core metrics, toys: under a minute in the demo)."""
+    SAE steps timed here. A lower bound: the work between passes (latent F1s, edit search, fits, toys) is
+    not counted; on the laptop preset it made Tests 1-3 take 1.5x their estimate (README, "Status")."""
     c = run.config
     middle = len(run.splits["eval"]) // 2  # a batch of one length, as the run's (see `Run.make_prompts`)
     prompts, d_head = run.splits["eval"][middle:][:64], run.model.config.n_embd // run.model.config.n_head
@@ -549,8 +550,9 @@ def eta_text(estimate):
     def clock(s):
         return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min" if s >= 60 else f"{s:.0f} s"
     known = sum(s for phase, s in estimate.items() if phase != TASK_SAES)
-    return "\n".join([f"Estimated time for the whole run: {clock(known)}, plus at most "
-                      f"{clock(estimate[TASK_SAES])} to train the task SAEs (less if they converge)"]
+    return "\n".join([f"Estimated time for the whole run: at least {clock(known)}, plus at most "
+                      f"{clock(estimate[TASK_SAES])} to train the task SAEs (less if they converge); "
+                      "counted: model passes and SAE steps, not the work between them"]
                      + [f"  {phase}: {clock(s)}" for phase, s in estimate.items()])
 
 
